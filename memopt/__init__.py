@@ -1,0 +1,26 @@
+"""memopt: a memory-optimizing ``torch.compile`` backend.
+
+    torch.compile(model, backend="memopt", options={"codegen": "eager"})
+
+The backend is registered with Dynamo through an entry point, so ``backend="memopt"``
+works without importing this package; import it for `explain`, `MemoptConfig` and
+the testing helpers.
+"""
+
+from memopt.backends.dynamo import memopt_backend
+from memopt.config import MemoptConfig
+from memopt.errors import MemoptWarning
+from memopt.explain import Explanation, explain
+from memopt.passes.base import PassFailure
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "memopt_backend",
+    "MemoptConfig",
+    "MemoptWarning",
+    "Explanation",
+    "explain",
+    "PassFailure",
+    "__version__",
+]

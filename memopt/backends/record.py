@@ -1,0 +1,72 @@
+"""What the backend remembers about each compiled region, for `memopt.explain`.
+
+The backend appends a `RegionRecord` to every active recorder (a stack managed by
+`recording`); with no recorder active it keeps nothing and skips the costly parts
+(readable-code snapshots).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from memopt.config import MemoptConfig
+from memopt.graph.step import StepGraphs
+from memopt.passes.instruments import GraphSnapshot
+from memopt.passes.manager import Fallback, PassRecord
+
+__all__ = ["RegionRecord", "recording", "active_recorders"]
+
+
+@dataclass
+class RegionRecord:
+    """One compiled region (one Dynamo graph): its graphs after each pass, the passes
+    run, fallbacks, and the final graphs handed to codegen."""
+
+    region: str
+    config: MemoptConfig
+    kind: str = "inference"  # "training" | "inference"
+    passes: list[PassRecord] = field(default_factory=list)
+    fallbacks: list[Fallback] = field(default_factory=list)
+    snapshots: list[GraphSnapshot] = field(default_factory=list)
+    step: StepGraphs | None = None
+    example_inputs: tuple[Any, ...] = ()
+    pipeline_seconds: float = 0.0
+    compiled_graphs: list[str] = field(default_factory=list)
+
+    def graph_code(self, graph: str, after: str | None = None) -> str:
+        """Readable code of ``graph`` ("forward", "backward" or "inference") after pass
+        ``after`` (default: the last snapshot of that graph)."""
+        matches = [s for s in self.snapshots if s.graph == graph]
+        if after is not None:
+            matches = [s for s in matches if s.after == after]
+        if not matches:
+            known = sorted({(s.graph, s.after) for s in self.snapshots})
+            raise KeyError(f"no snapshot of graph {graph!r} after {after!r}; have {known}")
+        return matches[-1].code
+
+
+_local = threading.local()
+
+
+def active_recorders() -> list[list[RegionRecord]]:
+    """The record lists of every active `recording` context (innermost last)."""
+    stack: list[list[RegionRecord]] = getattr(_local, "stack", [])
+    return stack
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[RegionRecord]]:
+    """Collect a `RegionRecord` for every region compiled inside the context."""
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    records: list[RegionRecord] = []
+    stack.append(records)
+    try:
+        yield records
+    finally:
+        stack.remove(records)

@@ -1,0 +1,139 @@
+"""`RegionCompiler`: compiles one Dynamo region through memopt's pipeline.
+
+AOTAutograd calls back into it at three points, and the same object holds the state
+shared between them:
+
+* ``partition``: the joint forward+backward graph is split by torch's min-cut
+  partitioner (so, with no memory options, memopt saves no more than torch would),
+  then memopt's pass pipeline runs over the forward/backward pair;
+* ``compile_forward`` / ``compile_backward``: codegen of the pair;
+* ``compile_inference``: no gradient needed, the pipeline runs over the single graph,
+  then codegen.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch.fx as fx
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+from memopt.backends.record import RegionRecord, active_recorders
+from memopt.codegen.eager import compile_eager
+from memopt.config import MemoptConfig
+from memopt.graph.step import StepGraphs, output_values
+from memopt.passes.base import PassContext
+from memopt.passes.instruments import (
+    DumpInstrument,
+    GraphSnapshot,
+    OpCountInstrument,
+    RecordInstrument,
+    VerifyInstrument,
+)
+from memopt.passes.manager import Instrument, PassManager, PipelineResult
+from memopt.passes.pipeline import default_pipeline
+
+__all__ = ["RegionCompiler"]
+
+log = logging.getLogger("memopt")
+
+
+class RegionCompiler:
+    """Compiles one region. Create one per Dynamo graph."""
+
+    def __init__(self, config: MemoptConfig, region: str) -> None:
+        self.config = config
+        self.region = region
+        self.record = RegionRecord(region=region, config=config)
+        self._recorders = list(active_recorders())
+        for records in self._recorders:
+            records.append(self.record)
+        self.example_inputs: tuple[Any, ...] = ()
+
+    # -- the pipeline -------------------------------------------------------------
+
+    def optimize(self, step: StepGraphs) -> StepGraphs:
+        """Run memopt's pipeline over ``step``; return the graphs to hand to codegen
+        (the unoptimized ones after a fallback)."""
+        start = time.perf_counter()
+        manager = PassManager(
+            default_pipeline(self.config),
+            self._instruments(),
+            disabled=self.config.disable_passes,
+        )
+        ctx = PassContext(self.config, self.region, example_inputs=self.example_inputs)
+        result = manager.run(step, ctx)
+        self.record.kind = "training" if step.is_training else "inference"
+        self.record.passes = result.records
+        self.record.step = result.step
+        if result.fallback is not None:
+            self.record.fallbacks.append(result.fallback)
+        self.record.pipeline_seconds = time.perf_counter() - start
+        log.info(
+            "region %s: %s pipeline ran %d pass(es) in %.3fs%s",
+            self.region,
+            self.record.kind,
+            sum(r.status == "ran" for r in result.records),
+            self.record.pipeline_seconds,
+            f" (fell back: {result.fallback.reason})" if result.fallback else "",
+        )
+        return result.step
+
+    def _instruments(self) -> list[Instrument]:
+        instruments: list[Instrument] = []
+        if self.config.verify:
+            instruments.append(VerifyInstrument())
+        instruments.append(OpCountInstrument())
+        if self.config.dump_dir:
+            instruments.append(DumpInstrument(self.config.dump_dir))
+        if self._recorders:
+            instruments.append(RecordInstrument(on_finish=self._keep_snapshots))
+        return instruments
+
+    def _keep_snapshots(self, result: PipelineResult, snapshots: list[GraphSnapshot]) -> None:
+        self.record.snapshots = list(snapshots)
+
+    # -- AOTAutograd callbacks ----------------------------------------------------
+
+    def partition(
+        self,
+        joint_module: fx.GraphModule,
+        joint_inputs: Sequence[Any],
+        *,
+        num_fwd_outputs: int,
+        static_lifetime_input_indices: list[int] | None = None,
+        **_: Any,
+    ) -> tuple[fx.GraphModule, fx.GraphModule]:
+        """AOTAutograd ``partition_fn``: min-cut split, then memopt's pipeline."""
+        forward, backward = min_cut_rematerialization_partition(
+            joint_module,
+            joint_inputs,
+            compiler="inductor",
+            num_fwd_outputs=num_fwd_outputs,
+            static_lifetime_input_indices=static_lifetime_input_indices,
+        )
+        step = StepGraphs(forward, backward, num_fwd_outputs, self.region)
+        step = self.optimize(step)
+        assert step.backward is not None
+        return step.forward, step.backward
+
+    def compile_forward(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        self.record.compiled_graphs.append("forward")
+        return compile_eager(gm)
+
+    def compile_backward(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        self.record.compiled_graphs.append("backward")
+        return compile_eager(gm)
+
+    def compile_inference(
+        self, gm: fx.GraphModule, example_inputs: Sequence[Any]
+    ) -> Callable[..., Any]:
+        step = self.optimize(self.inference_step(gm))
+        self.record.compiled_graphs.append("inference")
+        return compile_eager(step.forward)
+
+    def inference_step(self, gm: fx.GraphModule) -> StepGraphs:
+        return StepGraphs(gm, None, len(output_values(gm)), self.region)

@@ -1,0 +1,163 @@
+"""Node metadata accessors: the one module that names ``node.meta`` keys.
+
+torch stores what memopt needs in ``node.meta`` under keys that move between releases
+(``val``, ``stack_trace``, ``tensor_meta``...). Everything else in memopt goes through
+these functions, so a rename in torch is a one-line fix here, pinned by
+``tests/test_graph_meta.py``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+__all__ = [
+    "SourceLocation",
+    "fake_value",
+    "set_fake_value",
+    "tensor_value",
+    "is_symbolic",
+    "source_location",
+    "is_tangent",
+    "is_primal",
+    "is_random",
+    "has_side_effects",
+    "set_memopt_tag",
+    "memopt_tag",
+    "copy_meta",
+]
+
+_VAL = "val"
+_STACK_TRACE = "stack_trace"
+_MEMOPT = "memopt"  # memopt's own tags live under one key: meta["memopt"][name]
+
+
+def fake_value(node: fx.Node) -> Any:
+    """The example value AOTAutograd/Dynamo recorded for ``node`` (FakeTensor, SymInt,
+    tuple of them, ...), or None if the graph carries no metadata for it."""
+    return node.meta.get(_VAL)
+
+
+def tensor_value(node: fx.Node) -> torch.Tensor | None:
+    """The node's example value if it is a single tensor, else None."""
+    val = fake_value(node)
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def set_fake_value(node: fx.Node, value: Any) -> None:
+    """Record ``value`` as the node's example value."""
+    node.meta[_VAL] = value
+
+
+@dataclass(frozen=True)
+class SourceLocation:
+    """The user source line that produced a value."""
+
+    filename: str
+    lineno: int
+    function: str
+    code: str
+
+    def __str__(self) -> str:
+        short = self.filename.rsplit("/", 1)[-1]
+        return f"{short}:{self.lineno} in {self.function}: {self.code}".rstrip(": ")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "filename": self.filename,
+            "lineno": self.lineno,
+            "function": self.function,
+            "code": self.code,
+        }
+
+
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)')
+_INTERNAL = ("/torch/", "/memopt/", "<eval_with_key>", "/functorch/")
+
+
+def source_location(node: fx.Node) -> SourceLocation | None:
+    """The innermost user frame of the node's recorded stack trace, skipping frames
+    inside torch and memopt. None when the graph recorded no trace (AOTAutograd keeps
+    Dynamo's traces on forward nodes and on the backward nodes derived from them)."""
+    trace = node.meta.get(_STACK_TRACE)
+    if not isinstance(trace, str):
+        return None
+    lines = trace.splitlines()
+    best: SourceLocation | None = None
+    for i, line in enumerate(lines):
+        match = _FRAME.search(line)
+        if match is None:
+            continue
+        filename = match.group("file")
+        if any(part in filename for part in _INTERNAL):
+            continue
+        code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+        if _FRAME.search(code):
+            code = ""
+        best = SourceLocation(filename, int(match.group("line")), match.group("fn"), code)
+    return best
+
+
+def is_symbolic(node: fx.Node) -> bool:
+    """The node's value is a SymInt/SymFloat/SymBool (a dynamic-shape symbol)."""
+    return isinstance(fake_value(node), (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def is_tangent(node: fx.Node) -> bool:
+    """A backward-graph input that carries an incoming gradient (AOTAutograd naming)."""
+    return node.op == "placeholder" and "tangents" in node.name
+
+
+def is_primal(node: fx.Node) -> bool:
+    """A forward-graph input: parameter, buffer or user input (AOTAutograd naming)."""
+    return node.op == "placeholder" and "primals" in node.name
+
+
+def is_random(node: fx.Node) -> bool:
+    """The op draws from a random number generator (dropout, rand, ...)."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    return torch.Tag.nondeterministic_seeded in target.tags
+
+
+def has_side_effects(node: fx.Node) -> bool:
+    """The op mutates state or has effects beyond its outputs (in-place ops, copies
+    into inputs, collectives, prints): it must run exactly where it is, once."""
+    if node.op != "call_function":
+        return node.op in ("call_module", "call_method")
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        schema = target._schema
+        if schema.is_mutable or any(
+            a.alias_info is not None and a.alias_info.is_write for a in schema.arguments
+        ):
+            return True
+        namespace = target.namespace
+        if namespace in ("_c10d_functional", "c10d_functional", "_dtensor", "c10d"):
+            return True
+        return False
+    return node.is_impure()
+
+
+def memopt_tag(node: fx.Node, name: str, default: Any = None) -> Any:
+    """A tag memopt's own passes put on a node (e.g. ``"recomputed"``)."""
+    return node.meta.get(_MEMOPT, {}).get(name, default)
+
+
+def set_memopt_tag(node: fx.Node, name: str, value: Any) -> None:
+    """Attach memopt tag ``name`` to ``node``."""
+    node.meta.setdefault(_MEMOPT, {})[name] = value
+
+
+def copy_meta(src: fx.Node, dst: fx.Node) -> None:
+    """Copy the metadata memopt relies on (value, trace, tags) from ``src`` to ``dst``."""
+    for key in (_VAL, _STACK_TRACE, "tensor_meta", "seq_nr", "original_aten"):
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
+    if _MEMOPT in src.meta:
+        dst.meta[_MEMOPT] = dict(src.meta[_MEMOPT])

@@ -1,0 +1,119 @@
+"""`StepGraphs`: the graphs of one compiled region, as memopt's passes see them.
+
+A training region is a pair: AOTAutograd's forward graph, whose outputs are the user
+outputs followed by the values saved for backward, and the backward graph, whose
+inputs are those saved values followed by the incoming gradients (tangents). An
+inference region is a single forward graph. Cross-graph rewrites (recompute a saved
+value in backward, offload it, compress it) change both graphs at once, which is why
+passes take the whole step rather than one graph.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from memopt.graph import meta
+
+__all__ = ["StepGraphs", "clone_graph_module", "output_values"]
+
+
+def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """An independent copy of ``gm``: new nodes, shallow-copied node metadata (fake
+    values are shared, they are immutable), same submodules and attributes."""
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    new.meta = dict(getattr(gm, "meta", {}))
+    return new
+
+
+def output_values(gm: fx.GraphModule) -> list[fx.Node | None]:
+    """The flat list of values a graph returns (None for non-node outputs)."""
+    out = gm.graph.find_nodes(op="output")[0]
+    args = out.args[0]
+    if not isinstance(args, (list, tuple)):
+        args = (args,)
+    return [a if isinstance(a, fx.Node) else None for a in args]
+
+
+@dataclass
+class StepGraphs:
+    """The forward (and, for training, backward) graph of one compiled region.
+
+    ``num_fwd_outputs`` counts the forward outputs that are not saved for backward
+    (user outputs, mutated inputs, RNG offsets, effect tokens); the rest of the forward
+    outputs are the saved values, which the backward takes as its first inputs in the
+    same order (after any saved SymInts, see `saved_outputs`).
+    """
+
+    forward: fx.GraphModule
+    backward: fx.GraphModule | None = None
+    num_fwd_outputs: int = 0
+    region: str = "0"
+
+    @property
+    def is_training(self) -> bool:
+        return self.backward is not None
+
+    def graphs(self) -> Iterator[tuple[str, fx.GraphModule]]:
+        """(name, graph) for each graph: ``forward``/``backward`` or ``inference``."""
+        if self.backward is None:
+            yield "inference", self.forward
+        else:
+            yield "forward", self.forward
+            yield "backward", self.backward
+
+    def saved_outputs(self) -> list[fx.Node]:
+        """Forward nodes saved for backward, in forward-output order."""
+        if self.backward is None:
+            return []
+        outs = output_values(self.forward)[self.num_fwd_outputs :]
+        return [o for o in outs if o is not None]
+
+    def saved_inputs(self) -> list[fx.Node]:
+        """Backward placeholders that receive saved values (all non-tangent inputs
+        before the first tangent)."""
+        if self.backward is None:
+            return []
+        result = []
+        for node in self.backward.graph.find_nodes(op="placeholder"):
+            if meta.is_tangent(node):
+                break
+            result.append(node)
+        return result
+
+    def saved_pairs(self) -> list[tuple[fx.Node, fx.Node]]:
+        """(forward node, backward placeholder) for every saved value.
+
+        AOTAutograd orders saved tensors before saved SymInts in the forward outputs
+        but SymInts first in the backward inputs; each kind keeps its order, so the
+        two lists are matched kind by kind.
+        """
+        fw = self.saved_outputs()
+        bw = self.saved_inputs()
+        fw_sym = [n for n in fw if meta.is_symbolic(n)]
+        bw_sym = [n for n in bw if meta.is_symbolic(n)]
+        fw_rest = [n for n in fw if not meta.is_symbolic(n)]
+        bw_rest = [n for n in bw if not meta.is_symbolic(n)]
+        if len(fw_sym) != len(bw_sym) or len(fw_rest) != len(bw_rest):
+            raise ValueError(
+                f"region {self.region}: forward saves {len(fw_rest)} values and "
+                f"{len(fw_sym)} symbols but backward takes {len(bw_rest)} and "
+                f"{len(bw_sym)}; the step's graphs disagree."
+            )
+        return list(zip(fw_rest, bw_rest)) + list(zip(fw_sym, bw_sym))
+
+    def clone(self) -> StepGraphs:
+        """A deep copy of the graphs (metadata shared), for fallback snapshots."""
+        return StepGraphs(
+            forward=clone_graph_module(self.forward),
+            backward=None if self.backward is None else clone_graph_module(self.backward),
+            num_fwd_outputs=self.num_fwd_outputs,
+            region=self.region,
+        )
+
+    def recompile(self) -> None:
+        for _, gm in self.graphs():
+            gm.recompile()

@@ -1,0 +1,135 @@
+"""Graph verification: run between passes (``verify=True``) and in tests.
+
+Three layers, cheapest first:
+
+1. FX lint: topological order, every use defined, one output node.
+2. Fake-tensor metadata re-check: the graph is re-executed on fake tensors built from
+   its placeholders' recorded values, and every node's recomputed shape, dtype and
+   device must equal what its metadata claims. A pass that rewires a node to the
+   wrong value, or forgets to update metadata, fails here.
+3. Step invariants: properties of a forward/backward pair that no single graph can
+   check (saved values line up; later passes add their own, e.g. every offload has
+   its reload before first use) via `register_step_invariant`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from memopt.graph import meta
+from memopt.graph.step import StepGraphs
+
+__all__ = [
+    "GraphVerificationError",
+    "verify_graph",
+    "verify_step",
+    "register_step_invariant",
+]
+
+
+class GraphVerificationError(RuntimeError):
+    """A graph or step failed verification. The message names the graph, the node
+    and the broken property."""
+
+
+StepInvariant = Callable[[StepGraphs], None]
+_STEP_INVARIANTS: list[StepInvariant] = []
+
+
+def register_step_invariant(check: StepInvariant) -> StepInvariant:
+    """Register ``check(step)``, which raises `GraphVerificationError` when a memopt
+    invariant does not hold. Usable as a decorator; passes register theirs at import."""
+    _STEP_INVARIANTS.append(check)
+    return check
+
+
+def verify_graph(gm: fx.GraphModule, *, name: str = "graph", check_meta: bool = True) -> None:
+    """Lint ``gm`` and, when its placeholders carry fake values, re-check every node's
+    recorded shape/dtype/device by re-running it on fake tensors."""
+    try:
+        gm.graph.lint()
+    except Exception as exc:  # fx raises RuntimeError with a useful message
+        raise GraphVerificationError(f"{name}: FX lint failed: {exc}") from exc
+    if check_meta:
+        _check_fake_metadata(gm, name)
+
+
+def verify_step(step: StepGraphs, *, check_meta: bool = True) -> None:
+    """`verify_graph` on every graph of the step, then the registered step invariants."""
+    for name, gm in step.graphs():
+        verify_graph(gm, name=f"region {step.region} {name}", check_meta=check_meta)
+    if step.backward is not None:
+        try:
+            step.saved_pairs()
+        except ValueError as exc:
+            raise GraphVerificationError(str(exc)) from exc
+    for check in _STEP_INVARIANTS:
+        check(step)
+
+
+class _MetadataChecker(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, name: str) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.graph_name = name
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if n.op not in ("placeholder", "output"):
+            _compare(self.graph_name, n, meta.fake_value(n), result)
+        return result
+
+
+def _check_fake_metadata(gm: fx.GraphModule, name: str) -> None:
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    inputs = [meta.fake_value(p) for p in placeholders]
+    if not placeholders or any(v is None for v in inputs):
+        return  # hand-built graph without metadata: lint only
+    fake_mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
+    if fake_mode is None:
+        return
+    with fake_mode:
+        _MetadataChecker(gm, name).run(*inputs)
+
+
+def _compare(graph: str, node: fx.Node, recorded: Any, actual: Any) -> None:
+    if recorded is None:
+        return
+    if isinstance(recorded, torch.Tensor):
+        if not isinstance(actual, torch.Tensor):
+            _fail(graph, node, f"recorded a tensor but computes {type(actual).__name__}")
+        if recorded.dtype != actual.dtype:
+            _fail(graph, node, f"dtype {actual.dtype} != recorded {recorded.dtype}")
+        if recorded.device != actual.device:
+            _fail(graph, node, f"device {actual.device} != recorded {recorded.device}")
+        if len(recorded.shape) != len(actual.shape) or not all(
+            _same_size(a, b) for a, b in zip(recorded.shape, actual.shape)
+        ):
+            _fail(graph, node, f"shape {tuple(actual.shape)} != recorded {tuple(recorded.shape)}")
+    elif isinstance(recorded, (list, tuple)) and isinstance(actual, (list, tuple)):
+        if len(recorded) != len(actual):
+            _fail(graph, node, f"{len(actual)} outputs != recorded {len(recorded)}")
+        for r, a in zip(recorded, actual):
+            _compare(graph, node, r, a)
+
+
+def _same_size(a: Any, b: Any) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        return bool(statically_known_true(a == b)) or str(a) == str(b)
+    except Exception:
+        return str(a) == str(b)
+
+
+def _fail(graph: str, node: fx.Node, problem: str) -> None:
+    target = getattr(node.target, "__name__", str(node.target))
+    raise GraphVerificationError(
+        f"{graph}: node {node.name!r} ({target}): {problem}. A pass rewired this node "
+        f"or left its metadata stale; fix the pass or update node.meta via memopt.graph.meta."
+    )

@@ -1,0 +1,70 @@
+"""The `Pass` protocol: what every memopt graph pass looks like.
+
+A pass rewrites a `StepGraphs` in place to carry out decisions already made (by the
+planner or by the pass's own local rule); it never re-plans. Its class docstring states
+its purpose, preconditions, what it guarantees afterwards and its ordering constraints;
+``tests/test_passes_contract.py`` checks that every registered pass has one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
+from memopt.config import MemoptConfig
+from memopt.graph.step import StepGraphs
+
+__all__ = ["Pass", "PassResult", "PassContext", "PassFailure"]
+
+log = logging.getLogger("memopt.passes")
+
+
+class PassFailure(RuntimeError):
+    """A memopt pass raised (``strict=True``), or left graphs that fail verification."""
+
+    def __init__(self, pass_name: str, region: str, reason: str) -> None:
+        super().__init__(f"memopt pass {pass_name!r} failed on region {region}: {reason}")
+        self.pass_name = pass_name
+        self.region = region
+        self.reason = reason
+
+
+@dataclass
+class PassResult:
+    """What a pass did: whether it changed the graphs, which analyses are still valid,
+    and free-form details for the report (JSON-able values)."""
+
+    modified: bool
+    preserved: PreservedAnalyses = field(default_factory=PreservedAnalyses.none)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def unchanged(cls, **details: Any) -> PassResult:
+        return cls(False, PreservedAnalyses.everything(), dict(details))
+
+
+@dataclass
+class PassContext:
+    """Read-only inputs a pass may use besides the graphs: the config, the region's
+    name and the memory plan decided for it (None before the planner has run)."""
+
+    config: MemoptConfig
+    region: str = "0"
+    plan: Any = None
+    example_inputs: tuple[Any, ...] = ()
+
+
+class Pass:
+    """Base class of passes. Subclasses set a unique ``name`` and implement `run`."""
+
+    name: ClassVar[str] = ""
+    numerics_preserving: ClassVar[bool] = True
+    """False for opt-in passes that change numbers (precision lowering, compression)."""
+
+    def run(self, step: StepGraphs, analyses: AnalysisManager, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<memopt pass {self.name}>"
