@@ -10,7 +10,7 @@ the testing helpers.
 from memopt.backends.dynamo import memopt_backend
 from memopt.config import MemoptConfig
 from memopt.errors import MemoptWarning
-from memopt.explain import Explanation, explain
+from memopt.explain import Explanation, explain, record
 from memopt.passes.base import PassFailure
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __all__ = [
     "MemoptWarning",
     "Explanation",
     "explain",
+    "record",
     "PassFailure",
     "__version__",
 ]

@@ -7,8 +7,9 @@ fallbacks with their reasons. ``report()`` renders it as text; ``to_dict()`` as 
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ from memopt.config import MemoptConfig
 from memopt.passes.instruments import op_counts
 from memopt.passes.manager import Fallback
 
-__all__ = ["explain", "Explanation"]
+__all__ = ["explain", "record", "Explanation"]
 
 SCHEMA_VERSION = 1
 
@@ -31,8 +32,21 @@ class Explanation:
     """What memopt did to every region compiled during one `explain` call."""
 
     regions: list[RegionRecord] = field(default_factory=list)
-    config: MemoptConfig = field(default_factory=MemoptConfig)
-    ran_backward: bool = False
+    config: MemoptConfig | None = None
+
+    @property
+    def ran_backward(self) -> bool:
+        """Whether any region's backward graph was compiled (and so run)."""
+        return any("backward" in r.compiled_graphs for r in self.regions)
+
+    @property
+    def codegen(self) -> str:
+        return self._config().codegen
+
+    def _config(self) -> MemoptConfig:
+        if self.config is not None:
+            return self.config
+        return self.regions[0].config if self.regions else MemoptConfig()
 
     @property
     def fallbacks(self) -> list[Fallback]:
@@ -51,7 +65,7 @@ class Explanation:
         """JSON-able form (schema in docs/usage.md)."""
         return {
             "schema_version": SCHEMA_VERSION,
-            "config": self.config.to_dict(),
+            "config": self._config().to_dict(),
             "ran_backward": self.ran_backward,
             "regions": [_region_dict(r) for r in self.regions],
             "fallbacks": [fb.to_dict() for fb in self.fallbacks],
@@ -60,7 +74,7 @@ class Explanation:
     def report(self) -> str:
         """Human-readable summary: per region, the passes run and any fallback."""
         lines = [
-            f"memopt explanation: {len(self.regions)} region(s), codegen={self.config.codegen}"
+            f"memopt explanation: {len(self.regions)} region(s), codegen={self.codegen}"
             + ("" if self.ran_backward else " (forward only)")
         ]
         for r in self.regions:
@@ -111,7 +125,7 @@ def _region_dict(r: RegionRecord) -> dict[str, Any]:
 def explain(
     fn: Callable[..., Any],
     *args: Any,
-    options: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | MemoptConfig | None = None,
     **kwargs: Any,
 ) -> Explanation:
     """Compile ``fn(*args, **kwargs)`` with memopt, run it once, and explain.
@@ -130,12 +144,27 @@ def explain(
     with recording() as records:
         out = compiled(*args, **kwargs)
         loss = _loss_of(out)
-        ran_backward = loss is not None
         if loss is not None:
             leaves = list(_autograd_leaves(loss))
             if leaves:
                 torch.autograd.grad(loss, leaves, allow_unused=True)
-    return Explanation(list(records), config, ran_backward)
+    return Explanation(list(records), config)
+
+
+@contextlib.contextmanager
+def record() -> Iterator[Explanation]:
+    """Explain every region memopt compiles inside the context (for code that
+    compiles and trains as usual)::
+
+        with memopt.record() as explanation:
+            loss = compiled_model(x); loss.backward()
+        print(explanation.report())
+
+    The explanation fills in as regions compile. While recording, compile caches
+    are bypassed so that every region goes through memopt's pipeline.
+    """
+    with recording() as records:
+        yield Explanation(records)
 
 
 def _loss_of(out: Any) -> torch.Tensor | None:

@@ -58,6 +58,7 @@ def memopt_backend(
             example_inputs,
             partition=region.partition,
             optimize_inference=lambda g: region.optimize(region.inference_step(g)).forward,
+            on_compiled=region.record.compiled_graphs.append,
             config=config,
             mode=mode,
             use_caches=not (active_recorders() or config.dump_dir),

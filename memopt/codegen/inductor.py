@@ -64,6 +64,7 @@ def compile_with_inductor(
     *,
     partition: Callable[..., Any],
     optimize_inference: Callable[[fx.GraphModule], fx.GraphModule],
+    on_compiled: Callable[[str], None],
     config: MemoptConfig,
     mode: str | None = None,
     use_caches: bool = True,
@@ -75,6 +76,9 @@ def compile_with_inductor(
     def inner_compile(graph: fx.GraphModule, inputs: Sequence[Any], **kwargs: Any) -> Any:
         if kwargs.get("is_inference"):
             graph = optimize_inference(graph)
+            on_compiled("inference")
+        else:
+            on_compiled("backward" if kwargs.get("is_backward") else "forward")
         return compile_fx_inner(graph, inputs, **kwargs)
 
     patches: dict[str, Any] = {"custom_partitioner_fn": MemoptPartitioner(partition, config)}

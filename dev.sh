@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# memopt's one entry point for a fresh machine:
+#   ./dev.sh demo   set up .venv if needed, then train a small GPT with backend="memopt"
+#   ./dev.sh test   set up .venv if needed, then run the test suite
+# Set-up installs torch 2.13.0 first (so pip keeps the CPU wheel on this machine
+# instead of pulling a multi-GB CUDA build), then memopt with its dev extras.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+VENV=.venv
+STAMP=$VENV/.memopt-installed
+
+setup() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        echo "[dev.sh] creating $VENV with $PYTHON"
+        "$PYTHON" -m venv "$VENV"
+    fi
+    if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+        echo "[dev.sh] installing torch 2.13.0"
+        "$VENV/bin/pip" install --quiet --upgrade pip
+        "$VENV/bin/pip" install --quiet "torch==2.13.0"
+    fi
+    if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+        echo "[dev.sh] installing memopt (editable) with dev extras"
+        "$VENV/bin/pip" install --quiet -e ".[dev]"
+        touch "$STAMP"
+    fi
+}
+
+case "${1:-}" in
+    demo)
+        setup
+        shift
+        exec "$VENV/bin/python" examples/demo_gpt.py "$@"
+        ;;
+    test)
+        setup
+        shift
+        exec "$VENV/bin/python" -m pytest -q "$@"
+        ;;
+    *)
+        echo "usage: ./dev.sh demo|test [args...]" >&2
+        exit 2
+        ;;
+esac

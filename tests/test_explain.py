@@ -1,0 +1,92 @@
+"""memopt.explain: graphs after each pass, pass timings, fallbacks, report and JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import torch
+
+import memopt
+from memopt.testing.zoo import zoo_case
+
+EAGER = {"codegen": "eager", "verify": True}
+
+
+def _mlp_with_dead_code():
+    def f(x, w):
+        unused = x.cos()  # noqa: F841
+        return torch.relu(x @ w).sum()
+
+    return f, torch.randn(4, 8), torch.randn(8, 3, requires_grad=True)
+
+
+def test_training_explanation_has_both_graphs_after_each_pass():
+    f, x, w = _mlp_with_dead_code()
+    explanation = memopt.explain(f, x, w, options=EAGER)
+    assert explanation.ran_backward
+    region = explanation.region(0)
+    assert region.kind == "training"
+    graphs = {(s.graph, s.after) for s in region.snapshots}
+    assert ("forward", "input") in graphs and ("backward", "input") in graphs
+    assert "aten.mm.default(" in explanation.graph_code("forward", after="input")
+    assert [p.name for p in region.passes] == memopt.passes.pass_names()
+    assert w.grad is None  # explain does not touch .grad
+
+
+def test_report_and_json():
+    case = zoo_case("graph_break")
+    model = case.build()
+    explanation = memopt.explain(model, *case.inputs(4), options=EAGER)
+    assert len(explanation.regions) == 2
+    text = explanation.report()
+    assert "2 region(s)" in text and "dce" in text and "(training)" in text
+    data = json.loads(json.dumps(explanation.to_dict()))
+    assert data["schema_version"] == 1
+    assert data["config"]["codegen"] == "eager"
+    assert len(data["regions"]) == 2
+    assert data["regions"][0]["passes"][0]["name"] == "dce"
+    assert data["regions"][0]["op_counts"]["forward"]["aten.addmm.default"] >= 1
+
+
+def test_forward_only_under_no_grad():
+    model = torch.nn.Linear(3, 3)
+    with torch.no_grad():
+        explanation = memopt.explain(model, torch.randn(2, 3), options=EAGER)
+    assert not explanation.ran_backward
+    assert explanation.region(0).kind == "inference"
+
+
+def test_memopt_logs_env_switches_on_logging():
+    code = (
+        "import torch, memopt\n"
+        "c = torch.compile(torch.nn.Linear(3, 3), backend='memopt', options={'codegen': 'eager'})\n"
+        "c(torch.randn(2, 3)).sum().backward()\n"
+    )
+    env = dict(os.environ, MEMOPT_LOGS="info")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert "[memopt INFO] region 0/0: compiling" in out.stderr
+    assert "training pipeline ran" in out.stderr
+    quiet = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True,
+        env={k: v for k, v in os.environ.items() if k != "MEMOPT_LOGS"}, check=True,
+    )
+    assert "[memopt" not in quiet.stderr
+
+
+def test_dump_dir_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMOPT_DUMP_DIR", str(tmp_path))
+    compiled = torch.compile(torch.nn.Linear(3, 3), backend="memopt", options={"codegen": "eager"})
+    compiled(torch.randn(2, 3)).sum().backward()
+    dumped = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.py"))
+    assert "0_0/forward/000_input.py" in dumped
+    assert "0_0/backward/001_dce.py" in dumped
+
+
+def test_explain_logs_nothing_at_default_level(caplog):
+    with caplog.at_level(logging.WARNING, logger="memopt"):
+        memopt.explain(torch.nn.Linear(2, 2), torch.randn(1, 2), options=EAGER)
+    assert not [r for r in caplog.records if r.name.startswith("memopt")]

@@ -1,0 +1,204 @@
+"""PassManager: verification catches broken passes, disabling works, dumps name their
+pass, analyses are cached and invalidated, failures fall back (or raise when strict)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import memopt
+from memopt.analysis.manager import Analysis, AnalysisManager, PreservedAnalyses
+from memopt.backends.record import recording
+from memopt.config import MemoptConfig
+from memopt.graph.step import StepGraphs
+from memopt.graph.verify import GraphVerificationError, verify_graph
+from memopt.passes import Pass, PassContext, PassFailure, PassManager, PassResult
+from memopt.passes.dce import DeadCodeElimination
+from memopt.passes.instruments import DumpInstrument, OpCountInstrument, VerifyInstrument
+from memopt.testing.numerics import assert_step_matches_eager
+from memopt.testing.zoo import zoo_case
+
+
+def _f(x, w):
+    unused = x.sin()  # noqa: F841 - dead code for DCE
+    return torch.relu(x @ w).sum(dim=1)
+
+
+def _step() -> StepGraphs:
+    gm = make_fx(_f, tracing_mode="fake")(torch.randn(4, 8), torch.randn(8, 3))
+    return StepGraphs(gm, None, 1, region="test")
+
+
+def _calls(step: StepGraphs, op) -> int:
+    return sum(1 for n in step.forward.graph.nodes if n.target is op)
+
+
+class RewireRelu(Pass):
+    """Test pass: feeds relu the wrong tensor (shape [4, 8] instead of [4, 3])."""
+
+    name = "rewire_relu"
+
+    def run(self, step, analyses, ctx):
+        graph = step.forward.graph
+        relu = next(n for n in graph.nodes if n.target is torch.ops.aten.relu.default)
+        x = graph.find_nodes(op="placeholder")[0]
+        relu.args = (x,)
+        return PassResult(True)
+
+
+class Boom(Pass):
+    """Test pass: raises."""
+
+    name = "boom"
+
+    def run(self, step, analyses, ctx):
+        raise RuntimeError("kaboom")
+
+
+def _ctx(**options) -> PassContext:
+    return PassContext(MemoptConfig.from_options(options), region="test")
+
+
+def test_verification_catches_pass_that_breaks_metadata():
+    manager = PassManager([RewireRelu()], [VerifyInstrument()])
+    with pytest.raises(PassFailure, match="rewire_relu.*relu.*shape"):
+        manager.run(_step(), _ctx(strict=True))
+
+
+def test_broken_pass_falls_back_to_unoptimized_graph_with_one_warning():
+    step = _step()
+    original = step.forward.code
+    manager = PassManager([DeadCodeElimination(), RewireRelu()], [VerifyInstrument()])
+    with pytest.warns(memopt.MemoptWarning, match="pass 'rewire_relu' failed on region test") as caught:
+        result = manager.run(step, _ctx())
+    assert len(caught) == 1
+    assert result.fallback is not None and result.fallback.pass_name == "rewire_relu"
+    # the unoptimized graph: DCE's change is rolled back too
+    assert result.step.forward.code == original
+    assert _calls(result.step, torch.ops.aten.sin.default) == 1
+    assert [r.status for r in result.records] == ["ran", "failed"]
+
+
+def test_verify_graph_detects_lint_error():
+    step = _step()
+    graph = step.forward.graph
+    relu = next(n for n in graph.nodes if n.target is torch.ops.aten.relu.default)
+    output = graph.find_nodes(op="output")[0]
+    with graph.inserting_before(relu):
+        late = graph.call_function(torch.ops.aten.neg.default, (output.args[0],))
+    relu.args = (late,)
+    with pytest.raises(GraphVerificationError, match="lint"):
+        verify_graph(step.forward, name="forward")
+
+
+def test_disable_by_name_skips_pass():
+    step = _step()
+    manager = PassManager([DeadCodeElimination()], disabled=["dce"])
+    result = manager.run(step, _ctx())
+    assert [r.status for r in result.records] == ["skipped"]
+    assert _calls(result.step, torch.ops.aten.sin.default) == 1
+
+
+def test_dce_removes_dead_code_and_reports_op_diff():
+    manager = PassManager([DeadCodeElimination()], [VerifyInstrument(), OpCountInstrument()])
+    result = manager.run(_step(), _ctx())
+    assert _calls(result.step, torch.ops.aten.sin.default) == 0
+    assert result.records[0].modified
+    assert result.records[0].op_delta == {"aten.sin.default": -1}
+
+
+def test_dce_keeps_random_and_mutating_ops():
+    def f(x):
+        torch.rand_like(x)  # unused, but it advances the RNG
+        x.add_(1)  # mutates the input
+        return x * 2
+
+    gm = make_fx(f)(torch.randn(3))
+    step = StepGraphs(gm, None, 1)
+    result = PassManager([DeadCodeElimination()]).run(step, _ctx())
+    code = result.step.forward.code
+    assert "aten.rand_like.default(" in code
+    assert "aten.add_.Tensor(" in code
+
+
+def test_unknown_disabled_name_lists_pipeline():
+    with pytest.raises(ValueError, match=r"unknown pass\(es\) \['dcee'\].*dce"):
+        PassManager([DeadCodeElimination()], disabled=["dcee"])
+
+
+def test_duplicate_pass_names_rejected():
+    with pytest.raises(ValueError, match="unique"):
+        PassManager([DeadCodeElimination(), DeadCodeElimination()])
+
+
+def test_dumps_are_numbered_and_name_their_pass(tmp_path):
+    manager = PassManager([DeadCodeElimination()], [DumpInstrument(str(tmp_path))])
+    manager.run(_step(), _ctx())
+    folder = tmp_path / "test" / "inference"
+    assert sorted(os.listdir(folder)) == ["000_input.py", "001_dce.py"]
+    header = (folder / "001_dce.py").read_text().splitlines()[0]
+    assert "after pass 'dce' (#1), which modified the graph" in header
+    assert "aten.sin.default(" in (folder / "000_input.py").read_text()
+    assert "aten.sin.default(" not in (folder / "001_dce.py").read_text()
+
+
+class CountNodes(Analysis[int]):
+    name = "count_nodes"
+    computed = 0
+
+    def compute(self, step, manager):
+        CountNodes.computed += 1
+        return len(step.forward.graph.nodes)
+
+
+class ReadCount(Pass):
+    name = "read_count"
+
+    def __init__(self, name: str, preserve: bool, modify: bool = True):
+        self.name = name  # type: ignore[misc]
+        self.preserve = preserve
+        self.modify = modify
+
+    def run(self, step, analyses, ctx):
+        analyses.get(CountNodes)
+        kept = PreservedAnalyses.only("count_nodes") if self.preserve else PreservedAnalyses.none()
+        return PassResult(self.modify, kept)
+
+
+def test_analysis_cached_until_a_pass_does_not_preserve_it():
+    CountNodes.computed = 0
+    passes = [ReadCount("a", preserve=True), ReadCount("b", preserve=False), ReadCount("c", preserve=True)]
+    PassManager(passes).run(_step(), _ctx())
+    assert CountNodes.computed == 2  # computed by a, reused by b, recomputed for c
+
+
+def test_analysis_manager_invalidate():
+    manager = AnalysisManager(_step())
+    assert manager.get(CountNodes) == manager.get(CountNodes)
+    assert manager.invalidate(PreservedAnalyses.everything()) == []
+    assert manager.invalidate(PreservedAnalyses.none()) == ["count_nodes"]
+    assert not manager.cached("count_nodes")
+
+
+def test_backend_fallback_keeps_numerics_and_is_recorded(monkeypatch):
+    import memopt.backends.region as region
+
+    monkeypatch.setattr(region, "default_pipeline", lambda config: [DeadCodeElimination(), Boom()])
+    case = zoo_case("mlp")
+    model = case.build()
+    with recording() as regions, pytest.warns(memopt.MemoptWarning, match="'boom' failed.*kaboom"):
+        assert_step_matches_eager(model, case.inputs(4), options={"codegen": "eager"}, steps=1)
+    assert [fb.pass_name for r in regions for fb in r.fallbacks] == ["boom"]
+
+
+def test_backend_strict_raises(monkeypatch):
+    import memopt.backends.region as region
+
+    monkeypatch.setattr(region, "default_pipeline", lambda config: [Boom()])
+    model = torch.nn.Linear(4, 4)
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "strict": True})
+    with pytest.raises(Exception, match="memopt pass 'boom' failed"):
+        compiled(torch.randn(2, 4)).sum().backward()
