@@ -17,10 +17,11 @@ from torch._dynamo.backends.common import aot_autograd
 
 from memopt._logging import configure_from_env
 from memopt.backends.record import active_recorders
-from memopt.backends.region import RegionCompiler
+from memopt.backends.region import RegionCompiler, describe_inputs
 from memopt.codegen.inductor import compile_with_inductor
 from memopt.config import MemoptConfig
 from memopt.errors import MemoptWarning
+from memopt.graph.step import output_values
 
 __all__ = ["memopt_backend"]
 
@@ -49,7 +50,12 @@ def memopt_backend(
             MemoptWarning,
             stacklevel=2,
         )
-    region = RegionCompiler(config, _region_name())
+    region = RegionCompiler(
+        config,
+        _region_name(),
+        inputs=describe_inputs(gm, example_inputs),
+        num_user_outputs=len(output_values(gm)),
+    )
     region.example_inputs = tuple(example_inputs)
     log.info("region %s: compiling %d-node graph (codegen=%s)", region.region, len(gm.graph.nodes), config.codegen)
     if config.codegen == "inductor":

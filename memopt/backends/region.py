@@ -18,13 +18,15 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from memopt.backends.record import RegionRecord, active_recorders
 from memopt.codegen.eager import compile_eager
 from memopt.config import MemoptConfig
-from memopt.graph.step import StepGraphs, output_values
+from memopt.graph import meta
+from memopt.graph.step import InputInfo, StepGraphs, output_values
 from memopt.passes.base import PassContext
 from memopt.passes.instruments import (
     DumpInstrument,
@@ -36,17 +38,47 @@ from memopt.passes.instruments import (
 from memopt.passes.manager import Instrument, PassManager, PipelineResult
 from memopt.passes.pipeline import default_pipeline
 
-__all__ = ["RegionCompiler"]
+__all__ = ["RegionCompiler", "describe_inputs"]
 
 log = logging.getLogger("memopt")
+
+
+def describe_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[InputInfo, ...]:
+    """Classify a Dynamo graph's inputs (parameters, buffers, user inputs, activations
+    from an earlier region, symbols) from Dynamo's sources and the example values."""
+    infos = []
+    for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+        name = meta.dynamo_source_name(node) or node.name
+        if isinstance(value, (int, torch.SymInt)):
+            kind = "symbol"
+        elif not isinstance(value, torch.Tensor):
+            kind = "other"
+        elif isinstance(value, torch.nn.Parameter) or "._parameters[" in name:
+            kind = "parameter"
+        elif "._buffers[" in name:
+            kind = "buffer"
+        elif value.grad_fn is not None:
+            kind = "activation"
+        else:
+            kind = "input"
+        infos.append(InputInfo(kind, name, id(value) if isinstance(value, torch.Tensor) else None))
+    return tuple(infos)
 
 
 class RegionCompiler:
     """Compiles one region. Create one per Dynamo graph."""
 
-    def __init__(self, config: MemoptConfig, region: str) -> None:
+    def __init__(
+        self,
+        config: MemoptConfig,
+        region: str,
+        inputs: tuple[InputInfo, ...] = (),
+        num_user_outputs: int | None = None,
+    ) -> None:
         self.config = config
         self.region = region
+        self.inputs = inputs
+        self.num_user_outputs = num_user_outputs
         self.record = RegionRecord(region=region, config=config)
         self._recorders = list(active_recorders())
         for records in self._recorders:
@@ -115,7 +147,9 @@ class RegionCompiler:
             num_fwd_outputs=num_fwd_outputs,
             static_lifetime_input_indices=static_lifetime_input_indices,
         )
-        step = StepGraphs(forward, backward, num_fwd_outputs, self.region)
+        step = StepGraphs(
+            forward, backward, num_fwd_outputs, self.region, self.inputs, self.num_user_outputs
+        )
         step = self.optimize(step)
         assert step.backward is not None
         return step.forward, step.backward
@@ -136,4 +170,5 @@ class RegionCompiler:
         return compile_eager(step.forward)
 
     def inference_step(self, gm: fx.GraphModule) -> StepGraphs:
-        return StepGraphs(gm, None, len(output_values(gm)), self.region)
+        n = len(output_values(gm))
+        return StepGraphs(gm, None, n, self.region, self.inputs, n)

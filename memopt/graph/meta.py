@@ -21,6 +21,7 @@ __all__ = [
     "set_fake_value",
     "tensor_value",
     "is_symbolic",
+    "dynamo_source_name",
     "source_location",
     "is_tangent",
     "is_primal",
@@ -100,6 +101,17 @@ def source_location(node: fx.Node) -> SourceLocation | None:
             code = ""
         best = SourceLocation(filename, int(match.group("line")), match.group("fn"), code)
     return best
+
+
+def dynamo_source_name(node: fx.Node) -> str | None:
+    """For a placeholder of a Dynamo graph, the source it was read from, e.g.
+    ``L['self']._modules['fc']._parameters['weight']``; None if Dynamo recorded none."""
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    name = getattr(source, "name", None)
+    if callable(name):
+        name = name()
+    return name if isinstance(name, str) else None
 
 
 def is_symbolic(node: fx.Node) -> bool:

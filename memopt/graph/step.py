@@ -11,6 +11,7 @@ passes take the whole step rather than one graph.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,7 +19,24 @@ import torch.fx as fx
 
 from memopt.graph import meta
 
-__all__ = ["StepGraphs", "clone_graph_module", "output_values"]
+__all__ = ["StepGraphs", "InputInfo", "clone_graph_module", "output_values"]
+
+INPUT_KINDS = ("parameter", "buffer", "input", "activation", "symbol", "other")
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """One input of a region as the user knows it.
+
+    ``kind``: ``"parameter"``, ``"buffer"``, ``"input"`` (a user tensor),
+    ``"activation"`` (a tensor produced by an earlier compiled region, i.e. after a
+    graph break), ``"symbol"`` (a SymInt) or ``"other"``. ``name`` is Dynamo's source
+    name (``L['self']._modules['fc']._parameters['weight']``) or the placeholder name.
+    """
+
+    kind: str
+    name: str = ""
+    identity: int | None = None  # id() of the real tensor, to count shared inputs once
 
 
 def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -52,6 +70,17 @@ class StepGraphs:
     backward: fx.GraphModule | None = None
     num_fwd_outputs: int = 0
     region: str = "0"
+    inputs: tuple[InputInfo, ...] = ()
+    """What each Dynamo-level input is, in forward-placeholder order (empty when
+    unknown, e.g. for hand-built graphs: then every input counts as ``"input"``)."""
+    num_user_outputs: int | None = None
+    """How many forward outputs the user sees (the rest of the first
+    ``num_fwd_outputs`` are mutated inputs written back after the graph); None when
+    unknown."""
+
+    def input_kind(self, index: int) -> str:
+        """Kind of forward placeholder ``index`` (see `InputInfo.kind`)."""
+        return self.inputs[index].kind if index < len(self.inputs) else "input"
 
     @property
     def is_training(self) -> bool:
@@ -107,11 +136,10 @@ class StepGraphs:
 
     def clone(self) -> StepGraphs:
         """A deep copy of the graphs (metadata shared), for fallback snapshots."""
-        return StepGraphs(
+        return dataclasses.replace(
+            self,
             forward=clone_graph_module(self.forward),
             backward=None if self.backward is None else clone_graph_module(self.backward),
-            num_fwd_outputs=self.num_fwd_outputs,
-            region=self.region,
         )
 
     def recompile(self) -> None:

@@ -1,0 +1,415 @@
+"""The memory timeline of one training (or inference) step of a region.
+
+The forward and backward graphs are joined into one timeline: forward nodes in order,
+then backward nodes in order (AOTAutograd runs the backward graph as one unit). Each
+storage (see `memopt.analysis.aliasing`) gets a live interval on it:
+
+* forward inputs (parameters, buffers, user inputs) are live for the whole step and
+  make up the baseline (what is live when the step starts);
+* a forward value lives from its producer to its last use in forward; if it is saved
+  for backward, to its last use in backward (backward frees saved values as it consumes
+  them: boxed calling convention); a user output stays live after the step; a mutated
+  input written back by AOTAutograd's wrapper dies at the end of forward;
+* incoming gradients (tangents) are allocated when backward starts;
+* backward values die after their last use, except the gradients backward returns,
+  which stay live (they become ``.grad``).
+
+During a node's execution its inputs and its outputs are live at once; memory is freed
+right after the node that last uses it. The peak of the step is the maximum, over
+nodes, of the live bytes during the node. Only tensors on the step's main device
+(where most parameter bytes live) are counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from memopt.analysis.aliasing import GraphAliasing, Storage, analyze_aliasing, concrete_int
+from memopt.analysis.manager import Analysis, AnalysisManager
+from memopt.analysis.workspace import retained_bytes, workspace_bytes
+from memopt.graph import meta
+from memopt.graph.step import StepGraphs, output_values
+
+__all__ = [
+    "CATEGORIES",
+    "LiveInterval",
+    "TimelinePoint",
+    "MemoryTimeline",
+    "MemoryAnalysis",
+    "build_timeline",
+    "compose_timelines",
+]
+
+CATEGORIES = (
+    "parameters",
+    "buffers",
+    "inputs",
+    "saved_activations",
+    "gradients",
+    "outputs",
+    "temporaries",
+)
+_KIND_CATEGORY = {
+    "parameter": "parameters",
+    "buffer": "buffers",
+    "input": "inputs",
+    "activation": "inputs",
+    "other": "inputs",
+}
+BEFORE = -1  # interval start for values live before the step
+
+
+@dataclass
+class LiveInterval:
+    """One storage's lifetime: live at timeline indices ``start..end`` inclusive
+    (``start == BEFORE``: live when the step starts; ``end is None``: live after)."""
+
+    graph: str
+    node: fx.Node
+    category: str
+    nbytes: int
+    start: int
+    end: int | None
+    workspace: bool = False
+    """True for scratch memory inside one op's kernel (see analysis/workspace.py)."""
+    region: str = ""
+    identity: int | None = None
+    """For step inputs: id() of the user's tensor, so inputs shared by several regions
+    (parameters across a graph break) are counted once."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.graph}:{self.node.name}"
+
+    def live_at(self, index: int) -> bool:
+        return self.start <= index and (self.end is None or index <= self.end)
+
+    def to_dict(self) -> dict[str, Any]:
+        value = meta.tensor_value(self.node)
+        loc = meta.source_location(self.node)
+        return {
+            "name": self.name,
+            "region": self.region,
+            "category": self.category,
+            "bytes": self.nbytes,
+            "start": self.start,
+            "end": self.end,
+            "workspace": self.workspace,
+            "shape": None if value is None else [concrete_int(s) for s in value.shape],
+            "dtype": None if value is None else str(value.dtype).replace("torch.", ""),
+            "source": None if loc is None else loc.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class TimelinePoint:
+    """One executed node and the bytes live while it runs."""
+
+    graph: str
+    node: str
+    live_bytes: int
+    region: str = ""
+
+
+@dataclass
+class MemoryTimeline:
+    """Live bytes across the step, the intervals behind them, and the peak."""
+
+    points: list[TimelinePoint]
+    intervals: list[LiveInterval]
+    device: torch.device
+    baseline_bytes: int = 0
+    peak_bytes: int = 0
+    peak_index: int = 0
+    end_bytes: int = 0
+    input_saved_until: dict[fx.Node, int] = field(default_factory=dict)
+    """Forward placeholders saved for backward -> last timeline index using them."""
+
+    def live_at(self, index: int) -> list[LiveInterval]:
+        return [iv for iv in self.intervals if iv.live_at(index)]
+
+    def breakdown_at(self, index: int) -> dict[str, int]:
+        """Live bytes by category at timeline index ``index``."""
+        out = dict.fromkeys(CATEGORIES, 0)
+        for iv in self.live_at(index):
+            out[iv.category] += iv.nbytes
+        return out
+
+    @property
+    def peak_breakdown(self) -> dict[str, int]:
+        return self.breakdown_at(self.peak_index)
+
+    @property
+    def peak_growth_bytes(self) -> int:
+        return self.peak_bytes - self.baseline_bytes
+
+    def saved_activations(self) -> list[LiveInterval]:
+        """Saved-for-backward storages, largest first."""
+        saved = [iv for iv in self.intervals if iv.category == "saved_activations"]
+        return sorted(saved, key=lambda iv: -iv.nbytes)
+
+    def by_category(self, category: str) -> list[LiveInterval]:
+        return [iv for iv in self.intervals if iv.category == category]
+
+
+class MemoryAnalysis(Analysis[MemoryTimeline]):
+    """The step's `MemoryTimeline` (see module docstring)."""
+
+    name = "memory"
+
+    def compute(self, step: StepGraphs, manager: AnalysisManager) -> MemoryTimeline:
+        return build_timeline(step)
+
+
+def main_device(step: StepGraphs) -> torch.device:
+    """The device holding most parameter bytes (else the first tensor input's)."""
+    by_device: dict[torch.device, int] = defaultdict(int)
+    first: torch.device | None = None
+    for i, node in enumerate(step.forward.graph.find_nodes(op="placeholder")):
+        value = meta.tensor_value(node)
+        if value is None:
+            continue
+        first = first or value.device
+        if step.input_kind(i) == "parameter":
+            by_device[value.device] += concrete_int(value.numel()) * value.element_size()
+    if by_device:
+        return max(by_device, key=lambda d: by_device[d])
+    return first or torch.device("cpu")
+
+
+def _compute_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+
+
+@dataclass
+class _GraphLiveness:
+    """Per fresh storage of one graph: last use index (timeline-global)."""
+
+    aliasing: GraphAliasing
+    index: dict[fx.Node, int]
+    last_use: dict[Storage, int] = field(default_factory=dict)
+
+
+def _liveness(gm: fx.GraphModule, offset: int) -> _GraphLiveness:
+    aliasing = analyze_aliasing(gm.graph)
+    index = {n: offset + i for i, n in enumerate(_compute_nodes(gm))}
+    live = _GraphLiveness(aliasing, index)
+    for node in _compute_nodes(gm):
+        for inp in node.all_input_nodes:
+            for storage in aliasing.storages_of(inp):
+                live.last_use[storage] = index[node]
+        for storage in aliasing.storages_of(node):  # a value is used by its own producer
+            live.last_use.setdefault(storage, index[node])
+    return live
+
+
+def build_timeline(step: StepGraphs) -> MemoryTimeline:
+    """Join the step's graphs into one `MemoryTimeline`."""
+    device = main_device(step)
+    fw_nodes = _compute_nodes(step.forward)
+    fw = _liveness(step.forward, 0)
+    n_fw = len(fw_nodes)
+    intervals: list[LiveInterval] = []
+    owner: dict[Storage, LiveInterval] = {}
+
+    def add(
+        graph: str, storage: Storage, category: str, start: int, end: int | None, identity: int | None = None
+    ) -> None:
+        if storage.device != device or storage in owner:
+            return
+        nbytes = storage.nbytes
+        if storage.index == 0 and storage.producer.op == "call_function":
+            nbytes += retained_bytes(storage.producer, device)
+        iv = LiveInterval(graph, storage.producer, category, nbytes, start, end, region=step.region, identity=identity)
+        owner[storage] = iv
+        intervals.append(iv)
+
+    fw_name = "forward" if step.is_training else "inference"
+    for i, ph in enumerate(step.forward.graph.find_nodes(op="placeholder")):
+        category = _KIND_CATEGORY.get(step.input_kind(i), "inputs")
+        identity = step.inputs[i].identity if i < len(step.inputs) else None
+        for storage in fw.aliasing.storages_of(ph):
+            add(fw_name, storage, category, BEFORE, None, identity)
+
+    outputs = output_values(step.forward)
+    n_user = step.num_user_outputs
+    n_mut = 0 if n_user is None else max(step.num_fwd_outputs - n_user, 0)
+    escaping: dict[Storage, str] = {}
+    for pos, out in enumerate(outputs[: step.num_fwd_outputs]):
+        if out is not None:
+            for storage in fw.aliasing.storages_of(out):
+                escaping.setdefault(storage, "mutation" if pos < n_mut else "output")
+
+    saved_end, input_saved_until = _saved_ends(step, fw, n_fw) if step.is_training else ({}, {})
+    for node in fw_nodes:
+        for storage in fw.aliasing.fresh.get(node, []):
+            start = fw.index[node]
+            kind = escaping.get(storage)
+            if kind == "output":
+                add(fw_name, storage, "outputs", start, None)
+            elif storage in saved_end:
+                add(fw_name, storage, "saved_activations", start, max(saved_end[storage], fw.last_use[storage]))
+            elif kind == "mutation":
+                add(fw_name, storage, "temporaries", start, n_fw - 1)
+            else:
+                add(fw_name, storage, "temporaries", start, fw.last_use[storage])
+
+    points = [TimelinePoint(fw_name, n.name, 0, step.region) for n in fw_nodes]
+    if step.backward is not None:
+        _add_backward(step, n_fw, add, owner, points)
+    graphs = [(fw_name, fw_nodes)]
+    if step.backward is not None:
+        graphs.append(("backward", _compute_nodes(step.backward)))
+    index = 0
+    for graph, nodes in graphs:
+        for node in nodes:
+            ws = workspace_bytes(node, device)
+            if ws:
+                intervals.append(
+                    LiveInterval(graph, node, "temporaries", ws, index, index, workspace=True, region=step.region)
+                )
+            index += 1
+    timeline = _finish(points, intervals, device)
+    timeline.input_saved_until = input_saved_until
+    return timeline
+
+
+def _saved_ends(
+    step: StepGraphs, fw: _GraphLiveness, n_fw: int
+) -> tuple[dict[Storage, int], dict[fx.Node, int]]:
+    """Forward storages saved for backward -> last timeline index they are used at;
+    and the same for saved forward inputs (keyed by placeholder)."""
+    assert step.backward is not None
+    bw = _liveness(step.backward, n_fw)
+    ends: dict[Storage, int] = {}
+    inputs: dict[fx.Node, int] = {}
+    for fw_node, bw_ph in step.saved_pairs():
+        bw_storages = bw.aliasing.storages_of(bw_ph)
+        last = max((bw.last_use.get(s, n_fw) for s in bw_storages), default=n_fw)
+        if bw_ph.users and not bw_storages:
+            last = n_fw
+        for storage in fw.aliasing.storages_of(fw_node):
+            if storage.producer.op != "placeholder":
+                ends[storage] = max(ends.get(storage, n_fw), last)
+            else:
+                inputs[storage.producer] = max(inputs.get(storage.producer, n_fw), last)
+    return ends, inputs
+
+
+def _add_backward(step: StepGraphs, n_fw: int, add: Any, owner: dict[Storage, LiveInterval], points: list[TimelinePoint]) -> None:
+    assert step.backward is not None
+    bw = _liveness(step.backward, n_fw)
+    bw_nodes = _compute_nodes(step.backward)
+    grads: set[Storage] = set()
+    passed_on: set[Storage] = set()  # gradients of activations from an earlier region
+    for i, out in enumerate(output_values(step.backward)):
+        if out is not None:
+            storages = bw.aliasing.storages_of(out)
+            (passed_on if step.input_kind(i) == "activation" else grads).update(storages)
+    last_bw = n_fw + len(bw_nodes) - 1
+    saved = {ph for _, ph in step.saved_pairs()}
+    for ph in step.backward.graph.find_nodes(op="placeholder"):
+        if ph in saved or meta.is_symbolic(ph):
+            continue
+        for storage in bw.aliasing.storages_of(ph):  # tangents and seeds
+            end = None if storage in grads else bw.last_use.get(storage, n_fw)
+            add("backward", storage, "gradients", n_fw, end)
+    for node in bw_nodes:
+        for storage in bw.aliasing.fresh.get(node, []):
+            if storage in passed_on and storage not in grads:
+                add("backward", storage, "gradients", bw.index[node], last_bw)
+            elif storage in grads:
+                add("backward", storage, "gradients", bw.index[node], None)
+            else:
+                add("backward", storage, "temporaries", bw.index[node], bw.last_use[storage])
+    points.extend(TimelinePoint("backward", n.name, 0, step.region) for n in bw_nodes)
+
+
+def compose_timelines(regions: list[tuple[StepGraphs, MemoryTimeline]]) -> MemoryTimeline:
+    """One step timeline from the timelines of regions run in sequence (a graph
+    break): forwards in order, then backwards in reverse order.
+
+    Saved values stay live from their region's forward to its backward. Step inputs
+    shared by regions (parameters) are counted once. An earlier region's outputs are
+    held by the user's Python code until the forward ends (they are the next
+    region's inputs); if a later region saves one for backward, it stays live until
+    that region's backward last uses it. The last region's outputs (the loss) stay
+    live after the step.
+    """
+    if len(regions) == 1:
+        return regions[0][1]
+    parts = [t for _, t in regions]
+    activation_inputs = {
+        ph
+        for step, _ in regions
+        for i, ph in enumerate(step.forward.graph.find_nodes(op="placeholder"))
+        if step.input_kind(i) == "activation"
+    }
+    fw_len = [sum(1 for p in t.points if p.graph != "backward") for t in parts]
+    bw_len = [len(t.points) - f for t, f in zip(parts, fw_len)]
+    fw_off = [sum(fw_len[:i]) for i in range(len(parts))]
+    total_fw = sum(fw_len)
+    bw_off = [total_fw + sum(bw_len[i + 1 :]) for i in range(len(parts))]
+
+    def remap(i: int, local: int) -> int:
+        return fw_off[i] + local if local < fw_len[i] else bw_off[i] + local - fw_len[i]
+
+    points: list[TimelinePoint] = [p for i, t in enumerate(parts) for p in t.points[: fw_len[i]]]
+    for i in reversed(range(len(parts))):
+        points.extend(parts[i].points[fw_len[i] :])
+    intervals: list[LiveInterval] = []
+    seen_inputs: set[int] = set()
+    end_of_forward = total_fw - 1
+    last = len(parts) - 1
+    for i, t in enumerate(parts):
+        for iv in t.intervals:
+            if iv.start == BEFORE:
+                if iv.node in activation_inputs:
+                    until = t.input_saved_until.get(iv.node)
+                    if until is not None:
+                        intervals.append(
+                            dataclasses.replace(
+                                iv, category="saved_activations", start=end_of_forward + 1, end=remap(i, until)
+                            )
+                        )
+                    continue
+                if iv.identity is not None:
+                    if iv.identity in seen_inputs:
+                        continue
+                    seen_inputs.add(iv.identity)
+                intervals.append(iv)
+                continue
+            end = None if iv.end is None else remap(i, iv.end)
+            if iv.category == "outputs" and i != last:
+                end = end_of_forward
+            intervals.append(dataclasses.replace(iv, start=remap(i, iv.start), end=end))
+    return _finish(points, intervals, parts[0].device)
+
+
+def _finish(points: list[TimelinePoint], intervals: list[LiveInterval], device: torch.device) -> MemoryTimeline:
+    n = len(points)
+    delta = [0] * (n + 1)
+    baseline = 0
+    for iv in intervals:
+        if iv.start == BEFORE:
+            baseline += iv.nbytes
+            continue
+        start = min(iv.start, n)  # a value made after the last op never overlaps one
+        delta[start] += iv.nbytes
+        if iv.end is not None:
+            delta[min(max(iv.end, start - 1), n - 1) + 1] -= iv.nbytes
+    live = baseline
+    filled = []
+    for i, p in enumerate(points):
+        live += delta[i]
+        filled.append(dataclasses.replace(p, live_bytes=live))
+    peak_index = max(range(n), key=lambda i: filled[i].live_bytes) if n else 0
+    peak = filled[peak_index].live_bytes if n else baseline
+    end = baseline + sum(iv.nbytes for iv in intervals if iv.start != BEFORE and iv.end is None)
+    return MemoryTimeline(filled, intervals, device, baseline, max(peak, baseline), peak_index, end)

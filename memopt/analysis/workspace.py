@@ -1,0 +1,105 @@
+"""Transient workspace some ops allocate inside their kernels, beyond their outputs.
+
+A graph-level liveness model sees each op's inputs and outputs, not the scratch
+buffers the kernel allocates and frees before returning. For most ops that scratch is
+zero; for a few it is as large as an activation and moves the step's peak. The table
+below is per device type and was calibrated on CPU (oneDNN convolutions, ATen's
+dropout/batch-norm/loss kernels) by measuring each op alone with
+`memopt.testing.measure.measure_peak` (``benchmarks/op_workspace.py`` re-runs the
+calibration). CUDA kernels (cuDNN workspaces) are not modelled: the table is empty
+there and estimates on CUDA see outputs only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from memopt.analysis.aliasing import concrete_int
+from memopt.graph import meta
+
+__all__ = ["workspace_bytes", "retained_bytes"]
+
+aten = torch.ops.aten
+
+
+def _bytes(value: Any) -> int:
+    if isinstance(value, fx.Node):
+        value = meta.fake_value(value)
+    if isinstance(value, torch.Tensor):
+        return concrete_int(value.numel()) * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_bytes(v) for v in value)
+    return 0
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if index < len(node.args):
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _strided(node: fx.Node, index: int) -> bool:
+    stride = _arg(node, index, "stride", [1])
+    return any(s != 1 for s in stride) if isinstance(stride, (list, tuple)) else stride != 1
+
+
+def _conv(node: fx.Node) -> int:
+    # oneDNN computes into a blocked-layout buffer (the output, or for strided
+    # convolutions the reordered input) and reorders the weight.
+    x, w = _arg(node, 0, "input"), _arg(node, 1, "weight")
+    return (_bytes(x) if _strided(node, 3) else _bytes(node)) + _bytes(w)
+
+
+def _conv_backward(node: fx.Node) -> int:
+    grad_out, x = _arg(node, 0, "grad_output"), _arg(node, 1, "input")
+    mask = _arg(node, 10, "output_mask", [True, True, True])
+    if not mask[0]:
+        return _bytes(grad_out)
+    return 2 * (_bytes(x) if _strided(node, 4) else _bytes(grad_out))
+
+
+def _first_arg(node: fx.Node) -> int:
+    return _bytes(node.args[0]) if node.args else 0
+
+
+def _loss(node: fx.Node) -> int:
+    reduction = _arg(node, 2, "reduction", 1)
+    return _bytes(node.args[0]) if reduction != 0 else 0
+
+
+_CPU: dict[Any, Callable[[fx.Node], int]] = {
+    aten.convolution.default: _conv,
+    aten.convolution_backward.default: _conv_backward,
+    aten.native_batch_norm_backward.default: _first_arg,
+    aten.native_dropout.default: _first_arg,
+    aten.native_dropout_backward.default: _first_arg,
+    aten.mse_loss.default: _loss,
+}
+
+_TABLES: dict[str, dict[Any, Callable[[fx.Node], int]]] = {"cpu": _CPU, "meta": _CPU}
+
+# Ops whose (small) output keeps a larger buffer alive: on CPU, a reduced mse_loss
+# returns a 0-dim tensor whose storage is the full elementwise-loss buffer.
+_CPU_RETAINED: dict[Any, Callable[[fx.Node], int]] = {aten.mse_loss.default: _loss}
+_RETAINED: dict[str, dict[Any, Callable[[fx.Node], int]]] = {"cpu": _CPU_RETAINED, "meta": _CPU_RETAINED}
+
+
+def workspace_bytes(node: fx.Node, device: torch.device) -> int:
+    """Scratch bytes ``node``'s kernel holds while it runs on ``device`` (0 if unknown).
+
+    ``meta`` uses the CPU table so that estimates made on meta tensors equal those on
+    CPU tensors.
+    """
+    rule = _TABLES.get(device.type, {}).get(node.target)
+    return 0 if rule is None else max(int(rule(node)), 0)
+
+
+def retained_bytes(node: fx.Node, device: torch.device) -> int:
+    """Extra bytes ``node``'s first output storage holds beyond its own size, for as
+    long as the output lives (0 if none)."""
+    rule = _RETAINED.get(device.type, {}).get(node.target)
+    return 0 if rule is None else max(int(rule(node)), 0)

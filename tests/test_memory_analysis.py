@@ -1,0 +1,139 @@
+"""Liveness and memory timeline on hand-built graphs, against hand-computed bytes.
+
+Rules (see memopt/analysis/memory.py): inputs are live for the whole step (baseline);
+a value is live from its producer through its last use (during an op its inputs and
+outputs are live together); views share their base's storage; outputs stay live.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from memopt.analysis.aliasing import analyze_aliasing
+from memopt.analysis.memory import build_timeline, compose_timelines
+from memopt.graph.step import StepGraphs
+from memopt.testing.capture import capture_step, capture_steps
+
+F32 = 4
+N = 1000  # elements of the test input: 4000 bytes
+
+
+def _timeline(fn, *args):
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    return build_timeline(StepGraphs(gm, None, 1, num_user_outputs=1)), gm
+
+
+def test_views_share_storage():
+    """a = x*2 (4000 B), b = a.view (0 B), c = b+1 (4000 B): peak during add = x+a+c."""
+
+    def f(x):
+        a = x * 2
+        b = a.view(-1)
+        return b + 1
+
+    tl, _ = _timeline(f, torch.randn(N))
+    assert tl.baseline_bytes == N * F32
+    assert tl.peak_bytes == 3 * N * F32
+    assert tl.end_bytes == 2 * N * F32  # x and the output c
+    assert [p.live_bytes for p in tl.points] == [8000, 8000, 12000]
+
+
+def test_inplace_op_aliases_its_input():
+    """a = x*2; a.add_(1) writes a's storage; s = a.sum() (4 B)."""
+
+    def f(x):
+        a = x * 2
+        a.add_(1)
+        return a.sum()
+
+    tl, gm = _timeline(f, torch.randn(N))
+    assert "aten.add_.Tensor(" in gm.code
+    assert tl.peak_bytes == 2 * N * F32 + 4
+    assert tl.end_bytes == N * F32 + 4
+
+
+def test_multi_output_op_and_unused_output():
+    """max(dim) makes values (10 x f32) and indices (10 x i64); indices are unused, so
+    they die right after max; values*2 makes 40 more bytes and values then dies."""
+
+    def f(x):
+        values, _ = x.view(10, 100).max(dim=1)
+        return values * 2
+
+    tl, gm = _timeline(f, torch.randn(N))
+    aliasing = analyze_aliasing(gm.graph)
+    max_node = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.max.dim)
+    assert [s.nbytes for s in aliasing.fresh[max_node]] == [40, 80]
+    assert tl.peak_bytes == N * F32 + 40 + 80
+    assert tl.end_bytes == N * F32 + 40  # values die after the multiply
+
+
+def test_output_aliasing_input_costs_nothing():
+    """y = x.t() is a view of the input (0 B); z = x*3 is 4000 B."""
+
+    def f(x):
+        return x.t(), x * 3
+
+    gm = make_fx(f, tracing_mode="fake")(torch.randn(40, 25))
+    tl = build_timeline(StepGraphs(gm, None, 2, num_user_outputs=2))
+    assert tl.peak_bytes == 2 * N * F32
+    assert tl.end_bytes == 2 * N * F32
+
+
+def test_unsafe_view_detected_through_fake_storage():
+    """_unsafe_view's schema declares no alias; the fake storages reveal it."""
+
+    def f(x):
+        y = torch.ops.aten._unsafe_view(x * 2, [N])
+        return y + 1
+
+    tl, _ = _timeline(f, torch.randn(10, 100))
+    assert tl.peak_bytes == 3 * N * F32
+
+
+def test_training_step_saved_value_lives_into_backward():
+    """f = (x @ w).tanh().sum(): the tanh output (8x4 f32 = 128 B) is saved for
+    backward; w's gradient (16x4 f32 = 256 B) stays live after the step."""
+
+    def f(x, w):
+        return torch.tanh(x @ w).sum()
+
+    step = capture_step(f, torch.randn(8, 16), torch.randn(16, 4, requires_grad=True))
+    tl = build_timeline(step)
+    saved = tl.saved_activations()
+    assert [iv.nbytes for iv in saved] == [128]
+    n_fw = sum(p.graph == "forward" for p in tl.points)
+    assert saved[0].start < n_fw <= saved[0].end  # crosses into backward
+    grads = [iv for iv in tl.by_category("gradients") if iv.end is None]
+    assert sorted(iv.nbytes for iv in grads) == [256]
+    assert tl.baseline_bytes == (8 * 16 + 16 * 4) * F32
+    assert tl.end_bytes == tl.baseline_bytes + 256 + 4  # grad of w, and the loss
+
+
+def test_breakdown_sums_to_peak():
+    def f(x, w):
+        return torch.relu(x @ w).pow(2).mean()
+
+    step = capture_step(f, torch.randn(32, 64), torch.randn(64, 64, requires_grad=True))
+    tl = build_timeline(step)
+    assert sum(tl.peak_breakdown.values()) == tl.peak_bytes
+    assert tl.peak_breakdown["parameters"] + tl.peak_breakdown["inputs"] == tl.baseline_bytes
+
+
+def test_graph_break_composition_counts_shared_params_once():
+    lin = torch.nn.Linear(64, 64)
+
+    def f(x):
+        y = torch.relu(lin(x))
+        torch._dynamo.graph_break()
+        return lin(y).sum()
+
+    steps = capture_steps(f, torch.randn(16, 64))
+    assert len(steps) == 2
+    parts = [(s, build_timeline(s)) for s in steps]
+    composed = compose_timelines(parts)
+    param_bytes = (64 * 64 + 64) * F32
+    assert composed.baseline_bytes == param_bytes + 16 * 64 * F32
+    assert composed.peak_bytes >= max(t.peak_bytes for _, t in parts)
+    assert len(composed.points) == sum(len(t.points) for _, t in parts)
