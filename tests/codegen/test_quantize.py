@@ -234,13 +234,16 @@ def test_bad_arguments_name_the_problem(call: Callable[[], object], match: str) 
 
 
 def _special_values() -> torch.Tensor:
-    """Zeros, -0.0, half-way ties, e4m3 subnormal territory and a spread of magnitudes."""
+    """Zeros, -0.0, half-way ties (also under scale 61 = 7747/127, where multiplying by
+    a rounded 1/scale instead of dividing breaks half of them), e4m3 subnormal
+    territory and a spread of magnitudes."""
     x = _heavy_tailed(1000, 5)
     x[:130] = 0.0
     x[130] = -0.0
     x[200:264] = torch.tensor([127.0, 2.5, -3.5, 0.5] * 16)
     x[264:328] = torch.linspace(-448, 448, 64)
     x[328:392] = torch.tensor([448.0] + [2**-10, 3 * 2**-10, -(2**-12)] * 21)
+    x[448:512] = torch.tensor([127.0 * 61] + [(k + 0.5) * 61 for k in range(64, 127)])
     return x
 
 
@@ -255,13 +258,21 @@ KERNEL_CASES: dict[str, tuple[Callable[[], torch.Tensor], int, torch.dtype]] = {
     "int8-fp16-transposed-b3": (lambda: _normal(30 * 20, 15).half().reshape(30, 20).t(), 3, INT8),
     "fp8-fp32-b1": (lambda: _normal(50, 16), 1, FP8),
     "int8-empty": (lambda: torch.empty(0, 5), 64, INT8),
+    # several programs (tiles of 4096 elements), the last one partly out of range
+    "int8-fp32-b64-5programs": (lambda: _heavy_tailed(20000, 17), 64, INT8),
+    "fp8-bf16-b1000-3programs": (lambda: _normal(9000, 18).bfloat16(), 1000, FP8),
 }
 
 
+KernelRun = dict[str, tuple[dict[str, object], dict[str, object]]]
+
+
 @pytest.fixture(scope="module")
-def kernel_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, object]]:
-    """Every KERNEL_CASES case run by the Triton kernels under TRITON_INTERPRET=1, in
-    one subprocess (the variable is read at import, so this process cannot switch)."""
+def kernel_run(tmp_path_factory: pytest.TempPathFactory) -> KernelRun:
+    """``{name: (case, kernel outputs)}`` for every KERNEL_CASES case, run by the Triton
+    kernels under TRITON_INTERPRET=1 in one subprocess (triton reads the variable at
+    import, so this process cannot switch). ``case`` holds the input and the
+    reference's codes/scales, which the dequantize kernel decodes."""
     if not triton_importable():
         pytest.skip("triton is not installed")
     cases = {}
@@ -278,38 +289,34 @@ def kernel_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, 
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results: dict[str, dict[str, object]] = torch.load(folder / "out.pt")
-    return {name: {**cases[name], **results[name]} for name in cases}
+    results = torch.load(folder / "out.pt")
+    return {name: (cases[name], results[name]) for name in cases}
 
 
 @pytest.mark.parametrize("name", list(KERNEL_CASES))
-def test_kernel_codes_and_scales_equal_reference(
-    kernel_run: dict[str, dict[str, object]], name: str
-) -> None:
-    """Bit-identical codes (compared as bytes, so e4m3 -0.0 and NaN count) and scales."""
-    run = kernel_run[name]
-    ref_codes, ref_scales = quantize_blockwise_reference(run["x"], run["block_size"], run["dtype"])
-    assert run["codes"].dtype == ref_codes.dtype and run["codes"].shape == ref_codes.shape
-    assert torch.equal(run["codes"].view(torch.uint8), ref_codes.view(torch.uint8))
-    assert torch.equal(run["scales"], ref_scales)
+def test_kernel_codes_and_scales_equal_reference(kernel_run: KernelRun, name: str) -> None:
+    """Bit-identical codes (compared as bytes, so e4m3 -0.0 counts) and scales."""
+    case, got = kernel_run[name]
+    assert got["codes"].dtype == case["dtype"] and got["codes"].shape == case["codes"].shape
+    assert torch.equal(got["codes"].view(torch.uint8), case["codes"].view(torch.uint8))
+    assert torch.equal(got["scales"], case["scales"])
 
 
 @pytest.mark.parametrize("name", list(KERNEL_CASES))
-def test_kernel_dequantize_equals_reference(
-    kernel_run: dict[str, dict[str, object]], name: str
-) -> None:
-    """Dequantized values are bit-identical to the reference's for every output dtype
-    (stronger than the tolerance the format promises), and within that tolerance."""
-    run = kernel_run[name]
-    x, block_size = run["x"], run["block_size"]
-    for out_dtype, got in run["dequantized"].items():
-        want = dequantize_blockwise_reference(run["codes"], run["scales"], x.shape, block_size, out_dtype)
-        assert got.dtype == out_dtype and got.shape == x.shape
-        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), out_dtype
+def test_kernel_dequantize_equals_reference(kernel_run: KernelRun, name: str) -> None:
+    """The reference's codes dequantized by the kernel: bit-identical to the reference's
+    dequantization for every output dtype (stronger than the tolerance the format
+    promises), and within that tolerance of the input."""
+    case, got = kernel_run[name]
+    x, block_size, codes, scales = case["x"], case["block_size"], case["codes"], case["scales"]
+    for out_dtype, x_hat in got["dequantized"].items():
+        want = dequantize_blockwise_reference(codes, scales, x.shape, block_size, out_dtype)
+        assert x_hat.dtype == out_dtype and x_hat.shape == x.shape
+        assert torch.equal(x_hat.view(torch.uint8), want.view(torch.uint8)), out_dtype
     x_flat = x.float().reshape(-1)
-    got32 = run["dequantized"][torch.float32].reshape(-1)
-    scale = _per_element(run["scales"], block_size, x.numel())
-    assert ((x_flat - got32).abs() <= BOUNDS[run["dtype"]](x_flat, scale)).all()
+    x_hat32 = got["dequantized"][torch.float32].reshape(-1)
+    scale = _per_element(scales, block_size, x.numel())
+    assert ((x_flat - x_hat32).abs() <= BOUNDS[case["dtype"]](x_flat, scale)).all()
 
 
 def test_cpu_kernel_call_without_interpreter_says_how_to_enable_it(
