@@ -3,7 +3,7 @@
 Importing this module registers::
 
     memopt::quantize_blockwise(Tensor x, int block_size, ScalarType dtype)
-        -> (Tensor codes, Tensor scales)
+        -> (Tensor, Tensor)                       # (codes, scales)
     memopt::dequantize_blockwise(Tensor codes, Tensor scales, SymInt[] size,
         int block_size, ScalarType out_dtype) -> Tensor
 
@@ -22,8 +22,8 @@ The format is specified in `quantize_reference` and docs/kernels.md.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import torch
 
@@ -128,8 +128,10 @@ def _dequantize_fake(
     return codes.new_empty(list(size), dtype=out_dtype)
 
 
-def _not_differentiable(name: str) -> Any:
-    def backward(ctx: Any, *grads: Any) -> Any:
+def _not_differentiable(name: str) -> Callable[..., NoReturn]:
+    """A backward formula for op ``name`` that raises, saying why there is none."""
+
+    def backward(ctx: Any, *grads: Any) -> NoReturn:
         raise RuntimeError(
             f"memopt::{name} is not differentiable: it stores saved activations "
             "inside memopt's partitioned forward/backward graphs, below autograd; "
