@@ -17,10 +17,13 @@ import torch
 import torch.utils._pytree as pytree
 from tabulate import tabulate
 
+from memopt.analysis.memory import MemoryTimeline, compose_timelines
 from memopt.backends.record import RegionRecord, recording
 from memopt.config import MemoptConfig
 from memopt.passes.instruments import op_counts
 from memopt.passes.manager import Fallback
+from memopt.plan.plan import TensorDecision
+from memopt.plan.report import breakdown_table, decisions_table, summary_table
 
 __all__ = ["explain", "record", "Explanation"]
 
@@ -61,22 +64,104 @@ class Explanation:
         """Readable code of ``graph`` in region ``region`` after pass ``after``."""
         return self.region(region).graph_code(graph, after)
 
+    # -- memory ---------------------------------------------------------------------
+
+    def timeline(self, *, optimized: bool = True) -> MemoryTimeline:
+        """The step's estimated memory timeline across all regions (after memopt's
+        passes, or before them with ``optimized=False``)."""
+        parts = []
+        for r in self.regions:
+            tl = r.timeline_after if optimized else r.timeline_before
+            if r.step is not None and tl is not None:
+                parts.append((r.step, tl))
+        if not parts:
+            raise ValueError("no region was compiled by memopt's pipeline, so there is no timeline")
+        return compose_timelines(parts)
+
+    @property
+    def estimated_peak_bytes(self) -> int:
+        """Peak live tensor bytes of the step on its device (parameters, buffers,
+        inputs, activations, gradients, temporaries), after memopt."""
+        return self.timeline().peak_bytes
+
+    @property
+    def baseline_bytes(self) -> int:
+        """Bytes live when the step starts (parameters, buffers, inputs)."""
+        return self.timeline().baseline_bytes
+
+    def decisions(self) -> list[TensorDecision]:
+        """Every region's decisions about values backward needs, largest first."""
+        found = [d for r in self.regions if r.plan is not None for d in r.plan.decisions]
+        return sorted(found, key=lambda d: -d.bytes)
+
+    def plot(self, path: str, *, title: str | None = None) -> str:
+        """Write the memory timeline plot (PNG or SVG by extension); returns ``path``."""
+        from memopt.plan.plot import plot_timeline
+
+        return plot_timeline(self.timeline(), path, title=title, budget_bytes=self._budget())
+
+    def memory_snapshot(self) -> dict[str, Any]:
+        """The estimated timeline in PyTorch's memory-snapshot format (open it with
+        torch's memory visualizer, https://pytorch.org/memory_viz, or
+        ``torch.cuda._memory_viz``)."""
+        from memopt.plan.snapshot import timeline_to_snapshot
+
+        return timeline_to_snapshot(self.timeline())
+
+    def save_memory_snapshot(self, path: str) -> str:
+        """Pickle `memory_snapshot` to ``path`` (the format torch's visualizer loads)."""
+        import pickle
+
+        with open(path, "wb") as f:
+            pickle.dump(self.memory_snapshot(), f)
+        return path
+
+    def _budget(self) -> int | None:
+        budgets = [r.plan.budget_bytes for r in self.regions if r.plan is not None]
+        return next((b for b in budgets if b is not None), None)
+
+    def _has_memory(self) -> bool:
+        return any(r.timeline_after is not None for r in self.regions)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (schema in docs/usage.md)."""
-        return {
+        out: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "config": self._config().to_dict(),
             "ran_backward": self.ran_backward,
             "regions": [_region_dict(r) for r in self.regions],
             "fallbacks": [fb.to_dict() for fb in self.fallbacks],
         }
+        if self._has_memory():
+            before, after = self.timeline(optimized=False), self.timeline()
+            out.update(
+                {
+                    "estimated_peak_bytes": after.peak_bytes,
+                    "baseline_bytes": after.baseline_bytes,
+                    "estimated_peak_bytes_unoptimized": before.peak_bytes,
+                    "budget_bytes": self._budget(),
+                    "device": str(after.device),
+                    "peak_breakdown": after.peak_breakdown,
+                    "peak_at": _point_dict(after),
+                    "decisions": [d.to_dict() for d in self.decisions()],
+                }
+            )
+        return out
 
-    def report(self) -> str:
-        """Human-readable summary: per region, the passes run and any fallback."""
+    def report(self, *, top: int = 10) -> str:
+        """Human-readable report: the memory summary, the breakdown at the peak, the
+        ``top`` largest values backward needs with memopt's decision, then per region
+        the passes run and any fallback."""
         lines = [
             f"memopt explanation: {len(self.regions)} region(s), codegen={self.codegen}"
             + ("" if self.ran_backward else " (forward only)")
         ]
+        if self._has_memory():
+            before, after = self.timeline(optimized=False), self.timeline()
+            lines += ["", summary_table(before, after, self._budget()), "", breakdown_table(after)]
+            decisions = self.decisions()
+            if decisions:
+                lines += ["", "values saved for backward (largest first):", decisions_table(decisions, top)]
         for r in self.regions:
             lines.append("")
             lines.append(f"region {r.region} ({r.kind}): graphs {_graph_sizes(r)}")
@@ -108,8 +193,16 @@ def _delta(delta: Mapping[str, int]) -> str:
     return shown + (f", ... ({len(items) - 4} more)" if len(items) > 4 else "")
 
 
+def _point_dict(timeline: MemoryTimeline) -> dict[str, Any]:
+    if not timeline.points:
+        return {}
+    point = timeline.points[timeline.peak_index]
+    return {"index": timeline.peak_index, "region": point.region, "graph": point.graph, "node": point.node}
+
+
 def _region_dict(r: RegionRecord) -> dict[str, Any]:
     return {
+        "plan": None if r.plan is None else r.plan.to_dict(),
         "region": r.region,
         "kind": r.kind,
         "pipeline_seconds": round(r.pipeline_seconds, 6),

@@ -13,10 +13,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from memopt.analysis.memory import MemoryTimeline
 from memopt.config import MemoptConfig
 from memopt.graph.step import StepGraphs
 from memopt.passes.instruments import GraphSnapshot
 from memopt.passes.manager import Fallback, PassRecord
+from memopt.plan.plan import MemoryPlan
 
 __all__ = ["RegionRecord", "recording", "active_recorders"]
 
@@ -36,6 +38,9 @@ class RegionRecord:
     example_inputs: tuple[Any, ...] = ()
     pipeline_seconds: float = 0.0
     compiled_graphs: list[str] = field(default_factory=list)
+    plan: MemoryPlan | None = None
+    timeline_before: MemoryTimeline | None = None
+    timeline_after: MemoryTimeline | None = None
 
     def graph_code(self, graph: str, after: str | None = None) -> str:
         """Readable code of ``graph`` ("forward", "backward" or "inference") after pass

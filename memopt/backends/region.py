@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
+from memopt.analysis.memory import build_timeline
 from memopt.backends.record import RegionRecord, active_recorders
 from memopt.codegen.eager import compile_eager
 from memopt.config import MemoptConfig
@@ -37,6 +38,7 @@ from memopt.passes.instruments import (
 )
 from memopt.passes.manager import Instrument, PassManager, PipelineResult
 from memopt.passes.pipeline import default_pipeline
+from memopt.plan.plan import MemoryPlan, finish_plan
 
 __all__ = ["RegionCompiler", "describe_inputs"]
 
@@ -96,11 +98,17 @@ class RegionCompiler:
             self._instruments(),
             disabled=self.config.disable_passes,
         )
-        ctx = PassContext(self.config, self.region, example_inputs=self.example_inputs)
+        before = build_timeline(step)
+        plan = MemoryPlan.unplanned(self.region, before)
+        ctx = PassContext(self.config, self.region, plan=plan, example_inputs=self.example_inputs)
         result = manager.run(step, ctx)
+        after = build_timeline(result.step)
         self.record.kind = "training" if step.is_training else "inference"
         self.record.passes = result.records
         self.record.step = result.step
+        self.record.timeline_before = before
+        self.record.timeline_after = after
+        self.record.plan = finish_plan(ctx.plan, after, result)
         if result.fallback is not None:
             self.record.fallbacks.append(result.fallback)
         self.record.pipeline_seconds = time.perf_counter() - start

@@ -57,6 +57,12 @@ class MemoptPartitioner(CustomPartitionerFn):
     def uuid(self) -> Any:
         return self._key
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> MemoptPartitioner:
+        # Inductor deep-copies its config (this hook included) to write repro
+        # strings; the hook holds the region's graphs and fake tensors, which must
+        # not be copied. It is used by identity, so a copy is the same object.
+        return self
+
 
 def compile_with_inductor(
     gm: fx.GraphModule,

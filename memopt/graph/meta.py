@@ -8,6 +8,7 @@ these functions, so a rename in torch is a one-line fix here, pinned by
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -77,7 +78,15 @@ class SourceLocation:
 
 
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)')
-_INTERNAL = ("/torch/", "/memopt/", "<eval_with_key>", "/functorch/")
+_INTERNAL = ("/torch/", "<eval_with_key>", "/functorch/")
+_MEMOPT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_MEMOPT_USER_CODE = os.path.join(_MEMOPT_ROOT, "testing")  # the zoo's models are user code
+
+
+def _is_internal(filename: str) -> bool:
+    if any(part in filename for part in _INTERNAL):
+        return True
+    return filename.startswith(_MEMOPT_ROOT) and not filename.startswith(_MEMOPT_USER_CODE)
 
 
 def source_location(node: fx.Node) -> SourceLocation | None:
@@ -94,7 +103,7 @@ def source_location(node: fx.Node) -> SourceLocation | None:
         if match is None:
             continue
         filename = match.group("file")
-        if any(part in filename for part in _INTERNAL):
+        if _is_internal(filename):
             continue
         code = lines[i + 1].strip() if i + 1 < len(lines) else ""
         if _FRAME.search(code):

@@ -3,6 +3,7 @@
 Ordering constraints (each pass's docstring states its own):
 
 1. ``dce`` first: nothing after it should pay for values nobody reads.
+2. ``schedule`` last: it reorders what the other passes produced to lower the peak.
 
 Later passes (scheduling, rematerialization, precision, offload) are added here in the
 order their docstrings require.
@@ -13,13 +14,14 @@ from __future__ import annotations
 from memopt.config import MemoptConfig
 from memopt.passes.base import Pass
 from memopt.passes.dce import DeadCodeElimination
+from memopt.passes.schedule import MemoryAwareSchedule
 
 __all__ = ["default_pipeline", "pass_names"]
 
 
 def default_pipeline(config: MemoptConfig) -> list[Pass]:
     """The passes memopt runs on every region for ``config``, in order."""
-    return [DeadCodeElimination()]
+    return [DeadCodeElimination(), MemoryAwareSchedule()]
 
 
 def pass_names(config: MemoptConfig | None = None) -> list[str]:

@@ -1,1 +1,1 @@
-"""memopt.plan."""
+"""Memory plans and their renderings (tables, JSON, plots, snapshots)."""

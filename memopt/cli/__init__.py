@@ -1,0 +1,1 @@
+"""The memopt command line."""

@@ -1,0 +1,173 @@
+"""``memopt report FILE.py:FACTORY``: a compile-time memory report for a user's model.
+
+The factory is a function of no arguments in FILE.py returning ``(model, inputs)``:
+``model`` is an ``nn.Module`` or any callable, ``inputs`` a tensor or a tuple/list of
+arguments. By default the factory runs under a FakeTensorMode, so the model and its
+inputs are fake tensors: nothing real is allocated, and a model larger than this
+machine's memory can be estimated. ``--real`` runs it on real tensors instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import inspect
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from types import ModuleType
+from typing import Any
+
+__all__ = ["main", "load_factory", "CLIError"]
+
+
+class CLIError(Exception):
+    """A problem with the command line's input; printed without a traceback."""
+
+
+def load_factory(spec: str) -> Callable[[], Any]:
+    """``"path/to/file.py:factory"`` -> the factory function."""
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name:
+        raise CLIError(f"expected FILE.py:FACTORY, got {spec!r} (e.g. examples/report_model.py:build)")
+    if not os.path.isfile(path):
+        raise CLIError(f"no such file: {path!r} (from {spec!r})")
+    module = _import_file(path)
+    factory = getattr(module, name, None)
+    if factory is None:
+        public = sorted(
+            n
+            for n, v in vars(module).items()
+            if inspect.isfunction(v) and v.__module__ == module.__name__ and not n.startswith("_")
+        )
+        raise CLIError(f"{path} has no function {name!r}; functions defined there: {', '.join(public) or '(none)'}")
+    if not callable(factory):
+        raise CLIError(f"{path}:{name} is a {type(factory).__name__}, not a function returning (model, inputs)")
+    return factory  # type: ignore[no-any-return]
+
+
+def _import_file(path: str) -> ModuleType:
+    module_name = "memopt_user_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise CLIError(f"cannot import {path!r} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    spec.loader.exec_module(module)
+    return module
+
+
+def _unpack(result: Any, spec: str) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    import torch
+
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        raise CLIError(
+            f"{spec} must return (model, inputs); got {type(result).__name__}"
+            + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else "")
+        )
+    model, inputs = result
+    if not callable(model):
+        raise CLIError(f"{spec} returned a {type(model).__name__} as the model; expected an nn.Module or callable")
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    if not isinstance(inputs, (tuple, list)):
+        raise CLIError(f"{spec} returned inputs of type {type(inputs).__name__}; expected a tensor or a tuple of arguments")
+    return model, tuple(inputs)
+
+
+class _Progress:
+    """Stage messages on stderr, with a heartbeat while a stage runs long."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.start = time.perf_counter()
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[memopt {time.perf_counter() - self.start:5.1f}s] {message}", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def stage(self, message: str, every: float = 10.0) -> Iterator[None]:
+        self.say(message + " ...")
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(every):
+                self.say(f"still {message.lower()}")
+
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import memopt
+
+    progress = _Progress(args.quiet)
+    options = json.loads(args.options) if args.options else {}
+    options.setdefault("codegen", "eager")
+    with progress.stage(f"importing {args.target}"):
+        factory = load_factory(args.target)
+    mode: Any = contextlib.nullcontext() if args.real else FakeTensorMode()
+    kind = "real" if args.real else "fake (nothing is allocated)"
+    with mode:
+        with progress.stage(f"building the model and inputs on {kind} tensors"):
+            model, inputs = _unpack(factory(), args.target)
+        with progress.stage("compiling forward and backward with memopt"):
+            explanation = memopt.explain(model, *inputs, options=options)
+    progress.say(f"done: {len(explanation.regions)} region(s)")
+    if args.json:
+        print(json.dumps(explanation.to_dict(), indent=2, default=str))
+    else:
+        print(explanation.report(top=args.top))
+    if args.plot:
+        explanation.plot(args.plot, title=f"memopt: {args.target}")
+        progress.say(f"wrote {args.plot}")
+    if args.snapshot:
+        explanation.save_memory_snapshot(args.snapshot)
+        progress.say(f"wrote {args.snapshot} (open it at https://pytorch.org/memory_viz)")
+    del torch
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memopt", description="memopt: memory reports for torch.compile")
+    sub = parser.add_subparsers(dest="command", required=True)
+    report = sub.add_parser("report", help="compile-time memory report of FILE.py:FACTORY", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("target", help="FILE.py:FACTORY, a function returning (model, inputs)")
+    report.add_argument("--json", action="store_true", help="print the report as JSON (Explanation.to_dict())")
+    report.add_argument("--plot", metavar="OUT.png", help="write the memory timeline plot (png/svg/pdf)")
+    report.add_argument("--snapshot", metavar="OUT.pickle", help="write a PyTorch memory snapshot of the estimate")
+    report.add_argument("--options", metavar="JSON", help='memopt options as JSON, e.g. \'{"codegen": "eager"}\'')
+    report.add_argument("--real", action="store_true", help="build the model on real tensors instead of fake ones")
+    report.add_argument("--top", type=int, default=10, help="how many saved values to list (default 10)")
+    report.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "report":
+            return _run_report(args)
+    except CLIError as exc:
+        print(f"memopt: error: {exc}", file=sys.stderr)
+        return 2
+    except json.JSONDecodeError as exc:
+        print(f"memopt: error: --options is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+    return 1

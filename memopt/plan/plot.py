@@ -1,0 +1,85 @@
+"""The memory timeline as a picture: live bytes across the step, stacked by category.
+
+Needs matplotlib (``pip install memopt[plot]``); everything else in memopt works
+without it.
+"""
+
+from __future__ import annotations
+
+from memopt.analysis.memory import CATEGORIES, MemoryTimeline
+from memopt.plan.report import format_bytes
+
+__all__ = ["plot_timeline"]
+
+_COLORS = {
+    "parameters": "#4C72B0",
+    "buffers": "#64B5CD",
+    "inputs": "#8172B2",
+    "saved_activations": "#DD8452",
+    "gradients": "#55A868",
+    "outputs": "#937860",
+    "temporaries": "#C44E52",
+}
+
+
+def _series(timeline: MemoryTimeline) -> dict[str, list[float]]:
+    n = len(timeline.points)
+    series = {c: [0.0] * n for c in CATEGORIES}
+    for iv in timeline.intervals:
+        start = max(iv.start, 0)
+        end = n - 1 if iv.end is None else min(iv.end, n - 1)
+        for i in range(start, end + 1):
+            series[iv.category][i] += iv.nbytes
+    return series
+
+
+def plot_timeline(
+    timeline: MemoryTimeline,
+    path: str,
+    *,
+    title: str | None = None,
+    budget_bytes: int | None = None,
+) -> str:
+    """Write a stacked-area plot of ``timeline`` to ``path`` (format from the
+    extension: .png, .svg, .pdf); returns ``path``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "memopt's plots need matplotlib: pip install 'memopt[plot]' (or matplotlib)"
+        ) from exc
+    series = _series(timeline)
+    scale, unit = _unit(timeline.peak_bytes)
+    x = list(range(len(timeline.points)))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    used = [c for c in CATEGORIES if any(series[c])]
+    ax.stackplot(x, *[[v / scale for v in series[c]] for c in used],
+                 labels=[c.replace("_", " ") for c in used], colors=[_COLORS[c] for c in used], alpha=0.9)
+    boundary = next((i for i, p in enumerate(timeline.points) if p.graph == "backward"), None)
+    if boundary is not None:
+        ax.axvline(boundary, color="black", linestyle=":", linewidth=1)
+        ax.text(boundary, 0, " backward", va="bottom", fontsize=8)
+    ax.plot([timeline.peak_index], [timeline.peak_bytes / scale], marker="v", color="black")
+    ax.annotate(f"peak {format_bytes(timeline.peak_bytes)}", (timeline.peak_index, timeline.peak_bytes / scale),
+                textcoords="offset points", xytext=(5, 5), fontsize=8)
+    if budget_bytes is not None:
+        ax.axhline(budget_bytes / scale, color="red", linestyle="--", linewidth=1, label="budget")
+    ax.set_xlabel("op in the step (forward, then backward)")
+    ax.set_ylabel(f"live memory ({unit})")
+    ax.set_title(title or "memopt: estimated memory timeline of one step")
+    ax.set_ylim(0, max(timeline.peak_bytes, budget_bytes or 0) / scale * 1.12)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _unit(peak: int) -> tuple[float, str]:
+    for scale, unit in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if peak >= scale:
+            return float(scale), unit
+    return 1.0, "B"

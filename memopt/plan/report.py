@@ -1,0 +1,86 @@
+"""Text tables of the memory plan: summary, breakdown at the peak, saved values."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tabulate import tabulate
+
+from memopt.analysis.memory import CATEGORIES, MemoryTimeline
+from memopt.plan.plan import TensorDecision
+
+__all__ = ["format_bytes", "summary_table", "breakdown_table", "decisions_table"]
+
+
+def format_bytes(n: int | float | None) -> str:
+    """``1536`` -> ``"1.50 KiB"``."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} TiB"
+
+
+def summary_table(
+    before: MemoryTimeline,
+    after: MemoryTimeline,
+    budget_bytes: int | None = None,
+    optimizer_state_bytes: int | None = None,
+) -> str:
+    """Estimated peak before and after memopt, savings, and the budget if set."""
+    saved = before.peak_bytes - after.peak_bytes
+    rows = [
+        ["live at step start (params, buffers, inputs)", format_bytes(after.baseline_bytes)],
+        ["estimated peak, unoptimized", format_bytes(before.peak_bytes)],
+        ["estimated peak, with memopt", format_bytes(after.peak_bytes)],
+        ["saved by memopt", f"{format_bytes(saved)} ({_pct(saved, before.peak_bytes)})"],
+        ["peak growth over step start", format_bytes(after.peak_growth_bytes)],
+    ]
+    if budget_bytes is not None:
+        verdict = "within" if after.peak_bytes <= budget_bytes else "OVER"
+        rows.append(["memory budget", f"{format_bytes(budget_bytes)} ({verdict})"])
+    if optimizer_state_bytes is not None:
+        rows.append(["optimizer state (not in the step's graphs)", format_bytes(optimizer_state_bytes)])
+    return tabulate(rows, headers=["summary", ""], tablefmt="simple")
+
+
+def breakdown_table(timeline: MemoryTimeline) -> str:
+    """Live bytes by category at the estimated peak."""
+    breakdown = timeline.peak_breakdown
+    point = timeline.points[timeline.peak_index] if timeline.points else None
+    where = f"{point.graph} {point.node}" if point else "-"
+    rows = [
+        [category.replace("_", " "), format_bytes(breakdown[category]), _pct(breakdown[category], timeline.peak_bytes)]
+        for category in CATEGORIES
+        if breakdown[category]
+    ]
+    rows.append(["total", format_bytes(timeline.peak_bytes), "100%"])
+    return tabulate(rows, headers=[f"at the peak (during {where})", "bytes", "share"])
+
+
+def decisions_table(decisions: Sequence[TensorDecision], limit: int = 10) -> str:
+    """The largest values backward needs, with memopt's decision and its reason."""
+    ranked = sorted(decisions, key=lambda d: -d.bytes)[:limit]
+    rows = [
+        [
+            d.name,
+            "x".join(str(s) for s in d.shape) or "scalar",
+            d.dtype,
+            format_bytes(d.bytes),
+            d.policy,
+            d.reason,
+            d.source or "(no source line)",
+        ]
+        for d in ranked
+    ]
+    headers = ["value", "shape", "dtype", "bytes", "decision", "reason", "produced by"]
+    more = len(decisions) - len(ranked)
+    table = tabulate(rows, headers=headers)
+    return table + (f"\n... and {more} smaller value(s)" if more > 0 else "")
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100.0 * part / whole:.1f}%" if whole else "-"

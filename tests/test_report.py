@@ -1,0 +1,136 @@
+"""The memory report: JSON fields, tables, plot, snapshot export, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.cuda import _memory_viz
+
+import memopt
+from memopt.analysis.memory import CATEGORIES
+from memopt.cli.main import main as cli_main
+from memopt.testing.zoo import zoo_case
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EAGER = {"codegen": "eager"}
+
+
+@pytest.fixture(scope="module")
+def gpt_explanation():
+    torch._dynamo.reset()
+    case = zoo_case("gpt")
+    return memopt.explain(case.build(), *case.inputs(4), options=EAGER)
+
+
+def test_to_dict_memory_fields(gpt_explanation):
+    data = json.loads(json.dumps(gpt_explanation.to_dict()))
+    params = sum(p.numel() * 4 for p in zoo_case("gpt").build().parameters())
+    inputs = 2 * 4 * 32 * 8  # two int64 [4, 32] tensors
+    assert data["baseline_bytes"] == params + inputs
+    assert data["estimated_peak_bytes"] > data["baseline_bytes"]
+    assert set(data["peak_breakdown"]) == set(CATEGORIES)
+    assert sum(data["peak_breakdown"].values()) == data["estimated_peak_bytes"]
+    assert data["peak_breakdown"]["parameters"] == params
+    decisions = data["decisions"]
+    assert decisions and all(d["policy"] == "save" for d in decisions)
+    assert decisions == sorted(decisions, key=lambda d: -d["bytes"])
+    assert any(d["source_file"] and d["source_file"].endswith("zoo.py") for d in decisions)
+    plan = data["regions"][0]["plan"]
+    assert plan["estimated_peak_after"] == data["estimated_peak_bytes"]
+
+
+def test_report_tables(gpt_explanation):
+    text = gpt_explanation.report(top=3)
+    assert "estimated peak, with memopt" in text
+    assert "saved activations" in text
+    assert "values saved for backward (largest first):" in text
+    assert "zoo.py:" in text  # the source line of the largest saved values
+    assert "smaller value(s)" in text
+
+
+def test_plot_writes_png_and_svg(gpt_explanation, tmp_path):
+    png = gpt_explanation.plot(str(tmp_path / "t.png"))
+    svg = gpt_explanation.plot(str(tmp_path / "t.svg"))
+    assert pathlib.Path(png).read_bytes()[:4] == b"\x89PNG"
+    assert "<svg" in pathlib.Path(svg).read_text()[:1000]
+
+
+def test_memory_snapshot_opens_in_torch_visualizer(gpt_explanation, tmp_path):
+    snapshot = gpt_explanation.memory_snapshot()
+    trace = snapshot["device_traces"][0]
+    live = peak = 0
+    for event in trace:
+        if event["action"] == "alloc":
+            live += event["size"]
+        elif event["action"] == "free_completed":
+            live -= event["size"]
+        peak = max(peak, live)
+    timeline = gpt_explanation.timeline()
+    assert peak == timeline.peak_bytes
+    text = _memory_viz.trace(snapshot)  # torch's own renderer of snapshots
+    assert "entries" in text and "MEM[" in text
+    html = _memory_viz.trace_plot(snapshot)
+    assert "Active Memory Timeline" in html
+    path = gpt_explanation.save_memory_snapshot(str(tmp_path / "s.pickle"))
+    with open(path, "rb") as f:
+        assert pickle.load(f)["device_traces"][0] == trace
+
+
+def test_cli_report_json_and_plot(tmp_path, capsys):
+    plot = tmp_path / "mem.png"
+    snap = tmp_path / "mem.pickle"
+    code = cli_main(["report", str(ROOT / "examples" / "report_model.py") + ":build", "--json",
+                     "--plot", str(plot), "--snapshot", str(snap), "--quiet"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["estimated_peak_bytes"] > data["baseline_bytes"] > 0
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert snap.stat().st_size > 0
+
+
+def test_cli_fake_and_real_agree(capsys):
+    target = str(ROOT / "examples" / "report_model.py") + ":build"
+    assert cli_main(["report", target, "--json", "--quiet"]) == 0
+    fake = json.loads(capsys.readouterr().out)
+    torch._dynamo.reset()
+    assert cli_main(["report", target, "--json", "--quiet", "--real"]) == 0
+    real = json.loads(capsys.readouterr().out)
+    assert fake["estimated_peak_bytes"] == real["estimated_peak_bytes"]
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("nonexistent.py:build", "no such file: 'nonexistent.py'"),
+        ("examples/report_model.py:nope", "has no function 'nope'; functions defined there: build"),
+        ("examples/report_model.py", "expected FILE.py:FACTORY"),
+    ],
+)
+def test_cli_clear_errors(target, message, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert cli_main(["report", target]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_bad_factory_return(tmp_path, capsys):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def build():\n    return 3\n")
+    assert cli_main(["report", f"{bad}:build", "--quiet"]) == 2
+    assert "must return (model, inputs); got int" in capsys.readouterr().err
+
+
+def test_python_dash_m_memopt_shows_progress(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "memopt", "report", "examples/report_model.py:build"],
+        capture_output=True, text=True, cwd=ROOT, check=True, timeout=300,
+        env=dict(os.environ),
+    )
+    assert "[memopt" in out.stderr and "compiling forward and backward" in out.stderr
+    assert "estimated peak, with memopt" in out.stdout
