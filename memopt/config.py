@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["MemoptConfig", "CODEGENS"]
+__all__ = ["MemoptConfig", "CODEGENS", "parse_size"]
 
 CODEGENS: tuple[str, ...] = ("inductor", "eager")
 
@@ -43,6 +44,15 @@ class MemoptConfig:
     verify: bool = False
     """Verify every graph after each pass: FX lint, fake-tensor metadata re-check and
     memopt's invariants. Costs compile time. Default: ``$MEMOPT_VERIFY`` is set to 1."""
+
+    memory_budget: int | float | None = None
+    """Cap on the estimated peak memory of the step (see docs/remat.md): bytes as an
+    int or a string (``"6GiB"``, ``"512MB"``), or a float in (0, 1] meaning that
+    fraction of the unoptimized estimated peak. None: no budget."""
+
+    planner_time_limit: float = 5.0
+    """Seconds the budget planner's MILP solver may spend per solve before memopt
+    falls back to its greedy heuristic."""
 
     @classmethod
     def from_options(
@@ -80,6 +90,15 @@ class MemoptConfig:
                 raise ValueError(_unknown_key_message(key, list(merged)))
         merged.update({k: _VALIDATORS[k](k, v) for k, v in changes.items()})
         return dataclasses.replace(self, **merged)
+
+    def budget_bytes(self, unoptimized_peak: int) -> int | None:
+        """The budget in bytes for a region whose unoptimized estimated peak is
+        ``unoptimized_peak`` (fractions are taken of it); None without a budget."""
+        if self.memory_budget is None:
+            return None
+        if isinstance(self.memory_budget, float):
+            return int(self.memory_budget * unoptimized_peak)
+        return int(self.memory_budget)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able view of the config."""
@@ -137,7 +156,63 @@ def _optional_path(key: str, value: Any) -> str | None:
     return os.fspath(value)
 
 
+_UNITS = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}  # fmt: skip
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``"6GiB"`` -> 6442450944; ``"512MB"`` -> 512000000; ``"1e9"`` -> 10**9."""
+    match = _SIZE.match(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS and unit != "":
+        raise ValueError(
+            f"memory size {text!r} not understood; write a number with an optional unit, "
+            f"e.g. '6GiB', '512MB', '1.5GB' (units: {', '.join(k for k in _UNITS if len(k) > 1)})."
+        )
+    return int(float(match.group(1)) * _UNITS.get(unit, 1))
+
+
+def _budget(key: str, value: Any) -> int | float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"memopt option {key}={value!r} must be a size or a fraction, not a bool.")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"memopt option {key}={value!r} must be positive (bytes).")
+        return value
+    if isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(
+                f"memopt option {key}={value!r}: a float is a fraction of the unoptimized peak "
+                f"and must be in (0, 1]; for an absolute size use an int of bytes or a string "
+                f"such as '6GiB'."
+            )
+        return value
+    if isinstance(value, str):
+        size = parse_size(value)
+        if size <= 0:
+            raise ValueError(f"memopt option {key}={value!r} must be a positive size.")
+        return size
+    raise ValueError(
+        f"memopt option {key}={value!r} must be bytes (int), a size string like '6GiB', "
+        f"or a fraction in (0, 1]."
+    )
+
+
+def _positive_seconds(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"memopt option {key}={value!r} must be a positive number of seconds.")
+    return float(value)
+
+
 _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
+    "memory_budget": _budget,
+    "planner_time_limit": _positive_seconds,
     "codegen": _choice(CODEGENS),
     "strict": _bool,
     "disable_passes": _names,

@@ -3,9 +3,15 @@ warnings: a fallback to the unoptimized graph, a skipped option, an infeasible b
 
 from __future__ import annotations
 
-__all__ = ["MemoptWarning"]
+__all__ = ["MemoptWarning", "MemoptBudgetError"]
 
 
 class MemoptWarning(UserWarning):
     """memopt skipped or degraded something it was asked to do; the message says what
     and why."""
+
+
+class MemoptBudgetError(ValueError):
+    """The requested ``memory_budget`` cannot be met (raised with ``strict=True``;
+    otherwise a `MemoptWarning`). The message gives the smallest reachable peak and
+    what blocks going lower."""

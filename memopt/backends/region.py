@@ -27,6 +27,7 @@ from memopt.backends.record import RegionRecord, active_recorders
 from memopt.codegen.eager import compile_eager
 from memopt.config import MemoptConfig
 from memopt.graph import meta
+from memopt.graph.partition import JointGraph
 from memopt.graph.step import InputInfo, StepGraphs, output_values
 from memopt.passes.base import PassContext
 from memopt.passes.instruments import (
@@ -38,7 +39,8 @@ from memopt.passes.instruments import (
 )
 from memopt.passes.manager import Instrument, PassManager, PipelineResult
 from memopt.passes.pipeline import default_pipeline
-from memopt.plan.plan import MemoryPlan, finish_plan
+from memopt.plan.plan import finish_plan
+from memopt.plan.planner import plan_region
 
 __all__ = ["RegionCompiler", "describe_inputs"]
 
@@ -99,7 +101,7 @@ class RegionCompiler:
             disabled=self.config.disable_passes,
         )
         before = build_timeline(step)
-        plan = MemoryPlan.unplanned(self.region, before)
+        plan = plan_region(step, before, self.config)
         ctx = PassContext(self.config, self.region, plan=plan, example_inputs=self.example_inputs)
         result = manager.run(step, ctx)
         after = build_timeline(result.step)
@@ -156,7 +158,13 @@ class RegionCompiler:
             static_lifetime_input_indices=static_lifetime_input_indices,
         )
         step = StepGraphs(
-            forward, backward, num_fwd_outputs, self.region, self.inputs, self.num_user_outputs
+            forward,
+            backward,
+            num_fwd_outputs,
+            self.region,
+            self.inputs,
+            joint=JointGraph(joint_module, num_fwd_outputs),
+            num_user_outputs=self.num_user_outputs,
         )
         step = self.optimize(step)
         assert step.backward is not None

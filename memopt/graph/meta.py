@@ -28,6 +28,7 @@ __all__ = [
     "is_primal",
     "is_random",
     "has_side_effects",
+    "must_save_tag",
     "set_memopt_tag",
     "memopt_tag",
     "copy_meta",
@@ -163,6 +164,14 @@ def has_side_effects(node: fx.Node) -> bool:
             return True
         return False
     return node.is_impure()
+
+
+def must_save_tag(node: fx.Node) -> bool:
+    """AOTAutograd (or the user, through selective activation checkpointing) marked
+    the value must-save: it must not be recomputed."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return node.meta.get("recompute") == CheckpointPolicy.MUST_SAVE
 
 
 def memopt_tag(node: fx.Node, name: str, default: Any = None) -> Any:

@@ -14,6 +14,7 @@ import copy
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch.fx as fx
 
@@ -73,6 +74,9 @@ class StepGraphs:
     inputs: tuple[InputInfo, ...] = ()
     """What each Dynamo-level input is, in forward-placeholder order (empty when
     unknown, e.g. for hand-built graphs: then every input counts as ``"input"``)."""
+    joint: Any = None
+    """For training regions: AOTAutograd's joint graph (`memopt.graph.partition.JointGraph`),
+    which the rematerialization pass re-partitions. Passes never mutate it."""
     num_user_outputs: int | None = None
     """How many forward outputs the user sees (the rest of the first
     ``num_fwd_outputs`` are mutated inputs written back after the graph); None when

@@ -2,8 +2,9 @@
 
 Ordering constraints (each pass's docstring states its own):
 
-1. ``dce`` first: nothing after it should pay for values nobody reads.
-2. ``schedule`` last: it reorders what the other passes produced to lower the peak.
+1. ``remat`` first: it replaces both graphs with the split the plan chose.
+2. ``dce``: nothing after it should pay for values nobody reads.
+3. ``schedule`` last: it reorders what the other passes produced to lower the peak.
 
 Later passes (scheduling, rematerialization, precision, offload) are added here in the
 order their docstrings require.
@@ -14,6 +15,7 @@ from __future__ import annotations
 from memopt.config import MemoptConfig
 from memopt.passes.base import Pass
 from memopt.passes.dce import DeadCodeElimination
+from memopt.passes.remat import Rematerialize
 from memopt.passes.schedule import MemoryAwareSchedule
 
 __all__ = ["default_pipeline", "pass_names"]
@@ -21,7 +23,7 @@ __all__ = ["default_pipeline", "pass_names"]
 
 def default_pipeline(config: MemoptConfig) -> list[Pass]:
     """The passes memopt runs on every region for ``config``, in order."""
-    return [DeadCodeElimination(), MemoryAwareSchedule()]
+    return [Rematerialize(), DeadCodeElimination(), MemoryAwareSchedule()]
 
 
 def pass_names(config: MemoptConfig | None = None) -> list[str]:

@@ -16,7 +16,7 @@ from memopt.analysis.aliasing import concrete_int
 from memopt.analysis.memory import LiveInterval, MemoryTimeline
 from memopt.graph import meta
 
-__all__ = ["TensorDecision", "MemoryPlan", "POLICIES", "decision_for", "finish_plan"]
+__all__ = ["TensorDecision", "MemoryPlan", "POLICIES", "decision_for", "decision_for_node", "finish_plan"]
 
 POLICIES = ("save", "recompute", "offload", "compress")
 
@@ -58,16 +58,23 @@ def decision_for(
 ) -> TensorDecision:
     """A decision about the value behind ``interval`` (shape, dtype, source from its
     producing node)."""
+    return decision_for_node(interval.node, interval.name, interval.region, interval.nbytes, policy, reason, **details)
+
+
+def decision_for_node(
+    node: Any, name: str, region: str, nbytes: int, policy: str, reason: str, **details: Any
+) -> TensorDecision:
+    """A decision about the value ``node`` produces."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
-    value = meta.tensor_value(interval.node)
-    loc = meta.source_location(interval.node)
+    value = meta.tensor_value(node)
+    loc = meta.source_location(node)
     return TensorDecision(
-        name=interval.name,
-        region=interval.region,
+        name=name,
+        region=region,
         policy=policy,
         reason=reason,
-        bytes=interval.nbytes,
+        bytes=nbytes,
         shape=() if value is None else tuple(concrete_int(s) for s in value.shape),
         dtype="" if value is None else str(value.dtype).replace("torch.", ""),
         source=None if loc is None else str(loc),
@@ -93,6 +100,14 @@ class MemoryPlan:
     tradeoff: tuple[dict[str, Any], ...] = ()
     fallbacks: tuple[dict[str, str], ...] = ()
     notes: tuple[str, ...] = ()
+    saved_values: tuple[str, ...] | None = None
+    """Names of the joint-graph values to save (None: keep the partitioner's)."""
+    segment_options: tuple[str, ...] = ()
+    solver: dict[str, Any] = field(default_factory=dict)
+    feasible: bool = True
+    min_feasible_peak: int | None = None
+    blockers: dict[str, int] = field(default_factory=dict)
+    """At the smallest peak found: bytes by category remat cannot remove."""
 
     @classmethod
     def unplanned(cls, region: str, timeline: MemoryTimeline, budget_bytes: int | None = None) -> MemoryPlan:
@@ -127,6 +142,12 @@ class MemoryPlan:
             "tradeoff": [dict(t) for t in self.tradeoff],
             "fallbacks": [dict(f) for f in self.fallbacks],
             "notes": list(self.notes),
+            "saved_values": None if self.saved_values is None else list(self.saved_values),
+            "segment_options": list(self.segment_options),
+            "solver": dict(self.solver),
+            "feasible": self.feasible,
+            "min_feasible_peak": self.min_feasible_peak,
+            "blockers": dict(self.blockers),
         }
 
 

@@ -1,0 +1,150 @@
+"""`plan_region`: analyses in, `MemoryPlan` out. Never mutates a graph.
+
+Without a budget (or when the unoptimized estimate already fits) the plan keeps the
+partitioner's choices. With one, a training region goes to the rematerialization
+planner (`memopt.plan.remat`); its answer becomes one `TensorDecision` per value the
+backward needs, with the reason, and the list of values to save that the ``remat``
+pass carries out.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch.fx as fx
+
+from memopt.analysis.cost import is_view
+from memopt.analysis.memory import MemoryTimeline
+from memopt.config import MemoptConfig
+from memopt.errors import MemoptBudgetError, MemoptWarning
+from memopt.graph.partition import JointGraph, saved_names
+from memopt.graph.step import StepGraphs
+from memopt.plan.plan import MemoryPlan, TensorDecision, decision_for_node
+from memopt.plan.remat import RematSolution, plan_remat
+from memopt.plan.report import format_bytes
+from memopt.plan.segments import Segment, must_save, value_bytes
+
+__all__ = ["plan_region"]
+
+
+def plan_region(step: StepGraphs, before: MemoryTimeline, config: MemoptConfig) -> MemoryPlan:
+    """The memory plan for one region (see module docstring). Raises
+    `MemoptBudgetError` for an infeasible budget when ``config.strict``; otherwise
+    warns and returns the plan with the smallest peak found."""
+    budget = config.budget_bytes(before.peak_bytes)
+    plan = MemoryPlan.unplanned(step.region, before, budget)
+    if budget is None:
+        return plan
+    if before.peak_bytes <= budget:
+        return _with(plan, notes=(f"the unoptimized estimate {format_bytes(before.peak_bytes)} fits the budget",))
+    if not step.is_training or step.joint is None:
+        return _infeasible_inference(plan, before, budget, config)
+    solution = plan_remat(step, budget, time_limit=config.planner_time_limit)
+    result = _remat_plan(plan, step, solution, budget)
+    if not solution.feasible:
+        _report_infeasible(result, config)
+    return result
+
+
+def _with(plan: MemoryPlan, **changes: Any) -> MemoryPlan:
+    import dataclasses
+
+    return dataclasses.replace(plan, **changes)
+
+
+def _infeasible_inference(plan: MemoryPlan, before: MemoryTimeline, budget: int, config: MemoptConfig) -> MemoryPlan:
+    result = _with(
+        plan,
+        feasible=False,
+        min_feasible_peak=before.peak_bytes,
+        blockers=before.peak_breakdown,
+        notes=("inference regions keep nothing for backward: rematerialization cannot lower their peak",),
+    )
+    _report_infeasible(result, config)
+    return result
+
+
+def _report_infeasible(plan: MemoryPlan, config: MemoptConfig) -> None:
+    blockers = sorted(((v, k) for k, v in plan.blockers.items() if v), reverse=True)[:4]
+    listed = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for v, k in blockers)
+    message = (
+        f"memory_budget {format_bytes(plan.budget_bytes)} is infeasible for region {plan.region}: "
+        f"the smallest peak memopt can reach is {format_bytes(plan.min_feasible_peak)} "
+        f"(unoptimized {format_bytes(plan.estimated_peak_before)}). At that peak the largest "
+        f"contributors rematerialization cannot remove are: {listed}. Raise the budget to at least "
+        f"{format_bytes(plan.min_feasible_peak)}, or shrink what remat cannot (batch size, "
+        f"parameters: precision/sharding)."
+    )
+    if config.strict:
+        raise MemoptBudgetError(message)
+    warnings.warn(message + " Using the plan with the smallest peak.", MemoptWarning, stacklevel=3)
+
+
+def _remat_plan(plan: MemoryPlan, step: StepGraphs, solution: RematSolution, budget: int) -> MemoryPlan:
+    ev = solution.evaluation
+    smallest = solution.min_peak or ev
+    joint: JointGraph = step.joint
+    decisions = _decisions(step, joint, solution)
+    return _with(
+        plan,
+        estimated_peak_after=ev.timeline.peak_bytes,
+        peak_breakdown_after=ev.timeline.peak_breakdown,
+        decisions=tuple(decisions),
+        saved_values=tuple(sorted(ev.saved)),
+        segment_options=tuple(solution.choice),
+        tradeoff=tuple(solution.tradeoff),
+        feasible=solution.feasible,
+        min_feasible_peak=smallest.timeline.peak_bytes,
+        blockers=_blockers(smallest.timeline),
+        solver={
+            "method": solution.solver,
+            "iterations": solution.iterations,
+            "seconds": round(solution.solve_seconds, 4),
+            "segments": len(solution.choice),
+            "joint_nodes": len(joint.module.graph.nodes),
+            "recompute_flops": ev.recompute_flops,
+            "recompute_seconds_model": ev.recompute_seconds,
+        },
+    )
+
+
+def _blockers(timeline: MemoryTimeline) -> dict[str, int]:
+    """What stays at the smallest peak: everything but the saved activations remat
+    can still trade (those left are boundaries and random-op outputs)."""
+    return {k: v for k, v in timeline.peak_breakdown.items() if v}
+
+
+def _decisions(step: StepGraphs, joint: JointGraph, solution: RematSolution) -> list[TensorDecision]:
+    segments = solution.segments
+    owner = {n.name: s for s in segments for n in s.nodes}
+    mincut = set(saved_names(step))
+    saved = set(solution.evaluation.saved)
+    out: list[TensorDecision] = []
+    for name in sorted(mincut | saved):
+        node = joint._by_name().get(name)
+        if node is None or node.op == "placeholder" or value_bytes(node) == 0 or is_view(node):
+            continue  # views cost no bytes of their own: their base is listed
+        segment = owner.get(name)
+        option = solution.choice[segment.index] if segment is not None else "save"
+        policy, reason = _reason(node, segment, option, name in saved)
+        out.append(decision_for_node(node, f"forward:{name}", step.region, value_bytes(node), policy, reason,
+                                     segment=None if segment is None else segment.index, option=option))
+    return sorted(out, key=lambda d: -d.bytes)
+
+
+def _reason(node: fx.Node, segment: Segment | None, option: str, saved: bool) -> tuple[str, str]:
+    where = "" if segment is None else f"segment {segment.index}"
+    if not saved:
+        how = "recomputed with the whole segment" if option == "recompute" else "recomputed from saved matmul outputs"
+        return "recompute", f"{how} in backward ({where}, option {option}) to meet the budget"
+    if must_save(node):
+        return "save", "random op or side effect: recomputing would change results"
+    if segment is not None and node in segment.crossers:
+        return "save", f"checkpoint: {where}'s output, input of later recomputation"
+    if option == "selective":
+        return "save", f"output of an expensive op kept; cheap ops around it recomputed ({where})"
+    if option == "save":
+        return "save", f"{where} keeps the partitioner's choice: cheapest under the budget"
+    return "save", f"needed by backward ({where}, option {option})"
+

@@ -1,0 +1,323 @@
+"""The rematerialization planner: which forward values to save so that the step's
+estimated peak stays within a budget, at the least recompute time.
+
+The problem is staged over the schedule (Checkmate's idea at segment granularity).
+The forward is cut into segments at its bottlenecks (`memopt.plan.segments`); each
+segment takes one of three options:
+
+* ``save``: keep what torch's min-cut partition saves (the status quo);
+* ``selective``: save only the outputs of expensive ops (matmuls, convolutions,
+  attention) and recompute the cheap ops between them;
+* ``recompute``: save only what the segment hands to the next one, and recompute the
+  whole segment in backward, just before its gradients are needed.
+
+Random ops, ops with side effects and must-save values are saved in every option.
+
+Each option's effect is measured, not guessed: the joint graph is split with every
+segment on that option and the exact step timeline (`memopt.analysis.memory`) is
+attributed to segments. That gives, per segment ``k`` and option ``o``, the bytes it
+keeps across the forward/backward boundary ``S[k,o]``, its local peaks in forward and
+backward ``F[k,o]``, ``P[k,o]`` and its recompute time ``C[k,o]`` (roofline cost
+model). Backward runs segments in reverse, so while segment ``k`` runs every earlier
+segment still holds its saved bytes. The MILP (scipy's HiGHS)::
+
+    minimize    sum C[k,o] z[k,o]
+    subject to  sum_o z[k,o] = 1                                   for every k
+                sum_o F[k,o] z[k,o] + sum_{j<k,o} S[j,o] z[j,o] <= B  for every k
+                sum_o P[k,o] z[k,o] + sum_{j<k,o} S[j,o] z[j,o] <= B  for every k
+
+Every chosen plan is then split and its exact timeline checked; if the exact peak
+exceeds the budget (the per-segment attribution is a model), the MILP is re-solved
+with the budget lowered by the excess. A greedy heuristic replaces the MILP when scipy
+is missing or the time limit is hit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from memopt.analysis.cost import device_model, node_cost
+from memopt.analysis.memory import BEFORE, MemoryTimeline, build_timeline
+from memopt.graph.partition import JointGraph, forward_nodes, saved_names, split_joint
+from memopt.graph.step import StepGraphs
+from memopt.plan.segments import Segment, find_segments, must_save
+
+__all__ = ["OPTIONS", "RematProblem", "RematSolution", "build_problem", "plan_remat", "evaluate"]
+
+OPTIONS = ("save", "selective", "recompute")
+aten = torch.ops.aten
+_EXPENSIVE = {
+    aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+    aten.convolution.default, aten._scaled_dot_product_flash_attention_for_cpu.default,
+    aten._scaled_dot_product_efficient_attention.default, aten._scaled_dot_product_flash_attention.default,
+    aten._scaled_dot_product_cudnn_attention.default,
+}  # fmt: skip
+
+
+@dataclass
+class Evaluation:
+    """A saved set, the graphs it yields and their exact timeline."""
+
+    saved: frozenset[str]
+    step: StepGraphs
+    timeline: MemoryTimeline
+    recompute_flops: int
+    recompute_seconds: float
+
+
+@dataclass
+class RematProblem:
+    """Segments, their options' saved sets, and the measured stats per option."""
+
+    step: StepGraphs
+    segments: list[Segment]
+    saved_sets: list[dict[str, frozenset[str]]]  # [segment][option] -> names
+    always: frozenset[str]  # saved in every plan (primals are implicit)
+    S: np.ndarray  # [K, O] bytes kept across the fwd/bwd boundary
+    F: np.ndarray  # [K, O] local forward peak
+    P: np.ndarray  # [K, O] local backward peak
+    C: np.ndarray  # [K, O] recompute seconds
+    evaluations: dict[str, Evaluation] = field(default_factory=dict)
+
+    def saved_for(self, choice: Sequence[str]) -> frozenset[str]:
+        names = set(self.always)
+        for k, option in enumerate(choice):
+            names |= self.saved_sets[k][option]
+        return frozenset(names)
+
+    def predicted_peak(self, choice: Sequence[str]) -> float:
+        idx = [OPTIONS.index(o) for o in choice]
+        peak, earlier = 0.0, 0.0
+        for k, o in enumerate(idx):
+            peak = max(peak, self.F[k, o] + earlier, self.P[k, o] + earlier)
+            earlier += self.S[k, o]
+        return peak
+
+    def predicted_seconds(self, choice: Sequence[str]) -> float:
+        return float(sum(self.C[k, OPTIONS.index(o)] for k, o in enumerate(choice)))
+
+
+@dataclass
+class RematSolution:
+    """The planner's answer: a choice per segment, verified against the budget."""
+
+    choice: list[str]
+    evaluation: Evaluation
+    feasible: bool
+    solver: str
+    iterations: int
+    solve_seconds: float
+    tradeoff: list[dict[str, float]]
+    min_peak: Evaluation | None = None
+    segments: list[Segment] = field(default_factory=list)
+
+
+def evaluate(step: StepGraphs, saved: frozenset[str]) -> Evaluation:
+    """Split ``step``'s joint graph saving ``saved``; the exact timeline and the
+    recompute cost of the result."""
+    joint: JointGraph = step.joint
+    forward, backward = split_joint(joint, sorted(saved), step.region)
+    candidate = StepGraphs(
+        forward, backward, step.num_fwd_outputs, step.region, step.inputs, joint=joint,
+        num_user_outputs=step.num_user_outputs,
+    )  # fmt: skip
+    timeline = build_timeline(candidate)
+    fw_names = {n.name for n in forward_nodes(joint)}
+    device = device_model(timeline.device)
+    flops, seconds = 0, 0.0
+    for node in backward.graph.nodes:
+        if node.name in fw_names:
+            cost = node_cost(node, device)
+            flops += cost.flops
+            seconds += cost.seconds
+    return Evaluation(saved, candidate, timeline, flops, seconds)
+
+
+def _option_sets(segment: Segment, mincut: set[str]) -> dict[str, frozenset[str]]:
+    forced = {n.name for n in segment.nodes if must_save(n)}
+    keep = {n.name for n in segment.crossers} | forced
+    expensive = {
+        n.name
+        for n in segment.nodes
+        if n.target in _EXPENSIVE
+        or (n.args and isinstance(n.args[0], fx.Node) and n.args[0].target in _EXPENSIVE and n.op == "call_function")
+    }
+    return {
+        "save": frozenset(keep | {n.name for n in segment.nodes if n.name in mincut}),
+        "selective": frozenset(keep | expensive),
+        "recompute": frozenset(keep),
+    }
+
+
+def build_problem(step: StepGraphs) -> RematProblem:
+    """Segments, option sets and per-option stats for ``step`` (3 evaluations)."""
+    joint: JointGraph = step.joint
+    placeholders = joint.module.graph.find_nodes(op="placeholder")
+    activations = {p for i, p in enumerate(placeholders) if step.input_kind(i) in ("input", "activation")}
+    fw = forward_nodes(joint)
+    core = forward_nodes(joint, required_only=True)
+    core_set = set(core)
+    segments = find_segments(core, activations, extras=[n for n in fw if n not in core_set])
+    mincut = set(saved_names(step))
+    fw_names = {n.name for n in fw}
+    always = frozenset(n for n in mincut if n not in fw_names)  # saved symbols etc.
+    sets = [_option_sets(s, mincut) for s in segments]
+    owner = {n.name: s.index for s in segments for n in s.nodes}
+    K, O = len(segments), len(OPTIONS)
+    S, F, P, C = (np.zeros((K, O)) for _ in range(4))
+    problem = RematProblem(step, segments, sets, always, S, F, P, C)
+    for o, option in enumerate(OPTIONS):
+        saved = problem.saved_for([option] * K)
+        ev = evaluate(step, saved)
+        problem.evaluations[option] = ev
+        _attribute(ev, owner, K, o, problem)
+    return problem
+
+
+def _attribute(ev: Evaluation, owner: dict[str, int], K: int, o: int, problem: RematProblem) -> None:
+    """Fill column ``o`` of S, F, P, C from one all-``o`` evaluation."""
+    tl = ev.timeline
+    n = len(tl.points)
+    owned = np.zeros((K, n))
+    for iv in tl.intervals:
+        k = owner.get(iv.node.name)
+        if k is None or iv.start == BEFORE or iv.end is None:
+            continue  # outputs and gradients live to the end whatever the plan
+        end = n - 1 if iv.end is None else min(iv.end, n - 1)
+        owned[k, max(iv.start, 0) : end + 1] += iv.nbytes
+        crosses = tl.points[max(iv.start, 0)].graph != "backward" and (
+            iv.end is None or tl.points[min(iv.end, n - 1)].graph == "backward"
+        )
+        if crosses:
+            problem.S[k, o] += iv.nbytes
+    live = np.array([p.live_bytes for p in tl.points], dtype=float)
+    below = np.cumsum(owned, axis=0) - owned  # bytes owned by earlier segments
+    seg_of_point = _segment_of_points(tl, owner, owned)
+    for k in range(K):
+        for phase, table in (("fw", problem.F), ("bw", problem.P)):
+            mask = [(seg_of_point[j] == k) and ((tl.points[j].graph == "backward") == (phase == "bw")) for j in range(n)]
+            idx = np.nonzero(mask)[0]
+            if len(idx):
+                table[k, o] = float(np.max(live[idx] - below[k, idx]))
+    device = device_model(tl.device)
+    for node in ev.step.backward.graph.nodes if ev.step.backward is not None else []:
+        k = owner.get(node.name)
+        if k is not None:
+            problem.C[k, o] += node_cost(node, device).seconds
+
+
+def _segment_of_points(tl: MemoryTimeline, owner: dict[str, int], owned: np.ndarray) -> list[int]:
+    """Forward points belong to their node's segment; backward points to the latest
+    segment that still owns live memory (backward walks segments in reverse)."""
+    result: list[int] = []
+    last = owned.shape[0] - 1
+    current = 0
+    in_backward = False
+    for j, point in enumerate(tl.points):
+        if point.graph != "backward":
+            current = owner.get(point.node, current)
+            result.append(current)
+            continue
+        if not in_backward:
+            in_backward, current = True, last
+        alive = np.nonzero(owned[:, j])[0]
+        if len(alive):
+            current = min(current, int(alive.max()))
+        result.append(current)
+    return result
+
+
+def _solve(problem: RematProblem, budget: float, time_limit: float) -> tuple[list[str] | None, str]:
+    from memopt.plan.milp import solve_greedy, solve_milp
+
+    try:
+        idx, how = solve_milp(problem.S, problem.F, problem.P, problem.C, budget, time_limit)
+    except ImportError:
+        idx, how = None, "scipy missing"
+    if idx is None and how != "milp":
+        if "infeasible" in str(how).lower():
+            return None, "milp"
+        idx, how = solve_greedy(problem.S, problem.F, problem.P, problem.C, budget), "greedy"
+        if problem.predicted_peak([OPTIONS[o] for o in idx]) > budget:
+            return None, how
+    return (None if idx is None else [OPTIONS[o] for o in idx]), how
+
+
+def _tradeoff(problem: RematProblem, low: float, high: float, points: int, time_limit: float) -> list[dict[str, float]]:
+    """The modelled (peak, recompute cost) curve for budgets from ``low`` to ``high``."""
+    curve: list[dict[str, float]] = []
+    seen: set[tuple[str, ...]] = set()
+    for budget in np.linspace(high, low, points):
+        choice, _ = _solve(problem, float(budget), time_limit)
+        if choice is None or tuple(choice) in seen:
+            continue
+        seen.add(tuple(choice))
+        curve.append(
+            {
+                "budget_bytes": float(budget),
+                "predicted_peak_bytes": problem.predicted_peak(choice),
+                "recompute_seconds": problem.predicted_seconds(choice),
+                "segments_recomputed": float(sum(o != "save" for o in choice)),
+            }
+        )
+    return curve
+
+
+def plan_remat(step: StepGraphs, budget_bytes: int, *, time_limit: float = 5.0, max_iterations: int = 6) -> RematSolution:
+    """Choose per-segment options so the step's exact estimated peak fits
+    ``budget_bytes`` at the least modelled recompute time (see module docstring).
+
+    ``feasible=False`` means no plan found fits; the solution then holds the plan with
+    the smallest peak found (``min_peak``)."""
+    from memopt.plan.milp import solve_min_peak
+
+    start = time.perf_counter()
+    problem = build_problem(step)
+    target = float(budget_bytes)
+    best_fit: tuple[list[str], Evaluation] | None = None
+    tried: dict[frozenset[str], Evaluation] = {ev.saved: ev for ev in problem.evaluations.values()}
+    iterations, how = 0, "milp"
+    for iterations in range(1, max_iterations + 1):
+        choice, how = _solve(problem, target, time_limit)
+        if choice is None:
+            break
+        saved = problem.saved_for(choice)
+        ev = tried.get(saved) or evaluate(step, saved)
+        tried[saved] = ev
+        if ev.timeline.peak_bytes <= budget_bytes:
+            best_fit = (choice, ev)
+            break
+        target -= ev.timeline.peak_bytes - budget_bytes
+    idx = solve_min_peak(problem.S, problem.F, problem.P, problem.C, time_limit)
+    min_choice = [OPTIONS[o] for o in idx]
+    min_saved = problem.saved_for(min_choice)
+    min_ev = tried.get(min_saved) or evaluate(step, min_saved)
+    tried[min_saved] = min_ev
+    smallest = min(tried.values(), key=lambda e: e.timeline.peak_bytes)
+    if best_fit is None and smallest.timeline.peak_bytes <= budget_bytes:
+        best_fit = (_choice_of(problem, smallest.saved) or min_choice, smallest)
+    low = min(e.timeline.peak_bytes for e in tried.values())
+    high = max(e.timeline.peak_bytes for e in tried.values())
+    curve = _tradeoff(problem, low, high, 8, time_limit)
+    if best_fit is None:
+        return RematSolution(
+            _choice_of(problem, smallest.saved) or min_choice, smallest, False, how, iterations,
+            time.perf_counter() - start, curve, smallest, problem.segments,
+        )  # fmt: skip
+    return RematSolution(
+        best_fit[0], best_fit[1], True, how, iterations, time.perf_counter() - start, curve, smallest,
+        problem.segments,
+    )  # fmt: skip
+
+
+def _choice_of(problem: RematProblem, saved: frozenset[str]) -> list[str] | None:
+    for option in OPTIONS:
+        if problem.saved_for([option] * len(problem.segments)) == saved:
+            return [option] * len(problem.segments)
+    return None

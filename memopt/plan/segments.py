@@ -1,0 +1,142 @@
+"""Cut a forward graph into segments at its bottlenecks, the planner's stages.
+
+A *boundary* is a forward value every later computation reaches only through it
+(ignoring parameters, values derived from parameters alone, and small values such as
+masks or rotary tables): in topological order, no large value made before it is read
+after it. The residual stream between transformer blocks, or the activation between
+CNN stages, are boundaries. Between consecutive boundaries lies a *segment*: if the
+segment's boundary input is saved, everything inside can be recomputed in backward
+without touching any other segment, which makes each segment's options independent
+(the planner's MILP relies on that).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from memopt.analysis.aliasing import concrete_int
+from memopt.graph import meta
+
+__all__ = ["Segment", "find_segments", "must_save", "value_bytes"]
+
+aten = torch.ops.aten
+
+
+def value_bytes(node: fx.Node) -> int:
+    value = meta.tensor_value(node)
+    if value is None:
+        return 0
+    return concrete_int(value.numel()) * value.element_size()
+
+
+def must_save(node: fx.Node) -> bool:
+    """Values that are never recomputed: random ops (recomputing would draw new
+    random numbers), ops with side effects or collectives, and values AOTAutograd
+    tagged must-save; for a ``getitem``, its multi-output producer decides."""
+    source = node.args[0] if node.target is operator.getitem and node.args else node
+    if not isinstance(source, fx.Node):
+        return False
+    return meta.is_random(source) or meta.has_side_effects(source) or meta.must_save_tag(source)
+
+
+@dataclass
+class Segment:
+    """One stage of the forward: its nodes (graph order) and the values later
+    segments read from it (``crossers``: its boundary plus any small values)."""
+
+    index: int
+    nodes: list[fx.Node]
+    crossers: list[fx.Node] = field(default_factory=list)
+
+    @property
+    def boundary(self) -> fx.Node:
+        return self.nodes[-1]
+
+
+def _activation_dependent(nodes: Sequence[fx.Node], activation_inputs: set[fx.Node]) -> set[fx.Node]:
+    dependent: set[fx.Node] = set(activation_inputs)
+    for node in nodes:
+        if any(i in dependent for i in node.all_input_nodes):
+            dependent.add(node)
+    return dependent
+
+
+def find_segments(
+    nodes: Sequence[fx.Node],
+    activation_inputs: set[fx.Node],
+    extras: Sequence[fx.Node] = (),
+    max_segments: int = 48,
+    min_nodes: int = 4,
+) -> list[Segment]:
+    """Segments of the forward compute ``nodes`` (joint-graph order).
+
+    ``activation_inputs`` are the placeholders that carry data (not parameters or
+    buffers); values depending on none of them are never boundaries nor blockers.
+    ``extras`` are forward-side values only backward uses; each joins the segment of
+    its latest input (they never decide boundaries).
+    """
+    position = {n: i for i, n in enumerate(nodes)}
+    dependent = _activation_dependent(nodes, activation_inputs)
+    sizes = sorted(value_bytes(n) for n in nodes if n in dependent and value_bytes(n) > 0)
+    large = sizes[(3 * len(sizes)) // 4] if sizes else 0
+    small = large // 8
+
+    def blocks(n: fx.Node) -> bool:
+        return n in dependent and value_bytes(n) > small
+
+    reach = [max((position[u] for u in n.users if u in position), default=i) for i, n in enumerate(nodes)]
+    candidates: list[int] = []
+    furthest = -1
+    for i, n in enumerate(nodes):
+        if furthest <= i and blocks(n) and reach[i] > i:
+            candidates.append(i)
+        if blocks(n):
+            furthest = max(furthest, reach[i])
+    cuts = _thin(candidates, len(nodes), max_segments, min_nodes)
+    segments: list[Segment] = []
+    start = 0
+    for end in [*cuts, len(nodes) - 1]:
+        if end < start:
+            continue
+        segments.append(Segment(len(segments), list(nodes[start : end + 1])))
+        start = end + 1
+    _attach(segments, extras)
+    _mark_crossers(segments)
+    return segments
+
+
+def _attach(segments: list[Segment], extras: Sequence[fx.Node]) -> None:
+    owner = {n: s.index for s in segments for n in s.nodes}
+    for node in extras:
+        if node in owner or not segments:
+            continue
+        k = max((owner[i] for i in node.all_input_nodes if i in owner), default=0)
+        segments[k].nodes.append(node)
+        owner[node] = k
+
+
+def _thin(candidates: list[int], n: int, max_segments: int, min_nodes: int) -> list[int]:
+    """Keep boundaries at least ``min_nodes`` apart, at most ``max_segments - 1``."""
+    kept: list[int] = []
+    last = -1
+    for c in candidates:
+        if c - last >= min_nodes and n - 1 - c >= min_nodes:
+            kept.append(c)
+            last = c
+    if len(kept) >= max_segments:
+        step = len(kept) / (max_segments - 1)
+        kept = [kept[int(i * step)] for i in range(max_segments - 1)]
+    return kept
+
+
+def _mark_crossers(segments: list[Segment]) -> None:
+    owner = {n: s.index for s in segments for n in s.nodes}
+    for segment in segments:
+        segment.crossers = [
+            n for n in segment.nodes if any(owner.get(u, -1) > segment.index for u in n.users)
+        ]
