@@ -23,7 +23,7 @@ from memopt.config import MemoptConfig
 from memopt.passes.instruments import op_counts
 from memopt.passes.manager import Fallback
 from memopt.plan.plan import TensorDecision
-from memopt.plan.report import breakdown_table, decisions_table, summary_table
+from memopt.plan.report import breakdown_table, decisions_table, summary_table, tradeoff_table
 
 __all__ = ["explain", "record", "Explanation"]
 
@@ -100,6 +100,15 @@ class Explanation:
 
         return plot_timeline(self.timeline(), path, title=title, budget_bytes=self._budget())
 
+    def plot_tradeoff(self, path: str, *, region: int = 0) -> str:
+        """Write the planner's peak/recompute trade-off curve for a region."""
+        from memopt.plan.plot import plot_tradeoff
+
+        plan = self.region(region).plan
+        if plan is None or not plan.tradeoff:
+            raise ValueError(f"region {region} has no trade-off curve: set options={{'memory_budget': ...}}")
+        return plot_tradeoff(plan.tradeoff, path, chosen_peak=plan.estimated_peak_after, budget_bytes=plan.budget_bytes)
+
     def memory_snapshot(self) -> dict[str, Any]:
         """The estimated timeline in PyTorch's memory-snapshot format (open it with
         torch's memory visualizer, https://pytorch.org/memory_viz, or
@@ -162,6 +171,15 @@ class Explanation:
             decisions = self.decisions()
             if decisions:
                 lines += ["", "values saved for backward (largest first):", decisions_table(decisions, top)]
+            for r in self.regions:
+                if r.plan is not None and r.plan.tradeoff:
+                    lines += [
+                        "",
+                        f"region {r.region} peak/recompute trade-off the planner saw "
+                        f"({r.plan.solver.get('method')}, {r.plan.solver.get('seconds', 0):.2f}s, "
+                        f"{r.plan.solver.get('segments')} segments):",
+                        tradeoff_table(r.plan.tradeoff, r.plan.estimated_peak_after),
+                    ]
         for r in self.regions:
             lines.append("")
             lines.append(f"region {r.region} ({r.kind}): graphs {_graph_sizes(r)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from memopt.analysis.memory import CATEGORIES, MemoryTimeline
 from memopt.plan.report import format_bytes
 
-__all__ = ["plot_timeline"]
+__all__ = ["plot_timeline", "plot_tradeoff"]
 
 _COLORS = {
     "parameters": "#4C72B0",
@@ -72,6 +72,33 @@ def plot_timeline(
     ax.set_title(title or "memopt: estimated memory timeline of one step")
     ax.set_ylim(0, max(timeline.peak_bytes, budget_bytes or 0) / scale * 1.12)
     ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_tradeoff(
+    tradeoff: list[dict[str, float]], path: str, *, chosen_peak: int | None = None, budget_bytes: int | None = None
+) -> str:
+    """Modelled peak against recompute time for the plans the planner considered."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peaks = [p["predicted_peak_bytes"] for p in tradeoff]
+    scale, unit = _unit(int(max(peaks)))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p / scale for p in peaks], [p["recompute_seconds"] * 1e3 for p in tradeoff], marker="o")
+    if chosen_peak is not None:
+        ax.axvline(chosen_peak / scale, color="green", linestyle=":", label="chosen plan (exact)")
+    if budget_bytes is not None:
+        ax.axvline(budget_bytes / scale, color="red", linestyle="--", label="budget")
+    ax.set_xlabel(f"modelled peak ({unit})")
+    ax.set_ylabel("recompute time, ms (roofline model)")
+    ax.set_title("memopt: peak vs recompute trade-off")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

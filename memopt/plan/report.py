@@ -9,7 +9,7 @@ from tabulate import tabulate
 from memopt.analysis.memory import CATEGORIES, MemoryTimeline
 from memopt.plan.plan import TensorDecision
 
-__all__ = ["format_bytes", "summary_table", "breakdown_table", "decisions_table"]
+__all__ = ["format_bytes", "summary_table", "breakdown_table", "decisions_table", "tradeoff_table"]
 
 
 def format_bytes(n: int | float | None) -> str:
@@ -84,3 +84,18 @@ def decisions_table(decisions: Sequence[TensorDecision], limit: int = 10) -> str
 
 def _pct(part: int, whole: int) -> str:
     return f"{100.0 * part / whole:.1f}%" if whole else "-"
+
+
+def tradeoff_table(tradeoff: Sequence[dict[str, float]], chosen_peak: int | None = None) -> str:
+    """The planner's peak/recompute trade-off curve, one row per distinct plan."""
+    rows = []
+    for point in tradeoff:
+        peak = point["predicted_peak_bytes"]
+        mark = " <- chosen" if chosen_peak is not None and abs(peak - chosen_peak) <= 0.02 * chosen_peak else ""
+        rows.append([
+            format_bytes(peak),
+            f"{point['recompute_seconds'] * 1e3:.3f}",
+            int(point["segments_recomputed"]),
+            mark,
+        ])  # fmt: skip
+    return tabulate(rows, headers=["modelled peak", "recompute ms (model)", "segments not saved", ""])
