@@ -246,7 +246,8 @@ def build_timeline(step: StepGraphs) -> MemoryTimeline:
             for storage in fw.aliasing.storages_of(out):
                 escaping.setdefault(storage, "mutation" if pos < n_mut else "output")
 
-    saved_end, input_saved_until = _saved_ends(step, fw, n_fw) if step.is_training else ({}, {})
+    bw = _liveness(step.backward, n_fw) if step.backward is not None else None
+    saved_end, input_saved_until = _saved_ends(step, fw, bw, n_fw) if bw is not None else ({}, {})
     for node in fw_nodes:
         for storage in fw.aliasing.fresh.get(node, []):
             start = fw.index[node]
@@ -261,8 +262,8 @@ def build_timeline(step: StepGraphs) -> MemoryTimeline:
                 add(fw_name, storage, "temporaries", start, fw.last_use[storage])
 
     points = [TimelinePoint(fw_name, n.name, 0, step.region) for n in fw_nodes]
-    if step.backward is not None:
-        _add_backward(step, n_fw, add, owner, points)
+    if bw is not None:
+        _add_backward(step, bw, n_fw, add, points)
     graphs = [(fw_name, fw_nodes)]
     if step.backward is not None:
         graphs.append(("backward", _compute_nodes(step.backward)))
@@ -281,12 +282,10 @@ def build_timeline(step: StepGraphs) -> MemoryTimeline:
 
 
 def _saved_ends(
-    step: StepGraphs, fw: _GraphLiveness, n_fw: int
+    step: StepGraphs, fw: _GraphLiveness, bw: _GraphLiveness, n_fw: int
 ) -> tuple[dict[Storage, int], dict[fx.Node, int]]:
     """Forward storages saved for backward -> last timeline index they are used at;
     and the same for saved forward inputs (keyed by placeholder)."""
-    assert step.backward is not None
-    bw = _liveness(step.backward, n_fw)
     ends: dict[Storage, int] = {}
     inputs: dict[fx.Node, int] = {}
     for fw_node, bw_ph in step.saved_pairs():
@@ -302,9 +301,8 @@ def _saved_ends(
     return ends, inputs
 
 
-def _add_backward(step: StepGraphs, n_fw: int, add: Any, owner: dict[Storage, LiveInterval], points: list[TimelinePoint]) -> None:
+def _add_backward(step: StepGraphs, bw: _GraphLiveness, n_fw: int, add: Any, points: list[TimelinePoint]) -> None:
     assert step.backward is not None
-    bw = _liveness(step.backward, n_fw)
     bw_nodes = _compute_nodes(step.backward)
     grads: set[Storage] = set()
     passed_on: set[Storage] = set()  # gradients of activations from an earlier region

@@ -14,8 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 from torch._functorch import partitioners as torch_partitioners
+from torch.fx import _lazy_graph_module as torch_lazy_graph_module
+from torch.fx._lazy_graph_module import _use_lazy_graph_module
 
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs
@@ -76,23 +79,129 @@ def saved_names(step: StepGraphs) -> list[str]:
     return [n.name for n in step.saved_outputs()]
 
 
-def split_joint(joint: JointGraph, saved: Iterable[str], region: str = "0") -> tuple[fx.GraphModule, fx.GraphModule]:
+def split_joint(
+    joint: JointGraph, saved: Iterable[str], region: str = "0", *, draft: bool = False
+) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Forward and backward graphs that save exactly the values named in ``saved``
     (plus every primal and symbol backward needs) and recompute the rest in backward,
-    each recomputed op placed just before its first use."""
+    each recomputed op placed just before its first use.
+
+    ``draft=True`` is for the planner's evaluations: the graphs are only analysed,
+    never run, so Python code generation (the bulk of the cost on large graphs) is
+    deferred (lazy graph modules) and getitems are not hoisted (it moves no memory)."""
     graph = joint.module.graph
     placeholders = graph.find_nodes(op="placeholder")
     primals = [p for p in placeholders if not meta.is_tangent(p) and "seed" not in p.name]
     wanted = [joint.node(n) for n in dict.fromkeys(saved)]
     tensors = [n for n in primals if not meta.is_symbolic(n)] + [n for n in wanted if not meta.is_symbolic(n)]
     symbols = [n for n in graph.nodes if meta.is_symbolic(n) and n.op != "output" and not meta.is_tangent(n)]
+    tensors, symbols = list(dict.fromkeys(tensors)), list(dict.fromkeys(symbols))
+    if draft:
+        return _draft_split(joint, tensors, symbols)
     forward, backward = torch_partitioners._extract_fwd_bwd_modules(
-        joint.module,
-        list(dict.fromkeys(tensors)),
-        list(dict.fromkeys(symbols)),
-        num_fwd_outputs=joint.num_fwd_outputs,
+        joint.module, tensors, symbols, num_fwd_outputs=joint.num_fwd_outputs
     )
-    backward = torch_partitioners.reordering_to_mimic_autograd_engine(backward)
+    backward = _make_graph_module(backward, _recompute_just_in_time(backward.graph))
     forward = torch_partitioners.raise_getitems(forward)
     backward = torch_partitioners.raise_getitems(backward)
     return forward, backward
+
+
+def _draft_split(
+    joint: JointGraph, tensors: list[fx.Node], symbols: list[fx.Node]
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """What `_extract_fwd_bwd_modules` builds, for analysis only: each graph copies
+    just the nodes its outputs need (torch's helper copies every computable node and
+    then eliminates the dead ones), with lazy modules (no code generation)."""
+    graph = joint.module.graph
+    output = graph.find_nodes(op="output")[0].args[0]
+    fwd_outs, bwd_outs = list(output[: joint.num_fwd_outputs]), list(output[joint.num_fwd_outputs :])
+    placeholders = graph.find_nodes(op="placeholder")
+    tangents = [p for p in placeholders if meta.is_tangent(p)]
+    saved = [*tensors, *symbols]
+    bwd_needed = _needed(bwd_outs, set(saved) | set(tangents))
+    used = [n for n in saved if n in bwd_needed]
+    primals = [p for p in placeholders if not meta.is_tangent(p)]
+    fwd = _copy_subgraph(graph, primals, [*fwd_outs, *[n for n in used if not meta.is_symbolic(n)],
+                                          *[n for n in used if meta.is_symbolic(n)]])
+    sym_used = [n for n in used if meta.is_symbolic(n)]
+    bwd = _copy_subgraph(graph, [*sym_used, *[n for n in used if not meta.is_symbolic(n)], *tangents], bwd_outs)
+    with _use_lazy_graph_module(True):
+        forward = torch_lazy_graph_module._make_graph_module(joint.module, fwd)
+        backward = torch_lazy_graph_module._make_graph_module(joint.module, _recompute_just_in_time(bwd))
+    return forward, backward
+
+
+def _needed(outputs: list[object], stops: set[fx.Node]) -> set[fx.Node]:
+    needed: set[fx.Node] = set()
+    stack = [o for o in outputs if isinstance(o, fx.Node)]
+    while stack:
+        node = stack.pop()
+        if node in needed:
+            continue
+        needed.add(node)
+        if node not in stops:
+            stack.extend(node.all_input_nodes)
+    return needed
+
+
+def _copy_subgraph(graph: fx.Graph, inputs: list[fx.Node], outputs: list[object]) -> fx.Graph:
+    new = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in inputs:
+        placeholder = new.placeholder(node.name)
+        placeholder.meta = node.meta
+        env[node] = placeholder
+    needed = _needed(outputs, set(inputs))
+    for node in graph.nodes:
+        if node in needed and node not in env and node.op != "placeholder":
+            env[node] = new.node_copy(node, env.__getitem__)
+    new.output(tuple(env[o] if isinstance(o, fx.Node) else o for o in outputs))
+    return new
+
+
+def _recompute_just_in_time(graph: fx.Graph) -> fx.Graph:
+    """Copy of ``graph`` where every node not driven by an incoming gradient (the
+    recomputed forward ops) is placed just before the first node that needs it, and
+    everything else keeps its order; what torch's
+    ``reordering_to_mimic_autograd_engine`` does, without building a module."""
+    new_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.find_nodes(op="placeholder"):
+        env[node] = new_graph.node_copy(node, lambda x: env[x])
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    nodes = list(graph.nodes)
+    first = min(
+        (order[u] for t in graph.find_nodes(op="placeholder") if meta.is_tangent(t) for u in t.users),
+        default=None,
+    )
+    if first is None:
+        return graph
+
+    def insert(root: fx.Node) -> None:
+        pending: list[fx.Node] = []
+        stack = [root]
+        seen: set[fx.Node] = set()
+        while stack:
+            node = stack.pop()
+            if node in env or node in seen:
+                continue
+            seen.add(node)
+            pending.append(node)
+            stack.extend(node.all_input_nodes)
+        for node in sorted(pending, key=order.__getitem__):
+            env[node] = new_graph.node_copy(node, lambda x: env[x])
+
+    for node in nodes[:first]:
+        if node.op == "call_function" and node.target is torch.ops.aten.copy_.default:
+            insert(node)
+    for node in nodes[first:]:
+        insert(node)
+    new_graph._codegen = graph._codegen
+    return new_graph
+
+
+def _make_graph_module(template: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+    if graph is template.graph:
+        return template
+    return torch_lazy_graph_module._make_graph_module(template, graph)

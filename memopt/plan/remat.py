@@ -122,7 +122,7 @@ def evaluate(step: StepGraphs, saved: frozenset[str]) -> Evaluation:
     """Split ``step``'s joint graph saving ``saved``; the exact timeline and the
     recompute cost of the result."""
     joint: JointGraph = step.joint
-    forward, backward = split_joint(joint, sorted(saved), step.region)
+    forward, backward = split_joint(joint, sorted(saved), step.region, draft=True)
     candidate = StepGraphs(
         forward, backward, step.num_fwd_outputs, step.region, step.inputs, joint=joint,
         num_user_outputs=step.num_user_outputs,
