@@ -13,7 +13,9 @@ torch.utils.checkpoint: measured peak, estimated peak, recompute FLOPs, step tim
   ``gradient_checkpointing_enable``; the zoo GPT's blocks wrapped by hand).
 
 Peaks are measured with memopt.testing.measure (profiler allocator events) plus the
-bytes live before the step (parameters, buffers, inputs). Recompute FLOPs: for the
+bytes live before the step (parameters, buffers, inputs). "grads = unbudgeted": the
+gradients of one seeded step equal (torch.equal) those of the same family without a
+budget (a "no" means random ops were recomputed with new random numbers). Recompute FLOPs: for the
 compiled variants, the FLOPs of forward ops copied into the backward graph; for
 checkpoint, FlopCounterMode's count minus eager's. Step time: median CPU time of
 --steps timed steps (``time.thread_time`` with one intra-op thread, so other processes
@@ -60,6 +62,23 @@ class Row:
     estimated: int | None
     flops: int
     time_ratio: float
+    grads_exact: str = "-"
+
+
+def _grads(model: nn.Module, run: Callable[[], Any]) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1234)
+    run()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> str:
+    if a.keys() != b.keys():
+        return "no"
+    return "yes" if all(torch.equal(a[k], b[k]) for k in a) else "no"
+
+
+_last_grads: dict[str, dict[str, torch.Tensor]] = {}
 
 
 def _baseline_bytes(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
@@ -101,7 +120,9 @@ def run_memopt(name: str, batch: int, budget: float | str | None, steps: int) ->
     with memopt.record() as explanation, warnings.catch_warnings():
         warnings.simplefilter("ignore", memopt.MemoptWarning)
         growth, seconds = _measure(model, lambda: compiled(*inputs).backward(), steps)
+        grads = _grads(model, lambda: compiled(*inputs).backward())
     flops = sum(_recompute_flops(r.step.forward, r.step.backward) for r in explanation.regions if r.step and r.step.backward)
+    _last_grads["value"] = grads
     return growth + _baseline_bytes(model, inputs), explanation.estimated_peak_bytes, flops, seconds
 
 
@@ -132,6 +153,7 @@ def run_torch(name: str, batch: int, budget: float, steps: int) -> tuple[int, in
     compiled = torch.compile(model, backend=backend)
     with torch._functorch.config.patch(activation_memory_budget=budget):
         growth, seconds = _measure(model, lambda: compiled(*inputs).backward(), steps)
+        _last_grads["value"] = _grads(model, lambda: compiled(*inputs).backward())
     fws = [g for k, g in graphs if k == "forward"]
     bws = [g for k, g in graphs if k == "backward"]
     flops = sum(_recompute_flops(f, b) for f, b in zip(fws, reversed(bws)))
@@ -167,16 +189,20 @@ def benchmark(name: str, steps: int) -> list[Row]:
     batch = BATCH.get(name, 16)
     rows: list[Row] = []
     base_peak, base_est, _, base_t = run_memopt(name, batch, None, steps)
-    rows.append(Row(name, "memopt", "none", base_peak, base_est, 0, 1.0))
+    reference = _last_grads["value"]
+    rows.append(Row(name, "memopt", "none", base_peak, base_est, 0, 1.0, "yes"))
     for budget in [*BUDGETS, "min"]:
         b: float | str = "1KiB" if budget == "min" else budget
         peak, est, flops, t = run_memopt(name, batch, b, steps)
-        rows.append(Row(name, "memopt", str(budget), peak, est, flops, t / base_t))
+        rows.append(Row(name, "memopt", str(budget), peak, est, flops, t / base_t, _same(reference, _last_grads["value"])))
     torch_base = None
+    torch_reference: dict[str, torch.Tensor] | None = None
     for budget in [*BUDGETS, 0.0]:
         peak, flops, t = run_torch(name, batch, budget, steps)
         torch_base = torch_base or t
-        rows.append(Row(name, "torch activation_memory_budget", str(budget), peak, None, flops, t / torch_base))
+        torch_reference = torch_reference or _last_grads["value"]
+        same = _same(torch_reference, _last_grads["value"])
+        rows.append(Row(name, "torch activation_memory_budget", str(budget), peak, None, flops, t / torch_base, same))
     eager = run_eager(name, batch, steps, checkpoint=False)
     ckpt = run_eager(name, batch, steps, checkpoint=True)
     assert eager is not None
@@ -196,13 +222,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["gpt", "transformer_block", "mlp", "cnn_bn", *PUBLIC])
     parser.add_argument("--steps", type=int, default=9)
     args = parser.parse_args()
-    print("| model | method | budget | measured peak MiB | estimated peak MiB | recompute GFLOP | step time ratio |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    print("| model | method | budget | measured peak MiB | estimated peak MiB | recompute GFLOP | step time ratio | grads = unbudgeted |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | --- |")
     for name in args.models:
         with contextlib.redirect_stderr(sys.stderr):
             for r in benchmark(name, args.steps):
                 print(f"| {r.model} | {r.method} | {r.budget} | {_mib(r.measured)} | {_mib(r.estimated)} | "
-                      f"{r.flops / 1e9:.3f} | {r.time_ratio:.2f} |", flush=True)
+                      f"{r.flops / 1e9:.3f} | {r.time_ratio:.2f} | {r.grads_exact} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ def test_split_with_partitioner_saved_set_reproduces_it():
 
 
 @pytest.mark.parametrize(
-    "name, batch, high, low", [("gpt", 16, 0.75, 0.5), ("mlp", 1024, 0.9, 0.8), ("cnn_bn", 32, 0.95, 0.85)]
+    "name, batch, high, low",
+    [("gpt", 16, 0.75, 0.5), ("mlp", 1024, 0.9, 0.8), ("cnn_bn", 32, 0.95, 0.85), ("transformer_block", 64, 0.95, 0.88)],
 )
 def test_budgets_met_on_measured_peak_monotone_and_bitwise_equal(name, batch, high, low):
     case = zoo_case(name)
@@ -150,3 +151,24 @@ def test_memory_budget_bytes_string():
     explanation = memopt.explain(case.build(), *case.inputs(8), options={"codegen": "eager", "memory_budget": f"{budget}B"})
     assert explanation.regions[0].plan.budget_bytes == budget
     assert explanation.estimated_peak_bytes <= budget
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_dropout_output_rewrite_is_bit_identical_on_cpu_fp32(p):
+    """memopt.graph.dropout relies on native_dropout(x)[0] == (x * mask) * (1/(1-p))
+    bit for bit on CPU float32; if torch changes its kernel this fails."""
+    x = torch.randn(257, 129)
+    torch.manual_seed(3)
+    out, mask = torch.ops.aten.native_dropout(x, p, True)
+    again = torch.ops.aten.mul.Tensor(torch.ops.aten.mul.Tensor(x, mask), 1.0 / (1.0 - p))
+    assert torch.equal(out, again)
+
+
+def test_dropout_outputs_recomputed_not_redrawn():
+    case = zoo_case("transformer_block")
+    explanation = memopt.explain(case.build(), *case.inputs(64), options={"codegen": "eager", "memory_budget": 0.9})
+    region = explanation.regions[0]
+    backward = region.step.backward
+    assert not [n for n in backward.graph.nodes if n.target is torch.ops.aten.native_dropout.default]
+    saved = {d.name for d in region.plan.decisions if d.policy == "save"}
+    assert not any("native_dropout" in n and "getitem" not in n for n in saved)

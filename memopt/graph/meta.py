@@ -32,6 +32,7 @@ __all__ = [
     "set_memopt_tag",
     "memopt_tag",
     "copy_meta",
+    "copy_provenance",
 ]
 
 _VAL = "val"
@@ -182,6 +183,13 @@ def memopt_tag(node: fx.Node, name: str, default: Any = None) -> Any:
 def set_memopt_tag(node: fx.Node, name: str, value: Any) -> None:
     """Attach memopt tag ``name`` to ``node``."""
     node.meta.setdefault(_MEMOPT, {})[name] = value
+
+
+def copy_provenance(src: fx.Node, dst: fx.Node) -> None:
+    """Give ``dst`` the user source line (and autograd sequence number) of ``src``."""
+    for key in (_STACK_TRACE, "seq_nr"):
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
 
 
 def copy_meta(src: fx.Node, dst: fx.Node) -> None:

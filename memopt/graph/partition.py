@@ -39,6 +39,19 @@ class JointGraph:
             raise KeyError(f"joint graph has no node {name!r}")
         return found
 
+    def recomputable(self) -> JointGraph:
+        """This joint graph with dropout outputs made recomputable from their masks
+        (`memopt.graph.dropout`); computed once and cached, so the planner and the
+        remat pass see the same node names."""
+        cached = getattr(self, "_recomputable", None)
+        if cached is None:
+            from memopt.graph.dropout import with_recomputable_dropout
+
+            module, count = with_recomputable_dropout(self.module)
+            cached = self if count == 0 else JointGraph(module, self.num_fwd_outputs)
+            self._recomputable = cached
+        return cached
+
     def _by_name(self) -> dict[str, fx.Node]:
         cache = getattr(self, "_names", None)
         if cache is None:

@@ -36,7 +36,7 @@ class Rematerialize(Pass):
         if wanted is None or step.joint is None or not step.is_training:
             return PassResult.unchanged()
         before = set(saved_names(step))
-        step.forward, step.backward = split_joint(step.joint, wanted, step.region)
+        step.forward, step.backward = split_joint(step.joint.recomputable(), wanted, step.region)
         after = set(saved_names(step))
         return PassResult(
             True,

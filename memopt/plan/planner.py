@@ -84,7 +84,7 @@ def _report_infeasible(plan: MemoryPlan, config: MemoptConfig) -> None:
 def _remat_plan(plan: MemoryPlan, step: StepGraphs, solution: RematSolution, budget: int) -> MemoryPlan:
     ev = solution.evaluation
     smallest = solution.min_peak or ev
-    joint: JointGraph = step.joint
+    joint: JointGraph = step.joint.recomputable()
     decisions = _decisions(step, joint, solution)
     return _with(
         plan,

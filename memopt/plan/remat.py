@@ -9,7 +9,10 @@ segment takes one of three options:
 * ``selective``: save only the outputs of expensive ops (matmuls, convolutions,
   attention) and recompute the cheap ops between them;
 * ``recompute``: save only what the segment hands to the next one, and recompute the
-  whole segment in backward, just before its gradients are needed.
+  whole segment in backward, just before its gradients are needed;
+* ``torch@0.5``: what torch's own partitioner saves inside the segment when run with
+  ``activation_memory_budget=0.5`` (its knapsack over saved values). With it, the
+  plans memopt considers include torch's, segment by segment.
 
 Random ops, ops with side effects and must-save values are saved in every option.
 
@@ -50,7 +53,8 @@ from memopt.plan.segments import Segment, find_segments, must_save
 
 __all__ = ["OPTIONS", "RematProblem", "RematSolution", "build_problem", "plan_remat", "evaluate"]
 
-OPTIONS = ("save", "selective", "recompute")
+OPTIONS = ("save", "selective", "recompute", "torch@0.5")
+_TORCH_BUDGET = 0.5
 aten = torch.ops.aten
 _EXPENSIVE = {
     aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
@@ -84,6 +88,7 @@ class RematProblem:
     P: np.ndarray  # [K, O] local backward peak
     C: np.ndarray  # [K, O] recompute seconds
     evaluations: dict[str, Evaluation] = field(default_factory=dict)
+    torch_whole: frozenset[str] = frozenset()  # torch's saved set at its 0.5 budget
 
     def saved_for(self, choice: Sequence[str]) -> frozenset[str]:
         names = set(self.always)
@@ -119,9 +124,9 @@ class RematSolution:
 
 
 def evaluate(step: StepGraphs, saved: frozenset[str]) -> Evaluation:
-    """Split ``step``'s joint graph saving ``saved``; the exact timeline and the
-    recompute cost of the result."""
-    joint: JointGraph = step.joint
+    """Split ``step``'s joint graph (dropout made recomputable) saving ``saved``; the
+    exact timeline and the recompute cost of the result."""
+    joint: JointGraph = step.joint.recomputable()
     forward, backward = split_joint(joint, sorted(saved), step.region, draft=True)
     candidate = StepGraphs(
         forward, backward, step.num_fwd_outputs, step.region, step.inputs, joint=joint,
@@ -139,7 +144,20 @@ def evaluate(step: StepGraphs, saved: frozenset[str]) -> Evaluation:
     return Evaluation(saved, candidate, timeline, flops, seconds)
 
 
-def _option_sets(segment: Segment, mincut: set[str]) -> dict[str, frozenset[str]]:
+def _torch_budget_saved(joint: JointGraph, budget: float) -> set[str]:
+    """Names torch's min-cut partitioner saves at ``activation_memory_budget=budget``."""
+    import copy
+
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    module = copy.deepcopy(joint.module)
+    with torch._functorch.config.patch(activation_memory_budget=budget):
+        forward, _ = min_cut_rematerialization_partition(module, [], num_fwd_outputs=joint.num_fwd_outputs)
+    outputs = forward.graph.find_nodes(op="output")[0].args[0][joint.num_fwd_outputs :]
+    return {o.name for o in outputs if isinstance(o, fx.Node)}
+
+
+def _option_sets(segment: Segment, mincut: set[str], torch_saved: set[str]) -> dict[str, frozenset[str]]:
     forced = {n.name for n in segment.nodes if must_save(n)}
     keep = {n.name for n in segment.crossers} | forced
     expensive = {
@@ -152,12 +170,13 @@ def _option_sets(segment: Segment, mincut: set[str]) -> dict[str, frozenset[str]
         "save": frozenset(keep | {n.name for n in segment.nodes if n.name in mincut}),
         "selective": frozenset(keep | expensive),
         "recompute": frozenset(keep),
+        "torch@0.5": frozenset(keep | {n.name for n in segment.nodes if n.name in torch_saved}),
     }
 
 
 def build_problem(step: StepGraphs) -> RematProblem:
     """Segments, option sets and per-option stats for ``step`` (3 evaluations)."""
-    joint: JointGraph = step.joint
+    joint: JointGraph = step.joint.recomputable()
     placeholders = joint.module.graph.find_nodes(op="placeholder")
     activations = {p for i, p in enumerate(placeholders) if step.input_kind(i) in ("input", "activation")}
     fw = forward_nodes(joint)
@@ -167,11 +186,13 @@ def build_problem(step: StepGraphs) -> RematProblem:
     mincut = set(saved_names(step))
     fw_names = {n.name for n in fw}
     always = frozenset(n for n in mincut if n not in fw_names)  # saved symbols etc.
-    sets = [_option_sets(s, mincut) for s in segments]
+    torch_saved = _torch_budget_saved(joint, _TORCH_BUDGET)
+    sets = [_option_sets(s, mincut, torch_saved) for s in segments]
     owner = {n.name: s.index for s in segments for n in s.nodes}
     K, O = len(segments), len(OPTIONS)
     S, F, P, C = (np.zeros((K, O)) for _ in range(4))
-    problem = RematProblem(step, segments, sets, always, S, F, P, C)
+    forced = {n.name for seg in segments for n in seg.nodes if must_save(n)}
+    problem = RematProblem(step, segments, sets, always, S, F, P, C, torch_whole=frozenset(torch_saved | forced))
     for o, option in enumerate(OPTIONS):
         saved = problem.saved_for([option] * K)
         ev = evaluate(step, saved)
@@ -271,53 +292,46 @@ def _tradeoff(problem: RematProblem, low: float, high: float, points: int, time_
 
 def plan_remat(step: StepGraphs, budget_bytes: int, *, time_limit: float = 5.0, max_iterations: int = 6) -> RematSolution:
     """Choose per-segment options so the step's exact estimated peak fits
-    ``budget_bytes`` at the least modelled recompute time (see module docstring).
+    ``budget_bytes`` at the least recompute time (see module docstring).
 
-    ``feasible=False`` means no plan found fits; the solution then holds the plan with
-    the smallest peak found (``min_peak``)."""
+    Every plan evaluated on the way (the MILP's answers, the all-one-option plans,
+    the smallest-peak plan, and torch's own whole-graph choice at
+    ``activation_memory_budget=0.5``) is a candidate; the answer is the fitting one
+    with the least recompute time. ``feasible=False`` means none fits; the solution
+    then holds the plan with the smallest peak found (``min_peak``)."""
     from memopt.plan.milp import solve_min_peak
 
     start = time.perf_counter()
     problem = build_problem(step)
+    K = len(problem.segments)
+    tried: dict[frozenset[str], tuple[list[str], Evaluation]] = {
+        ev.saved: ([option] * K, ev) for option, ev in problem.evaluations.items()
+    }
+
+    def consider(choice: list[str], saved: frozenset[str]) -> Evaluation:
+        if saved not in tried:
+            tried[saved] = (choice, evaluate(step, saved))
+        return tried[saved][1]
+
+    consider([f"{OPTIONS[-1]} (whole graph)"] * K, problem.torch_whole)
     target = float(budget_bytes)
-    best_fit: tuple[list[str], Evaluation] | None = None
-    tried: dict[frozenset[str], Evaluation] = {ev.saved: ev for ev in problem.evaluations.values()}
     iterations, how = 0, "milp"
     for iterations in range(1, max_iterations + 1):
         choice, how = _solve(problem, target, time_limit)
         if choice is None:
             break
-        saved = problem.saved_for(choice)
-        ev = tried.get(saved) or evaluate(step, saved)
-        tried[saved] = ev
+        ev = consider(choice, problem.saved_for(choice))
         if ev.timeline.peak_bytes <= budget_bytes:
-            best_fit = (choice, ev)
             break
         target -= ev.timeline.peak_bytes - budget_bytes
-    idx = solve_min_peak(problem.S, problem.F, problem.P, problem.C, time_limit)
-    min_choice = [OPTIONS[o] for o in idx]
-    min_saved = problem.saved_for(min_choice)
-    min_ev = tried.get(min_saved) or evaluate(step, min_saved)
-    tried[min_saved] = min_ev
-    smallest = min(tried.values(), key=lambda e: e.timeline.peak_bytes)
-    if best_fit is None and smallest.timeline.peak_bytes <= budget_bytes:
-        best_fit = (_choice_of(problem, smallest.saved) or min_choice, smallest)
-    low = min(e.timeline.peak_bytes for e in tried.values())
-    high = max(e.timeline.peak_bytes for e in tried.values())
-    curve = _tradeoff(problem, low, high, 8, time_limit)
-    if best_fit is None:
-        return RematSolution(
-            _choice_of(problem, smallest.saved) or min_choice, smallest, False, how, iterations,
-            time.perf_counter() - start, curve, smallest, problem.segments,
-        )  # fmt: skip
-    return RematSolution(
-        best_fit[0], best_fit[1], True, how, iterations, time.perf_counter() - start, curve, smallest,
-        problem.segments,
-    )  # fmt: skip
-
-
-def _choice_of(problem: RematProblem, saved: frozenset[str]) -> list[str] | None:
-    for option in OPTIONS:
-        if problem.saved_for([option] * len(problem.segments)) == saved:
-            return [option] * len(problem.segments)
-    return None
+    min_choice = [OPTIONS[o] for o in solve_min_peak(problem.S, problem.F, problem.P, problem.C, time_limit)]
+    consider(min_choice, problem.saved_for(min_choice))
+    smallest = min(tried.values(), key=lambda ce: ce[1].timeline.peak_bytes)
+    fitting = [ce for ce in tried.values() if ce[1].timeline.peak_bytes <= budget_bytes]
+    peaks = [ce[1].timeline.peak_bytes for ce in tried.values()]
+    curve = _tradeoff(problem, min(peaks), max(peaks), 8, time_limit)
+    elapsed = time.perf_counter() - start
+    if not fitting:
+        return RematSolution(smallest[0], smallest[1], False, how, iterations, elapsed, curve, smallest[1], problem.segments)
+    best = min(fitting, key=lambda ce: (ce[1].recompute_seconds, ce[1].timeline.peak_bytes))
+    return RematSolution(best[0], best[1], True, how, iterations, elapsed, curve, smallest[1], problem.segments)
