@@ -4,8 +4,9 @@
 
 Each run resets Dynamo, then times the first training step (forward + backward, which
 includes tracing, partitioning, memopt's pipeline and codegen) on the zoo's GPT model.
-Backends alternate run by run so machine noise hits both alike; the table gives medians
-and the ratio of medians.
+Backends alternate run by run so machine noise hits both alike; time is this process's
+CPU time (one intra-op thread), so other work on a shared machine does not count. The
+table gives medians and the ratio of medians.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ def first_step_seconds(backend: str, options: dict[str, object] | None, layers: 
     if options:
         kwargs["options"] = options
     compiled: Callable[..., torch.Tensor] = torch.compile(model, **kwargs)  # type: ignore[arg-type]
-    start = time.perf_counter()
+    start = time.process_time()
     compiled(idx, idx).backward()
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def main() -> None:
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
+    torch.set_num_threads(1)
     variants = {
         "aot_eager": ("aot_eager", None),
         "memopt (codegen=eager)": ("memopt", {"codegen": "eager"}),

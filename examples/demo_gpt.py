@@ -1,6 +1,7 @@
 """Train a small GPT-style model with ``backend="memopt"``, then show what memopt did.
 
     ./dev.sh demo                      # eager codegen: compiles in seconds
+    ./dev.sh demo --budget 0.4         # ask for 40% of the unoptimized peak
     ./dev.sh demo --codegen inductor   # Inductor's C++ codegen (about a minute on CPU)
 
 The task is synthetic (no downloads): the model learns to continue a repeating
@@ -32,18 +33,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--budget", default="0.5",
+                        help="memory_budget: a fraction of the unoptimized peak, or a size like 8MiB ('none' for no budget)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     config = GPTConfig(vocab=64, context=args.seq, dim=64, heads=4, layers=args.layers)
     model = GPT(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    compiled = torch.compile(model, backend="memopt", options={"codegen": args.codegen})
+    options: dict[str, object] = {"codegen": args.codegen}
+    if args.budget.lower() != "none":
+        options["memory_budget"] = float(args.budget) if args.budget.replace(".", "", 1).isdigit() else args.budget
+    compiled = torch.compile(model, backend="memopt", options=options)
     generator = torch.Generator().manual_seed(0)
 
     print(f"training a {sum(p.numel() for p in model.parameters()):,}-parameter GPT "
-          f"with backend='memopt' (codegen={args.codegen}) for {args.steps} steps")
+          f"with backend='memopt' ({options}) for {args.steps} steps")
     with memopt.record() as explanation:
         start = time.perf_counter()
         for step in range(args.steps):
@@ -58,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             elif step % 10 == 9 or step == args.steps - 1:
                 print(f"  step {step:3d}  loss {loss.item():.3f}")
     print()
-    print(explanation.report())
+    print(explanation.report(top=8))
 
 
 if __name__ == "__main__":

@@ -98,4 +98,4 @@ def tradeoff_table(tradeoff: Sequence[dict[str, float]], chosen_peak: int | None
             int(point["segments_recomputed"]),
             mark,
         ])  # fmt: skip
-    return tabulate(rows, headers=["modelled peak", "recompute ms (model)", "segments not saved", ""])
+    return tabulate(rows, headers=["modelled peak", "recompute ms (model)", "segments recomputing", ""])
