@@ -9,6 +9,8 @@ torch.utils.checkpoint: measured peak, estimated peak, recompute FLOPs, step tim
   uses its smallest-peak plan).
 * torch: ``backend="aot_eager"`` (the same min-cut partitioner and eager execution)
   with ``torch._functorch.config.activation_memory_budget = b`` for the same b, and 0.0.
+* memopt at torch's measured peak: memory_budget set to the peak torch measured at each
+  of its budgets, to compare recompute FLOPs at equal peak.
 * checkpoint: eager with ``torch.utils.checkpoint`` around every block (Hugging Face's
   ``gradient_checkpointing_enable``; the zoo GPT's blocks wrapped by hand).
 
@@ -197,12 +199,19 @@ def benchmark(name: str, steps: int) -> list[Row]:
         rows.append(Row(name, "memopt", str(budget), peak, est, flops, t / base_t, _same(reference, _last_grads["value"])))
     torch_base = None
     torch_reference: dict[str, torch.Tensor] | None = None
+    torch_peaks = []
     for budget in [*BUDGETS, 0.0]:
         peak, flops, t = run_torch(name, batch, budget, steps)
         torch_base = torch_base or t
         torch_reference = torch_reference or _last_grads["value"]
         same = _same(torch_reference, _last_grads["value"])
         rows.append(Row(name, "torch activation_memory_budget", str(budget), peak, None, flops, t / torch_base, same))
+        torch_peaks.append((budget, peak))
+    for budget, peak in torch_peaks[1:]:
+        m_peak, est, flops, t = run_memopt(name, batch, int(peak), steps)
+        same = _same(reference, _last_grads["value"])
+        rows.append(Row(name, "memopt at torch's measured peak", f"{peak / 2**20:.2f} MiB (torch {budget})",
+                        m_peak, est, flops, t / base_t, same))
     eager = run_eager(name, batch, steps, checkpoint=False)
     ckpt = run_eager(name, batch, steps, checkpoint=True)
     assert eager is not None

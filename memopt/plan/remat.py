@@ -49,7 +49,7 @@ from memopt.analysis.cost import device_model, node_cost
 from memopt.analysis.memory import BEFORE, MemoryTimeline, build_timeline
 from memopt.graph.partition import JointGraph, forward_nodes, saved_names, split_joint
 from memopt.graph.step import StepGraphs
-from memopt.plan.segments import Segment, find_segments, must_save
+from memopt.plan.segments import Segment, find_segments, must_save, value_bytes
 
 __all__ = ["OPTIONS", "RematProblem", "RematSolution", "build_problem", "plan_remat", "evaluate"]
 
@@ -182,8 +182,9 @@ def build_problem(step: StepGraphs) -> RematProblem:
     fw = forward_nodes(joint)
     core = forward_nodes(joint, required_only=True)
     core_set = set(core)
-    segments = find_segments(core, activations, extras=[n for n in fw if n not in core_set])
     mincut = set(saved_names(step))
+    weights = {n: value_bytes(n) for n in fw if n.name in mincut}
+    segments = find_segments(core, activations, extras=[n for n in fw if n not in core_set], saved_bytes=weights)
     fw_names = {n.name for n in fw}
     always = frozenset(n for n in mincut if n not in fw_names)  # saved symbols etc.
     torch_saved = _torch_budget_saved(joint, _TORCH_BUDGET)

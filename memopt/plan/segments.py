@@ -70,15 +70,19 @@ def find_segments(
     nodes: Sequence[fx.Node],
     activation_inputs: set[fx.Node],
     extras: Sequence[fx.Node] = (),
+    saved_bytes: dict[fx.Node, int] | None = None,
     max_segments: int = 48,
-    min_nodes: int = 4,
+    min_nodes: int = 2,
 ) -> list[Segment]:
     """Segments of the forward compute ``nodes`` (joint-graph order).
 
     ``activation_inputs`` are the placeholders that carry data (not parameters or
     buffers); values depending on none of them are never boundaries nor blockers.
     ``extras`` are forward-side values only backward uses; each joins the segment of
-    its latest input (they never decide boundaries).
+    its latest input (they never decide boundaries). ``saved_bytes`` (bytes the
+    partitioner saves, by node) keeps a boundary only once the segment it closes saves
+    at least twice the boundary's size: recomputing a segment from a boundary as
+    large as what it saves would gain nothing (a plain MLP gets two-layer segments).
     """
     position = {n: i for i, n in enumerate(nodes)}
     dependent = _activation_dependent(nodes, activation_inputs)
@@ -97,7 +101,8 @@ def find_segments(
             candidates.append(i)
         if blocks(n):
             furthest = max(furthest, reach[i])
-    cuts = _thin(candidates, len(nodes), max_segments, min_nodes)
+    weight = [(saved_bytes or {}).get(n, 0) for n in nodes]
+    cuts = _thin(candidates, nodes, weight, max_segments, min_nodes, saved_bytes is not None)
     segments: list[Segment] = []
     start = 0
     for end in [*cuts, len(nodes) - 1]:
@@ -120,12 +125,19 @@ def _attach(segments: list[Segment], extras: Sequence[fx.Node]) -> None:
         owner[node] = k
 
 
-def _thin(candidates: list[int], n: int, max_segments: int, min_nodes: int) -> list[int]:
-    """Keep boundaries at least ``min_nodes`` apart, at most ``max_segments - 1``."""
+def _thin(
+    candidates: list[int], nodes: Sequence[fx.Node], weight: list[int], max_segments: int, min_nodes: int,
+    by_benefit: bool,
+) -> list[int]:
+    """Keep boundaries at least ``min_nodes`` apart, worth cutting at (see
+    `find_segments`), at most ``max_segments - 1``."""
+    n = len(nodes)
     kept: list[int] = []
     last = -1
     for c in candidates:
-        if c - last >= min_nodes and n - 1 - c >= min_nodes:
+        inside = sum(weight[last + 1 : c + 1])
+        worth = not by_benefit or inside >= 2 * value_bytes(nodes[c])
+        if c - last >= min_nodes and n - 1 - c >= min_nodes and worth:
             kept.append(c)
             last = c
     if len(kept) >= max_segments:
