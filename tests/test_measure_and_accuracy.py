@@ -69,3 +69,21 @@ def test_estimate_on_fake_inputs_equals_real(name):
         timeline = build_timeline(explanation.regions[0].step)
         results.append((timeline.baseline_bytes, timeline.peak_bytes, len(timeline.points)))
     assert results[0] == results[1]
+
+
+@pytest.mark.inductor
+def test_estimate_within_10_percent_with_inductor_codegen():
+    """With codegen="inductor" the estimate models fusion (pointwise values fused
+    into their consumers are never materialized)."""
+    case = zoo_case("mlp")
+    model = case.build().train()
+    inputs = case.inputs(256)
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "inductor"})
+    with memopt.record() as explanation:
+        compiled(*inputs).backward()
+    model.zero_grad(set_to_none=True)
+    measured = measure_peak(lambda: compiled(*inputs).backward()).peak_growth_bytes
+    estimated = explanation.timeline().peak_growth_bytes
+    assert abs(estimated - measured) <= 0.10 * measured, (estimated, measured)
+    unfused = explanation.regions[0].step
+    assert unfused.fused_codegen

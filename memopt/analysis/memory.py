@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from memopt.analysis.aliasing import GraphAliasing, Storage, analyze_aliasing, concrete_int
+from memopt.analysis.fusion import fused_nodes
 from memopt.analysis.manager import Analysis, AnalysisManager
 from memopt.analysis.workspace import retained_bytes, workspace_bytes
 from memopt.graph import meta
@@ -194,37 +195,53 @@ class _GraphLiveness:
     aliasing: GraphAliasing
     index: dict[fx.Node, int]
     last_use: dict[Storage, int] = field(default_factory=dict)
+    fused: set[fx.Node] = field(default_factory=set)
 
 
-def _liveness(gm: fx.GraphModule, offset: int) -> _GraphLiveness:
+def _liveness(gm: fx.GraphModule, offset: int, fused_codegen: bool = False) -> _GraphLiveness:
     aliasing = analyze_aliasing(gm.graph)
     index = {n: offset + i for i, n in enumerate(_compute_nodes(gm))}
-    live = _GraphLiveness(aliasing, index)
+    fused = fused_nodes(gm.graph) if fused_codegen else set()
+    at = _effective_positions(gm, index, fused)
+    live = _GraphLiveness(aliasing, index, fused=fused)
     for node in _compute_nodes(gm):
         for inp in node.all_input_nodes:
             for storage in aliasing.storages_of(inp):
-                live.last_use[storage] = index[node]
+                live.last_use[storage] = max(live.last_use.get(storage, 0), at[node])
         for storage in aliasing.storages_of(node):  # a value is used by its own producer
             live.last_use.setdefault(storage, index[node])
     return live
+
+
+def _effective_positions(gm: fx.GraphModule, index: dict[fx.Node, int], fused: set[fx.Node]) -> dict[fx.Node, int]:
+    """Where each node's inputs are read: its own position, or for a value fused into
+    its consumers, the last of their positions."""
+    at: dict[fx.Node, int] = {}
+    for node in reversed(_compute_nodes(gm)):
+        at[node] = index[node]
+        if node in fused:
+            at[node] = max([index[node], *(at[u] for u in node.users if u in at)])
+    return at
 
 
 def build_timeline(step: StepGraphs) -> MemoryTimeline:
     """Join the step's graphs into one `MemoryTimeline`."""
     device = main_device(step)
     fw_nodes = _compute_nodes(step.forward)
-    fw = _liveness(step.forward, 0)
+    fw = _liveness(step.forward, 0, step.fused_codegen)
     n_fw = len(fw_nodes)
+    bw = _liveness(step.backward, n_fw, step.fused_codegen) if step.backward is not None else None
     intervals: list[LiveInterval] = []
     owner: dict[Storage, LiveInterval] = {}
+    virtual = fw.fused | (bw.fused if bw is not None else set())
 
     def add(
         graph: str, storage: Storage, category: str, start: int, end: int | None, identity: int | None = None
     ) -> None:
-        if storage.device != device or storage in owner:
+        if storage.device != device or storage in owner or storage.producer in virtual:
             return
         nbytes = storage.nbytes
-        if storage.index == 0 and storage.producer.op == "call_function":
+        if storage.index == 0 and storage.producer.op == "call_function" and not step.fused_codegen:
             nbytes += retained_bytes(storage.producer, device)
         iv = LiveInterval(graph, storage.producer, category, nbytes, start, end, region=step.region, identity=identity)
         owner[storage] = iv
@@ -246,7 +263,6 @@ def build_timeline(step: StepGraphs) -> MemoryTimeline:
             for storage in fw.aliasing.storages_of(out):
                 escaping.setdefault(storage, "mutation" if pos < n_mut else "output")
 
-    bw = _liveness(step.backward, n_fw) if step.backward is not None else None
     saved_end, input_saved_until = _saved_ends(step, fw, bw, n_fw) if bw is not None else ({}, {})
     for node in fw_nodes:
         for storage in fw.aliasing.fresh.get(node, []):
@@ -270,7 +286,7 @@ def build_timeline(step: StepGraphs) -> MemoryTimeline:
     index = 0
     for graph, nodes in graphs:
         for node in nodes:
-            ws = workspace_bytes(node, device)
+            ws = 0 if step.fused_codegen else workspace_bytes(node, device)
             if ws:
                 intervals.append(
                     LiveInterval(graph, node, "temporaries", ws, index, index, workspace=True, region=step.region)

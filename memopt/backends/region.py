@@ -164,6 +164,7 @@ class RegionCompiler:
             self.region,
             self.inputs,
             joint=JointGraph(joint_module, num_fwd_outputs),
+            fused_codegen=self.config.codegen == "inductor",
             num_user_outputs=self.num_user_outputs,
         )
         step = self.optimize(step)
@@ -187,4 +188,6 @@ class RegionCompiler:
 
     def inference_step(self, gm: fx.GraphModule) -> StepGraphs:
         n = len(output_values(gm))
-        return StepGraphs(gm, None, n, self.region, self.inputs, n)
+        return StepGraphs(
+            gm, None, n, self.region, self.inputs, fused_codegen=self.config.codegen == "inductor", num_user_outputs=n
+        )

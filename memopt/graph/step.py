@@ -77,6 +77,9 @@ class StepGraphs:
     joint: Any = None
     """For training regions: AOTAutograd's joint graph (`memopt.graph.partition.JointGraph`),
     which the rematerialization pass re-partitions. Passes never mutate it."""
+    fused_codegen: bool = False
+    """The graphs run through a fusing code generator (Inductor): memory analyses
+    treat pointwise values fused into their consumers as never materialized."""
     num_user_outputs: int | None = None
     """How many forward outputs the user sees (the rest of the first
     ``num_fwd_outputs`` are mutated inputs written back after the graph); None when

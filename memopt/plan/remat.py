@@ -37,6 +37,7 @@ is missing or the time limit is hit.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -128,10 +129,7 @@ def evaluate(step: StepGraphs, saved: frozenset[str]) -> Evaluation:
     exact timeline and the recompute cost of the result."""
     joint: JointGraph = step.joint.recomputable()
     forward, backward = split_joint(joint, sorted(saved), step.region, draft=True)
-    candidate = StepGraphs(
-        forward, backward, step.num_fwd_outputs, step.region, step.inputs, joint=joint,
-        num_user_outputs=step.num_user_outputs,
-    )  # fmt: skip
+    candidate = dataclasses.replace(step, forward=forward, backward=backward)
     timeline = build_timeline(candidate)
     fw_names = {n.name for n in forward_nodes(joint)}
     device = device_model(timeline.device)
