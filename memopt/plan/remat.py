@@ -56,6 +56,7 @@ __all__ = ["OPTIONS", "RematProblem", "RematSolution", "build_problem", "plan_re
 
 OPTIONS = ("save", "selective", "recompute", "torch@0.5")
 _TORCH_BUDGET = 0.5
+_PROBES = (0.03, 0.08)  # budget slack of the extra MILP solves after the main loop
 aten = torch.ops.aten
 _EXPENSIVE = {
     aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
@@ -323,6 +324,10 @@ def plan_remat(step: StepGraphs, budget_bytes: int, *, time_limit: float = 5.0, 
         if ev.timeline.peak_bytes <= budget_bytes:
             break
         target -= ev.timeline.peak_bytes - budget_bytes
+    for slack in _PROBES:  # the model errs both ways: cheaper plans may fit too
+        choice, _ = _solve(problem, budget_bytes * (1 + slack), time_limit)
+        if choice is not None:
+            consider(choice, problem.saved_for(choice))
     min_choice = [OPTIONS[o] for o in solve_min_peak(problem.S, problem.F, problem.P, problem.C, time_limit)]
     consider(min_choice, problem.saved_for(min_choice))
     smallest = min(tried.values(), key=lambda ce: ce[1].timeline.peak_bytes)
