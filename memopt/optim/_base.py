@@ -104,9 +104,15 @@ class MemoptOptimizer(torch.optim.Optimizer):
 
 
 def dense_grad(owner: str, param: torch.Tensor) -> torch.Tensor:
-    """``param.grad``, refusing sparse gradients with a message naming the fix."""
+    """``param.grad``, refusing complex parameters and sparse gradients with a message
+    naming the fix."""
     grad = param.grad
     assert grad is not None
+    if param.is_complex():
+        raise RuntimeError(
+            f"{owner} does not support complex parameters (shape {tuple(param.shape)}); "
+            "train torch.view_as_real(param) instead, or use torch.optim.AdamW for it"
+        )
     if grad.is_sparse:
         raise RuntimeError(
             f"{owner} does not support sparse gradients (parameter of shape {tuple(param.shape)}); "

@@ -82,6 +82,28 @@ def test_lowrank_kernel_on_transposed_views(interpreter: None) -> None:
     assert max(max_errors(ref, tri)) <= 1e-5
 
 
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["left", "right"])
+def test_identity_projector_is_torch_adamw(interpreter: None, kernel: str, transposed: bool) -> None:
+    """With P = I the low-rank step is AdamW itself: five steps match torch.optim.AdamW,
+    on the weight as given (left) and through transposed views (right)."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(24, 24))
+    reference = torch.optim.AdamW([weight], lr=1e-2, weight_decay=0.1, foreach=False)
+    mine = weight.detach().clone()
+    exp_avg, exp_avg_sq = torch.zeros(24, 24), torch.zeros(24, 24)
+    for step in range(1, 6):
+        grad = torch.randn(24, 24)
+        weight.grad = grad
+        reference.step()
+        views = [mine, grad, exp_avg, exp_avg_sq]
+        if transposed:  # the kernel sees W^T and the moments' transposes
+            views = [v.T for v in views]
+        w, g, m, v = views
+        lowrank_adam_step(w, g, torch.eye(24), m, v, kernel=kernel, tile=(16, 16), **coefficients(step))
+    torch.testing.assert_close(mine, weight.detach(), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("numel, block", [(1000, 64), (4096, 256), (100, 16)])
 def test_adam8bit_kernel_matches_reference(interpreter: None, numel: int, block: int) -> None:
     tables = code_tables()
