@@ -4,7 +4,7 @@
 Each parameter with at least ``min_8bit_size`` elements keeps, for ``numel`` elements in
 blocks of ``block_size``: two ``uint8`` code tensors of ``numel`` bytes and two fp32
 absmax tensors of ``ceil(numel / block_size)`` entries, so
-``2 * numel + 8 * ceil(numel / block_size)`` bytes (about 25.8% of AdamW's ``8 * numel``
+``2 * numel + 8 * ceil(numel / block_size)`` bytes (about 25.4% of AdamW's ``8 * numel``
 at block 256). The first moment uses the signed dynamic code, the second moment (never
 negative) the unsigned one; see `memopt.codegen.adam8bit`. Smaller parameters (biases,
 norms) keep AdamW's two moments in the parameter's dtype: quantizing them saves little

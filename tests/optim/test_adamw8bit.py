@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memopt.codegen.adam8bit import SIGNED_ZERO_CODE, dequantize_blockwise, dynamic_code, quantize_blockwise
 from memopt.optim import AdamW8bit
@@ -93,3 +95,27 @@ def test_state_layout_with_a_partial_last_block() -> None:
 def test_block_size_must_be_a_power_of_two_in_range(block_size: int) -> None:
     with pytest.raises(ValueError, match="block_size"):
         AdamW8bit(tiny_mlp().parameters(), block_size=block_size)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(
+        st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, width=32)
+        | st.sampled_from([0.0, 1e-30, -1e-30, 1e-7, -1e-7]),
+        min_size=16,
+        max_size=16,
+    ),
+    signed=st.booleans(),
+)
+def test_quantization_is_nearest_up_to_midpoint_rounding(values: list[float], signed: bool) -> None:
+    """Property over arbitrary blocks (zeros, subnormals, mixed scales): the stored code is a
+    nearest code value of x / absmax, up to the fp32 rounding of the midpoints."""
+    x = torch.tensor([values], dtype=torch.float32)
+    if not signed:
+        x = x.abs()
+    code = dynamic_code(signed)
+    codes, absmax = quantize_blockwise(x, (code[:-1] + code[1:]) / 2)
+    normalized = (x / torch.where(absmax > 0, absmax, 1.0)[:, None]).double()
+    distances = (normalized[..., None] - code.double()).abs()
+    chosen = distances.gather(-1, codes.long()[..., None]).squeeze(-1)
+    assert torch.all(chosen <= distances.min(dim=-1).values + 1e-7)
