@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,5 +56,3 @@ def clone_model(model: torch.nn.Module) -> torch.nn.Module:
 def params_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
-
-OptimizerFactory = Callable[[object], torch.optim.Optimizer]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from memopt.optim import AdamW8bit, GaLoreAdamW, MeZO, SubspaceAdamW
-from optim_testing import clone_model, params_equal, saved, tiny_mlp, train, train_mezo
+from optim_testing import params_equal, saved, tiny_mlp, train, train_mezo
 
 FACTORIES = {
     # update_proj_gap=3 so the 4 steps after the checkpoint cross a projector refresh.
