@@ -79,3 +79,29 @@ def test_mezo_with_a_compiled_model_does_not_recompile() -> None:
             opt.step(lambda: loss_of(forward, data))
     assert loss_of(model, data).item() != start
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # compiled once, under no_grad
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler")
+def test_lr_schedule_does_not_recompile_the_step() -> None:
+    """Learning rates are Python floats that Dynamo does not specialize on. The step is
+    compiled before the scheduler wraps ``opt.step`` (Dynamo refuses that wrapper)."""
+    model = tiny_mlp()
+    opt = GaLoreAdamW(model.parameters(), lr=1e-2, rank=4, update_proj_gap=GAP)
+    counter = CompileCounter()
+    step = torch.compile(opt.step, backend=counter, fullgraph=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (1 + i))
+    lrs = []
+
+    def train_scheduled(steps: range) -> None:
+        for i in steps:
+            loss_of(model, batch(i)).backward()
+            step()
+            opt.zero_grad(set_to_none=True)
+            schedule.step()
+            lrs.append(opt.param_groups[0]["lr"])
+
+    train_scheduled(range(0, GAP + 1))
+    warm = counter.frame_count
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        train_scheduled(range(GAP + 1, 3 * GAP))
+    assert counter.frame_count == warm and len(set(lrs)) == len(lrs) == 3 * GAP
