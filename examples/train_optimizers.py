@@ -247,6 +247,8 @@ def report(
 
 def check_acceptance(results: dict[str, dict[str, float]]) -> list[str]:
     """The issue's acceptance criteria, as failure messages (empty when all hold)."""
+    if "adamw" not in results:
+        return ["--check compares with AdamW: include adamw in --optimizers"]
     failures = []
     ref = results["adamw"]
     for name in ("galore", "subspace", "adamw8bit"):
