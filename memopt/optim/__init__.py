@@ -1,1 +1,18 @@
-"""memopt.optim."""
+"""memopt.optim: memory-efficient optimizers (``torch.optim.Optimizer`` subclasses).
+
+* `GaLoreAdamW`: AdamW on gradients projected to rank r by their SVD (GaLore).
+* `SubspaceAdamW`: the same in a seeded random subspace that is never stored.
+* `AdamW8bit`: AdamW with blockwise 8-bit moments.
+* `MeZO`: zero-order SGD from two forward passes.
+
+Each has ``state_bytes()``; `optimizer_state_bytes` measures any torch optimizer the same
+way. See docs/optimizers.md for the formulas, options and measurements.
+"""
+
+from memopt.optim._base import optimizer_state_bytes
+from memopt.optim.adamw8bit import AdamW8bit
+from memopt.optim.galore import GaLoreAdamW
+from memopt.optim.mezo import MeZO
+from memopt.optim.subspace import SubspaceAdamW
+
+__all__ = ["GaLoreAdamW", "SubspaceAdamW", "AdamW8bit", "MeZO", "optimizer_state_bytes"]

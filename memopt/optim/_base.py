@@ -1,0 +1,121 @@
+"""`MemoptOptimizer`: what all of memopt's optimizers share with ``torch.optim.Optimizer``
+and add to it: per-group argument checks, `state_bytes`, and a ``load_state_dict`` that
+keeps every state tensor's dtype.
+
+``torch.optim.Optimizer.load_state_dict`` casts every floating-point parameter's state
+tensors to the parameter's dtype. That is right for Adam's moments and wrong here: it would
+turn 8-bit codes into floats (4x the memory, and unusable as indices) and round the fp32
+low-rank moments of a bf16 weight to bf16. memopt's optimizers store state in the dtype it
+must have, so loading only moves tensors to the parameter's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["MemoptOptimizer", "optimizer_state_bytes", "dense_grad"]
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors held in ``optimizer.state`` (any torch optimizer).
+
+    Counts each state tensor's ``numel * element_size``; Python numbers (steps, seeds)
+    count as 0. For ``torch.optim.AdamW`` on fp32 parameters this is 8 bytes per parameter
+    element plus 4 bytes per parameter for the ``step`` tensor.
+    """
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+    return total
+
+
+class MemoptOptimizer(torch.optim.Optimizer):
+    """Base of memopt's optimizers. Subclasses implement `_check_group`, and `_update` (or
+    their own ``step``)."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch's, after checking the group's options (with defaults filled in)."""
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        self._check_group(merged)
+        super().add_param_group(param_group)
+
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` naming any invalid option of ``group``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step over every parameter that has a gradient (`_update` each); ``closure``,
+        if given, recomputes the loss with gradients enabled first and its value is returned."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        position = 0
+        for group in self.param_groups:
+            for param in group["params"]:
+                position += 1
+                if param.grad is not None:
+                    grad = dense_grad(type(self).__name__, param)
+                    self._update(param, grad, self.state[param], group, position)
+        return loss
+
+    def _update(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict[str, Any],
+        group: Mapping[str, Any],
+        position: int,
+    ) -> None:
+        """Update one parameter in place. ``position`` is its 1-based index over all groups
+        (stable when groups are appended), for per-parameter seeds."""
+        raise NotImplementedError
+
+    def state_bytes(self) -> int:
+        """Bytes of the tensors in ``self.state`` (see `optimizer_state_bytes`)."""
+        return optimizer_state_bytes(self)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load ``state_dict`` as ``torch.optim.Optimizer`` does, but keep each state tensor's
+        saved dtype (only its device follows the parameter). Like torch, a state tensor
+        already of the right device is used as is, not copied."""
+        saved_state = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        by_id = dict(zip(saved_ids, params))
+        for pid, state in saved_state.items():
+            if pid not in by_id:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: the state names parameter id {pid}, "
+                    f"which no saved param group lists (ids {saved_ids})"
+                )
+            param = by_id[pid]
+            self.state[param] = {
+                key: value.to(device=param.device) if isinstance(value, torch.Tensor) else value
+                for key, value in state.items()
+            }
+
+
+def dense_grad(owner: str, param: torch.Tensor) -> torch.Tensor:
+    """``param.grad``, refusing complex parameters and sparse gradients with a message
+    naming the fix."""
+    grad = param.grad
+    assert grad is not None
+    if param.is_complex():
+        raise RuntimeError(
+            f"{owner} does not support complex parameters (shape {tuple(param.shape)}); "
+            "train torch.view_as_real(param) instead, or use torch.optim.AdamW for it"
+        )
+    if grad.is_sparse:
+        raise RuntimeError(
+            f"{owner} does not support sparse gradients (parameter of shape {tuple(param.shape)}); "
+            "use a dense embedding (sparse=False) or torch.optim.SparseAdam for it"
+        )
+    return grad

@@ -1,0 +1,123 @@
+"""`LowRankAdamW`: the step shared by `GaLoreAdamW` and `SubspaceAdamW`.
+
+Per parameter and step:
+
+* a 2-D weight with ``lowrank=True`` and ``rank < min(m, n)``: the subclass supplies a
+  projector (GaLore: SVD of the gradient, stored; Subspace: regenerated from a seed), the
+  gradient is projected to rank r (one matmul), and `memopt.codegen.lowrank_adam_step`
+  updates the rank-r moments and the weight in one fused step;
+* any other parameter: plain AdamW, exactly as ``torch.optim.AdamW``.
+
+``state["step"]`` is a Python int, so a compiled ``optimizer.step`` sees it as a symbolic
+int after warm-up: the refresh condition ``(step - 1) % gap == 0`` then costs one graph
+per outcome, not one per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from memopt.codegen.lowrank_adam import lowrank_adam_step
+from memopt.optim._adamw import adam_coefficients, adamw_group_step
+from memopt.optim._base import MemoptOptimizer
+from memopt.optim._checks import check_adamw_group, check_bool, check_choice, check_int, check_number
+from memopt.optim._projection import PROJ_TYPES, left_form, project, projection_side
+from memopt.optim._rng import derive_seed
+
+__all__ = ["LowRankAdamW"]
+
+
+class LowRankAdamW(MemoptOptimizer):
+    """Base class: subclasses implement `_init_projection` and `_projector`."""
+
+    owner: ClassVar[str] = "LowRankAdamW"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        rank: int,
+        update_proj_gap: int,
+        scale: float,
+        proj_type: str,
+        lowrank: bool,
+        seed: int,
+        kernel: str,
+        **extra: Any,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
+            update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+            lowrank=lowrank, seed=seed, kernel=kernel, **extra,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        owner = self.owner
+        check_adamw_group(owner, group)
+        check_int(owner, "rank", group["rank"], low=1)
+        check_int(owner, "update_proj_gap", group["update_proj_gap"], low=1)
+        check_number(owner, "scale", group["scale"], low=0.0, low_open=True)
+        check_choice(owner, "proj_type", group["proj_type"], PROJ_TYPES)
+        check_bool(owner, "lowrank", group["lowrank"])
+        check_int(owner, "seed", group["seed"], low=0, high=2**32 - 1)
+
+    @staticmethod
+    def uses_lowrank(param: torch.Tensor, group: Mapping[str, Any]) -> bool:
+        """Whether ``param`` gets the low-rank update under ``group``'s options."""
+        return bool(group["lowrank"]) and param.dim() == 2 and group["rank"] < min(param.shape)
+
+    def _update(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict[str, Any],
+        group: Mapping[str, Any],
+        position: int,
+    ) -> None:
+        if not self.uses_lowrank(param, group):
+            adamw_group_step(param, grad, state, group)
+            return
+        side = projection_side(param.shape, group["proj_type"])
+        if not state:
+            rows, cols = param.shape
+            moment_shape = (group["rank"], cols) if side == "left" else (rows, group["rank"])
+            state["step"] = 0
+            state["seed"] = derive_seed(group["seed"], position)
+            state["exp_avg"] = torch.zeros(moment_shape, dtype=torch.float32, device=param.device)
+            state["exp_avg_sq"] = torch.zeros(moment_shape, dtype=torch.float32, device=param.device)
+            self._init_projection(param, state, group, side)
+        state["step"] += 1
+        projector, bias_step = self._projector(param, grad, state, group, side)
+        lowrank_grad = project(grad, projector, side)
+        weight, lowrank_grad, exp_avg, exp_avg_sq = left_form(
+            side, param, lowrank_grad, state["exp_avg"], state["exp_avg_sq"]
+        )
+        lowrank_adam_step(
+            weight, lowrank_grad, projector, exp_avg, exp_avg_sq, kernel=group["kernel"],
+            **adam_coefficients(group, bias_step, scale=group["scale"]),
+        )
+
+    def _init_projection(
+        self, param: torch.Tensor, state: dict[str, Any], group: Mapping[str, Any], side: str
+    ) -> None:
+        """Add the subclass's projection state to a fresh ``state``."""
+        raise NotImplementedError
+
+    def _projector(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict[str, Any],
+        group: Mapping[str, Any],
+        side: str,
+    ) -> tuple[torch.Tensor, int]:
+        """The projector for this step (``state["step"]`` already counts it) and the step
+        count to use for Adam's bias correction."""
+        raise NotImplementedError

@@ -1,0 +1,117 @@
+"""`AdamW8bit`: AdamW with both moments stored as 8-bit codes with one scale per block
+(Dettmers et al., 8-bit Optimizers via Block-wise Quantization, 2022).
+
+Each parameter with at least ``min_8bit_size`` elements keeps, for ``numel`` elements in
+blocks of ``block_size``: two ``uint8`` code tensors of ``numel`` bytes and two fp32
+absmax tensors of ``ceil(numel / block_size)`` entries, so
+``2 * numel + 8 * ceil(numel / block_size)`` bytes (about 25.4% of AdamW's ``8 * numel``
+at block 256). The first moment uses the signed dynamic code, the second moment (never
+negative) the unsigned one; see `memopt.codegen.adam8bit`. Smaller parameters (biases,
+norms) keep AdamW's two moments in the parameter's dtype: quantizing them saves little
+and costs accuracy.
+
+The code tables (4 KiB per device) are shared by all parameters and are not part of the
+optimizer state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from memopt.codegen.adam8bit import SIGNED_ZERO_CODE, CodeTables, adam8bit_step, code_tables
+from memopt.optim._adamw import adam_coefficients, adamw_group_step
+from memopt.optim._base import MemoptOptimizer
+from memopt.optim._checks import check_adamw_group, check_int
+
+__all__ = ["AdamW8bit"]
+
+
+class AdamW8bit(MemoptOptimizer):
+    """AdamW with blockwise 8-bit moments.
+
+    Args:
+        params: parameters or param groups; a group may override any option below.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decoupled weight decay).
+        block_size: elements per quantization block, a power of two in [16, 4096].
+        min_8bit_size: parameters with fewer elements keep full-precision moments.
+        kernel: ``"auto"`` (fused Triton kernel for CUDA tensors), ``"triton"`` or ``"torch"``.
+    """
+
+    owner = "AdamW8bit"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        block_size: int = 256,
+        min_8bit_size: int = 4096,
+        kernel: str = "auto",
+    ) -> None:
+        self._tables: dict[str, CodeTables] = {}
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block_size=block_size,
+            min_8bit_size=min_8bit_size, kernel=kernel,
+        )  # fmt: skip
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        check_adamw_group(self.owner, group)
+        block_size = check_int(self.owner, "block_size", group["block_size"], low=16, high=4096)
+        if block_size & (block_size - 1):
+            raise ValueError(f"{self.owner}: block_size={block_size} is not a power of two; expected one of 16, 32, ..., 4096")
+        check_int(self.owner, "min_8bit_size", group["min_8bit_size"], low=0)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch's; also builds the code tables for any new device (eagerly, so a
+        compiled step finds them)."""
+        super().add_param_group(param_group)
+        for param in self.param_groups[-1]["params"]:
+            if str(param.device) not in self._tables:
+                self._tables[str(param.device)] = code_tables(param.device)
+
+    @staticmethod
+    def uses_8bit(param: torch.Tensor, group: Mapping[str, Any]) -> bool:
+        """Whether ``param``'s moments are quantized under ``group``'s options."""
+        return param.numel() >= group["min_8bit_size"]
+
+    def _update(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict[str, Any],
+        group: Mapping[str, Any],
+        position: int,
+    ) -> None:
+        if not self.uses_8bit(param, group):
+            adamw_group_step(param, grad, state, group)
+            return
+        if not state:
+            state.update(_init_8bit_state(param, group["block_size"]))
+        state["step"] += 1
+        adam8bit_step(
+            param, grad, state["exp_avg_code"], state["exp_avg_scale"], state["exp_avg_sq_code"],
+            state["exp_avg_sq_scale"], tables=self._tables[str(param.device)],
+            block_size=group["block_size"], kernel=group["kernel"],
+            **adam_coefficients(group, state["step"]),
+        )  # fmt: skip
+
+
+def _init_8bit_state(param: torch.Tensor, block_size: int) -> dict[str, Any]:
+    """Zero moments: zero codes and zero scales."""
+    numel = param.numel()
+    blocks = -(-numel // block_size)
+    device = param.device
+    return {
+        "step": 0,
+        "exp_avg_code": torch.full((numel,), SIGNED_ZERO_CODE, dtype=torch.uint8, device=device),
+        "exp_avg_scale": torch.zeros(blocks, dtype=torch.float32, device=device),
+        "exp_avg_sq_code": torch.zeros(numel, dtype=torch.uint8, device=device),
+        "exp_avg_sq_scale": torch.zeros(blocks, dtype=torch.float32, device=device),
+    }

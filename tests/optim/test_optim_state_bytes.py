@@ -1,0 +1,108 @@
+"""state_bytes() against the documented formulas, computed here from shapes alone.
+
+Formulas (bytes; fp32 parameters; weight m x n, rank r, numel N, block B):
+* AdamW (torch): 8 N per parameter + 4 for its step tensor.
+* Plain-AdamW parameters inside memopt's optimizers: 8 N (the step is a Python int).
+* GaLore, left side (m >= n under "std"): 4 (2 r n + m r); right side: 4 (2 m r + n r).
+* Subspace: the same without the projector: 8 r n (left), 8 m r (right).
+* AdamW8bit, N >= min_8bit_size: 2 N + 8 ceil(N / B); smaller parameters 8 N.
+* MeZO: 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from memopt.optim import AdamW8bit, GaLoreAdamW, MeZO, SubspaceAdamW, optimizer_state_bytes
+from optim_testing import loss_of, batch, tiny_mlp, train, train_mezo
+
+# tiny_mlp: W1 24x16 (tall: left), b1 24, W2 8x24 (wide: right), b2 8.
+BIASES = 8 * (24 + 8)
+
+
+def galore_bytes(m: int, n: int, r: int) -> int:
+    return 4 * (2 * r * n + m * r) if m >= n else 4 * (2 * m * r + n * r)
+
+
+def subspace_bytes(m: int, n: int, r: int) -> int:
+    return 4 * 2 * r * n if m >= n else 4 * 2 * m * r
+
+
+def test_adamw_baseline_formula() -> None:
+    model = tiny_mlp()
+    opt = torch.optim.AdamW(model.parameters())
+    train(model, opt, range(1))
+    numel = sum(p.numel() for p in model.parameters())
+    assert optimizer_state_bytes(opt) == 8 * numel + 4 * 4
+
+
+def test_galore_formula() -> None:
+    model = tiny_mlp()
+    opt = GaLoreAdamW(model.parameters(), rank=4)
+    train(model, opt, range(2))
+    assert opt.state_bytes() == galore_bytes(24, 16, 4) + galore_bytes(8, 24, 4) + BIASES
+
+
+def test_subspace_formula_and_below_galore() -> None:
+    model = tiny_mlp()
+    opt = SubspaceAdamW(model.parameters(), rank=4)
+    train(model, opt, range(2))
+    expected = subspace_bytes(24, 16, 4) + subspace_bytes(8, 24, 4) + BIASES
+    assert opt.state_bytes() == expected
+    assert expected < galore_bytes(24, 16, 4) + galore_bytes(8, 24, 4) + BIASES
+
+
+def test_group_overrides_change_the_formula() -> None:
+    """Group 1: W1 at rank 2, left side forced to the right; group 2: plain AdamW."""
+    model = tiny_mlp()
+    opt = GaLoreAdamW(
+        [
+            {"params": [model[0].weight], "rank": 2, "proj_type": "right"},
+            {"params": [model[0].bias, model[2].weight, model[2].bias], "lowrank": False},
+        ],
+        rank=4,
+    )
+    train(model, opt, range(1))
+    right_side_24x16_rank2 = 4 * (2 * 24 * 2 + 16 * 2)
+    assert opt.state_bytes() == right_side_24x16_rank2 + 8 * (8 * 24) + BIASES
+    assert tuple(opt.state[model[0].weight]["exp_avg"].shape) == (24, 2)
+
+
+def test_rank_at_least_min_dim_falls_back_to_adamw() -> None:
+    model = tiny_mlp()
+    opt = GaLoreAdamW(model.parameters(), rank=8)  # min(8, 24) = 8: W2 gets plain AdamW
+    train(model, opt, range(1))
+    assert opt.state_bytes() == galore_bytes(24, 16, 8) + 8 * (8 * 24) + BIASES
+
+
+def test_adamw8bit_formula_with_partial_block() -> None:
+    model = tiny_mlp()  # W1 384 elements, W2 192: both >= 100; biases stay fp32
+    opt = AdamW8bit(model.parameters(), block_size=128, min_8bit_size=100)
+    train(model, opt, range(1))
+    eight_bit = sum(2 * n + 8 * math.ceil(n / 128) for n in (384, 192))
+    assert opt.state_bytes() == eight_bit + BIASES
+
+
+def test_adamw8bit_at_most_30_percent_of_adamw() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.Linear(256, 64))
+    data = torch.randn(4, 128)
+    ref = torch.optim.AdamW(model.parameters())
+    opt = AdamW8bit(model.parameters())  # defaults: block 256, min 4096 elements
+    for o in (ref, opt):
+        model(data).sum().backward()
+        o.step()
+        model.zero_grad()
+    expected = sum(2 * n + 8 * math.ceil(n / 256) for n in (128 * 256, 256 * 64)) + 8 * (256 + 64)
+    assert opt.state_bytes() == expected
+    assert opt.state_bytes() <= 0.30 * optimizer_state_bytes(ref)
+
+
+def test_mezo_holds_no_tensors() -> None:
+    model = tiny_mlp()
+    opt = MeZO(model.parameters())
+    train_mezo(model, opt, range(2))
+    assert opt.state_bytes() == 0
+    assert loss_of(model, batch(0)).isfinite()
