@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"training a {sum(p.numel() for p in model.parameters()):,}-parameter GPT "
           f"with backend='memopt' ({options}) for {args.steps} steps")
-    with memopt.record() as explanation:
+    with memopt.record(optimizer=optimizer) as explanation:
         start = time.perf_counter()
         for step in range(args.steps):
             idx, targets = pattern_batch(args.batch, args.seq, config.vocab, generator)

@@ -36,6 +36,24 @@ class Explanation:
 
     regions: list[RegionRecord] = field(default_factory=list)
     config: MemoptConfig | None = None
+    optimizer: Any = None
+    """The training step's optimizer, if known (`attach_optimizer`): its state is
+    reported next to the step's estimate."""
+
+    def attach_optimizer(self, optimizer: Any) -> Explanation:
+        """Report ``optimizer``'s state bytes (read when the report is rendered, so
+        after the first ``optimizer.step()`` they are the real ones)."""
+        self.optimizer = optimizer
+        return self
+
+    @property
+    def optimizer_state_bytes(self) -> int | None:
+        """Bytes of tensors in the attached optimizer's state (None if none attached)."""
+        if self.optimizer is None:
+            return None
+        from memopt.optim import optimizer_state_bytes
+
+        return optimizer_state_bytes(self.optimizer)
 
     @property
     def ran_backward(self) -> bool:
@@ -153,6 +171,7 @@ class Explanation:
                     "peak_breakdown": after.peak_breakdown,
                     "peak_at": _point_dict(after),
                     "decisions": [d.to_dict() for d in self.decisions()],
+                    "optimizer_state_bytes": self.optimizer_state_bytes,
                 }
             )
         return out
@@ -167,7 +186,12 @@ class Explanation:
         ]
         if self._has_memory():
             before, after = self.timeline(optimized=False), self.timeline()
-            lines += ["", summary_table(before, after, self._budget()), "", breakdown_table(after)]
+            lines += [
+                "",
+                summary_table(before, after, self._budget(), self.optimizer_state_bytes),
+                "",
+                breakdown_table(after),
+            ]
             decisions = self.decisions()
             if decisions:
                 lines += ["", "values saved for backward (largest first):", decisions_table(decisions, top)]
@@ -263,7 +287,7 @@ def explain(
 
 
 @contextlib.contextmanager
-def record() -> Iterator[Explanation]:
+def record(optimizer: Any = None) -> Iterator[Explanation]:
     """Explain every region memopt compiles inside the context (for code that
     compiles and trains as usual)::
 
@@ -272,10 +296,11 @@ def record() -> Iterator[Explanation]:
         print(explanation.report())
 
     The explanation fills in as regions compile. While recording, compile caches
-    are bypassed so that every region goes through memopt's pipeline.
+    are bypassed so that every region goes through memopt's pipeline. Pass the
+    training ``optimizer`` to report its state bytes too.
     """
     with recording() as records:
-        yield Explanation(records)
+        yield Explanation(records, optimizer=optimizer)
 
 
 def _loss_of(out: Any) -> torch.Tensor | None:

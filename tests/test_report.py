@@ -134,3 +134,19 @@ def test_python_dash_m_memopt_shows_progress(tmp_path):
     )
     assert "[memopt" in out.stderr and "compiling forward and backward" in out.stderr
     assert "estimated peak, with memopt" in out.stdout
+
+
+def test_optimizer_state_bytes_in_report():
+    from memopt.optim import AdamW8bit
+
+    case = zoo_case("mlp")
+    model = case.build()
+    optimizer = AdamW8bit(model.parameters(), lr=1e-3)
+    compiled = torch.compile(model, backend="memopt", options=EAGER)
+    with memopt.record(optimizer=optimizer) as explanation:
+        compiled(*case.inputs(8)).backward()
+        optimizer.step()
+    assert explanation.optimizer_state_bytes == optimizer.state_bytes() > 0
+    data = explanation.to_dict()
+    assert data["optimizer_state_bytes"] == optimizer.state_bytes()
+    assert "optimizer state (outside the step's graphs)" in explanation.report()

@@ -43,7 +43,8 @@ def summary_table(
         verdict = "within" if after.peak_bytes <= budget_bytes else "OVER"
         rows.append(["memory budget", f"{format_bytes(budget_bytes)} ({verdict})"])
     if optimizer_state_bytes is not None:
-        rows.append(["optimizer state (not in the step's graphs)", format_bytes(optimizer_state_bytes)])
+        rows.append(["optimizer state (outside the step's graphs)", format_bytes(optimizer_state_bytes)])
+        rows.append(["estimated peak + optimizer state", format_bytes(after.peak_bytes + optimizer_state_bytes)])
     return tabulate(rows, headers=["summary", ""], tablefmt="simple")
 
 
