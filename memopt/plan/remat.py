@@ -22,7 +22,9 @@ attributed to segments. That gives, per segment ``k`` and option ``o``, the byte
 keeps across the forward/backward boundary ``S[k,o]``, its local peaks in forward and
 backward ``F[k,o]``, ``P[k,o]`` and its recompute time ``C[k,o]`` (roofline cost
 model). Backward runs segments in reverse, so while segment ``k`` runs every earlier
-segment still holds its saved bytes. The MILP (scipy's HiGHS)::
+segment still holds its saved bytes. The MILP (scipy's HiGHS) minimizes recompute
+FLOPs (matmuls, convolutions, attention: what costs compute), with the modelled time
+(memory-bound pointwise recompute included) as a small tie-breaker::
 
     minimize    sum C[k,o] z[k,o]
     subject to  sum_o z[k,o] = 1                                   for every k
@@ -56,7 +58,8 @@ __all__ = ["OPTIONS", "RematProblem", "RematSolution", "build_problem", "plan_re
 
 OPTIONS = ("save", "selective", "recompute", "torch@0.5")
 _TORCH_BUDGET = 0.5
-_PROBES = (0.03, 0.08)  # budget slack of the extra MILP solves after the main loop
+_PROBES = (0.03, 0.08)
+_TIME_WEIGHT = 1e-3  # modelled time breaks ties between plans of equal recompute FLOPs  # budget slack of the extra MILP solves after the main loop
 aten = torch.ops.aten
 _EXPENSIVE = {
     aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
@@ -88,7 +91,9 @@ class RematProblem:
     S: np.ndarray  # [K, O] bytes kept across the fwd/bwd boundary
     F: np.ndarray  # [K, O] local forward peak
     P: np.ndarray  # [K, O] local backward peak
-    C: np.ndarray  # [K, O] recompute seconds
+    C: np.ndarray  # [K, O] objective: recompute FLOPs, plus 0.1% of the modelled time as FLOPs
+    T: np.ndarray  # [K, O] modelled recompute seconds
+    FL: np.ndarray  # [K, O] recompute FLOPs
     evaluations: dict[str, Evaluation] = field(default_factory=dict)
     torch_whole: frozenset[str] = frozenset()  # torch's saved set at its 0.5 budget
 
@@ -107,7 +112,10 @@ class RematProblem:
         return peak
 
     def predicted_seconds(self, choice: Sequence[str]) -> float:
-        return float(sum(self.C[k, OPTIONS.index(o)] for k, o in enumerate(choice)))
+        return float(sum(self.T[k, OPTIONS.index(o)] for k, o in enumerate(choice)))
+
+    def predicted_flops(self, choice: Sequence[str]) -> float:
+        return float(sum(self.FL[k, OPTIONS.index(o)] for k, o in enumerate(choice)))
 
 
 @dataclass
@@ -190,9 +198,9 @@ def build_problem(step: StepGraphs) -> RematProblem:
     sets = [_option_sets(s, mincut, torch_saved) for s in segments]
     owner = {n.name: s.index for s in segments for n in s.nodes}
     K, O = len(segments), len(OPTIONS)
-    S, F, P, C = (np.zeros((K, O)) for _ in range(4))
+    S, F, P, C, T, FL = (np.zeros((K, O)) for _ in range(6))
     forced = {n.name for seg in segments for n in seg.nodes if must_save(n)}
-    problem = RematProblem(step, segments, sets, always, S, F, P, C, torch_whole=frozenset(torch_saved | forced))
+    problem = RematProblem(step, segments, sets, always, S, F, P, C, T, FL, torch_whole=frozenset(torch_saved | forced))
     for o, option in enumerate(OPTIONS):
         saved = problem.saved_for([option] * K)
         ev = evaluate(step, saved)
@@ -230,7 +238,10 @@ def _attribute(ev: Evaluation, owner: dict[str, int], K: int, o: int, problem: R
     for node in ev.step.backward.graph.nodes if ev.step.backward is not None else []:
         k = owner.get(node.name)
         if k is not None:
-            problem.C[k, o] += node_cost(node, device).seconds
+            cost = node_cost(node, device)
+            problem.T[k, o] += cost.seconds
+            problem.FL[k, o] += cost.flops
+            problem.C[k, o] += cost.flops + _TIME_WEIGHT * cost.seconds * device.flops_per_s
 
 
 def _segment_of_points(tl: MemoryTimeline, owner: dict[str, int], owned: np.ndarray) -> list[int]:
@@ -284,6 +295,7 @@ def _tradeoff(problem: RematProblem, low: float, high: float, points: int, time_
                 "budget_bytes": float(budget),
                 "predicted_peak_bytes": problem.predicted_peak(choice),
                 "recompute_seconds": problem.predicted_seconds(choice),
+                "recompute_flops": problem.predicted_flops(choice),
                 "segments_recomputed": float(sum(o != "save" for o in choice)),
             }
         )
@@ -337,5 +349,5 @@ def plan_remat(step: StepGraphs, budget_bytes: int, *, time_limit: float = 5.0, 
     elapsed = time.perf_counter() - start
     if not fitting:
         return RematSolution(smallest[0], smallest[1], False, how, iterations, elapsed, curve, smallest[1], problem.segments)
-    best = min(fitting, key=lambda ce: (ce[1].recompute_seconds, ce[1].timeline.peak_bytes))
+    best = min(fitting, key=lambda ce: (ce[1].recompute_flops, ce[1].recompute_seconds, ce[1].timeline.peak_bytes))
     return RematSolution(best[0], best[1], True, how, iterations, elapsed, curve, smallest[1], problem.segments)

@@ -95,8 +95,10 @@ def tradeoff_table(tradeoff: Sequence[dict[str, float]], chosen_peak: int | None
         mark = " <- chosen" if chosen_peak is not None and abs(peak - chosen_peak) <= 0.02 * chosen_peak else ""
         rows.append([
             format_bytes(peak),
+            f"{point.get('recompute_flops', 0.0) / 1e9:.3f}",
             f"{point['recompute_seconds'] * 1e3:.3f}",
             int(point["segments_recomputed"]),
             mark,
         ])  # fmt: skip
-    return tabulate(rows, headers=["modelled peak", "recompute ms (model)", "segments recomputing", ""])
+    headers = ["modelled peak", "recompute GFLOP", "recompute ms (model)", "segments recomputing", ""]
+    return tabulate(rows, headers=headers)
