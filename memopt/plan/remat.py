@@ -281,24 +281,25 @@ def _solve(problem: RematProblem, budget: float, time_limit: float) -> tuple[lis
     return (None if idx is None else [OPTIONS[o] for o in idx]), how
 
 
-def _tradeoff(problem: RematProblem, low: float, high: float, points: int, time_limit: float) -> list[dict[str, float]]:
-    """The modelled (peak, recompute cost) curve for budgets from ``low`` to ``high``."""
-    curve: list[dict[str, float]] = []
+def _tradeoff(
+    problem: RematProblem, low: float, high: float, points: int, time_limit: float
+) -> list[tuple[list[str], dict[str, float]]]:
+    """The modelled (peak, recompute cost) curve for budgets from ``low`` to ``high``,
+    with the choice behind each point."""
+    curve: list[tuple[list[str], dict[str, float]]] = []
     seen: set[tuple[str, ...]] = set()
     for budget in np.linspace(high, low, points):
         choice, _ = _solve(problem, float(budget), time_limit)
         if choice is None or tuple(choice) in seen:
             continue
         seen.add(tuple(choice))
-        curve.append(
-            {
+        curve.append((choice, {
                 "budget_bytes": float(budget),
                 "predicted_peak_bytes": problem.predicted_peak(choice),
                 "recompute_seconds": problem.predicted_seconds(choice),
                 "recompute_flops": problem.predicted_flops(choice),
                 "segments_recomputed": float(sum(o != "save" for o in choice)),
-            }
-        )
+            }))  # fmt: skip
     return curve
 
 
@@ -342,12 +343,21 @@ def plan_remat(step: StepGraphs, budget_bytes: int, *, time_limit: float = 5.0, 
             consider(choice, problem.saved_for(choice))
     min_choice = [OPTIONS[o] for o in solve_min_peak(problem.S, problem.F, problem.P, problem.C, time_limit)]
     consider(min_choice, problem.saved_for(min_choice))
-    smallest = min(tried.values(), key=lambda ce: ce[1].timeline.peak_bytes)
-    fitting = [ce for ce in tried.values() if ce[1].timeline.peak_bytes <= budget_bytes]
     peaks = [ce[1].timeline.peak_bytes for ce in tried.values()]
     curve = _tradeoff(problem, min(peaks), max(peaks), 8, time_limit)
+    if not any(ce[1].timeline.peak_bytes <= budget_bytes for ce in tried.values()):
+        # infeasible so far: look harder for the true floor, on a finer grid
+        for choice, _ in _tradeoff(problem, min(peaks) * 0.8, max(peaks), 16, time_limit):
+            consider(choice, problem.saved_for(choice))
+    smallest = min(tried.values(), key=lambda ce: ce[1].timeline.peak_bytes)
+    fitting = [ce for ce in tried.values() if ce[1].timeline.peak_bytes <= budget_bytes]
     elapsed = time.perf_counter() - start
     if not fitting:
-        return RematSolution(smallest[0], smallest[1], False, how, iterations, elapsed, curve, smallest[1], problem.segments)
+        return RematSolution(
+            smallest[0], smallest[1], False, how, iterations, elapsed, [p for _, p in curve], smallest[1],
+            problem.segments,
+        )  # fmt: skip
     best = min(fitting, key=lambda ce: (ce[1].recompute_flops, ce[1].recompute_seconds, ce[1].timeline.peak_bytes))
-    return RematSolution(best[0], best[1], True, how, iterations, elapsed, curve, smallest[1], problem.segments)
+    return RematSolution(
+        best[0], best[1], True, how, iterations, elapsed, [p for _, p in curve], smallest[1], problem.segments
+    )
