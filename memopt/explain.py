@@ -84,11 +84,19 @@ class Explanation:
 
     # -- memory ---------------------------------------------------------------------
 
-    def timeline(self, *, optimized: bool = True) -> MemoryTimeline:
-        """The step's estimated memory timeline across all regions (after memopt's
-        passes, or before them with ``optimized=False``)."""
-        parts = []
+    def step_regions(self) -> list[RegionRecord]:
+        """The regions one step runs: when Dynamo recompiled a frame (a guard failed,
+        e.g. a shape or attribute changed), only its latest compile, in frame order."""
+        latest: dict[str, RegionRecord] = {}
         for r in self.regions:
+            latest[r.region.split("/", 1)[0]] = r
+        return [r for r in self.regions if latest.get(r.region.split("/", 1)[0]) is r]
+
+    def timeline(self, *, optimized: bool = True) -> MemoryTimeline:
+        """The step's estimated memory timeline across the regions of one step (after
+        memopt's passes, or before them with ``optimized=False``)."""
+        parts = []
+        for r in self.step_regions():
             tl = r.timeline_after if optimized else r.timeline_before
             if r.step is not None and tl is not None:
                 parts.append((r.step, tl))

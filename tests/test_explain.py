@@ -90,3 +90,25 @@ def test_explain_logs_nothing_at_default_level(caplog):
     with caplog.at_level(logging.WARNING, logger="memopt"):
         memopt.explain(torch.nn.Linear(2, 2), torch.randn(1, 2), options=EAGER)
     assert not [r for r in caplog.records if r.name.startswith("memopt")]
+
+
+def test_recompiled_frame_counts_once_in_the_step_timeline():
+    class Flag(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 16)
+            self.seen = False
+
+        def forward(self, x):
+            y = self.lin(x).relu() if self.seen else self.lin(x).tanh()
+            self.seen = True  # the second call fails Dynamo's guard and recompiles
+            return y.sum()
+
+    model = Flag()
+    compiled = torch.compile(model, backend="memopt", options=EAGER)
+    with memopt.record() as explanation:
+        compiled(torch.randn(8, 16)).backward()
+        compiled(torch.randn(8, 16)).backward()
+    assert [r.region for r in explanation.regions] == ["0/0", "0/1"]
+    assert [r.region for r in explanation.step_regions()] == ["0/1"]
+    assert explanation.timeline().peak_bytes == explanation.regions[1].timeline_after.peak_bytes
