@@ -153,7 +153,7 @@ def test_memory_budget_bytes_string():
     assert explanation.estimated_peak_bytes <= budget
 
 
-@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.3, 0.5])
 def test_dropout_output_rewrite_is_bit_identical_on_cpu_fp32(p):
     """memopt.graph.dropout relies on native_dropout(x)[0] == (x * mask) * (1/(1-p))
     bit for bit on CPU float32; if torch changes its kernel this fails."""

@@ -7,8 +7,8 @@ deterministic node that the rematerialization planner may recompute from the sav
 mask (a bool tensor, a quarter of a float32 activation).
 
 It is applied only where the result is bit-identical to ATen's kernel: float32 on
-the CPU (checked by ``tests/test_remat.py``). Elsewhere the dropout output stays a
-must-save value.
+the CPU (checked by ``tests/test_remat.py``), for ``0 <= p < 1`` (``p = 0`` is common in
+configs and still draws a mask). Elsewhere the dropout output stays a must-save value.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def _eligible(node: fx.Node) -> bool:
         value is not None
         and value.dtype == torch.float32
         and value.device.type in ("cpu", "meta")
-        and isinstance(p, float)
-        and 0.0 < p < 1.0
+        and isinstance(p, (int, float))
+        and 0.0 <= p < 1.0
         and bool(train)
     )
 

@@ -141,11 +141,19 @@ def is_primal(node: fx.Node) -> bool:
 
 
 def is_random(node: fx.Node) -> bool:
-    """The op draws from a random number generator (dropout, rand, ...)."""
+    """The op draws from a random number generator (dropout, rand, ...). Attention
+    ops are tagged random because of their ``dropout_p`` argument; with
+    ``dropout_p=0`` they draw nothing and are deterministic."""
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return False
-    return torch.Tag.nondeterministic_seeded in target.tags
+    if torch.Tag.nondeterministic_seeded not in target.tags:
+        return False
+    for i, arg in enumerate(target._schema.arguments):
+        if arg.name == "dropout_p":
+            value = node.args[i] if i < len(node.args) else node.kwargs.get("dropout_p", arg.default_value)
+            return not (isinstance(value, (int, float)) and value == 0)
+    return True
 
 
 def has_side_effects(node: fx.Node) -> bool:

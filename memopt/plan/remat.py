@@ -194,7 +194,7 @@ def build_problem(step: StepGraphs) -> RematProblem:
     segments = find_segments(core, activations, extras=[n for n in fw if n not in core_set], saved_bytes=weights)
     fw_names = {n.name for n in fw}
     always = frozenset(n for n in mincut if n not in fw_names)  # saved symbols etc.
-    torch_saved = _torch_budget_saved(joint, _TORCH_BUDGET)
+    torch_saved = _torch_budget_saved(step.joint, _TORCH_BUDGET)  # torch sees the graph as it was
     sets = [_option_sets(s, mincut, torch_saved) for s in segments]
     owner = {n.name: s.index for s in segments for n in s.nodes}
     K, O = len(segments), len(OPTIONS)
