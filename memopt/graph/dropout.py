@@ -18,7 +18,6 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 from torch.fx import _lazy_graph_module as torch_lazy_graph_module
 from torch.fx._lazy_graph_module import _use_lazy_graph_module
 
@@ -62,8 +61,7 @@ def with_recomputable_dropout(module: fx.GraphModule) -> tuple[fx.GraphModule, i
             kept = graph.call_function(aten.mul.Tensor, (x, mask))
         with graph.inserting_after(kept):
             scaled = graph.call_function(aten.mul.Tensor, (kept, 1.0 / (1.0 - p)))
-        fake_mode = detect_fake_mode([meta.fake_value(x)])
-        with fake_mode if fake_mode is not None else torch.device("meta"):
+        with meta.graph_fake_mode(graph):
             meta.set_fake_value(kept, aten.mul.Tensor(meta.fake_value(x), meta.fake_value(mask)))
             meta.set_fake_value(scaled, aten.mul.Tensor(meta.fake_value(kept), 1.0 / (1.0 - p)))
         meta.copy_provenance(out, kept)

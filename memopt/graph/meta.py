@@ -8,8 +8,10 @@ these functions, so a rename in torch is a one-line fix here, pinned by
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +35,7 @@ __all__ = [
     "memopt_tag",
     "copy_meta",
     "copy_provenance",
+    "graph_fake_mode",
 ]
 
 _VAL = "val"
@@ -191,6 +194,26 @@ def memopt_tag(node: fx.Node, name: str, default: Any = None) -> Any:
 def set_memopt_tag(node: fx.Node, name: str, value: Any) -> None:
     """Attach memopt tag ``name`` to ``node``."""
     node.meta.setdefault(_MEMOPT, {})[name] = value
+
+
+@contextlib.contextmanager
+def graph_fake_mode(graph: fx.Graph) -> Iterator[Any]:
+    """Run code under the fake mode the graph's recorded values belong to (yields it,
+    or None when the graph has no fake values), with any other active fake mode
+    (a user's ``FakeTensorMode`` around the whole compile) set aside meanwhile."""
+    from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+
+    mode = None
+    for node in graph.nodes:
+        value = fake_value(node)
+        if isinstance(value, FakeTensor):
+            mode = value.fake_mode
+            break
+    if mode is None:
+        yield None
+        return
+    with unset_fake_temporarily(), mode:
+        yield mode
 
 
 def copy_provenance(src: fx.Node, dst: fx.Node) -> None:

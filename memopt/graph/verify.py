@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from memopt.graph import meta
@@ -90,11 +89,9 @@ def _check_fake_metadata(gm: fx.GraphModule, name: str) -> None:
     inputs = [meta.fake_value(p) for p in placeholders]
     if not placeholders or any(v is None for v in inputs):
         return  # hand-built graph without metadata: lint only
-    fake_mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
-    if fake_mode is None:
-        return
-    with fake_mode:
-        _MetadataChecker(gm, name).run(*inputs)
+    with meta.graph_fake_mode(gm.graph) as fake_mode:
+        if fake_mode is not None:
+            _MetadataChecker(gm, name).run(*inputs)
 
 
 def _compare(graph: str, node: fx.Node, recorded: Any, actual: Any) -> None:

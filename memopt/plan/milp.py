@@ -48,7 +48,8 @@ def _decode(x: np.ndarray, K: int, O: int) -> list[int]:
 
 
 def solve_milp(
-    S: np.ndarray, F: np.ndarray, P: np.ndarray, C: np.ndarray, budget: float, time_limit: float = 5.0
+    S: np.ndarray, F: np.ndarray, P: np.ndarray, C: np.ndarray, budget: float, time_limit: float = 5.0,
+    gap: float = 1e-4,
 ) -> tuple[list[int] | None, str]:
     """The cheapest choice whose modelled peak fits ``budget``; ``(None, why)`` if the
     model has none or the solver gave up. Ties in cost go to the lower memory."""
@@ -64,7 +65,7 @@ def solve_milp(
         constraints=[LinearConstraint(eq, 1, 1), LinearConstraint(rows, -np.inf, budget)],
         integrality=np.ones(K * O),
         bounds=Bounds(0, 1),
-        options={"time_limit": time_limit, "disp": False},
+        options={"time_limit": time_limit, "disp": False, "mip_rel_gap": gap},
     )
     if result.x is None:
         return None, result.message

@@ -10,9 +10,9 @@ segment takes one of three options:
   attention) and recompute the cheap ops between them;
 * ``recompute``: save only what the segment hands to the next one, and recompute the
   whole segment in backward, just before its gradients are needed;
-* ``torch@0.5``: what torch's own partitioner saves inside the segment when run with
-  ``activation_memory_budget=0.5`` (its knapsack over saved values). With it, the
-  plans memopt considers include torch's, segment by segment.
+* ``torch@b`` for b in 0.75, 0.5, 0.3: what torch's own partitioner saves inside the
+  segment when run with ``activation_memory_budget=b`` (its knapsack over saved
+  values). With them, the plans memopt considers include torch's, segment by segment.
 
 Random ops, ops with side effects and must-save values are saved in every option.
 
@@ -40,6 +40,7 @@ is missing or the time limit is hit.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,14 +51,17 @@ import torch.fx as fx
 
 from memopt.analysis.cost import device_model, node_cost
 from memopt.analysis.memory import BEFORE, MemoryTimeline, build_timeline
+from memopt.graph import meta
 from memopt.graph.partition import JointGraph, forward_nodes, saved_names, split_joint
 from memopt.graph.step import StepGraphs
 from memopt.plan.segments import Segment, find_segments, must_save, value_bytes
 
 __all__ = ["OPTIONS", "RematProblem", "RematSolution", "build_problem", "plan_remat", "evaluate"]
 
-OPTIONS = ("save", "selective", "recompute", "torch@0.5")
-_TORCH_BUDGET = 0.5
+_TORCH_BUDGETS = (0.75, 0.5, 0.3)
+_LARGE_GRAPH = 2500
+log = logging.getLogger("memopt.plan")
+OPTIONS = ("save", "selective", "recompute", *(f"torch@{b}" for b in _TORCH_BUDGETS))
 _PROBES = (0.03, 0.08)
 _TIME_WEIGHT = 1e-3  # modelled time breaks ties between plans of equal recompute FLOPs  # budget slack of the extra MILP solves after the main loop
 aten = torch.ops.aten
@@ -95,7 +99,7 @@ class RematProblem:
     T: np.ndarray  # [K, O] modelled recompute seconds
     FL: np.ndarray  # [K, O] recompute FLOPs
     evaluations: dict[str, Evaluation] = field(default_factory=dict)
-    torch_whole: frozenset[str] = frozenset()  # torch's saved set at its 0.5 budget
+    torch_whole: dict[float, frozenset[str]] = field(default_factory=dict)  # torch's saved set per budget
 
     def saved_for(self, choice: Sequence[str]) -> frozenset[str]:
         names = set(self.always)
@@ -151,20 +155,25 @@ def evaluate(step: StepGraphs, saved: frozenset[str]) -> Evaluation:
     return Evaluation(saved, candidate, timeline, flops, seconds)
 
 
-def _torch_budget_saved(joint: JointGraph, budget: float) -> set[str]:
-    """Names torch's min-cut partitioner saves at ``activation_memory_budget=budget``."""
+def _torch_budget_saved(joint: JointGraph, budget: float, fallback: set[str]) -> set[str]:
+    """Names torch's min-cut partitioner saves at ``activation_memory_budget=budget``
+    (``fallback`` if it fails: the option then repeats another one)."""
     import copy
 
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
     module = copy.deepcopy(joint.module)
-    with torch._functorch.config.patch(activation_memory_budget=budget):
-        forward, _ = min_cut_rematerialization_partition(module, [], num_fwd_outputs=joint.num_fwd_outputs)
+    try:
+        with torch._functorch.config.patch(activation_memory_budget=budget), meta.graph_fake_mode(module.graph):
+            forward, _ = min_cut_rematerialization_partition(module, [], num_fwd_outputs=joint.num_fwd_outputs)
+    except Exception as exc:  # noqa: BLE001 - an option we can do without
+        log.debug("torch's partitioner failed at budget %s (%s); option skipped", budget, exc)
+        return set(fallback)
     outputs = forward.graph.find_nodes(op="output")[0].args[0][joint.num_fwd_outputs :]
     return {o.name for o in outputs if isinstance(o, fx.Node)}
 
 
-def _option_sets(segment: Segment, mincut: set[str], torch_saved: set[str]) -> dict[str, frozenset[str]]:
+def _option_sets(segment: Segment, mincut: set[str], torch_saved: dict[float, set[str]]) -> dict[str, frozenset[str]]:
     forced = {n.name for n in segment.nodes if must_save(n)}
     keep = {n.name for n in segment.crossers} | forced
     expensive = {
@@ -177,12 +186,16 @@ def _option_sets(segment: Segment, mincut: set[str], torch_saved: set[str]) -> d
         "save": frozenset(keep | {n.name for n in segment.nodes if n.name in mincut}),
         "selective": frozenset(keep | expensive),
         "recompute": frozenset(keep),
-        "torch@0.5": frozenset(keep | {n.name for n in segment.nodes if n.name in torch_saved}),
+        **{
+            f"torch@{b}": frozenset(keep | {n.name for n in segment.nodes if n.name in names})
+            for b, names in torch_saved.items()
+        },
     }
 
 
 def build_problem(step: StepGraphs) -> RematProblem:
-    """Segments, option sets and per-option stats for ``step`` (3 evaluations)."""
+    """Segments, option sets and per-option stats for ``step`` (one evaluation per
+    distinct all-segments-on-one-option plan)."""
     joint: JointGraph = step.joint.recomputable()
     placeholders = joint.module.graph.find_nodes(op="placeholder")
     activations = {p for i, p in enumerate(placeholders) if step.input_kind(i) in ("input", "activation")}
@@ -194,15 +207,28 @@ def build_problem(step: StepGraphs) -> RematProblem:
     segments = find_segments(core, activations, extras=[n for n in fw if n not in core_set], saved_bytes=weights)
     fw_names = {n.name for n in fw}
     always = frozenset(n for n in mincut if n not in fw_names)  # saved symbols etc.
-    torch_saved = _torch_budget_saved(step.joint, _TORCH_BUDGET)  # torch sees the graph as it was
+    # torch's knapsack is costly on large graphs: one budget beyond _LARGE_GRAPH nodes
+    budgets = _TORCH_BUDGETS if len(joint.module.graph.nodes) <= _LARGE_GRAPH else (0.5,)
+    torch_saved = {b: _torch_budget_saved(step.joint, b, mincut) for b in budgets}  # the graph as torch sees it
+    for b in _TORCH_BUDGETS:  # budgets not computed repeat the nearest one computed
+        torch_saved.setdefault(b, torch_saved[min(torch_saved, key=lambda c: abs(c - b))])
     sets = [_option_sets(s, mincut, torch_saved) for s in segments]
     owner = {n.name: s.index for s in segments for n in s.nodes}
     K, O = len(segments), len(OPTIONS)
     S, F, P, C, T, FL = (np.zeros((K, O)) for _ in range(6))
     forced = {n.name for seg in segments for n in seg.nodes if must_save(n)}
-    problem = RematProblem(step, segments, sets, always, S, F, P, C, T, FL, torch_whole=frozenset(torch_saved | forced))
+    problem = RematProblem(
+        step, segments, sets, always, S, F, P, C, T, FL,
+        torch_whole={b: frozenset(names | forced) for b, names in torch_saved.items()},
+    )  # fmt: skip
+    done: dict[frozenset[str], int] = {}
     for o, option in enumerate(OPTIONS):
         saved = problem.saved_for([option] * K)
+        if saved in done:  # the same plan as an earlier option: same stats
+            for table in (S, F, P, C, T, FL):
+                table[:, o] = table[:, done[saved]]
+            continue
+        done[saved] = o
         ev = evaluate(step, saved)
         problem.evaluations[option] = ev
         _attribute(ev, owner, K, o, problem)
@@ -265,11 +291,13 @@ def _segment_of_points(tl: MemoryTimeline, owner: dict[str, int], owned: np.ndar
     return result
 
 
-def _solve(problem: RematProblem, budget: float, time_limit: float) -> tuple[list[str] | None, str]:
+def _solve(
+    problem: RematProblem, budget: float, time_limit: float, gap: float = 1e-4
+) -> tuple[list[str] | None, str]:
     from memopt.plan.milp import solve_greedy, solve_milp
 
     try:
-        idx, how = solve_milp(problem.S, problem.F, problem.P, problem.C, budget, time_limit)
+        idx, how = solve_milp(problem.S, problem.F, problem.P, problem.C, budget, time_limit, gap)
     except ImportError:
         idx, how = None, "scipy missing"
     if idx is None and how != "milp":
@@ -288,8 +316,8 @@ def _tradeoff(
     with the choice behind each point."""
     curve: list[tuple[list[str], dict[str, float]]] = []
     seen: set[tuple[str, ...]] = set()
-    for budget in np.linspace(high, low, points):
-        choice, _ = _solve(problem, float(budget), time_limit)
+    for budget in np.linspace(high, low, points):  # a sketch of the curve: quick, coarse solves
+        choice, _ = _solve(problem, float(budget), min(time_limit, 0.5), gap=0.02)
         if choice is None or tuple(choice) in seen:
             continue
         seen.add(tuple(choice))
@@ -326,7 +354,8 @@ def plan_remat(step: StepGraphs, budget_bytes: int, *, time_limit: float = 5.0, 
             tried[saved] = (choice, evaluate(step, saved))
         return tried[saved][1]
 
-    consider([f"{OPTIONS[-1]} (whole graph)"] * K, problem.torch_whole)
+    for b, names in problem.torch_whole.items():  # (repeats of a budget are skipped by consider)
+        consider([f"torch@{b} (whole graph)"] * K, names)
     target = float(budget_bytes)
     iterations, how = 0, "milp"
     for iterations in range(1, max_iterations + 1):
