@@ -90,7 +90,9 @@ def _check_fake_metadata(gm: fx.GraphModule, name: str) -> None:
     inputs = [meta.fake_value(p) for p in placeholders]
     if not placeholders or any(v is None for v in inputs):
         return  # hand-built graph without metadata: lint only
-    fake_mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
+    fake_mode = meta.fake_mode_of(placeholders) or detect_fake_mode(
+        [v for v in inputs if isinstance(v, torch.Tensor)]
+    )
     if fake_mode is None:
         return
     with fake_mode:
