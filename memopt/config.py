@@ -12,12 +12,14 @@ import dataclasses
 import difflib
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["MemoptConfig", "CODEGENS"]
+__all__ = ["MemoptConfig", "CODEGENS", "PRECISIONS", "COMPRESSION_FORMATS"]
 
 CODEGENS: tuple[str, ...] = ("inductor", "eager")
+PRECISIONS: tuple[str, ...] = ("bf16", "fp16")
+COMPRESSION_FORMATS: tuple[str, ...] = ("bf16", "fp8", "int8")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,25 @@ class MemoptConfig:
     verify: bool = False
     """Verify every graph after each pass: FX lint, fake-tensor metadata re-check and
     memopt's invariants. Costs compile time. Default: ``$MEMOPT_VERIFY`` is set to 1."""
+
+    # -- precision (numerics-changing, opt-in; docs/precision.md) --------------------
+
+    precision: str | None = None
+    """``"bf16"`` or ``"fp16"``: run matmuls, convolutions and attention in that dtype
+    and keep norms, softmax, reductions and losses in fp32, per the op policy table
+    (``memopt.passes.precision_policy``); parameters stay fp32 masters and receive fp32
+    gradients. ``None`` (default): no lowering. Changes numerics."""
+
+    precision_policy: dict[str, str] = field(default_factory=dict)
+    """Overrides of the precision policy table, ``{op name: mode}`` with modes
+    ``"low"``, ``"fp32"``, ``"fp32_low_out"``, ``"follow"``, e.g. ``{"softmax":
+    "fp32"}``. Only read when ``precision`` is set."""
+
+    compress_activations: str | None = None
+    """``"bf16"``, ``"fp8"`` (e4m3, per-block scales) or ``"int8"`` (per-block scales):
+    store every eligible saved activation compressed between forward and backward
+    (never parameters, inputs or views of them; never bool/integer or tiny tensors).
+    ``None`` (default): saved values are stored as computed. Changes numerics."""
 
     @classmethod
     def from_options(
@@ -144,5 +165,37 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "dump_dir": _optional_path,
     "verify": _bool,
 }
+
+
+# -- precision options (see docs/precision.md) -------------------------------------
+
+
+def _optional_choice(allowed: Iterable[str]) -> Callable[[str, Any], str | None]:
+    allowed = tuple(allowed)
+
+    def check_optional(key: str, value: Any) -> str | None:
+        if value is not None and value not in allowed:
+            raise ValueError(
+                f"memopt option {key}={value!r} is not allowed; choose one of "
+                f"{', '.join(repr(a) for a in allowed)}, or None to turn it off."
+            )
+        return value if value is None else str(value)
+
+    return check_optional
+
+
+def _precision_policy(key: str, value: Any) -> dict[str, str]:
+    from memopt.passes.precision_policy import validate_overrides
+
+    return validate_overrides(key, value)
+
+
+_VALIDATORS.update(
+    {
+        "precision": _optional_choice(PRECISIONS),
+        "precision_policy": _precision_policy,
+        "compress_activations": _optional_choice(COMPRESSION_FORMATS),
+    }
+)
 
 assert set(_VALIDATORS) == {f.name for f in fields(MemoptConfig)}, "every option needs a validator"
