@@ -235,21 +235,23 @@ def test_fp16_trains_with_grad_scaler():
     torch.testing.assert_close(loss, ref_loss, rtol=0.02, atol=0)
 
 
-def test_short_training_run_follows_fp32():
-    """30 AdamW steps of a tiny GPT on the successor task: the bf16 loss stays within 1%
-    of the fp32 loss (200-step numbers on larger models: docs/precision.md)."""
+def test_short_training_runs_follow_fp32():
+    """30 AdamW steps of a tiny GPT on the successor task: the loss with bf16 compute
+    and with fp8-compressed activations stays within 1% of fp32's (the issue's bars
+    for 200 steps are 2% and 3%; those runs, on larger models: docs/precision.md)."""
     torch.manual_seed(0)
     base = GPT(TINY_GPT)
     batches = successor_tokens(TINY_GPT.vocab, 8, 17, steps=30)
-    finals = []
-    for options in ({"codegen": "eager"}, {"codegen": "eager", "precision": "bf16"}):
+    finals = {}
+    for name, extra in (("fp32", {}), ("bf16", {"precision": "bf16"}), ("fp8", {"compress_activations": "fp8"})):
         torch._dynamo.reset()
         model = copy.deepcopy(base)
-        compiled = torch.compile(model, backend="memopt", options=options)
+        compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", **extra})
         losses = train_losses(lambda b: compiled(b[:, :-1], b[:, 1:]), model.parameters(), batches)
-        finals.append(final_loss(losses, window=5))
-        assert losses[-1] < 0.8 * losses[0]  # it learns
-    assert abs(finals[1] - finals[0]) < 0.01 * finals[0], finals
+        assert losses[-1] < 0.8 * losses[0], name  # it learns
+        finals[name] = final_loss(losses, window=5)
+    for name in ("bf16", "fp8"):
+        assert abs(finals[name] - finals["fp32"]) < 0.01 * finals["fp32"], finals
 
 
 def test_mutating_ops_get_fresh_casts():

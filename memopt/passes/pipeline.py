@@ -9,8 +9,9 @@ order their docstrings require.
 
 Precision (docs/precision.md):
 
-* ``recompute_saved_casts`` runs after every pass that changes which values are saved
-  (rematerialization): saved dtype copies are recomputed from their source.
+* ``recompute_saved_casts`` then ``compress_activations`` run after every pass that
+  changes which values are saved (rematerialization): they shrink what is still saved,
+  exactly first (saved dtype copies are recomputed from their source), then lossily.
 * ``pre_autograd_pipeline`` is a second stage, run on the Dynamo-level graph before
   AOTAutograd traces it (a `StepGraphs` with one graph named ``dynamo``): rewrites
   that must be differentiated like user code, i.e. ``precision`` (casts whose
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 
 from memopt.config import MemoptConfig
 from memopt.passes.base import Pass
+from memopt.passes.compress import CompressSavedActivations
 from memopt.passes.dce import DeadCodeElimination
 from memopt.passes.precision import PrecisionLowering
 from memopt.passes.saved_casts import RecomputeSavedCasts
@@ -32,7 +34,7 @@ __all__ = ["default_pipeline", "pass_names", "pre_autograd_pipeline", "disabled_
 
 def default_pipeline(config: MemoptConfig) -> list[Pass]:
     """The passes memopt runs on every region for ``config``, in order."""
-    return [DeadCodeElimination(), RecomputeSavedCasts()]
+    return [DeadCodeElimination(), RecomputeSavedCasts(), CompressSavedActivations()]
 
 
 def pass_names(config: MemoptConfig | None = None) -> list[str]:

@@ -1,0 +1,145 @@
+"""Which saved-for-backward values may be stored compressed, and why the others not.
+
+Pure (no graph mutation), so both the ``compress_activations`` pass and a planner
+weighing compression against other choices can ask it.
+
+The unit is a **storage**: several saved values may be views of one forward tensor
+(AOTAutograd saves ``transpose(x)`` for a matmul's backward). Compression stores the
+storage's dense *base* tensor once; backward restores it and rebuilds each saved view
+with ``as_strided``. A storage is eligible when storing it compressed actually frees
+its bytes and restoring it is exact in layout:
+
+* floating values (float32, bfloat16, float16) of one dtype: never bool masks
+  (dropout), integer indices or symbols, whose values must survive exactly;
+* a true activation: the storage is made in the forward graph, not a parameter, a
+  buffer, an input or a view of one (those stay alive anyway), nor a dtype copy of one
+  (a low-precision weight copy is a parameter in another dtype);
+* free of infinities by construction (fp8/int8): not an attention mask built with
+  ``-inf`` (`memopt.analysis.value_ops.may_hold_infinities`); the block formats do not
+  represent inf. (bf16 does, so it may store them.)
+* not also returned to the caller (else the storage stays alive);
+* a dense base exists: a node whose value is contiguous, at offset 0 and covers the
+  whole storage, so a contiguous restore has the original layout;
+* static shapes (the restore needs sizes; symbolic sizes are not supported yet);
+* at least `MIN_ELEMENTS` elements: below that the bytes saved (under 3 KiB at fp8)
+  do not pay for two kernel launches and a scales tensor; this keeps norm statistics
+  and per-row scalars as they are;
+* worth it for the format: ``bf16`` only shrinks 4-byte values.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from memopt.analysis.aliasing import GraphAliasing, Storage, analyze_aliasing, concrete_int
+from memopt.analysis.value_ops import cast_and_view_source, may_hold_infinities
+from memopt.graph import meta
+from memopt.graph.step import StepGraphs, output_values
+
+__all__ = ["MIN_ELEMENTS", "SavedStorage", "saved_storages"]
+
+MIN_ELEMENTS = 1024
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class SavedStorage:
+    """The saved values that live on one storage (forward nodes, in output order), the
+    dense ``base`` node covering it (None if there is none), the storage's bytes, and
+    why it cannot be compressed (None when it can)."""
+
+    values: tuple[fx.Node, ...]
+    base: fx.Node | None
+    nbytes: int
+    reason: str | None
+    storage: Storage | None = None
+
+    @property
+    def eligible(self) -> bool:
+        return self.reason is None
+
+
+def _dense_base(storage: Storage, candidates: list[fx.Node]) -> fx.Node | None:
+    """A node whose value is contiguous, at offset 0, covering all of ``storage``."""
+    producer = storage.producer
+    pool = list(candidates) + [producer] + [
+        u for u in producer.users if u.target is operator.getitem and u.args[1] == storage.index
+    ]
+    for node in pool:
+        value = meta.tensor_value(node)
+        if (
+            value is not None
+            and all(isinstance(s, int) for s in value.shape)
+            and value.is_contiguous()
+            and concrete_int(value.storage_offset()) == 0
+            and concrete_int(value.numel()) * value.element_size() == storage.nbytes
+        ):
+            return node
+    return None
+
+
+def saved_storages(step: StepGraphs, fmt: str, min_elements: int = MIN_ELEMENTS) -> list[SavedStorage]:
+    """Every storage holding saved tensors of ``step``, with its eligibility for format
+    ``fmt`` (``"bf16"``, ``"fp8"`` or ``"int8"``), in forward-output order of their
+    first saved value."""
+    if step.backward is None:
+        return []
+    aliasing = analyze_aliasing(step.forward.graph)
+    pairs = [(fw, bw) for fw, bw in step.saved_pairs() if not meta.is_symbolic(fw)]
+    groups: dict[object, list[tuple[fx.Node, fx.Node]]] = {}
+    for fw, bw in pairs:
+        storages = aliasing.storages_of(fw)
+        key: object = storages[0] if len(storages) == 1 else fw
+        groups.setdefault(key, []).append((fw, bw))
+    returned = {
+        s for out in output_values(step.forward)[: step.num_fwd_outputs] if out is not None for s in aliasing.storages_of(out)
+    }
+    infinite = may_hold_infinities(step.forward.graph) if fmt != "bf16" else set()
+    result = []
+    for key, members in groups.items():
+        storage = key if isinstance(key, Storage) else None
+        values = tuple(fw for fw, _ in members)
+        base = None if storage is None else _dense_base(storage, list(values))
+        reason = _ineligible(members, storage, base, aliasing, returned, fmt, min_elements)
+        if reason is None and base is not None and (base in infinite or any(v in infinite for v in values)):
+            reason = "may hold infinities (e.g. a -inf attention mask)"
+        result.append(SavedStorage(values, base, 0 if storage is None else storage.nbytes, reason, storage))
+    return result
+
+
+def _ineligible(
+    members: list[tuple[fx.Node, fx.Node]],
+    storage: Storage | None,
+    base: fx.Node | None,
+    aliasing: GraphAliasing,
+    returned: set[Storage],
+    fmt: str,
+    min_elements: int,
+) -> str | None:
+    """Why the storage of ``members`` cannot be stored compressed in ``fmt``, or None."""
+    values = [meta.tensor_value(fw) for fw, _ in members]
+    if any(v is None or v.dtype not in _FLOATS for v in values) or len({v.dtype for v in values}) != 1:  # type: ignore[union-attr]
+        return "not a floating tensor (masks, indices and symbols are kept exact)"
+    if storage is None or storage.producer.op == "placeholder":
+        return "parameter, input or a view of one"
+    if cast_and_view_source(storage.producer).op == "placeholder":
+        return "a dtype copy of a parameter or input"
+    if storage in returned:
+        return "also returned to the caller"
+    if any(not all(isinstance(s, int) for s in v.shape) for v in values):  # type: ignore[union-attr]
+        return "dynamic shape (not supported yet)"
+    if base is None:
+        return "no dense tensor covers its storage"
+    value = meta.tensor_value(base)
+    assert value is not None
+    if concrete_int(value.numel()) < min_elements:
+        return f"fewer than {min_elements} elements"
+    if fmt == "bf16" and value.element_size() <= 2:
+        return "already 2 bytes per element"
+    if any(meta.saved_without_version_check(fw) for fw, _ in members) or not any(bw.users for _, bw in members):
+        return "saved without version check, or unused in backward"
+    return None
