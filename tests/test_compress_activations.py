@@ -165,6 +165,7 @@ def test_fp8_saved_bytes_at_most_30_percent_and_peak_lower(gpt_runs):
     for entry in details["compressed"]:
         assert 0 < entry["rel_error"] < 0.04  # e4m3: 3 mantissa bits
         assert entry["bytes_after"] * 3 < entry["bytes_before"]
+    assert f"saved activations {_saved_bytes(full) / 2**20:.2f} MiB ->" in fp8.report()
 
     torch.manual_seed(0)
     model, inputs = GPT(GPT_CONFIG), _gpt_inputs(batch=16)

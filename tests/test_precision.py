@@ -197,6 +197,9 @@ def test_explain_reports_lowered_ops_bytes_and_measured_error():
     assert error["measured"] is True
     assert set(error["grad_rel_error"]) == {n for n, _ in model.named_parameters()}
     assert 0 < error["grad_rel_error_max"] < 0.05
+    text = explanation.report()
+    assert "precision bfloat16: ops 1 fp32, 6 fp32_low_out, 7 low; 9 parameter casts" in text
+    assert "measured on the example inputs: output rel. error" in text
 
 
 def test_inference_and_graph_breaks_are_lowered_too():
