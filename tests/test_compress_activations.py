@@ -116,6 +116,19 @@ def test_masks_holding_infinities_are_kept_in_block_formats():
     assert reason not in _reasons(_masked_attention, q, k, v, fmt="bf16").values()  # bf16 has inf
 
 
+def test_relu_outputs_keep_their_zeros():
+    """ReLU's backward keeps gradients where its saved output is positive; int8/fp8
+    round small positives to zero, so those outputs are only stored as bf16."""
+
+    def f(x, w):
+        return (torch.relu(x @ w) @ w).sum()
+
+    x, w = torch.randn(64, 64), torch.randn(64, 64, requires_grad=True)
+    reason = "backward reads its signs or zeros (ReLU), which block rounding flips"
+    assert reason in _reasons(f, x, w, fmt="int8").values()
+    assert None in _reasons(f, x, w, fmt="bf16").values()
+
+
 def test_copies_of_parameters_are_not_activations():
     def f(x, w):
         return (x.bfloat16() @ w.bfloat16()).float().sum()

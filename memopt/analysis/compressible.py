@@ -17,6 +17,10 @@ its bytes and restoring it is exact in layout:
 * free of infinities by construction (fp8/int8): not an attention mask built with
   ``-inf`` (`memopt.analysis.value_ops.may_hold_infinities`); the block formats do not
   represent inf. (bf16 does, so it may store them.)
+* not read in backward only for its signs or zeros (fp8/int8): ReLU's backward keeps
+  the gradient where the saved output is positive, and a block format rounds small
+  positives to 0, dropping those gradients (measured: 17-25% error in a CNN's
+  BatchNorm gradients with int8). bf16 keeps every nonzero nonzero.
 * not also returned to the caller (else the storage stays alive);
 * a dense base exists: a node whose value is contiguous, at offset 0 and covers the
   whole storage, so a contiguous restore has the original layout;
@@ -36,7 +40,7 @@ import torch
 import torch.fx as fx
 
 from memopt.analysis.aliasing import GraphAliasing, Storage, analyze_aliasing, concrete_int
-from memopt.analysis.value_ops import cast_and_view_source, may_hold_infinities
+from memopt.analysis.value_ops import SIGN_READERS, VIEW_OPS, cast_and_view_source, may_hold_infinities
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs, output_values
 
@@ -107,8 +111,25 @@ def saved_storages(step: StepGraphs, fmt: str, min_elements: int = MIN_ELEMENTS)
         reason = _ineligible(members, storage, base, aliasing, returned, fmt, min_elements)
         if reason is None and base is not None and (base in infinite or any(v in infinite for v in values)):
             reason = "may hold infinities (e.g. a -inf attention mask)"
+        if reason is None and fmt != "bf16" and any(_reads_signs(bw) for _, bw in members):
+            reason = "backward reads its signs or zeros (ReLU), which block rounding flips"
         result.append(SavedStorage(values, base, 0 if storage is None else storage.nbytes, reason, storage))
     return result
+
+
+def _reads_signs(placeholder: fx.Node) -> bool:
+    """A backward op reads the saved value (or a view of it) as a sign/zero mask."""
+    pending, seen = list(placeholder.users), set()
+    while pending:
+        user = pending.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if user.target in SIGN_READERS:
+            return True
+        if user.target in VIEW_OPS:
+            pending.extend(user.users)
+    return False
 
 
 def _ineligible(

@@ -2,6 +2,7 @@
 
 * dtype casts (``_to_copy``, ``convert_element_type``) and view ops: cheap, exact to
   redo, so a saved value built from them can be recomputed or traced to its source;
+* ops reading a value only for its signs or zeros (ReLU's ``threshold_backward``);
 * values that may hold infinities on purpose (attention masks made with ``-inf``):
   a forward dataflow from ops with a non-finite constant through pointwise ops and
   views (reductions, matmuls and attention turn masked inputs into finite outputs).
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["CAST_OPS", "VIEW_OPS", "cast_and_view_source", "may_hold_infinities"]
+__all__ = ["CAST_OPS", "VIEW_OPS", "SIGN_READERS", "cast_and_view_source", "may_hold_infinities"]
 
 aten = torch.ops.aten
 CAST_OPS = frozenset({aten._to_copy.default, torch.ops.prims.convert_element_type.default})
@@ -25,6 +26,13 @@ VIEW_OPS = frozenset({
     aten.squeeze.dim, aten.squeeze.dims, aten.slice.Tensor, aten.select.int,
     aten.alias.default, aten.detach.default,
 })  # fmt: skip
+
+
+SIGN_READERS = frozenset({
+    aten.threshold_backward.default, aten.le.Scalar, aten.lt.Scalar, aten.ge.Scalar,
+    aten.gt.Scalar, aten.eq.Scalar, aten.ne.Scalar, aten.sign.default,
+})  # fmt: skip
+"""Ops that read a tensor for its signs or zeros (ReLU's backward and masks)."""
 
 
 def cast_and_view_source(node: fx.Node) -> fx.Node:
