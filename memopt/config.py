@@ -54,7 +54,7 @@ class MemoptConfig:
     (``memopt.passes.precision_policy``); parameters stay fp32 masters and receive fp32
     gradients. ``None`` (default): no lowering. Changes numerics."""
 
-    precision_policy: dict[str, str] = field(default_factory=dict)
+    precision_policy: Mapping[str, str] = field(default_factory=lambda: _empty_policy())
     """Overrides of the precision policy table, ``{op name: mode}`` with modes
     ``"low"``, ``"fp32"``, ``"fp32_low_out"``, ``"follow"``, e.g. ``{"softmax":
     "fp32"}``. Only read when ``precision`` is set."""
@@ -184,10 +184,16 @@ def _optional_choice(allowed: Iterable[str]) -> Callable[[str, Any], str | None]
     return check_optional
 
 
-def _precision_policy(key: str, value: Any) -> dict[str, str]:
+def _precision_policy(key: str, value: Any) -> Mapping[str, str]:
     from memopt.passes.precision_policy import validate_overrides
 
     return validate_overrides(key, value)
+
+
+def _empty_policy() -> Mapping[str, str]:
+    from memopt.passes.precision_policy import PolicyOverrides
+
+    return PolicyOverrides()
 
 
 _VALIDATORS.update(

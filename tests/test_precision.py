@@ -43,6 +43,10 @@ def _nodes(gm: torch.fx.GraphModule, target: object) -> list[torch.fx.Node]:
 def test_policy_overrides_are_validated_and_applied():
     config = MemoptConfig.from_options({"precision": "bf16", "precision_policy": {"softmax": "fp32"}})
     assert resolve_policy(config.precision_policy)["softmax"] == FP32
+    same = MemoptConfig.from_options({"precision": "bf16", "precision_policy": {"softmax": "fp32"}})
+    assert hash(config) == hash(same) and config == same  # configs stay hashable
+    with pytest.raises(TypeError, match="read-only"):
+        config.precision_policy["linear"] = "fp32"  # type: ignore[index]
     assert DEFAULT_POLICY["softmax"] != FP32  # the override changed something
     with pytest.raises(ValueError, match=r"'softmx' is not a torch function.*Did you mean 'softmax'"):
         MemoptConfig.from_options({"precision_policy": {"softmx": "fp32"}})

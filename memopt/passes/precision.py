@@ -127,7 +127,7 @@ def _mutates(node: fx.Node) -> bool:
     ``inplace=True``, a mutable aten overload)."""
     if node.op == "call_method":
         name = str(node.target)
-        return name.endswith("_") and not name.endswith("__") or name in ("__setitem__", "__iadd__")
+        return (name.endswith("_") and not name.endswith("__")) or name in ("__setitem__", "__iadd__")
     if node.op != "call_function":
         return False
     if node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True:
@@ -152,6 +152,7 @@ class _Lowering:
         self.env: dict[fx.Node, Any] = {}
         self.casts: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
         self.autocasts: list[Any] = []  # autocast contexts the graph entered, innermost last
+        self.output_dtypes: list[torch.dtype | None] = []  # of the outputs before rewriting
         self.report = LoweringReport(str(low).replace("torch.", ""))
 
     def run(self, fake_mode: Any) -> LoweringReport:

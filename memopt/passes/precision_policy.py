@@ -40,6 +40,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 __all__ = [
+    "PolicyOverrides",
     "MODES",
     "LOW",
     "FP32",
@@ -97,6 +98,19 @@ result feeds a loss, where rounding log-probabilities would cost accuracy."""
 _TORCH_MODULES = ("torch", "torch.nn.functional", "torch._C._nn", "torch.functional", "torch._C._VariableFunctions")
 
 
+class PolicyOverrides(dict[str, str]):
+    """The ``precision_policy`` option's value: a read-only, hashable dict, so that
+    `MemoptConfig` stays hashable and JSON-able."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("precision_policy is read-only; use MemoptConfig.replace(precision_policy=...)")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _read_only  # type: ignore[assignment]
+
+
 def resolve_policy(overrides: Mapping[str, str]) -> Mapping[str, str]:
     """`DEFAULT_POLICY` with ``overrides`` applied (validated by `validate_overrides`)."""
     return MappingProxyType({**DEFAULT_POLICY, **overrides})
@@ -108,7 +122,7 @@ def _known_op(name: str) -> bool:
     )
 
 
-def validate_overrides(key: str, value: Any) -> dict[str, str]:
+def validate_overrides(key: str, value: Any) -> PolicyOverrides:
     """Check a ``precision_policy`` option: a mapping from op names (torch functions or
     Tensor methods) to modes. Raises ``ValueError`` naming the bad entry and the fix."""
     if not isinstance(value, Mapping):
@@ -131,7 +145,7 @@ def validate_overrides(key: str, value: Any) -> dict[str, str]:
                 f"choose one of {', '.join(repr(m) for m in MODES)}."
             )
         result[name] = str(mode)
-    return dict(sorted(result.items()))
+    return PolicyOverrides(sorted(result.items()))
 
 
 def op_name(node: fx.Node) -> str | None:
