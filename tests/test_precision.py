@@ -297,3 +297,19 @@ def test_zoo_trains_with_bf16_and_int8_activations(name):
     assert float((flat[0] - flat[1]).norm() / flat[1].norm()) < 0.03
     for buffer, value in want.buffers.items():
         torch.testing.assert_close(got.buffers[buffer], value, rtol=0.02, atol=1e-3)
+
+
+def test_dynamic_batch_is_lowered_and_compression_skips_symbolic_values():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 1))
+    options = {**BF16, "compress_activations": "int8"}
+    compiled = torch.compile(model, backend="memopt", dynamic=True, options=options)
+    with memopt.record() as explanation:
+        for batch in (40, 48):
+            x = torch.randn(batch, 32)
+            torch.testing.assert_close(compiled(x), model(x), rtol=0.05, atol=0.02)
+    assert len(explanation.regions) == 1  # one compile serves both batch sizes
+    passes = {p.name: p for p in explanation.region(0).passes}
+    assert passes["precision"].modified
+    assert passes["precision"].details["error"]["why"].startswith("dynamic shapes")
+    assert "dynamic shape (not supported yet)" in passes["compress_activations"].details["skipped"]

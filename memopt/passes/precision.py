@@ -436,8 +436,11 @@ class PrecisionLowering(Pass):
 def _measure(reference: fx.GraphModule, step: StepGraphs, ctx: PassContext) -> dict[str, Any]:
     """Output and gradient errors of the lowered graph against ``reference``."""
     inputs = concrete_inputs(ctx.example_inputs)
-    if inputs is None or len(inputs) != len(step.forward.graph.find_nodes(op="placeholder")):
+    placeholders = step.forward.graph.find_nodes(op="placeholder")
+    if inputs is None or len(inputs) != len(placeholders):
         return {"measured": False, "why": "example inputs are fake or do not match the graph"}
+    if any(meta.is_symbolic(p) for p in placeholders):
+        return {"measured": False, "why": "dynamic shapes (the graph takes symbolic sizes)"}
     names = [short_name(i.name) for i in step.inputs] or [p.name for p in reference.graph.find_nodes(op="placeholder")]
     try:
         result = compare_with_reference(reference, step.forward, inputs, names)
