@@ -121,7 +121,11 @@ class RecomputeSavedCasts(Pass):
     def run(self, step: StepGraphs, analyses: AnalysisManager, ctx: PassContext) -> PassResult:
         if not step.is_training:
             return PassResult.unchanged()
-        casts = [c for fw, _ in step.saved_pairs() if (c := saved_cast_of(fw)) is not None]
+        casts = [  # values AOTAutograd stashes without version check must stay last: left alone
+            c
+            for fw, _ in step.saved_pairs()
+            if not meta.saved_without_version_check(fw) and (c := saved_cast_of(fw)) is not None
+        ]
         if not casts:
             return PassResult.unchanged()
         aliasing = analyze_aliasing(step.forward.graph)
