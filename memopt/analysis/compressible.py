@@ -22,8 +22,9 @@ its bytes and restoring it is exact in layout:
   positives to 0, dropping those gradients (measured: 17-25% error in a CNN's
   BatchNorm gradients with int8). bf16 keeps every nonzero nonzero.
 * not also returned to the caller (else the storage stays alive);
-* a dense base exists: a node whose value is contiguous, at offset 0 and covers the
-  whole storage, so a contiguous restore has the original layout;
+* a dense base exists: a node whose value covers the whole storage from offset 0,
+  contiguous up to a permutation of dims (elementwise results of transposed inputs);
+  it is stored in storage order and restored with the original layout;
 * static shapes (the restore needs sizes; symbolic sizes are not supported yet);
 * at least `MIN_ELEMENTS` elements: below that the bytes saved (under 3 KiB at fp8)
   do not pay for two kernel launches and a scales tensor; this keeps norm statistics
@@ -61,14 +62,25 @@ class SavedStorage:
     nbytes: int
     reason: str | None
     storage: Storage | None = None
+    order: tuple[int, ...] = ()
+    """Dims of ``base`` in storage order: ``base.permute(order)`` is contiguous."""
 
     @property
     def eligible(self) -> bool:
         return self.reason is None
 
 
-def _dense_base(storage: Storage, candidates: list[fx.Node]) -> fx.Node | None:
-    """A node whose value is contiguous, at offset 0, covering all of ``storage``."""
+def storage_order(value: torch.Tensor) -> tuple[int, ...] | None:
+    """The permutation of dims that makes ``value`` contiguous (identity if it is), or
+    None when no permutation does (overlapping or gapped strides)."""
+    order = tuple(sorted(range(value.dim()), key=lambda d: (-concrete_int(value.stride(d)), d)))
+    return order if value.permute(order).is_contiguous() else None
+
+
+def _dense_base(storage: Storage, candidates: list[fx.Node]) -> tuple[fx.Node, tuple[int, ...]] | None:
+    """A node whose value covers all of ``storage`` from offset 0 densely (contiguous
+    up to a permutation of dims, as elementwise ops on transposed inputs produce), and
+    that permutation."""
     producer = storage.producer
     pool = list(candidates) + [producer] + [
         u for u in producer.users if u.target is operator.getitem and u.args[1] == storage.index
@@ -78,11 +90,11 @@ def _dense_base(storage: Storage, candidates: list[fx.Node]) -> fx.Node | None:
         if (
             value is not None
             and all(isinstance(s, int) for s in value.shape)
-            and value.is_contiguous()
             and concrete_int(value.storage_offset()) == 0
             and concrete_int(value.numel()) * value.element_size() == storage.nbytes
+            and (order := storage_order(value)) is not None
         ):
-            return node
+            return node, order
     return None
 
 
@@ -107,13 +119,14 @@ def saved_storages(step: StepGraphs, fmt: str, min_elements: int = MIN_ELEMENTS)
     for key, members in groups.items():
         storage = key if isinstance(key, Storage) else None
         values = tuple(fw for fw, _ in members)
-        base = None if storage is None else _dense_base(storage, list(values))
+        found = None if storage is None else _dense_base(storage, list(values))
+        base, order = found if found is not None else (None, ())
         reason = _ineligible(members, storage, base, aliasing, returned, fmt, min_elements)
         if reason is None and base is not None and (base in infinite or any(v in infinite for v in values)):
             reason = "may hold infinities (e.g. a -inf attention mask)"
         if reason is None and fmt != "bf16" and any(_reads_signs(bw) for _, bw in members):
             reason = "backward reads its signs or zeros (ReLU), which block rounding flips"
-        result.append(SavedStorage(values, base, 0 if storage is None else storage.nbytes, reason, storage))
+        result.append(SavedStorage(values, base, 0 if storage is None else storage.nbytes, reason, storage, order))
     return result
 
 

@@ -115,11 +115,16 @@ def _insert_compress(group: SavedStorage, choice: CompressionChoice, fake_mode: 
     base = group.base
     assert base is not None
     graph = base.graph
-    with graph.inserting_after(_last_use_of_storage(group)):
+    source, anchor = base, _last_use_of_storage(group)
+    if list(group.order) != sorted(group.order):  # read the storage in its own order
+        with graph.inserting_after(anchor):
+            source = anchor = graph.call_function(torch.ops.aten.permute.default, (base, list(group.order)))
+        run_fake(source, fake_mode)
+    with graph.inserting_after(anchor):
         if choice.format == "bf16":
-            stored = graph.call_function(_CONVERT, (base, torch.bfloat16))
+            stored = graph.call_function(_CONVERT, (source, torch.bfloat16))
         else:
-            stored = graph.call_function(_QUANTIZE, (base, choice.block_size, _CODES[choice.format]))
+            stored = graph.call_function(_QUANTIZE, (source, choice.block_size, _CODES[choice.format]))
     meta.copy_meta(base, stored)
     meta.set_memopt_tag(stored, "compressed", choice.format)
     parts = run_fake(stored, fake_mode)
@@ -141,15 +146,21 @@ def _restore(group: SavedStorage, choice: CompressionChoice, fake_mode: Any) -> 
     original = meta.tensor_value(base) if base is not None else None
     assert base is not None and original is not None
 
+    order = list(group.order)
+
     def rebuild(graph: fx.Graph, inputs: list[fx.Node]) -> list[fx.Node]:
         if choice.format == "bf16":
             restored = graph.call_function(_CONVERT, (inputs[0], original.dtype))
         else:
-            size = [concrete_int(s) for s in original.shape]
+            size = [concrete_int(original.shape[d]) for d in order]
             restored = graph.call_function(_DEQUANTIZE, (*inputs, size, choice.block_size, original.dtype))
         meta.copy_meta(base, restored)
         meta.set_memopt_tag(restored, "restored", choice.format)
         run_fake(restored, fake_mode)
+        if order != sorted(order):  # back to the original dims: the original strides
+            inverse = sorted(range(len(order)), key=order.__getitem__)
+            restored = graph.call_function(torch.ops.aten.permute.default, (restored, inverse))
+            run_fake(restored, fake_mode)
         return [_view_of(graph, restored, value, fake_mode) for value in group.values]
 
     return rebuild
@@ -219,15 +230,21 @@ def compress_saved_values(step: StepGraphs, decisions: Mapping[fx.Node, Compress
     return done
 
 
-def compress_every_eligible(step: StepGraphs, fmt: str, min_elements: int = MIN_ELEMENTS) -> tuple[dict[fx.Node, CompressionChoice], Counter[str]]:
+def compress_every_eligible(
+    step: StepGraphs, fmt: str, min_elements: int = MIN_ELEMENTS
+) -> tuple[dict[fx.Node, CompressionChoice], Counter[str]]:
     """The option-driven decisions: every saved value on an eligible storage in
-    ``fmt``; and how many storages were skipped for each reason."""
-    choice = CompressionChoice(fmt)
+    ``fmt``, and, for fp8/int8, fp32 values only the block formats cannot take
+    (infinities, ReLU outputs) in bf16; and how many storages were skipped per reason."""
     decisions: dict[fx.Node, CompressionChoice] = {}
     skipped: Counter[str] = Counter()
+    fallback = {g.values: g for g in saved_storages(step, "bf16", min_elements)} if fmt != "bf16" else {}
     for group in saved_storages(step, fmt, min_elements):
         if group.eligible:
-            decisions.update(dict.fromkeys(group.values, choice))
+            decisions.update(dict.fromkeys(group.values, CompressionChoice(fmt)))
+        elif group.values in fallback and fallback[group.values].eligible:
+            decisions.update(dict.fromkeys(group.values, CompressionChoice("bf16")))
+            skipped[f"{group.reason}: stored as bf16"] += 1
         else:
             skipped[str(group.reason)] += 1
     return decisions, skipped
@@ -239,11 +256,12 @@ def _measured_errors(step: StepGraphs, groups: list[tuple[SavedStorage, Compress
     placeholders = step.forward.graph.find_nodes(op="placeholder")
     if inputs is None or len(inputs) != len(placeholders):
         return "not measured: example inputs are fake or do not match the forward graph"
-    choices = {g.base: c for g, c in groups if g.base is not None}
+    chosen = {g.base: (g, c) for g, c in groups if g.base is not None}
     try:
-        values = capture_values(step.forward, inputs, choices)
+        values = capture_values(step.forward, inputs, chosen)
         with real_tensors(inputs):
-            return {n.name: relative_error(roundtrip(v, choices[n]), v) for n, v in values.items()}
+            stored = {n: v.permute(chosen[n][0].order) for n, v in values.items()}  # storage order
+            return {n.name: relative_error(roundtrip(v, chosen[n][1]), v) for n, v in stored.items()}
     except Exception as exc:  # noqa: BLE001 - a failed measurement must not fail the pass
         return f"not measured: running the forward graph failed: {type(exc).__name__}: {exc}"
 
