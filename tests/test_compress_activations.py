@@ -5,6 +5,7 @@ the restored values, and the saved bytes shrink as the format says."""
 from __future__ import annotations
 
 import copy
+import operator
 
 import pytest
 import torch
@@ -14,8 +15,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import memopt
+from memopt.analysis.aliasing import analyze_aliasing
 from memopt.analysis.compressible import MIN_ELEMENTS, saved_storages
 from memopt.analysis.memory import build_timeline
+from memopt.analysis.value_ops import VIEW_OPS
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs
 from memopt.graph.verify import verify_step
@@ -163,15 +166,37 @@ def test_copies_of_parameters_are_not_activations():
 # ------------------------------------------------------------- graphs and numbers
 
 
+def _made_by_compression(node: torch.fx.Node) -> bool:
+    quantize = torch.ops.memopt.quantize_blockwise.default
+    return node.target in (quantize, torch.ops.aten.permute.default) or (
+        node.target is operator.getitem and node.args[0].target is quantize
+    )
+
+
 def test_fp8_graphs_store_codes_and_restore_before_use(gpt_runs):
     loss, grads, explanation = gpt_runs["fp8"]
     step = explanation.region(0).step
     forward, backward = explanation.graph_code("forward"), explanation.graph_code("backward")
     assert "memopt.quantize_blockwise.default(" in forward
     assert "memopt.dequantize_blockwise.default(" in backward
-    assert "aten.permute.default(" in backward  # saved transposes restored in their layout
+    assert "aten.as_strided.default(" in backward  # saved transposes rebuilt from their base
     saved = [meta.tensor_value(n) for n, _ in step.saved_pairs()]
     assert sum(v.dtype == torch.float8_e4m3fn for v in saved) >= 10
+    aliasing = analyze_aliasing(step.forward.graph)
+    forward_order = {n: i for i, n in enumerate(step.forward.graph.nodes)}
+    for q in step.forward.graph.nodes:  # nothing reads a compressed storage afterwards
+        if q.target is torch.ops.memopt.quantize_blockwise.default:
+            storage = aliasing.storages_of(q.args[0])[0]
+            readers = [u for n in step.forward.graph.nodes if storage in aliasing.storages_of(n) for u in n.users]
+            assert all(forward_order[u] <= forward_order[q] for u in readers if u.op != "output" and u is not q)
+            # ... and codes are made right after the last computation that reads it, not
+            # after the detach/transpose views AOTAutograd puts at the end of forward
+            last = q.prev
+            while _made_by_compression(last):  # several storages may share their last reader
+                last = last.prev
+            assert last.target not in VIEW_OPS, (q.name, last.name)
+            assert last in readers or storage in aliasing.storages_of(last), (q.name, last.name)
+    assert all(n.users for n in step.forward.graph.nodes if n.target in VIEW_OPS)  # no dead views left
     order = {n: i for i, n in enumerate(step.backward.graph.nodes)}
     for node in step.backward.graph.nodes:
         if node.target is torch.ops.memopt.dequantize_blockwise.default:

@@ -64,6 +64,8 @@ class SavedStorage:
     storage: Storage | None = None
     order: tuple[int, ...] = ()
     """Dims of ``base`` in storage order: ``base.permute(order)`` is contiguous."""
+    aliases: tuple[fx.Node, ...] = ()
+    """Every forward node whose value lives on the storage (producer, base, views)."""
 
     @property
     def eligible(self) -> bool:
@@ -81,10 +83,10 @@ def _dense_base(storage: Storage, candidates: list[fx.Node]) -> tuple[fx.Node, t
     """A node whose value covers all of ``storage`` from offset 0 densely (contiguous
     up to a permutation of dims, as elementwise ops on transposed inputs produce), and
     that permutation."""
-    producer = storage.producer
-    pool = list(candidates) + [producer] + [
+    producer = storage.producer  # preferred: defined first, before any view of it
+    pool = [producer] + [
         u for u in producer.users if u.target is operator.getitem and u.args[1] == storage.index
-    ]
+    ] + list(candidates)
     for node in pool:
         value = meta.tensor_value(node)
         if (
@@ -115,6 +117,10 @@ def saved_storages(step: StepGraphs, fmt: str, min_elements: int = MIN_ELEMENTS)
         s for out in output_values(step.forward)[: step.num_fwd_outputs] if out is not None for s in aliasing.storages_of(out)
     }
     infinite = may_hold_infinities(step.forward.graph) if fmt != "bf16" else set()
+    on_storage: dict[Storage, list[fx.Node]] = {}
+    for node in step.forward.graph.nodes:
+        for s in aliasing.storages_of(node):
+            on_storage.setdefault(s, []).append(node)
     result = []
     for key, members in groups.items():
         storage = key if isinstance(key, Storage) else None
@@ -126,7 +132,8 @@ def saved_storages(step: StepGraphs, fmt: str, min_elements: int = MIN_ELEMENTS)
             reason = "may hold infinities (e.g. a -inf attention mask)"
         if reason is None and fmt != "bf16" and any(_reads_signs(bw) for _, bw in members):
             reason = "backward reads its signs or zeros (ReLU), which block rounding flips"
-        result.append(SavedStorage(values, base, 0 if storage is None else storage.nbytes, reason, storage, order))
+        aliases = tuple(on_storage.get(storage, ())) if storage is not None else ()
+        result.append(SavedStorage(values, base, 0 if storage is None else storage.nbytes, reason, storage, order, aliases))
     return result
 
 

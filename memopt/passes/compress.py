@@ -33,10 +33,11 @@ from memopt.analysis.compressible import MIN_ELEMENTS, SavedStorage, saved_stora
 from memopt.analysis.error_probe import capture_values, concrete_inputs, real_tensors, relative_error
 from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
 from memopt.analysis.memory import build_timeline
+from memopt.analysis.value_ops import VIEW_OPS
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs
 from memopt.passes.base import Pass, PassContext, PassResult
-from memopt.passes.saved_rewrite import fake_mode_of_step, last_forward_user, replace_saved_values, run_fake
+from memopt.passes.saved_rewrite import fake_mode_of_step, replace_saved_values, run_fake
 
 __all__ = [
     "CompressionChoice",
@@ -95,18 +96,35 @@ def roundtrip(x: torch.Tensor, choice: CompressionChoice) -> torch.Tensor:
     return _DEQUANTIZE(codes, scales, list(x.shape), choice.block_size, x.dtype)
 
 
+def _only_saved(group: SavedStorage) -> set[fx.Node]:
+    """Views of the storage that exist only to be saved (AOTAutograd puts ``detach``
+    and transposes of saved values at the end of forward): every user is the output
+    or another such view. They die once the codes are saved instead."""
+    result: set[fx.Node] = set()
+    for node in reversed(group.aliases):
+        if node.target in VIEW_OPS and all(u.op == "output" or u in result for u in node.users):
+            result.add(node)
+    return result
+
+
 def _last_use_of_storage(group: SavedStorage) -> fx.Node:
-    """The latest forward node using any tensor on the group's storage."""
+    """The latest forward node that reads the group's storage, other than views that
+    only exist to be saved: after it, only the compressed copy is needed."""
     graph = group.values[0].graph
-    aliases = [n for n in graph.nodes if n.op != "output" and _on_storage(n, group)]
     order = {n: i for i, n in enumerate(graph.nodes)}
-    return max((last_forward_user(n) for n in aliases), key=order.__getitem__)
+    skip = _only_saved(group)
+    readers = [a for a in group.aliases if a not in skip] + [
+        u for a in group.aliases for u in a.users if u.op != "output" and u not in skip
+    ]
+    readers.append(group.base)  # type: ignore[arg-type]  # the compressed form reads it
+    return max(readers, key=order.__getitem__)
 
 
-def _on_storage(node: fx.Node, group: SavedStorage) -> bool:
-    return node in group.values or node is group.base or (
-        group.storage is not None and node is group.storage.producer
-    )
+def _erase_dead_views(group: SavedStorage) -> None:
+    """Remove the only-saved views that the rewrite left without users."""
+    for node in sorted(_only_saved(group), key=list(group.values[0].graph.nodes).index, reverse=True):
+        if not node.users:
+            node.graph.erase_node(node)
 
 
 def _insert_compress(group: SavedStorage, choice: CompressionChoice, fake_mode: Any) -> list[fx.Node]:
@@ -226,6 +244,7 @@ def compress_saved_values(step: StepGraphs, decisions: Mapping[fx.Node, Compress
         replace_saved_values(
             step, group.values, stored, _restore(group, choice, fake_mode), names=[f"{base.name}_{s}" for s in suffixes]
         )
+        _erase_dead_views(group)
         done.append(CompressedValue(base, group.values, choice, group.nbytes, choice.stored_bytes(numel)))
     return done
 
