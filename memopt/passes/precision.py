@@ -93,9 +93,11 @@ class LoweringReport:
 
     @property
     def modified(self) -> bool:
+        """Whether any op was rewritten."""
         return bool(self.ops)
 
     def to_details(self) -> dict[str, Any]:
+        """JSON-able form for the pass's details (and the explanation)."""
         return {
             "dtype": self.dtype,
             "ops": {mode: dict(sorted(c.items())) for mode, c in sorted(self.ops.items())},
@@ -156,6 +158,7 @@ class _Lowering:
         self.report = LoweringReport(str(low).replace("torch.", ""))
 
     def run(self, fake_mode: Any) -> LoweringReport:
+        """Visit every node once, in order, under the graph's fake mode."""
         nodes = list(self.graph.nodes)
         before = {n: meta.fake_value(n) for n in nodes}
         output = nodes[-1]
