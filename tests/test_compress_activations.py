@@ -238,15 +238,22 @@ def test_fp8_saved_bytes_at_most_30_percent_and_peak_lower(gpt_runs):
     assert peaks["fp8"] < 0.75 * peaks[None], peaks
 
 
-def test_dropout_masks_stay_exact_and_training_step_matches():
+def test_dropout_masks_are_stored_as_exact_bits():
+    """Masks are never rounded: int8 for the values, masks packed eight per byte
+    (`tests/codegen/test_bitpack.py` checks the packing is exact)."""
     case = zoo_case("transformer_block")
     model = case.build().train()
     inputs = case.inputs(8)
     _, want, _ = _train_step(copy.deepcopy(model), inputs, None)
     _, got, explanation = _train_step(copy.deepcopy(model), inputs, {"compress_activations": "int8"})
     saved = [meta.tensor_value(n) for n, _ in explanation.region(0).step.saved_pairs()]
-    assert any(v.dtype == torch.bool for v in saved) and any(v.dtype == torch.int8 for v in saved)
+    assert not any(v.dtype == torch.bool for v in saved)
+    assert any(v.dtype == torch.uint8 for v in saved) and any(v.dtype == torch.int8 for v in saved)
     assert _grad_error(got, want) < 0.02
+    details = next(p for p in explanation.region(0).passes if p.name == "compress_activations").details
+    masks = [c for c in details["compressed"] if c["dtype"] == "bool"]
+    assert len(masks) == 3 and all(c["format"] == "bits" and c["rel_error"] == 0 for c in masks)
+    assert all(c["bytes_after"] * 8 == c["bytes_before"] for c in masks)
 
 
 # ------------------------------------------------------------ the decisions API

@@ -9,8 +9,9 @@ storage's dense *base* tensor once; backward restores it and rebuilds each saved
 with ``as_strided``. A storage is eligible when storing it compressed actually frees
 its bytes and restoring it is exact in layout:
 
-* floating values (float32, bfloat16, float16) of one dtype: never bool masks
-  (dropout), integer indices or symbols, whose values must survive exactly;
+* floating values (float32, bfloat16, float16) of one dtype for the value formats;
+  bool masks (dropout) only for ``"bits"``, which stores them exactly, eight per
+  byte; never integer indices or symbols;
 * a true activation: the storage is made in the forward graph, not a parameter, a
   buffer, an input or a view of one (those stay alive anyway), nor a dtype copy of one
   (a low-precision weight copy is a parameter in another dtype);
@@ -49,6 +50,7 @@ __all__ = ["MIN_ELEMENTS", "SavedStorage", "saved_storages"]
 
 MIN_ELEMENTS = 1024
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_BLOCK_FORMATS = ("fp8", "int8")
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,8 @@ def _dense_base(storage: Storage, candidates: list[fx.Node]) -> tuple[fx.Node, t
 
 def saved_storages(step: StepGraphs, fmt: str, min_elements: int = MIN_ELEMENTS) -> list[SavedStorage]:
     """Every storage holding saved tensors of ``step``, with its eligibility for format
-    ``fmt`` (``"bf16"``, ``"fp8"`` or ``"int8"``), in forward-output order of their
-    first saved value."""
+    ``fmt`` (``"bf16"``, ``"fp8"``, ``"int8"`` for floating values, ``"bits"`` for bool
+    masks), in forward-output order of their first saved value."""
     if step.backward is None:
         return []
     aliasing = analyze_aliasing(step.forward.graph)
@@ -116,7 +118,7 @@ def saved_storages(step: StepGraphs, fmt: str, min_elements: int = MIN_ELEMENTS)
     returned = {
         s for out in output_values(step.forward)[: step.num_fwd_outputs] if out is not None for s in aliasing.storages_of(out)
     }
-    infinite = may_hold_infinities(step.forward.graph) if fmt != "bf16" else set()
+    infinite = may_hold_infinities(step.forward.graph) if fmt in _BLOCK_FORMATS else set()
     on_storage: dict[Storage, list[fx.Node]] = {}
     for node in step.forward.graph.nodes:
         for s in aliasing.storages_of(node):
@@ -130,7 +132,7 @@ def saved_storages(step: StepGraphs, fmt: str, min_elements: int = MIN_ELEMENTS)
         reason = _ineligible(members, storage, base, aliasing, returned, fmt, min_elements)
         if reason is None and base is not None and (base in infinite or any(v in infinite for v in values)):
             reason = "may hold infinities (e.g. a -inf attention mask)"
-        if reason is None and fmt != "bf16" and any(_reads_signs(bw) for _, bw in members):
+        if reason is None and fmt in _BLOCK_FORMATS and any(_reads_signs(bw) for _, bw in members):
             reason = "backward reads its signs or zeros (ReLU), which block rounding flips"
         aliases = tuple(on_storage.get(storage, ())) if storage is not None else ()
         result.append(SavedStorage(values, base, 0 if storage is None else storage.nbytes, reason, storage, order, aliases))
@@ -163,7 +165,10 @@ def _ineligible(
 ) -> str | None:
     """Why the storage of ``members`` cannot be stored compressed in ``fmt``, or None."""
     values = [meta.tensor_value(fw) for fw, _ in members]
-    if any(v is None or v.dtype not in _FLOATS for v in values) or len({v.dtype for v in values}) != 1:  # type: ignore[union-attr]
+    kinds = (torch.bool,) if fmt == "bits" else _FLOATS
+    if any(v is None or v.dtype not in kinds for v in values) or len({v.dtype for v in values}) != 1:  # type: ignore[union-attr]
+        if fmt == "bits":
+            return "not a bool mask"
         return "not a floating tensor (masks, indices and symbols are kept exact)"
     if storage is None or storage.producer.op == "placeholder":
         return "parameter, input or a view of one"

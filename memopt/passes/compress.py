@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 
 import memopt.codegen.quantize  # noqa: F401  - registers torch.ops.memopt.*
+from memopt.codegen.bitpack import packed_bytes
 from memopt.analysis.aliasing import concrete_int
 from memopt.analysis.compressible import MIN_ELEMENTS, SavedStorage, saved_storages
 from memopt.analysis.error_probe import capture_values, concrete_inputs, real_tensors, relative_error
@@ -49,23 +50,27 @@ __all__ = [
 ]
 
 _CODES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+_FORMATS = ("bf16", "fp8", "int8", "bits")
 _CONVERT = torch.ops.prims.convert_element_type.default
 _QUANTIZE = torch.ops.memopt.quantize_blockwise.default
 _DEQUANTIZE = torch.ops.memopt.dequantize_blockwise.default
+_PACK = torch.ops.memopt.pack_bits.default
+_UNPACK = torch.ops.memopt.unpack_bits.default
 DEFAULT_BLOCK = 64
 
 
 @dataclass(frozen=True)
 class CompressionChoice:
     """How to store one saved value: ``format`` ``"bf16"``, ``"fp8"`` (e4m3) or
-    ``"int8"``; ``block_size`` elements share one float32 scale (fp8/int8)."""
+    ``"int8"`` for floating values (``block_size`` elements share one float32 scale in
+    fp8/int8), ``"bits"`` for bool masks (exact, eight per byte)."""
 
     format: str
     block_size: int = DEFAULT_BLOCK
 
     def __post_init__(self) -> None:
-        if self.format not in ("bf16", *_CODES):
-            raise ValueError(f"compression format {self.format!r} is not one of 'bf16', 'fp8', 'int8'")
+        if self.format not in _FORMATS:
+            raise ValueError(f"compression format {self.format!r} is not one of {', '.join(map(repr, _FORMATS))}")
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size} must be positive")
 
@@ -73,6 +78,8 @@ class CompressionChoice:
         """Bytes stored for ``numel`` elements (codes plus scales)."""
         if self.format == "bf16":
             return 2 * numel
+        if self.format == "bits":
+            return packed_bytes(numel)
         return numel + 4 * -(-numel // self.block_size)
 
 
@@ -92,8 +99,28 @@ def roundtrip(x: torch.Tensor, choice: CompressionChoice) -> torch.Tensor:
     """``x`` stored as ``choice`` and restored (the values backward will read)."""
     if choice.format == "bf16":
         return x.to(torch.bfloat16).to(x.dtype)
+    if choice.format == "bits":
+        return _UNPACK(_PACK(x), list(x.shape))
     codes, scales = _QUANTIZE(x, choice.block_size, _CODES[choice.format])
     return _DEQUANTIZE(codes, scales, list(x.shape), choice.block_size, x.dtype)
+
+
+def _encode(graph: fx.Graph, source: fx.Node, choice: CompressionChoice) -> fx.Node:
+    """The node computing the stored form of ``source``."""
+    if choice.format == "bf16":
+        return graph.call_function(_CONVERT, (source, torch.bfloat16))
+    if choice.format == "bits":
+        return graph.call_function(_PACK, (source,))
+    return graph.call_function(_QUANTIZE, (source, choice.block_size, _CODES[choice.format]))
+
+
+def _decode(graph: fx.Graph, stored: list[fx.Node], choice: CompressionChoice, original: torch.Tensor, size: list[int]) -> fx.Node:
+    """The node restoring a value of ``size`` and ``original``'s dtype."""
+    if choice.format == "bf16":
+        return graph.call_function(_CONVERT, (stored[0], original.dtype))
+    if choice.format == "bits":
+        return graph.call_function(_UNPACK, (stored[0], size))
+    return graph.call_function(_DEQUANTIZE, (*stored, size, choice.block_size, original.dtype))
 
 
 def _only_saved(group: SavedStorage) -> set[fx.Node]:
@@ -139,14 +166,11 @@ def _insert_compress(group: SavedStorage, choice: CompressionChoice, fake_mode: 
             source = anchor = graph.call_function(torch.ops.aten.permute.default, (base, list(group.order)))
         run_fake(source, fake_mode)
     with graph.inserting_after(anchor):
-        if choice.format == "bf16":
-            stored = graph.call_function(_CONVERT, (source, torch.bfloat16))
-        else:
-            stored = graph.call_function(_QUANTIZE, (source, choice.block_size, _CODES[choice.format]))
+        stored = _encode(graph, source, choice)
     meta.copy_meta(base, stored)
     meta.set_memopt_tag(stored, "compressed", choice.format)
     parts = run_fake(stored, fake_mode)
-    if choice.format == "bf16":
+    if choice.format not in _CODES:  # one output
         return [stored]
     outputs, anchor = [], stored
     for i in range(2):
@@ -167,11 +191,7 @@ def _restore(group: SavedStorage, choice: CompressionChoice, fake_mode: Any) -> 
     order = list(group.order)
 
     def rebuild(graph: fx.Graph, inputs: list[fx.Node]) -> list[fx.Node]:
-        if choice.format == "bf16":
-            restored = graph.call_function(_CONVERT, (inputs[0], original.dtype))
-        else:
-            size = [concrete_int(original.shape[d]) for d in order]
-            restored = graph.call_function(_DEQUANTIZE, (*inputs, size, choice.block_size, original.dtype))
+        restored = _decode(graph, inputs, choice, original, [concrete_int(original.shape[d]) for d in order])
         meta.copy_meta(base, restored)
         meta.set_memopt_tag(restored, "restored", choice.format)
         run_fake(restored, fake_mode)
@@ -240,7 +260,7 @@ def compress_saved_values(step: StepGraphs, decisions: Mapping[fx.Node, Compress
         assert base is not None
         numel = concrete_int(meta.tensor_value(base).numel())  # type: ignore[union-attr]
         stored = _insert_compress(group, choice, fake_mode)
-        suffixes = ["bf16"] if choice.format == "bf16" else ["codes", "scales"]
+        suffixes = ["codes", "scales"] if choice.format in _CODES else [choice.format]
         replace_saved_values(
             step, group.values, stored, _restore(group, choice, fake_mode), names=[f"{base.name}_{s}" for s in suffixes]
         )
@@ -253,19 +273,21 @@ def compress_every_eligible(
     step: StepGraphs, fmt: str, min_elements: int = MIN_ELEMENTS
 ) -> tuple[dict[fx.Node, CompressionChoice], Counter[str]]:
     """The option-driven decisions: every saved value on an eligible storage in
-    ``fmt``, and, for fp8/int8, fp32 values only the block formats cannot take
-    (infinities, ReLU outputs) in bf16; and how many storages were skipped per reason."""
+    ``fmt``; bool masks as bits (exact); for fp8/int8, fp32 values only the block
+    formats cannot take (infinities, ReLU outputs) in bf16. Also how many storages
+    were skipped (or given another format) per reason."""
     decisions: dict[fx.Node, CompressionChoice] = {}
     skipped: Counter[str] = Counter()
-    fallback = {g.values: g for g in saved_storages(step, "bf16", min_elements)} if fmt != "bf16" else {}
+    others = ["bits"] + (["bf16"] if fmt in _CODES else [])
+    fallbacks = [(other, {g.values: g for g in saved_storages(step, other, min_elements)}) for other in others]
     for group in saved_storages(step, fmt, min_elements):
         if group.eligible:
             decisions.update(dict.fromkeys(group.values, CompressionChoice(fmt)))
-        elif group.values in fallback and fallback[group.values].eligible:
-            decisions.update(dict.fromkeys(group.values, CompressionChoice("bf16")))
-            skipped[f"{group.reason}: stored as bf16"] += 1
-        else:
-            skipped[str(group.reason)] += 1
+            continue
+        other = next((o for o, groups in fallbacks if group.values in groups and groups[group.values].eligible), None)
+        if other is not None:
+            decisions.update(dict.fromkeys(group.values, CompressionChoice(other)))
+        skipped[str(group.reason) + (f": stored as {other}" if other else "")] += 1
     return decisions, skipped
 
 
