@@ -74,3 +74,28 @@ def test_graphs_traced_under_user_autocast_benefit_too():
     )
     assert _saved_casts(kept_step) and not _saved_casts(step)
     assert torch.equal(loss, kept_loss) and all(torch.equal(grads[n], kept_grads[n]) for n in grads)
+
+
+def test_layout_copies_between_cast_and_saved_value_are_replayed():
+    """Inductor's decompositions put clones/reshapes between a cast and what is saved;
+    the chain is replayed in backward like views."""
+    w = torch.nn.Parameter(torch.randn(8, 8))
+
+    def f(x):
+        copy = w.to(torch.bfloat16).clone().reshape(8, 8)
+        return (x.to(torch.bfloat16) @ copy).float().sum()
+
+    x = torch.randn(4, 8, requires_grad=True)
+    sources, grads = [], []
+    for disabled in ((), ("recompute_saved_casts",)):
+        x.grad = None
+        torch._dynamo.reset()
+        with memopt.record() as explanation:
+            compiled = torch.compile(f, backend="memopt", options={**OPTIONS, "disable_passes": list(disabled)})
+            compiled(x).backward()
+        step = explanation.region(0).step
+        params = [p for i, p in enumerate(step.forward.graph.find_nodes(op="placeholder")) if step.input_kind(i) == "parameter"]
+        sources.append([fw.name for fw, _ in step.saved_pairs() if fw is not cast_and_view_source(fw) and cast_and_view_source(fw) in params])
+        grads.append(x.grad.clone())
+    assert sources[0] == [] and sources[1]  # the bf16 copy of w is saved only without the pass
+    assert torch.equal(grads[0], grads[1])

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["CAST_OPS", "VIEW_OPS", "SIGN_READERS", "cast_and_view_source", "may_hold_infinities"]
+__all__ = ["CAST_OPS", "VIEW_OPS", "COPY_OPS", "SIGN_READERS", "cast_and_view_source", "may_hold_infinities"]
 
 aten = torch.ops.aten
 CAST_OPS = frozenset({aten._to_copy.default, torch.ops.prims.convert_element_type.default})
@@ -28,6 +28,10 @@ VIEW_OPS = frozenset({
 })  # fmt: skip
 
 
+COPY_OPS = frozenset({aten.clone.default, aten.reshape.default})
+"""Single-input layout copies (Inductor's decompositions put them between a cast and
+the value saved): deterministic and cheap to redo, like views."""
+
 SIGN_READERS = frozenset({
     aten.threshold_backward.default, aten.le.Scalar, aten.lt.Scalar, aten.ge.Scalar,
     aten.gt.Scalar, aten.eq.Scalar, aten.ne.Scalar, aten.sign.default,
@@ -36,9 +40,9 @@ SIGN_READERS = frozenset({
 
 
 def cast_and_view_source(node: fx.Node) -> fx.Node:
-    """The value ``node`` is made from by casts and views only (``node`` itself if its
-    producer is anything else)."""
-    while node.op == "call_function" and node.target in CAST_OPS | VIEW_OPS and isinstance(node.args[0], fx.Node):
+    """The value ``node`` is made from by casts, views and layout copies only (``node``
+    itself if its producer is anything else)."""
+    while node.op == "call_function" and node.target in CAST_OPS | VIEW_OPS | COPY_OPS and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
 

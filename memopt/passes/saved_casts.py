@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from memopt.analysis.aliasing import GraphAliasing, analyze_aliasing, concrete_int
 from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
-from memopt.analysis.value_ops import CAST_OPS, VIEW_OPS
+from memopt.analysis.value_ops import CAST_OPS, COPY_OPS, VIEW_OPS
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs
 from memopt.passes.base import Pass, PassContext, PassResult
@@ -62,14 +62,17 @@ def _only_dtype(cast: fx.Node, source: torch.Tensor) -> bool:
 
 
 def _replayable(view: fx.Node) -> bool:
-    return view.target in VIEW_OPS and not any(isinstance(a, fx.Node) for a in view.args[1:]) and not view.kwargs
+    """A view or layout copy whose other arguments are constants."""
+    others = [*view.args[1:], *view.kwargs.values()]
+    return view.target in VIEW_OPS | COPY_OPS and not any(isinstance(a, fx.Node) for a in others)
 
 
 def saved_cast_of(value: fx.Node) -> SavedCast | None:
-    """``value`` as views of a dtype-only cast, if it is one; else None."""
+    """``value`` as views (and layout copies) of a dtype-only cast, if it is one; else
+    None."""
     views: list[fx.Node] = []
     node = value
-    while node.op == "call_function" and node.target in VIEW_OPS:
+    while node.op == "call_function" and node.target in VIEW_OPS | COPY_OPS:
         if not _replayable(node) or not isinstance(node.args[0], fx.Node):
             return None
         views.append(node)
@@ -107,7 +110,7 @@ class RecomputeSavedCasts(Pass):
 
     Guarantees: numerics-preserving, bit-exact. A saved value that is a dtype-only
     ``_to_copy``/``convert_element_type`` followed by views (transpose, view, expand,
-    ...) is replaced in the saved set by the cast's source when that source is a
+    ...) and layout copies (clone, reshape: Inductor's decompositions) is replaced in the saved set by the cast's source when that source is a
     parameter, is already saved, or is a bf16/fp16 value widened to fp32/fp64 whose storage
     is smaller than the copy; backward redoes the cast and the views right before the
     first use (one cast per source, shared by the views saved from it).
