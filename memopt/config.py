@@ -13,12 +13,14 @@ import difflib
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["MemoptConfig", "CODEGENS", "parse_size"]
+__all__ = ["MemoptConfig", "CODEGENS", "PRECISIONS", "COMPRESSION_FORMATS", "parse_size"]
 
 CODEGENS: tuple[str, ...] = ("inductor", "eager")
+PRECISIONS: tuple[str, ...] = ("bf16", "fp16")
+COMPRESSION_FORMATS: tuple[str, ...] = ("bf16", "fp8", "int8")
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,25 @@ class MemoptConfig:
     planner_time_limit: float = 5.0
     """Seconds the budget planner's MILP solver may spend per solve before memopt
     falls back to its greedy heuristic."""
+
+    # -- precision (numerics-changing, opt-in; docs/precision.md) --------------------
+
+    precision: str | None = None
+    """``"bf16"`` or ``"fp16"``: run matmuls, convolutions and attention in that dtype
+    and keep norms, softmax, reductions and losses in fp32, per the op policy table
+    (``memopt.passes.precision_policy``); parameters stay fp32 masters and receive fp32
+    gradients. ``None`` (default): no lowering. Changes numerics."""
+
+    precision_policy: Mapping[str, str] = field(default_factory=lambda: _empty_policy())
+    """Overrides of the precision policy table, ``{op name: mode}`` with modes
+    ``"low"``, ``"fp32"``, ``"fp32_low_out"``, ``"follow"``, e.g. ``{"softmax":
+    "fp32"}``. Only read when ``precision`` is set."""
+
+    compress_activations: str | None = None
+    """``"bf16"``, ``"fp8"`` (e4m3, per-block scales) or ``"int8"`` (per-block scales):
+    store every eligible saved activation compressed between forward and backward
+    (never parameters, inputs or views of them; never bool/integer or tiny tensors).
+    ``None`` (default): saved values are stored as computed. Changes numerics."""
 
     @classmethod
     def from_options(
@@ -219,5 +240,43 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "dump_dir": _optional_path,
     "verify": _bool,
 }
+
+
+# -- precision options (see docs/precision.md) -------------------------------------
+
+
+def _optional_choice(allowed: Iterable[str]) -> Callable[[str, Any], str | None]:
+    allowed = tuple(allowed)
+
+    def check_optional(key: str, value: Any) -> str | None:
+        if value is not None and value not in allowed:
+            raise ValueError(
+                f"memopt option {key}={value!r} is not allowed; choose one of "
+                f"{', '.join(repr(a) for a in allowed)}, or None to turn it off."
+            )
+        return value if value is None else str(value)
+
+    return check_optional
+
+
+def _precision_policy(key: str, value: Any) -> Mapping[str, str]:
+    from memopt.passes.precision_policy import validate_overrides
+
+    return validate_overrides(key, value)
+
+
+def _empty_policy() -> Mapping[str, str]:
+    from memopt.passes.precision_policy import PolicyOverrides
+
+    return PolicyOverrides()
+
+
+_VALIDATORS.update(
+    {
+        "precision": _optional_choice(PRECISIONS),
+        "precision_policy": _precision_policy,
+        "compress_activations": _optional_choice(COMPRESSION_FORMATS),
+    }
+)
 
 assert set(_VALIDATORS) == {f.name for f in fields(MemoptConfig)}, "every option needs a validator"

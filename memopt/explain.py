@@ -24,6 +24,7 @@ from memopt.passes.instruments import op_counts
 from memopt.passes.manager import Fallback
 from memopt.plan.plan import TensorDecision
 from memopt.plan.report import breakdown_table, decisions_table, summary_table, tradeoff_table
+from memopt.precision_report import precision_lines
 
 __all__ = ["explain", "record", "Explanation"]
 
@@ -223,6 +224,7 @@ class Explanation:
                 lines.append(
                     tabulate(rows, headers=["pass", "status", "changed", "ms", "op-count change"])
                 )
+            lines.extend(precision_lines(r.passes))  # numerics-changing passes (docs/precision.md)
             for fb in r.fallbacks:
                 lines.append(f"FALLBACK: pass {fb.pass_name!r} failed: {fb.reason}; region ran unoptimized")
         return "\n".join(lines)

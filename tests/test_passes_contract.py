@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 
 from memopt.config import MemoptConfig
-from memopt.passes.pipeline import default_pipeline
+from memopt.passes.pipeline import default_pipeline, pre_autograd_pipeline
+
+PASSES = pre_autograd_pipeline(MemoptConfig()) + default_pipeline(MemoptConfig())
 
 
-@pytest.mark.parametrize("p", default_pipeline(MemoptConfig()), ids=lambda p: p.name)
+@pytest.mark.parametrize("p", PASSES, ids=lambda p: p.name)
 def test_pass_docstring_states_contract(p):
     doc = type(p).__doc__ or ""
     for section in ("Purpose", "Preconditions", "Guarantees", "Ordering"):

@@ -57,6 +57,7 @@ def memopt_backend(
         num_user_outputs=len(output_values(gm)),
     )
     region.example_inputs = tuple(example_inputs)
+    gm = region.optimize_pre_autograd(gm)  # precision lowering, before AOTAutograd
     log.info("region %s: compiling %d-node graph (codegen=%s)", region.region, len(gm.graph.nodes), config.codegen)
     if config.codegen == "inductor":
         return compile_with_inductor(

@@ -38,7 +38,7 @@ from memopt.passes.instruments import (
     VerifyInstrument,
 )
 from memopt.passes.manager import Instrument, PassManager, PipelineResult
-from memopt.passes.pipeline import default_pipeline
+from memopt.passes.pipeline import default_pipeline, disabled_in, pre_autograd_pipeline
 from memopt.plan.plan import finish_plan
 from memopt.plan.planner import plan_region
 
@@ -95,18 +95,14 @@ class RegionCompiler:
         """Run memopt's pipeline over ``step``; return the graphs to hand to codegen
         (the unoptimized ones after a fallback)."""
         start = time.perf_counter()
-        manager = PassManager(
-            default_pipeline(self.config),
-            self._instruments(),
-            disabled=self.config.disable_passes,
-        )
+        passes = default_pipeline(self.config)
+        manager = PassManager(passes, self._instruments(), disabled=disabled_in(passes, self.config))
         before = build_timeline(step)
-        plan = plan_region(step, before, self.config)
-        ctx = PassContext(self.config, self.region, plan=plan, example_inputs=self.example_inputs)
+        ctx = self._context(plan=plan_region(step, before, self.config))
         result = manager.run(step, ctx)
         after = build_timeline(result.step)
         self.record.kind = "training" if step.is_training else "inference"
-        self.record.passes = result.records
+        self.record.passes = self.record.passes + result.records  # after pre-autograd's
         self.record.step = result.step
         self.record.timeline_before = before
         self.record.timeline_after = after
@@ -136,7 +132,32 @@ class RegionCompiler:
         return instruments
 
     def _keep_snapshots(self, result: PipelineResult, snapshots: list[GraphSnapshot]) -> None:
-        self.record.snapshots = list(snapshots)
+        self.record.snapshots = self.record.snapshots + list(snapshots)
+
+    def _context(self, plan: Any = None) -> PassContext:
+        return PassContext(
+            self.config,
+            self.region,
+            plan=plan,
+            example_inputs=self.example_inputs,
+            measure_error=bool(self._recorders),  # explain/record: report measured errors
+        )
+
+    # -- the pre-autograd stage (precision lowering, docs/precision.md) ------------
+
+    def optimize_pre_autograd(self, gm: fx.GraphModule) -> fx.GraphModule:
+        """Run the pre-autograd pipeline over the Dynamo graph ``gm`` (rewritten in
+        place); return the graph AOTAutograd should trace (after a fallback, an
+        unchanged copy). Its records come first in the region's record."""
+        passes = pre_autograd_pipeline(self.config)
+        manager = PassManager(passes, self._instruments(), disabled=disabled_in(passes, self.config))
+        n = len(output_values(gm))
+        step = StepGraphs(gm, None, n, self.region, self.inputs, n, single_graph_name="dynamo")
+        result = manager.run(step, self._context())
+        self.record.passes = self.record.passes + result.records
+        if result.fallback is not None:
+            self.record.fallbacks.append(result.fallback)
+        return result.step.forward
 
     # -- AOTAutograd callbacks ----------------------------------------------------
 

@@ -7,9 +7,10 @@ Importing this module registers::
     memopt::dequantize_blockwise(Tensor codes, Tensor scales, SymInt[] size,
         int block_size, ScalarType out_dtype) -> Tensor
 
-Dispatch: every device runs the PyTorch reference (`quantize_reference`) except CUDA,
-which runs the Triton kernels (`quantize_triton`) when triton is installed and the
-block fits a kernel tile, and the reference otherwise. A fake (meta) implementation
+Dispatch: every device runs the PyTorch reference (`quantize_reference`), chunk by
+chunk to bound its scratch memory (`quantize_chunked`), except CUDA, which runs the
+Triton kernels (`quantize_triton`) when triton is installed and the block fits a
+kernel tile, and the chunked reference otherwise. A fake (meta) implementation
 gives output shapes without computing, so the ops trace under FakeTensor, ``make_fx``,
 AOTAutograd and Dynamo; Inductor calls them as extern fallback kernels.
 
@@ -28,6 +29,7 @@ from typing import Any, NoReturn
 import torch
 
 from memopt.codegen._triton_util import can_run_triton
+from memopt.codegen.quantize_chunked import dequantize_blockwise_chunked, quantize_blockwise_chunked
 from memopt.codegen.quantize_reference import (
     check_dequantize_args,
     check_quantize_args,
@@ -63,7 +65,7 @@ def quantize_blockwise(
     x: torch.Tensor, block_size: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, scales)`` of ``x`` in the block-wise format (reference on non-CUDA)."""
-    return quantize_blockwise_reference(x, block_size, dtype)
+    return quantize_blockwise_chunked(x, block_size, dtype)
 
 
 @torch.library.custom_op(
@@ -77,7 +79,7 @@ def dequantize_blockwise(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """The tensor of ``size``/``out_dtype`` that ``(codes, scales)`` encode."""
-    return dequantize_blockwise_reference(codes, scales, size, block_size, out_dtype)
+    return dequantize_blockwise_chunked(codes, scales, size, block_size, out_dtype)
 
 
 @quantize_blockwise.register_kernel("cuda")
@@ -88,7 +90,7 @@ def _quantize_cuda(
         from memopt.codegen.quantize_triton import quantize_blockwise_triton
 
         return quantize_blockwise_triton(x, block_size, dtype)
-    return quantize_blockwise_reference(x, block_size, dtype)
+    return quantize_blockwise_chunked(x, block_size, dtype)
 
 
 @dequantize_blockwise.register_kernel("cuda")
@@ -103,7 +105,7 @@ def _dequantize_cuda(
         from memopt.codegen.quantize_triton import dequantize_blockwise_triton
 
         return dequantize_blockwise_triton(codes, scales, size, block_size, out_dtype)
-    return dequantize_blockwise_reference(codes, scales, size, block_size, out_dtype)
+    return dequantize_blockwise_chunked(codes, scales, size, block_size, out_dtype)
 
 
 @quantize_blockwise.register_fake

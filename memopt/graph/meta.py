@@ -22,6 +22,9 @@ __all__ = [
     "SourceLocation",
     "fake_value",
     "set_fake_value",
+    "set_example_value",
+    "fake_mode_of",
+    "saved_without_version_check",
     "tensor_value",
     "is_symbolic",
     "dynamo_source_name",
@@ -39,14 +42,18 @@ __all__ = [
 ]
 
 _VAL = "val"
+_EXAMPLE_VALUE = "example_value"  # Dynamo-level graphs record values under this key
 _STACK_TRACE = "stack_trace"
 _MEMOPT = "memopt"  # memopt's own tags live under one key: meta["memopt"][name]
 
 
 def fake_value(node: fx.Node) -> Any:
     """The example value AOTAutograd/Dynamo recorded for ``node`` (FakeTensor, SymInt,
-    tuple of them, ...), or None if the graph carries no metadata for it."""
-    return node.meta.get(_VAL)
+    tuple of them, ...), or None if the graph carries no metadata for it. Dynamo-level
+    graphs (before AOTAutograd) record it under a different key; both are read."""
+    if _VAL in node.meta:
+        return node.meta[_VAL]
+    return node.meta.get(_EXAMPLE_VALUE)
 
 
 def tensor_value(node: fx.Node) -> torch.Tensor | None:
@@ -58,6 +65,31 @@ def tensor_value(node: fx.Node) -> torch.Tensor | None:
 def set_fake_value(node: fx.Node, value: Any) -> None:
     """Record ``value`` as the node's example value."""
     node.meta[_VAL] = value
+
+
+def fake_mode_of(nodes: list[fx.Node]) -> Any:
+    """The FakeTensorMode the nodes' example values were made in (None if they hold no
+    fake tensor). Dynamo hands its backend a tracing context with a fresh fake mode,
+    so the mode of the values themselves is the one to re-run a Dynamo graph in."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for node in nodes:
+        value = fake_value(node)
+        if isinstance(value, FakeTensor):
+            return value.fake_mode
+    return None
+
+
+def saved_without_version_check(node: fx.Node) -> bool:
+    """AOTAutograd marks values stashed on ``ctx`` (not ``save_for_backward``), which
+    its partitioner keeps last among the saved values."""
+    return bool(node.meta.get("saved_tensor_with_no_vc_check", False))
+
+
+def set_example_value(node: fx.Node, value: Any) -> None:
+    """Record ``value`` as the example value of a node of a Dynamo-level graph (the
+    key Dynamo and Inductor's pre-grad passes read)."""
+    node.meta[_EXAMPLE_VALUE] = value
 
 
 @dataclass(frozen=True)
@@ -201,14 +233,9 @@ def graph_fake_mode(graph: fx.Graph) -> Iterator[Any]:
     """Run code under the fake mode the graph's recorded values belong to (yields it,
     or None when the graph has no fake values), with any other active fake mode
     (a user's ``FakeTensorMode`` around the whole compile) set aside meanwhile."""
-    from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    mode = None
-    for node in graph.nodes:
-        value = fake_value(node)
-        if isinstance(value, FakeTensor):
-            mode = value.fake_mode
-            break
+    mode = fake_mode_of(list(graph.nodes))
     if mode is None:
         yield None
         return

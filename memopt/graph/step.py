@@ -84,6 +84,10 @@ class StepGraphs:
     """How many forward outputs the user sees (the rest of the first
     ``num_fwd_outputs`` are mutated inputs written back after the graph); None when
     unknown."""
+    single_graph_name: str = "inference"
+    """Name of the forward graph when there is no backward: ``"inference"`` for
+    AOTAutograd's inference graph, ``"dynamo"`` for the Dynamo-level graph that the
+    pre-autograd pipeline (precision lowering) rewrites before AOTAutograd traces it."""
 
     def input_kind(self, index: int) -> str:
         """Kind of forward placeholder ``index`` (see `InputInfo.kind`)."""
@@ -94,9 +98,10 @@ class StepGraphs:
         return self.backward is not None
 
     def graphs(self) -> Iterator[tuple[str, fx.GraphModule]]:
-        """(name, graph) for each graph: ``forward``/``backward`` or ``inference``."""
+        """(name, graph) for each graph: ``forward``/``backward``, or the single graph's
+        name (``inference``, or ``dynamo`` before AOTAutograd)."""
         if self.backward is None:
-            yield "inference", self.forward
+            yield self.single_graph_name, self.forward
         else:
             yield "forward", self.forward
             yield "backward", self.backward

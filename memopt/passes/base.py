@@ -54,6 +54,10 @@ class PassContext:
     region: str = "0"
     plan: Any = None
     example_inputs: tuple[Any, ...] = ()
+    measure_error: bool = False
+    """Numerics-changing passes measure the error they introduce by running the graphs
+    on ``example_inputs`` at compile time (costs a few extra runs; set while
+    `memopt.explain`/`memopt.record` is active)."""
 
 
 class Pass:

@@ -4,28 +4,75 @@ Ordering constraints (each pass's docstring states its own):
 
 1. ``remat`` first: it replaces both graphs with the split the plan chose.
 2. ``dce``: nothing after it should pay for values nobody reads.
-3. ``schedule`` last: it reorders what the other passes produced to lower the peak.
+3. ``recompute_saved_casts`` then ``compress_activations`` (below).
+4. ``schedule`` last: it reorders what the other passes produced to lower the peak.
 
-Later passes (scheduling, rematerialization, precision, offload) are added here in the
-order their docstrings require.
+Later passes (offload, sharding) are added here in the order their docstrings require.
+
+Precision (docs/precision.md):
+
+* ``recompute_saved_casts`` then ``compress_activations`` run after every pass that
+  changes which values are saved (rematerialization): they shrink what is still saved,
+  exactly first (saved dtype copies are recomputed from their source), then lossily.
+* ``pre_autograd_pipeline`` is a second stage, run on the Dynamo-level graph before
+  AOTAutograd traces it (a `StepGraphs` with one graph named ``dynamo``): rewrites
+  that must be differentiated like user code, i.e. ``precision`` (casts whose
+  derivatives bring gradients back to fp32 masters).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from memopt.config import MemoptConfig
 from memopt.passes.base import Pass
+from memopt.passes.compress import CompressSavedActivations
 from memopt.passes.dce import DeadCodeElimination
+from memopt.passes.precision import PrecisionLowering
 from memopt.passes.remat import Rematerialize
+from memopt.passes.saved_casts import RecomputeSavedCasts
 from memopt.passes.schedule import MemoryAwareSchedule
 
-__all__ = ["default_pipeline", "pass_names"]
+__all__ = ["default_pipeline", "pass_names", "pre_autograd_pipeline", "disabled_in"]
 
 
 def default_pipeline(config: MemoptConfig) -> list[Pass]:
     """The passes memopt runs on every region for ``config``, in order."""
-    return [Rematerialize(), DeadCodeElimination(), MemoryAwareSchedule()]
+    return [
+        Rematerialize(),
+        DeadCodeElimination(),
+        RecomputeSavedCasts(),
+        CompressSavedActivations(),
+        MemoryAwareSchedule(),
+    ]
 
 
 def pass_names(config: MemoptConfig | None = None) -> list[str]:
-    """Names of the default pipeline's passes (valid values of ``disable_passes``)."""
-    return [p.name for p in default_pipeline(config or MemoptConfig())]
+    """Names of both pipelines' passes, pre-autograd first (valid values of
+    ``disable_passes``)."""
+    config = config or MemoptConfig()
+    return [p.name for p in pre_autograd_pipeline(config) + default_pipeline(config)]
+
+
+# -- the pre-autograd stage (precision lowering) -----------------------------------
+
+
+def pre_autograd_pipeline(config: MemoptConfig) -> list[Pass]:
+    """The passes memopt runs on a region's Dynamo graph before AOTAutograd, in order."""
+    return [PrecisionLowering()]
+
+
+def disabled_in(passes: Sequence[Pass], config: MemoptConfig) -> tuple[str, ...]:
+    """The names of ``config.disable_passes`` that belong to ``passes`` (one stage).
+
+    Raises ``ValueError`` for a name that no pipeline has, listing the valid ones.
+    """
+    known = pass_names(config)
+    unknown = sorted(set(config.disable_passes) - set(known))
+    if unknown:
+        raise ValueError(
+            f"disable_passes names unknown pass(es) {unknown}; memopt's passes are: "
+            f"{', '.join(known)}."
+        )
+    names = {p.name for p in passes}
+    return tuple(n for n in config.disable_passes if n in names)

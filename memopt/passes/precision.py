@@ -1,0 +1,452 @@
+"""Pass ``precision``: bf16/fp16 compute with fp32 master weights, before autograd.
+
+The pass rewrites the Dynamo-level graph (torch functions and Tensor methods) by
+inserting ``.to(dtype)`` casts according to the policy table
+(``memopt/passes/precision_policy.py``). AOTAutograd then traces and differentiates
+the rewritten graph, so the casts' derivatives bring every gradient back to the dtype
+of the fp32 parameter it belongs to: masters stay fp32 and receive fp32 gradients,
+with no optimizer or GradScaler changes (fp16: see docs/precision.md).
+
+Why before autograd: a cast inserted here is differentiated like user code, so the
+backward graph runs the same ops in the same dtypes as the forward (matmul gradients
+in low precision, norm gradients in fp32) without a second, backward-side policy.
+
+What makes it use less memory than ``torch.autocast``:
+
+* values flow between lowered ops in low precision: a matmul's result stays bf16, the
+  elementwise ops after it run in bf16, norms and softmax compute in fp32 but hand on
+  bf16 (``fp32_low_out``), so the values saved for backward are bf16;
+* each parameter is cast once per step by one cast node shared by all its uses (tied
+  embeddings read one copy), placed right before its first use, so its lifetime is
+  part of the graph the memory analysis and the partitioner see (the partitioner
+  recomputes the cast in backward rather than saving the copy);
+* each activation is cast at most once per dtype, however many lowered ops read it.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.node import map_arg
+
+from memopt.analysis.aliasing import concrete_int
+from memopt.analysis.error_probe import compare_with_reference, concrete_inputs, short_name
+from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
+from memopt.graph import meta
+from memopt.graph.step import StepGraphs, clone_graph_module
+from memopt.passes.base import Pass, PassContext, PassResult
+from memopt.passes.precision_policy import (
+    FOLLOW,
+    FP32_LOW_OUT,
+    LOW,
+    LOW_DTYPES,
+    op_name,
+    resolve_policy,
+)
+
+__all__ = ["PrecisionLowering", "lower_precision", "LoweringReport"]
+
+_HALF = (torch.bfloat16, torch.float16)
+_NATIVE_FP32_MATH = frozenset({"softmax", "log_softmax"})
+"""Ops whose torch kernels (CPU, CUDA, and Inductor's decompositions) already compute
+in fp32 for half inputs and round the result once. Under ``fp32_low_out`` they run on
+their half input as is: same forward result as ``op(x.float()).to(half)``, and their
+backward saves the half result instead of an fp32 one. (Norms instead get an explicit
+fp32 input: eager CUDA kernels reject half inputs with fp32 weights; the saved fp32
+copy is replaced by its bf16 source by the ``recompute_saved_casts`` pass.)"""
+_ENTER_AUTOCAST = torch.amp.autocast_mode._enter_autocast
+_EXIT_AUTOCAST = torch.amp.autocast_mode._exit_autocast
+_INPLACE_OPERATORS = {
+    operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+    operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
+    operator.ixor, operator.imatmul,
+}  # fmt: skip
+
+
+@dataclass
+class LoweringReport:
+    """What `lower_precision` did to one graph (rendered as the pass's details)."""
+
+    dtype: str
+    ops: dict[str, Counter[str]] = field(default_factory=dict)
+    """mode -> op name -> how many nodes were rewritten under that mode."""
+    skipped: Counter[str] = field(default_factory=Counter)
+    """reason -> how many policy-listed ops were left as written."""
+    promoted: Counter[str] = field(default_factory=Counter)
+    """op -> how many unlisted ops needed their inputs cast to one dtype to run."""
+    parameter_casts: dict[str, int] = field(default_factory=dict)
+    """parameter placeholder -> bytes of its low-precision copy (one cast each)."""
+    activation_casts: int = 0
+    rounded_results: int = 0
+    output_casts: int = 0
+    values_lowered: int = 0
+    value_bytes_before: int = 0
+    value_bytes_after: int = 0
+    lowered_nodes: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def modified(self) -> bool:
+        """Whether any op was rewritten."""
+        return bool(self.ops)
+
+    def to_details(self) -> dict[str, Any]:
+        """JSON-able form for the pass's details (and the explanation)."""
+        return {
+            "dtype": self.dtype,
+            "ops": {mode: dict(sorted(c.items())) for mode, c in sorted(self.ops.items())},
+            "skipped": dict(self.skipped),
+            "promoted": dict(self.promoted),
+            "parameter_casts": len(self.parameter_casts),
+            "parameter_cast_bytes": sum(self.parameter_casts.values()),
+            "activation_casts": self.activation_casts,
+            "rounded_results": self.rounded_results,
+            "output_casts": self.output_casts,
+            "values_lowered": self.values_lowered,
+            "value_bytes_before": self.value_bytes_before,
+            "value_bytes_after": self.value_bytes_after,
+            "value_bytes_saved": self.value_bytes_before - self.value_bytes_after,
+            "lowered_nodes": self.lowered_nodes,
+        }
+
+
+def _floating(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def _nbytes(value: torch.Tensor) -> int:
+    return concrete_int(value.numel()) * value.element_size()
+
+
+def _mutates(node: fx.Node) -> bool:
+    """The node may write into one of its inputs (in-place method, ``x[i] = v``,
+    ``inplace=True``, a mutable aten overload)."""
+    if node.op == "call_method":
+        name = str(node.target)
+        return (name.endswith("_") and not name.endswith("__")) or name in ("__setitem__", "__iadd__")
+    if node.op != "call_function":
+        return False
+    if node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True:
+        return True
+    name = getattr(node.target, "__name__", "")
+    return (isinstance(name, str) and name.endswith("_") and not name.endswith("__")) or (
+        isinstance(node.target, torch._ops.OpOverload) and meta.has_side_effects(node)
+    )
+
+
+class _Lowering:
+    """Rewrites one Dynamo graph in place, propagating fake values node by node so that
+    every decision sees the dtypes the rewrite has produced so far."""
+
+    def __init__(
+        self, gm: fx.GraphModule, low: torch.dtype, policy: Mapping[str, str], parameters: set[fx.Node]
+    ) -> None:
+        self.graph = gm.graph
+        self.low = low
+        self.policy = policy
+        self.parameters = parameters
+        self.env: dict[fx.Node, Any] = {}
+        self.casts: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
+        self.autocasts: list[Any] = []  # autocast contexts the graph entered, innermost last
+        self.output_dtypes: list[torch.dtype | None] = []  # of the outputs before rewriting
+        self.report = LoweringReport(str(low).replace("torch.", ""))
+
+    def run(self, fake_mode: Any) -> LoweringReport:
+        """Visit every node once, in order, under the graph's fake mode."""
+        nodes = list(self.graph.nodes)
+        before = {n: meta.fake_value(n) for n in nodes}
+        output = nodes[-1]
+        self.output_dtypes = [getattr(before.get(a), "dtype", None) for a in _flat_nodes(output.args)]
+        try:
+            with fake_mode, torch.enable_grad():
+                for node in nodes:
+                    self._visit(node)
+        finally:
+            while self.autocasts:  # a failure inside a torch.autocast block
+                _EXIT_AUTOCAST(self.autocasts.pop())
+        self._count_lowered_values(before)
+        return self.report
+
+    # -- per node -----------------------------------------------------------------
+
+    def _visit(self, node: fx.Node) -> None:
+        if node.op == "placeholder":
+            self.env[node] = meta.fake_value(node)
+            return
+        if node.op == "output":
+            self._restore_output_dtypes(node)
+            return
+        if node.op == "call_module":
+            raise NotImplementedError(
+                f"node {node.name!r} calls submodule {node.target!r}; precision lowering "
+                f"needs Dynamo to inline modules (torch._dynamo.config.inline_inbuilt_nn_modules=True)."
+            )
+        mode = self._mode(node)
+        if mode != FOLLOW and not (mode == FP32_LOW_OUT and op_name(node) in _NATIVE_FP32_MATH):
+            self._cast_inputs(node, mode)
+        if mode == FOLLOW:
+            self._execute_or_promote(node)
+        else:
+            self._execute(node)
+        if mode == FP32_LOW_OUT:
+            self._round_result(node)
+        if _mutates(node):
+            self.casts.clear()  # a cast made before the write would be stale
+
+    def _mode(self, node: fx.Node) -> str:
+        name = op_name(node)
+        mode = self.policy.get(name, FOLLOW) if name is not None else FOLLOW
+        if mode == FOLLOW:
+            return FOLLOW
+        inputs = [self.env[a] for a in node.all_input_nodes if _floating(self.env.get(a))]
+        reason = None
+        if self.autocasts:
+            reason = "inside a torch.autocast block"
+        elif node.kwargs.get("dtype") is not None:
+            reason = "explicit dtype= argument"
+        elif any(v.dtype not in (torch.float32, *_HALF) for v in inputs):
+            reason = "float64 input"
+        elif not inputs:
+            return FOLLOW
+        if reason is not None:
+            self.report.skipped[reason] += 1
+            return FOLLOW
+        self.report.ops.setdefault(mode, Counter())[str(name)] += 1
+        loc = meta.source_location(node)
+        self.report.lowered_nodes.append(
+            {"node": node.name, "op": name, "mode": mode, "source": None if loc is None else str(loc)}
+        )
+        return mode
+
+    def _execute_or_promote(self, node: fx.Node) -> None:
+        """Run an op the policy leaves alone. If it rejects the mix of dtypes lowering
+        created (ops needing equal dtypes: ``matmul`` under ``follow``,
+        ``index_put_``...), cast its floating inputs to one dtype, the widest (for an
+        in-place op: its destination's), and run it again, as autocast's "promote" list."""
+        try:
+            self._execute(node)
+            return
+        except Exception:  # noqa: BLE001 - re-raised below unless promotion fixes it
+            inputs = [a for a in node.all_input_nodes if _floating(self.env.get(a))]
+            dtypes = {self.env[a].dtype for a in inputs}
+            if len(dtypes) < 2:
+                raise
+        first = node.args[0] if node.args else None
+        inplace = _mutates(node) and isinstance(first, fx.Node) and first in inputs
+        target = self.env[first].dtype if inplace else functools.reduce(torch.promote_types, dtypes)
+
+        def promote(arg: fx.Node) -> fx.Node:
+            value = self.env.get(arg)
+            if not _floating(value) or value.dtype == target or (inplace and arg is first):
+                return arg
+            return self._cast(arg, target, node)
+
+        node.args = map_arg(node.args, promote)
+        node.kwargs = map_arg(node.kwargs, promote)
+        self._execute(node)
+        self.report.promoted[str(op_name(node) or node.target)] += 1
+
+    def _cast_inputs(self, node: fx.Node, mode: str) -> None:
+        target = self.low if mode == LOW else torch.float32
+
+        def cast(arg: fx.Node) -> fx.Node:
+            value = self.env.get(arg)
+            if not _floating(value) or value.dtype == target:
+                return arg
+            if mode != LOW and value.dtype not in _HALF:
+                return arg  # fp32 modes only widen half inputs
+            return self._cast(arg, target, node)
+
+        node.args = map_arg(node.args, cast)
+        node.kwargs = map_arg(node.kwargs, cast)
+
+    def _cast(self, source: fx.Node, dtype: torch.dtype, consumer: fx.Node) -> fx.Node:
+        """The shared ``source.to(dtype)`` node, made before its first consumer."""
+        key = (source, dtype)
+        if key not in self.casts:
+            with self.graph.inserting_before(consumer):
+                cast = self.graph.call_method("to", (source, dtype))
+            meta.copy_meta(consumer, cast)
+            kind = "parameter" if source in self.parameters else "activation"
+            meta.set_memopt_tag(cast, "precision", f"{kind}_cast")
+            value = self._execute(cast)
+            if kind == "parameter":
+                self.report.parameter_casts[source.name] = _nbytes(value)
+            else:
+                self.report.activation_casts += 1
+            self.casts[key] = cast
+        return self.casts[key]
+
+    def _round_result(self, node: fx.Node) -> None:
+        """Hand an fp32 result on in the low dtype (``fp32_low_out``)."""
+        value = self.env[node]
+        if not _floating(value) or value.dtype != torch.float32:
+            return
+        with self.graph.inserting_after(node):
+            rounded = self.graph.call_method("to", (node, self.low))
+        meta.copy_meta(node, rounded)
+        meta.set_memopt_tag(rounded, "precision", "rounded_result")
+        node.replace_all_uses_with(rounded, delete_user_cb=lambda user: user is not rounded)
+        self._execute(rounded)
+        self.report.rounded_results += 1
+
+    def _restore_output_dtypes(self, output: fx.Node) -> None:
+        """Outputs keep the dtype they had: the compiled function's signature is
+        unchanged (only its internals run in low precision)."""
+        wanted = iter(self.output_dtypes)
+        made: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
+
+        def restore(arg: fx.Node) -> fx.Node:
+            dtype = next(wanted)
+            value = self.env.get(arg)
+            if dtype is None or not isinstance(value, torch.Tensor) or value.dtype == dtype:
+                return arg
+            if (arg, dtype) not in made:
+                with self.graph.inserting_before(output):
+                    cast = self.graph.call_method("to", (arg, dtype))
+                meta.copy_meta(arg, cast)
+                meta.set_memopt_tag(cast, "precision", "output_cast")
+                self._execute(cast)
+                self.report.output_casts += 1
+                made[(arg, dtype)] = cast
+            return made[(arg, dtype)]
+
+        output.args = map_arg(output.args, restore)
+
+    def _execute(self, node: fx.Node) -> Any:
+        """Compute ``node``'s fake value from its inputs' and record it."""
+        args = map_arg(node.args, self.env.__getitem__)
+        kwargs = map_arg(node.kwargs, self.env.__getitem__)
+        if node.op == "get_attr":
+            value = meta.fake_value(node)
+        elif node.op == "call_method":
+            value = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        else:
+            value = node.target(*args, **kwargs)  # type: ignore[operator]
+        if node.target is _ENTER_AUTOCAST:
+            self.autocasts.append(value)
+        elif node.target is _EXIT_AUTOCAST and self.autocasts:
+            self.autocasts.pop()
+        self.env[node] = value
+        if node.meta.get("example_value") is not None or "example_value" not in node.meta:
+            meta.set_example_value(node, value)
+        return value
+
+    def _count_lowered_values(self, before: dict[fx.Node, Any]) -> None:
+        for node, old in before.items():
+            new = self.env.get(node)
+            if _floating(old) and _floating(new) and old.dtype == torch.float32 and new.dtype in _HALF:
+                self.report.values_lowered += 1
+                self.report.value_bytes_before += _nbytes(old)
+                self.report.value_bytes_after += _nbytes(new)
+
+
+def _flat_nodes(args: Any) -> list[fx.Node]:
+    nodes: list[fx.Node] = []
+    map_arg(args, nodes.append)
+    return nodes
+
+
+def _parameters(step: StepGraphs) -> set[fx.Node]:
+    """Placeholders the region's inputs describe as parameters, and ``get_attr`` nodes
+    of parameters (graphs traced without inlining nn modules)."""
+    params = {
+        ph for i, ph in enumerate(step.forward.graph.find_nodes(op="placeholder")) if step.input_kind(i) == "parameter"
+    }
+    for node in step.forward.graph.find_nodes(op="get_attr"):
+        if isinstance(getattr(step.forward, str(node.target), None), torch.nn.Parameter):
+            params.add(node)
+    return params
+
+
+def lower_precision(step: StepGraphs, precision: str, overrides: Mapping[str, str] | None = None) -> LoweringReport:
+    """Rewrite the Dynamo-level graph ``step.forward`` in place to compute in
+    ``precision`` (``"bf16"``/``"fp16"``) per the policy (defaults + ``overrides``).
+
+    Raises ``ValueError`` if the graph carries no fake example values (not a Dynamo
+    graph) and ``NotImplementedError`` for ``call_module`` nodes.
+    """
+    gm = step.forward
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    values = [meta.fake_value(p) for p in placeholders]
+    fake_mode = meta.fake_mode_of(placeholders)
+    if fake_mode is None or any(v is None for v in values):
+        raise ValueError(
+            f"region {step.region}: the graph's inputs carry no fake example values, so "
+            f"dtypes cannot be propagated; precision lowering needs the Dynamo graph "
+            f"(run it through the pre-autograd pipeline)."
+        )
+    lowering = _Lowering(gm, LOW_DTYPES[precision], resolve_policy(overrides or {}), _parameters(step))
+    return lowering.run(fake_mode)
+
+
+class PrecisionLowering(Pass):
+    """Run matmuls, convolutions and attention in bf16/fp16 with fp32 master weights.
+
+    Purpose: halve the bytes of activations and of the values saved for backward, and
+    use low-precision compute, when ``precision`` is set (opt-in: changes numerics).
+    Each op follows the policy table (`memopt.passes.precision_policy`, overridable
+    with ``precision_policy``): ``low`` ops get low-precision inputs (one shared cast
+    per parameter and per activation), ``fp32`` ops (losses, reductions) get fp32
+    inputs, ``fp32_low_out`` ops (norms, softmax, embedding) compute in fp32 and hand
+    their result on in low precision; other ops run in their inputs' dtype.
+
+    Preconditions: ``step`` is the Dynamo-level graph of a region
+    (``single_graph_name == "dynamo"``: no backward yet), with Dynamo's fake example
+    values on its nodes and ``step.inputs`` telling which placeholders are parameters.
+
+    Guarantees: graph inputs and outputs keep their dtypes (outputs are cast back), so
+    AOTAutograd's gradients for fp32 parameters are fp32; at most one cast node per
+    (value, dtype); ops inside a user's ``torch.autocast`` block, ops with an explicit
+    ``dtype=`` and float64 ops are left as written; every node's example value is
+    re-propagated. With ``measure_error`` the details hold the output and per-parameter
+    gradient errors against the unlowered graph on the example inputs.
+
+    Ordering: the first pass of the pre-autograd pipeline, before AOTAutograd (the
+    partitioner then decides which low-precision values to save).
+    """
+
+    name = "precision"
+    numerics_preserving = False
+
+    def run(self, step: StepGraphs, analyses: AnalysisManager, ctx: PassContext) -> PassResult:
+        precision = ctx.config.precision
+        if precision is None:
+            return PassResult.unchanged(why="precision=None")
+        if step.is_training or step.single_graph_name != "dynamo":
+            raise ValueError(
+                f"pass 'precision' rewrites the Dynamo graph before AOTAutograd, but got the "
+                f"{'forward/backward pair' if step.is_training else step.single_graph_name + ' graph'}; "
+                f"run it in memopt.passes.pipeline.pre_autograd_pipeline."
+            )
+        reference = clone_graph_module(step.forward) if ctx.measure_error else None
+        report = lower_precision(step, precision, ctx.config.precision_policy)
+        if not report.modified:
+            return PassResult.unchanged(**report.to_details())
+        details = report.to_details()
+        if reference is not None:
+            step.forward.recompile()
+            details["error"] = _measure(reference, step, ctx)
+        return PassResult(True, PreservedAnalyses.none(), details)
+
+
+def _measure(reference: fx.GraphModule, step: StepGraphs, ctx: PassContext) -> dict[str, Any]:
+    """Output and gradient errors of the lowered graph against ``reference``."""
+    inputs = concrete_inputs(ctx.example_inputs)
+    placeholders = step.forward.graph.find_nodes(op="placeholder")
+    if inputs is None or len(inputs) != len(placeholders):
+        return {"measured": False, "why": "example inputs are fake or do not match the graph"}
+    if any(meta.is_symbolic(p) for p in placeholders):
+        return {"measured": False, "why": "dynamic shapes (the graph takes symbolic sizes)"}
+    names = [short_name(i.name) for i in step.inputs] or [p.name for p in reference.graph.find_nodes(op="placeholder")]
+    try:
+        result = compare_with_reference(reference, step.forward, inputs, names)
+    except Exception as exc:  # noqa: BLE001 - a failed measurement must not fail the pass
+        return {"measured": False, "why": f"running the graphs eagerly failed: {type(exc).__name__}: {exc}"}
+    return {"measured": True, "on": "example inputs, against the unlowered graph", **result}

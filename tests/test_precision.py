@@ -1,0 +1,315 @@
+"""Precision lowering (``precision="bf16"|"fp16"``): the policy table decides each op's
+dtype, parameters stay fp32 masters with fp32 gradients, values saved for backward are
+low precision, user outputs keep their dtype; numbers stay close to fp32."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import memopt
+from memopt.analysis.memory import build_timeline
+from memopt.config import MemoptConfig
+from memopt.graph import meta
+from memopt.passes.precision_policy import DEFAULT_POLICY, FP32, resolve_policy
+from memopt.testing.numerics import run_training_step
+from memopt.testing.training import final_loss, successor_tokens, train_losses
+from memopt.testing.zoo import GPT, ZOO, GPTConfig, zoo_case
+
+BF16 = {"codegen": "eager", "verify": True, "strict": True, "precision": "bf16"}
+TINY_GPT = GPTConfig(vocab=64, context=32, dim=32, heads=2, layers=1)
+
+
+def _gpt_inputs(batch: int = 4, seq: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.randint(0, TINY_GPT.vocab, (batch, seq + 1))
+    return idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+
+
+def _pass(explanation: memopt.Explanation, name: str) -> dict:
+    return next(p for p in explanation.to_dict()["regions"][0]["passes"] if p["name"] == name)
+
+
+def _nodes(gm: torch.fx.GraphModule, target: object) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.target is target]
+
+
+# -------------------------------------------------------------------- the policy
+
+
+def test_policy_overrides_are_validated_and_applied():
+    config = MemoptConfig.from_options({"precision": "bf16", "precision_policy": {"softmax": "fp32"}})
+    assert resolve_policy(config.precision_policy)["softmax"] == FP32
+    same = MemoptConfig.from_options({"precision": "bf16", "precision_policy": {"softmax": "fp32"}})
+    assert hash(config) == hash(same) and config == same  # configs stay hashable
+    with pytest.raises(TypeError, match="read-only"):
+        config.precision_policy["linear"] = "fp32"  # type: ignore[index]
+    assert DEFAULT_POLICY["softmax"] != FP32  # the override changed something
+    with pytest.raises(ValueError, match=r"'softmx' is not a torch function.*Did you mean 'softmax'"):
+        MemoptConfig.from_options({"precision_policy": {"softmx": "fp32"}})
+    with pytest.raises(ValueError, match=r"mode 'half' for 'linear' is not allowed; choose one of 'low'"):
+        MemoptConfig.from_options({"precision_policy": {"linear": "half"}})
+    with pytest.raises(ValueError, match=r"precision='bf8' is not allowed; choose one of 'bf16', 'fp16', or None"):
+        MemoptConfig.from_options({"precision": "bf8"})
+
+
+def test_default_is_off_and_graph_untouched():
+    model = GPT(TINY_GPT)
+    explanation = memopt.explain(model, *_gpt_inputs(), options={"codegen": "eager", "strict": True})
+    record = _pass(explanation, "precision")
+    assert record["modified"] is False and record["details"] == {"why": "precision=None"}
+    assert "bf16" not in explanation.graph_code("forward")
+
+
+# ------------------------------------------------------------ structure of the graphs
+
+
+def test_gpt_graphs_compute_matmuls_in_bf16_and_loss_in_fp32():
+    """Every mm/addmm/bmm of forward and backward reads bf16; layer norms and the loss
+    read fp32; one cast node per parameter, the tied embedding included."""
+    model = GPT(TINY_GPT)
+    explanation = memopt.explain(model, *_gpt_inputs(), options=BF16)
+    step = explanation.region(0).step
+    matmuls = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+    for _, gm in step.graphs():
+        seen = [n for n in gm.graph.nodes if n.target in matmuls]
+        assert seen
+        for node in seen:
+            dtypes = {meta.tensor_value(a).dtype for a in node.all_input_nodes}
+            assert dtypes == {torch.bfloat16}, (node.name, dtypes)
+    for node in _nodes(step.forward, torch.ops.aten.native_layer_norm.default):
+        assert meta.tensor_value(node.args[0]).dtype == torch.float32
+    (log_softmax,) = _nodes(step.forward, torch.ops.aten._log_softmax.default)
+    assert meta.tensor_value(log_softmax).dtype == torch.float32
+    assert "aten.mm.default(" in explanation.graph_code("forward")
+
+    dynamo = explanation.region(0).snapshots[1]
+    assert (dynamo.graph, dynamo.after) == ("dynamo", "precision")
+    casts = [line for line in dynamo.code.splitlines() if "parameters_weight_.to(torch.bfloat16)" in line]
+    wte = [line for line in casts if "wte_parameters_weight_.to(" in line]
+    assert len(wte) == 1  # embedding and lm_head share one copy
+    params = [line.split("=")[1].split(".to(")[0].strip() for line in casts]
+    assert len(params) == len(set(params))
+
+
+def test_parameters_get_fp32_gradients_close_to_fp32_training():
+    model = GPT(TINY_GPT)
+    reference = copy.deepcopy(model)
+    inputs = _gpt_inputs()
+    compiled = torch.compile(model, backend="memopt", options=BF16)
+    loss = compiled(*inputs)
+    loss.backward()
+    want = reference(*inputs)
+    want.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, want, rtol=1e-2, atol=0)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
+        error = (p.grad - q.grad).norm() / q.grad.norm()
+        assert error < 0.05, (name, float(error))  # bf16 has 8 mantissa bits: ~0.4% per op
+
+
+def test_saved_activations_are_bf16():
+    """Apart from the loss's log-probabilities (fp32 by policy), every saved value worth
+    a byte count is bf16, and the saved total is about half of fp32's."""
+    model = GPT(TINY_GPT)
+    inputs = _gpt_inputs(batch=8)
+    with memopt.record() as lowered:
+        torch.compile(copy.deepcopy(model), backend="memopt", options=BF16)(*inputs).backward()
+    torch._dynamo.reset()
+    with memopt.record() as full:
+        torch.compile(model, backend="memopt", options={**BF16, "precision": None})(*inputs).backward()
+    saved = build_timeline(lowered.region(0).step).saved_activations()
+    big = [iv for iv in saved if iv.nbytes >= 4096 and iv.node.target is not torch.ops.aten._log_softmax.default]
+    assert big and all(meta.tensor_value(iv.node).dtype == torch.bfloat16 for iv in big), [
+        (iv.name, meta.tensor_value(iv.node).dtype) for iv in big
+    ]
+    fp32_bytes = sum(iv.nbytes for iv in build_timeline(full.region(0).step).saved_activations())
+    assert sum(iv.nbytes for iv in saved) < 0.65 * fp32_bytes
+
+
+def test_user_outputs_keep_their_dtype():
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    x = torch.randn(4, 16)
+    out = torch.compile(model, backend="memopt", options=BF16)(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, model(x), rtol=0.05, atol=0.02)
+
+
+class _AutocastOff(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", enabled=False):
+            kept = x @ self.w  # the user keeps this in fp32
+        return (kept + x @ self.w).sum()
+
+
+def test_torch_autocast_blocks_are_left_as_written():
+    explanation = memopt.explain(_AutocastOff(), torch.randn(4, 8), options=BF16)
+    details = _pass(explanation, "precision")["details"]
+    assert details["skipped"] == {"inside a torch.autocast block": 1}
+    assert details["ops"]["low"] == {"matmul": 1}
+    (lowered,) = [entry for entry in details["lowered_nodes"] if entry["op"] == "matmul"]
+    assert "test_precision.py" in lowered["source"] and "kept + x @ self.w" in lowered["source"]
+    mms = _nodes(explanation.region(0).step.forward, torch.ops.aten.mm.default)
+    assert sorted(str(meta.tensor_value(n).dtype) for n in mms) == ["torch.bfloat16", "torch.float32"]
+
+
+def test_policy_override_keeps_an_op_in_fp32():
+    model = GPT(TINY_GPT)
+    options = {**BF16, "precision_policy": {"softmax": "fp32"}}
+    explanation = memopt.explain(model, *_gpt_inputs(), options=options)
+    ops = _pass(explanation, "precision")["details"]["ops"]
+    assert ops["fp32"]["softmax"] == 1 and "softmax" not in ops["fp32_low_out"]
+    (softmax,) = _nodes(explanation.region(0).step.forward, torch.ops.aten._softmax.default)
+    assert meta.tensor_value(softmax).dtype == torch.float32
+
+
+def test_unlisted_op_given_mixed_dtypes_is_promoted():
+    """With matmul taken out of the policy, attention's second matmul meets fp32
+    probabilities (softmax kept fp32) and bf16 values: both are cast to fp32."""
+    model = GPT(TINY_GPT)
+    options = {**BF16, "precision_policy": {"matmul": "follow", "softmax": "fp32"}}
+    explanation = memopt.explain(model, *_gpt_inputs(), options=options)
+    assert _pass(explanation, "precision")["details"]["promoted"] == {"matmul": 1}
+    bmms = _nodes(explanation.region(0).step.forward, torch.ops.aten.bmm.default)
+    assert [str(meta.tensor_value(n).dtype) for n in bmms] == ["torch.bfloat16", "torch.float32"]
+
+
+def test_disable_passes_skips_lowering_and_unknown_names_raise():
+    model = nn.Linear(8, 8)
+    explanation = memopt.explain(model, torch.randn(2, 8), options={**BF16, "disable_passes": ["precision"]})
+    assert _pass(explanation, "precision")["status"] == "skipped"
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"unknown pass\(es\) \['precison'\]; memopt's passes are: precision"):
+        memopt.explain(model, torch.randn(2, 8), options={**BF16, "disable_passes": ["precison"]})
+
+
+def test_explain_reports_lowered_ops_bytes_and_measured_error():
+    model = GPT(TINY_GPT)
+    explanation = memopt.explain(model, *_gpt_inputs(), options=BF16)
+    details = _pass(explanation, "precision")["details"]
+    assert details["ops"]["low"]["linear"] == 5  # qkv, proj, two MLP layers, lm_head
+    assert details["parameter_casts"] == 9  # the weights and biases of those linears, wte once
+    assert details["value_bytes_after"] * 2 == details["value_bytes_before"]
+    error = details["error"]
+    assert error["measured"] is True
+    assert set(error["grad_rel_error"]) == {n for n, _ in model.named_parameters()}
+    assert 0 < error["grad_rel_error_max"] < 0.05
+    text = explanation.report()
+    assert "precision bfloat16: ops 1 fp32, 6 fp32_low_out, 7 low; 9 parameter casts" in text
+    assert "measured on the example inputs: output rel. error" in text
+
+
+def test_inference_and_graph_breaks_are_lowered_too():
+    case = zoo_case("graph_break")
+    model = case.build()
+    x, target = case.inputs(4)
+    with torch.no_grad(), memopt.record() as explanation:
+        got = torch.compile(model, backend="memopt", options=BF16)(x, target)
+    assert [r.kind for r in explanation.regions] == ["inference", "inference"]
+    assert all(any(p.name == "precision" and p.modified for p in r.passes) for r in explanation.regions)
+    torch.testing.assert_close(got, model(x, target), rtol=0.05, atol=1e-3)
+
+
+def test_fp16_trains_with_grad_scaler():
+    """fp16 compute with fp32 masters and torch.amp.GradScaler (dynamic loss scaling):
+    gradients arrive scaled in fp32, the scaler unscales them, training follows fp32."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 1))
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(64, 32), torch.randn(64, 1)
+    compiled = torch.compile(model, backend="memopt", options={**BF16, "precision": "fp16"})
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    opt, ref_opt = torch.optim.SGD(model.parameters(), lr=0.05), torch.optim.SGD(reference.parameters(), lr=0.05)
+    for _ in range(20):
+        loss = F.mse_loss(compiled(x), y)
+        scaler.scale(loss).backward()
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        ref_loss = F.mse_loss(reference(x), y)
+        ref_loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    assert scaler.get_scale() == 2.0**12  # no overflow, no skipped step
+    torch.testing.assert_close(loss, ref_loss, rtol=0.02, atol=0)
+
+
+def test_short_training_runs_follow_fp32():
+    """30 AdamW steps of a tiny GPT on the successor task: the loss with bf16 compute
+    and with fp8-compressed activations stays within 1% of fp32's (the issue's bars
+    for 200 steps are 2% and 3%; those runs, on larger models: docs/precision.md)."""
+    torch.manual_seed(0)
+    base = GPT(TINY_GPT)
+    batches = successor_tokens(TINY_GPT.vocab, 8, 17, steps=30)
+    finals = {}
+    for name, extra in (("fp32", {}), ("bf16", {"precision": "bf16"}), ("fp8", {"compress_activations": "fp8"})):
+        torch._dynamo.reset()
+        model = copy.deepcopy(base)
+        compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", **extra})
+        losses = train_losses(lambda b: compiled(b[:, :-1], b[:, 1:]), model.parameters(), batches)
+        assert losses[-1] < 0.8 * losses[0], name  # it learns
+        finals[name] = final_loss(losses, window=5)
+    for name in ("bf16", "fp8"):
+        assert abs(finals[name] - finals["fp32"]) < 0.01 * finals["fp32"], finals
+
+
+def test_mutating_ops_get_fresh_casts():
+    """A cast made before an in-place write is not reused after it."""
+
+    def f(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        a = x @ w
+        x.mul_(2)
+        return a + x @ w
+
+    x, w = torch.randn(4, 4), torch.randn(4, 4)
+    explanation = memopt.explain(f, x.clone(), w, options=BF16)
+    code = explanation.graph_code("dynamo", after="precision")
+    assert code.count(".to(torch.bfloat16)") == 4  # w and x before mul_, then both again
+    got = torch.compile(f, backend="memopt", options=BF16)(x.clone(), w)
+    torch.testing.assert_close(got, f(x.clone(), w), rtol=0.02, atol=0.05)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_trains_with_bf16_and_int8_activations(name):
+    """Every zoo model (BatchNorm buffers, dropout, tied weights, graph break, in-place
+    input) compiles strictly with both options and follows fp32: loss within 1%, all
+    gradients together within 3% (single near-zero gradients, like a conv bias before
+    BatchNorm, have meaningless ratios)."""
+    case = zoo_case(name)
+    model = case.build().train()
+    inputs = case.inputs(case.default_batch * 2)
+    want = run_training_step(copy.deepcopy(model), inputs)
+    compiled_model = copy.deepcopy(model)
+    options = {**BF16, "compress_activations": "int8"}
+    got = run_training_step(compiled_model, inputs, runner=torch.compile(compiled_model, backend="memopt", options=options))
+    torch.testing.assert_close(got.loss, want.loss, rtol=0.01, atol=0)
+    names = [n for n, g in want.grads.items() if g is not None]
+    flat = [torch.cat([r.grads[n].flatten() for n in names]) for r in (got, want)]
+    assert float((flat[0] - flat[1]).norm() / flat[1].norm()) < 0.03
+    for buffer, value in want.buffers.items():
+        torch.testing.assert_close(got.buffers[buffer], value, rtol=0.02, atol=1e-3)
+
+
+def test_dynamic_batch_is_lowered_and_compression_skips_symbolic_values():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 1))
+    options = {**BF16, "compress_activations": "int8"}
+    compiled = torch.compile(model, backend="memopt", dynamic=True, options=options)
+    with memopt.record() as explanation:
+        for batch in (40, 48):
+            x = torch.randn(batch, 32)
+            torch.testing.assert_close(compiled(x), model(x), rtol=0.05, atol=0.02)
+    assert len(explanation.regions) == 1  # one compile serves both batch sizes
+    passes = {p.name: p for p in explanation.region(0).passes}
+    assert passes["precision"].modified
+    assert passes["precision"].details["error"]["why"].startswith("dynamic shapes")
+    assert "dynamic shape (not supported yet)" in passes["compress_activations"].details["skipped"]

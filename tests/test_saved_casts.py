@@ -1,0 +1,101 @@
+"""recompute_saved_casts: saved dtype copies (low-precision weight copies, fp32 copies
+of bf16 activations) are recomputed in backward from their source, bit-exactly."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import memopt
+from memopt.analysis.memory import build_timeline
+from memopt.analysis.value_ops import cast_and_view_source
+from memopt.graph import meta
+from memopt.testing.zoo import GPT, GPTConfig
+
+TINY_GPT = GPTConfig(vocab=64, context=32, dim=32, heads=2, layers=2)
+OPTIONS = {"codegen": "eager", "verify": True, "strict": True}
+
+
+def _run(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], options: dict, autocast: bool = False):
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="memopt", options=options)
+    with memopt.record() as explanation:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = compiled(*inputs)
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return explanation.region(0).step, loss.detach(), grads
+
+
+def _saved_casts(step) -> list[str]:
+    """Saved values that are casts (and views) of a parameter, or fp32 casts of bf16
+    values (narrowing casts of activations are legitimately saved: smaller)."""
+    found = []
+    for fw, _ in step.saved_pairs():
+        source = cast_and_view_source(fw)
+        value, origin = meta.tensor_value(fw), meta.tensor_value(source)
+        if source is fw or value is None or origin is None or value.dtype == origin.dtype:
+            continue
+        if source.op == "placeholder" or (origin.dtype == torch.bfloat16 and value.dtype == torch.float32):
+            found.append(fw.name)
+    return found
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.randint(0, TINY_GPT.vocab, (4, 17))
+    return idx[:, :-1], idx[:, 1:]
+
+
+def test_bf16_copies_are_recomputed_with_identical_gradients():
+    model, inputs = GPT(TINY_GPT), _inputs()
+    options = {**OPTIONS, "precision": "bf16"}
+    step, loss, grads = _run(copy.deepcopy(model), inputs, options)
+    kept_step, kept_loss, kept_grads = _run(
+        copy.deepcopy(model), inputs, {**options, "disable_passes": ["recompute_saved_casts"]}
+    )
+    kept = _saved_casts(kept_step)
+    assert any(name.startswith("t") for name in kept)  # transposed bf16 weight copies
+    assert any(meta.tensor_value(n).dtype == torch.float32 for n, _ in kept_step.saved_pairs() if n.name in kept)
+    assert _saved_casts(step) == []
+    assert torch.equal(loss, kept_loss)
+    assert all(torch.equal(grads[n], kept_grads[n]) for n in grads)
+    saved = sum(iv.nbytes for iv in build_timeline(step).saved_activations())
+    assert saved < sum(iv.nbytes for iv in build_timeline(kept_step).saved_activations())
+
+
+def test_graphs_traced_under_user_autocast_benefit_too():
+    """memopt without its own precision option, under torch.autocast: the casts that
+    autocast inserted are recomputed the same way."""
+    model, inputs = GPT(TINY_GPT), _inputs()
+    step, loss, grads = _run(copy.deepcopy(model), inputs, OPTIONS, autocast=True)
+    kept_step, kept_loss, kept_grads = _run(
+        copy.deepcopy(model), inputs, {**OPTIONS, "disable_passes": ["recompute_saved_casts"]}, autocast=True
+    )
+    assert _saved_casts(kept_step) and not _saved_casts(step)
+    assert torch.equal(loss, kept_loss) and all(torch.equal(grads[n], kept_grads[n]) for n in grads)
+
+
+def test_layout_copies_between_cast_and_saved_value_are_replayed():
+    """Inductor's decompositions put clones/reshapes between a cast and what is saved;
+    the chain is replayed in backward like views."""
+    w = torch.nn.Parameter(torch.randn(8, 8))
+
+    def f(x):
+        copy = w.to(torch.bfloat16).clone().reshape(8, 8)
+        return (x.to(torch.bfloat16) @ copy).float().sum()
+
+    x = torch.randn(4, 8, requires_grad=True)
+    sources, grads = [], []
+    for disabled in ((), ("recompute_saved_casts",)):
+        x.grad = None
+        torch._dynamo.reset()
+        with memopt.record() as explanation:
+            compiled = torch.compile(f, backend="memopt", options={**OPTIONS, "disable_passes": list(disabled)})
+            compiled(x).backward()
+        step = explanation.region(0).step
+        params = [p for i, p in enumerate(step.forward.graph.find_nodes(op="placeholder")) if step.input_kind(i) == "parameter"]
+        sources.append([fw.name for fw, _ in step.saved_pairs() if fw is not cast_and_view_source(fw) and cast_and_view_source(fw) in params])
+        grads.append(x.grad.clone())
+    assert sources[0] == [] and sources[1]  # the bf16 copy of w is saved only without the pass
+    assert torch.equal(grads[0], grads[1])
