@@ -29,7 +29,8 @@ from memopt.config import MemoptConfig
 from memopt.graph import meta
 from memopt.graph.partition import JointGraph
 from memopt.graph.step import InputInfo, StepGraphs, output_values
-from memopt.passes.base import PassContext
+from memopt.passes.base import Pass, PassContext
+from memopt.passes.compress import compression_for_planning
 from memopt.passes.instruments import (
     DumpInstrument,
     GraphSnapshot,
@@ -40,7 +41,7 @@ from memopt.passes.instruments import (
 from memopt.passes.manager import Instrument, PassManager, PipelineResult
 from memopt.passes.pipeline import default_pipeline, disabled_in, pre_autograd_pipeline
 from memopt.plan.plan import finish_plan
-from memopt.plan.planner import plan_region
+from memopt.plan.planner import check_final_budget, plan_region
 
 __all__ = ["RegionCompiler", "describe_inputs"]
 
@@ -98,7 +99,7 @@ class RegionCompiler:
         passes = default_pipeline(self.config)
         manager = PassManager(passes, self._instruments(), disabled=disabled_in(passes, self.config))
         before = build_timeline(step)
-        ctx = self._context(plan=plan_region(step, before, self.config))
+        ctx = self._context(plan=plan_region(step, before, self.config, self._planning_shrink(passes)))
         result = manager.run(step, ctx)
         after = build_timeline(result.step)
         self.record.kind = "training" if step.is_training else "inference"
@@ -106,7 +107,7 @@ class RegionCompiler:
         self.record.step = result.step
         self.record.timeline_before = before
         self.record.timeline_after = after
-        self.record.plan = finish_plan(ctx.plan, after, result)
+        self.record.plan = check_final_budget(finish_plan(ctx.plan, after, result), self.config)
         if result.fallback is not None:
             self.record.fallbacks.append(result.fallback)
         self.record.pipeline_seconds = time.perf_counter() - start
@@ -133,6 +134,14 @@ class RegionCompiler:
 
     def _keep_snapshots(self, result: PipelineResult, snapshots: list[GraphSnapshot]) -> None:
         self.record.snapshots = self.record.snapshots + list(snapshots)
+
+    def _planning_shrink(self, passes: Sequence[Pass]) -> Any:
+        """What the planner may assume compression does (None when the option is off
+        or the pass disabled)."""
+        fmt = self.config.compress_activations
+        if fmt is None or "compress_activations" in disabled_in(passes, self.config):
+            return None
+        return compression_for_planning(fmt)
 
     def _context(self, plan: Any = None) -> PassContext:
         return PassContext(

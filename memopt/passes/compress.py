@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,18 +33,21 @@ from memopt.analysis.aliasing import concrete_int
 from memopt.analysis.compressible import MIN_ELEMENTS, SavedStorage, saved_storages
 from memopt.analysis.error_probe import capture_values, concrete_inputs, real_tensors, relative_error
 from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
-from memopt.analysis.memory import build_timeline
+from memopt.analysis.cost import device_model
+from memopt.analysis.memory import build_timeline, main_device
 from memopt.analysis.value_ops import VIEW_OPS
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs
 from memopt.passes.base import Pass, PassContext, PassResult
 from memopt.passes.saved_rewrite import fake_mode_of_step, replace_saved_values, run_fake
+from memopt.plan.compression import choose_for_budget
 
 __all__ = [
     "CompressionChoice",
     "CompressedValue",
     "compress_saved_values",
     "compress_every_eligible",
+    "compression_for_planning",
     "roundtrip",
     "CompressSavedActivations",
 ]
@@ -322,7 +325,9 @@ class CompressSavedActivations(Pass):
     restored, with its dtype, shape and a contiguous layout, right before its first
     backward use; forward outputs and backward inputs keep matching order. With
     ``measure_error`` the details give each value's round-trip error on the example
-    inputs.
+    inputs. With a memory budget (``ctx.plan.budget_bytes``) only the values
+    `memopt.plan.compression.choose_for_budget` picks are compressed: none if the
+    peak already fits, else the largest live at the peak until it does.
 
     Ordering: after every pass that changes which values are saved (remat) and after
     ``recompute_saved_casts``; it compresses what is still saved.
@@ -336,8 +341,12 @@ class CompressSavedActivations(Pass):
         if fmt is None or not step.is_training:
             return PassResult.unchanged(why="compress_activations=None" if fmt is None else "inference")
         decisions, skipped = compress_every_eligible(step, fmt)
+        budget = None if ctx.plan is None else ctx.plan.budget_bytes
+        planned: dict[str, Any] = {}
+        if decisions and budget is not None:
+            decisions, planned = _within_budget(step, decisions, budget)
         if not decisions:
-            return PassResult.unchanged(format=fmt, skipped=dict(skipped))
+            return PassResult.unchanged(format=fmt, skipped=dict(skipped), **planned)
         errors = _measured_errors(step, _groups_for(step, decisions), ctx) if ctx.measure_error else None
         saved_before = _saved_bytes(step)
         done = compress_saved_values(step, decisions)
@@ -350,10 +359,47 @@ class CompressSavedActivations(Pass):
             "saved_bytes_before": saved_before,
             "saved_bytes_after": saved_after,
             "bytes_saved": saved_before - saved_after,
+            **planned,
         }
         if isinstance(errors, str):
             details["error"] = errors
         return PassResult(True, PreservedAnalyses.none(), details)
+
+
+def compression_for_planning(fmt: str) -> Callable[[StepGraphs], float]:
+    """The planner's view of ``compress_activations=fmt``: compress every eligible
+    saved value of a candidate step in place (`compress_every_eligible`) and return
+    the modelled seconds of the kernels (each storage read and written once to
+    compress and once to restore, at the device's bandwidth, plus two launches)."""
+
+    def shrink(step: StepGraphs) -> float:
+        decisions, _ = compress_every_eligible(step, fmt)
+        done = compress_saved_values(step, decisions)
+        device = device_model(main_device(step))
+        moved = sum(2 * (c.bytes_before + c.bytes_after) for c in done)
+        return moved / device.bytes_per_s + 2 * len(done) * device.op_overhead_s
+
+    return shrink
+
+
+def _within_budget(
+    step: StepGraphs, decisions: dict[fx.Node, CompressionChoice], budget: int
+) -> tuple[dict[fx.Node, CompressionChoice], dict[str, Any]]:
+    """The subset of ``decisions`` that brings the estimated peak within ``budget``
+    (`memopt.plan.compression`), and what to report about the choice."""
+    storages = []
+    for group, choice in _groups_for(step, decisions):
+        numel = concrete_int(meta.tensor_value(group.base).numel())  # type: ignore[union-attr]
+        storages.append((group.values, group.aliases, group.nbytes - choice.stored_bytes(numel)))
+    outcome = choose_for_budget(step, decisions, storages, budget, compress_saved_values)  # type: ignore[arg-type]
+    planned = {
+        "budget_bytes": budget,
+        "peak_before": outcome.peak_before,
+        "peak_after": outcome.peak_after,
+        "candidates": len(storages),
+        "rounds": outcome.rounds,
+    }
+    return outcome.decisions, planned  # type: ignore[return-value]
 
 
 def _saved_bytes(step: StepGraphs) -> int:

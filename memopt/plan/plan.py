@@ -155,9 +155,12 @@ def finish_plan(plan: MemoryPlan, after: MemoryTimeline, result: Any) -> MemoryP
     """``plan`` with the estimate of the graphs the pipeline produced, the schedule
     pass's report and any fallback (``result`` is the pipeline's `PipelineResult`)."""
     schedule = {}
+    decisions = plan.decisions
     for record in result.records:
         if record.name == "schedule" and record.status == "ran":
             schedule = dict(record.details)
+        if record.name == "compress_activations" and record.status == "ran":
+            decisions = _with_compression(decisions, record.details)
     fallbacks = plan.fallbacks
     if result.fallback is not None:
         fallbacks = fallbacks + (result.fallback.to_dict(),)
@@ -166,5 +169,27 @@ def finish_plan(plan: MemoryPlan, after: MemoryTimeline, result: Any) -> MemoryP
         estimated_peak_after=after.peak_bytes,
         peak_breakdown_after=after.peak_breakdown,
         schedule=schedule or plan.schedule,
+        decisions=decisions,
         fallbacks=fallbacks,
     )
+
+
+def _with_compression(decisions: tuple[TensorDecision, ...], details: dict[str, Any]) -> tuple[TensorDecision, ...]:
+    """``decisions`` with the values the ``compress_activations`` pass stored
+    compressed (its ``details``) marked ``compress``, with the format and bytes."""
+    why = "to meet the budget" if details.get("budget_bytes") is not None else "compress_activations is set"
+    stored: dict[str, dict[str, Any]] = {}
+    for c in details.get("compressed", []):
+        for name in c["saved_as"]:
+            stored[f"forward:{name}"] = c
+    out = []
+    for d in decisions:
+        c = stored.get(d.name)
+        if c is None or d.policy != "save":
+            out.append(d)
+            continue
+        reason = (
+            f"saved, stored as {c['format']} ({c['bytes_before']} -> {c['bytes_after']} bytes) {why}"
+        )
+        out.append(dataclasses.replace(d, policy="compress", reason=reason, details={**d.details, "format": c["format"]}))
+    return tuple(out)

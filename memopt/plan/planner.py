@@ -21,17 +21,25 @@ from memopt.errors import MemoptBudgetError, MemoptWarning
 from memopt.graph.partition import JointGraph, saved_names
 from memopt.graph.step import StepGraphs
 from memopt.plan.plan import MemoryPlan, TensorDecision, decision_for_node
-from memopt.plan.remat import RematSolution, plan_remat
+from memopt.plan.remat import RematSolution, Shrink, plan_remat
 from memopt.plan.report import format_bytes
 from memopt.plan.segments import Segment, must_save, value_bytes
 
-__all__ = ["plan_region"]
+__all__ = ["plan_region", "check_final_budget"]
 
 
-def plan_region(step: StepGraphs, before: MemoryTimeline, config: MemoptConfig) -> MemoryPlan:
+def plan_region(
+    step: StepGraphs, before: MemoryTimeline, config: MemoptConfig, shrink: Shrink | None = None
+) -> MemoryPlan:
     """The memory plan for one region (see module docstring). Raises
     `MemoptBudgetError` for an infeasible budget when ``config.strict``; otherwise
-    warns and returns the plan with the smallest peak found."""
+    warns and returns the plan with the smallest peak found.
+
+    ``shrink`` (given when ``compress_activations`` is set) compresses a candidate's
+    saved values: the planner then also plans with compression and takes that plan
+    when exact rematerialization cannot meet the budget, or needs more modelled time
+    than compression does. Whether such a plan's budget is met is checked after the
+    pipeline (`check_final_budget`), once the values are compressed."""
     budget = config.budget_bytes(before.peak_bytes)
     plan = MemoryPlan.unplanned(step.region, before, budget)
     if budget is None:
@@ -41,9 +49,52 @@ def plan_region(step: StepGraphs, before: MemoryTimeline, config: MemoptConfig) 
     if not step.is_training or step.joint is None:
         return _infeasible_inference(plan, before, budget, config)
     solution = plan_remat(step, budget, time_limit=config.planner_time_limit)
+    exact_needs_work = not solution.feasible or solution.evaluation.recompute_flops > 0
+    if shrink is not None and exact_needs_work:
+        compressed = plan_remat(step, budget, time_limit=config.planner_time_limit, shrink=shrink)
+        if _prefer_compressed(compressed, solution):
+            result = _remat_plan(plan, step, compressed, budget)
+            note = _compression_note(compressed, solution, config)
+            return _with(result, notes=result.notes + (note,), solver={**result.solver, _COMPRESSED: True})
     result = _remat_plan(plan, step, solution, budget)
     if not solution.feasible:
         _report_infeasible(result, config)
+    return result
+
+
+_COMPRESSED = "with_compression"
+
+
+def _prefer_compressed(compressed: RematSolution, exact: RematSolution) -> bool:
+    """Compression changes numerics, so it must buy something: a budget exact remat
+    cannot meet, less modelled time, or (both infeasible) a smaller peak."""
+    if compressed.feasible != exact.feasible:
+        return compressed.feasible
+    if compressed.feasible:
+        return compressed.evaluation.seconds < exact.evaluation.seconds
+    return compressed.evaluation.timeline.peak_bytes < exact.evaluation.timeline.peak_bytes
+
+
+def _compression_note(compressed: RematSolution, exact: RematSolution, config: MemoptConfig) -> str:
+    fmt = config.compress_activations
+    if not exact.feasible:
+        return f"rematerialization alone cannot meet the budget: planned with saved values compressed ({fmt})"
+    return (
+        f"planned with saved values compressed ({fmt}): modelled {compressed.evaluation.seconds * 1e3:.2f} ms "
+        f"of kernels against {exact.evaluation.seconds * 1e3:.2f} ms of recomputation for exact remat"
+    )
+
+
+def check_final_budget(plan: MemoryPlan, config: MemoptConfig) -> MemoryPlan:
+    """After the pipeline: for a plan made with compression, report (warn, or raise
+    when strict) if the final estimate exceeds the budget. Returns ``plan`` with
+    ``feasible`` set from the final estimate."""
+    if not plan.solver.get(_COMPRESSED) or plan.budget_bytes is None:
+        return plan
+    if plan.estimated_peak_after <= plan.budget_bytes:
+        return _with(plan, feasible=True)
+    result = _with(plan, feasible=False, min_feasible_peak=plan.estimated_peak_after, blockers=dict(plan.peak_breakdown_after))
+    _report_infeasible(result, config, by="rematerialization and compression")
     return result
 
 
@@ -65,14 +116,14 @@ def _infeasible_inference(plan: MemoryPlan, before: MemoryTimeline, budget: int,
     return result
 
 
-def _report_infeasible(plan: MemoryPlan, config: MemoptConfig) -> None:
+def _report_infeasible(plan: MemoryPlan, config: MemoptConfig, by: str = "rematerialization") -> None:
     blockers = sorted(((v, k) for k, v in plan.blockers.items() if v), reverse=True)[:4]
     listed = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for v, k in blockers)
     message = (
         f"memory_budget {format_bytes(plan.budget_bytes)} is infeasible for region {plan.region}: "
         f"the smallest peak memopt can reach is {format_bytes(plan.min_feasible_peak)} "
         f"(unoptimized {format_bytes(plan.estimated_peak_before)}). At that peak the largest "
-        f"contributors rematerialization cannot remove are: {listed}. Raise the budget to at least "
+        f"contributors {by} cannot remove are: {listed}. Raise the budget to at least "
         f"{format_bytes(plan.min_feasible_peak)}, or shrink what remat cannot (batch size, "
         f"parameters: precision/sharding)."
     )
@@ -105,6 +156,7 @@ def _remat_plan(plan: MemoryPlan, step: StepGraphs, solution: RematSolution, bud
             "joint_nodes": len(joint.module.graph.nodes),
             "recompute_flops": ev.recompute_flops,
             "recompute_seconds_model": ev.recompute_seconds,
+            "compress_seconds_model": ev.compress_seconds,
         },
     )
 

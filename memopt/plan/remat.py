@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,6 +82,19 @@ class Evaluation:
     timeline: MemoryTimeline
     recompute_flops: int
     recompute_seconds: float
+    compress_seconds: float = 0.0
+    """Modelled time of the compression kernels, when the plan was evaluated with
+    saved values compressed (``shrink``)."""
+
+    @property
+    def seconds(self) -> float:
+        """Modelled extra time of the plan: recomputation plus compression."""
+        return self.recompute_seconds + self.compress_seconds
+
+
+Shrink = Callable[[StepGraphs], float]
+"""Compresses a candidate step's saved values in place; returns the modelled seconds
+the compression kernels cost (see `memopt.plan.compression`)."""
 
 
 @dataclass
@@ -100,6 +113,7 @@ class RematProblem:
     FL: np.ndarray  # [K, O] recompute FLOPs
     evaluations: dict[str, Evaluation] = field(default_factory=dict)
     torch_whole: dict[float, frozenset[str]] = field(default_factory=dict)  # torch's saved set per budget
+    shrink: Shrink | None = None  # every plan is evaluated with its saved values compressed
 
     def saved_for(self, choice: Sequence[str]) -> frozenset[str]:
         names = set(self.always)
@@ -137,12 +151,14 @@ class RematSolution:
     segments: list[Segment] = field(default_factory=list)
 
 
-def evaluate(step: StepGraphs, saved: frozenset[str]) -> Evaluation:
-    """Split ``step``'s joint graph (dropout made recomputable) saving ``saved``; the
-    exact timeline and the recompute cost of the result."""
+def evaluate(step: StepGraphs, saved: frozenset[str], shrink: Shrink | None = None) -> Evaluation:
+    """Split ``step``'s joint graph (dropout made recomputable) saving ``saved``
+    (then compressing saved values with ``shrink``, if given); the exact timeline and
+    the recompute cost of the result."""
     joint: JointGraph = step.joint.recomputable()
     forward, backward = split_joint(joint, sorted(saved), step.region, draft=True)
     candidate = dataclasses.replace(step, forward=forward, backward=backward)
+    compress_seconds = 0.0 if shrink is None else shrink(candidate)
     timeline = build_timeline(candidate)
     fw_names = {n.name for n in forward_nodes(joint)}
     device = device_model(timeline.device)
@@ -152,7 +168,7 @@ def evaluate(step: StepGraphs, saved: frozenset[str]) -> Evaluation:
             cost = node_cost(node, device)
             flops += cost.flops
             seconds += cost.seconds
-    return Evaluation(saved, candidate, timeline, flops, seconds)
+    return Evaluation(saved, candidate, timeline, flops, seconds, compress_seconds)
 
 
 def _torch_budget_saved(joint: JointGraph, budget: float, fallback: set[str]) -> set[str]:
@@ -193,9 +209,9 @@ def _option_sets(segment: Segment, mincut: set[str], torch_saved: dict[float, se
     }
 
 
-def build_problem(step: StepGraphs) -> RematProblem:
+def build_problem(step: StepGraphs, shrink: Shrink | None = None) -> RematProblem:
     """Segments, option sets and per-option stats for ``step`` (one evaluation per
-    distinct all-segments-on-one-option plan)."""
+    distinct all-segments-on-one-option plan, each with ``shrink`` applied)."""
     joint: JointGraph = step.joint.recomputable()
     placeholders = joint.module.graph.find_nodes(op="placeholder")
     activations = {p for i, p in enumerate(placeholders) if step.input_kind(i) in ("input", "activation")}
@@ -219,7 +235,7 @@ def build_problem(step: StepGraphs) -> RematProblem:
     forced = {n.name for seg in segments for n in seg.nodes if must_save(n)}
     problem = RematProblem(
         step, segments, sets, always, S, F, P, C, T, FL,
-        torch_whole={b: frozenset(names | forced) for b, names in torch_saved.items()},
+        torch_whole={b: frozenset(names | forced) for b, names in torch_saved.items()}, shrink=shrink,
     )  # fmt: skip
     done: dict[frozenset[str], int] = {}
     for o, option in enumerate(OPTIONS):
@@ -229,7 +245,7 @@ def build_problem(step: StepGraphs) -> RematProblem:
                 table[:, o] = table[:, done[saved]]
             continue
         done[saved] = o
-        ev = evaluate(step, saved)
+        ev = evaluate(step, saved, shrink)
         problem.evaluations[option] = ev
         _attribute(ev, owner, K, o, problem)
     return problem
@@ -331,7 +347,14 @@ def _tradeoff(
     return curve
 
 
-def plan_remat(step: StepGraphs, budget_bytes: int, *, time_limit: float = 5.0, max_iterations: int = 6) -> RematSolution:
+def plan_remat(
+    step: StepGraphs,
+    budget_bytes: int,
+    *,
+    time_limit: float = 5.0,
+    max_iterations: int = 6,
+    shrink: Shrink | None = None,
+) -> RematSolution:
     """Choose per-segment options so the step's exact estimated peak fits
     ``budget_bytes`` at the least recompute time (see module docstring).
 
@@ -339,11 +362,12 @@ def plan_remat(step: StepGraphs, budget_bytes: int, *, time_limit: float = 5.0, 
     the smallest-peak plan, and torch's own whole-graph choice at
     ``activation_memory_budget=0.5``) is a candidate; the answer is the fitting one
     with the least recompute time. ``feasible=False`` means none fits; the solution
-    then holds the plan with the smallest peak found (``min_peak``)."""
+    then holds the plan with the smallest peak found (``min_peak``). With ``shrink``
+    every plan is judged with its saved values compressed."""
     from memopt.plan.milp import solve_min_peak
 
     start = time.perf_counter()
-    problem = build_problem(step)
+    problem = build_problem(step, shrink)
     K = len(problem.segments)
     tried: dict[frozenset[str], tuple[list[str], Evaluation]] = {
         ev.saved: ([option] * K, ev) for option, ev in problem.evaluations.items()
@@ -351,7 +375,7 @@ def plan_remat(step: StepGraphs, budget_bytes: int, *, time_limit: float = 5.0, 
 
     def consider(choice: list[str], saved: frozenset[str]) -> Evaluation:
         if saved not in tried:
-            tried[saved] = (choice, evaluate(step, saved))
+            tried[saved] = (choice, evaluate(step, saved, shrink))
         return tried[saved][1]
 
     for b, names in problem.torch_whole.items():  # (repeats of a budget are skipped by consider)
@@ -386,7 +410,7 @@ def plan_remat(step: StepGraphs, budget_bytes: int, *, time_limit: float = 5.0, 
             smallest[0], smallest[1], False, how, iterations, elapsed, [p for _, p in curve], smallest[1],
             problem.segments,
         )  # fmt: skip
-    best = min(fitting, key=lambda ce: (ce[1].recompute_flops, ce[1].recompute_seconds, ce[1].timeline.peak_bytes))
+    best = min(fitting, key=lambda ce: (ce[1].recompute_flops, ce[1].seconds, ce[1].timeline.peak_bytes))
     return RematSolution(
         best[0], best[1], True, how, iterations, elapsed, [p for _, p in curve], smallest[1], problem.segments
     )
