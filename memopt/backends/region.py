@@ -193,7 +193,11 @@ class RegionCompiler:
             num_fwd_outputs,
             self.region,
             self.inputs,
-            joint=JointGraph(joint_module, num_fwd_outputs),
+            joint=JointGraph(
+                joint_module,
+                num_fwd_outputs,
+                None if static_lifetime_input_indices is None else tuple(static_lifetime_input_indices),
+            ),
             fused_codegen=self.config.codegen == "inductor",
             num_user_outputs=self.num_user_outputs,
         )

@@ -32,6 +32,9 @@ class JointGraph:
 
     module: fx.GraphModule
     num_fwd_outputs: int
+    static_lifetime_input_indices: tuple[int, ...] | None = None
+    """Inputs alive for the whole step (parameters, buffers), as AOTAutograd told its
+    partitioner: torch's ``activation_memory_budget`` does not count them."""
 
     def node(self, name: str) -> fx.Node:
         found = self._by_name().get(name)
@@ -48,7 +51,7 @@ class JointGraph:
             from memopt.graph.dropout import with_recomputable_dropout
 
             module, count = with_recomputable_dropout(self.module)
-            cached = self if count == 0 else JointGraph(module, self.num_fwd_outputs)
+            cached = self if count == 0 else JointGraph(module, self.num_fwd_outputs, self.static_lifetime_input_indices)
             self._recomputable = cached
         return cached
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
 from memopt.graph.partition import saved_names, split_joint
-from memopt.graph.step import StepGraphs
+from memopt.graph.step import StepGraphs, clone_graph_module
 from memopt.passes.base import Pass, PassContext, PassResult
 
 __all__ = ["Rematerialize"]
@@ -21,7 +21,8 @@ class Rematerialize(Pass):
 
     Guarantees: the forward saves those values (plus primals and symbols backward
     needs); every other value backward reads is recomputed in backward from them,
-    each recomputed op just before its first use. Random ops, side effects and
+    each recomputed op just before its first use (or, when the plan is torch's own
+    min-cut partition at some ``activation_memory_budget``, where torch put it). Random ops, side effects and
     collectives are never recomputed (the planner always saves them), so with eager
     codegen losses and gradients are bit-identical to the unbudgeted compile.
 
@@ -36,7 +37,11 @@ class Rematerialize(Pass):
         if wanted is None or step.joint is None or not step.is_training:
             return PassResult.unchanged()
         before = set(saved_names(step))
-        step.forward, step.backward = split_joint(step.joint.recomputable(), wanted, step.region)
+        graphs = getattr(plan, "graphs", None)
+        if graphs is not None:  # torch's own partition won: install it as it is
+            step.forward, step.backward = (clone_graph_module(g) for g in graphs)
+        else:
+            step.forward, step.backward = split_joint(step.joint.recomputable(), wanted, step.region)
         after = set(saved_names(step))
         return PassResult(
             True,

@@ -101,6 +101,9 @@ class MemoryPlan:
     fallbacks: tuple[dict[str, str], ...] = ()
     notes: tuple[str, ...] = ()
     saved_values: tuple[str, ...] | None = None
+    graphs: Any = None
+    """(forward, backward) to install as they are instead of splitting for
+    ``saved_values`` (the plan is torch's own partition); not serialized."""
     """Names of the joint-graph values to save (None: keep the partitioner's)."""
     segment_options: tuple[str, ...] = ()
     solver: dict[str, Any] = field(default_factory=dict)

@@ -143,6 +143,7 @@ def _remat_plan(plan: MemoryPlan, step: StepGraphs, solution: RematSolution, bud
         peak_breakdown_after=ev.timeline.peak_breakdown,
         decisions=tuple(decisions),
         saved_values=tuple(sorted(ev.saved)),
+        graphs=ev.graphs,
         segment_options=tuple(solution.choice),
         tradeoff=tuple(solution.tradeoff),
         feasible=solution.feasible,

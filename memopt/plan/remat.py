@@ -53,7 +53,7 @@ from memopt.analysis.cost import device_model, node_cost
 from memopt.analysis.memory import BEFORE, MemoryTimeline, build_timeline
 from memopt.graph import meta
 from memopt.graph.partition import JointGraph, forward_nodes, saved_names, split_joint
-from memopt.graph.step import StepGraphs
+from memopt.graph.step import StepGraphs, clone_graph_module
 from memopt.plan.segments import Segment, find_segments, must_save, value_bytes
 
 __all__ = ["OPTIONS", "RematProblem", "RematSolution", "build_problem", "plan_remat", "evaluate"]
@@ -83,6 +83,9 @@ class Evaluation:
     recompute_flops: int
     recompute_seconds: float
     compress_seconds: float = 0.0
+    graphs: tuple[fx.GraphModule, fx.GraphModule] | None = None
+    """Set when the plan is torch's own partition, to be installed as is (the split
+    `split_joint` would make of its saved set may order backward differently)."""
     """Modelled time of the compression kernels, when the plan was evaluated with
     saved values compressed (``shrink``)."""
 
@@ -114,6 +117,7 @@ class RematProblem:
     evaluations: dict[str, Evaluation] = field(default_factory=dict)
     torch_whole: dict[float, frozenset[str]] = field(default_factory=dict)  # torch's saved set per budget
     shrink: Shrink | None = None  # every plan is evaluated with its saved values compressed
+    torch_graphs: dict[float, tuple[fx.GraphModule, fx.GraphModule]] = field(default_factory=dict)
 
     def saved_for(self, choice: Sequence[str]) -> frozenset[str]:
         names = set(self.always)
@@ -157,6 +161,36 @@ def evaluate(step: StepGraphs, saved: frozenset[str], shrink: Shrink | None = No
     the recompute cost of the result."""
     joint: JointGraph = step.joint.recomputable()
     forward, backward = split_joint(joint, sorted(saved), step.region, draft=True)
+    return _evaluate_graphs(step, joint, saved, forward, backward, shrink)
+
+
+def evaluate_torch_partition(
+    step: StepGraphs, graphs: tuple[fx.GraphModule, fx.GraphModule], shrink: Shrink | None = None
+) -> Evaluation | None:
+    """The exact timeline and recompute cost of torch's own partition ``graphs`` (to be
+    installed as they are), or None when its backward recomputes a random op (new
+    random numbers: not a valid plan for memopt)."""
+    forward, backward = graphs
+    fw_names = {n.name for n in forward_nodes(step.joint)}
+    if any(n.name in fw_names and meta.is_random(n) for n in backward.graph.nodes):
+        return None
+    saved = frozenset(
+        o.name for o in forward.graph.find_nodes(op="output")[0].args[0][step.num_fwd_outputs :] if isinstance(o, fx.Node)
+    )
+    if shrink is not None:  # shrink rewrites in place: the plan keeps the originals
+        forward, backward = clone_graph_module(forward), clone_graph_module(backward)
+    ev = _evaluate_graphs(step, step.joint, saved, forward, backward, shrink)
+    return dataclasses.replace(ev, graphs=graphs)
+
+
+def _evaluate_graphs(
+    step: StepGraphs,
+    joint: JointGraph,
+    saved: frozenset[str],
+    forward: fx.GraphModule,
+    backward: fx.GraphModule,
+    shrink: Shrink | None,
+) -> Evaluation:
     candidate = dataclasses.replace(step, forward=forward, backward=backward)
     compress_seconds = 0.0 if shrink is None else shrink(candidate)
     timeline = build_timeline(candidate)
@@ -171,9 +205,9 @@ def evaluate(step: StepGraphs, saved: frozenset[str], shrink: Shrink | None = No
     return Evaluation(saved, candidate, timeline, flops, seconds, compress_seconds)
 
 
-def _torch_budget_saved(joint: JointGraph, budget: float, fallback: set[str]) -> set[str]:
-    """Names torch's min-cut partitioner saves at ``activation_memory_budget=budget``
-    (``fallback`` if it fails: the option then repeats another one)."""
+def _torch_partition(joint: JointGraph, budget: float) -> tuple[fx.GraphModule, fx.GraphModule] | None:
+    """Torch's min-cut partition at ``activation_memory_budget=budget`` (None if it
+    fails: the option then repeats another one)."""
     import copy
 
     from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -181,11 +215,22 @@ def _torch_budget_saved(joint: JointGraph, budget: float, fallback: set[str]) ->
     module = copy.deepcopy(joint.module)
     try:
         with torch._functorch.config.patch(activation_memory_budget=budget), meta.graph_fake_mode(module.graph):
-            forward, _ = min_cut_rematerialization_partition(module, [], num_fwd_outputs=joint.num_fwd_outputs)
+            return min_cut_rematerialization_partition(
+                module,
+                [],
+                compiler="inductor",
+                num_fwd_outputs=joint.num_fwd_outputs,
+                static_lifetime_input_indices=list(joint.static_lifetime_input_indices or ()),
+            )
     except Exception as exc:  # noqa: BLE001 - an option we can do without
         log.debug("torch's partitioner failed at budget %s (%s); option skipped", budget, exc)
+        return None
+
+
+def _saved_by(graphs: tuple[fx.GraphModule, fx.GraphModule] | None, joint: JointGraph, fallback: set[str]) -> set[str]:
+    if graphs is None:
         return set(fallback)
-    outputs = forward.graph.find_nodes(op="output")[0].args[0][joint.num_fwd_outputs :]
+    outputs = graphs[0].graph.find_nodes(op="output")[0].args[0][joint.num_fwd_outputs :]
     return {o.name for o in outputs if isinstance(o, fx.Node)}
 
 
@@ -225,7 +270,8 @@ def build_problem(step: StepGraphs, shrink: Shrink | None = None) -> RematProble
     always = frozenset(n for n in mincut if n not in fw_names)  # saved symbols etc.
     # torch's knapsack is costly on large graphs: one budget beyond _LARGE_GRAPH nodes
     budgets = _TORCH_BUDGETS if len(joint.module.graph.nodes) <= _LARGE_GRAPH else (0.5,)
-    torch_saved = {b: _torch_budget_saved(step.joint, b, mincut) for b in budgets}  # the graph as torch sees it
+    torch_graphs = {b: _torch_partition(step.joint, b) for b in budgets}  # the graph as torch sees it
+    torch_saved = {b: _saved_by(g, step.joint, mincut) for b, g in torch_graphs.items()}
     for b in _TORCH_BUDGETS:  # budgets not computed repeat the nearest one computed
         torch_saved.setdefault(b, torch_saved[min(torch_saved, key=lambda c: abs(c - b))])
     sets = [_option_sets(s, mincut, torch_saved) for s in segments]
@@ -236,6 +282,7 @@ def build_problem(step: StepGraphs, shrink: Shrink | None = None) -> RematProble
     problem = RematProblem(
         step, segments, sets, always, S, F, P, C, T, FL,
         torch_whole={b: frozenset(names | forced) for b, names in torch_saved.items()}, shrink=shrink,
+        torch_graphs={b: g for b, g in torch_graphs.items() if g is not None},
     )  # fmt: skip
     done: dict[frozenset[str], int] = {}
     for o, option in enumerate(OPTIONS):
@@ -380,6 +427,11 @@ def plan_remat(
 
     for b, names in problem.torch_whole.items():  # (repeats of a budget are skipped by consider)
         consider([f"torch@{b} (whole graph)"] * K, names)
+    torch_own: list[tuple[list[str], Evaluation]] = []  # torch's partitions, installed as they are
+    for b, graphs in problem.torch_graphs.items():
+        ev = evaluate_torch_partition(step, graphs, shrink)
+        if ev is not None:
+            torch_own.append(([f"torch@{b} (torch's graphs)"] * K, ev))
     target = float(budget_bytes)
     iterations, how = 0, "milp"
     for iterations in range(1, max_iterations + 1):
@@ -402,8 +454,9 @@ def plan_remat(
         # infeasible so far: look harder for the true floor, on a finer grid
         for choice, _ in _tradeoff(problem, min(peaks) * 0.8, max(peaks), 16, time_limit):
             consider(choice, problem.saved_for(choice))
-    smallest = min(tried.values(), key=lambda ce: ce[1].timeline.peak_bytes)
-    fitting = [ce for ce in tried.values() if ce[1].timeline.peak_bytes <= budget_bytes]
+    candidates = [*tried.values(), *torch_own]
+    smallest = min(candidates, key=lambda ce: ce[1].timeline.peak_bytes)
+    fitting = [ce for ce in candidates if ce[1].timeline.peak_bytes <= budget_bytes]
     elapsed = time.perf_counter() - start
     if not fitting:
         return RematSolution(
