@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -236,7 +237,7 @@ def memory_rows(name: str, args: argparse.Namespace) -> list[list[Any]]:
             "" if saved is None or not saved_ref else f"{saved / saved_ref:.3f}",
             f"{whole:.2e}", f"{median:.2e}",
         ])  # fmt: skip
-        print(rows[-1], flush=True)
+        print("progress:", *rows[-1], file=sys.stderr, flush=True)
     return rows
 
 
@@ -256,7 +257,7 @@ def training_rows(name: str, args: argparse.Namespace) -> list[list[Any]]:
         final = final_loss(losses)
         reference = final if reference is None else reference
         rows.append([name, v.name, f"{final:.4f}", f"{100 * (final - reference) / reference:+.2f}%"])
-        print(rows[-1], flush=True)
+        print("progress:", *rows[-1], file=sys.stderr, flush=True)
     return rows
 
 
@@ -273,7 +274,7 @@ def main() -> None:
     memory = [row for name in args.models for row in memory_rows(name, args)]
     training = [row for name in args.models for row in training_rows(name, args)] if args.steps and not args.inductor_only else []
     print(f"\nmemory: {SIZES['memory']}, torch {torch.__version__}, CPU, median of {args.repeats}\n")
-    print(tabulate(memory, headers=["model", "variant", "peak MiB", "vs fp32", "vs autocast", "saved vs memopt fp32", "grad err (all)", "grad err (median)"], tablefmt="github"))
+    print(tabulate(memory, headers=["model", "variant", "peak growth MiB", "vs fp32", "vs autocast", "saved vs memopt fp32", "grad err (all)", "grad err (median)"], tablefmt="github"))
     if training:
         print(f"\nloss after {args.steps} steps (mean of last 20), AdamW lr {args.lr}, {SIZES['training']}\n")
         print(tabulate(training, headers=["model", "variant", "final loss", "vs fp32"], tablefmt="github"))
