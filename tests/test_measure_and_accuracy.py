@@ -72,18 +72,21 @@ def test_estimate_on_fake_inputs_equals_real(name):
 
 
 @pytest.mark.inductor
-def test_estimate_within_10_percent_with_inductor_codegen():
-    """With codegen="inductor" the estimate models fusion (pointwise values fused
-    into their consumers are never materialized)."""
-    case = zoo_case("mlp")
+@pytest.mark.parametrize("name, batch", [("mlp", 256), ("cnn_bn", 64), ("transformer_block", 64)])
+def test_estimate_within_5_percent_with_inductor_codegen(name: str, batch: int):
+    """With codegen="inductor" the estimate models Inductor: pointwise values fused into
+    their consumers are never materialized, kernels overwrite dead buffers in place,
+    convolution inputs are copied channels-last (the CNN), oneDNN's channels-last
+    scratch."""
+    torch._dynamo.reset()
+    case = zoo_case(name)
     model = case.build().train()
-    inputs = case.inputs(256)
+    inputs = case.inputs(batch)
     compiled = torch.compile(model, backend="memopt", options={"codegen": "inductor"})
     with memopt.record() as explanation:
         compiled(*inputs).backward()
     model.zero_grad(set_to_none=True)
     measured = measure_peak(lambda: compiled(*inputs).backward()).peak_growth_bytes
     estimated = explanation.timeline().peak_growth_bytes
-    assert abs(estimated - measured) <= 0.10 * measured, (estimated, measured)
-    unfused = explanation.regions[0].step
-    assert unfused.fused_codegen
+    assert abs(estimated - measured) <= 0.05 * measured, (estimated, measured)
+    assert explanation.regions[0].step.fused_codegen

@@ -137,3 +137,87 @@ def test_graph_break_composition_counts_shared_params_once():
     assert composed.baseline_bytes == param_bytes + 16 * 64 * F32
     assert composed.peak_bytes >= max(t.peak_bytes for _, t in parts)
     assert len(composed.points) == sum(len(t.points) for _, t in parts)
+
+
+def _fused_timeline(fn, *args):
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    return build_timeline(StepGraphs(gm, None, 1, num_user_outputs=1, fused_codegen=True))
+
+
+def test_fusing_codegen_overwrites_a_dead_buffer_in_place():
+    """Under Inductor, relu(a) is written into a's buffer when relu is a's last reader
+    (same size and dtype): a = x @ w (A bytes), b = relu(a) in place, c = b @ v (small).
+    Without the in-place write, a and b would be live together during relu (2A)."""
+    x, w, v = torch.randn(64, 32), torch.randn(32, 256), torch.randn(256, 1)
+    a_bytes, c_bytes = 64 * 256 * F32, 64 * F32
+
+    def f(x, w, v):
+        return torch.relu(x @ w) @ v
+
+    tl = _fused_timeline(f, x, w, v)
+    assert tl.peak_growth_bytes == a_bytes + c_bytes  # during c = b @ v
+
+    def g(x, w, v):  # a is read again after relu: it cannot be overwritten
+        a = x @ w
+        return (torch.relu(a) @ v) + (a @ v)
+
+    tl = _fused_timeline(g, x, w, v)
+    assert tl.peak_growth_bytes >= 2 * a_bytes
+
+
+def test_graph_inputs_are_never_overwritten():
+    """relu(x) of a caller-owned input x gets a buffer of its own even at x's last use."""
+    x, v = torch.randn(64, 256), torch.randn(256, 1)
+
+    def f(x, v):
+        return torch.relu(x) @ v
+
+    tl = _fused_timeline(f, x, v)
+    assert tl.peak_growth_bytes == 64 * 256 * F32 + 64 * F32
+
+
+def test_fusing_codegen_inlines_into_gather():
+    """Inductor lowers gather to a loop that inlines its pointwise producer: the
+    (x - m) of a log-softmax feeding nll's gather is never written (x: 64 x 1000)."""
+    x, target = torch.randn(64, 1000), torch.randint(0, 1000, (64, 1))
+
+    def f(x, target):
+        shifted = x - x.amax(dim=1, keepdim=True)
+        return shifted.gather(1, target).sum()
+
+    tl = _fused_timeline(f, x, target)
+    assert tl.peak_growth_bytes < 64 * 1000 * F32  # only the 64-row amax and the gathered values
+
+
+def test_conv_inputs_are_copied_channels_last_under_inductor_on_cpu():
+    """A contiguous NCHW input of a convolution is copied to channels-last once (its
+    bytes are live during the convolution); a channels-last input is not."""
+    from memopt.analysis.fusion import channels_last_copies
+
+    w = torch.randn(8, 4, 3, 3)
+
+    def f(x, w):
+        return torch.nn.functional.conv2d(x, w, padding=1)
+
+    nchw = make_fx(f, tracing_mode="fake")(torch.randn(2, 4, 16, 16), w)
+    nhwc = make_fx(f, tracing_mode="fake")(torch.randn(2, 4, 16, 16).to(memory_format=torch.channels_last), w)
+    copied = {n.name for n in channels_last_copies(nchw.graph, torch.device("cpu"))}
+    assert copied == {"x_1", "w_1"}
+    assert {n.name for n in channels_last_copies(nhwc.graph, torch.device("cpu"))} == {"w_1"}
+    assert channels_last_copies(nchw.graph, torch.device("cuda")) == {}
+
+
+def test_inductor_stores_a_reused_costly_value_on_cpu():
+    """A value read by two kernels is recomputed in each when cheap (x * 2), but stored
+    when its body has a costly op on CPU (tanh): Inductor's should_realize_on_reuse."""
+    from memopt.analysis.fusion import fused_nodes
+
+    def f(x):
+        cheap = x * 2
+        costly = torch.tanh(x)
+        return cheap.sum(0) + cheap.mean(), costly.sum(0) + costly.mean()
+
+    gm = make_fx(f, tracing_mode="fake")(torch.randn(64, 32))
+    fused = {n.target.overloadpacket for n in fused_nodes(gm.graph)}
+    assert torch.ops.aten.mul in fused
+    assert torch.ops.aten.tanh not in fused

@@ -1,38 +1,88 @@
 """Which values a fusing code generator (Inductor) never writes to memory.
 
 Inductor inlines pointwise computations into the kernels that consume them; such a
-value exists only in registers. The rule here follows Inductor's defaults: a
-pointwise value is fused away when it is not a graph output, has at most
-``realize_reads_threshold`` (4) users, and every user is itself fusible (pointwise, a
-reduction, or a view whose users are fusible). Values read by extern kernels
-(matmuls, convolutions) are materialized. It is a model of Inductor's scheduler,
-checked against measured peaks in ``benchmarks/estimate_accuracy.py``.
+value exists only in registers. The rules here follow Inductor's lowering
+(``GraphLowering.run_node`` and ``StorageBox.should_realize_on_reuse``): a pointwise
+value is fused away when every user is itself fusible (pointwise, a reduction, or a
+view whose users are fusible), unless
+
+* its inlined body reads more than ``realize_acc_reads_threshold`` (8) buffers or is
+  larger than ``realize_opcount_threshold`` (30 ops), or
+* it has more than one user and, on CPU, its body computes a costly op (exp, log,
+  sigmoid, tanh, ...), or its body reads more than ``realize_reads_threshold`` (4)
+  buffers.
+
+Indexing ops Inductor lowers to loops (gather, index, embedding, constant padding)
+and tensors it computes in the loop (full, iota, arange) count as pointwise, and a matmul folded into the add that consumes it (``addmm``) is
+never a buffer of its own. Values read by extern kernels (matmuls, convolutions) are
+materialized. It is a model of Inductor, checked against measured peaks in
+``benchmarks/estimate_accuracy.py``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.fx as fx
 
+from memopt.analysis.aliasing import GraphAliasing, Storage, concrete_int
 from memopt.analysis.cost import is_view
 
-__all__ = ["fused_nodes"]
+__all__ = ["channels_last_copies", "fused_nodes", "inplace_reuses"]
 
 aten = torch.ops.aten
 _REDUCTIONS = {
     aten.sum, aten.mean, aten.amax, aten.amin, aten.max, aten.min, aten.var, aten.var_mean,
     aten.prod, aten.argmax, aten.argmin, aten.any, aten.all, aten.std,
 }  # fmt: skip
-_MAX_READS = 4
+_MAX_READS = 4  # config.realize_reads_threshold
+_MAX_ACC_READS = 8  # config.realize_acc_reads_threshold
+_MAX_OPS = 30  # config.realize_opcount_threshold
+# Ops whose reused results Inductor stores on CPU rather than recompute.
+_COSTLY_ON_CPU = {aten.exp, aten.log, aten.log10, aten.log1p, aten.log2, aten.sigmoid, aten.tanh}
+
+
+# Indexing ops Inductor lowers to loops with indirect loads, and tensors it computes
+# from their indices (constants, ranges): they fuse like pointwise ops.
+_INDEXING = {aten.gather, aten.index, aten.index_select, aten.embedding, aten.constant_pad_nd}
+_GENERATED = {aten.full, aten.scalar_tensor, aten.arange, aten.zeros, aten.ones, torch.ops.prims.iota}
 
 
 def _pointwise(node: fx.Node) -> bool:
     target = node.target
-    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    return torch.Tag.pointwise in target.tags or target.overloadpacket in _INDEXING | _GENERATED
 
 
 def _reduction(node: fx.Node) -> bool:
     return getattr(node.target, "overloadpacket", None) in _REDUCTIONS
+
+
+def _reused(node: fx.Node) -> bool:
+    """More than one user reads the value (directly or through one of its views)."""
+    return len(node.users) > 1 or any(is_view(u) and _reused(u) for u in node.users)
+
+
+def _view_base(node: fx.Node) -> fx.Node:
+    while is_view(node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _on_cpu(node: fx.Node) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.device.type == "cpu"
+
+
+@dataclass
+class _Body:
+    """What a value's loop body computes once its fused producers are inlined."""
+
+    reads: set[fx.Node] = field(default_factory=set)
+    ops: int = 0
+    costly: bool = False
 
 
 def fused_nodes(graph: fx.Graph) -> set[fx.Node]:
@@ -54,9 +104,174 @@ def fused_nodes(graph: fx.Graph) -> set[fx.Node]:
         return result
 
     fused: set[fx.Node] = set()
+    bodies: dict[fx.Node, _Body] = {}
     for node in graph.nodes:
-        if not _pointwise(node) or not node.users or len(node.users) > _MAX_READS:
+        if not _pointwise(node) or not node.users:
             continue
-        if all(consumes_fused(u) for u in node.users):
-            fused.add(node)
+        body = _Body(ops=1, costly=getattr(node.target, "overloadpacket", None) in _COSTLY_ON_CPU)
+        for inp in node.all_input_nodes:
+            base = _view_base(inp)
+            inner = bodies.get(base)
+            if inner is None:
+                body.reads.add(base)
+            else:
+                body.reads |= inner.reads
+                body.ops += inner.ops
+                body.costly |= inner.costly
+        if not all(consumes_fused(u) for u in node.users):
+            continue
+        if len(body.reads) > _MAX_ACC_READS or body.ops + len(body.reads) > _MAX_OPS:
+            continue
+        if _reused(node) and ((body.costly and _on_cpu(node)) or len(body.reads) > _MAX_READS):
+            continue
+        fused.add(node)
+        bodies[node] = body
+    fused.update(n for n in graph.nodes if _folded_into_addmm(n))
     return fused
+
+
+def _folded_into_addmm(node: fx.Node) -> bool:
+    """``add(mm(a, b), c)`` becomes ``addmm(c, a, b)`` (Inductor's post-grad pattern; on
+    GPU it keeps them apart, not modelled): the mm's result is never a buffer of its
+    own, and ``a`` and ``b`` are read where the add runs."""
+    if node.target is not aten.mm.default or len(node.users) != 1:
+        return False
+    value = node.meta.get("val")
+    add = next(iter(node.users))
+    if add.target is not aten.add.Tensor or add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
+        return False
+    other = add.args[1] if add.args[0] is node else add.args[0]
+    other_value = other.meta.get("val") if isinstance(other, fx.Node) else None
+    return (
+        isinstance(value, torch.Tensor)
+        and value.device.type == "cpu"
+        and isinstance(other_value, torch.Tensor)
+        and other_value.dtype == value.dtype
+        and other_value.dim() <= 2
+        and all(concrete_int(o) in (1, concrete_int(m)) for o, m in zip(reversed(other_value.shape), reversed(value.shape)))
+    )
+
+
+def inplace_reuses(
+    graph: fx.Graph,
+    fused: set[fx.Node],
+    aliasing: GraphAliasing,
+    last_use: dict[Storage, int],
+    index: dict[fx.Node, int],
+    donated: set[fx.Node],
+) -> dict[Storage, fx.Node]:
+    """Storages a fusing codegen overwrites in place: storage -> the node writing into it.
+
+    Inductor writes a pointwise kernel's output into one of the buffers it reads when
+    that read is the buffer's last use and the two have the same size and dtype
+    (``config.inplace_buffers``; in the generated code ``buf5 = buf4; del buf4  # reuse``).
+    The output then costs no new memory while the kernel runs. Buffers the graph does
+    not own are never overwritten: its outputs, and its inputs except those in
+    ``donated`` (a backward graph's saved values, which the boxed calling convention
+    hands over to it).
+
+    ``last_use`` is per storage, in the same numbering as ``index`` (after fusion: a
+    value fused into a consumer is read where the consumer runs).
+    """
+    output = graph.find_nodes(op="output")
+    protected = {s for n in (output[0].all_input_nodes if output else []) for s in aliasing.storages_of(n)}
+    protected |= {
+        s for n in graph.find_nodes(op="placeholder") if n not in donated for s in aliasing.storages_of(n)
+    }
+    reuses: dict[Storage, fx.Node] = {}
+    for node in graph.nodes:
+        if node.op != "call_function" or node in fused or not _pointwise(node):
+            continue
+        if any(_folded_into_addmm(inp) for inp in node.all_input_nodes):
+            continue  # an addmm: an extern kernel with an output buffer of its own
+        made = aliasing.fresh.get(node, [])
+        value = node.meta.get("val")
+        if len(made) != 1 or not isinstance(value, torch.Tensor):
+            continue
+        for leaf in _kernel_reads(node, fused):
+            if _overwritable(leaf, value, made[0], aliasing, last_use, index[node], protected, reuses):
+                reuses[aliasing.storages_of(leaf)[0]] = node
+                break
+    return reuses
+
+
+def _kernel_reads(node: fx.Node, fused: set[fx.Node]) -> list[fx.Node]:
+    """The materialized values one fused kernel ending at ``node`` reads."""
+    reads: list[fx.Node] = []
+    stack = list(node.all_input_nodes)
+    seen: set[fx.Node] = set()
+    while stack:
+        inp = stack.pop()
+        if inp in seen:
+            continue
+        seen.add(inp)
+        if inp in fused:
+            stack.extend(inp.all_input_nodes)
+        else:
+            reads.append(inp)
+    return reads
+
+
+def _overwritable(
+    leaf: fx.Node,
+    value: torch.Tensor,
+    made: Storage,
+    aliasing: GraphAliasing,
+    last_use: dict[Storage, int],
+    at: int,
+    protected: set[Storage],
+    taken: dict[Storage, fx.Node],
+) -> bool:
+    storages = aliasing.storages_of(leaf)
+    read = leaf.meta.get("val")
+    if len(storages) != 1 or not isinstance(read, torch.Tensor):
+        return False
+    storage = storages[0]
+    return (
+        storage not in protected
+        and storage not in taken
+        and last_use.get(storage) == at
+        and storage.nbytes == made.nbytes
+        and storage.device == made.device
+        and read.dtype == value.dtype
+        and concrete_int(read.numel()) == concrete_int(value.numel())
+        and read.is_contiguous()
+        and value.is_contiguous()
+    )
+
+
+_CONVOLUTION = torch.ops.aten.convolution.default
+
+
+def channels_last_copies(graph: fx.Graph, device: torch.device) -> dict[fx.Node, list[fx.Node]]:
+    """Graph inputs Inductor copies to channels-last before a convolution reads them:
+    placeholder -> the convolutions reading it.
+
+    On CPU with oneDNN, Inductor lays out every convolution's input and weight
+    channels-last (``GraphLowering.decide_layout_opt``: always, when the graph has a
+    convolution). Intermediate values are produced in that layout; a graph input in
+    another layout is copied once, and when it is saved for backward the copy is what
+    is saved. On CUDA the decision depends on heuristics and is not modelled.
+    """
+    if device.type != "cpu" or not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
+        return {}
+    convolutions = [n for n in graph.nodes if n.target is _CONVOLUTION]
+    copies: dict[fx.Node, list[fx.Node]] = {}
+    for conv in convolutions:
+        for arg in conv.args[:2]:
+            value = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+            if (
+                isinstance(arg, fx.Node)
+                and arg.op == "placeholder"
+                and isinstance(value, torch.Tensor)
+                and value.dim() == 4
+                and not _channels_last(value)
+            ):
+                copies.setdefault(arg, []).append(conv)
+    return copies
+
+
+def _channels_last(value: torch.Tensor) -> bool:
+    """Channels are innermost (read from sizes and strides, so no guard is added on
+    symbolic shapes)."""
+    return concrete_int(value.shape[1]) == 1 or concrete_int(value.stride(1)) == 1

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from memopt.analysis.aliasing import GraphAliasing, Storage, analyze_aliasing, concrete_int
-from memopt.analysis.fusion import fused_nodes
+from memopt.analysis.fusion import channels_last_copies, fused_nodes, inplace_reuses
 from memopt.analysis.manager import Analysis, AnalysisManager
 from memopt.analysis.workspace import retained_bytes, workspace_bytes
 from memopt.graph import meta
@@ -198,7 +198,13 @@ class _GraphLiveness:
     fused: set[fx.Node] = field(default_factory=set)
 
 
-def _liveness(gm: fx.GraphModule, offset: int, fused_codegen: bool = False) -> _GraphLiveness:
+def _liveness(
+    gm: fx.GraphModule, offset: int, fused_codegen: bool = False, donated: set[fx.Node] | None = None
+) -> _GraphLiveness:
+    """Last uses of ``gm``'s storages, timeline indices from ``offset``. Under a fusing
+    codegen, values fused into their consumers are read where the consumers run, and a
+    storage a kernel overwrites in place (`inplace_reuses`; ``donated``: placeholders
+    the graph may overwrite) is freed just before that kernel."""
     aliasing = analyze_aliasing(gm.graph)
     index = {n: offset + i for i, n in enumerate(_compute_nodes(gm))}
     fused = fused_nodes(gm.graph) if fused_codegen else set()
@@ -210,7 +216,27 @@ def _liveness(gm: fx.GraphModule, offset: int, fused_codegen: bool = False) -> _
                 live.last_use[storage] = max(live.last_use.get(storage, 0), at[node])
         for storage in aliasing.storages_of(node):  # a value is used by its own producer
             live.last_use.setdefault(storage, index[node])
+    if fused_codegen:
+        for storage, writer in inplace_reuses(gm.graph, fused, aliasing, live.last_use, index, donated or set()).items():
+            live.last_use[storage] = index[writer] - 1
     return live
+
+
+def _donated(step: StepGraphs) -> set[fx.Node]:
+    """Backward placeholders AOTAutograd donates to the backward graph: saved values
+    that alias no forward input and no user output (``collect_bw_donated_buffer_idxs``)."""
+    if not torch._functorch.config.donated_buffer:
+        return set()
+    fw_aliasing = analyze_aliasing(step.forward.graph)
+    kept = {s for ph in step.forward.graph.find_nodes(op="placeholder") for s in fw_aliasing.storages_of(ph)}
+    for out in output_values(step.forward)[: step.num_fwd_outputs]:
+        if out is not None:
+            kept.update(fw_aliasing.storages_of(out))
+    return {
+        bw_ph
+        for fw_node, bw_ph in step.saved_pairs()
+        if not meta.is_symbolic(bw_ph) and not kept.intersection(fw_aliasing.storages_of(fw_node))
+    }
 
 
 def _effective_positions(gm: fx.GraphModule, index: dict[fx.Node, int], fused: set[fx.Node]) -> dict[fx.Node, int]:
@@ -230,7 +256,9 @@ def build_timeline(step: StepGraphs) -> MemoryTimeline:
     fw_nodes = _compute_nodes(step.forward)
     fw = _liveness(step.forward, 0, step.fused_codegen)
     n_fw = len(fw_nodes)
-    bw = _liveness(step.backward, n_fw, step.fused_codegen) if step.backward is not None else None
+    bw = None
+    if step.backward is not None:
+        bw = _liveness(step.backward, n_fw, step.fused_codegen, _donated(step) if step.fused_codegen else None)
     intervals: list[LiveInterval] = []
     owner: dict[Storage, LiveInterval] = {}
     virtual = fw.fused | (bw.fused if bw is not None else set())
@@ -277,6 +305,16 @@ def build_timeline(step: StepGraphs) -> MemoryTimeline:
             else:
                 add(fw_name, storage, "temporaries", start, fw.last_use[storage])
 
+    if step.fused_codegen:
+        for ph, convs in channels_last_copies(step.forward.graph, device).items():
+            first, last = min(fw.index[c] for c in convs), max(fw.index[c] for c in convs)
+            nbytes = sum(s.nbytes for s in fw.aliasing.storages_of(ph))
+            until = input_saved_until.get(ph)
+            category = "temporaries" if until is None else "saved_activations"
+            intervals.append(
+                LiveInterval(fw_name, ph, category, nbytes, first, max(last, until or last), region=step.region)
+            )
+
     points = [TimelinePoint(fw_name, n.name, 0, step.region) for n in fw_nodes]
     if bw is not None:
         _add_backward(step, bw, n_fw, add, points)
@@ -286,7 +324,7 @@ def build_timeline(step: StepGraphs) -> MemoryTimeline:
     index = 0
     for graph, nodes in graphs:
         for node in nodes:
-            ws = 0 if step.fused_codegen else workspace_bytes(node, device)
+            ws = workspace_bytes(node, device, fused=step.fused_codegen)
             if ws:
                 intervals.append(
                     LiveInterval(graph, node, "temporaries", ws, index, index, workspace=True, region=step.region)

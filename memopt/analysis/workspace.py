@@ -7,10 +7,13 @@ below is per device type and was calibrated on CPU (oneDNN convolutions, ATen's
 dropout/batch-norm/loss kernels) by measuring each op alone with
 `memopt.testing.measure.measure_peak` (``benchmarks/op_workspace.py`` re-runs the
 calibration). CUDA kernels (cuDNN workspaces) are not modelled: the table is empty
-there and estimates on CUDA see outputs only. The table describes ATen's eager
-kernels; with ``codegen="inductor"`` it is not applied (Inductor decomposes dropout
-and the losses, and calls oneDNN through its own wrappers; measured, the estimate
-without the table is within 6% on the zoo's CNN).
+there and estimates on CUDA see outputs only.
+
+The main table describes ATen's eager kernels. Under ``codegen="inductor"`` (``fused``)
+Inductor decomposes dropout, batch norm and the losses into its own kernels, and calls
+oneDNN's convolutions on channels-last tensors, whose scratch is small: about the
+weight plus 12 KiB forward, twice the weight plus 20 KiB backward (measured on CPU
+with channels-last inputs, strides 1 and 2).
 """
 
 from __future__ import annotations
@@ -85,19 +88,27 @@ _CPU: dict[Any, Callable[[fx.Node], int]] = {
 
 _TABLES: dict[str, dict[Any, Callable[[fx.Node], int]]] = {"cpu": _CPU, "meta": _CPU}
 
+_KIB = 1024
+_CPU_FUSED: dict[Any, Callable[[fx.Node], int]] = {
+    aten.convolution.default: lambda n: _bytes(_arg(n, 1, "weight")) + 12 * _KIB,
+    aten.convolution_backward.default: lambda n: 2 * _bytes(_arg(n, 2, "weight")) + 20 * _KIB,
+}
+_FUSED_TABLES: dict[str, dict[Any, Callable[[fx.Node], int]]] = {"cpu": _CPU_FUSED, "meta": _CPU_FUSED}
+
 # Ops whose (small) output keeps a larger buffer alive: on CPU, a reduced mse_loss
 # returns a 0-dim tensor whose storage is the full elementwise-loss buffer.
 _CPU_RETAINED: dict[Any, Callable[[fx.Node], int]] = {aten.mse_loss.default: _loss}
 _RETAINED: dict[str, dict[Any, Callable[[fx.Node], int]]] = {"cpu": _CPU_RETAINED, "meta": _CPU_RETAINED}
 
 
-def workspace_bytes(node: fx.Node, device: torch.device) -> int:
-    """Scratch bytes ``node``'s kernel holds while it runs on ``device`` (0 if unknown).
+def workspace_bytes(node: fx.Node, device: torch.device, fused: bool = False) -> int:
+    """Scratch bytes ``node``'s kernel holds while it runs on ``device`` (0 if unknown);
+    ``fused``: the kernel Inductor calls for it.
 
     ``meta`` uses the CPU table so that estimates made on meta tensors equal those on
     CPU tensors.
     """
-    rule = _TABLES.get(device.type, {}).get(node.target)
+    rule = (_FUSED_TABLES if fused else _TABLES).get(device.type, {}).get(node.target)
     return 0 if rule is None else max(int(rule(node)), 0)
 
 
