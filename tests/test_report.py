@@ -136,6 +136,20 @@ def test_python_dash_m_memopt_shows_progress(tmp_path):
     assert "estimated peak, with memopt" in out.stdout
 
 
+def test_cli_output_piped_into_a_closed_pipe_exits_cleanly():
+    """`memopt report ... --json | head -c 10`: no traceback, exit status 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memopt", "report", "examples/report_model.py:build", "--json", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(10).startswith(b"{")
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, err
+    assert "Traceback" not in err
+
+
 def test_optimizer_state_bytes_in_report():
     from memopt.optim import AdamW8bit
 

@@ -170,4 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except json.JSONDecodeError as exc:
         print(f"memopt: error: --options is not valid JSON: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed early (`memopt report ... | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 1
