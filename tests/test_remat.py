@@ -206,3 +206,60 @@ def test_torch_partition_that_redraws_dropout_is_not_a_candidate():
     for b in redraws:  # each rejected partition really recomputes a random op in backward
         backward = problem.torch_graphs[b][1]
         assert any(n.name in fw and memopt.graph.meta.is_random(n) for n in backward.graph.nodes)
+
+
+class _TwoResidualsPerBlock(torch.nn.Module):
+    """Llama's shape: each block adds to the residual stream twice, so the planner's
+    segments are half-blocks; the LM head's logits set the peak at the start of
+    backward, where every saved boundary is live."""
+
+    def __init__(self, dim: int = 64, blocks: int = 4, vocab: int = 1024) -> None:
+        super().__init__()
+        nn = torch.nn
+
+        def sub_block(activation: type[nn.Module]) -> nn.Module:
+            return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), activation(), nn.Linear(2 * dim, dim))
+
+        self.first = nn.ModuleList(sub_block(nn.GELU) for _ in range(blocks))
+        self.second = nn.ModuleList(sub_block(nn.Tanh) for _ in range(blocks))
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for f, g in zip(self.first, self.second):
+            x = x + f(x)
+            x = x + g(x)
+        return torch.nn.functional.cross_entropy(self.head(x), y)
+
+
+def test_recomputing_pairs_of_segments_lowers_the_floor(monkeypatch):
+    """When no per-segment plan fits, the planner also tries recomputing every other
+    segment boundary (a checkpoint per block, not per half-block); judged exactly, it
+    lowers the smallest peak here, and gradients stay bit-identical."""
+    import memopt.plan.remat as remat
+
+    torch.manual_seed(0)
+    model = _TwoResidualsPerBlock()
+    inputs = [torch.randn(512, 64), torch.randint(0, 1024, (512,))]
+    reference = run_training_step(model, inputs)
+
+    def floor() -> tuple[int, memopt.Explanation]:
+        torch._dynamo.reset()
+        with pytest.warns(memopt.MemoptWarning, match="infeasible"):
+            explanation = memopt.explain(model, *inputs, options={"codegen": "eager", "memory_budget": "1KiB"})
+        return explanation.estimated_peak_bytes, explanation
+
+    merged_peak, explanation = floor()
+    decisions = explanation.regions[0].plan.decisions
+    assert any("recomputed with the segment from its input" in d.reason for d in decisions)
+    monkeypatch.setattr(remat, "_merged_segments", lambda *args: [])
+    per_segment_peak, _ = floor()
+    assert merged_peak < per_segment_peak
+
+    monkeypatch.undo()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "memory_budget": "1KiB"})
+    with pytest.warns(memopt.MemoptWarning, match="infeasible"):
+        result = run_training_step(model, inputs, runner=compiled)
+    assert torch.equal(result.loss, reference.loss)
+    for n, g in reference.grads.items():
+        assert torch.equal(g, result.grads[n]), n

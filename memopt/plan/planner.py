@@ -188,6 +188,8 @@ def _decisions(step: StepGraphs, joint: JointGraph, solution: RematSolution) -> 
 
 def _reason(node: fx.Node, segment: Segment | None, option: str, saved: bool) -> tuple[str, str]:
     where = "" if segment is None else f"segment {segment.index}"
+    if not saved and segment is not None and node in segment.crossers:
+        return "recompute", f"{where}'s output recomputed with the segment from its input, for the next segment's backward"
     if not saved:
         how = "recomputed with the whole segment" if option == "recompute" else "recomputed from saved matmul outputs"
         return "recompute", f"{how} in backward ({where}, option {option}) to meet the budget"

@@ -394,6 +394,27 @@ def _tradeoff(
     return curve
 
 
+def _merged_segments(problem: RematProblem, choice: list[str], saved: frozenset[str]) -> list[frozenset[str]]:
+    """Saved sets below the per-segment floor: ``saved`` without the outputs of every
+    other segment whose successor is recomputed, so pairs of segments are recomputed
+    together from the first one's input (one checkpoint per transformer block when
+    segments are half-blocks). Segments are independent in the MILP only because their
+    boundaries are saved, so these plans lie outside it; each is judged exactly."""
+    K = len(problem.segments)
+    out = []
+    for parity in (0, 1):
+        drop = {
+            n.name
+            for k in range(parity, K - 1, 2)
+            if choice[k + 1] == "recompute"
+            for n in problem.segments[k].crossers
+            if n.name not in problem.always and not must_save(n)
+        }
+        if drop & saved:
+            out.append(saved - drop)
+    return out
+
+
 def plan_remat(
     step: StepGraphs,
     budget_bytes: int,
@@ -406,8 +427,8 @@ def plan_remat(
     ``budget_bytes`` at the least recompute time (see module docstring).
 
     Every plan evaluated on the way (the MILP's answers, the all-one-option plans,
-    the smallest-peak plan, and torch's own whole-graph choice at
-    ``activation_memory_budget=0.5``) is a candidate; the answer is the fitting one
+    the smallest-peak plan, torch's own choices and, when nothing fits, the
+    smallest-peak plan with every other segment boundary recomputed) is a candidate; the answer is the fitting one
     with the least recompute time. ``feasible=False`` means none fits; the solution
     then holds the plan with the smallest peak found (``min_peak``). With ``shrink``
     every plan is judged with its saved values compressed."""
@@ -454,6 +475,9 @@ def plan_remat(
         # infeasible so far: look harder for the true floor, on a finer grid
         for choice, _ in _tradeoff(problem, min(peaks) * 0.8, max(peaks), 16, time_limit):
             consider(choice, problem.saved_for(choice))
+        floor_choice, floor = min(tried.values(), key=lambda ce: ce[1].timeline.peak_bytes)
+        for saved in _merged_segments(problem, floor_choice, floor.saved):
+            consider(floor_choice, saved)
     candidates = [*tried.values(), *torch_own]
     smallest = min(candidates, key=lambda ce: ce[1].timeline.peak_bytes)
     fitting = [ce for ce in candidates if ce[1].timeline.peak_bytes <= budget_bytes]
