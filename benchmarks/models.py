@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from memopt.testing.zoo import ZOO
 
-__all__ = ["MODELS", "build", "PUBLIC"]
+__all__ = ["MODELS", "build", "compile_memopt", "PUBLIC"]
 
 
 class LossWrapper(nn.Module):
@@ -90,3 +90,16 @@ def build(name: str, batch: int) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     torch.manual_seed(0)
     model, inputs = MODELS[name](batch)
     return model.train(), inputs
+
+
+def compile_memopt(
+    name: str, batch: int, budget: float | str | None, codegen: str
+) -> tuple[nn.Module, tuple[torch.Tensor, ...], Callable[..., torch.Tensor]]:
+    """``build(name, batch)`` compiled with ``backend="memopt"`` (after a Dynamo reset),
+    with ``memory_budget=budget`` unless it is None."""
+    torch._dynamo.reset()
+    model, inputs = build(name, batch)
+    options: dict[str, object] = {"codegen": codegen}
+    if budget is not None:
+        options["memory_budget"] = budget
+    return model, inputs, torch.compile(model, backend="memopt", options=options)  # type: ignore[arg-type]

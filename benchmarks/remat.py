@@ -50,7 +50,7 @@ from memopt.analysis.cost import device_model, node_cost
 from memopt.testing.measure import measure_peak
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from models import PUBLIC, build  # noqa: E402
+from models import PUBLIC, build, compile_memopt  # noqa: E402
 
 BUDGETS = (1.0, 0.75, 0.5, 0.3)
 EQUAL_PEAK_TOLERANCE = 0.005  # "equal peak": memopt's budget is torch's measured peak + 0.5%
@@ -116,12 +116,7 @@ def _measure(model: nn.Module, step: Callable[[], Any], steps: int) -> tuple[int
 
 
 def run_memopt(name: str, batch: int, budget: float | str | None, steps: int) -> tuple[int, int, int, float]:
-    torch._dynamo.reset()
-    model, inputs = build(name, batch)
-    options: dict[str, Any] = {"codegen": "eager"}
-    if budget is not None:
-        options["memory_budget"] = budget
-    compiled = torch.compile(model, backend="memopt", options=options)
+    model, inputs, compiled = compile_memopt(name, batch, budget, "eager")
     with memopt.record() as explanation, warnings.catch_warnings():
         warnings.simplefilter("ignore", memopt.MemoptWarning)
         growth, seconds = _measure(model, lambda: compiled(*inputs).backward(), steps)
