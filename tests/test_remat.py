@@ -284,3 +284,19 @@ def test_budget_met_with_inductor_codegen():
             assert plan.feasible
             assert peaks[budget] <= 1.05 * plan.budget_bytes, (peaks[budget], plan.budget_bytes)
     assert peaks[0.5] < 0.6 * peaks[None]
+
+
+def test_solver_diagnostics_from_native_code_go_to_stderr(capfd):
+    """HiGHS prints some diagnostics from C++ to stdout; around solves, memopt routes
+    descriptor 1 to stderr so they cannot corrupt a program's output (--json)."""
+    import ctypes
+
+    from memopt.plan.milp import native_stdout_to_stderr
+
+    libc = ctypes.CDLL(None)
+    with native_stdout_to_stderr():
+        libc.printf(b"native diagnostic\n")
+    print("python output")
+    out, err = capfd.readouterr()
+    assert "native diagnostic" in err and "native diagnostic" not in out
+    assert "python output" in out

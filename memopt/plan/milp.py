@@ -12,9 +12,43 @@ itself; `solve_greedy` is the fallback heuristic.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
+import sys
+from collections.abc import Iterator
+
 import numpy as np
 
-__all__ = ["solve_milp", "solve_min_peak", "solve_greedy", "modelled_peak"]
+__all__ = ["solve_milp", "solve_min_peak", "solve_greedy", "modelled_peak", "native_stdout_to_stderr"]
+
+
+@contextlib.contextmanager
+def native_stdout_to_stderr() -> Iterator[None]:
+    """Send what native code writes to file descriptor 1 to descriptor 2 meanwhile.
+
+    HiGHS prints some diagnostics from C++ to stdout even with ``disp=False``
+    ("HighsMipSolverData::transformNewIntegerFeasibleSolution ..."), which would mix
+    into a program's own output (``memopt report --json``). Where descriptor 1 cannot
+    be redirected (no real stdout), nothing changes."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        libc: ctypes.CDLL | None = ctypes.CDLL(None)
+    except (OSError, TypeError):  # no C library to flush (Windows)
+        libc = None
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        if libc is not None:
+            libc.fflush(None)  # C stdio buffers still hold what was written meanwhile
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def modelled_peak(S: np.ndarray, F: np.ndarray, P: np.ndarray, choice: list[int]) -> float:
@@ -60,13 +94,14 @@ def solve_milp(
     scale = max(float(C.max()), 1e-12)
     tie = 1e-6 * scale / max(float(S.sum()), 1.0)
     cost = (C + tie * S).reshape(-1)
-    result = milp(
-        cost,
-        constraints=[LinearConstraint(eq, 1, 1), LinearConstraint(rows, -np.inf, budget)],
-        integrality=np.ones(K * O),
-        bounds=Bounds(0, 1),
-        options={"time_limit": time_limit, "disp": False, "mip_rel_gap": gap},
-    )
+    with native_stdout_to_stderr():
+        result = milp(
+            cost,
+            constraints=[LinearConstraint(eq, 1, 1), LinearConstraint(rows, -np.inf, budget)],
+            integrality=np.ones(K * O),
+            bounds=Bounds(0, 1),
+            options={"time_limit": time_limit, "disp": False, "mip_rel_gap": gap},
+        )
     if result.x is None:
         return None, result.message
     return _decode(result.x, K, O), "milp"
@@ -86,13 +121,14 @@ def solve_min_peak(
     scale = max(float(C.sum()), 1e-12)
     cost = np.concatenate([1e-9 * C.reshape(-1) / scale, [1.0 / max(float(S.sum() + F.max()), 1.0)]])
     upper = np.concatenate([np.ones(K * O), [np.inf]])
-    result = milp(
-        cost,
-        constraints=[LinearConstraint(eq, 1, 1), LinearConstraint(rows, -np.inf, 0)],
-        integrality=np.concatenate([np.ones(K * O), [0]]),
-        bounds=Bounds(np.zeros(K * O + 1), upper),
-        options={"time_limit": time_limit, "disp": False},
-    )
+    with native_stdout_to_stderr():
+        result = milp(
+            cost,
+            constraints=[LinearConstraint(eq, 1, 1), LinearConstraint(rows, -np.inf, 0)],
+            integrality=np.concatenate([np.ones(K * O), [0]]),
+            bounds=Bounds(np.zeros(K * O + 1), upper),
+            options={"time_limit": time_limit, "disp": False},
+        )
     if result.x is None:
         return solve_greedy(S, F, P, C, 0.0)
     return _decode(result.x, K, O)
