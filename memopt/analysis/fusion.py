@@ -13,8 +13,8 @@ view whose users are fusible), unless
   buffers.
 
 Indexing ops Inductor lowers to loops (gather, index, embedding, constant padding)
-and tensors it computes in the loop (full, iota, arange) count as pointwise, and a matmul folded into the add that consumes it (``addmm``) is
-never a buffer of its own. Values read by extern kernels (matmuls, convolutions) are
+and tensors it computes in the loop (full, iota, arange) count as pointwise, and a
+matmul folded into the add that consumes it (``addmm``) is never a buffer of its own. Values read by extern kernels (matmuls, convolutions) are
 materialized. It is a model of Inductor, checked against measured peaks in
 ``benchmarks/estimate_accuracy.py``.
 """
@@ -182,8 +182,8 @@ def inplace_reuses(
     for node in graph.nodes:
         if node.op != "call_function" or node in fused or not _pointwise(node):
             continue
-        if any(_folded_into_addmm(inp) for inp in node.all_input_nodes):
-            continue  # an addmm: an extern kernel with an output buffer of its own
+        if any(inp in fused and inp.target is aten.mm.default for inp in node.all_input_nodes):
+            continue  # an add with a folded mm is an addmm: an extern kernel with its own output
         made = aliasing.fresh.get(node, [])
         value = node.meta.get("val")
         if len(made) != 1 or not isinstance(value, torch.Tensor):
@@ -240,9 +240,6 @@ def _overwritable(
     )
 
 
-_CONVOLUTION = torch.ops.aten.convolution.default
-
-
 def channels_last_copies(graph: fx.Graph, device: torch.device) -> dict[fx.Node, list[fx.Node]]:
     """Graph inputs Inductor copies to channels-last before a convolution reads them:
     placeholder -> the convolutions reading it.
@@ -255,7 +252,7 @@ def channels_last_copies(graph: fx.Graph, device: torch.device) -> dict[fx.Node,
     """
     if device.type != "cpu" or not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
         return {}
-    convolutions = [n for n in graph.nodes if n.target is _CONVOLUTION]
+    convolutions = [n for n in graph.nodes if n.target is aten.convolution.default]
     copies: dict[fx.Node, list[fx.Node]] = {}
     for conv in convolutions:
         for arg in conv.args[:2]:

@@ -222,12 +222,12 @@ def _liveness(
     return live
 
 
-def _donated(step: StepGraphs) -> set[fx.Node]:
+def _donated(step: StepGraphs, fw_aliasing: GraphAliasing) -> set[fx.Node]:
     """Backward placeholders AOTAutograd donates to the backward graph: saved values
-    that alias no forward input and no user output (``collect_bw_donated_buffer_idxs``)."""
+    that alias no forward input and no user output (``collect_bw_donated_buffer_idxs``).
+    ``fw_aliasing`` is the forward graph's."""
     if not torch._functorch.config.donated_buffer:
         return set()
-    fw_aliasing = analyze_aliasing(step.forward.graph)
     kept = {s for ph in step.forward.graph.find_nodes(op="placeholder") for s in fw_aliasing.storages_of(ph)}
     for out in output_values(step.forward)[: step.num_fwd_outputs]:
         if out is not None:
@@ -258,7 +258,7 @@ def build_timeline(step: StepGraphs) -> MemoryTimeline:
     n_fw = len(fw_nodes)
     bw = None
     if step.backward is not None:
-        bw = _liveness(step.backward, n_fw, step.fused_codegen, _donated(step) if step.fused_codegen else None)
+        bw = _liveness(step.backward, n_fw, step.fused_codegen, _donated(step, fw.aliasing) if step.fused_codegen else None)
     intervals: list[LiveInterval] = []
     owner: dict[Storage, LiveInterval] = {}
     virtual = fw.fused | (bw.fused if bw is not None else set())

@@ -122,11 +122,8 @@ def _nearby_horizontal_fusion_only() -> Any:
     scheduler nodes, most of a small model's backward; here it is 4. Nearby fusions
     (a layer norm's reductions, a bias gradient beside its matmul) are kept."""
     from torch._inductor.choices import InductorChoices
-    from torch._inductor.virtualized import V
 
     class NearbyHorizontalFusionOnly(InductorChoices):
-        positions: dict[int, dict[fx.Node, int]] = {}
-
         @staticmethod
         def can_fuse_horizontal(scheduler: Any, node1: Any, node2: Any, shared_data_score: int) -> bool:
             if not InductorChoices.can_fuse_horizontal(scheduler, node1, node2, shared_data_score):

@@ -428,8 +428,8 @@ def plan_remat(
 
     Every plan evaluated on the way (the MILP's answers, the all-one-option plans,
     the smallest-peak plan, torch's own choices and, when nothing fits, the
-    smallest-peak plan with every other segment boundary recomputed) is a candidate; the answer is the fitting one
-    with the least recompute time. ``feasible=False`` means none fits; the solution
+    smallest-peak plan with every other segment boundary recomputed) is a candidate;
+    the answer is the fitting one with the least recompute time. ``feasible=False`` means none fits; the solution
     then holds the plan with the smallest peak found (``min_peak``). With ``shrink``
     every plan is judged with its saved values compressed."""
     from memopt.plan.milp import solve_min_peak
