@@ -221,3 +221,42 @@ def test_inductor_stores_a_reused_costly_value_on_cpu():
     fused = {n.target.overloadpacket for n in fused_nodes(gm.graph)}
     assert torch.ops.aten.mul in fused
     assert torch.ops.aten.tanh not in fused
+
+
+def test_inductor_folds_a_matmul_into_the_add_that_consumes_it():
+    """add(mm(a, b), c) becomes one addmm: the mm's result is never a buffer of its own
+    (a: 64 x 32, b: 32 x 256, c: 64 x 256), so only the sum is allocated."""
+    from memopt.analysis.fusion import fused_nodes
+
+    def f(a, b, c):
+        return (a @ b) + c
+
+    a, b, c = torch.randn(64, 32), torch.randn(32, 256), torch.randn(64, 256)
+    gm = make_fx(f, tracing_mode="fake")(a, b, c)
+    assert torch.ops.aten.mm.default in {n.target for n in fused_nodes(gm.graph)}
+    assert _fused_timeline(f, a, b, c).peak_growth_bytes == 64 * 256 * F32
+
+
+def test_channels_last_convolution_scratch_matches_a_measurement():
+    """oneDNN's scratch for a channels-last convolution backward (what Inductor calls on
+    CPU), modelled in workspace.py, against the op measured alone."""
+    from memopt.analysis.workspace import workspace_bytes
+    from memopt.testing.measure import measure_peak
+
+    cl = torch.channels_last
+    x = torch.randn(64, 32, 16, 16).to(memory_format=cl)
+    w = torch.randn(64, 32, 3, 3).to(memory_format=cl)
+    g = torch.randn(64, 64, 8, 8).to(memory_format=cl)
+
+    def backward(g, x, w):
+        return torch.ops.aten.convolution_backward.default(
+            g, x, w, [64], (2, 2), (1, 1), (1, 1), False, (0, 0), 1, [True, True, True]
+        )
+
+    backward(g, x, w)
+    outputs = sum(t.numel() * t.element_size() for t in backward(g, x, w))
+    scratch = measure_peak(lambda: backward(g, x, w)).peak_growth_bytes - outputs
+    gm = make_fx(backward, tracing_mode="fake")(g, x, w)
+    node = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.convolution_backward.default)
+    modelled = workspace_bytes(node, torch.device("cpu"), fused=True)
+    assert abs(modelled - scratch) <= 0.25 * scratch + 8 * 1024, (modelled, scratch)
