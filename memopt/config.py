@@ -52,6 +52,13 @@ class MemoptConfig:
     int or a string (``"6GiB"``, ``"512MB"``), or a float in (0, 1] meaning that
     fraction of the unoptimized estimated peak. None: no budget."""
 
+    plan_across_graph_breaks: bool = True
+    """Under a memory budget, plan a training step split by graph breaks as a whole:
+    a region is planned with the earlier regions' saved values in place, and once a
+    step has run, the regions before a graph break are compiled once more with the
+    later regions known (docs/remat.md, "Graph breaks"). False: each region is
+    planned alone, assuming the caller keeps its outputs through its backward."""
+
     planner_time_limit: float = 5.0
     """Seconds the budget planner's MILP solver may spend per solve before memopt
     falls back to its greedy heuristic."""
@@ -234,6 +241,7 @@ def _positive_seconds(key: str, value: Any) -> float:
 _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "memory_budget": _budget,
     "planner_time_limit": _positive_seconds,
+    "plan_across_graph_breaks": _bool,
     "codegen": _choice(CODEGENS),
     "strict": _bool,
     "disable_passes": _names,

@@ -98,9 +98,9 @@ class Explanation:
         memopt's passes, or before them with ``optimized=False``)."""
         parts = []
         for r in self.step_regions():
-            tl = r.timeline_after if optimized else r.timeline_before
-            if r.step is not None and tl is not None:
-                parts.append((r.step, tl))
+            step, tl = (r.step, r.timeline_after) if optimized else (r.step_before, r.timeline_before)
+            if step is not None and tl is not None:
+                parts.append((step, tl))
         if not parts:
             raise ValueError("no region was compiled by memopt's pipeline, so there is no timeline")
         return compose_timelines(parts)

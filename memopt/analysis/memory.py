@@ -131,6 +131,9 @@ class MemoryTimeline:
     end_bytes: int = 0
     input_saved_until: dict[fx.Node, int] = field(default_factory=dict)
     """Forward placeholders saved for backward -> last timeline index using them."""
+    output_saved_until: dict[fx.Node, int] = field(default_factory=dict)
+    """Producers of user outputs the region also saves for its own backward -> last
+    timeline index using them (the interval itself lives past the step)."""
 
     def live_at(self, index: int) -> list[LiveInterval]:
         return [iv for iv in self.intervals if iv.live_at(index)]
@@ -292,12 +295,15 @@ def build_timeline(step: StepGraphs) -> MemoryTimeline:
                 escaping.setdefault(storage, "mutation" if pos < n_mut else "output")
 
     saved_end, input_saved_until = _saved_ends(step, fw, bw, n_fw) if bw is not None else ({}, {})
+    output_saved_until: dict[fx.Node, int] = {}
     for node in fw_nodes:
         for storage in fw.aliasing.fresh.get(node, []):
             start = fw.index[node]
             kind = escaping.get(storage)
             if kind == "output":
                 add(fw_name, storage, "outputs", start, None)
+                if storage in saved_end:
+                    output_saved_until[storage.producer] = saved_end[storage]
             elif storage in saved_end:
                 add(fw_name, storage, "saved_activations", start, max(saved_end[storage], fw.last_use[storage]))
             elif kind == "mutation":
@@ -332,6 +338,7 @@ def build_timeline(step: StepGraphs) -> MemoryTimeline:
             index += 1
     timeline = _finish(points, intervals, device)
     timeline.input_saved_until = input_saved_until
+    timeline.output_saved_until = output_saved_until
     return timeline
 
 
@@ -390,9 +397,9 @@ def compose_timelines(regions: list[tuple[StepGraphs, MemoryTimeline]]) -> Memor
     Saved values stay live from their region's forward to its backward. Step inputs
     shared by regions (parameters) are counted once. An earlier region's outputs are
     held by the user's Python code until the forward ends (they are the next
-    region's inputs); if a later region saves one for backward, it stays live until
-    that region's backward last uses it. The last region's outputs (the loss) stay
-    live after the step.
+    region's inputs); if a later region, or their own, saves one for backward, it
+    stays live until that backward last uses it. The last region's outputs (the loss)
+    stay live after the step.
     """
     if len(regions) == 1:
         return regions[0][1]
@@ -439,7 +446,8 @@ def compose_timelines(regions: list[tuple[StepGraphs, MemoryTimeline]]) -> Memor
                 continue
             end = None if iv.end is None else remap(i, iv.end)
             if iv.category == "outputs" and i != last:
-                end = end_of_forward
+                until = t.output_saved_until.get(iv.node)
+                end = end_of_forward if until is None else max(end_of_forward, remap(i, until))
             intervals.append(dataclasses.replace(iv, start=remap(i, iv.start), end=end))
     return _finish(points, intervals, parts[0].device)
 

@@ -6,6 +6,7 @@ the string ``"memopt"`` works without importing memopt first.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +19,7 @@ from torch._dynamo.backends.common import aot_autograd
 from memopt._logging import configure_from_env
 from memopt.backends.record import active_recorders
 from memopt.backends.region import RegionCompiler, describe_inputs
+from memopt.backends.wholestep import CompiledRegion
 from memopt.codegen.inductor import compile_with_inductor
 from memopt.config import MemoptConfig
 from memopt.errors import MemoptWarning
@@ -59,6 +61,25 @@ def memopt_backend(
     region.example_inputs = tuple(example_inputs)
     gm = region.optimize_pre_autograd(gm)  # precision lowering, before AOTAutograd
     log.info("region %s: compiling %d-node graph (codegen=%s)", region.region, len(gm.graph.nodes), config.codegen)
+    if config.codegen != "inductor" and mode not in (None, "default"):
+        warnings.warn(
+            f"memopt ignores mode={mode!r} with codegen='eager' (modes tune Inductor).",
+            MemoptWarning,
+            stacklevel=2,
+        )
+    compile = functools.partial(_compile_region, mode=mode)
+    if config.memory_budget is None or not config.plan_across_graph_breaks:
+        return compile(region, gm, example_inputs)
+    compiled = CompiledRegion(region, compile, gm, example_inputs)  # plans across graph breaks
+    return torch._dynamo.disable(compiled, reason="memopt's compiled region")
+
+
+def _compile_region(
+    region: RegionCompiler, gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None
+) -> Callable[..., Any]:
+    """AOTAutograd (inside Inductor, or with eager codegen) over ``gm``, ``region``'s
+    pipeline inside."""
+    config = region.config
     if config.codegen == "inductor":
         return compile_with_inductor(
             gm,
@@ -69,12 +90,6 @@ def memopt_backend(
             config=config,
             mode=mode,
             use_caches=not (active_recorders() or config.dump_dir),
-        )
-    if mode not in (None, "default"):
-        warnings.warn(
-            f"memopt ignores mode={mode!r} with codegen='eager' (modes tune Inductor).",
-            MemoptWarning,
-            stacklevel=2,
         )
     return aot_autograd(
         fw_compiler=region.compile_forward,

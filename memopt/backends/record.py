@@ -35,6 +35,8 @@ class RegionRecord:
     fallbacks: list[Fallback] = field(default_factory=list)
     snapshots: list[GraphSnapshot] = field(default_factory=list)
     step: StepGraphs | None = None
+    step_before: StepGraphs | None = None
+    """The graphs before memopt's pipeline (``timeline_before`` is theirs)."""
     example_inputs: tuple[Any, ...] = ()
     pipeline_seconds: float = 0.0
     compiled_graphs: list[str] = field(default_factory=list)

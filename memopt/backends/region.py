@@ -13,6 +13,7 @@ shared between them:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +43,7 @@ from memopt.passes.manager import Instrument, PassManager, PipelineResult
 from memopt.passes.pipeline import default_pipeline, disabled_in, pre_autograd_pipeline
 from memopt.plan.plan import finish_plan
 from memopt.plan.planner import check_final_budget, plan_region
+from memopt.plan.step_context import StepContext
 
 __all__ = ["RegionCompiler", "describe_inputs"]
 
@@ -79,16 +81,53 @@ class RegionCompiler:
         region: str,
         inputs: tuple[InputInfo, ...] = (),
         num_user_outputs: int | None = None,
+        context: StepContext | None = None,
+        recorders: list[list[RegionRecord]] | None = None,
     ) -> None:
         self.config = config
         self.region = region
         self.inputs = inputs
         self.num_user_outputs = num_user_outputs
+        self.context = context
+        """The other regions of the step when planned for the whole step (see
+        `memopt.backends.wholestep`); None: planned alone."""
         self.record = RegionRecord(region=region, config=config)
-        self._recorders = list(active_recorders())
-        for records in self._recorders:
-            records.append(self.record)
+        if recorders is None:
+            recorders = list(active_recorders())
+            for records in recorders:
+                records.append(self.record)
+        self._recorders = recorders
         self.example_inputs: tuple[Any, ...] = ()
+        self._pre_autograd = RegionRecord(region=region, config=config)  # its passes' records
+
+    def replanned(self, context: StepContext, example_inputs: tuple[Any, ...]) -> RegionCompiler:
+        """A compiler for the same region planned in ``context``, to compile once more
+        the graph `optimize_pre_autograd` returned (that stage is not run again: its
+        records are carried over). The new record takes this one's place in the
+        recorders this one was added to."""
+        fresh = RegionCompiler(
+            self.config, self.region, self.inputs, self.num_user_outputs, context, recorders=self._recorders
+        )
+        done = self._pre_autograd
+        fresh.record.passes, fresh.record.snapshots = list(done.passes), list(done.snapshots)
+        fresh.record.fallbacks = list(done.fallbacks)
+        fresh._pre_autograd = done
+        fresh.example_inputs = example_inputs
+        for records in self._recorders:
+            records[:] = [fresh.record if r is self.record else r for r in records]
+        return fresh
+
+    def place_in(self, context: StepContext) -> None:
+        """Another region of the step was planned again: restate this region's plan
+        estimates (peak after, its breakdown) for the step as it is planned now."""
+        record = self.record
+        self.context = context
+        if record.plan is None or record.step is None or record.timeline_after is None:
+            return
+        placed = context.place(record.step, record.timeline_after)
+        record.plan = dataclasses.replace(
+            record.plan, estimated_peak_after=placed.peak_bytes, peak_breakdown_after=placed.peak_breakdown
+        )
 
     # -- the pipeline -------------------------------------------------------------
 
@@ -99,15 +138,19 @@ class RegionCompiler:
         passes = default_pipeline(self.config)
         manager = PassManager(passes, self._instruments(), disabled=disabled_in(passes, self.config))
         before = build_timeline(step)
-        ctx = self._context(plan=plan_region(step, before, self.config, self._planning_shrink(passes)))
+        unoptimized = dataclasses.replace(step)  # passes may swap the graphs of ``step``
+        plan = plan_region(step, before, self.config, self._planning_shrink(passes), self.context)
+        ctx = self._context(plan=plan)
         result = manager.run(step, ctx)
         after = build_timeline(result.step)
+        placed_after = after if self.context is None else self.context.place(result.step, after)
         self.record.kind = "training" if step.is_training else "inference"
         self.record.passes = self.record.passes + result.records  # after pre-autograd's
         self.record.step = result.step
+        self.record.step_before = unoptimized
         self.record.timeline_before = before
         self.record.timeline_after = after
-        self.record.plan = check_final_budget(finish_plan(ctx.plan, after, result), self.config)
+        self.record.plan = check_final_budget(finish_plan(ctx.plan, placed_after, result), self.config)
         if result.fallback is not None:
             self.record.fallbacks.append(result.fallback)
         self.record.pipeline_seconds = time.perf_counter() - start
@@ -150,6 +193,7 @@ class RegionCompiler:
             plan=plan,
             example_inputs=self.example_inputs,
             measure_error=bool(self._recorders),  # explain/record: report measured errors
+            step_context=self.context,
         )
 
     # -- the pre-autograd stage (precision lowering, docs/precision.md) ------------
@@ -166,6 +210,9 @@ class RegionCompiler:
         self.record.passes = self.record.passes + result.records
         if result.fallback is not None:
             self.record.fallbacks.append(result.fallback)
+        self._pre_autograd.passes = list(self.record.passes)
+        self._pre_autograd.snapshots = list(self.record.snapshots)
+        self._pre_autograd.fallbacks = list(self.record.fallbacks)
         return result.step.forward
 
     # -- AOTAutograd callbacks ----------------------------------------------------

@@ -58,6 +58,10 @@ class PassContext:
     """Numerics-changing passes measure the error they introduce by running the graphs
     on ``example_inputs`` at compile time (costs a few extra runs; set while
     `memopt.explain`/`memopt.record` is active)."""
+    step_context: Any = None
+    """The other regions of the training step (a `memopt.plan.step_context.StepContext`)
+    when the region is planned for the whole step; passes that check the budget judge
+    the step's peak with it. None: the region is judged alone."""
 
 
 class Pass:

@@ -344,7 +344,7 @@ class CompressSavedActivations(Pass):
         budget = None if ctx.plan is None else ctx.plan.budget_bytes
         planned: dict[str, Any] = {}
         if decisions and budget is not None:
-            decisions, planned = _within_budget(step, decisions, budget)
+            decisions, planned = _within_budget(step, decisions, budget, ctx.step_context)
         if not decisions:
             return PassResult.unchanged(format=fmt, skipped=dict(skipped), **planned)
         errors = _measured_errors(step, _groups_for(step, decisions), ctx) if ctx.measure_error else None
@@ -383,7 +383,7 @@ def compression_for_planning(fmt: str) -> Callable[[StepGraphs], float]:
 
 
 def _within_budget(
-    step: StepGraphs, decisions: dict[fx.Node, CompressionChoice], budget: int
+    step: StepGraphs, decisions: dict[fx.Node, CompressionChoice], budget: int, context: Any = None
 ) -> tuple[dict[fx.Node, CompressionChoice], dict[str, Any]]:
     """The subset of ``decisions`` that brings the estimated peak within ``budget``
     (`memopt.plan.compression`), and what to report about the choice."""
@@ -391,7 +391,7 @@ def _within_budget(
     for group, choice in _groups_for(step, decisions):
         numel = concrete_int(meta.tensor_value(group.base).numel())  # type: ignore[union-attr]
         storages.append((group.values, group.aliases, group.nbytes - choice.stored_bytes(numel)))
-    outcome = choose_for_budget(step, decisions, storages, budget, compress_saved_values)  # type: ignore[arg-type]
+    outcome = choose_for_budget(step, decisions, storages, budget, compress_saved_values, context)  # type: ignore[arg-type]
     planned = {
         "budget_bytes": budget,
         "peak_before": outcome.peak_before,

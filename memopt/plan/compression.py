@@ -24,6 +24,7 @@ import torch.fx as fx
 
 from memopt.analysis.memory import MemoryTimeline, build_timeline
 from memopt.graph.step import StepGraphs
+from memopt.plan.step_context import StepContext
 
 __all__ = ["BudgetCompression", "choose_for_budget"]
 
@@ -58,6 +59,7 @@ def choose_for_budget(
     storages: Storages,
     budget: int,
     apply: Apply,
+    context: StepContext | None = None,
 ) -> BudgetCompression:
     """Pick the candidates (saved forward node -> choice) to compress so the estimated
     peak of ``step`` fits ``budget``.
@@ -65,14 +67,15 @@ def choose_for_budget(
     ``storages`` groups the candidates by storage (they are decided together), and
     ``apply(trial_step, decisions)`` carries decisions out on a copy of the graphs.
     Never mutates ``step``. If even every candidate does not fit, returns them all
-    (the smallest peak compression reaches) with ``feasible`` False.
+    (the smallest peak compression reaches) with ``feasible`` False. With ``context``
+    the peak is the whole step's (`memopt.plan.step_context`).
     """
-    timeline = build_timeline(step)
+    timeline = _placed(step, build_timeline(step), context)
     peak_before = timeline.peak_bytes
     chosen: set[int] = set()
     rounds = 0
     while timeline.peak_bytes > budget and rounds < MAX_ROUNDS:
-        live = _live_at_peak(timeline)
+        live = _live_at_peak(timeline, step.region)
         fresh = sorted(
             (i for i, (_, aliases, _) in enumerate(storages) if i not in chosen and live & {a.name for a in aliases}),
             key=lambda i: -storages[i][2],
@@ -86,20 +89,29 @@ def choose_for_budget(
             if excess <= 0:
                 break
         rounds += 1
-        timeline = _trial(step, _decisions(candidates, storages, chosen), apply)
+        timeline = _trial(step, _decisions(candidates, storages, chosen), apply, context)
     return BudgetCompression(_decisions(candidates, storages, chosen), peak_before, timeline.peak_bytes, budget, rounds)
 
 
-def _live_at_peak(timeline: MemoryTimeline) -> set[str]:
-    return {iv.node.name for iv in timeline.saved_activations() if iv.live_at(timeline.peak_index)}
+def _placed(step: StepGraphs, timeline: MemoryTimeline, context: StepContext | None) -> MemoryTimeline:
+    return timeline if context is None else context.place(step, timeline)
+
+
+def _live_at_peak(timeline: MemoryTimeline, region: str) -> set[str]:
+    """Names of ``region``'s saved values live at the peak."""
+    return {
+        iv.node.name for iv in timeline.saved_activations() if iv.region == region and iv.live_at(timeline.peak_index)
+    }
 
 
 def _decisions(candidates: Mapping[fx.Node, object], storages: Storages, chosen: set[int]) -> dict[fx.Node, object]:
     return {v: candidates[v] for i in sorted(chosen) for v in storages[i][0]}
 
 
-def _trial(step: StepGraphs, decisions: Mapping[fx.Node, object], apply: Apply) -> MemoryTimeline:
+def _trial(
+    step: StepGraphs, decisions: Mapping[fx.Node, object], apply: Apply, context: StepContext | None
+) -> MemoryTimeline:
     trial = step.clone()
     by_name = {n.name: n for n in trial.forward.graph.nodes}
     apply(trial, {by_name[n.name]: c for n, c in decisions.items()})
-    return build_timeline(trial)
+    return _placed(trial, build_timeline(trial), context)

@@ -24,12 +24,17 @@ from memopt.plan.plan import MemoryPlan, TensorDecision, decision_for_node
 from memopt.plan.remat import RematSolution, Shrink, plan_remat
 from memopt.plan.report import format_bytes
 from memopt.plan.segments import Segment, must_save, value_bytes
+from memopt.plan.step_context import StepContext
 
 __all__ = ["plan_region", "check_final_budget"]
 
 
 def plan_region(
-    step: StepGraphs, before: MemoryTimeline, config: MemoptConfig, shrink: Shrink | None = None
+    step: StepGraphs,
+    before: MemoryTimeline,
+    config: MemoptConfig,
+    shrink: Shrink | None = None,
+    context: StepContext | None = None,
 ) -> MemoryPlan:
     """The memory plan for one region (see module docstring). Raises
     `MemoptBudgetError` for an infeasible budget when ``config.strict``; otherwise
@@ -39,19 +44,37 @@ def plan_region(
     saved values: the planner then also plans with compression and takes that plan
     when exact rematerialization cannot meet the budget, or needs more modelled time
     than compression does. Whether such a plan's budget is met is checked after the
-    pipeline (`check_final_budget`), once the values are compressed."""
-    budget = config.budget_bytes(before.peak_bytes)
+    pipeline (`check_final_budget`), once the values are compressed.
+
+    With ``context`` (the other regions of a step split by graph breaks) the region is
+    planned for the whole step: every peak, the plan's estimates included, is the
+    step's with the other regions as they are planned, and a fractional budget is a
+    fraction of the step's unoptimized peak."""
+    placed = before if context is None else context.place(step, before)
+    reference = before.peak_bytes if context is None else context.unoptimized_peak(step, before)
+    budget = config.budget_bytes(reference)
     plan = MemoryPlan.unplanned(step.region, before, budget)
+    if context is not None:
+        plan = _with(
+            plan,
+            estimated_peak_before=placed.peak_bytes,
+            estimated_peak_after=placed.peak_bytes,
+            peak_breakdown_before=placed.peak_breakdown,
+            peak_breakdown_after=placed.peak_breakdown,
+            notes=(context.describe(),),
+        )
     if budget is None:
         return plan
-    if before.peak_bytes <= budget:
-        return _with(plan, notes=(f"the unoptimized estimate {format_bytes(before.peak_bytes)} fits the budget",))
+    if placed.peak_bytes <= budget:
+        fits = f"the unoptimized estimate {format_bytes(placed.peak_bytes)} fits the budget"
+        return _with(plan, notes=(*plan.notes, fits))
     if not step.is_training or step.joint is None:
-        return _infeasible_inference(plan, before, budget, config)
-    solution = plan_remat(step, budget, time_limit=config.planner_time_limit)
+        return _infeasible_inference(plan, placed, budget, config)
+    limit = config.planner_time_limit
+    solution = plan_remat(step, budget, time_limit=limit, context=context)
     exact_needs_work = not solution.feasible or solution.evaluation.recompute_flops > 0
     if shrink is not None and exact_needs_work:
-        compressed = plan_remat(step, budget, time_limit=config.planner_time_limit, shrink=shrink)
+        compressed = plan_remat(step, budget, time_limit=limit, shrink=shrink, context=context)
         if _prefer_compressed(compressed, solution):
             result = _remat_plan(plan, step, compressed, budget)
             note = _compression_note(compressed, solution, config)

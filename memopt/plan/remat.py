@@ -55,6 +55,7 @@ from memopt.graph import meta
 from memopt.graph.partition import JointGraph, forward_nodes, saved_names, split_joint
 from memopt.graph.step import StepGraphs, clone_graph_module
 from memopt.plan.segments import Segment, find_segments, must_save, value_bytes
+from memopt.plan.step_context import StepContext
 
 __all__ = ["OPTIONS", "RematProblem", "RematSolution", "build_problem", "plan_remat", "evaluate"]
 
@@ -155,17 +156,23 @@ class RematSolution:
     segments: list[Segment] = field(default_factory=list)
 
 
-def evaluate(step: StepGraphs, saved: frozenset[str], shrink: Shrink | None = None) -> Evaluation:
+def evaluate(
+    step: StepGraphs, saved: frozenset[str], shrink: Shrink | None = None, context: StepContext | None = None
+) -> Evaluation:
     """Split ``step``'s joint graph (dropout made recomputable) saving ``saved``
     (then compressing saved values with ``shrink``, if given); the exact timeline and
-    the recompute cost of the result."""
+    the recompute cost of the result. With ``context`` the timeline is the whole
+    step's, the other regions in place (`StepContext.place`)."""
     joint: JointGraph = step.joint.recomputable()
     forward, backward = split_joint(joint, sorted(saved), step.region, draft=True)
-    return _evaluate_graphs(step, joint, saved, forward, backward, shrink)
+    return _evaluate_graphs(step, joint, saved, forward, backward, shrink, context)
 
 
 def evaluate_torch_partition(
-    step: StepGraphs, graphs: tuple[fx.GraphModule, fx.GraphModule], shrink: Shrink | None = None
+    step: StepGraphs,
+    graphs: tuple[fx.GraphModule, fx.GraphModule],
+    shrink: Shrink | None = None,
+    context: StepContext | None = None,
 ) -> Evaluation | None:
     """The exact timeline and recompute cost of torch's own partition ``graphs`` (to be
     installed as they are), or None when its backward recomputes a random op (new
@@ -179,7 +186,7 @@ def evaluate_torch_partition(
     )
     if shrink is not None:  # shrink rewrites in place: the plan keeps the originals
         forward, backward = clone_graph_module(forward), clone_graph_module(backward)
-    ev = _evaluate_graphs(step, step.joint, saved, forward, backward, shrink)
+    ev = _evaluate_graphs(step, step.joint, saved, forward, backward, shrink, context)
     return dataclasses.replace(ev, graphs=graphs)
 
 
@@ -190,10 +197,13 @@ def _evaluate_graphs(
     forward: fx.GraphModule,
     backward: fx.GraphModule,
     shrink: Shrink | None,
+    context: StepContext | None = None,
 ) -> Evaluation:
     candidate = dataclasses.replace(step, forward=forward, backward=backward)
     compress_seconds = 0.0 if shrink is None else shrink(candidate)
     timeline = build_timeline(candidate)
+    if context is not None:
+        timeline = context.place(candidate, timeline)
     fw_names = {n.name for n in forward_nodes(joint)}
     device = device_model(timeline.device)
     flops, seconds = 0, 0.0
@@ -254,9 +264,10 @@ def _option_sets(segment: Segment, mincut: set[str], torch_saved: dict[float, se
     }
 
 
-def build_problem(step: StepGraphs, shrink: Shrink | None = None) -> RematProblem:
+def build_problem(step: StepGraphs, shrink: Shrink | None = None, context: StepContext | None = None) -> RematProblem:
     """Segments, option sets and per-option stats for ``step`` (one evaluation per
-    distinct all-segments-on-one-option plan, each with ``shrink`` applied)."""
+    distinct all-segments-on-one-option plan, each with ``shrink`` applied, each
+    judged in ``context`` when given)."""
     joint: JointGraph = step.joint.recomputable()
     placeholders = joint.module.graph.find_nodes(op="placeholder")
     activations = {p for i, p in enumerate(placeholders) if step.input_kind(i) in ("input", "activation")}
@@ -292,7 +303,7 @@ def build_problem(step: StepGraphs, shrink: Shrink | None = None) -> RematProble
                 table[:, o] = table[:, done[saved]]
             continue
         done[saved] = o
-        ev = evaluate(step, saved, shrink)
+        ev = evaluate(step, saved, shrink, context)
         problem.evaluations[option] = ev
         _attribute(ev, owner, K, o, problem)
     return problem
@@ -303,8 +314,9 @@ def _attribute(ev: Evaluation, owner: dict[str, int], K: int, o: int, problem: R
     tl = ev.timeline
     n = len(tl.points)
     owned = np.zeros((K, n))
+    region = ev.step.region
     for iv in tl.intervals:
-        k = owner.get(iv.node.name)
+        k = owner.get(iv.node.name) if iv.region == region else None
         if k is None or iv.start == BEFORE or iv.end is None:
             continue  # outputs and gradients live to the end whatever the plan
         end = n - 1 if iv.end is None else min(iv.end, n - 1)
@@ -316,7 +328,7 @@ def _attribute(ev: Evaluation, owner: dict[str, int], K: int, o: int, problem: R
             problem.S[k, o] += iv.nbytes
     live = np.array([p.live_bytes for p in tl.points], dtype=float)
     below = np.cumsum(owned, axis=0) - owned  # bytes owned by earlier segments
-    seg_of_point = _segment_of_points(tl, owner, owned)
+    seg_of_point = _segment_of_points(tl, owner, owned, region)
     for k in range(K):
         for phase, table in (("fw", problem.F), ("bw", problem.P)):
             mask = [(seg_of_point[j] == k) and ((tl.points[j].graph == "backward") == (phase == "bw")) for j in range(n)]
@@ -333,16 +345,20 @@ def _attribute(ev: Evaluation, owner: dict[str, int], K: int, o: int, problem: R
             problem.C[k, o] += cost.flops + _TIME_WEIGHT * cost.seconds * device.flops_per_s
 
 
-def _segment_of_points(tl: MemoryTimeline, owner: dict[str, int], owned: np.ndarray) -> list[int]:
+def _segment_of_points(tl: MemoryTimeline, owner: dict[str, int], owned: np.ndarray, region: str) -> list[int]:
     """Forward points belong to their node's segment; backward points to the latest
-    segment that still owns live memory (backward walks segments in reverse)."""
+    segment that still owns live memory (backward walks segments in reverse). In a
+    whole-step timeline, another region's forward points belong to the segment before
+    them: an earlier region's to the first, a later region's to the last, whose
+    constraint then holds every segment's saved bytes plus the later regions' needs."""
     result: list[int] = []
     last = owned.shape[0] - 1
     current = 0
     in_backward = False
     for j, point in enumerate(tl.points):
         if point.graph != "backward":
-            current = owner.get(point.node, current)
+            if point.region == region:
+                current = owner.get(point.node, current)
             result.append(current)
             continue
         if not in_backward:
@@ -422,6 +438,7 @@ def plan_remat(
     time_limit: float = 5.0,
     max_iterations: int = 6,
     shrink: Shrink | None = None,
+    context: StepContext | None = None,
 ) -> RematSolution:
     """Choose per-segment options so the step's exact estimated peak fits
     ``budget_bytes`` at the least recompute time (see module docstring).
@@ -431,11 +448,12 @@ def plan_remat(
     smallest-peak plan with every other segment boundary recomputed) is a candidate;
     the answer is the fitting one with the least recompute time. ``feasible=False`` means none fits; the solution
     then holds the plan with the smallest peak found (``min_peak``). With ``shrink``
-    every plan is judged with its saved values compressed."""
+    every plan is judged with its saved values compressed; with ``context``, by the
+    peak of the whole step it runs in (`memopt.plan.step_context`)."""
     from memopt.plan.milp import solve_min_peak
 
     start = time.perf_counter()
-    problem = build_problem(step, shrink)
+    problem = build_problem(step, shrink, context)
     K = len(problem.segments)
     tried: dict[frozenset[str], tuple[list[str], Evaluation]] = {
         ev.saved: ([option] * K, ev) for option, ev in problem.evaluations.items()
@@ -443,14 +461,14 @@ def plan_remat(
 
     def consider(choice: list[str], saved: frozenset[str]) -> Evaluation:
         if saved not in tried:
-            tried[saved] = (choice, evaluate(step, saved, shrink))
+            tried[saved] = (choice, evaluate(step, saved, shrink, context))
         return tried[saved][1]
 
     for b, names in problem.torch_whole.items():  # (repeats of a budget are skipped by consider)
         consider([f"torch@{b} (whole graph)"] * K, names)
     torch_own: list[tuple[list[str], Evaluation]] = []  # torch's partitions, installed as they are
     for b, graphs in problem.torch_graphs.items():
-        ev = evaluate_torch_partition(step, graphs, shrink)
+        ev = evaluate_torch_partition(step, graphs, shrink, context)
         if ev is not None:
             torch_own.append(([f"torch@{b} (torch's graphs)"] * K, ev))
     target = float(budget_bytes)

@@ -1,0 +1,87 @@
+"""`StepContext`: the other regions of the training step a region runs in.
+
+A graph break splits a training step into regions that Dynamo compiles one at a time,
+and that run forwards in order, then backwards in reverse order (the step timeline of
+`memopt.analysis.memory.compose_timelines`). A region planned alone does not see that
+an earlier region's saved values are live throughout it, nor how much memory later
+regions need while its own saved values wait for its backward; and it must assume
+the caller keeps its outputs through its backward.
+
+A `StepContext` names the other regions, with their graphs and their timelines under
+their current plans. `StepContext.place` puts a timeline of the planned region (the
+unoptimized one, or any candidate plan's) into the step, so that the budget is checked
+on the step's peak: the planner judges every candidate that way, and a fractional
+budget is a fraction of the step's unoptimized peak (`StepContext.unoptimized_peak`).
+
+Pure data: building or placing never mutates a graph or a timeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memopt.analysis.memory import MemoryTimeline, compose_timelines
+from memopt.graph.step import StepGraphs
+
+__all__ = ["RegionInStep", "StepContext"]
+
+
+@dataclass(frozen=True)
+class RegionInStep:
+    """Another region of the step: its graphs before memopt's pipeline and their
+    timeline, and its graphs as compiled and their timeline (under its current plan).
+    Each timeline must be paired with its own graphs (the composition matches the
+    region's inputs by node)."""
+
+    step_before: StepGraphs
+    before: MemoryTimeline
+    step: StepGraphs
+    after: MemoryTimeline
+
+    @property
+    def name(self) -> str:
+        return self.step.region
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """The regions that run before (``earlier``, in forward order) and after
+    (``later``) the planned one in a training step.
+
+    Preconditions: every region is a training region (forward and backward) and the
+    region names, the planned one's included, are distinct. The planned region's
+    outputs are assumed handed on to later regions (the caller does not keep them
+    through backward) when ``later`` is not empty: the backend only builds such a
+    context after it has observed that (`memopt.backends.wholestep`)."""
+
+    earlier: tuple[RegionInStep, ...] = ()
+    later: tuple[RegionInStep, ...] = ()
+
+    @property
+    def num_regions(self) -> int:
+        return len(self.earlier) + 1 + len(self.later)
+
+    def place(self, step: StepGraphs, timeline: MemoryTimeline) -> MemoryTimeline:
+        """The step's timeline with ``timeline`` (a timeline of ``step``, the planned
+        region) in its place among the other regions, as they are planned now."""
+        return compose_timelines(
+            [*((r.step, r.after) for r in self.earlier), (step, timeline), *((r.step, r.after) for r in self.later)]
+        )
+
+    def unoptimized_peak(self, step: StepGraphs, before: MemoryTimeline) -> int:
+        """The step's estimated peak with no region optimized (``before``: the planned
+        region's unoptimized timeline): what a fractional budget is a fraction of."""
+        parts = [
+            *((r.step_before, r.before) for r in self.earlier),
+            (step, before),
+            *((r.step_before, r.before) for r in self.later),
+        ]
+        return compose_timelines(parts).peak_bytes
+
+    def describe(self) -> str:
+        """One line for the plan's notes."""
+        names = ", ".join([*(r.name for r in self.earlier), "this region", *(r.name for r in self.later)])
+        return (
+            f"planned for the whole step: {self.num_regions} regions split by graph breaks ({names}); "
+            f"peaks and the budget are the step's"
+        )
