@@ -1,0 +1,178 @@
+"""Whole-step planning across graph breaks (memopt/backends/wholestep.py,
+memopt/plan/step_context.py): a budget holds for a step split by a graph break."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import memopt
+from memopt.analysis.memory import compose_timelines
+from memopt.plan.step_context import RegionInStep, StepContext
+from memopt.testing.measure import measure_peak
+
+VOCAB, DIM = 512, 32
+
+
+class BreakLM(nn.Module):
+    """A small language model whose loss is computed after a graph break (as Hugging
+    Face's GPT-2 does): the first region hands its logits to the second."""
+
+    def __init__(self, keep_hidden: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(DIM, 4 * DIM), nn.GELU(), nn.Linear(4 * DIM, DIM)) for _ in range(2)
+        )
+        self.head = nn.Linear(DIM, VOCAB)
+        self.keep_hidden = keep_hidden
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        for block in self.blocks:
+            x = x + block(x)
+        logits = self.head(x)
+        torch._dynamo.graph_break()
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return loss + 0.0 * x.mean() if self.keep_hidden else loss
+
+
+class KeepsLogits(BreakLM):
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> Any:  # type: ignore[override]
+        x = self.emb(ids)
+        for block in self.blocks:
+            x = x + block(x)
+        logits = self.head(x)
+        torch._dynamo.graph_break()
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten()), logits
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, VOCAB, (16, 64), generator=g), torch.randint(0, VOCAB, (16, 64), generator=g)
+
+
+def _run(
+    budget: int | None, whole: bool = True, model_cls: type[BreakLM] = BreakLM, steps: int = 3
+) -> tuple[int, Any, dict[str, torch.Tensor]]:
+    """Compile, run ``steps`` steps, then measure one: (measured peak bytes with the
+    parameters and inputs, the recorded explanation, the gradients)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = model_cls()
+    ids, targets = _inputs()
+    options: dict[str, Any] = {"codegen": "eager", "plan_across_graph_breaks": whole}
+    if budget is not None:
+        options["memory_budget"] = budget
+    compiled = torch.compile(model, backend="memopt", options=options)
+    step: Callable[[], None] = lambda: compiled(ids, targets).backward()  # noqa: E731
+    with memopt.record() as explanation, warnings.catch_warnings():
+        warnings.simplefilter("ignore", memopt.MemoptWarning)
+        for _ in range(steps):
+            model.zero_grad(set_to_none=True)
+            step()
+        model.zero_grad(set_to_none=True)
+        growth = measure_peak(step).peak_growth_bytes
+    fixed = sum(p.numel() * p.element_size() for p in model.parameters()) + ids.nbytes + targets.nbytes
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return growth + fixed, explanation, grads
+
+
+@pytest.fixture(scope="module")
+def unbudgeted() -> tuple[int, Any, dict[str, torch.Tensor]]:
+    return _run(None)
+
+
+def test_absolute_budget_holds_across_a_graph_break(unbudgeted: Any) -> None:
+    peak_before, explanation, grads_before = unbudgeted
+    assert len(explanation.regions) == 2
+    budget = int(0.8 * explanation.estimated_peak_bytes)
+
+    peak, explanation, grads = _run(budget)
+    first, second = explanation.regions
+    # The first region was compiled again with the loss region known; both plans
+    # state the step's estimate under the first region's new plan.
+    assert any(f"this region, {second.region}" in note for note in first.plan.notes)
+    assert any(f"{first.region}, this region" in note for note in second.plan.notes)
+    assert first.plan.estimated_peak_after == second.plan.estimated_peak_after == explanation.estimated_peak_bytes
+    assert explanation.estimated_peak_bytes <= budget
+    assert peak <= 1.05 * budget, (peak, budget)
+    assert all(torch.equal(grads[n], grads_before[n]) for n in grads_before)
+
+    # Control: planned alone, the first region assumes the caller keeps the logits
+    # and the loss region cannot recompute anything, so the same budget is exceeded.
+    alone_peak, _, _ = _run(budget, whole=False)
+    assert alone_peak > 1.05 * budget
+
+
+def test_regions_stay_planned_alone_when_the_caller_keeps_the_outputs(unbudgeted: Any) -> None:
+    _, explanation, _ = unbudgeted
+    budget = int(0.8 * explanation.estimated_peak_bytes)
+    torch._dynamo.reset()
+    model = KeepsLogits()
+    ids, targets = _inputs()
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "memory_budget": budget})
+    with memopt.record() as explanation, warnings.catch_warnings():
+        warnings.simplefilter("ignore", memopt.MemoptWarning)
+        for _ in range(4):
+            loss, logits = compiled(ids, targets)
+            loss.backward()  # the logits are alive through the backward
+    first = explanation.regions[0]
+    assert not any("planned for the whole step" in note for note in first.plan.notes)
+
+
+def test_a_region_output_it_saves_itself_lives_until_its_backward() -> None:
+    _, explanation, _ = _run(None, model_cls=lambda: BreakLM(keep_hidden=True), steps=1)  # type: ignore[arg-type]
+    first, second = explanation.regions
+    own = first.timeline_after.output_saved_until
+    assert own, "the head's input is both an output of the first region and saved by it"
+    composed = explanation.timeline()
+    end_of_forward = max(i for i, p in enumerate(composed.points) if p.graph != "backward")
+    kept = [iv for iv in composed.intervals if iv.category == "outputs" and iv.node in own]
+    assert kept and all(iv.end is not None and iv.end > end_of_forward for iv in kept)
+
+
+def test_step_context_places_a_region_among_the_others(unbudgeted: Any) -> None:
+    _, explanation, _ = unbudgeted
+    first, second = explanation.regions
+    context = StepContext(
+        later=(RegionInStep(second.step_before, second.timeline_before, second.step, second.timeline_after),)
+    )
+    placed = context.place(first.step, first.timeline_after)
+    direct = compose_timelines([(first.step, first.timeline_after), (second.step, second.timeline_after)])
+    assert placed.peak_bytes == direct.peak_bytes == explanation.estimated_peak_bytes
+    before = compose_timelines([(first.step_before, first.timeline_before), (second.step_before, second.timeline_before)])
+    assert context.unoptimized_peak(first.step_before, first.timeline_before) == before.peak_bytes
+    assert context.num_regions == 2
+
+
+def test_option_is_validated() -> None:
+    with pytest.raises(ValueError, match="plan_across_graph_breaks"):
+        memopt.MemoptConfig.from_options({"plan_across_graph_breaks": "yes"})
+
+
+def test_whole_step_planning_with_inductor_codegen(unbudgeted: Any) -> None:
+    _, explanation, _ = unbudgeted
+    budget = int(0.8 * explanation.estimated_peak_bytes)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = BreakLM()
+    ids, targets = _inputs()
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "inductor", "memory_budget": budget})
+    with memopt.record() as explanation, warnings.catch_warnings():
+        warnings.simplefilter("ignore", memopt.MemoptWarning)
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            compiled(ids, targets).backward()
+        model.zero_grad(set_to_none=True)
+        growth = measure_peak(lambda: compiled(ids, targets).backward()).peak_growth_bytes
+    first, second = explanation.regions
+    assert any(f"this region, {second.region}" in note for note in first.plan.notes)
+    fixed = sum(p.numel() * p.element_size() for p in model.parameters()) + ids.nbytes + targets.nbytes
+    assert growth + fixed <= 1.05 * budget
