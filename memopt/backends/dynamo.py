@@ -90,6 +90,7 @@ def _compile_region(
             config=config,
             mode=mode,
             use_caches=not (active_recorders() or config.dump_dir),
+            partition_always=config.memory_budget is not None and config.plan_across_graph_breaks,
         )
     return aot_autograd(
         fw_compiler=region.compile_forward,

@@ -63,8 +63,8 @@ class CompiledRegion:
         self, compiler: RegionCompiler, compile: Compile, gm: fx.GraphModule, example_inputs: Sequence[Any]
     ) -> None:
         self.compiler = compiler
-        waiting = TRACKER.waiting()
-        compiler.context = StepContext(tuple(r.in_step() for r in waiting)) if waiting else None
+        earlier = tuple(view for view in (r.in_step() for r in TRACKER.waiting()) if view is not None)
+        compiler.context = StepContext(earlier) if earlier else None
         self._compile = compile
         self._gm = gm
         self._fakes = _fake_copies(gm, example_inputs)
@@ -83,10 +83,14 @@ class CompiledRegion:
     def can_replan(self) -> bool:
         return self._fakes is not None and not self.replanned
 
-    def in_step(self) -> RegionInStep:
+    def in_step(self) -> RegionInStep | None:
+        """The region as the planner sees it from another region (None if its
+        pipeline did not run, e.g. a training region loaded from a cache)."""
         record = self.compiler.record
-        assert record.step is not None and record.step_before is not None
-        assert record.timeline_before is not None and record.timeline_after is not None
+        if record.kind != "training" or record.step is None or record.step_before is None:
+            return None
+        if record.timeline_before is None or record.timeline_after is None:
+            return None
         return RegionInStep(record.step_before, record.timeline_before, record.step, record.timeline_after)
 
     def replan_in(self, step: list[CompiledRegion]) -> None:
@@ -116,8 +120,11 @@ class CompiledRegion:
 
 
 def _context_of(step: list[CompiledRegion], i: int) -> StepContext:
-    """Region ``i``'s context in ``step`` (regions in forward order), as planned now."""
-    return StepContext(tuple(r.in_step() for r in step[:i]), tuple(r.in_step() for r in step[i + 1 :]))
+    """Region ``i``'s context in ``step`` (regions in forward order, each with a
+    plan: checked when the step completed), as planned now."""
+    earlier, later = [r.in_step() for r in step[:i]], [r.in_step() for r in step[i + 1 :]]
+    assert None not in earlier and None not in later
+    return StepContext(tuple(earlier), tuple(later))  # type: ignore[arg-type]
 
 
 def _fake_copies(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[Any, ...] | None:
@@ -220,6 +227,9 @@ def _step_done(runs: list[_Run], order: list[_Run]) -> None:
         return
     for region in regions:
         region.tracking = False
+    if any(r.in_step() is None for r in regions):
+        log.info("a region of the step has no memory plan to compose; the step's regions stay planned alone")
+        return
     targets = [r for r in regions[:-1] if r.can_replan]
     for region in targets:
         region.replan_in(regions)

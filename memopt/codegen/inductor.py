@@ -74,8 +74,15 @@ def compile_with_inductor(
     config: MemoptConfig,
     mode: str | None = None,
     use_caches: bool = True,
+    partition_always: bool = False,
 ) -> Callable[..., Any]:
-    """Compile a Dynamo graph with Inductor, memopt's pipeline inside."""
+    """Compile a Dynamo graph with Inductor, memopt's pipeline inside.
+
+    ``use_caches=False`` turns off Inductor's FX graph cache and AOTAutograd's cache
+    (every pass runs and is recorded); ``partition_always`` turns off only the
+    AOTAutograd cache, whose hit skips the partition, hence memopt's planner (its key
+    does not know the step a region runs in)."""
+    import torch._functorch.config as functorch_config
     import torch._inductor as inductor
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
@@ -97,8 +104,7 @@ def compile_with_inductor(
         patches.update(inductor.list_mode_options(mode))
     if not use_caches:
         patches.update({"fx_graph_cache": False, "fx_graph_remote_cache": False})
-        import torch._functorch.config as functorch_config
-
+    if not use_caches or partition_always:
         with functorch_config.patch(enable_autograd_cache=False):
             return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
     return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
