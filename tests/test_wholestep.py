@@ -176,3 +176,29 @@ def test_whole_step_planning_with_inductor_codegen(unbudgeted: Any) -> None:
     assert any(f"this region, {second.region}" in note for note in first.plan.notes)
     fixed = sum(p.numel() * p.element_size() for p in model.parameters()) + ids.nbytes + targets.nbytes
     assert growth + fixed <= 1.05 * budget
+
+
+def test_a_failed_second_compile_keeps_the_plan_made_alone(
+    unbudgeted: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, explanation, grads_before = unbudgeted
+    budget = int(0.8 * explanation.estimated_peak_bytes)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = BreakLM()
+    ids, targets = _inputs()
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "memory_budget": budget})
+    with memopt.record() as explanation, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", memopt.MemoptWarning)
+        compiled(ids, targets).backward()  # compiles both regions; the step is then known
+
+        def broken(self: StepContext, *args: Any) -> Any:
+            raise RuntimeError("injected")
+
+        monkeypatch.setattr(StepContext, "place", broken)
+        model.zero_grad(set_to_none=True)
+        compiled(ids, targets).backward()  # the second compile fails: the old plan runs
+    assert any("could not compile region" in str(w.message) and "injected" in str(w.message) for w in caught)
+    first = explanation.regions[0]
+    assert not any("this region," in note for note in first.plan.notes)
+    assert all(torch.equal(p.grad, grads_before[n]) for n, p in model.named_parameters())

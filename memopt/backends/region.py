@@ -113,9 +113,17 @@ class RegionCompiler:
         fresh.record.fallbacks = list(done.fallbacks)
         fresh._pre_autograd = done
         fresh.example_inputs = example_inputs
-        for records in self._recorders:
-            records[:] = [fresh.record if r is self.record else r for r in records]
+        self._swap_record(self.record, fresh.record)
         return fresh
+
+    def hand_back_record(self, original: RegionCompiler) -> None:
+        """Undo `replanned`: ``original``'s record takes this one's place again (the
+        second compile failed)."""
+        self._swap_record(self.record, original.record)
+
+    def _swap_record(self, old: RegionRecord, new: RegionRecord) -> None:
+        for records in self._recorders:
+            records[:] = [new if r is old else r for r in records]
 
     def place_in(self, context: StepContext) -> None:
         """Another region of the step was planned again: restate this region's plan

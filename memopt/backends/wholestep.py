@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
 from memopt.backends.region import RegionCompiler
+from memopt.errors import MemoptWarning
 from memopt.graph import meta
 from memopt.plan.step_context import RegionInStep, StepContext
 
@@ -110,9 +112,22 @@ class CompiledRegion:
         self._step, self.replanned = None, True
         context = _context_of(step, step.index(self))
         assert self._fakes is not None
-        compiler = self.compiler.replanned(context, self._fakes)
+        old = self.compiler
+        compiler = old.replanned(context, self._fakes)
         log.info("region %s: compiling again (%s)", self.name, context.describe())
-        self.fn = self._compile(compiler, self._gm, self._fakes)
+        try:
+            self.fn = self._compile(compiler, self._gm, self._fakes)
+        except Exception as exc:
+            compiler.hand_back_record(old)
+            if old.config.strict:
+                raise
+            warnings.warn(
+                f"memopt could not compile region {self.name} again for the whole step "
+                f"({type(exc).__name__}: {exc}); it keeps the plan made for it alone.",
+                MemoptWarning,
+                stacklevel=2,
+            )
+            return
         self.compiler = compiler
         for i, other in enumerate(step):
             if other is not self:
@@ -132,8 +147,8 @@ def _fake_copies(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[Any
     symbolic: the region is then never compiled again)."""
     if any(meta.is_symbolic(ph) for ph in gm.graph.find_nodes(op="placeholder")):
         return None
-    if not all(isinstance(x, torch.Tensor) for x in example_inputs):
-        return None
+    if not all(type(x) in (torch.Tensor, torch.nn.Parameter) for x in example_inputs):
+        return None  # symbols, tensor subclasses: not re-traced
     tracing = torch._guards.TracingContext.try_get()
     if tracing is None or tracing.fake_mode is None:
         return None
