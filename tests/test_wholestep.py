@@ -58,19 +58,28 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(0, VOCAB, (16, 64), generator=g), torch.randint(0, VOCAB, (16, 64), generator=g)
 
 
-def _run(
-    budget: int | None, whole: bool = True, model_cls: type[BreakLM] = BreakLM, steps: int = 3
-) -> tuple[int, Any, dict[str, torch.Tensor]]:
-    """Compile, run ``steps`` steps, then measure one: (measured peak bytes with the
-    parameters and inputs, the recorded explanation, the gradients)."""
+def _compiled(
+    budget: int | None, whole: bool = True, model_cls: Callable[[], nn.Module] = BreakLM, codegen: str = "eager"
+) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], Callable[..., Any]]:
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = model_cls()
-    ids, targets = _inputs()
-    options: dict[str, Any] = {"codegen": "eager", "plan_across_graph_breaks": whole}
+    options: dict[str, Any] = {"codegen": codegen, "plan_across_graph_breaks": whole}
     if budget is not None:
         options["memory_budget"] = budget
-    compiled = torch.compile(model, backend="memopt", options=options)
+    return model, _inputs(), torch.compile(model, backend="memopt", options=options)
+
+
+def _run(
+    budget: int | None,
+    whole: bool = True,
+    model_cls: Callable[[], nn.Module] = BreakLM,
+    steps: int = 3,
+    codegen: str = "eager",
+) -> tuple[int, Any, dict[str, torch.Tensor]]:
+    """Compile, run ``steps`` steps, then measure one: (measured peak bytes with the
+    parameters and inputs, the recorded explanation, the gradients)."""
+    model, (ids, targets), compiled = _compiled(budget, whole, model_cls, codegen)
     step: Callable[[], None] = lambda: compiled(ids, targets).backward()  # noqa: E731
     with memopt.record() as explanation, warnings.catch_warnings():
         warnings.simplefilter("ignore", memopt.MemoptWarning)
@@ -113,11 +122,7 @@ def test_absolute_budget_holds_across_a_graph_break(unbudgeted: Any) -> None:
 
 def test_regions_stay_planned_alone_when_the_caller_keeps_the_outputs(unbudgeted: Any) -> None:
     _, explanation, _ = unbudgeted
-    budget = int(0.8 * explanation.estimated_peak_bytes)
-    torch._dynamo.reset()
-    model = KeepsLogits()
-    ids, targets = _inputs()
-    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "memory_budget": budget})
+    _, (ids, targets), compiled = _compiled(int(0.8 * explanation.estimated_peak_bytes), model_cls=KeepsLogits)
     with memopt.record() as explanation, warnings.catch_warnings():
         warnings.simplefilter("ignore", memopt.MemoptWarning)
         for _ in range(4):
@@ -128,7 +133,7 @@ def test_regions_stay_planned_alone_when_the_caller_keeps_the_outputs(unbudgeted
 
 
 def test_a_region_output_it_saves_itself_lives_until_its_backward() -> None:
-    _, explanation, _ = _run(None, model_cls=lambda: BreakLM(keep_hidden=True), steps=1)  # type: ignore[arg-type]
+    _, explanation, _ = _run(None, model_cls=lambda: BreakLM(keep_hidden=True), steps=1)
     first, second = explanation.regions
     own = first.timeline_after.output_saved_until
     assert own, "the head's input is both an output of the first region and saved by it"
@@ -160,34 +165,17 @@ def test_option_is_validated() -> None:
 def test_whole_step_planning_with_inductor_codegen(unbudgeted: Any) -> None:
     _, explanation, _ = unbudgeted
     budget = int(0.8 * explanation.estimated_peak_bytes)
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = BreakLM()
-    ids, targets = _inputs()
-    compiled = torch.compile(model, backend="memopt", options={"codegen": "inductor", "memory_budget": budget})
-    with memopt.record() as explanation, warnings.catch_warnings():
-        warnings.simplefilter("ignore", memopt.MemoptWarning)
-        for _ in range(3):
-            model.zero_grad(set_to_none=True)
-            compiled(ids, targets).backward()
-        model.zero_grad(set_to_none=True)
-        growth = measure_peak(lambda: compiled(ids, targets).backward()).peak_growth_bytes
+    peak, explanation, _ = _run(budget, codegen="inductor")
     first, second = explanation.regions
     assert any(f"this region, {second.region}" in note for note in first.plan.notes)
-    fixed = sum(p.numel() * p.element_size() for p in model.parameters()) + ids.nbytes + targets.nbytes
-    assert growth + fixed <= 1.05 * budget
+    assert peak <= 1.05 * budget
 
 
 def test_a_failed_second_compile_keeps_the_plan_made_alone(
     unbudgeted: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, explanation, grads_before = unbudgeted
-    budget = int(0.8 * explanation.estimated_peak_bytes)
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = BreakLM()
-    ids, targets = _inputs()
-    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "memory_budget": budget})
+    model, (ids, targets), compiled = _compiled(int(0.8 * explanation.estimated_peak_bytes))
     with memopt.record() as explanation, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", memopt.MemoptWarning)
         compiled(ids, targets).backward()  # compiles both regions; the step is then known
