@@ -3,6 +3,8 @@ monotone, change no numbers, and infeasible budgets say what the floor is."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 import memopt
 from memopt.errors import MemoptBudgetError
+from memopt.graph import meta
 from memopt.graph.partition import saved_names, split_joint
 from memopt.plan.milp import modelled_peak, solve_greedy, solve_milp, solve_min_peak
 from memopt.testing.capture import capture_step
@@ -162,6 +165,49 @@ def test_dropout_output_rewrite_is_bit_identical_on_cpu_fp32(p):
     out, mask = torch.ops.aten.native_dropout(x, p, True)
     again = torch.ops.aten.mul.Tensor(torch.ops.aten.mul.Tensor(x, mask), 1.0 / (1.0 - p))
     assert torch.equal(out, again)
+
+
+@pytest.mark.parametrize("shape, transpose", [((257, 129), False), ((64, 16, 64), True), ((3, 1000, 1000), False)])
+def test_dropout_mask_replays_from_the_saved_generator_state(shape, transpose):
+    """memopt.graph.rng relies on native_dropout drawing its mask from the default
+    CPU generator the same way for any input of one size and layout (large inputs
+    draw on several threads); the draw must advance the generator exactly as
+    native_dropout does, and the replay must leave it where it was."""
+    x = torch.randn(*shape)
+    if transpose:
+        x = x.transpose(0, 1)
+    torch.manual_seed(5)
+    ref_out, ref_mask = torch.ops.aten.native_dropout(x, 0.3, True)
+    ref_next = torch.rand(8)
+    torch.manual_seed(5)
+    out, mask, state = torch.ops.memopt.dropout_with_rng_state(x, 0.3)
+    replayed = torch.ops.memopt.dropout_mask_replay(state, list(mask.shape), list(mask.stride()), 0.3)
+    assert torch.equal(torch.rand(8), ref_next)
+    assert torch.equal(out, ref_out) and torch.equal(mask, ref_mask)
+    assert torch.equal(replayed, mask) and replayed.stride() == mask.stride()
+
+
+def test_dropout_masks_replayed_in_backward_not_saved():
+    """At a low budget the transformer block's backward replays its dropout masks
+    from the generator state instead of keeping them; the forward draws each once;
+    gradients stay bit-identical to the unbudgeted run."""
+    case = zoo_case("transformer_block")
+    inputs = case.inputs(64)
+    grads = {}
+    for budget in (None, 0.5):
+        model, compiled = _compile(case, budget, strict=False)  # 0.5 is below the floor: warns
+        with memopt.record() as explanation, warnings.catch_warnings():
+            warnings.simplefilter("ignore", memopt.MemoptWarning)
+            grads[budget] = run_training_step(model, inputs, runner=compiled).grads
+        region = explanation.regions[0]
+    replay = torch.ops.memopt.dropout_mask_replay.default
+    assert [n for n in region.step.backward.graph.nodes if n.target is replay]
+    assert not [n for n in region.step.forward.graph.nodes if n.target is replay]
+    saved_masks = [p for p in region.step.backward.graph.find_nodes(op="placeholder") if meta.tensor_value(p) is not None
+                   and meta.tensor_value(p).dtype == torch.bool]
+    assert not saved_masks
+    for n, g in grads[None].items():
+        assert torch.equal(g, grads[0.5][n]), n
 
 
 def test_dropout_outputs_recomputed_not_redrawn():

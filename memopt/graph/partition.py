@@ -21,6 +21,7 @@ from torch.fx import _lazy_graph_module as torch_lazy_graph_module
 from torch.fx._lazy_graph_module import _use_lazy_graph_module
 
 from memopt.graph import meta
+from memopt.graph.dropout import drawn_masks_in_forward
 from memopt.graph.step import StepGraphs
 
 __all__ = ["JointGraph", "split_joint", "forward_nodes", "saved_names"]
@@ -113,11 +114,15 @@ def split_joint(
     symbols = [n for n in graph.nodes if meta.is_symbolic(n) and n.op != "output" and not meta.is_tangent(n)]
     tensors, symbols = list(dict.fromkeys(tensors)), list(dict.fromkeys(symbols))
     if draft:
-        return _draft_split(joint, tensors, symbols)
+        forward, backward = _draft_split(joint, tensors, symbols)
+        drawn_masks_in_forward(forward.graph)
+        return forward, backward
     forward, backward = torch_partitioners._extract_fwd_bwd_modules(
         joint.module, tensors, symbols, num_fwd_outputs=joint.num_fwd_outputs
     )
     backward = _make_graph_module(backward, _recompute_just_in_time(backward.graph))
+    if drawn_masks_in_forward(forward.graph):
+        forward.recompile()
     forward = torch_partitioners.raise_getitems(forward)
     backward = torch_partitioners.raise_getitems(backward)
     return forward, backward
