@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
@@ -183,6 +184,8 @@ class StepTracker:
 
     def forward_ran(self, region: CompiledRegion, args: Sequence[Any], outputs: Any) -> None:
         tensors = [t for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+        if any(isinstance(t, FakeTensor) for t in tensors):
+            return  # a run on fake tensors (memopt report, planning studies) allocates nothing
         node = _backward_node(tensors)
         if node is None:
             return  # no gradient flows back through this call: not part of a training step

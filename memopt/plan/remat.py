@@ -39,10 +39,12 @@ is missing or the time limit is hit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -449,7 +451,34 @@ def plan_remat(
     the answer is the fitting one with the least recompute time. ``feasible=False`` means none fits; the solution
     then holds the plan with the smallest peak found (``min_peak``). With ``shrink``
     every plan is judged with its saved values compressed; with ``context``, by the
-    peak of the whole step it runs in (`memopt.plan.step_context`)."""
+    peak of the whole step it runs in (`memopt.plan.step_context`).
+
+    Python's cyclic garbage collector is paused while planning: the evaluations build
+    and drop many FX graphs (cyclic garbage), and collections over the compile's
+    large heap took up to half the planner's time, varying from run to run."""
+    with _gc_paused():
+        return _plan_remat(step, budget_bytes, time_limit, max_iterations, shrink, context)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _plan_remat(
+    step: StepGraphs,
+    budget_bytes: int,
+    time_limit: float,
+    max_iterations: int,
+    shrink: Shrink | None,
+    context: StepContext | None,
+) -> RematSolution:
     from memopt.plan.milp import solve_min_peak
 
     start = time.perf_counter()
