@@ -53,6 +53,19 @@ class KeepsLogits(BreakLM):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten()), logits
 
 
+class TwoBreaks(BreakLM):
+    """Three regions: a graph break between the blocks and one before the loss."""
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        x = x + self.blocks[0](x)
+        torch._dynamo.graph_break()
+        x = x + self.blocks[1](x)
+        logits = self.head(x)
+        torch._dynamo.graph_break()
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, VOCAB, (16, 64), generator=g), torch.randint(0, VOCAB, (16, 64), generator=g)
@@ -118,6 +131,20 @@ def test_absolute_budget_holds_across_a_graph_break(unbudgeted: Any) -> None:
     # and the loss region cannot recompute anything, so the same budget is exceeded.
     alone_peak, _, _ = _run(budget, whole=False)
     assert alone_peak > 1.05 * budget
+
+
+def test_three_regions_are_planned_as_one_step() -> None:
+    _, explanation, grads_before = _run(None, model_cls=TwoBreaks)
+    budget = int(0.8 * explanation.estimated_peak_bytes)
+    peak, explanation, grads = _run(budget, model_cls=TwoBreaks)
+    assert len(explanation.regions) == 3
+    names = [r.region for r in explanation.regions]
+    for i, region in enumerate(explanation.regions):
+        expected = ", ".join(["this region" if j == i else n for j, n in enumerate(names)])
+        assert any(expected in note for note in region.plan.notes), (region.region, region.plan.notes)
+    assert explanation.estimated_peak_bytes <= budget
+    assert peak <= 1.05 * budget
+    assert all(torch.equal(grads[n], grads_before[n]) for n in grads_before)
 
 
 def test_regions_stay_planned_alone_when_the_caller_keeps_the_outputs(unbudgeted: Any) -> None:
