@@ -217,3 +217,20 @@ def test_a_failed_second_compile_keeps_the_plan_made_alone(
     first = explanation.regions[0]
     assert not any("this region," in note for note in first.plan.notes)
     assert all(torch.equal(p.grad, grads_before[n]) for n, p in model.named_parameters())
+
+
+def test_a_dropped_forward_of_another_region_does_not_block_the_step(unbudgeted: Any) -> None:
+    """A forward whose result is dropped before any backward (an evaluation with
+    gradients enabled, here of another compiled function) leaves no run behind that
+    would keep the training step from completing."""
+    _, explanation, _ = unbudgeted
+    model, (ids, targets), compiled = _compiled(int(0.8 * explanation.estimated_peak_bytes))
+    other = torch.compile(nn.Linear(4, 4), backend="memopt", options={"codegen": "eager", "memory_budget": 1.0})
+    with memopt.record() as explanation, warnings.catch_warnings():
+        warnings.simplefilter("ignore", memopt.MemoptWarning)
+        for _ in range(3):
+            other(torch.randn(2, 4)).sum()  # forward only, result dropped
+            model.zero_grad(set_to_none=True)
+            compiled(ids, targets).backward()
+    first, second = [r for r in explanation.regions if r.kind == "training"][-2:]
+    assert any(f"this region, {second.region}" in note for note in first.plan.notes)

@@ -35,6 +35,7 @@ import functools
 import logging
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,8 +164,16 @@ class _Run:
 
     region: CompiledRegion
     outputs: list[StorageWeakRef]
+    node: Callable[[], Any] | None = None
+    """Weak reference to the region's backward node (None: not weakly referable)."""
     released: bool | None = None
     """Set when its backward starts: whether no output storage was alive then."""
+
+    @property
+    def abandoned(self) -> bool:
+        """Its autograd graph is gone before its backward started (a forward whose
+        result was dropped, e.g. an evaluation with gradients enabled)."""
+        return self.released is None and self.node is not None and self.node() is None
 
 
 @dataclass
@@ -180,7 +189,7 @@ class StepTracker:
         """Regions of the current step whose forward ran and whose backward has not
         started, in forward order."""
         with self.lock:
-            return [r.region for r in self.runs if r.released is None]
+            return [r.region for r in self.runs if r.released is None and not r.abandoned]
 
     def forward_ran(self, region: CompiledRegion, args: Sequence[Any], outputs: Any) -> None:
         tensors = [t for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
@@ -191,20 +200,25 @@ class StepTracker:
             return  # no gradient flows back through this call: not part of a training step
         inputs = {_storage_key(a) for a in args if isinstance(a, torch.Tensor)}
         refs = [StorageWeakRef(t.untyped_storage()) for t in tensors if _storage_key(t) not in inputs]
-        run = _Run(region, refs)
+        run = _Run(region, refs, _weak(node))
         with self.lock:
+            self.runs = [r for r in self.runs if not r.abandoned]
             if any(r.region is region for r in self.runs):  # again before its backward: not one clean step
                 self.runs, self.backward_order = [], []
             self.runs.append(run)
-        node.register_prehook(functools.partial(self._backward_starts, run, node))
+        # The hook reaches the node through the run's weak reference: a strong one would
+        # make a cycle (node -> hook -> node) that keeps an abandoned graph alive.
+        node.register_prehook(functools.partial(self._backward_starts, run))
 
-    def _backward_starts(self, run: _Run, node: Any, grad_outputs: Any) -> None:
-        own = _saved_storages(node)  # the region's own saved values: they die with its backward
+    def _backward_starts(self, run: _Run, grad_outputs: Any) -> None:
+        node = run.node() if run.node is not None else None
+        own = _saved_storages(node) if node is not None else set()  # die with its backward
         with self.lock:
             if run.released is not None or not any(r is run for r in self.runs):
                 return None
             run.released = all(ref.expired() or ref.cdata in own for ref in run.outputs)
             self.backward_order.append(run)
+            self.runs = [r for r in self.runs if not r.abandoned]
             if any(r.released is None for r in self.runs):
                 return None
             runs, order = self.runs, self.backward_order
@@ -270,6 +284,13 @@ def _backward_node(tensors: list[torch.Tensor]) -> Any:
         if "CompiledFunction" in type(node).__name__:
             return node
     return nodes[0] if nodes else None
+
+
+def _weak(node: Any) -> Callable[[], Any] | None:
+    try:
+        return weakref.ref(node)
+    except TypeError:  # a C++ autograd node
+        return None
 
 
 def _saved_storages(node: Any) -> set[int]:
