@@ -21,6 +21,7 @@ from torch.utils.flop_counter import flop_registry
 
 from memopt.analysis.aliasing import concrete_int
 from memopt.graph import meta
+from memopt.graph import rng  # noqa: F401  (registers torch.ops.memopt's dropout ops)
 
 __all__ = ["DeviceModel", "OpCost", "node_cost", "device_model", "is_view"]
 
@@ -102,10 +103,11 @@ def node_cost(node: fx.Node, device: DeviceModel) -> OpCost:
     return OpCost(flops, moved, seconds)
 
 
-def _draws_random_numbers(node: fx.Node) -> bool:
-    import memopt.graph.rng  # noqa: F401  (registers torch.ops.memopt's dropout ops)
+_REPLAY = torch.ops.memopt.dropout_mask_replay.default
 
-    return meta.is_random(node) or node.target is torch.ops.memopt.dropout_mask_replay.default
+
+def _draws_random_numbers(node: fx.Node) -> bool:
+    return node.target is _REPLAY or meta.is_random(node)
 
 
 def _elements(value: Any) -> int:

@@ -43,7 +43,7 @@ from memopt.passes.manager import Instrument, PassManager, PipelineResult
 from memopt.passes.pipeline import default_pipeline, disabled_in, pre_autograd_pipeline
 from memopt.plan.plan import finish_plan
 from memopt.plan.planner import check_final_budget, plan_region
-from memopt.plan.step_context import StepContext
+from memopt.plan.step_context import StepContext, placed
 
 __all__ = ["RegionCompiler", "describe_inputs"]
 
@@ -132,9 +132,9 @@ class RegionCompiler:
         self.context = context
         if record.plan is None or record.step is None or record.timeline_after is None:
             return
-        placed = context.place(record.step, record.timeline_after)
+        in_step = context.place(record.step, record.timeline_after)
         record.plan = dataclasses.replace(
-            record.plan, estimated_peak_after=placed.peak_bytes, peak_breakdown_after=placed.peak_breakdown
+            record.plan, estimated_peak_after=in_step.peak_bytes, peak_breakdown_after=in_step.peak_breakdown
         )
 
     # -- the pipeline -------------------------------------------------------------
@@ -151,14 +151,14 @@ class RegionCompiler:
         ctx = self._context(plan=plan)
         result = manager.run(step, ctx)
         after = build_timeline(result.step)
-        placed_after = after if self.context is None else self.context.place(result.step, after)
         self.record.kind = "training" if step.is_training else "inference"
         self.record.passes = self.record.passes + result.records  # after pre-autograd's
         self.record.step = result.step
         self.record.step_before = unoptimized
         self.record.timeline_before = before
         self.record.timeline_after = after
-        self.record.plan = check_final_budget(finish_plan(ctx.plan, placed_after, result), self.config)
+        plan = finish_plan(ctx.plan, placed(self.context, result.step, after), result)
+        self.record.plan = check_final_budget(plan, self.config)
         if result.fallback is not None:
             self.record.fallbacks.append(result.fallback)
         self.record.pipeline_seconds = time.perf_counter() - start

@@ -145,8 +145,9 @@ def _context_of(step: list[CompiledRegion], i: int) -> StepContext:
 
 
 def _fake_copies(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[Any, ...] | None:
-    """Fake copies of the example inputs in Dynamo's fake mode (None when a shape is
-    symbolic: the region is then never compiled again)."""
+    """Fake copies of the example inputs in Dynamo's fake mode, or None (the region is
+    then never compiled again) when a shape is symbolic, an input is not a plain tensor
+    (a symbol, a tensor subclass) or there is no Dynamo tracing context."""
     if any(meta.is_symbolic(ph) for ph in gm.graph.find_nodes(op="placeholder")):
         return None
     if not all(type(x) in (torch.Tensor, torch.nn.Parameter) for x in example_inputs):
@@ -189,7 +190,8 @@ class StepTracker:
         """Regions of the current step whose forward ran and whose backward has not
         started, in forward order."""
         with self.lock:
-            return [r.region for r in self.runs if r.released is None and not r.abandoned]
+            self._forget_abandoned()
+            return [r.region for r in self.runs if r.released is None]
 
     def forward_ran(self, region: CompiledRegion, args: Sequence[Any], outputs: Any) -> None:
         tensors = [t for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
@@ -202,13 +204,17 @@ class StepTracker:
         refs = [StorageWeakRef(t.untyped_storage()) for t in tensors if _storage_key(t) not in inputs]
         run = _Run(region, refs, _weak(node))
         with self.lock:
-            self.runs = [r for r in self.runs if not r.abandoned]
+            self._forget_abandoned()
             if any(r.region is region for r in self.runs):  # again before its backward: not one clean step
                 self.runs, self.backward_order = [], []
             self.runs.append(run)
         # The hook reaches the node through the run's weak reference: a strong one would
         # make a cycle (node -> hook -> node) that keeps an abandoned graph alive.
         node.register_prehook(functools.partial(self._backward_starts, run))
+
+    def _forget_abandoned(self) -> None:
+        """Drop runs whose autograd graph is gone (call with the lock held)."""
+        self.runs = [r for r in self.runs if not r.abandoned]
 
     def _backward_starts(self, run: _Run, grad_outputs: Any) -> None:
         node = run.node() if run.node is not None else None
@@ -218,7 +224,7 @@ class StepTracker:
                 return None
             run.released = all(ref.expired() or ref.cdata in own for ref in run.outputs)
             self.backward_order.append(run)
-            self.runs = [r for r in self.runs if not r.abandoned]
+            self._forget_abandoned()
             if any(r.released is None for r in self.runs):
                 return None
             runs, order = self.runs, self.backward_order

@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from memopt.analysis.memory import MemoryTimeline, build_timeline
 from memopt.graph.step import StepGraphs
-from memopt.plan.step_context import StepContext
+from memopt.plan.step_context import StepContext, placed
 
 __all__ = ["BudgetCompression", "choose_for_budget"]
 
@@ -70,7 +70,7 @@ def choose_for_budget(
     (the smallest peak compression reaches) with ``feasible`` False. With ``context``
     the peak is the whole step's (`memopt.plan.step_context`).
     """
-    timeline = _placed(step, build_timeline(step), context)
+    timeline = placed(context, step, build_timeline(step))
     peak_before = timeline.peak_bytes
     chosen: set[int] = set()
     rounds = 0
@@ -93,10 +93,6 @@ def choose_for_budget(
     return BudgetCompression(_decisions(candidates, storages, chosen), peak_before, timeline.peak_bytes, budget, rounds)
 
 
-def _placed(step: StepGraphs, timeline: MemoryTimeline, context: StepContext | None) -> MemoryTimeline:
-    return timeline if context is None else context.place(step, timeline)
-
-
 def _live_at_peak(timeline: MemoryTimeline, region: str) -> set[str]:
     """Names of ``region``'s saved values live at the peak."""
     return {
@@ -114,4 +110,4 @@ def _trial(
     trial = step.clone()
     by_name = {n.name: n for n in trial.forward.graph.nodes}
     apply(trial, {by_name[n.name]: c for n, c in decisions.items()})
-    return _placed(trial, build_timeline(trial), context)
+    return placed(context, trial, build_timeline(trial))

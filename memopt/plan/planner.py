@@ -24,7 +24,7 @@ from memopt.plan.plan import MemoryPlan, TensorDecision, decision_for_node
 from memopt.plan.remat import RematSolution, Shrink, plan_remat
 from memopt.plan.report import format_bytes
 from memopt.plan.segments import Segment, must_save, value_bytes
-from memopt.plan.step_context import StepContext
+from memopt.plan.step_context import StepContext, placed
 
 __all__ = ["plan_region", "check_final_budget"]
 
@@ -50,26 +50,26 @@ def plan_region(
     planned for the whole step: every peak, the plan's estimates included, is the
     step's with the other regions as they are planned, and a fractional budget is a
     fraction of the step's unoptimized peak."""
-    placed = before if context is None else context.place(step, before)
+    in_step = placed(context, step, before)
     reference = before.peak_bytes if context is None else context.unoptimized_peak(step, before)
     budget = config.budget_bytes(reference)
     plan = MemoryPlan.unplanned(step.region, before, budget)
     if context is not None:
         plan = _with(
             plan,
-            estimated_peak_before=placed.peak_bytes,
-            estimated_peak_after=placed.peak_bytes,
-            peak_breakdown_before=placed.peak_breakdown,
-            peak_breakdown_after=placed.peak_breakdown,
+            estimated_peak_before=in_step.peak_bytes,
+            estimated_peak_after=in_step.peak_bytes,
+            peak_breakdown_before=in_step.peak_breakdown,
+            peak_breakdown_after=in_step.peak_breakdown,
             notes=(context.describe(),),
         )
     if budget is None:
         return plan
-    if placed.peak_bytes <= budget:
-        fits = f"the unoptimized estimate {format_bytes(placed.peak_bytes)} fits the budget"
+    if in_step.peak_bytes <= budget:
+        fits = f"the unoptimized estimate {format_bytes(in_step.peak_bytes)} fits the budget"
         return _with(plan, notes=(*plan.notes, fits))
     if not step.is_training or step.joint is None:
-        return _infeasible_inference(plan, placed, budget, config)
+        return _infeasible_inference(plan, in_step, budget, config)
     limit = config.planner_time_limit
     solution = plan_remat(step, budget, time_limit=limit, context=context)
     exact_needs_work = not solution.feasible or solution.evaluation.recompute_flops > 0

@@ -57,7 +57,7 @@ from memopt.graph import meta
 from memopt.graph.partition import JointGraph, forward_nodes, saved_names, split_joint
 from memopt.graph.step import StepGraphs, clone_graph_module
 from memopt.plan.segments import Segment, find_segments, must_save, value_bytes
-from memopt.plan.step_context import StepContext
+from memopt.plan.step_context import StepContext, placed
 
 __all__ = ["OPTIONS", "RematProblem", "RematSolution", "build_problem", "plan_remat", "evaluate"]
 
@@ -203,9 +203,7 @@ def _evaluate_graphs(
 ) -> Evaluation:
     candidate = dataclasses.replace(step, forward=forward, backward=backward)
     compress_seconds = 0.0 if shrink is None else shrink(candidate)
-    timeline = build_timeline(candidate)
-    if context is not None:
-        timeline = context.place(candidate, timeline)
+    timeline = placed(context, candidate, build_timeline(candidate))
     fw_names = {n.name for n in forward_nodes(joint)}
     device = device_model(timeline.device)
     flops, seconds = 0, 0.0

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from memopt.analysis.memory import MemoryTimeline, compose_timelines
 from memopt.graph.step import StepGraphs
 
-__all__ = ["RegionInStep", "StepContext"]
+__all__ = ["RegionInStep", "StepContext", "placed"]
 
 
 @dataclass(frozen=True)
@@ -85,3 +85,9 @@ class StepContext:
             f"planned for the whole step: {self.num_regions} regions split by graph breaks ({names}); "
             f"peaks and the budget are the step's"
         )
+
+
+def placed(context: StepContext | None, step: StepGraphs, timeline: MemoryTimeline) -> MemoryTimeline:
+    """``timeline`` (of ``step``) as the planner judges it: in its step when the region
+    has a ``context``, else as it is."""
+    return timeline if context is None else context.place(step, timeline)
