@@ -346,3 +346,42 @@ def test_solver_diagnostics_from_native_code_go_to_stderr(capfd):
     out, err = capfd.readouterr()
     assert "native diagnostic" in err and "native diagnostic" not in out
     assert "python output" in out
+
+
+def test_a_mask_replay_costs_its_random_draws():
+    """The roofline alone calls a replay nearly free (5 KB in, a bool mask out); its
+    modelled time counts one draw per element at the device's draw rate."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memopt.analysis.cost import device_model, node_cost
+
+    graph = torch.fx.Graph()
+    state = graph.placeholder("state")
+    replay = graph.call_function(torch.ops.memopt.dropout_mask_replay.default, (state, [1024, 1024], [1024, 1], 0.1))
+    with FakeTensorMode():
+        state.meta["val"] = torch.empty(5056, dtype=torch.uint8)
+        replay.meta["val"] = torch.empty(1024, 1024, dtype=torch.bool)
+    cpu = device_model(torch.device("cpu"))
+    cost = node_cost(replay, cpu)
+    roofline = cost.bytes_moved / cpu.bytes_per_s + cpu.op_overhead_s
+    assert cost.seconds >= roofline + 1024 * 1024 / cpu.draws_per_s
+
+
+def test_the_garbage_collector_is_paused_only_while_planning(monkeypatch):
+    import gc
+
+    import memopt.plan.remat as remat
+
+    seen = []
+    build = remat.build_problem
+
+    def recording(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(remat, "build_problem", recording)
+    case = zoo_case("mlp")
+    step = capture_step(case.build(), *case.inputs(64))
+    assert gc.isenabled()
+    remat.plan_remat(step, 1)
+    assert seen == [False] and gc.isenabled()

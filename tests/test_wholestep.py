@@ -234,3 +234,39 @@ def test_a_dropped_forward_of_another_region_does_not_block_the_step(unbudgeted:
             compiled(ids, targets).backward()
     first, second = [r for r in explanation.regions if r.kind == "training"][-2:]
     assert any(f"this region, {second.region}" in note for note in first.plan.notes)
+
+
+def test_unoptimized_step_timeline_pairs_each_region_with_its_own_graphs(unbudgeted: Any) -> None:
+    """`Explanation.timeline(optimized=False)` composes each region's unoptimized
+    timeline with its unoptimized graphs: the loss region's input (the logits) is the
+    first region's output, counted once."""
+    _, explanation, _ = _run(int(0.8 * unbudgeted[1].estimated_peak_bytes))  # the pipeline swaps graphs
+    parts = [(r.step_before, r.timeline_before) for r in explanation.regions]
+    assert explanation.timeline(optimized=False).peak_bytes == compose_timelines(parts).peak_bytes
+
+
+def test_under_a_budget_inductor_compiles_without_aotautograds_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hit in AOTAutograd's cache skips the partition, hence the planner: under a
+    budget with whole-step planning it is off (Inductor's FX graph cache stays on)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.compile_fx as compile_fx_module
+
+    from memopt.codegen.inductor import compile_with_inductor
+    from memopt.config import MemoptConfig
+
+    seen: list[tuple[bool, Any]] = []
+
+    def fake_compile_fx(gm: Any, example_inputs: Any, inner_compile: Any, config_patches: dict[str, Any]) -> Any:
+        seen.append((functorch_config.enable_autograd_cache, config_patches.get("fx_graph_cache")))
+        return gm
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", fake_compile_fx)
+    config = MemoptConfig.from_options({"memory_budget": 0.5})
+    with functorch_config.patch(enable_autograd_cache=True):
+        for partition_always in (False, True):
+            compile_with_inductor(
+                torch.fx.GraphModule(nn.Module(), torch.fx.Graph()), [], partition=lambda *a, **k: None,
+                optimize_inference=lambda g: g, on_compiled=lambda kind: None, config=config,
+                partition_always=partition_always,
+            )  # fmt: skip
+    assert seen == [(True, None), (False, None)]
