@@ -9,7 +9,7 @@ the testing helpers.
 
 from memopt.backends.dynamo import memopt_backend
 from memopt.config import MemoptConfig
-from memopt.errors import MemoptWarning
+from memopt.errors import MemoptBudgetError, MemoptInternalError, MemoptWarning
 from memopt.explain import Explanation, explain, record
 from memopt.passes.base import PassFailure
 
@@ -19,6 +19,8 @@ __all__ = [
     "memopt_backend",
     "MemoptConfig",
     "MemoptWarning",
+    "MemoptBudgetError",
+    "MemoptInternalError",
     "Explanation",
     "explain",
     "record",

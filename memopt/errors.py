@@ -3,7 +3,7 @@ warnings: a fallback to the unoptimized graph, a skipped option, an infeasible b
 
 from __future__ import annotations
 
-__all__ = ["MemoptWarning", "MemoptBudgetError"]
+__all__ = ["MemoptWarning", "MemoptBudgetError", "MemoptInternalError"]
 
 
 class MemoptWarning(UserWarning):
@@ -15,3 +15,17 @@ class MemoptBudgetError(ValueError):
     """The requested ``memory_budget`` cannot be met (raised with ``strict=True``;
     otherwise a `MemoptWarning`). The message gives the smallest reachable peak and
     what blocks going lower."""
+
+
+class MemoptInternalError(RuntimeError):
+    """A stage of memopt failed on a region (raised with ``strict=True``; otherwise memopt
+    warns and falls back, see `memopt.failsoft`). ``stage`` is one of
+    `memopt.failsoft.STAGES`; ``pass_name`` names the pass for stage ``passes``."""
+
+    def __init__(self, stage: str, region: str, reason: str, *, pass_name: str | None = None) -> None:
+        what = f"pass {pass_name!r}" if pass_name else f"stage {stage!r}"
+        super().__init__(f"memopt {what} failed on region {region}: {reason}")
+        self.stage = stage
+        self.region = region
+        self.reason = reason
+        self.pass_name = pass_name

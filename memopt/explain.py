@@ -21,7 +21,7 @@ from memopt.analysis.memory import MemoryTimeline, compose_timelines
 from memopt.backends.record import RegionRecord, recording
 from memopt.config import MemoptConfig
 from memopt.passes.instruments import op_counts
-from memopt.passes.manager import Fallback
+from memopt.failsoft import Fallback
 from memopt.plan.plan import TensorDecision
 from memopt.plan.report import breakdown_table, decisions_table, summary_table, tradeoff_table
 from memopt.precision_report import precision_lines
@@ -226,7 +226,8 @@ class Explanation:
                 )
             lines.extend(precision_lines(r.passes))  # numerics-changing passes (docs/precision.md)
             for fb in r.fallbacks:
-                lines.append(f"FALLBACK: pass {fb.pass_name!r} failed: {fb.reason}; region ran unoptimized")
+                what = f"pass {fb.pass_name!r}" if fb.stage == "passes" else fb.stage
+                lines.append(f"FALLBACK: {what} failed: {fb.reason}; {fb.outcome}")
         return "\n".join(lines)
 
 

@@ -44,9 +44,11 @@ class RewireRelu(Pass):
     def run(self, step, analyses, ctx):
         graph = step.forward.graph
         relu = next(n for n in graph.nodes if n.target is torch.ops.aten.relu.default)
-        x = graph.find_nodes(op="placeholder")[0]
-        relu.args = (x,)
+        relu.args = (self.new_input(graph, relu),)
         return PassResult(True)
+
+    def new_input(self, graph, relu):
+        return graph.find_nodes(op="placeholder")[0]
 
 
 class Boom(Pass):
@@ -68,18 +70,45 @@ def test_verification_catches_pass_that_breaks_metadata():
         manager.run(_step(), _ctx(strict=True))
 
 
-def test_broken_pass_falls_back_to_unoptimized_graph_with_one_warning():
+def test_broken_pass_keeps_the_passes_before_it_with_one_warning():
+    """A pass whose output fails verification is undone; the passes before it are kept
+    (replayed on the pipeline's input and verified)."""
     step = _step()
-    original = step.forward.code
     manager = PassManager([DeadCodeElimination(), RewireRelu()], [VerifyInstrument()])
     with pytest.warns(memopt.MemoptWarning, match="pass 'rewire_relu' failed on region test") as caught:
         result = manager.run(step, _ctx())
     assert len(caught) == 1
+    assert "keeps the passes before it (dce)" in str(caught[0].message)
     assert result.fallback is not None and result.fallback.pass_name == "rewire_relu"
-    # the unoptimized graph: DCE's change is rolled back too
+    assert result.fallback.stage == "passes"
+    assert _calls(result.step, torch.ops.aten.sin.default) == 0  # DCE's change is kept
+    relu = next(n for n in result.step.forward.graph.nodes if n.target is torch.ops.aten.relu.default)
+    assert relu.args[0].target is torch.ops.aten.mm.default  # the rewiring is undone
+    assert [r.status for r in result.records] == ["ran", "failed"]
+
+
+class BreakLint(RewireRelu):
+    """Test pass: makes relu read a value defined after it (FX lint fails)."""
+
+    name = "break_lint"
+
+    def new_input(self, graph, relu):
+        output = graph.find_nodes(op="output")[0]
+        with graph.inserting_before(relu):
+            return graph.call_function(torch.ops.aten.neg.default, (output.args[0],))
+
+
+def test_failure_after_a_pass_that_does_not_verify_falls_back_to_the_input():
+    """Without verification between passes, a broken pass can go unnoticed until a
+    later one raises; its replayed output fails verification, so nothing is kept."""
+    step = _step()
+    original = step.forward.code
+    manager = PassManager([DeadCodeElimination(), BreakLint(), Boom()])
+    with pytest.warns(memopt.MemoptWarning, match="pass 'boom' failed on region test.*runs unoptimized") as caught:
+        result = manager.run(step, _ctx())
+    assert len(caught) == 1
     assert result.step.forward.code == original
     assert _calls(result.step, torch.ops.aten.sin.default) == 1
-    assert [r.status for r in result.records] == ["ran", "failed"]
 
 
 def test_verify_graph_detects_lint_error():

@@ -15,15 +15,18 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from memopt._logging import configure_from_env
 from memopt.backends.record import active_recorders
 from memopt.backends.region import RegionCompiler, describe_inputs
 from memopt.backends.wholestep import CompiledRegion
+from memopt.codegen.eager import compile_eager
 from memopt.codegen.inductor import compile_with_inductor
 from memopt.config import MemoptConfig
-from memopt.errors import MemoptWarning
-from memopt.graph.step import output_values
+from memopt.errors import MemoptBudgetError, MemoptInternalError, MemoptWarning
+from memopt.failsoft import fail_soft
+from memopt.graph.step import clone_graph_module, output_values
 
 __all__ = ["memopt_backend"]
 
@@ -59,13 +62,31 @@ def memopt_backend(
         num_user_outputs=len(output_values(gm)),
     )
     region.example_inputs = tuple(example_inputs)
+    pristine = clone_graph_module(gm)  # the pre-autograd stage rewrites gm in place
+    try:
+        return _compile_with_memopt(region, gm, example_inputs, mode)
+    except (MemoptInternalError, MemoptBudgetError):
+        raise  # strict=True
+    except Exception as exc:  # noqa: BLE001 - fail soft, see memopt.failsoft
+        if config.strict:
+            fail_soft(region.stage, region.region, exc, strict=True, outcome="")
+        compiled = compile_as_torch(pristine, example_inputs, config, mode)  # torch's own error if this fails too
+        outcome = f"this region is compiled as torch.compile would without memopt ({config.codegen} codegen)"
+        region.record.fallbacks.append(fail_soft(region.stage, region.region, exc, strict=False, outcome=outcome))
+        return compiled
+
+
+def _compile_with_memopt(
+    region: RegionCompiler, gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None
+) -> Callable[..., Any]:
+    config = region.config
     gm = region.optimize_pre_autograd(gm)  # precision lowering, before AOTAutograd
     log.info("region %s: compiling %d-node graph (codegen=%s)", region.region, len(gm.graph.nodes), config.codegen)
     if config.codegen != "inductor" and mode not in (None, "default"):
         warnings.warn(
             f"memopt ignores mode={mode!r} with codegen='eager' (modes tune Inductor).",
             MemoptWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     compile = functools.partial(_compile_region, mode=mode)
     if config.memory_budget is None or not config.plan_across_graph_breaks:
@@ -74,19 +95,39 @@ def memopt_backend(
     return torch._dynamo.disable(compiled, reason="memopt's compiled region")
 
 
+def compile_as_torch(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], config: MemoptConfig, mode: str | None = None
+) -> Callable[..., Any]:
+    """``gm`` compiled as torch would without memopt: Inductor (``mode`` applied) for
+    ``codegen="inductor"``, else AOTAutograd with torch's min-cut partition and plain
+    FX execution (what memopt's eager codegen runs when no option changes anything)."""
+    if config.codegen == "inductor":
+        import torch._inductor as inductor
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, list(example_inputs), config_patches=inductor.list_mode_options(mode) if mode else {})
+    return aot_autograd(
+        fw_compiler=compile_eager,
+        bw_compiler=compile_eager,
+        partition_fn=min_cut_rematerialization_partition,
+        keep_inference_input_mutations=True,
+    )(gm, example_inputs)
+
+
 def _compile_region(
     region: RegionCompiler, gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None
 ) -> Callable[..., Any]:
     """AOTAutograd (inside Inductor, or with eager codegen) over ``gm``, ``region``'s
     pipeline inside."""
     config = region.config
+    region.stage = "planning"  # AOTAutograd traces the joint graph, then calls the partition
     if config.codegen == "inductor":
         return compile_with_inductor(
             gm,
             example_inputs,
             partition=region.partition,
             optimize_inference=lambda g: region.optimize(region.inference_step(g)).forward,
-            on_compiled=region.record.compiled_graphs.append,
+            on_compiled=region.entering_codegen,
             config=config,
             mode=mode,
             use_caches=not (active_recorders() or config.dump_dir),

@@ -17,7 +17,8 @@ from memopt.analysis.memory import MemoryTimeline
 from memopt.config import MemoptConfig
 from memopt.graph.step import StepGraphs
 from memopt.passes.instruments import GraphSnapshot
-from memopt.passes.manager import Fallback, PassRecord
+from memopt.failsoft import Fallback
+from memopt.passes.manager import PassRecord
 from memopt.plan.plan import MemoryPlan
 
 __all__ = ["RegionRecord", "recording", "active_recorders"]

@@ -27,6 +27,8 @@ from memopt.analysis.memory import build_timeline
 from memopt.backends.record import RegionRecord, active_recorders
 from memopt.codegen.eager import compile_eager
 from memopt.config import MemoptConfig
+from memopt.errors import MemoptBudgetError, MemoptInternalError
+from memopt.failsoft import Fallback, fail_soft
 from memopt.graph import meta
 from memopt.graph.partition import JointGraph
 from memopt.graph.step import InputInfo, StepGraphs, output_values
@@ -41,7 +43,7 @@ from memopt.passes.instruments import (
 )
 from memopt.passes.manager import Instrument, PassManager, PipelineResult
 from memopt.passes.pipeline import default_pipeline, disabled_in, pre_autograd_pipeline
-from memopt.plan.plan import finish_plan
+from memopt.plan.plan import MemoryPlan, finish_plan
 from memopt.plan.planner import check_final_budget, plan_region
 from memopt.plan.step_context import StepContext, placed
 
@@ -99,6 +101,12 @@ class RegionCompiler:
         self._recorders = recorders
         self.example_inputs: tuple[Any, ...] = ()
         self._pre_autograd = RegionRecord(region=region, config=config)  # its passes' records
+        self.keeps_earlier_plan = False
+        """Set on a region compiled again for the whole step: a planning failure then
+        propagates, so that the region keeps the plan it runs (`wholestep`)."""
+        self.stage = "pre-autograd"
+        """The stage of `memopt.failsoft.STAGES` the compile is in (what a failure the
+        backend catches is attributed to)."""
 
     def replanned(self, context: StepContext, example_inputs: tuple[Any, ...]) -> RegionCompiler:
         """A compiler for the same region planned in ``context``, to compile once more
@@ -113,6 +121,7 @@ class RegionCompiler:
         fresh.record.fallbacks = list(done.fallbacks)
         fresh._pre_autograd = done
         fresh.example_inputs = example_inputs
+        fresh.keeps_earlier_plan = True
         self._swap_record(self.record, fresh.record)
         return fresh
 
@@ -140,9 +149,39 @@ class RegionCompiler:
     # -- the pipeline -------------------------------------------------------------
 
     def optimize(self, step: StepGraphs) -> StepGraphs:
-        """Run memopt's pipeline over ``step``; return the graphs to hand to codegen
-        (the unoptimized ones after a fallback)."""
+        """Run memopt's pipeline over ``step``; return the graphs to hand to codegen.
+
+        Fail-soft (`memopt.failsoft`): a failing pass keeps the passes before it; a
+        failure of the analyses or the planner (or of anything else here) returns
+        ``step`` as it came, unoptimized, with one warning and a recorded fallback."""
         start = time.perf_counter()
+        pristine = step.clone()
+        self.record.kind = "training" if step.is_training else "inference"
+        try:
+            optimized = self._optimize(step)
+        except (MemoptInternalError, MemoptBudgetError):
+            raise  # strict=True
+        except Exception as exc:  # noqa: BLE001 - fail soft, see memopt.failsoft
+            if self.keeps_earlier_plan:
+                raise
+            fallback = fail_soft(
+                "planning", self.region, exc, strict=self.config.strict,
+                outcome="this region runs unoptimized (torch's partition)",
+            )  # fmt: skip
+            optimized = self._unoptimized(pristine, fallback)
+        self.record.pipeline_seconds = time.perf_counter() - start
+        fell_back = self.record.fallbacks[-1].reason if self.record.fallbacks else ""
+        log.info(
+            "region %s: %s pipeline ran %d pass(es) in %.3fs%s",
+            self.region,
+            self.record.kind,
+            sum(r.status == "ran" for r in self.record.passes),
+            self.record.pipeline_seconds,
+            f" (fell back: {fell_back})" if fell_back else "",
+        )
+        return optimized
+
+    def _optimize(self, step: StepGraphs) -> StepGraphs:
         passes = default_pipeline(self.config)
         manager = PassManager(passes, self._instruments(), disabled=disabled_in(passes, self.config))
         before = build_timeline(step)
@@ -151,26 +190,31 @@ class RegionCompiler:
         ctx = self._context(plan=plan)
         result = manager.run(step, ctx)
         after = build_timeline(result.step)
-        self.record.kind = "training" if step.is_training else "inference"
         self.record.passes = self.record.passes + result.records  # after pre-autograd's
         self.record.step = result.step
         self.record.step_before = unoptimized
         self.record.timeline_before = before
         self.record.timeline_after = after
         plan = finish_plan(ctx.plan, placed(self.context, result.step, after), result)
-        self.record.plan = check_final_budget(plan, self.config)
+        self.record.plan = plan if result.fallback is not None else check_final_budget(plan, self.config)
         if result.fallback is not None:
             self.record.fallbacks.append(result.fallback)
-        self.record.pipeline_seconds = time.perf_counter() - start
-        log.info(
-            "region %s: %s pipeline ran %d pass(es) in %.3fs%s",
-            self.region,
-            self.record.kind,
-            sum(r.status == "ran" for r in result.records),
-            self.record.pipeline_seconds,
-            f" (fell back: {result.fallback.reason})" if result.fallback else "",
-        )
         return result.step
+
+    def _unoptimized(self, step: StepGraphs, fallback: Fallback) -> StepGraphs:
+        """Record ``step`` as this region's graphs, unoptimized after ``fallback``."""
+        self.record.fallbacks.append(fallback)
+        try:
+            timeline = build_timeline(step)
+        except Exception as exc:  # noqa: BLE001 - the report then has no estimate
+            log.debug("region %s: no timeline for the unoptimized graphs (%s)", self.region, exc)
+            self.record.step = self.record.plan = None
+            return step
+        plan = MemoryPlan.unplanned(self.region, timeline, self.config.budget_bytes(timeline.peak_bytes))
+        self.record.plan = dataclasses.replace(plan, fallbacks=(fallback.to_dict(),))
+        self.record.step = self.record.step_before = step
+        self.record.timeline_before = self.record.timeline_after = timeline
+        return step
 
     def _instruments(self) -> list[Instrument]:
         instruments: list[Instrument] = []
@@ -210,6 +254,7 @@ class RegionCompiler:
         """Run the pre-autograd pipeline over the Dynamo graph ``gm`` (rewritten in
         place); return the graph AOTAutograd should trace (after a fallback, an
         unchanged copy). Its records come first in the region's record."""
+        self.stage = "pre-autograd"
         passes = pre_autograd_pipeline(self.config)
         manager = PassManager(passes, self._instruments(), disabled=disabled_in(passes, self.config))
         n = len(output_values(gm))
@@ -235,6 +280,7 @@ class RegionCompiler:
         **_: Any,
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
         """AOTAutograd ``partition_fn``: min-cut split, then memopt's pipeline."""
+        self.stage = "planning"
         forward, backward = min_cut_rematerialization_partition(
             joint_module,
             joint_inputs,
@@ -260,19 +306,25 @@ class RegionCompiler:
         assert step.backward is not None
         return step.forward, step.backward
 
+    def entering_codegen(self, graph: str) -> None:
+        """Codegen of ``graph`` ("forward", "backward" or "inference") starts."""
+        self.stage = "codegen"
+        self.record.compiled_graphs.append(graph)
+
     def compile_forward(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-        self.record.compiled_graphs.append("forward")
+        self.entering_codegen("forward")
         return compile_eager(gm)
 
     def compile_backward(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-        self.record.compiled_graphs.append("backward")
+        self.entering_codegen("backward")
         return compile_eager(gm)
 
     def compile_inference(
         self, gm: fx.GraphModule, example_inputs: Sequence[Any]
     ) -> Callable[..., Any]:
+        self.stage = "planning"
         step = self.optimize(self.inference_step(gm))
-        self.record.compiled_graphs.append("inference")
+        self.entering_codegen("inference")
         return compile_eager(step.forward)
 
     def inference_step(self, gm: fx.GraphModule) -> StepGraphs:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
 from memopt.backends.region import RegionCompiler
-from memopt.errors import MemoptWarning
+from memopt.failsoft import fail_soft
 from memopt.graph import meta
 from memopt.plan.step_context import RegionInStep, StepContext
 
@@ -119,15 +118,13 @@ class CompiledRegion:
         log.info("region %s: compiling again (%s)", self.name, context.describe())
         try:
             self.fn = self._compile(compiler, self._gm, self._fakes)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - fail soft, see memopt.failsoft
             compiler.hand_back_record(old)
-            if old.config.strict:
-                raise
-            warnings.warn(
-                f"memopt could not compile region {self.name} again for the whole step "
-                f"({type(exc).__name__}: {exc}); it keeps the plan made for it alone.",
-                MemoptWarning,
-                stacklevel=2,
+            old.record.fallbacks.append(
+                fail_soft(
+                    "whole-step recompile", self.name, exc, strict=old.config.strict,
+                    outcome="it keeps the plan made for it alone",
+                )  # fmt: skip
             )
             return
         self.compiler = compiler

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
 from memopt.config import MemoptConfig
+from memopt.errors import MemoptInternalError
 from memopt.graph.step import StepGraphs
 
 __all__ = ["Pass", "PassResult", "PassContext", "PassFailure"]
@@ -21,14 +22,11 @@ __all__ = ["Pass", "PassResult", "PassContext", "PassFailure"]
 log = logging.getLogger("memopt.passes")
 
 
-class PassFailure(RuntimeError):
+class PassFailure(MemoptInternalError):
     """A memopt pass raised (``strict=True``), or left graphs that fail verification."""
 
     def __init__(self, pass_name: str, region: str, reason: str) -> None:
-        super().__init__(f"memopt pass {pass_name!r} failed on region {region}: {reason}")
-        self.pass_name = pass_name
-        self.region = region
-        self.reason = reason
+        super().__init__("passes", region, reason, pass_name=pass_name)
 
 
 @dataclass

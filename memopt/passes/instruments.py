@@ -120,7 +120,7 @@ class DumpInstrument(Instrument):
                 result.step,
                 999,
                 "fallback",
-                f"unoptimized graph used after pass {fb.pass_name!r} failed: {fb.reason}",
+                f"graphs used after pass {fb.pass_name!r} failed ({fb.outcome}): {fb.reason}",
             )
 
     def _dump(self, step: StepGraphs, index: int, name: str, what: str) -> None:

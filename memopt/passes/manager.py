@@ -6,24 +6,26 @@ recording for `memopt.explain`) is an `Instrument` hooked around each pass, in t
 manner of TVM's ``PassInstrument`` and XLA's invariant checkers.
 
 Fallback: if a pass raises, or an instrument (verification) rejects its output, the
-pipeline stops and the step goes on as it was *before the first pass*, with one
-`MemoptWarning` naming the pass and the reason; ``strict=True`` raises `PassFailure`.
+pipeline stops there and the step keeps what the passes *before* the failed one did:
+they are replayed on a copy of the input (no cost when nothing fails) and the result
+is verified; if the replay fails or does not verify, the step goes on as it was before
+the first pass. One `MemoptWarning` names the pass and the reason
+(`memopt.failsoft`); ``strict=True`` raises `PassFailure`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import traceback
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from memopt.analysis.manager import AnalysisManager
 from memopt.graph.step import StepGraphs
+from memopt.failsoft import Fallback, fail_soft
+from memopt.graph.verify import verify_step
 from memopt.passes.base import Pass, PassContext, PassFailure, PassResult
-from memopt.errors import MemoptWarning
 
 __all__ = [
     "PassManager",
@@ -56,18 +58,6 @@ class PassRecord:
             "op_delta": dict(self.op_delta),
             "details": self.details,
         }
-
-
-@dataclass(frozen=True)
-class Fallback:
-    """A pass failed and the region went on unoptimized."""
-
-    region: str
-    pass_name: str
-    reason: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"region": self.region, "pass": self.pass_name, "reason": self.reason}
 
 
 @dataclass
@@ -148,24 +138,44 @@ class PassManager:
                 self._run_one(index, p, step, analyses, record, ctx)
             except Exception as exc:  # noqa: BLE001 - any pass error falls back
                 record.status = "failed"
-                reason = f"{type(exc).__name__}: {exc}"
                 if ctx.config.strict:
-                    raise PassFailure(p.name, ctx.region, reason) from exc
-                fallback = Fallback(ctx.region, p.name, reason)
-                log.debug("pass %s failed:\n%s", p.name, traceback.format_exc())
-                warnings.warn(
-                    f"memopt: pass {p.name!r} failed on region {ctx.region} ({reason}); "
-                    f"this region runs unoptimized. Set options={{'strict': True}} to "
-                    f"raise instead, or disable_passes=[{p.name!r}] to skip it.",
-                    MemoptWarning,
-                    stacklevel=2,
+                    raise PassFailure(p.name, ctx.region, f"{type(exc).__name__}: {exc}") from exc
+                step, kept = self._passes_before(p, snapshot, ctx)
+                outcome = (
+                    f"this region keeps the passes before it ({', '.join(kept)})"
+                    if kept
+                    else "this region runs unoptimized"
                 )
-                step = snapshot
+                fallback = fail_soft(
+                    "passes", ctx.region, exc, strict=False, outcome=outcome, pass_name=p.name,
+                    hint=f"disable_passes=[{p.name!r}] skips it.",
+                )  # fmt: skip
                 break
         result = PipelineResult(step, records, fallback)
         for inst in self.instruments:
             inst.after_pipeline(result, ctx)
         return result
+
+    def _passes_before(self, failed: Pass, snapshot: StepGraphs, ctx: PassContext) -> tuple[StepGraphs, list[str]]:
+        """The step as the enabled passes before ``failed`` left it, replayed on a copy
+        of ``snapshot`` (the pipeline's input) without instruments and verified; the
+        input itself when none ran, the replay fails or its graphs do not verify."""
+        earlier = [p for p in self.passes[: self.passes.index(failed)] if p.name not in self.disabled]
+        if not earlier:
+            return snapshot, []
+        replay = snapshot.clone()
+        analyses = AnalysisManager(replay)
+        try:
+            for p in earlier:
+                result = p.run(replay, analyses, ctx)
+                if result.modified:
+                    replay.recompile()
+                    analyses.invalidate(result.preserved)
+            verify_step(replay, check_meta=False)
+        except Exception as exc:  # noqa: BLE001 - then nothing is kept
+            log.debug("region %s: replaying the passes before %s failed (%s)", ctx.region, failed.name, exc)
+            return snapshot, []
+        return replay, [p.name for p in earlier]
 
     def _run_one(
         self,

@@ -218,11 +218,12 @@ def _evaluate_graphs(
 def _torch_partition(joint: JointGraph, budget: float) -> tuple[fx.GraphModule, fx.GraphModule] | None:
     """Torch's min-cut partition at ``activation_memory_budget=budget`` (None if it
     fails: the option then repeats another one)."""
-    import copy
-
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-    module = copy.deepcopy(joint.module)
+    # New nodes, shared fake values: a deep copy would also copy the fake tensors in
+    # node.meta, which fails for graphs whose values alias real storage (a default
+    # Hugging Face config's key/value cache: issue 14).
+    module = clone_graph_module(joint.module)
     try:
         with torch._functorch.config.patch(activation_memory_budget=budget), meta.graph_fake_mode(module.graph):
             return min_cut_rematerialization_partition(
