@@ -164,17 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--side-rules", action="store_true", help="compare the low-rank side rules on a small Llama")
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 32])
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--intermediate", type=int, default=688)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--gap", type=int, default=10, help="update_proj_gap")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    side_rule_defaults = dict(
+        layers=2, hidden=256, intermediate=688, heads=4, vocab=2048, batch=4, seq_len=64, lr=3e-3,
+        gap=10, seed=0, threads=1,
+    )  # fmt: skip
+    for name, default in side_rule_defaults.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help="with --side-rules (default %(default)s)")
     parser.add_argument("--full-rank-head", action="store_true", help="--side-rules: plain AdamW for the output head")
     args = parser.parse_args(argv)
     if args.side_rules:
