@@ -132,12 +132,12 @@ def make_optimizer(name: str, model: TinyGPT, args: argparse.Namespace) -> torch
     if name == "galore":
         return GaLoreAdamW(
             lowrank_groups(model), lr=args.lowrank_lr, weight_decay=args.weight_decay, rank=args.rank,
-            update_proj_gap=args.gap, scale=args.scale,
+            update_proj_gap=args.gap, scale=args.scale, proj_type=args.proj_type,
         )  # fmt: skip
     if name == "subspace":
         return SubspaceAdamW(
             lowrank_groups(model), lr=args.lowrank_lr, weight_decay=args.weight_decay, rank=args.rank,
-            update_proj_gap=args.gap, scale=args.scale, seed=args.seed,
+            update_proj_gap=args.gap, scale=args.scale, seed=args.seed, proj_type=args.proj_type,
         )  # fmt: skip
     if name == "adamw8bit":
         return AdamW8bit(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, block_size=args.block_size)
@@ -155,8 +155,10 @@ def predicted_state_bytes(name: str, opt: torch.optim.Optimizer, args: argparse.
             if name == "adamw":
                 total += 8 * n + 4
             elif name in ("galore", "subspace") and low_rank:
+                # "std" keeps the moments on the larger side (GaLore's rule), "min_state" on the smaller.
                 big, small = max(p.shape), min(p.shape)
-                total += 4 * (2 * args.rank * small + (big * args.rank if name == "galore" else 0))
+                kept, projected = (big, small) if args.proj_type == "std" else (small, big)
+                total += 4 * (2 * args.rank * kept + (projected * args.rank if name == "galore" else 0))
             elif name == "adamw8bit" and n >= 4096:
                 total += 2 * n + 8 * math.ceil(n / args.block_size)
             elif name != "mezo":
@@ -281,6 +283,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--gap", type=int, default=25, help="update_proj_gap of GaLore and Subspace")
     p.add_argument("--scale", type=float, default=3.0, help="scale of GaLore and Subspace updates")
+    p.add_argument("--proj-type", default="std", choices=("std", "min_state"), help="GaLore and Subspace side rule")
     p.add_argument("--block-size", type=int, default=256, help="AdamW8bit quantization block")
     p.add_argument("--mezo-lr", type=float, default=3e-3)
     p.add_argument("--mezo-eps", type=float, default=1e-3)

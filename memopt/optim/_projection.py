@@ -6,9 +6,17 @@ For a weight ``W`` of shape (m, n) and rank r:
 * ``"left"``: projector ``P`` (m, r) with orthonormal columns; low-rank gradient
   ``P^T G`` (r, n); update ``P @ N``.
 * ``"right"``: projector ``Q`` (n, r); low-rank gradient ``G Q`` (m, r); update ``N Q^T``.
-* ``"std"``: the side that keeps the least state: left when m >= n (moments r x n plus a
-  m x r projector), right otherwise. GaLore's reference code makes the opposite choice
-  (moments m x r for a tall matrix); both span the same best rank-r approximation.
+* ``"std"``: GaLore's reference rule (``GaLoreProjector``, ``proj_type="std"``): right when
+  m >= n, left otherwise. The projection compresses the smaller dimension and the moments
+  keep the larger one (m x r for a tall weight, r x n for a wide one).
+* ``"min_state"``: the opposite side, the one that keeps the least state: left when
+  m >= n (moments r x n plus an m x r projector: ``2 r n + m r`` floats against
+  ``2 m r + n r``), right otherwise. GaLore's reference code calls this rule
+  ``"reverse_std"``.
+
+For a full SVD both sides approximate ``G`` by the same best rank-r matrix at a refresh;
+they differ in which coordinates Adam's per-element normalization sees and in how the
+subspace ages between refreshes.
 
 A right projection is a left projection of ``W^T``: `left_form` returns the transposed
 views, so one kernel serves both.
@@ -30,14 +38,17 @@ __all__ = [
     "left_form",
 ]
 
-PROJ_TYPES: tuple[str, ...] = ("std", "left", "right")
+PROJ_TYPES: tuple[str, ...] = ("std", "min_state", "left", "right")
 SVD_METHODS: tuple[str, ...] = ("full", "randomized")
 
 
 def projection_side(shape: torch.Size | tuple[int, ...], proj_type: str) -> str:
     """``"left"`` or ``"right"`` for a weight of ``shape`` (see the module docstring)."""
+    tall = shape[0] >= shape[1]
     if proj_type == "std":
-        return "left" if shape[0] >= shape[1] else "right"
+        return "right" if tall else "left"
+    if proj_type == "min_state":
+        return "left" if tall else "right"
     return proj_type
 
 

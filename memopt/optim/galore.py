@@ -6,10 +6,10 @@ The projector (the top-r singular vectors of the current gradient on the side ch
 As in GaLore's reference code, the moments are kept across a refresh (they were
 accumulated in the previous basis) and bias correction counts every step.
 
-State per low-rank weight (m, n), rank r, left side (m >= n under ``"std"``): ``exp_avg``
-and ``exp_avg_sq`` (r, n) fp32, ``projector`` (m, r) fp32, so
-``4 * (2 * r * n + m * r)`` bytes; right side: ``4 * (2 * m * r + n * r)``. Other
-parameters: AdamW's two moments in the parameter's dtype.
+State per low-rank weight (m, n), rank r: right side (m >= n under the default ``"std"``)
+``exp_avg`` and ``exp_avg_sq`` (m, r) fp32, ``projector`` (n, r) fp32, so
+``4 * (2 * m * r + n * r)`` bytes; left side (m >= n under ``"min_state"``) ``4 * (2 * r * n
++ m * r)``. Other parameters: AdamW's two moments in the parameter's dtype.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ class GaLoreAdamW(LowRankAdamW):
         rank: the rank r; weights with ``min(m, n) <= rank`` get plain AdamW.
         update_proj_gap: steps between projector refreshes (SVDs).
         scale: multiplies the back-projected update (GaLore's alpha).
-        proj_type: ``"std"`` (the side with the least state), ``"left"`` or ``"right"``.
+        proj_type: ``"std"`` (GaLore's rule: right when m >= n, else left),
+            ``"min_state"`` (the side with the least state: left when m >= n, else right),
+            ``"left"`` or ``"right"``.
         svd: ``"full"`` (``torch.linalg.svd``) or ``"randomized"`` (range finder, cost
             O(m n r) instead of O(m n min(m, n)), seeded by ``seed``).
         lowrank: False to give a group plain AdamW.

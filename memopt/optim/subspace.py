@@ -11,9 +11,10 @@ moments accumulated in one random basis carry no information about an independen
 (projecting them onto the new basis would keep about r/k of them), and a restarted Adam
 takes its usual bias-corrected first steps in the new subspace.
 
-State per low-rank weight (m, n), rank r, left side (m >= n under ``"std"``): ``exp_avg`` and
-``exp_avg_sq`` (r, n) fp32, ``4 * 2 * r * n`` bytes; right side ``4 * 2 * m * r``. Other
-parameters: AdamW's two moments in the parameter's dtype.
+State per low-rank weight (m, n), rank r: right side (m >= n under the default ``"std"``)
+``exp_avg`` and ``exp_avg_sq`` (m, r) fp32, ``4 * 2 * m * r`` bytes; left side (m >= n
+under ``"min_state"``) ``4 * 2 * r * n``. Other parameters: AdamW's two moments in the
+parameter's dtype.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ class SubspaceAdamW(LowRankAdamW):
         rank: the rank r; weights with ``min(m, n) <= rank`` get plain AdamW.
         update_proj_gap: steps between subspace resamples (moments reset then).
         scale: multiplies the back-projected update.
-        proj_type: ``"std"`` (the side with the least state), ``"left"`` or ``"right"``.
+        proj_type: ``"std"`` (GaLore's rule: right when m >= n, else left),
+            ``"min_state"`` (the side with the least state: left when m >= n, else right),
+            ``"left"`` or ``"right"``.
         lowrank: False to give a group plain AdamW.
         seed: base seed; each weight's seed mixes it with the weight's position.
         kernel: ``"auto"`` (fused Triton kernel for CUDA tensors), ``"triton"`` or ``"torch"``.

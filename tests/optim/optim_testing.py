@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 
 def tiny_mlp(seed: int = 0) -> torch.nn.Sequential:
-    """Linear 16->24 (weight 24x16: tall, left projection), GELU, Linear 24->8 (weight 8x24:
-    wide, right projection). Rank 4 is below min(m, n) for both weights."""
+    """Linear 16->24 (weight 24x16: tall; right projection under "std"), GELU, Linear 24->8
+    (weight 8x24: wide; left projection under "std"). Rank 4 is below min(m, n) for both
+    weights."""
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.GELU(), torch.nn.Linear(24, 8))
 

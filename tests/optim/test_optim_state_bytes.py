@@ -3,8 +3,9 @@
 Formulas (bytes; fp32 parameters; weight m x n, rank r, numel N, block B):
 * AdamW (torch): 8 N per parameter + 4 for its step tensor.
 * Plain-AdamW parameters inside memopt's optimizers: 8 N (the step is a Python int).
-* GaLore, left side (m >= n under "std"): 4 (2 r n + m r); right side: 4 (2 m r + n r).
-* Subspace: the same without the projector: 8 r n (left), 8 m r (right).
+* GaLore, right side (m >= n under "std", m < n under "min_state"): moments m x r and a
+  projector n x r, 4 (2 m r + n r); left side: moments r x n, projector m x r, 4 (2 r n + m r).
+* Subspace: the same without the projector: 8 m r (right), 8 r n (left).
 * AdamW8bit, N >= min_8bit_size: 2 N + 8 ceil(N / B); smaller parameters 8 N.
 * MeZO: 0.
 """
@@ -18,16 +19,18 @@ import torch
 from memopt.optim import AdamW8bit, GaLoreAdamW, MeZO, SubspaceAdamW, optimizer_state_bytes
 from optim_testing import loss_of, batch, tiny_mlp, train, train_mezo
 
-# tiny_mlp: W1 24x16 (tall: left), b1 24, W2 8x24 (wide: right), b2 8.
+# tiny_mlp: W1 24x16 (tall), b1 24, W2 8x24 (wide), b2 8.
 BIASES = 8 * (24 + 8)
 
 
-def galore_bytes(m: int, n: int, r: int) -> int:
-    return 4 * (2 * r * n + m * r) if m >= n else 4 * (2 * m * r + n * r)
+def galore_bytes(m: int, n: int, r: int, proj_type: str = "std") -> int:
+    right = (m >= n) == (proj_type == "std")
+    return 4 * (2 * m * r + n * r) if right else 4 * (2 * r * n + m * r)
 
 
-def subspace_bytes(m: int, n: int, r: int) -> int:
-    return 4 * 2 * r * n if m >= n else 4 * 2 * m * r
+def subspace_bytes(m: int, n: int, r: int, proj_type: str = "std") -> int:
+    right = (m >= n) == (proj_type == "std")
+    return 4 * 2 * m * r if right else 4 * 2 * r * n
 
 
 def test_adamw_baseline_formula() -> None:
@@ -39,10 +42,22 @@ def test_adamw_baseline_formula() -> None:
 
 
 def test_galore_formula() -> None:
+    """Default "std": W1 24x16 right (4 (2*24*4 + 16*4) = 1024), W2 8x24 left
+    (4 (2*4*24 + 8*4) = 896)."""
     model = tiny_mlp()
     opt = GaLoreAdamW(model.parameters(), rank=4)
     train(model, opt, range(2))
-    assert opt.state_bytes() == galore_bytes(24, 16, 4) + galore_bytes(8, 24, 4) + BIASES
+    assert galore_bytes(24, 16, 4) + galore_bytes(8, 24, 4) == 1024 + 896
+    assert opt.state_bytes() == 1024 + 896 + BIASES
+
+
+def test_min_state_keeps_less_than_std() -> None:
+    """"min_state": W1 left (4 (2*4*16 + 24*4) = 896), W2 right (4 (2*8*4 + 24*4) = 640)."""
+    model = tiny_mlp()
+    opt = GaLoreAdamW(model.parameters(), rank=4, proj_type="min_state")
+    train(model, opt, range(2))
+    assert galore_bytes(24, 16, 4, "min_state") + galore_bytes(8, 24, 4, "min_state") == 896 + 640
+    assert opt.state_bytes() == 896 + 640 + BIASES < 1024 + 896 + BIASES
 
 
 def test_subspace_formula_and_below_galore() -> None:
@@ -55,19 +70,20 @@ def test_subspace_formula_and_below_galore() -> None:
 
 
 def test_group_overrides_change_the_formula() -> None:
-    """Group 1: W1 at rank 2, left side forced to the right; group 2: plain AdamW."""
+    """Group 1: W1 at rank 2, forced to the left (its "std" side is the right); group 2:
+    plain AdamW."""
     model = tiny_mlp()
     opt = GaLoreAdamW(
         [
-            {"params": [model[0].weight], "rank": 2, "proj_type": "right"},
+            {"params": [model[0].weight], "rank": 2, "proj_type": "left"},
             {"params": [model[0].bias, model[2].weight, model[2].bias], "lowrank": False},
         ],
         rank=4,
     )
     train(model, opt, range(1))
-    right_side_24x16_rank2 = 4 * (2 * 24 * 2 + 16 * 2)
-    assert opt.state_bytes() == right_side_24x16_rank2 + 8 * (8 * 24) + BIASES
-    assert tuple(opt.state[model[0].weight]["exp_avg"].shape) == (24, 2)
+    left_side_24x16_rank2 = 4 * (2 * 2 * 16 + 24 * 2)
+    assert opt.state_bytes() == left_side_24x16_rank2 + 8 * (8 * 24) + BIASES
+    assert tuple(opt.state[model[0].weight]["exp_avg"].shape) == (2, 16)
 
 
 def test_rank_at_least_min_dim_falls_back_to_adamw() -> None:

@@ -12,8 +12,10 @@ from optim_testing import params_equal, saved, tiny_mlp, train, train_mezo
 FACTORIES = {
     # update_proj_gap=3 so the 4 steps after the checkpoint cross a projector refresh.
     "galore": lambda p: GaLoreAdamW(p, lr=1e-2, rank=4, update_proj_gap=3),
+    "galore_min_state": lambda p: GaLoreAdamW(p, lr=1e-2, rank=4, update_proj_gap=3, proj_type="min_state"),
     "galore_randomized": lambda p: GaLoreAdamW(p, lr=1e-2, rank=4, update_proj_gap=3, svd="randomized"),
     "subspace": lambda p: SubspaceAdamW(p, lr=1e-2, rank=4, update_proj_gap=3, seed=7),
+    "subspace_min_state": lambda p: SubspaceAdamW(p, lr=1e-2, rank=4, update_proj_gap=3, seed=7, proj_type="min_state"),
     "adamw8bit": lambda p: AdamW8bit(p, lr=1e-2, block_size=64, min_8bit_size=100),
     "mezo": lambda p: MeZO(p, lr=1e-2, eps=1e-3, seed=3),
 }

@@ -28,17 +28,17 @@ def test_state_holds_no_projector() -> None:
     state = opt.state[model[0].weight]
     assert set(state) == {"step", "seed", "exp_avg", "exp_avg_sq"}
     assert isinstance(state["seed"], int) and isinstance(state["step"], int)
-    assert tuple(state["exp_avg"].shape) == (4, 16)
+    assert tuple(state["exp_avg"].shape) == (24, 4)  # W1 24x16, "std": right side
     assert opt.state[model[0].weight]["seed"] != opt.state[model[2].weight]["seed"]
 
 
 def test_updates_share_a_subspace_until_resample() -> None:
-    """Weight decay 0: every update of W1 (left side) lies in the span of the current
+    """Weight decay 0: every update of W1 (left side, forced) lies in the span of the current
     projector, so two updates of one period have joint rank r, and an update after the
     resample leaves that span."""
     gap, r = 3, 4
     model = tiny_mlp()
-    opt = SubspaceAdamW(model.parameters(), rank=r, update_proj_gap=gap, weight_decay=0.0)
+    opt = SubspaceAdamW(model.parameters(), rank=r, update_proj_gap=gap, weight_decay=0.0, proj_type="left")
     deltas = weight_deltas(opt, model, range(1, gap + 2))
     rank = lambda *ds: torch.linalg.matrix_rank(torch.cat(ds, dim=1), atol=1e-6).item()
     assert rank(deltas[0]) == r
