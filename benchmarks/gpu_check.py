@@ -152,11 +152,13 @@ def section_tests(check: Check) -> None:
     summary = f"{passed} passed, {failed} failed, {skipped} skipped"
     if proc.returncode not in (0, 5) or (proc.returncode == 5 and check.cuda):
         print(proc.stdout[-4000:], proc.stderr[-2000:], file=sys.stderr)
+    last_error = (proc.stderr.strip().splitlines() or [""])[-1][:160]
+    failure = f"FAIL: pytest exit {proc.returncode}" + (f" ({last_error})" if not counts and last_error else "")
     if check.cuda:
         bad = failed or skipped or passed == 0 or proc.returncode != 0
-        status = f"FAIL: pytest exit {proc.returncode}" if bad else "ok"
+        status = failure if bad else "ok"
     else:
-        status = NO_CUDA + ": gpu tests skip on CPU" if failed == 0 else f"FAIL: pytest exit {proc.returncode}"
+        status = NO_CUDA + ": gpu tests skip on CPU" if failed == 0 and counts else failure
     check.add("tests", "pytest -m gpu", summary, "every gpu test passes", "-", status)
 
 
@@ -450,15 +452,17 @@ def kernels_quantize(check: Check) -> None:
     from memopt.codegen.quantize_reference import dequantize_blockwise_reference, quantize_blockwise_reference
     from memopt.codegen.quantize_triton import dequantize_blockwise_triton, quantize_blockwise_triton
 
-    x = torch.randn(check.sizes.quant_numel, device=check.device, dtype=torch.bfloat16)
+    x_cpu = torch.randn(check.sizes.quant_numel, dtype=torch.bfloat16)
+    x = x_cpu.to(check.device)
     for dtype, label in ((torch.int8, "int8"), (torch.float8_e4m3fn, "fp8")):
         block = 128
         codes, scales = quantize_blockwise_triton(x, block, dtype)
-        ref_codes, ref_scales = quantize_blockwise_reference(x, block, dtype)
-        differ = (codes.view(torch.uint8) != ref_codes.view(torch.uint8)).sum().item()
-        got = dequantize_blockwise_triton(codes, scales, x.shape, block, torch.float32)
+        # Errors against the reference on CPU (the format's definition, as the gpu tests do).
+        ref_codes, ref_scales = quantize_blockwise_reference(x_cpu, block, dtype)
+        differ = (codes.cpu().view(torch.uint8) != ref_codes.view(torch.uint8)).sum().item()
+        got = dequantize_blockwise_triton(codes, scales, x.shape, block, torch.float32).cpu()
         want = dequantize_blockwise_reference(ref_codes, ref_scales, x.shape, block, torch.float32)
-        error = (got - want).abs().max().item() + (scales - ref_scales).abs().max().item()
+        error = (got - want).abs().max().item() + (scales.cpu() - ref_scales).abs().max().item()
         _kernel_row(check, f"quantize {label}, block {block}, {x.numel()} bf16", error + differ, 0.0,
                     lambda: quantize_blockwise_triton(x, block, dtype),
                     lambda: quantize_blockwise_reference(x, block, dtype), f", {differ} codes differ")  # fmt: skip
