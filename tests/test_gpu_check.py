@@ -1,0 +1,69 @@
+"""benchmarks/gpu_check.py: the dry run's plumbing on CPU, and the refusal without CUDA.
+
+The GPU numbers themselves need a GPU; these tests check that every section runs at
+tiny sizes (``--cpu-dry-run``) and lands in the one table, and that without CUDA and
+without the flag the script stops with its own exit status and says why.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.py"
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def test_without_cuda_it_refuses_with_its_own_status(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "table.md"
+    proc = _run("--out", str(out))
+    assert proc.returncode == 2, proc.stderr
+    assert "no CUDA device is available" in proc.stderr and "--cpu-dry-run" in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.inductor
+def test_cpu_dry_run_fills_every_section(tmp_path: pathlib.Path) -> None:
+    """Every section runs at tiny sizes; one table, written to --out and printed; GPU-only
+    numbers are marked n/a; the kernels ran (interpreted) and matched their references."""
+    out = tmp_path / "table.md"
+    proc = _run("--cpu-dry-run", "--models", "zoo_mlp", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    table = out.read_text()
+    assert table.strip() in proc.stdout
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    sections = {row.split(" | ")[0].lstrip("| ") for row in rows}
+    assert sections == {"tests", "estimate", "budget", "time", "kernels", "fusion"}
+    assert not [row for row in rows if "FAIL" in row]
+    cases = " ".join(row.split(" | ")[1] for row in rows)
+    for case in ("pytest -m gpu", "zoo_mlp @ 0.75", "zoo_mlp @ 0.5", "zoo_mlp @ min", "quantize int8",
+                 "quantize fp8", "low-rank Adam", "8-bit Adam", "zoo_mlp (dry run, C++ kernels) @ 0.5"):
+        assert case in cases, case
+    assert all("n/a (no CUDA)" in row for row in rows)
+    assert "Result: every section ran; nothing failed" in table
+    for section in ("tests", "kernels", "models", "fusion"):
+        assert f"section {section}: done" in proc.stderr
+
+
+def test_a_failing_case_is_loud(tmp_path: pathlib.Path) -> None:
+    """A case that raises becomes a FAIL row naming it, and the exit status is 1."""
+    out = tmp_path / "table.md"
+    proc = _run("--cpu-dry-run", "--sections", "models", "--models", "no_such_model", "--out", str(out))
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    table = out.read_text()
+    assert "FAIL: ValueError" in table and "no_such_model" in table
+    assert "Result: FAILED" in table and "gpu_check: FAILED" in proc.stderr
