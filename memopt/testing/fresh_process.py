@@ -10,7 +10,7 @@ called in the new process with ``kwargs`` (JSON values) and returns the step to 
 callable of no arguments, or a `Workload` that adds an unmeasured ``prepare`` before
 every step and an ``info`` whose JSON-able dict comes back with the measurements.
 Nothing is pickled: the child builds its own model. Each step runs after a
-``gc.collect()``; the first ``warmup`` steps run unmeasured, then ``repeat`` steps are
+``gc.collect()`` and ``malloc_trim(0)`` (`memopt.testing.os_memory.trim_heap`); the first ``warmup`` steps run unmeasured, then ``repeat`` steps are
 measured with `memopt.testing.measure.measure_peak` (allocator and OS views).
 """
 
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memopt.testing.os_memory import MALLOC_ENV
+from memopt.testing.os_memory import MALLOC_ENV, trim_heap
 
 if TYPE_CHECKING:
     from memopt.testing.measure import PeakMeasurement
@@ -152,6 +152,7 @@ def _child_main(spec: dict[str, Any]) -> None:
         if workload.prepare is not None:
             workload.prepare()
         gc.collect()
+        trim_heap()
         if measured:
             return measure_peak(workload.step)
         workload.step()

@@ -20,7 +20,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-__all__ = ["MALLOC_ENV", "OsSample", "OsViewUnavailable", "malloc_env_note", "read_status_kib", "reset_peak_rss"]
+__all__ = [
+    "MALLOC_ENV", "OsSample", "OsViewUnavailable", "malloc_env_note", "read_status_kib", "reset_peak_rss", "trim_heap",
+]
 
 MALLOC_ENV: dict[str, str] = {
     # Blocks of 64 KiB and more get their own mapping, returned to the OS on free.
@@ -87,6 +89,27 @@ def reset_peak_rss() -> OsSample:
             f"the kernel predates Linux 4.0 or emulates /proc"
         )
     return sample
+
+
+def trim_heap() -> bool:
+    """Give the free pages inside glibc's heaps back to the OS (``malloc_trim(0)``);
+    False where there is no glibc.
+
+    Freed blocks below the mmap threshold stay in the heap, resident, wherever a live
+    block above them stops the heap's top from shrinking. A step then reuses them
+    without growing the resident set, so its OS view depends on what earlier code
+    freed (ViT after a recompile: 21 MiB free in the heap, the OS view 17% below the
+    allocator's). Trimming before the step makes the view independent of that history."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        return False
+    return True
 
 
 def malloc_env_note(environ_path: str = _ENVIRON) -> str:
