@@ -16,6 +16,13 @@ How it works:
   of the step relative to its start; its maximum is the peak growth. Memory that does
   not go through c10 (Python objects, oneDNN scratch buffers, allocator slack) is not
   seen; the test suite checks the method against allocations of known sizes.
+
+CPU steps on Linux also get the operating system's view (`memopt.testing.os_memory`):
+the growth of the resident set's high-water mark during the step, which does see
+Python objects, oneDNN scratch and allocator slack. It is only trustworthy in a
+process started with glibc's malloc thresholds fixed (``os_note`` says when it was
+not); `measure_in_fresh_process` runs a step in such a process. See docs/memory.md
+("The operating system's view") for how many warm-up steps it needs to settle.
 """
 
 from __future__ import annotations
@@ -26,18 +33,36 @@ from typing import Any
 
 import torch
 
-__all__ = ["PeakMeasurement", "measure_peak"]
+from memopt.testing.fresh_process import FreshProcessResult, Workload, measure_in_fresh_process
+from memopt.testing.os_memory import OsSample, OsViewUnavailable, malloc_env_note, read_status_kib, reset_peak_rss
+
+__all__ = ["FreshProcessResult", "PeakMeasurement", "Workload", "measure_in_fresh_process", "measure_peak"]
 
 
 @dataclass(frozen=True)
 class PeakMeasurement:
-    """Peak and final live bytes of one call, relative to the bytes live at its start."""
+    """Peak and final live bytes of one call, relative to the bytes live at its start.
+
+    ``peak_growth_bytes``/``end_growth_bytes`` are the allocator's view (c10 or the
+    CUDA caching allocator). ``os_peak_growth_bytes``/``os_end_growth_bytes`` are the
+    operating system's (resident set: peak during the call, and at its end, minus the
+    resident set at its start); None where the OS gives no such figure, with the reason
+    in ``os_note``. A measured OS view with a non-empty ``os_note`` carries a caveat
+    (the process's malloc settings let freed memory stay resident)."""
 
     peak_growth_bytes: int
     end_growth_bytes: int
     device: str
     method: str
     events: int = 0
+    os_peak_growth_bytes: int | None = None
+    os_end_growth_bytes: int | None = None
+    os_note: str = ""
+
+    @property
+    def os_reliable(self) -> bool:
+        """The OS view was measured in a process with glibc's malloc thresholds fixed."""
+        return self.os_peak_growth_bytes is not None and not self.os_note
 
 
 def measure_peak(step_fn: Callable[[], Any], device: str | torch.device = "cpu") -> PeakMeasurement:
@@ -61,14 +86,19 @@ def _measure_cuda(step_fn: Callable[[], Any], device: torch.device) -> PeakMeasu
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - start
     end = torch.cuda.memory_allocated(device) - start
-    return PeakMeasurement(peak, end, str(device), "torch.cuda.max_memory_allocated")
+    return PeakMeasurement(
+        peak, end, str(device), "torch.cuda.max_memory_allocated",
+        os_note="the OS view (host resident set) is measured for CPU steps only",
+    )
 
 
 def _measure_cpu(step_fn: Callable[[], Any]) -> PeakMeasurement:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        start = _start_os_view()  # inside the profiler: its start-up is not the step's
         step_fn()
+        os_view = _end_os_view(start)  # before the profiler collects its events
     events = [
         (e.start_ns(), e.nbytes())
         for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
@@ -79,4 +109,23 @@ def _measure_cpu(step_fn: Callable[[], Any]) -> PeakMeasurement:
     for _, nbytes in events:
         live += nbytes
         peak = max(peak, live)
-    return PeakMeasurement(peak, live, "cpu", "torch.profiler memory events", len(events))
+    return PeakMeasurement(peak, live, "cpu", "torch.profiler memory events", len(events), *os_view)
+
+
+def _start_os_view() -> OsSample | str:
+    """The resident set just after resetting its peak, or why the OS view is unavailable."""
+    try:
+        return reset_peak_rss()
+    except OsViewUnavailable as e:
+        return str(e)
+
+
+def _end_os_view(start: OsSample | str) -> tuple[int | None, int | None, str]:
+    """(peak growth, end growth, note) of the resident set since ``start``."""
+    if isinstance(start, str):
+        return None, None, start
+    try:
+        end = read_status_kib()
+    except OSError as e:
+        return None, None, f"cannot read the resident set after the step: {e}"
+    return end.hwm - start.rss, end.rss - start.rss, malloc_env_note()

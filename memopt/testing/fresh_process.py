@@ -1,0 +1,165 @@
+"""Measure a step in a fresh Python process started with glibc's malloc thresholds fixed.
+
+    from memopt.testing.measure import measure_in_fresh_process
+    r = measure_in_fresh_process("benchmarks/estimate_accuracy.py:workload",
+                                 kwargs={"name": "hf_vit"}, warmup=3)
+    r.last.os_peak_growth_bytes, r.last.peak_growth_bytes, r.info
+
+The factory, named ``"package.module:function"`` or ``"path/to/file.py:function"``, is
+called in the new process with ``kwargs`` (JSON values) and returns the step to run: a
+callable of no arguments, or a `Workload` that adds an unmeasured ``prepare`` before
+every step and an ``info`` whose JSON-able dict comes back with the measurements.
+Nothing is pickled: the child builds its own model. Each step runs after a
+``gc.collect()`` and ``malloc_trim(0)`` (`memopt.testing.os_memory.trim_heap`); the first ``warmup`` steps run unmeasured, then ``repeat`` steps are
+measured with `memopt.testing.measure.measure_peak` (allocator and OS views).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from memopt.testing.os_memory import MALLOC_ENV, trim_heap
+
+if TYPE_CHECKING:
+    from memopt.testing.measure import PeakMeasurement
+
+__all__ = ["FreshProcessResult", "Workload", "measure_in_fresh_process"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A step to measure, as a factory for `measure_in_fresh_process` returns it."""
+
+    step: Callable[[], Any]
+    prepare: Callable[[], Any] | None = None
+    """Runs before every step, warm-up or measured, outside the measurement (e.g.
+    ``model.zero_grad(set_to_none=True)``)."""
+    info: Callable[[], dict[str, Any]] | None = None
+    """Called after the measured steps; its JSON-able dict is returned as
+    `FreshProcessResult.info` (e.g. memopt's estimate for the same step)."""
+
+
+@dataclass(frozen=True)
+class FreshProcessResult:
+    """The measured steps of one fresh process, in order, and the workload's info."""
+
+    measurements: tuple[PeakMeasurement, ...]
+    info: dict[str, Any]
+    env: dict[str, str]
+    """The malloc variables the process started with."""
+
+    @property
+    def last(self) -> PeakMeasurement:
+        return self.measurements[-1]
+
+
+_BOOT = (
+    "import json, sys; spec = json.load(open(sys.argv[1])); sys.path[:0] = spec['sys_path']; "
+    "from memopt.testing.fresh_process import _child_main; _child_main(spec)"
+)
+
+
+def measure_in_fresh_process(
+    factory: str,
+    *,
+    kwargs: Mapping[str, Any] | None = None,
+    warmup: int = 3,
+    repeat: int = 1,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = 900,
+) -> FreshProcessResult:
+    """Build ``factory(**kwargs)`` in a new interpreter whose environment has
+    `memopt.testing.os_memory.MALLOC_ENV` (overridden by ``env``), run ``warmup``
+    unmeasured steps, then measure ``repeat`` steps. Raises ``RuntimeError`` with the
+    child's stderr if it fails."""
+    if warmup < 0 or repeat < 1:
+        raise ValueError(f"need warmup >= 0 and repeat >= 1, got warmup={warmup}, repeat={repeat}")
+    _split_factory(factory)  # a malformed name fails here, not in the child
+    child_env = {**os.environ, **MALLOC_ENV, **(env or {})}
+    with tempfile.TemporaryDirectory(prefix="memopt-measure-") as tmp:
+        spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
+        spec = {
+            "factory": factory, "kwargs": dict(kwargs or {}), "warmup": warmup, "repeat": repeat,
+            "result": str(result_path), "sys_path": [p or os.getcwd() for p in sys.path],
+        }
+        spec_path.write_text(json.dumps(spec))
+        proc = subprocess.run(
+            [sys.executable, "-c", _BOOT, str(spec_path)],
+            env=child_env, capture_output=True, text=True, timeout=timeout,
+        )
+        if proc.returncode != 0 or not result_path.exists():
+            raise RuntimeError(
+                f"measuring {factory} in a fresh process failed (exit code {proc.returncode}):\n"
+                f"{proc.stderr[-4000:]}"
+            )
+        result = json.loads(result_path.read_text())
+    from memopt.testing.measure import PeakMeasurement
+
+    malloc = {k: v for k, v in child_env.items() if k.startswith("MALLOC_")}
+    measurements = tuple(PeakMeasurement(**m) for m in result["measurements"])
+    return FreshProcessResult(measurements, result["info"], malloc)
+
+
+def load_factory(name: str) -> Callable[..., Any]:
+    """The function ``name`` denotes: ``"package.module:function"`` or
+    ``"path/to/file.py:function"`` (the file's folder is put on ``sys.path``)."""
+    target, attr = _split_factory(name)
+    if target.endswith(".py"):
+        path = Path(target).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"factory file {path} does not exist")
+        sys.path.insert(0, str(path.parent))
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        assert module_spec is not None and module_spec.loader is not None
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[path.stem] = module
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    if not hasattr(module, attr):
+        raise AttributeError(f"{target} has no {attr!r}")
+    return getattr(module, attr)  # type: ignore[no-any-return]
+
+
+def _split_factory(name: str) -> tuple[str, str]:
+    target, sep, attr = name.rpartition(":")
+    if not sep or not target or not attr:
+        raise ValueError(f"factory {name!r} is not 'module:function' or 'path/to/file.py:function'")
+    return target, attr
+
+
+def _child_main(spec: dict[str, Any]) -> None:
+    """The fresh process's side: build, warm up, measure, write the result as JSON."""
+    import gc
+
+    from memopt.testing.measure import measure_peak
+
+    built = load_factory(spec["factory"])(**spec["kwargs"])
+    workload = built if isinstance(built, Workload) else Workload(step=built)
+    measure_peak(lambda: None)  # start the profiler once, so its set-up is in no measured step
+
+    def run(measured: bool) -> PeakMeasurement | None:
+        if workload.prepare is not None:
+            workload.prepare()
+        gc.collect()
+        trim_heap()
+        if measured:
+            return measure_peak(workload.step)
+        workload.step()
+        return None
+
+    for _ in range(spec["warmup"]):
+        run(False)
+    measurements = [asdict(run(True)) for _ in range(spec["repeat"])]  # type: ignore[arg-type]
+    info = workload.info() if workload.info is not None else {}
+    Path(spec["result"]).write_text(json.dumps({"measurements": measurements, "info": info}))
