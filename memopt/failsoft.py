@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from memopt.errors import MemoptInternalError, MemoptWarning
 
-__all__ = ["STAGES", "Fallback", "fail_soft"]
+__all__ = ["STAGES", "Fallback", "fail_soft", "is_torch_signal"]
 
 log = logging.getLogger("memopt")
 
@@ -59,6 +59,15 @@ class Fallback:
             "reason": self.reason,
             "outcome": self.outcome,
         }
+
+
+def is_torch_signal(exc: BaseException) -> bool:
+    """Whether ``exc`` is Dynamo's, not memopt's: a request to restart the analysis
+    (e.g. ``TensorifyScalarRestartAnalysis`` under ``dynamic=True``), to skip the frame,
+    or an error torch raises for the user's code. These pass through memopt untouched."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    return isinstance(exc, TorchDynamoException)
 
 
 def fail_soft(

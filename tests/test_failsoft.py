@@ -153,3 +153,23 @@ def test_strict_raises_naming_the_stage(inject: Any, target: object, name: str, 
         error = inner
     assert isinstance(error, memopt.MemoptInternalError), info.value
     assert error.stage == stage and "injected failure" in error.reason
+
+
+def test_dynamo_signals_pass_through(inject: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dynamo's own control flow (here: restart the analysis) is not a memopt failure:
+    it reaches Dynamo, which compiles the frame again."""
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+
+    calls = []
+
+    def restart_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise TensorifyScalarRestartAnalysis
+        return original(*args, **kwargs)
+
+    original = region_module.plan_region
+    monkeypatch.setattr(region_module, "plan_region", restart_once)
+    records, messages = _run(BUDGET)
+    assert messages == [] and len(calls) == 2
+    assert [fb for r in records for fb in r.fallbacks] == []

@@ -25,7 +25,7 @@ from memopt.codegen.eager import compile_eager
 from memopt.codegen.inductor import compile_with_inductor
 from memopt.config import MemoptConfig
 from memopt.errors import MemoptBudgetError, MemoptInternalError, MemoptWarning
-from memopt.failsoft import fail_soft
+from memopt.failsoft import fail_soft, is_torch_signal
 from memopt.graph.step import clone_graph_module, output_values
 
 __all__ = ["memopt_backend"]
@@ -68,6 +68,8 @@ def memopt_backend(
     except (MemoptInternalError, MemoptBudgetError):
         raise  # strict=True
     except Exception as exc:  # noqa: BLE001 - fail soft, see memopt.failsoft
+        if is_torch_signal(exc):
+            raise
         if config.strict:
             fail_soft(region.stage, region.region, exc, strict=True, outcome="")
         compiled = compile_as_torch(pristine, example_inputs, config, mode)  # torch's own error if this fails too

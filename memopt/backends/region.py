@@ -28,7 +28,7 @@ from memopt.backends.record import RegionRecord, active_recorders
 from memopt.codegen.eager import compile_eager
 from memopt.config import MemoptConfig
 from memopt.errors import MemoptBudgetError, MemoptInternalError
-from memopt.failsoft import Fallback, fail_soft
+from memopt.failsoft import Fallback, fail_soft, is_torch_signal
 from memopt.graph import meta
 from memopt.graph.partition import JointGraph
 from memopt.graph.step import InputInfo, StepGraphs, output_values
@@ -162,7 +162,7 @@ class RegionCompiler:
         except (MemoptInternalError, MemoptBudgetError):
             raise  # strict=True
         except Exception as exc:  # noqa: BLE001 - fail soft, see memopt.failsoft
-            if self.keeps_earlier_plan:
+            if self.keeps_earlier_plan or is_torch_signal(exc):
                 raise
             fallback = fail_soft(
                 "planning", self.region, exc, strict=self.config.strict,
