@@ -3,6 +3,7 @@
     PYTHONPATH=. .venv/bin/python benchmarks/precision.py              # all tables
     PYTHONPATH=. .venv/bin/python benchmarks/precision.py --steps 0    # memory + error only
     PYTHONPATH=. .venv/bin/python benchmarks/precision.py --inductor   # + Inductor rows (slow on CPU)
+    PYTHONPATH=. .venv/bin/python benchmarks/precision.py --hf-defaults  # HF default configs only
 
 Models (random weights, built from code or configs, nothing downloaded): the zoo's GPT
 (tied embeddings), transformers' ``LlamaForCausalLM`` and ``BertForTokenClassification``
@@ -21,6 +22,13 @@ Models (random weights, built from code or configs, nothing downloaded): the zoo
 2. **Gradient error**: relative L2 error of every parameter's gradient against the fp32
    model on the same batch, over all parameters together (``all``) and the median over
    parameters (a parameter whose fp32 gradient is near zero has a meaningless ratio).
+``--hf-defaults`` measures instead Hugging Face GPT-2, Llama and BERT at their
+default configs (`memopt.testing.hf.build(name, batch=4, seq=256, size="medium")`:
+dropout 0.1 where the config has it, SDPA, KV cache on), called as
+``model(**kwargs).loss``: fp32 and ``precision="bf16"`` compiled by memopt, and
+``torch.autocast("cpu", dtype=torch.bfloat16)`` around memopt with no options (all
+``codegen="eager"``), with the loss of one seeded step (same dropout masks).
+
 3. **Loss after ``--steps`` steps** (AdamW) on the synthetic successor task
    (`memopt.testing.training`), mean of the last 20 steps, relative to fp32; the
    "other dropout seed" row is fp32 again with different dropout masks: the noise
@@ -261,16 +269,69 @@ def training_rows(name: str, args: argparse.Namespace) -> list[list[Any]]:
     return rows
 
 
+HF_VARIANTS = [
+    Variant("fp32 (memopt)", "memopt", {}),
+    Variant("memopt bf16", "memopt", {"precision": "bf16"}),
+    Variant("autocast bf16 (memopt, no options)", "memopt", {}, autocast=True),
+]
+
+
+def hf_rows(name: str, args: argparse.Namespace) -> list[list[Any]]:
+    """Peak growth, saved bytes and one step's loss of `HF_VARIANTS` on the Hugging
+    Face family ``name`` at its default config, medium size, batch 4 x 256."""
+    from memopt.testing.hf import build
+
+    base, kwargs = build(name, batch=4, seq=256, size="medium")
+    rows: list[list[Any]] = []
+    peaks: dict[str, int] = {}
+    losses: dict[str, float] = {}
+    for v in HF_VARIANTS:
+        torch._dynamo.reset()
+        model = copy.deepcopy(base)
+        compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", **(v.options or {})})
+
+        def loss(_: Any, compiled: Any = compiled, autocast: bool = v.autocast) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return compiled(**kwargs).loss
+
+        peaks[v.name], saved = peak_and_saved(model, loss, None, args.repeats)  # type: ignore[arg-type]
+        torch.manual_seed(0)
+        losses[v.name] = float(loss(None))
+        fp32, ref_loss = peaks[HF_VARIANTS[0].name], losses[HF_VARIANTS[0].name]
+        autocast = peaks.get(HF_VARIANTS[2].name)
+        rows.append([
+            name, v.name, f"{peaks[v.name] / 2**20:.2f}", f"{peaks[v.name] / fp32:.3f}",
+            "" if autocast is None else f"{peaks[v.name] / autocast:.3f}",
+            "" if saved is None else f"{saved / 2**20:.2f}",
+            f"{losses[v.name]:.4f}", f"{100 * (losses[v.name] - ref_loss) / ref_loss:+.2f}%",
+        ])  # fmt: skip
+        print("progress:", *rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def main_hf(args: argparse.Namespace) -> None:
+    """The ``--hf-defaults`` table."""
+    models = dict.fromkeys("gpt2" if m == "gpt" else m for m in args.models)  # gpt: HF GPT-2 here
+    rows = [row for name in models for row in hf_rows(name, args)]
+    print(f"\nHugging Face default configs, medium size, batch 4 x 256, torch {torch.__version__}, CPU, median of {args.repeats}\n")
+    headers = ["model", "variant", "peak growth MiB", "vs fp32", "vs autocast", "saved MiB", "loss (1 step)", "vs fp32"]
+    print(tabulate(rows, headers=headers, tablefmt="github"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, "gpt2"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--inductor", action="store_true", help="add Inductor rows (C++ compiles: minutes on CPU)")
     parser.add_argument("--inductor-only", action="store_true", help="only the Inductor rows (fp32 Inductor is the reference)")
+    parser.add_argument("--hf-defaults", action="store_true", help="only Hugging Face GPT-2, Llama, BERT at default configs")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
+    if args.hf_defaults:
+        main_hf(args)
+        return
     memory = [row for name in args.models for row in memory_rows(name, args)]
     training = [row for name in args.models for row in training_rows(name, args)] if args.steps and not args.inductor_only else []
     print(f"\nmemory: {SIZES['memory']}, torch {torch.__version__}, CPU, median of {args.repeats}\n")

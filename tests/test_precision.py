@@ -61,7 +61,7 @@ def test_default_is_off_and_graph_untouched():
     explanation = memopt.explain(model, *_gpt_inputs(), options={"codegen": "eager", "strict": True})
     record = _pass(explanation, "precision")
     assert record["modified"] is False and record["details"] == {"why": "precision=None"}
-    assert "bf16" not in explanation.graph_code("forward")
+    assert "bf16[" not in explanation.graph_code("forward")  # dtype annotations (paths may say bf16)
 
 
 # ------------------------------------------------------------ structure of the graphs
@@ -313,3 +313,149 @@ def test_dynamic_batch_is_lowered_and_compression_skips_symbolic_values():
     assert passes["precision"].modified
     assert passes["precision"].details["error"]["why"].startswith("dynamic shapes")
     assert "dynamic shape (not supported yet)" in passes["compress_activations"].details["skipped"]
+
+
+# ------------------------------------------- Hugging Face layouts (issue 14, item 5)
+
+
+class _Conv1D(nn.Module):
+    """Hugging Face GPT-2's ``Conv1D``: ``addmm(bias, x, weight)`` with the weight
+    stored (in, out), not transposed as ``nn.Linear``'s; called twice, like a weight
+    reused across positions or tied."""
+
+    def __init__(self, nx: int, nf: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) / nx**0.5)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], -1)
+        h = torch.tanh(h)
+        return torch.addmm(self.bias, h.view(-1, h.size(-1)), self.weight).view_as(h)
+
+
+def test_conv1d_addmm_casts_its_weight_once_and_saves_no_weight_copy():
+    """One bf16 cast node per parameter for both addmm calls; every saved floating
+    activation is bf16; no saved value is a copy of a parameter (the fp32 master is
+    alive anyway: ``recompute_saved_casts`` redoes the cast in backward)."""
+    from memopt.passes.saved_casts import saved_cast_of
+
+    model = _Conv1D(64, 64)
+    x = torch.randn(8, 32, 64)
+    explanation = memopt.explain(model, x, options=BF16)
+    details = _pass(explanation, "precision")["details"]
+    assert details["ops"]["low"] == {"addmm": 2} and details["parameter_casts"] == 2
+    step = explanation.region(0).step
+    parameters = {p for i, p in enumerate(step.forward.graph.find_nodes(op="placeholder")) if step.input_kind(i) == "parameter"}
+    saved = build_timeline(step).saved_activations()
+    assert saved
+    for iv in saved:
+        value = meta.tensor_value(iv.node)
+        assert not value.is_floating_point() or value.dtype == torch.bfloat16, (iv.name, value.dtype)
+        cast = saved_cast_of(iv.node)
+        assert cast is None or cast.source not in parameters, iv.name
+    assert all(meta.tensor_value(n).dtype == torch.bfloat16 for n in _nodes(step.forward, torch.ops.aten.addmm.default))
+    compiled = copy.deepcopy(model)
+    out = torch.compile(compiled, backend="memopt", options=BF16)(x)
+    out.sum().backward()
+    want = model(x)
+    want.sum().backward()
+    torch.testing.assert_close(out, want, rtol=0.05, atol=0.05)
+    for p, q in zip(compiled.parameters(), model.parameters()):
+        assert p.grad.dtype == torch.float32 and float((p.grad - q.grad).norm() / q.grad.norm()) < 0.03
+
+
+class _Attention(nn.Module):
+    """Projections around ``scaled_dot_product_attention`` with attention dropout, as
+    Hugging Face GPT-2/BERT call it in training."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, kv_heads: int = 4, mask: str = "bool", p: float = 0.1) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.mask, self.p = heads, kv_heads, mask, p
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim * kv_heads // heads)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q = self.q(x).view(b, s, self.heads, -1).transpose(1, 2)
+        k, v = (t.view(b, s, self.kv_heads, -1).transpose(1, 2) for t in self.kv(x).chunk(2, dim=-1))
+        causal = torch.ones(s, s, dtype=torch.bool).tril()
+        kwargs: dict = {"is_causal": True} if self.mask == "causal" else {}
+        if self.mask == "bool":
+            kwargs["attn_mask"] = causal
+        elif self.mask == "float":
+            kwargs["attn_mask"] = torch.zeros(s, s).masked_fill(~causal, float("-inf"))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p, enable_gqa=self.kv_heads != self.heads, **kwargs)
+        return self.out(y.transpose(1, 2).reshape(b, s, d))
+
+
+def test_cpu_attention_with_dropout_is_written_out_in_bf16():
+    """CPU SDPA with dropout runs the math kernel, which upcasts bf16 inputs to fp32:
+    the pass writes it out as its ops, so the probabilities saved for backward (before
+    and after dropout) are bf16, and the saved bytes are below autocast's."""
+    torch.manual_seed(0)
+    model = _Attention()
+    x = torch.randn(4, 64, 64)
+    explanation = memopt.explain(model, x, options=BF16)
+    details = _pass(explanation, "precision")["details"]
+    assert sum(details["expanded_attention"].values()) == 1
+    step = explanation.region(0).step
+    (softmax,) = _nodes(step.forward, torch.ops.aten._safe_softmax.default)
+    assert meta.tensor_value(softmax).dtype == torch.bfloat16
+    saved = build_timeline(step).saved_activations()
+    values = [v for iv in saved for v in torch.utils._pytree.tree_leaves(meta.fake_value(iv.node))]
+    floating = [v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    assert floating and all(v.dtype == torch.bfloat16 for v in floating), [v.dtype for v in floating]
+    torch._dynamo.reset()
+    with memopt.record() as autocast:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = torch.compile(copy.deepcopy(model), backend="memopt", options={**BF16, "precision": None})(x)
+        out.sum().backward()
+    autocast_saved = sum(iv.nbytes for iv in build_timeline(autocast.region(0).step).saved_activations())
+    assert sum(iv.nbytes for iv in saved) < autocast_saved
+
+
+@pytest.mark.parametrize("mask,kv_heads", [("bool", 4), ("float", 4), ("causal", 4), ("bool", 2)])
+def test_written_out_attention_matches_sdpa(mask, kv_heads):
+    """The written-out attention computes what SDPA does (masks of each kind, grouped
+    KV heads): a dropout probability of 1e-9 drops nothing but still takes the math
+    path, so output and gradients compare with fp32 SDPA without dropout."""
+    torch.manual_seed(0)
+    model = _Attention(kv_heads=kv_heads, mask=mask, p=1e-9)
+    reference = copy.deepcopy(model)
+    reference.p = 0.0
+    x = torch.randn(2, 16, 64)
+    compiled = copy.deepcopy(model)
+    with memopt.record() as explanation:
+        out = torch.compile(compiled, backend="memopt", options=BF16)(x)
+    assert sum(_pass(explanation, "precision")["details"]["expanded_attention"].values()) == 1
+    out.sum().backward()
+    want = reference(x)
+    want.sum().backward()
+    torch.testing.assert_close(out, want, rtol=0.05, atol=0.03)
+    for (name, p), q in zip(compiled.named_parameters(), reference.parameters()):
+        assert float((p.grad - q.grad).norm() / q.grad.norm()) < 0.03, name
+
+
+def test_hf_gpt2_saves_less_than_autocast():
+    """Hugging Face GPT-2 at its default config (dropout 0.1, SDPA, Conv1D, KV cache
+    on), small sizes: memopt's estimated saved-activation bytes under bf16 are below
+    those of ``torch.autocast`` around the same compile, and at most 65% of fp32's
+    (the loss's fp32 log-probabilities, fp32 by policy, weigh more at this size).
+    (Measured peaks at medium size: docs/precision.md.)"""
+    from memopt.testing.hf import build
+
+    model, kwargs = build("gpt2", batch=4, seq=64)
+
+    def saved_bytes(options: dict, autocast: bool = False) -> int:
+        torch._dynamo.reset()
+        compiled = torch.compile(copy.deepcopy(model), backend="memopt", options={**BF16, "precision": None, **options})
+        with memopt.record() as explanation:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = compiled(**kwargs).loss
+            loss.backward()
+        return sum(iv.nbytes for r in explanation.regions for iv in build_timeline(r.step).saved_activations())
+
+    fp32, autocast, bf16 = saved_bytes({}), saved_bytes({}, autocast=True), saved_bytes({"precision": "bf16"})
+    assert bf16 < autocast and bf16 <= 0.65 * fp32, (fp32, autocast, bf16)

@@ -42,6 +42,7 @@ from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs, clone_graph_module
 from memopt.passes.base import Pass, PassContext, PassResult
+from memopt.passes.precision_attention import expand_math_attention, math_attention_reason
 from memopt.passes.precision_policy import (
     FOLLOW,
     FP32_LOW_OUT,
@@ -81,6 +82,9 @@ class LoweringReport:
     """reason -> how many policy-listed ops were left as written."""
     promoted: Counter[str] = field(default_factory=Counter)
     """op -> how many unlisted ops needed their inputs cast to one dtype to run."""
+    expanded: Counter[str] = field(default_factory=Counter)
+    """reason -> how many attention nodes were written out as their ops
+    (`memopt.passes.precision_attention`)."""
     parameter_casts: dict[str, int] = field(default_factory=dict)
     """parameter placeholder -> bytes of its low-precision copy (one cast each)."""
     activation_casts: int = 0
@@ -103,6 +107,7 @@ class LoweringReport:
             "ops": {mode: dict(sorted(c.items())) for mode, c in sorted(self.ops.items())},
             "skipped": dict(self.skipped),
             "promoted": dict(self.promoted),
+            "expanded_attention": dict(self.expanded),
             "parameter_casts": len(self.parameter_casts),
             "parameter_cast_bytes": sum(self.parameter_casts.values()),
             "activation_casts": self.activation_casts,
@@ -188,6 +193,14 @@ class _Lowering:
                 f"needs Dynamo to inline modules (torch._dynamo.config.inline_inbuilt_nn_modules=True)."
             )
         mode = self._mode(node)
+        if mode == LOW and op_name(node) == "scaled_dot_product_attention":
+            reason = math_attention_reason(node, self.env)
+            if reason is not None:
+                self.report.expanded[reason] += 1
+                expand_math_attention(
+                    self.graph, node, self.env, self._visit, lambda value: self._cast(value, self.low, node)
+                )
+                return
         if mode != FOLLOW and not (mode == FP32_LOW_OUT and op_name(node) in _NATIVE_FP32_MATH):
             self._cast_inputs(node, mode)
         if mode == FOLLOW:
