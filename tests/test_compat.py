@@ -8,6 +8,7 @@ paths must produce.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -63,3 +64,44 @@ def test_optimization_hint_backed_and_unbacked():
 def test_concrete_int_goes_through_the_gate():
     sizes = _symbolic_sizes()
     assert [concrete_int(s) for s in sizes.values()] == [_compat.optimization_hint(s) for s in sizes.values()]
+
+
+def test_triton_version_is_read_without_importing_triton():
+    triton = pytest.importorskip("triton")
+    assert _compat.triton_version() == tuple(int(p) for p in triton.__version__.split(".")[:2])
+
+
+def test_interpreter_loop_gate_choice():
+    """False exactly for triton < 3.9 with numpy >= 2.4 (torch 2.11's triton 3.6 with a
+    current numpy); True with triton 3.9 (torch 2.13's)."""
+    pytest.importorskip("triton")
+    new_numpy = tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4)
+    expected = _compat.triton_version() >= (3, 9) or not new_numpy
+    assert _compat.triton_interpreter_loops_to_runtime_bounds() is expected
+
+
+def test_interpreter_loop_gate_matches_the_interpreter(monkeypatch: pytest.MonkeyPatch):
+    """The gate says True exactly when the interpreter runs a loop to a runtime bound."""
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    from memopt.codegen._triton import launchable
+
+    @triton.jit
+    def count_kernel(out_ptr, n, STEP: tl.constexpr):
+        total = 0
+        for _ in range(0, n, STEP):
+            total += 1
+        tl.store(out_ptr, total)
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        launchable(count_kernel)[(1,)](out, 10, STEP=4)
+        ran = True
+    except Exception as exc:  # noqa: BLE001 - triton.runtime.errors.InterpreterError
+        assert "0-dimensional" in str(exc)
+        ran = False
+    assert ran is _compat.triton_interpreter_loops_to_runtime_bounds()
+    if ran:
+        assert out.item() == 3
