@@ -182,6 +182,29 @@ def test_unlisted_op_given_mixed_dtypes_is_promoted():
     assert [str(meta.tensor_value(n).dtype) for n in bmms] == ["torch.bfloat16", "torch.float32"]
 
 
+def test_mixed_dtypes_reaching_a_2d_matmul_are_promoted():
+    """The rule of the test above for a 2-D product (``aten.mm``), whose fake kernel
+    accepts an fp32 x bf16 product that the eager kernel rejects: the pass promotes
+    without waiting for a failed fake run, and the step runs."""
+
+    class ScoresTimesValues(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scores, self.values = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(self.scores(x), -1) @ self.values(x).T
+
+    model, x = ScoresTimesValues(), torch.randn(4, 8)
+    options = {**BF16, "precision_policy": {"matmul": "follow", "softmax": "fp32"}}
+    explanation = memopt.explain(model, x, options=options)
+    assert _pass(explanation, "precision")["details"]["promoted"] == {"matmul": 1}
+    mms = _nodes(explanation.region(0).step.forward, torch.ops.aten.mm.default)
+    assert [str(meta.tensor_value(n).dtype) for n in mms][-1] == "torch.float32"
+    torch._dynamo.reset()
+    torch.compile(model, backend="memopt", options=options)(x).sum().backward()
+
+
 def test_disable_passes_skips_lowering_and_unknown_names_raise():
     model = nn.Linear(8, 8)
     explanation = memopt.explain(model, torch.randn(2, 8), options={**BF16, "disable_passes": ["precision"]})

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import optimization_hint
 
+from memopt._compat import optimization_hint
 from memopt.graph import meta
 
 __all__ = ["Storage", "GraphAliasing", "analyze_aliasing", "concrete_int"]
@@ -30,7 +30,7 @@ def concrete_int(value: Any) -> int:
     """An int for a possibly symbolic size (the example input's value for symbols)."""
     if isinstance(value, int):
         return value
-    return int(optimization_hint(value))
+    return optimization_hint(value)
 
 
 @dataclass(eq=False)

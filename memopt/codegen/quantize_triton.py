@@ -77,13 +77,15 @@ def _e4m3_bits(y):
 @triton.jit
 def _e4m3_value(code):
     """float32 value of float8_e4m3fn bit pattern ``code`` (int32); 0x7F/0xFF (NaN,
-    never produced by quantize) decode to +-480."""
+    never produced by quantize) decode to +-480. The sign bit is copied, not applied
+    with ``-value``: triton 3.6 lowers float negation to ``0 - value`` (3.9 to a
+    negation), which turns -0.0 (code 0x80) into +0.0."""
     exponent = (code >> 3) & 0xF
     mantissa = code & 7
     significand = tl.where(exponent == 0, mantissa, mantissa + 8).to(tl.float32)
     pow2 = ((tl.maximum(exponent, 1) + 117) << 23).to(tl.float32, bitcast=True)  # 2**(e-10)
-    value = significand * pow2
-    return tl.where((code & 0x80) != 0, -value, value)
+    magnitude = (significand * pow2).to(tl.int32, bitcast=True)
+    return (magnitude | ((code & 0x80) << 24)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -62,6 +62,13 @@ their half input as is: same forward result as ``op(x.float()).to(half)``, and t
 backward saves the half result instead of an fp32 one. (Norms instead get an explicit
 fp32 input: eager CUDA kernels reject half inputs with fp32 weights; the saved fp32
 copy is replaced by its bf16 source by the ``recompute_saved_casts`` pass.)"""
+_SAME_DTYPE_PRODUCTS = frozenset(
+    {"linear", "matmul", "mm", "bmm", "baddbmm", "addmm", "addbmm", "addmv", "mv", "einsum", "bilinear"}
+)
+"""Matrix products whose eager kernels reject floating operands of different dtypes.
+Their fake (meta) kernels do not all check (torch 2.11's ``bmm`` does not, nor 2.13's
+``mm``, ``addmm`` and ``linear``), so under ``follow`` a mix of dtypes reaching one of
+them is promoted without waiting for its fake execution to fail."""
 _ENTER_AUTOCAST = torch.amp.autocast_mode._enter_autocast
 _EXIT_AUTOCAST = torch.amp.autocast_mode._exit_autocast
 _INPLACE_OPERATORS = {
@@ -241,15 +248,19 @@ class _Lowering:
         """Run an op the policy leaves alone. If it rejects the mix of dtypes lowering
         created (ops needing equal dtypes: ``matmul`` under ``follow``,
         ``index_put_``...), cast its floating inputs to one dtype, the widest (for an
-        in-place op: its destination's), and run it again, as autocast's "promote" list."""
-        try:
-            self._execute(node)
-            return
-        except Exception:  # noqa: BLE001 - re-raised below unless promotion fixes it
-            inputs = [a for a in node.all_input_nodes if _floating(self.env.get(a))]
-            dtypes = {self.env[a].dtype for a in inputs}
-            if len(dtypes) < 2:
-                raise
+        in-place op: its destination's), and run it again, as autocast's "promote" list.
+        A matrix product (`_SAME_DTYPE_PRODUCTS`) given mixed dtypes is promoted without
+        the failed run, which its fake kernel may not make."""
+        inputs = [a for a in node.all_input_nodes if _floating(self.env.get(a))]
+        dtypes = {self.env[a].dtype for a in inputs}
+        mixed_product = len(dtypes) > 1 and not self.autocasts and op_name(node) in _SAME_DTYPE_PRODUCTS
+        if not mixed_product:
+            try:
+                self._execute(node)
+                return
+            except Exception:  # noqa: BLE001 - re-raised below unless promotion fixes it
+                if len(dtypes) < 2:
+                    raise
         first = node.args[0] if node.args else None
         inplace = _mutates(node) and isinstance(first, fx.Node) and first in inputs
         target = self.env[first].dtype if inplace else functools.reduce(torch.promote_types, dtypes)

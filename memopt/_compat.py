@@ -1,0 +1,90 @@
+"""The torch versions memopt runs on, and every place where they differ.
+
+memopt supports torch 2.11 through 2.13 (pyproject.toml). It uses some private torch
+APIs (``torch._functorch``, ``torch._inductor``, ``torch.fx.experimental``); where one
+of them differs across that range, this module is the only place that knows: one named
+gate per difference, whose docstring says which versions have what and what the
+fallback does. The rest of the package calls the gate, never ``hasattr(torch...)``.
+``tests/test_compat.py`` pins each gate's choice on the installed torch and checks that
+the fallback computes what the newer API does.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx.experimental.symbolic_shapes as symbolic_shapes
+
+__all__ = [
+    "TORCH_VERSION",
+    "HAS_OPTIMIZATION_HINT",
+    "optimization_hint",
+    "triton_version",
+    "triton_interpreter_loops_to_runtime_bounds",
+]
+
+TORCH_VERSION: tuple[int, int] = tuple(int(part) for part in torch.__version__.split(".")[:2])  # type: ignore[assignment]
+"""The installed torch's (major, minor)."""
+
+HAS_OPTIMIZATION_HINT: bool = hasattr(symbolic_shapes, "optimization_hint")
+"""Whether ``torch.fx.experimental.symbolic_shapes.optimization_hint`` exists (torch
+2.13; not in 2.11)."""
+
+
+def optimization_hint(value: Any) -> int:
+    """An int for a possibly symbolic size, without adding a guard: the example input's
+    value for a backed symbol, a guess for an unbacked (data-dependent) one.
+
+    torch 2.13 has ``symbolic_shapes.optimization_hint(a)``: backed symbols take their
+    hint; unbacked ones take ``torch._inductor.config.unbacked_symint_fallback`` (8192),
+    with heuristics that keep related expressions consistent. torch 2.11 lacks it; the
+    fallback is ``symbolic_shapes.size_hint(a, fallback=unbacked_symint_fallback)``: the
+    same hint for backed symbols, and the same fallback value for each unbacked symbol
+    (without 2.13's consistency heuristics). memopt uses the result for memory estimates
+    only.
+    """
+    if HAS_OPTIMIZATION_HINT:
+        return int(symbolic_shapes.optimization_hint(value))
+    from torch._inductor.config import unbacked_symint_fallback
+
+    return int(symbolic_shapes.size_hint(value, fallback=unbacked_symint_fallback))
+
+
+@functools.cache
+def triton_version() -> tuple[int, int] | None:
+    """The installed triton's (major, minor), None when it is not installed (read from
+    its metadata: triton is not imported)."""
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return tuple(int(part) for part in version.split(".")[:2])  # type: ignore[return-value]
+
+
+@functools.cache
+def triton_interpreter_loops_to_runtime_bounds() -> bool:
+    """Whether Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors) can run a loop
+    whose bound is a runtime int argument (``for i in range(0, rows, BLOCK)``), as
+    memopt's low-rank Adam kernel does.
+
+    The interpreter holds a scalar argument as a numpy array of shape (1,). Triton 3.9
+    squeezes it before ``int()``; triton 3.6 (torch 2.11's) does not, and numpy >= 2.4
+    refuses ``int()`` of a 1-d array ("only 0-dimensional arrays can be converted to
+    Python scalars"). So: False for triton < 3.9 with numpy >= 2.4 (3.7 and 3.8 were
+    not checked). Compiled kernels (CUDA) are not affected. There is no fallback in the
+    package: the interpreter is a testing aid, and the tests that need it skip, naming
+    this reason (numpy < 2.4 makes them run)."""
+    version = triton_version()
+    if version is None:
+        return False
+    if version >= (3, 9):
+        return True
+    try:
+        int(np.ones(1, dtype=np.int32))
+    except TypeError:
+        return False
+    return True
