@@ -4,11 +4,19 @@
     .venv/bin/python benchmarks/estimate_accuracy.py --codegen inductor --models gpt hf_llama
     .venv/bin/python benchmarks/estimate_accuracy.py --os-view --models hf_gpt2 hf_vit
     .venv/bin/python benchmarks/estimate_accuracy.py --settle 5 --models hf_vit
+    .venv/bin/python benchmarks/estimate_accuracy.py --hf-defaults            # memopt.testing.hf, medium
+    .venv/bin/python benchmarks/estimate_accuracy.py --hf-defaults --families llama gpt2 --codegen inductor
 
 For each model: compile with memopt, run two steps to compile, then measure the next
 step with `memopt.testing.measure.measure_peak` (profiler allocator events on CPU).
 The estimate is ``estimated_peak_bytes - baseline_bytes`` from `memopt.explain`'s
 timeline of the same graphs. Prints a Markdown table.
+
+``--hf-defaults`` measures the families of `memopt.testing.hf` at their default
+configs, size "medium", with ``use_cache`` True and False, as a user's loop runs them:
+``out = compiled(**inputs); out.loss.backward()`` with ``out`` (its logits, its
+key/value caches) alive through backward (batch ``--batch``, default 4, by
+``--seq`` tokens, default 256).
 
 ``--os-view`` runs each model in a fresh process with glibc's malloc thresholds fixed
 (`memopt.testing.measure.measure_in_fresh_process`), measures after ``--warmup``
@@ -86,6 +94,43 @@ def settle(name: str, codegen: str, batch: int, steps: int, compile_steps: int) 
     print(f"| {name} | {batch} | {format_bytes(result.info['estimated'])} | {allocator} | {os_view} |", flush=True)
 
 
+HF_FAMILIES = ("llama", "gpt2", "mixtral", "t5", "bert")
+
+
+def measure_hf(family: str, use_cache: bool, codegen: str, batch: int, seq: int) -> tuple[int, int, int]:
+    """(estimated, measured growth, regions) of one step of ``family`` at its default
+    config, size "medium", the output kept through backward as a user's loop does."""
+    from memopt.testing.hf import build as build_hf
+
+    torch._dynamo.reset()
+    model, inputs = build_hf(family, batch=batch, seq=seq, size="medium", use_cache=use_cache)
+    compiled = torch.compile(model, backend="memopt", options={"codegen": codegen})
+
+    def step() -> None:
+        out = compiled(**inputs)
+        out.loss.backward()
+
+    with memopt.record() as explanation:
+        for _ in range(2):  # compile, and recompile if the first call changed guarded state
+            model.zero_grad(set_to_none=True)
+            step()
+    model.zero_grad(set_to_none=True)
+    measured = measure_peak(step)
+    return explanation.timeline().peak_growth_bytes, measured.peak_growth_bytes, len(explanation.step_regions())
+
+
+def hf_defaults(families: list[str], codegen: str, batch: int, seq: int) -> None:
+    print(f"memopt.testing.hf families, size medium, batch {batch} x {seq}\n")
+    print("| model | use_cache | regions | estimated growth | measured growth | error |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for family in families:
+        for use_cache in (True, False):
+            estimated, measured, regions = measure_hf(family, use_cache, codegen, batch, seq)
+            error = (estimated - measured) / measured * 100
+            sizes = f"{format_bytes(estimated)} | {format_bytes(measured)}"
+            print(f"| {family} | {use_cache} | {regions} | {sizes} | {error:+.2f}% |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
@@ -95,8 +140,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="warm-up steps after compiling, with --os-view")
     parser.add_argument("--settle", type=int, default=0, help="print steps 1..N after compiling, both views")
     parser.add_argument("--compile-steps", type=int, default=2, help="compiling steps before --settle's steps")
+    parser.add_argument("--hf-defaults", action="store_true", help="memopt.testing.hf families, medium, use_cache on/off")
+    parser.add_argument("--families", nargs="*", default=list(HF_FAMILIES), help="with --hf-defaults")
+    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence, with --hf-defaults")
     args = parser.parse_args()
     print(f"codegen={args.codegen}\n")
+    if args.hf_defaults:
+        hf_defaults(args.families, args.codegen, args.batch or 4, args.seq)
+        return
     if args.settle:
         print("| model | batch | estimated growth | allocator view, steps 1.. | OS view, steps 1.. |")
         print("| --- | ---: | ---: | ---: | ---: |")

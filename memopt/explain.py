@@ -95,15 +95,19 @@ class Explanation:
 
     def timeline(self, *, optimized: bool = True) -> MemoryTimeline:
         """The step's estimated memory timeline across the regions of one step (after
-        memopt's passes, or before them with ``optimized=False``)."""
-        parts = []
+        memopt's passes, or before them with ``optimized=False``). The outputs of a
+        region the caller was seen keeping through backward (a model's output object:
+        logits, key/value caches; `memopt.backends.observe`) stay live after the step,
+        as the last region's do; other outputs of earlier regions are handed on."""
+        parts, kept = [], []
         for r in self.step_regions():
             step, tl = (r.step, r.timeline_after) if optimized else (r.step_before, r.timeline_before)
             if step is not None and tl is not None:
                 parts.append((step, tl))
+                kept.append(r.kept_outputs)
         if not parts:
             raise ValueError("no region was compiled by memopt's pipeline, so there is no timeline")
-        return compose_timelines(parts)
+        return compose_timelines(parts, kept)
 
     @property
     def estimated_peak_bytes(self) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -390,20 +391,30 @@ def _add_backward(step: StepGraphs, bw: _GraphLiveness, n_fw: int, add: Any, poi
     points.extend(TimelinePoint("backward", n.name, 0, step.region) for n in bw_nodes)
 
 
-def compose_timelines(regions: list[tuple[StepGraphs, MemoryTimeline]]) -> MemoryTimeline:
+def compose_timelines(
+    regions: list[tuple[StepGraphs, MemoryTimeline]], kept_outputs: Sequence[Collection[int] | None] | None = None
+) -> MemoryTimeline:
     """One step timeline from the timelines of regions run in sequence (a graph
     break): forwards in order, then backwards in reverse order.
 
     Saved values stay live from their region's forward to its backward. Step inputs
-    shared by regions (parameters) are counted once. An earlier region's outputs are
-    held by the user's Python code until the forward ends (they are the next
-    region's inputs); if a later region, or their own, saves one for backward, it
-    stays live until that backward last uses it. The last region's outputs (the loss)
-    stay live after the step.
+    shared by regions (parameters) are counted once. The last region's outputs (the
+    loss) stay live after the step. An earlier region's outputs are handed on: held by
+    the user's Python code until the forward ends (they are the next region's
+    inputs); if a later region, or their own, saves one for backward, it stays live
+    until that backward last uses it. Except those the caller keeps:
+    ``kept_outputs[i]`` lists the positions of region ``i``'s user outputs (the
+    Dynamo graph's outputs) that the caller still held when the region's backward
+    started (observed, `memopt.backends.observe`; None: not observed, all handed
+    on). Those stay live after the step, like the last region's: a Hugging Face
+    model's output object holds the logits and the key/value caches the region
+    before the loss computed, and the user's ``out = model(**x); out.loss.backward()``
+    keeps it through backward.
     """
     if len(regions) == 1:
         return regions[0][1]
     parts = [t for _, t in regions]
+    kept = [_kept_producers(step, (kept_outputs or [None] * len(regions))[i]) for i, (step, _) in enumerate(regions)]
     activation_inputs = {
         ph
         for step, _ in regions
@@ -445,11 +456,29 @@ def compose_timelines(regions: list[tuple[StepGraphs, MemoryTimeline]]) -> Memor
                 intervals.append(iv)
                 continue
             end = None if iv.end is None else remap(i, iv.end)
-            if iv.category == "outputs" and i != last:
+            if iv.category == "outputs" and i != last and iv.node not in kept[i]:
                 until = t.output_saved_until.get(iv.node)
                 end = end_of_forward if until is None else max(end_of_forward, remap(i, until))
             intervals.append(dataclasses.replace(iv, start=remap(i, iv.start), end=end))
     return _finish(points, intervals, parts[0].device)
+
+
+def _kept_producers(step: StepGraphs, positions: Collection[int] | None) -> set[fx.Node]:
+    """Producers of the storages of ``step``'s user outputs at ``positions`` (the user
+    outputs follow the mutated inputs AOTAutograd writes back)."""
+    if not positions:
+        return set()
+    aliasing = analyze_aliasing(step.forward.graph)
+    outputs = output_values(step.forward)[: step.num_fwd_outputs]
+    n_user = step.num_user_outputs if step.num_user_outputs is not None else len(outputs)
+    first = max(len(outputs) - n_user, 0)
+    users = outputs[first:]
+    return {
+        s.producer
+        for pos in positions
+        if 0 <= pos < len(users) and users[pos] is not None
+        for s in aliasing.storages_of(users[pos])  # type: ignore[arg-type]
+    }
 
 
 def _finish(points: list[TimelinePoint], intervals: list[LiveInterval], device: torch.device) -> MemoryTimeline:

@@ -18,6 +18,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from memopt._logging import configure_from_env
+from memopt.backends.observe import observe_outputs
 from memopt.backends.record import active_recorders
 from memopt.backends.region import RegionCompiler, describe_inputs
 from memopt.backends.wholestep import CompiledRegion
@@ -92,9 +93,15 @@ def _compile_with_memopt(
         )
     compile = functools.partial(_compile_region, mode=mode)
     if config.memory_budget is None or not config.plan_across_graph_breaks:
-        return compile(region, gm, example_inputs)
-    compiled = CompiledRegion(region, compile, gm, example_inputs)  # plans across graph breaks
-    return torch._dynamo.disable(compiled, reason="memopt's compiled region")
+        fn = compile(region, gm, example_inputs)
+        current = lambda: region.record  # noqa: E731
+    else:
+        compiled = CompiledRegion(region, compile, gm, example_inputs)  # plans across graph breaks
+        fn = torch._dynamo.disable(compiled, reason="memopt's compiled region")
+        current = lambda: compiled.compiler.record  # noqa: E731 - a re-planned region has a new record
+    if region.recording and region.record.kind == "training":
+        fn = observe_outputs(fn, current)  # which outputs the caller keeps, for the step's estimate
+    return fn
 
 
 def compile_as_torch(

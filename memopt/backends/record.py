@@ -44,6 +44,10 @@ class RegionRecord:
     plan: MemoryPlan | None = None
     timeline_before: MemoryTimeline | None = None
     timeline_after: MemoryTimeline | None = None
+    kept_outputs: frozenset[int] | None = None
+    """Positions of the region's outputs the caller still held when its backward
+    started, in the latest step observed (`memopt.backends.observe`); None: not
+    observed."""
 
     def graph_code(self, graph: str, after: str | None = None) -> str:
         """Readable code of ``graph`` ("forward", "backward" or "inference") after pass

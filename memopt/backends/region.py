@@ -108,6 +108,11 @@ class RegionCompiler:
         """The stage of `memopt.failsoft.STAGES` the compile is in (what a failure the
         backend catches is attributed to)."""
 
+    @property
+    def recording(self) -> bool:
+        """Whether `memopt.explain`/`memopt.record` was recording when the region compiled."""
+        return bool(self._recorders)
+
     def replanned(self, context: StepContext, example_inputs: tuple[Any, ...]) -> RegionCompiler:
         """A compiler for the same region planned in ``context``, to compile once more
         the graph `optimize_pre_autograd` returned (that stage is not run again: its

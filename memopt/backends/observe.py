@@ -1,0 +1,88 @@
+"""Which of a region's outputs the caller keeps through the step's backward.
+
+A region's memory timeline cannot tell, from its graphs, whether the Python code
+after a graph break drops an output once the next region has read it (hidden states
+handed on) or keeps it (a Hugging Face model's output object holds the logits and
+the key/value caches, and the user's ``out = model(**x); out.loss.backward()`` keeps
+``out`` through backward). While memopt records (`memopt.explain`, `memopt.record`),
+`observe_outputs` wraps a region's compiled callable to look: after each call it
+takes weak references to the outputs and their storages, and when the region's
+backward starts it notes in ``RegionRecord.kept_outputs`` (the latest step's
+observation) which outputs the caller still holds: those whose tensor object is
+alive, or whose storage is alive and not saved by the region for its own backward
+(the caller keeps a view; a storage the region saves is alive then anyway). The
+step's composed timeline (`memopt.analysis.memory.compose_timelines`) keeps those
+outputs live after the step.
+
+The compile step can over-report: Dynamo's tracing state may still hold a region's
+outputs then (a later region's example inputs), so loops that run two steps or more
+see the steady state.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from memopt.backends.record import RegionRecord
+from memopt.backends.wholestep import _backward_node, _saved_storages, _storage_key, _weak
+
+__all__ = ["observe_outputs"]
+
+
+def observe_outputs(fn: Callable[..., Any], record: Callable[[], RegionRecord]) -> Callable[..., Any]:
+    """``fn`` (a region's compiled callable, Dynamo's calling convention: a flat
+    sequence of outputs) wrapped to fill ``record().kept_outputs`` (the region's
+    current record) on every call that has a backward."""
+
+    @functools.wraps(fn)
+    def observed(*args: Any) -> Any:
+        outputs = fn(*args)
+        try:
+            _watch(record, args, outputs)
+        except Exception:  # noqa: BLE001 - an observation never breaks a step
+            pass
+        return outputs
+
+    return torch._dynamo.disable(observed, reason="memopt's output observer")
+
+
+def _watch(record: Callable[[], RegionRecord], args: tuple[Any, ...], outputs: Any) -> None:
+    if not isinstance(outputs, (list, tuple)):
+        return
+    tensors = {pos: t for pos, t in enumerate(outputs) if isinstance(t, torch.Tensor)}
+    if not tensors or any(isinstance(t, FakeTensor) for t in tensors.values()):
+        return
+    node = _backward_node(list(tensors.values()))
+    if node is None:
+        return  # no backward through this call
+    inputs = {_storage_key(a) for a in args if isinstance(a, torch.Tensor)}
+    refs = {
+        pos: (weakref.ref(t), StorageWeakRef(t.untyped_storage()))
+        for pos, t in tensors.items()
+        if _storage_key(t) not in inputs
+    }
+    node.register_prehook(functools.partial(_backward_starts, record, refs, _weak(node)))
+
+
+def _backward_starts(
+    record: Callable[[], RegionRecord],
+    refs: dict[int, tuple[weakref.ref[torch.Tensor], StorageWeakRef]],
+    node: Callable[[], Any] | None,
+    _: Any,
+) -> None:
+    owner = node() if node is not None else None
+    own = _saved_storages(owner) if owner is not None else set()
+    record().kept_outputs = frozenset(
+        pos
+        for pos, (tensor, storage) in refs.items()
+        # the tensor itself, or (a view of) its storage that the region does not save
+        if tensor() is not None or (not storage.expired() and storage.cdata not in own)
+    )
+    return None
