@@ -332,6 +332,42 @@ def test_budget_met_with_inductor_codegen():
     assert peaks[0.5] < 0.6 * peaks[None]
 
 
+@pytest.mark.inductor
+def test_budget_met_with_inductor_on_bert_with_dropout():
+    """Hugging Face BERT at its default config (dropout 0.1, an attention mask every
+    block reads), Inductor codegen, budget 0.7: the measured peak stays within the
+    budget + 5%, and the loss of the same seeded step equals the unbudgeted one
+    (Inductor's own dropout draws from per-op seeds, recomputed in backward from the
+    same seeds)."""
+    pytest.importorskip("transformers")
+    from memopt.testing.hf import build
+
+    results = {}
+    for budget in (None, 0.7):
+        torch._dynamo.reset()
+        model, kwargs = build("bert", batch=4, seq=64)
+        options = {"memory_budget": budget} if budget is not None else {}
+        compiled = torch.compile(model, backend="memopt", options=options)
+
+        def step():
+            torch.manual_seed(0)
+            loss = compiled(**kwargs).loss
+            loss.backward()
+            return loss.detach()
+
+        with memopt.record() as explanation:
+            step()
+        model.zero_grad(set_to_none=True)
+        plan = explanation.regions[0].plan
+        losses = []
+        peak = measure_peak(lambda: losses.append(step())).peak_growth_bytes + plan.baseline_bytes
+        results[budget] = (peak, losses[0], plan)
+    peak, loss, plan = results[0.7]
+    assert plan.feasible
+    assert peak <= 1.05 * plan.budget_bytes, (peak, plan.budget_bytes)
+    assert torch.equal(loss, results[None][1])
+
+
 def test_solver_diagnostics_from_native_code_go_to_stderr(capfd):
     """HiGHS prints some diagnostics from C++ to stdout; around solves, memopt routes
     descriptor 1 to stderr so they cannot corrupt a program's output (--json)."""

@@ -1,8 +1,9 @@
 """Cut a forward graph into segments at its bottlenecks, the planner's stages.
 
 A *boundary* is a forward value every later computation reaches only through it
-(ignoring parameters, values derived from parameters alone, and small values such as
-masks or rotary tables): in topological order, no large value made before it is read
+(ignoring parameters, values derived from parameters alone, small values such as
+masks or rotary tables, and values computed from small values alone, such as an
+attention mask broadcast to the scores' shape): in topological order, no large value made before it is read
 after it. The residual stream between transformer blocks, or the activation between
 CNN stages, are boundaries. Between consecutive boundaries lies a *segment*: if the
 segment's boundary input is saved, everything inside can be recomputed in backward
@@ -58,6 +59,28 @@ class Segment:
         return self.nodes[-1]
 
 
+def _from_small(nodes: Sequence[fx.Node], dependent: set[fx.Node], small: int) -> set[fx.Node]:
+    """Activation-dependent values computed from small activation-dependent values and
+    constants alone, directly or through other such values, reading no parameter or
+    buffer: an attention mask broadcast from the ``attention_mask`` input to the
+    scores' shape, read by every block. Such a value never blocks a cut; a segment
+    that reads it from an earlier one keeps it (a crosser), at its size. An embedding
+    (it reads its weight) or anything computed from a large activation blocks."""
+    side: set[fx.Node] = set()
+    for node in nodes:
+        if node not in dependent or node.op == "placeholder":
+            continue
+        inputs = node.all_input_nodes
+        data = [i for i in inputs if i in dependent]
+        if (
+            data
+            and all(i in side or value_bytes(i) <= small for i in data)
+            and not any(i.op == "placeholder" for i in inputs if i not in dependent)
+        ):
+            side.add(node)
+    return side
+
+
 def _activation_dependent(nodes: Sequence[fx.Node], activation_inputs: set[fx.Node]) -> set[fx.Node]:
     dependent: set[fx.Node] = set(activation_inputs)
     for node in nodes:
@@ -89,9 +112,10 @@ def find_segments(
     sizes = sorted(value_bytes(n) for n in nodes if n in dependent and value_bytes(n) > 0)
     large = sizes[(3 * len(sizes)) // 4] if sizes else 0
     small = large // 8
+    side = _from_small(nodes, dependent, small)
 
     def blocks(n: fx.Node) -> bool:
-        return n in dependent and value_bytes(n) > small
+        return n in dependent and value_bytes(n) > small and n not in side
 
     reach = [max((position[u] for u in n.users if u in position), default=i) for i, n in enumerate(nodes)]
     candidates: list[int] = []
