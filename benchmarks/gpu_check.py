@@ -200,14 +200,14 @@ def _hf_models(s: Sizes) -> dict[str, Callable[[], tuple[Any, tuple[Any, ...]]]]
 
     def gpt2() -> tuple[Any, tuple[Any, ...]]:
         cfg = T.GPT2Config(n_layer=s.layers, n_embd=s.hidden, n_head=s.heads, vocab_size=s.vocab,
-                           n_positions=s.seq, use_cache=False)  # fmt: skip
+                           n_positions=s.seq)  # fmt: skip
         x = ids()
         return LossWrapper.wrap(T.GPT2LMHeadModel(cfg), ("input_ids", "labels")), (x, x)
 
     def llama() -> tuple[Any, tuple[Any, ...]]:
         cfg = T.LlamaConfig(num_hidden_layers=s.layers, hidden_size=s.hidden, num_attention_heads=s.heads,
                             num_key_value_heads=s.heads // 2, intermediate_size=s.hidden * 8 // 3,
-                            vocab_size=s.vocab, max_position_embeddings=s.seq, use_cache=False)  # fmt: skip
+                            vocab_size=s.vocab, max_position_embeddings=s.seq)  # fmt: skip
         x = ids()
         return LossWrapper.wrap(T.LlamaForCausalLM(cfg), ("input_ids", "labels")), (x, x)
 
