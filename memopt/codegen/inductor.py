@@ -102,6 +102,8 @@ def compile_with_inductor(
     patches: dict[str, Any] = {"custom_partitioner_fn": MemoptPartitioner(partition, config)}
     if mode:
         patches.update(inductor.list_mode_options(mode))
+    if config.memory_budget is not None:
+        patches.update(BUDGET_PATCHES)
     if not use_caches:
         patches.update({"fx_graph_cache": False, "fx_graph_remote_cache": False})
     if not use_caches or partition_always:
@@ -109,6 +111,15 @@ def compile_with_inductor(
             return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
     return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
 
+
+BUDGET_PATCHES: dict[str, Any] = {"allow_buffer_reuse": False}
+"""Inductor config under a memory budget. ``allow_buffer_reuse`` keeps a dead buffer
+allocated until a later buffer of the same size takes it over (``buf61 =
+reinterpret_tensor(buf16, ...); del buf16  # reuse``); in a backward that recomputes
+every block, a block's recomputed buffers are held into the next block's backward, above
+the plan, which frees a buffer at its last use. Off, every buffer is freed at its last
+use. In-place kernels (``inplace_buffers``, modelled by
+`memopt.analysis.fusion.inplace_reuses`) are a separate setting and stay on."""
 
 HORIZONTAL_FUSION_WINDOW = 4
 """Under a memory budget, Inductor may fuse two kernels that share an input ("horizontal"
