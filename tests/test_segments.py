@@ -31,3 +31,20 @@ def test_a_broadcast_mask_read_by_every_block_does_not_block_cuts():
     assert len(segments) >= 4, [s.boundary.name for s in segments]
     mask = next(n for n in nodes if n.target is torch.ops.aten.where.self)
     assert mask in segments[0].crossers
+
+
+def test_values_read_from_a_multi_output_op_are_not_small():
+    """Rule: a batch norm's outputs come through ``getitem`` of a tuple, which has no
+    single size; they are as large as the activation and must not pass as "computed
+    from small values" (that made a CNN one segment: nothing could be recomputed)."""
+    from memopt.plan.segments import _from_small, _activation_dependent
+
+    def bn_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        return torch.relu(torch.ops.aten.native_batch_norm(x, w, b, mean, var, True, 0.1, 1e-5)[0]).sum()
+
+    args = (torch.randn(8, 16, 32, 32), torch.ones(16), torch.zeros(16), torch.zeros(16), torch.ones(16))
+    gm = make_fx(bn_relu, tracing_mode="fake")(*args)
+    x_ph = gm.graph.find_nodes(op="placeholder")[0]
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    side = _from_small(nodes, _activation_dependent(nodes, {x_ph}), small=1024)
+    assert not any(n.target is torch.ops.aten.relu.default for n in side), sorted(n.name for n in side)

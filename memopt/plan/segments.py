@@ -65,7 +65,9 @@ def _from_small(nodes: Sequence[fx.Node], dependent: set[fx.Node], small: int) -
     buffer: an attention mask broadcast from the ``attention_mask`` input to the
     scores' shape, read by every block. Such a value never blocks a cut; a segment
     that reads it from an earlier one keeps it (a crosser), at its size. An embedding
-    (it reads its weight) or anything computed from a large activation blocks."""
+    (it reads its weight) or anything computed from a large activation blocks; so does
+    anything read from a multi-output op (its tuple has no single size: a batch norm's
+    ``getitem`` is as large as its input)."""
     side: set[fx.Node] = set()
     for node in nodes:
         if node not in dependent or node.op == "placeholder":
@@ -74,7 +76,7 @@ def _from_small(nodes: Sequence[fx.Node], dependent: set[fx.Node], small: int) -
         data = [i for i in inputs if i in dependent]
         if (
             data
-            and all(i in side or value_bytes(i) <= small for i in data)
+            and all(i in side or (meta.tensor_value(i) is not None and value_bytes(i) <= small) for i in data)
             and not any(i.op == "placeholder" for i in inputs if i not in dependent)
         ):
             side.add(node)
