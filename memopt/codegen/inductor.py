@@ -63,6 +63,33 @@ class MemoptPartitioner(CustomPartitionerFn):
         # not be copied. It is used by identity, so a copy is the same object.
         return self
 
+    def __reduce__(self) -> tuple[type[PartitionerKey], tuple[str]]:
+        # Inductor's FX graph cache key and AOTAutograd's pickle the whole Inductor
+        # config, this hook included (torch leaves ``custom_partitioner_fn`` out of
+        # its ignore lists). The hook holds the region (graphs, fake tensors, cyclic
+        # dicts): pickled as is, the key fails and Inductor bypasses its cache with a
+        # warning. What identifies the hook is its key, so that is what pickles.
+        return PartitionerKey, (self._key,)
+
+
+class PartitionerKey(CustomPartitionerFn):
+    """What a pickled `MemoptPartitioner` becomes: its key (memopt's source hash and
+    the config), for cache keys. It cannot partition (the region is not pickled)."""
+
+    def __init__(self, key: str) -> None:
+        self._key = key
+
+    def __call__(
+        self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
+    ) -> tuple[fx.GraphModule, fx.GraphModule]:
+        raise RuntimeError("a pickled MemoptPartitioner keeps only its cache key; it cannot partition")
+
+    def uuid(self) -> Any:
+        return self._key
+
+    def __reduce__(self) -> tuple[type[PartitionerKey], tuple[str]]:
+        return PartitionerKey, (self._key,)
+
 
 def compile_with_inductor(
     gm: fx.GraphModule,
