@@ -1,7 +1,7 @@
 """Child process of tests/codegen/test_inductor_cache.py: compile and run one training
 step of the zoo's MLP with memopt (codegen="inductor") once per variant given on the
-command line, and print Inductor's and AOTAutograd's cache counters for each as one
-JSON line.
+command line, and print, as one JSON line, each one's loss, gradients and Inductor's and
+AOTAutograd's cache counters.
 
     python inductor_cache_worker.py '[{"options": {}}, {"options": {...}, "source": "x"}]'
 
@@ -21,7 +21,7 @@ import memopt.codegen.inductor as memopt_inductor
 from memopt.testing.zoo import zoo_case
 
 
-def run(variant: dict[str, object]) -> dict[str, dict[str, int]]:
+def run(variant: dict[str, object]) -> dict[str, object]:
     torch._dynamo.reset()
     counters.clear()
     if "source" in variant:
@@ -30,8 +30,10 @@ def run(variant: dict[str, object]) -> dict[str, dict[str, int]]:
     case = zoo_case("mlp")
     model = case.build()
     compiled = torch.compile(model, backend="memopt", options=variant["options"])
-    compiled(*case.inputs(4)).backward()
-    return {name: dict(counters[name]) for name in ("inductor", "aot_autograd")}
+    loss = compiled(*case.inputs(4))
+    loss.backward()
+    grads = [p.grad.flatten().tolist() for p in model.parameters()]  # type: ignore[union-attr]
+    return {"loss": loss.item(), "grads": grads, **{name: dict(counters[name]) for name in ("inductor", "aot_autograd")}}
 
 
 def main() -> None:

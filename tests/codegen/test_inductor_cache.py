@@ -14,14 +14,17 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from memopt.codegen.inductor import MemoptPartitioner, PartitionerKey
 from memopt.config import MemoptConfig
+from memopt.errors import MemoptWarning
 from memopt.testing.hf import build
 
 WORKER = Path(__file__).with_name("inductor_cache_worker.py")
@@ -60,17 +63,20 @@ def warnings_logged(caplog: pytest.LogCaptureFixture) -> Iterator[list[logging.L
 @pytest.mark.parametrize("options", [None, {"memory_budget": 0.5}], ids=["default", "budget"])
 def test_inductor_compile_logs_no_warning(options: dict[str, object] | None, warnings_logged: list) -> None:
     """A default-config HF Llama compiled with codegen="inductor" (fresh caches, so the
-    cache key is computed and the artifacts saved) logs nothing at WARNING."""
+    cache key is computed and the artifacts saved) logs nothing at WARNING. (A budget
+    below what remat can reach is memopt's one user-facing `MemoptWarning`, not a log
+    line: the small Llama's floor is above half its peak.)"""
     from torch._inductor.utils import fresh_cache
 
     model, inputs = build("llama")
-    with fresh_cache():
+    with fresh_cache(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is infeasible for region", category=MemoptWarning)
         torch.compile(model, backend="memopt", options=options)(**inputs).loss.backward()
     loud = [r for r in warnings_logged if r.levelno >= logging.WARNING]
     assert not loud, "\n".join(f"{r.name}: {r.getMessage()}" for r in loud)
 
 
-def _run_worker(cache_dir: Path, variants: list[dict[str, object]]) -> list[dict[str, dict[str, int]]]:
+def _run_worker(cache_dir: Path, variants: list[dict[str, object]]) -> list[dict[str, Any]]:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     done = subprocess.run(
@@ -103,6 +109,9 @@ def test_second_process_hits_the_cache_and_changes_miss(tmp_path: Path) -> None:
             {"options": {}, "source": "other memopt code"},
         ],
     )
+    for warm, first in ((plain, cold[0]), (budgeted, cold[1])):  # what a hit runs is what was compiled
+        assert warm["loss"] == first["loss"]
+        assert warm["grads"] == first["grads"]
     assert plain["inductor"].get("fxgraph_cache_hit", 0) > 0
     assert plain["aot_autograd"].get("autograd_cache_hit", 0) == 1
     assert budgeted["inductor"].get("fxgraph_cache_hit", 0) > 0
