@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -85,8 +86,9 @@ def _run_child(model_name: str, options: dict[str, object] | None, cache_dir: st
     )  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(f"{model_name} {options}: {done.stderr[-3000:]}")
-    if "Failed to pickle" in done.stderr or "WARNING" in done.stderr:
-        print(f"warning logged by {model_name} {options}:\n{done.stderr[-2000:]}", file=sys.stderr)
+    loud = [line for line in done.stderr.splitlines() if re.match(r"W\d{4} |WARNING", line)]  # torch's, logging's
+    if loud:
+        print(f"logged by {model_name} {options}:\n" + "\n".join(loud[-20:]), file=sys.stderr)
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
