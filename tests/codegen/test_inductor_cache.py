@@ -120,3 +120,26 @@ def test_second_process_hits_the_cache_and_changes_miss(tmp_path: Path) -> None:
         assert counts["inductor"].get("fxgraph_cache_hit", 0) == 0
         assert counts["inductor"].get("fxgraph_cache_miss", 0) > 0
         assert counts["aot_autograd"].get("autograd_cache_hit", 0) == 0
+
+
+def test_deliberate_bypass_is_said_once_at_info(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under a budget planned for the whole step AOTAutograd's cache is off on purpose:
+    one INFO line per process, however many regions compile, and nothing louder."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    import memopt.codegen.inductor as memopt_inductor
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", lambda gm, *a, **k: gm)
+    monkeypatch.setattr(memopt_inductor, "_said", set())
+    config = MemoptConfig.from_options({"memory_budget": 0.5})
+    with caplog.at_level(logging.DEBUG, logger="memopt"):
+        for _ in range(3):
+            memopt_inductor.compile_with_inductor(
+                torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph()), [], partition=lambda *a, **k: None,
+                optimize_inference=lambda g: g, on_compiled=lambda kind: None, config=config, partition_always=True,
+            )  # fmt: skip
+    said = [r for r in caplog.records if r.name == "memopt"]
+    assert [r.levelno for r in said] == [logging.INFO]
+    assert "AOTAutograd's cache is off" in said[0].getMessage()
