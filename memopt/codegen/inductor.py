@@ -8,10 +8,14 @@ hooks:
 * an ``inner_compile`` wrapper that runs memopt's pipeline on inference graphs (which
   never reach a partitioner) before Inductor's inner compile.
 
-Caching: Inductor's FX-graph and AOTAutograd caches key on the partitioner's ``uuid``;
-memopt's is a hash of its own source files plus the config, so a cached artifact is
-only reused for the same memopt code and options. Recording (`memopt.explain`) and
-dumps switch the caches off, because a cache hit skips the pipeline that records.
+Caching: Inductor's FX-graph and AOTAutograd caches key on a pickle of Inductor's
+config, the partitioner included, and on its ``uuid``. memopt's key is a hash of its
+own source files plus the config, and the partitioner pickles as that key (the region
+it holds does not pickle), so a cached artifact is only reused for the same memopt
+code and options. Recording (`memopt.explain`) and dumps switch the caches off,
+because a cache hit skips the pipeline that records; under a budget planned for the
+whole step, AOTAutograd's cache is off (its hit would skip the planner), and each
+deliberate bypass is logged once.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,7 +33,18 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from memopt.config import MemoptConfig
 
-__all__ = ["MemoptPartitioner", "compile_with_inductor"]
+__all__ = ["MemoptPartitioner", "PartitionerKey", "compile_with_inductor"]
+
+log = logging.getLogger("memopt")
+_said: set[str] = set()
+
+
+def _say_once(level: int, message: str) -> None:
+    """Log ``message`` the first time only (a deliberate cache bypass, said once per
+    process rather than once per region)."""
+    if message not in _said:
+        _said.add(message)
+        log.log(level, message)
 
 
 @functools.cache
@@ -62,6 +78,33 @@ class MemoptPartitioner(CustomPartitionerFn):
         # strings; the hook holds the region's graphs and fake tensors, which must
         # not be copied. It is used by identity, so a copy is the same object.
         return self
+
+    def __reduce__(self) -> tuple[type[PartitionerKey], tuple[str]]:
+        # Inductor's FX graph cache key and AOTAutograd's pickle the whole Inductor
+        # config, this hook included (torch leaves ``custom_partitioner_fn`` out of
+        # its ignore lists). The hook holds the region (graphs, fake tensors, cyclic
+        # dicts): pickled as is, the key fails and Inductor bypasses its cache with a
+        # warning. What identifies the hook is its key, so that is what pickles.
+        return PartitionerKey, (self._key,)
+
+
+class PartitionerKey(CustomPartitionerFn):
+    """What a pickled `MemoptPartitioner` becomes: its key (memopt's source hash and
+    the config), for cache keys. It cannot partition (the region is not pickled)."""
+
+    def __init__(self, key: str) -> None:
+        self._key = key
+
+    def __call__(
+        self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
+    ) -> tuple[fx.GraphModule, fx.GraphModule]:
+        raise RuntimeError("a pickled MemoptPartitioner keeps only its cache key; it cannot partition")
+
+    def uuid(self) -> Any:
+        return self._key
+
+    def __reduce__(self) -> tuple[type[PartitionerKey], tuple[str]]:
+        return PartitionerKey, (self._key,)
 
 
 def compile_with_inductor(
@@ -106,6 +149,14 @@ def compile_with_inductor(
         patches.update(BUDGET_PATCHES)
     if not use_caches:
         patches.update({"fx_graph_cache": False, "fx_graph_remote_cache": False})
+        _say_once(logging.DEBUG, "recording or dumping: Inductor's caches are off (a hit skips the recording)")
+    elif partition_always:
+        _say_once(
+            logging.INFO,
+            "under a memory budget planned for the whole step, AOTAutograd's cache is off: a hit would skip "
+            "memopt's planner, whose plan depends on the step's other regions, which its key does not see. "
+            "Inductor's FX graph cache still applies (its key is the planned graph).",
+        )
     if not use_caches or partition_always:
         with functorch_config.patch(enable_autograd_cache=False):
             return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
