@@ -123,6 +123,19 @@ def _layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (entry.keys, entry.values) if hasattr(entry, "keys") else (entry[0], entry[1])
 
 
+def _step_matches_eager(compiled: Any, model: torch.nn.Module, reference: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> None:
+    """One step of ``compiled`` (over ``model``) and of eager ``reference`` from zeroed
+    gradients, same seed: equal loss and gradients."""
+    model.zero_grad(set_to_none=True)
+    reference.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    out = compiled(**inputs)
+    out.loss.backward()
+    want = _eager_step(reference, inputs)
+    torch.testing.assert_close(out.loss, want.loss)
+    _assert_grads_equal(model, reference)
+
+
 def test_dynamic_shapes_follow_eager_across_batch_sizes() -> None:
     """``dynamic=True``: one compile serves two batch and sequence sizes."""
     model, _ = build("llama")
@@ -131,15 +144,7 @@ def test_dynamic_shapes_follow_eager_across_batch_sizes() -> None:
     with recording() as records, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", memopt.MemoptWarning)
         for batch, seq in ((2, 32), (3, 24)):
-            model.zero_grad(set_to_none=True)
-            reference.zero_grad(set_to_none=True)
-            inputs = make_inputs("llama", model.config, batch, seq)
-            torch.manual_seed(1)
-            out = compiled(**inputs)
-            out.loss.backward()
-            want = _eager_step(reference, inputs)
-            torch.testing.assert_close(out.loss, want.loss)
-            _assert_grads_equal(model, reference)
+            _step_matches_eager(compiled, model, reference, make_inputs("llama", model.config, batch, seq))
     _check_clean(records, [str(w.message) for w in caught if issubclass(w.category, memopt.MemoptWarning)])
 
 
@@ -150,15 +155,7 @@ def test_a_second_call_with_another_batch_size_recompiles_correctly() -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=f".*{INFEASIBLE}", category=memopt.MemoptWarning)
         for batch in (2, 3):
-            model.zero_grad(set_to_none=True)
-            reference.zero_grad(set_to_none=True)
-            inputs = make_inputs("gpt2", model.config, batch, 32)
-            torch.manual_seed(1)
-            out = compiled(**inputs)
-            out.loss.backward()
-            want = _eager_step(reference, inputs)
-            torch.testing.assert_close(out.loss, want.loss)
-            _assert_grads_equal(model, reference)
+            _step_matches_eager(compiled, model, reference, make_inputs("gpt2", model.config, batch, 32))
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
