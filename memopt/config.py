@@ -16,11 +16,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["MemoptConfig", "CODEGENS", "PRECISIONS", "COMPRESSION_FORMATS", "parse_size"]
+__all__ = ["MemoptConfig", "CODEGENS", "PRECISIONS", "COMPRESSION_FORMATS", "OFFLOAD_TARGETS", "parse_size"]
 
 CODEGENS: tuple[str, ...] = ("inductor", "eager")
 PRECISIONS: tuple[str, ...] = ("bf16", "fp16")
 COMPRESSION_FORMATS: tuple[str, ...] = ("bf16", "fp8", "int8")
+OFFLOAD_TARGETS: tuple[str, ...] = ("host", "disk", "auto")
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,31 @@ class MemoptConfig:
     """``"bf16"``, ``"fp8"`` (e4m3, per-block scales) or ``"int8"`` (per-block scales):
     store every eligible saved activation compressed between forward and backward
     (never parameters, inputs or views of them; never bool/integer or tiny tensors).
-    ``None`` (default): saved values are stored as computed. Changes numerics."""
+    ``None`` (default): saved values are stored as computed. Changes numerics.
+    Under a ``memory_budget`` only the values the peak needs are compressed."""
+
+    # -- offload (numerics-preserving; docs/offload.md) ------------------------------
+
+    offload: str | None = None
+    """Where saved activations may wait for backward: ``"host"`` (accelerator tensors
+    to pinned host memory), ``"disk"`` (files under ``offload_dir``) or ``"auto"``
+    (host where there is an accelerator, else disk). Without a ``memory_budget`` every
+    eligible saved value of at least ``offload_min_bytes`` whose reload the cost model
+    can hide is offloaded; with one, the planner chooses per value among save,
+    recompute, compress and offload at the least modelled step time. ``None``
+    (default): nothing is offloaded. Exact: values come back bit for bit."""
+
+    offload_dir: str | None = None
+    """Directory for ``offload="disk"`` files. Default: a private temporary directory
+    (mode 0700) made for the process and removed at exit."""
+
+    offload_bandwidth: float | None = None
+    """Bytes per second to and from the offload target, used by the planner's cost
+    model. Default: measured once per process and target (a short transfer)."""
+
+    offload_min_bytes: int = 1 << 20
+    """Saved values smaller than this are never offloaded (a transfer's fixed cost
+    outweighs them)."""
 
     @classmethod
     def from_options(
@@ -267,6 +292,20 @@ def _optional_choice(allowed: Iterable[str]) -> Callable[[str, Any], str | None]
     return check_optional
 
 
+def _optional_positive(key: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"memopt option {key}={value!r} must be a positive number (bytes per second), or None to measure it.")
+    return float(value)
+
+
+def _non_negative_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"memopt option {key}={value!r} must be a non-negative number of bytes (int).")
+    return value
+
+
 def _precision_policy(key: str, value: Any) -> Mapping[str, str]:
     from memopt.passes.precision_policy import validate_overrides
 
@@ -284,6 +323,10 @@ _VALIDATORS.update(
         "precision": _optional_choice(PRECISIONS),
         "precision_policy": _precision_policy,
         "compress_activations": _optional_choice(COMPRESSION_FORMATS),
+        "offload": _optional_choice(OFFLOAD_TARGETS),
+        "offload_dir": _optional_path,
+        "offload_bandwidth": _optional_positive,
+        "offload_min_bytes": _non_negative_int,
     }
 )
 

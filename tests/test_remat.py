@@ -232,7 +232,7 @@ def test_at_torchs_own_peak_memopt_recomputes_no_more_than_torch(name, batch):
     problem = build_problem(step)
     assert set(problem.torch_graphs) == {0.75, 0.5, 0.3}
     for b, graphs in problem.torch_graphs.items():
-        torch_ev = evaluate_torch_partition(step, graphs)
+        torch_ev = evaluate_torch_partition(step, b)
         assert torch_ev is not None
         solution = plan_remat(step, torch_ev.timeline.peak_bytes)
         assert solution.feasible, b
@@ -246,7 +246,7 @@ def test_torch_partition_that_redraws_dropout_is_not_a_candidate():
     case = zoo_case("transformer_block")
     step = capture_step(case.build(), *case.inputs(8))
     problem = build_problem(step)
-    redraws = [b for b, g in problem.torch_graphs.items() if evaluate_torch_partition(step, g) is None]
+    redraws = [b for b, g in problem.torch_graphs.items() if evaluate_torch_partition(step, b) is None]
     assert redraws, "torch no longer recomputes dropout at low budgets: this test needs another model"
     fw = {n.name for n in step.joint.module.graph.nodes}
     for b in redraws:  # each rejected partition really recomputes a random op in backward

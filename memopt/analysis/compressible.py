@@ -31,11 +31,20 @@ its bytes and restoring it is exact in layout:
   do not pay for two kernel launches and a scales tensor; this keeps norm statistics
   and per-row scalars as they are;
 * worth it for the format: ``bf16`` only shrinks 4-byte values.
+
+Format ``"raw"`` asks the same question for moving the bytes elsewhere unchanged
+(offload): any one dtype qualifies and the numerics rules (infinities, signs) do not
+apply.
+
+`choose_formats` is the option-driven choice (every eligible storage, with fallbacks
+for masks), and `last_forward_reader` where the storage's last forward reader is: both
+pure, used by the planner (`memopt.plan.storage`) and by the passes that rewrite.
 """
 
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -46,11 +55,26 @@ from memopt.analysis.value_ops import SIGN_READERS, VIEW_OPS, cast_and_view_sour
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs, output_values
 
-__all__ = ["MIN_ELEMENTS", "SavedStorage", "saved_storages"]
+__all__ = [
+    "MIN_ELEMENTS", "SavedStorage", "saved_storages", "stored_bytes", "choose_formats", "last_forward_reader",
+    "DEFAULT_BLOCK",
+]  # fmt: skip
 
 MIN_ELEMENTS = 1024
+DEFAULT_BLOCK = 64
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK_FORMATS = ("fp8", "int8")
+
+
+def stored_bytes(fmt: str, numel: int, block_size: int = DEFAULT_BLOCK) -> int:
+    """Bytes stored for ``numel`` elements in ``fmt`` (codes plus scales)."""
+    if fmt == "bf16":
+        return 2 * numel
+    if fmt == "bits":
+        return -(-numel // 8)
+    if fmt in _BLOCK_FORMATS:
+        return numel + 4 * -(-numel // block_size)
+    raise ValueError(f"no stored size for format {fmt!r}")
 
 
 @dataclass(frozen=True)
@@ -166,7 +190,10 @@ def _ineligible(
     """Why the storage of ``members`` cannot be stored compressed in ``fmt``, or None."""
     values = [meta.tensor_value(fw) for fw, _ in members]
     kinds = (torch.bool,) if fmt == "bits" else _FLOATS
-    if any(v is None or v.dtype not in kinds for v in values) or len({v.dtype for v in values}) != 1:  # type: ignore[union-attr]
+    if fmt == "raw":
+        if any(v is None for v in values) or len({v.dtype for v in values}) != 1:  # type: ignore[union-attr]
+            return "not one tensor dtype"
+    elif any(v is None or v.dtype not in kinds for v in values) or len({v.dtype for v in values}) != 1:  # type: ignore[union-attr]
         if fmt == "bits":
             return "not a bool mask"
         return "not a floating tensor (masks, indices and symbols are kept exact)"
@@ -189,3 +216,53 @@ def _ineligible(
     if any(meta.saved_without_version_check(fw) for fw, _ in members) or not any(bw.users for _, bw in members):
         return "saved without version check, or unused in backward"
     return None
+
+
+def choose_formats(
+    step: StepGraphs, fmt: str, min_elements: int = MIN_ELEMENTS
+) -> tuple[list[tuple[SavedStorage, str]], Counter[str]]:
+    """The option-driven choice for ``compress_activations=fmt``: every eligible
+    storage in ``fmt``; bool masks as bits (exact); for fp8/int8, fp32 values only the
+    block formats cannot take (infinities, ReLU outputs) in bf16. Also how many
+    storages were skipped (or given another format) per reason."""
+    chosen: list[tuple[SavedStorage, str]] = []
+    skipped: Counter[str] = Counter()
+    others = ["bits"] + (["bf16"] if fmt in _BLOCK_FORMATS else [])
+    fallbacks = [(other, {g.values: g for g in saved_storages(step, other, min_elements)}) for other in others]
+    for group in saved_storages(step, fmt, min_elements):
+        if group.eligible:
+            chosen.append((group, fmt))
+            continue
+        found = next(
+            ((o, groups[group.values]) for o, groups in fallbacks if group.values in groups and groups[group.values].eligible),
+            None,
+        )
+        if found is not None:
+            chosen.append((found[1], found[0]))
+        skipped[str(group.reason) + (f": stored as {found[0]}" if found else "")] += 1
+    return chosen, skipped
+
+
+def only_saved_views(group: SavedStorage) -> set[fx.Node]:
+    """Views of the storage that exist only to be saved (AOTAutograd puts ``detach``
+    and transposes of saved values at the end of forward): every user is the output
+    or another such view. They die once something else is saved instead."""
+    result: set[fx.Node] = set()
+    for node in reversed(group.aliases):
+        if node.target in VIEW_OPS and all(u.op == "output" or u in result for u in node.users):
+            result.add(node)
+    return result
+
+
+def last_forward_reader(group: SavedStorage) -> fx.Node:
+    """The latest forward node that reads the group's storage (its dense base
+    included), other than views that only exist to be saved: after it, only a
+    stored copy is needed."""
+    graph = group.values[0].graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    skip = only_saved_views(group)
+    readers = [a for a in group.aliases if a not in skip] + [
+        u for a in group.aliases for u in a.users if u.op != "output" and u not in skip
+    ]
+    readers.append(group.base)  # type: ignore[arg-type]
+    return max(readers, key=order.__getitem__)

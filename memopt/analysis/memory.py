@@ -46,6 +46,7 @@ __all__ = [
     "MemoryAnalysis",
     "build_timeline",
     "compose_timelines",
+    "finish_timeline",
 ]
 
 CATEGORIES = (
@@ -84,6 +85,9 @@ class LiveInterval:
     identity: int | None = None
     """For step inputs: id() of the user's tensor, so inputs shared by several regions
     (parameters across a graph break) are counted once."""
+    output_index: int = 0
+    """Which of ``node``'s outputs the storage is (ops like ``native_layer_norm`` make
+    several)."""
 
     @property
     def name(self) -> str:
@@ -275,7 +279,10 @@ def build_timeline(step: StepGraphs) -> MemoryTimeline:
         nbytes = storage.nbytes
         if storage.index == 0 and storage.producer.op == "call_function" and not step.fused_codegen:
             nbytes += retained_bytes(storage.producer, device)
-        iv = LiveInterval(graph, storage.producer, category, nbytes, start, end, region=step.region, identity=identity)
+        iv = LiveInterval(
+            graph, storage.producer, category, nbytes, start, end, region=step.region, identity=identity,
+            output_index=storage.index,
+        )  # fmt: skip
         owner[storage] = iv
         intervals.append(iv)
 
@@ -337,7 +344,7 @@ def build_timeline(step: StepGraphs) -> MemoryTimeline:
                     LiveInterval(graph, node, "temporaries", ws, index, index, workspace=True, region=step.region)
                 )
             index += 1
-    timeline = _finish(points, intervals, device)
+    timeline = finish_timeline(points, intervals, device)
     timeline.input_saved_until = input_saved_until
     timeline.output_saved_until = output_saved_until
     return timeline
@@ -460,7 +467,7 @@ def compose_timelines(
                 until = t.output_saved_until.get(iv.node)
                 end = end_of_forward if until is None else max(end_of_forward, remap(i, until))
             intervals.append(dataclasses.replace(iv, start=remap(i, iv.start), end=end))
-    return _finish(points, intervals, parts[0].device)
+    return finish_timeline(points, intervals, parts[0].device)
 
 
 def _kept_producers(step: StepGraphs, positions: Collection[int] | None) -> set[fx.Node]:
@@ -481,7 +488,9 @@ def _kept_producers(step: StepGraphs, positions: Collection[int] | None) -> set[
     }
 
 
-def _finish(points: list[TimelinePoint], intervals: list[LiveInterval], device: torch.device) -> MemoryTimeline:
+def finish_timeline(points: list[TimelinePoint], intervals: list[LiveInterval], device: torch.device) -> MemoryTimeline:
+    """The timeline of ``intervals`` over ``points``: live bytes at each point, the
+    baseline, the peak and the bytes left at the end."""
     n = len(points)
     delta = [0] * (n + 1)
     baseline = 0

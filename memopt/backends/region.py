@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-from memopt.analysis.memory import build_timeline
+from memopt.analysis.memory import build_timeline, main_device
 from memopt.backends.record import RegionRecord, active_recorders
 from memopt.codegen.eager import compile_eager
 from memopt.config import MemoptConfig
@@ -33,7 +33,6 @@ from memopt.graph import meta
 from memopt.graph.partition import JointGraph
 from memopt.graph.step import InputInfo, StepGraphs, output_values
 from memopt.passes.base import Pass, PassContext
-from memopt.passes.compress import compression_for_planning
 from memopt.passes.instruments import (
     DumpInstrument,
     GraphSnapshot,
@@ -46,6 +45,7 @@ from memopt.passes.pipeline import default_pipeline, disabled_in, pre_autograd_p
 from memopt.plan.plan import MemoryPlan, finish_plan
 from memopt.plan.planner import check_final_budget, plan_region
 from memopt.plan.step_context import StepContext, placed
+from memopt.plan.storage import StorageOptions
 
 __all__ = ["RegionCompiler", "describe_inputs"]
 
@@ -191,7 +191,7 @@ class RegionCompiler:
         manager = PassManager(passes, self._instruments(), disabled=disabled_in(passes, self.config))
         before = build_timeline(step)
         unoptimized = dataclasses.replace(step)  # passes may swap the graphs of ``step``
-        plan = plan_region(step, before, self.config, self._planning_shrink(passes), self.context)
+        plan = plan_region(step, before, self.config, self._storage_options(passes, step), self.context)
         ctx = self._context(plan=plan)
         result = manager.run(step, ctx)
         after = build_timeline(result.step)
@@ -235,13 +235,17 @@ class RegionCompiler:
     def _keep_snapshots(self, result: PipelineResult, snapshots: list[GraphSnapshot]) -> None:
         self.record.snapshots = self.record.snapshots + list(snapshots)
 
-    def _planning_shrink(self, passes: Sequence[Pass]) -> Any:
-        """What the planner may assume compression does (None when the option is off
-        or the pass disabled)."""
+    def _storage_options(self, passes: Sequence[Pass], step: StepGraphs) -> StorageOptions:
+        """Where the planner may hold saved values (the options whose pass is enabled)."""
+        disabled = disabled_in(passes, self.config)
         fmt = self.config.compress_activations
-        if fmt is None or "compress_activations" in disabled_in(passes, self.config):
-            return None
-        return compression_for_planning(fmt)
+        compress = None if fmt is None or "compress_activations" in disabled else fmt
+        offload = bandwidth = None
+        if self.config.offload is not None and "offload" not in disabled and step.is_training:
+            from memopt.passes.offload import offload_target_and_bandwidth
+
+            offload, bandwidth = offload_target_and_bandwidth(self.config, main_device(step))
+        return StorageOptions(compress, offload, bandwidth, self.config.offload_min_bytes)
 
     def _context(self, plan: Any = None) -> PassContext:
         return PassContext(

@@ -11,8 +11,10 @@ op to just before its first use, so recomputed values do not all materialize at 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -22,9 +24,11 @@ from torch.fx._lazy_graph_module import _use_lazy_graph_module
 
 from memopt.graph import meta
 from memopt.graph.dropout import drawn_masks_in_forward
-from memopt.graph.step import StepGraphs
+from memopt.graph.step import StepGraphs, clone_graph_module
 
 __all__ = ["JointGraph", "split_joint", "forward_nodes", "saved_names"]
+
+log = logging.getLogger("memopt.plan")
 
 
 @dataclass
@@ -56,12 +60,43 @@ class JointGraph:
             self._recomputable = cached
         return cached
 
+    def torch_partition(self, budget: float) -> tuple[fx.GraphModule, fx.GraphModule] | None:
+        """Torch's min-cut partition of this graph at ``activation_memory_budget=budget``
+        (None if torch's partitioner fails). Computed once per budget and cached, so
+        the planner that weighs it and the remat pass that installs it see the same
+        graphs."""
+        cache: dict[float, Any] = self.__dict__.setdefault("_torch_partitions", {})
+        if budget not in cache:
+            cache[budget] = _torch_partition(self, budget)
+        return cache[budget]  # type: ignore[no-any-return]
+
     def _by_name(self) -> dict[str, fx.Node]:
         cache = getattr(self, "_names", None)
         if cache is None:
             cache = {n.name: n for n in self.module.graph.nodes}
             self._names = cache
         return cache
+
+
+def _torch_partition(joint: JointGraph, budget: float) -> tuple[fx.GraphModule, fx.GraphModule] | None:
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    # New nodes, shared fake values: a deep copy would also copy the fake tensors in
+    # node.meta, which fails for graphs whose values alias real storage (a default
+    # Hugging Face config's key/value cache: issue 14).
+    module = clone_graph_module(joint.module)
+    try:
+        with torch._functorch.config.patch(activation_memory_budget=budget), meta.graph_fake_mode(module.graph):
+            return min_cut_rematerialization_partition(  # type: ignore[no-any-return]
+                module,
+                [],
+                compiler="inductor",
+                num_fwd_outputs=joint.num_fwd_outputs,
+                static_lifetime_input_indices=list(joint.static_lifetime_input_indices or ()),
+            )
+    except Exception as exc:  # noqa: BLE001 - an option the planner can do without
+        log.debug("torch's partitioner failed at budget %s (%s); option skipped", budget, exc)
+        return None
 
 
 def forward_nodes(joint: JointGraph, *, required_only: bool = False) -> list[fx.Node]:

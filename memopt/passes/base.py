@@ -16,6 +16,7 @@ from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
 from memopt.config import MemoptConfig
 from memopt.errors import MemoptInternalError
 from memopt.graph.step import StepGraphs
+from memopt.plan.plan import MemoryPlan
 
 __all__ = ["Pass", "PassResult", "PassContext", "PassFailure"]
 
@@ -32,11 +33,21 @@ class PassFailure(MemoptInternalError):
 @dataclass
 class PassResult:
     """What a pass did: whether it changed the graphs, which analyses are still valid,
-    and free-form details for the report (JSON-able values)."""
+    and what the plan and the report learn from it.
+
+    ``applied``: typed decisions (`memopt.plan.plan.TensorDecision`) for the values the
+    pass carried a plan's action out on, as carried out (bytes stored, measured
+    error); they replace the planned decisions of the same name in the final plan.
+    ``plan_fields``: `MemoryPlan` fields the pass reports (e.g. ``schedule``).
+    ``summary``: report lines saying what the pass changed. ``details``: free-form
+    JSON-able data for dumps and debugging; nothing downstream reads it."""
 
     modified: bool
     preserved: PreservedAnalyses = field(default_factory=PreservedAnalyses.none)
     details: dict[str, Any] = field(default_factory=dict)
+    applied: tuple[Any, ...] = ()
+    plan_fields: dict[str, Any] = field(default_factory=dict)
+    summary: tuple[str, ...] = ()
 
     @classmethod
     def unchanged(cls, **details: Any) -> PassResult:
@@ -50,7 +61,7 @@ class PassContext:
 
     config: MemoptConfig
     region: str = "0"
-    plan: Any = None
+    plan: MemoryPlan | None = None
     example_inputs: tuple[Any, ...] = ()
     measure_error: bool = False
     """Numerics-changing passes measure the error they introduce by running the graphs

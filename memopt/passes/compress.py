@@ -11,43 +11,50 @@ right after ``v``'s last forward use and saves it instead of ``v``; backward res
   reference elsewhere.
 
 Decide, then rewrite: `compress_saved_values` carries out a per-value decision map
-(``{saved forward node: CompressionChoice}``); the option-driven pass calls it with
-"every eligible value" (`memopt.analysis.compressible`), a planner can call it with
-its own choice per value.
+(``{saved forward node: CompressionChoice}``); the pass builds that map from the
+plan's `Compress` decisions (`memopt.plan.storage` decides them).
 """
 
 from __future__ import annotations
 
-import operator
-from collections import Counter
-from collections.abc import Callable, Mapping
+import dataclasses
+import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 
+import memopt.codegen.bitpack  # noqa: F401  - registers torch.ops.memopt.pack_bits/unpack_bits
 import memopt.codegen.quantize  # noqa: F401  - registers torch.ops.memopt.*
-from memopt.codegen.bitpack import packed_bytes
 from memopt.analysis.aliasing import concrete_int
-from memopt.analysis.compressible import MIN_ELEMENTS, SavedStorage, saved_storages
+from memopt.analysis.compressible import (
+    DEFAULT_BLOCK,
+    SavedStorage,
+    saved_storages,
+    stored_bytes,
+)
 from memopt.analysis.error_probe import capture_values, concrete_inputs, real_tensors, relative_error
 from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
-from memopt.analysis.cost import device_model
-from memopt.analysis.memory import build_timeline, main_device
-from memopt.analysis.value_ops import VIEW_OPS
+from memopt.analysis.memory import build_timeline
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs
 from memopt.passes.base import Pass, PassContext, PassResult
-from memopt.passes.saved_rewrite import fake_mode_of_step, replace_saved_values, run_fake
-from memopt.plan.compression import choose_for_budget
+from memopt.passes.saved_rewrite import (
+    erase_dead_views,
+    fake_mode_of_step,
+    rebuild_from_base,
+    replace_saved_values,
+    store_after_last_reader,
+)
+from memopt.plan.decisions import Compress
+from memopt.plan.plan import TensorDecision
 
 __all__ = [
     "CompressionChoice",
     "CompressedValue",
     "compress_saved_values",
-    "compress_every_eligible",
-    "compression_for_planning",
     "roundtrip",
     "CompressSavedActivations",
 ]
@@ -59,7 +66,6 @@ _QUANTIZE = torch.ops.memopt.quantize_blockwise.default
 _DEQUANTIZE = torch.ops.memopt.dequantize_blockwise.default
 _PACK = torch.ops.memopt.pack_bits.default
 _UNPACK = torch.ops.memopt.unpack_bits.default
-DEFAULT_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -79,11 +85,7 @@ class CompressionChoice:
 
     def stored_bytes(self, numel: int) -> int:
         """Bytes stored for ``numel`` elements (codes plus scales)."""
-        if self.format == "bf16":
-            return 2 * numel
-        if self.format == "bits":
-            return packed_bytes(numel)
-        return numel + 4 * -(-numel // self.block_size)
+        return stored_bytes(self.format, numel, self.block_size)
 
 
 @dataclass(frozen=True)
@@ -126,98 +128,25 @@ def _decode(graph: fx.Graph, stored: list[fx.Node], choice: CompressionChoice, o
     return graph.call_function(_DEQUANTIZE, (*stored, size, choice.block_size, original.dtype))
 
 
-def _only_saved(group: SavedStorage) -> set[fx.Node]:
-    """Views of the storage that exist only to be saved (AOTAutograd puts ``detach``
-    and transposes of saved values at the end of forward): every user is the output
-    or another such view. They die once the codes are saved instead."""
-    result: set[fx.Node] = set()
-    for node in reversed(group.aliases):
-        if node.target in VIEW_OPS and all(u.op == "output" or u in result for u in node.users):
-            result.add(node)
-    return result
-
-
-def _last_use_of_storage(group: SavedStorage) -> fx.Node:
-    """The latest forward node that reads the group's storage, other than views that
-    only exist to be saved: after it, only the compressed copy is needed."""
-    graph = group.values[0].graph
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    skip = _only_saved(group)
-    readers = [a for a in group.aliases if a not in skip] + [
-        u for a in group.aliases for u in a.users if u.op != "output" and u not in skip
-    ]
-    readers.append(group.base)  # type: ignore[arg-type]  # the compressed form reads it
-    return max(readers, key=order.__getitem__)
-
-
-def _erase_dead_views(group: SavedStorage) -> None:
-    """Remove the only-saved views that the rewrite left without users."""
-    for node in sorted(_only_saved(group), key=list(group.values[0].graph.nodes).index, reverse=True):
-        if not node.users:
-            node.graph.erase_node(node)
-
-
 def _insert_compress(group: SavedStorage, choice: CompressionChoice, fake_mode: Any) -> list[fx.Node]:
     """Forward nodes computing the stored form of the group's base after the last
     forward use of its storage."""
-    base = group.base
-    assert base is not None
-    graph = base.graph
-    source, anchor = base, _last_use_of_storage(group)
-    if list(group.order) != sorted(group.order):  # read the storage in its own order
-        with graph.inserting_after(anchor):
-            source = anchor = graph.call_function(torch.ops.aten.permute.default, (base, list(group.order)))
-        run_fake(source, fake_mode)
-    with graph.inserting_after(anchor):
-        stored = _encode(graph, source, choice)
-    meta.copy_meta(base, stored)
-    meta.set_memopt_tag(stored, "compressed", choice.format)
-    parts = run_fake(stored, fake_mode)
-    if choice.format not in _CODES:  # one output
-        return [stored]
-    outputs, anchor = [], stored
-    for i in range(2):
-        with graph.inserting_after(anchor):
-            anchor = graph.call_function(operator.getitem, (stored, i))
-        meta.set_fake_value(anchor, parts[i])
-        outputs.append(anchor)
-    return outputs
+    parts = 2 if choice.format in _CODES else 1
+    return store_after_last_reader(
+        group, lambda graph, source: _encode(graph, source, choice), fake_mode, ("compressed", choice.format), parts
+    )
 
 
 def _restore(group: SavedStorage, choice: CompressionChoice, fake_mode: Any) -> Any:
     """A ``rebuild`` callback for `replace_saved_values`: restore the base once, then
     each saved value (the base itself, or a view rebuilt with ``as_strided``)."""
-    base = group.base
-    original = meta.tensor_value(base) if base is not None else None
-    assert base is not None and original is not None
+    original = meta.tensor_value(group.base) if group.base is not None else None
+    assert original is not None
 
-    order = list(group.order)
+    def decode(graph: fx.Graph, inputs: list[fx.Node], size: list[int]) -> fx.Node:
+        return _decode(graph, inputs, choice, original, size)
 
-    def rebuild(graph: fx.Graph, inputs: list[fx.Node]) -> list[fx.Node]:
-        restored = _decode(graph, inputs, choice, original, [concrete_int(original.shape[d]) for d in order])
-        meta.copy_meta(base, restored)
-        meta.set_memopt_tag(restored, "restored", choice.format)
-        run_fake(restored, fake_mode)
-        if order != sorted(order):  # back to the original dims: the original strides
-            inverse = sorted(range(len(order)), key=order.__getitem__)
-            restored = graph.call_function(torch.ops.aten.permute.default, (restored, inverse))
-            run_fake(restored, fake_mode)
-        return [_view_of(graph, restored, value, fake_mode) for value in group.values]
-
-    return rebuild
-
-
-def _view_of(graph: fx.Graph, restored: fx.Node, value: fx.Node, fake_mode: Any) -> fx.Node:
-    """``value`` rebuilt from the restored base (itself if it has the base's layout)."""
-    want, have = meta.tensor_value(value), meta.tensor_value(restored)
-    assert want is not None and have is not None
-    geometry = (list(want.shape), list(want.stride()), concrete_int(want.storage_offset()))
-    if geometry == (list(have.shape), list(have.stride()), 0):
-        return restored
-    node = graph.call_function(torch.ops.aten.as_strided.default, (restored, *geometry))
-    meta.copy_meta(value, node)
-    run_fake(node, fake_mode)
-    return node
+    return rebuild_from_base(group, decode, fake_mode, ("restored", choice.format))
 
 
 def _groups_for(step: StepGraphs, decisions: Mapping[fx.Node, CompressionChoice]) -> list[tuple[SavedStorage, CompressionChoice]]:
@@ -267,31 +196,9 @@ def compress_saved_values(step: StepGraphs, decisions: Mapping[fx.Node, Compress
         replace_saved_values(
             step, group.values, stored, _restore(group, choice, fake_mode), names=[f"{base.name}_{s}" for s in suffixes]
         )
-        _erase_dead_views(group)
+        erase_dead_views(group)
         done.append(CompressedValue(base, group.values, choice, group.nbytes, choice.stored_bytes(numel)))
     return done
-
-
-def compress_every_eligible(
-    step: StepGraphs, fmt: str, min_elements: int = MIN_ELEMENTS
-) -> tuple[dict[fx.Node, CompressionChoice], Counter[str]]:
-    """The option-driven decisions: every saved value on an eligible storage in
-    ``fmt``; bool masks as bits (exact); for fp8/int8, fp32 values only the block
-    formats cannot take (infinities, ReLU outputs) in bf16. Also how many storages
-    were skipped (or given another format) per reason."""
-    decisions: dict[fx.Node, CompressionChoice] = {}
-    skipped: Counter[str] = Counter()
-    others = ["bits"] + (["bf16"] if fmt in _CODES else [])
-    fallbacks = [(other, {g.values: g for g in saved_storages(step, other, min_elements)}) for other in others]
-    for group in saved_storages(step, fmt, min_elements):
-        if group.eligible:
-            decisions.update(dict.fromkeys(group.values, CompressionChoice(fmt)))
-            continue
-        other = next((o for o, groups in fallbacks if group.values in groups and groups[group.values].eligible), None)
-        if other is not None:
-            decisions.update(dict.fromkeys(group.values, CompressionChoice(other)))
-        skipped[str(group.reason) + (f": stored as {other}" if other else "")] += 1
-    return decisions, skipped
 
 
 def _measured_errors(step: StepGraphs, groups: list[tuple[SavedStorage, CompressionChoice]], ctx: PassContext) -> dict[str, float] | str:
@@ -311,23 +218,25 @@ def _measured_errors(step: StepGraphs, groups: list[tuple[SavedStorage, Compress
 
 
 class CompressSavedActivations(Pass):
-    """Store saved activations compressed (bf16, fp8 e4m3 or int8 with block scales).
+    """Store saved activations compressed (bf16, fp8 e4m3 or int8 with block scales,
+    bool masks as bits), as the plan's `Compress` decisions say.
 
-    Purpose: shrink the values held from forward to backward, which dominate a training
-    step's peak, when ``compress_activations`` is set (opt-in: changes numerics).
+    Purpose: carry out the planner's compression decisions (`memopt.plan.storage`:
+    with ``compress_activations`` and no budget every eligible value; with a budget
+    the values the peak needs). Opt-in: changes numerics.
 
     Preconditions: a training step from AOTAutograd with fake values on every node,
-    saved values listed after ``num_fwd_outputs`` (`StepGraphs.saved_pairs`).
+    saved values listed after ``num_fwd_outputs`` (`StepGraphs.saved_pairs`);
+    ``ctx.plan`` names the values (a saved value, or its storage's dense base).
 
-    Guarantees: only eligible values are touched (`memopt.analysis.compressible`:
-    never parameters, inputs or views of them, masks, integers, tiny, shared or
-    returned values); each compressed value is freed after its last forward use and
-    restored, with its dtype, shape and a contiguous layout, right before its first
-    backward use; forward outputs and backward inputs keep matching order. With
-    ``measure_error`` the details give each value's round-trip error on the example
-    inputs. With a memory budget (``ctx.plan.budget_bytes``) only the values
-    `memopt.plan.compression.choose_for_budget` picks are compressed: none if the
-    peak already fits, else the largest live at the peak until it does.
+    Guarantees: only eligible values are touched (`memopt.analysis.compressible`;
+    a planned value that is not eligible raises); each compressed value is freed after
+    its last forward use and restored, with its dtype, shape and a contiguous layout,
+    right before its first backward use; forward outputs and backward inputs keep
+    matching order. Planned values no longer saved (another pass replaced them) are
+    listed in the details and left alone. The applied decisions carry the stored
+    bytes and, with ``measure_error``, each value's round-trip error on the example
+    inputs.
 
     Ordering: after every pass that changes which values are saved (remat) and after
     ``recompute_saved_casts``; it compresses what is still saved.
@@ -337,69 +246,75 @@ class CompressSavedActivations(Pass):
     numerics_preserving = False
 
     def run(self, step: StepGraphs, analyses: AnalysisManager, ctx: PassContext) -> PassResult:
-        fmt = ctx.config.compress_activations
-        if fmt is None or not step.is_training:
-            return PassResult.unchanged(why="compress_activations=None" if fmt is None else "inference")
-        decisions, skipped = compress_every_eligible(step, fmt)
-        budget = None if ctx.plan is None else ctx.plan.budget_bytes
-        planned: dict[str, Any] = {}
-        if decisions and budget is not None:
-            decisions, planned = _within_budget(step, decisions, budget, ctx.step_context)
+        planned = {} if ctx.plan is None else ctx.plan.actions(Compress)
+        if not planned or not step.is_training:
+            return PassResult.unchanged(why="the plan compresses nothing" if step.is_training else "inference")
+        decisions, missing = _decisions_from_plan(step, planned)
         if not decisions:
-            return PassResult.unchanged(format=fmt, skipped=dict(skipped), **planned)
+            return PassResult.unchanged(not_saved=missing)
         errors = _measured_errors(step, _groups_for(step, decisions), ctx) if ctx.measure_error else None
         saved_before = _saved_bytes(step)
         done = compress_saved_values(step, decisions)
         saved_after = _saved_bytes(step)
+        described = [_describe(c, errors) for c in done]
         details = {
-            "format": fmt,
-            "block_size": DEFAULT_BLOCK,
-            "compressed": [_describe(c, errors) for c in done],
-            "skipped": dict(skipped),
+            "compressed": described,
+            "not_saved": missing,
             "saved_bytes_before": saved_before,
             "saved_bytes_after": saved_after,
             "bytes_saved": saved_before - saved_after,
-            **planned,
         }
         if isinstance(errors, str):
             details["error"] = errors
-        return PassResult(True, PreservedAnalyses.none(), details)
+        applied = tuple(_applied(ctx, c, d) for c, d in zip(done, described))
+        return PassResult(True, PreservedAnalyses.none(), details, applied=applied, summary=tuple(_summary(details)))
 
 
-def compression_for_planning(fmt: str) -> Callable[[StepGraphs], float]:
-    """The planner's view of ``compress_activations=fmt``: compress every eligible
-    saved value of a candidate step in place (`compress_every_eligible`) and return
-    the modelled seconds of the kernels (each storage read and written once to
-    compress and once to restore, at the device's bandwidth, plus two launches)."""
+def _decisions_from_plan(
+    step: StepGraphs, planned: Mapping[str, Compress]
+) -> tuple[dict[fx.Node, CompressionChoice], list[str]]:
+    """The plan's compression actions as choices per saved forward node (each storage
+    decided by any of its saved values' names, or its dense base's), and the planned
+    names no saved storage answers to."""
+    decisions: dict[fx.Node, CompressionChoice] = {}
+    found: set[str] = set()
+    for fmt in sorted({a.format for a in planned.values()}):
+        for group in saved_storages(step, fmt, min_elements=0):
+            names = [v.name for v in group.values] + ([group.base.name] if group.base is not None else [])
+            action = next((planned[n] for n in names if n in planned and planned[n].format == fmt), None)
+            if action is None:
+                continue
+            found.update(n for n in names if n in planned)
+            decisions.update(dict.fromkeys(group.values, CompressionChoice(action.format, action.block_size)))
+    return decisions, sorted(set(planned) - found)
 
-    def shrink(step: StepGraphs) -> float:
-        decisions, _ = compress_every_eligible(step, fmt)
-        done = compress_saved_values(step, decisions)
-        device = device_model(main_device(step))
-        moved = sum(2 * (c.bytes_before + c.bytes_after) for c in done)
-        return moved / device.bytes_per_s + 2 * len(done) * device.op_overhead_s
 
-    return shrink
+def _applied(ctx: PassContext, c: CompressedValue, described: dict[str, Any]) -> TensorDecision:
+    """The plan's decision about ``c`` as carried out: bytes stored, measured error."""
+    assert ctx.plan is not None
+    names = {c.base.name, *(v.name for v in c.values)}
+    planned = next(d for d in ctx.plan.decisions if d.node_name in names)
+    extra = {"bytes_after": c.bytes_after, "rel_error": described["rel_error"], "format": c.choice.format}
+    return dataclasses.replace(planned, details={**planned.details, **extra})
 
 
-def _within_budget(
-    step: StepGraphs, decisions: dict[fx.Node, CompressionChoice], budget: int, context: Any = None
-) -> tuple[dict[fx.Node, CompressionChoice], dict[str, Any]]:
-    """The subset of ``decisions`` that brings the estimated peak within ``budget``
-    (`memopt.plan.compression`), and what to report about the choice."""
-    storages = []
-    for group, choice in _groups_for(step, decisions):
-        numel = concrete_int(meta.tensor_value(group.base).numel())  # type: ignore[union-attr]
-        storages.append((group.values, group.aliases, group.nbytes - choice.stored_bytes(numel)))
-    outcome = choose_for_budget(step, decisions, storages, budget, compress_saved_values, context)  # type: ignore[arg-type]
-    planned = {
-        "budget_bytes": budget,
-        "peak_before": outcome.peak_before,
-        "peak_after": outcome.peak_after,
-        "candidates": len(storages),
-        "rounds": outcome.rounds,
-    }
-    return outcome.decisions, planned  # type: ignore[return-value]
+def _summary(details: Mapping[str, Any]) -> list[str]:
+    """The report's lines: how many values, the saved bytes before and after, and the
+    measured round-trip error (docs/precision.md)."""
+    compressed = details["compressed"]
+    before, after = details["saved_bytes_before"], details["saved_bytes_after"]
+    formats = ", ".join(sorted({c["format"] for c in compressed}))
+    lines = [
+        f"compress_activations {formats}: {len(compressed)} saved tensors compressed; saved "
+        f"activations {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB ({after / before:.0%})"
+    ]
+    errors = [c["rel_error"] for c in compressed if c.get("rel_error") is not None]
+    if errors:
+        lines.append(
+            f"  round-trip rel. error on the example inputs: median {statistics.median(errors):.2e}, "
+            f"max {max(errors):.2e}"
+        )
+    return lines
 
 
 def _saved_bytes(step: StepGraphs) -> int:

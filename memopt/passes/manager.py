@@ -48,6 +48,10 @@ class PassRecord:
     seconds: float = 0.0
     op_delta: dict[str, int] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    applied: tuple[Any, ...] = ()
+    """`TensorDecision`s the pass carried out (`PassResult.applied`)."""
+    plan_fields: dict[str, Any] = field(default_factory=dict)
+    summary: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -56,6 +60,8 @@ class PassRecord:
             "modified": self.modified,
             "seconds": round(self.seconds, 6),
             "op_delta": dict(self.op_delta),
+            "summary": list(self.summary),
+            "applied": [d.to_dict() for d in self.applied],
             "details": self.details,
         }
 
@@ -193,6 +199,9 @@ class PassManager:
         record.seconds = time.perf_counter() - start
         record.modified = result.modified
         record.details = dict(result.details)
+        record.applied = tuple(result.applied)
+        record.plan_fields = dict(result.plan_fields)
+        record.summary = tuple(result.summary)
         if result.modified:
             step.recompile()
             analyses.invalidate(result.preserved)

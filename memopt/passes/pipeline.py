@@ -33,7 +33,7 @@ from memopt.passes.remat import Rematerialize
 from memopt.passes.saved_casts import RecomputeSavedCasts
 from memopt.passes.schedule import MemoryAwareSchedule
 
-__all__ = ["default_pipeline", "pass_names", "pre_autograd_pipeline", "disabled_in"]
+__all__ = ["default_pipeline", "pass_names", "pre_autograd_pipeline", "disabled_in", "numerics_changing"]
 
 
 def default_pipeline(config: MemoptConfig) -> list[Pass]:
@@ -52,6 +52,12 @@ def pass_names(config: MemoptConfig | None = None) -> list[str]:
     ``disable_passes``)."""
     config = config or MemoptConfig()
     return [p.name for p in pre_autograd_pipeline(config) + default_pipeline(config)]
+
+
+def numerics_changing(config: MemoptConfig | None = None) -> frozenset[str]:
+    """Names of the passes (of both pipelines) that change numbers (opt-in)."""
+    config = config or MemoptConfig()
+    return frozenset(p.name for p in pre_autograd_pipeline(config) + default_pipeline(config) if not p.numerics_preserving)
 
 
 # -- the pre-autograd stage (precision lowering) -----------------------------------

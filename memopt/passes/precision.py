@@ -457,7 +457,36 @@ class PrecisionLowering(Pass):
         if reference is not None:
             step.forward.recompile()
             details["error"] = _measure(reference, step, ctx)
-        return PassResult(True, PreservedAnalyses.none(), details)
+        return PassResult(True, PreservedAnalyses.none(), details, summary=tuple(_summary(details)))
+
+
+def _sci(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2e}"
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.2f} MiB"
+
+
+def _summary(details: Mapping[str, Any]) -> list[str]:
+    """The report's lines: ops by mode, parameter casts, values lowered, and the error
+    measured on the example inputs (docs/precision.md)."""
+    ops = details.get("ops", {})
+    counts = ", ".join(f"{sum(c.values())} {mode}" for mode, c in ops.items())
+    lines = [
+        f"precision {details['dtype']}: ops {counts}; {details['parameter_casts']} parameter casts "
+        f"({_mib(details['parameter_cast_bytes'])}); values lowered {details['values_lowered']} "
+        f"({_mib(details['value_bytes_before'])} -> {_mib(details['value_bytes_after'])})"
+    ]
+    error = details.get("error")
+    if error and error.get("measured"):
+        lines.append(
+            f"  measured on the example inputs: output rel. error {_sci(error.get('output_rel_error'))}, "
+            f"gradient rel. error max {_sci(error.get('grad_rel_error_max'))}"
+        )
+    elif error:
+        lines.append(f"  error not measured: {error.get('why')}")
+    return lines
 
 
 def _measure(reference: fx.GraphModule, step: StepGraphs, ctx: PassContext) -> dict[str, Any]:

@@ -13,7 +13,8 @@ __all__ = ["Rematerialize"]
 class Rematerialize(Pass):
     """Save exactly the values the plan names; recompute the rest in backward.
 
-    Purpose: carry out the budget planner's decision (`MemoryPlan.saved_values`).
+    Purpose: carry out the budget planner's decision (`MemoryPlan.saved_values`, or
+    `MemoryPlan.torch_partition`).
 
     Preconditions: a training step whose ``joint`` graph is kept (memopt's partition
     sets it); ``ctx.plan.saved_values`` names joint-graph values. Without a plan that
@@ -33,11 +34,13 @@ class Rematerialize(Pass):
 
     def run(self, step: StepGraphs, analyses: AnalysisManager, ctx: PassContext) -> PassResult:
         plan = ctx.plan
-        wanted = getattr(plan, "saved_values", None)
-        if wanted is None or step.joint is None or not step.is_training:
+        wanted = None if plan is None else plan.saved_values
+        if plan is None or wanted is None or step.joint is None or not step.is_training:
             return PassResult.unchanged()
         before = set(saved_names(step))
-        graphs = getattr(plan, "graphs", None)
+        graphs = None if plan.torch_partition is None else step.joint.torch_partition(plan.torch_partition)
+        if plan.torch_partition is not None and graphs is None:
+            raise RuntimeError(f"torch's partitioner failed at budget {plan.torch_partition}, which the plan chose")
         if graphs is not None:  # torch's own partition won: install it as it is
             step.forward, step.backward = (clone_graph_module(g) for g in graphs)
         else:
@@ -50,6 +53,6 @@ class Rematerialize(Pass):
                 "saved_before": len(before),
                 "saved_after": len(after),
                 "newly_recomputed": len(before - after),
-                "segment_options": list(getattr(plan, "segment_options", ())),
+                "segment_options": list(plan.segment_options),
             },
         )

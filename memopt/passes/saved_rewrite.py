@@ -19,17 +19,23 @@ Saved SymInts (first among the backward inputs) are never touched.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 
+from memopt.analysis.aliasing import concrete_int
+from memopt.analysis.compressible import SavedStorage, last_forward_reader, only_saved_views
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs
 
 __all__ = [
     "replace_saved_values",
+    "store_after_last_reader",
+    "rebuild_from_base",
+    "erase_dead_views",
     "last_forward_user",
     "run_fake",
     "fake_mode_of_step",
@@ -109,6 +115,86 @@ def replace_saved_values(
         ph.replace_all_uses_with(new)
         bw_graph.erase_node(ph)
     return rebuilt
+
+
+Encode = Callable[[fx.Graph, fx.Node], fx.Node]
+"""Inserts (at the graph's insertion point) the node storing a dense value."""
+Decode = Callable[[fx.Graph, list[fx.Node], list[int]], fx.Node]
+"""Inserts the node restoring a dense value of the given size from the stored nodes."""
+
+
+def store_after_last_reader(
+    group: SavedStorage, encode: Encode, fake_mode: Any, tag: tuple[str, str], parts: int = 1
+) -> list[fx.Node]:
+    """Forward nodes storing the group's dense base (read in storage order) right after
+    the last forward reader of its storage (`last_forward_reader`): the node
+    ``encode`` makes, or its ``parts`` outputs. Each is tagged ``tag``."""
+    base = group.base
+    assert base is not None
+    graph = base.graph
+    source, anchor = base, last_forward_reader(group)
+    if list(group.order) != sorted(group.order):  # read the storage in its own order
+        with graph.inserting_after(anchor):
+            source = anchor = graph.call_function(torch.ops.aten.permute.default, (base, list(group.order)))
+        run_fake(source, fake_mode)
+    with graph.inserting_after(anchor):
+        stored = encode(graph, source)
+    meta.copy_meta(base, stored)
+    meta.set_memopt_tag(stored, *tag)
+    value = run_fake(stored, fake_mode)
+    if parts == 1:
+        return [stored]
+    outputs, anchor = [], stored
+    for i in range(parts):
+        with graph.inserting_after(anchor):
+            anchor = graph.call_function(operator.getitem, (stored, i))
+        meta.set_fake_value(anchor, value[i])
+        outputs.append(anchor)
+    return outputs
+
+
+def rebuild_from_base(group: SavedStorage, decode: Decode, fake_mode: Any, tag: tuple[str, str]) -> Rebuild:
+    """A ``rebuild`` callback for `replace_saved_values`: restore the group's base once
+    with ``decode`` (in storage order, permuted back to the original dims), then each
+    saved value (the base itself, or a view of it rebuilt with ``as_strided``)."""
+    base = group.base
+    original = meta.tensor_value(base) if base is not None else None
+    assert base is not None and original is not None
+    order = list(group.order)
+
+    def rebuild(graph: fx.Graph, inputs: list[fx.Node]) -> list[fx.Node]:
+        restored = decode(graph, inputs, [concrete_int(original.shape[d]) for d in order])
+        meta.copy_meta(base, restored)
+        meta.set_memopt_tag(restored, *tag)
+        run_fake(restored, fake_mode)
+        if order != sorted(order):  # back to the original dims: the original strides
+            inverse = sorted(range(len(order)), key=order.__getitem__)
+            restored = graph.call_function(torch.ops.aten.permute.default, (restored, inverse))
+            run_fake(restored, fake_mode)
+        return [_view_of(graph, restored, value, fake_mode) for value in group.values]
+
+    return rebuild
+
+
+def _view_of(graph: fx.Graph, restored: fx.Node, value: fx.Node, fake_mode: Any) -> fx.Node:
+    """``value`` rebuilt from the restored base (itself if it has the base's layout)."""
+    want, have = meta.tensor_value(value), meta.tensor_value(restored)
+    assert want is not None and have is not None
+    geometry = (list(want.shape), list(want.stride()), concrete_int(want.storage_offset()))
+    if geometry == (list(have.shape), list(have.stride()), 0):
+        return restored
+    node = graph.call_function(torch.ops.aten.as_strided.default, (restored, *geometry))
+    meta.copy_meta(value, node)
+    run_fake(node, fake_mode)
+    return node
+
+
+def erase_dead_views(group: SavedStorage) -> None:
+    """Remove the only-saved views of the group's storage that a rewrite left without
+    users."""
+    for node in sorted(only_saved_views(group), key=list(group.values[0].graph.nodes).index, reverse=True):
+        if not node.users:
+            node.graph.erase_node(node)
 
 
 def fake_mode_of_step(step: StepGraphs) -> Any:

@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from memopt.analysis.aliasing import GraphAliasing, Storage, analyze_aliasing
 from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
-from memopt.analysis.memory import MemoryAnalysis, build_timeline
+from memopt.analysis.memory import MemoryAnalysis
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs
 from memopt.passes.base import Pass, PassContext, PassResult
@@ -148,7 +148,7 @@ class MemoryAwareSchedule(Pass):
     written storage stay on their side of the write, so results are bit-identical.
     The new order is kept only if the estimated peak of the whole step drops;
     otherwise the graphs are left exactly as they were. The before/after peaks are
-    reported in the pass details.
+    reported as the plan's ``schedule``.
 
     Ordering: after passes that add nodes (rematerialization places recomputation
     where it wants it; scheduling afterwards may only improve on the result), and
@@ -163,14 +163,15 @@ class MemoryAwareSchedule(Pass):
         for name, gm in step.graphs():
             freeable = gm.graph.find_nodes(op="placeholder") if name == "backward" else []
             _apply_order(gm.graph, memory_aware_order(gm.graph, freeable_inputs=freeable))
-        after = build_timeline(step).peak_bytes
+        analyses.invalidate(PreservedAnalyses.none())  # the order changed: ask again
+        after = analyses.get(MemoryAnalysis).peak_bytes
         if after >= before:
             for name, gm in step.graphs():
                 _restore(gm.graph, original[name])
-            return PassResult.unchanged(peak_before=before, peak_after=before, applied=False)
-        return PassResult(
-            True, PreservedAnalyses.none(), details={"peak_before": before, "peak_after": after, "applied": True}
-        )
+            report = {"peak_before": before, "peak_after": before, "applied": False}
+            return PassResult(False, PreservedAnalyses.everything(), dict(report), plan_fields={"schedule": report})
+        report = {"peak_before": before, "peak_after": after, "applied": True}
+        return PassResult(True, PreservedAnalyses.none(), dict(report), plan_fields={"schedule": report})
 
 
 def _restore(graph: fx.Graph, nodes: list[fx.Node]) -> None:

@@ -2,8 +2,10 @@
 
 The planner builds it from analyses (it never touches a graph); passes carry it out;
 the report is a rendering of it. One `TensorDecision` per saved value says what
-happens to it (saved, recomputed, offloaded, compressed), why, and which line of the
-user's code produced it.
+happens to it (a typed `memopt.plan.decisions.Action`: saved, recomputed, offloaded,
+compressed), why, and which line of the user's code produced it. Passes read the
+actions of the values they rewrite and report back, as typed decisions, what they
+carried out (`PassResult.applied`); nothing reads a pass's free-form details by name.
 """
 
 from __future__ import annotations
@@ -15,19 +17,23 @@ from typing import Any
 from memopt.analysis.aliasing import concrete_int
 from memopt.analysis.memory import LiveInterval, MemoryTimeline
 from memopt.graph import meta
+from memopt.plan.decisions import ACTION_KINDS, Action, Save, action_from_dict, action_to_dict
 
 __all__ = ["TensorDecision", "MemoryPlan", "POLICIES", "decision_for", "decision_for_node", "finish_plan"]
 
-POLICIES = ("save", "recompute", "offload", "compress")
+POLICIES = ACTION_KINDS
 
 
 @dataclass(frozen=True)
 class TensorDecision:
-    """What happens to one value the backward needs."""
+    """What happens to one value the backward needs: its ``action``, and why.
+
+    ``name`` is ``"forward:<node>"``: the value's node in the joint graph, which keeps
+    its name in the forward graph the partition makes of it."""
 
     name: str
     region: str
-    policy: str
+    action: Action
     reason: str
     bytes: int
     shape: tuple[int, ...] = ()
@@ -37,11 +43,22 @@ class TensorDecision:
     source_line: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def policy(self) -> str:
+        """The action's kind: one of `POLICIES`."""
+        return self.action.kind
+
+    @property
+    def node_name(self) -> str:
+        """The value's node name (``name`` without the graph prefix)."""
+        return self.name.split(":", 1)[-1]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "region": self.region,
             "policy": self.policy,
+            "action": action_to_dict(self.action),
             "reason": self.reason,
             "bytes": self.bytes,
             "shape": list(self.shape),
@@ -52,27 +69,40 @@ class TensorDecision:
             "details": dict(self.details),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorDecision:
+        """The decision ``data`` describes (the inverse of `to_dict`)."""
+        return cls(
+            name=data["name"],
+            region=data["region"],
+            action=action_from_dict(data["action"]),
+            reason=data["reason"],
+            bytes=data["bytes"],
+            shape=tuple(data.get("shape", ())),
+            dtype=data.get("dtype", ""),
+            source=data.get("source"),
+            source_file=data.get("source_file"),
+            source_line=data.get("source_line"),
+            details=dict(data.get("details", {})),
+        )
 
-def decision_for(
-    interval: LiveInterval, policy: str, reason: str, **details: Any
-) -> TensorDecision:
+
+def decision_for(interval: LiveInterval, action: Action, reason: str, **details: Any) -> TensorDecision:
     """A decision about the value behind ``interval`` (shape, dtype, source from its
     producing node)."""
-    return decision_for_node(interval.node, interval.name, interval.region, interval.nbytes, policy, reason, **details)
+    return decision_for_node(interval.node, interval.name, interval.region, interval.nbytes, action, reason, **details)
 
 
 def decision_for_node(
-    node: Any, name: str, region: str, nbytes: int, policy: str, reason: str, **details: Any
+    node: Any, name: str, region: str, nbytes: int, action: Action, reason: str, **details: Any
 ) -> TensorDecision:
     """A decision about the value ``node`` produces."""
-    if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
     value = meta.tensor_value(node)
     loc = meta.source_location(node)
     return TensorDecision(
         name=name,
         region=region,
-        policy=policy,
+        action=action,
         reason=reason,
         bytes=nbytes,
         shape=() if value is None else tuple(concrete_int(s) for s in value.shape),
@@ -86,7 +116,13 @@ def decision_for_node(
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """The plan for one region: budget, estimated peaks, decisions, fallbacks."""
+    """The plan for one region: budget, estimated peaks, decisions, fallbacks.
+
+    What the passes carry out: ``saved_values`` (the joint-graph values the forward
+    saves; the rest is recomputed) or, with ``torch_partition`` set, torch's own
+    min-cut partition at that ``activation_memory_budget`` installed as it is; then the
+    `Compress` and `Offload` actions of ``decisions``. Nothing in it is a graph: it is
+    JSON-able (`to_dict`/`from_dict`)."""
 
     region: str
     baseline_bytes: int
@@ -101,10 +137,11 @@ class MemoryPlan:
     fallbacks: tuple[dict[str, str], ...] = ()
     notes: tuple[str, ...] = ()
     saved_values: tuple[str, ...] | None = None
-    graphs: Any = None
-    """(forward, backward) to install as they are instead of splitting for
-    ``saved_values`` (the plan is torch's own partition); not serialized."""
     """Names of the joint-graph values to save (None: keep the partitioner's)."""
+    torch_partition: float | None = None
+    """Set when the chosen plan is torch's own partition at this
+    ``activation_memory_budget``: the remat pass installs it as torch made it (the
+    split memopt would make of its saved set may order backward differently)."""
     segment_options: tuple[str, ...] = ()
     solver: dict[str, Any] = field(default_factory=dict)
     feasible: bool = True
@@ -117,7 +154,7 @@ class MemoryPlan:
         """The plan when memopt keeps the partitioner's choices: every saved value is
         saved."""
         decisions = tuple(
-            decision_for(iv, "save", "needed by backward; kept by the min-cut partition")
+            decision_for(iv, Save(), "needed by backward; kept by the min-cut partition")
             for iv in timeline.saved_activations()
         )
         return cls(
@@ -130,6 +167,10 @@ class MemoryPlan:
             budget_bytes=budget_bytes,
             decisions=decisions,
         )
+
+    def actions(self, kind: type) -> dict[str, Any]:
+        """Node name -> action, for the decisions whose action is a ``kind``."""
+        return {d.node_name: d.action for d in self.decisions if isinstance(d.action, kind)}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -146,6 +187,7 @@ class MemoryPlan:
             "fallbacks": [dict(f) for f in self.fallbacks],
             "notes": list(self.notes),
             "saved_values": None if self.saved_values is None else list(self.saved_values),
+            "torch_partition": self.torch_partition,
             "segment_options": list(self.segment_options),
             "solver": dict(self.solver),
             "feasible": self.feasible,
@@ -153,46 +195,41 @@ class MemoryPlan:
             "blockers": dict(self.blockers),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MemoryPlan:
+        """The plan ``data`` describes (the inverse of `to_dict`)."""
+        fields = dict(data)
+        fields["decisions"] = tuple(TensorDecision.from_dict(d) for d in data.get("decisions", ()))
+        for key in ("tradeoff", "fallbacks", "notes", "segment_options"):
+            fields[key] = tuple(data.get(key, ()))
+        if data.get("saved_values") is not None:
+            fields["saved_values"] = tuple(data["saved_values"])
+        return cls(**fields)
+
 
 def finish_plan(plan: MemoryPlan, after: MemoryTimeline, result: Any) -> MemoryPlan:
-    """``plan`` with the estimate of the graphs the pipeline produced, the schedule
-    pass's report and any fallback (``result`` is the pipeline's `PipelineResult`)."""
-    schedule = {}
-    decisions = plan.decisions
+    """``plan`` with the estimate of the graphs the pipeline produced, what the passes
+    reported carrying out (``PassResult.applied``: typed decisions replacing the
+    planned ones of the same name; ``PassResult.plan_fields``) and any fallback
+    (``result`` is the pipeline's `PipelineResult`)."""
+    applied: dict[str, TensorDecision] = {}
+    fields: dict[str, Any] = {}
     for record in result.records:
-        if record.name == "schedule" and record.status == "ran":
-            schedule = dict(record.details)
-        if record.name == "compress_activations" and record.status == "ran":
-            decisions = _with_compression(decisions, record.details)
+        if record.status == "ran":
+            applied.update((d.name, d) for d in record.applied)
+            fields.update(record.plan_fields)
+    unknown = set(fields) - {f.name for f in dataclasses.fields(MemoryPlan)}
+    if unknown:
+        raise ValueError(f"passes reported unknown MemoryPlan fields {sorted(unknown)}")
+    decisions = tuple(applied.pop(d.name, d) for d in plan.decisions) + tuple(applied.values())
     fallbacks = plan.fallbacks
     if result.fallback is not None:
         fallbacks = fallbacks + (result.fallback.to_dict(),)
     return dataclasses.replace(
         plan,
+        **fields,
         estimated_peak_after=after.peak_bytes,
         peak_breakdown_after=after.peak_breakdown,
-        schedule=schedule or plan.schedule,
         decisions=decisions,
         fallbacks=fallbacks,
     )
-
-
-def _with_compression(decisions: tuple[TensorDecision, ...], details: dict[str, Any]) -> tuple[TensorDecision, ...]:
-    """``decisions`` with the values the ``compress_activations`` pass stored
-    compressed (its ``details``) marked ``compress``, with the format and bytes."""
-    why = "to meet the budget" if details.get("budget_bytes") is not None else "compress_activations is set"
-    stored: dict[str, dict[str, Any]] = {}
-    for c in details.get("compressed", []):
-        for name in c["saved_as"]:
-            stored[f"forward:{name}"] = c
-    out = []
-    for d in decisions:
-        c = stored.get(d.name)
-        if c is None or d.policy != "save":
-            out.append(d)
-            continue
-        reason = (
-            f"saved, stored as {c['format']} ({c['bytes_before']} -> {c['bytes_after']} bytes) {why}"
-        )
-        out.append(dataclasses.replace(d, policy="compress", reason=reason, details={**d.details, "format": c["format"]}))
-    return tuple(out)

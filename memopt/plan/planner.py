@@ -5,10 +5,19 @@ partitioner's choices. With one, a training region goes to the rematerialization
 planner (`memopt.plan.remat`); its answer becomes one `TensorDecision` per value the
 backward needs, with the reason, and the list of values to save that the ``remat``
 pass carries out.
+
+Where saved values wait for backward (compressed, offloaded: `memopt.plan.storage`)
+is decided here too, so this is the one place the budget is enforced: without a
+budget the storage options apply to every eligible value; with one, the
+rematerialization planner is run a second time with each candidate's storage plan,
+and that plan is taken when exact rematerialization cannot meet the budget or needs
+more modelled time. Whether such a plan meets the budget is checked on the exact
+timeline after the passes (`check_final_budget`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -20,8 +29,10 @@ from memopt.config import MemoptConfig
 from memopt.errors import MemoptBudgetError, MemoptWarning
 from memopt.graph.partition import JointGraph, saved_names
 from memopt.graph.step import StepGraphs
+from memopt.plan.decisions import Action, Compress, Offload, Recompute, Save
 from memopt.plan.plan import MemoryPlan, TensorDecision, decision_for_node
-from memopt.plan.remat import RematSolution, Shrink, plan_remat
+from memopt.plan.remat import RematSolution, plan_remat
+from memopt.plan.storage import StorageOptions, StoragePlan, plan_storage
 from memopt.plan.report import format_bytes
 from memopt.plan.segments import Segment, must_save, value_bytes
 from memopt.plan.step_context import StepContext, placed
@@ -33,18 +44,15 @@ def plan_region(
     step: StepGraphs,
     before: MemoryTimeline,
     config: MemoptConfig,
-    shrink: Shrink | None = None,
+    storage: StorageOptions | None = None,
     context: StepContext | None = None,
 ) -> MemoryPlan:
     """The memory plan for one region (see module docstring). Raises
     `MemoptBudgetError` for an infeasible budget when ``config.strict``; otherwise
     warns and returns the plan with the smallest peak found.
 
-    ``shrink`` (given when ``compress_activations`` is set) compresses a candidate's
-    saved values: the planner then also plans with compression and takes that plan
-    when exact rematerialization cannot meet the budget, or needs more modelled time
-    than compression does. Whether such a plan's budget is met is checked after the
-    pipeline (`check_final_budget`), once the values are compressed.
+    ``storage`` (given when ``compress_activations`` or ``offload`` is set) says where
+    saved values may wait for backward (module docstring).
 
     With ``context`` (the other regions of a step split by graph breaks) the region is
     planned for the whole step: every peak, the plan's estimates included, is the
@@ -63,67 +71,131 @@ def plan_region(
             peak_breakdown_after=in_step.peak_breakdown,
             notes=(context.describe(),),
         )
-    if budget is None:
+    training = step.is_training and step.backward is not None
+    use_storage = storage is not None and storage.enabled and training
+    if budget is None or in_step.peak_bytes <= budget:
+        if budget is not None:
+            fits = f"the unoptimized estimate {format_bytes(in_step.peak_bytes)} fits the budget"
+            plan = _with(plan, notes=(*plan.notes, fits))
+        if budget is None and use_storage:
+            stored = plan_storage(step, before, storage, None)  # type: ignore[arg-type]
+            return _storage_applied(plan, stored, step.region, None, placed(context, step, stored.timeline))
         return plan
-    if in_step.peak_bytes <= budget:
-        fits = f"the unoptimized estimate {format_bytes(in_step.peak_bytes)} fits the budget"
-        return _with(plan, notes=(*plan.notes, fits))
     if not step.is_training or step.joint is None:
         return _infeasible_inference(plan, in_step, budget, config)
     limit = config.planner_time_limit
     solution = plan_remat(step, budget, time_limit=limit, context=context)
     exact_needs_work = not solution.feasible or solution.evaluation.recompute_flops > 0
-    if shrink is not None and exact_needs_work:
-        compressed = plan_remat(step, budget, time_limit=limit, shrink=shrink, context=context)
-        if _prefer_compressed(compressed, solution):
-            result = _remat_plan(plan, step, compressed, budget)
-            note = _compression_note(compressed, solution, config)
-            return _with(result, notes=result.notes + (note,), solver={**result.solver, _COMPRESSED: True})
+    if use_storage and exact_needs_work:
+        options: StorageOptions = storage  # type: ignore[assignment]
+
+        def storage_plan(candidate: StepGraphs, timeline: MemoryTimeline) -> StoragePlan:
+            return plan_storage(candidate, timeline, options, budget, place=lambda t: placed(context, candidate, t))
+
+        stored = plan_remat(step, budget, time_limit=limit, storage=storage_plan, context=context)
+        if _prefer_stored(stored, solution):
+            result = _remat_plan(plan, step, stored, budget)
+            note = _storage_note(stored, solution)
+            result = _storage_applied(result, stored.evaluation.storage, step.region, budget, None)
+            return _with(result, notes=result.notes + (note,))
     result = _remat_plan(plan, step, solution, budget)
     if not solution.feasible:
         _report_infeasible(result, config)
     return result
 
 
-_COMPRESSED = "with_compression"
+_STORAGE = "storage"
+"""``MemoryPlan.solver`` key of a plan that holds saved values elsewhere."""
+_STORAGE_REPORT = "storage_considered"
+"""The same summary, for a plan that considered it and kept every value."""
 
 
-def _prefer_compressed(compressed: RematSolution, exact: RematSolution) -> bool:
-    """Compression changes numerics, so it must buy something: a budget exact remat
-    cannot meet, less modelled time, or (both infeasible) a smaller peak."""
-    if compressed.feasible != exact.feasible:
-        return compressed.feasible
-    if compressed.feasible:
-        return compressed.evaluation.seconds < exact.evaluation.seconds
-    return compressed.evaluation.timeline.peak_bytes < exact.evaluation.timeline.peak_bytes
+def _prefer_stored(stored: RematSolution, exact: RematSolution) -> bool:
+    """Storing saved values elsewhere costs time (and compression numerics), so it
+    must buy something: a budget exact remat cannot meet, less modelled time, or (both
+    infeasible) a smaller peak."""
+    if stored.evaluation.storage is None or not stored.evaluation.storage.chosen:
+        return False
+    if stored.feasible != exact.feasible:
+        return stored.feasible
+    if stored.feasible:
+        return stored.evaluation.seconds < exact.evaluation.seconds
+    return stored.evaluation.timeline.peak_bytes < exact.evaluation.timeline.peak_bytes
 
 
-def _compression_note(compressed: RematSolution, exact: RematSolution, config: MemoptConfig) -> str:
-    fmt = config.compress_activations
+def _storage_note(stored: RematSolution, exact: RematSolution) -> str:
+    kinds = sorted({c.kind for c in stored.evaluation.storage.chosen})  # type: ignore[union-attr]
+    how = " and ".join({"compress": "compressed", "offload": "offloaded"}[k] for k in kinds)
     if not exact.feasible:
-        return f"rematerialization alone cannot meet the budget: planned with saved values compressed ({fmt})"
+        return f"rematerialization alone cannot meet the budget: planned with saved values {how}"
     return (
-        f"planned with saved values compressed ({fmt}): modelled {compressed.evaluation.seconds * 1e3:.2f} ms "
-        f"of kernels against {exact.evaluation.seconds * 1e3:.2f} ms of recomputation for exact remat"
+        f"planned with saved values {how}: modelled {stored.evaluation.seconds * 1e3:.2f} ms "
+        f"against {exact.evaluation.seconds * 1e3:.2f} ms of recomputation for exact remat"
+    )
+
+
+def _storage_applied(
+    plan: MemoryPlan, stored: StoragePlan | None, region: str, budget: int | None, in_step: MemoryTimeline | None
+) -> MemoryPlan:
+    """``plan`` with the storage plan's actions in its decisions and, given the
+    modelled timeline of the whole step ``in_step``, its estimate."""
+    if stored is None:
+        return plan
+    counts = {k: len([c for c in stored.chosen if c.kind == k]) for k in ("compress", "offload")}
+    summary = {**counts, "modelled_seconds": stored.seconds, "skipped": dict(stored.skipped)}
+    if not stored.chosen:
+        return _with(plan, solver={**plan.solver, _STORAGE_REPORT: summary})
+    why = "to meet the budget" if budget is not None else "the option is set"
+    by_name = {d.node_name: i for i, d in enumerate(plan.decisions)}
+    decisions = list(plan.decisions)
+    for c in stored.chosen:
+        action: Action = Compress(c.how) if c.kind == "compress" else Offload(c.how, reload_lead=c.reload_lead)
+        reason = _storage_reason(c, why)
+        details = {
+            "stored_bytes": c.kept_bytes, "modelled_seconds": c.seconds, "transfer_seconds": c.transfer_seconds,
+            "hidden_seconds": c.hidden_seconds, "values": list(c.names),
+        }  # fmt: skip
+        names = [*c.names, c.group.base.name if c.group.base is not None else ""]
+        at = next((by_name[n] for n in names if n in by_name), None)
+        if at is None:
+            decisions.append(
+                decision_for_node(c.group.base, f"forward:{c.names[0]}", region, c.full_bytes, action, reason, **details)
+            )
+        else:
+            decisions[at] = dataclasses.replace(decisions[at], action=action, reason=reason, details={**decisions[at].details, **details})
+    solver = {**plan.solver, _STORAGE: summary}
+    result = _with(plan, decisions=tuple(sorted(decisions, key=lambda d: -d.bytes)), solver=solver)
+    if in_step is not None:
+        result = _with(result, estimated_peak_after=in_step.peak_bytes, peak_breakdown_after=in_step.peak_breakdown)
+    return result
+
+
+def _storage_reason(c: Any, why: str) -> str:
+    if c.kind == "compress":
+        return f"saved, stored as {c.how} ({c.full_bytes} -> {c.kept_bytes} bytes) between its forward and backward uses, {why}"
+    hidden = 1.0 if c.transfer_seconds == 0 else c.hidden_seconds / c.transfer_seconds
+    return (
+        f"offloaded to {c.how} after its last forward use, reloaded {c.reload_lead} op(s) before its first "
+        f"backward use; modelled transfer {c.transfer_seconds * 1e3:.2f} ms, {hidden:.0%} hidden, {why}"
     )
 
 
 def check_final_budget(plan: MemoryPlan, config: MemoptConfig) -> MemoryPlan:
-    """After the pipeline: for a plan made with compression, report (warn, or raise
+    """After the pipeline: for a plan that holds saved values elsewhere (compressed,
+    offloaded: modelled, not measured on rewritten graphs), report (warn, or raise
     when strict) if the final estimate exceeds the budget. Returns ``plan`` with
     ``feasible`` set from the final estimate."""
-    if not plan.solver.get(_COMPRESSED) or plan.budget_bytes is None:
+    if not plan.solver.get(_STORAGE) or plan.budget_bytes is None:
         return plan
     if plan.estimated_peak_after <= plan.budget_bytes:
         return _with(plan, feasible=True)
     result = _with(plan, feasible=False, min_feasible_peak=plan.estimated_peak_after, blockers=dict(plan.peak_breakdown_after))
-    _report_infeasible(result, config, by="rematerialization and compression")
+    used = ["rematerialization"] + ["compression"] * bool(config.compress_activations) + ["offload"] * bool(config.offload)
+    _report_infeasible(result, config, by=", ".join(used[:-1]) + " and " + used[-1])
     return result
 
 
 def _with(plan: MemoryPlan, **changes: Any) -> MemoryPlan:
-    import dataclasses
-
     return dataclasses.replace(plan, **changes)
 
 
@@ -166,7 +238,7 @@ def _remat_plan(plan: MemoryPlan, step: StepGraphs, solution: RematSolution, bud
         peak_breakdown_after=ev.timeline.peak_breakdown,
         decisions=tuple(decisions),
         saved_values=tuple(sorted(ev.saved)),
-        graphs=ev.graphs,
+        torch_partition=ev.torch_budget,
         segment_options=tuple(solution.choice),
         tradeoff=tuple(solution.tradeoff),
         feasible=solution.feasible,
@@ -180,7 +252,7 @@ def _remat_plan(plan: MemoryPlan, step: StepGraphs, solution: RematSolution, bud
             "joint_nodes": len(joint.module.graph.nodes),
             "recompute_flops": ev.recompute_flops,
             "recompute_seconds_model": ev.recompute_seconds,
-            "compress_seconds_model": ev.compress_seconds,
+            "storage_seconds_model": ev.storage_seconds,
         },
     )
 
@@ -203,26 +275,27 @@ def _decisions(step: StepGraphs, joint: JointGraph, solution: RematSolution) -> 
             continue  # views cost no bytes of their own: their base is listed
         segment = owner.get(name)
         option = solution.choice[segment.index] if segment is not None else "save"
-        policy, reason = _reason(node, segment, option, name in saved)
-        out.append(decision_for_node(node, f"forward:{name}", step.region, value_bytes(node), policy, reason,
+        action, reason = _reason(node, segment, option, name in saved)
+        out.append(decision_for_node(node, f"forward:{name}", step.region, value_bytes(node), action, reason,
                                      segment=None if segment is None else segment.index, option=option))
     return sorted(out, key=lambda d: -d.bytes)
 
 
-def _reason(node: fx.Node, segment: Segment | None, option: str, saved: bool) -> tuple[str, str]:
+def _reason(node: fx.Node, segment: Segment | None, option: str, saved: bool) -> tuple[Action, str]:
     where = "" if segment is None else f"segment {segment.index}"
+    index = None if segment is None else segment.index
     if not saved and segment is not None and node in segment.crossers:
-        return "recompute", f"{where}'s output recomputed with the segment from its input, for the next segment's backward"
+        return Recompute(index, option), f"{where}'s output recomputed with the segment from its input, for the next segment's backward"
     if not saved:
         how = "recomputed with the whole segment" if option == "recompute" else "recomputed from saved matmul outputs"
-        return "recompute", f"{how} in backward ({where}, option {option}) to meet the budget"
+        return Recompute(index, option), f"{how} in backward ({where}, option {option}) to meet the budget"
     if must_save(node):
-        return "save", "random op or side effect: recomputing would change results"
+        return Save(), "random op or side effect: recomputing would change results"
     if segment is not None and node in segment.crossers:
-        return "save", f"checkpoint: {where}'s output, input of later recomputation"
+        return Save(), f"checkpoint: {where}'s output, input of later recomputation"
     if option == "selective":
-        return "save", f"output of an expensive op kept; cheap ops around it recomputed ({where})"
+        return Save(), f"output of an expensive op kept; cheap ops around it recomputed ({where})"
     if option == "save":
-        return "save", f"{where} keeps the partitioner's choice: cheapest under the budget"
-    return "save", f"needed by backward ({where}, option {option})"
+        return Save(), f"{where} keeps the partitioner's choice: cheapest under the budget"
+    return Save(), f"needed by backward ({where}, option {option})"
 

@@ -55,9 +55,10 @@ from memopt.analysis.cost import device_model, node_cost
 from memopt.analysis.memory import BEFORE, MemoryTimeline, build_timeline
 from memopt.graph import meta
 from memopt.graph.partition import JointGraph, forward_nodes, saved_names, split_joint
-from memopt.graph.step import StepGraphs, clone_graph_module
+from memopt.graph.step import StepGraphs
 from memopt.plan.segments import Segment, find_segments, must_save, value_bytes
 from memopt.plan.step_context import StepContext, placed
+from memopt.plan.storage import StoragePlan
 
 __all__ = ["OPTIONS", "RematProblem", "RematSolution", "build_problem", "plan_remat", "evaluate"]
 
@@ -78,29 +79,31 @@ _EXPENSIVE = {
 
 @dataclass
 class Evaluation:
-    """A saved set, the graphs it yields and their exact timeline."""
+    """A saved set, the graphs it yields and their timeline: exact, or with saved
+    values held elsewhere as the storage planner chose (modelled)."""
 
     saved: frozenset[str]
     step: StepGraphs
     timeline: MemoryTimeline
     recompute_flops: int
     recompute_seconds: float
-    compress_seconds: float = 0.0
-    graphs: tuple[fx.GraphModule, fx.GraphModule] | None = None
-    """Set when the plan is torch's own partition, to be installed as is (the split
-    `split_joint` would make of its saved set may order backward differently)."""
-    """Modelled time of the compression kernels, when the plan was evaluated with
-    saved values compressed (``shrink``)."""
+    storage_seconds: float = 0.0
+    """Modelled time of the storage plan (compression kernels, exposed transfers)."""
+    storage: StoragePlan | None = None
+    torch_budget: float | None = None
+    """Set when the plan is torch's own partition at this ``activation_memory_budget``,
+    to be installed as is (the split `split_joint` would make of its saved set may
+    order backward differently)."""
 
     @property
     def seconds(self) -> float:
-        """Modelled extra time of the plan: recomputation plus compression."""
-        return self.recompute_seconds + self.compress_seconds
+        """Modelled extra time of the plan: recomputation plus storage."""
+        return self.recompute_seconds + self.storage_seconds
 
 
-Shrink = Callable[[StepGraphs], float]
-"""Compresses a candidate step's saved values in place; returns the modelled seconds
-the compression kernels cost (see `memopt.plan.compression`)."""
+Storage = Callable[[StepGraphs, MemoryTimeline], StoragePlan]
+"""Plans where a candidate's saved values wait for backward (`memopt.plan.storage`),
+given the candidate and its exact timeline."""
 
 
 @dataclass
@@ -119,7 +122,7 @@ class RematProblem:
     FL: np.ndarray  # [K, O] recompute FLOPs
     evaluations: dict[str, Evaluation] = field(default_factory=dict)
     torch_whole: dict[float, frozenset[str]] = field(default_factory=dict)  # torch's saved set per budget
-    shrink: Shrink | None = None  # every plan is evaluated with its saved values compressed
+    storage: Storage | None = None  # every plan is evaluated with its storage plan
     torch_graphs: dict[float, tuple[fx.GraphModule, fx.GraphModule]] = field(default_factory=dict)
 
     def saved_for(self, choice: Sequence[str]) -> frozenset[str]:
@@ -159,26 +162,27 @@ class RematSolution:
 
 
 def evaluate(
-    step: StepGraphs, saved: frozenset[str], shrink: Shrink | None = None, context: StepContext | None = None
+    step: StepGraphs, saved: frozenset[str], storage: Storage | None = None, context: StepContext | None = None
 ) -> Evaluation:
-    """Split ``step``'s joint graph (dropout made recomputable) saving ``saved``
-    (then compressing saved values with ``shrink``, if given); the exact timeline and
-    the recompute cost of the result. With ``context`` the timeline is the whole
-    step's, the other regions in place (`StepContext.place`)."""
+    """Split ``step``'s joint graph (dropout made recomputable) saving ``saved``; the
+    timeline (with the saved values held as ``storage`` plans, if given) and the
+    recompute cost of the result. With ``context`` the timeline is the whole step's,
+    the other regions in place (`StepContext.place`)."""
     joint: JointGraph = step.joint.recomputable()
     forward, backward = split_joint(joint, sorted(saved), step.region, draft=True)
-    return _evaluate_graphs(step, joint, saved, forward, backward, shrink, context)
+    return _evaluate_graphs(step, joint, saved, forward, backward, storage, context)
 
 
 def evaluate_torch_partition(
-    step: StepGraphs,
-    graphs: tuple[fx.GraphModule, fx.GraphModule],
-    shrink: Shrink | None = None,
-    context: StepContext | None = None,
+    step: StepGraphs, budget: float, storage: Storage | None = None, context: StepContext | None = None
 ) -> Evaluation | None:
-    """The exact timeline and recompute cost of torch's own partition ``graphs`` (to be
-    installed as they are), or None when its backward recomputes a random op (new
-    random numbers: not a valid plan for memopt)."""
+    """The timeline and recompute cost of torch's own partition at
+    ``activation_memory_budget=budget`` (to be installed as it is), or None when
+    torch's partitioner fails or its backward recomputes a random op (new random
+    numbers: not a valid plan for memopt)."""
+    graphs = step.joint.torch_partition(budget)
+    if graphs is None:
+        return None
     forward, backward = graphs
     fw_names = {n.name for n in forward_nodes(step.joint)}
     if any(n.name in fw_names and meta.is_random(n) for n in backward.graph.nodes):
@@ -186,10 +190,8 @@ def evaluate_torch_partition(
     saved = frozenset(
         o.name for o in forward.graph.find_nodes(op="output")[0].args[0][step.num_fwd_outputs :] if isinstance(o, fx.Node)
     )
-    if shrink is not None:  # shrink rewrites in place: the plan keeps the originals
-        forward, backward = clone_graph_module(forward), clone_graph_module(backward)
-    ev = _evaluate_graphs(step, step.joint, saved, forward, backward, shrink, context)
-    return dataclasses.replace(ev, graphs=graphs)
+    ev = _evaluate_graphs(step, step.joint, saved, forward, backward, storage, context)
+    return dataclasses.replace(ev, torch_budget=budget)
 
 
 def _evaluate_graphs(
@@ -198,12 +200,15 @@ def _evaluate_graphs(
     saved: frozenset[str],
     forward: fx.GraphModule,
     backward: fx.GraphModule,
-    shrink: Shrink | None,
+    storage: Storage | None,
     context: StepContext | None = None,
 ) -> Evaluation:
     candidate = dataclasses.replace(step, forward=forward, backward=backward)
-    compress_seconds = 0.0 if shrink is None else shrink(candidate)
-    timeline = placed(context, candidate, build_timeline(candidate))
+    timeline = build_timeline(candidate)
+    stored = None if storage is None else storage(candidate, timeline)
+    if stored is not None and stored.timeline is not None:
+        timeline = stored.timeline
+    timeline = placed(context, candidate, timeline)
     fw_names = {n.name for n in forward_nodes(joint)}
     device = device_model(timeline.device)
     flops, seconds = 0, 0.0
@@ -212,30 +217,7 @@ def _evaluate_graphs(
             cost = node_cost(node, device)
             flops += cost.flops
             seconds += cost.seconds
-    return Evaluation(saved, candidate, timeline, flops, seconds, compress_seconds)
-
-
-def _torch_partition(joint: JointGraph, budget: float) -> tuple[fx.GraphModule, fx.GraphModule] | None:
-    """Torch's min-cut partition at ``activation_memory_budget=budget`` (None if it
-    fails: the option then repeats another one)."""
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-
-    # New nodes, shared fake values: a deep copy would also copy the fake tensors in
-    # node.meta, which fails for graphs whose values alias real storage (a default
-    # Hugging Face config's key/value cache: issue 14).
-    module = clone_graph_module(joint.module)
-    try:
-        with torch._functorch.config.patch(activation_memory_budget=budget), meta.graph_fake_mode(module.graph):
-            return min_cut_rematerialization_partition(
-                module,
-                [],
-                compiler="inductor",
-                num_fwd_outputs=joint.num_fwd_outputs,
-                static_lifetime_input_indices=list(joint.static_lifetime_input_indices or ()),
-            )
-    except Exception as exc:  # noqa: BLE001 - an option we can do without
-        log.debug("torch's partitioner failed at budget %s (%s); option skipped", budget, exc)
-        return None
+    return Evaluation(saved, candidate, timeline, flops, seconds, 0.0 if stored is None else stored.seconds, stored)
 
 
 def _saved_by(graphs: tuple[fx.GraphModule, fx.GraphModule] | None, joint: JointGraph, fallback: set[str]) -> set[str]:
@@ -265,9 +247,9 @@ def _option_sets(segment: Segment, mincut: set[str], torch_saved: dict[float, se
     }
 
 
-def build_problem(step: StepGraphs, shrink: Shrink | None = None, context: StepContext | None = None) -> RematProblem:
+def build_problem(step: StepGraphs, storage: Storage | None = None, context: StepContext | None = None) -> RematProblem:
     """Segments, option sets and per-option stats for ``step`` (one evaluation per
-    distinct all-segments-on-one-option plan, each with ``shrink`` applied, each
+    distinct all-segments-on-one-option plan, each with its ``storage`` plan, each
     judged in ``context`` when given)."""
     joint: JointGraph = step.joint.recomputable()
     placeholders = joint.module.graph.find_nodes(op="placeholder")
@@ -282,7 +264,7 @@ def build_problem(step: StepGraphs, shrink: Shrink | None = None, context: StepC
     always = frozenset(n for n in mincut if n not in fw_names)  # saved symbols etc.
     # torch's knapsack is costly on large graphs: one budget beyond _LARGE_GRAPH nodes
     budgets = _TORCH_BUDGETS if len(joint.module.graph.nodes) <= _LARGE_GRAPH else (0.5,)
-    torch_graphs = {b: _torch_partition(step.joint, b) for b in budgets}  # the graph as torch sees it
+    torch_graphs = {b: step.joint.torch_partition(b) for b in budgets}  # the graph as torch sees it
     torch_saved = {b: _saved_by(g, step.joint, mincut) for b, g in torch_graphs.items()}
     for b in _TORCH_BUDGETS:  # budgets not computed repeat the nearest one computed
         torch_saved.setdefault(b, torch_saved[min(torch_saved, key=lambda c: abs(c - b))])
@@ -293,7 +275,7 @@ def build_problem(step: StepGraphs, shrink: Shrink | None = None, context: StepC
     forced = {n.name for seg in segments for n in seg.nodes if must_save(n)}
     problem = RematProblem(
         step, segments, sets, always, S, F, P, C, T, FL,
-        torch_whole={b: frozenset(names | forced) for b, names in torch_saved.items()}, shrink=shrink,
+        torch_whole={b: frozenset(names | forced) for b, names in torch_saved.items()}, storage=storage,
         torch_graphs={b: g for b, g in torch_graphs.items() if g is not None},
     )  # fmt: skip
     done: dict[frozenset[str], int] = {}
@@ -304,7 +286,7 @@ def build_problem(step: StepGraphs, shrink: Shrink | None = None, context: StepC
                 table[:, o] = table[:, done[saved]]
             continue
         done[saved] = o
-        ev = evaluate(step, saved, shrink, context)
+        ev = evaluate(step, saved, storage, context)
         problem.evaluations[option] = ev
         _attribute(ev, owner, K, o, problem)
     return problem
@@ -438,7 +420,7 @@ def plan_remat(
     *,
     time_limit: float = 5.0,
     max_iterations: int = 6,
-    shrink: Shrink | None = None,
+    storage: Storage | None = None,
     context: StepContext | None = None,
 ) -> RematSolution:
     """Choose per-segment options so the step's exact estimated peak fits
@@ -447,16 +429,18 @@ def plan_remat(
     Every plan evaluated on the way (the MILP's answers, the all-one-option plans,
     the smallest-peak plan, torch's own choices and, when nothing fits, the
     smallest-peak plan with every other segment boundary recomputed) is a candidate;
-    the answer is the fitting one with the least recompute time. ``feasible=False`` means none fits; the solution
-    then holds the plan with the smallest peak found (``min_peak``). With ``shrink``
-    every plan is judged with its saved values compressed; with ``context``, by the
-    peak of the whole step it runs in (`memopt.plan.step_context`).
+    the answer is the fitting one with the least recompute FLOPs (with ``storage``: the
+    least modelled time, recomputation plus storage). ``feasible=False`` means none
+    fits; the solution then holds the plan with the smallest peak found
+    (``min_peak``). With ``storage`` every plan is judged with its saved values held
+    as the storage planner decides for it; with ``context``, by the peak of the whole
+    step it runs in (`memopt.plan.step_context`).
 
     Python's cyclic garbage collector is paused while planning: the evaluations build
     and drop many FX graphs (cyclic garbage), and collections over the compile's
     large heap took up to half the planner's time, varying from run to run."""
     with _gc_paused():
-        return _plan_remat(step, budget_bytes, time_limit, max_iterations, shrink, context)
+        return _plan_remat(step, budget_bytes, time_limit, max_iterations, storage, context)
 
 
 @contextlib.contextmanager
@@ -475,13 +459,13 @@ def _plan_remat(
     budget_bytes: int,
     time_limit: float,
     max_iterations: int,
-    shrink: Shrink | None,
+    storage: Storage | None,
     context: StepContext | None,
 ) -> RematSolution:
     from memopt.plan.milp import solve_min_peak
 
     start = time.perf_counter()
-    problem = build_problem(step, shrink, context)
+    problem = build_problem(step, storage, context)
     K = len(problem.segments)
     tried: dict[frozenset[str], tuple[list[str], Evaluation]] = {
         ev.saved: ([option] * K, ev) for option, ev in problem.evaluations.items()
@@ -489,14 +473,14 @@ def _plan_remat(
 
     def consider(choice: list[str], saved: frozenset[str]) -> Evaluation:
         if saved not in tried:
-            tried[saved] = (choice, evaluate(step, saved, shrink, context))
+            tried[saved] = (choice, evaluate(step, saved, storage, context))
         return tried[saved][1]
 
     for b, names in problem.torch_whole.items():  # (repeats of a budget are skipped by consider)
         consider([f"torch@{b} (whole graph)"] * K, names)
     torch_own: list[tuple[list[str], Evaluation]] = []  # torch's partitions, installed as they are
-    for b, graphs in problem.torch_graphs.items():
-        ev = evaluate_torch_partition(step, graphs, shrink, context)
+    for b in problem.torch_graphs:
+        ev = evaluate_torch_partition(step, b, storage, context)
         if ev is not None:
             torch_own.append(([f"torch@{b} (torch's graphs)"] * K, ev))
     target = float(budget_bytes)
@@ -533,7 +517,10 @@ def _plan_remat(
             smallest[0], smallest[1], False, how, iterations, elapsed, [p for _, p in curve], smallest[1],
             problem.segments,
         )  # fmt: skip
-    best = min(fitting, key=lambda ce: (ce[1].recompute_flops, ce[1].seconds, ce[1].timeline.peak_bytes))
+    if storage is None:
+        best = min(fitting, key=lambda ce: (ce[1].recompute_flops, ce[1].seconds, ce[1].timeline.peak_bytes))
+    else:  # offload and compression cost time, not FLOPs: compare modelled time
+        best = min(fitting, key=lambda ce: (ce[1].seconds, ce[1].recompute_flops, ce[1].timeline.peak_bytes))
     return RematSolution(
         best[0], best[1], True, how, iterations, elapsed, [p for _, p in curve], smallest[1], problem.segments
     )

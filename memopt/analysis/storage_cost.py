@@ -1,0 +1,213 @@
+"""Cost model of holding saved values somewhere else between forward and backward.
+
+A saved value is needed twice: by its forward readers and, much later, by backward.
+In between (its *window*) it can be stored compressed (``compress_activations``) or
+moved to host memory or disk (``offload``). This module says, for each saved storage
+of a step, what that would save and cost, without rewriting anything:
+
+* the timeline indices during which only the stored form is resident: a compressed
+  value from its last forward reader to just before its first backward reader; an
+  offloaded value from the point its write has finished (the compute after its last
+  reader that the write hides under, at the target's write bandwidth) to the point
+  its reload must start for the read to finish before the first backward reader
+  (prefetch; the start of backward at the earliest);
+* the modelled step time added: a compression's two kernels (each storage read and
+  written once to compress and once to restore, at the device's bandwidth, plus two
+  launches); an offload's launches plus the part of the read that no compute hides.
+
+`with_stored` turns a choice of candidates into the timeline the rewritten graphs
+would have, so a planner can judge peaks by the model and leave exact rewrites for
+the final check. Transfers are modelled one value at a time: concurrent transfers
+share one link (one I/O thread on disk), which the model does not charge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from memopt.analysis.aliasing import concrete_int
+from memopt.analysis.compressible import (
+    SavedStorage,
+    choose_formats,
+    last_forward_reader,
+    saved_storages,
+    stored_bytes,
+)
+from memopt.analysis.cost import device_model, node_cost
+from memopt.analysis.memory import LiveInterval, MemoryTimeline, finish_timeline
+from memopt.graph import meta
+from memopt.graph.step import StepGraphs
+
+__all__ = ["StorageCandidate", "Bandwidth", "storage_candidates", "storage_key", "with_stored", "MIN_OFFLOAD_BYTES"]
+
+MIN_OFFLOAD_BYTES = 1 << 20
+"""Smaller saved values are not offloaded: a transfer's fixed cost (a file, a copy
+launch) outweighs the bytes."""
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    """Bytes per second to (write) and from (read) an offload target."""
+
+    write: float
+    read: float
+
+
+@dataclass(frozen=True)
+class StorageCandidate:
+    """Storing one saved storage as ``kind`` (``"compress"`` in ``how`` = a format, or
+    ``"offload"`` to ``how`` = a target) between timeline indices ``away`` and
+    ``back`` (inclusive, region-local), where only ``kept_bytes`` of its
+    ``full_bytes`` are resident, at ``seconds`` of modelled step time."""
+
+    group: SavedStorage
+    kind: str
+    how: str
+    full_bytes: int
+    kept_bytes: int
+    away: int
+    back: int
+    seconds: float
+    transfer_seconds: float = 0.0
+    hidden_seconds: float = 0.0
+    reload_lead: int = 0
+    """Offload: backward compute nodes between the reload's start and the first use."""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(v.name for v in self.group.values)
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.full_bytes - self.kept_bytes
+
+
+def storage_candidates(
+    step: StepGraphs,
+    timeline: MemoryTimeline,
+    *,
+    compress: str | None = None,
+    offload: str | None = None,
+    bandwidth: Bandwidth | None = None,
+    min_offload_bytes: int = MIN_OFFLOAD_BYTES,
+) -> tuple[list[StorageCandidate], Counter[str]]:
+    """Every way the options allow to hold ``step``'s saved storages elsewhere (at most
+    one compression and one offload per storage), judged on ``timeline`` (the step's
+    own, `memopt.analysis.memory.build_timeline`); and how many storages cannot be
+    compressed, per reason."""
+    if step.backward is None or (compress is None and offload is None):
+        return [], Counter()
+    places = _Places(step, timeline)
+    out: list[StorageCandidate] = []
+    skipped: Counter[str] = Counter()
+    if compress is not None:
+        chosen, skipped = choose_formats(step, compress)
+        out.extend(c for group, fmt in chosen if (c := _compressed(group, fmt, places)) is not None)
+    if offload is not None:
+        if bandwidth is None:
+            raise ValueError("offload candidates need the target's bandwidth")
+        for group in saved_storages(step, "raw", min_elements=0):
+            if group.eligible and group.nbytes >= min_offload_bytes:
+                candidate = _offloaded(group, offload, bandwidth, places)
+                if candidate is not None:
+                    out.append(candidate)
+    return out, skipped
+
+
+def with_stored(timeline: MemoryTimeline, chosen: Sequence[StorageCandidate]) -> MemoryTimeline:
+    """``timeline`` with each chosen storage resident only as its kept bytes in its
+    window (the rest of its interval unchanged)."""
+    by_key = {storage_key(c.group): c for c in chosen}
+    intervals: list[LiveInterval] = []
+    for iv in timeline.intervals:
+        c = by_key.get((iv.node, iv.output_index)) if iv.category == "saved_activations" else None
+        if c is None:
+            intervals.append(iv)
+            continue
+        intervals.append(dataclasses.replace(iv, end=c.away - 1))
+        if c.kept_bytes:
+            intervals.append(dataclasses.replace(iv, nbytes=c.kept_bytes, start=c.away, end=c.back))
+        intervals.append(dataclasses.replace(iv, start=c.back + 1))
+    result = finish_timeline(timeline.points, intervals, timeline.device)
+    result.input_saved_until = timeline.input_saved_until
+    result.output_saved_until = timeline.output_saved_until
+    return result
+
+
+class _Places:
+    """Timeline positions and modelled seconds of the step's compute nodes."""
+
+    def __init__(self, step: StepGraphs, timeline: MemoryTimeline) -> None:
+        assert step.backward is not None
+        device = device_model(timeline.device)
+        self.device = device
+        fw = [n for n in step.forward.graph.nodes if n.op not in ("placeholder", "output")]
+        bw = [n for n in step.backward.graph.nodes if n.op not in ("placeholder", "output")]
+        self.n_fw = len(fw)
+        self.index = {n: i for i, n in enumerate(fw)} | {n: len(fw) + i for i, n in enumerate(bw)}
+        self.seconds = [node_cost(n, device).seconds for n in fw + bw]
+        self.bw_of = dict(step.saved_pairs())
+        self.intervals = {
+            (iv.node, iv.output_index): iv
+            for iv in timeline.intervals
+            if iv.category == "saved_activations" and iv.region == step.region
+        }
+
+    def window(self, group: SavedStorage) -> tuple[LiveInterval, int, int] | None:
+        """The storage's interval, its last forward reader's index and its first
+        backward reader's index (None when the model cannot place it)."""
+        if group.storage is None or group.base is None:
+            return None
+        iv = self.intervals.get(storage_key(group))
+        last = self.index.get(last_forward_reader(group))
+        readers = [self.index[u] for v in group.values for u in self.bw_of[v].users if u in self.index]
+        if iv is None or last is None or not readers:
+            return None
+        return iv, last, min(readers)
+
+
+def storage_key(group: SavedStorage) -> tuple[object, int]:
+    """The (producer, output index) a storage's `LiveInterval` has."""
+    assert group.storage is not None
+    return group.storage.producer, group.storage.index
+
+
+def _compressed(group: SavedStorage, fmt: str, places: _Places) -> StorageCandidate | None:
+    found = places.window(group)
+    if found is None:
+        return None
+    iv, last, first = found
+    numel = concrete_int(meta.tensor_value(group.base).numel())  # type: ignore[union-attr]
+    kept = stored_bytes(fmt, numel)
+    if first - last < 2 or kept >= iv.nbytes:
+        return None
+    moved = 2 * (group.nbytes + kept)
+    seconds = moved / places.device.bytes_per_s + 2 * places.device.op_overhead_s
+    return StorageCandidate(group, "compress", fmt, iv.nbytes, kept, last + 1, first - 1, seconds)
+
+
+def _offloaded(group: SavedStorage, target: str, bandwidth: Bandwidth, places: _Places) -> StorageCandidate | None:
+    found = places.window(group)
+    if found is None:
+        return None
+    iv, last, first = found
+    write_s, read_s = group.nbytes / bandwidth.write, group.nbytes / bandwidth.read
+    away, spent = last + 1, 0.0
+    while away < first and spent < write_s:  # the write finishes under this compute
+        spent += places.seconds[away]
+        away += 1
+    back, hidden = first - 1, 0.0
+    while back >= max(away, places.n_fw) and hidden < read_s:  # the read starts this early
+        hidden += places.seconds[back]
+        back -= 1
+    if back < away:
+        return None  # no point of the window is free of the value
+    exposed = max(0.0, read_s - hidden)
+    seconds = exposed + 2 * places.device.op_overhead_s
+    return StorageCandidate(
+        group, "offload", target, iv.nbytes, 0, away, back, seconds,
+        transfer_seconds=write_s + read_s, hidden_seconds=min(hidden, read_s) + write_s, reload_lead=first - 1 - back,
+    )  # fmt: skip
