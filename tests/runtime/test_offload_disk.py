@@ -10,6 +10,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import weakref
 from pathlib import Path
@@ -310,8 +311,11 @@ def test_same_config_gives_the_same_store(offload_dir):
 
 def test_default_store_lives_in_the_temporary_directory():
     store = get_store(register_store("disk"))
-    assert os.path.dirname(store.directory) == os.path.realpath(store.root)
+    assert store.root == tempfile.gettempdir()
+    assert os.path.dirname(store.directory) == store.root
     assert os.path.basename(store.directory).startswith(f"memopt-offload-{os.getpid()}-")
+    store.close()
+    assert not os.path.exists(store.directory)
 
 
 def test_unknown_target_names_the_valid_ones():
