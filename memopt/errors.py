@@ -1,9 +1,10 @@
 """memopt's warning category, so users (and the test suite) can filter memopt's own
-warnings: a fallback to the unoptimized graph, a skipped option, an infeasible budget."""
+warnings: a fallback to the unoptimized graph, a skipped option, an infeasible budget;
+and its errors."""
 
 from __future__ import annotations
 
-__all__ = ["MemoptWarning", "MemoptBudgetError", "MemoptInternalError"]
+__all__ = ["MemoptWarning", "MemoptBudgetError", "MemoptInternalError", "MemoptOffloadError"]
 
 
 class MemoptWarning(UserWarning):
@@ -29,3 +30,11 @@ class MemoptInternalError(RuntimeError):
         self.region = region
         self.reason = reason
         self.pass_name = pass_name
+
+
+class MemoptOffloadError(RuntimeError):
+    """An offload store cannot hold what the plan sends it: its directory is missing,
+    unwritable, not private or too small, a write failed (a full disk), or the target
+    does not fit the device. Raised at compile time where it can be foreseen, otherwise
+    in the thread that runs the step, at the next offload operation. The message names
+    the problem, the amount and the fix."""

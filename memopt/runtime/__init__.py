@@ -1,0 +1,32 @@
+"""memopt.runtime: what runs inside the compiled step, beside the generated code.
+
+Offload stores (`offload_store`, `disk_store`, `host_store`) keep saved activations
+on disk or in pinned host memory between forward and backward; the custom ops of
+`memopt.codegen.offload` call them. The offload pass registers a store at compile time
+(`register_store`) and bakes its id into the graph; `preflight` and `bandwidth` feed
+the planner; `stats` feeds the report.
+"""
+
+from memopt.errors import MemoptOffloadError
+from memopt.runtime.offload_store import (
+    TARGETS,
+    OffloadStore,
+    StoreStats,
+    bandwidth,
+    close_all,
+    get_store,
+    measure_bandwidth,
+    register_store,
+)
+
+__all__ = [
+    "TARGETS",
+    "MemoptOffloadError",
+    "OffloadStore",
+    "StoreStats",
+    "bandwidth",
+    "close_all",
+    "get_store",
+    "measure_bandwidth",
+    "register_store",
+]
