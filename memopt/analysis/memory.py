@@ -35,6 +35,7 @@ from memopt.analysis.aliasing import GraphAliasing, Storage, analyze_aliasing, c
 from memopt.analysis.fusion import channels_last_copies, fused_nodes, inplace_reuses
 from memopt.analysis.manager import Analysis, AnalysisManager
 from memopt.analysis.workspace import retained_bytes, workspace_bytes
+from memopt.analysis.value_ops import allocated_at
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs, output_values
 
@@ -388,13 +389,14 @@ def _add_backward(step: StepGraphs, bw: _GraphLiveness, n_fw: int, add: Any, poi
             end = None if storage in grads else bw.last_use.get(storage, n_fw)
             add("backward", storage, "gradients", n_fw, end)
     for node in bw_nodes:
+        start = bw.index[allocated_at(node)]
         for storage in bw.aliasing.fresh.get(node, []):
             if storage in passed_on and storage not in grads:
-                add("backward", storage, "gradients", bw.index[node], last_bw)
+                add("backward", storage, "gradients", start, last_bw)
             elif storage in grads:
-                add("backward", storage, "gradients", bw.index[node], None)
+                add("backward", storage, "gradients", start, None)
             else:
-                add("backward", storage, "temporaries", bw.index[node], bw.last_use[storage])
+                add("backward", storage, "temporaries", start, bw.last_use[storage])
     points.extend(TimelinePoint("backward", n.name, 0, step.region) for n in bw_nodes)
 
 

@@ -16,7 +16,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["CAST_OPS", "VIEW_OPS", "COPY_OPS", "SIGN_READERS", "cast_and_view_source", "may_hold_infinities"]
+__all__ = [
+    "CAST_OPS", "VIEW_OPS", "COPY_OPS", "SIGN_READERS", "cast_and_view_source", "may_hold_infinities", "allocated_at",
+]  # fmt: skip
 
 aten = torch.ops.aten
 CAST_OPS = frozenset({aten._to_copy.default, torch.ops.prims.convert_element_type.default})
@@ -37,6 +39,17 @@ SIGN_READERS = frozenset({
     aten.gt.Scalar, aten.eq.Scalar, aten.ne.Scalar, aten.sign.default,
 })  # fmt: skip
 """Ops that read a tensor for its signs or zeros (ReLU's backward and masks)."""
+
+
+def allocated_at(node: fx.Node) -> fx.Node:
+    """The node at which ``node``'s output memory is allocated: ``node`` itself, except
+    for a ``memopt::reload_wait`` whose ``memopt::reload_start`` began filling a fresh
+    buffer earlier (an offloaded value's prefetch)."""
+    if str(node.target) == "memopt.reload_wait.default":
+        start = node.args[0]
+        if isinstance(start, fx.Node) and str(start.target) == "memopt.reload_start.default":
+            return start
+    return node
 
 
 def cast_and_view_source(node: fx.Node) -> fx.Node:

@@ -27,7 +27,7 @@ from memopt.analysis.memory import build_timeline, main_device
 from memopt.backends.record import RegionRecord, active_recorders
 from memopt.codegen.eager import compile_eager
 from memopt.config import MemoptConfig
-from memopt.errors import MemoptBudgetError, MemoptInternalError
+from memopt.errors import MemoptBudgetError, MemoptInternalError, MemoptOffloadError
 from memopt.failsoft import Fallback, fail_soft, is_torch_signal
 from memopt.graph import meta
 from memopt.graph.partition import JointGraph
@@ -164,8 +164,8 @@ class RegionCompiler:
         self.record.kind = "training" if step.is_training else "inference"
         try:
             optimized = self._optimize(step)
-        except (MemoptInternalError, MemoptBudgetError):
-            raise  # strict=True
+        except (MemoptInternalError, MemoptBudgetError, MemoptOffloadError):
+            raise  # strict=True, or a setting the user must change (offload target, disk space)
         except Exception as exc:  # noqa: BLE001 - fail soft, see memopt.failsoft
             if self.keeps_earlier_plan or is_torch_signal(exc):
                 raise

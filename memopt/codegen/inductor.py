@@ -129,6 +129,11 @@ def compile_with_inductor(
     import torch._inductor as inductor
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
+    from memopt.codegen.offload import register_inductor_lowering
+
+    if config.offload is not None:
+        register_inductor_lowering()  # an offloaded buffer must not be reused while written
+
     def inner_compile(graph: fx.GraphModule, inputs: Sequence[Any], **kwargs: Any) -> Any:
         if kwargs.get("is_inference"):
             graph = optimize_inference(graph)

@@ -5,9 +5,10 @@ Ordering constraints (each pass's docstring states its own):
 1. ``remat`` first: it replaces both graphs with the split the plan chose.
 2. ``dce``: nothing after it should pay for values nobody reads.
 3. ``recompute_saved_casts`` then ``compress_activations`` (below).
-4. ``schedule`` last: it reorders what the other passes produced to lower the peak.
+4. ``schedule``: it reorders what the other passes produced to lower the peak.
+5. ``offload`` after it: the prefetch distance is counted in the final order.
 
-Later passes (offload, sharding) are added here in the order their docstrings require.
+Later passes (sharding) are added here in the order their docstrings require.
 
 Precision (docs/precision.md):
 
@@ -28,6 +29,7 @@ from memopt.config import MemoptConfig
 from memopt.passes.base import Pass
 from memopt.passes.compress import CompressSavedActivations
 from memopt.passes.dce import DeadCodeElimination
+from memopt.passes.offload import OffloadSavedActivations
 from memopt.passes.precision import PrecisionLowering
 from memopt.passes.remat import Rematerialize
 from memopt.passes.saved_casts import RecomputeSavedCasts
@@ -44,6 +46,7 @@ def default_pipeline(config: MemoptConfig) -> list[Pass]:
         RecomputeSavedCasts(),
         CompressSavedActivations(),
         MemoryAwareSchedule(),
+        OffloadSavedActivations(),
     ]
 
 

@@ -135,6 +135,10 @@ def _apply_order(graph: fx.Graph, order: list[fx.Node]) -> None:
         anchor = node
 
 
+_PLACED = ("offloaded", "reloaded")
+"""memopt tags of nodes whose position another pass chose (offload transfers)."""
+
+
 class MemoryAwareSchedule(Pass):
     """Reorder nodes inside the forward and backward graphs to lower the step's peak.
 
@@ -161,6 +165,8 @@ class MemoryAwareSchedule(Pass):
         before = analyses.get(MemoryAnalysis).peak_bytes
         original = {name: list(gm.graph.nodes) for name, gm in step.graphs()}
         for name, gm in step.graphs():
+            if any(meta.memopt_tag(n, tag) is not None for n in gm.graph.nodes for tag in _PLACED):
+                continue  # transfers placed by the offload pass keep their order
             freeable = gm.graph.find_nodes(op="placeholder") if name == "backward" else []
             _apply_order(gm.graph, memory_aware_order(gm.graph, freeable_inputs=freeable))
         analyses.invalidate(PreservedAnalyses.none())  # the order changed: ask again
