@@ -23,7 +23,7 @@ from memopt.config import MemoptConfig
 from memopt.passes.instruments import op_counts
 from memopt.failsoft import Fallback
 from memopt.plan.plan import TensorDecision
-from memopt.plan.report import breakdown_table, decisions_table, summary_table, tradeoff_table
+from memopt.plan.report import breakdown_table, decisions_table, storage_table, summary_table, tradeoff_table
 from memopt.precision_report import precision_lines
 
 __all__ = ["explain", "record", "Explanation"]
@@ -209,6 +209,11 @@ class Explanation:
             if decisions:
                 lines += ["", "values saved for backward (largest first):", decisions_table(decisions, top)]
             for r in self.regions:
+                stored = None if r.plan is None else storage_table(
+                    r.plan.decisions, float(r.plan.solver.get("recompute_seconds_model", 0.0))
+                )
+                if stored:
+                    lines += ["", f"region {r.region}: where saved values wait for backward:", stored]
                 if r.plan is not None and r.plan.tradeoff:
                     lines += [
                         "",

@@ -9,7 +9,7 @@ from tabulate import tabulate
 from memopt.analysis.memory import CATEGORIES, MemoryTimeline
 from memopt.plan.plan import TensorDecision
 
-__all__ = ["format_bytes", "summary_table", "breakdown_table", "decisions_table", "tradeoff_table"]
+__all__ = ["format_bytes", "summary_table", "breakdown_table", "decisions_table", "tradeoff_table", "storage_table"]
 
 
 def format_bytes(n: int | float | None) -> str:
@@ -101,4 +101,37 @@ def tradeoff_table(tradeoff: Sequence[dict[str, float]], chosen_peak: int | None
             mark,
         ])  # fmt: skip
     headers = ["modelled peak", "recompute GFLOP", "recompute ms (model)", "segments recomputing", ""]
+    return tabulate(rows, headers=headers)
+
+
+def storage_table(decisions: Sequence[TensorDecision], recompute_seconds: float = 0.0) -> str:
+    """Where saved values wait for backward, per technique: how many, the bytes held
+    elsewhere (the host or disk footprint for offload), the modelled step time added
+    and, for offload, the share of the transfers hidden under compute. Empty when
+    every value is saved or recomputed."""
+    rows = []
+    total_seconds = recompute_seconds
+    recomputed = [d for d in decisions if d.policy == "recompute"]
+    if recomputed:
+        rows.append(["recompute", len(recomputed), format_bytes(sum(d.bytes for d in recomputed)), "-",
+                     f"{recompute_seconds * 1e3:.3f}", "-"])  # fmt: skip
+    for kind in ("compress", "offload"):
+        chosen = [d for d in decisions if d.policy == kind]
+        if not chosen:
+            continue
+        seconds = sum(d.details.get("modelled_seconds", 0.0) for d in chosen)
+        total_seconds += seconds
+        transfer = sum(d.details.get("transfer_seconds", 0.0) for d in chosen)
+        hidden = sum(d.details.get("hidden_seconds", 0.0) for d in chosen)
+        kept = sum(d.details.get("stored_bytes", 0) for d in chosen)
+        where = sorted({getattr(d.action, "target", getattr(d.action, "format", "")) for d in chosen})
+        rows.append([
+            f"{kind} ({', '.join(where)})", len(chosen), format_bytes(sum(d.bytes for d in chosen) - kept),
+            format_bytes(sum(d.bytes for d in chosen)) if kind == "offload" else "-",
+            f"{seconds * 1e3:.3f}", f"{hidden / transfer:.0%}" if kind == "offload" and transfer else "-",
+        ])  # fmt: skip
+    if not rows or len(rows) == 1 and recomputed:
+        return ""
+    rows.append(["total", sum(r[1] for r in rows), "", "", f"{total_seconds * 1e3:.3f}", ""])
+    headers = ["technique", "values", "bytes off the device", "host/disk footprint", "added ms (model)", "transfer hidden"]
     return tabulate(rows, headers=headers)
