@@ -105,11 +105,18 @@ class _Tracker:
         return candidate if candidate in inputs else None
 
 
+_RETURNS_ITS_INPUT = {"_c10d_functional.wait_tensor.default"}
+"""Ops whose schema declares a fresh result but which return their input tensor
+(waiting on a functional collective hands back the buffer the collective filled)."""
+
+
 def _schema_alias_args(node: fx.Node) -> list[fx.Node | list[Any] | None]:
     """For each schema return, the argument it aliases (or None)."""
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):
         return []
+    if str(target) in _RETURNS_ITS_INPUT:
+        return [node.args[0]]
     schema = target._schema
     by_set: dict[str, Any] = {}
     for i, arg in enumerate(schema.arguments):

@@ -36,15 +36,20 @@ class DeviceModel:
     op_overhead_s: float
     draws_per_s: float
     """Random numbers generated per second (Bernoulli draws of a dropout mask)."""
+    network_bytes_per_s: float = 1e9
+    """Bytes per second one rank sends or receives in a collective (ring algorithms:
+    an all-gather or reduce-scatter of S bytes over N ranks moves S (N-1)/N)."""
 
 
 _DEVICES = {
     # A modest server CPU core pair; numbers matter only relative to each other.
     # Draws: native_dropout's mask measured at 7.6 ns per element on one core here.
-    "cpu": DeviceModel("cpu", 100e9, 20e9, 2e-6, 150e6),
-    "meta": DeviceModel("cpu", 100e9, 20e9, 2e-6, 150e6),
-    # An A100-class GPU (bf16 tensor cores would be ~3x the fp32 rate used here).
-    "cuda": DeviceModel("cuda", 100e12, 1.5e12, 5e-6, 100e9),
+    # Collectives: gloo over loopback TCP, about 1 GB/s.
+    "cpu": DeviceModel("cpu", 100e9, 20e9, 2e-6, 150e6, 1e9),
+    "meta": DeviceModel("cpu", 100e9, 20e9, 2e-6, 150e6, 1e9),
+    # An A100-class GPU (bf16 tensor cores would be ~3x the fp32 rate used here);
+    # collectives: NCCL over NVLink, about 100 GB/s per rank.
+    "cuda": DeviceModel("cuda", 100e12, 1.5e12, 5e-6, 100e9, 100e9),
 }
 
 
@@ -95,12 +100,33 @@ def node_cost(node: fx.Node, device: DeviceModel) -> OpCost:
     """The cost of running ``node`` once on ``device``."""
     if node.op != "call_function" or is_view(node):
         return OpCost(0, 0, 0.0)
+    if str(node.target) in _COLLECTIVES:
+        return _collective_cost(node, device)
     flops = _flops(node)
     moved = sum(_bytes(meta.fake_value(i)) for i in node.all_input_nodes) + _bytes(meta.fake_value(node))
     seconds = max(flops / device.flops_per_s, moved / device.bytes_per_s) + device.op_overhead_s
     if _draws_random_numbers(node):
         seconds += _elements(meta.fake_value(node)) / device.draws_per_s
     return OpCost(flops, moved, seconds)
+
+
+_COLLECTIVES = {
+    "_c10d_functional.all_gather_into_tensor.default": "out",
+    "_c10d_functional.reduce_scatter_tensor.default": "in",
+    "_c10d_functional.all_reduce.default": "both",
+}
+"""Functional collectives, and which side's size the data moved per rank is
+measured on (ring algorithms; an all-reduce moves twice its size)."""
+
+
+def _collective_cost(node: fx.Node, device: DeviceModel) -> OpCost:
+    """Network time of a collective: ``size * (N - 1) / N`` bytes at the device's
+    network bandwidth (twice that for an all-reduce), plus the launch overhead."""
+    side = _COLLECTIVES[str(node.target)]
+    size = _bytes(meta.fake_value(node)) if side != "in" else _bytes(meta.fake_value(node.args[0]))
+    ranks = next((a for a in node.args[1:] if isinstance(a, int)), 2)
+    moved = size * (ranks - 1) / max(ranks, 1) * (2 if side == "both" else 1)
+    return OpCost(0, int(moved), moved / device.network_bytes_per_s + device.op_overhead_s)
 
 
 _REPLAY = torch.ops.memopt.dropout_mask_replay.default

@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from memopt.analysis.memory import build_timeline, main_device
+from memopt.backends.ranks import agree_across_ranks
 from memopt.backends.record import RegionRecord, active_recorders
 from memopt.codegen.eager import compile_eager
 from memopt.config import MemoptConfig
@@ -192,6 +193,7 @@ class RegionCompiler:
         before = build_timeline(step)
         unoptimized = dataclasses.replace(step)  # passes may swap the graphs of ``step``
         plan = plan_region(step, before, self.config, self._storage_options(passes, step), self.context)
+        plan = agree_across_ranks(plan, step)  # sharded steps: every rank runs rank 0's plan
         ctx = self._context(plan=plan)
         result = manager.run(step, ctx)
         after = build_timeline(result.step)

@@ -193,7 +193,8 @@ def is_random(node: fx.Node) -> bool:
 
 def has_side_effects(node: fx.Node) -> bool:
     """The op mutates state or has effects beyond its outputs (in-place ops, copies
-    into inputs, collectives, prints): it must run exactly where it is, once."""
+    into inputs, collectives, prints): it must run exactly where it is, once (except
+    a regatherable all-gather, `is_regatherable`, which the planner may repeat)."""
     if node.op != "call_function":
         return node.op in ("call_module", "call_method")
     target = node.target
@@ -208,6 +209,37 @@ def has_side_effects(node: fx.Node) -> bool:
             return True
         return False
     return node.is_impure()
+
+
+_GATHER = "_c10d_functional.all_gather_into_tensor.default"
+_WAIT = "_c10d_functional.wait_tensor.default"
+
+
+def is_regatherable(node: fx.Node) -> bool:
+    """An all-gather of a step input (a parameter shard, through views and casts), or
+    the wait on one: gathering the same shards again gives the same value, so like a
+    recomputation it may run again in backward instead of keeping the gathered value
+    (ZeRO-3's "reshard after forward"). Every rank must make the same choice."""
+    if node.op != "call_function":
+        return False
+    if str(node.target) == _WAIT:
+        source = node.args[0] if node.args else None
+        return isinstance(source, fx.Node) and is_regatherable(source)
+    if str(node.target) != _GATHER or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    source = node.args[0]
+    while source.op == "call_function" and len(source.all_input_nodes) == 1 and _cast_or_view(source):
+        source = source.all_input_nodes[0]
+    return source.op == "placeholder"
+
+
+def _cast_or_view(node: fx.Node) -> bool:
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    returns = target._schema.returns
+    aliasing = bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+    return aliasing or target in (torch.ops.prims.convert_element_type.default, torch.ops.aten._to_copy.default)
 
 
 def must_save_tag(node: fx.Node) -> bool:

@@ -27,6 +27,7 @@ from memopt.analysis.cost import is_view
 from memopt.analysis.memory import MemoryTimeline
 from memopt.config import MemoptConfig
 from memopt.errors import MemoptBudgetError, MemoptWarning
+from memopt.graph import meta
 from memopt.graph.partition import JointGraph, saved_names
 from memopt.graph.step import StepGraphs
 from memopt.plan.decisions import Action, Compress, Offload, Recompute, Save
@@ -266,13 +267,14 @@ def _blockers(timeline: MemoryTimeline) -> dict[str, int]:
 def _decisions(step: StepGraphs, joint: JointGraph, solution: RematSolution) -> list[TensorDecision]:
     segments = solution.segments
     owner = {n.name: s for s in segments for n in s.nodes}
-    mincut = set(saved_names(step))
-    saved = set(solution.evaluation.saved)
+    by_name = joint._by_name()
+    mincut = {_base_name(n, by_name) for n in saved_names(step)}
+    saved = {_base_name(n, by_name) for n in solution.evaluation.saved}
     out: list[TensorDecision] = []
     for name in sorted(mincut | saved):
-        node = joint._by_name().get(name)
-        if node is None or node.op == "placeholder" or value_bytes(node) == 0 or is_view(node):
-            continue  # views cost no bytes of their own: their base is listed
+        node = by_name.get(name)
+        if node is None or node.op == "placeholder" or value_bytes(node) == 0:
+            continue
         segment = owner.get(name)
         option = solution.choice[segment.index] if segment is not None else "save"
         action, reason = _reason(node, segment, option, name in saved)
@@ -281,9 +283,23 @@ def _decisions(step: StepGraphs, joint: JointGraph, solution: RematSolution) -> 
     return sorted(out, key=lambda d: -d.bytes)
 
 
+def _base_name(name: str, by_name: dict[str, fx.Node]) -> str:
+    """The value a saved view shows (views cost no bytes of their own: the decision is
+    about their base)."""
+    node = by_name.get(name)
+    while node is not None and is_view(node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return name if node is None else node.name
+
+
 def _reason(node: fx.Node, segment: Segment | None, option: str, saved: bool) -> tuple[Action, str]:
     where = "" if segment is None else f"segment {segment.index}"
     index = None if segment is None else segment.index
+    if not saved and meta.is_regatherable(node):
+        return Recompute(index, option), (
+            f"gathered parameter freed after its last forward use and gathered again before its first "
+            f"backward use ({where}, option {option}) to meet the budget"
+        )
     if not saved and segment is not None and node in segment.crossers:
         return Recompute(index, option), f"{where}'s output recomputed with the segment from its input, for the next segment's backward"
     if not saved:

@@ -37,11 +37,15 @@ def value_bytes(node: fx.Node) -> int:
 
 def must_save(node: fx.Node) -> bool:
     """Values that are never recomputed: random ops (recomputing would draw new
-    random numbers), ops with side effects or collectives, and values AOTAutograd
-    tagged must-save; for a ``getitem``, its multi-output producer decides."""
+    random numbers), ops with side effects or collectives (but an all-gather of a
+    parameter shard may be gathered again, whatever its tag: `meta.is_regatherable`),
+    and values AOTAutograd tagged must-save; for a ``getitem``, its multi-output
+    producer decides."""
     source = node.args[0] if node.target is operator.getitem and node.args else node
     if not isinstance(source, fx.Node):
         return False
+    if meta.is_regatherable(source):
+        return False  # AOTAutograd tags every collective must-save (force_save_collectives); not these
     return meta.is_random(source) or meta.has_side_effects(source) or meta.must_save_tag(source)
 
 

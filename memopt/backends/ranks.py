@@ -1,0 +1,53 @@
+"""One plan for every rank of a sharded step.
+
+A region whose graphs hold collectives runs on every rank of a process group, and
+the ranks must issue the same collectives in the same order: if one rank's plan
+gathered a parameter again in backward and another's kept it, the step would hang.
+The planner is deterministic given the same graphs, except where a solver's time
+limit cuts its search at a point that depends on the machine's speed. So rank 0's
+plan is the plan: it is broadcast (as JSON: `MemoryPlan.to_dict`) to the other ranks
+of the default process group before any pass runs.
+
+Every rank compiles the same regions in the same order (the same program), so the
+broadcasts pair up. A fake process group (tracing without processes) has nothing to
+agree with.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch.distributed as dist
+import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from memopt.graph.step import StepGraphs
+from memopt.plan.plan import MemoryPlan
+
+__all__ = ["agree_across_ranks", "has_collectives"]
+
+log = logging.getLogger("memopt")
+
+
+def has_collectives(step: StepGraphs) -> bool:
+    """Whether any graph of ``step`` calls a functional collective."""
+    return any(_collective(n) for _, gm in step.graphs() for n in gm.graph.nodes)
+
+
+def _collective(node: fx.Node) -> bool:
+    return node.op == "call_function" and str(node.target).startswith("_c10d_functional.")
+
+
+def agree_across_ranks(plan: MemoryPlan, step: StepGraphs) -> MemoryPlan:
+    """``plan`` on rank 0; rank 0's plan on every other rank, when ``step`` holds
+    collectives and the default process group has several real ranks."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return plan
+    if dist.get_backend() == "fake" or not has_collectives(step):
+        return plan
+    box = [plan.to_dict() if dist.get_rank() == 0 else None]
+    with unset_fake_temporarily():  # compiles run under a fake mode; the broadcast moves real bytes
+        dist.broadcast_object_list(box, src=0)
+    if dist.get_rank() != 0:
+        log.debug("region %s: using rank 0's plan", plan.region)
+    return MemoryPlan.from_dict(box[0])  # type: ignore[arg-type]
