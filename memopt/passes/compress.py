@@ -44,6 +44,7 @@ from memopt.passes.base import Pass, PassContext, PassResult
 from memopt.passes.saved_rewrite import (
     erase_dead_views,
     fake_mode_of_step,
+    planned_storages,
     rebuild_from_base,
     replace_saved_values,
     store_after_last_reader,
@@ -273,20 +274,13 @@ class CompressSavedActivations(Pass):
 def _decisions_from_plan(
     step: StepGraphs, planned: Mapping[str, Compress]
 ) -> tuple[dict[fx.Node, CompressionChoice], list[str]]:
-    """The plan's compression actions as choices per saved forward node (each storage
-    decided by any of its saved values' names, or its dense base's), and the planned
-    names no saved storage answers to."""
-    decisions: dict[fx.Node, CompressionChoice] = {}
-    found: set[str] = set()
-    for fmt in sorted({a.format for a in planned.values()}):
-        for group in saved_storages(step, fmt, min_elements=0):
-            names = [v.name for v in group.values] + ([group.base.name] if group.base is not None else [])
-            action = next((planned[n] for n in names if n in planned and planned[n].format == fmt), None)
-            if action is None:
-                continue
-            found.update(n for n in names if n in planned)
-            decisions.update(dict.fromkeys(group.values, CompressionChoice(action.format, action.block_size)))
-    return decisions, sorted(set(planned) - found)
+    """The plan's compression actions as choices per saved forward node, and the
+    planned names no saved storage answers to."""
+    groups, missing = planned_storages(step, planned, lambda action: action.format)
+    decisions = {
+        v: CompressionChoice(action.format, action.block_size) for group, action in groups for v in group.values
+    }
+    return decisions, missing
 
 
 def _applied(ctx: PassContext, c: CompressedValue, described: dict[str, Any]) -> TensorDecision:

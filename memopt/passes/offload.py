@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 import memopt.codegen.offload  # noqa: F401  - registers torch.ops.memopt.offload/reload_*
-from memopt.analysis.compressible import SavedStorage, saved_storages
+from memopt.analysis.compressible import SavedStorage
 from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
 from memopt.analysis.storage_cost import Bandwidth
 from memopt.config import MemoptConfig
@@ -39,6 +39,8 @@ from memopt.passes.base import Pass, PassContext, PassResult
 from memopt.passes.saved_rewrite import (
     erase_dead_views,
     fake_mode_of_step,
+    planned_decision,
+    planned_storages,
     rebuild_from_base,
     replace_saved_values,
     run_fake,
@@ -137,21 +139,14 @@ class OffloadSavedActivations(Pass):
 
 
 def _groups_from_plan(step: StepGraphs, planned: Mapping[str, Offload]) -> tuple[list[tuple[SavedStorage, Offload]], list[str]]:
-    """The saved storages the plan offloads (named by a saved value or the dense base),
-    each with its action, and the planned names no saved storage answers to. Raises
-    ``ValueError`` for a planned storage that cannot be offloaded."""
-    out: list[tuple[SavedStorage, Offload]] = []
-    found: set[str] = set()
-    for group in saved_storages(step, "raw", min_elements=0):
-        names = [v.name for v in group.values] + ([group.base.name] if group.base is not None else [])
-        action = next((planned[n] for n in names if n in planned), None)
-        if action is None:
-            continue
+    """The saved storages the plan offloads, each with its action, and the planned
+    names no saved storage answers to. Raises ``ValueError`` for a planned storage
+    that cannot be offloaded."""
+    groups, missing = planned_storages(step, planned, lambda action: "raw")
+    for group, _ in groups:
         if not group.eligible:
-            raise ValueError(f"cannot offload saved value(s) {names}: {group.reason}")
-        found.update(n for n in names if n in planned)
-        out.append((group, action))
-    return out, sorted(set(planned) - found)
+            raise ValueError(f"cannot offload saved value(s) {[v.name for v in group.values]}: {group.reason}")
+    return groups, missing
 
 
 def _offload(step: StepGraphs, group: SavedStorage, action: Offload, store_id: str, fake_mode: Any) -> int:
@@ -193,8 +188,7 @@ def _prefetch(start: fx.Node, lead: int) -> int:
 
 def _applied(ctx: PassContext, group: SavedStorage, store_id: str, lead: int) -> TensorDecision:
     assert ctx.plan is not None
-    names = {v.name for v in group.values} | ({group.base.name} if group.base is not None else set())
-    planned = next(d for d in ctx.plan.decisions if d.node_name in names)
+    planned = planned_decision(ctx.plan.decisions, group)
     return dataclasses.replace(planned, details={**planned.details, "store": store_id, "reload_lead_placed": lead})
 
 

@@ -20,14 +20,14 @@ Saved SymInts (first among the backward inputs) are never touched.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.fx as fx
 
 from memopt.analysis.aliasing import concrete_int
-from memopt.analysis.compressible import SavedStorage, last_forward_reader, only_saved_views
+from memopt.analysis.compressible import SavedStorage, last_forward_reader, only_saved_views, saved_storages
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs
 
@@ -36,6 +36,8 @@ __all__ = [
     "store_after_last_reader",
     "rebuild_from_base",
     "erase_dead_views",
+    "planned_storages",
+    "planned_decision",
     "last_forward_user",
     "run_fake",
     "fake_mode_of_step",
@@ -43,6 +45,7 @@ __all__ = [
 ]
 
 Rebuild = Callable[[fx.Graph, list[fx.Node]], list[fx.Node]]
+A = TypeVar("A")
 
 
 def run_fake(node: fx.Node, fake_mode: Any) -> Any:
@@ -195,6 +198,31 @@ def erase_dead_views(group: SavedStorage) -> None:
     for node in sorted(only_saved_views(group), key=list(group.values[0].graph.nodes).index, reverse=True):
         if not node.users:
             node.graph.erase_node(node)
+
+
+def planned_storages(
+    step: StepGraphs, planned: Mapping[str, A], fmt_of: Callable[[A], str]
+) -> tuple[list[tuple[SavedStorage, A]], list[str]]:
+    """The saved storages a plan's actions name (by any saved value on the storage or
+    its dense base), each with its action, grouped for the storage format
+    ``fmt_of(action)`` (`memopt.analysis.compressible.saved_storages`); and the planned
+    names no saved storage answers to (another pass replaced those values)."""
+    out: list[tuple[SavedStorage, A]] = []
+    found: set[str] = set()
+    for fmt in sorted({fmt_of(a) for a in planned.values()}):
+        for group in saved_storages(step, fmt, min_elements=0):
+            names = [v.name for v in group.values] + ([group.base.name] if group.base is not None else [])
+            action = next((planned[n] for n in names if n in planned and fmt_of(planned[n]) == fmt), None)
+            if action is not None:
+                found.update(n for n in names if n in planned)
+                out.append((group, action))
+    return out, sorted(set(planned) - found)
+
+
+def planned_decision(decisions: Sequence[Any], group: SavedStorage) -> Any:
+    """The plan's `TensorDecision` about ``group`` (named by a saved value or the base)."""
+    names = {v.name for v in group.values} | ({group.base.name} if group.base is not None else set())
+    return next(d for d in decisions if d.node_name in names)
 
 
 def fake_mode_of_step(step: StepGraphs) -> Any:
