@@ -216,8 +216,8 @@ _WAIT = "_c10d_functional.wait_tensor.default"
 
 
 def is_regatherable(node: fx.Node) -> bool:
-    """An all-gather of a step input (a parameter shard, through views and casts), or
-    the wait on one: gathering the same shards again gives the same value, so like a
+    """An all-gather of a step input (a parameter shard, through views, casts and
+    padding), or the wait on one: gathering the same shards again gives the same value, so like a
     recomputation it may run again in backward instead of keeping the gathered value
     (ZeRO-3's "reshard after forward"). Every rank must make the same choice."""
     if node.op != "call_function":
@@ -239,7 +239,11 @@ def _cast_or_view(node: fx.Node) -> bool:
         return False
     returns = target._schema.returns
     aliasing = bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
-    return aliasing or target in (torch.ops.prims.convert_element_type.default, torch.ops.aten._to_copy.default)
+    return aliasing or target in (
+        torch.ops.prims.convert_element_type.default,
+        torch.ops.aten._to_copy.default,
+        torch.ops.aten.constant_pad_nd.default,  # uneven shards are padded to equal rows
+    )
 
 
 def must_save_tag(node: fx.Node) -> bool:
