@@ -194,6 +194,37 @@ def test_only_the_updated_parameter_has_state_in_the_optimizer(offload_dir):
     opt.close()
 
 
+def test_an_error_in_one_update_leaves_the_state_in_the_store(offload_dir):
+    """The update of the second parameter raises: the first keeps its new state, the
+    second its loaded state, the third was read ahead; all go back to the store, and
+    later steps run (the parameters after the failure missed one step)."""
+    fail = []
+
+    class Flaky(torch.optim.AdamW):
+        def step(self, closure=None):
+            if fail and self.param_groups[0]["params"][0] is fail[0]:
+                fail.clear()
+                raise RuntimeError("update failed")
+            return super().step(closure)
+
+    model = tiny_mlp()
+    opt = OffloadedState(Flaky(model.parameters(), lr=1e-2), "disk", offload_dir)
+    train(model, opt, range(2))
+    before = opt.stats().offloaded_bytes
+    fail.append(model[0].bias)
+    loss_of(model, batch(2)).backward()
+    with pytest.raises(RuntimeError, match="update failed"):
+        opt.step()
+    assert opt.stats().offloaded_bytes == before and opt.stats().peak_step_bytes > 0
+    assert all(not any(v.dim() for v in s.values()) for s in opt.state.values())
+    opt.zero_grad()
+    train(model, opt, range(3, 5))
+    steps = [int(opt.state_dict()["state"][i]["step"]) for i in range(4)]
+    assert steps == [5, 4, 4, 4]
+    opt.close()
+    assert os.listdir(offload_dir) == []
+
+
 def test_non_contiguous_state_comes_back_with_its_strides(offload_dir):
     """AdamW makes moments like the parameter (preserve_format): a transposed parameter
     has transposed moments, and the store keeps them contiguous."""
