@@ -256,14 +256,15 @@ class OffloadedState(torch.optim.Optimizer):
             self._stash_all()
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load into the wrapped optimizer, then move the state to the store (after
-        checking that it fits)."""
+        """Check that the store can hold the loaded state in place of the current one
+        (which is kept if not), load it into the wrapped optimizer, and move it to the
+        store."""
         self._check_open()
+        loaded = sum(_nbytes(v) for s in state_dict["state"].values() for v in s.values() if _offloaded(v))
+        self.store.preflight(max(0, loaded - self.stats().offloaded_bytes))
         self._stash.clear()
         self._order.clear()
-        self.store.flush()  # the dropped handles' files are deleted before the preflight
         self.optimizer.load_state_dict(state_dict)  # type: ignore[arg-type]
-        self._preflight(self._params())
         self._stash_all()
 
     # -- the store ----------------------------------------------------------------------

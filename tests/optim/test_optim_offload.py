@@ -272,6 +272,22 @@ def test_full_disk_is_an_error_before_the_first_step(offload_dir, monkeypatch):
     assert os.listdir(offload_dir) == []
 
 
+def test_loading_state_that_does_not_fit_is_an_error_before_loading(offload_dir, monkeypatch):
+    model = tiny_mlp()
+    opt = OffloadedState(torch.optim.AdamW(model.parameters()), "disk", offload_dir)
+    train(model, opt, range(1))
+    before = opt.state_dict()
+    bigger = OffloadedState(torch.optim.AdamW(model.parameters(), amsgrad=True), "disk", offload_dir)
+    train(model, bigger, range(1))
+    usage = shutil.disk_usage(offload_dir)._replace(free=1000)
+    monkeypatch.setattr(disk_store.shutil, "disk_usage", lambda path: usage)
+    with pytest.raises(MemoptOffloadError, match=r"has 1000 B free; the plan offloads up to 2.4 KiB"):
+        opt.load_state_dict(bigger.state_dict())  # 7.1 KiB in place of 4.8 KiB
+    assert states_equal(opt.state_dict(), before)  # the state it had is kept
+    opt.close()
+    bigger.close()
+
+
 def test_unusable_offload_dir_is_an_error_before_the_first_step(tmp_path):
     afile = tmp_path / "file"
     afile.write_text("")
