@@ -66,7 +66,13 @@ class PeakMeasurement:
 
 
 def measure_peak(step_fn: Callable[[], Any], device: str | torch.device = "cpu") -> PeakMeasurement:
-    """Run ``step_fn()`` once and measure its peak memory growth on ``device``."""
+    """Run ``step_fn()`` once and measure its peak memory growth on ``device``.
+
+    On CPU the allocator view (torch.profiler memory events) sees only allocations and
+    frees made on the thread that runs the step: a tensor freed on another thread
+    (an offload store's I/O thread releases what it has written) stays live in it, so
+    it overstates the growth of offloaded steps. Measure those with the OS view
+    (``os_peak_growth_bytes``, in a fresh process: `measure_in_fresh_process`)."""
     device = torch.device(device)
     if device.type == "cuda":
         return _measure_cuda(step_fn, device)
