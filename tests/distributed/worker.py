@@ -1,0 +1,144 @@
+"""One rank of the 2-process tests in this folder (run by `memopt.distributed.testing.run_ranks`).
+
+    python worker.py SCENARIO [options]
+
+Each scenario checks what it can on its rank (an assertion fails the rank, and with it the
+test) and prints one JSON line of results for the test to check across ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import memopt.distributed as md  # noqa: E402
+from memopt.distributed.testing import init_from_env  # noqa: E402
+
+VOCAB, DIM, HIDDEN, BATCH, SEQ = 24, 16, 13, 4, 5
+
+
+class Tiny(nn.Module):
+    """Every layout the sharding handles: an embedding tied to the output head, a
+    13-row weight (uneven over 2 ranks), a 1-row parameter (rank 1's piece is empty), a
+    0-dimensional parameter (replicated) and a LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.norm = nn.LayerNorm(DIM)
+        self.up = nn.Linear(DIM, HIDDEN)
+        self.down = nn.Linear(HIDDEN, DIM)
+        self.gate = nn.Parameter(torch.randn(1, DIM))
+        self.temperature = nn.Parameter(torch.tensor(1.5))
+        self.head = nn.Linear(DIM, VOCAB, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        h = h + self.down(torch.relu(self.up(self.norm(h)))) * torch.sigmoid(self.gate)
+        logits = self.head(h) / self.temperature
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of ``step`` (the same on every rank)."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    return ids, torch.roll(ids, -1, dims=1)
+
+
+def local(tensors: tuple[torch.Tensor, ...], rank: int, world: int) -> tuple[torch.Tensor, ...]:
+    per = BATCH // world
+    return tuple(t[rank * per : (rank + 1) * per] for t in tensors)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def global_loss(loss: torch.Tensor) -> float:
+    value = loss.detach().clone()
+    dist.all_reduce(value)
+    return value.item() / dist.get_world_size()
+
+
+def adamw(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+
+def compiled(model: nn.Module, backend: str) -> Callable[..., Any]:
+    if backend == "none":
+        return model
+    options = {"codegen": "eager", "strict": True} if backend == "memopt" else None
+    return torch.compile(model, backend=backend, options=options)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+def numerics(args: argparse.Namespace) -> dict[str, Any]:
+    """Loss, every gradient and every parameter, step by step, against one process on the
+    global batch, for each stage."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out: dict[str, Any] = {}
+    for stage in [int(s) for s in args.stages.split(",")]:
+        torch.manual_seed(0)
+        reference = Tiny()
+        model = md.shard(copy.deepcopy(reference), stage=stage)
+        ref_opt, opt = adamw(reference.parameters()), md.ShardedOptimizer(adamw, model)
+        step_fn = compiled(model, args.backend)
+        losses = []
+        for step in range(args.steps):
+            data = batch(step)
+            ref_loss = reference(*data)
+            ref_loss.backward()
+            loss = step_fn(*local(data, rank, world))
+            loss.backward()
+            losses.append(global_loss(loss))
+            close(torch.tensor(losses[-1]), ref_loss.detach(), f"stage {stage} step {step} loss")
+            for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+                close(full(p.grad), q.grad, f"stage {stage} step {step} grad {name}")
+            ref_opt.step(), opt.step()
+            ref_opt.zero_grad(), opt.zero_grad()
+            for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+                close(full(p.detach()), q.detach(), f"stage {stage} step {step} param {name}")
+        out[str(stage)] = losses
+    return out
+
+
+SCENARIOS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"numerics": numerics}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    parser.add_argument("--stages", default="0,1,2,3")
+    parser.add_argument("--backend", default="none", help="none (eager), aot_eager or memopt")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--dir", default="")
+    args = parser.parse_args()
+    init_from_env("cpu")
+    try:
+        result = SCENARIOS[args.scenario](args)
+        print(json.dumps({"rank": dist.get_rank(), **result}))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
