@@ -57,9 +57,11 @@ class ShardedModule:
         """
         state = shard_state(self)  # type: ignore[arg-type]
         state.sync = bool(requires_gradient_sync)
-        if state.sync:
-            for handle in state.params.values():
+        for handle in state.params.values():
+            if state.sync:
                 handle.settle_accumulated()
+            else:
+                handle.make_accumulator()  # here, not in a compiled forward: a new leaf breaks the graph
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``nn.Module.zero_grad``; also drops gradients accumulated without sync."""

@@ -175,7 +175,8 @@ class ShardedParam:
             pending = self._take_pending() if training else None
             return self._unshard(local, pending)
         full = self._unshard(local.detach(), None)
-        return Accumulate.apply(full, self._accumulator())
+        assert self.accumulator is not None, "set_requires_gradient_sync(False) makes the accumulators"
+        return Accumulate.apply(full, self.accumulator)
 
     def _unshard(self, local: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
         lay = self.layout
@@ -186,12 +187,14 @@ class ShardedParam:
 
     # ---- gradient accumulation without sync --------------------------------------------
 
-    def _accumulator(self) -> torch.Tensor:
-        if self.accumulator is None:
+    def make_accumulator(self) -> None:
+        """The leaf that receives the unreduced gradient without sync: a broadcast zero
+        (no memory) of the parameter's full shape, in ``reduce_dtype``; autograd gives it a
+        full-size ``.grad``."""
+        if self.accumulator is None and self.param.requires_grad:
             dtype = self.reduce_dtype or self.dtype
             base = torch.zeros((), dtype=dtype, device=self.device)
             self.accumulator = base.expand(self.shape).requires_grad_()
-        return self.accumulator
 
     def _take_pending(self) -> torch.Tensor | None:
         pending, self.pending = self.pending, None

@@ -9,6 +9,7 @@ test) and prints one JSON line of results for the test to check across ranks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
@@ -121,7 +122,99 @@ def numerics(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-SCENARIOS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"numerics": numerics}
+def _reductions(counts: dict[Any, int]) -> int:
+    return sum(n for op, n in counts.items() if "reduce" in str(op))
+
+
+def accumulate(args: argparse.Namespace) -> dict[str, Any]:
+    """``set_requires_gradient_sync(False)`` for all micro-steps but the last: the same
+    gradients as one process accumulating every micro-batch. Eager, the reducing
+    collectives of each micro-step's backward are counted (CommDebugMode); compiled
+    (CommDebugMode would stop Dynamo), those in each compiled backward graph."""
+    import memopt
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    micro, out = 3, {}
+    for stage in [int(s) for s in args.stages.split(",")]:
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        reference = Tiny()
+        model = md.shard(copy.deepcopy(reference), stage=stage)
+        ref_opt, opt = adamw(reference.parameters()), md.ShardedOptimizer(adamw, model)
+        step_fn = compiled(model, args.backend)
+        counts = []
+        with memopt.record() as explanation:
+            for step in range(2):
+                for m in range(micro):
+                    data = batch(10 * step + m)
+                    reference(*data).backward()
+                    model.set_requires_gradient_sync(m == micro - 1)
+                    with CommDebugMode() if args.backend == "none" else contextlib.nullcontext() as comm:
+                        step_fn(*local(data, rank, world)).backward()
+                    if comm is not None:
+                        counts.append(_reductions(comm.get_comm_counts()))
+                for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+                    close(full(p.grad), q.grad, f"stage {stage} step {step} grad {name}")
+                ref_opt.step(), opt.step()
+                ref_opt.zero_grad(), opt.zero_grad()
+        graphs = [_graph_reductions(r.graph_code("backward")) for r in explanation.regions]
+        out[str(stage)] = counts if args.backend == "none" else sorted(graphs)
+    return out
+
+
+def _graph_reductions(code: str) -> int:
+    return sum(code.count(f"{op}.default(") for op in ("reduce_scatter_tensor", "all_reduce"))
+
+
+def memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Per-rank bytes of parameters, gradients and AdamW state after a step, measured from
+    the tensors, next to ZeRO's formula for fp32 AdamW (4 + 4 + 8 bytes per element)."""
+    from memopt.distributed.memory import model_state_bytes, zero_model_state_bytes
+
+    world, out = dist.get_world_size(), {}
+    for stage in [int(s) for s in args.stages.split(",")]:
+        torch.manual_seed(0)
+        model = md.shard(nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64)), stage=stage)
+        opt = md.ShardedOptimizer(adamw, model)
+        model(torch.randn(4, 64)).square().mean().backward()
+        opt.step()
+        numel = sum(p.numel() for p in model.parameters())
+        measured = model_state_bytes(model, opt)
+        formula = zero_model_state_bytes(numel, world, stage)
+        out[str(stage)] = {"measured": measured.__dict__, "formula": formula.__dict__}
+    return out
+
+
+def checkpoint(args: argparse.Namespace) -> dict[str, Any]:
+    """``--phase save``: train 3 steps, save (sharded and full), train 3 more; ``--phase
+    resume`` (new processes): a model initialised differently loads each checkpoint and
+    trains the same 3 steps. Returns the losses of the last 3 steps per stage."""
+    from memopt.distributed import checkpoint as ckpt
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out: dict[str, Any] = {}
+    for stage in [int(s) for s in args.stages.split(",")]:
+        for full in (False, True):
+            where = Path(args.dir) / f"stage{stage}-{'full' if full else 'sharded'}"
+            torch.manual_seed(0 if args.phase == "save" else 1)
+            model = md.shard(Tiny(), stage=stage)
+            opt = md.ShardedOptimizer(adamw, model)
+            if args.phase == "resume":
+                ckpt.load(where, model, opt, full=full)
+            losses = []
+            for step in range(3 if args.phase == "resume" else 6):
+                if args.phase == "save" and step == 3:
+                    ckpt.save(where, model, opt, full=full)
+                loss = model(*local(batch(step if args.phase == "save" else step + 3), rank, world))
+                loss.backward()
+                opt.step(), opt.zero_grad()
+                losses.append(global_loss(loss))
+            out[f"{stage}-{'full' if full else 'sharded'}"] = losses[-3:]
+    return out
+
+
+SCENARIOS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"numerics": numerics, "accumulate": accumulate, "memory": memory, "checkpoint": checkpoint}
 
 
 def main() -> None:
@@ -131,6 +224,7 @@ def main() -> None:
     parser.add_argument("--backend", default="none", help="none (eager), aot_eager or memopt")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dir", default="")
+    parser.add_argument("--phase", default="save", choices=["save", "resume"])
     args = parser.parse_args()
     init_from_env("cpu")
     try:
