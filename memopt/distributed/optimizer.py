@@ -191,8 +191,8 @@ def _check_optimizer(
             "ShardedOptimizer: MeZO estimates the gradient from each process's own forward losses, "
             "so data-parallel ranks would diverge; train with a gradient optimizer (AdamW, AdamW8bit)"
         )
-    if stage == 0 or elementwise or isinstance(optimizer, (*_ELEMENTWISE, AdamW8bit)):
-        return
+    if stage == 0 or elementwise or type(optimizer) in (*_ELEMENTWISE, AdamW8bit):
+        return  # exact types: a subclass may change the update
     if isinstance(optimizer, LowRankAdamW):
         for group in optimizer.param_groups:
             for local in group["params"]:
