@@ -81,11 +81,23 @@ def adamw(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
 
 
+def adamw8bit(params: Any) -> torch.optim.Optimizer:
+    """8-bit moments for the 24x16 embedding (384 elements; 192 per rank: 3 blocks of 64)."""
+    from memopt.optim import AdamW8bit
+
+    return AdamW8bit(params, lr=1e-2, weight_decay=0.1, block_size=64, min_8bit_size=256)
+
+
+OPTIMIZERS = {"adamw": adamw, "adamw8bit": adamw8bit}
+
+
 def compiled(model: nn.Module, backend: str) -> Callable[..., Any]:
     if backend == "none":
         return model
-    options = {"codegen": "eager", "strict": True} if backend == "memopt" else None
-    return torch.compile(model, backend=backend, options=options)
+    if backend.startswith("memopt"):  # memopt (eager codegen) or memopt-inductor
+        codegen = "inductor" if backend == "memopt-inductor" else "eager"
+        return torch.compile(model, backend="memopt", options={"codegen": codegen, "strict": True})
+    return torch.compile(model, backend=backend)
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -101,7 +113,8 @@ def numerics(args: argparse.Namespace) -> dict[str, Any]:
         torch.manual_seed(0)
         reference = Tiny()
         model = md.shard(copy.deepcopy(reference), stage=stage)
-        ref_opt, opt = adamw(reference.parameters()), md.ShardedOptimizer(adamw, model)
+        make = OPTIMIZERS[args.optimizer]
+        ref_opt, opt = make(reference.parameters()), md.ShardedOptimizer(make, model)
         step_fn = compiled(model, args.backend)
         losses = []
         for step in range(args.steps):
@@ -195,11 +208,11 @@ def checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
     out: dict[str, Any] = {}
     for stage in [int(s) for s in args.stages.split(",")]:
-        for full in (False, True):
+        for full in [mode == "full" for mode in args.modes.split(",")]:
             where = Path(args.dir) / f"stage{stage}-{'full' if full else 'sharded'}"
             torch.manual_seed(0 if args.phase == "save" else 1)
             model = md.shard(Tiny(), stage=stage)
-            opt = md.ShardedOptimizer(adamw, model)
+            opt = md.ShardedOptimizer(OPTIMIZERS[args.optimizer], model)
             if args.phase == "resume":
                 ckpt.load(where, model, opt, full=full)
             losses = []
@@ -214,17 +227,47 @@ def checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-SCENARIOS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"numerics": numerics, "accumulate": accumulate, "memory": memory, "checkpoint": checkpoint}
+def mixed(args: argparse.Namespace) -> dict[str, Any]:
+    """A bf16 ``param_dtype`` with fp32 ``reduce_dtype``: parameters, gradients and the
+    optimizer stay fp32; losses follow the fp32 run within bf16's precision."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    policy = md.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    out: dict[str, Any] = {}
+    for stage in [int(s) for s in args.stages.split(",")]:
+        torch.manual_seed(0)
+        reference = Tiny()
+        model = md.shard(copy.deepcopy(reference), stage=stage, mp_policy=policy)
+        ref_opt, opt = adamw(reference.parameters()), md.ShardedOptimizer(adamw, model)
+        step_fn = compiled(model, args.backend)
+        for step in range(args.steps):
+            data = batch(step)
+            ref_loss = reference(*data)
+            ref_loss.backward()
+            loss = step_fn(*local(data, rank, world))
+            assert loss.dtype == torch.bfloat16
+            loss.backward()
+            torch.testing.assert_close(torch.tensor(global_loss(loss.float())), ref_loss.detach(), rtol=2e-2, atol=0)
+            for p in model.parameters():
+                assert p.dtype == torch.float32 and p.grad.dtype == torch.float32
+            ref_opt.step(), opt.step()
+            ref_opt.zero_grad(), opt.zero_grad()
+        out[str(stage)] = "ok"
+    return out
+
+
+SCENARIOS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"numerics": numerics, "accumulate": accumulate, "memory": memory, "checkpoint": checkpoint, "mixed": mixed}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
     parser.add_argument("--stages", default="0,1,2,3")
-    parser.add_argument("--backend", default="none", help="none (eager), aot_eager or memopt")
+    parser.add_argument("--backend", default="none", help="none (eager), aot_eager, memopt (eager codegen) or memopt-inductor")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
     parser.add_argument("--dir", default="")
     parser.add_argument("--phase", default="save", choices=["save", "resume"])
+    parser.add_argument("--modes", default="sharded,full", help="checkpoint kinds: sharded, full")
     args = parser.parse_args()
     init_from_env("cpu")
     try:
