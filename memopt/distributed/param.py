@@ -180,8 +180,9 @@ class ShardedParam:
 
     def _unshard(self, local: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
         lay = self.layout
+        replica = self.replica if self.kind == "replica" else None  # stage 1 computes with its local view
         return Unshard.apply(
-            local, self.replica, pending, self.kind, lay.rows, lay.chunk, lay.world,
+            local, replica, pending, self.kind, lay.rows, lay.chunk, lay.world,
             self.state.group_name, self.param_dtype, self.reduce_dtype,
         )  # fmt: skip
 
