@@ -157,11 +157,6 @@ class ShardedParam:
         piece = self.replica.narrow(0, lay.padded_start, lay.chunk).clone()
         _all_gather_single(self.replica, piece, self.state.mesh.get_group())
 
-    def storage_bytes(self, param: DTensor) -> dict[int, int]:
-        """``{storage pointer: bytes}`` of what this parameter keeps on this rank."""
-        tensors = [param.to_local()] + ([self.replica] if self.replica is not None else [])
-        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-
     # ---- the parametrization ---------------------------------------------------------
 
     def __call__(self, param: DTensor) -> torch.Tensor:
