@@ -1,0 +1,31 @@
+"""memopt.distributed: ZeRO-1/2/3 sharding compiled into memopt's graphs.
+
+    import memopt.distributed as md
+    model = md.shard(model, stage=3)                    # after init_process_group
+    optimizer = md.ShardedOptimizer(lambda p: torch.optim.AdamW(p, lr=1e-3), model)
+    compiled = torch.compile(model, backend="memopt")
+    md.checkpoint.save("ckpt", model, optimizer)
+
+Parameters become DTensors (``Shard(0)``, or ``Replicate`` at stages 0-1) read through a
+parametrization whose all-gather and gradient reduction are functional collectives, so
+Dynamo traces them into the forward and backward graphs. See docs/sharding.md.
+"""
+
+from memopt.distributed import checkpoint
+from memopt.distributed.api import MixedPrecisionPolicy, ShardedModule, shard, shard_state
+from memopt.distributed.checks import ShardingError
+from memopt.distributed.memory import ModelStateBytes, model_state_bytes, zero_model_state_bytes
+from memopt.distributed.optimizer import ShardedOptimizer
+
+__all__ = [
+    "shard",
+    "ShardedModule",
+    "ShardedOptimizer",
+    "MixedPrecisionPolicy",
+    "ShardingError",
+    "shard_state",
+    "checkpoint",
+    "ModelStateBytes",
+    "model_state_bytes",
+    "zero_model_state_bytes",
+]

@@ -1,0 +1,228 @@
+"""Checkpoints of a sharded model and its `ShardedOptimizer` with torch.distributed.checkpoint.
+
+    md.checkpoint.save("ckpt/step100", model, optimizer)            # each rank writes its rows
+    md.checkpoint.load("ckpt/step100", model, optimizer)            # in new processes
+
+``full=False`` (default): the state dict holds DTensors (``Shard(0)`` pieces, or
+``Replicate``), and DCP writes each rank's rows once. ``full=True``: every tensor is
+gathered to its full value (DCP writes it once, from one rank) and loading reads full
+tensors on every rank and keeps each rank's rows. Both resume training exactly.
+
+The optimizer's state dict is keyed by parameter name (not by position):
+``{"state": {fqn: {key: value}}, "param_groups": [{..., "params": [fqn, ...]}]}``. A state
+tensor shaped like the rank's rows of its parameter (Adam's moments, SGD's momentum) is a
+DTensor of the parameter's full shape; a 0-d tensor or a number (steps) is the same on
+every rank; anything else (AdamW8bit's codes and scales) is the rank's own, stored under
+``key@rank<r>``, which ties a sharded checkpoint to its world size (loading refuses
+another) and cannot be saved ``full``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+from memopt.distributed.api import shard_state
+from memopt.distributed.checks import ShardingError
+from memopt.distributed.optimizer import ShardedOptimizer
+from memopt.distributed.param import ShardedParam, _contiguous_stride
+
+__all__ = ["get_state_dict", "set_state_dict", "save", "load"]
+
+_RANK_TAG = "@rank"
+
+
+def _full(value: Any) -> Any:
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+# ---- model -------------------------------------------------------------------------------
+
+
+def _model_state(model: nn.Module, full: bool) -> dict[str, Any]:
+    state = model.state_dict()
+    if not full:
+        return state
+    return {key: _full(value) for key, value in state.items()}
+
+
+@torch.no_grad()
+def _load_full_model(model: nn.Module, loaded: dict[str, Any]) -> None:
+    """Copy each full tensor's rows of this rank into the model."""
+    handles = {id(h.param): h for h in shard_state(model).params.values()}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for key, target in model.state_dict().items():
+        value = loaded[key]
+        handle = handles.get(id(params.get(key)))
+        if handle is None:
+            target.copy_(value)
+        elif handle.replica is not None:
+            handle.replica.narrow(0, 0, handle.layout.rows).copy_(value)
+        elif handle.stage == 3:
+            lay = handle.layout
+            handle.param.to_local().copy_(value.narrow(0, lay.start, lay.length))
+        else:
+            handle.param.to_local().copy_(value)
+
+
+# ---- optimizer ---------------------------------------------------------------------------
+
+
+def _entries(optimizer: ShardedOptimizer) -> Iterator[tuple[ShardedParam, torch.Tensor, dict[str, Any]]]:
+    for handle, local in optimizer.local_tensors():
+        state = optimizer.inner.state.get(local)
+        if state:
+            yield handle, local, state
+
+
+def _state_value(handle: ShardedParam, local: torch.Tensor, value: Any, full: bool) -> tuple[str, Any] | None:
+    """How one state value is stored: (kind, value) with kind "dtensor", "same" (equal on
+    every rank) or "rank" (this rank's own)."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return "same", value
+    if value.shape == local.shape and local.dim() > 0:
+        dtensor = DTensor.from_local(
+            value, handle.state.mesh, [handle.optimizer_placement], run_check=False,
+            shape=torch.Size(handle.shape), stride=_contiguous_stride(handle.shape),
+        )  # fmt: skip
+        return "dtensor", dtensor.full_tensor() if full else dtensor
+    return "rank", value
+
+
+def _optimizer_state(optimizer: ShardedOptimizer, full: bool) -> dict[str, Any]:
+    rank = optimizer._shard.rank
+    state: dict[str, dict[str, Any]] = {}
+    for handle, local, entry in _entries(optimizer):
+        saved = state.setdefault(handle.fqn, {})
+        for key in sorted(entry):
+            kind, value = _state_value(handle, local, entry[key], full)  # type: ignore[misc]
+            if kind == "rank":
+                if full:
+                    raise ShardingError(
+                        f"memopt.distributed.checkpoint: {type(optimizer.inner).__name__}'s state "
+                        f"{key!r} of {handle.fqn!r} (shape {tuple(entry[key].shape)}) is laid out per "
+                        "rank, not by parameter rows, so it has no full form; save with full=False"
+                    )
+                key = f"{key}{_RANK_TAG}{rank}"
+            saved[key] = value
+    names = {id(local): handle.fqn for handle, local in optimizer.local_tensors()}
+    groups = [
+        {**{k: v for k, v in group.items() if k != "params"}, "params": [names[id(p)] for p in group["params"]]}
+        for group in optimizer.param_groups
+    ]
+    return {"state": state, "param_groups": groups}
+
+
+@torch.no_grad()
+def _init_state(optimizer: ShardedOptimizer) -> None:
+    """Create the optimizer's state (the template a load fills) by one step with zero
+    gradients and learning rate 0, as torch.distributed.checkpoint.state_dict does."""
+    inner = optimizer.inner
+    if inner.state:
+        return
+    pairs = optimizer.local_tensors()
+    for handle, local in pairs:
+        if handle.param.requires_grad:
+            local.grad = torch.zeros_like(local)
+    rates = [group.get("lr") for group in inner.param_groups]
+    for group in inner.param_groups:
+        if "lr" in group:
+            group["lr"] = torch.tensor(0.0) if isinstance(group["lr"], torch.Tensor) else 0.0
+    try:
+        inner.step()
+    finally:
+        for group, rate in zip(inner.param_groups, rates):
+            if rate is not None:
+                group["lr"] = rate
+        for _, local in pairs:
+            local.grad = None
+
+
+@torch.no_grad()
+def _load_optimizer(optimizer: ShardedOptimizer, loaded: dict[str, Any]) -> None:
+    """Write the loaded values into the inner optimizer's state (tensors in place)."""
+    rank = optimizer._shard.rank
+    for handle, local, entry in _entries(optimizer):
+        saved = loaded["state"][handle.fqn]
+        for key in list(entry):
+            value = saved.get(key, saved.get(f"{key}{_RANK_TAG}{rank}"))
+            current = entry[key]
+            if isinstance(current, torch.Tensor) and current.dim() > 0:
+                value = value.to_local() if isinstance(value, DTensor) else value
+                if value.shape != current.shape and value.shape == torch.Size(handle.shape):
+                    value = value.narrow(0, handle.layout.start, handle.layout.length)  # a full tensor
+                current.copy_(value)
+            elif isinstance(current, torch.Tensor):
+                current.copy_(value)
+            else:
+                entry[key] = value
+    for group, saved_group in zip(optimizer.param_groups, loaded["param_groups"]):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+
+
+# ---- public ------------------------------------------------------------------------------
+
+
+def get_state_dict(model: nn.Module, optimizer: ShardedOptimizer | None = None, *, full: bool = False) -> dict[str, Any]:
+    """``{"model": ..., "optim": ...}`` (``"optim"`` only with an optimizer); see the
+    module docstring. Collective when ``full``: call it on every rank."""
+    state: dict[str, Any] = {"model": _model_state(model, full)}
+    if optimizer is not None:
+        state["optim"] = _optimizer_state(optimizer, full)
+    return state
+
+
+def set_state_dict(
+    model: nn.Module, optimizer: ShardedOptimizer | None, state_dict: dict[str, Any], *, full: bool = False
+) -> None:
+    """Load a state dict of the form `get_state_dict` makes (sharded values are loaded in
+    place already when they came through `load`)."""
+    if full:
+        _load_full_model(model, state_dict["model"])
+    else:
+        model.load_state_dict(state_dict["model"])
+    for handle in shard_state(model).params.values():
+        handle.gather_replica()
+    if optimizer is not None and "optim" in state_dict:
+        _load_optimizer(optimizer, state_dict["optim"])
+
+
+def save(
+    checkpoint_id: str | os.PathLike[str], model: nn.Module, optimizer: ShardedOptimizer | None = None, *, full: bool = False
+) -> None:
+    """Save with ``torch.distributed.checkpoint.save`` (every rank calls it)."""
+    dcp.save(get_state_dict(model, optimizer, full=full), checkpoint_id=checkpoint_id)
+
+
+def load(
+    checkpoint_id: str | os.PathLike[str], model: nn.Module, optimizer: ShardedOptimizer | None = None, *, full: bool = False
+) -> None:
+    """Load what `save` wrote (with the same ``full``) into ``model`` and ``optimizer``, in
+    new processes or the same ones (every rank calls it)."""
+    if optimizer is not None:
+        _init_state(optimizer)
+        _check_world(checkpoint_id, optimizer._shard.world)
+    state = get_state_dict(model, optimizer, full=full)
+    dcp.load(state, checkpoint_id=checkpoint_id)
+    set_state_dict(model, optimizer, state, full=full)
+
+
+def _check_world(checkpoint_id: str | os.PathLike[str], world: int) -> None:
+    """Refuse a sharded checkpoint with per-rank state written by another world size."""
+    try:
+        keys = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
+    except Exception:  # not a file-system checkpoint: DCP reports any mismatch itself
+        return
+    ranks = {key.rsplit(_RANK_TAG, 1)[1] for key in keys if _RANK_TAG in key}
+    if ranks and len(ranks) != world:
+        raise ShardingError(
+            f"memopt.distributed.checkpoint.load: {os.fspath(checkpoint_id)!r} holds optimizer state "
+            f"laid out per rank for {len(ranks)} ranks; this world has {world}. Load it with "
+            f"{len(ranks)} ranks"
+        )

@@ -1,0 +1,245 @@
+"""`ShardedOptimizer`: any element-wise optimizer, stepping on this rank's part of each
+parameter of a sharded model (ZeRO-1/2/3 optimizer state).
+
+    optimizer = ShardedOptimizer(lambda params: torch.optim.AdamW(params, lr=1e-3), model)
+    optimizer = ShardedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model)
+
+The inner optimizer holds plain tensors that alias the rank's rows of each parameter
+(`ShardedParam.optimizer_tensor`), so its state exists only for those rows (stages 1-3).
+``step()`` points their gradients at the rank's rows of the reduced gradients, steps, and
+at stages 1 and 2 all-gathers the updated rows into every rank's replica. Stage 0 steps
+every rank on the whole parameter (data parallel).
+
+Which optimizers qualify: an update of one element must depend only on that element's
+gradient history, so that stepping on row pieces equals stepping on the whole. torch's
+SGD, Adam, AdamW, Adamax, NAdam, RAdam, RMSprop, Adagrad, Adadelta, ASGD and Rprop do;
+memopt's AdamW8bit does per block (its blocks must not straddle two ranks' rows to match
+the unsharded optimizer exactly: a warning names parameters whose rows do). GaLoreAdamW
+and SubspaceAdamW project whole matrices, MeZO perturbs the whole model from each rank's
+own loss, torch's Adafactor factors rows and columns, LBFGS uses global line searches:
+refused at stages 1-3 (low-rank optimizers are fine at stage 0, or with ``lowrank=False``
+groups). Another optimizer: pass ``elementwise=True`` if it qualifies.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from memopt.distributed.api import shard_state
+from memopt.distributed.checks import ShardingError
+from memopt.distributed.param import ShardedParam
+
+__all__ = ["ShardedOptimizer"]
+
+_ELEMENTWISE = tuple(
+    getattr(torch.optim, name)
+    for name in ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "ASGD", "Rprop")
+    if hasattr(torch.optim, name)
+)
+
+OptimizerOrFactory = torch.optim.Optimizer | Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+
+class ShardedOptimizer(torch.optim.Optimizer):
+    """Wrap ``optimizer`` (built on ``model.parameters()``, before any step) or build it
+    with ``factory(local_tensors)`` (the rank's parts, in ``model.parameters()`` order),
+    for a model `memopt.distributed.shard` returned. ``param_groups`` and ``state`` are
+    the inner optimizer's (LR schedulers work on this object); ``state_dict()`` is the
+    rank's local one (`memopt.distributed.checkpoint` saves a global one)."""
+
+    def __init__(self, optimizer: OptimizerOrFactory, model: nn.Module, *, elementwise: bool = False) -> None:
+        self._shard = shard_state(model)
+        self.model = model
+        self._locals: dict[int, tuple[ShardedParam, torch.Tensor]] = {}
+        """id(local tensor) -> (its parameter's handle, the local tensor)."""
+        inner = self._adopt(optimizer)
+        _check_optimizer(inner, self._shard.stage, self._full_shapes(), elementwise)
+        _adapt_blockwise(inner, self)
+        self.inner = inner
+        self._building = True
+        super().__init__([t for _, t in self._locals.values()], dict(inner.defaults))
+        self._building = False
+        self.param_groups = inner.param_groups
+        self.state = inner.state
+
+    # ---- building ----------------------------------------------------------------------
+
+    def _handle_of(self) -> dict[int, ShardedParam]:
+        return {id(h.param): h for h in self._shard.params.values()}
+
+    def _local_of(self, handle: ShardedParam) -> torch.Tensor:
+        local = handle.optimizer_tensor(handle.param)
+        self._locals[id(local)] = (handle, local)
+        return local
+
+    def _adopt(self, optimizer: OptimizerOrFactory) -> torch.optim.Optimizer:
+        handles = self._handle_of()
+        if isinstance(optimizer, torch.optim.Optimizer):
+            if optimizer.state:
+                raise ShardingError(
+                    f"ShardedOptimizer: the {type(optimizer).__name__} already has state; wrap it "
+                    "before its first step"
+                )
+            for group in optimizer.param_groups:
+                group["params"] = [self._local_of(_handle(handles, p)) for p in group["params"]]
+            return optimizer
+        if not callable(optimizer):
+            raise TypeError(f"ShardedOptimizer: expected an optimizer or a factory, got {type(optimizer).__name__}")
+        locals_ = [self._local_of(_handle(handles, p)) for p in self.model.parameters()]
+        built = optimizer(locals_)
+        if not isinstance(built, torch.optim.Optimizer):
+            raise TypeError(f"ShardedOptimizer: the factory returned {type(built).__name__}, not a torch optimizer")
+        return built
+
+    def _full_shapes(self) -> dict[int, tuple[int, ...]]:
+        return {key: handle.shape for key, (handle, _) in self._locals.items()}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_building", False):
+            super().add_param_group(param_group)
+            return
+        raise ShardingError(
+            "ShardedOptimizer.add_param_group: build the optimizer with all its groups before wrapping it"
+        )
+
+    # ---- stepping ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Step the inner optimizer on this rank's parts, then (stages 1 and 2) all-gather
+        the updated rows into every rank's replica."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pairs = list(self._locals.values())
+        for handle, local in pairs:
+            _check_ready(handle, local)
+            local.grad = handle.optimizer_grad(handle.param)
+        try:
+            self.inner.step()
+        finally:
+            for _, local in pairs:
+                local.grad = None
+        for handle, _ in pairs:
+            handle.gather_replica()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero (or drop) the gradients of the parameters this optimizer steps, and the
+        gradients accumulated for them without sync."""
+        for handle, _ in self._locals.values():
+            param = handle.param
+            if param.grad is not None:
+                if set_to_none:
+                    param.grad = None
+                else:
+                    param.grad.zero_()
+            handle.discard_accumulated()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state_dict)
+
+    def local_tensors(self) -> list[tuple[ShardedParam, torch.Tensor]]:
+        """(handle, the tensor the inner optimizer steps) for each parameter it holds."""
+        return list(self._locals.values())
+
+
+def _handle(handles: dict[int, ShardedParam], param: torch.Tensor) -> ShardedParam:
+    handle = handles.get(id(param))
+    if handle is None:
+        raise ShardingError(
+            f"ShardedOptimizer: a parameter of shape {tuple(param.shape)} is not a parameter of the "
+            "sharded model; build the optimizer on model.parameters() after memopt.distributed.shard"
+        )
+    return handle
+
+
+def _check_ready(handle: ShardedParam, local: torch.Tensor) -> None:
+    if handle.has_unreduced():
+        raise ShardingError(
+            f"ShardedOptimizer.step: parameter {handle.fqn!r} has gradients accumulated with "
+            "set_requires_gradient_sync(False) that no backward reduced; run the last micro-step's "
+            "backward after model.set_requires_gradient_sync(True)"
+        )
+    current = handle.optimizer_tensor(handle.param)
+    if current.data_ptr() != local.data_ptr() or current.shape != local.shape:
+        raise ShardingError(
+            f"ShardedOptimizer.step: parameter {handle.fqn!r} no longer lives where the optimizer "
+            "was built (was the model moved or its parameters replaced?); build the optimizer again"
+        )
+
+
+def _check_optimizer(
+    optimizer: torch.optim.Optimizer, stage: int, shapes: dict[int, tuple[int, ...]], elementwise: bool
+) -> None:
+    """Refuse optimizers whose update of one element reads others (see the module docstring)."""
+    from memopt.optim import AdamW8bit, MeZO
+    from memopt.optim._lowrank import LowRankAdamW
+
+    name = type(optimizer).__name__
+    if isinstance(optimizer, MeZO):
+        raise ShardingError(
+            "ShardedOptimizer: MeZO estimates the gradient from each process's own forward losses, "
+            "so data-parallel ranks would diverge; train with a gradient optimizer (AdamW, AdamW8bit)"
+        )
+    if stage == 0 or elementwise or type(optimizer) in (*_ELEMENTWISE, AdamW8bit):
+        return  # exact types: a subclass may change the update
+    if isinstance(optimizer, LowRankAdamW):
+        for group in optimizer.param_groups:
+            for local in group["params"]:
+                shape = shapes[id(local)]
+                if bool(group["lowrank"]) and len(shape) == 2 and group["rank"] < min(shape):
+                    raise ShardingError(
+                        f"ShardedOptimizer: {name} projects whole {shape[0]}x{shape[1]} matrices, which "
+                        f"stage {stage} splits over the ranks; use stage=0 (every rank keeps whole "
+                        "matrices; the low-rank state is already small), or AdamW8bit / torch AdamW, "
+                        "which update each rank's rows on their own"
+                    )
+        return
+    raise ShardingError(
+        f"ShardedOptimizer: memopt does not know whether {name} updates each element from that "
+        f"element's gradient alone, which stage {stage} needs (each rank steps its own rows); "
+        "pass elementwise=True if it does, or use stage=0"
+    )
+
+
+def _adapt_blockwise(optimizer: torch.optim.Optimizer, sharded: ShardedOptimizer) -> None:
+    """AdamW8bit decides 8-bit moments by a parameter's size: make it decide by the whole
+    parameter's, not the rank's rows; warn where quantization blocks straddle two ranks."""
+    from memopt.optim import AdamW8bit
+
+    if not isinstance(optimizer, AdamW8bit):
+        return
+    full_numel = {key: _numel(handle.shape) for key, (handle, _) in sharded._locals.items()}
+    optimizer.uses_8bit = lambda param, group: full_numel[id(param)] >= group["min_8bit_size"]  # type: ignore[method-assign]
+    straddling = []
+    for group in optimizer.param_groups:
+        for local in group["params"]:
+            handle, _ = sharded._locals[id(local)]
+            row = _numel(handle.shape[1:])
+            if handle.stage > 0 and optimizer.uses_8bit(local, group) and (handle.layout.chunk * row) % group["block_size"]:
+                straddling.append(f"{handle.fqn} ({handle.layout.chunk * row} elements per rank)")
+    if straddling:
+        warnings.warn(
+            "ShardedOptimizer: AdamW8bit's quantization blocks of these parameters straddle two "
+            f"ranks' rows, so its moments are quantized in other blocks than unsharded: "
+            f"{', '.join(straddling)}. Training is sound; for the unsharded numerics choose a "
+            "block_size that divides the elements per rank",
+            stacklevel=3,
+        )
+
+
+def _numel(shape: Iterable[int]) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total

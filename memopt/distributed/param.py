@@ -1,0 +1,216 @@
+"""`ShardedParam`: one parameter of a sharded model. It builds the parameter's storage
+(the DTensor registered on the module), is the parametrization that hands the module
+its full value (`memopt.distributed.collectives.Unshard`), and gives the optimizer the
+plain local tensor it steps on.
+
+Storage per stage (``Psi`` the parameter's elements, ``N`` the world size):
+
+    stage  registered DTensor                 replica buffer        optimizer steps on
+    0      Replicate, the full tensor         none                  the full tensor
+    1      Replicate, a view of the replica   full, padded rows     this rank's rows of it
+    2      Shard(0), a view of the replica    full, padded rows     this rank's rows of it
+    3      Shard(0), this rank's rows         none                  this rank's rows
+
+Stages 1 and 2 keep the full parameter in a padded replica buffer; the rank's own rows
+are a view of it, so the optimizer updates the replica in place and
+`ShardedParam.gather_replica` all-gathers the other ranks' rows after the step.
+A 0-dimensional parameter is replicated (stage-0 treatment) at every stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
+
+from memopt.distributed.collectives import Accumulate, Unshard
+from memopt.distributed.layout import ShardLayout
+
+__all__ = ["ShardState", "ShardedParam"]
+
+
+@dataclass
+class ShardState:
+    """What every parameter of one sharded model shares."""
+
+    mesh: DeviceMesh
+    stage: int
+    param_dtype: torch.dtype | None = None
+    reduce_dtype: torch.dtype | None = None
+    sync: bool = True
+    """Reduce gradients in backward (`ShardedModule.set_requires_gradient_sync`)."""
+    active: bool = True
+    """Parametrization on: ``module.weight`` is the full tensor (off: the DTensor)."""
+    params: dict[str, ShardedParam] = field(default_factory=dict)
+    """Each parameter's handle, by its first fully qualified name."""
+
+    @property
+    def world(self) -> int:
+        return self.mesh.size()
+
+    @property
+    def rank(self) -> int:
+        return self.mesh.get_local_rank()
+
+    @property
+    def group_name(self) -> str:
+        return self.mesh.get_group().group_name
+
+
+def _all_gather_single(output: torch.Tensor, piece: torch.Tensor, group: dist.ProcessGroup) -> None:
+    # all_gather_single is torch 2.13's name for all_gather_into_tensor (deprecated there).
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, piece, group=group)
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, step = [], 1
+    for size in reversed(shape):
+        stride.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(stride))
+
+
+class ShardedParam:
+    """One parameter's sharding (see the module docstring)."""
+
+    def __init__(self, fqn: str, tensor: torch.Tensor, state: ShardState) -> None:
+        self.fqn = fqn
+        self.state = state
+        self.shape = tuple(tensor.shape)
+        self.dtype = tensor.dtype
+        self.device = tensor.device
+        self.stage = state.stage if tensor.dim() > 0 else 0
+        self.layout = ShardLayout(self.shape[0] if self.shape else 1, state.world, state.rank)
+        self.kind = {0: "replicate", 1: "replicate", 2: "replica", 3: "shard"}[self.stage]
+        self.locations: list[tuple[nn.Module, str]] = []
+        """Every (module, name) that registers this parameter (more than one when tied)."""
+        self.replica: torch.Tensor | None = None
+        self.accumulator: torch.Tensor | None = None
+        self.pending: torch.Tensor | None = None
+        self.reduce_dtype = state.reduce_dtype or state.param_dtype
+        self.param_dtype = state.param_dtype if state.param_dtype != tensor.dtype else None
+
+    @property
+    def param(self) -> DTensor:
+        """The registered DTensor parameter."""
+        module, name = self.locations[0]
+        return module._parameters[name]  # type: ignore[return-value]
+
+    # ---- storage -------------------------------------------------------------------
+
+    def build(self, tensor: torch.Tensor) -> DTensor:
+        """The DTensor to register for ``tensor`` (the same values on every rank)."""
+        data = tensor.detach()
+        lay = self.layout
+        if self.stage in (1, 2):
+            self.replica = data.new_zeros((lay.padded_rows, *self.shape[1:]))
+            self.replica[: lay.rows].copy_(data)
+        if self.stage == 0:
+            local = data
+        elif self.stage == 1:
+            local = self.replica.narrow(0, 0, lay.rows)  # type: ignore[union-attr]
+        elif self.stage == 2:
+            local = self.replica.narrow(0, lay.padded_start, lay.length)  # type: ignore[union-attr]
+        else:
+            local = data.narrow(0, lay.start, lay.length).clone()
+        placement: Placement = Replicate() if self.stage in (0, 1) else Shard(0)
+        return DTensor.from_local(
+            local, self.state.mesh, [placement], run_check=False, shape=torch.Size(self.shape),
+            stride=_contiguous_stride(self.shape),
+        )  # fmt: skip
+
+    @property
+    def optimizer_placement(self) -> Placement:
+        """How the optimizer's tensors of this parameter lie over the ranks."""
+        return Replicate() if self.stage == 0 else Shard(0)
+
+    def optimizer_tensor(self, param: DTensor) -> torch.Tensor:
+        """The plain tensor the optimizer updates in place: an alias of this rank's part
+        of ``param``'s storage (all of it at stage 0)."""
+        with torch.no_grad():
+            if self.stage == 1:
+                return self.replica.narrow(0, self.layout.start, self.layout.length).detach()  # type: ignore[union-attr]
+            return param.to_local().detach()
+
+    def optimizer_grad(self, param: DTensor) -> torch.Tensor | None:
+        """The gradient of `optimizer_tensor` (an alias of ``param.grad``'s local part)."""
+        grad = param.grad
+        if grad is None:
+            return None
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        if self.stage == 1:
+            return local.narrow(0, self.layout.start, self.layout.length)
+        return local
+
+    @torch.no_grad()
+    def gather_replica(self) -> None:
+        """Stages 1 and 2: all-gather every rank's rows into the replica buffer (after the
+        optimizer updated this rank's rows, or after a checkpoint loaded them)."""
+        if self.replica is None:
+            return
+        lay = self.layout
+        piece = self.replica.narrow(0, lay.padded_start, lay.chunk).clone()
+        _all_gather_single(self.replica, piece, self.state.mesh.get_group())
+
+    # ---- the parametrization ---------------------------------------------------------
+
+    def __call__(self, param: DTensor) -> torch.Tensor:
+        """The full parameter the module computes with (``module.weight``)."""
+        state = self.state
+        if not state.active:
+            return param
+        local = param.to_local()
+        training = param.requires_grad and torch.is_grad_enabled()
+        if state.sync or not training:
+            pending = self._take_pending() if training else None
+            return self._unshard(local, pending)
+        full = self._unshard(local.detach(), None)
+        assert self.accumulator is not None, "set_requires_gradient_sync(False) makes the accumulators"
+        return Accumulate.apply(full, self.accumulator)
+
+    def _unshard(self, local: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+        lay = self.layout
+        replica = self.replica if self.kind == "replica" else None  # stage 1 computes with its local view
+        return Unshard.apply(
+            local, replica, pending, self.kind, lay.rows, lay.chunk, lay.world,
+            self.state.group_name, self.param_dtype, self.reduce_dtype,
+        )  # fmt: skip
+
+    # ---- gradient accumulation without sync --------------------------------------------
+
+    def make_accumulator(self) -> None:
+        """The leaf that receives the unreduced gradient without sync: a broadcast zero
+        (no memory) of the parameter's full shape, in ``reduce_dtype``; autograd gives it a
+        full-size ``.grad``."""
+        if self.accumulator is None and self.param.requires_grad:
+            dtype = self.reduce_dtype or self.dtype
+            base = torch.zeros((), dtype=dtype, device=self.device)
+            self.accumulator = base.expand(self.shape).requires_grad_()
+
+    def _take_pending(self) -> torch.Tensor | None:
+        pending, self.pending = self.pending, None
+        return pending
+
+    def settle_accumulated(self) -> None:
+        """Move the gradient accumulated without sync to ``pending``: the next backward
+        with sync adds it before reducing."""
+        acc = self.accumulator
+        if acc is None or acc.grad is None:
+            return
+        self.pending = acc.grad if self.pending is None else self.pending + acc.grad
+        acc.grad = None
+
+    def discard_accumulated(self) -> None:
+        if self.accumulator is not None:
+            self.accumulator.grad = None
+        self.pending = None
+
+    def has_unreduced(self) -> bool:
+        """Gradient accumulated without sync that no backward has reduced yet."""
+        acc = self.accumulator
+        return self.pending is not None or (acc is not None and acc.grad is not None)

@@ -1,0 +1,231 @@
+"""`memopt.distributed.shard` and `ShardedOptimizer` in one process (a fake 8-rank world):
+the layout of every parameter, state dicts, the errors users meet, and which optimizers
+may step on row pieces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+import memopt.distributed as md
+from memopt.distributed.layout import ShardLayout
+from memopt.distributed.memory import zero_model_state_bytes
+
+
+# ---- layout ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+@pytest.mark.parametrize("rows", [1, 2, 7, 13, 16])
+def test_layout_matches_dtensor_shard0(rows, world):
+    """`ShardLayout` cuts rows as DTensor's ``Shard(0)`` does (torch.chunk pieces, trailing
+    ranks empty), and the padded collective covers every row."""
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    pieces = [ShardLayout(rows, world, r) for r in range(world)]
+    for rank, lay in enumerate(pieces):
+        shape, offset = _compute_local_shape_and_global_offset((rows, 3), (world,), [rank], [Shard(0)])
+        assert (lay.length, lay.start) == (shape[0], offset[0] if lay.length else lay.start)
+        assert lay.padded_rows >= rows and lay.padded_rows == lay.chunk * world
+    assert sum(lay.length for lay in pieces) == rows
+
+
+def test_zero_formula():
+    """ZeRO's per-rank bytes for 1000 fp32 elements with AdamW (4 + 4 + 8) over 4 ranks."""
+    assert zero_model_state_bytes(1000, 4, 0).total == 16000
+    assert zero_model_state_bytes(1000, 4, 1).__dict__ == {"params": 4000, "grads": 4000, "optimizer": 2000}
+    assert zero_model_state_bytes(1000, 4, 2).__dict__ == {"params": 4000, "grads": 1000, "optimizer": 2000}
+    assert zero_model_state_bytes(1000, 4, 3).total == 4000
+
+
+# ---- the sharded model -------------------------------------------------------------------
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(24, 16)
+        self.proj = nn.Linear(16, 13)
+        self.scale = nn.Parameter(torch.tensor(2.0))
+        self.head = nn.Linear(16, 24, bias=False)
+        self.head.weight = self.embed.weight
+        self.register_buffer("offset", torch.zeros(13))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        return self.head(h).sum() + (self.proj(h) + self.offset).sum() * self.scale
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_parameters_become_dtensors_and_stay_tied(fake_world, stage):
+    """Every parameter is a DTensor of its full shape (Shard(0) at stages 2-3, Replicate
+    at 0-1; a 0-d one is always replicated); tied parameters stay one parameter; names,
+    buffers and the state dict keys do not change; ``module.weight`` is the full tensor."""
+    model = Tied()
+    names = [n for n, _ in model.named_parameters()]
+    keys = list(model.state_dict())
+    md.shard(model, stage=stage)
+    assert isinstance(model, md.ShardedModule) and isinstance(model, Tied)
+    assert [n for n, _ in model.named_parameters()] == names and list(model.state_dict()) == keys
+    assert model.head._parameters["weight"] is model.embed._parameters["weight"]
+    weight = model.proj._parameters["weight"]
+    assert isinstance(weight, DTensor) and weight.shape == (13, 16)
+    assert weight.placements == ((Shard(0),) if stage >= 2 else (Replicate(),))
+    assert model._parameters["scale"].placements == (Replicate(),)
+    assert type(model.proj.weight) is torch.Tensor and model.proj.weight.shape == (13, 16)
+    with model.local_parameters():
+        assert model.proj.weight is model.proj._parameters["weight"]
+    assert not isinstance(model.offset, DTensor)
+
+
+def test_stage3_keeps_only_this_ranks_rows(fake_world):
+    """Rank 0 of 8 holds rows 0-1 of a 13-row weight (2-row pieces)."""
+    torch.manual_seed(0)
+    model = nn.Linear(16, 13)
+    full = model.weight.detach().clone()
+    md.shard(model, stage=3)
+    local = model._parameters["weight"].to_local()
+    assert local.shape == (2, 16)
+    torch.testing.assert_close(local, full[:2])
+
+
+# ---- errors ------------------------------------------------------------------------------
+
+
+def test_no_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(md.ShardingError, match=r"init_process_group\(\) first"):
+        md.shard(nn.Linear(4, 4))
+
+
+def test_mesh_must_be_the_whole_world_on_one_dimension(fake_world):
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+    with pytest.raises(md.ShardingError, match=r"2 dimensions \(2, 4\).*1-D mesh"):
+        md.shard(nn.Linear(4, 4), init_device_mesh("cpu", (2, 4)))
+    with pytest.raises(md.ShardingError, match="the mesh has 4 ranks but the world has 8"):
+        md.shard(nn.Linear(4, 4), DeviceMesh("cpu", [0, 1, 2, 3]))
+
+
+def test_wrapped_models_are_refused(fake_world):
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    with pytest.raises(md.ShardingError, match="already wrapped by DistributedDataParallel"):
+        md.shard(DistributedDataParallel(nn.Linear(4, 4)))
+    inner = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    fully_shard(inner[1])
+    with pytest.raises(md.ShardingError, match=r"submodule '1' is already wrapped by FSDP2"):
+        md.shard(inner)
+    twice = md.shard(nn.Linear(4, 4))
+    with pytest.raises(md.ShardingError, match="already wrapped by memopt.distributed.shard"):
+        md.shard(twice)
+
+
+def test_tensor_parallel_dtensors_are_refused(fake_world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    model = nn.Linear(8, 8)
+    model.weight = nn.Parameter(distribute_tensor(model.weight.detach(), init_device_mesh("cpu", (8,)), [Shard(1)]))
+    with pytest.raises(md.ShardingError, match=r"'weight' is already a DTensor \(placements \(Shard\(dim=1\),\)"):
+        md.shard(model)
+
+
+def test_bad_arguments(fake_world):
+    with pytest.raises(ValueError, match="stage=4 is not one of 0"):
+        md.shard(nn.Linear(4, 4), stage=4)
+    with pytest.raises(TypeError, match="MixedPrecisionPolicy"):
+        md.shard(nn.Linear(4, 4), mp_policy={"param_dtype": torch.bfloat16})
+    with pytest.raises(md.ShardingError, match="meta device"):
+        md.shard(nn.Linear(4, 4, device="meta"))
+    with pytest.raises(TypeError, match="not sharded by memopt.distributed.shard"):
+        md.ShardedOptimizer(torch.optim.AdamW, nn.Linear(4, 4))
+
+
+# ---- optimizers --------------------------------------------------------------------------
+
+
+def test_optimizer_steps_on_this_ranks_rows(fake_world):
+    """AdamW built on model.parameters() (or by a factory) holds state for rank 0's rows
+    only; LR schedulers drive the wrapped optimizer."""
+    model = md.shard(nn.Linear(16, 16), stage=3)
+    opt = md.ShardedOptimizer(torch.optim.AdamW(model.parameters(), lr=1.0), model)
+    assert [tuple(t.shape) for _, t in opt.local_tensors()] == [(2, 16), (2,)]
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    model(torch.randn(2, 16)).sum().backward()
+    opt.step()
+    scheduler.step()
+    assert opt.param_groups[0]["lr"] == 0.5
+    assert [tuple(s["exp_avg"].shape) for s in opt.state.values()] == [(2, 16), (2,)]
+
+
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "SubspaceAdamW"])
+def test_lowrank_optimizers_need_whole_matrices(fake_world, name):
+    """GaLore/Subspace project whole matrices: refused at stages 1-3 with the
+    alternatives named, accepted at stage 0 and for groups with ``lowrank=False``."""
+    import memopt.optim
+
+    cls = getattr(memopt.optim, name)
+    model = md.shard(nn.Linear(32, 32), stage=2)
+    with pytest.raises(md.ShardingError, match=rf"{name} projects whole 32x32 matrices.*use stage=0"):
+        md.ShardedOptimizer(lambda p: cls(p, rank=4), model)
+    md.ShardedOptimizer(lambda p: cls([{"params": p, "lowrank": False}], rank=4), model)
+    replicated = md.shard(nn.Linear(32, 32), stage=0)
+    md.ShardedOptimizer(lambda p: cls(p, rank=4), replicated)
+
+
+def test_other_optimizers(fake_world):
+    """MeZO is refused at every stage; an optimizer memopt does not know is refused at
+    stages 1-3 unless declared element-wise."""
+    from memopt.optim import MeZO
+
+    model = md.shard(nn.Linear(8, 8), stage=1)
+    with pytest.raises(md.ShardingError, match="MeZO"):
+        md.ShardedOptimizer(lambda p: MeZO(p), model)
+
+    class Custom(torch.optim.SGD):
+        pass
+
+    with pytest.raises(md.ShardingError, match="Custom updates each element.*elementwise=True"):
+        md.ShardedOptimizer(lambda p: Custom(p, lr=0.1), model)
+    md.ShardedOptimizer(lambda p: Custom(p, lr=0.1), model, elementwise=True)
+    if hasattr(torch.optim, "Adafactor"):
+        with pytest.raises(md.ShardingError, match="Adafactor"):
+            md.ShardedOptimizer(lambda p: torch.optim.Adafactor(p), model)
+
+
+def test_adamw8bit_decides_by_the_whole_parameter_and_warns_on_straddling_blocks(fake_world):
+    """A 64x64 weight (4096 elements, 8-bit) sharded to 8x64 pieces (512 elements) keeps
+    8-bit moments; with block 1024 its blocks straddle two ranks, which a warning names."""
+    from memopt.optim import AdamW8bit
+
+    model = md.shard(nn.Linear(64, 64), stage=3)
+    opt = md.ShardedOptimizer(lambda p: AdamW8bit(p, min_8bit_size=4096), model)
+    weight, bias = (t for _, t in opt.local_tensors())
+    assert opt.inner.uses_8bit(weight, opt.param_groups[0]) and not opt.inner.uses_8bit(bias, opt.param_groups[0])
+    with pytest.warns(UserWarning, match=r"straddle two ranks' rows.*weight \(512 elements per rank\)"):
+        md.ShardedOptimizer(lambda p: AdamW8bit(p, min_8bit_size=4096, block_size=1024), model)
+
+
+def test_wrapping_an_optimizer_that_already_stepped(fake_world):
+    model = md.shard(nn.Linear(8, 8), stage=3)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    with pytest.raises(md.ShardingError, match="already has state"):
+        md.ShardedOptimizer(opt, model)
+
+
+def test_step_refuses_unreduced_gradients(fake_world):
+    model = md.shard(nn.Linear(8, 8), stage=3)
+    opt = md.ShardedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    model.set_requires_gradient_sync(False)
+    model(torch.randn(2, 8)).sum().backward()
+    with pytest.raises(md.ShardingError, match=r"'weight' has gradients accumulated .* no backward reduced"):
+        opt.step()
+    opt.zero_grad()
+    opt.step()  # dropped by zero_grad: nothing left to reduce

@@ -1,0 +1,281 @@
+"""One rank of the 2-process tests in this folder (run by `memopt.distributed.testing.run_ranks`).
+
+    python worker.py SCENARIO [options]
+
+Each scenario checks what it can on its rank (an assertion fails the rank, and with it the
+test) and prints one JSON line of results for the test to check across ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import memopt.distributed as md  # noqa: E402
+from memopt.distributed.testing import init_from_env  # noqa: E402
+
+VOCAB, DIM, HIDDEN, BATCH, SEQ = 24, 16, 13, 4, 5
+
+
+class Tiny(nn.Module):
+    """Every layout the sharding handles: an embedding tied to the output head, a
+    13-row weight (uneven over 2 ranks), a 1-row parameter (rank 1's piece is empty), a
+    0-dimensional parameter (replicated) and a LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.norm = nn.LayerNorm(DIM)
+        self.up = nn.Linear(DIM, HIDDEN)
+        self.down = nn.Linear(HIDDEN, DIM)
+        self.gate = nn.Parameter(torch.randn(1, DIM))
+        self.temperature = nn.Parameter(torch.tensor(1.5))
+        self.head = nn.Linear(DIM, VOCAB, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        h = h + self.down(torch.relu(self.up(self.norm(h)))) * torch.sigmoid(self.gate)
+        logits = self.head(h) / self.temperature
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of ``step`` (the same on every rank)."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    return ids, torch.roll(ids, -1, dims=1)
+
+
+def local(tensors: tuple[torch.Tensor, ...], rank: int, world: int) -> tuple[torch.Tensor, ...]:
+    per = BATCH // world
+    return tuple(t[rank * per : (rank + 1) * per] for t in tensors)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def global_loss(loss: torch.Tensor) -> float:
+    value = loss.detach().clone()
+    dist.all_reduce(value)
+    return value.item() / dist.get_world_size()
+
+
+def adamw(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+
+def adamw8bit(params: Any) -> torch.optim.Optimizer:
+    """8-bit moments for the 24x16 embedding (384 elements; 192 per rank: 3 blocks of 64)."""
+    from memopt.optim import AdamW8bit
+
+    return AdamW8bit(params, lr=1e-2, weight_decay=0.1, block_size=64, min_8bit_size=256)
+
+
+OPTIMIZERS = {"adamw": adamw, "adamw8bit": adamw8bit}
+
+
+def compiled(model: nn.Module, backend: str) -> Callable[..., Any]:
+    if backend == "none":
+        return model
+    if backend.startswith("memopt"):  # memopt (eager codegen) or memopt-inductor
+        codegen = "inductor" if backend == "memopt-inductor" else "eager"
+        return torch.compile(model, backend="memopt", options={"codegen": codegen, "strict": True})
+    return torch.compile(model, backend=backend)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+def numerics(args: argparse.Namespace) -> dict[str, Any]:
+    """Loss, every gradient and every parameter, step by step, against one process on the
+    global batch, for each stage."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out: dict[str, Any] = {}
+    for stage in [int(s) for s in args.stages.split(",")]:
+        torch.manual_seed(0)
+        reference = Tiny()
+        model = md.shard(copy.deepcopy(reference), stage=stage)
+        make = OPTIMIZERS[args.optimizer]
+        ref_opt, opt = make(reference.parameters()), md.ShardedOptimizer(make, model)
+        step_fn = compiled(model, args.backend)
+        losses = []
+        for step in range(args.steps):
+            data = batch(step)
+            ref_loss = reference(*data)
+            ref_loss.backward()
+            loss = step_fn(*local(data, rank, world))
+            loss.backward()
+            losses.append(global_loss(loss))
+            close(torch.tensor(losses[-1]), ref_loss.detach(), f"stage {stage} step {step} loss")
+            for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+                close(full(p.grad), q.grad, f"stage {stage} step {step} grad {name}")
+            ref_opt.step(), opt.step()
+            ref_opt.zero_grad(), opt.zero_grad()
+            for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+                close(full(p.detach()), q.detach(), f"stage {stage} step {step} param {name}")
+        out[str(stage)] = losses
+    return out
+
+
+def _reductions(counts: dict[Any, int]) -> int:
+    return sum(n for op, n in counts.items() if "reduce" in str(op))
+
+
+def accumulate(args: argparse.Namespace) -> dict[str, Any]:
+    """``set_requires_gradient_sync(False)`` for all micro-steps but the last: the same
+    gradients as one process accumulating every micro-batch. Eager, the reducing
+    collectives of each micro-step's backward are counted (CommDebugMode); compiled
+    (CommDebugMode would stop Dynamo), those in each compiled backward graph."""
+    import memopt
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    micro, out = 3, {}
+    for stage in [int(s) for s in args.stages.split(",")]:
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        reference = Tiny()
+        model = md.shard(copy.deepcopy(reference), stage=stage)
+        ref_opt, opt = adamw(reference.parameters()), md.ShardedOptimizer(adamw, model)
+        step_fn = compiled(model, args.backend)
+        counts = []
+        with memopt.record() as explanation:
+            for step in range(2):
+                for m in range(micro):
+                    data = batch(10 * step + m)
+                    reference(*data).backward()
+                    model.set_requires_gradient_sync(m == micro - 1)
+                    with CommDebugMode() if args.backend == "none" else contextlib.nullcontext() as comm:
+                        step_fn(*local(data, rank, world)).backward()
+                    if comm is not None:
+                        counts.append(_reductions(comm.get_comm_counts()))
+                for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+                    close(full(p.grad), q.grad, f"stage {stage} step {step} grad {name}")
+                ref_opt.step(), opt.step()
+                ref_opt.zero_grad(), opt.zero_grad()
+        graphs = [_graph_reductions(r.graph_code("backward")) for r in explanation.regions]
+        out[str(stage)] = counts if args.backend == "none" else sorted(graphs)
+    return out
+
+
+def _graph_reductions(code: str) -> int:
+    return sum(code.count(f"{op}.default(") for op in ("reduce_scatter_tensor", "all_reduce"))
+
+
+def memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Per-rank bytes of parameters, gradients and AdamW state after a step, measured from
+    the tensors, next to ZeRO's formula for fp32 AdamW (4 + 4 + 8 bytes per element)."""
+    from memopt.distributed.memory import model_state_bytes, zero_model_state_bytes
+
+    world, out = dist.get_world_size(), {}
+    for stage in [int(s) for s in args.stages.split(",")]:
+        torch.manual_seed(0)
+        model = md.shard(nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64)), stage=stage)
+        opt = md.ShardedOptimizer(adamw, model)
+        model(torch.randn(4, 64)).square().mean().backward()
+        opt.step()
+        numel = sum(p.numel() for p in model.parameters())
+        measured = model_state_bytes(model, opt)
+        formula = zero_model_state_bytes(numel, world, stage)
+        out[str(stage)] = {"measured": measured.__dict__, "formula": formula.__dict__}
+    return out
+
+
+def checkpoint(args: argparse.Namespace) -> dict[str, Any]:
+    """``--phase save``: train 3 steps, save (sharded and full), train 3 more; ``--phase
+    resume`` (new processes): a model initialised differently loads each checkpoint and
+    trains the same 3 steps. Returns the losses of the last 3 steps per stage."""
+    from memopt.distributed import checkpoint as ckpt
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out: dict[str, Any] = {}
+    for stage in [int(s) for s in args.stages.split(",")]:
+        for full in [mode == "full" for mode in args.modes.split(",")]:
+            where = Path(args.dir) / f"stage{stage}-{'full' if full else 'sharded'}"
+            torch.manual_seed(0 if args.phase == "save" else 1)
+            model = md.shard(Tiny(), stage=stage)
+            opt = md.ShardedOptimizer(OPTIMIZERS[args.optimizer], model)
+            if args.phase == "resume":
+                ckpt.load(where, model, opt, full=full)
+            losses = []
+            for step in range(3 if args.phase == "resume" else 6):
+                if args.phase == "save" and step == 3:
+                    ckpt.save(where, model, opt, full=full)
+                loss = model(*local(batch(step if args.phase == "save" else step + 3), rank, world))
+                loss.backward()
+                opt.step(), opt.zero_grad()
+                losses.append(global_loss(loss))
+            out[f"{stage}-{'full' if full else 'sharded'}"] = losses[-3:]
+    return out
+
+
+def mixed(args: argparse.Namespace) -> dict[str, Any]:
+    """A bf16 ``param_dtype`` with fp32 ``reduce_dtype``: parameters, gradients and the
+    optimizer stay fp32; losses follow the fp32 run within bf16's precision."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    policy = md.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    out: dict[str, Any] = {}
+    for stage in [int(s) for s in args.stages.split(",")]:
+        torch.manual_seed(0)
+        reference = Tiny()
+        model = md.shard(copy.deepcopy(reference), stage=stage, mp_policy=policy)
+        ref_opt, opt = adamw(reference.parameters()), md.ShardedOptimizer(adamw, model)
+        step_fn = compiled(model, args.backend)
+        for step in range(args.steps):
+            data = batch(step)
+            ref_loss = reference(*data)
+            ref_loss.backward()
+            loss = step_fn(*local(data, rank, world))
+            assert loss.dtype == torch.bfloat16
+            loss.backward()
+            torch.testing.assert_close(torch.tensor(global_loss(loss.float())), ref_loss.detach(), rtol=2e-2, atol=0)
+            for p in model.parameters():
+                assert p.dtype == torch.float32 and p.grad.dtype == torch.float32
+            ref_opt.step(), opt.step()
+            ref_opt.zero_grad(), opt.zero_grad()
+        out[str(stage)] = "ok"
+    return out
+
+
+SCENARIOS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"numerics": numerics, "accumulate": accumulate, "memory": memory, "checkpoint": checkpoint, "mixed": mixed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    parser.add_argument("--stages", default="0,1,2,3")
+    parser.add_argument("--backend", default="none", help="none (eager), aot_eager, memopt (eager codegen) or memopt-inductor")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
+    parser.add_argument("--dir", default="")
+    parser.add_argument("--phase", default="save", choices=["save", "resume"])
+    parser.add_argument("--modes", default="sharded,full", help="checkpoint kinds: sharded, full")
+    args = parser.parse_args()
+    init_from_env("cpu")
+    try:
+        result = SCENARIOS[args.scenario](args)
+        print(json.dumps({"rank": dist.get_rank(), **result}))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
