@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
@@ -197,8 +198,9 @@ class StepTracker:
         node = _backward_node(tensors)
         if node is None:
             return  # no gradient flows back through this call: not part of a training step
-        inputs = {_storage_key(a) for a in args if isinstance(a, torch.Tensor)}
-        refs = [StorageWeakRef(t.untyped_storage()) for t in tensors if _storage_key(t) not in inputs]
+        inputs = {_storage_key(p) for a in args if isinstance(a, torch.Tensor) for p in _plain(a)}
+        plain = [p for t in tensors for p in _plain(t)]
+        refs = [StorageWeakRef(p.untyped_storage()) for p in plain if _storage_key(p) not in inputs]
         run = _Run(region, refs, _weak(node))
         with self.lock:
             self._forget_abandoned()
@@ -307,6 +309,16 @@ def _saved_storages(node: Any) -> set[int]:
 
 def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
+
+
+def _plain(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``t``'s memory: itself, or for a wrapper subclass
+    (a DTensor) the inner tensors it flattens to."""
+    if not is_traceable_wrapper_subclass(t):
+        return [t]
+    names, _ = t.__tensor_flatten__()  # type: ignore[attr-defined]
+    inner = [getattr(t, name) for name in names]
+    return [p for i in inner if isinstance(i, torch.Tensor) for p in _plain(i)]
 
 
 TRACKER = StepTracker()

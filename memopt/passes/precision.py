@@ -160,6 +160,7 @@ class _Lowering:
         self, gm: fx.GraphModule, low: torch.dtype, policy: Mapping[str, str], parameters: set[fx.Node]
     ) -> None:
         self.graph = gm.graph
+        self.module = gm
         self.low = low
         self.policy = policy
         self.parameters = parameters
@@ -343,12 +344,21 @@ class _Lowering:
 
         output.args = map_arg(output.args, restore)
 
+    def _owner_attr(self, target: str) -> Any:
+        """The object a ``get_attr`` target names on the graph's module."""
+        value: Any = self.module
+        for part in target.split("."):
+            value = getattr(value, part)
+        return value
+
     def _execute(self, node: fx.Node) -> Any:
         """Compute ``node``'s fake value from its inputs' and record it."""
         args = map_arg(node.args, self.env.__getitem__)
         kwargs = map_arg(node.kwargs, self.env.__getitem__)
         if node.op == "get_attr":
             value = meta.fake_value(node)
+            if value is None:  # a submodule (an autograd.Function's fwd_body/bwd_body)
+                value = self._owner_attr(str(node.target))
         elif node.op == "call_method":
             value = getattr(args[0], str(node.target))(*args[1:], **kwargs)
         else:

@@ -86,13 +86,6 @@ def not_yet(raises: type[BaseException], reason: str) -> pytest.MarkDecorator:
 COMPILE_FAILED = torch._dynamo.exc.BackendCompilerFailed
 
 
-@not_yet(
-    COMPILE_FAILED,
-    "passes/precision.py re-executes Dynamo nodes for fake values and resolves a get_attr "
-    "of a submodule to None: the autograd_function_apply of the sharding's autograd.Function "
-    "(its fwd_body/bwd_body) fails with AttributeError 'NoneType' object has no attribute "
-    "'named_modules'",
-)
 def test_precision_bf16_composes_with_sharding(fake_world, graphs_of):
     """memopt's ``precision="bf16"`` on a sharded model: the matmuls in bf16, fp32
     masters gathered (the all-gathers stay fp32, as with any fp32 parameter)."""
@@ -100,25 +93,12 @@ def test_precision_bf16_composes_with_sharding(fake_world, graphs_of):
     assert graphs["forward"]["all_gather_into_tensor"] == 4
 
 
-@not_yet(
-    RuntimeError,
-    "backends/wholestep.py StepTracker._storage_key calls untyped_storage().data_ptr() on "
-    "the region's arguments; a DTensor parameter (a wrapper subclass) has no storage: "
-    "'Attempted to access the data pointer on an invalid python storage'",
-)
 def test_budget_planned_across_graph_breaks_accepts_dtensor_inputs(fake_world, graphs_of):
     """A memory budget (planned for the whole step, the default) on a sharded model."""
     graphs = graphs_of(md.shard(_mlp(), stage=3), torch.randn(4, 16), memory_budget=1.0)
     assert graphs["forward"]["all_gather_into_tensor"] == 4
 
 
-@not_yet(
-    COMPILE_FAILED,
-    "MemoptBudgetError: 'memory_budget 56.25 KiB is infeasible ... the smallest peak memopt can "
-    "reach is 75.00 KiB ... saved activations 49.50 KiB': the planner saves every collective "
-    "(graph/meta.py has_side_effects: the _c10d_functional namespace), so a gathered parameter is kept from forward to backward; "
-    "reshard-after-forward needs the all-gather of a parameter shard recomputable",
-)
 def test_budget_reshards_after_forward(fake_world, graphs_of):
     """Under a budget the gathered weights (64 KiB, most of the step) are freed after
     forward and all-gathered again in backward, as FSDP's reshard_after_forward."""
