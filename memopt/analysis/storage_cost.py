@@ -15,18 +15,29 @@ of a step, what that would save and cost, without rewriting anything:
   written once to compress and once to restore, at the device's bandwidth, plus two
   launches); an offload's launches plus the part of the read that no compute hides.
 
+Candidates are modelled one value at a time. The transfers of the values a plan
+offloads share one link (one I/O thread per store, first in first out), so
+`share_link` re-times a chosen set together: writes queue in the order values become
+ready, so a value waits for the writes before its own and stays resident longer;
+reads are issued in order of first use as late as the link allows (each must finish
+before its first use and before the next read starts), no earlier than the start of
+backward nor before the writes are done, and the part no compute hides is charged.
+Not modelled: ``offload`` blocking while a store has ``max_pending`` writes queued
+(the model keeps the values resident instead of stalling forward).
+
 `with_stored` turns a choice of candidates into the timeline the rewritten graphs
 would have, so a planner can judge peaks by the model and leave exact rewrites for
-the final check. Transfers are modelled one value at a time: concurrent transfers
-share one link (one I/O thread on disk), which the model does not charge.
+the final check.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from memopt.analysis.aliasing import concrete_int
 from memopt.analysis.compressible import (
@@ -41,7 +52,9 @@ from memopt.analysis.memory import LiveInterval, MemoryTimeline, finish_timeline
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs
 
-__all__ = ["StorageCandidate", "Bandwidth", "storage_candidates", "storage_key", "with_stored", "MIN_OFFLOAD_BYTES"]
+__all__ = [
+    "StorageCandidate", "Bandwidth", "storage_candidates", "storage_key", "with_stored", "share_link", "MIN_OFFLOAD_BYTES",
+]
 
 MIN_OFFLOAD_BYTES = 1 << 20
 """Smaller saved values are not offloaded: a transfer's fixed cost (a file, a copy
@@ -75,6 +88,14 @@ class StorageCandidate:
     hidden_seconds: float = 0.0
     reload_lead: int = 0
     """Offload: backward compute nodes between the reload's start and the first use."""
+    read_seconds: float = 0.0
+    """Offload: the read's share of ``transfer_seconds``."""
+    last: int = -1
+    """Offload: timeline index of the last forward reader."""
+    first: int = -1
+    """Offload: timeline index of the first backward reader."""
+    clock: _Clock | None = field(default=None, compare=False, repr=False)
+    """Offload: the step's modelled clock (shared by the step's candidates)."""
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -137,6 +158,25 @@ def with_stored(timeline: MemoryTimeline, chosen: Sequence[StorageCandidate]) ->
     return result
 
 
+@dataclass(frozen=True)
+class _Clock:
+    """Modelled start time of every timeline index (``starts[i]``; ``starts[-1]`` is the
+    end of the step) and the index where backward starts."""
+
+    starts: tuple[float, ...]
+    backward: int
+    overhead: float
+
+    def index_at(self, t: float, lo: int, hi: int) -> int:
+        """The last index in ``lo..hi`` that starts at or before ``t`` (``lo`` if none)."""
+        i = bisect.bisect_right(self.starts, t, lo, hi + 1) - 1
+        return max(i, lo)
+
+    def index_after(self, t: float, lo: int, hi: int) -> int:
+        """The first index in ``lo..hi`` that starts at or after ``t`` (``hi`` if none)."""
+        return min(bisect.bisect_left(self.starts, t, lo, hi + 1), hi)
+
+
 class _Places:
     """Timeline positions and modelled seconds of the step's compute nodes."""
 
@@ -149,6 +189,7 @@ class _Places:
         self.n_fw = len(fw)
         self.index = {n: i for i, n in enumerate(fw)} | {n: len(fw) + i for i, n in enumerate(bw)}
         self.seconds = [node_cost(n, device).seconds for n in fw + bw]
+        self.clock = _Clock(tuple(itertools.accumulate(self.seconds, initial=0.0)), self.n_fw, device.op_overhead_s)
         self.bw_of = dict(step.saved_pairs())
         self.intervals = {
             (iv.node, iv.output_index): iv
@@ -210,4 +251,66 @@ def _offloaded(group: SavedStorage, target: str, bandwidth: Bandwidth, places: _
     return StorageCandidate(
         group, "offload", target, iv.nbytes, 0, away, back, seconds,
         transfer_seconds=write_s + read_s, hidden_seconds=min(hidden, read_s) + write_s, reload_lead=first - 1 - back,
+        read_seconds=read_s, last=last, first=first, clock=places.clock,
     )  # fmt: skip
+
+
+def share_link(chosen: Sequence[StorageCandidate]) -> tuple[list[StorageCandidate], list[StorageCandidate]]:
+    """``chosen`` with its offloads re-timed on one shared link (module docstring):
+    each offload's window, prefetch distance and modelled seconds as the queue makes
+    them. Returns the candidates kept, in order, and the offloads dropped because the
+    queue leaves no point of their window free of them. Compressions pass unchanged."""
+    offloads = [c for c in chosen if c.kind == "offload" and c.clock is not None]
+    if not offloads:
+        return list(chosen), []
+    clock = offloads[0].clock
+    assert clock is not None and all(c.clock is clock for c in offloads), "one step's candidates at a time"
+    away, link_free = _queued_writes(offloads, clock)
+    reads = _queued_reads(offloads, away, link_free, clock)
+    kept, dropped = [], []
+    for c in chosen:
+        key = storage_key(c.group)
+        if c.kind != "offload" or c.clock is None:
+            kept.append(c)
+        elif key not in reads:
+            dropped.append(c)
+        else:
+            start, stall = reads[key]
+            kept.append(dataclasses.replace(
+                c, away=away[key], back=start - 1, seconds=stall + 2 * clock.overhead,
+                hidden_seconds=c.transfer_seconds - stall, reload_lead=c.first - start,
+            ))  # fmt: skip
+    return kept, dropped
+
+
+def _queued_writes(offloads: list[StorageCandidate], clock: _Clock) -> tuple[dict[tuple[object, int], int], float]:
+    """Each value's first index free of it when the writes queue in the order the
+    values become ready; and when the link finishes the last write."""
+    link, away = 0.0, {}
+    for c in sorted(offloads, key=lambda c: (c.last, c.first)):
+        link = max(clock.starts[c.last + 1], link) + c.transfer_seconds - c.read_seconds
+        away[storage_key(c.group)] = clock.index_after(link, c.last + 1, c.first)
+    return away, link
+
+
+def _queued_reads(
+    offloads: list[StorageCandidate], away: dict[tuple[object, int], int], link_free: float, clock: _Clock
+) -> dict[tuple[object, int], tuple[int, float]]:
+    """Each value's reload start index and the stall its read causes: reads placed as
+    late as the link allows in order of first use (each done before its first use and
+    before the next read starts), then run first in first out, after the writes.
+    Values whose window the writes leave empty are left out."""
+    deadline, placed = float("inf"), []
+    for c in sorted(offloads, key=lambda c: (c.first, c.last), reverse=True):
+        lo = max(away[storage_key(c.group)] + 1, clock.backward)
+        if lo <= c.first:
+            deadline = min(clock.starts[c.first], deadline) - c.read_seconds
+            placed.append((clock.index_at(deadline, lo, c.first), c))
+    out: dict[tuple[object, int], tuple[int, float]] = {}
+    link, stalls = link_free, []  # (index, seconds): compute waits before that index
+    for start, c in sorted(placed, key=lambda p: (p[0], p[1].first)):
+        link = max(clock.starts[start] + sum(s for i, s in stalls if i <= start), link) + c.read_seconds
+        stall = max(0.0, link - clock.starts[c.first] - sum(s for i, s in stalls if i <= c.first))
+        stalls.append((c.first, stall))
+        out[storage_key(c.group)] = (start, stall)
+    return out

@@ -13,6 +13,21 @@ alone (no rewrite):
   until their bytes cover the excess; the peak is then judged again, since it moves
   as values leave. A value never gets two actions.
 
+The offloads chosen share one link (`memopt.analysis.storage_cost.share_link`): after
+every round they are re-timed together (a write waits for the writes queued before
+it, a read for the reads before it), which can lengthen a window's edges, expose a
+read, or leave a value no time away (it is dropped and not taken again). Without a
+budget, an offload the shared link exposes is dropped, the most exposed first, until
+every one left hides.
+
+With a budget and both techniques enabled, the rounds run three times: over every
+candidate, over the offloads only and over the compressions only (the order by
+seconds per byte ranks each candidate alone, and the shared link can make the mixed
+choice dearer than one technique), and the plan that fits at the least modelled time
+is kept (none fits: the smallest peak). In the mixed run, a chosen offload whose
+shared-link time exceeds its storage's compression is swapped for it when that keeps
+the peak. A run that ends above the budget keeps its round with the smallest peak.
+
 The peak is judged by ``place`` (the region's timeline in its step, when the step has
 other regions: `memopt.plan.step_context`). The passes then carry the actions out
 and the exact timeline of their graphs is the final check.
@@ -24,7 +39,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from memopt.analysis.memory import MemoryTimeline
-from memopt.analysis.storage_cost import Bandwidth, StorageCandidate, storage_candidates, storage_key, with_stored
+from memopt.analysis.storage_cost import (
+    Bandwidth,
+    StorageCandidate,
+    share_link,
+    storage_candidates,
+    storage_key,
+    with_stored,
+)
 from memopt.graph.step import StepGraphs
 from memopt.plan.decisions import Action, Compress, Offload
 
@@ -90,11 +112,34 @@ def plan_storage(
     if budget is None:
         chosen = _every(candidates)
         return StoragePlan(chosen, with_stored(timeline, chosen), sum(c.seconds for c in chosen), 0, dict(skipped))
-    chosen, rounds = [], 0
-    modelled = timeline
-    judged = judge(modelled)
-    while judged.peak_bytes > budget and rounds < len(candidates):
-        taken = {c.group.storage for c in chosen}
+    pools = [candidates]
+    kinds = sorted({c.kind for c in candidates})
+    if len(kinds) > 1:
+        pools += [[c for c in candidates if c.kind == k] for k in kinds]
+    runs = [_rounds(pool, timeline, judge, budget) for pool in pools]
+    best = min(runs, key=lambda r: (r.peak > budget, r.seconds if r.peak <= budget else r.peak))
+    return StoragePlan(best.chosen, best.timeline, best.seconds, best.rounds, dict(skipped))
+
+
+@dataclass
+class _Run:
+    chosen: list[StorageCandidate]
+    timeline: MemoryTimeline
+    peak: int
+    rounds: int
+
+    @property
+    def seconds(self) -> float:
+        return sum(c.seconds for c in self.chosen)
+
+
+def _rounds(candidates: list[StorageCandidate], timeline: MemoryTimeline, judge: Place, budget: int) -> _Run:
+    """The rounds of the module docstring over ``candidates``."""
+    chosen: list[StorageCandidate] = []
+    taken: set[object] = set()  # storages chosen once (a dropped offload is not taken again)
+    judged = judge(timeline)
+    run = best = _Run([], timeline, judged.peak_bytes, 0)
+    while run.peak > budget and run.rounds < len(candidates):
         resident = _resident_at_peak(judged)
         fresh = sorted(
             (c for c in candidates if c.group.storage not in taken and storage_key(c.group) in resident),
@@ -102,7 +147,7 @@ def plan_storage(
         )
         if not fresh:
             break
-        excess = judged.peak_bytes - budget
+        excess = run.peak - budget
         for c in fresh:
             if c.group.storage in taken:
                 continue  # its other candidate was just taken
@@ -111,15 +156,51 @@ def plan_storage(
             excess -= c.saved_bytes
             if excess <= 0:
                 break
-        rounds += 1
+        chosen, _ = share_link(chosen)
         modelled = with_stored(timeline, chosen)
         judged = judge(modelled)
-    return StoragePlan(chosen, modelled, sum(c.seconds for c in chosen), rounds, dict(skipped))
+        run = _Run(chosen, modelled, judged.peak_bytes, run.rounds + 1)
+        best = run if run.peak < best.peak else best
+    if run.peak > budget and best.peak < run.peak:
+        return best
+    return _swap_exposed(run, candidates, timeline, judge, budget)
+
+
+def _swap_exposed(run: _Run, candidates: list[StorageCandidate], timeline: MemoryTimeline, judge: Place, budget: int) -> _Run:
+    """``run`` with chosen offloads swapped for their storages' compressions, the
+    dearest first, while a swap lowers the modelled time and keeps the peak within
+    ``max(budget, run's peak)``."""
+    compress = {c.group.storage: c for c in candidates if c.kind == "compress"}
+    limit = max(budget, run.peak)
+    swapped = True
+    while swapped:
+        swapped = False
+        dear = sorted((c for c in run.chosen if c.kind == "offload"), key=lambda c: -c.seconds)
+        for c in dear:
+            alternative = compress.get(c.group.storage)
+            if alternative is None or alternative.seconds >= c.seconds:
+                continue
+            trial, _ = share_link([alternative if x is c else x for x in run.chosen])
+            modelled = with_stored(timeline, trial)
+            peak = judge(modelled).peak_bytes
+            if peak <= limit and sum(x.seconds for x in trial) < run.seconds:
+                run, swapped = _Run(trial, modelled, peak, run.rounds), True
+                break
+    return run
 
 
 def _every(candidates: list[StorageCandidate]) -> list[StorageCandidate]:
-    """Without a budget: offload what hides fully, compress the rest."""
-    chosen = [c for c in candidates if c.kind == "offload" and c.hidden_seconds >= c.transfer_seconds]
+    """Without a budget: offload what hides fully on the shared link, compress the rest."""
+    offloads = [c for c in candidates if c.kind == "offload" and c.hidden_seconds >= c.transfer_seconds]
+    while True:
+        chosen, dropped = share_link(offloads)
+        exposed = [c for c in chosen if c.kind == "offload" and c.hidden_seconds < c.transfer_seconds]
+        if not exposed and not dropped:
+            break
+        gone = {c.group.storage for c in dropped}
+        if exposed:
+            gone.add(max(exposed, key=lambda c: c.transfer_seconds - c.hidden_seconds).group.storage)
+        offloads = [c for c in offloads if c.group.storage not in gone]
     taken = {c.group.storage for c in chosen}
     chosen += [c for c in candidates if c.kind == "compress" and c.group.storage not in taken]
     return chosen

@@ -1,0 +1,102 @@
+"""The offload cost model's shared link (`memopt.analysis.storage_cost.share_link`) on
+hand-built clocks, and the storage planner's choice between mixed and single-technique
+plans (`memopt.plan.storage.plan_storage`)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from memopt.analysis.memory import build_timeline
+from memopt.analysis.storage_cost import Bandwidth, StorageCandidate, _Clock, share_link
+from memopt.plan.storage import StorageOptions, plan_storage
+from memopt.testing.capture import capture_step
+
+# Forward: indices 0..3, backward: 4..9, every node 1 s; no launch overhead.
+CLOCK = _Clock(tuple(float(i) for i in range(11)), backward=4, overhead=0.0)
+
+
+def _offload(name: str, last: int, first: int, write: float, read: float) -> StorageCandidate:
+    group = SimpleNamespace(storage=SimpleNamespace(producer=name, index=0), values=())
+    return StorageCandidate(
+        group, "offload", "disk", 100, 0, last + 1, first - 1, 0.0, transfer_seconds=write + read,  # type: ignore[arg-type]
+        hidden_seconds=write + read, read_seconds=read, last=last, first=first, clock=CLOCK,
+    )  # fmt: skip
+
+
+def test_one_value_alone_keeps_the_per_value_timing():
+    """Alone on the link: away once its 1 s write is done (index 2, after the reader
+    at 0 and one node of compute), reload started 2 nodes before its first use at 6
+    (a 2 s read ending at the use), nothing exposed."""
+    (c,), dropped = share_link([_offload("a", 0, 6, write=1.0, read=2.0)])
+    assert not dropped
+    assert (c.away, c.back, c.reload_lead, c.seconds) == (2, 3, 2, 0.0)
+
+
+def test_transfers_queue_on_one_link():
+    """Two values: b's write waits for a's (away at 3, not 2); reads run in order of
+    first use, a's must end by 6 and b's by 7, and neither may start before backward
+    (index 4): a reads 4..6, b from 6 to 8, one second after its use at 7: exposed."""
+    (a, b), dropped = share_link([_offload("a", 0, 6, 1.0, 2.0), _offload("b", 1, 7, 1.0, 2.0)])
+    assert not dropped
+    assert (a.away, a.reload_lead, a.seconds) == (2, 2, 0.0)
+    assert (b.away, b.reload_lead) == (3, 2)
+    assert b.seconds == pytest.approx(1.0)
+    assert b.hidden_seconds == pytest.approx(b.transfer_seconds - 1.0)
+
+
+def test_a_value_the_queue_never_frees_is_dropped():
+    """c's write waits behind big's 5 s write (to t=6) and ends at t=7, after c's
+    first use at 5: no point of its window is free of it, so it is dropped; big
+    (away at 6, used at 9) is kept."""
+    big = _offload("big", 0, 9, write=5.0, read=0.5)
+    c = _offload("c", 1, 5, write=1.0, read=0.5)
+    kept, dropped = share_link([big, c])
+    assert [k.group.storage.producer for k in kept] == ["big"]
+    assert [d.group.storage.producer for d in dropped] == ["c"]
+
+
+def test_compressions_pass_unchanged():
+    group = SimpleNamespace(storage=SimpleNamespace(producer="z", index=0), values=())
+    z = StorageCandidate(group, "compress", "fp8", 100, 25, 1, 5, 0.1)  # type: ignore[arg-type]
+    kept, dropped = share_link([z])
+    assert kept == [z] and not dropped
+
+
+def _mlp(x, w1, w2, w3, w4):
+    h = torch.tanh(x @ w1)
+    g = torch.tanh(h @ w2)
+    k = torch.tanh(g @ w3)
+    return torch.sigmoid(k @ w4).sum()
+
+
+@pytest.fixture(scope="module")
+def mlp_step():
+    torch.manual_seed(0)
+    x = torch.randn(256, 256)
+    ws = [torch.randn(256, 256, requires_grad=True) for _ in range(4)]
+    step = capture_step(_mlp, x, *ws)
+    return step, build_timeline(step)
+
+
+@pytest.mark.parametrize("bandwidth", [1e6, 1e8, 1e10])
+def test_the_mixed_plan_is_never_dearer_than_one_technique(mlp_step, bandwidth):
+    """With offload and compression both enabled, a plan that fits costs no more
+    modelled time than offload alone or compression alone (when they fit): the
+    planner runs each as well and keeps the cheapest."""
+    step, timeline = mlp_step
+    budget = int(timeline.baseline_bytes + 0.6 * (timeline.peak_bytes - timeline.baseline_bytes))
+    band = Bandwidth(bandwidth, bandwidth)
+    both = plan_storage(step, timeline, StorageOptions("fp8", "disk", band, min_offload_bytes=0), budget)
+    alone = [
+        plan_storage(step, timeline, StorageOptions(None, "disk", band, min_offload_bytes=0), budget),
+        plan_storage(step, timeline, StorageOptions("fp8", None), budget),
+    ]
+    assert both.timeline is not None
+    fits = [p for p in alone if p.timeline is not None and p.timeline.peak_bytes <= budget]
+    if both.timeline.peak_bytes <= budget:
+        assert all(both.seconds <= p.seconds + 1e-12 for p in fits)
+    else:
+        assert not fits
