@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from memopt.analysis.aliasing import GraphAliasing, Storage, analyze_aliasing, concrete_int
-from memopt.analysis.fusion import channels_last_copies, fused_nodes, inplace_reuses
+from memopt.analysis.fusion import channels_last_copies, fused_nodes, inplace_reuses, kernel_runs
 from memopt.analysis.manager import Analysis, AnalysisManager
 from memopt.analysis.workspace import retained_bytes, workspace_bytes
 from memopt.graph import meta
@@ -206,24 +206,39 @@ def _liveness(
     gm: fx.GraphModule, offset: int, fused_codegen: bool = False, donated: set[fx.Node] | None = None
 ) -> _GraphLiveness:
     """Last uses of ``gm``'s storages, timeline indices from ``offset``. Under a fusing
-    codegen, values fused into their consumers are read where the consumers run, and a
-    storage a kernel overwrites in place (`inplace_reuses`; ``donated``: placeholders
-    the graph may overwrite) is freed just before that kernel."""
+    codegen, values fused into their consumers are read where the consumers run, the
+    inputs of kernels called as one function (`kernel_runs`) are read until the
+    function returns, and a storage a kernel overwrites in place (`inplace_reuses`;
+    ``donated``: placeholders the graph may overwrite) is freed just before that
+    kernel."""
     aliasing = analyze_aliasing(gm.graph)
     index = {n: offset + i for i, n in enumerate(_compute_nodes(gm))}
     fused = fused_nodes(gm.graph) if fused_codegen else set()
-    at = _effective_positions(gm, index, fused)
     live = _GraphLiveness(aliasing, index, fused=fused)
+    read_at = _effective_positions(gm, index, fused)
+    last_read = _last_uses(gm, aliasing, index, read_at)
+    if not fused_codegen:
+        live.last_use = last_read
+        return live
+    runs = kernel_runs(gm.graph, fused)
+    live.last_use = _last_uses(gm, aliasing, index, _effective_positions(gm, index, fused, runs))
+    for storage, writer in inplace_reuses(gm.graph, fused, aliasing, last_read, index, donated or set()).items():
+        live.last_use[storage] = index[writer] - 1
+    return live
+
+
+def _last_uses(
+    gm: fx.GraphModule, aliasing: GraphAliasing, index: dict[fx.Node, int], at: dict[fx.Node, int]
+) -> dict[Storage, int]:
+    """Per storage, the last position (``at``) of a node reading it."""
+    last_use: dict[Storage, int] = {}
     for node in _compute_nodes(gm):
         for inp in node.all_input_nodes:
             for storage in aliasing.storages_of(inp):
-                live.last_use[storage] = max(live.last_use.get(storage, 0), at[node])
+                last_use[storage] = max(last_use.get(storage, 0), at[node])
         for storage in aliasing.storages_of(node):  # a value is used by its own producer
-            live.last_use.setdefault(storage, index[node])
-    if fused_codegen:
-        for storage, writer in inplace_reuses(gm.graph, fused, aliasing, live.last_use, index, donated or set()).items():
-            live.last_use[storage] = index[writer] - 1
-    return live
+            last_use.setdefault(storage, index[node])
+    return last_use
 
 
 def _donated(step: StepGraphs, fw_aliasing: GraphAliasing) -> set[fx.Node]:
@@ -243,12 +258,16 @@ def _donated(step: StepGraphs, fw_aliasing: GraphAliasing) -> set[fx.Node]:
     }
 
 
-def _effective_positions(gm: fx.GraphModule, index: dict[fx.Node, int], fused: set[fx.Node]) -> dict[fx.Node, int]:
-    """Where each node's inputs are read: its own position, or for a value fused into
+def _effective_positions(
+    gm: fx.GraphModule, index: dict[fx.Node, int], fused: set[fx.Node], runs: dict[fx.Node, fx.Node] | None = None
+) -> dict[fx.Node, int]:
+    """Where each node's inputs are read: its own position; for a kernel in a run
+    called as one function (``runs``), the run's last position; for a value fused into
     its consumers, the last of their positions."""
+    runs = runs or {}
     at: dict[fx.Node, int] = {}
     for node in reversed(_compute_nodes(gm)):
-        at[node] = index[node]
+        at[node] = index[runs.get(node, node)]
         if node in fused:
             at[node] = max([index[node], *(at[u] for u in node.users if u in at)])
     return at
