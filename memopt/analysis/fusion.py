@@ -200,14 +200,15 @@ def kernel_runs(graph: fx.Graph, fused: set[fx.Node]) -> dict[fx.Node, fx.Node]:
     wrapper allocates every output of the function before calling it and frees its
     inputs after, so all of them are live together while any of its kernels runs. A
     kernel here is a node that is not fused into its consumers, not a view and not
-    extern (`_extern`); views and fused nodes do not end a run. Only runs of two or
-    more kernels on CPU are listed (on GPU every kernel is launched on its own).
+    extern (`_extern`); views and fused nodes do not end a run. Every generated kernel
+    on CPU is listed, alone in its run or not (on GPU every kernel is launched on its
+    own: none is listed).
     """
     runs: dict[fx.Node, fx.Node] = {}
     run: list[fx.Node] = []
 
     def close() -> None:
-        if len(run) > 1:
+        if run:
             runs.update(dict.fromkeys(run, run[-1]))
         run.clear()
 
