@@ -165,6 +165,25 @@ def test_fusing_codegen_overwrites_a_dead_buffer_in_place():
     assert tl.peak_growth_bytes >= 2 * a_bytes
 
 
+def test_cpu_kernels_between_library_calls_are_live_together():
+    """Under Inductor on CPU, the kernels generated between two library calls (here two
+    matmuls) are one C++ function: the wrapper allocates all its outputs before the call
+    and frees its inputs after, so they are all live together. a = x @ w (A bytes) is
+    last read by a column sum (s, S bytes); z = exp(y) * 3 (Z bytes, y an input), the
+    next kernel, feeds the second matmul. Kernel by kernel, a would be freed before z
+    exists (peak A + S); in one function the peak is A + S + Z, plus the 4-byte sum
+    of s, the run's third kernel."""
+    x, w, y, v = torch.randn(64, 32), torch.randn(32, 256), torch.randn(64, 128), torch.randn(128, 1)
+    a_bytes, s_bytes, z_bytes = 64 * 256 * F32, 256 * F32, 64 * 128 * F32
+
+    def f(x, w, y, v):
+        s = (x @ w).sum(0)
+        z = torch.exp(y) * 3
+        return s.sum() + (z @ v).sum()
+
+    assert _fused_timeline(f, x, w, y, v).peak_growth_bytes == a_bytes + s_bytes + z_bytes + F32
+
+
 def test_graph_inputs_are_never_overwritten():
     """relu(x) of a caller-owned input x gets a buffer of its own even at x's last use."""
     x, v = torch.randn(64, 256), torch.randn(256, 1)

@@ -1,4 +1,5 @@
-"""Which values a fusing code generator (Inductor) never writes to memory.
+"""What a fusing code generator (Inductor) does to memory: which values it never
+writes, which buffers it overwrites in place, which kernels it runs as one call.
 
 Inductor inlines pointwise computations into the kernels that consume them; such a
 value exists only in registers. The rules here follow Inductor's lowering
@@ -14,9 +15,19 @@ view whose users are fusible), unless
 
 Indexing ops Inductor lowers to loops (gather, index, embedding, constant padding)
 and tensors it computes in the loop (full, iota, arange) count as pointwise, and a
-matmul folded into the add that consumes it (``addmm``) is never a buffer of its own. Values read by extern kernels (matmuls, convolutions) are
-materialized. It is a model of Inductor, checked against measured peaks in
-``benchmarks/estimate_accuracy.py``.
+matmul folded into the add that consumes it (``addmm``) is never a buffer of its own.
+Values read by extern kernels (matmuls, convolutions) are materialized. So are random
+values (``prims.inductor_random``): their lowering realizes them
+(``lowering.inductor_random``). When the scheduler fuses them into their one reader's
+kernel, that buffer is never allocated (``Kernel.remove_kernel_local_buffers``); here
+the reader overwrites it in place instead, which counts the same bytes.
+
+A kernel writes its output into a buffer it reads when that read is the buffer's last
+(`inplace_reuses`, ``Scheduler.decide_inplace_update``). On CPU, the kernels generated
+between two library calls are one function, whose inputs and outputs are all live
+while it runs (`kernel_runs`, ``CppScheduling``'s kernel group). It is a model of
+Inductor, checked against measured peaks in ``benchmarks/estimate_accuracy.py`` and
+``benchmarks/real_models.py``.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ import torch.fx as fx
 from memopt.analysis.aliasing import GraphAliasing, Storage, concrete_int
 from memopt.analysis.cost import is_view
 
-__all__ = ["channels_last_copies", "fused_nodes", "inplace_reuses"]
+__all__ = ["channels_last_copies", "fused_nodes", "inplace_reuses", "kernel_runs"]
 
 aten = torch.ops.aten
 _REDUCTIONS = {
@@ -152,6 +163,66 @@ def _folded_into_addmm(node: fx.Node) -> bool:
     )
 
 
+# Ops Inductor runs as a library call (``ExternKernel``): matmuls and convolutions.
+_LIBRARY = {
+    aten.mm, aten.bmm, aten.addmm, aten.baddbmm, aten.addbmm, aten._int_mm, aten.convolution,
+    aten.convolution_backward,
+}  # fmt: skip
+_SEEDS = "prims::inductor_seeds"  # ``ir.RandomSeeds``, an extern kernel
+
+
+def _makes_addmm(node: fx.Node, fused: set[fx.Node]) -> bool:
+    """An add whose mm operand is folded into it (`_folded_into_addmm`): an addmm."""
+    return any(inp in fused and inp.target is aten.mm.default for inp in node.all_input_nodes)
+
+
+def _extern(node: fx.Node, fused: set[fx.Node]) -> bool:
+    """Inductor calls a library kernel or an eager fallback for ``node`` rather than
+    generating its loops: a matmul, a convolution, an op in ``lowering.fallbacks`` or
+    without a lowering (custom ops)."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload) or node in fused or is_view(node):
+        return False
+    if target.overloadpacket in _LIBRARY or target.name() == _SEEDS or _makes_addmm(node, fused):
+        return True
+    from torch._inductor import lowering
+
+    return target in lowering.fallbacks or target not in lowering.lowerings
+
+
+def kernel_runs(graph: fx.Graph, fused: set[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """Generated CPU kernels Inductor calls as one function: kernel -> the last kernel
+    of its run.
+
+    Inductor's C++ backend puts the kernels it generates one after another into one
+    function (``CppScheduling.codegen_node`` adds each to its ``kernel_group``) until a
+    library call or a fallback comes (``Scheduler.codegen`` then calls ``flush``). The
+    wrapper allocates every output of the function before calling it and frees its
+    inputs after, so all of them are live together while any of its kernels runs. A
+    kernel here is a node that is not fused into its consumers, not a view and not
+    extern (`_extern`); views and fused nodes do not end a run. Every generated kernel
+    on CPU is listed, alone in its run or not (on GPU every kernel is launched on its
+    own: none is listed).
+    """
+    runs: dict[fx.Node, fx.Node] = {}
+    run: list[fx.Node] = []
+
+    def close() -> None:
+        if run:
+            runs.update(dict.fromkeys(run, run[-1]))
+        run.clear()
+
+    for node in graph.nodes:
+        if node.op != "call_function" or node in fused or is_view(node):
+            continue
+        if _extern(node, fused):
+            close()
+        elif isinstance(node.target, torch._ops.OpOverload) and _on_cpu(node):
+            run.append(node)
+    close()
+    return runs
+
+
 def inplace_reuses(
     graph: fx.Graph,
     fused: set[fx.Node],
@@ -182,8 +253,8 @@ def inplace_reuses(
     for node in graph.nodes:
         if node.op != "call_function" or node in fused or not _pointwise(node):
             continue
-        if any(inp in fused and inp.target is aten.mm.default for inp in node.all_input_nodes):
-            continue  # an add with a folded mm is an addmm: an extern kernel with its own output
+        if _makes_addmm(node, fused):
+            continue  # an addmm: an extern kernel with its own output
         made = aliasing.fresh.get(node, [])
         value = node.meta.get("val")
         if len(made) != 1 or not isinstance(value, torch.Tensor):

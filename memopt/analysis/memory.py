@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from memopt.analysis.aliasing import GraphAliasing, Storage, analyze_aliasing, concrete_int
-from memopt.analysis.fusion import channels_last_copies, fused_nodes, inplace_reuses
+from memopt.analysis.fusion import channels_last_copies, fused_nodes, inplace_reuses, kernel_runs
 from memopt.analysis.manager import Analysis, AnalysisManager
 from memopt.analysis.workspace import retained_bytes, workspace_bytes
 from memopt.analysis.value_ops import allocated_at
@@ -211,24 +211,38 @@ def _liveness(
     gm: fx.GraphModule, offset: int, fused_codegen: bool = False, donated: set[fx.Node] | None = None
 ) -> _GraphLiveness:
     """Last uses of ``gm``'s storages, timeline indices from ``offset``. Under a fusing
-    codegen, values fused into their consumers are read where the consumers run, and a
-    storage a kernel overwrites in place (`inplace_reuses`; ``donated``: placeholders
-    the graph may overwrite) is freed just before that kernel."""
+    codegen, values fused into their consumers are read where the consumers run, what
+    kernels called as one function (`kernel_runs`) read from before the call is read
+    until the function returns, and a storage a kernel overwrites in place (`inplace_reuses`;
+    ``donated``: placeholders the graph may overwrite) is freed just before that
+    kernel."""
     aliasing = analyze_aliasing(gm.graph)
     index = {n: offset + i for i, n in enumerate(_compute_nodes(gm))}
     fused = fused_nodes(gm.graph) if fused_codegen else set()
-    at = _effective_positions(gm, index, fused)
     live = _GraphLiveness(aliasing, index, fused=fused)
+    read_at = _effective_positions(gm, index, fused)
+    last_read = _last_uses(gm, aliasing, index, read_at)
+    if not fused_codegen:
+        live.last_use = last_read
+        return live
+    live.last_use = _run_last_uses(gm, aliasing, index, fused, kernel_runs(gm.graph, fused))
+    for storage, writer in inplace_reuses(gm.graph, fused, aliasing, last_read, index, donated or set()).items():
+        live.last_use[storage] = index[writer] - 1
+    return live
+
+
+def _last_uses(
+    gm: fx.GraphModule, aliasing: GraphAliasing, index: dict[fx.Node, int], at: dict[fx.Node, int]
+) -> dict[Storage, int]:
+    """Per storage, the last position (``at``) of a node reading it."""
+    last_use: dict[Storage, int] = {}
     for node in _compute_nodes(gm):
         for inp in node.all_input_nodes:
             for storage in aliasing.storages_of(inp):
-                live.last_use[storage] = max(live.last_use.get(storage, 0), at[node])
+                last_use[storage] = max(last_use.get(storage, 0), at[node])
         for storage in aliasing.storages_of(node):  # a value is used by its own producer
-            live.last_use.setdefault(storage, index[node])
-    if fused_codegen:
-        for storage, writer in inplace_reuses(gm.graph, fused, aliasing, live.last_use, index, donated or set()).items():
-            live.last_use[storage] = index[writer] - 1
-    return live
+            last_use.setdefault(storage, index[node])
+    return last_use
 
 
 def _donated(step: StepGraphs, fw_aliasing: GraphAliasing) -> set[fx.Node]:
@@ -257,6 +271,41 @@ def _effective_positions(gm: fx.GraphModule, index: dict[fx.Node, int], fused: s
         if node in fused:
             at[node] = max([index[node], *(at[u] for u in node.users if u in at)])
     return at
+
+
+def _run_last_uses(
+    gm: fx.GraphModule,
+    aliasing: GraphAliasing,
+    index: dict[fx.Node, int],
+    fused: set[fx.Node],
+    runs: dict[fx.Node, fx.Node],
+) -> dict[Storage, int]:
+    """Per storage, its last use when runs of kernels are called as one function
+    (``runs``: generated kernel -> the last kernel of its run): a graph input or a
+    library call's output read in a run is freed after the call, so it is read at the
+    run's last kernel. A generated kernel's output keeps the last read of the kernel
+    reading it: Inductor's scheduler may fuse its writer into its readers' kernel, in
+    the same run or, across a library call, in a later one (Llama's loss gradient, made
+    before the logits' matmul in the graph, is made after it), and a buffer whose
+    writer and readers share one loop is never allocated
+    (``remove_kernel_local_buffers``); the reads kernel by kernel, with the in-place
+    writes, approximate that. Fused values are read where their consumers run."""
+    nodes = _compute_nodes(gm)
+    kernels: dict[fx.Node, set[fx.Node]] = {}  # node -> the kernels its inputs are read in
+    for node in reversed(nodes):
+        users = {k for u in node.users if u in kernels for k in kernels[u]} if node in fused else set()
+        kernels[node] = users | {node}
+    last_use: dict[Storage, int] = {}
+    for node in nodes:
+        for inp in node.all_input_nodes:
+            for storage in aliasing.storages_of(inp):
+                for kernel in kernels[node]:
+                    end = runs.get(kernel)
+                    at = index[kernel] if end is None or storage.producer in runs else index[end]
+                    last_use[storage] = max(last_use.get(storage, 0), at)
+        for storage in aliasing.storages_of(node):  # a value is used by its own producer
+            last_use.setdefault(storage, index[node])
+    return last_use
 
 
 def build_timeline(step: StepGraphs) -> MemoryTimeline:
