@@ -42,7 +42,7 @@ def run_ranks(
     args: Sequence[str] = (),
     *,
     world_size: int = 2,
-    timeout: float = 120.0,
+    timeout: float = 600.0,
     env: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Run ``python script *args`` on ``world_size`` ranks; return each rank's stdout."""
