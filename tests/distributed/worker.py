@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -272,9 +273,15 @@ def main() -> None:
     init_from_env("cpu")
     try:
         result = SCENARIOS[args.scenario](args)
-        print(json.dumps({"rank": dist.get_rank(), **result}))
+        print(json.dumps({"rank": dist.get_rank(), **result}), flush=True)
+        dist.barrier()  # no rank tears down while another still talks to it
     finally:
         dist.destroy_process_group()
+    # Skip the interpreter's teardown: a background thread left by the checkpoint
+    # machinery made one rank abort at exit ('terminate called without an active
+    # exception', exit -6) after its result was printed, on a loaded machine.
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
