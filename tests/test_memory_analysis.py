@@ -279,3 +279,24 @@ def test_channels_last_convolution_scratch_matches_a_measurement():
     node = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.convolution_backward.default)
     modelled = workspace_bytes(node, torch.device("cpu"), fused=True)
     assert abs(modelled - scratch) <= 0.25 * scratch + 8 * 1024, (modelled, scratch)
+
+
+def test_dropout_mask_replay_workspace_matches_a_measurement():
+    """The replay draws its bool mask through a float noise tensor
+    (memopt.graph.rng): workspace.py models that tensor, and the measured peak of the
+    op alone is its output plus that workspace (before, a zero input, the float noise
+    and a float output were all live: 3.25x this)."""
+    from memopt.analysis.workspace import workspace_bytes
+    from memopt.graph.rng import dropout_mask_replay
+    from memopt.testing.measure import measure_peak
+
+    state = torch.get_rng_state()
+    size, stride = [16, 64, 128], [64 * 128, 128, 1]
+    replay = lambda: torch.ops.memopt.dropout_mask_replay(state, size, stride, 0.1)  # noqa: E731
+    replay()
+    measured = measure_peak(replay).peak_growth_bytes
+    gm = make_fx(lambda s: dropout_mask_replay(s, size, stride, 0.1), tracing_mode="fake")(state)
+    node = next(n for n in gm.graph.nodes if n.target is torch.ops.memopt.dropout_mask_replay.default)
+    mask_bytes = 16 * 64 * 128
+    modelled = mask_bytes + workspace_bytes(node, torch.device("cpu"))
+    assert abs(modelled - measured) <= 0.1 * measured, (modelled, measured)

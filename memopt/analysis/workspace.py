@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from memopt.analysis.aliasing import concrete_int
 from memopt.graph import meta
+from memopt.graph import rng as _rng  # noqa: F401  (registers memopt::dropout_mask_replay)
 
 __all__ = ["workspace_bytes", "retained_bytes"]
 
@@ -77,6 +78,14 @@ def _loss(node: fx.Node) -> int:
     return _bytes(node.args[0]) if reduction != 0 else 0
 
 
+def _replay_noise(node: fx.Node) -> int:
+    # memopt::dropout_mask_replay draws its bool mask through a float noise tensor of
+    # the default dtype (memopt.graph.rng)
+    return _bytes(node) * torch.empty((), dtype=torch.get_default_dtype()).element_size()
+
+
+_REPLAY = torch.ops.memopt.dropout_mask_replay.default
+
 _CPU: dict[Any, Callable[[fx.Node], int]] = {
     aten.convolution.default: _conv,
     aten.convolution_backward.default: _conv_backward,
@@ -84,6 +93,7 @@ _CPU: dict[Any, Callable[[fx.Node], int]] = {
     aten.native_dropout.default: _first_arg,
     aten.native_dropout_backward.default: _first_arg,
     aten.mse_loss.default: _loss,
+    _REPLAY: _replay_noise,
 }
 
 _TABLES: dict[str, dict[Any, Callable[[fx.Node], int]]] = {"cpu": _CPU, "meta": _CPU}
@@ -92,6 +102,7 @@ _KIB = 1024
 _CPU_FUSED: dict[Any, Callable[[fx.Node], int]] = {
     aten.convolution.default: lambda n: _bytes(_arg(n, 1, "weight")) + 12 * _KIB,
     aten.convolution_backward.default: lambda n: 2 * _bytes(_arg(n, 2, "weight")) + 20 * _KIB,
+    _REPLAY: _replay_noise,  # an extern kernel under Inductor: the same workspace
 }
 _FUSED_TABLES: dict[str, dict[Any, Callable[[fx.Node], int]]] = {"cpu": _CPU_FUSED, "meta": _CPU_FUSED}
 

@@ -26,9 +26,9 @@ reload in forward. Each offload needs a distinct ``name`` and one ``reload_start
 so that no CSE merges two of them. Fake implementations give the outputs' metadata,
 so the ops trace under FakeTensor, ``make_fx``, AOTAutograd and Dynamo, and Inductor
 calls them as extern fallback kernels. Under Inductor the buffer given to ``offload``
-must not be reused for another buffer while its write is under way:
-`register_inductor_lowering` (to be called before Inductor lowers a graph with these
-ops) marks it so. No autograd: the ops live below autograd, in the partitioned graphs.
+must be freed after its last use but not reused for another buffer while its write is
+under way: `register_inductor_lowering` (to be called before Inductor lowers a graph
+with these ops) makes Inductor free it with a plain ``del``. No autograd: the ops live below autograd, in the partitioned graphs.
 """
 
 from __future__ import annotations
@@ -92,19 +92,56 @@ def _reload_wait_fake(
 
 _lowering_registered = False
 
+_FREE_WITHOUT_REUSE = "_memopt_free_without_reuse"
+"""Attribute of Inductor's graph lowering (``V.graph``): names of the buffers read by
+``memopt::offload`` in the graph being compiled."""
+
+
+def _free_without_reuse(wrapper_class: type) -> None:
+    """Make ``wrapper_class.codegen_free`` write a plain ``del`` for the buffers named in
+    ``V.graph._memopt_free_without_reuse``.
+
+    Inductor frees a buffer after its last use by offering it for reuse
+    (``FreeIfNotReusedLine``), and writes nothing at all for a buffer in
+    ``V.graph.never_reuse_buffers`` (``codegen_free`` returns early), so such a buffer
+    lives until the graph returns. An offloaded buffer must be dropped (the store's own
+    reference keeps its storage alive until it is written out) but never handed to
+    another kernel while the store may still be reading it: a ``FreeLine``, as Inductor
+    writes for graph inputs. Idempotent; other buffers go through the original method.
+    """
+    original = wrapper_class.codegen_free
+    if getattr(original, "_memopt_free_without_reuse", False):
+        return
+    from torch._inductor.codegen.wrapper import FreeLine
+    from torch._inductor.virtualized import V
+
+    def codegen_free(self: Any, buffer: Any) -> None:
+        name = buffer.get_name()
+        if name in getattr(V.graph, _FREE_WITHOUT_REUSE, ()) and name not in self.freed:
+            self.freed.add(name)  # never freed twice, never offered for reuse
+            self.writeline(FreeLine(self, buffer))
+            return
+        original(self, buffer)
+
+    codegen_free._memopt_free_without_reuse = True  # type: ignore[attr-defined]
+    wrapper_class.codegen_free = codegen_free
+
 
 def register_inductor_lowering() -> None:
-    """Teach Inductor to keep the buffer read by ``memopt::offload`` out of its buffer
-    reuse (the store may still be writing it out after the op returns); otherwise the
-    op is Inductor's usual extern fallback. Idempotent; imports Inductor's lowering
-    module (about a second), so memopt calls it only when Inductor compiles."""
+    """Teach Inductor to free the buffer read by ``memopt::offload`` after its last use
+    without ever reusing it for another buffer (the store may still be writing it out
+    after the op returns); otherwise the op is Inductor's usual extern fallback.
+    Idempotent; imports Inductor's lowering module (about a second), so memopt calls it
+    only when Inductor compiles with ``offload`` set."""
     global _lowering_registered
     if _lowering_registered:
         return
     from torch._inductor import ir
+    from torch._inductor.codegen.wrapper import PythonWrapperCodegen
     from torch._inductor.lowering import fallback_handler, register_lowering
     from torch._inductor.virtualized import V
 
+    _free_without_reuse(PythonWrapperCodegen)
     op = torch.ops.memopt.offload.default
     fallback = fallback_handler(op, add_to_fallback_set=False)
 
@@ -113,8 +150,11 @@ def register_inductor_lowering() -> None:
         token = fallback(value, store_id, name)
         kernel = next(node for node in reversed(V.graph.operations)
                       if isinstance(node, ir.FallbackKernel) and node.op_overload is op)
+        if not hasattr(V.graph, _FREE_WITHOUT_REUSE):
+            setattr(V.graph, _FREE_WITHOUT_REUSE, set())
         for read in kernel.inputs:
             V.graph.never_reuse_buffers.add(read.get_name())
+            getattr(V.graph, _FREE_WITHOUT_REUSE).add(read.get_name())
         return token
 
     _lowering_registered = True

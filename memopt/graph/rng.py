@@ -7,13 +7,14 @@ Two custom ops (``torch.ops.memopt``), used by `memopt.graph.dropout` on CPU:
   uint8 tensor, `STATE_NUMEL` bytes). Random: it advances the generator exactly as
   ``native_dropout`` does, so every later random op draws what it would in eager.
 * ``dropout_mask_replay(state, size, stride, p) -> mask``: the same mask again, drawn
-  by ``native_dropout`` on a zero tensor of the same layout with the generator set to
-  ``state``, then restored. Deterministic: the planner may recompute it in backward,
+  as ``native_dropout`` draws it (``bernoulli_(1 - p)`` on a float tensor of the same
+  layout, then bool) with the generator set to ``state``, then restored. Its workspace
+  is that float tensor (`memopt.analysis.workspace`). Deterministic: the planner may recompute it in backward,
   so a plan keeps a few kilobytes of state instead of a bool tensor per dropout.
 
 The replay depends on ``native_dropout`` drawing its mask from the default CPU
-generator, the same way for any input of the same size and layout; the tests pin this
-(`tests/test_remat.py`).
+generator as ``empty_like(input).bernoulli_(1 - p)``, the same way for any input of the
+same size and layout; the tests pin this (`tests/test_remat.py`).
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ def dropout_mask_replay(state: torch.Tensor, size: list[int], stride: list[int],
     current = torch.get_rng_state()
     try:
         torch.set_rng_state(state)
-        zeros = torch.zeros_like(torch.empty_strided(size, stride))
-        return torch.ops.aten.native_dropout(zeros, p, True)[1]
+        # what native_dropout does on CPU, without its input and output: a noise tensor
+        # of the layout (default dtype), ``bernoulli_(1 - p)``, then bool
+        noise = torch.empty_strided(size, stride)
+        noise.bernoulli_(1 - p)
+        return noise.to(torch.bool)
     finally:
         torch.set_rng_state(current)
 

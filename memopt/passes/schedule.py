@@ -14,6 +14,7 @@ from memopt.analysis.memory import MemoryAnalysis
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs
 from memopt.passes.base import Pass, PassContext, PassResult
+from memopt.plan.decisions import Offload
 
 __all__ = ["MemoryAwareSchedule", "memory_aware_order"]
 
@@ -156,13 +157,21 @@ class MemoryAwareSchedule(Pass):
 
     Ordering: after passes that add nodes (rematerialization places recomputation
     where it wants it; scheduling afterwards may only improve on the result), and
-    after ``dce``.
+    after ``dce``; before ``offload``. When the plan offloads values the graphs keep
+    their order: the planner timed each transfer against the windows of that order
+    (last forward reader, first backward reader), and this pass, blind to the
+    transfers, would move the first backward readers of saved values to the start of
+    backward to free them early, reloading them there.
     """
 
     name = "schedule"
 
     def run(self, step: StepGraphs, analyses: AnalysisManager, ctx: PassContext) -> PassResult:
         before = analyses.get(MemoryAnalysis).peak_bytes
+        if ctx.plan is not None and ctx.plan.actions(Offload):
+            report = {"peak_before": before, "peak_after": before, "applied": False,
+                      "skipped": "the plan offloads values; their transfers were timed on this order"}
+            return PassResult(False, PreservedAnalyses.everything(), dict(report), plan_fields={"schedule": report})
         original = {name: list(gm.graph.nodes) for name, gm in step.graphs()}
         for name, gm in step.graphs():
             if any(meta.memopt_tag(n, tag) is not None for n in gm.graph.nodes for tag in _PLACED):

@@ -16,11 +16,12 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.inductor
-def test_offloaded_buffer_is_not_reused_while_written(store_id):
+def test_offloaded_buffer_is_freed_but_not_reused_while_written(store_id):
     """Inductor frees a buffer after its last use and hands its memory to the next
     buffer of the same size, here the output of ``mm``, while the disk write of the
     offloaded value may still be reading it. With memopt's lowering the offloaded
-    buffer is never reused, and the value comes back intact; then the reload ops run
+    buffer is dropped after its last use with a plain ``del`` (the store holds it until
+    written) and never reused, and the value comes back intact; then the reload ops run
     as fallbacks in a second compiled graph."""
     register_inductor_lowering()
 
@@ -37,6 +38,7 @@ def test_offloaded_buffer_is_not_reused_while_written(store_id):
     (token, _, _), (code,) = run_and_get_code(torch.compile(forward, backend="inductor"), x, a, b)
     (offloaded,) = re.findall(r"torch\.ops\.memopt\.offload\.default\((buf\d+),", code)
     assert f"del {offloaded}  # reuse" not in code
+    assert re.search(rf"^\s*del {offloaded}$", code, re.MULTILINE), "offloaded buffer kept to the end"
     get_store(store_id).flush()
     back = torch.compile(backward, backend="inductor")(token)
     torch.testing.assert_close(back, x.sin() * 2)
