@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 
 from memopt.analysis.aliasing import GraphAliasing, Storage, analyze_aliasing, concrete_int
+from memopt.analysis.eager_inplace import eager_inplace_writes
 from memopt.analysis.fusion import channels_last_copies, fused_nodes, inplace_reuses, kernel_runs
 from memopt.analysis.manager import Analysis, AnalysisManager
 from memopt.analysis.workspace import retained_bytes, workspace_bytes
@@ -40,6 +41,7 @@ from memopt.graph import meta
 from memopt.graph.step import StepGraphs, output_values
 
 __all__ = [
+    "last_reads",
     "CATEGORIES",
     "LiveInterval",
     "TimelinePoint",
@@ -215,15 +217,18 @@ def _liveness(
     kernels called as one function (`kernel_runs`) read from before the call is read
     until the function returns, and a storage a kernel overwrites in place (`inplace_reuses`;
     ``donated``: placeholders the graph may overwrite) is freed just before that
-    kernel."""
+    kernel. Under the eager codegen, a storage a kernel writes its result into
+    (`eager_inplace_writes`) is freed just before that kernel."""
     aliasing = analyze_aliasing(gm.graph)
     index = {n: offset + i for i, n in enumerate(_compute_nodes(gm))}
     fused = fused_nodes(gm.graph) if fused_codegen else set()
     live = _GraphLiveness(aliasing, index, fused=fused)
     read_at = _effective_positions(gm, index, fused)
-    last_read = _last_uses(gm, aliasing, index, read_at)
+    last_read = last_reads(gm.graph, aliasing, index, read_at)
     if not fused_codegen:
         live.last_use = last_read
+        for writer, grad in eager_inplace_writes(gm.graph, aliasing, last_read, index).items():
+            live.last_use[aliasing.storages_of(grad)[0]] = index[writer] - 1
         return live
     live.last_use = _run_last_uses(gm, aliasing, index, fused, kernel_runs(gm.graph, fused))
     for storage, writer in inplace_reuses(gm.graph, fused, aliasing, last_read, index, donated or set()).items():
@@ -231,12 +236,13 @@ def _liveness(
     return live
 
 
-def _last_uses(
-    gm: fx.GraphModule, aliasing: GraphAliasing, index: dict[fx.Node, int], at: dict[fx.Node, int]
+def last_reads(
+    graph: fx.Graph, aliasing: GraphAliasing, index: dict[fx.Node, int], at: dict[fx.Node, int] | None = None
 ) -> dict[Storage, int]:
-    """Per storage, the last position (``at``) of a node reading it."""
+    """Per storage, the last position (``at``, default ``index``) of a node reading it."""
+    at = index if at is None else at
     last_use: dict[Storage, int] = {}
-    for node in _compute_nodes(gm):
+    for node in (n for n in graph.nodes if n.op not in ("placeholder", "output")):
         for inp in node.all_input_nodes:
             for storage in aliasing.storages_of(inp):
                 last_use[storage] = max(last_use.get(storage, 0), at[node])

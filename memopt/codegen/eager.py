@@ -4,6 +4,10 @@ The graph is regenerated with FX's boxed calling convention: the compiled functi
 takes one list of inputs and clears it, and FX's generated code drops every value after
 its last use, so a backward graph frees each saved activation as soon as it has
 consumed it (as AOTAutograd's ``boxed_nop`` does for ``aot_eager``).
+
+Before that, the kernels `memopt.analysis.eager_inplace` selects write their result
+into an input read for the last time (their ``out=`` overload), as the memory timeline
+assumes.
 """
 
 from __future__ import annotations
@@ -14,11 +18,16 @@ from typing import Any
 import torch.fx as fx
 from torch.fx.graph import _BoxedCodeGen
 
+from memopt.analysis.aliasing import analyze_aliasing
+from memopt.analysis.eager_inplace import OUT_VARIANTS, eager_inplace_writes
+
 __all__ = ["compile_eager"]
 
 
 def compile_eager(gm: fx.GraphModule, example_inputs: Any = None) -> Callable[[list[Any]], Any]:
-    """A boxed callable running ``gm``. ``gm``'s codegen is switched to boxed."""
+    """A boxed callable running ``gm``. ``gm``'s codegen is switched to boxed, and the
+    kernels `write_in_place` selects are rewritten to write into their input."""
+    write_in_place(gm.graph)
     gm.graph.set_codegen(_BoxedCodeGen())
     gm.recompile()
     forward = gm.forward
@@ -29,3 +38,27 @@ def compile_eager(gm: fx.GraphModule, example_inputs: Any = None) -> Callable[[l
     run._boxed_call = True  # type: ignore[attr-defined]
     run.graph_module = gm  # type: ignore[attr-defined]  # for inspection in tests
     return run
+
+
+def write_in_place(graph: fx.Graph) -> int:
+    """Rewrite the nodes `eager_inplace_writes` selects to their ``out=`` overload,
+    writing into the input they read for the last time (a softmax backward's gradient
+    has its output's shape); the number rewritten. Needs fake values on the nodes (``meta["val"]``); a graph
+    without them is left as it is."""
+    nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+    if not any(n.target in OUT_VARIANTS for n in nodes):
+        return 0
+    if any("val" not in n.meta for n in nodes):
+        return 0
+    from memopt.analysis.memory import last_reads  # the timeline's own rule
+
+    aliasing = analyze_aliasing(graph)
+    index = {n: i for i, n in enumerate(nodes)}
+    writes = eager_inplace_writes(graph, aliasing, last_reads(graph, aliasing, index), index)
+    for node, grad in writes.items():
+        overload, out_name = OUT_VARIANTS[node.target]
+        node.target = overload
+        node.kwargs = {**node.kwargs, out_name: grad}
+    if writes:
+        graph.lint()
+    return len(writes)
