@@ -206,10 +206,17 @@ class InBackward:
         return self.previous_step(*args, **kwargs)
 
 
-def _step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
-    """The ``step`` `attach` installs on the optimizer instance (a bound method, as LR
-    schedulers expect: they re-bind ``opt.step.__func__``)."""
-    return getattr(optimizer, _ATTR).step(*args, **kwargs)
+def _install_step(optimizer: torch.optim.Optimizer) -> None:
+    """Set ``optimizer.step`` to `InBackward.step`, as a bound method (LR schedulers
+    re-bind ``opt.step.__func__``); if an LR scheduler already wrapped the step, ours
+    carries its marker (it calls the scheduler's wrapper, which still records the call)."""
+
+    def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        return getattr(opt, _ATTR).step(*args, **kwargs)
+
+    if getattr(optimizer.step, "_wrapped_by_lr_sched", False):
+        step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
 
 
 def attach(optimizer: torch.optim.Optimizer) -> InBackward:
@@ -226,7 +233,7 @@ def attach(optimizer: torch.optim.Optimizer) -> InBackward:
     _register(state)
     _STATES.add(state)
     setattr(optimizer, _ATTR, state)
-    optimizer.step = types.MethodType(_step, optimizer)  # type: ignore[method-assign]
+    _install_step(optimizer)
     return state
 
 
