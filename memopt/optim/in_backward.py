@@ -166,9 +166,10 @@ class InBackward:
             raise MemoptOptimizerError(
                 f"optimizer_in_backward: parameter {name} (shape {tuple(param.shape)}) was about to be updated "
                 "a second time before opt.step(): its backward ran twice in one step (gradient accumulation "
-                "over micro-batches, or the compiled region called twice per step), and each update would "
-                "use a partial gradient. Fix: call opt.step() after every backward (it is a no-op for "
-                "parameters updated in backward), or drop optimizer_in_backward to accumulate gradients."
+                "over micro-batches, the compiled region called twice per step, or its gradient coming from "
+                "two compiled regions), and each update would use a partial gradient. Fix: call opt.step() "
+                "after every backward (it is a no-op for parameters updated in backward), or drop "
+                "optimizer_in_backward to accumulate gradients."
             )
         if current is not None and not isinstance(current, ConsumedGrad):
             raise MemoptOptimizerError(
