@@ -49,6 +49,7 @@ MakeOpt = Callable[[Any], torch.optim.Optimizer]
 def _train(
     build: Callable[[], nn.Module], batches: list[tuple[torch.Tensor, ...]], make_opt: MakeOpt, *,
     in_backward: bool, codegen: str = "eager", scheduler: Callable[[Any], Any] | None = None,
+    **extra: Any,
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Train with ``opt.zero_grad(); loss.backward(); opt.step()`` (the usual loop),
     with or without ``optimizer_in_backward``."""
@@ -56,7 +57,7 @@ def _train(
     model = build()
     opt = make_opt(model.parameters())
     sched = scheduler(opt) if scheduler is not None else None
-    options: dict[str, Any] = {"codegen": codegen, "strict": True, "verify": True}
+    options: dict[str, Any] = {"codegen": codegen, "strict": True, "verify": True, **extra}
     if in_backward:
         options["optimizer_in_backward"] = opt
     compiled = torch.compile(model, backend="memopt", options=options)
@@ -93,6 +94,20 @@ def test_parameters_bitwise_equal_to_separate_step_after_10_steps(name: str) -> 
     _assert_bitwise(reference, fused)
     assert opt._memopt_in_backward.updates == STEPS * len(list(fused.parameters()))
     assert not torch.equal(next(fused.parameters()), next(build().parameters()))  # it trained
+
+
+def test_bitwise_under_a_memory_budget_with_recomputation() -> None:
+    """Under a tight budget the backward recomputes forward values from the weights;
+    each update still comes after the last of those reads."""
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(64, 16, generator=g), torch.randn(64, 4, generator=g)) for _ in range(4)]
+    budget = {"memory_budget": 0.5, "strict": False}  # below the floor: the most recomputation
+    with pytest.warns(memopt.MemoptWarning, match="infeasible"):
+        reference, _ = _train(_mlp, batches, OPTIMIZERS["AdamW"], in_backward=False, **budget)
+    with memopt.record() as explanation, pytest.warns(memopt.MemoptWarning, match="infeasible"):
+        fused, _ = _train(_mlp, batches, OPTIMIZERS["AdamW"], in_backward=True, **budget)
+    assert any(d.policy == "recompute" for d in explanation.decisions())
+    _assert_bitwise(reference, fused)
 
 
 def test_lr_scheduler_changes_take_effect() -> None:
