@@ -8,9 +8,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from memopt.analysis.aliasing import analyze_aliasing
 from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
+from memopt.errors import MemoptOptimizerError
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs, output_values
 from memopt.passes.base import Pass, PassContext, PassResult
@@ -96,16 +98,40 @@ class UpdateInBackward(Pass):
 
 def _targets(step: StepGraphs, params: dict[int, torch.Tensor]) -> list[_Target]:
     """The parameters of ``params`` (by id) among the forward inputs that have a
-    gradient node in the backward's outputs."""
+    gradient node in the backward's outputs.
+
+    Raises `MemoptOptimizerError` for a tensor-subclass parameter (a sharded DTensor:
+    AOTAutograd flattens it into several inputs), and ``ValueError`` (the pass then
+    falls back: gradients are returned as usual) if the forward's inputs are not the
+    region's inputs one to one, or a gradient's shape or dtype is not its parameter's."""
     grads = output_values(step.backward) if step.backward is not None else []
+    primals = step.forward.graph.find_nodes(op="placeholder")
+    mine = [(i, info) for i, info in enumerate(step.inputs) if info.kind == "parameter" and info.identity in params]
+    for i, info in mine:
+        if is_traceable_wrapper_subclass(params[info.identity]):
+            raise MemoptOptimizerError(
+                f"optimizer_in_backward: parameter {parameter_name(info.name)} is a "
+                f"{type(params[info.identity]).__name__} (a sharded or wrapped parameter), whose gradient the "
+                "backward graph holds in pieces. Fix: drop optimizer_in_backward for sharded models "
+                "(memopt.distributed.shard) for now."
+            )
+    if mine and len(primals) != len(step.inputs):
+        raise ValueError(
+            f"the forward graph has {len(primals)} inputs for the region's {len(step.inputs)}: which gradient "
+            "belongs to which parameter is unknown"
+        )
     targets = []
-    for i, info in enumerate(step.inputs):
-        if info.kind != "parameter" or info.identity not in params or i >= len(grads):
-            continue
-        grad = grads[i]
+    for i, info in mine:
+        grad = grads[i] if i < len(grads) else None
         if grad is None:
             continue
-        targets.append(_Target(i, params[info.identity], parameter_name(info.name), grad))
+        param, value = params[info.identity], meta.tensor_value(grad)
+        if value is None or tuple(value.shape) != tuple(param.shape) or value.dtype != param.dtype:
+            raise ValueError(
+                f"backward output {i} ({grad.name}) does not look like the gradient of parameter "
+                f"{parameter_name(info.name)} (shape {tuple(param.shape)}, {param.dtype})"
+            )
+        targets.append(_Target(i, param, parameter_name(info.name), grad))
     return targets
 
 
