@@ -85,6 +85,8 @@ def _assert_bitwise(a: nn.Module, b: nn.Module) -> None:
 OPTIMIZERS: dict[str, MakeOpt] = {
     "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-2),
     "SGD": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, weight_decay=1e-3),
+    "AdamW-foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=True),
+    "AdamW-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
     "AdamW8bit": lambda ps: AdamW8bit(ps, lr=1e-2, block_size=64),
     "GaLoreAdamW": lambda ps: GaLoreAdamW(ps, lr=1e-2, rank=4, update_proj_gap=3),
     "SubspaceAdamW": lambda ps: SubspaceAdamW(ps, lr=1e-2, rank=4, update_proj_gap=3),
@@ -94,7 +96,8 @@ OPTIMIZERS: dict[str, MakeOpt] = {
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_parameters_bitwise_equal_to_separate_step_after_10_steps(name: str) -> None:
     """The update is the optimizer's own per-parameter math, so 10 steps give the same
-    bits as ``opt.step()`` (eager codegen, CPU: torch's single-tensor AdamW/SGD)."""
+    bits as ``opt.step()`` (eager codegen, CPU: torch's single-tensor AdamW/SGD, and
+    its foreach and fused AdamW run one tensor at a time)."""
     build, batches = (_gpt, _gpt_batches()) if name in ("AdamW", "GaLoreAdamW") else (_mlp, _mlp_batches())
     reference, _ = _train(build, batches, OPTIMIZERS[name], in_backward=False)
     fused, opt = _train(build, batches, OPTIMIZERS[name], in_backward=True)
