@@ -127,10 +127,10 @@ class InBackward:
     def params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
-    def claim(self, param: torch.Tensor, name: str, frame: str) -> None:
-        """Record that the compiled code of Dynamo frame ``frame`` updates ``param`` in
-        its backward; raise if another frame already does (the parameter's gradient
-        would come from two backwards: a graph break or a weight shared across regions)."""
+    def check_claim(self, param: torch.Tensor, name: str, frame: str) -> None:
+        """Raise if a Dynamo frame other than ``frame`` already updates ``param`` in its
+        backward (the parameter's gradient would come from two backwards: a graph break
+        or a weight shared across regions)."""
         other = self._regions.get(param)
         if other is not None and other != frame:
             raise MemoptOptimizerError(
@@ -140,6 +140,10 @@ class InBackward:
                 "graph break (torch.compile(..., fullgraph=True) shows where it is), untie the weight, or drop "
                 "optimizer_in_backward."
             )
+
+    def claim(self, param: torch.Tensor, frame: str) -> None:
+        """Record that the compiled code of Dynamo frame ``frame`` updates ``param`` in
+        its backward (after `check_claim`, once the update is in its graph)."""
         self._regions[param] = frame
 
     def _locate(self, param: torch.Tensor) -> tuple[dict[str, Any], int]:

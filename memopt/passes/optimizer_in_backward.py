@@ -81,7 +81,7 @@ class UpdateInBackward(Pass):
             return PassResult.unchanged(reason="no parameter of the optimizer receives a gradient here")
         frame = ctx.region.split("/")[0]
         for t in targets:
-            state.claim(t.param, t.name, frame)
+            state.check_claim(t.param, t.name, frame)
         placeholders = _saved_parameters(step, [t.index for t in targets])
         readers = _last_readers(step)
         freed = 0
@@ -89,6 +89,8 @@ class UpdateInBackward(Pass):
             _insert_update(step.backward, t, placeholders[t.index], readers.get(placeholders[t.index]))
             freed += _nbytes(t.grad)
         step.recompile()
+        for t in targets:
+            state.claim(t.param, frame)
         names = [t.name for t in targets]
         summary = (f"{len(targets)} parameter update(s) run inside backward; their gradients "
                    f"({freed / 2**20:.1f} MiB) are freed there instead of returned",)
