@@ -107,6 +107,19 @@ class MemoptConfig:
     """Saved values smaller than this are never offloaded (a transfer's fixed cost
     outweighs them)."""
 
+    # -- the optimizer update inside backward (docs/whole_step.md) ------------------
+
+    optimizer_in_backward: Any = None
+    """An optimizer over the compiled model's parameters (``torch.optim.AdamW``,
+    ``SGD``, memopt's ``GaLoreAdamW``, ``SubspaceAdamW``, ``AdamW8bit``, ...): each
+    parameter it holds is updated inside the backward graph right after its gradient
+    is complete, and the gradient is freed there instead of living until the end of
+    backward. ``opt.step()`` then skips those parameters (``opt.zero_grad()`` has
+    nothing to clear); the math is the optimizer's own (bitwise equal to ``step()``
+    on CPU). Global-norm clipping, GradScaler and gradient accumulation cannot be
+    combined with it (they raise). ``None`` (default): gradients are returned as
+    usual. Exact."""
+
     @classmethod
     def from_options(
         cls, options: Mapping[str, Any] | MemoptConfig | None = None
@@ -155,8 +168,10 @@ class MemoptConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able view of the config."""
-        out = dataclasses.asdict(self)
+        out = dataclasses.asdict(dataclasses.replace(self, optimizer_in_backward=None))
         out["disable_passes"] = list(self.disable_passes)
+        opt = self.optimizer_in_backward
+        out["optimizer_in_backward"] = None if opt is None else type(opt).__name__
         return out
 
 
@@ -306,6 +321,15 @@ def _non_negative_int(key: str, value: Any) -> int:
     return value
 
 
+def _optimizer(key: str, value: Any) -> Any:
+    if value is None:
+        return None
+    from memopt.optim.in_backward import check_fusable
+
+    check_fusable(value)
+    return value
+
+
 def _precision_policy(key: str, value: Any) -> Mapping[str, str]:
     from memopt.passes.precision_policy import validate_overrides
 
@@ -327,6 +351,7 @@ _VALIDATORS.update(
         "offload_dir": _optional_path,
         "offload_bandwidth": _optional_positive,
         "offload_min_bytes": _non_negative_int,
+        "optimizer_in_backward": _optimizer,
     }
 )
 

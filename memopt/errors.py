@@ -4,7 +4,7 @@ and its errors."""
 
 from __future__ import annotations
 
-__all__ = ["MemoptWarning", "MemoptBudgetError", "MemoptInternalError", "MemoptOffloadError"]
+__all__ = ["MemoptWarning", "MemoptBudgetError", "MemoptInternalError", "MemoptOffloadError", "MemoptOptimizerError"]
 
 
 class MemoptWarning(UserWarning):
@@ -38,3 +38,13 @@ class MemoptOffloadError(RuntimeError):
     does not fit the device. Raised at compile time where it can be foreseen, otherwise
     in the thread that runs the step, at the next offload operation. The message names
     the problem, the amount and the fix."""
+
+
+class MemoptOptimizerError(RuntimeError):
+    """``optimizer_in_backward`` cannot update a parameter inside backward correctly:
+    the optimizer has no per-parameter update (MeZO, L-BFGS, an `OffloadedState`), a
+    parameter's gradient comes from more than one backward (a graph break, a weight
+    shared across regions, gradient accumulation), or code read a gradient that the
+    update already consumed (global-norm clipping, GradScaler). Raised at compile time
+    where it can be foreseen, otherwise when the step runs, before a wrong update is
+    kept silently. The message names the parameter, the problem and the fix."""

@@ -28,7 +28,7 @@ from memopt.backends.ranks import agree_across_ranks
 from memopt.backends.record import RegionRecord, active_recorders
 from memopt.codegen.eager import compile_eager
 from memopt.config import MemoptConfig
-from memopt.errors import MemoptBudgetError, MemoptInternalError, MemoptOffloadError
+from memopt.errors import MemoptBudgetError, MemoptInternalError, MemoptOffloadError, MemoptOptimizerError
 from memopt.failsoft import Fallback, fail_soft, is_torch_signal
 from memopt.graph import meta
 from memopt.graph.partition import JointGraph
@@ -165,7 +165,7 @@ class RegionCompiler:
         self.record.kind = "training" if step.is_training else "inference"
         try:
             optimized = self._optimize(step)
-        except (MemoptInternalError, MemoptBudgetError, MemoptOffloadError):
+        except (MemoptInternalError, MemoptBudgetError, MemoptOffloadError, MemoptOptimizerError):
             raise  # strict=True, or a setting the user must change (offload target, disk space)
         except Exception as exc:  # noqa: BLE001 - fail soft, see memopt.failsoft
             if self.keeps_earlier_plan or is_torch_signal(exc):

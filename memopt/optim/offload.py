@@ -50,8 +50,9 @@ from typing import Any
 import torch
 
 from memopt.errors import MemoptOffloadError
-from memopt.optim._base import MemoptOptimizer, dense_grad
+
 from memopt.optim._lowrank import LowRankAdamW
+from memopt.optim._per_param import per_param_update
 from memopt.optim._projection import projection_side
 from memopt.optim.adamw8bit import AdamW8bit
 from memopt.optim.galore import GaLoreAdamW
@@ -163,7 +164,7 @@ class OffloadedState(torch.optim.Optimizer):
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
-        self._per_param = _memopt_update if _uses_memopt_step(optimizer) else _torch_update
+        self._per_param = per_param_update(optimizer)
         self._stash: dict[torch.Tensor, dict[str, _Stashed]] = {}
         self._order: dict[torch.Tensor, tuple[str, ...]] = {}
         self._started_bytes = 0
@@ -391,39 +392,6 @@ def _check_wrappable(optimizer: torch.optim.Optimizer) -> None:
             + ("(MeZO keeps no state to offload: a step count)" if isinstance(optimizer, MeZO)
                else "(L-BFGS couples all parameters)")
         )
-
-
-def _unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
-    """``step`` without torch's profiling/hook wrapper (`Optimizer._patch_step_function`)."""
-    while getattr(step, "hooked", False) and hasattr(step, "__wrapped__"):
-        step = step.__wrapped__
-    return step
-
-
-def _uses_memopt_step(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer`` steps with `MemoptOptimizer.step` (a loop over ``_update``)."""
-    return isinstance(optimizer, MemoptOptimizer) and (
-        _unhooked(type(optimizer).step) is _unhooked(MemoptOptimizer.step))
-
-
-def _memopt_update(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch.Tensor,
-                   position: int) -> None:
-    assert isinstance(optimizer, MemoptOptimizer)
-    grad = dense_grad(type(optimizer).__name__, param)
-    optimizer._update(param, grad, optimizer.state[param], group, position)
-
-
-def _torch_update(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch.Tensor,
-                  position: int) -> None:
-    """The optimizer's own step with ``param`` the only parameter of the only group."""
-    params, groups = group["params"], optimizer.param_groups
-    group["params"] = [param]
-    optimizer.param_groups = [group]
-    try:
-        _unhooked(type(optimizer).step)(optimizer)
-    finally:
-        group["params"] = params
-        optimizer.param_groups = groups
 
 
 def _open_store(target: str | OffloadStore, offload_dir: str | os.PathLike[str] | None,

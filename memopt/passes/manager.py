@@ -25,7 +25,7 @@ from memopt.analysis.manager import AnalysisManager
 from memopt.graph.step import StepGraphs
 from memopt.failsoft import Fallback, fail_soft
 from memopt.graph.verify import verify_step
-from memopt.errors import MemoptOffloadError
+from memopt.errors import MemoptOffloadError, MemoptOptimizerError
 from memopt.passes.base import Pass, PassContext, PassFailure, PassResult
 
 __all__ = [
@@ -143,7 +143,7 @@ class PassManager:
             records.append(record)
             try:
                 self._run_one(index, p, step, analyses, record, ctx)
-            except MemoptOffloadError:
+            except (MemoptOffloadError, MemoptOptimizerError):
                 raise  # the user's setting (offload target, disk space) must change: not a memopt bug
             except Exception as exc:  # noqa: BLE001 - any pass error falls back
                 record.status = "failed"

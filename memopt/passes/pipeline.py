@@ -7,6 +7,8 @@ Ordering constraints (each pass's docstring states its own):
 3. ``recompute_saved_casts`` then ``compress_activations`` (below).
 4. ``schedule``: it reorders what the other passes produced to lower the peak.
 5. ``offload`` after it: the prefetch distance is counted in the final order.
+6. ``optimizer_in_backward`` last: each update sits right after its gradient's last
+   accumulation in the final backward order.
 
 Later passes (sharding) are added here in the order their docstrings require.
 
@@ -30,6 +32,7 @@ from memopt.passes.base import Pass
 from memopt.passes.compress import CompressSavedActivations
 from memopt.passes.dce import DeadCodeElimination
 from memopt.passes.offload import OffloadSavedActivations
+from memopt.passes.optimizer_in_backward import UpdateInBackward
 from memopt.passes.precision import PrecisionLowering
 from memopt.passes.remat import Rematerialize
 from memopt.passes.saved_casts import RecomputeSavedCasts
@@ -47,6 +50,7 @@ def default_pipeline(config: MemoptConfig) -> list[Pass]:
         CompressSavedActivations(),
         MemoryAwareSchedule(),
         OffloadSavedActivations(),
+        UpdateInBackward(),
     ]
 
 

@@ -1,0 +1,38 @@
+"""The in-backward update op, ``torch.ops.memopt.apply_update``, that the
+``optimizer_in_backward`` pass inserts.
+
+Importing this module registers::
+
+    memopt::apply_update(Tensor grad, Tensor(a!) param, str name="") -> ()
+
+It updates ``param`` in place from ``grad`` with the parameter's optimizer
+(`memopt.optim.in_backward.update`: the optimizer's own per-parameter math, its
+hyper-parameters and state read at call time); ``name`` labels the parameter in
+errors. The schema declares the mutation of ``param``: that makes the op impure, so
+neither FX's dead-code elimination nor Inductor's removes it (it has no output), and
+Inductor orders every read of ``param`` in the graph before it. The op is below
+autograd (it runs inside the compiled backward, gradients disabled); its fake
+implementation does nothing, so it traces under FakeTensor and Inductor calls it as an
+extern fallback kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memopt.optim import in_backward
+
+__all__ = ["apply_update"]
+
+
+@torch.library.custom_op(
+    "memopt::apply_update", mutates_args=("param",), schema="(Tensor grad, Tensor(a!) param, str name='') -> ()"
+)
+def apply_update(grad: torch.Tensor, param: torch.Tensor, name: str = "") -> None:
+    """Update ``param`` from ``grad`` by its optimizer (module docstring)."""
+    in_backward.update(grad, param, name)
+
+
+@apply_update.register_fake
+def _apply_update_fake(grad: torch.Tensor, param: torch.Tensor, name: str = "") -> None:
+    return None
