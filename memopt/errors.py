@@ -4,7 +4,7 @@ and its errors."""
 
 from __future__ import annotations
 
-__all__ = ["MemoptWarning", "MemoptBudgetError", "MemoptInternalError", "MemoptOffloadError"]
+__all__ = ["MemoptWarning", "MemoptBudgetError", "MemoptInternalError", "MemoptOffloadError", "MemoptFitError"]
 
 
 class MemoptWarning(UserWarning):
@@ -38,3 +38,10 @@ class MemoptOffloadError(RuntimeError):
     does not fit the device. Raised at compile time where it can be foreseen, otherwise
     in the thread that runs the step, at the next offload operation. The message names
     the problem, the amount and the fix."""
+
+
+class MemoptFitError(ValueError):
+    """`memopt.fit` cannot answer: even the smallest size's planned peak is above the
+    budget (the message names that floor and the options that may lower it), the budget
+    or a search argument is malformed, ``make_inputs`` does not take the size, or the
+    model has nothing to train. The message names the problem, the value and the fix."""
