@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import math
 import sys
@@ -117,6 +118,17 @@ class FitResult:
 
     def __str__(self) -> str:
         return self.report()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able view (without the explanation; its ``to_dict()`` is separate)."""
+        return {
+            "search": self.search, "batch": self.batch, "seq": self.seq,
+            "estimated_peak_bytes": self.estimated_peak_bytes, "budget_bytes": self.budget_bytes,
+            "reserve_bytes": self.reserve_bytes, "capped": self.capped, "seconds": round(self.seconds, 3),
+            "global_batch": self.global_batch, "accumulation_steps": self.accumulation_steps,
+            "micro_batches": list(self.micro_batches), "even_batch": self.even_batch,
+            "probes": [dataclasses.asdict(p) for p in self.probes],
+        }
 
 
 def _accumulation_text(r: FitResult) -> str:
@@ -464,19 +476,57 @@ class _Runner:
 
 
 def _search(runner: _Runner, max_units: int) -> tuple[int, bool]:
-    """Exponential growth from 1 unit, then bisection: ``(largest fitting units, capped)``."""
+    """Exponential growth from 1 unit until a probe does not fit, then bisection of the
+    bracket: ``(largest fitting units, capped)``. Each next size is the plain choice
+    (twice the largest fit; the bracket's midpoint) unless `_guess` predicts a better one
+    from the probes' peaks, which saves probes on models whose peak grows linearly; a
+    guess that fails to halve the bracket is followed by a plain midpoint, so the search
+    never takes more than about twice bisection's probes."""
     if not runner(1):
         raise _floor_error(runner)
     lo, hi = 1, None
     while hi is None:
         if lo >= max_units:
             return lo, True
-        n = min(2 * lo, max_units)
+        n = min(max(2 * lo, _guess(runner, lo, None)), max_units)
         lo, hi = (n, None) if runner(n) else (lo, n)
+    guessed = False
     while hi - lo > 1:
-        mid = (lo + hi) // 2
+        width = hi - lo
+        mid = (lo + hi) // 2 if guessed else min(max(_guess(runner, lo, hi), lo + 1), hi - 1)
         lo, hi = (mid, hi) if runner(mid) else (lo, mid)
+        guessed = not guessed and 2 * (hi - lo) > width
     return lo, False
+
+
+def _guess(runner: _Runner, lo: int, hi: int | None) -> int:
+    """The largest units predicted to fit, by a straight line through two probes' peaks
+    (0 when there is no line to draw). Without a probe that failed (``hi`` None) the line
+    is the unoptimized peak's: the plan never exceeds it, so its crossing is a size that
+    fits (if the peak is linear). With one, it is the planned peaks' line through the two
+    smallest failing probes (the floor memopt reaches grows about linearly), else through
+    ``hi`` with the unoptimized peak's slope (which the floor's does not exceed)."""
+    budget = runner.budget
+    unopt = sorted((p.size // runner.sizes.step, p.unoptimized_peak_bytes) for p in runner.probes)
+    if hi is None:
+        if len(unopt) < 2:
+            return 0
+        (a, pa), (b, pb) = unopt[-2], unopt[-1]
+        slope = (pb - pa) / (b - a)
+        return 0 if slope <= 0 else b + int((budget - pb) // slope)
+    over = sorted((u, peak) for u, peak in runner.peaks.items() if peak > budget)
+    if len(over) >= 2:
+        (a, pa), (b, pb) = over[0], over[1]
+        slope = (pb - pa) / (b - a)
+    else:
+        below = [(u, p) for u, p in unopt if u < hi]
+        if not below:
+            return (lo + hi) // 2
+        (a, pa) = below[-1]
+        slope = (dict(unopt)[hi] - pa) / (hi - a)
+    if slope <= 0:
+        return (lo + hi) // 2
+    return over[0][0] - math.ceil((over[0][1] - budget) / slope)
 
 
 def _floor_error(runner: _Runner) -> MemoptFitError:
