@@ -200,7 +200,7 @@ def fit(
     reserve: int | str = 0,
     training: bool = True,
     options: Mapping[str, Any] | None = None,
-    progress: IO[str] | None = sys.stderr,
+    progress: bool | IO[str] | None = True,
 ) -> FitResult:
     """The largest batch size (``search="batch"``) or sequence length (``search="seq"``)
     whose planned training-step peak fits ``budget``, found on fake tensors.
@@ -215,8 +215,8 @@ def fit(
     Each probe plans one step with `memopt.explain` and ``memory_budget = budget - reserve``
     (``options`` pass through: ``precision``, ``compress_activations``, ``offload``...;
     ``codegen`` defaults to ``"eager"``). Sizes are multiples of ``step`` (e.g. 64 for
-    sequence lengths), at most ``max_size``. Progress goes to ``progress`` (one line per
-    probe; None: silent). Dynamo's caches are reset before every probe.
+    sequence lengths), at most ``max_size``. One line per probe goes to ``progress``: True
+    (default) for stderr, a text stream, or False/None for silence. Dynamo's caches are reset before every probe.
 
     Precondition: the planned peak does not decrease as the size grows.
     Guarantees: the returned size's probe fits; unless ``capped``, the size one ``step``
@@ -238,7 +238,8 @@ def fit(
     fake_model, mode = _fake_model(model)
     sizes = _Sizes(search, batch, seq, step)
     _check_signature(make_inputs, sizes.call_args(1))
-    runner = _Runner(fake_model, make_inputs, sizes, config, mode, training, progress, total - reserved)
+    stream = sys.stderr if progress is True else None if isinstance(progress, bool) else progress
+    runner = _Runner(fake_model, make_inputs, sizes, config, mode, training, stream, total - reserved)
     found, capped = _search(runner, (max_size or _DEFAULT_MAX * step) // step)
     size = found * step
     probes = tuple(runner.probes)
@@ -503,9 +504,10 @@ def _guess(runner: _Runner, lo: int, hi: int | None) -> int:
     """The largest units predicted to fit, by a straight line through two probes' peaks
     (0 when there is no line to draw). Without a probe that failed (``hi`` None) the line
     is the unoptimized peak's: the plan never exceeds it, so its crossing is a size that
-    fits (if the peak is linear). With one, it is the planned peaks' line through the two
-    smallest failing probes (the floor memopt reaches grows about linearly), else through
-    ``hi`` with the unoptimized peak's slope (which the floor's does not exceed)."""
+    fits (if the peak is linear). Once probes failed, it is the planned peaks' line through
+    the two smallest failing probes (the floor memopt reaches grows about linearly); with
+    one failing probe, through it and the first probe (whose planned peak is at least its
+    floor, so the line is shallower and its guess errs towards a size that fits)."""
     budget = runner.budget
     unopt = sorted((p.size // runner.sizes.step, p.unoptimized_peak_bytes) for p in runner.probes)
     if hi is None:
@@ -517,13 +519,9 @@ def _guess(runner: _Runner, lo: int, hi: int | None) -> int:
     over = sorted((u, peak) for u, peak in runner.peaks.items() if peak > budget)
     if len(over) >= 2:
         (a, pa), (b, pb) = over[0], over[1]
-        slope = (pb - pa) / (b - a)
-    else:
-        below = [(u, p) for u, p in unopt if u < hi]
-        if not below:
-            return (lo + hi) // 2
-        (a, pa) = below[-1]
-        slope = (dict(unopt)[hi] - pa) / (hi - a)
+    else:  # the first probe's peak is at least its floor: a shallower line, a guess that fits
+        (a, pa), (b, pb) = (1, runner.peaks[1]), over[0]
+    slope = (pb - pa) / (b - a) if b != a else 0.0
     if slope <= 0:
         return (lo + hi) // 2
     return over[0][0] - math.ceil((over[0][1] - budget) / slope)
