@@ -5,9 +5,9 @@
 For each model (`memopt.testing.hf`, size "medium": 4 layers, hidden 256, seq 256, train
 mode, default dropout and ``use_cache``) and budget: `memopt.fit` searches the largest
 batch on fake tensors (timed, wall and CPU seconds of this process), then that batch runs
-for real in a fresh process (`benchmarks/real_models.py:workload`: compiled with
-``memory_budget`` = the budget, codegen eager, ``out = compiled(**inputs);
-out.loss.backward()``, three warm-up steps, one measured). Columns:
+for real in a fresh process (`workload`: compiled with ``memory_budget`` = the budget,
+codegen eager, every step ``out = compiled(**inputs); out.loss.backward()``, two
+compiling and three warm-up steps, one measured). Columns:
 
 * ``batch``: what fit returned; ``planned``: its planned peak; ``planned at batch+1``:
   the probe one sample larger (issue 17 asks that it exceed the budget);
@@ -21,19 +21,43 @@ out.loss.backward()``, three warm-up steps, one measured). Columns:
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import sys
 import time
+import warnings
 from typing import Any
+
+import torch
 
 import memopt
 from memopt.fit import budget_bytes
 from memopt.plan.report import format_bytes
 from memopt.testing.hf import build, make_inputs
+from memopt.testing.fresh_process import Workload
 from memopt.testing.measure import measure_in_fresh_process
 
-WORKLOAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "real_models.py") + ":workload"
+
+
+def workload(family: str, budget: int, batch: int, seq: int, size: str) -> Workload:
+    """Fresh-process factory: ``family`` at ``batch`` compiled with ``memory_budget=budget``
+    (eager codegen); every step, the compiling ones included, is the user's loop
+    ``out = compiled(**inputs); out.loss.backward()`` with ``out`` alive through backward,
+    as in fit's probes (`benchmarks/real_models.py`'s first step drops ``out``, which
+    memopt's whole-step planner then plans for)."""
+    model, inputs = build(family, batch=batch, seq=seq, size=size)
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "memory_budget": budget})
+
+    def step() -> None:
+        out = compiled(**inputs)
+        out.loss.backward()
+
+    with memopt.record() as explanation, warnings.catch_warnings():
+        warnings.simplefilter("ignore", memopt.MemoptWarning)
+        for _ in range(2):
+            step()
+            model.zero_grad(set_to_none=True)
+    info = {"estimated_peak": explanation.estimated_peak_bytes, "baseline": explanation.baseline_bytes}
+    return Workload(step=step, prepare=lambda: model.zero_grad(set_to_none=True), info=lambda: info)
 
 
 def _cpu() -> float:
@@ -63,9 +87,8 @@ def main() -> None:
             budget = budget_bytes(text)
             result, wall, cpu = fit_one(family, budget, args.seq, args.size)
             after = {p.size: p for p in result.probes}.get(result.batch + 1)
-            kwargs: dict[str, Any] = {"family": family, "codegen": "eager", "budget": budget, "batch": result.batch,
-                                      "seq": args.seq, "size": args.size}
-            run = measure_in_fresh_process(WORKLOAD, kwargs=kwargs, warmup=3)
+            kwargs: dict[str, Any] = {"family": family, "budget": budget, "batch": result.batch, "seq": args.seq, "size": args.size}
+            run = measure_in_fresh_process(f"{__file__}:workload", kwargs=kwargs, warmup=3)
             m, base = run.last, run.info["baseline"]
             os_peak = None if m.os_peak_growth_bytes is None else base + m.os_peak_growth_bytes
             print(

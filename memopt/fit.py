@@ -382,6 +382,22 @@ def _planning(mode: Any, training: bool) -> Iterator[None]:
         yield
 
 
+def _assume_outputs_kept(explanation: Explanation) -> Explanation:
+    """Count every user output of every region as kept by the caller through the step's
+    backward. On real tensors memopt observes which outputs of a region before a graph
+    break the caller still holds when the region's backward starts
+    (`memopt.backends.observe`: a Hugging Face output object holds the logits and the
+    caches); on fake tensors it cannot (no storages to watch) and would take them all as
+    handed on, under-counting such steps. Keeping them all is an upper bound: exact for a
+    model whose only graph break is before its loss, high by the hidden states handed
+    across a break inside the model."""
+    for r in explanation.regions:
+        if r.kept_outputs is None and r.step is not None:
+            n = r.step.num_user_outputs if r.step.num_user_outputs is not None else r.step.num_fwd_outputs
+            r.kept_outputs = frozenset(range(n))
+    return explanation
+
+
 def _as_call(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(inputs, Mapping):
         return (), dict(inputs)
@@ -436,7 +452,7 @@ class _Runner:
             with _planning(self.mode, self.training):
                 inputs = self.make_inputs(*self.sizes.call_args(size))
                 args, kwargs = _as_call(inputs)
-                explanation = explain(self.model, *args, options=self.config, **kwargs)
+                explanation = _assume_outputs_kept(explain(self.model, *args, options=self.config, **kwargs))
                 explanation.timeline()  # raises if memopt compiled nothing
         except MemoptFitError:
             raise
