@@ -102,6 +102,34 @@ def test_fit_sequence_length_mode() -> None:
     assert _planned_peak(model, _tokens(2, result.seq + 8), budget) > budget
 
 
+class KeepsLogits(nn.Module):
+    """A graph break before the loss, and the logits returned with it: the caller keeps
+    the first region's output through backward (as a Hugging Face output object does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.up, self.head = nn.Embedding(64, 32), nn.Linear(32, 512), nn.Linear(512, 64)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.head(torch.relu(self.up(self.emb(ids))))  # the peak is in this region's backward
+        torch._dynamo.graph_break()
+        return nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()), logits
+
+
+def test_fit_counts_outputs_the_caller_keeps_across_a_graph_break() -> None:
+    """On fake tensors memopt cannot observe which region outputs the caller keeps; fit
+    counts them all as kept, which for a break before the loss is exact: the probe's
+    planned peak equals memopt.explain's on real tensors (where it is observed)."""
+    torch.manual_seed(0)
+    model = KeepsLogits()
+    result = memopt.fit(model, lambda b: _tokens(b, 16), "1GiB", max_size=2, options=OPTIONS, progress=None)
+    probe = {p.size: p for p in result.probes}[2]
+    torch._dynamo.reset()
+    real = memopt.explain(model, _tokens(2, 16), options={**OPTIONS, "memory_budget": 2**30})
+    assert len(real.regions) == 2 and real.regions[0].kept_outputs  # observed on real tensors
+    assert probe.planned_peak_bytes == real.estimated_peak_bytes
+
+
 def test_fit_stops_at_max_size_and_says_so() -> None:
     torch.manual_seed(0)
     result = memopt.fit(MLP(), _mlp_inputs, "1GiB", max_size=3, global_batch=10, options=OPTIONS, progress=None)
