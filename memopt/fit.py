@@ -8,7 +8,8 @@ Every probe is one `memopt.explain` of a training step (forward and backward) wi
 probe's inputs are `FakeTensor` s, so nothing of the step is allocated and a model larger
 than this machine can be fitted. A size fits when the step's **planned peak**
 (`Explanation.estimated_peak_bytes`: parameters, buffers, inputs, activations, gradients
-and temporaries live at the step's highest point, after memopt's plan) is at most the
+and temporaries live at the step's highest point, after memopt's plan; a region's outputs
+across a graph break count as kept by the caller, `_assume_outputs_kept`) is at most the
 budget. Optimizer state is not in the step's graphs and is not counted: pass
 ``reserve=`` for it (docs/fit.md).
 
@@ -233,7 +234,7 @@ def fit(
             f"lower the reserve or raise the budget."
         )
     config = _config(options, total - reserved)
-    _check_search(search, batch, seq, step, max_size)
+    _check_search(search, batch, seq, step, max_size, global_batch)
     _check_trainable(model, training)
     fake_model, mode = _fake_model(model)
     sizes = _Sizes(search, batch, seq, step)
@@ -267,10 +268,12 @@ def _config(options: Mapping[str, Any] | None, budget: int) -> MemoptConfig:
         raise MemoptFitError(f"options: {exc}") from None
 
 
-def _check_search(search: str, batch: int, seq: int | None, step: int, max_size: int | None) -> None:
+def _check_search(
+    search: str, batch: int, seq: int | None, step: int, max_size: int | None, global_batch: int | None
+) -> None:
     if search not in SEARCHES:
         raise MemoptFitError(f"search={search!r}; choose one of {', '.join(map(repr, SEARCHES))}.")
-    for name, value in (("batch", batch), ("step", step), ("max_size", max_size), ("seq", seq)):
+    for name, value in (("batch", batch), ("step", step), ("max_size", max_size), ("seq", seq), ("global_batch", global_batch)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise MemoptFitError(f"{name}={value!r} must be a positive int.")
     if max_size is not None and max_size < step:

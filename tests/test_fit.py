@@ -157,6 +157,8 @@ def test_accumulation_arithmetic(global_batch: int, batch: int, expected: tuple[
 def test_accumulation_refuses_zero() -> None:
     with pytest.raises(memopt.MemoptFitError, match="at least 1"):
         accumulation(0, 4)
+    with pytest.raises(memopt.MemoptFitError, match="global_batch=0 must be a positive int"):
+        memopt.fit(MLP(), _mlp_inputs, "1GiB", global_batch=0, progress=None)  # before any probe
 
 
 def test_budget_below_the_floor_names_it_and_the_options() -> None:
