@@ -14,7 +14,9 @@ budget. Optimizer state is not in the step's graphs and is not counted: pass
 ``reserve=`` for it (docs/fit.md).
 
 The search grows the size exponentially (1, 2, 4, ...) until a probe does not fit, then
-bisects the bracket. It assumes the planned peak does not decrease as the size grows.
+bisects the bracket. It assumes that fitting is monotone: a size that does not fit has no
+larger size that fits (the floor memopt can reach grows with the size; the planned peak
+itself need not: under a budget the planner takes the cheapest plan that fits).
 """
 
 from __future__ import annotations
@@ -219,7 +221,7 @@ def fit(
     sequence lengths), at most ``max_size``. One line per probe goes to ``progress``: True
     (default) for stderr, a text stream, or False/None for silence. Dynamo's caches are reset before every probe.
 
-    Precondition: the planned peak does not decrease as the size grows.
+    Precondition: fitting is monotone (no size larger than one that does not fit fits).
     Guarantees: the returned size's probe fits; unless ``capped``, the size one ``step``
     larger was probed and does not fit. Raises `MemoptFitError` when even the smallest
     size does not fit (naming its floor and the options that may lower it), when
