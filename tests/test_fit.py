@@ -4,6 +4,7 @@ batch or sequence length whose planned peak fits a budget, searched on fake tens
 from __future__ import annotations
 
 import io
+import json
 import textwrap
 import warnings
 from pathlib import Path
@@ -236,6 +237,9 @@ def test_cli_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert status == 0, err
     assert "memopt fit: batch 4" in out and "3 accumulation steps of uneven micro-batches 4+3+3" in out
     assert "[memopt fit] batch 1:" in err and "[memopt fit] batch 4:" in err  # progress on stderr
+    assert cli_main(["fit", f"{path}:build", "--budget", "1GiB", "--max-batch", "2", "--reserve", "1MiB", "--json", "--quiet"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["batch"], data["reserve_bytes"], data["capped"]) == (2, 2**20, True) and len(data["probes"]) == 2
     assert cli_main(["fit", f"{path}:build", "--budget", "1000", "--quiet"]) == 2
     assert "even batch 1 does not fit" in capsys.readouterr().err
     assert cli_main(["fit", f"{path}:not_a_pair", "--budget", "1GiB"]) == 2

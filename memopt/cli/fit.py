@@ -31,7 +31,7 @@ def add_parser(sub: Any) -> None:
     fit.add_argument("--step", type=int, default=1, help="probe multiples of this size (e.g. 64 for sequences)")
     fit.add_argument("--global-batch", type=int, help="samples per optimizer step: report the accumulation steps")
     fit.add_argument("--max-batch", "--max-size", dest="max_size", type=int, help="largest size to probe")
-    fit.add_argument("--reserve", default="0", help="bytes kept outside the step (e.g. optimizer state), e.g. 2GiB")
+    fit.add_argument("--reserve", help="bytes kept outside the step (e.g. optimizer state), e.g. 2GiB")
     fit.add_argument("--options", metavar="JSON", help='memopt options as JSON, e.g. \'{"precision": "bf16"}\'')
     fit.add_argument("--plan", action="store_true", help="also print memopt's report of the fitted step")
     fit.add_argument("--json", action="store_true", help="print the result as JSON (FitResult.to_dict())")
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         result = memopt.fit(
             model, make_inputs, args.budget, search=args.search, batch=args.batch, seq=args.seq,
             global_batch=args.global_batch, max_size=args.max_size, step=args.step,
-            reserve=args.reserve if args.reserve != "0" else 0, options=options,
+            reserve=args.reserve or 0, options=options,
             progress=None if args.quiet else sys.stderr,
         )
     except memopt.MemoptFitError as exc:
