@@ -137,7 +137,7 @@ class FitResult:
 def _accumulation_text(r: FitResult) -> str:
     steps, micro = r.accumulation_steps, r.micro_batches
     if len(set(micro)) <= 1:
-        return f"{steps} accumulation step(s) of {micro[0] if micro else r.batch}"
+        return f"{steps} accumulation step{'' if steps == 1 else 's'} of {micro[0] if micro else r.batch}"
     text = (
         f"{steps} accumulation steps of uneven micro-batches {'+'.join(map(str, micro))} "
         f"({r.global_batch} is not a multiple of {r.batch}; weight each micro-batch's mean loss by its size)"
