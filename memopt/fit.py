@@ -437,7 +437,7 @@ class _Runner:
         size = units * self.sizes.step
         started = time.perf_counter()
         torch._dynamo.reset()  # a new size is a new compile, never a dynamic-shape recompile
-        inputs, explanation = self._plan(size)
+        explanation = self._plan(size)
         peak = explanation.estimated_peak_bytes
         fits = peak <= self.budget
         unoptimized = explanation.timeline(optimized=False).peak_bytes
@@ -451,7 +451,7 @@ class _Runner:
         self._say(probe)
         return fits
 
-    def _plan(self, size: int) -> tuple[Any, Explanation]:
+    def _plan(self, size: int) -> Explanation:
         what = self.sizes.name(size)
         try:
             with _planning(self.mode, self.training):
@@ -467,7 +467,7 @@ class _Runner:
                 f"{self.sizes.call_args(size)} returns the model's inputs and that the model runs on them."
             ) from exc
         self._check(size, inputs, explanation)
-        return inputs, explanation
+        return explanation
 
     def _check(self, size: int, inputs: Any, explanation: Explanation) -> None:
         if self.training and not explanation.ran_backward:
