@@ -3,14 +3,15 @@
     torch.compile(model, backend="memopt", options={"codegen": "eager"})
 
 The backend is registered with Dynamo through an entry point, so ``backend="memopt"``
-works without importing this package; import it for `explain`, `MemoptConfig` and
+works without importing this package; import it for `explain`, `fit`, `MemoptConfig` and
 the testing helpers.
 """
 
 from memopt.backends.dynamo import memopt_backend
 from memopt.config import MemoptConfig
-from memopt.errors import MemoptBudgetError, MemoptInternalError, MemoptWarning
+from memopt.errors import MemoptBudgetError, MemoptFitError, MemoptInternalError, MemoptWarning
 from memopt.explain import Explanation, explain, record
+from memopt.fit import FitResult, fit
 from memopt.passes.base import PassFailure
 
 __version__ = "0.1.0"
@@ -21,9 +22,12 @@ __all__ = [
     "MemoptWarning",
     "MemoptBudgetError",
     "MemoptInternalError",
+    "MemoptFitError",
     "Explanation",
     "explain",
     "record",
+    "fit",
+    "FitResult",
     "PassFailure",
     "__version__",
 ]

@@ -4,7 +4,14 @@ and its errors."""
 
 from __future__ import annotations
 
-__all__ = ["MemoptWarning", "MemoptBudgetError", "MemoptInternalError", "MemoptOffloadError", "MemoptOptimizerError"]
+__all__ = [
+    "MemoptWarning",
+    "MemoptBudgetError",
+    "MemoptInternalError",
+    "MemoptOffloadError",
+    "MemoptOptimizerError",
+    "MemoptFitError",
+]
 
 
 class MemoptWarning(UserWarning):
@@ -48,3 +55,10 @@ class MemoptOptimizerError(RuntimeError):
     update already consumed (global-norm clipping, GradScaler). Raised at compile time
     where it can be foreseen, otherwise when the step runs, before a wrong update is
     kept silently. The message names the parameter, the problem and the fix."""
+
+
+class MemoptFitError(ValueError):
+    """`memopt.fit` cannot answer: even the smallest size's planned peak is above the
+    budget (the message names that floor and the options that may lower it), the budget
+    or a search argument is malformed, ``make_inputs`` does not take the size, or the
+    model has nothing to train. The message names the problem, the value and the fix."""

@@ -1,4 +1,5 @@
-"""``memopt report FILE.py:FACTORY``: a compile-time memory report for a user's model.
+"""``memopt report FILE.py:FACTORY``: a compile-time memory report for a user's model
+(and ``memopt fit``, `memopt.cli.fit`).
 
 The factory is a function of no arguments in FILE.py returning ``(model, inputs)``:
 ``model`` is an ``nn.Module`` or any callable, ``inputs`` a tensor or a tuple/list of
@@ -155,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--real", action="store_true", help="build the model on real tensors instead of fake ones")
     report.add_argument("--top", type=int, default=10, help="how many saved values to list (default 10)")
     report.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    from memopt.cli import fit
+
+    fit.add_parser(sub)
     return parser
 
 
@@ -164,6 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "report":
             return _run_report(args)
+        if args.command == "fit":
+            from memopt.cli import fit
+
+            return fit.run(args)
     except CLIError as exc:
         print(f"memopt: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,71 @@
+"""``memopt fit FILE.py:FACTORY --budget 24GiB``: the largest batch that fits a budget.
+
+FACTORY is a function of no arguments in FILE.py returning ``(model, make_inputs)``:
+``model`` is an ``nn.Module`` (or a callable of tensors) and ``make_inputs(batch)`` (or
+``make_inputs(batch, seq)`` when ``--seq`` is given or ``--search seq``) returns the
+inputs of one training call: a tensor, a tuple of positional arguments or a dict of
+keyword arguments. The factory runs under a FakeTensorMode and so does every probe:
+nothing of the model or the step is allocated, and a model larger than this machine
+can be fitted. One line per probe goes to stderr; the result to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: Any) -> None:
+    """Register the ``fit`` subcommand on ``sub`` (an argparse subparsers object)."""
+    fit = sub.add_parser("fit", help="largest batch (or sequence) of FILE.py:FACTORY that fits a budget",
+                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fit.add_argument("target", help="FILE.py:FACTORY, a function returning (model, make_inputs)")
+    fit.add_argument("--budget", required=True, help="memory budget, e.g. 24GiB, 512MB or bytes")
+    fit.add_argument("--seq", type=int, help="fixed sequence length: make_inputs(batch, seq) is called")
+    fit.add_argument("--search", choices=["batch", "seq"], default="batch", help="dimension to search (default batch)")
+    fit.add_argument("--batch", type=int, default=1, help="fixed batch for --search seq (default 1)")
+    fit.add_argument("--step", type=int, default=1, help="probe multiples of this size (e.g. 64 for sequences)")
+    fit.add_argument("--global-batch", type=int, help="samples per optimizer step: report the accumulation steps")
+    fit.add_argument("--max-batch", "--max-size", dest="max_size", type=int, help="largest size to probe")
+    fit.add_argument("--reserve", help="bytes kept outside the step (e.g. optimizer state), e.g. 2GiB")
+    fit.add_argument("--options", metavar="JSON", help='memopt options as JSON, e.g. \'{"precision": "bf16"}\'')
+    fit.add_argument("--plan", action="store_true", help="also print memopt's report of the fitted step")
+    fit.add_argument("--json", action="store_true", help="print the result as JSON (FitResult.to_dict())")
+    fit.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build FACTORY's model on fake tensors, fit, print the result; returns the exit status."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import memopt
+    from memopt.cli.main import CLIError, load_factory
+
+    factory = load_factory(args.target)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        built = factory()
+    if not isinstance(built, (tuple, list)) or len(built) != 2 or not callable(built[1]):
+        raise CLIError(
+            f"{args.target} must return (model, make_inputs) with make_inputs(batch) a function; got "
+            f"{type(built).__name__}" + (f" of length {len(built)}" if isinstance(built, (tuple, list)) else "")
+        )
+    model, make_inputs = built
+    options = json.loads(args.options) if args.options else {}
+    try:
+        result = memopt.fit(
+            model, make_inputs, args.budget, search=args.search, batch=args.batch, seq=args.seq,
+            global_batch=args.global_batch, max_size=args.max_size, step=args.step,
+            reserve=args.reserve or 0, options=options,
+            progress=None if args.quiet else sys.stderr,
+        )
+    except memopt.MemoptFitError as exc:
+        raise CLIError(str(exc)) from None
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.report())
+    if args.plan and result.explanation is not None:
+        print()
+        print(result.explanation.report())
+    return 0

@@ -1,0 +1,248 @@
+"""`memopt.fit` (memopt/fit.py) and ``memopt fit`` (memopt/cli/fit.py): the largest
+batch or sequence length whose planned peak fits a budget, searched on fake tensors."""
+
+from __future__ import annotations
+
+import io
+import json
+import textwrap
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+
+import memopt
+from memopt.cli.main import main as cli_main
+from memopt.fit import FitResult, accumulation, budget_bytes
+
+OPTIONS = {"codegen": "eager"}
+
+
+class MLP(nn.Module):
+    """Wide hidden layer: each sample adds activations worth a few KiB."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(32, 512), nn.Linear(512, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x))).pow(2).mean()
+
+
+class TokenLM(nn.Module):
+    """A token model whose activations grow with the sequence length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.up, self.head = nn.Embedding(64, 32), nn.Linear(32, 256), nn.Linear(256, 64)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = self.head(torch.relu(self.up(self.emb(ids))))
+        return nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
+
+
+def _mlp_inputs(batch: int) -> torch.Tensor:
+    return torch.randn(batch, 32)
+
+
+def _tokens(batch: int, seq: int) -> torch.Tensor:
+    return torch.randint(0, 64, (batch, seq))
+
+
+def _planned_peak(model: nn.Module, inputs: torch.Tensor, budget: int) -> int:
+    """memopt.explain's planned peak of one step under ``budget``, on real tensors."""
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", memopt.MemoptWarning)  # an infeasible budget lands at the floor
+        return memopt.explain(model, inputs, options={**OPTIONS, "memory_budget": budget}).estimated_peak_bytes
+
+
+def _budget_for(model: nn.Module, make: Any, size: int) -> int:
+    """A budget just above the unbudgeted planned peak at ``size`` (so the answer is small)."""
+    torch._dynamo.reset()
+    return memopt.explain(model, make(size), options=OPTIONS).estimated_peak_bytes + 1
+
+
+def test_fit_batch_is_the_largest_whose_planned_peak_fits() -> None:
+    """The rule: the returned batch's planned peak (memopt.explain at that batch, real
+    tensors) is within the budget and batch+1's is not; the search ran on fake tensors
+    and the model's own parameters are untouched."""
+    torch.manual_seed(0)
+    model = MLP()
+    before = [p.detach().clone() for p in model.parameters()]
+    budget = _budget_for(model, _mlp_inputs, 5)
+    out = io.StringIO()
+    result = memopt.fit(model, _mlp_inputs, budget, options=OPTIONS, progress=out)
+    assert isinstance(result, FitResult) and result.search == "batch" and not result.capped
+    assert result.batch >= 5
+    assert _planned_peak(model, _mlp_inputs(result.batch), budget) <= budget
+    assert _planned_peak(model, _mlp_inputs(result.batch + 1), budget) > budget
+    sizes = {p.size: p for p in result.probes}
+    assert sizes[result.batch].fits and not sizes[result.batch + 1].fits
+    assert result.estimated_peak_bytes == sizes[result.batch].planned_peak_bytes <= budget
+    assert len(out.getvalue().splitlines()) == len(result.probes)  # one progress line per probe
+    assert "fits" in out.getvalue() and "over" in out.getvalue()
+    assert result.explanation is not None and result.explanation.ran_backward
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert f"batch {result.batch}" in str(result)
+
+
+def test_fit_sequence_length_mode() -> None:
+    """search="seq": the fixed batch and the fitted sequence length (a multiple of
+    ``step``) reach make_inputs(batch, seq); seq+step does not fit."""
+    torch.manual_seed(0)
+    model = TokenLM()
+    budget = _budget_for(model, lambda s: _tokens(2, s), 24)
+    result = memopt.fit(model, _tokens, budget, search="seq", batch=2, step=8, options=OPTIONS, progress=None)
+    assert result.search == "seq" and result.batch == 2 and result.seq == result.size
+    assert result.seq is not None and result.seq % 8 == 0 and result.seq >= 24
+    assert _planned_peak(model, _tokens(2, result.seq), budget) <= budget
+    assert _planned_peak(model, _tokens(2, result.seq + 8), budget) > budget
+
+
+class KeepsLogits(nn.Module):
+    """A graph break before the loss, and the logits returned with it: the caller keeps
+    the first region's output through backward (as a Hugging Face output object does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.up, self.head = nn.Embedding(64, 32), nn.Linear(32, 512), nn.Linear(512, 64)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.head(torch.relu(self.up(self.emb(ids))))  # the peak is in this region's backward
+        torch._dynamo.graph_break()
+        return nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()), logits
+
+
+def test_fit_counts_outputs_the_caller_keeps_across_a_graph_break() -> None:
+    """On fake tensors memopt cannot observe which region outputs the caller keeps; fit
+    counts them all as kept, which for a break before the loss is exact: the probe's
+    planned peak equals memopt.explain's on real tensors (where it is observed)."""
+    torch.manual_seed(0)
+    model = KeepsLogits()
+    result = memopt.fit(model, lambda b: _tokens(b, 16), "1GiB", max_size=2, options=OPTIONS, progress=None)
+    probe = {p.size: p for p in result.probes}[2]
+    torch._dynamo.reset()
+    real = memopt.explain(model, _tokens(2, 16), options={**OPTIONS, "memory_budget": 2**30})
+    assert len(real.regions) == 2 and real.regions[0].kept_outputs  # observed on real tensors
+    assert probe.planned_peak_bytes == real.estimated_peak_bytes
+
+
+def test_fit_stops_at_max_size_and_says_so() -> None:
+    torch.manual_seed(0)
+    result = memopt.fit(MLP(), _mlp_inputs, "1GiB", max_size=3, global_batch=10, options=OPTIONS, progress=None)
+    assert result.batch == 3 and result.capped
+    assert (result.accumulation_steps, result.micro_batches, result.even_batch) == (4, (3, 3, 2, 2), 2)
+    assert "uneven micro-batches 3+3+2+2" in result.report() and "5 equal steps of 2" in result.report()
+
+
+@pytest.mark.parametrize(
+    "global_batch, batch, expected",
+    [
+        (256, 32, (8, (32,) * 8, 32)),  # divides: equal steps
+        (100, 32, (4, (25, 25, 25, 25), 25)),  # ceil(100/32) = 4 steps, evened out
+        (10, 4, (3, (4, 3, 3), 2)),  # uneven: sizes differ by one; 5 steps of 2 are equal
+        (3, 8, (1, (3,), 3)),  # the global batch is below the fitted batch
+        (7, 4, (2, (4, 3), 1)),  # a prime: only 1 divides it
+    ],
+)
+def test_accumulation_arithmetic(global_batch: int, batch: int, expected: tuple[int, tuple[int, ...], int]) -> None:
+    steps, micro, even = accumulation(global_batch, batch)
+    assert (steps, micro, even) == expected
+    assert sum(micro) == global_batch and max(micro) <= batch and max(micro) - min(micro) <= 1
+
+
+def test_accumulation_refuses_zero() -> None:
+    with pytest.raises(memopt.MemoptFitError, match="at least 1"):
+        accumulation(0, 4)
+    with pytest.raises(memopt.MemoptFitError, match="global_batch=0 must be a positive int"):
+        memopt.fit(MLP(), _mlp_inputs, "1GiB", global_batch=0, progress=None)  # before any probe
+
+
+def test_budget_below_the_floor_names_it_and_the_options() -> None:
+    with pytest.raises(memopt.MemoptFitError) as info:
+        memopt.fit(MLP(), _mlp_inputs, 1000, options=OPTIONS, progress=None)
+    message = str(info.value)
+    assert "even batch 1 does not fit" in message and "floor" in message
+    assert "precision='bf16'" in message and "compress_activations" in message and "offload" in message
+    with pytest.raises(memopt.MemoptFitError) as info:
+        memopt.fit(MLP(), _mlp_inputs, 1000, options={**OPTIONS, "precision": "bf16"}, progress=None)
+    assert "precision='bf16'" not in str(info.value)  # an option already on is not offered
+
+
+def test_make_inputs_that_does_not_take_the_batch() -> None:
+    with pytest.raises(memopt.MemoptFitError, match=r"cannot be called as make_inputs\(batch\)"):
+        memopt.fit(MLP(), lambda: torch.randn(4, 32), "1GiB", options=OPTIONS, progress=None)
+    with pytest.raises(memopt.MemoptFitError, match=r"make_inputs\(batch, seq\)"):
+        memopt.fit(TokenLM(), lambda b: _tokens(b, 8), "1GiB", search="seq", options=OPTIONS, progress=None)
+
+
+def test_make_inputs_that_ignores_the_batch() -> None:
+    with pytest.raises(memopt.MemoptFitError, match="ignores the size"):
+        memopt.fit(MLP(), lambda b: torch.randn(4, 32), "1GiB", max_size=4, options=OPTIONS, progress=None)
+
+
+def test_model_without_grads_says_what_is_planned() -> None:
+    model = MLP().eval().requires_grad_(False)
+    with pytest.raises(memopt.MemoptFitError, match="eval mode.*training step.*training=False"):
+        memopt.fit(model, _mlp_inputs, "1GiB", options=OPTIONS, progress=None)
+    result = memopt.fit(model, _mlp_inputs, "1GiB", max_size=2, training=False, options=OPTIONS, progress=None)
+    assert result.batch == 2 and result.explanation is not None and not result.explanation.ran_backward
+
+
+def test_budgets_parse_as_memory_budget_does() -> None:
+    assert budget_bytes("24GiB") == 24 * 2**30
+    assert budget_bytes("512MB") == 512 * 10**6
+    assert budget_bytes(1234) == 1234
+    for bad, match in [(0.5, "absolute size"), ("12 parsecs", "not understood"), (True, "absolute size"), (0, "positive")]:
+        with pytest.raises(memopt.MemoptFitError, match=match):
+            budget_bytes(bad)  # type: ignore[arg-type]
+    with pytest.raises(memopt.MemoptFitError, match="drop it from options"):
+        memopt.fit(MLP(), _mlp_inputs, "1GiB", options={"memory_budget": "1GiB"}, progress=None)
+    with pytest.raises(memopt.MemoptFitError, match="leaves nothing"):
+        memopt.fit(MLP(), _mlp_inputs, "1MiB", reserve="2MiB", progress=None)
+
+
+FACTORY = """
+import torch
+import torch.nn as nn
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(32, 512), nn.Linear(512, 32)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x))).pow(2).mean()
+
+
+def build():
+    return MLP(), lambda batch: torch.randn(batch, 32)
+
+
+def not_a_pair():
+    return MLP()
+"""
+
+
+def test_cli_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "model.py"
+    path.write_text(textwrap.dedent(FACTORY))
+    status = cli_main(["fit", f"{path}:build", "--budget", "1GiB", "--max-batch", "4", "--global-batch", "10"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "memopt fit: batch 4" in out and "3 accumulation steps of uneven micro-batches 4+3+3" in out
+    assert "[memopt fit] batch 1:" in err and "[memopt fit] batch 4:" in err  # progress on stderr
+    assert cli_main(["fit", f"{path}:build", "--budget", "1GiB", "--max-batch", "2", "--reserve", "1MiB", "--json", "--quiet"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["batch"], data["reserve_bytes"], data["capped"]) == (2, 2**20, True) and len(data["probes"]) == 2
+    assert cli_main(["fit", f"{path}:build", "--budget", "1000", "--quiet"]) == 2
+    assert "even batch 1 does not fit" in capsys.readouterr().err
+    assert cli_main(["fit", f"{path}:not_a_pair", "--budget", "1GiB"]) == 2
+    assert "must return (model, make_inputs)" in capsys.readouterr().err
+    assert cli_main(["fit", f"{path}:build", "--budget", "12 parsecs"]) == 2
+    assert "not understood" in capsys.readouterr().err
