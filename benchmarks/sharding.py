@@ -60,7 +60,7 @@ RTOL, ATOL = 1e-5, 1e-6
 NO_DROPOUT = {"gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), "llama": {}}
 LLAMA_1B = dict(
     hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-    num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
+    num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, use_cache=False,
 )  # TinyLlama-1.1B's shape  # fmt: skip
 
 
@@ -177,6 +177,13 @@ def _local_param_bytes(model: nn.Module) -> int:
     return sum((p.to_local() if isinstance(p, DTensor) else p).untyped_storage().nbytes() for p in model.parameters())
 
 
+def _local_grad_bytes(model: nn.Module) -> int:
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return sum((g.to_local() if isinstance(g, DTensor) else g).untyped_storage().nbytes() for g in grads)
+
+
 def peak_row(args: argparse.Namespace) -> dict[str, Any]:
     """Per-rank peak and step time: memopt stage 3 (with and without budgets) and FSDP2."""
     import memopt
@@ -215,7 +222,7 @@ def peak_row(args: argparse.Namespace) -> dict[str, Any]:
             variants["fsdp2"] = (fsdp, fsdp)
             info["fsdp2"] = {}
         times: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(args.time_steps if args.row == "peak" else 0):
+        for _ in range(args.time_steps if args.row == "peak" and not args.fake else 0):
             for name, (model, fn) in variants.items():
                 model.zero_grad(set_to_none=True)
                 start = time.perf_counter()
@@ -223,8 +230,11 @@ def peak_row(args: argparse.Namespace) -> dict[str, Any]:
                 times[name].append(time.perf_counter() - start)
         for name, (model, fn) in variants.items():
             model.zero_grad(set_to_none=True)
-            growth = measure_peak(lambda: fn(**data).loss.backward()).peak_growth_bytes
-            info[name].update(growth=growth, local_params=_local_param_bytes(model))
+            measured = measure_peak(lambda: fn(**data).loss.backward())
+            info[name].update(
+                growth=measured.peak_growth_bytes, end=measured.end_growth_bytes,
+                local_params=_local_param_bytes(model), grads=_local_grad_bytes(model),
+            )
             if times[name]:
                 info[name]["step_s"] = statistics.median(times[name])
         out[family] = info
@@ -255,7 +265,20 @@ def rank_main(args: argparse.Namespace) -> None:
 
 
 def on_ranks(row: str, world: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every rank's result of ``row``: ``world`` gloo processes, or (``--fake``) this
+    process as rank 0 of a fake world of ``world`` ranks (collectives allocate their
+    outputs and move nothing)."""
     from memopt.distributed.testing import run_ranks
+
+    if args.fake:
+        import torch.distributed as dist
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+        try:
+            return [{"rank": 0, **ROWS[row](argparse.Namespace(**{**vars(args), "row": row}))}]
+        finally:
+            dist.destroy_process_group()
 
     argv = ["--rank-row", row, "--models", *args.models, "--stages", args.stages,
             "--compile-stages", args.compile_stages, "--steps", str(args.steps), "--batch", str(args.batch),
@@ -289,16 +312,18 @@ def print_state(world: int, ranks: list[dict[str, Any]]) -> None:
               f"{worst['loss']:.2f} | {worst['grad']:.2f} | {worst['param']:.2f} | {first:.4f} -> {last:.4f} |")
 
 
-def print_peak(world: int, ranks: list[dict[str, Any]], row: str) -> None:
+def print_peak(world: int, ranks: list[dict[str, Any]], row: str, fake: bool) -> None:
     kind = "Per-rank peak, stage 3 vs FSDP2 eager" if row == "peak" else "memory_budget at stage 3"
-    print(f"\n**{kind}, {world} ranks** (MiB; the largest over ranks)\n")
+    where = f"one process, fake {world}-rank world" if fake else f"{world} gloo ranks"
+    print(f"\n**{kind}, {where}** (MiB; the largest over ranks)\n")
     if row == "peak":
-        print("| model | variant | peak (growth + shards) | growth | vs FSDP2 | step s (median) | vs FSDP2 "
-              "| re-gathered | estimate |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        print("| model | variant | peak (growth + shards) | growth | end - grads | vs FSDP2 | step s (median) "
+              "| vs FSDP2 | re-gathered | estimate |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     else:
-        print("| model | budget | requested | estimate | measured | measured/requested | feasible | re-gathered |")
-        print("|---|---|---:|---:|---:|---:|---|---:|")
+        print("| model | budget | requested | estimate | measured | measured/requested | end - grads | feasible "
+              "| re-gathered |")
+        print("|---|---|---:|---:|---:|---:|---:|---|---:|")
     for family in ranks[0]:
         if family == "rank":
             continue
@@ -308,16 +333,18 @@ def print_peak(world: int, ranks: list[dict[str, Any]], row: str) -> None:
         for name in names:
             v = worst[name]
             peak = v["growth"] + v["local_params"]
+            unseen = mb(v["end"] - v["grads"])  # bytes whose free the profiler missed (0 when none)
             if row == "peak":
                 ratio = "-" if fsdp is None else f"{peak / (fsdp['growth'] + fsdp['local_params']):.2f}"
                 slow = "-" if fsdp is None or "step_s" not in v else f"{v['step_s'] / fsdp['step_s']:.2f}"
-                print(f"| {family} | {name} | {mb(peak)} | {mb(v['growth'])} | {ratio} | {v.get('step_s', 0):.3f} | "
+                step = f"{v['step_s']:.3f}" if "step_s" in v else "-"
+                print(f"| {family} | {name} | {mb(peak)} | {mb(v['growth'])} | {unseen} | {ratio} | {step} | "
                       f"{slow} | {v.get('regathered', '-')} | {mb(v.get('estimate'))} |")
             else:
                 measured = v["growth"] + v["baseline"]
                 within = "-" if not v["budget"] else f"{measured / v['budget']:.3f}"
                 print(f"| {family} | {name.partition('@')[2] or 'none'} | {mb(v['budget'] or None)} | "
-                      f"{mb(v['estimate'])} | {mb(measured)} | {within} | {v['feasible']} | {v['regathered']} |")
+                      f"{mb(v['estimate'])} | {mb(measured)} | {within} | {unseen} | {v['feasible']} | {v['regathered']} |")
 
 
 def explain_row(args: argparse.Namespace) -> None:
@@ -370,6 +397,8 @@ def main() -> None:
     parser.add_argument("--time-steps", type=int, default=5)
     parser.add_argument("--peak-budget", type=float, default=0.6, help="memory_budget of the peak row's budgeted variant")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.6])
+    parser.add_argument("--fake", action="store_true",
+                        help="peak/budget rows in this process on a fake world of each --ranks size (no gloo threads)")
     parser.add_argument("--fake-world", type=int, default=8)
     parser.add_argument("--explain-batch", type=int, default=1)
     parser.add_argument("--explain-seq", type=int, default=512)
@@ -383,7 +412,7 @@ def main() -> None:
         for row in [r for r in rows if r in ROWS]:
             start = time.perf_counter()
             ranks = on_ranks(row, world, args)
-            (print_state if row == "state" else lambda w, r: print_peak(w, r, row))(world, ranks)
+            (print_state if row == "state" else lambda w, r: print_peak(w, r, row, args.fake))(world, ranks)
             print(f"\n({row}, {world} ranks: {time.perf_counter() - start:.0f} s)", flush=True)
     if "explain" in rows:
         explain_row(args)
