@@ -99,6 +99,16 @@ def adamw(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
 
 
+def sgd(params: Any) -> torch.optim.Optimizer:
+    """No state, and an update linear in the gradient: rounding differences between one
+    process and N ranks are not amplified (Adam divides by sqrt(v) + eps)."""
+    return torch.optim.SGD(params, lr=0.1)
+
+
+OPTIMIZERS = {"adamw": (adamw, 8), "sgd": (sgd, 0)}
+"""name -> (factory, optimizer-state bytes per parameter element in fp32)."""
+
+
 def tolerance_ratio(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Worst ``|a - b| / (atol + rtol |b|)``: at most 1 means equal within tolerance."""
     actual, expected = actual.detach().double(), expected.detach().double()
@@ -125,10 +135,11 @@ def state_row(args: argparse.Namespace) -> dict[str, Any]:
             reference = build(family, **NO_DROPOUT[family])
             numel = sum(p.numel() for p in reference.parameters())
             model = md.shard(copy.deepcopy(reference), stage=stage)
-            ref_opt, opt = adamw(reference.parameters()), md.ShardedOptimizer(adamw, model)
+            make, state_bytes = OPTIMIZERS[args.optimizer]
+            ref_opt, opt = make(reference.parameters()), md.ShardedOptimizer(make, model)
             step_fn = memopt_compile(model, strict=True) if stage in compiled_stages else model
             worst = {"loss": 0.0, "grad": 0.0, "param": 0.0}
-            losses, start = [], time.perf_counter()
+            losses, start, first_over = [], time.perf_counter(), None
             for step in range(args.steps):
                 data = global_batch(reference, args.batch, args.seq, step)
                 ref_loss = reference(**data).loss
@@ -139,18 +150,20 @@ def state_row(args: argparse.Namespace) -> dict[str, Any]:
                 dist.all_reduce(total)
                 losses.append(total.item() / world)
                 worst["loss"] = max(worst["loss"], tolerance_ratio(total / world, ref_loss))
-                for p, q in zip(model.parameters(), reference.parameters()):
-                    worst["grad"] = max(worst["grad"], tolerance_ratio(full(p.grad), q.grad))
+                grad_tol = max(tolerance_ratio(full(p.grad), q.grad) for p, q in zip(model.parameters(), reference.parameters()))
+                worst["grad"] = max(worst["grad"], grad_tol)
+                if grad_tol > 1 and first_over is None:
+                    first_over = step
                 ref_opt.step(), opt.step()
                 if step == args.steps - 1:
                     held = md.model_state_bytes(model, opt)
                 ref_opt.zero_grad(), opt.zero_grad()
                 for p, q in zip(model.parameters(), reference.parameters()):
                     worst["param"] = max(worst["param"], tolerance_ratio(full(p.detach()), q))
-            formula = md.zero_model_state_bytes(numel, world, stage)
+            formula = md.zero_model_state_bytes(numel, world, stage, state_bytes=state_bytes)
             out[f"{family}/{stage}"] = {
                 "numel": numel, "measured": held.__dict__, "formula": formula.__dict__, "worst": worst,
-                "losses": [losses[0], losses[-1]], "compiled": stage in compiled_stages,
+                "losses": [losses[0], losses[-1]], "compiled": stage in compiled_stages, "first_over": first_over,
                 "seconds": time.perf_counter() - start,
             }
     return out
@@ -171,17 +184,24 @@ def _fsdp2(model: nn.Module) -> nn.Module:
     return model
 
 
-def _local_param_bytes(model: nn.Module) -> int:
+def _local_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the storages behind ``tensors``' local parts, each storage once (FSDP2's
+    sharded gradients are views of one reduce-scatter output)."""
     from torch.distributed.tensor import DTensor
 
-    return sum((p.to_local() if isinstance(p, DTensor) else p).untyped_storage().nbytes() for p in model.parameters())
+    storages = {}
+    for t in tensors:
+        storage = (t.to_local() if isinstance(t, DTensor) else t).untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _local_param_bytes(model: nn.Module) -> int:
+    return _local_bytes(list(model.parameters()))
 
 
 def _local_grad_bytes(model: nn.Module) -> int:
-    from torch.distributed.tensor import DTensor
-
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return sum((g.to_local() if isinstance(g, DTensor) else g).untyped_storage().nbytes() for g in grads)
+    return _local_bytes([p.grad for p in model.parameters() if p.grad is not None])
 
 
 def peak_row(args: argparse.Namespace) -> dict[str, Any]:
@@ -282,7 +302,7 @@ def on_ranks(row: str, world: int, args: argparse.Namespace) -> list[dict[str, A
 
     argv = ["--rank-row", row, "--models", *args.models, "--stages", args.stages,
             "--compile-stages", args.compile_stages, "--steps", str(args.steps), "--batch", str(args.batch),
-            "--seq", str(args.seq), "--time-steps", str(args.time_steps), "--peak-budget", str(args.peak_budget),
+            "--seq", str(args.seq), "--optimizer", args.optimizer, "--time-steps", str(args.time_steps), "--peak-budget", str(args.peak_budget),
             "--budgets", *map(str, args.budgets)]  # fmt: skip
     outputs = run_ranks(__file__, argv, world_size=world, timeout=3000)
     return [json.loads(line) for text in outputs for line in text.splitlines() if line.startswith('{"rank"')]
@@ -292,11 +312,11 @@ def mb(nbytes: float | None) -> str:
     return "-" if nbytes is None else f"{nbytes / 2**20:.2f}"
 
 
-def print_state(world: int, ranks: list[dict[str, Any]]) -> None:
-    print(f"\n**Model state and numerics, {world} ranks** (bytes per rank: the largest over ranks)\n")
+def print_state(world: int, ranks: list[dict[str, Any]], args_optimizer: str) -> None:
+    print(f"\n**Model state and numerics, {world} ranks, {args_optimizer}** (bytes per rank: the largest over ranks)\n")
     print("| model | stage | compiled | params | grads | optimizer | total | formula | total/formula "
-          "| loss tol | grad tol | param tol | loss step 0 -> last |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "| loss tol | grad tol | first step grad tol > 1 | param tol | loss step 0 -> last |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|")
     for key in ranks[0]:
         if key == "rank":
             continue
@@ -307,9 +327,11 @@ def print_state(world: int, ranks: list[dict[str, Any]]) -> None:
         total, formula = sum(m.values()), sum(f.values())
         worst = {k: max(r["worst"][k] for r in rows) for k in ("loss", "grad", "param")}
         first, last = held["losses"]
+        over = [r["first_over"] for r in rows if r["first_over"] is not None]
+        first_over = "none" if not over else str(min(over))
         print(f"| {family} | {stage} | {'memopt' if held['compiled'] else 'eager'} | {m['params']:,} | "
               f"{m['grads']:,} | {m['optimizer']:,} | {total:,} | {formula:,} | {total / formula:.4f} | "
-              f"{worst['loss']:.2f} | {worst['grad']:.2f} | {worst['param']:.2f} | {first:.4f} -> {last:.4f} |")
+              f"{worst['loss']:.2f} | {worst['grad']:.2f} | {first_over} | {worst['param']:.2f} | {first:.4f} -> {last:.4f} |")
 
 
 def print_peak(world: int, ranks: list[dict[str, Any]], row: str, fake: bool) -> None:
@@ -359,7 +381,7 @@ def explain_row(args: argparse.Namespace) -> None:
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.fake_world)
     try:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         config = transformers.LlamaConfig(**LLAMA_1B)
         with torch.device("meta"):
             model = transformers.LlamaForCausalLM(config).train()
@@ -368,12 +390,13 @@ def explain_row(args: argparse.Namespace) -> None:
         ids = torch.randint(0, config.vocab_size, (args.explain_batch, args.explain_seq), device="meta")
         built = time.perf_counter() - start
         explanation = memopt.explain(lambda i: model(input_ids=i, labels=i).loss, ids, options={"codegen": "eager"})
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         state = md.zero_model_state_bytes(numel, args.fake_world, 3)
         print(f"\n**memopt.explain, Llama {numel / 1e9:.2f}B parameters on the meta device, stage 3, fake "
               f"{args.fake_world}-rank world, batch {args.explain_batch} x {args.explain_seq} per rank**\n")
         print("| what | value |\n|---|---:|")
         print(f"| wall time (build + shard, then explain) | {seconds:.1f} s ({built:.1f} s + {seconds - built:.1f} s) |")
+        print(f"| CPU time of this process (the machine is shared) | {cpu:.1f} s |")
         print(f"| regions | {len(explanation.step_regions())} |")
         print(f"| per-rank estimated peak of the step | {explanation.estimated_peak_bytes / 2**30:.2f} GiB |")
         print(f"| per-rank baseline (live at the step's start) | {explanation.baseline_bytes / 2**30:.2f} GiB |")
@@ -392,6 +415,7 @@ def main() -> None:
     parser.add_argument("--stages", default="0,1,2,3")
     parser.add_argument("--compile-stages", default="3", help="stages compiled by memopt in the state row; others eager")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw", help="the state row's optimizer")
     parser.add_argument("--batch", type=int, default=4, help="global batch (split over the ranks)")
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--time-steps", type=int, default=5)
@@ -412,7 +436,10 @@ def main() -> None:
         for row in [r for r in rows if r in ROWS]:
             start = time.perf_counter()
             ranks = on_ranks(row, world, args)
-            (print_state if row == "state" else lambda w, r: print_peak(w, r, row, args.fake))(world, ranks)
+            if row == "state":
+                print_state(world, ranks, args.optimizer)
+            else:
+                print_peak(world, ranks, row, args.fake)
             print(f"\n({row}, {world} ranks: {time.perf_counter() - start:.0f} s)", flush=True)
     if "explain" in rows:
         explain_row(args)
