@@ -230,7 +230,8 @@ def peak_row(args: argparse.Namespace) -> dict[str, Any]:
             info[name] = {
                 "estimate": explanation.estimated_peak_bytes,
                 "baseline": explanation.baseline_bytes,
-                "budget": sum(p.budget_bytes or 0 for p in plans) if budget is not None else None,
+                # every region's plan carries the whole step's budget (planned across graph breaks)
+                "budget": max(p.budget_bytes or 0 for p in plans) if budget is not None else None,
                 "feasible": all(p.feasible for p in plans),
                 "regathered": _regathered(explanation),
                 "regions": len(explanation.step_regions()),
