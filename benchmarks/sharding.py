@@ -309,6 +309,11 @@ def on_ranks(row: str, world: int, args: argparse.Namespace) -> list[dict[str, A
     return [json.loads(line) for text in outputs for line in text.splitlines() if line.startswith('{"rank"')]
 
 
+def by_key(ranks: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Each result key of the ranks' JSON lines (not "rank") with every rank's value."""
+    return {key: [r[key] for r in ranks] for key in ranks[0] if key != "rank"}
+
+
 def mb(nbytes: float | None) -> str:
     return "-" if nbytes is None else f"{nbytes / 2**20:.2f}"
 
@@ -318,11 +323,8 @@ def print_state(world: int, ranks: list[dict[str, Any]], args_optimizer: str) ->
     print("| model | stage | compiled | params | grads | optimizer | total | formula | total/formula "
           "| loss tol | grad tol | first step grad tol > 1 | param tol | loss step 0 -> last |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|")
-    for key in ranks[0]:
-        if key == "rank":
-            continue
+    for key, rows in by_key(ranks).items():
         family, stage = key.split("/")
-        rows = [r[key] for r in ranks]
         held = max(rows, key=lambda r: sum(r["measured"].values()))
         m, f = held["measured"], held["formula"]
         total, formula = sum(m.values()), sum(f.values())
@@ -347,14 +349,10 @@ def print_peak(world: int, ranks: list[dict[str, Any]], row: str, fake: bool) ->
         print("| model | budget | requested | estimate | measured | measured/requested | end - grads | feasible "
               "| re-gathered |")
         print("|---|---|---:|---:|---:|---:|---:|---|---:|")
-    for family in ranks[0]:
-        if family == "rank":
-            continue
-        names = list(ranks[0][family])
-        worst = {n: max((r[family][n] for r in ranks), key=lambda v: v["growth"]) for n in names}
+    for family, results in by_key(ranks).items():
+        worst = {n: max((r[n] for r in results), key=lambda v: v["growth"]) for n in results[0]}
         fsdp = worst.get("fsdp2")
-        for name in names:
-            v = worst[name]
+        for name, v in worst.items():
             peak = v["growth"] + v["local_params"]
             unseen = mb(v["end"] - v["grads"])  # bytes whose free the profiler missed (0 when none)
             if row == "peak":
