@@ -150,7 +150,8 @@ def state_row(args: argparse.Namespace) -> dict[str, Any]:
                 dist.all_reduce(total)
                 losses.append(total.item() / world)
                 worst["loss"] = max(worst["loss"], tolerance_ratio(total / world, ref_loss))
-                grad_tol = max(tolerance_ratio(full(p.grad), q.grad) for p, q in zip(model.parameters(), reference.parameters()))
+                pairs = zip(model.parameters(), reference.parameters())
+                grad_tol = max(tolerance_ratio(full(p.grad), q.grad) for p, q in pairs)
                 worst["grad"] = max(worst["grad"], grad_tol)
                 if grad_tol > 1 and first_over is None:
                     first_over = step
@@ -303,8 +304,8 @@ def on_ranks(row: str, world: int, args: argparse.Namespace) -> list[dict[str, A
 
     argv = ["--rank-row", row, "--models", *args.models, "--stages", args.stages,
             "--compile-stages", args.compile_stages, "--steps", str(args.steps), "--batch", str(args.batch),
-            "--seq", str(args.seq), "--optimizer", args.optimizer, "--time-steps", str(args.time_steps), "--peak-budget", str(args.peak_budget),
-            "--budgets", *map(str, args.budgets)]  # fmt: skip
+            "--seq", str(args.seq), "--optimizer", args.optimizer, "--time-steps", str(args.time_steps),
+            "--peak-budget", str(args.peak_budget), "--budgets", *map(str, args.budgets)]  # fmt: skip
     outputs = run_ranks(__file__, argv, world_size=world, timeout=3000)
     return [json.loads(line) for text in outputs for line in text.splitlines() if line.startswith('{"rank"')]
 
@@ -334,7 +335,8 @@ def print_state(world: int, ranks: list[dict[str, Any]], args_optimizer: str) ->
         first_over = "none" if not over else str(min(over))
         print(f"| {family} | {stage} | {'memopt' if held['compiled'] else 'eager'} | {m['params']:,} | "
               f"{m['grads']:,} | {m['optimizer']:,} | {total:,} | {formula:,} | {total / formula:.4f} | "
-              f"{worst['loss']:.2f} | {worst['grad']:.2f} | {first_over} | {worst['param']:.2f} | {first:.4f} -> {last:.4f} |")
+              f"{worst['loss']:.2f} | {worst['grad']:.2f} | {first_over} | {worst['param']:.2f} | "
+              f"{first:.4f} -> {last:.4f} |")
 
 
 def print_peak(world: int, ranks: list[dict[str, Any]], row: str, fake: bool) -> None:
