@@ -3,6 +3,8 @@
     PYTHONPATH=. .venv/bin/python benchmarks/sharding.py                      # every row (slow)
     PYTHONPATH=. .venv/bin/python benchmarks/sharding.py --rows state --ranks 2 --stages 0,1,2,3
     PYTHONPATH=. .venv/bin/python benchmarks/sharding.py --rows peak,budget --ranks 2 4
+    PYTHONPATH=. .venv/bin/python benchmarks/sharding.py --rows peak,budget --ranks 2 4 --fake  # one process
+    PYTHONPATH=. .venv/bin/python benchmarks/sharding.py --rows state --stages 0,3 --optimizer sgd
     PYTHONPATH=. .venv/bin/python benchmarks/sharding.py --rows explain      # fake 8-rank world, 1B Llama
 
 Rows (each prints a Markdown table):
@@ -29,6 +31,10 @@ Rows (each prints a Markdown table):
   + memopt's baseline, as benchmarks/budget_inductor.py), and the plan's decisions whose
   reason is "gathered again" (parameters freed after forward and all-gathered again in
   backward).
+  On gloo ranks the profiler misses frees made by gloo's worker thread (the "end - grads"
+  column shows how many bytes); ``--fake`` runs the peak and budget rows in this process
+  on a fake world of the same size instead (collectives allocate their outputs and move
+  nothing: the same memory, no missed free, no step times).
 * ``explain``: one process, a fake 8-rank process group, a ~1B-parameter Llama config
   built on the meta device and sharded there (stage 3): wall time of `memopt.explain`
   and the per-rank estimate.
