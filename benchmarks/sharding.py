@@ -419,6 +419,14 @@ def explain_row(args: argparse.Namespace) -> None:
         print(f"| per-rank estimated peak of the step | {explanation.estimated_peak_bytes / 2**30:.2f} GiB |")
         print(f"| per-rank baseline (live at the step's start) | {explanation.baseline_bytes / 2**30:.2f} GiB |")
         print(f"| ZeRO-3 model state per rank (fp32 AdamW, 16 Psi / N) | {state.total / 2**30:.2f} GiB |")
+        if args.explain_budget >= 0:
+            torch._dynamo.reset()
+            start = time.perf_counter()
+            options = {"codegen": "eager", "memory_budget": args.explain_budget}
+            budgeted = memopt.explain(lambda i: _meta_loss(model, i), ids, options=options)
+            print(f"| with memory_budget={args.explain_budget}: estimated peak, re-gathered parameters, time "
+                  f"| {budgeted.estimated_peak_bytes / 2**30:.2f} GiB, {_regathered(budgeted)}, "
+                  f"{time.perf_counter() - start:.1f} s |")
         if args.verbose:
             print(explanation.report())
     finally:
@@ -444,6 +452,8 @@ def main() -> None:
     parser.add_argument("--fake-world", type=int, default=8)
     parser.add_argument("--explain-batch", type=int, default=1)
     parser.add_argument("--explain-seq", type=int, default=512)
+    parser.add_argument("--explain-budget", type=float, default=0.5,
+                        help="also explain the 1B step under this memory_budget (fraction); negative: skip")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--rank-row", dest="row", help=argparse.SUPPRESS)
     args = parser.parse_args()
