@@ -101,6 +101,10 @@ class _Tracker:
         if key is None or key not in self.by_fake_key:
             return None
         candidate = self.by_fake_key[key]
+        if node.op == "placeholder" and candidate.producer.op == "placeholder":
+            # Two graph inputs viewing one storage (a stage-2 replica and this rank's rows
+            # of it, in memopt.distributed): one allocation, counted once.
+            return candidate
         inputs = {s for n in node.all_input_nodes for s in self.result.storages_of(n)}
         return candidate if candidate in inputs else None
 

@@ -137,7 +137,7 @@ def _broadcast_from_first_rank(model: nn.Module, mesh: DeviceMesh) -> None:
     source = dist.get_global_rank(group, 0)
     seen: set[int] = set()
     for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) not in seen and tensor.numel() > 0:
+        if id(tensor) not in seen and tensor.numel() > 0 and not tensor.is_meta:  # meta: no values
             seen.add(id(tensor))
             dist.broadcast(tensor.data, src=source, group=group)
 

@@ -33,18 +33,18 @@ def check_stage(stage: object) -> int:
 
 
 def device_type_of(model: nn.Module) -> str:
-    """The device type of the model's parameters ("cpu" if it has none); refuses meta
-    parameters and a model spread over several device types."""
+    """The device type of the model's parameters ("cpu" if it has none; "meta" if every
+    parameter is on the meta device); refuses a model spread over several device types."""
     types = {p.device.type for p in model.parameters()}
-    if "meta" in types:
-        raise ShardingError(
-            "memopt.distributed.shard: the model has parameters on the meta device; "
-            "materialise and initialise them first (model.to_empty(device=...) and your init), then shard"
-        )
     if len(types) > 1:
+        hint = (
+            "; a model on the meta device is sharded whole (every parameter on meta), for planning"
+            if "meta" in types
+            else ""
+        )
         raise ShardingError(
             f"memopt.distributed.shard: the model's parameters are on several device types "
-            f"({sorted(types)}); move the whole model to one device first"
+            f"({sorted(types)}); move the whole model to one device first{hint}"
         )
     return types.pop() if types else "cpu"
 
@@ -60,7 +60,8 @@ def resolve_mesh(mesh: DeviceMesh | None, device_type: str) -> DeviceMesh:
         )
     world = dist.get_world_size()
     if mesh is None:
-        return init_device_mesh(device_type, (world,))
+        # A meta-device model (planning only) gets a mesh on the host: meta has no mesh.
+        return init_device_mesh("cpu" if device_type == "meta" else device_type, (world,))
     if not isinstance(mesh, DeviceMesh):
         raise TypeError(f"memopt.distributed.shard: mesh must be a DeviceMesh or None, got {type(mesh).__name__}")
     if mesh.ndim != 1:
@@ -75,7 +76,7 @@ def resolve_mesh(mesh: DeviceMesh | None, device_type: str) -> DeviceMesh:
             "memopt shards over every rank of the default process group (sub-meshes are not "
             "supported yet): pass mesh=None"
         )
-    if mesh.device_type != device_type:
+    if mesh.device_type != device_type and device_type != "meta":
         raise ShardingError(
             f"memopt.distributed.shard: the mesh is on device type {mesh.device_type!r} but the "
             f"model's parameters are on {device_type!r}; move the model or build the mesh on {device_type!r}"

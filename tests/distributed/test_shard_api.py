@@ -140,10 +140,32 @@ def test_bad_arguments(fake_world):
         md.shard(nn.Linear(4, 4), stage=4)
     with pytest.raises(TypeError, match="MixedPrecisionPolicy"):
         md.shard(nn.Linear(4, 4), mp_policy={"param_dtype": torch.bfloat16})
-    with pytest.raises(md.ShardingError, match="meta device"):
-        md.shard(nn.Linear(4, 4, device="meta"))
+    half_meta = nn.Linear(4, 4)
+    half_meta.bias = nn.Parameter(torch.zeros(4, device="meta"))
+    with pytest.raises(md.ShardingError, match=r"several device types \(\['cpu', 'meta'\]\).*sharded whole"):
+        md.shard(half_meta)
     with pytest.raises(TypeError, match="not sharded by memopt.distributed.shard"):
         md.ShardedOptimizer(torch.optim.AdamW, nn.Linear(4, 4))
+
+
+def test_meta_device_model_is_planned_like_a_real_one(fake_world):
+    """A model on the meta device shards (no values: nothing is broadcast or allocated;
+    the mesh is on the host) and `memopt.explain` plans it without computing anything:
+    the per-rank estimate equals that of the same model with real parameters."""
+    import memopt
+
+    def estimate(device: str) -> int:
+        torch.manual_seed(0)
+        model = md.shard(nn.Sequential(nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 16)).to(device), stage=3)
+        x = torch.randn(8, 64, device=device)
+        return memopt.explain(model, x, options={"codegen": "eager", "strict": True}).estimated_peak_bytes
+
+    with torch.device("meta"):
+        meta = md.shard(nn.Linear(4, 13), stage=3)
+    local = meta._parameters["weight"].to_local()
+    assert local.is_meta and tuple(local.shape) == (2, 4)
+    torch._dynamo.reset()
+    assert estimate("meta") == estimate("cpu") > 0
 
 
 # ---- optimizers --------------------------------------------------------------------------
