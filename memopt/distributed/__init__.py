@@ -16,6 +16,7 @@ from memopt.distributed.api import MixedPrecisionPolicy, ShardedModule, shard, s
 from memopt.distributed.checks import ShardingError
 from memopt.distributed.memory import ModelStateBytes, model_state_bytes, zero_model_state_bytes
 from memopt.distributed.optimizer import ShardedOptimizer
+from memopt.distributed.report import report
 
 __all__ = [
     "shard",
@@ -28,4 +29,5 @@ __all__ = [
     "ModelStateBytes",
     "model_state_bytes",
     "zero_model_state_bytes",
+    "report",
 ]

@@ -1,0 +1,176 @@
+"""The per-rank memory report of a sharded model (issue 16, Build 6).
+
+    import memopt.distributed as md
+    explanation = memopt.explain(compiled, *inputs)
+    print(md.report(model, explanation, optimizer))
+
+Three tables, each for one rank (every rank runs rank 0's plan, so they agree):
+
+* **model state in ZeRO terms**: parameters, gradients and optimizer state, full (one
+  unsharded replica) against this rank's, measured from the tensors
+  (`model_state_bytes`), beside ZeRO's formula for the stage
+  (`zero_model_state_bytes`, for the dtypes in use);
+* **gathered parameters**: every all-gathered parameter of the step, its bytes, where its
+  gathered value lives on the timeline (forward and backward node indices of the
+  planned graphs), and whether the plan frees it after forward and gathers it again;
+* **collectives per step**: count, bytes each rank sends or receives, and modelled time
+  (`memopt.analysis.cost`, the device's network bandwidth) per collective and graph;
+
+then the planned peak per rank. Preconditions: ``model`` went through `shard`;
+``explanation`` (optional) is `memopt.explain`'s or `memopt.record`'s for the compiled
+model; ``optimizer`` (optional) is the one stepping it. Nothing is allocated.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from tabulate import tabulate
+
+from memopt.analysis.cost import device_model, node_cost
+from memopt.analysis.memory import main_device
+from memopt.distributed.memory import model_state_bytes, zero_model_state_bytes
+from memopt.distributed.api import shard_state
+from memopt.graph import meta
+from memopt.plan.decisions import Recompute
+from memopt.plan.report import format_bytes
+
+__all__ = ["report", "CollectiveRow", "GatheredRow", "collectives", "gathered_parameters"]
+
+_KINDS = {
+    "_c10d_functional.all_gather_into_tensor.default": "all_gather",
+    "_c10d_functional.reduce_scatter_tensor.default": "reduce_scatter",
+    "_c10d_functional.all_reduce.default": "all_reduce",
+}
+
+
+@dataclass(frozen=True)
+class CollectiveRow:
+    """One kind of collective in one graph of one region, per step and rank."""
+
+    region: str
+    graph: str
+    kind: str
+    count: int
+    bytes_moved: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class GatheredRow:
+    """One all-gathered parameter: its gathered bytes, where the gathered value is live
+    (timeline indices, inclusive; ``end`` None: to the end of the step), and whether
+    the plan gathers it again in backward instead of keeping it."""
+
+    region: str
+    name: str
+    nbytes: int
+    start: int
+    end: int | None
+    gathered_again: bool
+
+
+def collectives(explanation: Any) -> list[CollectiveRow]:
+    """The collectives of every region's final graphs, grouped by region, graph and kind."""
+    rows: list[CollectiveRow] = []
+    for record in explanation.regions:
+        if record.step is None:
+            continue
+        device = device_model(main_device(record.step))
+        for graph_name, gm in record.step.graphs():
+            totals: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0])
+            for node in gm.graph.nodes:
+                kind = _KINDS.get(str(node.target)) if node.op == "call_function" else None
+                if kind is None:
+                    continue
+                cost = node_cost(node, device)
+                total = totals[kind]
+                total[0] += 1
+                total[1] += cost.bytes_moved
+                total[2] += cost.seconds
+            for kind, (count, moved, seconds) in sorted(totals.items()):
+                rows.append(CollectiveRow(record.region, graph_name, kind, int(count), int(moved), float(seconds)))
+    return rows
+
+
+def gathered_parameters(explanation: Any) -> list[GatheredRow]:
+    """The all-gathered parameters of every region (the waits on their all-gathers), with
+    their live ranges on the region's planned timeline."""
+    rows: list[GatheredRow] = []
+    for record in explanation.regions:
+        if record.step is None or record.timeline_after is None:
+            continue
+        again = set() if record.plan is None else {
+            d.node_name.split(":", 1)[-1] for d in record.plan.decisions if isinstance(d.action, Recompute)
+        }
+        for interval in record.timeline_after.intervals:
+            node = interval.node
+            if not isinstance(node, fx.Node) or interval.graph == "backward" or not meta.is_regatherable(node):
+                continue
+            names = {node.name, *(user.name for user in node.users)}  # the gather and its wait
+            rows.append(GatheredRow(record.region, node.name, interval.nbytes, interval.start, interval.end, bool(names & again)))
+    return rows
+
+
+def _state_rows(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[list[list[str]], str]:
+    state = shard_state(model)
+    handles = list(state.params.values())
+    numel = sum(h.param.numel() for h in handles)
+    itemsize = handles[0].param.element_size() if handles else 4
+    have = model_state_bytes(model, optimizer)
+    optimizer_itemsize = 2 * itemsize if optimizer is not None else 0  # Adam-style moments
+    formula = zero_model_state_bytes(
+        numel, state.world, state.stage, param_bytes=itemsize, grad_bytes=itemsize, state_bytes=optimizer_itemsize
+    )
+    full = zero_model_state_bytes(numel, 1, 0, param_bytes=itemsize, grad_bytes=itemsize, state_bytes=optimizer_itemsize)
+    rows = [
+        ["parameters", format_bytes(full.params), format_bytes(have.params), format_bytes(formula.params)],
+        ["gradients", format_bytes(full.grads), format_bytes(have.grads), format_bytes(formula.grads)],
+        ["optimizer state", format_bytes(full.optimizer) if optimizer is not None else "-",
+         format_bytes(have.optimizer) if optimizer is not None else "-",
+         format_bytes(formula.optimizer) if optimizer is not None else "-"],
+        ["total", format_bytes(full.total), format_bytes(have.total), format_bytes(formula.total)],
+    ]  # fmt: skip
+    title = (
+        f"model state, ZeRO stage {state.stage}, rank {state.rank} of {state.world} "
+        f"({numel:,} parameter elements; gradients as held now: none between steps after zero_grad)"
+    )
+    return rows, title
+
+
+def report(model: nn.Module, explanation: Any = None, optimizer: torch.optim.Optimizer | None = None) -> str:
+    """The per-rank report of a sharded ``model`` (module docstring)."""
+    rows, title = _state_rows(model, optimizer)
+    lines = [title, tabulate(rows, headers=["", "full (1 rank)", "this rank", "ZeRO formula"])]
+    if explanation is None:
+        return "\n".join(lines)
+    gathered = gathered_parameters(explanation)
+    if gathered:
+        again = [g for g in gathered if g.gathered_again]
+        lines += [
+            "",
+            f"gathered parameters: {len(gathered)}, {format_bytes(sum(g.nbytes for g in gathered))}; "
+            f"gathered again in backward: {len(again)}, {format_bytes(sum(g.nbytes for g in again))}",
+            tabulate(
+                [[g.region, g.name, format_bytes(g.nbytes), g.start, "end" if g.end is None else g.end,
+                  "gathered again" if g.gathered_again else "kept"] for g in gathered],
+                headers=["region", "value", "bytes", "live from", "to", "backward"],
+            ),
+        ]  # fmt: skip
+    found = collectives(explanation)
+    if found:
+        lines += [
+            "",
+            "collectives per step (each rank):",
+            tabulate(
+                [[c.region, c.graph, c.kind, c.count, format_bytes(c.bytes_moved), f"{c.seconds * 1e3:.2f}"] for c in found],
+                headers=["region", "graph", "collective", "count", "moved", "modelled ms"],
+            ),
+        ]
+    lines += ["", f"planned peak on this rank: {format_bytes(explanation.estimated_peak_bytes)}"]
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""The per-rank report of a sharded model (`memopt.distributed.report`), on a fake
+world of 8 ranks: model state in ZeRO terms, gathered parameters, collectives."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import memopt
+import memopt.distributed as md
+from memopt.distributed.report import collectives, gathered_parameters, report
+
+
+def _explain(model: nn.Module, **options: object) -> memopt.Explanation:
+    torch._dynamo.reset()
+    return memopt.explain(model, torch.randn(2, 64), options={"codegen": "eager", "strict": True, **options})
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return md.shard(nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(4)]), stage=3)
+
+
+def test_collectives_and_gathered_parameters_follow_the_plan(fake_world):
+    """Without a budget every gathered weight is kept (gathered once per step, four
+    all-gathers in forward, four reduce-scatters in backward); under a budget some are
+    gathered again in backward, and the report says which."""
+    free = _explain(_model())
+    kinds = {(c.graph, c.kind): c for c in collectives(free)}
+    assert kinds[("forward", "all_gather")].count == 4
+    assert kinds[("backward", "reduce_scatter")].count == 4
+    assert ("backward", "all_gather") not in kinds
+    # ring all-gather of a 64x64 fp32 weight over 8 ranks: each rank receives 7/8 of it
+    assert kinds[("forward", "all_gather")].bytes_moved == 4 * 64 * 64 * 4 * 7 // 8
+    gathered = gathered_parameters(free)
+    assert gathered and not any(g.gathered_again for g in gathered)
+
+    tight = _explain(_model(), memory_budget=0.75, plan_across_graph_breaks=False)
+    again = [g for g in gathered_parameters(tight) if g.gathered_again]
+    assert again
+    backward_gathers = {(c.graph, c.kind): c.count for c in collectives(tight)}.get(("backward", "all_gather"), 0)
+    assert backward_gathers == len(again)  # one all-gather in backward per parameter gathered again
+
+
+def test_model_state_table_per_rank(fake_world):
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    text = report(model, _explain(model), optimizer)
+    assert "ZeRO stage 3, rank 0 of 8" in text
+    # stage 3 over 8 ranks: this rank holds 1/8 of the 4 x 64 x 64 fp32 weights
+    per_rank = 4 * 64 * 64 * 4 // 8
+    params = next(line for line in text.splitlines() if line.startswith("parameters"))
+    assert params.split()[-2:] == ["8.00", "KiB"] and per_rank == 8 * 1024
+    assert "collectives per step" in text and "planned peak on this rank" in text
