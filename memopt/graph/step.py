@@ -14,11 +14,14 @@ import copy
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.fx as fx
 
 from memopt.graph import meta
+
+if TYPE_CHECKING:
+    from memopt.analysis.optimizer_memory import OptimizerMemory
 
 __all__ = ["StepGraphs", "InputInfo", "clone_graph_module", "output_values"]
 
@@ -84,6 +87,10 @@ class StepGraphs:
     """How many forward outputs the user sees (the rest of the first
     ``num_fwd_outputs`` are mutated inputs written back after the graph); None when
     unknown."""
+    optimizer: OptimizerMemory | None = None
+    """The training step's optimizer memory (`memopt.analysis.optimizer_memory`), when
+    an optimizer is given (``optimizer_in_backward`` or ``optimizer``): the timeline
+    then counts its state, and where gradients die. None: not counted."""
     single_graph_name: str = "inference"
     """Name of the forward graph when there is no backward: ``"inference"`` for
     AOTAutograd's inference graph, ``"dynamo"`` for the Dynamo-level graph that the

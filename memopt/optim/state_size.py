@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["state_bytes_of", "predicted_state_bytes", "group_of"]
+__all__ = ["state_bytes_of", "predicted_state_bytes", "lowrank_state_bytes", "adamw8bit_state_bytes", "group_of"]
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -41,19 +41,30 @@ def predicted_state_bytes(optimizer: torch.optim.Optimizer, param: torch.Tensor,
 
     nbytes = _nbytes(param)
     if isinstance(optimizer, LowRankAdamW) and optimizer.uses_lowrank(param, group):
-        rows, cols = param.shape
-        rank = group["rank"]
         left = projection_side(param.shape, group["proj_type"]) == "left"
-        moments = 2 * 4 * rank * (cols if left else rows)
-        projector = 4 * rank * (rows if left else cols) if isinstance(optimizer, GaLoreAdamW) else 0
-        return moments + projector
+        return lowrank_state_bytes(tuple(param.shape), group["rank"], left, isinstance(optimizer, GaLoreAdamW))
     if isinstance(optimizer, AdamW8bit) and optimizer.uses_8bit(param, group):
-        return 2 * param.numel() + 8 * -(-param.numel() // group["block_size"])
+        return adamw8bit_state_bytes(param.numel(), group["block_size"])
     if isinstance(optimizer, torch.optim.SGD):
         return nbytes if group.get("momentum", 0) else 0
     if isinstance(optimizer, torch.optim.Adam):
         return (3 if group.get("amsgrad", False) else 2) * nbytes
     return 2 * nbytes
+
+
+def lowrank_state_bytes(shape: tuple[int, ...], rank: int, left: bool, projector: bool) -> int:
+    """State of a rank-``rank`` low-rank Adam on a 2-D weight of ``shape`` (rows, cols):
+    two fp32 moments (``rank x cols`` projected on the left, ``rows x rank`` on the
+    right) and, for GaLore (``projector``), the fp32 projector of the other side."""
+    rows, cols = shape
+    moments = 2 * 4 * rank * (cols if left else rows)
+    return moments + (4 * rank * (rows if left else cols) if projector else 0)
+
+
+def adamw8bit_state_bytes(numel: int, block_size: int) -> int:
+    """`AdamW8bit`'s state for ``numel`` elements: two uint8 codes per element and two
+    fp32 absmax scales per block of ``block_size``."""
+    return 2 * numel + 8 * -(-numel // block_size)
 
 
 def group_of(optimizer: torch.optim.Optimizer) -> dict[int, tuple[torch.Tensor, Mapping[str, Any]]]:
