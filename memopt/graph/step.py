@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,13 @@ class InputInfo:
     kind: str
     name: str = ""
     identity: int | None = None  # id() of the real tensor, to count shared inputs once
+
+
+def parameter_name(source: str) -> str:
+    """``L['self']._modules['fc']._parameters['weight']`` -> ``fc.weight`` (the source
+    as given when it has no such parts)."""
+    parts = re.findall(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", source)
+    return ".".join(parts) if parts else source
 
 
 def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

@@ -39,7 +39,7 @@ from memopt.analysis.aliasing import concrete_int
 from memopt.analysis.memory import MemoryTimeline
 from memopt.analysis.optimizer_memory import OptimizerMemory
 from memopt.graph import meta
-from memopt.graph.step import StepGraphs
+from memopt.graph.step import StepGraphs, parameter_name
 from memopt.plan.plan import TensorDecision
 
 __all__ = ["OptionSaving", "ParameterShare", "option_savings", "dominant_parameters", "step_parameters"]
@@ -86,8 +86,6 @@ class _Param:
 def step_parameters(steps: Sequence[StepGraphs]) -> list[_Param]:
     """The parameters of the step's regions, each once (by identity), named by
     module path."""
-    from memopt.passes.optimizer_in_backward import parameter_name
-
     seen: set[int] = set()
     out = []
     for step in steps:
