@@ -33,7 +33,7 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def _row(mode: str, layers: int, seq: int) -> dict[str, object]:
+def _row(mode: str, layers: int, seq: int, budget: str | None = None) -> dict[str, object]:
     import llama7b
 
     torch._dynamo.reset()
@@ -43,7 +43,8 @@ def _row(mode: str, layers: int, seq: int) -> dict[str, object]:
             model.model.model.layers = model.model.model.layers[:layers]
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         start = time.perf_counter()
-        explanation = memopt.explain(model, *inputs, options={"codegen": "eager", mode: opt})
+        options = {"codegen": "eager", mode: opt, **({"memory_budget": budget} if budget else {})}
+        explanation = memopt.explain(model, *inputs, options=options)
         seconds = time.perf_counter() - start
     timeline = explanation.timeline()
     breakdown = timeline.peak_breakdown
@@ -53,7 +54,7 @@ def _row(mode: str, layers: int, seq: int) -> dict[str, object]:
     state = breakdown["optimizer_state"]
     activations = sum(breakdown[k] for k in ("inputs", "saved_activations", "outputs"))
     return {
-        "mode": mode, "peak": timeline.peak_bytes, "P": params, "S": state, "G at peak": breakdown["gradients"],
+        "mode": f"{mode}=opt" + (f", memory_budget={budget}" if budget else ""), "peak": timeline.peak_bytes, "P": params, "S": state, "G at peak": breakdown["gradients"],
         "A": activations, "T": breakdown["temporaries"], "layer": layer, "largest": largest, "seconds": seconds,
         "at": timeline.points[timeline.peak_index].graph,
     }  # fmt: skip
@@ -63,14 +64,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=0, help="keep the first N decoder layers (0: all 32)")
     parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--budget", help="one more row: optimizer_in_backward with this memory_budget (e.g. 80GiB)")
     args = parser.parse_args()
     rows = [_row(mode, args.layers, args.seq) for mode in ("optimizer", "optimizer_in_backward")]
+    if args.budget:
+        rows.append(_row("optimizer_in_backward", args.layers, args.seq, args.budget))
     print("| option | estimated peak | at | P | G (returned gradients) | S (AdamW, predicted) | A (activations) | "
           "T (temporaries) | P+G+S+A | P+S+A+layer | seconds |")
     print("|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|")
     for r in rows:
         p, s, a, layer = (int(r[k]) for k in ("P", "S", "A", "layer"))  # type: ignore[call-overload]
-        print(f"| `{r['mode']}=opt` | {_gib(int(r['peak']))} | {r['at']} | {_gib(p)} | {_gib(int(r['G at peak']))} | "  # type: ignore[call-overload]
+        print(f"| `{r['mode']}` | {_gib(int(r['peak']))} | {r['at']} | {_gib(p)} | {_gib(int(r['G at peak']))} | "  # type: ignore[call-overload]
               f"{_gib(s)} | {_gib(a)} | {_gib(int(r['T']))} | {_gib(p + p + s + a)} | {_gib(p + s + a + layer)} | "  # type: ignore[call-overload]
               f"{float(r['seconds']):.0f} |")  # type: ignore[arg-type]
     first = rows[0]
