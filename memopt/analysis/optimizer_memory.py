@@ -24,6 +24,7 @@ none; any other optimizer (memopt's included) is taken as the single-tensor Adam
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,7 +69,7 @@ class OptimizerMemory:
     def stepped_separately(self) -> OptimizerMemory:
         """The same optimizer with its update outside backward (the region's
         ``optimizer_in_backward`` pass did not run)."""
-        return OptimizerMemory(self.name, self.state_bytes, self.measured, False, self.update_factor, self.step_temporaries)
+        return dataclasses.replace(self, in_backward=False)
 
 
 def optimizer_memory(optimizer: torch.optim.Optimizer, in_backward: bool) -> OptimizerMemory:
@@ -79,15 +80,16 @@ def optimizer_memory(optimizer: torch.optim.Optimizer, in_backward: bool) -> Opt
     state: dict[int, int] = {}
     measured = True
     step_temporaries = 0
-    factor = 2
+    factors = []
     for group in optimizer.param_groups:
         params = list(group["params"])
         for p in params:
             state[id(p)] = state_bytes_of(optimizer, p, group)
             measured = measured and bool(optimizer.state.get(p))
         group_factor, group_temps = _update_temporaries(optimizer, group, params)
-        factor = group_factor
+        factors.append(group_factor)
         step_temporaries = max(step_temporaries, group_temps)
+    factor = max(factors, default=2)  # groups differ only by options: the largest, to be safe
     return OptimizerMemory(type(optimizer).__name__, state, measured, in_backward, factor, step_temporaries)
 
 

@@ -33,16 +33,15 @@ import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 from memopt.analysis.aliasing import concrete_int
 from memopt.analysis.memory import MemoryTimeline
 from memopt.analysis.optimizer_memory import OptimizerMemory
+from memopt.config import MemoptConfig
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs, parameter_name
 from memopt.plan.plan import TensorDecision
 
-__all__ = ["OptionSaving", "ParameterShare", "option_savings", "dominant_parameters", "step_parameters"]
+__all__ = ["OptionSaving", "ParameterShare", "StepParameter", "option_savings", "dominant_parameters", "step_parameters"]
 
 
 @dataclass(frozen=True)
@@ -75,15 +74,18 @@ class ParameterShare:
 
 
 @dataclass(frozen=True)
-class _Param:
+class StepParameter:
+    """A parameter of the step: its identity (id() of the real tensor), module path,
+    shape, elements and bytes."""
+
     identity: int | None
     name: str
     shape: tuple[int, ...]
+    numel: int
     nbytes: int
-    dtype: torch.dtype
 
 
-def step_parameters(steps: Sequence[StepGraphs]) -> list[_Param]:
+def step_parameters(steps: Sequence[StepGraphs]) -> list[StepParameter]:
     """The parameters of the step's regions, each once (by identity), named by
     module path."""
     seen: set[int] = set()
@@ -98,8 +100,8 @@ def step_parameters(steps: Sequence[StepGraphs]) -> list[_Param]:
             if info.identity is not None:
                 seen.add(info.identity)
             shape = tuple(concrete_int(s) for s in value.shape)
-            nbytes = concrete_int(value.numel()) * value.element_size()
-            out.append(_Param(info.identity, parameter_name(info.name), shape, nbytes, value.dtype))
+            numel = concrete_int(value.numel())
+            out.append(StepParameter(info.identity, parameter_name(info.name), shape, numel, numel * value.element_size()))
     return out
 
 
@@ -116,10 +118,10 @@ def _saved_at_peak(timeline: MemoryTimeline) -> list[tuple[int, int]]:
 def option_savings(
     after: MemoryTimeline,
     decisions: Sequence[TensorDecision],
-    params: Sequence[_Param],
+    params: Sequence[StepParameter],
     optimizer: OptimizerMemory | None,
     fused_peaks: tuple[int, int] | None,
-    config: object,
+    config: MemoptConfig,
 ) -> list[OptionSaving]:
     """One `OptionSaving` per technique (module docstring). ``fused_peaks``: the
     step's modelled peaks (separate step, updates in backward), or None without an
@@ -133,7 +135,7 @@ def option_savings(
     rows = [
         _row("rematerialization", "memory_budget=...", by_policy["recompute"] > 0, by_policy["recompute"],
              total_saved, "every saved activation at the peak (an upper bound: segment boundaries stay)"),
-        _row("precision", "precision='bf16'", getattr(config, "precision", None) is not None, None,
+        _row("precision", "precision='bf16'", config.precision is not None, None,
              fp32 // 2, "half of each fp32 saved activation at the peak"),
         _row("compression", "compress_activations='int8'", by_policy["compress"] > 0,
              by_policy["compress"] - stored, one_byte, "saved activations at the peak stored at one byte per element"),
@@ -160,7 +162,7 @@ def _fused_row(optimizer: OptimizerMemory | None, fused_peaks: tuple[int, int] |
                         "the step's peak with a separate opt.step() minus with each update in backward")
 
 
-def _state_rows(optimizer: OptimizerMemory | None, params: Sequence[_Param]) -> list[OptionSaving]:
+def _state_rows(optimizer: OptimizerMemory | None, params: Sequence[StepParameter]) -> list[OptionSaving]:
     from memopt.optim.adamw8bit import AdamW8bit
     from memopt.optim.galore import GaLoreAdamW
     from memopt.optim.state_size import adamw8bit_state_bytes, lowrank_state_bytes
@@ -175,9 +177,8 @@ def _state_rows(optimizer: OptimizerMemory | None, params: Sequence[_Param]) -> 
     eight = lowrank = 0
     for p in params:
         state = optimizer.state_bytes.get(p.identity, 0) if p.identity is not None else 0
-        numel = p.nbytes // max(torch.empty((), dtype=p.dtype).element_size(), 1)
-        if numel >= threshold:
-            eight += max(state - adamw8bit_state_bytes(numel, block), 0)
+        if p.numel >= threshold:
+            eight += max(state - adamw8bit_state_bytes(p.numel, block), 0)
         if len(p.shape) == 2 and rank < min(p.shape):
             left = p.shape[0] < p.shape[1]  # GaLore's rule: project the smaller side
             lowrank += max(state - lowrank_state_bytes(p.shape, rank, left, True), 0)
@@ -194,7 +195,7 @@ def _default(cls: type, name: str) -> int:
 
 
 def dominant_parameters(
-    after: MemoryTimeline, params: Sequence[_Param], optimizer: OptimizerMemory | None, share: float = 0.05
+    after: MemoryTimeline, params: Sequence[StepParameter], optimizer: OptimizerMemory | None, share: float = 0.05
 ) -> list[ParameterShare]:
     """The parameters whose weight + gradient (if live at the peak) + optimizer state
     exceed ``share`` of the step's estimated peak, largest first."""
