@@ -33,7 +33,7 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def _row(mode: str, layers: int, seq: int, budget: str | None = None) -> dict[str, object]:
+def _row(mode: str, layers: int, seq: int, budget: str | None = None, report: bool = False) -> dict[str, object]:
     import llama7b
 
     torch._dynamo.reset()
@@ -47,6 +47,13 @@ def _row(mode: str, layers: int, seq: int, budget: str | None = None) -> dict[st
         explanation = memopt.explain(model, *inputs, options=options)
         seconds = time.perf_counter() - start
     timeline = explanation.timeline()
+    if report:
+        from memopt.plan.report import dominant_table, savings_table
+
+        print(f"{mode}: what each option saves or would save at the estimated peak", file=sys.stderr)
+        print(savings_table(explanation.savings(), timeline.peak_bytes), file=sys.stderr)
+        shares = explanation.dominant_parameters(share=0.01)
+        print("parameters over 1% of the peak:\n" + dominant_table(shares, timeline.peak_bytes), file=sys.stderr)
     breakdown = timeline.peak_breakdown
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     layer = max(sum(p.numel() * p.element_size() for p in m.parameters()) for m in model.model.model.layers)
@@ -65,8 +72,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=0, help="keep the first N decoder layers (0: all 32)")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--budget", help="one more row: optimizer_in_backward with this memory_budget (e.g. 80GiB)")
+    parser.add_argument("--report", action="store_true", help="print each run's savings and dominant-parameter tables on stderr")
     args = parser.parse_args()
-    rows = [_row(mode, args.layers, args.seq) for mode in ("optimizer", "optimizer_in_backward")]
+    rows = [_row(mode, args.layers, args.seq, report=args.report) for mode in ("optimizer", "optimizer_in_backward")]
     if args.budget:
         rows.append(_row("optimizer_in_backward", args.layers, args.seq, args.budget))
     print("| option | estimated peak | at | P | G (returned gradients) | S (AdamW, predicted) | A (activations) | "

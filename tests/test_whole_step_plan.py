@@ -174,3 +174,14 @@ def test_optimizer_option_is_checked() -> None:
         MemoptConfig.from_options({"optimizer": "AdamW"})
     assert MemoptConfig.from_options({"optimizer": a, "optimizer_in_backward": a}).step_optimizer is a
     assert MemoptConfig.from_options({"optimizer": a}).to_dict()["optimizer"] == "AdamW"
+
+
+def test_infeasible_budget_with_a_separate_step_names_the_fused_update() -> None:
+    """A budget below the separate opt.step()'s point (parameters, every gradient and
+    the state: rematerialization cannot lower it) is infeasible, and the message
+    points at optimizer_in_backward."""
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters())
+    n = _numel(model)
+    with pytest.warns(memopt.MemoptWarning, match="optimizer_in_backward=opt frees"):
+        _explain(model, {"optimizer": opt, "memory_budget": (4 + 4 + 8) * n})
