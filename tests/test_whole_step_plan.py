@@ -185,3 +185,31 @@ def test_infeasible_budget_with_a_separate_step_names_the_fused_update() -> None
     n = _numel(model)
     with pytest.warns(memopt.MemoptWarning, match="optimizer_in_backward=opt frees"):
         _explain(model, {"optimizer": opt, "memory_budget": (4 + 4 + 8) * n})
+
+
+class _Broken(nn.Module):
+    """Two linear layers with a graph break between them: two regions, one step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 128), nn.Linear(128, 8)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.a(x))
+        torch._dynamo.graph_break()
+        return F.mse_loss(self.b(h), y)
+
+
+def test_state_counted_once_and_the_step_after_every_backward_across_a_graph_break() -> None:
+    """Across two regions each parameter's state is counted once, and the separate
+    step's point comes after both backwards, with every gradient live there."""
+    torch.manual_seed(0)
+    model = _Broken()
+    timeline = _explain(model, {"optimizer": torch.optim.AdamW(model.parameters())}).timeline()
+    n = _numel(model)
+    assert timeline.baseline_bytes >= 12 * n  # weights and state
+    assert timeline.breakdown_at(0)["optimizer_state"] == 8 * n
+    graphs = [p.graph for p in timeline.points]
+    first_step = graphs.index(OPTIMIZER_GRAPH)
+    assert "backward" not in graphs[first_step:]
+    assert timeline.breakdown_at(len(graphs) - 1)["gradients"] == 4 * n
