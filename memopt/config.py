@@ -117,8 +117,9 @@ class MemoptConfig:
     backward. ``opt.step()`` then skips those parameters (``opt.zero_grad()`` has
     nothing to clear); the math is the optimizer's own (bitwise equal to ``step()``
     on CPU). Global-norm clipping, GradScaler and gradient accumulation cannot be
-    combined with it (they raise). ``None`` (default): gradients are returned as
-    usual. Exact."""
+    combined with it (they raise). It also informs the plan as ``optimizer`` does,
+    with each gradient dying at its update. ``None`` (default): gradients are returned
+    as usual. Exact."""
 
     optimizer: Any = None
     """The training step's optimizer when the user calls ``opt.step()`` separately
