@@ -203,6 +203,8 @@ def dominant_parameters(
     out = []
     for p in params:
         grad = p.nbytes if live_grads.get(p.shape, 0) > 0 else 0
+        if grad:
+            live_grads[p.shape] -= 1  # each live gradient is one parameter's
         state = optimizer.state_bytes.get(p.identity, 0) if optimizer is not None and p.identity is not None else 0
         item = ParameterShare(p.name, p.shape, p.nbytes, grad, state)
         if after.peak_bytes and item.total_bytes > share * after.peak_bytes:
