@@ -117,8 +117,34 @@ class MemoptConfig:
     backward. ``opt.step()`` then skips those parameters (``opt.zero_grad()`` has
     nothing to clear); the math is the optimizer's own (bitwise equal to ``step()``
     on CPU). Global-norm clipping, GradScaler and gradient accumulation cannot be
-    combined with it (they raise). ``None`` (default): gradients are returned as
-    usual. Exact."""
+    combined with it (they raise). It also informs the plan as ``optimizer`` does,
+    with each gradient dying at its update. ``None`` (default): gradients are returned
+    as usual. Exact."""
+
+    optimizer: Any = None
+    """The training step's optimizer when the user calls ``opt.step()`` separately
+    (read-only: memopt never steps it). It only informs the plan and the report: the
+    memory timeline counts its state (measured, or predicted before its first step:
+    `memopt.optim.state_size`) as live throughout the step, and the separate update
+    after backward (gradients, state and the update's temporaries), so
+    ``memory_budget`` is planned against what the device holds. With
+    ``optimizer_in_backward`` set this may be omitted or must be the same object.
+    ``None`` (default): optimizer state is not in the estimate (docs/whole_step.md)."""
+
+    def __post_init__(self) -> None:
+        fused, stepped = self.optimizer_in_backward, self.optimizer
+        if fused is not None and stepped is not None and fused is not stepped:
+            raise ValueError(
+                f"memopt options optimizer={type(stepped).__name__} and optimizer_in_backward="
+                f"{type(fused).__name__} name two different optimizers; the step has one. Fix: pass the "
+                "optimizer as optimizer_in_backward alone (it also informs the plan), or drop one."
+            )
+
+    @property
+    def step_optimizer(self) -> Any:
+        """The optimizer whose memory the plan counts: ``optimizer_in_backward`` if set,
+        else ``optimizer`` (None if neither)."""
+        return self.optimizer_in_backward if self.optimizer_in_backward is not None else self.optimizer
 
     @classmethod
     def from_options(
@@ -168,10 +194,11 @@ class MemoptConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able view of the config."""
-        out = dataclasses.asdict(dataclasses.replace(self, optimizer_in_backward=None))
+        out = dataclasses.asdict(dataclasses.replace(self, optimizer_in_backward=None, optimizer=None))
         out["disable_passes"] = list(self.disable_passes)
-        opt = self.optimizer_in_backward
-        out["optimizer_in_backward"] = None if opt is None else type(opt).__name__
+        for key in ("optimizer_in_backward", "optimizer"):
+            opt = getattr(self, key)
+            out[key] = None if opt is None else type(opt).__name__
         return out
 
 
@@ -330,6 +357,17 @@ def _optimizer(key: str, value: Any) -> Any:
     return value
 
 
+def _stepped_optimizer(key: str, value: Any) -> Any:
+    import torch
+
+    if value is None or isinstance(value, torch.optim.Optimizer):
+        return value
+    raise TypeError(
+        f"memopt option {key}={type(value).__name__} must be a torch.optim.Optimizer over the compiled "
+        "model's parameters (the one your loop steps), or None."
+    )
+
+
 def _precision_policy(key: str, value: Any) -> Mapping[str, str]:
     from memopt.passes.precision_policy import validate_overrides
 
@@ -352,6 +390,7 @@ _VALIDATORS.update(
         "offload_bandwidth": _optional_positive,
         "offload_min_bytes": _non_negative_int,
         "optimizer_in_backward": _optimizer,
+        "optimizer": _stepped_optimizer,
     }
 )
 

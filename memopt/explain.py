@@ -8,6 +8,7 @@ fallbacks with their reasons. ``report()`` renders it as text; ``to_dict()`` as 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -18,12 +19,16 @@ import torch.utils._pytree as pytree
 from tabulate import tabulate
 
 from memopt.analysis.memory import MemoryTimeline, compose_timelines
+from memopt.analysis.optimizer_memory import OptimizerMemory
 from memopt.backends.record import RegionRecord, recording
 from memopt.config import MemoptConfig
 from memopt.passes.instruments import op_counts
 from memopt.failsoft import Fallback
 from memopt.plan.plan import TensorDecision
-from memopt.plan.report import breakdown_table, decisions_table, storage_table, summary_table, tradeoff_table
+from memopt.plan.advice import OptionSaving, ParameterShare, dominant_parameters, option_savings, step_parameters
+from memopt.plan.report import (
+    breakdown_table, decisions_table, dominant_table, savings_table, storage_table, summary_table, tradeoff_table,
+)
 from memopt.precision_report import precision_lines
 
 __all__ = ["explain", "record", "Explanation"]
@@ -120,6 +125,44 @@ class Explanation:
         """Bytes live when the step starts (parameters, buffers, inputs)."""
         return self.timeline().baseline_bytes
 
+    def step_optimizer(self) -> OptimizerMemory | None:
+        """The step's optimizer memory as the plan counted it (``optimizer`` or
+        ``optimizer_in_backward`` given), else None."""
+        found = [r.step.optimizer for r in self.step_regions() if r.step is not None and r.step.optimizer is not None]
+        return found[0] if found else None
+
+    def fused_peaks(self) -> tuple[int, int] | None:
+        """The step's modelled peak with a separate ``opt.step()`` and with each update
+        in backward, both on the graphs before memopt's passes (None without an
+        optimizer, or without a training region)."""
+        regions = [r for r in self.step_regions() if r.step_before is not None and len(r.timelines_by_update) == 2]
+        if not regions:
+            return None
+        peaks = []
+        for in_backward in (False, True):
+            parts = [(r.step_before, r.timelines_by_update[in_backward]) for r in regions]
+            peaks.append(compose_timelines(parts, [r.kept_outputs for r in regions]).peak_bytes)  # type: ignore[misc]
+        return peaks[0], peaks[1]
+
+    def savings(self) -> list[OptionSaving]:
+        """What each memory option saves or would save at the step's estimated peak
+        (`memopt.plan.advice.option_savings`)."""
+        steps = [r.step for r in self.step_regions() if r.step is not None]
+        return option_savings(self.timeline(), self.decisions(), step_parameters(steps), self.step_optimizer(),
+                              self.fused_peaks(), self._config())  # fmt: skip
+
+    def dominant_parameters(self, share: float = 0.05) -> list[ParameterShare]:
+        """Parameters whose weight, gradient and optimizer state exceed ``share`` of
+        the step's estimated peak (`memopt.plan.advice.dominant_parameters`)."""
+        steps = [r.step for r in self.step_regions() if r.step is not None]
+        return dominant_parameters(self.timeline(), step_parameters(steps), self.step_optimizer(), share)
+
+    def _state_outside(self, timeline: MemoryTimeline) -> int | None:
+        """The attached optimizer's state bytes when the timeline does not count it."""
+        if any(iv.category == "optimizer_state" for iv in timeline.intervals):
+            return None
+        return self.optimizer_state_bytes
+
     def decisions(self) -> list[TensorDecision]:
         """Every region's decisions about values backward needs, largest first."""
         found = [d for r in self.regions if r.plan is not None for d in r.plan.decisions]
@@ -185,6 +228,10 @@ class Explanation:
                     "peak_at": _point_dict(after),
                     "decisions": [d.to_dict() for d in self.decisions()],
                     "optimizer_state_bytes": self.optimizer_state_bytes,
+                    "savings": [dataclasses.asdict(x) for x in self.savings()],
+                    "dominant_parameters": [
+                        {**dataclasses.asdict(x), "total_bytes": x.total_bytes} for x in self.dominant_parameters()
+                    ],
                 }
             )
         return out
@@ -201,10 +248,20 @@ class Explanation:
             before, after = self.timeline(optimized=False), self.timeline()
             lines += [
                 "",
-                summary_table(before, after, self._budget(), self.optimizer_state_bytes),
+                summary_table(before, after, self._budget(), self._state_outside(after)),
                 "",
                 breakdown_table(after),
+                "",
+                "what each option saves or would save at the estimated peak (modelled, docs/whole_step.md):",
+                savings_table(self.savings(), after.peak_bytes),
             ]
+            dominant = self.dominant_parameters()
+            if dominant:
+                lines += [
+                    "",
+                    "parameters that dominate the step (weight + gradient + optimizer state over 5% of the peak):",
+                    dominant_table(dominant, after.peak_bytes),
+                ]
             decisions = self.decisions()
             if decisions:
                 lines += ["", "values saved for backward (largest first):", decisions_table(decisions, top)]

@@ -12,7 +12,13 @@ storage (see `memopt.analysis.aliasing`) gets a live interval on it:
   input written back by AOTAutograd's wrapper dies at the end of forward;
 * incoming gradients (tangents) are allocated when backward starts;
 * backward values die after their last use, except the gradients backward returns,
-  which stay live (they become ``.grad``).
+  which stay live (they become ``.grad``);
+* with the step's optimizer known (`StepGraphs.optimizer`,
+  `memopt.analysis.optimizer_memory`): its state is live throughout (category
+  ``optimizer_state``, in the baseline); with the update in backward a gradient dies
+  at its parameter's update; with a separate ``opt.step()`` one more point follows
+  backward (graph ``"optimizer"``), where the gradients, the state and the step's
+  temporaries are live at once.
 
 During a node's execution its inputs and its outputs are live at once; memory is freed
 right after the node that last uses it. The peak of the step is the maximum, over
@@ -35,6 +41,7 @@ from memopt.analysis.aliasing import GraphAliasing, Storage, analyze_aliasing, c
 from memopt.analysis.eager_inplace import eager_inplace_writes
 from memopt.analysis.fusion import channels_last_copies, fused_nodes, inplace_reuses, kernel_runs
 from memopt.analysis.manager import Analysis, AnalysisManager
+from memopt.analysis.optimizer_memory import state_identity
 from memopt.analysis.workspace import retained_bytes, workspace_bytes
 from memopt.analysis.value_ops import allocated_at
 from memopt.graph import meta
@@ -43,6 +50,7 @@ from memopt.graph.step import StepGraphs, output_values
 __all__ = [
     "last_reads",
     "CATEGORIES",
+    "OPTIMIZER_GRAPH",
     "LiveInterval",
     "TimelinePoint",
     "MemoryTimeline",
@@ -58,9 +66,12 @@ CATEGORIES = (
     "inputs",
     "saved_activations",
     "gradients",
+    "optimizer_state",
     "outputs",
     "temporaries",
 )
+OPTIMIZER_GRAPH = "optimizer"
+"""`TimelinePoint.graph` of the separate ``opt.step()`` after backward."""
 _KIND_CATEGORY = {
     "parameter": "parameters",
     "buffer": "buffers",
@@ -69,6 +80,14 @@ _KIND_CATEGORY = {
     "other": "inputs",
 }
 BEFORE = -1  # interval start for values live before the step
+
+
+def _apply_update_op() -> Any:
+    """``memopt::apply_update``'s overload if registered (the pass imports it), else None."""
+    try:
+        return torch.ops.memopt.apply_update.default
+    except (AttributeError, RuntimeError):
+        return None
 
 
 @dataclass
@@ -348,6 +367,12 @@ def build_timeline(step: StepGraphs) -> MemoryTimeline:
         identity = step.inputs[i].identity if i < len(step.inputs) else None
         for storage in fw.aliasing.storages_of(ph):
             add(fw_name, storage, category, BEFORE, None, identity)
+        if step.optimizer is not None and category == "parameters" and step.optimizer.holds(identity):
+            value = meta.tensor_value(ph)
+            if value is not None and value.device == device:
+                state = step.optimizer.state_bytes[identity]  # type: ignore[index]
+                intervals.append(LiveInterval(fw_name, ph, "optimizer_state", state, BEFORE, None,
+                                              region=step.region, identity=state_identity(identity)))  # type: ignore[arg-type]
 
     outputs = output_values(step.forward)
     n_user = step.num_user_outputs
@@ -387,7 +412,9 @@ def build_timeline(step: StepGraphs) -> MemoryTimeline:
 
     points = [TimelinePoint(fw_name, n.name, 0, step.region) for n in fw_nodes]
     if bw is not None:
-        _add_backward(step, bw, n_fw, add, points)
+        updates = _update_ends(step, fw, bw, n_fw)
+        _add_backward(step, bw, n_fw, add, points, updates)
+        intervals.extend(_update_temporaries(step, bw, updates, device))
     graphs = [(fw_name, fw_nodes)]
     if step.backward is not None:
         graphs.append(("backward", _compute_nodes(step.backward)))
@@ -400,6 +427,12 @@ def build_timeline(step: StepGraphs) -> MemoryTimeline:
                     LiveInterval(graph, node, "temporaries", ws, index, index, workspace=True, region=step.region)
                 )
             index += 1
+    if bw is not None and step.optimizer is not None and not step.optimizer.in_backward:
+        points.append(TimelinePoint(OPTIMIZER_GRAPH, "opt.step()", 0, step.region))
+        last = step.backward.graph.find_nodes(op="output")[0]  # type: ignore[union-attr]
+        temporaries = step.optimizer.step_temporaries
+        intervals.append(LiveInterval(OPTIMIZER_GRAPH, last, "temporaries", temporaries, index, index,
+                                      workspace=True, region=step.region))  # fmt: skip
     timeline = finish_timeline(points, intervals, device)
     timeline.input_saved_until = input_saved_until
     timeline.output_saved_until = output_saved_until
@@ -426,8 +459,70 @@ def _saved_ends(
     return ends, inputs
 
 
-def _add_backward(step: StepGraphs, bw: _GraphLiveness, n_fw: int, add: Any, points: list[TimelinePoint]) -> None:
+def _update_ends(step: StepGraphs, fw: _GraphLiveness, bw: _GraphLiveness, n_fw: int) -> dict[Storage, int]:
+    """With the update in backward (`OptimizerMemory.in_backward`) and the
+    ``optimizer_in_backward`` pass not yet run: each returned gradient storage of a
+    parameter the optimizer holds -> the timeline index of its update, where the pass
+    will put it (after the gradient's last read and the parameter's last read in
+    backward, saved views of it included). Empty otherwise."""
+    memory = step.optimizer
+    if memory is None or not memory.in_backward or step.backward is None:
+        return {}
+    primals = step.forward.graph.find_nodes(op="placeholder")
+    param_reads: dict[fx.Node, int] = {}  # forward placeholder -> last backward read of it
+    for fw_node, bw_ph in step.saved_pairs():
+        for storage in fw.aliasing.storages_of(fw_node):
+            if storage.producer.op == "placeholder":
+                last = max((bw.last_use.get(s, n_fw) for s in bw.aliasing.storages_of(bw_ph)), default=n_fw)
+                param_reads[storage.producer] = max(param_reads.get(storage.producer, n_fw), last)
+    ends: dict[Storage, int] = {}
+    for i, out in enumerate(output_values(step.backward)):
+        if out is None or i >= len(primals) or step.input_kind(i) != "parameter":
+            continue
+        if not memory.holds(step.inputs[i].identity):
+            continue
+        for storage in bw.aliasing.storages_of(out):
+            ends[storage] = max(bw.last_use.get(storage, n_fw), param_reads.get(primals[i], n_fw))
+    return ends
+
+
+def _update_temporaries(
+    step: StepGraphs, bw: _GraphLiveness, updates: dict[Storage, int], device: torch.device
+) -> list[LiveInterval]:
+    """The temporaries of each in-backward update while it runs: at the updates
+    `_update_ends` places, and at the ``memopt::apply_update`` nodes the pass put in."""
+    memory = step.optimizer
+    if memory is None or not memory.in_backward or not memory.update_factor:
+        return []
+    out = []
+    apply_update = _apply_update_op()
+    for storage, at in updates.items():
+        if storage.device == device:
+            nbytes = memory.update_factor * storage.nbytes
+            out.append(LiveInterval("backward", storage.producer, "temporaries", nbytes, at, at, workspace=True,
+                                    region=step.region))  # fmt: skip
+    for node, at in bw.index.items():
+        if apply_update is not None and node.target is apply_update and isinstance(node.args[0], fx.Node):
+            value = meta.tensor_value(node.args[0])
+            if value is not None and value.device == device:
+                nbytes = memory.update_factor * concrete_int(value.numel()) * value.element_size()
+                out.append(LiveInterval("backward", node, "temporaries", nbytes, at, at, workspace=True,
+                                        region=step.region))  # fmt: skip
+    return out
+
+
+def _add_backward(
+    step: StepGraphs,
+    bw: _GraphLiveness,
+    n_fw: int,
+    add: Any,
+    points: list[TimelinePoint],
+    updates: dict[Storage, int] | None = None,
+) -> None:
+    """Backward's storages: tangents, temporaries, and the gradients it returns (live
+    after the step, or until their update: ``updates``, `_update_ends`)."""
     assert step.backward is not None
+    updates = updates or {}
     bw_nodes = _compute_nodes(step.backward)
     grads: set[Storage] = set()
     passed_on: set[Storage] = set()  # gradients of activations from an earlier region
@@ -449,7 +544,7 @@ def _add_backward(step: StepGraphs, bw: _GraphLiveness, n_fw: int, add: Any, poi
             if storage in passed_on and storage not in grads:
                 add("backward", storage, "gradients", start, last_bw)
             elif storage in grads:
-                add("backward", storage, "gradients", start, None)
+                add("backward", storage, "gradients", start, updates.get(storage))
             else:
                 add("backward", storage, "temporaries", start, bw.last_use[storage])
     points.extend(TimelinePoint("backward", n.name, 0, step.region) for n in bw_nodes)
@@ -485,18 +580,26 @@ def compose_timelines(
         for i, ph in enumerate(step.forward.graph.find_nodes(op="placeholder"))
         if step.input_kind(i) == "activation"
     }
-    fw_len = [sum(1 for p in t.points if p.graph != "backward") for t in parts]
-    bw_len = [len(t.points) - f for t, f in zip(parts, fw_len)]
+    opt_len = [sum(1 for p in t.points if p.graph == OPTIMIZER_GRAPH) for t in parts]
+    fw_len = [sum(1 for p in t.points if p.graph not in ("backward", OPTIMIZER_GRAPH)) for t in parts]
+    bw_len = [len(t.points) - f - o for t, f, o in zip(parts, fw_len, opt_len)]
     fw_off = [sum(fw_len[:i]) for i in range(len(parts))]
     total_fw = sum(fw_len)
     bw_off = [total_fw + sum(bw_len[i + 1 :]) for i in range(len(parts))]
+    opt_off = [total_fw + sum(bw_len) + sum(opt_len[:i]) for i in range(len(parts))]
 
     def remap(i: int, local: int) -> int:
-        return fw_off[i] + local if local < fw_len[i] else bw_off[i] + local - fw_len[i]
+        if local < fw_len[i]:
+            return fw_off[i] + local
+        if local < fw_len[i] + bw_len[i]:
+            return bw_off[i] + local - fw_len[i]
+        return opt_off[i] + local - fw_len[i] - bw_len[i]  # the separate opt.step(): after every backward
 
     points: list[TimelinePoint] = [p for i, t in enumerate(parts) for p in t.points[: fw_len[i]]]
     for i in reversed(range(len(parts))):
-        points.extend(parts[i].points[fw_len[i] :])
+        points.extend(parts[i].points[fw_len[i] : fw_len[i] + bw_len[i]])
+    for i in range(len(parts)):
+        points.extend(parts[i].points[fw_len[i] + bw_len[i] :])
     intervals: list[LiveInterval] = []
     seen_inputs: set[int] = set()
     end_of_forward = total_fw - 1

@@ -44,6 +44,10 @@ class RegionRecord:
     plan: MemoryPlan | None = None
     timeline_before: MemoryTimeline | None = None
     timeline_after: MemoryTimeline | None = None
+    timelines_by_update: dict[bool, MemoryTimeline] = field(default_factory=dict)
+    """With an optimizer known: the timeline of the graphs before the pipeline with a
+    separate ``opt.step()`` (key False) and with each update in backward (True), for
+    the report's modelled saving of the fused update."""
     kept_outputs: frozenset[int] | None = None
     """Positions of the region's outputs the caller still held when its backward
     started, in the latest step observed (`memopt.backends.observe`); None: not

@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from memopt.analysis.memory import build_timeline, main_device
+from memopt.analysis.optimizer_memory import OptimizerMemory, optimizer_memory
 from memopt.backends.ranks import agree_across_ranks
 from memopt.backends.record import RegionRecord, active_recorders
 from memopt.codegen.eager import compile_eager
@@ -191,11 +192,21 @@ class RegionCompiler:
         passes = default_pipeline(self.config)
         manager = PassManager(passes, self._instruments(), disabled=disabled_in(passes, self.config))
         before = build_timeline(step)
+        if step.optimizer is not None and step.is_training:
+            other = dataclasses.replace(step.optimizer, in_backward=not step.optimizer.in_backward)
+            self.record.timelines_by_update = {
+                step.optimizer.in_backward: before, other.in_backward: build_timeline(dataclasses.replace(step, optimizer=other))
+            }
         unoptimized = dataclasses.replace(step)  # passes may swap the graphs of ``step``
         plan = plan_region(step, before, self.config, self._storage_options(passes, step), self.context)
         plan = agree_across_ranks(plan, step)  # sharded steps: every rank runs rank 0's plan
         ctx = self._context(plan=plan)
         result = manager.run(step, ctx)
+        fused = result.step.optimizer
+        if fused is not None and fused.in_backward and not any(
+            r.name == "optimizer_in_backward" and r.modified for r in result.records
+        ):  # the pass fell back or was skipped: gradients are returned, opt.step() updates
+            result.step = dataclasses.replace(result.step, optimizer=fused.stepped_separately())
         after = build_timeline(result.step)
         self.record.passes = self.record.passes + result.records  # after pre-autograd's
         self.record.step = result.step
@@ -211,6 +222,8 @@ class RegionCompiler:
     def _unoptimized(self, step: StepGraphs, fallback: Fallback) -> StepGraphs:
         """Record ``step`` as this region's graphs, unoptimized after ``fallback``."""
         self.record.fallbacks.append(fallback)
+        if step.optimizer is not None:  # gradients are returned: the update is opt.step()'s
+            step = dataclasses.replace(step, optimizer=step.optimizer.stepped_separately())
         try:
             timeline = build_timeline(step)
         except Exception as exc:  # noqa: BLE001 - the report then has no estimate
@@ -312,10 +325,21 @@ class RegionCompiler:
             ),
             fused_codegen=self.config.codegen == "inductor",
             num_user_outputs=self.num_user_outputs,
+            optimizer=self._optimizer_memory(),
         )
         step = self.optimize(step)
         assert step.backward is not None
         return step.forward, step.backward
+
+    def _optimizer_memory(self) -> OptimizerMemory | None:
+        """The step's optimizer memory for the timeline (None without an optimizer)."""
+        optimizer = self.config.step_optimizer
+        if optimizer is None:
+            return None
+        in_backward = self.config.optimizer_in_backward is not None and "optimizer_in_backward" not in set(
+            self.config.disable_passes
+        )
+        return optimizer_memory(optimizer, in_backward)
 
     def entering_codegen(self, graph: str) -> None:
         """Codegen of ``graph`` ("forward", "backward" or "inference") starts."""

@@ -14,9 +14,10 @@ own source files plus the config, and the partitioner pickles as that key (the r
 it holds does not pickle), so a cached artifact is only reused for the same memopt
 code and options. Recording (`memopt.explain`) and dumps switch the caches off,
 because a cache hit skips the pipeline that records; under a budget planned for the
-whole step, and with ``optimizer_in_backward``, AOTAutograd's cache is off (its hit
-would skip the planner, or the attaching of the optimizer), and each deliberate
-bypass is logged once.
+whole step, with ``optimizer_in_backward``, and with ``optimizer`` under a budget,
+AOTAutograd's cache is off (its hit would skip the planner, whose plan its key does
+not see, or the attaching of the optimizer), and each deliberate bypass is logged
+once.
 """
 
 from __future__ import annotations
@@ -169,7 +170,14 @@ def compile_with_inductor(
             "with optimizer_in_backward, AOTAutograd's cache is off: a hit would skip the partition, where the "
             "optimizer is attached to the region's parameters (its key knows only the optimizer's type).",
         )
-    if not use_caches or partition_always or config.optimizer_in_backward is not None:
+    elif config.optimizer is not None and config.memory_budget is not None:
+        _say_once(
+            logging.INFO,
+            "with optimizer= and a memory budget, AOTAutograd's cache is off: a hit would skip memopt's planner, "
+            "whose plan counts the optimizer's state bytes, which its key does not see (only the optimizer's type).",
+        )
+    stale = config.optimizer is not None and config.memory_budget is not None
+    if not use_caches or partition_always or config.optimizer_in_backward is not None or stale:
         with functorch_config.patch(enable_autograd_cache=False):
             return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
     return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.fx as fx
 
 from memopt.graph import meta
+
+if TYPE_CHECKING:
+    from memopt.analysis.optimizer_memory import OptimizerMemory
 
 __all__ = ["StepGraphs", "InputInfo", "clone_graph_module", "output_values"]
 
@@ -38,6 +42,13 @@ class InputInfo:
     kind: str
     name: str = ""
     identity: int | None = None  # id() of the real tensor, to count shared inputs once
+
+
+def parameter_name(source: str) -> str:
+    """``L['self']._modules['fc']._parameters['weight']`` -> ``fc.weight`` (the source
+    as given when it has no such parts)."""
+    parts = re.findall(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", source)
+    return ".".join(parts) if parts else source
 
 
 def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -84,6 +95,10 @@ class StepGraphs:
     """How many forward outputs the user sees (the rest of the first
     ``num_fwd_outputs`` are mutated inputs written back after the graph); None when
     unknown."""
+    optimizer: OptimizerMemory | None = None
+    """The training step's optimizer memory (`memopt.analysis.optimizer_memory`), when
+    an optimizer is given (``optimizer_in_backward`` or ``optimizer``): the timeline
+    then counts its state, and where gradients die. None: not counted."""
     single_graph_name: str = "inference"
     """Name of the forward graph when there is no backward: ``"inference"`` for
     AOTAutograd's inference graph, ``"dynamo"`` for the Dynamo-level graph that the

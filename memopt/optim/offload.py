@@ -51,12 +51,9 @@ import torch
 
 from memopt.errors import MemoptOffloadError
 
-from memopt.optim._lowrank import LowRankAdamW
 from memopt.optim._per_param import per_param_update
-from memopt.optim._projection import projection_side
-from memopt.optim.adamw8bit import AdamW8bit
-from memopt.optim.galore import GaLoreAdamW
 from memopt.optim.mezo import MeZO
+from memopt.optim.state_size import state_bytes_of
 from memopt.runtime.offload_store import DEFAULT_MAX_PENDING, OffloadStore, StoreStats
 
 __all__ = ["OffloadedState", "OffloadedStateStats", "estimate_state_bytes"]
@@ -80,27 +77,9 @@ def _nbytes(tensor: torch.Tensor) -> int:
 def estimate_state_bytes(optimizer: torch.optim.Optimizer, param: torch.Tensor,
                          group: Mapping[str, Any]) -> int:
     """Bytes of ``param``'s state that `OffloadedState` keeps in its store: exact when the
-    state exists; otherwise what the optimizer will make at its first step (exact for
-    torch's Adam/AdamW/SGD and memopt's optimizers; two parameter-sized tensors, Adam's
-    count, for any other optimizer)."""
-    state = optimizer.state.get(param)
-    if state:
-        return sum(_nbytes(v) for v in state.values() if _offloaded(v))
-    nbytes = _nbytes(param)
-    if isinstance(optimizer, LowRankAdamW) and optimizer.uses_lowrank(param, group):
-        rows, cols = param.shape
-        rank = group["rank"]
-        left = projection_side(param.shape, group["proj_type"]) == "left"
-        moments = 2 * 4 * rank * (cols if left else rows)
-        projector = 4 * rank * (rows if left else cols) if isinstance(optimizer, GaLoreAdamW) else 0
-        return moments + projector
-    if isinstance(optimizer, AdamW8bit) and optimizer.uses_8bit(param, group):
-        return 2 * param.numel() + 8 * -(-param.numel() // group["block_size"])
-    if isinstance(optimizer, torch.optim.SGD):
-        return nbytes if group.get("momentum", 0) else 0
-    if isinstance(optimizer, torch.optim.Adam):
-        return (3 if group.get("amsgrad", False) else 2) * nbytes
-    return 2 * nbytes
+    state exists; otherwise what the optimizer will make at its first step
+    (`memopt.optim.state_size.state_bytes_of`)."""
+    return state_bytes_of(optimizer, param, group)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@ backward graph, right after its gradient is complete (docs/whole_step.md)."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +13,7 @@ from memopt.analysis.aliasing import analyze_aliasing
 from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
 from memopt.errors import MemoptOptimizerError
 from memopt.graph import meta
-from memopt.graph.step import StepGraphs, output_values
+from memopt.graph.step import StepGraphs, output_values, parameter_name
 from memopt.passes.base import Pass, PassContext, PassResult
 
 __all__ = ["UpdateInBackward", "parameter_name"]
@@ -29,13 +28,6 @@ class _Target:
     param: torch.Tensor
     name: str
     grad: fx.Node
-
-
-def parameter_name(source: str) -> str:
-    """``L['self']._modules['fc']._parameters['weight']`` -> ``fc.weight`` (the source
-    as given when it has no such parts)."""
-    parts = re.findall(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", source)
-    return ".".join(parts) if parts else source
 
 
 class UpdateInBackward(Pass):

@@ -223,6 +223,12 @@ def _report_infeasible(plan: MemoryPlan, config: MemoptConfig, by: str = "remate
         f"{format_bytes(plan.min_feasible_peak)}, or shrink what remat cannot (batch size, "
         f"parameters: precision/sharding)."
     )
+    if plan.blockers.get("gradients") and plan.blockers.get("optimizer_state"):
+        message += (
+            " Gradients are live with the optimizer's state at that peak: optimizer_in_backward=opt frees "
+            "each gradient at its update (docs/whole_step.md); 8-bit or low-rank optimizer state shrinks the "
+            "state (docs/optimizers.md)."
+        )
     if config.strict:
         raise MemoptBudgetError(message)
     warnings.warn(message + " Using the plan with the smallest peak.", MemoptWarning, stacklevel=3)

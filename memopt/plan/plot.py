@@ -17,6 +17,7 @@ _COLORS = {
     "inputs": "#8172B2",
     "saved_activations": "#DD8452",
     "gradients": "#55A868",
+    "optimizer_state": "#DA8BC3",
     "outputs": "#937860",
     "temporaries": "#C44E52",
 }

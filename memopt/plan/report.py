@@ -7,9 +7,13 @@ from collections.abc import Sequence
 from tabulate import tabulate
 
 from memopt.analysis.memory import CATEGORIES, MemoryTimeline
+from memopt.plan.advice import OptionSaving, ParameterShare
 from memopt.plan.plan import TensorDecision
 
-__all__ = ["format_bytes", "summary_table", "breakdown_table", "decisions_table", "tradeoff_table", "storage_table"]
+__all__ = [
+    "format_bytes", "summary_table", "breakdown_table", "decisions_table", "tradeoff_table", "storage_table",
+    "savings_table", "dominant_table",
+]
 
 
 def format_bytes(n: int | float | None) -> str:
@@ -135,3 +139,26 @@ def storage_table(decisions: Sequence[TensorDecision], recompute_seconds: float 
     rows.append(["total", sum(r[1] for r in rows), "", "", f"{total_seconds * 1e3:.3f}", ""])
     headers = ["technique", "values", "bytes off the device", "host/disk footprint", "added ms (model)", "transfer hidden"]
     return tabulate(rows, headers=headers)
+
+
+def savings_table(savings: Sequence[OptionSaving], peak_bytes: int) -> str:
+    """Each technique: whether the step uses it, the bytes it takes (or would take)
+    off the estimated peak, that share of the peak, and how it was modelled."""
+    rows = [
+        [s.technique, s.option, "yes" if s.in_use else "no",
+         "-" if s.saved_bytes is None else format_bytes(s.saved_bytes),
+         "-" if s.saved_bytes is None else _pct(s.saved_bytes, peak_bytes), s.basis]
+        for s in savings
+    ]  # fmt: skip
+    return tabulate(rows, headers=["technique", "option", "in use", "saves (now / would)", "of the peak", "modelled as"])
+
+
+def dominant_table(shares: Sequence[ParameterShare], peak_bytes: int) -> str:
+    """Parameters that dominate the step: weight, gradient at the peak, optimizer
+    state, and their share of the estimated peak."""
+    rows = [
+        [s.name, "x".join(str(d) for d in s.shape), format_bytes(s.weight_bytes), format_bytes(s.gradient_bytes),
+         format_bytes(s.state_bytes), _pct(s.total_bytes, peak_bytes)]
+        for s in shares
+    ]  # fmt: skip
+    return tabulate(rows, headers=["parameter", "shape", "weight", "gradient at peak", "optimizer state", "of the peak"])

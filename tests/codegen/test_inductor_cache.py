@@ -143,3 +143,29 @@ def test_deliberate_bypass_is_said_once_at_info(
     said = [r for r in caplog.records if r.name == "memopt"]
     assert [r.levelno for r in said] == [logging.INFO]
     assert "AOTAutograd's cache is off" in said[0].getMessage()
+
+
+def test_optimizer_under_a_budget_turns_the_autograd_cache_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``optimizer=opt`` with a budget: the plan counts the optimizer's state bytes,
+    which the cache key does not see, so AOTAutograd's cache (whose hit skips the
+    planner) is off; without a budget the graphs do not depend on it and it stays on."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.compile_fx as compile_fx_module
+
+    import memopt.codegen.inductor as memopt_inductor
+
+    seen: list[bool] = []
+    def compile_fx(gm: torch.fx.GraphModule, *args: object, **kwargs: object) -> torch.fx.GraphModule:
+        seen.append(functorch_config.enable_autograd_cache)
+        return gm
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", compile_fx)
+    monkeypatch.setattr(memopt_inductor, "_said", set())
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    for options in ({"optimizer": opt, "memory_budget": "1GiB"}, {"optimizer": opt}):
+        memopt_inductor.compile_with_inductor(
+            torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph()), [], partition=lambda *a, **k: None,
+            optimize_inference=lambda g: g, on_compiled=lambda kind: None, config=MemoptConfig.from_options(options),
+        )  # fmt: skip
+    assert seen[0] is False
+    assert seen[1] == functorch_config.enable_autograd_cache

@@ -1,0 +1,112 @@
+"""What the training step's optimizer holds, as the memory timeline counts it.
+
+`optimizer_memory` reads an optimizer (``optimizer_in_backward`` or the read-only
+``optimizer`` option) once per compile into an `OptimizerMemory`: per parameter (by
+the identity of the real tensor, as `memopt.graph.step.InputInfo.identity`), the bytes
+of its state, measured when the state exists and predicted before the first step
+(`memopt.optim.state_size`), and a model of the update's temporaries.
+
+`memopt.analysis.memory.build_timeline` uses it so the plan sees the whole step:
+
+* each parameter's state is live throughout the step (category ``optimizer_state``);
+* with the update in backward, a parameter's gradient dies at its update (before the
+  ``optimizer_in_backward`` pass has run: where the pass will put the update), and
+  each update's temporaries are live while it runs;
+* with a separate ``opt.step()``, one more point after backward: every gradient,
+  the state, and the step's temporaries at once.
+
+The temporaries are a model, not a measurement: torch's single-tensor Adam/AdamW
+makes two tensors of the parameter's size (``exp_avg_sq.sqrt() / bias_correction``),
+its foreach path one list of the size of the whole group (the ``sqrt`` of every
+second moment), fused none; SGD one parameter-sized tensor with weight decay, else
+none; any other optimizer (memopt's included) is taken as the single-tensor Adam.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["OptimizerMemory", "optimizer_memory", "state_identity"]
+
+
+def state_identity(identity: int) -> int:
+    """The `LiveInterval.identity` of the state of the parameter whose identity is
+    ``identity``: distinct from the parameter's own (so regions that share the
+    parameter count its state once, and never confuse the two)."""
+    return ~identity
+
+
+@dataclass(frozen=True)
+class OptimizerMemory:
+    """One optimizer's memory, per parameter (module docstring). Pure data."""
+
+    name: str
+    """The optimizer's class name."""
+    state_bytes: Mapping[int, int] = field(default_factory=dict)
+    """id(parameter) -> bytes of its state tensors (0-dim step counts excluded)."""
+    measured: bool = False
+    """True when every parameter's state existed when read (else some are predicted)."""
+    in_backward: bool = False
+    """True when each update runs inside backward (``optimizer_in_backward``)."""
+    update_factor: int = 2
+    """Temporaries of one parameter's update, in units of its size."""
+    step_temporaries: int = 0
+    """Bytes of temporaries alive at once during a separate ``opt.step()``."""
+
+    @property
+    def total_state_bytes(self) -> int:
+        return sum(self.state_bytes.values())
+
+    def holds(self, identity: int | None) -> bool:
+        """Whether the parameter with this identity is in the optimizer."""
+        return identity is not None and identity in self.state_bytes
+
+    def stepped_separately(self) -> OptimizerMemory:
+        """The same optimizer with its update outside backward (the region's
+        ``optimizer_in_backward`` pass did not run)."""
+        return dataclasses.replace(self, in_backward=False)
+
+
+def optimizer_memory(optimizer: torch.optim.Optimizer, in_backward: bool) -> OptimizerMemory:
+    """Read ``optimizer``'s memory now (module docstring). ``in_backward``: the
+    update runs inside backward."""
+    from memopt.optim.state_size import state_bytes_of
+
+    state: dict[int, int] = {}
+    measured = True
+    step_temporaries = 0
+    factors = []
+    for group in optimizer.param_groups:
+        params = list(group["params"])
+        for p in params:
+            state[id(p)] = state_bytes_of(optimizer, p, group)
+            measured = measured and bool(optimizer.state.get(p))
+        group_factor, group_temps = _update_temporaries(optimizer, group, params)
+        factors.append(group_factor)
+        step_temporaries = max(step_temporaries, group_temps)
+    factor = max(factors, default=2)  # groups differ only by options: the largest, to be safe
+    return OptimizerMemory(type(optimizer).__name__, state, measured, in_backward, factor, step_temporaries)
+
+
+def _update_temporaries(optimizer: torch.optim.Optimizer, group: Mapping[str, Any], params: list[torch.Tensor]) -> tuple[int, int]:
+    """(temporaries of one parameter's own update, in parameter sizes; bytes of a
+    separate step's temporaries at once over ``group``)."""
+    sizes = [p.numel() * p.element_size() for p in params]
+    largest = max(sizes, default=0)
+    if isinstance(optimizer, torch.optim.SGD):
+        factor = 1 if group.get("weight_decay", 0) else 0
+        return factor, factor * largest
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        if group.get("fused"):
+            return 0, 0
+        foreach = group.get("foreach")
+        if foreach is None:
+            foreach = bool(params) and all(p.device.type != "cpu" for p in params)
+        if foreach:
+            return 2, sum(sizes)
+    return 2, 2 * largest

@@ -1,0 +1,225 @@
+"""What each memory option would save, and which parts dominate the step.
+
+Modelled from the analyses (the step's memory timelines, the plan's decisions and
+the optimizer's memory), never measured: every number is a saving *at the estimated
+peak of the step*, so it is an upper bound on what the peak drops (another part of the
+step may become the peak). `option_savings` gives one `OptionSaving` per technique;
+`dominant_parameters` the parameters whose weight, gradient and optimizer state take
+a large share of the peak (embeddings and LM heads in language models), named by
+their module path. `memopt.explain.Explanation.report` renders both
+(`memopt.plan.report.savings_table`, `dominant_table`).
+
+Rules (one per technique; "at the peak" means live at the step's peak point):
+
+* rematerialization: up to every saved activation at the peak (a segment boundary
+  stays saved, so less in practice); in use: the bytes of the values recomputed;
+* precision ``bf16``: half of each fp32 saved activation at the peak;
+* compression ``int8``/``fp8``: each saved activation at the peak down to one byte
+  per element; in use: the bytes the plan stores compressed saved;
+* offload: every saved activation at the peak; in use: the bytes moved off;
+* fused update (``optimizer_in_backward``): the peak of the step with a separate
+  ``opt.step()`` minus the peak with the updates in backward, both modelled on the
+  graphs before memopt's passes (needs the optimizer);
+* 8-bit state (``AdamW8bit``, default block size and size threshold) and low-rank
+  state (``GaLoreAdamW``, default rank, GaLore's side rule, weights of two
+  dimensions larger than the rank): the optimizer's state now minus that
+  optimizer's formula (`memopt.optim.state_size`); state is live throughout, so
+  all of it is at the peak.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from memopt.analysis.aliasing import concrete_int
+from memopt.analysis.memory import MemoryTimeline
+from memopt.analysis.optimizer_memory import OptimizerMemory
+from memopt.config import MemoptConfig
+from memopt.graph import meta
+from memopt.graph.step import StepGraphs, parameter_name
+from memopt.plan.plan import TensorDecision
+
+__all__ = ["OptionSaving", "ParameterShare", "StepParameter", "option_savings", "dominant_parameters", "step_parameters"]
+
+
+@dataclass(frozen=True)
+class OptionSaving:
+    """One technique: whether the step uses it, and the bytes it takes off the
+    step's estimated peak (what it saves now if in use, else what it would save)."""
+
+    technique: str
+    option: str
+    in_use: bool
+    saved_bytes: int | None
+    """None: cannot be modelled here (``basis`` says why)."""
+    basis: str
+
+
+@dataclass(frozen=True)
+class ParameterShare:
+    """One parameter of the step and what it holds at the step's peak."""
+
+    name: str
+    shape: tuple[int, ...]
+    weight_bytes: int
+    gradient_bytes: int
+    """Its gradient's bytes if the gradient is live at the peak, else 0."""
+    state_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.gradient_bytes + self.state_bytes
+
+
+@dataclass(frozen=True)
+class StepParameter:
+    """A parameter of the step: its identity (id() of the real tensor), module path,
+    shape, elements and bytes."""
+
+    identity: int | None
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    nbytes: int
+
+
+def step_parameters(steps: Sequence[StepGraphs]) -> list[StepParameter]:
+    """The parameters of the step's regions, each once (by identity), named by
+    module path."""
+    seen: set[int] = set()
+    out = []
+    for step in steps:
+        for i, ph in enumerate(step.forward.graph.find_nodes(op="placeholder")):
+            if step.input_kind(i) != "parameter":
+                continue
+            info, value = step.inputs[i], meta.tensor_value(ph)
+            if value is None or info.identity in seen:
+                continue
+            if info.identity is not None:
+                seen.add(info.identity)
+            shape = tuple(concrete_int(s) for s in value.shape)
+            numel = concrete_int(value.numel())
+            out.append(StepParameter(info.identity, parameter_name(info.name), shape, numel, numel * value.element_size()))
+    return out
+
+
+def _saved_at_peak(timeline: MemoryTimeline) -> list[tuple[int, int]]:
+    """(bytes, element size) of every saved activation live at the peak."""
+    out = []
+    for iv in timeline.live_at(timeline.peak_index):
+        if iv.category == "saved_activations":
+            value = meta.tensor_value(iv.node)
+            out.append((iv.nbytes, value.element_size() if value is not None else 4))
+    return out
+
+
+def option_savings(
+    after: MemoryTimeline,
+    decisions: Sequence[TensorDecision],
+    params: Sequence[StepParameter],
+    optimizer: OptimizerMemory | None,
+    fused_peaks: tuple[int, int] | None,
+    config: MemoptConfig,
+) -> list[OptionSaving]:
+    """One `OptionSaving` per technique (module docstring). ``fused_peaks``: the
+    step's modelled peaks (separate step, updates in backward), or None without an
+    optimizer. ``config``: the `MemoptConfig` in force."""
+    saved = _saved_at_peak(after)
+    total_saved = sum(b for b, _ in saved)
+    by_policy = {k: sum(d.bytes for d in decisions if d.policy == k) for k in ("recompute", "compress", "offload")}
+    stored = sum(d.details.get("stored_bytes", 0) for d in decisions if d.policy == "compress")
+    fp32 = sum(b for b, size in saved if size == 4)
+    one_byte = sum(b - b // size for b, size in saved)
+    rows = [
+        _row("rematerialization", "memory_budget=...", by_policy["recompute"] > 0, by_policy["recompute"],
+             total_saved, "every saved activation at the peak (an upper bound: segment boundaries stay)"),
+        _row("precision", "precision='bf16'", config.precision is not None, None,
+             fp32 // 2, "half of each fp32 saved activation at the peak"),
+        _row("compression", "compress_activations='int8'", by_policy["compress"] > 0,
+             by_policy["compress"] - stored, one_byte, "saved activations at the peak stored at one byte per element"),
+        _row("offload", "offload='auto'", by_policy["offload"] > 0, by_policy["offload"], total_saved,
+             "every saved activation at the peak moved to host or disk"),
+    ]
+    rows.append(_fused_row(optimizer, fused_peaks))
+    rows.extend(_state_rows(optimizer, params))
+    return rows
+
+
+def _row(technique: str, option: str, in_use: bool, now: int | None, would: int, basis: str) -> OptionSaving:
+    if in_use and now is not None:
+        return OptionSaving(technique, option, True, now, "what the plan takes off (its decisions)")
+    return OptionSaving(technique, option, in_use, would, basis)
+
+
+def _fused_row(optimizer: OptimizerMemory | None, fused_peaks: tuple[int, int] | None) -> OptionSaving:
+    option = "optimizer_in_backward=opt"
+    if optimizer is None or fused_peaks is None:
+        return OptionSaving("fused update", option, False, None, "needs the optimizer: pass optimizer=opt")
+    separate, fused = fused_peaks
+    return OptionSaving("fused update", option, optimizer.in_backward, max(separate - fused, 0),
+                        "the step's peak with a separate opt.step() minus with each update in backward")
+
+
+def _state_rows(optimizer: OptimizerMemory | None, params: Sequence[StepParameter]) -> list[OptionSaving]:
+    from memopt.optim.adamw8bit import AdamW8bit
+    from memopt.optim.galore import GaLoreAdamW
+    from memopt.optim.state_size import adamw8bit_state_bytes, lowrank_state_bytes
+
+    if optimizer is None:
+        why = "needs the optimizer: pass optimizer=opt"
+        return [OptionSaving("8-bit state", "AdamW8bit", False, None, why),
+                OptionSaving("low-rank state", "GaLoreAdamW", False, None, why)]  # fmt: skip
+    block = _default(AdamW8bit, "block_size")
+    threshold = _default(AdamW8bit, "min_8bit_size")
+    rank = _default(GaLoreAdamW, "rank")
+    eight = lowrank = 0
+    for p in params:
+        state = optimizer.state_bytes.get(p.identity, 0) if p.identity is not None else 0
+        if p.numel >= threshold:
+            eight += max(state - adamw8bit_state_bytes(p.numel, block), 0)
+        if len(p.shape) == 2 and rank < min(p.shape):
+            left = p.shape[0] < p.shape[1]  # GaLore's rule: project the smaller side
+            lowrank += max(state - lowrank_state_bytes(p.shape, rank, left, True), 0)
+    return [
+        OptionSaving("8-bit state", f"AdamW8bit (block {block})", optimizer.name == "AdamW8bit", eight,
+                     f"state now minus AdamW8bit's for weights of at least {threshold} elements"),
+        OptionSaving("low-rank state", f"GaLoreAdamW (rank {rank})", optimizer.name in ("GaLoreAdamW", "SubspaceAdamW"),
+                     lowrank, f"state now minus GaLore's for 2-D weights wider than rank {rank}"),
+    ]  # fmt: skip
+
+
+def _default(cls: type, name: str) -> int:
+    return int(inspect.signature(cls.__init__).parameters[name].default)  # type: ignore[misc]
+
+
+def dominant_parameters(
+    after: MemoryTimeline, params: Sequence[StepParameter], optimizer: OptimizerMemory | None, share: float = 0.05
+) -> list[ParameterShare]:
+    """The parameters whose weight + gradient (if live at the peak) + optimizer state
+    exceed ``share`` of the step's estimated peak, largest first."""
+    live_grads = _live_gradient_shapes(after)
+    out = []
+    for p in params:
+        grad = p.nbytes if live_grads.get(p.shape, 0) > 0 else 0
+        if grad:
+            live_grads[p.shape] -= 1  # each live gradient is one parameter's
+        state = optimizer.state_bytes.get(p.identity, 0) if optimizer is not None and p.identity is not None else 0
+        item = ParameterShare(p.name, p.shape, p.nbytes, grad, state)
+        if after.peak_bytes and item.total_bytes > share * after.peak_bytes:
+            out.append(item)
+    return sorted(out, key=lambda s: -s.total_bytes)
+
+
+def _live_gradient_shapes(timeline: MemoryTimeline) -> dict[tuple[int, ...], int]:
+    """Shape -> how many gradients of that shape are live at the peak (gradients are
+    matched to parameters by shape: the timeline does not name their parameter)."""
+    counts: dict[tuple[int, ...], int] = {}
+    for iv in timeline.live_at(timeline.peak_index):
+        if iv.category == "gradients":
+            value = meta.tensor_value(iv.node)
+            if value is not None:
+                shape = tuple(concrete_int(s) for s in value.shape)
+                counts[shape] = counts.get(shape, 0) + 1
+    return counts

@@ -1,0 +1,215 @@
+"""The plan sees the whole step (issue 17 Build 3): optimizer state in the timeline,
+gradients dying at their in-backward update in the planner's view, the separate
+``opt.step()`` after backward, and the report's modelled savings and dominant parts.
+Every expected number is computed by hand from the model's shapes."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import memopt
+from memopt.analysis.memory import BEFORE, OPTIMIZER_GRAPH
+from memopt.config import MemoptConfig
+from memopt.optim import AdamW8bit
+from memopt.testing.zoo import MLP
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return MLP(d_in=64, hidden=128, depth=2, d_out=8)
+
+
+def _explain(model: nn.Module, options: dict[str, Any]) -> memopt.Explanation:
+    torch._dynamo.reset()
+    for p in model.parameters():
+        p.grad = None  # an earlier in-backward run leaves markers
+    x, y = torch.randn(4, 64), torch.randn(4, 8)
+    with memopt.record() as explanation:
+        torch.compile(model, backend="memopt", options={"codegen": "eager", **options})(x, y).backward()
+    return explanation
+
+
+def _numel(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_adamw_state_is_predicted_before_the_first_step_and_live_throughout() -> None:
+    """AdamW keeps two fp32 moments per element: 8 bytes per parameter element, in the
+    baseline (live when the step starts) and at every point, before any step made it."""
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters())
+    with_state = _explain(model, {"optimizer": opt}).timeline()
+    without = _explain(model, {}).timeline()
+    expected = 8 * _numel(model)
+    assert not opt.state  # predicted, not created
+    assert with_state.baseline_bytes - without.baseline_bytes == expected
+    for index in range(len(with_state.points)):
+        assert with_state.breakdown_at(index)["optimizer_state"] == expected
+    assert all(iv.start == BEFORE and iv.end is None for iv in with_state.by_category("optimizer_state"))
+
+
+def test_state_is_measured_once_it_exists() -> None:
+    """AdamW8bit after one step: the measured state (uint8 codes, one fp32 scale per
+    block for each moment; small tensors stay fp32 AdamW) is what the timeline counts."""
+    model = _mlp()
+    opt = AdamW8bit(model.parameters(), block_size=64, min_8bit_size=1024)
+    model(torch.randn(4, 64), torch.randn(4, 8)).backward()
+    opt.step()
+    opt.zero_grad()
+    expected = 0
+    for p in model.parameters():
+        n = p.numel()
+        expected += 2 * n + 2 * 4 * math.ceil(n / 64) if n >= 1024 else 8 * n
+    timeline = _explain(model, {"optimizer": opt}).timeline()
+    assert timeline.peak_breakdown["optimizer_state"] == expected
+
+
+def test_separate_step_point_holds_gradients_state_and_update_temporaries() -> None:
+    """With a separate opt.step() the timeline ends with the step: every gradient,
+    the state and single-tensor AdamW's two temporaries of the largest parameter are
+    live there, with the parameters."""
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters())
+    timeline = _explain(model, {"optimizer": opt}).timeline()
+    last = timeline.points[-1]
+    assert last.graph == OPTIMIZER_GRAPH
+    breakdown = timeline.breakdown_at(len(timeline.points) - 1)
+    n = _numel(model)
+    largest = max(p.numel() for p in model.parameters())
+    assert breakdown["gradients"] == 4 * n
+    assert breakdown["optimizer_state"] == 8 * n
+    assert breakdown["parameters"] == 4 * n
+    assert breakdown["temporaries"] == 2 * 4 * largest
+
+
+def test_planner_timeline_lets_gradients_die_at_their_update() -> None:
+    """Before the optimizer_in_backward pass runs (the timeline the budget planner
+    plans on), no gradient of an optimized parameter lives past the backward; without
+    the option every one does."""
+    model = _mlp()
+    fused = _explain(model, {"optimizer_in_backward": torch.optim.AdamW(model.parameters())})
+    before = fused.timeline(optimized=False)
+    assert not [iv for iv in before.by_category("gradients") if iv.end is None]
+    separate = _explain(model, {"optimizer": torch.optim.AdamW(model.parameters())}).timeline(optimized=False)
+    grads = sum(iv.nbytes for iv in separate.by_category("gradients") if iv.end is None)
+    assert grads == 4 * _numel(model)
+
+
+def test_budget_between_the_fused_and_the_separate_peak_needs_no_recompute() -> None:
+    """A budget the step meets only because gradients die at their update: the
+    planner, which knows that, keeps every activation (nothing recomputed)."""
+    model = _mlp()
+    separate = _explain(model, {"optimizer": torch.optim.AdamW(model.parameters())}).timeline(optimized=False)
+    opt = torch.optim.AdamW(model.parameters())  # one in-backward optimizer per parameter
+    fused_peak = _explain(model, {"optimizer_in_backward": opt}).timeline(optimized=False).peak_bytes
+    assert fused_peak < separate.peak_bytes
+    budget = (fused_peak + separate.peak_bytes) // 2
+    opt.step()  # clears the markers of the first run
+    planned = _explain(model, {"optimizer_in_backward": opt, "memory_budget": budget})
+    assert not [d for d in planned.decisions() if d.policy == "recompute"]
+    assert planned.estimated_peak_bytes <= budget
+
+
+def test_savings_table_models_each_option() -> None:
+    """The fused update's row is the separate step's peak minus the fused one (both
+    compiled here); the 8-bit row is AdamW's 8 bytes per element minus AdamW8bit's
+    formula for the weights it quantizes."""
+    model = _mlp()
+    separate = _explain(model, {"optimizer": torch.optim.AdamW(model.parameters())})
+    fused = _explain(model, {"optimizer_in_backward": torch.optim.AdamW(model.parameters())})
+    rows = {s.technique: s for s in separate.savings()}
+    expected = separate.timeline(optimized=False).peak_bytes - fused.timeline(optimized=False).peak_bytes
+    assert rows["fused update"].saved_bytes == expected and not rows["fused update"].in_use
+    assert {s.technique: s for s in fused.savings()}["fused update"].in_use
+    eight = sum(8 * p.numel() - (2 * p.numel() + 8 * math.ceil(p.numel() / 256))
+                for p in model.parameters() if p.numel() >= 4096)  # fmt: skip
+    assert rows["8-bit state"].saved_bytes == eight
+    report = separate.report()
+    for technique in ("rematerialization", "precision", "compression", "offload", "fused update", "8-bit state",
+                      "low-rank state"):  # fmt: skip
+        assert technique in report
+
+
+class _BigEmbedding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(4096, 64)
+        self.mlp = nn.Linear(64, 64)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.mlp(self.embed(ids))).square().mean()
+
+
+def test_dominant_parameters_name_the_embedding_by_module_path() -> None:
+    """An embedding of 4096 x 64 next to a 64 x 64 layer: with AdamW its weight and
+    state (12 bytes per element) dominate the step; it is flagged by name, the small
+    layer is not."""
+    torch.manual_seed(0)
+    model = _BigEmbedding()
+    torch._dynamo.reset()
+    opt = torch.optim.AdamW(model.parameters())
+    with memopt.record() as explanation:
+        torch.compile(model, backend="memopt", options={"codegen": "eager", "optimizer": opt})(
+            torch.randint(0, 4096, (2, 8))
+        ).backward()
+    dominant = explanation.dominant_parameters()
+    assert dominant[0].name == "embed.weight"
+    assert dominant[0].state_bytes == 8 * 4096 * 64
+    assert "mlp.weight" not in [d.name for d in dominant]
+    assert "embed.weight" in explanation.report()
+
+
+def test_optimizer_option_is_checked() -> None:
+    model = _mlp()
+    a, b = torch.optim.AdamW(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="two different optimizers"):
+        MemoptConfig.from_options({"optimizer": a, "optimizer_in_backward": b})
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        MemoptConfig.from_options({"optimizer": "AdamW"})
+    assert MemoptConfig.from_options({"optimizer": a, "optimizer_in_backward": a}).step_optimizer is a
+    assert MemoptConfig.from_options({"optimizer": a}).to_dict()["optimizer"] == "AdamW"
+
+
+def test_infeasible_budget_with_a_separate_step_names_the_fused_update() -> None:
+    """A budget below the separate opt.step()'s point (parameters, every gradient and
+    the state: rematerialization cannot lower it) is infeasible, and the message
+    points at optimizer_in_backward."""
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters())
+    n = _numel(model)
+    with pytest.warns(memopt.MemoptWarning, match="optimizer_in_backward=opt frees"):
+        _explain(model, {"optimizer": opt, "memory_budget": (4 + 4 + 8) * n})
+
+
+class _Broken(nn.Module):
+    """Two linear layers with a graph break between them: two regions, one step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 128), nn.Linear(128, 8)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.a(x))
+        torch._dynamo.graph_break()
+        return F.mse_loss(self.b(h), y)
+
+
+def test_state_counted_once_and_the_step_after_every_backward_across_a_graph_break() -> None:
+    """Across two regions each parameter's state is counted once, and the separate
+    step's point comes after both backwards, with every gradient live there."""
+    torch.manual_seed(0)
+    model = _Broken()
+    timeline = _explain(model, {"optimizer": torch.optim.AdamW(model.parameters())}).timeline()
+    n = _numel(model)
+    assert timeline.baseline_bytes >= 12 * n  # weights and state
+    assert timeline.breakdown_at(0)["optimizer_state"] == 8 * n
+    graphs = [p.graph for p in timeline.points]
+    first_step = graphs.index(OPTIMIZER_GRAPH)
+    assert "backward" not in graphs[first_step:]
+    assert timeline.breakdown_at(len(graphs) - 1)["gradients"] == 4 * n
