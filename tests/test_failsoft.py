@@ -23,7 +23,7 @@ from memopt.passes.schedule import MemoryAwareSchedule
 from memopt.testing.numerics import assert_step_matches_eager
 from memopt.testing.zoo import zoo_case
 
-BUDGET = {"codegen": "eager", "memory_budget": 0.6, "verify": True}
+BUDGET = {"codegen": "eager", "memory_budget": 0.65, "verify": True}  # feasible: the floor is 0.63
 
 
 def _raise(*args: Any, **kwargs: Any) -> Any:
