@@ -13,10 +13,14 @@ across a graph break count as kept by the caller, `_assume_outputs_kept`) is at 
 budget. Optimizer state is not in the step's graphs and is not counted: pass
 ``reserve=`` for it (docs/fit.md).
 
-The search grows the size exponentially (1, 2, 4, ...) until a probe does not fit, then
-bisects the bracket. It assumes that fitting is monotone: a size that does not fit has no
-larger size that fits (the floor memopt can reach grows with the size; the planned peak
-itself need not: under a budget the planner takes the cheapest plan that fits).
+The search (`_search`) keeps a bracket (largest size seen fitting, smallest seen not
+fitting) and probes inside it where a straight line through the floors the planner found
+predicts the budget is crossed, starting where an eager forward on fake tensors predicts
+planning starts; a right prediction costs two probes. It assumes that fitting is
+monotone: a size that does not fit has no larger size that fits (the floor memopt can
+reach grows with the size; the planned peak itself need not: under a budget the planner
+takes the cheapest plan that fits). Under that assumption the answer does not depend on
+which sizes were probed.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch
 
 from memopt.config import MemoptConfig, parse_size
 from memopt.errors import MemoptFitError, MemoptWarning
-from memopt.explain import Explanation, explain
+from memopt.explain import Explanation, backward_with_forward, explain
 from memopt.plan.report import format_bytes
 
 __all__ = ["fit", "FitResult", "Probe", "accumulation", "budget_bytes"]
@@ -375,14 +379,10 @@ def _fake_model(model: Callable[..., Any]) -> tuple[Callable[..., Any], Any]:
 def _planning(mode: Any, training: bool) -> Iterator[None]:
     """The context of one probe: the fake mode, memopt's warnings silenced (an infeasible
     budget is a probe that does not fit, not a problem), and the backward graph compiled
-    with the forward. The last matters: AOTAutograd compiles the backward lazily by
-    default, deep-copying it when backward first runs, under the fake mode; a backward
-    graph holding a real constant (a recomputed ``torch.tensor`` literal) then fails to
-    copy. The eager path copies outside the fake mode."""
-    import torch._functorch.config as functorch_config
-
+    with the forward (`memopt.explain.backward_with_forward`: the lazy backward fails to
+    copy a graph holding a real constant under the fake mode)."""
     grad = contextlib.nullcontext() if training else torch.no_grad()
-    with mode, functorch_config.patch(force_non_lazy_backward_lowering=True), warnings.catch_warnings(), grad:
+    with mode, backward_with_forward(), warnings.catch_warnings(), grad:
         warnings.simplefilter("ignore", MemoptWarning)
         yield
 
