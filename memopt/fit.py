@@ -533,16 +533,18 @@ def _search(runner: _Runner, max_units: int) -> tuple[int, bool]:
     largest size predicted to fit), moved inside the bracket: a prediction at or below
     ``lo`` becomes ``lo + 1`` (verify the next size up), one at or above ``hi`` becomes
     ``hi - 1``. So a right prediction ``p`` costs two probes, ``p`` (fits) and ``p + 1``
-    (does not). After three predicted probes in a row that neither halved the bracket
-    nor (before ``hi``) doubled ``lo``, one plain probe follows (the midpoint, or twice
-    ``lo``, or 1 unit), so the search never takes more than about four times
-    bisection's probes.
+    (does not). A predicted probe that neither halved the bracket nor (before ``hi``)
+    doubled ``lo`` is a miss (half a miss when it was next to the bracket's end: a
+    verification, which predictions from the floors of fitting probes, upper bounds,
+    often need a few of); after three misses in a row one plain probe follows (the
+    midpoint, or twice ``lo``, or 1 unit), so the search never takes more than about
+    seven times bisection's probes.
 
     Every probe lies strictly inside the bracket, so the search ends; under fit's
     precondition (fitting is monotone in the size) its answer does not depend on which
     sizes were probed: it is the size the plain search (1, doubling, then bisection)
     returns. Predictions choose the probes, never the answer."""
-    lo, hi, misses = 0, None, 0
+    lo, hi, misses = 0, None, 0.0
     first = _first_guess(runner)
     while hi is None or hi - lo > 1:
         if hi is None and lo >= max_units:
@@ -557,13 +559,14 @@ def _search(runner: _Runner, max_units: int) -> tuple[int, bool]:
         else:
             predicted = None if misses >= 3 else _predict(runner, lo)
         n = plain if predicted is None else min(max(predicted, lo + 1), top - 1)
+        neighbour = n in (lo + 1, top - 1)
         if runner(n):
             halved = (2 * lo <= n) if hi is None else 2 * (hi - n) <= hi - lo
             lo = n
         else:
             halved = hi is None or 2 * (n - lo) <= hi - lo
             hi = n
-        misses = 0 if predicted is None or halved else misses + 1
+        misses = 0.0 if predicted is None or halved else misses + (0.5 if neighbour else 1.0)
     if lo == 0:
         raise _floor_error(runner)
     return lo, False
