@@ -224,6 +224,9 @@ def fit(
     ``codegen`` defaults to ``"eager"``). Sizes are multiples of ``step`` (e.g. 64 for
     sequence lengths), at most ``max_size``. One line per probe goes to ``progress``: True
     (default) for stderr, a text stream, or False/None for silence. Dynamo's caches are reset before every probe.
+    Before the first probe, ``model`` runs one eager forward at one ``step`` on fake
+    tensors (no compile, no backward) to predict where to start (`_first_guess`); which
+    sizes are probed never changes the answer (`_search`).
 
     Precondition: fitting is monotone (no size larger than one that does not fit fits).
     Guarantees: the returned size's probe fits; unless ``capped``, the size one ``step``
