@@ -364,6 +364,22 @@ def explain(
 
 
 @contextlib.contextmanager
+def backward_with_forward() -> Iterator[None]:
+    """Inside, AOTAutograd compiles each region's backward graph with its forward
+    (``torch._functorch.config.force_non_lazy_backward_lowering``) instead of when
+    backward first runs. Use it around a step run under a `FakeTensorMode`: the lazy
+    path deep-copies the backward graph at that moment, under the fake mode, and a graph
+    holding a real constant (a ``torch.tensor`` literal that memopt's plan recomputes in
+    backward) fails to copy there ("Attempted to set the storage of a tensor on device
+    'meta' to a storage on different device 'cpu'"). The eager path copies it outside
+    the fake mode. Same graphs and plans either way; only when the backward compiles."""
+    import torch._functorch.config as functorch_config
+
+    with functorch_config.patch(force_non_lazy_backward_lowering=True):
+        yield
+
+
+@contextlib.contextmanager
 def record(optimizer: Any = None) -> Iterator[Explanation]:
     """Explain every region memopt compiles inside the context (for code that
     compiles and trains as usual)::

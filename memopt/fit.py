@@ -13,10 +13,14 @@ across a graph break count as kept by the caller, `_assume_outputs_kept`) is at 
 budget. Optimizer state is not in the step's graphs and is not counted: pass
 ``reserve=`` for it (docs/fit.md).
 
-The search grows the size exponentially (1, 2, 4, ...) until a probe does not fit, then
-bisects the bracket. It assumes that fitting is monotone: a size that does not fit has no
-larger size that fits (the floor memopt can reach grows with the size; the planned peak
-itself need not: under a budget the planner takes the cheapest plan that fits).
+The search (`_search`) keeps a bracket (largest size seen fitting, smallest seen not
+fitting) and probes inside it where a straight line through the floors the planner found
+predicts the budget is crossed, starting where an eager forward on fake tensors predicts
+planning starts; a right prediction costs two probes. It assumes that fitting is
+monotone: a size that does not fit has no larger size that fits (the floor memopt can
+reach grows with the size; the planned peak itself need not: under a budget the planner
+takes the cheapest plan that fits). Under that assumption the answer does not depend on
+which sizes were probed.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch
 
 from memopt.config import MemoptConfig, parse_size
 from memopt.errors import MemoptFitError, MemoptWarning
-from memopt.explain import Explanation, explain
+from memopt.explain import Explanation, backward_with_forward, explain
 from memopt.plan.report import format_bytes
 
 __all__ = ["fit", "FitResult", "Probe", "accumulation", "budget_bytes"]
@@ -220,6 +224,9 @@ def fit(
     ``codegen`` defaults to ``"eager"``). Sizes are multiples of ``step`` (e.g. 64 for
     sequence lengths), at most ``max_size``. One line per probe goes to ``progress``: True
     (default) for stderr, a text stream, or False/None for silence. Dynamo's caches are reset before every probe.
+    Before the first probe, ``model`` runs one eager forward at one ``step`` on fake
+    tensors (no compile, no backward) to predict where to start (`_first_guess`); which
+    sizes are probed never changes the answer (`_search`).
 
     Precondition: fitting is monotone (no size larger than one that does not fit fits).
     Guarantees: the returned size's probe fits; unless ``capped``, the size one ``step``
@@ -375,14 +382,10 @@ def _fake_model(model: Callable[..., Any]) -> tuple[Callable[..., Any], Any]:
 def _planning(mode: Any, training: bool) -> Iterator[None]:
     """The context of one probe: the fake mode, memopt's warnings silenced (an infeasible
     budget is a probe that does not fit, not a problem), and the backward graph compiled
-    with the forward. The last matters: AOTAutograd compiles the backward lazily by
-    default, deep-copying it when backward first runs, under the fake mode; a backward
-    graph holding a real constant (a recomputed ``torch.tensor`` literal) then fails to
-    copy. The eager path copies outside the fake mode."""
-    import torch._functorch.config as functorch_config
-
+    with the forward (`memopt.explain.backward_with_forward`: the lazy backward fails to
+    copy a graph holding a real constant under the fake mode)."""
     grad = contextlib.nullcontext() if training else torch.no_grad()
-    with mode, functorch_config.patch(force_non_lazy_backward_lowering=True), warnings.catch_warnings(), grad:
+    with mode, backward_with_forward(), warnings.catch_warnings(), grad:
         warnings.simplefilter("ignore", MemoptWarning)
         yield
 
@@ -401,6 +404,18 @@ def _assume_outputs_kept(explanation: Explanation) -> Explanation:
             n = r.step.num_user_outputs if r.step.num_user_outputs is not None else r.step.num_fwd_outputs
             r.kept_outputs = frozenset(range(n))
     return explanation
+
+
+def _floor_estimate(explanation: Explanation, peak: int) -> int | None:
+    """The smallest peak memopt's planner found at this size, as a step peak: the
+    step's planned ``peak`` less the most any region's plan says it could still lower
+    its own peak (``estimated_peak_after - min_feasible_peak``: 0 for a plan at its
+    floor, as under an infeasible budget). None when no region ran the planner (the
+    unoptimized estimate fit). An estimate for choosing probes, never a verdict."""
+    plans = [r.plan for r in explanation.step_regions() if r.plan is not None and r.plan.min_feasible_peak is not None]
+    if not plans:
+        return None
+    return peak - max(max(p.estimated_peak_after - int(p.min_feasible_peak or 0), 0) for p in plans)
 
 
 def _as_call(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -431,6 +446,10 @@ class _Runner:
         self.peaks: dict[int, int] = {}
         self.explanations: dict[int, Explanation] = {}
         self.floor: Explanation | None = None
+        self.floors: dict[int, int] = {}
+        """Units -> estimated floor bytes, for probes the planner planned (`_floor_estimate`)."""
+        self.fixed_bytes = 0
+        """Parameter and buffer bytes (the part of the peak that does not grow with the size)."""
         self._shapes: dict[tuple[tuple[int, ...], ...], int] = {}
 
     def __call__(self, units: int) -> bool:
@@ -441,6 +460,11 @@ class _Runner:
         peak = explanation.estimated_peak_bytes
         fits = peak <= self.budget
         unoptimized = explanation.timeline(optimized=False).peak_bytes
+        breakdown = explanation.timeline().peak_breakdown
+        self.fixed_bytes = breakdown.get("parameters", 0) + breakdown.get("buffers", 0)
+        floor = _floor_estimate(explanation, peak)
+        if floor is not None:
+            self.floors[units] = floor
         probe = Probe(size, peak, unoptimized, fits, time.perf_counter() - started)
         self.probes.append(probe)
         self.peaks[units] = peak
@@ -476,6 +500,10 @@ class _Runner:
                 f"(a model in eval mode under torch.no_grad, or parameters with requires_grad=False?). fit plans a "
                 f"training step; make the loss require grad, or pass training=False to fit a forward only."
             )
+        self.saw(size, inputs)
+
+    def saw(self, size: int, inputs: Any) -> None:
+        """Remember ``make_inputs``'s shapes at ``size``; raise if another size gave the same."""
         shapes = _shapes(inputs)
         if shapes in self._shapes and self._shapes[shapes] != size:
             raise MemoptFitError(
@@ -498,54 +526,136 @@ class _Runner:
 
 
 def _search(runner: _Runner, max_units: int) -> tuple[int, bool]:
-    """Exponential growth from 1 unit until a probe does not fit, then bisection of the
-    bracket: ``(largest fitting units, capped)``. Each next size is the plain choice
-    (twice the largest fit; the bracket's midpoint) unless `_guess` predicts a better one
-    from the probes' peaks, which saves probes on models whose peak grows linearly; a
-    guess that fails to halve the bracket is followed by a plain midpoint, so the search
-    never takes more than about twice bisection's probes."""
-    if not runner(1):
-        raise _floor_error(runner)
-    lo, hi = 1, None
-    while hi is None:
-        if lo >= max_units:
+    """``(largest fitting units, capped)``: keep a bracket ``lo`` (largest size seen
+    fitting; 0 before one fit) and ``hi`` (smallest seen not fitting; None before one
+    failed) and probe inside it until ``hi == lo + 1``. Raises the floor error when
+    even 1 unit does not fit.
+
+    The first probe is `_first_guess`'s (an eager forward on fake tensors predicts the
+    first size the planner must plan), else 1 unit. Each next size is `_predict`'s (the
+    largest size predicted to fit), moved inside the bracket: a prediction at or below
+    ``lo`` becomes ``lo + 1`` (verify the next size up), one at or above ``hi`` becomes
+    ``hi - 1``. So a right prediction ``p`` costs two probes, ``p`` (fits) and ``p + 1``
+    (does not). A predicted probe that neither halved the bracket nor (before ``hi``)
+    doubled ``lo`` is a miss (half a miss when it was next to the bracket's end: a
+    verification, which predictions from the floors of fitting probes, upper bounds,
+    often need a few of); after three misses in a row one plain probe follows (the
+    midpoint, or twice ``lo``, or 1 unit), so the search never takes more than about
+    seven times bisection's probes.
+
+    Every probe lies strictly inside the bracket, so the search ends; under fit's
+    precondition (fitting is monotone in the size) its answer does not depend on which
+    sizes were probed: it is the size the plain search (1, doubling, then bisection)
+    returns. Predictions choose the probes, never the answer."""
+    lo, hi, misses = 0, None, 0.0
+    first = _first_guess(runner)
+    while hi is None or hi - lo > 1:
+        if hi is None and lo >= max_units:
             return lo, True
-        n = min(max(2 * lo, _guess(runner, lo, None)), max_units)
-        lo, hi = (n, None) if runner(n) else (lo, n)
-    guessed = False
-    while hi - lo > 1:
-        width = hi - lo
-        mid = (lo + hi) // 2 if guessed else min(max(_guess(runner, lo, hi), lo + 1), hi - 1)
-        lo, hi = (mid, hi) if runner(mid) else (lo, mid)
-        guessed = not guessed and 2 * (hi - lo) > width
+        top = max_units + 1 if hi is None else hi  # first size not allowed
+        if lo == 0:
+            plain = 1 if hi is None else max(hi // 2, 1)
+        else:
+            plain = min(2 * lo, max_units) if hi is None else (lo + hi) // 2
+        if not runner.probes:
+            predicted = first
+        else:
+            predicted = None if misses >= 3 else _predict(runner, lo)
+        n = plain if predicted is None else min(max(predicted, lo + 1), top - 1)
+        neighbour = n in (lo + 1, top - 1)
+        if runner(n):
+            halved = (2 * lo <= n) if hi is None else 2 * (hi - n) <= hi - lo
+            lo = n
+        else:
+            halved = hi is None or 2 * (n - lo) <= hi - lo
+            hi = n
+        misses = 0.0 if predicted is None or halved else misses + (0.5 if neighbour else 1.0)
+    if lo == 0:
+        raise _floor_error(runner)
     return lo, False
 
 
-def _guess(runner: _Runner, lo: int, hi: int | None) -> int:
-    """The largest units predicted to fit, by a straight line through two probes' peaks
-    (0 when there is no line to draw). Without a probe that failed (``hi`` None) the line
-    is the unoptimized peak's: the plan never exceeds it, so its crossing is a size that
-    fits (if the peak is linear). Once probes failed, it is the planned peaks' line through
-    the two smallest failing probes (the floor memopt reaches grows about linearly); with
-    one failing probe, through it and the first probe (whose planned peak is at least its
-    floor, so the line is shallower and its guess errs towards a size that fits)."""
-    budget = runner.budget
-    unopt = sorted((p.size // runner.sizes.step, p.unoptimized_peak_bytes) for p in runner.probes)
-    if hi is None:
-        if len(unopt) < 2:
-            return 0
-        (a, pa), (b, pb) = unopt[-2], unopt[-1]
-        slope = (pb - pa) / (b - a)
-        return 0 if slope <= 0 else b + int((budget - pb) // slope)
-    over = sorted((u, peak) for u, peak in runner.peaks.items() if peak > budget)
-    if len(over) >= 2:
-        (a, pa), (b, pb) = over[0], over[1]
-    else:  # the first probe's peak is at least its floor: a shallower line, a guess that fits
-        (a, pa), (b, pb) = (1, runner.peaks[1]), over[0]
-    slope = (pb - pa) / (b - a) if b != a else 0.0
-    if slope <= 0:
-        return (lo + hi) // 2
-    return over[0][0] - math.ceil((over[0][1] - budget) / slope)
+def _first_guess(runner: _Runner) -> int | None:
+    """Units to probe first: the size where the unoptimized peak is predicted to cross
+    the budget, plus one (the first size the planner must plan, whose probe tells how
+    low memopt can go), from one eager forward at 1 unit on fake tensors (no compile):
+    ``parameters + buffers + gradients + units * (saved for backward + outputs)``.
+    None (probe 1 unit first) when that forward fails or predicts nothing. It only
+    chooses where to start."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    import torch.utils._pytree as pytree
+
+    model = runner.model
+    tensors = [*model.parameters(), *model.buffers()] if isinstance(model, torch.nn.Module) else []
+    fixed = sum(t.numel() * t.element_size() for t in tensors)
+    grads = sum(t.numel() * t.element_size() for t in tensors if t.requires_grad) if runner.training else 0
+    seen: dict[Any, int] = {}
+    own: set[Any] = set()  # saved parameters and buffers are counted in ``fixed``
+    with contextlib.suppress(Exception):
+        own = {StorageWeakRef(t.untyped_storage()) for t in tensors}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        with contextlib.suppress(Exception):
+            key = StorageWeakRef(t.untyped_storage())
+            if key not in own:
+                seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    try:
+        with _planning(runner.mode, runner.training), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            inputs = runner.make_inputs(*runner.sizes.call_args(runner.sizes.step))
+            runner.saw(runner.sizes.step, inputs)
+            args, kwargs = _as_call(inputs)
+            out = runner.model(*args, **kwargs)
+            outputs = sum(t.untyped_storage().nbytes() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+    except Exception:  # noqa: BLE001 - a guess: the first probe at 1 unit will tell what is wrong
+        return None
+    per_unit = sum(seen.values()) + outputs
+    crossing = _line_crossing((0, fixed + grads), (1, fixed + grads + per_unit), runner.budget)
+    return None if crossing is None else max(crossing + 1, 1)
+
+
+def _line_crossing(a: tuple[float, float], b: tuple[float, float], budget: int) -> int | None:
+    """The largest units whose value on the line through points ``a`` and ``b``
+    (units, bytes) is at most ``budget``; None when the line does not rise."""
+    (ua, pa), (ub, pb) = a, b
+    if ub == ua or (pb - pa) / (ub - ua) <= 0:
+        return None
+    slope = (pb - pa) / (ub - ua)
+    return int(math.floor(ua + (budget - pa) / slope))
+
+
+def _predict(runner: _Runner, lo: int) -> int | None:
+    """The largest units predicted to fit (None: no prediction), from the probes so far.
+
+    Model: everything of a training step but the parameters and buffers (``fixed``)
+    grows about linearly with the batch, so the **floor** (the smallest peak memopt can
+    plan at a size) is about ``fixed + units * per_unit``. Each planned probe gives
+    an estimate of its floor (`_Runner.floors`): a probe that did not fit planned its
+    floor; one that fit says how far below its plan the smallest plan it found lies.
+    With two floors the line goes through the pair nearest the budget's crossing; with
+    one, through it and ``(0, fixed)``. Before any probe needed the planner (every
+    probe fit unplanned), the unoptimized peak's line (through the two largest probes,
+    or the one probe and ``(0, fixed)``) predicts where planning starts; that size plus
+    one (the first size the planner must plan) is returned, so the next probe brings a
+    floor."""
+    budget, fixed = runner.budget, runner.fixed_bytes
+    floors = sorted(runner.floors.items())
+    if not floors:
+        unopt = sorted((p.size // runner.sizes.step, p.unoptimized_peak_bytes) for p in runner.probes)
+        first = unopt[-2] if len(unopt) >= 2 else (0, fixed)
+        crossing = _line_crossing(first, unopt[-1], budget)
+        return None if crossing is None else crossing + 1
+    if len(floors) == 1:
+        return _line_crossing((0, fixed), floors[0], budget)
+    below = [f for f in floors if f[1] <= budget]
+    above = [f for f in floors if f[1] > budget]
+    if below and above:
+        pair = (below[-1], above[0])
+    else:
+        pair = (floors[-2], floors[-1]) if below else (floors[0], floors[1])
+    crossing = _line_crossing(pair[0], pair[1], budget)
+    return crossing if crossing is not None else lo
 
 
 def _floor_error(runner: _Runner) -> MemoptFitError:

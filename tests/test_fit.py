@@ -236,13 +236,50 @@ def test_cli_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, err = capsys.readouterr()
     assert status == 0, err
     assert "memopt fit: batch 4" in out and "3 accumulation steps of uneven micro-batches 4+3+3" in out
-    assert "[memopt fit] batch 1:" in err and "[memopt fit] batch 4:" in err  # progress on stderr
+    assert "[memopt fit] batch 4:" in err  # progress on stderr, a line per probe
     assert cli_main(["fit", f"{path}:build", "--budget", "1GiB", "--max-batch", "2", "--reserve", "1MiB", "--json", "--quiet"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert (data["batch"], data["reserve_bytes"], data["capped"]) == (2, 2**20, True) and len(data["probes"]) == 2
+    assert (data["batch"], data["reserve_bytes"], data["capped"]) == (2, 2**20, True) and data["probes"][-1]["size"] == 2
     assert cli_main(["fit", f"{path}:build", "--budget", "1000", "--quiet"]) == 2
     assert "even batch 1 does not fit" in capsys.readouterr().err
     assert cli_main(["fit", f"{path}:not_a_pair", "--budget", "1GiB"]) == 2
     assert "must return (model, make_inputs)" in capsys.readouterr().err
     assert cli_main(["fit", f"{path}:build", "--budget", "12 parsecs"]) == 2
     assert "not understood" in capsys.readouterr().err
+
+
+class Deep(nn.Module):
+    """Four wide blocks: under a budget the planner recomputes some of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*(nn.Sequential(nn.Linear(32, 256), nn.GELU(), nn.Linear(256, 32)) for _ in range(4)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x).pow(2).mean()
+
+
+def test_fit_returns_what_a_scan_of_every_size_returns() -> None:
+    """The predicted probes choose where to look, never the answer: under a budget the
+    planner must work for (between the floor and the unoptimized peak at batch 4), fit's
+    batch is the largest size of a brute-force scan of every size whose probe fits (and
+    the scan is monotone, fit's precondition)."""
+    from memopt.fit import _config, _fake_model, _Runner, _Sizes
+
+    torch.manual_seed(0)
+    model = Deep()
+
+    def make(batch: int) -> torch.Tensor:
+        return torch.randn(batch, 64, 32)  # 64 positions a sample: activations outweigh parameters
+
+    unoptimized = _planned_peak(model, make(4), 2**40)
+    floor = _planned_peak(model, make(4), 1)
+    budget = (unoptimized + floor) // 2
+    result = memopt.fit(model, make, budget, options=OPTIONS, progress=None)
+    fake, mode = _fake_model(model)
+    scan = _Runner(fake, make, _Sizes("batch", 1, None, 1), _config(OPTIONS, budget), mode, True, None, budget)
+    verdicts = [scan(size) for size in range(1, result.batch + 3)]
+    assert verdicts == sorted(verdicts, reverse=True)  # monotone: fits, ..., fits, over, ...
+    assert result.batch == sum(verdicts) and not result.capped
+    assert scan.peaks[result.batch] == result.estimated_peak_bytes
+    assert not all(p.planned_peak_bytes == p.unoptimized_peak_bytes for p in result.probes)  # the planner worked

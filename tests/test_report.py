@@ -164,3 +164,38 @@ def test_optimizer_state_bytes_in_report():
     data = explanation.to_dict()
     assert data["optimizer_state_bytes"] == optimizer.state_bytes()
     assert "optimizer state (outside the step's graphs)" in explanation.report()
+
+
+LITERALS = '''
+import torch
+import torch.nn as nn
+
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 256), nn.Linear(256, 64)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x)) * torch.tensor(0.5)  # literals: real constants in the graph
+        y = self.b(h) * torch.tensor(2.0)
+        return (torch.tanh(y) * torch.tensor(3.0)).pow(2).mean()
+
+
+def factory():
+    return M(), (torch.randn(16, 64),)
+'''
+
+
+def test_cli_fake_report_of_a_graph_holding_real_constants_under_a_budget(tmp_path, capsys):
+    """Regression: on fake tensors under an infeasible budget the plan recomputes ops
+    on ``torch.tensor`` literals in backward; AOTAutograd's lazy backward deep-copied
+    that graph under the fake mode and failed ("storage on different device"). The
+    report compiles the backward with the forward (`memopt.explain.backward_with_forward`)."""
+    path = tmp_path / "literals.py"
+    path.write_text(LITERALS)
+    with pytest.warns(memopt.MemoptWarning, match="infeasible"):
+        status = cli_main(["report", f"{path}:factory", "--quiet", "--options", '{"memory_budget": 1000}'])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "memopt explanation: 1 region(s)" in out

@@ -115,6 +115,7 @@ def _run_report(args: argparse.Namespace) -> int:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import memopt
+    from memopt.explain import backward_with_forward
 
     progress = _Progress(args.quiet)
     options = json.loads(args.options) if args.options else {}
@@ -123,7 +124,9 @@ def _run_report(args: argparse.Namespace) -> int:
         factory = load_factory(args.target)
     mode: Any = contextlib.nullcontext() if args.real else FakeTensorMode()
     kind = "real" if args.real else "fake (nothing is allocated)"
-    with mode:
+    # under the fake mode AOTAutograd's lazy backward cannot copy a graph holding a real constant
+    lowering = contextlib.nullcontext() if args.real else backward_with_forward()
+    with mode, lowering:
         with progress.stage(f"building the model and inputs on {kind} tensors"):
             model, inputs = _unpack(factory(), args.target)
         with progress.stage("compiling forward and backward with memopt"):
