@@ -20,8 +20,9 @@ from torch.fx.graph import _BoxedCodeGen
 
 from memopt.analysis.aliasing import analyze_aliasing
 from memopt.analysis.eager_inplace import OUT_VARIANTS, eager_inplace_writes
+from memopt.analysis.memory import last_reads
 
-__all__ = ["compile_eager"]
+__all__ = ["compile_eager", "write_in_place"]
 
 
 def compile_eager(gm: fx.GraphModule, example_inputs: Any = None) -> Callable[[list[Any]], Any]:
@@ -50,8 +51,6 @@ def write_in_place(graph: fx.Graph) -> int:
         return 0
     if any("val" not in n.meta for n in nodes):
         return 0
-    from memopt.analysis.memory import last_reads  # the timeline's own rule
-
     aliasing = analyze_aliasing(graph)
     index = {n: i for i, n in enumerate(nodes)}
     writes = eager_inplace_writes(graph, aliasing, last_reads(graph, aliasing, index), index)
