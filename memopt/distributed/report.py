@@ -9,7 +9,8 @@ Three tables, each for one rank (every rank runs rank 0's plan, so they agree):
 * **model state in ZeRO terms**: parameters, gradients and optimizer state, full (one
   unsharded replica) against this rank's, measured from the tensors
   (`model_state_bytes`), beside ZeRO's formula for the stage
-  (`zero_model_state_bytes`, for the dtypes in use);
+  (`zero_model_state_bytes`, for the dtypes in use and the optimizer's state per
+  element, `memopt.optim.state_size`);
 * **gathered parameters**: every all-gathered parameter of the step, its bytes, where its
   gathered value lives on the timeline (forward and backward node indices of the
   planned graphs), and whether the plan frees it after forward and gathers it again;
@@ -37,6 +38,7 @@ from memopt.analysis.memory import main_device
 from memopt.distributed.memory import model_state_bytes, zero_model_state_bytes
 from memopt.distributed.api import shard_state
 from memopt.graph import meta
+from memopt.optim.state_size import group_of, predicted_state_bytes
 from memopt.plan.decisions import Recompute
 from memopt.plan.report import format_bytes
 
@@ -123,11 +125,11 @@ def _state_rows(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tu
     numel = sum(h.param.numel() for h in handles)
     itemsize = handles[0].param.element_size() if handles else 4
     have = model_state_bytes(model, optimizer)
-    optimizer_itemsize = 2 * itemsize if optimizer is not None else 0  # Adam-style moments
+    per_element = _state_bytes_per_element(optimizer)
     formula = zero_model_state_bytes(
-        numel, state.world, state.stage, param_bytes=itemsize, grad_bytes=itemsize, state_bytes=optimizer_itemsize
+        numel, state.world, state.stage, param_bytes=itemsize, grad_bytes=itemsize, state_bytes=per_element
     )
-    full = zero_model_state_bytes(numel, 1, 0, param_bytes=itemsize, grad_bytes=itemsize, state_bytes=optimizer_itemsize)
+    full = zero_model_state_bytes(numel, 1, 0, param_bytes=itemsize, grad_bytes=itemsize, state_bytes=per_element)
     rows = [
         ["parameters", format_bytes(full.params), format_bytes(have.params), format_bytes(formula.params)],
         ["gradients", format_bytes(full.grads), format_bytes(have.grads), format_bytes(formula.grads)],
@@ -141,6 +143,17 @@ def _state_rows(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tu
         f"({numel:,} parameter elements; gradients as held now: none between steps after zero_grad)"
     )
     return rows, title
+
+
+def _state_bytes_per_element(optimizer: torch.optim.Optimizer | None) -> float:
+    """The optimizer's state bytes per parameter element, as `predicted_state_bytes`
+    gives them after a first step (over whatever tensors it holds: full parameters, or a
+    `ShardedOptimizer`'s local parts: the ratio is the same)."""
+    if optimizer is None:
+        return 0.0
+    held = group_of(optimizer).values()
+    elements = sum(p.numel() for p, _ in held)
+    return sum(predicted_state_bytes(optimizer, p, g) for p, g in held) / elements if elements else 0.0
 
 
 def report(model: nn.Module, explanation: Any = None, optimizer: torch.optim.Optimizer | None = None) -> str:

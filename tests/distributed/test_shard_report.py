@@ -52,3 +52,11 @@ def test_model_state_table_per_rank(fake_world):
     params = next(line for line in text.splitlines() if line.startswith("parameters"))
     assert params.split()[-2:] == ["8.00", "KiB"] and per_rank == 8 * 1024
     assert "collectives per step" in text and "planned peak on this rank" in text
+
+
+def test_the_formula_follows_the_optimizer(fake_world):
+    """ZeRO's formula is written for the optimizer in use: plain SGD keeps no state."""
+    model = _model()
+    text = report(model, None, torch.optim.SGD(model.parameters(), lr=0.1))
+    state = next(line for line in text.splitlines() if line.startswith("optimizer state"))
+    assert state.split()[-2:] == ["0", "B"]
