@@ -451,3 +451,31 @@ def test_the_garbage_collector_is_paused_only_while_planning(monkeypatch):
     assert gc.isenabled()
     remat.plan_remat(step, 1)
     assert seen == [False] and gc.isenabled()
+
+
+@pytest.mark.parametrize("name", ["gpt", "transformer_block"])
+def test_one_pass_backward_copy_equals_copy_then_reorder(name):
+    """The planner's draft split copies the backward in just-in-time order in one pass;
+    node for node it is the subgraph copy followed by the just-in-time reordering (the
+    two passes it replaced), for saving what min-cut saves, only the primals, and every
+    other saved value."""
+    from memopt.graph.partition import _copy_subgraph, _needed, _recompute_just_in_time
+
+    case = zoo_case(name)
+    step = capture_step(case.build(), *case.inputs(2))
+    joint = step.joint.recomputable()
+    graph = joint.module.graph
+    outputs = list(graph.find_nodes(op="output")[0].args[0][joint.num_fwd_outputs :])
+    tangents = [p for p in graph.find_nodes(op="placeholder") if meta.is_tangent(p)]
+    primals = [p for p in graph.find_nodes(op="placeholder") if not meta.is_tangent(p)]
+    mincut = [joint.node(n) for n in saved_names(step)]
+
+    def listing(g: torch.fx.Graph) -> list[tuple[str, str, list[str]]]:
+        return [(n.name, str(n.target), [a.name for a in n.all_input_nodes]) for n in g.nodes]
+
+    for saved in (mincut, [], mincut[::2]):
+        inputs = list(dict.fromkeys([*primals, *saved, *tangents]))
+        one_pass = _recompute_just_in_time(graph, inputs, _needed(outputs, set(inputs)), outputs)
+        two_pass = _recompute_just_in_time(_copy_subgraph(graph, inputs, outputs))
+        assert listing(one_pass) == listing(two_pass)
+        assert len(list(one_pass.nodes)) > len(inputs)

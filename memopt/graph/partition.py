@@ -181,10 +181,11 @@ def _draft_split(
     fwd = _copy_subgraph(graph, primals, [*fwd_outs, *[n for n in used if not meta.is_symbolic(n)],
                                           *[n for n in used if meta.is_symbolic(n)]])
     sym_used = [n for n in used if meta.is_symbolic(n)]
-    bwd = _copy_subgraph(graph, [*sym_used, *[n for n in used if not meta.is_symbolic(n)], *tangents], bwd_outs)
+    bwd_inputs = [*sym_used, *[n for n in used if not meta.is_symbolic(n)], *tangents]
+    bwd = _recompute_just_in_time(graph, bwd_inputs, _needed(bwd_outs, set(bwd_inputs)), bwd_outs)
     with _use_lazy_graph_module(True):
         forward = torch_lazy_graph_module._make_graph_module(joint.module, fwd)
-        backward = torch_lazy_graph_module._make_graph_module(joint.module, _recompute_just_in_time(bwd))
+        backward = torch_lazy_graph_module._make_graph_module(joint.module, bwd)
     return forward, backward
 
 
@@ -203,11 +204,7 @@ def _needed(outputs: list[object], stops: set[fx.Node]) -> set[fx.Node]:
 
 def _copy_subgraph(graph: fx.Graph, inputs: list[fx.Node], outputs: list[object]) -> fx.Graph:
     new = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for node in inputs:
-        placeholder = new.placeholder(node.name)
-        placeholder.meta = node.meta
-        env[node] = placeholder
+    env = _placeholders_for(new, inputs)
     needed = _needed(outputs, set(inputs))
     for node in graph.nodes:
         if node in needed and node not in env and node.op != "placeholder":
@@ -216,27 +213,54 @@ def _copy_subgraph(graph: fx.Graph, inputs: list[fx.Node], outputs: list[object]
     return new
 
 
-def _recompute_just_in_time(graph: fx.Graph) -> fx.Graph:
+def _placeholders_for(new: fx.Graph, inputs: list[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """One placeholder of ``new`` per node of ``inputs`` (same name, same meta)."""
+    env: dict[fx.Node, fx.Node] = {}
+    for node in inputs:
+        placeholder = new.placeholder(node.name)
+        placeholder.meta = node.meta
+        env[node] = placeholder
+    return env
+
+
+def _recompute_just_in_time(
+    graph: fx.Graph,
+    inputs: list[fx.Node] | None = None,
+    needed: set[fx.Node] | None = None,
+    outputs: list[object] | None = None,
+) -> fx.Graph:
     """Copy of ``graph`` where every node not driven by an incoming gradient (the
     recomputed forward ops) is placed just before the first node that needs it, and
     everything else keeps its order; what torch's
-    ``reordering_to_mimic_autograd_engine`` does, without building a module."""
-    new_graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for node in graph.find_nodes(op="placeholder"):
-        env[node] = new_graph.node_copy(node, lambda x: env[x])
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    nodes = list(graph.nodes)
-    first = min(
-        (order[u] for t in graph.find_nodes(op="placeholder") if meta.is_tangent(t) for u in t.users),
-        default=None,
-    )
-    if first is None:
-        return graph
+    ``reordering_to_mimic_autograd_engine`` does, without building a module.
 
-    def insert(root: fx.Node) -> None:
+    With ``inputs``, ``needed`` and ``outputs`` the copy is of the subgraph of ``graph``
+    computing ``outputs`` from ``inputs`` (placeholders named as they are; ``needed``:
+    `_needed` of the outputs down to the inputs), in one pass: the same graph as
+    `_copy_subgraph` followed by this function, without the intermediate copy (the
+    planner's draft splits spend most of their time copying nodes)."""
+    new_graph = fx.Graph()
+    if inputs is None:
+        env: dict[fx.Node, fx.Node] = {}
+        for node in graph.find_nodes(op="placeholder"):
+            env[node] = new_graph.node_copy(node, lambda x: env[x])
+        nodes = list(graph.nodes)
+    else:
+        assert needed is not None and outputs is not None
+        env = _placeholders_for(new_graph, inputs)
+        nodes = [n for n in graph.nodes if n in needed and n not in env and n.op != "placeholder"]
+    order = {node: i for i, node in enumerate(nodes)}
+    sources = [n for n in env if meta.is_tangent(n)]
+    first = min((order[u] for t in sources for u in t.users if u in order), default=None)
+    if first is None:
+        if inputs is None:
+            return graph
+        assert outputs is not None
+        return _copy_subgraph(graph, inputs, outputs)
+
+    def insert(*roots: fx.Node) -> None:
         pending: list[fx.Node] = []
-        stack = [root]
+        stack = list(roots)
         seen: set[fx.Node] = set()
         while stack:
             node = stack.pop()
@@ -253,7 +277,11 @@ def _recompute_just_in_time(graph: fx.Graph) -> fx.Graph:
             insert(node)
     for node in nodes[first:]:
         insert(node)
-    new_graph._codegen = graph._codegen
+    if outputs is None:
+        new_graph._codegen = graph._codegen
+    else:
+        insert(*[o for o in outputs if isinstance(o, fx.Node)])
+        new_graph.output(tuple(env[o] if isinstance(o, fx.Node) else o for o in outputs))
     return new_graph
 
 
