@@ -10,8 +10,9 @@ than this machine can be fitted. A size fits when the step's **planned peak**
 (`Explanation.estimated_peak_bytes`: parameters, buffers, inputs, activations, gradients
 and temporaries live at the step's highest point, after memopt's plan; a region's outputs
 across a graph break count as kept by the caller, `_assume_outputs_kept`) is at most the
-budget. Optimizer state is not in the step's graphs and is not counted: pass
-``reserve=`` for it (docs/fit.md).
+budget. The optimizer's state counts when ``options`` names the optimizer (``optimizer``
+or ``optimizer_in_backward``: each probe gets a copy over the fake parameters,
+`_fake_optimizer`); otherwise pass ``reserve=`` for it (docs/fit.md).
 
 The search (`_search`) keeps a bracket (largest size seen fitting, smallest seen not
 fitting) and probes inside it where a straight line through the floors the planner found
@@ -25,6 +26,7 @@ which sizes were probed.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -221,7 +223,9 @@ def fit(
 
     Each probe plans one step with `memopt.explain` and ``memory_budget = budget - reserve``
     (``options`` pass through: ``precision``, ``compress_activations``, ``offload``...;
-    ``codegen`` defaults to ``"eager"``). Sizes are multiples of ``step`` (e.g. 64 for
+    ``codegen`` defaults to ``"eager"``; an ``optimizer`` or ``optimizer_in_backward``
+    over ``model``'s parameters is planned through a copy over the fake ones, with its
+    state predicted, and is itself left untouched). Sizes are multiples of ``step`` (e.g. 64 for
     sequence lengths), at most ``max_size``. One line per probe goes to ``progress``: True
     (default) for stderr, a text stream, or False/None for silence. Dynamo's caches are reset before every probe.
     Before the first probe, ``model`` runs one eager forward at one ``step`` on fake
@@ -242,10 +246,10 @@ def fit(
             f"reserve={format_bytes(reserved)} leaves nothing of budget={format_bytes(total)} for the step; "
             f"lower the reserve or raise the budget."
         )
-    config = _config(options, total - reserved)
     _check_search(search, batch, seq, step, max_size, global_batch)
     _check_trainable(model, training)
-    fake_model, mode = _fake_model(model)
+    fake_model, mode, fakes = _fake_model(model)
+    config = _with_fake_optimizer(_config(options, total - reserved), fakes)
     sizes = _Sizes(search, batch, seq, step)
     _check_signature(make_inputs, sizes.call_args(1))
     stream = sys.stderr if progress is True else None if isinstance(progress, bool) else progress
@@ -349,20 +353,21 @@ class _Sizes:
         return f"{self.search} {size}"
 
 
-def _fake_model(model: Callable[..., Any]) -> tuple[Callable[..., Any], Any]:
-    """``model`` with fake parameters and buffers, and the fake mode to probe in. A module
-    whose tensors are already fake (built under a `FakeTensorMode`) is used as is; one with
+def _fake_model(model: Callable[..., Any]) -> tuple[Callable[..., Any], Any, dict[int, torch.Tensor]]:
+    """``model`` with fake parameters and buffers, the fake mode to probe in, and
+    ``id(real tensor) -> its fake copy`` (empty when nothing was copied). A module whose
+    tensors are already fake (built under a `FakeTensorMode`) is used as is; one with
     real tensors is deep-copied with each parameter and buffer replaced by a fake one (the
     copy shares nothing writable with ``model``; nothing of the size of a parameter is
     allocated)."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
     if not isinstance(model, torch.nn.Module):
-        return model, FakeTensorMode(allow_non_fake_inputs=True)
+        return model, FakeTensorMode(allow_non_fake_inputs=True), {}
     tensors = [*model.parameters(), *model.buffers()]
     fakes = [t for t in tensors if isinstance(t, FakeTensor)]
     if tensors and len(fakes) == len(tensors):
-        return model, fakes[0].fake_mode
+        return model, fakes[0].fake_mode, {}
     if fakes:
         raise MemoptFitError(
             f"{type(model).__name__} mixes {len(fakes)} fake and {len(tensors) - len(fakes)} real parameters/buffers; "
@@ -375,7 +380,64 @@ def _fake_model(model: Callable[..., Any]) -> tuple[Callable[..., Any], Any]:
         if isinstance(t, torch.nn.Parameter):
             fake = torch.nn.Parameter(fake, requires_grad=t.requires_grad)
         memo[id(t)] = fake
-    return copy.deepcopy(model, memo), mode
+    return copy.deepcopy(model, memo), mode, {k: v for k, v in memo.items() if isinstance(v, torch.Tensor)}
+
+
+def _with_fake_optimizer(config: MemoptConfig, fakes: Mapping[int, torch.Tensor]) -> MemoptConfig:
+    """``config`` with its ``optimizer`` / ``optimizer_in_backward`` replaced by a copy
+    over the fake parameters (`_fake_optimizer`), so each probe's plan counts the
+    optimizer's state (predicted: `memopt.optim.state_size`) and, in backward, each
+    gradient dying at its update. The user's optimizer is not touched."""
+    optimizer = config.step_optimizer
+    if optimizer is None:
+        return config
+    proxy = _fake_optimizer(optimizer, fakes)
+    fused = config.optimizer_in_backward is not None
+    return dataclasses.replace(
+        config, optimizer=None if fused else proxy, optimizer_in_backward=proxy if fused else None
+    )
+
+
+def _fake_optimizer(optimizer: Any, fakes: Mapping[int, torch.Tensor]) -> Any:
+    """A shallow copy of ``optimizer`` whose groups hold the fake copies of its
+    parameters (``fakes``: `_fake_model`'s map; empty when the model's parameters are
+    fake already and the optimizer is over them), with no state (it is predicted) and
+    without memopt's in-backward attachment (the copy gets its own). Raises
+    `MemoptFitError` for a parameter that is not the model's."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer  # the config's own check names the problem
+    groups = []
+    for group in optimizer.param_groups:
+        params = []
+        for p in group["params"]:
+            fake = fakes.get(id(p)) if fakes else p
+            if fake is None:
+                raise MemoptFitError(
+                    f"the optimizer ({type(optimizer).__name__}) holds a parameter of shape {tuple(p.shape)} that is "
+                    f"not the model's: fit plans the model's step with the optimizer's state. Build the optimizer "
+                    f"over model.parameters() (the model passed to fit)."
+                )
+            params.append(fake)
+        groups.append({**group, "params": params})
+    proxy = copy.copy(optimizer)
+    for attribute in ("step", "_memopt_in_backward"):
+        proxy.__dict__.pop(attribute, None)  # instance attributes memopt's attachment set
+    proxy.param_groups = groups
+    proxy.state = collections.defaultdict(dict)
+    return proxy
+
+
+def _reset_optimizer(config: MemoptConfig) -> None:
+    """After a probe: the fake optimizer copy as it was before it (no gradients, no
+    state, no update pending), so the next probe predicts its state afresh and its
+    in-backward updates are not taken for a second backward before a step."""
+    optimizer = config.step_optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return
+    optimizer.zero_grad(set_to_none=True)
+    if config.optimizer_in_backward is not None:
+        optimizer.step()  # memopt's wrapped step: clears the updates pending (no gradient is left to step)
+    optimizer.state.clear()
 
 
 @contextlib.contextmanager
@@ -481,7 +543,10 @@ class _Runner:
             with _planning(self.mode, self.training):
                 inputs = self.make_inputs(*self.sizes.call_args(size))
                 args, kwargs = _as_call(inputs)
-                explanation = _assume_outputs_kept(explain(self.model, *args, options=self.config, **kwargs))
+                try:
+                    explanation = _assume_outputs_kept(explain(self.model, *args, options=self.config, **kwargs))
+                finally:
+                    _reset_optimizer(self.config)
                 explanation.timeline()  # raises if memopt compiled nothing
         except MemoptFitError:
             raise

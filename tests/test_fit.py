@@ -226,6 +226,11 @@ def build():
 
 def not_a_pair():
     return MLP()
+
+
+def with_adamw():
+    model = MLP()
+    return model, lambda batch: torch.randn(batch, 32), torch.optim.AdamW(model.parameters())
 """
 
 
@@ -244,6 +249,14 @@ def test_cli_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "even batch 1 does not fit" in capsys.readouterr().err
     assert cli_main(["fit", f"{path}:not_a_pair", "--budget", "1GiB"]) == 2
     assert "must return (model, make_inputs)" in capsys.readouterr().err
+    assert cli_main(["fit", f"{path}:build", "--budget", "1GiB", "--in-backward"]) == 2
+    assert "returns none" in capsys.readouterr().err
+    sizes = {}
+    for extra in ([], ["--in-backward"]):  # AdamW's state (8 bytes per parameter) is planned
+        assert cli_main(["fit", f"{path}:with_adamw", "--budget", "900KiB", "--json", "--quiet", *extra]) == 0
+        sizes[bool(extra)] = json.loads(capsys.readouterr().out)["batch"]
+    assert cli_main(["fit", f"{path}:build", "--budget", "900KiB", "--json", "--quiet"]) == 0
+    assert sizes[False] <= sizes[True] < json.loads(capsys.readouterr().out)["batch"]
     assert cli_main(["fit", f"{path}:build", "--budget", "12 parsecs"]) == 2
     assert "not understood" in capsys.readouterr().err
 
@@ -276,10 +289,50 @@ def test_fit_returns_what_a_scan_of_every_size_returns() -> None:
     floor = _planned_peak(model, make(4), 1)
     budget = (unoptimized + floor) // 2
     result = memopt.fit(model, make, budget, options=OPTIONS, progress=None)
-    fake, mode = _fake_model(model)
+    fake, mode, _ = _fake_model(model)
     scan = _Runner(fake, make, _Sizes("batch", 1, None, 1), _config(OPTIONS, budget), mode, True, None, budget)
     verdicts = [scan(size) for size in range(1, result.batch + 3)]
     assert verdicts == sorted(verdicts, reverse=True)  # monotone: fits, ..., fits, over, ...
     assert result.batch == sum(verdicts) and not result.capped
     assert scan.peaks[result.batch] == result.estimated_peak_bytes
     assert not all(p.planned_peak_bytes == p.unoptimized_peak_bytes for p in result.probes)  # the planner worked
+
+
+def test_fit_plans_the_optimizer_state_and_the_update_in_backward() -> None:
+    """options optimizer= / optimizer_in_backward= reach every probe through a copy of
+    the optimizer over the fake parameters: the planned peak counts the (predicted)
+    state, equal to memopt.explain's on real tensors with the same option; the update
+    in backward fits a batch at least as large; the user's optimizer and model are
+    untouched."""
+    torch.manual_seed(0)
+    model = MLP()
+    before = [p.detach().clone() for p in model.parameters()]
+    budget = _budget_for(model, _mlp_inputs, 150)
+    plain = memopt.fit(model, _mlp_inputs, budget, options=OPTIONS, progress=None)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    stepped = memopt.fit(model, _mlp_inputs, budget, options={**OPTIONS, "optimizer": opt}, progress=None)
+    assert stepped.batch < plain.batch  # AdamW's 8 bytes per parameter take room
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", memopt.MemoptWarning)
+        real = memopt.explain(
+            model, _mlp_inputs(stepped.batch), options={**OPTIONS, "optimizer": opt, "memory_budget": budget}
+        )
+    state = 8 * sum(p.numel() for p in model.parameters())  # AdamW, fp32: two moments
+    for explanation in (real, stepped.explanation):
+        assert explanation is not None
+        counted = explanation.step_optimizer()
+        assert counted is not None and sum(counted.state_bytes.values()) == state
+    assert stepped.estimated_peak_bytes == real.estimated_peak_bytes
+    fused_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    fused = memopt.fit(model, _mlp_inputs, budget, options={**OPTIONS, "optimizer_in_backward": fused_opt}, progress=None)
+    assert fused.batch >= stepped.batch
+    assert not opt.state and not fused_opt.state and not hasattr(fused_opt, "_memopt_in_backward")
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_fit_refuses_an_optimizer_over_another_model() -> None:
+    other = torch.optim.SGD(MLP().parameters(), lr=0.1)
+    with pytest.raises(memopt.MemoptFitError, match="not the model's"):
+        memopt.fit(MLP(), _mlp_inputs, "1GiB", options={**OPTIONS, "optimizer": other}, progress=None)

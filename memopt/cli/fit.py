@@ -1,10 +1,12 @@
 """``memopt fit FILE.py:FACTORY --budget 24GiB``: the largest batch that fits a budget.
 
-FACTORY is a function of no arguments in FILE.py returning ``(model, make_inputs)``:
-``model`` is an ``nn.Module`` (or a callable of tensors) and ``make_inputs(batch)`` (or
-``make_inputs(batch, seq)`` when ``--seq`` is given or ``--search seq``) returns the
-inputs of one training call: a tensor, a tuple of positional arguments or a dict of
-keyword arguments. The factory runs under a FakeTensorMode and so does every probe:
+FACTORY is a function of no arguments in FILE.py returning ``(model, make_inputs)`` or
+``(model, make_inputs, optimizer)``: ``model`` is an ``nn.Module`` (or a callable of
+tensors) and ``make_inputs(batch)`` (or ``make_inputs(batch, seq)`` when ``--seq`` is
+given or ``--search seq``) returns the inputs of one training call: a tensor, a tuple of
+positional arguments or a dict of keyword arguments. With an optimizer (over
+``model.parameters()``) the plan counts its state, and ``--in-backward`` plans each
+update inside backward (``optimizer_in_backward``) instead of a separate ``opt.step()``. The factory runs under a FakeTensorMode and so does every probe:
 nothing of the model or the step is allocated, and a model larger than this machine
 can be fitted. One line per probe goes to stderr; the result to stdout.
 """
@@ -23,7 +25,7 @@ def add_parser(sub: Any) -> None:
     """Register the ``fit`` subcommand on ``sub`` (an argparse subparsers object)."""
     fit = sub.add_parser("fit", help="largest batch (or sequence) of FILE.py:FACTORY that fits a budget",
                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    fit.add_argument("target", help="FILE.py:FACTORY, a function returning (model, make_inputs)")
+    fit.add_argument("target", help="FILE.py:FACTORY, a function returning (model, make_inputs[, optimizer])")
     fit.add_argument("--budget", required=True, help="memory budget, e.g. 24GiB, 512MB or bytes")
     fit.add_argument("--seq", type=int, help="fixed sequence length: make_inputs(batch, seq) is called")
     fit.add_argument("--search", choices=["batch", "seq"], default="batch", help="dimension to search (default batch)")
@@ -32,6 +34,8 @@ def add_parser(sub: Any) -> None:
     fit.add_argument("--global-batch", type=int, help="samples per optimizer step: report the accumulation steps")
     fit.add_argument("--max-batch", "--max-size", dest="max_size", type=int, help="largest size to probe")
     fit.add_argument("--reserve", help="bytes kept outside the step (e.g. optimizer state), e.g. 2GiB")
+    fit.add_argument("--in-backward", action="store_true",
+                     help="plan FACTORY's optimizer inside backward (optimizer_in_backward) instead of opt.step()")
     fit.add_argument("--options", metavar="JSON", help='memopt options as JSON, e.g. \'{"precision": "bf16"}\'')
     fit.add_argument("--plan", action="store_true", help="also print memopt's report of the fitted step")
     fit.add_argument("--json", action="store_true", help="print the result as JSON (FitResult.to_dict())")
@@ -48,13 +52,19 @@ def run(args: argparse.Namespace) -> int:
     factory = load_factory(args.target)
     with FakeTensorMode(allow_non_fake_inputs=True):
         built = factory()
-    if not isinstance(built, (tuple, list)) or len(built) != 2 or not callable(built[1]):
+    if not isinstance(built, (tuple, list)) or len(built) not in (2, 3) or not callable(built[1]):
         raise CLIError(
-            f"{args.target} must return (model, make_inputs) with make_inputs(batch) a function; got "
-            f"{type(built).__name__}" + (f" of length {len(built)}" if isinstance(built, (tuple, list)) else "")
+            f"{args.target} must return (model, make_inputs) or (model, make_inputs, optimizer) with "
+            f"make_inputs(batch) a function; got {type(built).__name__}"
+            + (f" of length {len(built)}" if isinstance(built, (tuple, list)) else "")
         )
-    model, make_inputs = built
+    model, make_inputs, optimizer = (*built, None) if len(built) == 2 else built
     options = json.loads(args.options) if args.options else {}
+    if args.in_backward and optimizer is None:
+        raise CLIError(f"--in-backward plans an optimizer's update in backward, but {args.target} returns none; "
+                       f"return (model, make_inputs, optimizer) or drop --in-backward.")
+    if optimizer is not None:
+        options["optimizer_in_backward" if args.in_backward else "optimizer"] = optimizer
     try:
         result = memopt.fit(
             model, make_inputs, args.budget, search=args.search, batch=args.batch, seq=args.seq,
