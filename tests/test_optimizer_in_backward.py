@@ -402,3 +402,55 @@ def test_inductor_codegen_matches_separate_step() -> None:
     fused, _ = _train(_mlp, batches, OPTIMIZERS["AdamW"], in_backward=True, codegen="inductor")
     for p, q in zip(reference.parameters(), fused.parameters()):
         torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_updates_in_pieces_are_bitwise_equal_to_whole_steps(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Elementwise updates run over pieces of a parameter (memopt.codegen._chunks):
+    with pieces of 100 elements (uneven: 1024-element weights end in a piece of 24;
+    8-bit AdamW's pieces round to its 64-element blocks) the in-backward run is bitwise
+    equal to the separate step run on whole parameters."""
+    from memopt.codegen import _chunks
+
+    build, batches = (_gpt, _gpt_batches(4)) if name in ("AdamW", "GaLoreAdamW") else (_mlp, _mlp_batches(4))
+    reference, _ = _train(build, batches, OPTIMIZERS[name], in_backward=False)
+    monkeypatch.setattr(_chunks, "UPDATE_CHUNK_ELEMENTS", 100)
+    assert any(p.numel() > 100 for p in build().parameters())
+    pieced, _ = _train(build, batches, OPTIMIZERS[name], in_backward=True)
+    _assert_bitwise(reference, pieced)
+
+
+@pytest.mark.parametrize(
+    "make, per_piece",
+    [(lambda ps: torch.optim.AdamW(ps, lr=1e-3), 2), (lambda ps: AdamW8bit(ps, lr=1e-3), 10)],
+    ids=["AdamW", "AdamW8bit"],
+)
+def test_one_update_holds_temporaries_of_one_piece_not_of_the_parameter(
+    make: MakeOpt, per_piece: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 16 MiB parameter's update (its state already made) grows the heap by a few
+    pieces of 4 MiB (AdamW: its ``sqrt`` and ``div``, 2; 8-bit AdamW's reference: the
+    fp32 gradient, moments and parameter, and the int64 code indices, under 10); stepped
+    whole (pieces larger than the parameter), by the same multiple of the parameter."""
+    from memopt.codegen import _chunks
+    from memopt.optim._per_param import per_param_update
+    from memopt.testing.measure import measure_peak
+
+    def growth() -> int:
+        torch.manual_seed(0)
+        param = nn.Parameter(torch.randn(4096, 1024))
+        opt = make([param])
+        update, group = per_param_update(opt), opt.param_groups[0]
+        grad = torch.randn_like(param)
+        for _ in range(2):  # the first step makes the state
+            param.grad = grad
+            peak = measure_peak(lambda: update(opt, group, param, 1)).peak_growth_bytes
+        return peak
+
+    param_bytes = 4096 * 1024 * 4
+    pieced = growth()
+    monkeypatch.setattr(_chunks, "UPDATE_CHUNK_ELEMENTS", 1 << 30)
+    whole = growth()
+    piece_bytes = (1 << 20) * 4
+    assert pieced <= per_piece * piece_bytes + 4096
+    assert whole >= 2 * param_bytes and whole >= 3 * pieced

@@ -498,14 +498,14 @@ def _update_temporaries(
     apply_update = _apply_update_op()
     for storage, at in updates.items():
         if storage.device == device:
-            nbytes = memory.update_factor * storage.nbytes
+            nbytes = memory.update_temporaries(storage.nbytes)
             out.append(LiveInterval("backward", storage.producer, "temporaries", nbytes, at, at, workspace=True,
                                     region=step.region))  # fmt: skip
     for node, at in bw.index.items():
         if apply_update is not None and node.target is apply_update and isinstance(node.args[0], fx.Node):
             value = meta.tensor_value(node.args[0])
             if value is not None and value.device == device:
-                nbytes = memory.update_factor * concrete_int(value.numel()) * value.element_size()
+                nbytes = memory.update_temporaries(concrete_int(value.numel()) * value.element_size())
                 out.append(LiveInterval("backward", node, "temporaries", nbytes, at, at, workspace=True,
                                         region=step.region))  # fmt: skip
     return out

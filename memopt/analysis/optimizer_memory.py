@@ -20,6 +20,9 @@ makes two tensors of the parameter's size (``exp_avg_sq.sqrt() / bias_correction
 its foreach path one list of the size of the whole group (the ``sqrt`` of every
 second moment), fused none; SGD one parameter-sized tensor with weight decay, else
 none; any other optimizer (memopt's included) is taken as the single-tensor Adam.
+Updates memopt runs itself go over pieces of the parameter (`memopt.codegen._chunks`):
+every in-backward update but a fused one, and memopt's optimizers' own ``step``; their
+temporaries are of one piece (``piece_bytes``), not of the parameter.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from memopt.codegen._chunks import UPDATE_CHUNK_ELEMENTS
 
 __all__ = ["OptimizerMemory", "optimizer_memory", "state_identity"]
 
@@ -57,6 +62,16 @@ class OptimizerMemory:
     """Temporaries of one parameter's update, in units of its size."""
     step_temporaries: int = 0
     """Bytes of temporaries alive at once during a separate ``opt.step()``."""
+    piece_bytes: int | None = None
+    """Bytes of one piece of an in-backward update (`memopt.codegen._chunks`): its
+    temporaries are ``update_factor`` of these at most. None: of the whole parameter."""
+
+    def update_temporaries(self, param_bytes: int) -> int:
+        """Bytes of temporaries while one in-backward update of a parameter of
+        ``param_bytes`` runs."""
+        if self.piece_bytes is not None:
+            param_bytes = min(param_bytes, self.piece_bytes)
+        return self.update_factor * param_bytes
 
     @property
     def total_state_bytes(self) -> int:
@@ -90,14 +105,21 @@ def optimizer_memory(optimizer: torch.optim.Optimizer, in_backward: bool) -> Opt
         factors.append(group_factor)
         step_temporaries = max(step_temporaries, group_temps)
     factor = max(factors, default=2)  # groups differ only by options: the largest, to be safe
-    return OptimizerMemory(type(optimizer).__name__, state, measured, in_backward, factor, step_temporaries)
+    sizes = [p.element_size() for g in optimizer.param_groups for p in g["params"]]
+    piece = UPDATE_CHUNK_ELEMENTS * max(sizes, default=4)
+    return OptimizerMemory(type(optimizer).__name__, state, measured, in_backward, factor, step_temporaries, piece)
 
 
 def _update_temporaries(optimizer: torch.optim.Optimizer, group: Mapping[str, Any], params: list[torch.Tensor]) -> tuple[int, int]:
     """(temporaries of one parameter's own update, in parameter sizes; bytes of a
     separate step's temporaries at once over ``group``)."""
+    from memopt.optim._per_param import uses_memopt_step
+
     sizes = [p.numel() * p.element_size() for p in params]
     largest = max(sizes, default=0)
+    if uses_memopt_step(optimizer):  # memopt's own step: each parameter in pieces
+        piece = UPDATE_CHUNK_ELEMENTS * max((p.element_size() for p in params), default=4)
+        return 2, 2 * min(largest, piece)
     if isinstance(optimizer, torch.optim.SGD):
         factor = 1 if group.get("weight_decay", 0) else 0
         return factor, factor * largest

@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from memopt.codegen._chunks import spans
 from memopt.codegen._triton import HAS_TRITON, launchable, use_triton
 
 __all__ = [
@@ -203,22 +204,44 @@ def _reference_step(
     block_size: int,
     c: Mapping[str, float],
 ) -> None:
-    """The PyTorch reference (any device; used on CPU). Holds fp32 copies of the parameter
-    and both moments while it runs (12 bytes per element of this one parameter); the Triton
-    kernel holds one block at a time."""
+    """The PyTorch reference (any device; used on CPU), over pieces of whole blocks
+    (`memopt.codegen._chunks.spans`): each piece holds fp32 copies of its parameter
+    elements and both moments while it runs (about 12 bytes per element of one piece,
+    not of the parameter); the Triton kernel holds one block at a time. Blocks are
+    independent, so the pieces give the bits one pass over the parameter gives."""
+    exp_avg_code, exp_avg_scale, exp_avg_sq_code, exp_avg_sq_scale = state
+    flat, flat_grad = param.detach().view(-1), grad.detach().reshape(-1)
+    for start, end in spans(flat.numel(), block_size):
+        blocks = slice(start // block_size, -(-end // block_size))
+        _reference_blocks(
+            flat[start:end], flat_grad[start:end],
+            (exp_avg_code[start:end], exp_avg_scale[blocks], exp_avg_sq_code[start:end], exp_avg_sq_scale[blocks]),
+            tables, block_size, c,
+        )  # fmt: skip
+
+
+def _reference_blocks(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    tables: CodeTables,
+    block_size: int,
+    c: Mapping[str, float],
+) -> None:
+    """`_reference_step` on flat ``param``/``grad`` starting at a block boundary."""
     exp_avg_code, exp_avg_scale, exp_avg_sq_code, exp_avg_sq_scale = state
     numel = param.numel()
     pad = (-numel) % block_size
-    g = F.pad(grad.reshape(-1).float(), (0, pad)).view(-1, block_size)
+    g = F.pad(grad.float(), (0, pad)).view(-1, block_size)
     m = dequantize_blockwise(exp_avg_code, exp_avg_scale, tables.signed, block_size)
     v = dequantize_blockwise(exp_avg_sq_code, exp_avg_sq_scale, tables.unsigned, block_size)
     # Separate multiplies and adds (no fused alpha): the same roundings as the kernel.
     m = m * c["beta1"] + (1.0 - c["beta1"]) * g
     v = v * c["beta2"] + (1.0 - c["beta2"]) * g * g
     denom = v.sqrt() / c["bias_correction2_sqrt"] + c["eps"]
-    p = F.pad(param.reshape(-1).float(), (0, pad)).view(-1, block_size)
+    p = F.pad(param.float(), (0, pad)).view(-1, block_size)
     p = p * c["decay"] - c["step_size"] * (m / denom)
-    param.copy_(p.view(-1)[:numel].view_as(param))
+    param.copy_(p.view(-1)[:numel])
     m_codes, m_scale = quantize_blockwise(m, tables.signed_mid)
     v_codes, v_scale = quantize_blockwise(v, tables.unsigned_mid)
     exp_avg_code.copy_(m_codes.view(-1)[:numel])

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from memopt.codegen._chunks import pieces
+
 __all__ = ["adam_coefficients", "init_adamw_state", "adamw_update", "adamw_group_step"]
 
 
@@ -51,12 +53,14 @@ def adamw_update(
     c: Mapping[str, float],
 ) -> None:
     """One AdamW step in place with coefficients ``c`` (`adam_coefficients`), bit-identical
-    to torch's single-tensor AdamW."""
-    param.mul_(c["decay"])
-    exp_avg.lerp_(grad, 1 - c["beta1"])
-    exp_avg_sq.mul_(c["beta2"]).addcmul_(grad, grad, value=1 - c["beta2"])
-    denom = (exp_avg_sq.sqrt() / c["bias_correction2_sqrt"]).add_(c["eps"])
-    param.addcdiv_(exp_avg, denom, value=-c["step_size"])
+    to torch's single-tensor AdamW; over pieces of the elements (`memopt.codegen._chunks`),
+    so its temporaries are at most one piece, not the parameter's size."""
+    for p, g, m, v in pieces(param, grad, exp_avg, exp_avg_sq):
+        p.mul_(c["decay"])
+        m.lerp_(g, 1 - c["beta1"])
+        v.mul_(c["beta2"]).addcmul_(g, g, value=1 - c["beta2"])
+        denom = (v.sqrt() / c["bias_correction2_sqrt"]).add_(c["eps"])
+        p.addcdiv_(m, denom, value=-c["step_size"])
 
 
 def adamw_group_step(
