@@ -205,43 +205,32 @@ def _reference_step(
     c: Mapping[str, float],
 ) -> None:
     """The PyTorch reference (any device; used on CPU), over pieces of whole blocks
-    (`memopt.codegen._chunks.spans`): each piece holds fp32 copies of its parameter
-    elements and both moments while it runs (about 12 bytes per element of one piece,
-    not of the parameter); the Triton kernel holds one block at a time. Blocks are
-    independent, so the pieces give the bits one pass over the parameter gives."""
-    exp_avg_code, exp_avg_scale, exp_avg_sq_code, exp_avg_sq_scale = state
-    flat, flat_grad = param.detach().view(-1), grad.detach().reshape(-1)
-    for start, end in spans(flat.numel(), block_size):
-        blocks = slice(start // block_size, -(-end // block_size))
-        _reference_blocks(
-            flat[start:end], flat_grad[start:end],
-            (exp_avg_code[start:end], exp_avg_scale[blocks], exp_avg_sq_code[start:end], exp_avg_sq_scale[blocks]),
-            tables, block_size, c,
-        )  # fmt: skip
-
-
-def _reference_blocks(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    state: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    tables: CodeTables,
-    block_size: int,
-    c: Mapping[str, float],
-) -> None:
-    """`_reference_step` on flat ``param``/``grad`` starting at a block boundary."""
+    (`memopt.codegen._chunks.spans`; a parameter of more than one piece recurses into
+    flat views of its pieces): each piece holds fp32 copies of its parameter elements
+    and both moments while it runs (about 12 bytes per element of one piece, not of the
+    parameter); the Triton kernel holds one block at a time. Blocks are independent, so
+    the pieces give the bits one pass over the parameter gives."""
     exp_avg_code, exp_avg_scale, exp_avg_sq_code, exp_avg_sq_scale = state
     numel = param.numel()
+    pieces = list(spans(numel, block_size))
+    if len(pieces) > 1:
+        flat, flat_grad = param.detach().view(-1), grad.detach().reshape(-1)
+        for start, end in pieces:
+            blocks = slice(start // block_size, -(-end // block_size))
+            piece_state = (exp_avg_code[start:end], exp_avg_scale[blocks], exp_avg_sq_code[start:end], exp_avg_sq_scale[blocks])
+            _reference_step(flat[start:end], flat_grad[start:end], piece_state, tables, block_size, c)
+        return
     pad = (-numel) % block_size
-    g = F.pad(grad.float(), (0, pad)).view(-1, block_size)
+    g = F.pad(grad.reshape(-1).float(), (0, pad)).view(-1, block_size)
     m = dequantize_blockwise(exp_avg_code, exp_avg_scale, tables.signed, block_size)
     v = dequantize_blockwise(exp_avg_sq_code, exp_avg_sq_scale, tables.unsigned, block_size)
     # Separate multiplies and adds (no fused alpha): the same roundings as the kernel.
     m = m * c["beta1"] + (1.0 - c["beta1"]) * g
     v = v * c["beta2"] + (1.0 - c["beta2"]) * g * g
     denom = v.sqrt() / c["bias_correction2_sqrt"] + c["eps"]
-    p = F.pad(param.float(), (0, pad)).view(-1, block_size)
+    p = F.pad(param.reshape(-1).float(), (0, pad)).view(-1, block_size)
     p = p * c["decay"] - c["step_size"] * (m / denom)
-    param.copy_(p.view(-1)[:numel])
+    param.copy_(p.view(-1)[:numel].view_as(param))
     m_codes, m_scale = quantize_blockwise(m, tables.signed_mid)
     v_codes, v_scale = quantize_blockwise(v, tables.unsigned_mid)
     exp_avg_code.copy_(m_codes.view(-1)[:numel])
