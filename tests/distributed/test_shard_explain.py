@@ -1,0 +1,58 @@
+"""`memopt.explain` on a model sharded by `memopt.distributed.shard`, on a fake world of
+8 ranks: its report carries the per-rank sharding section, and its own memory breakdown
+counts parameter shards as parameters and all-gathered parameters as gathered
+parameters, not as inputs and saved activations."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import memopt
+import memopt.distributed as md
+
+
+def _model(layers: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return md.shard(nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(layers)]), stage=3)
+
+
+def _explain(fn: object, *args: torch.Tensor, **options: object) -> memopt.Explanation:
+    torch._dynamo.reset()
+    return memopt.explain(fn, *args, options={"codegen": "eager", "strict": True, **options})
+
+
+def test_report_has_the_sharding_section(fake_world):
+    """The model itself (or its compiled form) is recognised: the report ends its memory
+    part with `md.report`'s tables; without an optimizer the state row says '-'."""
+    model = _model()
+    explanation = _explain(model, torch.randn(2, 64))
+    assert explanation.sharded_model is model
+    text = explanation.report()
+    assert "sharding (memopt.distributed.report, this rank):" in text
+    assert "ZeRO stage 3, rank 0 of 8" in text
+    assert "gathered parameters: 4, 64.00 KiB" in text
+    assert "collectives per step" in text and "planned peak on this rank" in text
+    state = next(line for line in text.splitlines() if line.startswith("optimizer state "))
+    assert state.split()[-3:] == ["-", "-", "-"]
+    assert _explain(torch.compile(model), torch.randn(2, 64)).sharded_model is model
+
+
+def test_report_uses_the_optimizer_of_the_options(fake_world):
+    """``options={"optimizer": opt}`` fills the optimizer-state row (AdamW: 8 bytes per
+    element of this rank's rows, 4 x 64 x 64 / 8 elements = 16 KiB)."""
+    model = _model()
+    optimizer = md.ShardedOptimizer(lambda p: torch.optim.AdamW(p, lr=1e-3), model)
+    text = _explain(model, torch.randn(2, 64), optimizer=optimizer).report()
+    state = next(line for line in text.splitlines() if line.startswith("optimizer state "))
+    assert state.split()[-2:] == ["16.00", "KiB"]
+
+
+def test_plain_models_and_functions_have_no_sharding_section(fake_world):
+    model = nn.Linear(8, 8)
+    assert "sharding (" not in _explain(model, torch.randn(2, 8)).report()
+    sharded = _model(1)
+    explanation = _explain(lambda x: sharded(x).sum(), torch.randn(2, 64))
+    assert explanation.sharded_model is None  # a closure: set explanation.sharded_model by hand
+    explanation.sharded_model = sharded
+    assert "ZeRO stage 3" in explanation.report()
