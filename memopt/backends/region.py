@@ -33,7 +33,7 @@ from memopt.errors import MemoptBudgetError, MemoptInternalError, MemoptOffloadE
 from memopt.failsoft import Fallback, fail_soft, is_torch_signal
 from memopt.graph import meta
 from memopt.graph.partition import JointGraph
-from memopt.graph.step import InputInfo, StepGraphs, output_values
+from memopt.graph.step import InputInfo, StepGraphs, output_values, placeholder_inputs
 from memopt.passes.base import Pass, PassContext
 from memopt.passes.instruments import (
     DumpInstrument,
@@ -317,7 +317,7 @@ class RegionCompiler:
             backward,
             num_fwd_outputs,
             self.region,
-            self.inputs,
+            placeholder_inputs(self.inputs, forward),
             joint=JointGraph(
                 joint_module,
                 num_fwd_outputs,
@@ -365,5 +365,6 @@ class RegionCompiler:
     def inference_step(self, gm: fx.GraphModule) -> StepGraphs:
         n = len(output_values(gm))
         return StepGraphs(
-            gm, None, n, self.region, self.inputs, fused_codegen=self.config.codegen == "inductor", num_user_outputs=n
+            gm, None, n, self.region, placeholder_inputs(self.inputs, gm),
+            fused_codegen=self.config.codegen == "inductor", num_user_outputs=n,
         )

@@ -56,3 +56,38 @@ def test_plain_models_and_functions_have_no_sharding_section(fake_world):
     assert explanation.sharded_model is None  # a closure: set explanation.sharded_model by hand
     explanation.sharded_model = sharded
     assert "ZeRO stage 3" in explanation.report()
+
+
+def test_shards_are_parameters_and_gathered_weights_have_their_own_category(fake_world):
+    """AOTAutograd flattens each DTensor parameter into its local tensor and its device
+    mesh: the local tensor is a parameter (rank 0 holds 8 of 64 rows: 2 KiB each), the
+    mesh is 'other', the batch an input. Each all-gather of a shard is a gathered
+    parameter, not an activation: at the peak (backward's first matmul) the three
+    weights backward reads (the first layer's is not needed: the batch needs no
+    gradient) are 48 KiB of gathered parameters, and the saved activations are the
+    three 2x64 matmul outputs. Gathered weights kept for backward are still values
+    saved for backward (the planner may re-gather them)."""
+    explanation = _explain(_model(), torch.randn(2, 64))
+    step = explanation.region(0).step
+    kinds = [info.kind for info in step.inputs]
+    assert kinds == ["parameter", "other", "input"] + ["parameter", "other"] * 3
+    timeline = explanation.timeline()
+    breakdown = timeline.peak_breakdown
+    assert timeline.baseline_bytes == breakdown["parameters"] + breakdown["inputs"] == 4 * 2048 + 512
+    assert breakdown["gathered_parameters"] == 3 * 64 * 64 * 4
+    assert breakdown["saved_activations"] == 3 * 2 * 64 * 4
+    gathered = timeline.by_category("gathered_parameters")
+    assert sorted(iv.node.name for iv in gathered) == [f"all_gather_into_tensor{s}" for s in ("", "_1", "_2", "_3")]
+    kept = {iv.node.name for iv in timeline.saved_activations() if iv.category == "gathered_parameters"}
+    assert kept == {"all_gather_into_tensor_1", "all_gather_into_tensor_2", "all_gather_into_tensor_3"}
+    text = explanation.report()
+    assert "gathered parameters                   48.00 KiB" in text
+
+
+def test_parameters_gathered_again_in_backward_are_gathered_parameters(fake_world):
+    """Under a budget the planner frees some gathered weights after forward and gathers
+    them again in backward: those backward all-gathers are gathered parameters too."""
+    explanation = _explain(_model(), torch.randn(2, 64), memory_budget=0.75, plan_across_graph_breaks=False)
+    again = [iv for iv in explanation.timeline().by_category("gathered_parameters") if iv.graph == "backward"]
+    assert again and all(iv.nbytes == 64 * 64 * 4 for iv in again)
+    assert not any(iv.saved_for_backward for iv in again)
