@@ -25,6 +25,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from memopt.analysis.memory import build_timeline, main_device
 from memopt.analysis.optimizer_memory import OptimizerMemory, optimizer_memory
+from memopt.backends.meta_device import check_backward_reaches_inputs
 from memopt.backends.ranks import agree_across_ranks
 from memopt.backends.record import RegionRecord, active_recorders
 from memopt.codegen.eager import compile_eager
@@ -327,6 +328,7 @@ class RegionCompiler:
             num_user_outputs=self.num_user_outputs,
             optimizer=self._optimizer_memory(),
         )
+        check_backward_reaches_inputs(step)
         step = self.optimize(step)
         assert step.backward is not None
         return step.forward, step.backward
