@@ -91,3 +91,34 @@ def test_parameters_gathered_again_in_backward_are_gathered_parameters(fake_worl
     again = [iv for iv in explanation.timeline().by_category("gathered_parameters") if iv.graph == "backward"]
     assert again and all(iv.nbytes == 64 * 64 * 4 for iv in again)
     assert not any(iv.saved_for_backward for iv in again)
+
+
+_FACTORY = '''
+import torch, torch.nn as nn
+import memopt.distributed as md
+
+
+def build():
+    model = md.shard(nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(4)]), stage=3)
+    return model, torch.randn(2, 64)
+'''
+
+
+def test_cli_report_of_a_sharded_factory(fake_world, tmp_path, capsys):
+    """``memopt report FILE.py:build`` builds the sharded model on fake tensors (the mesh
+    is made outside the fake mode) and prints the sharding section; this rank's
+    parameter bytes are counted per storage, not per (fake, all-zero) address."""
+    from memopt.cli.main import main as cli_main
+
+    path = tmp_path / "sharded_factory.py"
+    path.write_text(_FACTORY)
+    torch._dynamo.reset()
+    assert cli_main(["report", f"{path}:build", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "ZeRO stage 3, rank 0 of 8" in text
+    state = text[text.index("ZeRO stage 3") :]
+    params = next(line for line in state.splitlines() if line.startswith("parameters  "))
+    assert params.split()[-4:] == ["8.00", "KiB", "8.00", "KiB"]  # this rank, ZeRO's formula
+    with torch.device("meta"):
+        meta = md.shard(nn.Linear(64, 64), stage=3)
+    assert md.model_state_bytes(meta).params == (64 * 64 + 64) * 4 // 8
