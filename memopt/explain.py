@@ -45,6 +45,10 @@ class Explanation:
     optimizer: Any = None
     """The training step's optimizer, if known (`attach_optimizer`): its state is
     reported next to the step's estimate."""
+    sharded_model: Any = None
+    """The model `memopt.distributed.shard` sharded, when `explain` was given it (or a
+    bound method of it): ``report()`` adds its per-rank section
+    (`memopt.distributed.report`). Set it by hand for `record`."""
 
     def attach_optimizer(self, optimizer: Any) -> Explanation:
         """Report ``optimizer``'s state bytes (read when the report is rendered, so
@@ -199,6 +203,17 @@ class Explanation:
             pickle.dump(self.memory_snapshot(), f)
         return path
 
+    def _sharding_lines(self) -> list[str]:
+        """The per-rank section of a sharded model (`memopt.distributed.report`), with
+        the attached optimizer or the one the options name; none for other models."""
+        if self.sharded_model is None:
+            return []
+        from memopt.distributed.report import report as sharding_report
+
+        optimizer = self.optimizer if self.optimizer is not None else self._config().step_optimizer
+        text = sharding_report(self.sharded_model, self if self._has_memory() else None, optimizer)
+        return ["", "sharding (memopt.distributed.report, this rank):", text]
+
     def _budget(self) -> int | None:
         budgets = [r.plan.budget_bytes for r in self.regions if r.plan is not None]
         return next((b for b in budgets if b is not None), None)
@@ -279,6 +294,7 @@ class Explanation:
                         f"{r.plan.solver.get('segments')} segments):",
                         tradeoff_table(r.plan.tradeoff, r.plan.estimated_peak_after),
                     ]
+        lines += self._sharding_lines()
         for r in self.regions:
             lines.append("")
             lines.append(f"region {r.region} ({r.kind}): graphs {_graph_sizes(r)}")
@@ -295,6 +311,19 @@ class Explanation:
                 what = f"pass {fb.pass_name!r}" if fb.stage == "passes" else fb.stage
                 lines.append(f"FALLBACK: {what} failed: {fb.reason}; {fb.outcome}")
         return "\n".join(lines)
+
+
+def _sharded_model(fn: Any) -> Any:
+    """The model `memopt.distributed.shard` sharded that ``fn`` is (itself, compiled by
+    ``torch.compile``, or a bound method of it), else None."""
+    if not torch.distributed.is_available():
+        return None
+    from memopt.distributed.api import ShardedModule
+
+    for candidate in (fn, getattr(fn, "_orig_mod", None), getattr(fn, "__self__", None)):
+        if isinstance(candidate, ShardedModule):
+            return candidate
+    return None
 
 
 def _graph_sizes(r: RegionRecord) -> str:
@@ -360,7 +389,7 @@ def explain(
             leaves = list(_autograd_leaves(loss))
             if leaves:
                 torch.autograd.grad(loss, leaves, allow_unused=True)
-    return Explanation(list(records), config)
+    return Explanation(list(records), config, sharded_model=_sharded_model(fn))
 
 
 @contextlib.contextmanager

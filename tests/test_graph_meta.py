@@ -41,6 +41,14 @@ def test_tangents_and_primals_naming():
     assert any(meta.is_tangent(p) for p in step.backward.graph.find_nodes(op="placeholder"))
 
 
+def test_placeholders_name_the_dynamo_input_they_hold():
+    """AOTAutograd's descriptors: plain inputs map one to one (a DTensor's local tensor
+    and mesh map to its index with a part name: tests/distributed/test_shard_explain.py)."""
+    step = capture_step(_model_fn, torch.randn(4, 5), torch.randn(5, 6, requires_grad=True))
+    placeholders = step.forward.graph.find_nodes(op="placeholder")
+    assert [meta.dynamo_input_of(p) for p in placeholders] == [(0, ""), (1, "")]
+
+
 def test_random_and_side_effect_classification():
     from torch.fx.experimental.proxy_tensor import make_fx
 

@@ -10,6 +10,9 @@ storage (see `memopt.analysis.aliasing`) gets a live interval on it:
   for backward, to its last use in backward (backward frees saved values as it consumes
   them: boxed calling convention); a user output stays live after the step; a mutated
   input written back by AOTAutograd's wrapper dies at the end of forward;
+* a parameter all-gathered from its shard (`memopt.graph.meta.is_regatherable`: ZeRO-3's
+  gathered weights, in forward or gathered again in backward) is a ``gathered_parameters``
+  value, not an activation, and lives as any other value does (saved or not);
 * incoming gradients (tangents) are allocated when backward starts;
 * backward values die after their last use, except the gradients backward returns,
   which stay live (they become ``.grad``);
@@ -64,6 +67,7 @@ CATEGORIES = (
     "parameters",
     "buffers",
     "inputs",
+    "gathered_parameters",
     "saved_activations",
     "gradients",
     "optimizer_state",
@@ -110,6 +114,15 @@ class LiveInterval:
     output_index: int = 0
     """Which of ``node``'s outputs the storage is (ops like ``native_layer_norm`` make
     several)."""
+    saved: bool = False
+    """Kept from forward for backward where the category does not say so (a gathered
+    parameter the plan keeps); read `saved_for_backward`."""
+
+    @property
+    def saved_for_backward(self) -> bool:
+        """A value forward keeps for backward: a saved activation or a kept gathered
+        parameter (what remat, offload and compression may act on)."""
+        return self.saved or self.category == "saved_activations"
 
     @property
     def name(self) -> str:
@@ -181,8 +194,9 @@ class MemoryTimeline:
         return self.peak_bytes - self.baseline_bytes
 
     def saved_activations(self) -> list[LiveInterval]:
-        """Saved-for-backward storages, largest first."""
-        saved = [iv for iv in self.intervals if iv.category == "saved_activations"]
+        """Saved-for-backward storages (gathered parameters kept for backward too),
+        largest first."""
+        saved = [iv for iv in self.intervals if iv.saved_for_backward]
         return sorted(saved, key=lambda iv: -iv.nbytes)
 
     def by_category(self, category: str) -> list[LiveInterval]:
@@ -351,12 +365,15 @@ def build_timeline(step: StepGraphs) -> MemoryTimeline:
     ) -> None:
         if storage.device != device or storage in owner or storage.producer in virtual:
             return
+        saved = category == "saved_activations"
+        if category in ("saved_activations", "temporaries") and meta.is_regatherable(storage.producer):
+            category = "gathered_parameters"
         nbytes = storage.nbytes
         if storage.index == 0 and storage.producer.op == "call_function" and not step.fused_codegen:
             nbytes += retained_bytes(storage.producer, device)
         iv = LiveInterval(
             graph, storage.producer, category, nbytes, start, end, region=step.region, identity=identity,
-            output_index=storage.index,
+            output_index=storage.index, saved=saved and category != "saved_activations",
         )  # fmt: skip
         owner[storage] = iv
         intervals.append(iv)

@@ -144,7 +144,7 @@ def with_stored(timeline: MemoryTimeline, chosen: Sequence[StorageCandidate]) ->
     by_key = {storage_key(c.group): c for c in chosen}
     intervals: list[LiveInterval] = []
     for iv in timeline.intervals:
-        c = by_key.get((iv.node, iv.output_index)) if iv.category == "saved_activations" else None
+        c = by_key.get((iv.node, iv.output_index)) if iv.saved_for_backward else None
         if c is None:
             intervals.append(iv)
             continue
@@ -194,7 +194,7 @@ class _Places:
         self.intervals = {
             (iv.node, iv.output_index): iv
             for iv in timeline.intervals
-            if iv.category == "saved_activations" and iv.region == step.region
+            if iv.saved_for_backward and iv.region == step.region
         }
 
     def window(self, group: SavedStorage) -> tuple[LiveInterval, int, int] | None:

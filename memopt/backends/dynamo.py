@@ -18,6 +18,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from memopt._logging import configure_from_env
+from memopt.backends.meta_device import composite_autograd_on_meta
 from memopt.backends.observe import observe_outputs
 from memopt.backends.record import active_recorders
 from memopt.backends.region import RegionCompiler, describe_inputs
@@ -128,6 +129,13 @@ def _compile_region(
 ) -> Callable[..., Any]:
     """AOTAutograd (inside Inductor, or with eager codegen) over ``gm``, ``region``'s
     pipeline inside."""
+    with composite_autograd_on_meta():  # nll_loss & co. keep their gradients on meta tensors
+        return _aot_compile_region(region, gm, example_inputs, mode)
+
+
+def _aot_compile_region(
+    region: RegionCompiler, gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None
+) -> Callable[..., Any]:
     config = region.config
     region.stage = "planning"  # AOTAutograd traces the joint graph, then calls the partition
     if config.codegen == "inductor":

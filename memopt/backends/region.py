@@ -25,6 +25,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from memopt.analysis.memory import build_timeline, main_device
 from memopt.analysis.optimizer_memory import OptimizerMemory, optimizer_memory
+from memopt.backends.meta_device import check_backward_reaches_inputs
 from memopt.backends.ranks import agree_across_ranks
 from memopt.backends.record import RegionRecord, active_recorders
 from memopt.codegen.eager import compile_eager
@@ -33,7 +34,7 @@ from memopt.errors import MemoptBudgetError, MemoptInternalError, MemoptOffloadE
 from memopt.failsoft import Fallback, fail_soft, is_torch_signal
 from memopt.graph import meta
 from memopt.graph.partition import JointGraph
-from memopt.graph.step import InputInfo, StepGraphs, output_values
+from memopt.graph.step import InputInfo, StepGraphs, output_values, placeholder_inputs
 from memopt.passes.base import Pass, PassContext
 from memopt.passes.instruments import (
     DumpInstrument,
@@ -317,7 +318,7 @@ class RegionCompiler:
             backward,
             num_fwd_outputs,
             self.region,
-            self.inputs,
+            placeholder_inputs(self.inputs, forward),
             joint=JointGraph(
                 joint_module,
                 num_fwd_outputs,
@@ -327,6 +328,7 @@ class RegionCompiler:
             num_user_outputs=self.num_user_outputs,
             optimizer=self._optimizer_memory(),
         )
+        check_backward_reaches_inputs(step)
         step = self.optimize(step)
         assert step.backward is not None
         return step.forward, step.backward
@@ -365,5 +367,6 @@ class RegionCompiler:
     def inference_step(self, gm: fx.GraphModule) -> StepGraphs:
         n = len(output_values(gm))
         return StepGraphs(
-            gm, None, n, self.region, self.inputs, fused_codegen=self.config.codegen == "inductor", num_user_outputs=n
+            gm, None, n, self.region, placeholder_inputs(self.inputs, gm),
+            fused_codegen=self.config.codegen == "inductor", num_user_outputs=n,
         )

@@ -61,7 +61,12 @@ def resolve_mesh(mesh: DeviceMesh | None, device_type: str) -> DeviceMesh:
     world = dist.get_world_size()
     if mesh is None:
         # A meta-device model (planning only) gets a mesh on the host: meta has no mesh.
-        return init_device_mesh("cpu" if device_type == "meta" else device_type, (world,))
+        # Built outside any FakeTensorMode (`memopt report` builds models under one): the
+        # mesh reads its rank map back as numbers.
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            return init_device_mesh("cpu" if device_type == "meta" else device_type, (world,))
     if not isinstance(mesh, DeviceMesh):
         raise TypeError(f"memopt.distributed.shard: mesh must be a DeviceMesh or None, got {type(mesh).__name__}")
     if mesh.ndim != 1:

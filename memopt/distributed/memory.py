@@ -40,10 +40,12 @@ class ModelStateBytes:
 
 
 def _storages(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages under ``tensors``, told apart by the storage itself,
+    not its address: meta and fake tensors have none (every address reads 0)."""
     seen: dict[int, int] = {}
     for t in tensors:
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        seen[storage._cdata] = storage.nbytes()
     return sum(seen.values())
 
 

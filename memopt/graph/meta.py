@@ -28,6 +28,7 @@ __all__ = [
     "tensor_value",
     "is_symbolic",
     "dynamo_source_name",
+    "dynamo_input_of",
     "source_location",
     "is_tangent",
     "is_primal",
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 _VAL = "val"
+_DESC = "desc"  # AOTAutograd's descriptor of what a placeholder holds (torch >= 2.9)
 _EXAMPLE_VALUE = "example_value"  # Dynamo-level graphs record values under this key
 _STACK_TRACE = "stack_trace"
 _MEMOPT = "memopt"  # memopt's own tags live under one key: meta["memopt"][name]
@@ -158,6 +160,29 @@ def dynamo_source_name(node: fx.Node) -> str | None:
     if callable(name):
         name = name()
     return name if isinstance(name, str) else None
+
+
+def dynamo_input_of(node: fx.Node) -> tuple[int | None, str] | None:
+    """Which Dynamo-level input an AOTAutograd placeholder holds, from its descriptor:
+    ``(i, "")`` for input ``i`` itself, ``(i, "_local_tensor")`` for a part of input
+    ``i`` when AOTAutograd flattened a tensor subclass (a DTensor parameter becomes its
+    local tensor and its device mesh; sizes and strides read ``"size"``/``"stride"``),
+    ``(None, "")`` for an input AOTAutograd added (RNG seeds and offsets, effect
+    tokens). None when the node has no descriptor (a hand-built graph)."""
+    from torch._functorch._aot_autograd import descriptors as d
+
+    desc = node.meta.get(_DESC)
+    if not isinstance(desc, d.AOTInput):
+        return None
+    parts: list[str] = []
+    while isinstance(desc, (d.SubclassGetAttrAOTInput, d.SubclassSizeAOTInput, d.SubclassStrideAOTInput)):
+        if isinstance(desc, d.SubclassGetAttrAOTInput):
+            parts.append(desc.attr)
+        else:
+            parts.append("size" if isinstance(desc, d.SubclassSizeAOTInput) else "stride")
+        desc = desc.base
+    index = desc.idx if isinstance(desc, d.PlainAOTInput) else None
+    return index, ".".join(reversed(parts))
 
 
 def is_symbolic(node: fx.Node) -> bool:

@@ -24,7 +24,7 @@ from memopt.graph import meta
 if TYPE_CHECKING:
     from memopt.analysis.optimizer_memory import OptimizerMemory
 
-__all__ = ["StepGraphs", "InputInfo", "clone_graph_module", "output_values"]
+__all__ = ["StepGraphs", "InputInfo", "clone_graph_module", "output_values", "placeholder_inputs"]
 
 INPUT_KINDS = ("parameter", "buffer", "input", "activation", "symbol", "other")
 
@@ -49,6 +49,33 @@ def parameter_name(source: str) -> str:
     as given when it has no such parts)."""
     parts = re.findall(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", source)
     return ".".join(parts) if parts else source
+
+
+def placeholder_inputs(inputs: tuple[InputInfo, ...], gm: fx.GraphModule) -> tuple[InputInfo, ...]:
+    """``inputs`` (one per Dynamo-level input) laid out as ``gm``'s placeholders, which
+    AOTAutograd made: it flattens a tensor-subclass input into several placeholders (a
+    DTensor parameter into its local tensor and its device mesh) and may add inputs of
+    its own (RNG seeds, effect tokens). The first tensor part of an input gets the
+    input's kind, name and identity; its other parts are ``"other"`` (``"symbol"`` for
+    sizes), as are added inputs. Precondition: ``inputs`` describe the Dynamo graph
+    AOTAutograd traced. Returned unchanged when a placeholder carries no descriptor
+    (hand-built graphs) or names an input beyond ``inputs``."""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    found = [meta.dynamo_input_of(ph) for ph in placeholders]
+    if not inputs or any(f is None or (f[0] is not None and f[0] >= len(inputs)) for f in found):
+        return inputs
+    out: list[InputInfo] = []
+    given: set[int] = set()
+    for ph, (index, part) in zip(placeholders, found):  # type: ignore[misc]
+        if index is None:
+            out.append(InputInfo("symbol" if meta.is_symbolic(ph) else "other", ph.name))
+        elif not part or (index not in given and meta.tensor_value(ph) is not None):
+            given.add(index)
+            out.append(inputs[index])
+        else:
+            kind = "symbol" if meta.is_symbolic(ph) else "other"
+            out.append(InputInfo(kind, f"{inputs[index].name}.{part}"))
+    return tuple(out)
 
 
 def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

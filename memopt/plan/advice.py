@@ -109,7 +109,7 @@ def _saved_at_peak(timeline: MemoryTimeline) -> list[tuple[int, int]]:
     """(bytes, element size) of every saved activation live at the peak."""
     out = []
     for iv in timeline.live_at(timeline.peak_index):
-        if iv.category == "saved_activations":
+        if iv.saved_for_backward:
             value = meta.tensor_value(iv.node)
             out.append((iv.nbytes, value.element_size() if value is not None else 4))
     return out

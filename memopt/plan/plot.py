@@ -15,6 +15,7 @@ _COLORS = {
     "parameters": "#4C72B0",
     "buffers": "#64B5CD",
     "inputs": "#8172B2",
+    "gathered_parameters": "#8C8C8C",
     "saved_activations": "#DD8452",
     "gradients": "#55A868",
     "optimizer_state": "#DA8BC3",

@@ -211,5 +211,5 @@ def _resident_at_peak(timeline: MemoryTimeline) -> set[tuple[object, int]]:
     return {
         (iv.node, iv.output_index)
         for iv in timeline.intervals
-        if iv.category == "saved_activations" and iv.live_at(timeline.peak_index)
+        if iv.saved_for_backward and iv.live_at(timeline.peak_index)
     }

@@ -1,0 +1,124 @@
+"""`memopt.explain` on a model sharded by `memopt.distributed.shard`, on a fake world of
+8 ranks: its report carries the per-rank sharding section, and its own memory breakdown
+counts parameter shards as parameters and all-gathered parameters as gathered
+parameters, not as inputs and saved activations."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import memopt
+import memopt.distributed as md
+
+
+def _model(layers: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return md.shard(nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(layers)]), stage=3)
+
+
+def _explain(fn: object, *args: torch.Tensor, **options: object) -> memopt.Explanation:
+    torch._dynamo.reset()
+    return memopt.explain(fn, *args, options={"codegen": "eager", "strict": True, **options})
+
+
+def test_report_has_the_sharding_section(fake_world):
+    """The model itself (or its compiled form) is recognised: the report ends its memory
+    part with `md.report`'s tables; without an optimizer the state row says '-'."""
+    model = _model()
+    explanation = _explain(model, torch.randn(2, 64))
+    assert explanation.sharded_model is model
+    text = explanation.report()
+    assert "sharding (memopt.distributed.report, this rank):" in text
+    assert "ZeRO stage 3, rank 0 of 8" in text
+    assert "gathered parameters: 4, 64.00 KiB" in text
+    assert "collectives per step" in text and "planned peak on this rank" in text
+    state = next(line for line in text.splitlines() if line.startswith("optimizer state "))
+    assert state.split()[-3:] == ["-", "-", "-"]
+    assert _explain(torch.compile(model), torch.randn(2, 64)).sharded_model is model
+
+
+def test_report_uses_the_optimizer_of_the_options(fake_world):
+    """``options={"optimizer": opt}`` fills the optimizer-state row (AdamW: 8 bytes per
+    element of this rank's rows, 4 x 64 x 64 / 8 elements = 16 KiB)."""
+    model = _model()
+    optimizer = md.ShardedOptimizer(lambda p: torch.optim.AdamW(p, lr=1e-3), model)
+    text = _explain(model, torch.randn(2, 64), optimizer=optimizer).report()
+    state = next(line for line in text.splitlines() if line.startswith("optimizer state "))
+    assert state.split()[-2:] == ["16.00", "KiB"]
+
+
+def test_plain_models_and_functions_have_no_sharding_section(fake_world):
+    model = nn.Linear(8, 8)
+    assert "sharding (" not in _explain(model, torch.randn(2, 8)).report()
+    sharded = _model(1)
+    explanation = _explain(lambda x: sharded(x).sum(), torch.randn(2, 64))
+    assert explanation.sharded_model is None  # a closure: set explanation.sharded_model by hand
+    explanation.sharded_model = sharded
+    assert "ZeRO stage 3" in explanation.report()
+
+
+def test_shards_are_parameters_and_gathered_weights_have_their_own_category(fake_world):
+    """AOTAutograd flattens each DTensor parameter into its local tensor and its device
+    mesh: the local tensor is a parameter (rank 0 holds 8 of 64 rows: 2 KiB each), the
+    mesh is 'other', the batch an input. Each all-gather of a shard is a gathered
+    parameter, not an activation: at the peak (backward's first matmul) the three
+    weights backward reads (the first layer's is not needed: the batch needs no
+    gradient) are 48 KiB of gathered parameters, and the saved activations are the
+    three 2x64 matmul outputs. Gathered weights kept for backward are still values
+    saved for backward (the planner may re-gather them)."""
+    explanation = _explain(_model(), torch.randn(2, 64))
+    step = explanation.region(0).step
+    kinds = [info.kind for info in step.inputs]
+    assert kinds == ["parameter", "other", "input"] + ["parameter", "other"] * 3
+    timeline = explanation.timeline()
+    breakdown = timeline.peak_breakdown
+    assert timeline.baseline_bytes == breakdown["parameters"] + breakdown["inputs"] == 4 * 2048 + 512
+    assert breakdown["gathered_parameters"] == 3 * 64 * 64 * 4
+    assert breakdown["saved_activations"] == 3 * 2 * 64 * 4
+    gathered = timeline.by_category("gathered_parameters")
+    assert sorted(iv.node.name for iv in gathered) == [f"all_gather_into_tensor{s}" for s in ("", "_1", "_2", "_3")]
+    kept = {iv.node.name for iv in timeline.saved_activations() if iv.category == "gathered_parameters"}
+    assert kept == {"all_gather_into_tensor_1", "all_gather_into_tensor_2", "all_gather_into_tensor_3"}
+    text = explanation.report()
+    assert "gathered parameters                   48.00 KiB" in text
+
+
+def test_parameters_gathered_again_in_backward_are_gathered_parameters(fake_world):
+    """Under a budget the planner frees some gathered weights after forward and gathers
+    them again in backward: those backward all-gathers are gathered parameters too."""
+    explanation = _explain(_model(), torch.randn(2, 64), memory_budget=0.75, plan_across_graph_breaks=False)
+    again = [iv for iv in explanation.timeline().by_category("gathered_parameters") if iv.graph == "backward"]
+    assert again and all(iv.nbytes == 64 * 64 * 4 for iv in again)
+    assert not any(iv.saved_for_backward for iv in again)
+
+
+_FACTORY = '''
+import torch, torch.nn as nn
+import memopt.distributed as md
+
+
+def build():
+    model = md.shard(nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(4)]), stage=3)
+    return model, torch.randn(2, 64)
+'''
+
+
+def test_cli_report_of_a_sharded_factory(fake_world, tmp_path, capsys):
+    """``memopt report FILE.py:build`` builds the sharded model on fake tensors (the mesh
+    is made outside the fake mode) and prints the sharding section; this rank's
+    parameter bytes are counted per storage, not per (fake, all-zero) address."""
+    from memopt.cli.main import main as cli_main
+
+    path = tmp_path / "sharded_factory.py"
+    path.write_text(_FACTORY)
+    torch._dynamo.reset()
+    assert cli_main(["report", f"{path}:build", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "ZeRO stage 3, rank 0 of 8" in text
+    state = text[text.index("ZeRO stage 3") :]
+    params = next(line for line in state.splitlines() if line.startswith("parameters  "))
+    assert params.split()[-4:] == ["8.00", "KiB", "8.00", "KiB"]  # this rank, ZeRO's formula
+    with torch.device("meta"):
+        meta = md.shard(nn.Linear(64, 64), stage=3)
+    assert md.model_state_bytes(meta).params == (64 * 64 + 64) * 4 // 8
