@@ -43,8 +43,8 @@ def compile_eager(gm: fx.GraphModule, example_inputs: Any = None) -> Callable[[l
 
 def write_in_place(graph: fx.Graph) -> int:
     """Rewrite the nodes `eager_inplace_writes` selects to their ``out=`` overload,
-    writing into the input they read for the last time (a softmax backward's gradient
-    has its output's shape); the number rewritten. Needs fake values on the nodes (``meta["val"]``); a graph
+    writing into the input they read for the last time (of their output's shape: a
+    softmax backward's gradient, an elementwise op's operand); the number rewritten. Needs fake values on the nodes (``meta["val"]``); a graph
     without them is left as it is."""
     nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
     if not any(n.target in OUT_VARIANTS for n in nodes):
@@ -54,10 +54,10 @@ def write_in_place(graph: fx.Graph) -> int:
     aliasing = analyze_aliasing(graph)
     index = {n: i for i, n in enumerate(nodes)}
     writes = eager_inplace_writes(graph, aliasing, last_reads(graph, aliasing, index), index)
-    for node, grad in writes.items():
-        overload, out_name = OUT_VARIANTS[node.target]
-        node.target = overload
-        node.kwargs = {**node.kwargs, out_name: grad}
+    for node, read in writes.items():
+        variant = OUT_VARIANTS[node.target]
+        node.target = variant.overload
+        node.kwargs = {**node.kwargs, variant.out_name: read}
     if writes:
         graph.lint()
     return len(writes)
