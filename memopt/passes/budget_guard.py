@@ -17,7 +17,6 @@ from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
 from memopt.analysis.memory import MemoryAnalysis
 from memopt.graph.step import StepGraphs
 from memopt.passes.base import PassContext, PassResult
-from memopt.plan.step_context import placed
 
 __all__ = ["BudgetGuard"]
 
@@ -32,6 +31,7 @@ class BudgetGuard:
 
     @classmethod
     def before(cls, step: StepGraphs, analyses: AnalysisManager, ctx: PassContext) -> BudgetGuard:
+        analyses.invalidate(PreservedAnalyses.none())  # the peak of these graphs, not a cached one
         return cls(step, step.clone(), step_peak(step, analyses, ctx))
 
     def limit(self, ctx: PassContext) -> int | None:
@@ -65,5 +65,8 @@ class BudgetGuard:
 
 
 def step_peak(step: StepGraphs, analyses: AnalysisManager, ctx: PassContext) -> int:
-    """The estimated peak of the training step with ``step`` in it."""
-    return placed(ctx.step_context, step, analyses.get(MemoryAnalysis)).peak_bytes
+    """The estimated peak of the training step with ``step`` in it (the region among
+    the step's others when it is planned for the whole step)."""
+    timeline = analyses.get(MemoryAnalysis)
+    context = ctx.step_context
+    return (timeline if context is None else context.place(step, timeline)).peak_bytes

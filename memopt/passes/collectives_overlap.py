@@ -128,7 +128,8 @@ class OverlapCollectives(Pass):
     bit-identical. Nothing with a side effect or a random draw moves. Kept only while
     the step's estimated peak stays within the budget
     (`memopt.passes.budget_guard`): a prefetched bucket is live one layer earlier, a
-    gradient until its reduce-scatter is waited.
+    gradient until its reduce-scatter is waited. Over the budget, only the
+    reduce-scatters' waits move, else only the all-gathers' starts, else nothing.
 
     Ordering: after ``schedule`` and ``offload``, on the final order (the memory-aware
     schedule would sink every start back to its wait); after ``bucket_collectives``;
@@ -140,15 +141,20 @@ class OverlapCollectives(Pass):
 
     def run(self, step: StepGraphs, analyses: AnalysisManager, ctx: PassContext) -> PassResult:
         depth = ctx.config.collective_prefetch
-        graphs = list(step.graphs())
-        if depth == 0 or not any(is_collective(n) for _, gm in graphs for n in gm.graph.nodes):
+        if depth == 0 or not any(is_collective(n) for _, gm in step.graphs() for n in gm.graph.nodes):
             return PassResult.unchanged()
-        guard = BudgetGuard.before(step, analyses, ctx)
-        moved: dict[str, Any] = {}
-        for name, gm in graphs:
-            moved[name] = {"all_gather": prefetch_gathers(gm.graph, depth),
-                           "reduce_scatter": defer_reduction_waits(gm.graph, depth)}  # fmt: skip
-        if not any(sum(m.values()) for m in moved.values()):
-            return PassResult.unchanged()
-        total = sum(sum(m.values()) for m in moved.values())
-        return guard.result(analyses, ctx, {"moved": moved, "depth": depth}, f"overlapped {total} collective(s) with compute")
+        result = PassResult.unchanged()
+        for gathers, reductions in ((True, True), (False, True), (True, False)):  # the first within budget
+            guard = BudgetGuard.before(step, analyses, ctx)
+            moved: dict[str, Any] = {}
+            for name, gm in step.graphs():
+                moved[name] = {"all_gather": prefetch_gathers(gm.graph, depth) if gathers else 0,
+                               "reduce_scatter": defer_reduction_waits(gm.graph, depth) if reductions else 0}  # fmt: skip
+            total = sum(sum(m.values()) for m in moved.values())
+            if not total:
+                continue
+            summary = f"overlapped {total} collective(s) with compute"
+            result = guard.result(analyses, ctx, {"moved": moved, "depth": depth}, summary)
+            if result.modified:
+                return result
+        return result
