@@ -211,6 +211,9 @@ def _local_grad_bytes(model: nn.Module) -> int:
     return _local_bytes([p.grad for p in model.parameters() if p.grad is not None])
 
 
+COLLECTIVE_PASSES = ("dedupe_collectives", "bucket_collectives", "overlap_collectives")
+
+
 def peak_row(args: argparse.Namespace) -> dict[str, Any]:
     """Per-rank peak and step time: memopt stage 3 (with and without budgets) and FSDP2."""
     import memopt
@@ -225,10 +228,15 @@ def peak_row(args: argparse.Namespace) -> dict[str, Any]:
         data = rank_rows(global_batch(base, args.batch, args.seq, 0))
         variants: dict[str, tuple[nn.Module, Callable[..., Any]]] = {}
         info: dict[str, dict[str, Any]] = {}
-        for budget in budgets:
-            name = "memopt" if budget is None else f"memopt@{budget}"
+        runs = [(budget, False) for budget in budgets]
+        if args.traced and args.row == "peak":
+            runs += [(budget, True) for budget in budgets]
+        for budget, traced in runs:
+            name = ("memopt" if budget is None else f"memopt@{budget}") + (" traced" if traced else "")
             model = md.shard(copy.deepcopy(base), stage=3)
-            options = {} if budget is None else {"memory_budget": budget}
+            options: dict[str, Any] = {} if budget is None else {"memory_budget": budget}
+            if traced:  # the collectives as Unshard traces them: one per parameter, waited at once
+                options["disable_passes"] = list(COLLECTIVE_PASSES)
             compiled = memopt_compile(model, **options)
             with memopt.record() as explanation, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -311,7 +319,8 @@ def on_ranks(row: str, world: int, args: argparse.Namespace) -> list[dict[str, A
     argv = ["--rank-row", row, "--models", *args.models, "--stages", args.stages,
             "--compile-stages", args.compile_stages, "--steps", str(args.steps), "--batch", str(args.batch),
             "--seq", str(args.seq), "--optimizer", args.optimizer, "--time-steps", str(args.time_steps),
-            "--peak-budget", str(args.peak_budget), "--budgets", *map(str, args.budgets)]  # fmt: skip
+            "--peak-budget", str(args.peak_budget), "--budgets", *map(str, args.budgets),
+            *(["--traced"] if args.traced else [])]  # fmt: skip
     outputs = run_ranks(__file__, argv, world_size=world, timeout=3000)
     return [json.loads(line) for text in outputs for line in text.splitlines() if line.startswith('{"rank"')]
 
@@ -447,6 +456,9 @@ def main() -> None:
     parser.add_argument("--time-steps", type=int, default=5)
     parser.add_argument("--peak-budget", type=float, default=0.6, help="memory_budget of the peak row's budgeted variant")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.6])
+    parser.add_argument("--traced", action="store_true",
+                        help="peak row: also memopt with its collective passes off (one collective per "
+                             "parameter, waited at once), taking turns with the others")
     parser.add_argument("--fake", action="store_true",
                         help="peak/budget rows in this process on a fake world of each --ranks size (no gloo threads)")
     parser.add_argument("--fake-world", type=int, default=8)

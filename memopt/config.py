@@ -107,6 +107,22 @@ class MemoptConfig:
     """Saved values smaller than this are never offloaded (a transfer's fixed cost
     outweighs them)."""
 
+    # -- collectives of a sharded model (docs/sharding.md) -----------------------------
+
+    collective_bucket_bytes: int = 4 << 20
+    """Largest bucket of all-gathers (of parameter shards) or reduce-scatters (of
+    gradients) merged into one collective, in bytes of the full, gathered tensors; an
+    int or a size string (``"16MiB"``). Merging amortizes each collective's fixed cost
+    over small tensors (biases, norms); a bucket's buffer is live on top of the
+    parameters copied out of it, so the default (4 MiB) stays near one layer of a
+    small model, and larger tensors travel alone. 0 turns bucketing off. Exact."""
+
+    collective_prefetch: int = 1
+    """How many all-gathers ahead the step fetches parameters (each starts right after
+    the wait of the one this many places before it), and how many reduce-scatters a
+    gradient's reduction may stay in flight behind. 0: every collective is waited
+    right after it starts, as traced. Kept only within ``memory_budget``. Exact."""
+
     # -- the optimizer update inside backward (docs/whole_step.md) ------------------
 
     optimizer_in_backward: Any = None
@@ -348,6 +364,21 @@ def _non_negative_int(key: str, value: Any) -> int:
     return value
 
 
+def _size_or_zero(key: str, value: Any) -> int:
+    size = parse_size(value) if isinstance(value, str) else value
+    return _at_least_zero(key, value, size, "number of bytes (an int, or a size string such as '16MiB'); 0 turns collective bucketing off")
+
+
+def _count(key: str, value: Any) -> int:
+    return _at_least_zero(key, value, value, "int (collectives in flight); 0 waits every collective right after it starts")
+
+
+def _at_least_zero(key: str, given: Any, value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"memopt option {key}={given!r} must be a non-negative {what}.")
+    return value
+
+
 def _optimizer(key: str, value: Any) -> Any:
     if value is None:
         return None
@@ -389,6 +420,8 @@ _VALIDATORS.update(
         "offload_dir": _optional_path,
         "offload_bandwidth": _optional_positive,
         "offload_min_bytes": _non_negative_int,
+        "collective_bucket_bytes": _size_or_zero,
+        "collective_prefetch": _count,
         "optimizer_in_backward": _optimizer,
         "optimizer": _stepped_optimizer,
     }

@@ -49,8 +49,12 @@ def _gathers(gm) -> list[str]:
     return [n.name for n in gm.graph.nodes if str(n.target) == "_c10d_functional.all_gather_into_tensor.default"]
 
 
+PER_PARAMETER = {"collective_bucket_bytes": 0}
+"""One all-gather per parameter (the passes of memopt/passes/collectives_bucket.py off)."""
+
+
 def test_without_a_budget_gathered_parameters_are_kept(fake_world):
-    region = _explain({})
+    region = _explain(PER_PARAMETER)
     assert len(_gathers(region.step.forward)) == 3 and not _gathers(region.step.backward)
 
 
@@ -66,7 +70,7 @@ def test_a_tight_budget_gathers_parameters_again_in_backward(fake_world):
 def test_only_gathers_of_step_inputs_are_regatherable(fake_world):
     region = _explain({})
     nodes = {n.name: n for n in region.step.forward.graph.nodes}
-    assert all(meta.is_regatherable(nodes[name]) for name in _gathers(region.step.forward))
+    assert all(meta.is_regatherable(nodes[name]) for name in _gathers(region.step.forward))  # a bucket too
     waits = [n for n in nodes.values() if str(n.target) == "_c10d_functional.wait_tensor.default"]
     assert waits and all(meta.is_regatherable(w) for w in waits)
     grads = [n for n in region.step.backward.graph.nodes if str(n.target) == "_c10d_functional.reduce_scatter_tensor.default"]
@@ -75,7 +79,7 @@ def test_only_gathers_of_step_inputs_are_regatherable(fake_world):
 
 def test_collective_cost_is_ring_traffic_over_the_network(fake_world):
     """An all-gather producing S bytes over N ranks moves S (N-1)/N bytes per rank."""
-    region = _explain({})
+    region = _explain(PER_PARAMETER)
     gather = next(n for n in region.step.forward.graph.nodes if n.name in _gathers(region.step.forward))
     device = device_model(torch.device("cpu"))
     size = 256 * 256 * 4

@@ -129,9 +129,14 @@ def _schema_alias_args(node: fx.Node) -> list[fx.Node | list[Any] | None]:
         value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
         for name in arg.alias_info.before_set:
             by_set[name] = value
+        if "*" in arg.alias_info.after_set:  # ``Tensor(a -> *) self``: a list of its views
+            by_set.setdefault("*", value)
     result: list[Any] = []
     for ret in schema.returns:
         info = ret.alias_info
+        if info is not None and not info.before_set:  # ``Tensor(a)[]``: the set is on the elements
+            result.append(by_set.get("*"))
+            continue
         result.append(None if info is None else next((by_set.get(s) for s in info.before_set), None))
     return result
 

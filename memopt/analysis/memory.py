@@ -48,6 +48,7 @@ from memopt.analysis.optimizer_memory import state_identity
 from memopt.analysis.workspace import retained_bytes, workspace_bytes
 from memopt.analysis.value_ops import allocated_at
 from memopt.graph import meta
+from memopt.graph.collectives import waited_collective
 from memopt.graph.step import StepGraphs, output_values
 
 __all__ = [
@@ -269,6 +270,16 @@ def _liveness(
     return live
 
 
+def reads_of(node: fx.Node) -> list[fx.Node]:
+    """The values ``node`` keeps alive until it runs: its inputs, and for the wait on a
+    collective also the collective's inputs (the process group reads them until the
+    communication ends, so a collective waited late holds its input until then)."""
+    collective = waited_collective(node)
+    if collective is None:
+        return node.all_input_nodes
+    return [*node.all_input_nodes, *collective.all_input_nodes]
+
+
 def last_reads(
     graph: fx.Graph, aliasing: GraphAliasing, index: dict[fx.Node, int], at: dict[fx.Node, int] | None = None
 ) -> dict[Storage, int]:
@@ -276,7 +287,7 @@ def last_reads(
     at = index if at is None else at
     last_use: dict[Storage, int] = {}
     for node in (n for n in graph.nodes if n.op not in ("placeholder", "output")):
-        for inp in node.all_input_nodes:
+        for inp in reads_of(node):
             for storage in aliasing.storages_of(inp):
                 last_use[storage] = max(last_use.get(storage, 0), at[node])
         for storage in aliasing.storages_of(node):  # a value is used by its own producer
@@ -336,7 +347,7 @@ def _run_last_uses(
         kernels[node] = users | {node}
     last_use: dict[Storage, int] = {}
     for node in nodes:
-        for inp in node.all_input_nodes:
+        for inp in reads_of(node):
             for storage in aliasing.storages_of(inp):
                 for kernel in kernels[node]:
                     end = runs.get(kernel)

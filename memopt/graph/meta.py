@@ -252,9 +252,16 @@ def is_regatherable(node: fx.Node) -> bool:
         return isinstance(source, fx.Node) and is_regatherable(source)
     if str(node.target) != _GATHER or not node.args or not isinstance(node.args[0], fx.Node):
         return False
-    source = node.args[0]
+    return _of_step_inputs(node.args[0])
+
+
+def _of_step_inputs(source: fx.Node) -> bool:
+    """``source`` is step inputs through casts, views and padding, or a concatenation
+    of such (a bucket of shards, `memopt.passes.collectives_bucket`)."""
     while source.op == "call_function" and len(source.all_input_nodes) == 1 and _cast_or_view(source):
         source = source.all_input_nodes[0]
+    if source.op == "call_function" and source.target is torch.ops.aten.cat.default:
+        return all(_of_step_inputs(part) for part in source.all_input_nodes)
     return source.op == "placeholder"
 
 

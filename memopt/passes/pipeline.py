@@ -10,7 +10,14 @@ Ordering constraints (each pass's docstring states its own):
 6. ``optimizer_in_backward`` last: each update sits right after its gradient's last
    accumulation in the final backward order.
 
-Later passes (sharding) are added here in the order their docstrings require.
+Collectives of a sharded model (docs/sharding.md):
+
+* ``dedupe_collectives`` then ``bucket_collectives`` after the passes that decide
+  what is saved (a re-gathered parameter's all-gather in backward is bucketed like the
+  forward's) and before ``schedule``, which orders the bucketed graphs;
+* ``overlap_collectives`` after ``offload``, on the final order (``schedule`` would
+  sink every prefetched all-gather back to its wait), and before
+  ``optimizer_in_backward`` (an update follows its gradient's moved wait).
 
 Precision (docs/precision.md):
 
@@ -29,6 +36,9 @@ from collections.abc import Sequence
 
 from memopt.config import MemoptConfig
 from memopt.passes.base import Pass
+from memopt.passes.collectives_bucket import BucketCollectives
+from memopt.passes.collectives_dedupe import DedupeCollectives
+from memopt.passes.collectives_overlap import OverlapCollectives
 from memopt.passes.compress import CompressSavedActivations
 from memopt.passes.dce import DeadCodeElimination
 from memopt.passes.offload import OffloadSavedActivations
@@ -48,8 +58,11 @@ def default_pipeline(config: MemoptConfig) -> list[Pass]:
         DeadCodeElimination(),
         RecomputeSavedCasts(),
         CompressSavedActivations(),
+        DedupeCollectives(),
+        BucketCollectives(),
         MemoryAwareSchedule(),
         OffloadSavedActivations(),
+        OverlapCollectives(),
         UpdateInBackward(),
     ]
 

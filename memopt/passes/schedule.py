@@ -183,6 +183,7 @@ class MemoryAwareSchedule(Pass):
         if after >= before:
             for name, gm in step.graphs():
                 _restore(gm.graph, original[name])
+            analyses.invalidate(PreservedAnalyses.none())  # what is cached is of the rejected order
             report = {"peak_before": before, "peak_after": before, "applied": False}
             return PassResult(False, PreservedAnalyses.everything(), dict(report), plan_fields={"schedule": report})
         report = {"peak_before": before, "peak_after": after, "applied": True}

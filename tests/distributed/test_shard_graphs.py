@@ -18,6 +18,11 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 13), nn.ReLU(), nn.Linear(13, 8))
 
 
+UNBUCKETED = {"collective_bucket_bytes": 0}
+"""One collective per parameter (bucketing: test_collective_passes.py)."""
+AS_TRACED = {**UNBUCKETED, "collective_prefetch": 0}
+"""...each waited right after it starts, as traced."""
+
 EXPECTED = {
     # stage: (forward all-gathers, backward reduce-scatters, backward all-reduces), 4 parameters
     0: (0, 0, 4),
@@ -33,7 +38,7 @@ def test_each_stage_compiles_its_collectives(fake_world, graphs_of, stage):
     backward; stage 2 reads its replica (no forward collective) and reduce-scatters;
     stages 0 and 1 all-reduce. Nothing else communicates, and memopt compiles it as one
     region without a fallback (strict)."""
-    graphs = graphs_of(md.shard(_mlp(), stage=stage), torch.randn(4, 16))
+    graphs = graphs_of(md.shard(_mlp(), stage=stage), torch.randn(4, 16), **UNBUCKETED)
     gathers, scatters, reduces = EXPECTED[stage]
     assert graphs["forward"] == {"all_gather_into_tensor": gathers, "reduce_scatter_tensor": 0, "all_reduce": 0}
     assert graphs["backward"] == {"all_gather_into_tensor": 0, "reduce_scatter_tensor": scatters, "all_reduce": reduces}
@@ -42,7 +47,7 @@ def test_each_stage_compiles_its_collectives(fake_world, graphs_of, stage):
 def test_uneven_rows_are_padded_for_the_collectives(fake_world, graphs_of):
     """13 rows over 8 ranks: rank 0 holds 2 rows; the gathered weight has 16 rows (8 x 2)
     and is cut to 13; its gradient is padded to 16 rows before the reduce-scatter."""
-    graphs = graphs_of(md.shard(_mlp(), stage=3), torch.randn(4, 16))
+    graphs = graphs_of(md.shard(_mlp(), stage=3), torch.randn(4, 16), **UNBUCKETED)
     assert re.search(r'all_gather_into_tensor\w*: "f32\[16, 16\]"', graphs["forward_code"])
     assert re.search(r'"f32\[13, 16\]" = torch.ops.aten.slice.Tensor\(wait_tensor', graphs["forward_code"])
     assert re.search(r'reduce_scatter_tensor\w*: "f32\[2, 16\]"', graphs["backward_code"])
@@ -54,7 +59,7 @@ def test_param_dtype_gathers_and_reduce_dtype_reduces(fake_world, graphs_of):
     bf16 (``cast_forward_inputs``)."""
     policy = md.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     model = md.shard(_mlp(), stage=3, mp_policy=policy)
-    graphs = graphs_of(model, torch.randn(4, 16))
+    graphs = graphs_of(model, torch.randn(4, 16), **UNBUCKETED)
     gathers = re.findall(r'all_gather_into_tensor\w*: "(\w+)\[', graphs["forward_code"])
     scatters = re.findall(r'reduce_scatter_tensor\w*: "(\w+)\[', graphs["backward_code"])
     assert gathers == ["bf16"] * 4
@@ -67,7 +72,7 @@ def test_no_sync_backward_reduces_nothing(fake_world, graphs_of):
     but the backward holds no reduction: gradients go to the accumulators."""
     model = md.shard(_mlp(), stage=3)
     model.set_requires_gradient_sync(False)
-    graphs = graphs_of(model, torch.randn(4, 16))
+    graphs = graphs_of(model, torch.randn(4, 16), **UNBUCKETED)
     assert graphs["forward"]["all_gather_into_tensor"] == 4
     assert graphs["backward"] == {"all_gather_into_tensor": 0, "reduce_scatter_tensor": 0, "all_reduce": 0}
     assert model[0]._parameters["weight"].grad is None
@@ -89,13 +94,13 @@ COMPILE_FAILED = torch._dynamo.exc.BackendCompilerFailed
 def test_precision_bf16_composes_with_sharding(fake_world, graphs_of):
     """memopt's ``precision="bf16"`` on a sharded model: the matmuls in bf16, fp32
     masters gathered (the all-gathers stay fp32, as with any fp32 parameter)."""
-    graphs = graphs_of(md.shard(_mlp(), stage=3), torch.randn(4, 16), precision="bf16")
+    graphs = graphs_of(md.shard(_mlp(), stage=3), torch.randn(4, 16), precision="bf16", **UNBUCKETED)
     assert graphs["forward"]["all_gather_into_tensor"] == 4
 
 
 def test_budget_planned_across_graph_breaks_accepts_dtensor_inputs(fake_world, graphs_of):
     """A memory budget (planned for the whole step, the default) on a sharded model."""
-    graphs = graphs_of(md.shard(_mlp(), stage=3), torch.randn(4, 16), memory_budget=1.0)
+    graphs = graphs_of(md.shard(_mlp(), stage=3), torch.randn(4, 16), memory_budget=1.0, **UNBUCKETED)
     assert graphs["forward"]["all_gather_into_tensor"] == 4
 
 
@@ -117,7 +122,7 @@ def test_stage2_replica_and_its_rows_are_one_allocation(fake_world):
     def explain(stage: int) -> memopt.Explanation:
         torch._dynamo.reset()
         model = md.shard(nn.Sequential(nn.Linear(64, 64, bias=False), nn.ReLU(), nn.Linear(64, 64, bias=False)), stage=stage)
-        return memopt.explain(model, torch.randn(4, 64), options={"codegen": "eager", "strict": True})
+        return memopt.explain(model, torch.randn(4, 64), options={"codegen": "eager", "strict": True, **AS_TRACED})
 
     replicated, replica = explain(0), explain(2)
     assert replica.baseline_bytes == replicated.baseline_bytes

@@ -12,8 +12,11 @@ from memopt.distributed.report import collectives, gathered_parameters, report
 
 
 def _explain(model: nn.Module, **options: object) -> memopt.Explanation:
+    """One collective per parameter unless ``options`` bucket them (the rows below are
+    per parameter)."""
     torch._dynamo.reset()
-    return memopt.explain(model, torch.randn(2, 64), options={"codegen": "eager", "strict": True, **options})
+    options = {"codegen": "eager", "strict": True, "collective_bucket_bytes": 0, **options}
+    return memopt.explain(model, torch.randn(2, 64), options=options)
 
 
 def _model() -> nn.Module:

@@ -1,0 +1,164 @@
+"""memopt's collective passes on sharded graphs, in a fake 8-rank world (one process):
+a tied parameter reduced once (``dedupe_collectives``), all-gathers and reduce-scatters
+bucketed (``bucket_collectives``, on torch's private bucketing API, pinned here), starts
+moved ahead of waits (``overlap_collectives``), and the options' errors. Bitwise
+numerics on 2 gloo ranks: test_shard_ranks.py."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+import memopt.distributed as md
+from memopt.config import MemoptConfig
+
+LAYER_BYTES = (64 * 64 + 64) * 4
+"""A Linear(64, 64)'s weight and bias, gathered (full size)."""
+
+
+def _layers(n: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return md.shard(nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.ReLU()) for _ in range(n)]), stage=3)
+
+
+def _tied() -> nn.Module:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(32, 16)
+            self.mid = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 32, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.mid(self.embed(ids))))
+
+    torch.manual_seed(0)
+    return md.shard(Tied(), stage=3)
+
+
+def _lines(code: str, pattern: str) -> list[int]:
+    """Line numbers of ``code`` that call ``pattern`` (call syntax)."""
+    return [i for i, line in enumerate(code.splitlines()) if pattern in line]
+
+
+def test_tied_parameter_is_gathered_once_and_reduced_once(fake_world, graphs_of):
+    """The embedding tied to the head: one all-gather (AOTAutograd's CSE already merges
+    the two reads) and, with the pass, one reduce-scatter of the two gradients' sum
+    instead of two reduce-scatters added."""
+    ids = torch.randint(0, 32, (2, 5))
+    unbucketed = {"collective_bucket_bytes": 0, "collective_prefetch": 0}
+    off = graphs_of(_tied(), ids, disable_passes=["dedupe_collectives"], **unbucketed)
+    on = graphs_of(_tied(), ids, **unbucketed)
+    assert off["forward"]["all_gather_into_tensor"] == on["forward"]["all_gather_into_tensor"] == 3
+    assert off["backward"]["reduce_scatter_tensor"] == 4
+    assert on["backward"]["reduce_scatter_tensor"] == 3
+
+
+def test_duplicate_all_gathers_of_one_shard_merge():
+    """Two all-gathers of identical views of one input become one, waited once."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from memopt.passes.collectives_dedupe import merge_duplicate_gathers
+
+    c10d = torch.ops._c10d_functional
+
+    def two_reads(shard: torch.Tensor) -> torch.Tensor:
+        a = c10d.wait_tensor(c10d.all_gather_into_tensor(shard.view(4, 4), 2, "0"))
+        b = c10d.wait_tensor(c10d.all_gather_into_tensor(shard.view(4, 4), 2, "0"))
+        return a.sum() + b.sum()
+
+    gm = make_fx(two_reads, tracing_mode="fake")(torch.randn(16))
+    assert merge_duplicate_gathers(gm.graph) == 1
+    gm.graph.lint()
+    gm.recompile()
+    code = gm.code
+    assert code.count("all_gather_into_tensor.default(") == 1 and code.count("wait_tensor.default(") == 1
+
+
+def test_collectives_are_bucketed_under_the_cap(fake_world, graphs_of):
+    """4 layers (weight + bias each) gather 8 times and reduce 8 times when bucketing
+    is off; the default cap (4 MiB) buckets all of them into one all-gather and one
+    reduce-scatter; a cap of two layers into two each."""
+    x = torch.randn(2, 64)
+    off = graphs_of(_layers(), x, collective_bucket_bytes=0)
+    assert off["forward"]["all_gather_into_tensor"] == 8 and off["backward"]["reduce_scatter_tensor"] == 8
+    default = graphs_of(_layers(), x)
+    assert default["forward"]["all_gather_into_tensor"] == 1 and default["backward"]["reduce_scatter_tensor"] == 1
+    two = graphs_of(_layers(), x, collective_bucket_bytes=2 * LAYER_BYTES)
+    assert two["forward"]["all_gather_into_tensor"] == 2 and two["backward"]["reduce_scatter_tensor"] == 2
+    # a bucket gathers the concatenated shards: 2 layers' rows, 8 ranks
+    assert re.search(rf'all_gather_into_tensor\w*: "f32\[{2 * LAYER_BYTES // 4}\]"', two["forward_code"])
+
+
+def test_starts_move_ahead_of_waits(fake_world, graphs_of):
+    """One layer per bucket, prefetch 1: each layer's all-gather starts right after the
+    previous bucket's wait, before the previous layer computes (its addmm); in backward
+    a reduce-scatter is waited after the next layer's gradient matmuls, right before
+    the next reduce-scatter starts (one in flight)."""
+    graphs = graphs_of(_layers(), torch.randn(2, 64), collective_bucket_bytes=LAYER_BYTES)
+    forward, backward = graphs["forward_code"], graphs["backward_code"]
+    starts, mms = _lines(forward, "all_gather_into_tensor.default("), _lines(forward, "aten.addmm.default(")
+    assert len(starts) == len(mms) == 4
+    assert all(start < mm for start, mm in zip(starts[1:], mms))  # layer k+1 fetched before layer k computes
+    scatters = _lines(backward, "reduce_scatter_tensor.default(")
+    waits = [i for i in _lines(backward, "wait_tensor.default(") if "reduce_scatter" in backward.splitlines()[i]]
+    assert len(scatters) == len(waits) == 4
+    matmuls = _lines(backward, "aten.mm.default(")
+    for start, wait, after in zip(scatters, waits, [*scatters[1:], len(backward.splitlines())]):
+        assert start < wait < after
+    assert all(any(start < mm < wait for mm in matmuls) for start, wait in zip(scatters[:-1], waits))
+
+    traced = graphs_of(_layers(), torch.randn(2, 64), collective_bucket_bytes=LAYER_BYTES, collective_prefetch=0)
+    starts, mms = _lines(traced["forward_code"], "all_gather_into_tensor.default("), _lines(traced["forward_code"], "aten.addmm.default(")
+    assert all(start > mm for start, mm in zip(starts[1:], mms))
+
+
+def test_budget_keeps_regathering_with_the_passes(fake_world, graphs_of):
+    """Under a budget the plan still frees gathered weights after forward and gathers
+    them again in backward; those re-gathers are bucketed too."""
+    model = md.shard(nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(4)]), stage=3)
+    graphs = graphs_of(model, torch.randn(2, 64), memory_budget=0.75, plan_across_graph_breaks=False)
+    assert graphs["backward"]["all_gather_into_tensor"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("collective_bucket_bytes", -1, "collective_bucket_bytes=-1 must be a non-negative number of bytes"),
+        ("collective_bucket_bytes", "lots", "memory size 'lots' not understood"),
+        ("collective_prefetch", 1.5, "collective_prefetch=1.5 must be a non-negative int"),
+    ],
+)
+def test_option_errors_name_the_value_and_the_fix(key, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MemoptConfig.from_options({key: value})
+
+
+def test_option_values():
+    config = MemoptConfig.from_options({"collective_bucket_bytes": "16MiB", "collective_prefetch": 0})
+    assert config.collective_bucket_bytes == 16 << 20 and config.collective_prefetch == 0
+    assert MemoptConfig().collective_bucket_bytes == 4 << 20 and MemoptConfig().collective_prefetch == 1
+
+
+def test_torch_private_bucketing_api_is_as_used():
+    """memopt reuses torch's private FX bucketing helpers (torch 2.13). If this fails
+    after a torch upgrade, `memopt/passes/collectives_bucket.py` needs the new names or
+    signatures."""
+    from torch._inductor.fx_passes import bucketing, fsdp
+    from torch._inductor.pattern_matcher import stable_topological_sort
+
+    expected = {
+        bucketing.bucket_all_gather_by_mb: ["gm", "bucket_cap_mb_by_bucket_idx", "filter_wait_node", "mode"],
+        bucketing.bucket_reduce_scatter_by_mb: ["gm", "bucket_cap_mb_by_bucket_idx", "filter_wait_node", "mode"],
+        bucketing.process_collective_bucket: ["g", "bucket_nodes", "fn_to_trace", "trace_args_fn"],
+        bucketing.merge_reduce_scatter_bucket: ["g", "rs_nodes", "mode"],
+        fsdp.is_fsdp_reduce_scatter_wait: ["wait"],
+        stable_topological_sort: ["graph"],
+    }
+    for fn, params in expected.items():
+        assert list(inspect.signature(fn).parameters)[: len(params)] == params, fn.__name__
