@@ -122,8 +122,11 @@ def check_dequantize_args(
 
 
 def _blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
-    """``flat`` zero-padded to whole blocks, viewed as ``(num_blocks, block_size)``."""
+    """``flat`` zero-padded to whole blocks, viewed as ``(num_blocks, block_size)`` (a
+    view of ``flat`` itself when it is whole blocks: no copy)."""
     blocks = num_blocks(flat.numel(), block_size)
+    if blocks * block_size == flat.numel():
+        return flat.view(blocks, block_size)
     return F.pad(flat, (0, blocks * block_size - flat.numel())).view(blocks, block_size)
 
 
@@ -146,10 +149,11 @@ def quantize_blockwise_reference(
     scales = _block_scales(flat, block_size, dtype)
     limit = qmax(dtype)
     y = (_blocks(flat, block_size) / scales[:, None]).reshape(-1)[: flat.numel()]
+    # y is this function's own tensor (the quotient): round and clamp it in place
     if dtype == torch.int8:
-        codes = torch.round(y).clamp_(-limit, limit).to(torch.int8)
+        codes = y.round_().clamp_(-limit, limit).to(torch.int8)
     else:
-        codes = y.clamp(-limit, limit).to(dtype)
+        codes = y.clamp_(-limit, limit).to(dtype)
     return codes, scales
 
 
@@ -162,5 +166,9 @@ def dequantize_blockwise_reference(
 ) -> torch.Tensor:
     """Invert `quantize_blockwise_reference`: a tensor of ``size`` and ``out_dtype``."""
     check_dequantize_args(codes, scales, size, block_size, out_dtype)
+    if codes.numel() % block_size == 0:  # whole blocks: scale the decoded values in place, no padded copy
+        values = codes.to(torch.float32)
+        values.view(-1, block_size).mul_(scales[:, None])
+        return values.to(out_dtype).reshape(list(size))
     values = _blocks(codes.to(torch.float32), block_size) * scales[:, None]
     return values.reshape(-1)[: codes.numel()].to(out_dtype).reshape(list(size))

@@ -29,7 +29,7 @@ def test_chunked_ops_equal_the_reference(dtype: torch.dtype, block_size: int, nu
 
 def test_scratch_is_bounded_by_the_chunk() -> None:
     """Quantizing 16 MiB of float32: the peak is the codes and scales plus at most
-    ~2 MiB of scratch (the whole-tensor reference needs several input-sized copies)."""
+    ~2 MiB of scratch (the whole-tensor reference holds an input-sized fp32 quotient)."""
     numel = 1 << 22
     x = torch.randn(numel)
     kept: dict[str, object] = {}
@@ -37,7 +37,7 @@ def test_scratch_is_bounded_by_the_chunk() -> None:
     peak = measure_peak(lambda: kept.setdefault("q", torch.ops.memopt.quantize_blockwise(x, 64, torch.int8)))
     assert peak.peak_growth_bytes < outputs + 2 * 2**20
     reference = measure_peak(lambda: kept.setdefault("r", quantize_blockwise_reference(x, 64, torch.int8)))
-    assert reference.peak_growth_bytes > outputs + x.numel() * x.element_size()
+    assert reference.peak_growth_bytes >= outputs + x.numel() * x.element_size()
     codes, scales = kept["q"]  # type: ignore[misc]
     restore = measure_peak(lambda: kept.setdefault("d", torch.ops.memopt.dequantize_blockwise(codes, scales, [numel], 64, torch.float32)))
     assert restore.peak_growth_bytes < x.numel() * 4 + 2 * 2**20
