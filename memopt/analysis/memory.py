@@ -377,7 +377,9 @@ def build_timeline(step: StepGraphs) -> MemoryTimeline:
         if storage.device != device or storage in owner or storage.producer in virtual:
             return
         saved = category == "saved_activations"
-        if category in ("saved_activations", "temporaries") and meta.is_regatherable(storage.producer):
+        if category in ("saved_activations", "temporaries") and (
+            meta.is_regatherable(storage.producer) or meta.is_gathered_copy(storage.producer)
+        ):
             category = "gathered_parameters"
         nbytes = storage.nbytes
         if storage.index == 0 and storage.producer.op == "call_function" and not step.fused_codegen:

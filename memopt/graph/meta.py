@@ -9,6 +9,7 @@ these functions, so a rename in torch is a one-line fix here, pinned by
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import re
 from collections.abc import Iterator
@@ -253,6 +254,25 @@ def is_regatherable(node: fx.Node) -> bool:
     if str(node.target) != _GATHER or not node.args or not isinstance(node.args[0], fx.Node):
         return False
     return _of_step_inputs(node.args[0])
+
+
+def is_gathered_copy(node: fx.Node) -> bool:
+    """A copy of gathered parameter rows out of a bucket (`memopt.passes.collectives_bucket`:
+    each parameter's rows are copied out of the bucket's gathered buffer), reached
+    through views of a re-gatherable all-gather: a gathered parameter too, for the
+    memory breakdown."""
+    if node.op != "call_function" or node.target is not torch.ops.aten.clone.default or not node.args:
+        return False
+    source = node.args[0]
+    while isinstance(source, fx.Node) and source.op == "call_function" and not is_regatherable(source):
+        if not (_cast_or_view(source) or source.target is operator.getitem or _is_split(source)):
+            return False
+        source = source.args[0] if source.args else None
+    return isinstance(source, fx.Node) and is_regatherable(source)
+
+
+def _is_split(node: fx.Node) -> bool:
+    return node.target in (torch.ops.aten.split_with_sizes.default, torch.ops.aten.split.Tensor)
 
 
 def _of_step_inputs(source: fx.Node) -> bool:

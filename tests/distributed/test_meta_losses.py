@@ -21,7 +21,8 @@ from memopt.errors import MemoptWarning
 
 def _explain(fn: object, *args: torch.Tensor) -> memopt.Explanation:
     torch._dynamo.reset()
-    return memopt.explain(fn, *args, options={"codegen": "eager", "strict": True})
+    # per-parameter collectives (no buckets): a lost gradient is a missing reduce-scatter
+    return memopt.explain(fn, *args, options={"codegen": "eager", "strict": True, "collective_bucket_bytes": 0})
 
 
 def _cross_entropy_step(device: str) -> memopt.Explanation:

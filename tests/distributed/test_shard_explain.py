@@ -26,7 +26,9 @@ def test_report_has_the_sharding_section(fake_world):
     """The model itself (or its compiled form) is recognised: the report ends its memory
     part with `md.report`'s tables; without an optimizer the state row says '-'."""
     model = _model()
-    explanation = _explain(model, torch.randn(2, 64))
+    # per-parameter collectives: md.report lists each gather's parameter (a bucket of
+    # several parameters is one row, docs/sharding.md)
+    explanation = _explain(model, torch.randn(2, 64), collective_bucket_bytes=0)
     assert explanation.sharded_model is model
     text = explanation.report()
     assert "sharding (memopt.distributed.report, this rank):" in text
@@ -67,7 +69,7 @@ def test_shards_are_parameters_and_gathered_weights_have_their_own_category(fake
     gradient) are 48 KiB of gathered parameters, and the saved activations are the
     three 2x64 matmul outputs. Gathered weights kept for backward are still values
     saved for backward (the planner may re-gather them)."""
-    explanation = _explain(_model(), torch.randn(2, 64))
+    explanation = _explain(_model(), torch.randn(2, 64), collective_bucket_bytes=0)  # one gather per parameter
     step = explanation.region(0).step
     kinds = [info.kind for info in step.inputs]
     assert kinds == ["parameter", "other", "input"] + ["parameter", "other"] * 3
@@ -122,3 +124,14 @@ def test_cli_report_of_a_sharded_factory(fake_world, tmp_path, capsys):
     with torch.device("meta"):
         meta = md.shard(nn.Linear(64, 64), stage=3)
     assert md.model_state_bytes(meta).params == (64 * 64 + 64) * 4 // 8
+
+
+def test_bucketed_gathers_copied_out_are_gathered_parameters(fake_world):
+    """With the default buckets (one all-gather of the four shards, each weight copied
+    out of the bucket's buffer) the copies are gathered parameters, not activations."""
+    explanation = _explain(_model(), torch.randn(2, 64))
+    assert explanation.graph_code("forward").count("all_gather_into_tensor.default(") == 1
+    timeline = explanation.timeline()
+    gathered = {iv.node.name for iv in timeline.by_category("gathered_parameters") if iv.graph == "forward"}
+    assert {"clone", "clone_1", "clone_2", "clone_3"} <= gathered
+    assert not any(iv.node.name.startswith("clone") for iv in timeline.saved_activations() if iv.category == "saved_activations")
