@@ -380,7 +380,8 @@ def _fake_model(model: Callable[..., Any]) -> tuple[Callable[..., Any], Any, dic
         if isinstance(t, torch.nn.Parameter):
             fake = torch.nn.Parameter(fake, requires_grad=t.requires_grad)
         memo[id(t)] = fake
-    return copy.deepcopy(model, memo), mode, {k: v for k, v in memo.items() if isinstance(v, torch.Tensor)}
+    fakes = dict(memo)  # before deepcopy adds its own entries
+    return copy.deepcopy(model, memo), mode, fakes
 
 
 def _with_fake_optimizer(config: MemoptConfig, fakes: Mapping[int, torch.Tensor]) -> MemoptConfig:

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from memopt.codegen._chunks import UPDATE_CHUNK_ELEMENTS
+from memopt.codegen._chunks import update_piece_bytes
 
 __all__ = ["OptimizerMemory", "optimizer_memory", "state_identity"]
 
@@ -105,8 +105,7 @@ def optimizer_memory(optimizer: torch.optim.Optimizer, in_backward: bool) -> Opt
         factors.append(group_factor)
         step_temporaries = max(step_temporaries, group_temps)
     factor = max(factors, default=2)  # groups differ only by options: the largest, to be safe
-    sizes = [p.element_size() for g in optimizer.param_groups for p in g["params"]]
-    piece = UPDATE_CHUNK_ELEMENTS * max(sizes, default=4)
+    piece = update_piece_bytes(p for g in optimizer.param_groups for p in g["params"])
     return OptimizerMemory(type(optimizer).__name__, state, measured, in_backward, factor, step_temporaries, piece)
 
 
@@ -118,8 +117,7 @@ def _update_temporaries(optimizer: torch.optim.Optimizer, group: Mapping[str, An
     sizes = [p.numel() * p.element_size() for p in params]
     largest = max(sizes, default=0)
     if uses_memopt_step(optimizer):  # memopt's own step: each parameter in pieces
-        piece = UPDATE_CHUNK_ELEMENTS * max((p.element_size() for p in params), default=4)
-        return 2, 2 * min(largest, piece)
+        return 2, 2 * min(largest, update_piece_bytes(params))
     if isinstance(optimizer, torch.optim.SGD):
         factor = 1 if group.get("weight_decay", 0) else 0
         return factor, factor * largest

@@ -16,7 +16,7 @@ model (`memopt.analysis.optimizer_memory`) reads `update_piece_bytes`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -52,6 +52,7 @@ def pieces(*tensors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
         yield tuple(f[start:end] for f in flat)
 
 
-def update_piece_bytes(param_bytes: int, element_size: int) -> int:
-    """Bytes of one piece of a parameter of ``param_bytes`` (its own size when smaller)."""
-    return min(param_bytes, UPDATE_CHUNK_ELEMENTS * element_size)
+def update_piece_bytes(params: Iterable[torch.Tensor]) -> int:
+    """Bytes of one piece of the widest-element parameter of ``params`` (a bound for
+    any of them: a smaller parameter is one piece of its own size)."""
+    return UPDATE_CHUNK_ELEMENTS * max((p.element_size() for p in params), default=4)

@@ -121,14 +121,12 @@ def _step_in_pieces(optimizer: torch.optim.Optimizer, group: dict[str, Any], par
             stepped = optimizer.state.pop(piece, {})
             piece.grad = None
         for key, value in stepped.items():
-            if state:
-                whole.setdefault(key, value)  # 0-dim and plain values: each piece's are the same
-            elif isinstance(value, torch.Tensor) and value.dim() > 0:
+            if not state and isinstance(value, torch.Tensor) and value.dim() > 0:  # a piece's fresh state
                 if key not in whole:
                     whole[key] = torch.empty(param.shape, dtype=value.dtype, device=value.device)
                 whole[key].view(-1)[start:end].copy_(value)
             else:
-                whole.setdefault(key, value)
+                whole.setdefault(key, value)  # views of the state, or 0-dim/plain values alike in every piece
     if not whole:
         return  # a stateless step (SGD without momentum) records no state
     target = optimizer.state[param]
