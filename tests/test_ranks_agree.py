@@ -47,7 +47,7 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
         def sharded(xs, *ws):
             return _loss(xs, *ws, gather=lambda w: funcol.all_gather_tensor(w, 0, dist.group.WORLD))
 
-        compiled = torch.compile(sharded, backend="memopt", options={"codegen": "eager", "memory_budget": 0.9, "strict": True})
+        compiled = torch.compile(sharded, backend="memopt", options={"codegen": "eager", "memory_budget": 0.8, "strict": True})
         with memopt.record() as explanation:
             loss = compiled(x, *shards)  # every rank: the whole batch, its shards
             loss.backward()

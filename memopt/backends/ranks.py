@@ -6,7 +6,8 @@ gathered a parameter again in backward and another's kept it, the step would han
 The planner is deterministic given the same graphs, except where a solver's time
 limit cuts its search at a point that depends on the machine's speed. So rank 0's
 plan is the plan: it is broadcast (as JSON: `MemoryPlan.to_dict`) to the other ranks
-of the default process group before any pass runs.
+of the default process group before any pass runs, and so is each choice the region
+makes between plans (`rank0_value`: whether the passes alone meet the budget).
 
 Every rank compiles the same regions in the same order (the same program), so the
 broadcasts pair up. A fake process group (tracing without processes) has nothing to
@@ -16,6 +17,7 @@ agree with.
 from __future__ import annotations
 
 import logging
+from typing import TypeVar
 
 import torch.distributed as dist
 import torch.fx as fx
@@ -24,7 +26,9 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from memopt.graph.step import StepGraphs
 from memopt.plan.plan import MemoryPlan
 
-__all__ = ["agree_across_ranks", "has_collectives"]
+__all__ = ["agree_across_ranks", "has_collectives", "rank0_value"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("memopt")
 
@@ -41,13 +45,21 @@ def _collective(node: fx.Node) -> bool:
 def agree_across_ranks(plan: MemoryPlan, step: StepGraphs) -> MemoryPlan:
     """``plan`` on rank 0; rank 0's plan on every other rank, when ``step`` holds
     collectives and the default process group has several real ranks."""
+    agreed = rank0_value(plan.to_dict(), step)
+    return plan if agreed is None else MemoryPlan.from_dict(agreed)
+
+
+def rank0_value(value: T, step: StepGraphs) -> T | None:
+    """Rank 0's ``value`` (JSON-able) on every rank when ``step`` holds collectives and
+    the default process group has several real ranks; None otherwise (nothing to agree
+    with: use your own). Every rank must call it at the same point of the compile."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return plan
+        return None
     if dist.get_backend() == "fake" or not has_collectives(step):
-        return plan
-    box = [plan.to_dict() if dist.get_rank() == 0 else None]
+        return None
+    box = [value if dist.get_rank() == 0 else None]
     with unset_fake_temporarily():  # compiles run under a fake mode; the broadcast moves real bytes
         dist.broadcast_object_list(box, src=0)
     if dist.get_rank() != 0:
-        log.debug("region %s: using rank 0's plan", plan.region)
-    return MemoryPlan.from_dict(box[0])  # type: ignore[arg-type]
+        log.debug("region %s: using rank 0's choice", step.region)
+    return box[0]  # type: ignore[return-value]

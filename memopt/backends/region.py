@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,14 +24,14 @@ import torch
 import torch.fx as fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-from memopt.analysis.memory import build_timeline, main_device
+from memopt.analysis.memory import MemoryTimeline, build_timeline, main_device
 from memopt.analysis.optimizer_memory import OptimizerMemory, optimizer_memory
 from memopt.backends.meta_device import check_backward_reaches_inputs
-from memopt.backends.ranks import agree_across_ranks
+from memopt.backends.ranks import agree_across_ranks, rank0_value
 from memopt.backends.record import RegionRecord, active_recorders
 from memopt.codegen.eager import compile_eager
 from memopt.config import MemoptConfig
-from memopt.errors import MemoptBudgetError, MemoptInternalError, MemoptOffloadError, MemoptOptimizerError
+from memopt.errors import MemoptBudgetError, MemoptInternalError, MemoptOffloadError, MemoptOptimizerError, MemoptWarning
 from memopt.failsoft import Fallback, fail_soft, is_torch_signal
 from memopt.graph import meta
 from memopt.graph.partition import JointGraph
@@ -45,8 +46,10 @@ from memopt.passes.instruments import (
 )
 from memopt.passes.manager import Instrument, PassManager, PipelineResult
 from memopt.passes.pipeline import default_pipeline, disabled_in, pre_autograd_pipeline
+from memopt.plan.decisions import Offload
 from memopt.plan.plan import MemoryPlan, finish_plan
-from memopt.plan.planner import check_final_budget, plan_region
+from memopt.plan.planner import base_plan, check_final_budget, plan_region
+from memopt.plan.report import format_bytes
 from memopt.plan.step_context import StepContext, placed
 from memopt.plan.storage import StorageOptions
 
@@ -199,8 +202,7 @@ class RegionCompiler:
                 step.optimizer.in_backward: before, other.in_backward: build_timeline(dataclasses.replace(step, optimizer=other))
             }
         unoptimized = dataclasses.replace(step)  # passes may swap the graphs of ``step``
-        plan = plan_region(step, before, self.config, self._storage_options(passes, step), self.context)
-        plan = agree_across_ranks(plan, step)  # sharded steps: every rank runs rank 0's plan
+        plan = self._choose_plan(step, before, passes)
         ctx = self._context(plan=plan)
         result = manager.run(step, ctx)
         fused = result.step.optimizer
@@ -219,6 +221,55 @@ class RegionCompiler:
         if result.fallback is not None:
             self.record.fallbacks.append(result.fallback)
         return result.step
+
+    def _choose_plan(self, step: StepGraphs, before: MemoryTimeline, passes: Sequence[Pass]) -> MemoryPlan:
+        """The plan the pipeline runs: the planner's, unless the pipeline without it
+        (every saved value saved) meets the budget, or reaches a lower peak than the
+        pipeline does with the planner's plan.
+
+        The planner judges its candidates on the graphs as partitioned; the passes
+        after it (the memory-aware schedule above all) then lower each candidate's
+        peak by a different amount. A budget the passes alone would meet must not
+        cost recomputation, and asking for a budget must never give a higher peak
+        than asking for none. Each comparison runs the pipeline on a copy of ``step``
+        (no instruments but the verifier: nothing recorded or dumped); in a sharded
+        step every rank follows rank 0's choice (`memopt.backends.ranks`)."""
+        base = base_plan(step, before, self.config, self.context)
+        budget = base.budget_bytes
+        storage = self._storage_options(passes, step)
+        if budget is None or not step.is_training or step.joint is None or base.estimated_peak_before <= budget:
+            return agree_across_ranks(plan_region(step, before, self.config, storage, self.context), step)
+        alone = self._trial_peak(step, base)
+        agreed = rank0_value(alone <= budget, step)
+        if alone <= budget if agreed is None else agreed:
+            note = f"the passes alone reach {format_bytes(alone)} with every saved value kept: nothing to recompute"
+            return dataclasses.replace(base, notes=(*base.notes, note))
+        plan = agree_across_ranks(plan_region(step, before, self.config, storage, self.context), step)
+        if plan.actions(Offload):  # a trial would open the plan's offload store
+            return plan
+        planned = self._trial_peak(step, plan)
+        agreed = rank0_value(alone < planned, step)
+        if alone < planned if agreed is None else agreed:
+            note = (
+                f"no plan meets the budget; the passes alone reach {format_bytes(alone)} with every saved "
+                f"value kept, below the {format_bytes(planned)} of the planner's best plan after them"
+            )
+            return dataclasses.replace(
+                base, notes=(*base.notes, note), feasible=False, min_feasible_peak=alone, blockers=plan.blockers
+            )
+        return plan
+
+    def _trial_peak(self, step: StepGraphs, plan: MemoryPlan) -> int:
+        """The step's estimated peak after the pipeline runs ``plan`` on a copy of
+        ``step``. Quiet: a pass that fails here warns when the chosen plan runs."""
+        passes = default_pipeline(self.config)
+        instruments: list[Instrument] = [VerifyInstrument()] if self.config.verify else []
+        manager = PassManager(passes, instruments, disabled=disabled_in(passes, self.config))
+        ctx = PassContext(self.config, self.region, plan=plan, example_inputs=self.example_inputs, step_context=self.context)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MemoptWarning)
+            result = manager.run(step.clone(), ctx)
+        return placed(self.context, result.step, build_timeline(result.step)).peak_bytes
 
     def _unoptimized(self, step: StepGraphs, fallback: Fallback) -> StepGraphs:
         """Record ``step`` as this region's graphs, unoptimized after ``fallback``."""

@@ -38,7 +38,7 @@ from memopt.plan.report import format_bytes
 from memopt.plan.segments import Segment, must_save, value_bytes
 from memopt.plan.step_context import StepContext, placed
 
-__all__ = ["plan_region", "check_final_budget"]
+__all__ = ["base_plan", "plan_region", "check_final_budget"]
 
 
 def plan_region(
@@ -60,18 +60,8 @@ def plan_region(
     step's with the other regions as they are planned, and a fractional budget is a
     fraction of the step's unoptimized peak."""
     in_step = placed(context, step, before)
-    reference = before.peak_bytes if context is None else context.unoptimized_peak(step, before)
-    budget = config.budget_bytes(reference)
-    plan = MemoryPlan.unplanned(step.region, before, budget)
-    if context is not None:
-        plan = _with(
-            plan,
-            estimated_peak_before=in_step.peak_bytes,
-            estimated_peak_after=in_step.peak_bytes,
-            peak_breakdown_before=in_step.peak_breakdown,
-            peak_breakdown_after=in_step.peak_breakdown,
-            notes=(context.describe(),),
-        )
+    plan = base_plan(step, before, config, context)
+    budget = plan.budget_bytes
     training = step.is_training and step.backward is not None
     use_storage = storage is not None and storage.enabled and training
     if budget is None or in_step.peak_bytes <= budget:
@@ -103,6 +93,28 @@ def plan_region(
     if not solution.feasible:
         _report_infeasible(result, config)
     return result
+
+
+def base_plan(
+    step: StepGraphs, before: MemoryTimeline, config: MemoptConfig, context: StepContext | None = None
+) -> MemoryPlan:
+    """The plan that keeps the partitioner's choices (every saved value saved), with
+    the region's budget in bytes and, for a region planned in a step (``context``),
+    the step's estimates. `plan_region` starts from it; a region's pipeline also runs
+    it to see whether the passes alone meet the budget (`memopt.backends.region`)."""
+    reference = before.peak_bytes if context is None else context.unoptimized_peak(step, before)
+    plan = MemoryPlan.unplanned(step.region, before, config.budget_bytes(reference))
+    if context is None:
+        return plan
+    in_step = placed(context, step, before)
+    return _with(
+        plan,
+        estimated_peak_before=in_step.peak_bytes,
+        estimated_peak_after=in_step.peak_bytes,
+        peak_breakdown_before=in_step.peak_breakdown,
+        peak_breakdown_after=in_step.peak_breakdown,
+        notes=(context.describe(),),
+    )
 
 
 _STORAGE = "storage"

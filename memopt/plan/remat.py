@@ -53,6 +53,7 @@ import torch.fx as fx
 
 from memopt.analysis.cost import device_model, node_cost
 from memopt.analysis.memory import BEFORE, MemoryTimeline, build_timeline
+from memopt.analysis.schedule import scheduled_timeline
 from memopt.graph import meta
 from memopt.graph.partition import JointGraph, forward_nodes, saved_names, split_joint
 from memopt.graph.step import StepGraphs
@@ -502,15 +503,19 @@ def _plan_remat(
             torch_own.append(([f"torch@{b} (torch's graphs)"] * K, ev))
     target = float(budget_bytes)
     iterations, how = 0, "milp"
+    answer: Evaluation | None = None
     for iterations in range(1, max_iterations + 1):
         choice, how = _solve(problem, target, time_limit)
         if choice is None:
             break
-        ev = consider(choice, problem.saved_for(choice))
-        if ev.timeline.peak_bytes <= budget_bytes:
+        answer = consider(choice, problem.saved_for(choice))
+        if answer.timeline.peak_bytes <= budget_bytes:
             break
-        target -= ev.timeline.peak_bytes - budget_bytes
-    for slack in _PROBES:  # the model errs both ways: cheaper plans may fit too
+        target -= answer.timeline.peak_bytes - budget_bytes
+    scheduled = _ScheduledPeaks(context)
+    gain = 0 if answer is None else answer.timeline.peak_bytes - scheduled(answer).timeline.peak_bytes
+    slacks = [*_PROBES, *(g / budget_bytes for g in (gain / 2, gain) if g > 0)]
+    for slack in slacks:  # the model errs both ways, and the schedule pass lowers peaks: cheaper plans may fit too
         choice, _ = _solve(problem, budget_bytes * (1 + slack), time_limit)
         if choice is not None:
             consider(choice, problem.saved_for(choice))
@@ -533,18 +538,72 @@ def _plan_remat(
         for saved in _merged_segments(problem, floor_choice, floor.saved):
             consider(floor_choice, saved)
     candidates = [*tried.values(), *torch_own]
-    smallest = min(candidates, key=lambda ce: ce[1].timeline.peak_bytes)
-    fitting = [ce for ce in candidates if ce[1].timeline.peak_bytes <= budget_bytes]
+    best, smallest = _select(candidates, budget_bytes, storage is not None, scheduled)
     elapsed = time.perf_counter() - start
-    if not fitting:
+    if best is None:
         return RematSolution(
             smallest[0], smallest[1], False, how, iterations, elapsed, [p for _, p in curve], smallest[1],
             problem.segments,
         )  # fmt: skip
-    if storage is None:
-        best = min(fitting, key=lambda ce: (ce[1].recompute_flops, ce[1].seconds, ce[1].timeline.peak_bytes))
-    else:  # offload and compression cost time, not FLOPs: compare modelled time
-        best = min(fitting, key=lambda ce: (ce[1].seconds, ce[1].recompute_flops, ce[1].timeline.peak_bytes))
     return RematSolution(
         best[0], best[1], True, how, iterations, elapsed, [p for _, p in curve], smallest[1], problem.segments
     )
+
+
+_SCHEDULE_CHECKS = 4
+"""How many candidates over the budget in the partition's order `_select` judges in
+memory-aware order (each costs a schedule and a timeline)."""
+
+Candidate = tuple[list[str], Evaluation]
+
+
+class _ScheduledPeaks:
+    """A candidate's evaluation with its timeline in memory-aware order, as the
+    ``schedule`` pass will run it (`memopt.analysis.schedule`), where that is lower;
+    memoized. A candidate whose saved values are held elsewhere (a modelled timeline)
+    is judged as it is."""
+
+    def __init__(self, context: StepContext | None) -> None:
+        self.context = context
+        self.cache: dict[int, Evaluation] = {}
+
+    def __call__(self, ev: Evaluation) -> Evaluation:
+        if ev.storage is not None and ev.storage.chosen:
+            return ev
+        if id(ev) not in self.cache:
+            timeline = scheduled_timeline(ev.step, lambda t: placed(self.context, ev.step, t))
+            better = timeline.peak_bytes < ev.timeline.peak_bytes
+            self.cache[id(ev)] = dataclasses.replace(ev, timeline=timeline) if better else ev
+        return self.cache[id(ev)]
+
+
+def _select(
+    candidates: list[Candidate], budget: int, by_time: bool, scheduled: _ScheduledPeaks
+) -> tuple[Candidate | None, Candidate]:
+    """(the cheapest candidate that fits ``budget``, or None; the smallest-peak one).
+
+    Cheapest: the fewest recompute FLOPs, then modelled time (``by_time``: storage
+    plans, whose cost is time, not FLOPs: time first). A candidate fits when its peak
+    does in the partition's order or, for up to `_SCHEDULE_CHECKS` candidates cheaper
+    than the cheapest that does, in memory-aware order (the schedule pass runs after
+    remat; it never raises a peak). With none fitting, the candidates of the smallest
+    peaks are judged in memory-aware order the same way."""
+
+    def cost(ce: Candidate) -> tuple[float, ...]:
+        ev = ce[1]
+        if by_time:
+            return (ev.seconds, ev.recompute_flops, ev.timeline.peak_bytes)
+        return (ev.recompute_flops, ev.seconds, ev.timeline.peak_bytes)
+
+    fitting = [ce for ce in candidates if ce[1].timeline.peak_bytes <= budget]
+    best = min(fitting, key=cost) if fitting else None
+    if best is not None:
+        pool = sorted((ce for ce in candidates if cost(ce) < cost(best)), key=cost)
+    else:
+        pool = sorted(candidates, key=lambda ce: ce[1].timeline.peak_bytes)
+    judged = [(ce[0], scheduled(ce[1])) for ce in pool[:_SCHEDULE_CHECKS]]
+    fit_scheduled = [ce for ce in judged if ce[1].timeline.peak_bytes <= budget]
+    if fit_scheduled:
+        best = min([*fit_scheduled, *([best] if best is not None else [])], key=cost)
+    smallest = min([*candidates, *judged], key=lambda ce: ce[1].timeline.peak_bytes)
+    return best, smallest
