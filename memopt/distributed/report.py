@@ -11,8 +11,9 @@ Three tables, each for one rank (every rank runs rank 0's plan, so they agree):
   (`model_state_bytes`), beside ZeRO's formula for the stage
   (`zero_model_state_bytes`, for the dtypes in use and the optimizer's state per
   element, `memopt.optim.state_size`);
-* **gathered parameters**: every all-gathered parameter of the step, its bytes, where its
-  gathered value lives on the timeline (forward and backward node indices of the
+* **gathered parameters**: every all-gathered parameter (or bucket of them) of the step,
+  the parameters it holds by module path, its bytes, where its gathered value lives on
+  the timeline (forward and backward node indices of the
   planned graphs), and whether the plan frees it after forward and gathers it again;
 * **collectives per step**: count, bytes each rank sends or receives, and modelled time
   (`memopt.analysis.cost`, the device's network bandwidth) per collective and graph;
@@ -38,6 +39,7 @@ from memopt.analysis.memory import main_device
 from memopt.distributed.memory import model_state_bytes, zero_model_state_bytes
 from memopt.distributed.api import shard_state
 from memopt.graph import meta
+from memopt.graph.step import InputInfo, parameter_name
 from memopt.optim.state_size import group_of, predicted_state_bytes
 from memopt.plan.decisions import Recompute
 from memopt.plan.report import format_bytes
@@ -75,6 +77,8 @@ class GatheredRow:
     start: int
     end: int | None
     gathered_again: bool
+    parameters: tuple[str, ...] = ()
+    """The parameters it gathers (one, or a bucket's), by their module path."""
 
 
 def collectives(explanation: Any) -> list[CollectiveRow]:
@@ -110,13 +114,43 @@ def gathered_parameters(explanation: Any) -> list[GatheredRow]:
         again = set() if record.plan is None else {
             d.node_name.split(":", 1)[-1] for d in record.plan.decisions if isinstance(d.action, Recompute)
         }
+        inputs = dict(zip(record.step.forward.graph.find_nodes(op="placeholder"), record.step.inputs))
         for interval in record.timeline_after.intervals:
             node = interval.node
             if not isinstance(node, fx.Node) or interval.graph == "backward" or not meta.is_regatherable(node):
                 continue
             names = {node.name, *(user.name for user in node.users)}  # the gather and its wait
-            rows.append(GatheredRow(record.region, node.name, interval.nbytes, interval.start, interval.end, bool(names & again)))
+            params = _gathered_parameter_names(node, inputs)
+            rows.append(
+                GatheredRow(record.region, node.name, interval.nbytes, interval.start, interval.end, bool(names & again), params)
+            )
     return rows
+
+
+def _gathered_parameter_names(node: fx.Node, inputs: dict[fx.Node, InputInfo]) -> tuple[str, ...]:
+    """The parameters whose shards the all-gather ``node`` (or the wait on one) reads,
+    through its casts, padding and a bucket's concatenation, in graph order."""
+    seen: set[fx.Node] = set()
+    stack, found = list(node.all_input_nodes), []
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            info = inputs.get(n)
+            if info is not None and info.kind == "parameter":
+                found.append(n)
+        else:
+            stack.extend(n.all_input_nodes)
+    order = {n: i for i, n in enumerate(inputs)}
+    return tuple(parameter_name(inputs[n].name) for n in sorted(found, key=order.__getitem__))
+
+
+def _names_cell(names: tuple[str, ...], shown: int = 2) -> str:
+    if len(names) <= shown + 1:
+        return ", ".join(names)
+    return f"{', '.join(names[:shown])} (+{len(names) - shown} more)"
 
 
 def _state_rows(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[list[list[str]], str]:
@@ -170,9 +204,9 @@ def report(model: nn.Module, explanation: Any = None, optimizer: torch.optim.Opt
             f"gathered parameters: {len(gathered)}, {format_bytes(sum(g.nbytes for g in gathered))}; "
             f"gathered again in backward: {len(again)}, {format_bytes(sum(g.nbytes for g in again))}",
             tabulate(
-                [[g.region, g.name, format_bytes(g.nbytes), g.start, "end" if g.end is None else g.end,
-                  "gathered again" if g.gathered_again else "kept"] for g in gathered],
-                headers=["region", "value", "bytes", "live from", "to", "backward"],
+                [[g.region, g.name, _names_cell(g.parameters), format_bytes(g.nbytes), g.start,
+                  "end" if g.end is None else g.end, "gathered again" if g.gathered_again else "kept"] for g in gathered],
+                headers=["region", "value", "parameters", "bytes", "live from", "to", "backward"],
             ),
         ]  # fmt: skip
     found = collectives(explanation)

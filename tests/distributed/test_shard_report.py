@@ -63,3 +63,19 @@ def test_the_formula_follows_the_optimizer(fake_world):
     text = report(model, None, torch.optim.SGD(model.parameters(), lr=0.1))
     state = next(line for line in text.splitlines() if line.startswith("optimizer state"))
     assert state.split()[-2:] == ["0", "B"]
+
+
+def test_gathered_rows_name_their_parameters(fake_world):
+    """One gather per parameter: each row names its parameter by module path; a bucket
+    (default `collective_bucket_bytes`) is one row naming every parameter it gathers."""
+    torch.manual_seed(0)
+    model = md.shard(nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)]), stage=3)
+    names = [name for name, _ in model.named_parameters()]
+    assert names == ["0.weight", "0.bias", "1.weight", "1.bias", "2.weight", "2.bias", "3.weight", "3.bias"]
+    apart = gathered_parameters(_explain(model))
+    assert sorted(p for g in apart for p in g.parameters) == sorted(names)
+    assert all(len(g.parameters) == 1 for g in apart)
+    (bucket,) = gathered_parameters(_explain(model, collective_bucket_bytes=4 * 2**20))
+    assert list(bucket.parameters) == names
+    text = report(model, _explain(model, collective_bucket_bytes=4 * 2**20))
+    assert "0.weight, 0.bias (+6 more)" in text
