@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 from memopt.distributed.api import shard_state
 from memopt.distributed.checks import ShardingError
 from memopt.distributed.optimizer import ShardedOptimizer
-from memopt.distributed.param import ShardedParam, _contiguous_stride
+from memopt.distributed.param import ShardedParam, _contiguous_stride, gather_replicas
 
 __all__ = ["get_state_dict", "set_state_dict", "save", "load"]
 
@@ -187,8 +187,7 @@ def set_state_dict(
         _load_full_model(model, state_dict["model"])
     else:
         model.load_state_dict(state_dict["model"])
-    for handle in shard_state(model).params.values():
-        handle.gather_replica()
+    gather_replicas(shard_state(model).params.values())
     if optimizer is not None and "optim" in state_dict:
         _load_optimizer(optimizer, state_dict["optim"])
 

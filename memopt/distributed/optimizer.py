@@ -7,7 +7,8 @@ parameter of a sharded model (ZeRO-1/2/3 optimizer state).
 The inner optimizer holds plain tensors that alias the rank's rows of each parameter
 (`ShardedParam.optimizer_tensor`), so its state exists only for those rows (stages 1-3).
 ``step()`` points their gradients at the rank's rows of the reduced gradients, steps, and
-at stages 1 and 2 all-gathers the updated rows into every rank's replica. Stage 0 steps
+at stages 1 and 2 all-gathers the updated rows into every rank's replica, several
+parameters per collective (``gather_bucket_bytes``). Stage 0 steps
 every rank on the whole parameter (data parallel).
 
 Which optimizers qualify: an update of one element must depend only on that element's
@@ -32,7 +33,7 @@ import torch.nn as nn
 
 from memopt.distributed.api import shard_state
 from memopt.distributed.checks import ShardingError
-from memopt.distributed.param import ShardedParam
+from memopt.distributed.param import GATHER_BUCKET_BYTES, ShardedParam, gather_replicas
 
 __all__ = ["ShardedOptimizer"]
 
@@ -52,7 +53,21 @@ class ShardedOptimizer(torch.optim.Optimizer):
     the inner optimizer's (LR schedulers work on this object); ``state_dict()`` is the
     rank's local one (`memopt.distributed.checkpoint` saves a global one)."""
 
-    def __init__(self, optimizer: OptimizerOrFactory, model: nn.Module, *, elementwise: bool = False) -> None:
+    def __init__(
+        self,
+        optimizer: OptimizerOrFactory,
+        model: nn.Module,
+        *,
+        elementwise: bool = False,
+        gather_bucket_bytes: int = GATHER_BUCKET_BYTES,
+    ) -> None:
+        if gather_bucket_bytes < 0:
+            raise ValueError(
+                f"ShardedOptimizer: gather_bucket_bytes={gather_bucket_bytes} is negative; give the bucket cap in "
+                "bytes (0 gathers each parameter on its own)"
+            )
+        self.gather_bucket_bytes = gather_bucket_bytes
+        """Stages 1 and 2: cap of one all-gather of updated rows after the step."""
         self._shard = shard_state(model)
         self.model = model
         self._locals: dict[int, tuple[ShardedParam, torch.Tensor]] = {}
@@ -126,8 +141,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         finally:
             for _, local in pairs:
                 local.grad = None
-        for handle, _ in pairs:
-            handle.gather_replica()
+        gather_replicas((handle for handle, _ in pairs), self.gather_bucket_bytes)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

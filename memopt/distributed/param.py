@@ -13,12 +13,15 @@ Storage per stage (``Psi`` the parameter's elements, ``N`` the world size):
 
 Stages 1 and 2 keep the full parameter in a padded replica buffer; the rank's own rows
 are a view of it, so the optimizer updates the replica in place and
-`ShardedParam.gather_replica` all-gathers the other ranks' rows after the step.
-A 0-dimensional parameter is replicated (stage-0 treatment) at every stage.
+`gather_replicas` all-gathers the other ranks' rows after the step, several parameters
+per collective (``bucket_bytes`` of full tensors, 4 MiB by default, as the compiled
+steps' buckets). A 0-dimensional parameter is replicated (stage-0 treatment) at every
+stage.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +33,10 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 from memopt.distributed.collectives import Accumulate, Unshard
 from memopt.distributed.layout import ShardLayout
 
-__all__ = ["ShardState", "ShardedParam"]
+__all__ = ["GATHER_BUCKET_BYTES", "ShardState", "ShardedParam", "gather_replicas"]
+
+GATHER_BUCKET_BYTES = 4 * 2**20
+"""Default cap of one post-step all-gather bucket (bytes of full parameters)."""
 
 
 @dataclass
@@ -151,11 +157,13 @@ class ShardedParam:
     def gather_replica(self) -> None:
         """Stages 1 and 2: all-gather every rank's rows into the replica buffer (after the
         optimizer updated this rank's rows, or after a checkpoint loaded them)."""
-        if self.replica is None:
-            return
+        gather_replicas([self], bucket_bytes=0)
+
+    def own_piece(self) -> torch.Tensor:
+        """This rank's padded rows of the replica (stages 1 and 2), flat."""
+        assert self.replica is not None
         lay = self.layout
-        piece = self.replica.narrow(0, lay.padded_start, lay.chunk).clone()
-        _all_gather_single(self.replica, piece, self.state.mesh.get_group())
+        return self.replica.narrow(0, lay.padded_start, lay.chunk).reshape(-1)
 
     # ---- the parametrization ---------------------------------------------------------
 
@@ -214,3 +222,55 @@ class ShardedParam:
         """Gradient accumulated without sync that no backward has reduced yet."""
         acc = self.accumulator
         return self.pending is not None or (acc is not None and acc.grad is not None)
+
+
+@torch.no_grad()
+def gather_replicas(handles: Iterable[ShardedParam], bucket_bytes: int = GATHER_BUCKET_BYTES) -> int:
+    """All-gather every rank's rows into the replicas of ``handles`` (stages 1 and 2;
+    handles without a replica are skipped), in order, one collective per bucket of
+    consecutive parameters on one mesh with one dtype and at most ``bucket_bytes`` of
+    full tensors (``0``: one per parameter). A bucket concatenates each parameter's
+    padded piece, gathers the flat buffer and copies each rank's part back into place
+    (as FSDP2's copy-out): the same bytes as gathering one by one. Holds at most one
+    bucket's gathered buffer at a time. Returns the number of collectives issued."""
+    buckets: list[list[ShardedParam]] = []
+    size = 0
+    for handle in handles:
+        if handle.replica is None:
+            continue
+        nbytes = handle.replica.numel() * handle.replica.element_size()
+        last = buckets[-1] if buckets else None
+        joins = (
+            last is not None and bucket_bytes > 0 and size + nbytes <= bucket_bytes
+            and last[0].state.mesh is handle.state.mesh and last[0].replica.dtype == handle.replica.dtype  # type: ignore[union-attr]
+        )  # fmt: skip
+        if joins:
+            last.append(handle)  # type: ignore[union-attr]
+            size += nbytes
+        else:
+            buckets.append([handle])
+            size = nbytes
+    for bucket in buckets:
+        _gather_bucket(bucket)
+    return len(buckets)
+
+
+def _gather_bucket(bucket: list[ShardedParam]) -> None:
+    group = bucket[0].state.mesh.get_group()
+    if len(bucket) == 1:
+        (handle,) = bucket
+        lay = handle.layout
+        piece = handle.replica.narrow(0, lay.padded_start, lay.chunk).clone()  # type: ignore[union-attr]
+        _all_gather_single(handle.replica, piece, group)  # type: ignore[arg-type]
+        return
+    pieces = [h.own_piece() for h in bucket]
+    flat = torch.cat(pieces)
+    world = bucket[0].state.world
+    gathered = flat.new_empty(world * flat.numel())  # gloo splits the output along dim 0 like the input
+    _all_gather_single(gathered, flat, group)
+    gathered = gathered.view(world, flat.numel())
+    offset = 0
+    for handle, piece in zip(bucket, pieces):
+        n = piece.numel()
+        handle.replica.view(world, n).copy_(gathered[:, offset : offset + n])  # type: ignore[union-attr]
+        offset += n

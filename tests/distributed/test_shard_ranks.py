@@ -105,3 +105,12 @@ def test_collective_passes_are_bitwise_exact():
     rtol 1e-5 (the worker asserts both)."""
     results = ranks("collectives")
     assert all(len(r["losses"]) == 3 for r in results)
+
+
+def test_updated_rows_are_gathered_in_buckets():
+    """Stages 1 and 2 gather the updated rows of the 8 parameters that have a replica
+    (the 0-d temperature is replicated) in one collective per step instead of 8, with
+    the same parameters bit for bit (each rank asserts it)."""
+    result = ranks("gathers", "--stages", "1,2")[0]
+    for stage in ("1", "2"):
+        assert result[stage] == {"apart": [8, 8, 8], "bucketed": [1, 1, 1]}, (stage, result[stage])

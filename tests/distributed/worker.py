@@ -294,7 +294,48 @@ def collectives(args: argparse.Namespace) -> dict[str, Any]:
     return {"losses": [float(r[0]) for r in runs["default"]]}
 
 
-SCENARIOS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"numerics": numerics, "accumulate": accumulate, "memory": memory, "checkpoint": checkpoint, "mixed": mixed, "collectives": collectives}
+def gathers(args: argparse.Namespace) -> dict[str, Any]:
+    """Stages 1 and 2, 3 AdamW steps eagerly: the updated rows all-gathered one parameter
+    per collective (``gather_bucket_bytes=0``) and in one default bucket give the same
+    parameters bit for bit; the collectives of each optimizer step are counted."""
+    import memopt.distributed.param as param_module
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    real, calls = param_module._all_gather_single, [0]
+
+    def counted(*a: Any, **k: Any) -> None:
+        calls[0] += 1
+        real(*a, **k)
+
+    param_module._all_gather_single = counted
+    out: dict[str, Any] = {}
+    try:
+        for stage in [int(s) for s in args.stages.split(",")]:
+            params, counts = {}, {}
+            for cap in (0, 4 * 2**20):
+                torch.manual_seed(0)
+                model = md.shard(Tiny(), stage=stage)
+                opt = md.ShardedOptimizer(adamw, model, gather_bucket_bytes=cap)
+                counts[cap] = []
+                for step in range(3):
+                    model(*local(batch(step), rank, world)).backward()
+                    calls[0] = 0
+                    opt.step()
+                    counts[cap].append(calls[0])
+                    opt.zero_grad()
+                params[cap] = [full(p.detach()) for p in model.parameters()]
+            for i, (a, b) in enumerate(zip(params[0], params[4 * 2**20])):
+                assert torch.equal(a, b), f"stage {stage} parameter {i}: bucketed gathers changed its bits"
+            out[str(stage)] = {"apart": counts[0], "bucketed": counts[4 * 2**20]}
+    finally:
+        param_module._all_gather_single = real
+    return out
+
+
+SCENARIOS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "numerics": numerics, "accumulate": accumulate, "memory": memory, "checkpoint": checkpoint, "mixed": mixed,
+    "collectives": collectives, "gathers": gathers,
+}
 
 
 def main() -> None:
