@@ -115,13 +115,16 @@ class MemoptConfig:
     int or a size string (``"16MiB"``). Merging amortizes each collective's fixed cost
     over small tensors (biases, norms); a bucket's buffer is live on top of the
     parameters copied out of it, so the default (4 MiB) stays near one layer of a
-    small model, and larger tensors travel alone. 0 turns bucketing off. Exact."""
+    small model, and larger tensors travel alone. 0 turns bucketing off. Under
+    ``memory_budget``, a kind of collective this cap puts over the budget gets the
+    largest halved cap that fits (docs/sharding.md). Exact."""
 
     collective_prefetch: int = 1
     """How many all-gathers ahead the step fetches parameters (each starts right after
     the wait of the one this many places before it), and how many reduce-scatters a
     gradient's reduction may stay in flight behind. 0: every collective is waited
-    right after it starts, as traced. Kept only within ``memory_budget``. Exact."""
+    right after it starts, as traced. Under ``memory_budget``, each collective moves
+    this far or as far as the budget allows (docs/sharding.md). Exact."""
 
     # -- the optimizer update inside backward (docs/whole_step.md) ------------------
 

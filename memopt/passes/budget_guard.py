@@ -39,18 +39,29 @@ class BudgetGuard:
         budget = None if ctx.plan is None else ctx.plan.budget_bytes
         return None if budget is None else max(budget, self.peak_before)
 
-    def keep(self, analyses: AnalysisManager, ctx: PassContext) -> tuple[bool, int]:
-        """After the rewrite: (kept, peak after). A rewrite over `limit` is undone: the
-        graphs of the snapshot are put back into the step."""
+    def fits(self, analyses: AnalysisManager, ctx: PassContext) -> tuple[bool, int]:
+        """(within `limit`, estimated peak) of the step as it is now; nothing undone.
+        Passes that try several rewrites (`restore` between them) ask this."""
         analyses.invalidate(PreservedAnalyses.none())
         peak = step_peak(self.step, analyses, ctx)
         limit = self.limit(ctx)
-        if limit is None or peak <= limit:
-            return True, peak
-        self.step.forward, self.step.backward = self.snapshot.forward, self.snapshot.backward
-        analyses.invalidate(PreservedAnalyses.none())
-        return False, peak
+        return limit is None or peak <= limit, peak
 
+    def restore(self, analyses: AnalysisManager) -> None:
+        """Put a fresh copy of the snapshot's graphs into the step (the snapshot stays
+        for the next try)."""
+        fresh = self.snapshot.clone()
+        self.step.forward, self.step.backward = fresh.forward, fresh.backward
+        analyses.invalidate(PreservedAnalyses.none())
+
+    def keep(self, analyses: AnalysisManager, ctx: PassContext) -> tuple[bool, int]:
+        """After the rewrite: (kept, peak after). A rewrite over `limit` is undone: the
+        graphs of the snapshot are put back into the step."""
+        kept, peak = self.fits(analyses, ctx)
+        if not kept:
+            self.step.forward, self.step.backward = self.snapshot.forward, self.snapshot.backward
+            analyses.invalidate(PreservedAnalyses.none())
+        return kept, peak
 
     def result(self, analyses: AnalysisManager, ctx: PassContext, details: dict[str, Any], summary: str) -> PassResult:
         """The pass's result once its rewrite is done: the graphs recompiled and the

@@ -45,10 +45,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from memopt.analysis.manager import AnalysisManager
+from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
 from memopt.graph import meta
 from memopt.graph.collectives import ALL_GATHER, WAIT, is_all_gather, is_reduce_scatter
-from memopt.graph.step import StepGraphs
+from memopt.graph.step import StepGraphs, clone_graph_module
 from memopt.passes.base import Pass, PassContext, PassResult
 from memopt.passes.budget_guard import BudgetGuard
 
@@ -85,27 +85,80 @@ def _merge_reductions(graph: fx.Graph, nodes: list[fx.Node]) -> None:
     merge_reduce_scatter_bucket(graph, nodes, "default")
 
 
-def bucket_graph(gm: fx.GraphModule, cap_bytes: int) -> tuple[int, int]:
-    """Bucket ``gm``'s parameter all-gathers and gradient reduce-scatters under
-    ``cap_bytes`` each; (all-gathers, reduce-scatters) removed."""
+def _finders() -> tuple[tuple[Callable[..., list[list[fx.Node]]], Callable[[fx.Graph, list[fx.Node]], None], Callable[[fx.Node], bool], Callable[[fx.Node], bool]], ...]:
+    """(find buckets, merge one, is the collective, which waits qualify) for all-gathers,
+    then reduce-scatters: torch's greedy bucketing, memopt's or torch's merge."""
     from torch._inductor.fx_passes.bucketing import bucket_all_gather_by_mb, bucket_reduce_scatter_by_mb
     from torch._inductor.fx_passes.fsdp import is_fsdp_reduce_scatter_wait
-    from torch._inductor.pattern_matcher import stable_topological_sort
 
-    cap: Callable[[int], float] = lambda _: cap_bytes / 2**20  # noqa: E731
-    counts = []
-    for find, merge, is_kind, keep in (
+    return (
         (bucket_all_gather_by_mb, _merge_gathers, is_all_gather, meta.is_regatherable),
         (bucket_reduce_scatter_by_mb, _merge_reductions, is_reduce_scatter, is_fsdp_reduce_scatter_wait),
-    ):
+    )
+
+
+def _cap_fn(cap_bytes: int) -> Callable[[int], float]:
+    return lambda _: cap_bytes / 2**20
+
+
+def bucket_graph(gm: fx.GraphModule, cap_bytes: int, scatter_cap_bytes: int | None = None) -> tuple[int, int]:
+    """Bucket ``gm``'s parameter all-gathers under ``cap_bytes`` and its gradient
+    reduce-scatters under ``scatter_cap_bytes`` (default: ``cap_bytes``; 0 leaves that
+    kind alone); (all-gathers, reduce-scatters) removed."""
+    from torch._inductor.pattern_matcher import stable_topological_sort
+
+    caps = (cap_bytes, cap_bytes if scatter_cap_bytes is None else scatter_cap_bytes)
+    counts = []
+    for (find, merge, is_kind, keep), cap in zip(_finders(), caps):
         before = sum(is_kind(n) for n in gm.graph.nodes)
-        buckets = find(gm, cap, filter_wait_node=keep, mode="default")
+        buckets = find(gm, _cap_fn(cap), filter_wait_node=keep, mode="default") if cap else []
         for bucket in buckets:
             merge(gm.graph, bucket)
         if buckets:
             stable_topological_sort(gm.graph)
         counts.append(before - sum(is_kind(n) for n in gm.graph.nodes))
     return counts[0], counts[1]
+
+
+KINDS = ("forward_all_gather", "reduce_scatter", "backward_all_gather")
+"""The collectives bucketed under caps of their own when the budget is tight, in the
+order the search gives them the memory it has (`BucketCollectives`)."""
+
+
+def _graph_caps(name: str, caps: dict[str, int]) -> tuple[int, int]:
+    """(all-gather cap, reduce-scatter cap) of graph ``name``: backward's all-gathers
+    are re-gathers, every other graph's are forward gathers."""
+    gathers = caps["backward_all_gather" if name == "backward" else "forward_all_gather"]
+    return gathers, caps["reduce_scatter"]
+
+
+def buckets_of(step: StepGraphs, kind: str, cap_bytes: int) -> tuple[tuple[str, ...], ...]:
+    """The buckets (node names, two or more each) torch's greedy bucketing forms of
+    ``kind`` under ``cap_bytes`` on ``step`` as it is (nothing merged)."""
+    (find_ag, _, _, keep_ag), (find_rs, _, _, keep_rs) = _finders()
+    find, keep = (find_rs, keep_rs) if kind == "reduce_scatter" else (find_ag, keep_ag)
+    out: list[tuple[str, ...]] = []
+    for name, gm in step.graphs():
+        if kind != "reduce_scatter" and (name == "backward") != (kind == "backward_all_gather"):
+            continue  # forward all-gathers are the other graphs', re-gathers backward's
+        out += [tuple(n.name for n in bucket) for bucket in find(gm, _cap_fn(cap_bytes), filter_wait_node=keep, mode="default")]
+    return tuple(out)
+
+
+_Built = dict[tuple[str, int, int], tuple[fx.GraphModule, tuple[int, int]]]
+"""(graph name, all-gather cap, reduce-scatter cap) -> the graph bucketed so, and the
+all-gathers and reduce-scatters it lost."""
+
+MIN_CAP_BYTES = 1 << 10
+"""Caps are halved no further than this (a bucket of a few biases)."""
+
+
+def _ladder(cap: int) -> list[int]:
+    """``cap``, then halved down to `MIN_CAP_BYTES`."""
+    caps = [cap]
+    while caps[-1] // 2 >= MIN_CAP_BYTES:
+        caps.append(caps[-1] // 2)
+    return caps
 
 
 class BucketCollectives(Pass):
@@ -120,9 +173,16 @@ class BucketCollectives(Pass):
     same reduction; gathered parameters are bit-identical, and reduced gradients are
     too wherever the process group's per-element sum does not depend on the buffer's
     length (always on 2 ranks). Collectives keep their relative order, so every rank
-    issues the same sequence. Kept only while the step's estimated peak stays within
-    the budget (`memopt.passes.budget_guard`): a bucket's buffer is live while its
-    parameters are copied out of it.
+    issues the same sequence. The step's estimated peak stays within the budget
+    (`memopt.passes.budget_guard`; a bucket's buffer is live while its parameters are
+    copied out of it, a reduce-scatter bucket holds its gradients until the last one
+    is ready): when ``collective_bucket_bytes`` for every collective puts it over,
+    each kind of collective (`KINDS`: forward all-gathers, then reduce-scatters, then
+    re-gathers in backward) in turn gets the largest cap of ``collective_bucket_bytes``
+    halved down to `MIN_CAP_BYTES` that keeps the step within the budget, the kinds
+    before it at their chosen caps and those after it unbucketed; a kind for which no
+    cap fits stays unbucketed. ``details`` says which caps were tried, at which
+    estimated peaks, and which were kept.
 
     Ordering: after ``remat`` (re-gathers in backward are bucketed like the forward's)
     and ``dedupe_collectives``; before ``schedule``, which then orders the bucketed
@@ -136,10 +196,81 @@ class BucketCollectives(Pass):
         if cap == 0 or not any(is_all_gather(n) or is_reduce_scatter(n) for _, gm in step.graphs() for n in gm.graph.nodes):
             return PassResult.unchanged()
         guard = BudgetGuard.before(step, analyses, ctx)
-        removed = {name: bucket_graph(gm, cap) for name, gm in step.graphs()}
+        caps, cache = dict.fromkeys(KINDS, cap), {}
+        removed = self._apply(step, guard, analyses, caps, cache)
         if not any(sum(r) for r in removed.values()):
+            guard.restore(analyses)
             return PassResult.unchanged()
+        fits, peak = guard.fits(analyses, ctx)
+        tried = [{"caps": dict(caps), "peak": peak, "fits": fits}]
+        if not fits:
+            caps, removed = self._search(step, guard, analyses, ctx, cap, tried, cache)
+        details: dict[str, Any] = {"caps": caps, "peak_before": guard.peak_before, "limit": guard.limit(ctx), "tried": tried}
+        if not any(sum(r) for r in removed.values()):
+            guard.restore(analyses)
+            details["reverted"] = f"no cap keeps the estimated peak within the limit {guard.limit(ctx)} B"
+            return PassResult(False, PreservedAnalyses.none(), details)
         gathers = sum(r[0] for r in removed.values())
         scatters = sum(r[1] for r in removed.values())
-        summary = f"bucketed collectives: {gathers} fewer all-gather(s), {scatters} fewer reduce-scatter(s)"
-        return guard.result(analyses, ctx, {"removed": removed}, summary)
+        capped = "" if all(c == cap for c in caps.values()) else f" (caps under the budget: {caps})"
+        summary = f"bucketed collectives: {gathers} fewer all-gather(s), {scatters} fewer reduce-scatter(s){capped}"
+        return guard.result(analyses, ctx, {**details, "removed": removed}, summary)
+
+    @staticmethod
+    def _apply(
+        step: StepGraphs, guard: BudgetGuard, analyses: AnalysisManager, caps: dict[str, int], cache: _Built | None = None,
+    ) -> dict[str, tuple[int, int]]:
+        """The snapshot's graphs, bucketed under ``caps``, put into ``step``; the
+        collectives removed per graph. ``cache`` keeps each graph bucketed under each
+        of its caps (a try that changes one graph's caps rebuckets only that one)."""
+        cache = {} if cache is None else cache
+        removed, built = {}, {}
+        for name, gm in guard.snapshot.graphs():
+            gather_cap, scatter_cap = _graph_caps(name, caps)
+            key = (  # a cap of a kind the graph does not hold changes nothing
+                name,
+                gather_cap if any(map(is_all_gather, gm.graph.nodes)) else 0,
+                scatter_cap if any(map(is_reduce_scatter, gm.graph.nodes)) else 0,
+            )
+            if key not in cache:
+                fresh = clone_graph_module(gm)
+                cache[key] = (fresh, bucket_graph(fresh, *key[1:]))
+            gm, removed[name] = cache[key]
+            built[name] = clone_graph_module(gm)
+        if step.backward is None:
+            step.forward = built[step.single_graph_name]
+        else:
+            step.forward, step.backward = built["forward"], built["backward"]
+        step.recompile()
+        analyses.invalidate(PreservedAnalyses.none())
+        return removed
+
+    def _search(
+        self, step: StepGraphs, guard: BudgetGuard, analyses: AnalysisManager, ctx: PassContext,
+        cap: int, tried: list[dict[str, Any]], cache: _Built,
+    ) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
+        """The caps of the kinds in turn (class docstring); ``step`` left bucketed under
+        them, and the collectives removed."""
+        chosen = dict.fromkeys(KINDS, 0)
+        removed: dict[str, tuple[int, int]] = {name: (0, 0) for name, _ in step.graphs()}
+        current = dict.fromkeys(KINDS, -1)  # the caps the step holds now (-1: as it came)
+        for kind in KINDS:
+            seen: set[tuple[tuple[str, ...], ...]] = set()
+            for c in _ladder(cap):
+                buckets = buckets_of(guard.snapshot, kind, c)
+                if not buckets:
+                    break  # nothing merges under this cap, nor under smaller ones
+                if buckets in seen:
+                    continue  # the same buckets as a cap already tried
+                seen.add(buckets)
+                trial = {**chosen, kind: c}
+                trial_removed = self._apply(step, guard, analyses, trial, cache)
+                current = trial
+                fits, peak = guard.fits(analyses, ctx)
+                tried.append({"caps": dict(trial), "peak": peak, "fits": fits})
+                if fits:
+                    chosen, removed = trial, trial_removed
+                    break
+        if current != chosen:
+            removed = self._apply(step, guard, analyses, chosen, cache)
+        return chosen, removed

@@ -20,11 +20,14 @@ wait (`memopt.analysis.memory.reads_of`: the process group reads it until then).
 
 from __future__ import annotations
 
+import functools
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch.fx as fx
 
-from memopt.analysis.manager import AnalysisManager
+from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
 from memopt.graph import meta
 from memopt.graph.collectives import is_all_gather, is_collective, is_reduce_scatter, is_wait, wait_of
 from memopt.graph.step import StepGraphs
@@ -53,62 +56,103 @@ def _between(graph: fx.Graph, start: fx.Node, end: fx.Node) -> list[fx.Node]:
     return [*nodes, end]
 
 
-def prefetch_gathers(graph: fx.Graph, depth: int) -> int:
+Accept = Callable[[], bool]
+"""Asked after each move when the budget is tight: keep it (True) or undo it."""
+
+
+def _restore_after(anchor: fx.Node, nodes: list[fx.Node]) -> None:
+    """Put ``nodes`` back right after ``anchor``, in this order (undo a move)."""
+    for node in nodes:
+        anchor.append(node)
+        anchor = node
+
+
+Undo = Callable[[], None]
+
+
+def _prefetch_one(graph: fx.Graph, gather: fx.Node, anchor: fx.Node) -> Undo | None:
+    """Move ``gather``, with the nodes it reads after ``anchor``, to right after
+    ``anchor``; how to undo it, or None if it did not move."""
+    order = _position(graph)
+    if order[anchor] >= order[gather]:
+        return None
+    needed: set[fx.Node] = set()
+    stack = [gather]
+    while stack:
+        node = stack.pop()
+        if node in needed or order[node] <= order[anchor]:
+            continue
+        needed.add(node)
+        stack.extend(node.all_input_nodes)
+    span = _between(graph, anchor, gather)
+    block = [n for n in span if n in needed]
+    if not all(_movable(n, gather) for n in block):
+        return None
+    _restore_after(anchor, block)
+    return lambda: _restore_after(anchor, span)
+
+
+def _defer_one(graph: fx.Graph, wait: fx.Node, target: fx.Node) -> Undo | None:
+    """Move ``wait``, with what reads its result before ``target``, to right before
+    ``target``; how to undo it, or None if it did not move."""
+    order = _position(graph)
+    if order[wait] >= order[target]:
+        return None
+    span = _between(graph, wait, target)[:-1]
+    block, reached = [], {wait}
+    for node in span:
+        if any(inp in reached for inp in node.all_input_nodes):
+            reached.add(node)
+            block.append(node)
+    if not all(_movable(n, wait) for n in block):
+        return None
+    before = wait.prev
+    for node in [wait, *block]:
+        target.prepend(node)
+    return lambda: _restore_after(before, [wait, *span])
+
+
+def _longest_kept(depth: int, accept: Accept | None, move: Callable[[int], Undo | None]) -> int:
+    """The distance one collective moves: ``depth``, or with ``accept`` (a budget to
+    keep) the longest of ``depth`` down to 1 whose move (``move(distance)``, None when
+    it cannot) ``accept`` keeps; 0: none (every rejected move undone)."""
+    for distance in range(depth, 0 if accept is not None else depth - 1, -1):
+        undo = move(distance)
+        if undo is None:
+            continue
+        if accept is None or accept():
+            return distance
+        undo()
+    return 0
+
+
+def prefetch_gathers(graph: fx.Graph, depth: int, accept: Accept | None = None) -> list[int]:
     """Start each all-gather right after the wait of the one ``depth`` places before it
-    (in wait order), with the nodes it reads that lie in between; the number moved."""
+    (in wait order), with the nodes it reads that lie in between. With ``accept``, a
+    move it rejects is undone and the next shorter distance tried. The distance each
+    all-gather moved, in wait order (0: not moved)."""
     gathers = [n for n in graph.nodes if is_all_gather(n) and wait_of(n) is not None]
     waits = sorted((wait_of(g) for g in gathers), key=_position(graph).__getitem__)  # type: ignore[arg-type]
-    moved = 0
-    for i, wait in enumerate(waits):
-        if i < depth:
-            continue
-        gather, anchor = wait.args[0], waits[i - depth]
-        assert isinstance(gather, fx.Node)
-        order = _position(graph)
-        if order[anchor] >= order[gather]:
-            continue
-        needed: set[fx.Node] = set()
-        stack = [gather]
-        while stack:
-            node = stack.pop()
-            if node in needed or order[node] <= order[anchor]:
-                continue
-            needed.add(node)
-            stack.extend(node.all_input_nodes)
-        block = [n for n in _between(graph, anchor, gather) if n in needed]
-        if not all(_movable(n, gather) for n in block):
-            continue
-        for node in block:
-            anchor.append(node)
-            anchor = node
-        moved += 1
-    return moved
+
+    def move(i: int, distance: int) -> Undo | None:
+        return None if i < distance else _prefetch_one(graph, waits[i].args[0], waits[i - distance])  # type: ignore[arg-type]
+
+    return [_longest_kept(depth, accept, functools.partial(move, i)) for i in range(len(waits))]
 
 
-def defer_reduction_waits(graph: fx.Graph, depth: int) -> int:
+def defer_reduction_waits(graph: fx.Graph, depth: int, accept: Accept | None = None) -> list[int]:
     """Wait each reduce-scatter right before the one ``depth`` places after it starts
-    (the last ones before the output), with what reads its result; the number moved."""
+    (the last ones before the output), with what reads its result. With ``accept``, a
+    move it rejects is undone and the next shorter distance tried. The distance each
+    reduce-scatter's wait moved, in order (0: not moved)."""
     scatters = [n for n in graph.nodes if is_reduce_scatter(n) and wait_of(n) is not None]
     output = graph.find_nodes(op="output")[0]
-    moved = 0
-    for i, scatter in enumerate(scatters):
-        wait = wait_of(scatter)
-        assert wait is not None
-        target = scatters[i + depth] if i + depth < len(scatters) else output
-        order = _position(graph)
-        if order[wait] >= order[target]:
-            continue
-        block, reached = [], {wait}
-        for node in _between(graph, wait, target)[:-1]:
-            if any(inp in reached for inp in node.all_input_nodes):
-                reached.add(node)
-                block.append(node)
-        if not all(_movable(n, wait) for n in block):
-            continue
-        for node in [wait, *block]:
-            target.prepend(node)
-        moved += 1
-    return moved
+
+    def move(i: int, distance: int) -> Undo | None:
+        target = scatters[i + distance] if i + distance < len(scatters) else output
+        return _defer_one(graph, wait_of(scatters[i]), target)  # type: ignore[arg-type]
+
+    return [_longest_kept(depth, accept, functools.partial(move, i)) for i in range(len(scatters))]
 
 
 def _position(graph: fx.Graph) -> dict[fx.Node, int]:
@@ -125,11 +169,15 @@ class OverlapCollectives(Pass):
     Guarantees: only the order of nodes changes, every data dependency holds, and the
     collectives keep their relative starting order on every rank (the all-gathers
     among themselves, the reduce-scatters among themselves), so results are
-    bit-identical. Nothing with a side effect or a random draw moves. Kept only while
-    the step's estimated peak stays within the budget
-    (`memopt.passes.budget_guard`): a prefetched bucket is live one layer earlier, a
-    gradient until its reduce-scatter is waited. Over the budget, only the
-    reduce-scatters' waits move, else only the all-gathers' starts, else nothing.
+    bit-identical. Nothing with a side effect or a random draw moves. The step's
+    estimated peak stays within the budget (`memopt.passes.budget_guard`): a
+    prefetched bucket is live one layer earlier, a gradient until its reduce-scatter
+    is waited. When every collective moved ``collective_prefetch`` places puts the
+    step over, each collective is moved in turn (all-gathers in wait order, then the
+    reduce-scatters' waits), at ``collective_prefetch`` places or the longest shorter
+    distance that keeps the step's estimated peak within the budget, or not at all;
+    ``details["distances"]`` counts the collectives moved at each distance (0: not
+    moved).
 
     Ordering: after ``schedule`` and ``offload``, on the final order (the memory-aware
     schedule would sink every start back to its wait); after ``bucket_collectives``;
@@ -143,18 +191,36 @@ class OverlapCollectives(Pass):
         depth = ctx.config.collective_prefetch
         if depth == 0 or not any(is_collective(n) for _, gm in step.graphs() for n in gm.graph.nodes):
             return PassResult.unchanged()
-        result = PassResult.unchanged()
-        for gathers, reductions in ((True, True), (False, True), (True, False)):  # the first within budget
-            guard = BudgetGuard.before(step, analyses, ctx)
-            moved: dict[str, Any] = {}
-            for name, gm in step.graphs():
-                moved[name] = {"all_gather": prefetch_gathers(gm.graph, depth) if gathers else 0,
-                               "reduce_scatter": defer_reduction_waits(gm.graph, depth) if reductions else 0}  # fmt: skip
-            total = sum(sum(m.values()) for m in moved.values())
-            if not total:
-                continue
-            summary = f"overlapped {total} collective(s) with compute"
-            result = guard.result(analyses, ctx, {"moved": moved, "depth": depth}, summary)
-            if result.modified:
-                return result
-        return result
+        guard = BudgetGuard.before(step, analyses, ctx)
+        distances = _overlap(step, depth, None)
+        if not _moved(distances):
+            return PassResult.unchanged()
+        fits, peak = guard.fits(analyses, ctx)
+        details: dict[str, Any] = {"depth": depth, "peak_before": guard.peak_before, "limit": guard.limit(ctx)}
+        if not fits:  # each collective in turn, as far ahead as the budget allows
+            guard.restore(analyses)
+            details["all_at_depth"] = {"peak": peak, "fits": False}
+            distances = _overlap(step, depth, lambda: guard.fits(analyses, ctx)[0])
+        details["moved"] = {name: {kind: sum(d > 0 for d in ds) for kind, ds in kinds.items()} for name, kinds in distances.items()}
+        details["distances"] = {name: {kind: dict(sorted(Counter(ds).items())) for kind, ds in kinds.items()} for name, kinds in distances.items()}  # fmt: skip
+        total = _moved(distances)
+        if not total:
+            guard.restore(analyses)
+            details["reverted"] = f"no collective moves within the limit {guard.limit(ctx)} B"
+            return PassResult(False, PreservedAnalyses.none(), details)
+        held = sum(d < depth for kinds in distances.values() for ds in kinds.values() for d in ds)
+        within = f" ({held} at a shorter distance or none, within the budget)" if held and not fits else ""
+        return guard.result(analyses, ctx, details, f"overlapped {total} collective(s) with compute{within}")
+
+
+def _overlap(step: StepGraphs, depth: int, accept: Accept | None) -> dict[str, dict[str, list[int]]]:
+    """Prefetch the all-gathers, then defer the reduce-scatters' waits, graph by graph;
+    the distance each moved."""
+    return {
+        name: {"all_gather": prefetch_gathers(gm.graph, depth, accept), "reduce_scatter": defer_reduction_waits(gm.graph, depth, accept)}
+        for name, gm in step.graphs()
+    }  # fmt: skip
+
+
+def _moved(distances: dict[str, dict[str, list[int]]]) -> int:
+    return sum(d > 0 for kinds in distances.values() for ds in kinds.values() for d in ds)

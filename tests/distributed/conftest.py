@@ -41,7 +41,8 @@ def collective_counts(code: str) -> dict[str, int]:
 
 def compiled_graphs(model: torch.nn.Module, *args: torch.Tensor, **options: object) -> dict[str, object]:
     """The forward and backward graphs memopt compiles for one training step of
-    ``model(*args).sum()`` (eager codegen, strict): their code and collective counts."""
+    ``model(*args).sum()`` (eager codegen, strict): their code and collective counts,
+    the region's pass records by name, its plan's budget and the step's estimated peak."""
     import memopt
 
     with memopt.record() as explanation:
@@ -55,4 +56,7 @@ def compiled_graphs(model: torch.nn.Module, *args: torch.Tensor, **options: obje
         "backward": collective_counts(backward),
         "forward_code": forward,
         "backward_code": backward,
+        "passes": {p.name: p for p in region.passes},
+        "budget": None if region.plan is None else region.plan.budget_bytes,
+        "estimate": explanation.estimated_peak_bytes,
     }

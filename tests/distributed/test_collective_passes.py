@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections import Counter
 
 import pytest
 import torch
@@ -20,9 +21,13 @@ LAYER_BYTES = (64 * 64 + 64) * 4
 """A Linear(64, 64)'s weight and bias, gathered (full size)."""
 
 
-def _layers(n: int = 4) -> nn.Module:
+def _layers(n: int = 4, width: int = 64) -> nn.Module:
     torch.manual_seed(0)
-    return md.shard(nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.ReLU()) for _ in range(n)]), stage=3)
+    return md.shard(nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(n)]), stage=3)
+
+
+def _collectives(graphs: dict) -> int:
+    return sum(graphs["forward"].values()) + sum(graphs["backward"].values())
 
 
 def _tied() -> nn.Module:
@@ -124,6 +129,79 @@ def test_budget_keeps_regathering_with_the_passes(fake_world, graphs_of):
     model = md.shard(nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(4)]), stage=3)
     graphs = graphs_of(model, torch.randn(2, 64), memory_budget=0.75, plan_across_graph_breaks=False)
     assert graphs["backward"]["all_gather_into_tensor"] >= 1
+
+
+def test_tight_budget_buckets_under_smaller_caps(fake_world, graphs_of):
+    """Under the budget the plan frees the gathered weights after forward and gathers
+    them again in backward one by one, and each gradient is reduced as soon as it is
+    ready. One bucket of every re-gather (the default 4 MiB cap holds the whole model)
+    would hold every weight at once in backward, as if none were re-gathered, and one
+    reduce-scatter bucket every gradient until the last: over the budget, where the
+    pass used to undo all of its bucketing. Now it keeps smaller buckets: the step
+    within the budget, with fewer collectives than unbucketed."""
+    x, options = torch.randn(2, 128), {"memory_budget": 0.6, "plan_across_graph_breaks": False}
+    graphs = graphs_of(_layers(8, 128), x, **options)
+    unbucketed = graphs_of(_layers(8, 128), x, collective_bucket_bytes=0, **options)
+    record = graphs["passes"]["bucket_collectives"]
+    requested, *searched = record.details["tried"]
+    assert requested["caps"] == dict.fromkeys(requested["caps"], 4 << 20) and not requested["fits"]
+    assert requested["peak"] > record.details["limit"] and searched
+    assert record.modified and record.details["peak_after"] <= record.details["limit"]
+    assert any(0 < cap < 4 << 20 for cap in record.details["caps"].values())
+    assert record.details["caps"] in [t["caps"] for t in searched if t["fits"]]  # a cap the timeline checked
+    assert graphs["estimate"] <= graphs["budget"]
+    assert unbucketed["backward"]["all_gather_into_tensor"] > 0  # the plan re-gathers
+    assert _collectives(graphs) < _collectives(unbucketed)
+
+
+def test_tight_budget_prefetches_what_fits(fake_world, graphs_of):
+    """Bucketing (before it) has taken most of the budget's headroom: every gather one
+    bucket ahead and every reduction waited one behind puts the step over. The pass
+    then moves each collective only where the step stays within the limit: some move,
+    some stay in place, and the estimate is within the budget."""
+    options = {"memory_budget": 0.6, "plan_across_graph_breaks": False}
+    graphs = graphs_of(_layers(8, 128), torch.randn(2, 128), **options)
+    record = graphs["passes"]["overlap_collectives"]
+    assert not record.details["all_at_depth"]["fits"] and record.details["all_at_depth"]["peak"] > record.details["limit"]
+    counts = Counter()
+    for kinds in record.details["distances"].values():
+        for by_distance in kinds.values():
+            counts.update(by_distance)
+    assert counts[0] > 0 and counts[1] > 0  # left in place / moved one ahead
+    assert record.modified and record.details["peak_after"] <= record.details["limit"]
+    assert graphs["estimate"] <= graphs["budget"]
+
+
+def test_rejected_moves_are_undone_and_shorter_distances_tried():
+    """``accept`` answers each move in turn: a rejected one leaves the graph exactly
+    as it was, and the next shorter distance is tried."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from memopt.passes.collectives_overlap import prefetch_gathers
+
+    c10d = torch.ops._c10d_functional
+
+    def three_layers(w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        for w in (w0, w1, w2):
+            x = torch.mm(x, c10d.wait_tensor(c10d.all_gather_into_tensor(w, 2, "0")))
+        return x
+
+    def traced() -> torch.fx.GraphModule:
+        return make_fx(three_layers, tracing_mode="fake")(*[torch.randn(2, 4)] * 3, torch.randn(3, 4))
+
+    gm = traced()
+    code, answers = gm.code, []
+    # gather 1 may move 1 place, gather 2 two places then one: three questions
+    assert prefetch_gathers(gm.graph, 2, accept=lambda: answers.append(False) or False) == [0, 0, 0]
+    gm.recompile()
+    assert len(answers) == 3 and gm.code == code
+
+    gm = traced()
+    replies = iter([True, False, True])  # gather 1: one place; gather 2: not two, one
+    assert prefetch_gathers(gm.graph, 2, accept=lambda: next(replies)) == [0, 1, 1]
+    gm.recompile()
+    starts, waits = _lines(gm.code, "all_gather_into_tensor.default("), _lines(gm.code, "wait_tensor.default(")
+    assert starts[1] == waits[0] + 1 and starts[2] == waits[1] + 1
 
 
 @pytest.mark.parametrize(
