@@ -44,6 +44,14 @@ def test_os_view_sees_known_allocation_and_resets():
     assert result.env["MALLOC_MMAP_THRESHOLD_"] == os_memory.MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]
 
 
+@linux_only
+def test_median_is_the_step_of_the_median_os_view():
+    """Three steps of 32, 8 and 16 MiB: the median OS view is the 16 MiB step's."""
+    result = measure_in_fresh_process(f"{__file__}:touch_pages", kwargs={"mib": [1, 32, 8, 16]}, warmup=1, repeat=3)
+    assert result.median is result.measurements[2]
+    assert result.median.os_peak_growth_bytes == pytest.approx(16 * MiB, rel=0.02)
+
+
 def test_os_view_none_with_reason_off_linux(monkeypatch):
     monkeypatch.setattr(os_memory.sys, "platform", "darwin")
     m = measure_peak(lambda: torch.ones(10))

@@ -62,6 +62,17 @@ class FreshProcessResult:
     def last(self) -> PeakMeasurement:
         return self.measurements[-1]
 
+    @property
+    def median(self) -> PeakMeasurement:
+        """The measured step whose OS-view peak growth is the median (the allocator view
+        of a settled step repeats exactly; the resident set varies by a few MiB from step
+        to step with what glibc's heap reuses). Without an OS view: the last step."""
+        with_os = [m for m in self.measurements if m.os_peak_growth_bytes is not None]
+        if not with_os:
+            return self.last
+        ranked = sorted(with_os, key=lambda m: m.os_peak_growth_bytes)  # type: ignore[arg-type, return-value]
+        return ranked[(len(ranked) - 1) // 2]
+
 
 _BOOT = (
     "import json, sys; spec = json.load(open(sys.argv[1])); sys.path[:0] = spec['sys_path']; "
