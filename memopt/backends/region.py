@@ -80,6 +80,9 @@ def describe_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[
     return tuple(infos)
 
 
+_COLLECTIVE_PASSES = ("dedupe_collectives", "bucket_collectives", "overlap_collectives")
+
+
 class RegionCompiler:
     """Compiles one region. Create one per Dynamo graph."""
 
@@ -261,10 +264,15 @@ class RegionCompiler:
 
     def _trial_peak(self, step: StepGraphs, plan: MemoryPlan) -> int:
         """The step's estimated peak after the pipeline runs ``plan`` on a copy of
-        ``step``. Quiet: a pass that fails here warns when the chosen plan runs."""
+        ``step``. Quiet: a pass that fails here warns when the chosen plan runs.
+
+        Without the collective passes: each keeps the peak within ``max(budget, peak
+        before it)`` (`memopt.passes.budget_guard`), so they cannot decide whether a plan
+        meets the budget, and their searches under a budget cost seconds per region."""
         passes = default_pipeline(self.config)
         instruments: list[Instrument] = [VerifyInstrument()] if self.config.verify else []
-        manager = PassManager(passes, instruments, disabled=disabled_in(passes, self.config))
+        disabled = (*disabled_in(passes, self.config), *_COLLECTIVE_PASSES)
+        manager = PassManager(passes, instruments, disabled=disabled)
         ctx = PassContext(self.config, self.region, plan=plan, example_inputs=self.example_inputs, step_context=self.context)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", MemoptWarning)
