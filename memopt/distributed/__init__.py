@@ -2,6 +2,7 @@
 
     import memopt.distributed as md
     model = md.shard(model, stage=3)                    # after init_process_group
+    # (a model built on the meta device: md.materialize(model) after md.shard)
     optimizer = md.ShardedOptimizer(lambda p: torch.optim.AdamW(p, lr=1e-3), model)
     compiled = torch.compile(model, backend="memopt")
     md.checkpoint.save("ckpt", model, optimizer)
@@ -14,12 +15,14 @@ Dynamo traces them into the forward and backward graphs. See docs/sharding.md.
 from memopt.distributed import checkpoint
 from memopt.distributed.api import MixedPrecisionPolicy, ShardedModule, shard, shard_state
 from memopt.distributed.checks import ShardingError
+from memopt.distributed.materialize import materialize
 from memopt.distributed.memory import ModelStateBytes, model_state_bytes, zero_model_state_bytes
 from memopt.distributed.optimizer import ShardedOptimizer
 from memopt.distributed.report import report
 
 __all__ = [
     "shard",
+    "materialize",
     "ShardedModule",
     "ShardedOptimizer",
     "MixedPrecisionPolicy",

@@ -62,13 +62,8 @@ def _load_full_model(model: nn.Module, loaded: dict[str, Any]) -> None:
         handle = handles.get(id(params.get(key)))
         if handle is None:
             target.copy_(value)
-        elif handle.replica is not None:
-            handle.replica.narrow(0, 0, handle.layout.rows).copy_(value)
-        elif handle.stage == 3:
-            lay = handle.layout
-            handle.param.to_local().copy_(value.narrow(0, lay.start, lay.length))
         else:
-            handle.param.to_local().copy_(value)
+            handle.load_full(value)
 
 
 # ---- optimizer ---------------------------------------------------------------------------

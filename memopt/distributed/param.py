@@ -130,6 +130,37 @@ class ShardedParam:
             stride=_contiguous_stride(self.shape),
         )  # fmt: skip
 
+    def allocate(self, device: torch.device) -> DTensor:
+        """The DTensor to register for this parameter with fresh storage on ``device``
+        (values uninitialised; a replica's padding rows zero), for a parameter sharded
+        on the meta device (`memopt.distributed.materialize`)."""
+        lay = self.layout
+        self.device = device
+        if self.stage in (1, 2):
+            self.replica = torch.zeros((lay.padded_rows, *self.shape[1:]), dtype=self.dtype, device=device)
+            local = self.replica.narrow(0, 0, lay.rows) if self.stage == 1 else self.replica.narrow(0, lay.padded_start, lay.length)
+        elif self.stage == 3:
+            local = torch.empty((lay.length, *self.shape[1:]), dtype=self.dtype, device=device)
+        else:
+            local = torch.empty(self.shape, dtype=self.dtype, device=device)
+        placement: Placement = Replicate() if self.stage in (0, 1) else Shard(0)
+        return DTensor.from_local(
+            local, self.state.mesh, [placement], run_check=False, shape=torch.Size(self.shape),
+            stride=_contiguous_stride(self.shape),
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def load_full(self, value: torch.Tensor) -> None:
+        """Write the full parameter ``value`` into this rank's storage (its rows, or all
+        of it where the rank holds the whole tensor)."""
+        if self.replica is not None:
+            self.replica.narrow(0, 0, self.layout.rows).copy_(value)
+        elif self.stage == 3:
+            lay = self.layout
+            self.param.to_local().copy_(value.narrow(0, lay.start, lay.length))
+        else:
+            self.param.to_local().copy_(value)
+
     @property
     def optimizer_placement(self) -> Placement:
         """How the optimizer's tensors of this parameter lie over the ranks."""

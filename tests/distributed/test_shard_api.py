@@ -251,3 +251,43 @@ def test_step_refuses_unreduced_gradients(fake_world):
         opt.step()
     opt.zero_grad()
     opt.step()  # dropped by zero_grad: nothing left to reduce
+
+
+def _layers() -> nn.Module:
+    return nn.Sequential(*[nn.Linear(256, 256) for _ in range(8)])
+
+
+def test_materialize_keeps_this_ranks_rows_of_the_seeded_init(fake_world):
+    """Built on meta, sharded, materialised with a seed: each stage holds this rank's
+    rows (stage 3), the replica (1, 2) or the whole tensor (0) of the model built for
+    real with that seed; at stage 3 the step allocates the rank's shards plus one
+    layer's full parameters at a time, never the whole model."""
+    from memopt.testing.measure import measure_peak
+
+    torch.manual_seed(0)
+    reference = _layers()
+    for stage in (0, 1, 2, 3):
+        with torch.device("meta"):
+            model = md.shard(_layers(), stage=stage)
+        torch.manual_seed(0)
+        md.materialize(model)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            lay = md.shard_state(model).params[name].layout
+            want = q if stage in (0, 1) or q.dim() == 0 else q[lay.start : lay.start + lay.length]
+            assert torch.equal(p.to_local(), want), (stage, name)
+    with torch.device("meta"):
+        model = md.shard(_layers(), stage=3)
+    growth = measure_peak(lambda: md.materialize(model)).peak_growth_bytes
+    total = sum(p.numel() * 4 for p in reference.parameters())
+    layer = (256 * 256 + 256) * 4
+    assert total // dist.get_world_size() <= growth <= total // dist.get_world_size() + layer + 64 * 1024
+
+
+def test_materialize_refuses_what_it_cannot_do(fake_world):
+    model = md.shard(_layers(), stage=3)
+    with pytest.raises(md.ShardingError, match="already have storage"):
+        md.materialize(model)
+    with torch.device("meta"):
+        on_meta = md.shard(_layers(), stage=3)
+    with pytest.raises(md.ShardingError, match="not of the mesh's device type"):
+        md.materialize(on_meta, device="meta")
