@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 2 examples/train_sharded.py --stage 2 --accumulate 4
     torchrun --nproc_per_node 2 examples/train_sharded.py --hf gpt2        # Hugging Face GPT-2 (small config)
     torchrun --nproc_per_node 2 examples/train_sharded.py --save ckpt      # then --load ckpt to resume
+    torchrun --nproc_per_node 2 examples/train_sharded.py --meta           # built on meta, each rank allocates its shards
 
 gloo on CPU, NCCL on CUDA (one GPU per rank). The task is synthetic (no downloads): the
 model learns to continue a repeating token pattern. Each rank trains on its part of the
@@ -15,6 +16,7 @@ global batch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from typing import Any
@@ -77,15 +79,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bf16", action="store_true", help="MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)")
     parser.add_argument("--save", help="save a sharded checkpoint here after training")
     parser.add_argument("--load", help="load this checkpoint before training")
+    parser.add_argument("--meta", action="store_true",
+                        help="build the model on the meta device, shard it there, then md.materialize: no rank "
+                             "ever holds the whole model (memopt's GPT only)")
     args = parser.parse_args(argv)
+    if args.meta and args.hf:
+        parser.error("--meta builds memopt's GPT; a Hugging Face model's buffers would need its own init")
 
     device = init()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    model, vocab, loss_of = build(args, device)
+    with torch.device("meta") if args.meta else contextlib.nullcontext():
+        model, vocab, loss_of = build(args, torch.device("meta") if args.meta else device)
     numel = sum(p.numel() for p in model.parameters())
     policy = md.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 else None
     model = md.shard(model, stage=args.stage, mp_policy=policy)
+    if args.meta:  # each module: its own defaults (LayerNorm's ones), then GPT-2's N(0, 0.02)
+        from memopt.testing.zoo import GPT
+
+        md.materialize(model, device, init=lambda m: (md.reset_parameters(m), GPT._init_weights(m)))
     optimizer = md.ShardedOptimizer(lambda params: torch.optim.AdamW(params, lr=3e-3), model)
     if args.load:
         checkpoint.load(args.load, model, optimizer)

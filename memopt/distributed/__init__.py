@@ -15,7 +15,7 @@ Dynamo traces them into the forward and backward graphs. See docs/sharding.md.
 from memopt.distributed import checkpoint
 from memopt.distributed.api import MixedPrecisionPolicy, ShardedModule, shard, shard_state
 from memopt.distributed.checks import ShardingError
-from memopt.distributed.materialize import materialize
+from memopt.distributed.materialize import materialize, reset_parameters
 from memopt.distributed.memory import ModelStateBytes, model_state_bytes, zero_model_state_bytes
 from memopt.distributed.optimizer import ShardedOptimizer
 from memopt.distributed.report import report
@@ -23,6 +23,7 @@ from memopt.distributed.report import report
 __all__ = [
     "shard",
     "materialize",
+    "reset_parameters",
     "ShardedModule",
     "ShardedOptimizer",
     "MixedPrecisionPolicy",

@@ -30,3 +30,16 @@ def test_example_trains_under_torchrun(tmp_path):
     assert any(line.strip().startswith("step   3") for line in lines), out.stdout
     assert sum(line.strip().startswith("rank ") for line in lines) == 2, out.stdout
     assert (tmp_path / "ckpt" / ".metadata").exists()
+
+
+def test_example_built_on_meta_trains(tmp_path):
+    """``--meta``: the GPT is built on the meta device, sharded and materialised."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(ROOT / "examples" / "train_sharded.py"), "--steps", "11", "--layers", "1", "--meta",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    losses = [float(line.split()[3]) for line in out.stdout.splitlines() if line.strip().startswith("step")]
+    assert len(losses) == 2 and losses[-1] < losses[0], out.stdout  # steps 0 and 10: it learns
