@@ -184,6 +184,29 @@ def test_tight_budget_buckets_all_reduces_under_a_smaller_cap(fake_world, graphs
     assert 1 < graphs["backward"]["all_reduce"] < 16
 
 
+def test_all_reduce_bucket_memory_is_modelled():
+    """torch's all-reduce merge on two 1000-element gradients (4000 B each; inputs 8000
+    B): the gradients live until the concatenation (24000 B with it), the
+    concatenation until the wait (the process group reads it: 24000 B at the
+    all-reduce and at its wait, with the reduced buffer), then only the reduced buffer,
+    which both gradients view (16000 B to the end)."""
+    from torch._inductor.fx_passes.bucketing import all_reduce_merge_fn_to_trace
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from memopt.analysis.memory import build_timeline
+    from memopt.graph.step import StepGraphs
+
+    def bucket(a: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
+        return all_reduce_merge_fn_to_trace([a * 2, b * 3], "0", "sum", torch.float32, a.device)
+
+    gm = make_fx(bucket, tracing_mode="fake")(torch.randn(1000), torch.randn(1000))
+    assert gm.code.count("_c10d_functional.all_reduce.default(") == 1
+    timeline = build_timeline(StepGraphs(gm, None, 2, num_user_outputs=2))
+    live = {p.node: p.live_bytes for p in timeline.points}
+    assert (live["mul_1"], live["cat"], live["all_reduce"], live["wait_tensor"]) == (16000, 24000, 24000, 24000)
+    assert timeline.peak_bytes == 24000 and timeline.end_bytes == 16000
+
+
 def test_budget_keeps_regathering_with_the_passes(fake_world, graphs_of):
     """Under a budget the plan still frees gathered weights after forward and gathers
     them again in backward; those re-gathers are bucketed too."""
@@ -298,6 +321,7 @@ def test_torch_private_bucketing_api_is_as_used():
         bucketing.merge_reduce_scatter_bucket: ["g", "rs_nodes", "mode"],
         bucketing.bucket_all_reduce_by_mb: ["gm", "bucket_cap_mb_by_bucket_idx", "filter_wait_node"],
         bucketing.merge_all_reduce_bucket: ["g", "ar_nodes"],
+        bucketing.all_reduce_merge_fn_to_trace: ["ar_ins", "group_name", "reduce_op", "reduce_dtype", "device"],
         fsdp.is_fsdp_reduce_scatter_wait: ["wait"],
         stable_topological_sort: ["graph"],
     }
