@@ -3,9 +3,9 @@ together.
 
 A sharded step holds one all-gather per parameter in forward (and per re-gathered
 parameter in backward) and one reduce-scatter (stages 2 and 3) or all-reduce (stages 0
-and 1, and 0-dimensional parameters at every stage) per gradient in backward. Each has a fixed
-cost (a launch, a rendezvous of every rank) that small tensors (biases, norms) never
-amortize. This pass merges runs of them into buckets of at most
+and 1, and 0-dimensional parameters at every stage) per gradient in backward. Each has
+a fixed cost (a launch, a rendezvous of every rank) that small tensors (biases, norms)
+never amortize. This pass merges runs of them into buckets of at most
 ``collective_bucket_bytes`` (full, gathered size):
 
     all-gather:     cat(flat pieces) -> all_gather -> wait -> view(world, -1)
@@ -100,14 +100,20 @@ def _merge_all_reductions(graph: fx.Graph, nodes: list[fx.Node]) -> None:
     merge_all_reduce_bucket(graph, nodes)
 
 
-def _find_all_reductions(gm: fx.GraphModule, cap: Callable[[int], float], filter_wait_node: Callable[[fx.Node], bool], mode: str) -> list[list[fx.Node]]:
-    """torch's ``bucket_all_reduce_by_mb`` (it takes no ``mode``)."""
+def _find_all_reductions(
+    gm: fx.GraphModule, cap: Callable[[int], float], filter_wait_node: Callable[[fx.Node], bool], mode: str,
+) -> list[list[fx.Node]]:
+    """torch's ``bucket_all_reduce_by_mb``, called as its siblings are (it takes no
+    ``mode``: there is one all-reduce merge)."""
     from torch._inductor.fx_passes.bucketing import bucket_all_reduce_by_mb
 
     return bucket_all_reduce_by_mb(gm, cap, filter_wait_node=filter_wait_node)
 
 
-Finder = tuple[Callable[..., list[list[fx.Node]]], Callable[[fx.Graph, list[fx.Node]], None], Callable[[fx.Node], bool], Callable[[fx.Node], bool]]
+Finder = tuple[
+    Callable[..., list[list[fx.Node]]], Callable[[fx.Graph, list[fx.Node]], None], Callable[[fx.Node], bool], Callable[[fx.Node], bool]
+]
+"""(find buckets, merge one, is the collective, which waits qualify)."""
 
 
 def _finders() -> tuple[Finder, Finder, Finder]:
