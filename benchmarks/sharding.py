@@ -6,6 +6,8 @@
     PYTHONPATH=. .venv/bin/python benchmarks/sharding.py --rows peak,budget --ranks 2 4 --fake  # one process
     PYTHONPATH=. .venv/bin/python benchmarks/sharding.py --rows state --stages 0,3 --optimizer sgd
     PYTHONPATH=. .venv/bin/python benchmarks/sharding.py --rows explain      # fake 8-rank world, 1B Llama
+    PYTHONPATH=. .venv/bin/python benchmarks/sharding.py --rows allreduce --ranks 8 --stages 0,1 --fake
+    PYTHONPATH=. .venv/bin/python benchmarks/sharding.py --rows allreduce --ranks 2 --stages 0,1 --time-steps 7
 
 Rows (each prints a Markdown table):
 
@@ -35,6 +37,10 @@ Rows (each prints a Markdown table):
   column shows how many bytes); ``--fake`` runs the peak and budget rows in this process
   on a fake world of the same size instead (collectives allocate their outputs and move
   nothing: the same memory, no missed free, no step times).
+* ``allreduce``: stages 0 and 1 (of ``--stages``) compiled by memopt with the
+  gradients' all-reduces bucketed (default cap) and not: all-reduces per step, the
+  estimated peak, whether one step's gradients are bit for bit equal, and on gloo
+  ranks the median step time of ``--time-steps`` steps (the variants taking turns).
 * ``explain``: one process, a fake 8-rank process group, a ~1B-parameter Llama config
   built on the meta device and sharded there (stage 3): wall time of `memopt.explain`
   and the per-rank estimate.
@@ -277,7 +283,69 @@ def peak_row(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-ROWS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"state": state_row, "peak": peak_row, "budget": peak_row}
+def allreduce_row(args: argparse.Namespace) -> dict[str, Any]:
+    """Stages 0 and 1 (of ``--stages``) compiled by memopt with the gradients' all-reduces
+    bucketed (default 4 MiB cap) and not (``collective_bucket_bytes=0``): all-reduces per
+    step and rank (`memopt.distributed.report.collectives`), estimated peak, whether
+    the gradients of one step are bitwise equal, and (gloo ranks) the median step time,
+    the two variants taking turns step by step."""
+    import memopt
+    import memopt.distributed as md
+    from memopt.distributed.report import collectives
+
+    out: dict[str, Any] = {}
+    for family in args.models:
+        base = build(family, **NO_DROPOUT[family])
+        data = rank_rows(global_batch(base, args.batch, args.seq, 0))
+        for stage in [int(s) for s in args.stages.split(",") if s in ("0", "1")]:
+            variants: dict[str, tuple[nn.Module, Callable[..., Any]]] = {}
+            info: dict[str, dict[str, Any]] = {}
+            for name, options in (("unbucketed", {"collective_bucket_bytes": 0}), ("bucketed", {})):
+                torch._dynamo.reset()
+                model = md.shard(copy.deepcopy(base), stage=stage)
+                compiled = memopt_compile(model, **options)
+                with memopt.record() as explanation, warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    compiled(**data).loss.backward()
+                rows = collectives(explanation)
+                info[name] = {
+                    "all_reduce": sum(r.count for r in rows if r.kind == "all_reduce"),
+                    "estimate": explanation.estimated_peak_bytes,
+                    "grads": [full(p.grad).clone() for p in model.parameters()],
+                }
+                variants[name] = (model, compiled)
+            equal = all(torch.equal(a, b) for a, b in zip(info["unbucketed"].pop("grads"), info["bucketed"].pop("grads")))
+            times: dict[str, list[float]] = {name: [] for name in variants}
+            for _ in range(0 if args.fake else args.time_steps):
+                for name, (model, fn) in variants.items():
+                    model.zero_grad(set_to_none=True)
+                    start = time.perf_counter()
+                    fn(**data).loss.backward()
+                    times[name].append(time.perf_counter() - start)
+            for name in variants:
+                if times[name]:
+                    info[name]["step_s"] = statistics.median(times[name])
+            out[f"{family}/{stage}"] = {**info, "bitwise_equal": equal}
+    return out
+
+
+def print_allreduce(world: int, ranks: list[dict[str, Any]], fake: bool) -> None:
+    where = f"fake {world}-rank world" if fake else f"{world} gloo ranks"
+    print(f"\n**all-reduces per step and rank, {where}, memopt (eager codegen)**\n")
+    print("| model / stage | unbucketed | bucketed (4 MiB) | estimated peak, unbucketed / bucketed | grads bitwise equal | step time, bucketed / unbucketed |")
+    print("|---|---:|---:|---|---|---:|")
+    for key, info in ranks[0].items():
+        if key == "rank":
+            continue
+        off, on = info["unbucketed"], info["bucketed"]
+        ratio = f"{on['step_s'] / off['step_s']:.2f} ({on['step_s']:.3f} / {off['step_s']:.3f} s)" if "step_s" in on else "-"
+        equal = "-" if fake else all(r[key]["bitwise_equal"] for r in ranks)  # a fake all-reduce sums nothing
+        print(f"| {key} | {off['all_reduce']} | {on['all_reduce']} | {mb(off['estimate'])} / {mb(on['estimate'])} | {equal} | {ratio} |")
+
+
+ROWS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "state": state_row, "peak": peak_row, "budget": peak_row, "allreduce": allreduce_row,
+}
 
 
 def rank_main(args: argparse.Namespace) -> None:
@@ -478,6 +546,8 @@ def main() -> None:
             ranks = on_ranks(row, world, args)
             if row == "state":
                 print_state(world, ranks, args.optimizer)
+            elif row == "allreduce":
+                print_allreduce(world, ranks, args.fake)
             else:
                 print_peak(world, ranks, row, args.fake)
             print(f"\n({row}, {world} ranks: {time.perf_counter() - start:.0f} s)", flush=True)

@@ -110,8 +110,8 @@ class MemoptConfig:
     # -- collectives of a sharded model (docs/sharding.md) -----------------------------
 
     collective_bucket_bytes: int = 4 << 20
-    """Largest bucket of all-gathers (of parameter shards) or reduce-scatters (of
-    gradients) merged into one collective, in bytes of the full, gathered tensors; an
+    """Largest bucket of all-gathers (of parameter shards), reduce-scatters or
+    all-reduces (of gradients: stages 2-3 and 0-1) merged into one collective, in bytes of the full, gathered tensors; an
     int or a size string (``"16MiB"``). Merging amortizes each collective's fixed cost
     over small tensors (biases, norms); a bucket's buffer is live on top of the
     parameters copied out of it, so the default (4 MiB) stays near one layer of a
@@ -121,10 +121,11 @@ class MemoptConfig:
 
     collective_prefetch: int = 1
     """How many all-gathers ahead the step fetches parameters (each starts right after
-    the wait of the one this many places before it), and how many reduce-scatters a
-    gradient's reduction may stay in flight behind. 0: every collective is waited
-    right after it starts, as traced. Under ``memory_budget``, each collective moves
-    this far or as far as the budget allows (docs/sharding.md). Exact."""
+    the wait of the one this many places before it), and how many reductions
+    (reduce-scatters, all-reduces) a gradient's reduction may stay in flight behind.
+    0: every collective is waited right after it starts, as traced. Under
+    ``memory_budget``, each collective moves this far or as far as the budget allows
+    (docs/sharding.md). Exact."""
 
     # -- the optimizer update inside backward (docs/whole_step.md) ------------------
 

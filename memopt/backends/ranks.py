@@ -21,6 +21,7 @@ from typing import TypeVar
 
 import torch.distributed as dist
 import torch.fx as fx
+from torch._C import _DisablePythonDispatcher
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from memopt.graph.step import StepGraphs
@@ -58,7 +59,12 @@ def rank0_value(value: T, step: StepGraphs) -> T | None:
     if dist.get_backend() == "fake" or not has_collectives(step):
         return None
     box = [value if dist.get_rank() == 0 else None]
-    with unset_fake_temporarily():  # compiles run under a fake mode; the broadcast moves real bytes
+    # Compiles run under a fake mode (the broadcast moves real bytes) and AOTAutograd's
+    # Python dispatcher. Under the latter gloo's broadcast is dispatched through Python
+    # and holds the GIL while it waits for the process group's work queue, whose thread
+    # may hold that queue while it frees the previous broadcast's tensors, which needs
+    # the GIL: a deadlock (seen on a loaded machine, 2 gloo ranks, many compiles).
+    with unset_fake_temporarily(), _DisablePythonDispatcher():
         dist.broadcast_object_list(box, src=0)
     if dist.get_rank() != 0:
         log.debug("region %s: using rank 0's choice", step.region)

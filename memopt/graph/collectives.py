@@ -1,5 +1,5 @@
 """Torch's functional collectives as they appear in memopt's FX graphs: which node is
-an all-gather, a reduce-scatter or the wait on one, and how a collective and its wait
+an all-gather, a reduce-scatter, an all-reduce or the wait on one, and how a collective and its wait
 find each other.
 
 The graphs hold ``_c10d_functional`` ops (what `torch.distributed._functional_collectives`
@@ -21,6 +21,8 @@ __all__ = [
     "WAIT",
     "is_all_gather",
     "is_reduce_scatter",
+    "is_all_reduce",
+    "is_reduction",
     "is_collective",
     "is_wait",
     "waited_collective",
@@ -41,6 +43,15 @@ def is_all_gather(node: fx.Node) -> bool:
 
 def is_reduce_scatter(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is REDUCE_SCATTER
+
+
+def is_all_reduce(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is ALL_REDUCE
+
+
+def is_reduction(node: fx.Node) -> bool:
+    """A reduce-scatter or an all-reduce: how a gradient is reduced across ranks."""
+    return is_reduce_scatter(node) or is_all_reduce(node)
 
 
 def is_collective(node: fx.Node) -> bool:

@@ -1,28 +1,35 @@
-"""Pass ``bucket_collectives``: small all-gathers and reduce-scatters travel together.
+"""Pass ``bucket_collectives``: small all-gathers, reduce-scatters and all-reduces travel
+together.
 
 A sharded step holds one all-gather per parameter in forward (and per re-gathered
-parameter in backward) and one reduce-scatter per gradient in backward. Each has a fixed
-cost (a launch, a rendezvous of every rank) that small tensors (biases, norms) never
-amortize. This pass merges runs of them into buckets of at most
+parameter in backward) and one reduce-scatter (stages 2 and 3) or all-reduce (stages 0
+and 1, and 0-dimensional parameters at every stage) per gradient in backward. Each has
+a fixed cost (a launch, a rendezvous of every rank) that small tensors (biases, norms)
+never amortize. This pass merges runs of them into buckets of at most
 ``collective_bucket_bytes`` (full, gathered size):
 
     all-gather:     cat(flat pieces) -> all_gather -> wait -> view(world, -1)
                     -> split(dim 1) -> each piece's rows (a copy: rank-major rows)
     reduce-scatter: each gradient viewed (world, -1) -> cat(dim 1) -> reduce_scatter
                     -> wait -> split -> views of the shards
+    all-reduce:     cat(flat gradients) -> all_reduce -> wait -> split -> views of
+                    the gradients
 
 What is torch's (`torch/_inductor/fx_passes/bucketing.py`, private API, pinned by
 ``tests/distributed/test_collective_passes.py``):
 
-* which collectives form a bucket: ``bucket_all_gather_by_mb`` and
-  ``bucket_reduce_scatter_by_mb`` (greedy, in wait order, same process group and dtype,
-  no collective depending on another in its bucket, under a size cap);
+* which collectives form a bucket: ``bucket_all_gather_by_mb``,
+  ``bucket_reduce_scatter_by_mb`` and ``bucket_all_reduce_by_mb`` (greedy, in wait
+  order, same process group, reduction and dtype, no collective depending on another in
+  its bucket, under a size cap);
 * the rewrite of a bucket: ``process_collective_bucket`` (traces a merge function
   with fake tensors, inserts it after the bucket's last collective, replaces the
-  waits); for reduce-scatters with torch's own merge function
-  (``merge_reduce_scatter_bucket``, mode ``"default"``);
-* which reduce-scatters are a parameter's (``fsdp.is_fsdp_reduce_scatter_wait``: the
-  result reaches the graph's outputs through unary ops only).
+  waits); for reduce-scatters and all-reduces with torch's own merge functions
+  (``merge_reduce_scatter_bucket``, mode ``"default"``; ``merge_all_reduce_bucket``:
+  an all-reduce's sum is elementwise, so the bucket's element ``i`` is summed exactly
+  as the gradient's element it came from);
+* which reductions are a parameter's gradient's (``fsdp.is_fsdp_reduce_scatter_wait``,
+  for all-reduces too: the result reaches the graph's outputs through unary ops only).
 
 What is memopt's: the all-gather merge function. torch's (``all_gather_merge_fn_to_trace``)
 gathers into a preallocated buffer (``copy_`` of the inputs, then
@@ -34,7 +41,9 @@ functional gather, so the bucket is a gather of parameter shards like any other.
 
 A parameter's rows lie in every rank's part of the bucket, so they are not a view of
 it: each is copied out (FSDP2's ``copy_out`` does the same). The bucket's buffer lives
-until the last copy, so the transient is one bucket on top of its copies.
+until the last copy, so the transient is one bucket on top of its copies. A reduction
+bucket holds its gradients until the last of them is ready; its results are views of
+one buffer, which lives as long as the longest-lived gradient of the bucket.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ import torch.fx as fx
 
 from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
 from memopt.graph import meta
-from memopt.graph.collectives import ALL_GATHER, WAIT, is_all_gather, is_reduce_scatter
+from memopt.graph.collectives import ALL_GATHER, WAIT, is_all_gather, is_all_reduce, is_reduce_scatter
 from memopt.graph.step import StepGraphs, clone_graph_module
 from memopt.passes.base import Pass, PassContext, PassResult
 from memopt.passes.budget_guard import BudgetGuard
@@ -85,29 +94,64 @@ def _merge_reductions(graph: fx.Graph, nodes: list[fx.Node]) -> None:
     merge_reduce_scatter_bucket(graph, nodes, "default")
 
 
-def _finders() -> tuple[tuple[Callable[..., list[list[fx.Node]]], Callable[[fx.Graph, list[fx.Node]], None], Callable[[fx.Node], bool], Callable[[fx.Node], bool]], ...]:
+def _merge_all_reductions(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    from torch._inductor.fx_passes.bucketing import merge_all_reduce_bucket
+
+    merge_all_reduce_bucket(graph, nodes)
+
+
+def _find_all_reductions(
+    gm: fx.GraphModule, cap: Callable[[int], float], filter_wait_node: Callable[[fx.Node], bool], mode: str,
+) -> list[list[fx.Node]]:
+    """torch's ``bucket_all_reduce_by_mb``, called as its siblings are (it takes no
+    ``mode``: there is one all-reduce merge)."""
+    from torch._inductor.fx_passes.bucketing import bucket_all_reduce_by_mb
+
+    return bucket_all_reduce_by_mb(gm, cap, filter_wait_node=filter_wait_node)
+
+
+Finder = tuple[
+    Callable[..., list[list[fx.Node]]], Callable[[fx.Graph, list[fx.Node]], None], Callable[[fx.Node], bool], Callable[[fx.Node], bool]
+]
+"""(find buckets, merge one, is the collective, which waits qualify)."""
+
+
+def _finders() -> tuple[Finder, Finder, Finder]:
     """(find buckets, merge one, is the collective, which waits qualify) for all-gathers,
-    then reduce-scatters: torch's greedy bucketing, memopt's or torch's merge."""
+    reduce-scatters, then all-reduces: torch's greedy bucketing, memopt's or torch's
+    merge."""
     from torch._inductor.fx_passes.bucketing import bucket_all_gather_by_mb, bucket_reduce_scatter_by_mb
     from torch._inductor.fx_passes.fsdp import is_fsdp_reduce_scatter_wait
 
     return (
         (bucket_all_gather_by_mb, _merge_gathers, is_all_gather, meta.is_regatherable),
         (bucket_reduce_scatter_by_mb, _merge_reductions, is_reduce_scatter, is_fsdp_reduce_scatter_wait),
+        (_find_all_reductions, _merge_all_reductions, is_all_reduce, is_fsdp_reduce_scatter_wait),
     )
+
+
+def _bucketable(node: fx.Node) -> bool:
+    return is_all_gather(node) or is_reduce_scatter(node) or is_all_reduce(node)
 
 
 def _cap_fn(cap_bytes: int) -> Callable[[int], float]:
     return lambda _: cap_bytes / 2**20
 
 
-def bucket_graph(gm: fx.GraphModule, cap_bytes: int, scatter_cap_bytes: int | None = None) -> tuple[int, int]:
-    """Bucket ``gm``'s parameter all-gathers under ``cap_bytes`` and its gradient
-    reduce-scatters under ``scatter_cap_bytes`` (default: ``cap_bytes``; 0 leaves that
-    kind alone); (all-gathers, reduce-scatters) removed."""
+def bucket_graph(
+    gm: fx.GraphModule, cap_bytes: int, scatter_cap_bytes: int | None = None, reduce_cap_bytes: int | None = None,
+) -> tuple[int, int, int]:
+    """Bucket ``gm``'s parameter all-gathers under ``cap_bytes``, its gradient
+    reduce-scatters under ``scatter_cap_bytes`` and its gradient all-reduces under
+    ``reduce_cap_bytes`` (each defaults to ``cap_bytes``; 0 leaves that kind alone);
+    (all-gathers, reduce-scatters, all-reduces) removed."""
     from torch._inductor.pattern_matcher import stable_topological_sort
 
-    caps = (cap_bytes, cap_bytes if scatter_cap_bytes is None else scatter_cap_bytes)
+    caps = (
+        cap_bytes,
+        cap_bytes if scatter_cap_bytes is None else scatter_cap_bytes,
+        cap_bytes if reduce_cap_bytes is None else reduce_cap_bytes,
+    )
     counts = []
     for (find, merge, is_kind, keep), cap in zip(_finders(), caps):
         before = sum(is_kind(n) for n in gm.graph.nodes)
@@ -117,37 +161,37 @@ def bucket_graph(gm: fx.GraphModule, cap_bytes: int, scatter_cap_bytes: int | No
         if buckets:
             stable_topological_sort(gm.graph)
         counts.append(before - sum(is_kind(n) for n in gm.graph.nodes))
-    return counts[0], counts[1]
+    return counts[0], counts[1], counts[2]
 
 
-KINDS = ("forward_all_gather", "reduce_scatter", "backward_all_gather")
+KINDS = ("forward_all_gather", "reduce_scatter", "all_reduce", "backward_all_gather")
 """The collectives bucketed under caps of their own when the budget is tight, in the
 order the search gives them the memory it has (`BucketCollectives`)."""
 
 
-def _graph_caps(name: str, caps: dict[str, int]) -> tuple[int, int]:
-    """(all-gather cap, reduce-scatter cap) of graph ``name``: backward's all-gathers
-    are re-gathers, every other graph's are forward gathers."""
+def _graph_caps(name: str, caps: dict[str, int]) -> tuple[int, int, int]:
+    """(all-gather cap, reduce-scatter cap, all-reduce cap) of graph ``name``:
+    backward's all-gathers are re-gathers, every other graph's are forward gathers."""
     gathers = caps["backward_all_gather" if name == "backward" else "forward_all_gather"]
-    return gathers, caps["reduce_scatter"]
+    return gathers, caps["reduce_scatter"], caps["all_reduce"]
 
 
 def buckets_of(step: StepGraphs, kind: str, cap_bytes: int) -> tuple[tuple[str, ...], ...]:
     """The buckets (node names, two or more each) torch's greedy bucketing forms of
     ``kind`` under ``cap_bytes`` on ``step`` as it is (nothing merged)."""
-    (find_ag, _, _, keep_ag), (find_rs, _, _, keep_rs) = _finders()
-    find, keep = (find_rs, keep_rs) if kind == "reduce_scatter" else (find_ag, keep_ag)
+    gathers, scatters, reductions = _finders()
+    find, _, _, keep = {"reduce_scatter": scatters, "all_reduce": reductions}.get(kind, gathers)
     out: list[tuple[str, ...]] = []
     for name, gm in step.graphs():
-        if kind != "reduce_scatter" and (name == "backward") != (kind == "backward_all_gather"):
+        if kind.endswith("all_gather") and (name == "backward") != (kind == "backward_all_gather"):
             continue  # forward all-gathers are the other graphs', re-gathers backward's
         out += [tuple(n.name for n in bucket) for bucket in find(gm, _cap_fn(cap_bytes), filter_wait_node=keep, mode="default")]
     return tuple(out)
 
 
-_Built = dict[tuple[str, int, int], tuple[fx.GraphModule, tuple[int, int]]]
-"""(graph name, all-gather cap, reduce-scatter cap) -> the graph bucketed so, and the
-all-gathers and reduce-scatters it lost."""
+_Built = dict[tuple[str, int, int, int], tuple[fx.GraphModule, tuple[int, int, int]]]
+"""(graph name, all-gather cap, reduce-scatter cap, all-reduce cap) -> the graph
+bucketed so, and the all-gathers, reduce-scatters and all-reduces it lost."""
 
 MIN_CAP_BYTES = 1 << 10
 """Caps are halved no further than this (a bucket of a few biases)."""
@@ -162,7 +206,7 @@ def _ladder(cap: int) -> list[int]:
 
 
 class BucketCollectives(Pass):
-    """Merge runs of small all-gathers and reduce-scatters (module docstring).
+    """Merge runs of small all-gathers, reduce-scatters and all-reduces (module docstring).
 
     Purpose: one collective per bucket instead of one per parameter.
 
@@ -176,9 +220,9 @@ class BucketCollectives(Pass):
     issues the same sequence. The step's estimated peak stays within the budget
     (`memopt.passes.budget_guard`; a bucket's buffer is live while its parameters are
     copied out of it, a reduce-scatter bucket holds its gradients until the last one
-    is ready): when ``collective_bucket_bytes`` for every collective puts it over,
-    each kind of collective (`KINDS`: forward all-gathers, then reduce-scatters, then
-    re-gathers in backward) in turn gets the largest cap of ``collective_bucket_bytes``
+    is ready, an all-reduce bucket too): when ``collective_bucket_bytes`` for every
+    collective puts it over, each kind of collective (`KINDS`: forward all-gathers, then
+    reduce-scatters, then all-reduces, then re-gathers in backward) in turn gets the largest cap of ``collective_bucket_bytes``
     halved down to `MIN_CAP_BYTES` that keeps the step within the budget, the kinds
     before it at their chosen caps and those after it unbucketed; a kind for which no
     cap fits stays unbucketed. ``details`` says which caps were tried, at which
@@ -193,7 +237,7 @@ class BucketCollectives(Pass):
 
     def run(self, step: StepGraphs, analyses: AnalysisManager, ctx: PassContext) -> PassResult:
         cap = ctx.config.collective_bucket_bytes
-        if cap == 0 or not any(is_all_gather(n) or is_reduce_scatter(n) for _, gm in step.graphs() for n in gm.graph.nodes):
+        if cap == 0 or not any(_bucketable(n) for _, gm in step.graphs() for n in gm.graph.nodes):
             return PassResult.unchanged()
         guard = BudgetGuard.before(step, analyses, ctx)
         caps, cache = dict.fromkeys(KINDS, cap), {}
@@ -210,27 +254,30 @@ class BucketCollectives(Pass):
             guard.restore(analyses)
             details["reverted"] = f"no cap keeps the estimated peak within the limit {guard.limit(ctx)} B"
             return PassResult(False, PreservedAnalyses.none(), details)
-        gathers = sum(r[0] for r in removed.values())
-        scatters = sum(r[1] for r in removed.values())
+        gathers, scatters, reductions = (sum(r[i] for r in removed.values()) for i in range(3))
         capped = "" if all(c == cap for c in caps.values()) else f" (caps under the budget: {caps})"
-        summary = f"bucketed collectives: {gathers} fewer all-gather(s), {scatters} fewer reduce-scatter(s){capped}"
+        summary = (
+            f"bucketed collectives: {gathers} fewer all-gather(s), {scatters} fewer reduce-scatter(s), "
+            f"{reductions} fewer all-reduce(s){capped}"
+        )
         return guard.result(analyses, ctx, {**details, "removed": removed}, summary)
 
     @staticmethod
     def _apply(
         step: StepGraphs, guard: BudgetGuard, analyses: AnalysisManager, caps: dict[str, int], cache: _Built | None = None,
-    ) -> dict[str, tuple[int, int]]:
+    ) -> dict[str, tuple[int, int, int]]:
         """The snapshot's graphs, bucketed under ``caps``, put into ``step``; the
         collectives removed per graph. ``cache`` keeps each graph bucketed under each
         of its caps (a try that changes one graph's caps rebuckets only that one)."""
         cache = {} if cache is None else cache
         removed, built = {}, {}
         for name, gm in guard.snapshot.graphs():
-            gather_cap, scatter_cap = _graph_caps(name, caps)
+            gather_cap, scatter_cap, reduce_cap = _graph_caps(name, caps)
             key = (  # a cap of a kind the graph does not hold changes nothing
                 name,
                 gather_cap if any(map(is_all_gather, gm.graph.nodes)) else 0,
                 scatter_cap if any(map(is_reduce_scatter, gm.graph.nodes)) else 0,
+                reduce_cap if any(map(is_all_reduce, gm.graph.nodes)) else 0,
             )
             if key not in cache:
                 fresh = clone_graph_module(gm)
@@ -248,11 +295,11 @@ class BucketCollectives(Pass):
     def _search(
         self, step: StepGraphs, guard: BudgetGuard, analyses: AnalysisManager, ctx: PassContext,
         cap: int, tried: list[dict[str, Any]], cache: _Built,
-    ) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
+    ) -> tuple[dict[str, int], dict[str, tuple[int, int, int]]]:
         """The caps of the kinds in turn (class docstring); ``step`` left bucketed under
         them, and the collectives removed."""
         chosen = dict.fromkeys(KINDS, 0)
-        removed: dict[str, tuple[int, int]] = {name: (0, 0) for name, _ in step.graphs()}
+        removed: dict[str, tuple[int, int, int]] = {name: (0, 0, 0) for name, _ in step.graphs()}
         current = dict.fromkeys(KINDS, -1)  # the caps the step holds now (-1: as it came)
         for kind in KINDS:
             seen: set[tuple[tuple[str, ...], ...]] = set()

@@ -9,9 +9,12 @@ distance, as FSDP2 does:
   fetched while the current one's layer computes) and is still waited right before its
   first use. Its inputs (casts, padding, the bucket's concatenation of shards) move up
   with it;
-* a reduce-scatter still starts as soon as its gradient is ready, and is waited right
-  before the reduce-scatter ``collective_prefetch`` places after it starts (the last
-  ones before the graph's outputs), with whatever reads its result.
+* a reduction (a reduce-scatter, or an all-reduce: stages 0 and 1) still starts as soon
+  as its gradient is ready, and is waited right before the reduction
+  ``collective_prefetch`` places after it starts (the last ones before the graph's
+  outputs), with whatever reads its result. Reduce-scatters and all-reduces are one
+  sequence in graph order, so a mixed graph (a 0-dimensional parameter's all-reduce
+  among stage 3's reduce-scatters) keeps its reductions' order.
 
 Only the graph order changes. The memory timeline sees the consequences: a gather's
 buffer is allocated where it now starts, and a collective's input stays live until its
@@ -29,7 +32,7 @@ import torch.fx as fx
 
 from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
 from memopt.graph import meta
-from memopt.graph.collectives import is_all_gather, is_collective, is_reduce_scatter, is_wait, wait_of
+from memopt.graph.collectives import is_all_gather, is_collective, is_reduction, is_wait, wait_of
 from memopt.graph.step import StepGraphs
 from memopt.passes.base import Pass, PassContext, PassResult
 from memopt.passes.budget_guard import BudgetGuard
@@ -141,11 +144,11 @@ def prefetch_gathers(graph: fx.Graph, depth: int, accept: Accept | None = None) 
 
 
 def defer_reduction_waits(graph: fx.Graph, depth: int, accept: Accept | None = None) -> list[int]:
-    """Wait each reduce-scatter right before the one ``depth`` places after it starts
-    (the last ones before the output), with what reads its result. With ``accept``, a
-    move it rejects is undone and the next shorter distance tried. The distance each
-    reduce-scatter's wait moved, in order (0: not moved)."""
-    scatters = [n for n in graph.nodes if is_reduce_scatter(n) and wait_of(n) is not None]
+    """Wait each reduction (reduce-scatter or all-reduce) right before the one ``depth``
+    places after it starts (the last ones before the output), with what reads its
+    result. With ``accept``, a move it rejects is undone and the next shorter distance
+    tried. The distance each reduction's wait moved, in order (0: not moved)."""
+    scatters = [n for n in graph.nodes if is_reduction(n) and wait_of(n) is not None]
     output = graph.find_nodes(op="output")[0]
 
     def move(i: int, distance: int) -> Undo | None:
@@ -160,7 +163,7 @@ def _position(graph: fx.Graph) -> dict[fx.Node, int]:
 
 
 class OverlapCollectives(Pass):
-    """Start all-gathers early and wait reduce-scatters late (module docstring).
+    """Start all-gathers early and wait reductions late (module docstring).
 
     Purpose: hide communication under compute instead of alternating with it.
 
@@ -168,13 +171,13 @@ class OverlapCollectives(Pass):
 
     Guarantees: only the order of nodes changes, every data dependency holds, and the
     collectives keep their relative starting order on every rank (the all-gathers
-    among themselves, the reduce-scatters among themselves), so results are
+    among themselves, the reductions among themselves), so results are
     bit-identical. Nothing with a side effect or a random draw moves. The step's
     estimated peak stays within the budget (`memopt.passes.budget_guard`): a
-    prefetched bucket is live one layer earlier, a gradient until its reduce-scatter
+    prefetched bucket is live one layer earlier, a gradient until its reduction
     is waited. When every collective moved ``collective_prefetch`` places puts the
     step over, each collective is moved in turn (all-gathers in wait order, then the
-    reduce-scatters' waits), at ``collective_prefetch`` places or the longest shorter
+    reductions' waits), at ``collective_prefetch`` places or the longest shorter
     distance that keeps the step's estimated peak within the budget, or not at all;
     ``details["distances"]`` counts the collectives moved at each distance (0: not
     moved).
@@ -214,10 +217,10 @@ class OverlapCollectives(Pass):
 
 
 def _overlap(step: StepGraphs, depth: int, accept: Accept | None) -> dict[str, dict[str, list[int]]]:
-    """Prefetch the all-gathers, then defer the reduce-scatters' waits, graph by graph;
-    the distance each moved."""
+    """Prefetch the all-gathers, then defer the reductions' waits, graph by graph; the
+    distance each moved."""
     return {
-        name: {"all_gather": prefetch_gathers(gm.graph, depth, accept), "reduce_scatter": defer_reduction_waits(gm.graph, depth, accept)}
+        name: {"all_gather": prefetch_gathers(gm.graph, depth, accept), "reduction": defer_reduction_waits(gm.graph, depth, accept)}
         for name, gm in step.graphs()
     }  # fmt: skip
 

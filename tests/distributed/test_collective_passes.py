@@ -1,7 +1,8 @@
 """memopt's collective passes on sharded graphs, in a fake 8-rank world (one process):
-a tied parameter reduced once (``dedupe_collectives``), all-gathers and reduce-scatters
-bucketed (``bucket_collectives``, on torch's private bucketing API, pinned here), starts
-moved ahead of waits (``overlap_collectives``), and the options' errors. Bitwise
+a tied parameter reduced once (``dedupe_collectives``), all-gathers, reduce-scatters and
+the all-reduces of stages 0 and 1 bucketed (``bucket_collectives``, on torch's private
+bucketing API, pinned here), starts moved ahead of waits (``overlap_collectives``), and
+the options' errors. Bitwise
 numerics on 2 gloo ranks: test_shard_ranks.py."""
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ LAYER_BYTES = (64 * 64 + 64) * 4
 """A Linear(64, 64)'s weight and bias, gathered (full size)."""
 
 
-def _layers(n: int = 4, width: int = 64) -> nn.Module:
+def _layers(n: int = 4, width: int = 64, stage: int = 3) -> nn.Module:
     torch.manual_seed(0)
-    return md.shard(nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(n)]), stage=3)
+    return md.shard(nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(n)]), stage=stage)
 
 
 def _collectives(graphs: dict) -> int:
@@ -121,6 +122,89 @@ def test_starts_move_ahead_of_waits(fake_world, graphs_of):
     traced = graphs_of(_layers(), torch.randn(2, 64), collective_bucket_bytes=LAYER_BYTES, collective_prefetch=0)
     starts, mms = _lines(traced["forward_code"], "all_gather_into_tensor.default("), _lines(traced["forward_code"], "aten.addmm.default(")
     assert all(start > mm for start, mm in zip(starts[1:], mms))
+
+
+def _all_reduce_sizes(code: str) -> list[int]:
+    """Elements of each all-reduce in ``code`` (its output's annotated shape)."""
+    shapes = re.findall(r'all_reduce\w*: "f32\[([\d, ]*)\]" = torch\.ops\._c10d_functional\.all_reduce\.default\(', code)
+    return [int(torch.Size(int(d) for d in shape.split(", ") if d).numel()) for shape in shapes]
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_all_reduces_are_bucketed_under_the_cap(fake_world, graphs_of, stage):
+    """Stages 0 and 1 all-reduce each gradient in backward: 8 (4 layers' weight and
+    bias) unbucketed, one under the default cap (4 MiB), two at a cap of two layers,
+    and no all-reduce over the cap. Nothing is gathered or scattered at these stages."""
+    x = torch.randn(2, 64)
+    off = graphs_of(_layers(stage=stage), x, collective_bucket_bytes=0)
+    assert off["backward"]["all_reduce"] == 8 and off["forward"] == dict.fromkeys(off["forward"], 0)
+    default = graphs_of(_layers(stage=stage), x)
+    assert default["backward"]["all_reduce"] == 1
+    assert _all_reduce_sizes(default["backward_code"]) == [4 * LAYER_BYTES // 4]
+    two = graphs_of(_layers(stage=stage), x, collective_bucket_bytes=2 * LAYER_BYTES)
+    assert two["backward"]["all_reduce"] == 2
+    assert _all_reduce_sizes(two["backward_code"]) == [2 * LAYER_BYTES // 4] * 2  # each at the cap, none over
+    assert two["backward"]["reduce_scatter_tensor"] == two["backward"]["all_gather_into_tensor"] == 0
+    removed = two["passes"]["bucket_collectives"].details["removed"]
+    assert removed["backward"] == (0, 0, 6)
+
+
+def test_bucketed_all_reduces_are_waited_late(fake_world, graphs_of):
+    """One layer per all-reduce bucket, prefetch 1: each bucket's all-reduce starts as
+    soon as its gradients are ready and is waited after the next layer's gradient
+    matmuls, right before the next all-reduce starts (as reduce-scatters)."""
+    graphs = graphs_of(_layers(stage=0), torch.randn(2, 64), collective_bucket_bytes=LAYER_BYTES)
+    backward = graphs["backward_code"]
+    starts = _lines(backward, "all_reduce.default(")
+    waits = [i for i in _lines(backward, "wait_tensor.default(") if "all_reduce" in backward.splitlines()[i]]
+    assert len(starts) == len(waits) == 4
+    for start, wait, after in zip(starts, waits, [*starts[1:], len(backward.splitlines())]):
+        assert start < wait < after
+    matmuls = _lines(backward, "aten.mm.default(")
+    assert all(any(start < mm < wait for mm in matmuls) for start, wait in zip(starts[:-1], waits))
+    record = graphs["passes"]["overlap_collectives"]
+    assert record.details["moved"]["backward"]["reduction"] == 4
+
+
+def test_tight_budget_buckets_all_reduces_under_a_smaller_cap(fake_world, graphs_of):
+    """Stage 0, 8 layers: one 4 MiB all-reduce bucket holds every gradient until the
+    last is ready, then their concatenation and the reduced buffer: over a budget a
+    little above the unbucketed peak. The all-reduces get the largest smaller cap that
+    fits (the fourth kind of the search): fewer all-reduces than unbucketed, more than
+    one, the step within the budget."""
+    x, options = torch.randn(2, 128), {"memory_budget": "1.25MiB", "plan_across_graph_breaks": False}
+    graphs = graphs_of(_layers(8, 128, stage=0), x, **options)
+    record = graphs["passes"]["bucket_collectives"]
+    requested, *searched = record.details["tried"]
+    assert not requested["fits"] and searched
+    assert 0 < record.details["caps"]["all_reduce"] < 4 << 20
+    assert record.details["caps"] in [t["caps"] for t in searched if t["fits"]]
+    assert record.modified and record.details["peak_after"] <= record.details["limit"]
+    assert graphs["estimate"] <= graphs["budget"]
+    assert 1 < graphs["backward"]["all_reduce"] < 16
+
+
+def test_all_reduce_bucket_memory_is_modelled():
+    """torch's all-reduce merge on two 1000-element gradients (4000 B each; inputs 8000
+    B): the gradients live until the concatenation (24000 B with it), the
+    concatenation until the wait (the process group reads it: 24000 B at the
+    all-reduce and at its wait, with the reduced buffer), then only the reduced buffer,
+    which both gradients view (16000 B to the end)."""
+    from torch._inductor.fx_passes.bucketing import all_reduce_merge_fn_to_trace
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from memopt.analysis.memory import build_timeline
+    from memopt.graph.step import StepGraphs
+
+    def bucket(a: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
+        return all_reduce_merge_fn_to_trace([a * 2, b * 3], "0", "sum", torch.float32, a.device)
+
+    gm = make_fx(bucket, tracing_mode="fake")(torch.randn(1000), torch.randn(1000))
+    assert gm.code.count("_c10d_functional.all_reduce.default(") == 1
+    timeline = build_timeline(StepGraphs(gm, None, 2, num_user_outputs=2))
+    live = {p.node: p.live_bytes for p in timeline.points}
+    assert (live["mul_1"], live["cat"], live["all_reduce"], live["wait_tensor"]) == (16000, 24000, 24000, 24000)
+    assert timeline.peak_bytes == 24000 and timeline.end_bytes == 16000
 
 
 def test_budget_keeps_regathering_with_the_passes(fake_world, graphs_of):
@@ -235,6 +319,9 @@ def test_torch_private_bucketing_api_is_as_used():
         bucketing.bucket_reduce_scatter_by_mb: ["gm", "bucket_cap_mb_by_bucket_idx", "filter_wait_node", "mode"],
         bucketing.process_collective_bucket: ["g", "bucket_nodes", "fn_to_trace", "trace_args_fn"],
         bucketing.merge_reduce_scatter_bucket: ["g", "rs_nodes", "mode"],
+        bucketing.bucket_all_reduce_by_mb: ["gm", "bucket_cap_mb_by_bucket_idx", "filter_wait_node"],
+        bucketing.merge_all_reduce_bucket: ["g", "ar_nodes"],
+        bucketing.all_reduce_merge_fn_to_trace: ["ar_ins", "group_name", "reduce_op", "reduce_dtype", "device"],
         fsdp.is_fsdp_reduce_scatter_wait: ["wait"],
         stable_topological_sort: ["graph"],
     }

@@ -99,12 +99,26 @@ def test_mixed_precision_policy():
 
 
 def test_collective_passes_are_bitwise_exact():
-    """Stage 3 compiled by memopt, 3 SGD steps: bucketing and overlap (defaults, and 1
-    KiB buckets prefetched 2 ahead) leave losses and gradients bit for bit those of the
-    unbucketed step; merging the tied embedding's two reductions changes them within
-    rtol 1e-5 (the worker asserts both)."""
-    results = ranks("collectives")
+    """3 SGD steps compiled by memopt (the worker asserts each bit for bit):
+
+    * stage 3: bucketing and overlap (defaults, and 1 KiB buckets prefetched 2 ahead)
+      leave losses and gradients those of the unbucketed step; merging the tied
+      embedding's two reductions changes them within rtol 1e-5;
+    * stages 0 and 1: the gradients' all-reduces bucketed (10 per step: 8 parameters,
+      the tied one's two not bucketed, as their sum reads two waits; 3 under the
+      default cap, 4 at 1 KiB) and waited late, the same bits;
+    * stage 3 at ``memory_budget=0.6`` (`Deep`): the budget search's caps (re-gathers
+      under a smaller cap) and moves (some collectives left in place) give the bits of
+      the same budget with every collective pass off."""
+    results = ranks("collectives", timeout=900)
     assert all(len(r["losses"]) == 3 for r in results)
+    result = results[0]
+    for stage in "01":
+        assert result[f"{stage}/unbucketed"]["all_reduces"] == 10
+        assert result[f"{stage}/default"]["all_reduces"] == 3 and result[f"{stage}/small_buckets"]["all_reduces"] == 4
+    budget = result["3/budget"]
+    assert 0 < budget["caps"]["backward_all_gather"] < 4 << 20
+    assert "0" in budget["distances"]["backward"]["all_gather"]
 
 
 def test_updated_rows_are_gathered_in_buckets():

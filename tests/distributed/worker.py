@@ -62,7 +62,7 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def local(tensors: tuple[torch.Tensor, ...], rank: int, world: int) -> tuple[torch.Tensor, ...]:
-    per = BATCH // world
+    per = tensors[0].shape[0] // world
     return tuple(t[rank * per : (rank + 1) * per] for t in tensors)
 
 
@@ -259,39 +259,95 @@ def mixed(args: argparse.Namespace) -> dict[str, Any]:
 COLLECTIVE_PASSES = ("dedupe_collectives", "bucket_collectives", "overlap_collectives")
 
 
-def collectives(args: argparse.Namespace) -> dict[str, Any]:
-    """Stage 3, 3 SGD steps compiled by memopt, with the collective passes on (defaults,
-    and 1 KiB buckets: several buckets, each prefetched) and off: the same losses and
-    gradients bit for bit once the tied parameter's reductions are merged in both
-    (their sum is reordered, so against no merge at all: rtol 1e-5)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    variants = {
-        "traced": {"disable_passes": list(COLLECTIVE_PASSES)},
-        "deduped": {"disable_passes": ["bucket_collectives", "overlap_collectives"]},
-        "default": {},
-        "small_buckets": {"collective_bucket_bytes": 1024, "collective_prefetch": 2},
-    }
-    runs: dict[str, list[list[torch.Tensor]]] = {}
-    for name, options in variants.items():
-        torch.manual_seed(0)
-        torch._dynamo.reset()
-        model = md.shard(Tiny(), stage=3)
-        opt = md.ShardedOptimizer(lambda ps: torch.optim.SGD(ps, lr=0.1), model)
-        step_fn = torch.compile(model, backend="memopt", options={"codegen": "eager", "strict": True, "verify": True, **options})
-        runs[name] = []
+DEEP_WIDTH, DEEP_BATCH = 64, 1024
+
+
+class Deep(nn.Module):
+    """16 Linear(64, 64) + ReLU on 512 rows per rank: activations enough for
+    ``memory_budget=0.6`` to be feasible on 2 ranks (`Tiny` is not) and collectives
+    enough for it to make the collective passes search (re-gathers bucketed under a
+    smaller cap, some collectives not moved)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*[nn.Sequential(nn.Linear(DEEP_WIDTH, DEEP_WIDTH), nn.ReLU()) for _ in range(16)])
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(self.layers(x), target)
+
+
+def deep_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(2000 + step)
+    return torch.randn(DEEP_BATCH, DEEP_WIDTH, generator=gen), torch.randn(DEEP_BATCH, DEEP_WIDTH, generator=gen)
+
+
+def _train(
+    stage: int, options: dict[str, Any], rank: int, world: int, model_cls: type[nn.Module] = Tiny,
+) -> tuple[list[list[torch.Tensor]], dict[str, Any]]:
+    """3 SGD steps of ``model_cls`` at ``stage`` compiled by memopt with ``options``:
+    each step's loss and full gradients, and what ``bucket_collectives`` and
+    ``overlap_collectives`` recorded (caps, distances) in the first compile."""
+    import memopt
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = md.shard(model_cls(), stage=stage)
+    data = deep_batch if model_cls is Deep else batch
+    opt = md.ShardedOptimizer(lambda ps: torch.optim.SGD(ps, lr=0.1), model)
+    step_fn = torch.compile(model, backend="memopt", options={"codegen": "eager", "strict": True, "verify": True, **options})
+    steps: list[list[torch.Tensor]] = []
+    with memopt.record() as explanation:
         for step in range(3):
-            loss = step_fn(*local(batch(step), rank, world))
+            loss = step_fn(*local(data(step), rank, world))
             loss.backward()
-            runs[name].append([loss.detach()] + [full(p.grad) for p in model.parameters()])
+            steps.append([loss.detach()] + [full(p.grad) for p in model.parameters()])
             opt.step(), opt.zero_grad()
-    for name in ("default", "small_buckets"):
-        for step, (got, want) in enumerate(zip(runs[name], runs["deduped"])):
-            for i, (a, b) in enumerate(zip(got, want)):
-                assert torch.equal(a, b), f"{name} step {step} tensor {i}: not bitwise equal to the unbucketed step"
-    for step, (got, want) in enumerate(zip(runs["deduped"], runs["traced"])):
-        for i, (a, b) in enumerate(zip(got, want)):
-            close(a, b, f"deduped step {step} tensor {i}")
-    return {"losses": [float(r[0]) for r in runs["default"]]}
+    records = {p.name: p.details for p in explanation.region(0).passes if p.name in COLLECTIVE_PASSES[1:]}
+    chosen = {
+        "caps": records.get("bucket_collectives", {}).get("caps"),
+        "distances": records.get("overlap_collectives", {}).get("distances"),
+        "all_reduces": explanation.region(0).graph_code("backward").count("_c10d_functional.all_reduce.default("),
+    }
+    return steps, chosen
+
+
+def _bitwise(got: list[list[torch.Tensor]], want: list[list[torch.Tensor]], what: str) -> None:
+    for step, (a_step, b_step) in enumerate(zip(got, want, strict=True)):
+        for i, (a, b) in enumerate(zip(a_step, b_step, strict=True)):
+            assert torch.equal(a, b), f"{what} step {step} tensor {i}: not bitwise equal"
+
+
+def collectives(args: argparse.Namespace) -> dict[str, Any]:
+    """3 SGD steps compiled by memopt, each variant against its reference bit for bit:
+
+    * stage 3, the collective passes on (defaults, and 1 KiB buckets: several buckets,
+      each prefetched) against bucketing and overlap off; merging the tied parameter's
+      reductions reorders its sum, so against no merge at all: rtol 1e-5;
+    * stages 0 and 1 (gradients all-reduced), the same variants against bucketing and
+      overlap off (dedupe has nothing to merge there: it matches reduce-scatters);
+    * stage 3 under ``memory_budget=0.6`` (the budget search's caps and moves; `Deep`:
+      no tied parameter, so dedupe changes nothing) against the same budget with every
+      collective pass off, bit for bit."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    off = {"disable_passes": ["bucket_collectives", "overlap_collectives"]}
+    variants = {"default": {}, "small_buckets": {"collective_bucket_bytes": 1024, "collective_prefetch": 2}}
+    out: dict[str, Any] = {}
+    for stage in (3, 0, 1):
+        reference, out[f"{stage}/unbucketed"] = _train(stage, off, rank, world)
+        for name, options in variants.items():
+            steps, chosen = _train(stage, options, rank, world)
+            _bitwise(steps, reference, f"stage {stage} {name}")
+            out[f"{stage}/{name}"] = chosen
+        if stage == 3:
+            traced, _ = _train(stage, {"disable_passes": list(COLLECTIVE_PASSES)}, rank, world)
+            for step, (got, want) in enumerate(zip(reference, traced)):
+                for i, (a, b) in enumerate(zip(got, want)):
+                    close(a, b, f"deduped step {step} tensor {i}")
+            out["losses"] = [float(r[0]) for r in steps]
+    budget = {"memory_budget": 0.6}
+    steps, out["3/budget"] = _train(3, budget, rank, world, Deep)
+    _bitwise(steps, _train(3, {**budget, "disable_passes": list(COLLECTIVE_PASSES)}, rank, world, Deep)[0], "stage 3 memory_budget=0.6")
+    return out
 
 
 def gathers(args: argparse.Namespace) -> dict[str, Any]:
