@@ -105,3 +105,19 @@ def test_interpreter_loop_gate_matches_the_interpreter(monkeypatch: pytest.Monke
     assert ran is _compat.triton_interpreter_loops_to_runtime_bounds()
     if ran:
         assert out.item() == 3
+
+
+def test_disable_python_dispatcher_turns_it_off_inside():
+    """`memopt.backends.ranks` broadcasts a plan with torch's Python dispatcher off
+    (under AOTAutograd's it deadlocked with gloo's worker thread): the private context
+    manager it uses exists and does turn the dispatcher off inside."""
+    from torch._C import _DisablePythonDispatcher, _EnablePythonDispatcher
+
+    def enabled() -> bool:
+        return torch._C._dispatch_tls_is_dispatch_key_included(torch._C.DispatchKey.PythonDispatcher)
+
+    with _EnablePythonDispatcher():
+        assert enabled()
+        with _DisablePythonDispatcher():
+            assert not enabled()
+        assert enabled()
