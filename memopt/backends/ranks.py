@@ -46,18 +46,19 @@ def _collective(node: fx.Node) -> bool:
 def agree_across_ranks(plan: MemoryPlan, step: StepGraphs) -> MemoryPlan:
     """``plan`` on rank 0; rank 0's plan on every other rank, when ``step`` holds
     collectives and the default process group has several real ranks."""
-    agreed = rank0_value(plan.to_dict(), step)
-    return plan if agreed is None else MemoryPlan.from_dict(agreed)
+    mine = plan.to_dict()
+    agreed = rank0_value(mine, step)
+    return plan if agreed is mine else MemoryPlan.from_dict(agreed)
 
 
-def rank0_value(value: T, step: StepGraphs) -> T | None:
+def rank0_value(value: T, step: StepGraphs) -> T:
     """Rank 0's ``value`` (JSON-able) on every rank when ``step`` holds collectives and
-    the default process group has several real ranks; None otherwise (nothing to agree
-    with: use your own). Every rank must call it at the same point of the compile."""
+    the default process group has several real ranks; ``value`` itself otherwise (and on
+    rank 0). Every rank must call it at the same point of the compile."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return None
+        return value
     if dist.get_backend() == "fake" or not has_collectives(step):
-        return None
+        return value
     box = [value if dist.get_rank() == 0 else None]
     # Compiles run under a fake mode (the broadcast moves real bytes) and AOTAutograd's
     # Python dispatcher. Under the latter gloo's broadcast is dispatched through Python

@@ -243,16 +243,14 @@ class RegionCompiler:
         if budget is None or not step.is_training or step.joint is None or base.estimated_peak_before <= budget:
             return agree_across_ranks(plan_region(step, before, self.config, storage, self.context), step)
         alone = self._trial_peak(step, base)
-        agreed = rank0_value(alone <= budget, step)
-        if alone <= budget if agreed is None else agreed:
+        if rank0_value(alone <= budget, step):
             note = f"the passes alone reach {format_bytes(alone)} with every saved value kept: nothing to recompute"
             return dataclasses.replace(base, notes=(*base.notes, note))
         plan = agree_across_ranks(plan_region(step, before, self.config, storage, self.context), step)
         if plan.actions(Offload):  # a trial would open the plan's offload store
             return plan
         planned = self._trial_peak(step, plan)
-        agreed = rank0_value(alone < planned, step)
-        if alone < planned if agreed is None else agreed:
+        if rank0_value(alone < planned, step):
             note = (
                 f"no plan meets the budget; the passes alone reach {format_bytes(alone)} with every saved "
                 f"value kept, below the {format_bytes(planned)} of the planner's best plan after them"

@@ -116,14 +116,23 @@ class ShardedParam:
         if self.stage in (1, 2):
             self.replica = data.new_zeros((lay.padded_rows, *self.shape[1:]))
             self.replica[: lay.rows].copy_(data)
-        if self.stage == 0:
+        if self.stage in (1, 2):
+            local = self._replica_local()
+        elif self.stage == 0:
             local = data
-        elif self.stage == 1:
-            local = self.replica.narrow(0, 0, lay.rows)  # type: ignore[union-attr]
-        elif self.stage == 2:
-            local = self.replica.narrow(0, lay.padded_start, lay.length)  # type: ignore[union-attr]
         else:
             local = data.narrow(0, lay.start, lay.length).clone()
+        return self._registered(local)
+
+    def _replica_local(self) -> torch.Tensor:
+        """Stages 1 and 2: the registered local tensor, a view of the replica (stage 1:
+        the whole parameter; stage 2: this rank's rows)."""
+        assert self.replica is not None
+        lay = self.layout
+        return self.replica.narrow(0, 0, lay.rows) if self.stage == 1 else self.replica.narrow(0, lay.padded_start, lay.length)
+
+    def _registered(self, local: torch.Tensor) -> DTensor:
+        """``local`` as this rank's part of the DTensor registered for the parameter."""
         placement: Placement = Replicate() if self.stage in (0, 1) else Shard(0)
         return DTensor.from_local(
             local, self.state.mesh, [placement], run_check=False, shape=torch.Size(self.shape),
@@ -138,16 +147,12 @@ class ShardedParam:
         self.device = device
         if self.stage in (1, 2):
             self.replica = torch.zeros((lay.padded_rows, *self.shape[1:]), dtype=self.dtype, device=device)
-            local = self.replica.narrow(0, 0, lay.rows) if self.stage == 1 else self.replica.narrow(0, lay.padded_start, lay.length)
+            local = self._replica_local()
         elif self.stage == 3:
             local = torch.empty((lay.length, *self.shape[1:]), dtype=self.dtype, device=device)
         else:
             local = torch.empty(self.shape, dtype=self.dtype, device=device)
-        placement: Placement = Replicate() if self.stage in (0, 1) else Shard(0)
-        return DTensor.from_local(
-            local, self.state.mesh, [placement], run_check=False, shape=torch.Size(self.shape),
-            stride=_contiguous_stride(self.shape),
-        )  # fmt: skip
+        return self._registered(local)
 
     @torch.no_grad()
     def load_full(self, value: torch.Tensor) -> None:
@@ -184,17 +189,11 @@ class ShardedParam:
             return local.narrow(0, self.layout.start, self.layout.length)
         return local
 
-    @torch.no_grad()
-    def gather_replica(self) -> None:
-        """Stages 1 and 2: all-gather every rank's rows into the replica buffer (after the
-        optimizer updated this rank's rows, or after a checkpoint loaded them)."""
-        gather_replicas([self], bucket_bytes=0)
-
     def own_piece(self) -> torch.Tensor:
-        """This rank's padded rows of the replica (stages 1 and 2), flat."""
+        """This rank's padded rows of the replica (stages 1 and 2): a view."""
         assert self.replica is not None
         lay = self.layout
-        return self.replica.narrow(0, lay.padded_start, lay.chunk).reshape(-1)
+        return self.replica.narrow(0, lay.padded_start, lay.chunk)
 
     # ---- the parametrization ---------------------------------------------------------
 
@@ -290,11 +289,9 @@ def _gather_bucket(bucket: list[ShardedParam]) -> None:
     group = bucket[0].state.mesh.get_group()
     if len(bucket) == 1:
         (handle,) = bucket
-        lay = handle.layout
-        piece = handle.replica.narrow(0, lay.padded_start, lay.chunk).clone()  # type: ignore[union-attr]
-        _all_gather_single(handle.replica, piece, group)  # type: ignore[arg-type]
+        _all_gather_single(handle.replica, handle.own_piece().clone(), group)  # type: ignore[arg-type]
         return
-    pieces = [h.own_piece() for h in bucket]
+    pieces = [h.own_piece().reshape(-1) for h in bucket]
     flat = torch.cat(pieces)
     world = bucket[0].state.world
     gathered = flat.new_empty(world * flat.numel())  # gloo splits the output along dim 0 like the input
