@@ -17,8 +17,8 @@ MiB = 2**20
 
 
 def touch_pages(mib: list[int]) -> Workload:
-    """Step i allocates ``mib[i]`` MiB and writes one byte per 4 KiB page, then frees it
-    (a fresh-process factory for the tests below)."""
+    """Call i of the step allocates ``mib[i]`` MiB and writes one byte per 4 KiB page,
+    then frees it (a fresh-process factory for the tests below)."""
     sizes = iter(mib)
 
     def step() -> None:
@@ -31,25 +31,60 @@ def touch_pages(mib: list[int]) -> Workload:
 @linux_only
 def test_os_view_sees_known_allocation_and_resets():
     """A 64 MiB block touched page by page grows the resident set by 64 MiB (within 2%);
-    the next step's 16 MiB block reads 16 MiB, so the high-water mark was reset. The
-    1 MiB warm-up step absorbs first-call costs (the intra-op thread pool, kernels)."""
-    result = measure_in_fresh_process(f"{__file__}:touch_pages", kwargs={"mib": [1, 64, 16]}, warmup=1, repeat=2)
+    the next measurement's 16 MiB block reads 16 MiB, so the high-water mark was reset.
+    The 1 MiB warm-up step absorbs first-call costs (the intra-op thread pool, kernels).
+    Each measurement runs the step three times (allocator view, then the cold- and
+    warm-heap OS views)."""
+    mib = [1] + [64] * 3 + [16] * 3
+    result = measure_in_fresh_process(f"{__file__}:touch_pages", kwargs={"mib": mib}, warmup=1, repeat=2)
     big, small = result.measurements
     assert big.os_reliable and small.os_reliable, (big.os_note, small.os_note)
     assert big.os_peak_growth_bytes == pytest.approx(64 * MiB, rel=0.02)
+    assert big.os_warm_peak_growth_bytes == pytest.approx(64 * MiB, rel=0.02)  # mapped anew each time
     assert small.os_peak_growth_bytes == pytest.approx(16 * MiB, rel=0.02)
     assert big.os_end_growth_bytes < MiB and small.os_end_growth_bytes < MiB  # unmapped on free
     assert (big.peak_growth_bytes, small.peak_growth_bytes) == (64 * MiB + 1, 16 * MiB + 1)
-    assert result.info == {"sizes": [1, 64, 16]}
+    assert result.info == {"sizes": mib}
     assert result.env["MALLOC_MMAP_THRESHOLD_"] == os_memory.MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]
 
 
 @linux_only
 def test_median_is_the_step_of_the_median_os_view():
-    """Three steps of 32, 8 and 16 MiB: the median OS view is the 16 MiB step's."""
-    result = measure_in_fresh_process(f"{__file__}:touch_pages", kwargs={"mib": [1, 32, 8, 16]}, warmup=1, repeat=3)
+    """Three measurements of 32, 8 and 16 MiB: the median OS view is the 16 MiB one's."""
+    mib = [1] + [32] * 3 + [8] * 3 + [16] * 3
+    result = measure_in_fresh_process(f"{__file__}:touch_pages", kwargs={"mib": mib}, warmup=1, repeat=3)
     assert result.median is result.measurements[2]
     assert result.median.os_peak_growth_bytes == pytest.approx(16 * MiB, rel=0.02)
+
+
+_PIN: list[torch.Tensor] = []
+
+
+def small_blocks(mib: int) -> Workload:
+    """The step allocates ``mib`` MiB as 16 KiB tensors (under glibc's 64 KiB mmap
+    threshold, so they come from the heap), writes them and frees them. The first call
+    also keeps one block alive above them, so the heap's top cannot shrink over the
+    freed ones: they stay resident until ``malloc_trim``, as in a real process."""
+
+    def step() -> None:
+        blocks = [torch.ones(4096) for _ in range(mib * 64)]
+        if not _PIN:
+            _PIN.append(torch.ones(4096))
+        del blocks
+
+    return Workload(step=step)
+
+
+@linux_only
+def test_warm_heap_view_reuses_resident_heap_pages():
+    """16 MiB of small blocks: the allocator sees 16 MiB; the OS view measured after
+    ``malloc_trim`` sees the heap pages fault back in (16 MiB); the warm-heap view, the
+    same step as the previous one left the heap, grows by almost nothing."""
+    m = measure_in_fresh_process(f"{__file__}:small_blocks", kwargs={"mib": 16}, warmup=1).last
+    assert m.os_reliable, m.os_note
+    assert m.peak_growth_bytes == pytest.approx(16 * MiB, rel=0.02)
+    assert m.os_peak_growth_bytes == pytest.approx(16 * MiB, rel=0.1)
+    assert m.os_warm_peak_growth_bytes < 2 * MiB
 
 
 def test_os_view_none_with_reason_off_linux(monkeypatch):

@@ -9,9 +9,22 @@ The factory, named ``"package.module:function"`` or ``"path/to/file.py:function"
 called in the new process with ``kwargs`` (JSON values) and returns the step to run: a
 callable of no arguments, or a `Workload` that adds an unmeasured ``prepare`` before
 every step and an ``info`` whose JSON-able dict comes back with the measurements.
-Nothing is pickled: the child builds its own model. Each step runs after a
-``gc.collect()`` and ``malloc_trim(0)`` (`memopt.testing.os_memory.trim_heap`); the first ``warmup`` steps run unmeasured, then ``repeat`` steps are
-measured with `memopt.testing.measure.measure_peak` (allocator and OS views).
+Nothing is pickled: the child builds its own model. The first ``warmup`` steps run
+unmeasured, then each of the ``repeat`` measurements runs the step three times, each
+after the workload's ``prepare`` and a ``gc.collect()``:
+
+1. after ``malloc_trim(0)`` (`memopt.testing.os_memory.trim_heap`), under
+   `memopt.testing.measure.measure_peak`: the allocator view;
+2. after ``malloc_trim(0)``, with no profiler (`memopt.testing.measure.
+   measure_os_growth`): the OS view, ``os_peak_growth_bytes``. Trimming first makes it
+   independent of what earlier code left free in the heap, and charges the step with
+   every heap page its small allocations touch;
+3. right after step 2, with no trim and no profiler: the warm-heap OS view,
+   ``os_warm_peak_growth_bytes`` (a training loop's steady state: heap pages the
+   previous step touched are still resident and reused).
+
+The profiler's own event records are resident memory too; measuring the OS views in
+steps it does not run keeps them out.
 """
 
 from __future__ import annotations
@@ -153,24 +166,36 @@ def _child_main(spec: dict[str, Any]) -> None:
     """The fresh process's side: build, warm up, measure, write the result as JSON."""
     import gc
 
-    from memopt.testing.measure import measure_peak
+    from dataclasses import replace
+
+    from memopt.testing.measure import measure_os_growth, measure_peak
 
     built = load_factory(spec["factory"])(**spec["kwargs"])
     workload = built if isinstance(built, Workload) else Workload(step=built)
     measure_peak(lambda: None)  # start the profiler once, so its set-up is in no measured step
 
-    def run(measured: bool) -> PeakMeasurement | None:
+    def ready(trim: bool) -> None:
         if workload.prepare is not None:
             workload.prepare()
         gc.collect()
-        trim_heap()
-        if measured:
-            return measure_peak(workload.step)
-        workload.step()
-        return None
+        if trim:
+            trim_heap()
+
+    def measure() -> PeakMeasurement:
+        ready(trim=True)
+        allocator = measure_peak(workload.step)
+        ready(trim=True)
+        cold_peak, cold_end, note = measure_os_growth(workload.step)
+        ready(trim=False)
+        warm_peak, _, _ = measure_os_growth(workload.step)
+        return replace(
+            allocator, os_peak_growth_bytes=cold_peak, os_end_growth_bytes=cold_end, os_note=note,
+            os_warm_peak_growth_bytes=warm_peak,
+        )
 
     for _ in range(spec["warmup"]):
-        run(False)
-    measurements = [asdict(run(True)) for _ in range(spec["repeat"])]  # type: ignore[arg-type]
+        ready(trim=True)
+        workload.step()
+    measurements = [asdict(measure()) for _ in range(spec["repeat"])]
     info = workload.info() if workload.info is not None else {}
     Path(spec["result"]).write_text(json.dumps({"measurements": measurements, "info": info}))

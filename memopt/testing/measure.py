@@ -36,7 +36,7 @@ import torch
 from memopt.testing.fresh_process import FreshProcessResult, Workload, measure_in_fresh_process
 from memopt.testing.os_memory import OsSample, OsViewUnavailable, malloc_env_note, read_status_kib, reset_peak_rss
 
-__all__ = ["FreshProcessResult", "PeakMeasurement", "Workload", "measure_in_fresh_process", "measure_peak"]
+__all__ = ["FreshProcessResult", "PeakMeasurement", "Workload", "measure_in_fresh_process", "measure_os_growth", "measure_peak"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,11 @@ class PeakMeasurement:
     os_peak_growth_bytes: int | None = None
     os_end_growth_bytes: int | None = None
     os_note: str = ""
+    os_warm_peak_growth_bytes: int | None = None
+    """`measure_in_fresh_process` only: the OS view of the same step with glibc's heap
+    left as the previous step left it (a training loop's steady state), where
+    ``os_peak_growth_bytes`` is measured right after ``malloc_trim(0)`` and so also
+    counts every heap page the step's small allocations touch. None elsewhere."""
 
     @property
     def os_reliable(self) -> bool:
@@ -116,6 +121,16 @@ def _measure_cpu(step_fn: Callable[[], Any]) -> PeakMeasurement:
         live += nbytes
         peak = max(peak, live)
     return PeakMeasurement(peak, live, "cpu", "torch.profiler memory events", len(events), *os_view)
+
+
+def measure_os_growth(step_fn: Callable[[], Any]) -> tuple[int | None, int | None, str]:
+    """Run ``step_fn()`` once with no profiler and return the OS view of it alone:
+    (peak growth, end growth, note) of the resident set, as `PeakMeasurement`'s
+    ``os_*`` fields. `measure_peak` reads the OS view inside the profiler, whose event
+    records are resident memory of the step too; this leaves them out."""
+    start = _start_os_view()
+    step_fn()
+    return _end_os_view(start)
 
 
 def _start_os_view() -> OsSample | str:
