@@ -3,6 +3,7 @@ memory budgets met on the operating system's view, and estimates against both vi
 
     python benchmarks/real_models.py budgets [--families gpt2 llama bert] [--codegens eager inductor]
     python benchmarks/real_models.py estimates [--families ...]
+    python benchmarks/real_models.py estimates --disable-passes blocked_cross_entropy   # the loss as written
 
 Every row is one fresh process (`memopt.testing.measure.measure_in_fresh_process`:
 glibc's malloc thresholds fixed, heap trimmed before each step), the model at size
@@ -42,11 +43,14 @@ from memopt.testing.hf import FAMILIES, build
 from memopt.testing.measure import measure_in_fresh_process
 
 
-def workload(family: str, codegen: str, budget: float | None, batch: int, seq: int, size: str) -> Workload:
-    """Fresh-process factory: ``family`` compiled with memopt (``budget``), its training
-    step, and the estimate, the budget in bytes and the first step's loss as info."""
+def workload(
+    family: str, codegen: str, budget: float | None, batch: int, seq: int, size: str, disable_passes: list[str] | None = None
+) -> Workload:
+    """Fresh-process factory: ``family`` compiled with memopt (``budget``; without
+    ``disable_passes``), its training step, and the estimate, the budget in bytes and
+    the first step's loss as info."""
     model, inputs = build(family, batch=batch, seq=seq, size=size)
-    options: dict[str, Any] = {"codegen": codegen}
+    options: dict[str, Any] = {"codegen": codegen, "disable_passes": list(disable_passes or [])}
     if budget is not None:
         options["memory_budget"] = budget
     compiled = torch.compile(model, backend="memopt", options=options)
@@ -75,7 +79,10 @@ def workload(family: str, codegen: str, budget: float | None, batch: int, seq: i
 
 
 def _measure(family: str, codegen: str, budget: float | None, args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
-    kwargs = {"family": family, "codegen": codegen, "budget": budget, "batch": args.batch, "seq": args.seq, "size": args.size}
+    kwargs = {
+        "family": family, "codegen": codegen, "budget": budget, "batch": args.batch, "seq": args.seq, "size": args.size,
+        "disable_passes": args.disable_passes,
+    }
     result = measure_in_fresh_process(f"{__file__}:workload", kwargs=kwargs, warmup=3, repeat=args.repeat)
     trimmed = ", ".join(format_bytes(m.os_peak_growth_bytes or 0) for m in result.measurements)
     warm = ", ".join(format_bytes(m.os_warm_peak_growth_bytes or 0) for m in result.measurements)
@@ -112,13 +119,14 @@ def budgets(args: argparse.Namespace) -> None:
 
 
 def estimates(args: argparse.Namespace) -> None:
-    print("| model | codegen | estimated growth | measured (allocator) | error | measured (OS) | error |")
-    print("|---|---|--:|--:|--:|--:|--:|")
+    print("| model | codegen | estimated growth | measured (allocator) | error | measured (OS, trimmed) | error | measured (OS, warm) |")
+    print("|---|---|--:|--:|--:|--:|--:|--:|")
     for family in args.families:
         for codegen in args.codegens:
             info, m = _measure(family, codegen, None, args)
             est, alloc, os_view = info["estimated_growth"], m.peak_growth_bytes, m.os_peak_growth_bytes
             os_cells = "- | -" if os_view is None else f"{format_bytes(os_view)} | {(est - os_view) / os_view:+.1%}"
+            os_cells += " | " + ("-" if info["warm_growth"] is None else format_bytes(info["warm_growth"]))
             print(
                 f"| {family} | {codegen} | {format_bytes(est)} | {format_bytes(alloc)} | {(est - alloc) / alloc:+.1%} | {os_cells} |",
                 flush=True,
@@ -135,6 +143,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--size", default="medium", choices=["small", "medium"])
     parser.add_argument("--repeat", type=int, default=3, help="measured steps per process; the row shows the median OS view")
+    parser.add_argument("--disable-passes", nargs="*", default=[], help="memopt passes to turn off in every row")
     args = parser.parse_args()
     if args.what == "budgets":
         args.families = args.families or ["gpt2", "llama", "bert"]

@@ -108,15 +108,15 @@ class Explanation:
         region the caller was seen keeping through backward (a model's output object:
         logits, key/value caches; `memopt.backends.observe`) stay live after the step,
         as the last region's do; other outputs of earlier regions are handed on."""
-        parts, kept = [], []
+        parts, regions = [], []
         for r in self.step_regions():
             step, tl = (r.step, r.timeline_after) if optimized else (r.step_before, r.timeline_before)
             if step is not None and tl is not None:
                 parts.append((step, tl))
-                kept.append(r.kept_outputs)
+                regions.append(r)
         if not parts:
             raise ValueError("no region was compiled by memopt's pipeline, so there is no timeline")
-        return compose_timelines(parts, kept)
+        return compose_timelines(parts, [r.kept_outputs for r in regions], _input_sources(regions))
 
     @property
     def estimated_peak_bytes(self) -> int:
@@ -145,7 +145,8 @@ class Explanation:
         peaks = []
         for in_backward in (False, True):
             parts = [(r.step_before, r.timelines_by_update[in_backward]) for r in regions]
-            peaks.append(compose_timelines(parts, [r.kept_outputs for r in regions]).peak_bytes)  # type: ignore[misc]
+            kept = [r.kept_outputs for r in regions]
+            peaks.append(compose_timelines(parts, kept, _input_sources(regions)).peak_bytes)  # type: ignore[arg-type]
         return peaks[0], peaks[1]
 
     def savings(self) -> list[OptionSaving]:
@@ -449,3 +450,13 @@ def _autograd_leaves(loss: torch.Tensor) -> Iterable[torch.Tensor]:
             found[id(variable)] = variable
         stack.extend(next_fn for next_fn, _ in fn.next_functions)
     return found.values()
+
+
+def _input_sources(regions: list[RegionRecord]) -> list[dict[int, tuple[int, int]]]:
+    """Each region's observed `RegionRecord.input_sources` with the producing region
+    named by its index in ``regions`` (sources outside ``regions`` are dropped)."""
+    index = {r.region: i for i, r in enumerate(regions)}
+    return [
+        {pos: (index[name], out) for pos, (name, out) in r.input_sources.items() if name in index}
+        for r in regions
+    ]

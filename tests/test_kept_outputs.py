@@ -60,8 +60,12 @@ def test_a_region_output_the_caller_keeps_lives_through_the_step(keep: bool) -> 
     torch.manual_seed(0)
     x = torch.randn(256, 64)
     timeline, (measured, at_end), explanation = _estimate_and_measure(Break(keep), lambda c: c(x))
-    first = explanation.step_regions()[0]
+    first, second = explanation.step_regions()
     assert (0 in first.kept_outputs) == keep
+    # h is the second region's input, which its Linear saves for backward: one storage
+    # with the first region's output, counted once when the caller keeps it too.
+    h_position = next(p for p, (name, _) in second.input_sources.items() if name == first.region)
+    assert second.input_sources[h_position] == (first.region, 0)
     assert abs(timeline.peak_growth_bytes - measured.peak_growth_bytes) <= 0.03 * measured.peak_growth_bytes
     h_bytes = 256 * 256 * 4
     end = timeline.end_bytes - timeline.baseline_bytes

@@ -82,8 +82,8 @@ def test_gpt_graphs_compute_matmuls_in_bf16_and_loss_in_fp32():
             assert dtypes == {torch.bfloat16}, (node.name, dtypes)
     for node in _nodes(step.forward, torch.ops.aten.native_layer_norm.default):
         assert meta.tensor_value(node.args[0]).dtype == torch.float32
-    (log_softmax,) = _nodes(step.forward, torch.ops.aten._log_softmax.default)
-    assert meta.tensor_value(log_softmax).dtype == torch.float32
+    (loss,) = _nodes(step.forward, torch.ops.memopt.cross_entropy.default)  # blocked_cross_entropy
+    assert meta.tensor_value(loss.args[0]).dtype == torch.float32
     assert "aten.mm.default(" in explanation.graph_code("forward")
 
     dynamo = explanation.region(0).snapshots[1]

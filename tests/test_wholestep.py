@@ -128,11 +128,11 @@ def test_absolute_budget_holds_across_a_graph_break(unbudgeted: Any) -> None:
     assert all(torch.equal(grads[n], grads_before[n]) for n in grads_before)
 
     # Control: planned alone, the first region assumes the caller keeps the logits and
-    # pays for it with more recomputation, and the loss region, which cannot recompute
-    # anything, judges the budget infeasible (a false alarm: the step fits).
+    # pays for it with more recomputation. (With the loss as written, the loss region
+    # alone also judged the budget infeasible, a false alarm; the blocked loss holds too
+    # little for that now.)
     _, alone, _ = _run(budget, whole=False)
-    first_alone, second_alone = alone.regions
-    assert not second_alone.plan.feasible
+    first_alone, _ = alone.regions
     modelled = "recompute_seconds_model"
     assert first_alone.plan.solver[modelled] > first.plan.solver[modelled]
 

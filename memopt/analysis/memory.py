@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -581,7 +581,9 @@ def _add_backward(
 
 
 def compose_timelines(
-    regions: list[tuple[StepGraphs, MemoryTimeline]], kept_outputs: Sequence[Collection[int] | None] | None = None
+    regions: list[tuple[StepGraphs, MemoryTimeline]],
+    kept_outputs: Sequence[Collection[int] | None] | None = None,
+    input_sources: Sequence[Mapping[int, tuple[int, int]]] | None = None,
 ) -> MemoryTimeline:
     """One step timeline from the timelines of regions run in sequence (a graph
     break): forwards in order, then backwards in reverse order.
@@ -599,6 +601,11 @@ def compose_timelines(
     model's output object holds the logits and the key/value caches the region
     before the loss computed, and the user's ``out = model(**x); out.loss.backward()``
     keeps it through backward.
+
+    ``input_sources[j]`` maps a position of region ``j``'s inputs to the earlier
+    region and output position it was (observed, `memopt.backends.observe`): an input
+    region ``j`` saves for backward that is an output the caller keeps is the kept
+    storage, already live through the step, and is not counted again.
     """
     if len(regions) == 1:
         return regions[0][1]
@@ -609,6 +616,13 @@ def compose_timelines(
         for step, _ in regions
         for i, ph in enumerate(step.forward.graph.find_nodes(op="placeholder"))
         if step.input_kind(i) == "activation"
+    }
+    kept_positions = list(kept_outputs or [None] * len(regions))
+    already_live = {  # activation inputs that are outputs the caller keeps
+        ph
+        for j, (step, _) in enumerate(regions)
+        for pos, ph in enumerate(step.forward.graph.find_nodes(op="placeholder"))
+        if _kept_source((input_sources or [{}] * len(regions))[j].get(pos), kept_positions, j)
     }
     opt_len = [sum(1 for p in t.points if p.graph == OPTIMIZER_GRAPH) for t in parts]
     fw_len = [sum(1 for p in t.points if p.graph not in ("backward", OPTIMIZER_GRAPH)) for t in parts]
@@ -639,7 +653,7 @@ def compose_timelines(
             if iv.start == BEFORE:
                 if iv.node in activation_inputs:
                     until = t.input_saved_until.get(iv.node)
-                    if until is not None:
+                    if until is not None and iv.node not in already_live:
                         intervals.append(
                             dataclasses.replace(
                                 iv, category="saved_activations", start=end_of_forward + 1, end=remap(i, until)
@@ -658,6 +672,14 @@ def compose_timelines(
                 end = end_of_forward if until is None else max(end_of_forward, remap(i, until))
             intervals.append(dataclasses.replace(iv, start=remap(i, iv.start), end=end))
     return finish_timeline(points, intervals, parts[0].device)
+
+
+def _kept_source(source: tuple[int, int] | None, kept: Sequence[Collection[int] | None], region: int) -> bool:
+    """``source`` (region, output position) is an earlier region's output the caller keeps."""
+    if source is None:
+        return False
+    producer, position = source
+    return 0 <= producer < region and position in (kept[producer] or ())
 
 
 def _kept_producers(step: StepGraphs, positions: Collection[int] | None) -> set[fx.Node]:

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from memopt.analysis.aliasing import concrete_int
+from memopt.codegen import cross_entropy as _cross_entropy
 from memopt.codegen.quantize_chunked import _chunk
 from memopt.graph import meta
 from memopt.codegen import quantize as _quantize  # noqa: F401  (registers memopt::(de)quantize_blockwise)
@@ -130,6 +131,29 @@ def _dequantize_scratch(node: fx.Node) -> int:
 _QUANTIZE = torch.ops.memopt.quantize_blockwise.default
 _DEQUANTIZE = torch.ops.memopt.dequantize_blockwise.default
 
+
+def _cross_entropy_blocks(node: fx.Node, blocks: int) -> int:
+    # memopt::cross_entropy holds one block of log-probabilities and, for the whole
+    # op, the (N, 1) column of picked ones and the (N,) targets it reduces over; its
+    # backward a block of log-probabilities and one of their gradient
+    # (memopt.codegen.cross_entropy).
+    x = meta.fake_value(node.args[1] if blocks == 2 else node.args[0])
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        return 0
+    rows, classes = concrete_int(x.shape[0]), concrete_int(x.shape[1])
+    per_op = 0 if blocks == 2 else rows * (x.element_size() + 2 * 8)
+    return blocks * _cross_entropy.block_bytes(rows, classes, x.element_size()) + per_op
+
+
+_CROSS_ENTROPY = torch.ops.memopt.cross_entropy.default
+_CROSS_ENTROPY_BACKWARD = torch.ops.memopt.cross_entropy_backward.default
+# memopt's own ops allocate their scratch through the device's allocator on every
+# device, and Inductor calls them as extern kernels: one rule everywhere.
+_OWN: dict[Any, Callable[[fx.Node], int]] = {
+    _CROSS_ENTROPY: lambda n: _cross_entropy_blocks(n, 1),
+    _CROSS_ENTROPY_BACKWARD: lambda n: _cross_entropy_blocks(n, 2),
+}
+
 _CPU: dict[Any, Callable[[fx.Node], int]] = {
     aten.convolution.default: _conv,
     aten.convolution_backward.default: _conv_backward,
@@ -167,7 +191,7 @@ def workspace_bytes(node: fx.Node, device: torch.device, fused: bool = False) ->
     ``meta`` uses the CPU table so that estimates made on meta tensors equal those on
     CPU tensors.
     """
-    rule = (_FUSED_TABLES if fused else _TABLES).get(device.type, {}).get(node.target)
+    rule = _OWN.get(node.target) or (_FUSED_TABLES if fused else _TABLES).get(device.type, {}).get(node.target)
     return 0 if rule is None else max(int(rule(node)), 0)
 
 

@@ -14,6 +14,11 @@ alive, or whose storage is alive and not saved by the region for its own backwar
 step's composed timeline (`memopt.analysis.memory.compose_timelines`) keeps those
 outputs live after the step.
 
+It also notes which of a region's inputs are storages an earlier region returned
+(``RegionRecord.input_sources``): when the later region saves such an input for its
+backward and the caller keeps the output too (GPT-2's loss region saves the logits its
+model returns), the two are one storage, counted once.
+
 The compile step can over-report: Dynamo's tracing state may still hold a region's
 outputs then (a later region's example inputs), so loops that run two steps or more
 see the steady state.
@@ -34,6 +39,12 @@ from memopt.backends.record import RegionRecord
 from memopt.backends.wholestep import _backward_node, _saved_storages, _storage_key, _weak
 
 __all__ = ["observe_outputs"]
+
+# The storages observed regions returned, most recent call last: storage key ->
+# (weak reference, region name, output position). A key whose weak reference has
+# expired (or points at another storage now) is stale.
+_PRODUCED: dict[int, tuple[StorageWeakRef, str, int]] = {}
+_MAX_PRODUCED = 4096
 
 
 def observe_outputs(fn: Callable[..., Any], record: Callable[[], RegionRecord]) -> Callable[..., Any]:
@@ -63,12 +74,40 @@ def _watch(record: Callable[[], RegionRecord], args: tuple[Any, ...], outputs: A
     if node is None:
         return  # no backward through this call
     inputs = {_storage_key(a) for a in args if isinstance(a, torch.Tensor)}
+    current = record()
+    current.input_sources = _sources(args)
+    _remember(current.region, tensors)
     refs = {
         pos: (weakref.ref(t), StorageWeakRef(t.untyped_storage()))
         for pos, t in tensors.items()
         if _storage_key(t) not in inputs
     }
     node.register_prehook(functools.partial(_backward_starts, record, refs, _weak(node)))
+
+
+def _sources(args: tuple[Any, ...]) -> dict[int, tuple[str, int]]:
+    """Input position -> (region, output position) for the inputs whose storage an
+    observed region returned and still lives."""
+    found = {}
+    for pos, a in enumerate(args):
+        if not isinstance(a, torch.Tensor) or isinstance(a, FakeTensor):
+            continue
+        entry = _PRODUCED.get(_storage_key(a))
+        if entry is None:
+            continue
+        ref, region, out_pos = entry
+        if not ref.expired() and ref.cdata == StorageWeakRef(a.untyped_storage()).cdata:
+            found[pos] = (region, out_pos)
+    return found
+
+
+def _remember(region: str, tensors: dict[int, torch.Tensor]) -> None:
+    for key in [k for k, (ref, _, _) in _PRODUCED.items() if ref.expired()]:
+        del _PRODUCED[key]
+    while len(_PRODUCED) >= _MAX_PRODUCED:
+        del _PRODUCED[next(iter(_PRODUCED))]
+    for pos, t in tensors.items():
+        _PRODUCED[_storage_key(t)] = (StorageWeakRef(t.untyped_storage()), region, pos)
 
 
 def _backward_starts(

@@ -52,6 +52,10 @@ class RegionRecord:
     """Positions of the region's outputs the caller still held when its backward
     started, in the latest step observed (`memopt.backends.observe`); None: not
     observed."""
+    input_sources: dict[int, tuple[str, int]] = field(default_factory=dict)
+    """Inputs that were an earlier region's outputs in the latest step observed:
+    input position -> (that region's name, its output position). A later region that
+    saves such an input for backward holds the producer's storage, not a new one."""
 
     def graph_code(self, graph: str, after: str | None = None) -> str:
         """Readable code of ``graph`` ("forward", "backward" or "inference") after pass

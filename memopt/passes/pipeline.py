@@ -27,7 +27,9 @@ Precision (docs/precision.md):
 * ``pre_autograd_pipeline`` is a second stage, run on the Dynamo-level graph before
   AOTAutograd traces it (a `StepGraphs` with one graph named ``dynamo``): rewrites
   that must be differentiated like user code, i.e. ``precision`` (casts whose
-  derivatives bring gradients back to fp32 masters).
+  derivatives bring gradients back to fp32 masters), then ``blocked_cross_entropy``
+  (the loss over logits computed a block of rows at a time, saving the logits instead
+  of the log-probabilities; after ``precision``, which recognizes ``F.cross_entropy``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from collections.abc import Sequence
 
 from memopt.config import MemoptConfig
 from memopt.passes.base import Pass
+from memopt.passes.blocked_cross_entropy import BlockedCrossEntropy
 from memopt.passes.collectives_bucket import BucketCollectives
 from memopt.passes.collectives_dedupe import DedupeCollectives
 from memopt.passes.collectives_overlap import OverlapCollectives
@@ -80,12 +83,12 @@ def numerics_changing(config: MemoptConfig | None = None) -> frozenset[str]:
     return frozenset(p.name for p in pre_autograd_pipeline(config) + default_pipeline(config) if not p.numerics_preserving)
 
 
-# -- the pre-autograd stage (precision lowering) -----------------------------------
+# -- the pre-autograd stage (precision lowering, the blocked loss) -----------------------------------
 
 
 def pre_autograd_pipeline(config: MemoptConfig) -> list[Pass]:
     """The passes memopt runs on a region's Dynamo graph before AOTAutograd, in order."""
-    return [PrecisionLowering()]
+    return [PrecisionLowering(), BlockedCrossEntropy()]
 
 
 def disabled_in(passes: Sequence[Pass], config: MemoptConfig) -> tuple[str, ...]:

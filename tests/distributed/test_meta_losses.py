@@ -19,28 +19,34 @@ from memopt.backends.meta_device import composite_autograd_on_meta, lost_on_meta
 from memopt.errors import MemoptWarning
 
 
-def _explain(fn: object, *args: torch.Tensor) -> memopt.Explanation:
+def _explain(fn: object, *args: torch.Tensor, blocked: bool = True) -> memopt.Explanation:
     torch._dynamo.reset()
     # per-parameter collectives (no buckets): a lost gradient is a missing reduce-scatter
-    return memopt.explain(fn, *args, options={"codegen": "eager", "strict": True, "collective_bucket_bytes": 0})
+    options = {"codegen": "eager", "strict": True, "collective_bucket_bytes": 0}
+    if not blocked:  # F.cross_entropy as written (aten::nll_loss), not memopt::cross_entropy
+        options["disable_passes"] = ["blocked_cross_entropy"]
+    return memopt.explain(fn, *args, options=options)
 
 
-def _cross_entropy_step(device: str) -> memopt.Explanation:
+def _cross_entropy_step(device: str, blocked: bool = False) -> memopt.Explanation:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10)).to(device)
     x, y = torch.randn(4, 16, device=device), torch.zeros(4, dtype=torch.long, device=device)
-    return _explain(lambda x, y: F.cross_entropy(model(x), y), x, y)
+    return _explain(lambda x, y: F.cross_entropy(model(x), y), x, y, blocked=blocked)
 
 
-def test_cross_entropy_on_meta_keeps_its_backward():
+@pytest.mark.parametrize("blocked", [False, True], ids=["as_written", "blocked"])
+def test_cross_entropy_on_meta_keeps_its_backward(blocked: bool):
     """On meta the backward graph returns the four parameters' gradients, as on the CPU,
-    the estimate is the CPU's, and neither torch nor memopt warns."""
+    the estimate is the CPU's, and neither torch nor memopt warns: the loss as written
+    (``aten::nll_loss``, through memopt's meta kernels) and memopt's blocked loss."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch's "autograd kernel was not registered", memopt's warning
-        meta = _cross_entropy_step("meta")
-    cpu = _cross_entropy_step("cpu")
+        meta = _cross_entropy_step("meta", blocked)
+    cpu = _cross_entropy_step("cpu", blocked)
     code = meta.graph_code("backward")
-    assert code.count("aten.nll_loss_backward.default(") == 1
+    loss_backward = "memopt.cross_entropy_backward.default(" if blocked else "aten.nll_loss_backward.default("
+    assert code.count(loss_backward) == 1
     assert code.count("aten.mm.default(") == cpu.graph_code("backward").count("aten.mm.default(") == 3
     assert meta.estimated_peak_bytes == cpu.estimated_peak_bytes > 0
 

@@ -1,0 +1,155 @@
+"""Cross-entropy over a large class dimension, computed a block of rows at a time:
+``torch.ops.memopt.cross_entropy`` and its backward.
+
+``F.cross_entropy(logits, target)`` decomposes into ``_log_softmax`` and ``nll_loss``.
+Autograd saves the log-probabilities (a tensor the size of the logits) for backward,
+and the backward holds three more of that size at once: the incoming gradient of the
+log-probabilities (``nll_loss_backward``, zero but at the targets), the result, and
+the saved log-probabilities it reads. For a language model's head the logits are the
+largest tensors of the step (tokens x vocabulary), so the loss is often where the
+step peaks.
+
+These ops compute the same numbers from the logits alone, ``rows_per_block`` rows at
+a time::
+
+    memopt::cross_entropy(Tensor input, Tensor target, int reduction, int ignore_index)
+        -> (Tensor loss, Tensor total_weight)
+    memopt::cross_entropy_backward(Tensor grad, Tensor input, Tensor target,
+        Tensor total_weight, int reduction, int ignore_index) -> Tensor
+
+``input`` is ``(N, C)`` floating point, ``target`` ``(N,)`` class indices; ``reduction``
+is ATen's enum (0 none, 1 mean, 2 sum); no class weights, no label smoothing. Autograd
+saves ``input``, ``target`` and ``total_weight`` (a language model returns its logits,
+so they are alive anyway), not the log-probabilities. The forward holds one block of
+log-probabilities at a time; the backward one block of log-probabilities and one of
+their gradient, and writes each block of the result in place.
+
+**Same numbers, bit for bit.** Each block runs the very ATen kernels the unblocked
+loss runs (``_log_softmax``, ``nll_loss_backward``, ``_log_softmax_backward_data``),
+whose results for a row depend on that row alone; the reduction is
+``nll_loss_forward`` itself, over the ``(N, 1)`` column of picked log-probabilities, so
+it adds the same values in the same order as over ``(N, C)``
+(``tests/codegen/test_cross_entropy.py`` checks fp32 and bf16, each reduction, ignored
+targets). A fake implementation lets the ops trace; Inductor calls them as extern
+kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["REDUCTIONS", "block_bytes", "rows_per_block"]
+
+aten = torch.ops.aten
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+_BLOCKS = 16  # the logits are split in at most this many row blocks...
+_MIN_BLOCK_BYTES = 256 * 1024  # ...of at least this size (small losses run as one block)
+
+
+def rows_per_block(rows: int, classes: int, element_size: int) -> int:
+    """Rows per block for an ``(rows, classes)`` input: ``rows / 16`` rounded up, but a
+    block of at least 256 KiB (and at least one row)."""
+    rows, classes = max(int(rows), 1), max(int(classes), 1)
+    by_count = math.ceil(rows / _BLOCKS)
+    by_size = math.ceil(_MIN_BLOCK_BYTES / (classes * element_size))
+    return max(1, min(rows, max(by_count, by_size)))
+
+
+def block_bytes(rows: int, classes: int, element_size: int) -> int:
+    """Bytes of one block of log-probabilities (the ops' scratch is one block forward,
+    two backward)."""
+    return rows_per_block(rows, classes, element_size) * max(int(classes), 1) * element_size
+
+
+def _check(input: torch.Tensor, target: torch.Tensor, reduction: int) -> None:
+    if input.dim() != 2 or target.dim() != 1 or target.shape[0] != input.shape[0]:
+        raise ValueError(
+            f"memopt::cross_entropy takes (N, C) logits and (N,) targets, got {tuple(input.shape)} and "
+            f"{tuple(target.shape)}; call F.cross_entropy for other shapes"
+        )
+    if reduction not in REDUCTIONS.values():
+        raise ValueError(f"reduction={reduction}: use 0 (none), 1 (mean) or 2 (sum)")
+
+
+@torch.library.custom_op(
+    "memopt::cross_entropy",
+    mutates_args=(),
+    schema="(Tensor input, Tensor target, int reduction, int ignore_index) -> (Tensor, Tensor)",
+)
+def cross_entropy(input: torch.Tensor, target: torch.Tensor, reduction: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.cross_entropy(input, target, reduction=..., ignore_index=...)`` and the total
+    weight ``nll_loss_forward`` returns, a block of rows at a time."""
+    _check(input, target, reduction)
+    n, c = input.shape
+    step = rows_per_block(n, c, input.element_size())
+    picked = input.new_empty(n, 1)
+    for start in range(0, n, step):
+        logp = aten._log_softmax(input[start : start + step], 1, False)
+        rows = target[start : start + step]
+        # An ignored row picks any class; nll_loss_forward skips it below.
+        picked[start : start + step] = logp.gather(1, rows.clamp(0, c - 1).unsqueeze(1))
+        del logp
+    column = torch.where(target == ignore_index, target, torch.zeros_like(target))
+    loss, total_weight = aten.nll_loss_forward(picked, column, None, reduction, ignore_index)
+    return loss, total_weight
+
+
+@cross_entropy.register_fake
+def _(input: torch.Tensor, target: torch.Tensor, reduction: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(input, target, reduction)
+    loss = input.new_empty((input.shape[0],) if reduction == 0 else ())
+    return loss, input.new_empty(())
+
+
+@torch.library.custom_op(
+    "memopt::cross_entropy_backward",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor input, Tensor target, Tensor total_weight, int reduction, int ignore_index) -> Tensor",
+)
+def cross_entropy_backward(
+    grad: torch.Tensor, input: torch.Tensor, target: torch.Tensor, total_weight: torch.Tensor, reduction: int, ignore_index: int
+) -> torch.Tensor:
+    """The gradient of `cross_entropy`'s loss with respect to ``input``, a block of rows
+    at a time, each block written into the result in place."""
+    _check(input, target, reduction)
+    n, c = input.shape
+    step = rows_per_block(n, c, input.element_size())
+    out = torch.empty_like(input, memory_format=torch.contiguous_format)
+    for start in range(0, n, step):
+        block = slice(start, start + step)
+        logp = aten._log_softmax(input[block], 1, False)
+        g = grad if grad.dim() == 0 else grad[block]
+        g_logp = aten.nll_loss_backward(g, logp, target[block], None, reduction, ignore_index, total_weight)
+        aten._log_softmax_backward_data.out(g_logp, logp, 1, input.dtype, out=out[block])
+        del logp, g_logp
+    return out
+
+
+@cross_entropy_backward.register_fake
+def _(
+    grad: torch.Tensor, input: torch.Tensor, target: torch.Tensor, total_weight: torch.Tensor, reduction: int, ignore_index: int
+) -> torch.Tensor:
+    _check(input, target, reduction)
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    input, target, reduction, ignore_index = inputs
+    ctx.save_for_backward(input, target, output[1])
+    ctx.reduction, ctx.ignore_index = reduction, ignore_index
+
+
+def _backward(ctx, grad_loss, grad_total_weight):  # type: ignore[no-untyped-def]
+    input, target, total_weight = ctx.saved_tensors
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        grad_input = torch.ops.memopt.cross_entropy_backward(
+            grad_loss, input, target, total_weight, ctx.reduction, ctx.ignore_index
+        )
+    return grad_input, None, None, None
+
+
+torch.library.register_autograd("memopt::cross_entropy", _backward, setup_context=_setup_context)

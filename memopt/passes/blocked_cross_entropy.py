@@ -1,0 +1,121 @@
+"""Pass ``blocked_cross_entropy``: the loss stops holding logits-sized buffers.
+
+A language model's loss, ``F.cross_entropy`` over tokens x vocabulary logits, makes
+autograd save the log-probabilities (one more logits-sized tensor, through the whole
+backward) and peaks in its backward with three of them live besides the logits
+(docs/memory.md). This pass calls `memopt.codegen.cross_entropy`'s op instead, which
+saves the logits (which the model returns, so they live anyway) and works a block of
+rows at a time, with the same numbers bit for bit.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
+from memopt.codegen import cross_entropy as _ops  # registers memopt::cross_entropy
+from memopt.graph import meta
+from memopt.graph.step import StepGraphs
+from memopt.passes.base import Pass, PassContext, PassResult
+
+__all__ = ["BlockedCrossEntropy", "blocked_cross_entropy"]
+
+_SIGNATURE = inspect.signature(F.cross_entropy)
+_UNCHANGED_DEFAULTS = {"weight": None, "size_average": None, "reduce": None, "label_smoothing": 0.0}
+
+
+def _call(node: fx.Node) -> dict[str, Any] | None:
+    """The arguments of an ``F.cross_entropy`` call the op computes the same way, or
+    None: (N, C) floating logits, (N,) integer targets, a reduction by name, an integer
+    ``ignore_index``, no class weights, no label smoothing, no legacy flags."""
+    if node.op != "call_function" or node.target is not F.cross_entropy:
+        return None
+    try:
+        bound = _SIGNATURE.bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    if any(arguments[name] != default for name, default in _UNCHANGED_DEFAULTS.items()):
+        return None
+    x, target = arguments["input"], arguments["target"]
+    if not (isinstance(x, fx.Node) and isinstance(target, fx.Node)):
+        return None
+    x_value, t_value = meta.fake_value(x), meta.fake_value(target)
+    if not (isinstance(x_value, torch.Tensor) and isinstance(t_value, torch.Tensor)):
+        return None
+    if x_value.dim() != 2 or not x_value.is_floating_point() or t_value.dim() != 1 or t_value.is_floating_point():
+        return None
+    if arguments["reduction"] not in _ops.REDUCTIONS or not isinstance(arguments["ignore_index"], int):
+        return None
+    return arguments
+
+
+def blocked_cross_entropy(graph: fx.Graph) -> int:
+    """Replace every eligible ``F.cross_entropy`` call of a Dynamo-level ``graph`` by
+    ``memopt::cross_entropy`` (and a ``getitem`` of its loss); return how many."""
+    replaced = 0
+    for node in list(graph.nodes):
+        arguments = _call(node)
+        if arguments is None:
+            continue
+        x, target = arguments["input"], arguments["target"]
+        args = (x, target, _ops.REDUCTIONS[arguments["reduction"]], arguments["ignore_index"])
+        with graph.inserting_before(node):
+            call = graph.call_function(torch.ops.memopt.cross_entropy.default, args)
+            loss = graph.call_function(operator.getitem, (call, 0))
+        value = torch.ops.memopt.cross_entropy.default(meta.fake_value(x), meta.fake_value(target), *args[2:])
+        meta.set_example_value(call, value)
+        meta.set_example_value(loss, value[0])
+        for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+            if key in node.meta:
+                call.meta[key] = loss.meta[key] = node.meta[key]
+        node.replace_all_uses_with(loss)
+        graph.erase_node(node)
+        replaced += 1
+    return replaced
+
+
+class BlockedCrossEntropy(Pass):
+    """Compute ``F.cross_entropy`` over (N, C) logits with `memopt.codegen.cross_entropy`.
+
+    Purpose: the loss's backward stops holding the saved log-probabilities and two
+    more logits-sized buffers (a language model's largest tensors), with the same
+    numbers.
+
+    Preconditions: ``step`` is the Dynamo-level graph of a region
+    (``single_graph_name == "dynamo"``) with Dynamo's example values on its nodes.
+
+    Guarantees: each call with (N, C) floating logits, (N,) integer targets, no class
+    weights and no label smoothing is replaced; the loss is the same bit for bit, and so
+    is the logits' gradient; autograd then saves the logits instead of the
+    log-probabilities, and no step holds more than two blocks of them beyond its
+    result. Other calls are left as written.
+
+    Ordering: pre-autograd, after ``precision`` (which gives the loss fp32 inputs and
+    recognizes ``F.cross_entropy`` by name).
+    """
+
+    name = "blocked_cross_entropy"
+
+    def run(self, step: StepGraphs, analyses: AnalysisManager, ctx: PassContext) -> PassResult:
+        if step.is_training or step.single_graph_name != "dynamo":
+            raise ValueError(
+                f"pass 'blocked_cross_entropy' rewrites the Dynamo graph before AOTAutograd, but got the "
+                f"{'forward/backward pair' if step.is_training else step.single_graph_name + ' graph'}; "
+                f"run it in memopt.passes.pipeline.pre_autograd_pipeline."
+            )
+        replaced = blocked_cross_entropy(step.forward.graph)
+        if not replaced:
+            return PassResult.unchanged(losses=0)
+        step.forward.recompile()
+        return PassResult(
+            True, PreservedAnalyses.none(), {"losses": replaced},
+            summary=(f"blocked_cross_entropy: {replaced} loss(es) computed a block of rows at a time",),
+        )

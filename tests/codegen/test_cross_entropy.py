@@ -1,0 +1,192 @@
+"""memopt::cross_entropy and the ``blocked_cross_entropy`` pass: the same loss and logits
+gradient as ``F.cross_entropy`` bit for bit, less memory, and calls it cannot compute
+the same way left alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+import memopt
+from memopt.codegen.cross_entropy import REDUCTIONS, block_bytes, rows_per_block
+from memopt.passes.blocked_cross_entropy import blocked_cross_entropy
+from memopt.testing.measure import measure_peak
+
+MiB = 2**20
+
+
+def _reference(x: torch.Tensor, t: torch.Tensor, reduction: str, grad: torch.Tensor):
+    x = x.detach().requires_grad_()
+    loss = F.cross_entropy(x, t, ignore_index=-100, reduction=reduction)
+    (gx,) = torch.autograd.grad(loss, x, grad)
+    return loss.detach(), gx
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_and_gradient_equal_f_cross_entropy_bitwise(dtype, reduction):
+    """Several blocks (1024 rows of 2048 classes: 16 blocks of 64 rows), every 7th
+    target ignored: loss and logits gradient equal F.cross_entropy's exactly."""
+    torch.manual_seed(0)
+    x = torch.randn(1024, 2048, dtype=dtype)
+    t = torch.randint(0, 2048, (1024,))
+    t[::7] = -100
+    assert rows_per_block(1024, 2048, x.element_size()) < 1024  # really blocked
+    grad = torch.randn(1024, dtype=dtype) if reduction == "none" else torch.tensor(1.7, dtype=dtype)
+    ref_loss, ref_grad = _reference(x, t, reduction, grad)
+
+    xx = x.detach().requires_grad_()
+    loss, _ = torch.ops.memopt.cross_entropy(xx, t, REDUCTIONS[reduction], -100)
+    (gx,) = torch.autograd.grad(loss, xx, grad)
+    assert torch.equal(loss, ref_loss)
+    assert torch.equal(gx, ref_grad)
+
+
+def test_block_policy():
+    """At most 16 blocks, none under 256 KiB, at least one row."""
+    assert rows_per_block(1024, 2048, 4) == 64  # 16 blocks of 512 KiB
+    assert rows_per_block(1024, 16, 4) == 1024  # 64 KiB in all: one block
+    assert rows_per_block(3, 10**6, 4) == 1  # a row over 256 KiB: one row per block
+    assert block_bytes(1024, 2048, 4) == 64 * 2048 * 4
+
+
+def test_backward_holds_blocks_not_logits_sized_buffers():
+    """Backward of a 32 MiB loss: F.cross_entropy's holds the saved log-probabilities
+    and two more logits-sized buffers beyond its result; the blocked op, its result and
+    two blocks of 2 MiB."""
+    torch.manual_seed(0)
+    x = torch.randn(4096, 2048)  # 32 MiB
+    t = torch.randint(0, 2048, (4096,))
+
+    def blocked():
+        xx = x.detach().requires_grad_()
+        loss, _ = torch.ops.memopt.cross_entropy(xx, t, 1, -100)
+        loss.backward()
+
+    def reference():
+        xx = x.detach().requires_grad_()
+        F.cross_entropy(xx, t).backward()
+
+    blocked_peak = measure_peak(blocked).peak_growth_bytes
+    reference_peak = measure_peak(reference).peak_growth_bytes
+    assert reference_peak >= 3 * 32 * MiB
+    assert blocked_peak <= 32 * MiB + 2 * block_bytes(4096, 2048, 4) + MiB
+
+
+def _dynamo_graph(fn, *args) -> fx.GraphModule:
+    graphs: list[fx.GraphModule] = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return graphs[0]
+
+
+@pytest.mark.parametrize(
+    "call, rewritten",
+    [
+        (lambda x, t: F.cross_entropy(x, t), True),
+        (lambda x, t: F.cross_entropy(x, t, ignore_index=3, reduction="sum"), True),
+        (lambda x, t: F.cross_entropy(x, t, None, None, -100, None, "mean", 0.0), True),  # BERT's positional call
+        (lambda x, t: F.cross_entropy(x, t, label_smoothing=0.1), False),
+        (lambda x, t: F.cross_entropy(x, t, weight=torch.ones(8)), False),
+        (lambda x, t: F.cross_entropy(x.view(2, 4, 8).transpose(1, 2), t.view(2, 4)), False),  # (N, C, d)
+        (lambda x, t: F.cross_entropy(x, x.softmax(-1)), False),  # class probabilities
+    ],
+)
+def test_pass_rewrites_exactly_the_calls_it_computes_the_same_way(call, rewritten):
+    x, t = torch.randn(8, 8), torch.randint(0, 8, (8,))
+    gm = _dynamo_graph(call, x, t)
+    assert blocked_cross_entropy(gm.graph) == int(rewritten)
+    gm.recompile()
+    ops = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert (torch.ops.memopt.cross_entropy.default in ops) is rewritten
+    assert (F.cross_entropy in ops) is not rewritten
+    inputs = (x, t)[: len(gm.graph.find_nodes(op="placeholder"))]  # a graph reads only what it uses
+    assert torch.equal(gm(*inputs)[0], call(x, t))
+
+
+def _lm(vocab: int = 512):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(vocab, 64), torch.nn.Linear(64, vocab))
+
+
+def test_compiled_step_equals_eager_and_holds_less():
+    """A tiny LM head (loss over 1024 tokens x 4096 classes, 16 MiB logits) that returns
+    its logits with the loss, as Hugging Face models do, compiled by memopt: loss and
+    gradients equal eager's bit for bit; the pass is on by default, and turning it off
+    (``disable_passes``) costs one more logits-sized buffer at the peak (the saved
+    log-probabilities, next to the logits the caller keeps), less the op's scratch."""
+    vocab = 4096
+    ids = torch.randint(0, vocab, (1024,))
+
+    def run(options):
+        model = _lm(vocab)
+
+        def step(ids):
+            logits = model(ids)
+            return F.cross_entropy(logits, ids), logits
+
+        fn = step if options is None else torch.compile(step, backend="memopt", options=options)
+        torch._dynamo.reset()
+        with memopt.record() as explanation:
+            loss, _ = fn(ids)
+            loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        for p in model.parameters():
+            p.grad = None
+
+        def user_step():
+            out = fn(ids)  # the logits stay alive through backward
+            out[0].backward()
+
+        peak = measure_peak(user_step).peak_growth_bytes
+        return loss.detach(), grads, peak, explanation
+
+    eager_loss, eager_grads, _, _ = run(None)
+    loss, grads, peak, explanation = run({"codegen": "eager", "strict": True})
+    _, _, unblocked_peak, _ = run({"codegen": "eager", "strict": True, "disable_passes": ["blocked_cross_entropy"]})
+    assert torch.equal(loss, eager_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, eager_grads))
+    records = [r for region in explanation.regions for r in region.passes if r.name == "blocked_cross_entropy"]
+    assert records and records[0].details["losses"] == 1
+    estimate = explanation.timeline().peak_growth_bytes  # the op's blocks are in the model
+    assert estimate == pytest.approx(peak, rel=0.02), (estimate, peak)
+    # One logits-sized buffer less (16 MiB), less the op's two blocks of scratch.
+    assert unblocked_peak - peak >= 16 * MiB - 2 * block_bytes(1024, vocab, 4)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_hugging_face_loss_and_gradients_unchanged_bitwise(family):
+    """A default-config Hugging Face model (train mode; Llama's loss is
+    ``ForCausalLMLoss``, BERT's ``F.cross_entropy`` called positionally) compiled with
+    and without the pass: the same loss and gradients, bit for bit, and the pass did
+    replace the loss."""
+    pytest.importorskip("transformers")
+    from memopt.testing.hf import build
+
+    def run(disable):
+        model, inputs = build(family, batch=2, seq=32)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "disable_passes": disable})
+        torch.manual_seed(1)
+        with memopt.record() as explanation:
+            loss = compiled(**inputs).loss
+            loss.backward()
+        replaced = sum(
+            r.details.get("losses", 0) for region in explanation.regions for r in region.passes
+            if r.name == "blocked_cross_entropy"
+        )
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, replaced
+
+    loss, grads, replaced = run([])
+    ref_loss, ref_grads, _ = run(["blocked_cross_entropy"])
+    assert replaced == 1
+    assert torch.equal(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    assert all(torch.equal(grads[n], ref_grads[n]) for n in grads), [n for n in grads if not torch.equal(grads[n], ref_grads[n])]
