@@ -190,3 +190,18 @@ def test_hugging_face_loss_and_gradients_unchanged_bitwise(family):
     assert torch.equal(loss, ref_loss)
     assert grads.keys() == ref_grads.keys()
     assert all(torch.equal(grads[n], ref_grads[n]) for n in grads), [n for n in grads if not torch.equal(grads[n], ref_grads[n])]
+
+
+@pytest.mark.inductor
+def test_inductor_codegen_keeps_the_loss_as_written():
+    """Under ``codegen="inductor"`` the pass changes nothing: Inductor's own loss kernels
+    hold no log-probabilities (docs/memory.md, "The loss")."""
+    model = _lm(1024)
+    ids = torch.randint(0, 1024, (256,))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda ids: F.cross_entropy(model(ids), ids), backend="memopt", options={"codegen": "inductor"})
+    with memopt.record() as explanation:
+        compiled(ids).backward()
+    (record,) = [r for region in explanation.regions for r in region.passes if r.name == "blocked_cross_entropy"]
+    assert record.status == "ran" and not record.modified and "inductor" in record.details["why"]
+    assert "memopt.cross_entropy" not in explanation.graph_code("forward")
