@@ -34,6 +34,9 @@ from memopt.passes.base import Pass, PassContext, PassResult
 __all__ = ["BlockedCrossEntropy", "blocked_cross_entropy"]
 
 _SIGNATURE = inspect.signature(F.cross_entropy)
+_ENTER_AUTOCAST = torch.amp.autocast_mode._enter_autocast
+_EXIT_AUTOCAST = torch.amp.autocast_mode._exit_autocast
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
 _UNCHANGED_DEFAULTS = {"weight": None, "size_average": None, "reduce": None, "label_smoothing": 0.0}
 
 
@@ -64,12 +67,39 @@ def _call(node: fx.Node) -> dict[str, Any] | None:
     return arguments
 
 
+def _in_autocast(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes between an ``torch.autocast`` block's enter and exit in ``graph``."""
+    inside, depth = set(), 0
+    for node in graph.nodes:
+        if node.target is _ENTER_AUTOCAST:
+            depth += 1
+        elif node.target is _EXIT_AUTOCAST:
+            depth = max(depth - 1, 0)
+        elif depth:
+            inside.add(node)
+    return inside
+
+
+def _autocast_enabled() -> bool:
+    """An ambient ``torch.autocast`` is on (for any device type) while compiling."""
+    for device in _AUTOCAST_DEVICES:
+        try:
+            if torch.is_autocast_enabled(device):
+                return True
+        except RuntimeError:  # a device type this build does not know
+            continue
+    return False
+
+
 def blocked_cross_entropy(graph: fx.Graph) -> int:
     """Replace every eligible ``F.cross_entropy`` call of a Dynamo-level ``graph`` by
-    ``memopt::cross_entropy`` (and a ``getitem`` of its loss); return how many."""
+    ``memopt::cross_entropy`` (and a ``getitem`` of its loss); return how many. Calls
+    inside a ``torch.autocast`` block are left as written: autocast runs the loss's
+    ATen ops in fp32, and the op would run in the logits' dtype."""
     replaced = 0
+    autocast = _in_autocast(graph)
     for node in list(graph.nodes):
-        arguments = _call(node)
+        arguments = None if node in autocast else _call(node)
         if arguments is None:
             continue
         x, target = arguments["input"], arguments["target"]
@@ -100,7 +130,9 @@ class BlockedCrossEntropy(Pass):
     (``single_graph_name == "dynamo"``) with Dynamo's example values on its nodes.
 
     Guarantees: with ``codegen="eager"``, each call with (N, C) floating logits, (N,) integer targets, no class
-    weights and no label smoothing is replaced; the loss is the same bit for bit, and so
+    weights and no label smoothing is replaced, unless a ``torch.autocast`` (a block in
+    the graph, or one around the compiled call) would change its dtype; the loss is the
+    same bit for bit, and so
     is the logits' gradient; autograd then saves the logits instead of the
     log-probabilities, and no step holds more than two blocks of them beyond its
     result. Other calls are left as written.
@@ -121,6 +153,8 @@ class BlockedCrossEntropy(Pass):
             )
         if ctx.config.codegen == "inductor":
             return PassResult.unchanged(why="codegen='inductor' fuses the loss's kernels itself")
+        if _autocast_enabled():
+            return PassResult.unchanged(why="compiled under torch.autocast, which computes the loss in fp32")
         replaced = blocked_cross_entropy(step.forward.graph)
         if not replaced:
             return PassResult.unchanged(losses=0)

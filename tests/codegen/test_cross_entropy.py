@@ -205,3 +205,29 @@ def test_inductor_codegen_keeps_the_loss_as_written():
     (record,) = [r for region in explanation.regions for r in region.passes if r.name == "blocked_cross_entropy"]
     assert record.status == "ran" and not record.modified and "inductor" in record.details["why"]
     assert "memopt.cross_entropy" not in explanation.graph_code("forward")
+
+
+def test_losses_under_autocast_are_left_as_written():
+    """Autocast computes the loss's ATen ops in fp32 from bf16 logits; the op would keep
+    bf16. So a loss inside a ``torch.autocast`` block, or a call compiled under an
+    ambient autocast, is not replaced, and the loss equals eager autocast's."""
+    model = _lm(512)
+    ids = torch.randint(0, 512, (64,))
+
+    def inside(ids):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.cross_entropy(model(ids), ids)
+
+    def plain(ids):
+        return F.cross_entropy(model(ids), ids)
+
+    for fn, ambient in ((inside, False), (plain, True)):
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, backend="memopt", options={"codegen": "eager", "strict": True})
+        with memopt.record() as explanation, torch.autocast("cpu", dtype=torch.bfloat16, enabled=ambient):
+            loss = compiled(ids)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ambient):
+                want = fn(ids)
+        assert "memopt.cross_entropy" not in explanation.graph_code("forward")
+        assert loss.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(loss, want)
