@@ -132,17 +132,16 @@ _QUANTIZE = torch.ops.memopt.quantize_blockwise.default
 _DEQUANTIZE = torch.ops.memopt.dequantize_blockwise.default
 
 
-def _cross_entropy_blocks(node: fx.Node, blocks: int) -> int:
-    # memopt::cross_entropy holds one block of log-probabilities and, for the whole
-    # op, the (N, 1) column of picked ones and the (N,) targets it reduces over; its
-    # backward a block of log-probabilities and one of their gradient
-    # (memopt.codegen.cross_entropy).
-    x = meta.fake_value(node.args[1] if blocks == 2 else node.args[0])
+def _cross_entropy_scratch(node: fx.Node, forward: bool) -> int:
+    # memopt::cross_entropy and its backward hold one block of log-probabilities;
+    # the forward also, for the whole op, the (N, 1) column of picked ones and the (N,)
+    # targets it reduces over (memopt.codegen.cross_entropy).
+    x = meta.fake_value(node.args[0] if forward else node.args[1])
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         return 0
     rows, classes = concrete_int(x.shape[0]), concrete_int(x.shape[1])
-    per_op = 0 if blocks == 2 else rows * (x.element_size() + 2 * 8)
-    return blocks * _cross_entropy.block_bytes(rows, classes, x.element_size()) + per_op
+    per_op = rows * (x.element_size() + 2 * 8) if forward else 0
+    return _cross_entropy.block_bytes(rows, classes, x.element_size()) + per_op
 
 
 _CROSS_ENTROPY = torch.ops.memopt.cross_entropy.default
@@ -150,8 +149,8 @@ _CROSS_ENTROPY_BACKWARD = torch.ops.memopt.cross_entropy_backward.default
 # memopt's own ops allocate their scratch through the device's allocator on every
 # device, and Inductor calls them as extern kernels: one rule everywhere.
 _OWN: dict[Any, Callable[[fx.Node], int]] = {
-    _CROSS_ENTROPY: lambda n: _cross_entropy_blocks(n, 1),
-    _CROSS_ENTROPY_BACKWARD: lambda n: _cross_entropy_blocks(n, 2),
+    _CROSS_ENTROPY: lambda n: _cross_entropy_scratch(n, forward=True),
+    _CROSS_ENTROPY_BACKWARD: lambda n: _cross_entropy_scratch(n, forward=False),
 }
 
 _CPU: dict[Any, Callable[[fx.Node], int]] = {

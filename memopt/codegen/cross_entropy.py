@@ -20,9 +20,9 @@ a time::
 ``input`` is ``(N, C)`` floating point, ``target`` ``(N,)`` class indices; ``reduction``
 is ATen's enum (0 none, 1 mean, 2 sum); no class weights, no label smoothing. Autograd
 saves ``input``, ``target`` and ``total_weight`` (a language model returns its logits,
-so they are alive anyway), not the log-probabilities. The forward holds one block of
-log-probabilities at a time; the backward one block of log-probabilities and one of
-their gradient, and writes each block of the result in place.
+so they are alive anyway), not the log-probabilities. Forward and backward each hold
+one block of log-probabilities at a time; the backward computes each block of the
+result in the result's own rows.
 
 **Same numbers, bit for bit.** Each block runs the very ATen kernels the unblocked
 loss runs (``_log_softmax``, ``nll_loss_backward``, ``_log_softmax_backward_data``),
@@ -59,8 +59,7 @@ def rows_per_block(rows: int, classes: int, element_size: int) -> int:
 
 
 def block_bytes(rows: int, classes: int, element_size: int) -> int:
-    """Bytes of one block of log-probabilities (the ops' scratch is one block forward,
-    two backward)."""
+    """Bytes of one block of log-probabilities (the ops' scratch: one block each)."""
     return rows_per_block(rows, classes, element_size) * max(int(classes), 1) * element_size
 
 
@@ -113,7 +112,7 @@ def cross_entropy_backward(
     grad: torch.Tensor, input: torch.Tensor, target: torch.Tensor, total_weight: torch.Tensor, reduction: int, ignore_index: int
 ) -> torch.Tensor:
     """The gradient of `cross_entropy`'s loss with respect to ``input``, a block of rows
-    at a time, each block written into the result in place."""
+    at a time, each computed in the result's rows."""
     _check(input, target, reduction)
     n, c = input.shape
     step = rows_per_block(n, c, input.element_size())
@@ -122,9 +121,13 @@ def cross_entropy_backward(
         block = slice(start, start + step)
         logp = aten._log_softmax(input[block], 1, False)
         g = grad if grad.dim() == 0 else grad[block]
-        g_logp = aten.nll_loss_backward(g, logp, target[block], None, reduction, ignore_index, total_weight)
-        aten._log_softmax_backward_data.out(g_logp, logp, 1, input.dtype, out=out[block])
-        del logp, g_logp
+        # The log-probabilities' gradient is scattered into the result's rows, then
+        # the log-softmax backward overwrites it there, element by element (as memopt's
+        # eager codegen runs it: memopt.analysis.eager_inplace).
+        rows = out[block]
+        aten.nll_loss_backward.grad_input(g, logp, target[block], None, reduction, ignore_index, total_weight, grad_input=rows)
+        aten._log_softmax_backward_data.out(rows, logp, 1, input.dtype, out=rows)
+        del logp
     return out
 
 
