@@ -134,7 +134,7 @@ class BlockedCrossEntropy(Pass):
     the graph, or one around the compiled call) would change its dtype; the loss is the
     same bit for bit, and so
     is the logits' gradient; autograd then saves the logits instead of the
-    log-probabilities, and no step holds more than two blocks of them beyond its
+    log-probabilities, and no step holds more than one block of them beyond its
     result. Other calls are left as written.
 
     Ordering: pre-autograd, after ``precision`` (which gives the loss fp32 inputs and
