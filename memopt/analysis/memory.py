@@ -618,11 +618,12 @@ def compose_timelines(
         if step.input_kind(i) == "activation"
     }
     kept_positions = list(kept_outputs or [None] * len(regions))
+    sources = list(input_sources or [{}] * len(regions))
     already_live = {  # activation inputs that are outputs the caller keeps
         ph
         for j, (step, _) in enumerate(regions)
         for pos, ph in enumerate(step.forward.graph.find_nodes(op="placeholder"))
-        if _kept_source((input_sources or [{}] * len(regions))[j].get(pos), kept_positions, j)
+        if _kept_source(sources[j].get(pos), kept_positions, j)
     }
     opt_len = [sum(1 for p in t.points if p.graph == OPTIMIZER_GRAPH) for t in parts]
     fw_len = [sum(1 for p in t.points if p.graph not in ("backward", OPTIMIZER_GRAPH)) for t in parts]

@@ -11,8 +11,8 @@ With ``codegen="inductor"`` the pass does nothing: Inductor generates the loss's
 kernels itself (it recomputes the log-probabilities in the backward's fused kernel and
 never writes ``nll_loss_backward``'s tensor), so its loss already holds no more than
 the logits and their gradient, and the op's blocks would only add scratch (measured on
-default-config Llama and BERT: 1 MiB more at the unbudgeted peak, the budgeted floors
-unchanged; docs/memory.md).
+default-config Llama and BERT with the op's earlier two-block backward: 1 MiB more at
+the unbudgeted peak, the budgeted floors unchanged; docs/memory.md).
 """
 
 from __future__ import annotations
@@ -129,13 +129,12 @@ class BlockedCrossEntropy(Pass):
     Preconditions: ``step`` is the Dynamo-level graph of a region
     (``single_graph_name == "dynamo"``) with Dynamo's example values on its nodes.
 
-    Guarantees: with ``codegen="eager"``, each call with (N, C) floating logits, (N,) integer targets, no class
-    weights and no label smoothing is replaced, unless a ``torch.autocast`` (a block in
-    the graph, or one around the compiled call) would change its dtype; the loss is the
-    same bit for bit, and so
-    is the logits' gradient; autograd then saves the logits instead of the
-    log-probabilities, and no step holds more than one block of them beyond its
-    result. Other calls are left as written.
+    Guarantees: with ``codegen="eager"``, each call with (N, C) floating logits, (N,)
+    integer targets, no class weights and no label smoothing is replaced, unless a
+    ``torch.autocast`` (a block in the graph, or one around the compiled call) would
+    change its dtype. The loss and the logits' gradient are the same bit for bit;
+    autograd saves the logits instead of the log-probabilities, and no step holds more
+    than one block of them beyond its result. Other calls are left as written.
 
     Ordering: pre-autograd, after ``precision`` (which gives the loss fp32 inputs and
     recognizes ``F.cross_entropy`` by name). Eager codegen only (see the module's

@@ -83,7 +83,7 @@ def numerics_changing(config: MemoptConfig | None = None) -> frozenset[str]:
     return frozenset(p.name for p in pre_autograd_pipeline(config) + default_pipeline(config) if not p.numerics_preserving)
 
 
-# -- the pre-autograd stage (precision lowering, the blocked loss) -----------------------------------
+# -- the pre-autograd stage (precision lowering, the blocked loss) -----------------
 
 
 def pre_autograd_pipeline(config: MemoptConfig) -> list[Pass]:
