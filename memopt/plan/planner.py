@@ -9,9 +9,10 @@ pass carries out.
 Where saved values wait for backward (compressed, offloaded: `memopt.plan.storage`)
 is decided here too, so this is the one place the budget is enforced: without a
 budget the storage options apply to every eligible value; with one, the
-rematerialization planner is run a second time with each candidate's storage plan,
-and that plan is taken when exact rematerialization cannot meet the budget or needs
-more modelled time. Whether such a plan meets the budget is checked on the exact
+rematerialization planner is run again with each candidate's storage plan (once per
+storage option set: both, offload alone, compression alone, the cheapest kept), and
+that plan is taken when exact rematerialization cannot meet the budget or needs more
+modelled time. Whether such a plan meets the budget is checked on the exact
 timeline after the passes (`check_final_budget`).
 """
 
@@ -76,14 +77,9 @@ def plan_region(
         return _infeasible_inference(plan, in_step, budget, config)
     limit = config.planner_time_limit
     solution = plan_remat(step, budget, time_limit=limit, context=context)
-    exact_needs_work = not solution.feasible or solution.evaluation.recompute_flops > 0
-    if use_storage and exact_needs_work:
-        options: StorageOptions = storage  # type: ignore[assignment]
-
-        def storage_plan(candidate: StepGraphs, timeline: MemoryTimeline) -> StoragePlan:
-            return plan_storage(candidate, timeline, options, budget, place=lambda t: placed(context, candidate, t))
-
-        stored = plan_remat(step, budget, time_limit=limit, storage=storage_plan, context=context)
+    option_sets = _option_sets(storage, exact=solution) if use_storage else []  # type: ignore[arg-type]
+    if option_sets:
+        stored = min((_plan_with_storage(step, budget, o, limit, context) for o in option_sets), key=_storage_rank)
         if _prefer_stored(stored, solution):
             result = _remat_plan(plan, step, stored, budget)
             note = _storage_note(stored, solution)
@@ -121,6 +117,44 @@ _STORAGE = "storage"
 """``MemoryPlan.solver`` key of a plan that holds saved values elsewhere."""
 _STORAGE_REPORT = "storage_considered"
 """The same summary, for a plan that considered it and kept every value."""
+
+
+def _option_sets(options: StorageOptions, exact: RematSolution) -> list[StorageOptions]:
+    """The storage options to plan with, each set searched on its own: both
+    (compression and offload) and then each alone when both are enabled. One search
+    cannot stand in for the three: the rematerialization planner builds its option
+    tables from evaluations that each carry their storage plan, so enabling
+    compression changes which saved sets the MILP proposes, and a plan the
+    offload-only search finds may never be evaluated by the combined one.
+
+    When the exact plan fits recomputing no FLOPs (copies and views only), only
+    lossless storage (offload) may replace it: compression would round gradients to
+    save microseconds. Even such a plan costs time, so offload is still tried."""
+    sets = [options]
+    if options.compress is not None and options.offload is not None:
+        sets += [dataclasses.replace(options, compress=None), dataclasses.replace(options, offload=None)]
+    if exact.feasible and exact.evaluation.recompute_flops == 0:
+        sets = [s for s in sets if s.compress is None]
+    return sets
+
+
+def _plan_with_storage(
+    step: StepGraphs, budget: int, options: StorageOptions, limit: float, context: StepContext | None
+) -> RematSolution:
+    """The rematerialization planner's answer when every candidate's saved values may
+    be held as ``options`` allow (`plan_storage` on the candidate's timeline)."""
+
+    def storage_plan(candidate: StepGraphs, timeline: MemoryTimeline) -> StoragePlan:
+        return plan_storage(candidate, timeline, options, budget, place=lambda t: placed(context, candidate, t))
+
+    return plan_remat(step, budget, time_limit=limit, storage=storage_plan, context=context)
+
+
+def _storage_rank(solution: RematSolution) -> tuple[bool, float]:
+    """Order of preference among storage-aware plans: feasible first, then the least
+    modelled time; among infeasible ones the smallest peak."""
+    evaluation = solution.evaluation
+    return (not solution.feasible, evaluation.seconds if solution.feasible else evaluation.timeline.peak_bytes)
 
 
 def _prefer_stored(stored: RematSolution, exact: RematSolution) -> bool:
