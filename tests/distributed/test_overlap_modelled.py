@@ -152,3 +152,25 @@ def test_gathers_keep_their_starting_order():
     assert list(prefetch_gathers(gm.graph, 2, clock=clock).values()) == [0, 1, 2]
     gm.recompile()
     assert _starts_in_wait_order(gm.code)
+
+
+def test_report_shows_the_exposed_time(fake_world, network):
+    """`md.report`'s collectives table gives each kind's modelled exposed time in the
+    final graphs: on the fast network only the first gather's (nothing starts before
+    it), one layer's share of the forward's gathers; with ``collective_prefetch=0``
+    (waited where traced) all of it."""
+    import memopt
+    from memopt.distributed.report import collectives
+
+    network(FAST)
+
+    def forward_gathers(prefetch: int) -> object:
+        torch._dynamo.reset()
+        options = {"codegen": "eager", "strict": True, "collective_bucket_bytes": LAYER_BYTES, "collective_prefetch": prefetch}
+        rows = collectives(memopt.explain(_layers(), torch.randn(2, 64), options=options))
+        return next(r for r in rows if (r.graph, r.kind) == ("forward", "all_gather"))
+
+    overlapped, traced = forward_gathers(PREFETCH), forward_gathers(0)
+    assert overlapped.count == traced.count == LAYERS
+    assert overlapped.exposed == pytest.approx(overlapped.seconds / LAYERS)
+    assert traced.exposed == pytest.approx(traced.seconds)
