@@ -22,12 +22,16 @@ collectives (as FSDP2 moves them a fixed distance):
   all-reduces are one sequence in graph order, so a mixed graph (a 0-dimensional
   parameter's all-reduce among stage 3's reduce-scatters) keeps its reductions' order.
 
-A collective moved fewer places than ``collective_prefetch`` holds its buffers for a
-shorter time (a gather's buffer is allocated where it starts, a reduction's input is
-freed at its wait; nothing is freed later for it), so the modelled choice never
-raises the estimated peak over moving every collective ``collective_prefetch``
-places. The choice is greedy, one collective at a time in order (all-gathers, then
-the reductions, graph by graph), each against the graph as the ones before it left it.
+A collective moved fewer places than it could holds its buffers for a shorter time: a
+gather's buffer (and its concatenation of shards) is allocated later, a reduction's
+input is freed sooner at its wait. So the modelled choice holds those buffers no
+longer than moving each collective the whole bound would (the memory timeline, and
+under a budget the guard, check the step either way;
+`tests/distributed/test_overlap_modelled.py`). The first gathers, with fewer than
+``collective_prefetch`` gathers before them, move as far as they can (the distance
+counted in collectives left them in place). The choice is greedy, one collective at a
+time in order (all-gathers, then the reductions, graph by graph), each against the
+graph as the ones before it left it.
 
 Only the graph order changes. The memory timeline sees the consequences: a gather's
 buffer is allocated where it now starts, and a collective's input stays live until its
