@@ -1,7 +1,8 @@
 """``overlap_collectives`` moves each collective as far as its modelled time needs
 (`memopt.analysis.collective_time`), at most ``collective_prefetch`` places: the full
 distance on a slow network, one place on a fast one, and a step that holds fewer
-gathered buffers for it. Fake 8-rank world (one process); the network's speed is the
+gathered buffers for it; the clock's FIFO link, the gathers' starting order, and
+`md.report`'s exposed time. Fake 8-rank world (one process); the network's speed is the
 device model's (`memopt.analysis.cost`), set per test. Bitwise numerics of the moves on
 2 gloo ranks: test_shard_ranks.py::test_collective_passes_are_bitwise_exact."""
 
