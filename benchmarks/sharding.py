@@ -8,6 +8,7 @@
     PYTHONPATH=. .venv/bin/python benchmarks/sharding.py --rows explain      # fake 8-rank world, 1B Llama
     PYTHONPATH=. .venv/bin/python benchmarks/sharding.py --rows allreduce --ranks 8 --stages 0,1 --fake
     PYTHONPATH=. .venv/bin/python benchmarks/sharding.py --rows allreduce --ranks 2 --stages 0,1 --time-steps 7
+    PYTHONPATH=. .venv/bin/python benchmarks/sharding.py --rows overlap --ranks 2 --fake
 
 Rows (each prints a Markdown table):
 
@@ -41,6 +42,10 @@ Rows (each prints a Markdown table):
   gradients' all-reduces bucketed (default cap) and not: all-reduces per step, the
   estimated peak, whether one step's gradients are bit for bit equal, and on gloo
   ranks the median step time of ``--time-steps`` steps (the variants taking turns).
+* ``overlap``: stage 3 compiled by memopt at each ``--prefetch`` bound
+  (``collective_prefetch``), without a budget and at ``--peak-budget``: the estimated
+  peak, the collectives ``overlap_collectives`` moved at each distance, and the
+  modelled network and exposed time of the step's collectives.
 * ``explain``: one process, a fake 8-rank process group, a ~1B-parameter Llama config
   built on the meta device and sharded there (stage 3): wall time of `memopt.explain`
   and the per-rank estimate.
@@ -329,11 +334,18 @@ def allreduce_row(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def print_allreduce(world: int, ranks: list[dict[str, Any]], fake: bool) -> None:
+def print_head(title: str, world: int, fake: bool, columns: str, align: str) -> None:
+    """A table's title (``title``, where it ran, memopt with eager codegen) and header."""
     where = f"fake {world}-rank world" if fake else f"{world} gloo ranks"
-    print(f"\n**all-reduces per step and rank, {where}, memopt (eager codegen)**\n")
-    print("| model / stage | unbucketed | bucketed (4 MiB) | estimated peak, unbucketed / bucketed | grads bitwise equal | step time, bucketed / unbucketed |")
-    print("|---|---:|---:|---|---|---:|")
+    print(f"\n**{title}, {where}, memopt (eager codegen)**\n")
+    print(columns)
+    print(align)
+
+
+def print_allreduce(world: int, ranks: list[dict[str, Any]], fake: bool) -> None:
+    print_head("all-reduces per step and rank", world, fake,
+               "| model / stage | unbucketed | bucketed (4 MiB) | estimated peak, unbucketed / bucketed | grads bitwise equal | step time, bucketed / unbucketed |",
+               "|---|---:|---:|---|---|---:|")  # fmt: skip
     for key, info in ranks[0].items():
         if key == "rank":
             continue
@@ -343,8 +355,56 @@ def print_allreduce(world: int, ranks: list[dict[str, Any]], fake: bool) -> None
         print(f"| {key} | {off['all_reduce']} | {on['all_reduce']} | {mb(off['estimate'])} / {mb(on['estimate'])} | {equal} | {ratio} |")
 
 
+def overlap_row(args: argparse.Namespace) -> dict[str, Any]:
+    """Stage 3 compiled by memopt at each ``--prefetch`` bound, without a budget and at
+    ``--peak-budget``: the estimated peak, how many collectives ``overlap_collectives``
+    moved each distance, and the modelled network and exposed seconds of the final
+    graphs' collectives (`memopt.analysis.collective_time`, the device model's network)."""
+    import memopt
+    import memopt.distributed as md
+    from memopt.analysis.collective_time import CollectiveClock
+    from memopt.analysis.cost import device_model
+    from memopt.analysis.memory import main_device
+
+    out: dict[str, Any] = {}
+    for family in args.models:
+        base = build(family)
+        data = rank_rows(global_batch(base, args.batch, args.seq, 0))
+        for prefetch, budget in [(p, b) for b in (None, args.peak_budget) for p in args.prefetch]:
+            torch._dynamo.reset()
+            options: dict[str, Any] = {"collective_prefetch": prefetch} | ({} if budget is None else {"memory_budget": budget})
+            compiled = memopt_compile(md.shard(copy.deepcopy(base), stage=3), **options)
+            with memopt.record() as explanation, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                compiled(**data).loss.backward()
+            distances: dict[int, int] = {}
+            network = exposed = 0.0
+            for region in explanation.step_regions():
+                record = next((p for p in region.passes if p.name == "overlap_collectives"), None)
+                for kinds in ({} if record is None else record.details.get("distances", {})).values():
+                    for distance, count in [item for by in kinds.values() for item in by.items()]:
+                        distances[int(distance)] = distances.get(int(distance), 0) + count
+                clock = CollectiveClock(device_model(main_device(region.step)))
+                times = [t for _, gm in region.step.graphs() for t in clock.times(gm.graph).values()]
+                network, exposed = network + sum(t.seconds for t in times), exposed + sum(t.exposed for t in times)
+            key = f"{family}, prefetch {prefetch}" + ("" if budget is None else f" @{budget}")
+            out[key] = {"estimate": explanation.estimated_peak_bytes, "distances": dict(sorted(distances.items())),
+                        "network_s": network, "exposed_s": exposed}  # fmt: skip
+    return out
+
+
+def print_overlap(world: int, ranks: list[dict[str, Any]], fake: bool) -> None:
+    print_head("overlap_collectives, stage 3", world, fake,
+               "| model, bound | estimated peak (MiB) | collectives moved per distance | modelled network ms | exposed ms |",
+               "|---|---:|---|---:|---:|")  # fmt: skip
+    for key, info in ranks[0].items():
+        if key != "rank":
+            moved = ", ".join(f"{d}: {n}" for d, n in info["distances"].items())
+            print(f"| {key} | {mb(info['estimate'])} | {moved} | {info['network_s'] * 1e3:.2f} | {info['exposed_s'] * 1e3:.2f} |")
+
+
 ROWS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "state": state_row, "peak": peak_row, "budget": peak_row, "allreduce": allreduce_row,
+    "state": state_row, "peak": peak_row, "budget": peak_row, "allreduce": allreduce_row, "overlap": overlap_row,
 }
 
 
@@ -387,7 +447,7 @@ def on_ranks(row: str, world: int, args: argparse.Namespace) -> list[dict[str, A
     argv = ["--rank-row", row, "--models", *args.models, "--stages", args.stages,
             "--compile-stages", args.compile_stages, "--steps", str(args.steps), "--batch", str(args.batch),
             "--seq", str(args.seq), "--optimizer", args.optimizer, "--time-steps", str(args.time_steps),
-            "--peak-budget", str(args.peak_budget), "--budgets", *map(str, args.budgets),
+            "--peak-budget", str(args.peak_budget), "--budgets", *map(str, args.budgets), "--prefetch", *map(str, args.prefetch),
             *(["--traced"] if args.traced else [])]  # fmt: skip
     outputs = run_ranks(__file__, argv, world_size=world, timeout=3000)
     return [json.loads(line) for text in outputs for line in text.splitlines() if line.startswith('{"rank"')]
@@ -512,7 +572,7 @@ def explain_row(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="state,peak,budget,explain", help="comma-separated: state, peak, budget, explain")
+    parser.add_argument("--rows", default="state,peak,budget,explain", help="comma-separated: state, peak, budget, allreduce, overlap, explain")
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--models", nargs="+", default=["gpt2", "llama"])
     parser.add_argument("--stages", default="0,1,2,3")
@@ -522,7 +582,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="global batch (split over the ranks)")
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--time-steps", type=int, default=5)
-    parser.add_argument("--peak-budget", type=float, default=0.6, help="memory_budget of the peak row's budgeted variant")
+    parser.add_argument("--peak-budget", type=float, default=0.6, help="memory_budget of the peak and overlap rows' budgeted variants")
+    parser.add_argument("--prefetch", type=int, nargs="+", default=[1, 3], help="overlap row: collective_prefetch bounds")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.6])
     parser.add_argument("--traced", action="store_true",
                         help="peak row: also memopt with its collective passes off (one collective per "
@@ -548,6 +609,8 @@ def main() -> None:
                 print_state(world, ranks, args.optimizer)
             elif row == "allreduce":
                 print_allreduce(world, ranks, args.fake)
+            elif row == "overlap":
+                print_overlap(world, ranks, args.fake)
             else:
                 print_peak(world, ranks, row, args.fake)
             print(f"\n({row}, {world} ranks: {time.perf_counter() - start:.0f} s)", flush=True)

@@ -120,11 +120,14 @@ class MemoptConfig:
     largest halved cap that fits (docs/sharding.md). Exact."""
 
     collective_prefetch: int = 1
-    """How many all-gathers ahead the step fetches parameters (each starts right after
-    the wait of the one this many places before it), and how many reductions
+    """At most how many all-gathers ahead the step fetches parameters (each starts right
+    after the wait of an earlier one), and at most how many reductions
     (reduce-scatters, all-reduces) a gradient's reduction may stay in flight behind.
-    0: every collective is waited right after it starts, as traced. Under
-    ``memory_budget``, each collective moves this far or as far as the budget allows
+    Within that bound each collective moves the fewest places at which the cost
+    model's compute hides its network time (the device model's network bandwidth, one
+    collective at a time per process group), or the whole bound when none does. 0:
+    every collective is waited right after it starts, as traced. Under
+    ``memory_budget``, each collective moves that far or as far as the budget allows
     (docs/sharding.md). Exact."""
 
     # -- the optimizer update inside backward (docs/whole_step.md) ------------------

@@ -15,8 +15,10 @@ Three tables, each for one rank (every rank runs rank 0's plan, so they agree):
   the parameters it holds by module path, its bytes, where its gathered value lives on
   the timeline (forward and backward node indices of the
   planned graphs), and whether the plan frees it after forward and gathers it again;
-* **collectives per step**: count, bytes each rank sends or receives, and modelled time
-  (`memopt.analysis.cost`, the device's network bandwidth) per collective and graph;
+* **collectives per step**: count, bytes each rank sends or receives, modelled time
+  (`memopt.analysis.cost`, the device's network bandwidth) and how much of it compute
+  does not hide (`memopt.analysis.collective_time`: the waits' stalls, in the final
+  order) per collective and graph;
 
 then the planned peak per rank. Preconditions: ``model`` went through `shard`;
 ``explanation`` (optional) is `memopt.explain`'s or `memopt.record`'s for the compiled
@@ -34,6 +36,7 @@ import torch.fx as fx
 import torch.nn as nn
 from tabulate import tabulate
 
+from memopt.analysis.collective_time import CollectiveClock
 from memopt.analysis.cost import device_model, node_cost
 from memopt.analysis.memory import main_device
 from memopt.distributed.memory import model_state_bytes, zero_model_state_bytes
@@ -63,6 +66,9 @@ class CollectiveRow:
     count: int
     bytes_moved: int
     seconds: float
+    exposed: float = 0.0
+    """Of ``seconds`` (and time queued behind other collectives), what blocks compute at
+    the waits (`memopt.analysis.collective_time`)."""
 
 
 @dataclass(frozen=True)
@@ -88,8 +94,10 @@ def collectives(explanation: Any) -> list[CollectiveRow]:
         if record.step is None:
             continue
         device = device_model(main_device(record.step))
+        clock = CollectiveClock(device)
         for graph_name, gm in record.step.graphs():
-            totals: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0])
+            totals: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0, 0.0])
+            times = clock.times(gm.graph)
             for node in gm.graph.nodes:
                 kind = _KINDS.get(str(node.target)) if node.op == "call_function" else None
                 if kind is None:
@@ -99,8 +107,9 @@ def collectives(explanation: Any) -> list[CollectiveRow]:
                 total[0] += 1
                 total[1] += cost.bytes_moved
                 total[2] += cost.seconds
-            for kind, (count, moved, seconds) in sorted(totals.items()):
-                rows.append(CollectiveRow(record.region, graph_name, kind, int(count), int(moved), float(seconds)))
+                total[3] += times[node].exposed if node in times else 0.0
+            for kind, (count, moved, seconds, exposed) in sorted(totals.items()):
+                rows.append(CollectiveRow(record.region, graph_name, kind, int(count), int(moved), float(seconds), float(exposed)))
     return rows
 
 
@@ -215,8 +224,9 @@ def report(model: nn.Module, explanation: Any = None, optimizer: torch.optim.Opt
             "",
             "collectives per step (each rank):",
             tabulate(
-                [[c.region, c.graph, c.kind, c.count, format_bytes(c.bytes_moved), f"{c.seconds * 1e3:.2f}"] for c in found],
-                headers=["region", "graph", "collective", "count", "moved", "modelled ms"],
+                [[c.region, c.graph, c.kind, c.count, format_bytes(c.bytes_moved), f"{c.seconds * 1e3:.2f}", f"{c.exposed * 1e3:.2f}"]
+                 for c in found],
+                headers=["region", "graph", "collective", "count", "moved", "modelled ms", "exposed ms"],
             ),
         ]
     lines += ["", f"planned peak on this rank: {format_bytes(explanation.estimated_peak_bytes)}"]

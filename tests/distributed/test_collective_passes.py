@@ -276,13 +276,13 @@ def test_rejected_moves_are_undone_and_shorter_distances_tried():
     gm = traced()
     code, answers = gm.code, []
     # gather 1 may move 1 place, gather 2 two places then one: three questions
-    assert prefetch_gathers(gm.graph, 2, accept=lambda: answers.append(False) or False) == [0, 0, 0]
+    assert list(prefetch_gathers(gm.graph, 2, accept=lambda: answers.append(False) or False).values()) == [0, 0, 0]
     gm.recompile()
     assert len(answers) == 3 and gm.code == code
 
     gm = traced()
     replies = iter([True, False, True])  # gather 1: one place; gather 2: not two, one
-    assert prefetch_gathers(gm.graph, 2, accept=lambda: next(replies)) == [0, 1, 1]
+    assert list(prefetch_gathers(gm.graph, 2, accept=lambda: next(replies)).values()) == [0, 1, 1]
     gm.recompile()
     starts, waits = _lines(gm.code, "all_gather_into_tensor.default("), _lines(gm.code, "wait_tensor.default(")
     assert starts[1] == waits[0] + 1 and starts[2] == waits[1] + 1
