@@ -23,6 +23,7 @@ from memopt.backends.observe import observe_outputs
 from memopt.backends.record import active_recorders
 from memopt.backends.region import RegionCompiler, describe_inputs
 from memopt.backends.wholestep import CompiledRegion
+from memopt.codegen.eager import DECOMPOSITIONS as EAGER_DECOMPOSITIONS
 from memopt.codegen.eager import compile_eager
 from memopt.codegen.inductor import compile_with_inductor
 from memopt.config import MemoptConfig
@@ -155,5 +156,6 @@ def _aot_compile_region(
         bw_compiler=region.compile_backward,
         inference_compiler=region.compile_inference,
         partition_fn=region.partition,
+        decompositions=EAGER_DECOMPOSITIONS,
         keep_inference_input_mutations=True,
     )(gm, example_inputs)

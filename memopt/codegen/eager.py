@@ -8,6 +8,10 @@ consumed it (as AOTAutograd's ``boxed_nop`` does for ``aot_eager``).
 Before that, the kernels `memopt.analysis.eager_inplace` selects write their result
 into an input read for the last time (their ``out=`` overload), as the memory timeline
 assumes.
+
+AOTAutograd traces a region for this codegen with `DECOMPOSITIONS`: ops whose ATen CPU
+kernel allocates scratch the graph cannot see, traced as the ops that kernel runs, so
+the memory timeline sees every buffer and the in-place writer can run them in place.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch.fx.graph import _BoxedCodeGen
 
@@ -22,7 +27,28 @@ from memopt.analysis.aliasing import analyze_aliasing
 from memopt.analysis.eager_inplace import OUT_VARIANTS, eager_inplace_writes
 from memopt.analysis.memory import last_reads
 
-__all__ = ["compile_eager", "write_in_place"]
+__all__ = ["compile_eager", "write_in_place", "DECOMPOSITIONS"]
+
+aten = torch.ops.aten
+
+
+def _dropout_backward(grad: torch.Tensor, mask: torch.Tensor, scale: float) -> Any:
+    """``native_dropout_backward`` on CPU as its ATen kernel computes it, op for op:
+    ``grad * mask * scale``, so the bits are the same (`tests/test_eager_inplace.py`).
+    As one kernel it holds ``grad * mask`` as scratch (a gradient-sized buffer, the
+    peak of an eager attention's backward with dropout on); as two multiplications
+    the first may write into ``grad`` and the second into the first's result. Other
+    devices keep their fused kernel (``NotImplemented``: not decomposed)."""
+    if grad.device.type != "cpu":
+        return NotImplemented
+    return grad * mask * scale
+
+
+DECOMPOSITIONS: dict[torch._ops.OpOverload, Callable[..., Any]] = {
+    aten.native_dropout_backward.default: _dropout_backward,
+}
+"""Decompositions AOTAutograd applies when tracing a region for eager codegen (module
+docstring)."""
 
 
 def compile_eager(gm: fx.GraphModule, example_inputs: Any = None) -> Callable[[list[Any]], Any]:
