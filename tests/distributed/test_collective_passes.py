@@ -31,7 +31,7 @@ def _collectives(graphs: dict) -> int:
     return sum(graphs["forward"].values()) + sum(graphs["backward"].values())
 
 
-def _tied() -> nn.Module:
+def _tied(stage: int = 3) -> nn.Module:
     class Tied(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -44,7 +44,7 @@ def _tied() -> nn.Module:
             return self.head(torch.relu(self.mid(self.embed(ids))))
 
     torch.manual_seed(0)
-    return md.shard(Tied(), stage=3)
+    return md.shard(Tied(), stage=stage)
 
 
 def _lines(code: str, pattern: str) -> list[int]:
@@ -63,6 +63,27 @@ def test_tied_parameter_is_gathered_once_and_reduced_once(fake_world, graphs_of)
     assert off["forward"]["all_gather_into_tensor"] == on["forward"]["all_gather_into_tensor"] == 3
     assert off["backward"]["reduce_scatter_tensor"] == 4
     assert on["backward"]["reduce_scatter_tensor"] == 3
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_tied_parameter_is_all_reduced_once(fake_world, graphs_of, stage):
+    """Stages 0 and 1 all-reduce the tied embedding's two gradients (the embedding's and
+    the head's) and add the results: with the pass, one all-reduce of their sum, viewed
+    back to the parameter's shape. The add kept the two out of every bucket (a bucketed
+    gradient reaches the output through views only); merged, the tied gradient is
+    bucketed with the others: one all-reduce in all under the default cap, against three
+    without the pass."""
+    ids = torch.randint(0, 32, (2, 5))
+    unbucketed = {"collective_bucket_bytes": 0, "collective_prefetch": 0}
+    off = graphs_of(_tied(stage), ids, disable_passes=["dedupe_collectives"], **unbucketed)
+    on = graphs_of(_tied(stage), ids, **unbucketed)
+    assert off["backward"]["all_reduce"] == 4 and on["backward"]["all_reduce"] == 3  # embed twice, mid's weight, bias
+    assert _all_reduce_sizes(off["backward_code"]).count(32 * 16) == 2 and _all_reduce_sizes(on["backward_code"]).count(32 * 16) == 1
+    assert on["passes"]["dedupe_collectives"].details["reductions_removed"] == 1
+    summed = re.search(r'(\w+): "f32\[32, 16\]" = torch\.ops\.aten\.add\.Tensor\(', on["backward_code"])
+    assert summed and f"all_reduce.default({summed[1]}, 'sum'" in on["backward_code"]  # the sum is reduced
+    assert graphs_of(_tied(stage), ids, disable_passes=["dedupe_collectives"])["backward"]["all_reduce"] == 3
+    assert graphs_of(_tied(stage), ids)["backward"]["all_reduce"] == 1
 
 
 def test_duplicate_all_gathers_of_one_shard_merge():

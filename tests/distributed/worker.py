@@ -320,11 +320,11 @@ def _bitwise(got: list[list[torch.Tensor]], want: list[list[torch.Tensor]], what
 def collectives(args: argparse.Namespace) -> dict[str, Any]:
     """3 SGD steps compiled by memopt, each variant against its reference bit for bit:
 
-    * stage 3, the collective passes on (defaults, and 1 KiB buckets: several buckets,
-      each prefetched) against bucketing and overlap off; merging the tied parameter's
-      reductions reorders its sum, so against no merge at all: rtol 1e-5;
-    * stages 0 and 1 (gradients all-reduced), the same variants against bucketing and
-      overlap off (dedupe has nothing to merge there: it matches reduce-scatters);
+    * stages 3, 0 and 1 (gradients reduce-scattered, then all-reduced), the collective
+      passes on (defaults, and 1 KiB buckets: several buckets, each prefetched) against
+      bucketing and overlap off, bit for bit; merging the tied parameter's two
+      reductions (reduce-scatters at stage 3, all-reduces at 0 and 1) reorders its sum,
+      so against no merge at all: rtol 1e-5;
     * stage 3 under ``memory_budget=0.6`` (the budget search's caps and moves; `Deep`:
       no tied parameter, so dedupe changes nothing) against the same budget with every
       collective pass off, bit for bit."""
@@ -338,11 +338,11 @@ def collectives(args: argparse.Namespace) -> dict[str, Any]:
             steps, chosen = _train(stage, options, rank, world)
             _bitwise(steps, reference, f"stage {stage} {name}")
             out[f"{stage}/{name}"] = chosen
+        traced, out[f"{stage}/traced"] = _train(stage, {"disable_passes": list(COLLECTIVE_PASSES)}, rank, world)
+        for step, (got, want) in enumerate(zip(reference, traced)):
+            for i, (a, b) in enumerate(zip(got, want)):
+                close(a, b, f"stage {stage} deduped step {step} tensor {i}")
         if stage == 3:
-            traced, _ = _train(stage, {"disable_passes": list(COLLECTIVE_PASSES)}, rank, world)
-            for step, (got, want) in enumerate(zip(reference, traced)):
-                for i, (a, b) in enumerate(zip(got, want)):
-                    close(a, b, f"deduped step {step} tensor {i}")
             out["losses"] = [float(r[0]) for r in steps]
     budget = {"memory_budget": 0.6}
     steps, out["3/budget"] = _train(3, budget, rank, world, Deep)
