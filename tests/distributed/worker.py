@@ -285,8 +285,9 @@ def _train(
     stage: int, options: dict[str, Any], rank: int, world: int, model_cls: type[nn.Module] = Tiny,
 ) -> tuple[list[list[torch.Tensor]], dict[str, Any]]:
     """3 SGD steps of ``model_cls`` at ``stage`` compiled by memopt with ``options``:
-    each step's loss and full gradients, and what ``bucket_collectives`` and
-    ``overlap_collectives`` recorded (caps, distances) in the first compile."""
+    each step's loss and full gradients, what ``bucket_collectives`` and
+    ``overlap_collectives`` recorded (caps, distances) in the first compile, and its
+    backward's all-reduces (all, and those reduced in place)."""
     import memopt
 
     torch.manual_seed(0)
@@ -303,10 +304,13 @@ def _train(
             steps.append([loss.detach()] + [full(p.grad) for p in model.parameters()])
             opt.step(), opt.zero_grad()
     records = {p.name: p.details for p in explanation.region(0).passes if p.name in COLLECTIVE_PASSES[1:]}
+    backward = explanation.region(0).graph_code("backward")
+    in_place = backward.count("_c10d_functional.all_reduce_.default(")  # a bucket's (`bucket_collectives`)
     chosen = {
         "caps": records.get("bucket_collectives", {}).get("caps"),
         "distances": records.get("overlap_collectives", {}).get("distances"),
-        "all_reduces": explanation.region(0).graph_code("backward").count("_c10d_functional.all_reduce.default("),
+        "all_reduces": backward.count("_c10d_functional.all_reduce.default(") + in_place,
+        "in_place": in_place,
     }
     return steps, chosen
 
