@@ -114,6 +114,7 @@ _COLLECTIVES = {
     "_c10d_functional.all_gather_into_tensor.default": "out",
     "_c10d_functional.reduce_scatter_tensor.default": "in",
     "_c10d_functional.all_reduce.default": "both",
+    "_c10d_functional.all_reduce_.default": "both",
 }
 """Functional collectives, and which side's size the data moved per rank is
 measured on (ring algorithms; an all-reduce moves twice its size)."""

@@ -53,6 +53,7 @@ _KINDS = {
     "_c10d_functional.all_gather_into_tensor.default": "all_gather",
     "_c10d_functional.reduce_scatter_tensor.default": "reduce_scatter",
     "_c10d_functional.all_reduce.default": "all_reduce",
+    "_c10d_functional.all_reduce_.default": "all_reduce",
 }
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "ALL_GATHER",
     "REDUCE_SCATTER",
     "ALL_REDUCE",
+    "ALL_REDUCE_INPLACE",
     "WAIT",
     "is_all_gather",
     "is_reduce_scatter",
@@ -34,6 +35,10 @@ ALL_GATHER = _c10d.all_gather_into_tensor.default
 ALL_GATHER_OUT = _c10d.all_gather_into_tensor_out.default
 REDUCE_SCATTER = _c10d.reduce_scatter_tensor.default
 ALL_REDUCE = _c10d.all_reduce.default
+ALL_REDUCE_INPLACE = _c10d.all_reduce_.default
+"""Reduces its input in place and returns it (waited like the functional one): memopt
+puts it only on a buffer private to the collective (`bucket_collectives`' concatenation
+of a bucket's gradients), which nothing else reads."""
 WAIT = _c10d.wait_tensor.default
 
 
@@ -46,7 +51,8 @@ def is_reduce_scatter(node: fx.Node) -> bool:
 
 
 def is_all_reduce(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is ALL_REDUCE
+    """A functional all-reduce, or the in-place one (`ALL_REDUCE_INPLACE`)."""
+    return node.op == "call_function" and node.target in (ALL_REDUCE, ALL_REDUCE_INPLACE)
 
 
 def is_reduction(node: fx.Node) -> bool:

@@ -12,8 +12,8 @@ never amortize. This pass merges runs of them into buckets of at most
                     -> split(dim 1) -> each piece's rows (a copy: rank-major rows)
     reduce-scatter: each gradient viewed (world, -1) -> cat(dim 1) -> reduce_scatter
                     -> wait -> split -> views of the shards
-    all-reduce:     cat(flat gradients) -> all_reduce -> wait -> split -> views of
-                    the gradients
+    all-reduce:     cat(flat gradients) -> all_reduce_ (in place, on the cat) -> wait
+                    -> split -> views of the gradients
 
 What is torch's (`torch/_inductor/fx_passes/bucketing.py`, private API, pinned by
 ``tests/distributed/test_collective_passes.py``):
@@ -31,7 +31,19 @@ What is torch's (`torch/_inductor/fx_passes/bucketing.py`, private API, pinned b
 * which reductions are a parameter's gradient's (``fsdp.is_fsdp_reduce_scatter_wait``,
   for all-reduces too: the result reaches the graph's outputs through unary ops only).
 
-What is memopt's: the all-gather merge function. torch's (``all_gather_merge_fn_to_trace``)
+What is memopt's: the all-reduce made in place (`reduce_in_place`). torch's merge
+traces the functional ``all_reduce``, whose result is a new buffer: the concatenation
+(read by the process group) and the result would both be live until the wait, the
+bucket held twice while in flight. The concatenation is the bucket's own (nothing else
+reads it), so memopt rewrites that one all-reduce to ``all_reduce_``, which reduces it
+and returns it: the same elementwise sum, held once. memopt's analyses read it from the
+schema (``Tensor(a!)``: the result aliases the input, `memopt.analysis.aliasing`; a
+mutation, kept by ``dce``, `memopt.graph.meta.has_side_effects`), and Inductor lowers it
+as it is (``comm_lowering``; the functional one it lowers to the same call on a copy,
+which its buffer reuse elided in the graphs checked, so under Inductor the generated
+code is the same and only memopt's estimate changes).
+
+And the all-gather merge function. torch's (``all_gather_merge_fn_to_trace``)
 gathers into a preallocated buffer (``copy_`` of the inputs, then
 ``all_gather_into_tensor_out``): in-place writes that memopt's analyses would have to
 treat as a gather (regatherable values, the cost model, the per-rank report all key on
@@ -43,7 +55,8 @@ A parameter's rows lie in every rank's part of the bucket, so they are not a vie
 it: each is copied out (FSDP2's ``copy_out`` does the same). The bucket's buffer lives
 until the last copy, so the transient is one bucket on top of its copies. A reduction
 bucket holds its gradients until the last of them is ready; its results are views of
-one buffer, which lives as long as the longest-lived gradient of the bucket.
+one buffer (an all-reduce bucket's: its concatenation, reduced in place), which lives
+as long as the longest-lived gradient of the bucket.
 """
 
 from __future__ import annotations
@@ -56,12 +69,20 @@ import torch.fx as fx
 
 from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
 from memopt.graph import meta
-from memopt.graph.collectives import ALL_GATHER, WAIT, is_all_gather, is_all_reduce, is_reduce_scatter
+from memopt.graph.collectives import (
+    ALL_GATHER,
+    ALL_REDUCE,
+    ALL_REDUCE_INPLACE,
+    WAIT,
+    is_all_gather,
+    is_all_reduce,
+    is_reduce_scatter,
+)
 from memopt.graph.step import StepGraphs, clone_graph_module
 from memopt.passes.base import Pass, PassContext, PassResult
 from memopt.passes.budget_guard import BudgetGuard
 
-__all__ = ["BucketCollectives", "bucket_graph", "gather_bucket"]
+__all__ = ["BucketCollectives", "bucket_graph", "gather_bucket", "reduce_in_place"]
 
 
 def gather_bucket(
@@ -95,9 +116,36 @@ def _merge_reductions(graph: fx.Graph, nodes: list[fx.Node]) -> None:
 
 
 def _merge_all_reductions(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    """torch's all-reduce merge, then its all-reduce made in place: the reduced buffer
+    is the concatenation itself (`reduce_in_place`)."""
     from torch._inductor.fx_passes.bucketing import merge_all_reduce_bucket
 
-    merge_all_reduce_bucket(graph, nodes)
+    new_nodes, _ = merge_all_reduce_bucket(graph, nodes)
+    (reduction,) = [n for n in new_nodes if n.op == "call_function" and n.target is ALL_REDUCE]
+    reduce_in_place(reduction)
+
+
+def reduce_in_place(reduction: fx.Node) -> None:
+    """Make the functional all-reduce ``reduction`` of a bucket's concatenation
+    ``all_reduce_`` on it: the result is the concatenation's own buffer, so the bucket is
+    held once until the wait instead of twice (the input, read by the process group until
+    then, and the result). Only a buffer private to the bucket may be written: the
+    ``cat`` that torch's merge traced, read by nothing but ``reduction``; anything else
+    raises."""
+    source = reduction.args[0]
+    private = (
+        isinstance(source, fx.Node)
+        and source.op == "call_function"
+        and source.target is torch.ops.aten.cat.default
+        and list(source.users) == [reduction]
+    )
+    if not private:
+        raise ValueError(
+            f"bucket_collectives: all-reduce {reduction.name} reads {source}, not a concatenation only it "
+            "reads; reducing it in place would overwrite a value something else reads. "
+            "Reduce in place only the bucket's own cat."
+        )
+    reduction.target = ALL_REDUCE_INPLACE
 
 
 def _find_all_reductions(
@@ -220,7 +268,8 @@ class BucketCollectives(Pass):
     issues the same sequence. The step's estimated peak stays within the budget
     (`memopt.passes.budget_guard`; a bucket's buffer is live while its parameters are
     copied out of it, a reduce-scatter bucket holds its gradients until the last one
-    is ready, an all-reduce bucket too): when ``collective_bucket_bytes`` for every
+    is ready, an all-reduce bucket too, then its concatenation, reduced in place, until
+    the wait): when ``collective_bucket_bytes`` for every
     collective puts it over, each kind of collective (`KINDS`: forward all-gathers, then
     reduce-scatters, then all-reduces, then re-gathers in backward) in turn gets the largest cap of ``collective_bucket_bytes``
     halved down to `MIN_CAP_BYTES` that keeps the step within the budget, the kinds

@@ -34,9 +34,11 @@ def graphs_of():
 
 def collective_counts(code: str) -> dict[str, int]:
     """Calls of each functional collective in a graph's code (call syntax, as the design
-    guide asks)."""
+    guide asks); all-reduces functional or in place (a bucket's, ``all_reduce_``)."""
     ops = ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce")
-    return {op: code.count(f"_c10d_functional.{op}.default(") for op in ops}
+    counts = {op: code.count(f"_c10d_functional.{op}.default(") for op in ops}
+    counts["all_reduce"] += code.count("_c10d_functional.all_reduce_.default(")
+    return counts
 
 
 def compiled_graphs(model: torch.nn.Module, *args: torch.Tensor, **options: object) -> dict[str, object]:

@@ -31,7 +31,7 @@ def _collectives(graphs: dict) -> int:
     return sum(graphs["forward"].values()) + sum(graphs["backward"].values())
 
 
-def _tied() -> nn.Module:
+def _tied(stage: int = 3) -> nn.Module:
     class Tied(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -44,7 +44,7 @@ def _tied() -> nn.Module:
             return self.head(torch.relu(self.mid(self.embed(ids))))
 
     torch.manual_seed(0)
-    return md.shard(Tied(), stage=3)
+    return md.shard(Tied(), stage=stage)
 
 
 def _lines(code: str, pattern: str) -> list[int]:
@@ -63,6 +63,27 @@ def test_tied_parameter_is_gathered_once_and_reduced_once(fake_world, graphs_of)
     assert off["forward"]["all_gather_into_tensor"] == on["forward"]["all_gather_into_tensor"] == 3
     assert off["backward"]["reduce_scatter_tensor"] == 4
     assert on["backward"]["reduce_scatter_tensor"] == 3
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_tied_parameter_is_all_reduced_once(fake_world, graphs_of, stage):
+    """Stages 0 and 1 all-reduce the tied embedding's two gradients (the embedding's and
+    the head's) and add the results: with the pass, one all-reduce of their sum, viewed
+    back to the parameter's shape. The add kept the two out of every bucket (a bucketed
+    gradient reaches the output through views only); merged, the tied gradient is
+    bucketed with the others: one all-reduce in all under the default cap, against three
+    without the pass."""
+    ids = torch.randint(0, 32, (2, 5))
+    unbucketed = {"collective_bucket_bytes": 0, "collective_prefetch": 0}
+    off = graphs_of(_tied(stage), ids, disable_passes=["dedupe_collectives"], **unbucketed)
+    on = graphs_of(_tied(stage), ids, **unbucketed)
+    assert off["backward"]["all_reduce"] == 4 and on["backward"]["all_reduce"] == 3  # embed twice, mid's weight, bias
+    assert _all_reduce_sizes(off["backward_code"]).count(32 * 16) == 2 and _all_reduce_sizes(on["backward_code"]).count(32 * 16) == 1
+    assert on["passes"]["dedupe_collectives"].details["reductions_removed"] == 1
+    summed = re.search(r'(\w+): "f32\[32, 16\]" = torch\.ops\.aten\.add\.Tensor\(', on["backward_code"])
+    assert summed and f"all_reduce.default({summed[1]}, 'sum'" in on["backward_code"]  # the sum is reduced
+    assert graphs_of(_tied(stage), ids, disable_passes=["dedupe_collectives"])["backward"]["all_reduce"] == 3
+    assert graphs_of(_tied(stage), ids)["backward"]["all_reduce"] == 1
 
 
 def test_duplicate_all_gathers_of_one_shard_merge():
@@ -126,7 +147,7 @@ def test_starts_move_ahead_of_waits(fake_world, graphs_of):
 
 def _all_reduce_sizes(code: str) -> list[int]:
     """Elements of each all-reduce in ``code`` (its output's annotated shape)."""
-    shapes = re.findall(r'all_reduce\w*: "f32\[([\d, ]*)\]" = torch\.ops\._c10d_functional\.all_reduce\.default\(', code)
+    shapes = re.findall(r'all_reduce\w*: "f32\[([\d, ]*)\]" = torch\.ops\._c10d_functional\.all_reduce_?\.default\(', code)
     return [int(torch.Size(int(d) for d in shape.split(", ") if d).numel()) for shape in shapes]
 
 
@@ -152,10 +173,12 @@ def test_all_reduces_are_bucketed_under_the_cap(fake_world, graphs_of, stage):
 def test_bucketed_all_reduces_are_waited_late(fake_world, graphs_of):
     """One layer per all-reduce bucket, prefetch 1: each bucket's all-reduce starts as
     soon as its gradients are ready and is waited after the next layer's gradient
-    matmuls, right before the next all-reduce starts (as reduce-scatters)."""
+    matmuls, right before the next all-reduce starts (as reduce-scatters). Each bucket
+    is reduced in place (``all_reduce_`` on its concatenation)."""
     graphs = graphs_of(_layers(stage=0), torch.randn(2, 64), collective_bucket_bytes=LAYER_BYTES)
     backward = graphs["backward_code"]
-    starts = _lines(backward, "all_reduce.default(")
+    assert "all_reduce.default(" not in backward
+    starts = _lines(backward, "all_reduce_.default(cat")
     waits = [i for i in _lines(backward, "wait_tensor.default(") if "all_reduce" in backward.splitlines()[i]]
     assert len(starts) == len(waits) == 4
     for start, wait, after in zip(starts, waits, [*starts[1:], len(backward.splitlines())]):
@@ -184,27 +207,96 @@ def test_tight_budget_buckets_all_reduces_under_a_smaller_cap(fake_world, graphs
     assert 1 < graphs["backward"]["all_reduce"] < 16
 
 
-def test_all_reduce_bucket_memory_is_modelled():
-    """torch's all-reduce merge on two 1000-element gradients (4000 B each; inputs 8000
-    B): the gradients live until the concatenation (24000 B with it), the
-    concatenation until the wait (the process group reads it: 24000 B at the
-    all-reduce and at its wait, with the reduced buffer), then only the reduced buffer,
-    which both gradients view (16000 B to the end)."""
+def _traced_all_reduce_bucket() -> torch.fx.GraphModule:
+    """torch's all-reduce merge traced on two 1000-element gradients (4000 B each, made
+    from two inputs of 8000 B)."""
     from torch._inductor.fx_passes.bucketing import all_reduce_merge_fn_to_trace
     from torch.fx.experimental.proxy_tensor import make_fx
-
-    from memopt.analysis.memory import build_timeline
-    from memopt.graph.step import StepGraphs
 
     def bucket(a: torch.Tensor, b: torch.Tensor) -> list[torch.Tensor]:
         return all_reduce_merge_fn_to_trace([a * 2, b * 3], "0", "sum", torch.float32, a.device)
 
-    gm = make_fx(bucket, tracing_mode="fake")(torch.randn(1000), torch.randn(1000))
-    assert gm.code.count("_c10d_functional.all_reduce.default(") == 1
+    return make_fx(bucket, tracing_mode="fake")(torch.randn(1000), torch.randn(1000))
+
+
+def _live_bytes(gm: torch.fx.GraphModule) -> tuple[dict[str, int], int, int]:
+    from memopt.analysis.memory import build_timeline
+    from memopt.graph.step import StepGraphs
+
     timeline = build_timeline(StepGraphs(gm, None, 2, num_user_outputs=2))
-    live = {p.node: p.live_bytes for p in timeline.points}
+    return {p.node: p.live_bytes for p in timeline.points}, timeline.peak_bytes, timeline.end_bytes
+
+
+def test_all_reduce_bucket_memory_is_modelled():
+    """torch's functional merge: the gradients live until the concatenation (24000 B
+    with it), the concatenation until the wait (the process group reads it: 24000 B at
+    the all-reduce and at its wait, with the reduced buffer), then only the reduced
+    buffer, which both gradients view (16000 B to the end). Reduced in place
+    (`reduce_in_place`, what ``bucket_collectives`` does), the result is the
+    concatenation's buffer: 16000 B from the all-reduce to its wait, the bucket held
+    once."""
+    from memopt.passes.collectives_bucket import reduce_in_place
+
+    gm = _traced_all_reduce_bucket()
+    assert gm.code.count("_c10d_functional.all_reduce.default(") == 1
+    live, peak, end = _live_bytes(gm)
     assert (live["mul_1"], live["cat"], live["all_reduce"], live["wait_tensor"]) == (16000, 24000, 24000, 24000)
-    assert timeline.peak_bytes == 24000 and timeline.end_bytes == 16000
+    assert peak == 24000 and end == 16000
+
+    (reduction,) = gm.graph.find_nodes(op="call_function", target=torch.ops._c10d_functional.all_reduce.default)
+    reduce_in_place(reduction)
+    gm.recompile()
+    assert gm.code.count("_c10d_functional.all_reduce_.default(cat") == 1
+    live, peak, end = _live_bytes(gm)
+    assert (live["mul_1"], live["cat"], live["all_reduce"], live["wait_tensor"]) == (16000, 24000, 16000, 16000)
+    assert peak == 24000 and end == 16000
+
+
+def test_all_reduce_buckets_held_once_until_their_wait(fake_world, graphs_of, monkeypatch):
+    """Stage 0, one layer per bucket, each waited after the next layer's gradient
+    matmuls: reduced in place, a bucket is held once while it is in flight, so the
+    step's estimated peak is one bucket (a layer's weight and bias) below that of the
+    functional all-reduce (its concatenation and its result both live until the wait),
+    and below the unbucketed step's. With every gradient in one bucket the peak is
+    where the bucket is concatenated (its gradients and their concatenation), the same
+    either way."""
+    import memopt.passes.collectives_bucket as bucketing
+
+    def estimate(**options: object) -> int:
+        torch._dynamo.reset()
+        return graphs_of(_layers(stage=0), torch.randn(2, 64), **options)["estimate"]
+
+    in_place = {"per_layer": estimate(collective_bucket_bytes=LAYER_BYTES), "one": estimate()}
+    unbucketed = estimate(collective_bucket_bytes=0)
+    monkeypatch.setattr(bucketing, "reduce_in_place", lambda reduction: None)
+    functional = {"per_layer": estimate(collective_bucket_bytes=LAYER_BYTES), "one": estimate()}
+    assert in_place["per_layer"] == functional["per_layer"] - LAYER_BYTES
+    assert in_place["per_layer"] < unbucketed < functional["per_layer"]
+    assert in_place["one"] == functional["one"]
+
+
+def test_only_a_private_concatenation_is_reduced_in_place():
+    """An all-reduce of anything but a ``cat`` only it reads (a graph input, a gradient
+    another node reads) stays functional: `reduce_in_place` refuses, naming the node."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from memopt.passes.collectives_bucket import reduce_in_place
+
+    c10d = torch.ops._c10d_functional
+
+    def shared(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = torch.cat([x, x])
+        return c10d.wait_tensor(c10d.all_reduce(flat, "sum", "0")), flat + 1
+
+    def of_input(x: torch.Tensor) -> torch.Tensor:
+        return c10d.wait_tensor(c10d.all_reduce(x, "sum", "0"))
+
+    for fn in (shared, of_input):
+        gm = make_fx(fn, tracing_mode="fake")(torch.randn(4))
+        (reduction,) = gm.graph.find_nodes(op="call_function", target=c10d.all_reduce.default)
+        with pytest.raises(ValueError, match=rf"all-reduce {reduction.name} reads .* Reduce in place only the bucket's own cat"):
+            reduce_in_place(reduction)
+        assert reduction.target is c10d.all_reduce.default
 
 
 def test_budget_keeps_regathering_with_the_passes(fake_world, graphs_of):

@@ -104,9 +104,11 @@ def test_collective_passes_are_bitwise_exact():
     * stage 3: bucketing and overlap (defaults, and 1 KiB buckets prefetched 2 ahead)
       leave losses and gradients those of the unbucketed step; merging the tied
       embedding's two reductions changes them within rtol 1e-5;
-    * stages 0 and 1: the gradients' all-reduces bucketed (10 per step: 8 parameters,
-      the tied one's two not bucketed, as their sum reads two waits; 3 under the
-      default cap, 4 at 1 KiB) and waited late, the same bits;
+    * stages 0 and 1: the tied embedding's two all-reduces merged into one of their sum
+      (10 per step without `dedupe_collectives`, 9 with it: one per parameter), within
+      rtol 1e-5 of the unmerged step; the gradients' all-reduces bucketed (1 under the
+      default cap, the tied one's included, 3 at 1 KiB; a bucket reduced in place) and
+      waited late, the same bits as unbucketed;
     * stage 3 at ``memory_budget=0.6`` (`Deep`): the budget search's caps (re-gathers
       under a smaller cap) and moves (some collectives left in place) give the bits of
       the same budget with every collective pass off."""
@@ -114,8 +116,9 @@ def test_collective_passes_are_bitwise_exact():
     assert all(len(r["losses"]) == 3 for r in results)
     result = results[0]
     for stage in "01":
-        assert result[f"{stage}/unbucketed"]["all_reduces"] == 10
-        assert result[f"{stage}/default"]["all_reduces"] == 3 and result[f"{stage}/small_buckets"]["all_reduces"] == 4
+        assert result[f"{stage}/traced"]["all_reduces"] == 10 and result[f"{stage}/unbucketed"]["all_reduces"] == 9
+        assert result[f"{stage}/default"]["all_reduces"] == 1 and result[f"{stage}/small_buckets"]["all_reduces"] == 3
+        assert result[f"{stage}/default"]["in_place"] == 1 and result[f"{stage}/unbucketed"]["in_place"] == 0
     budget = result["3/budget"]
     assert 0 < budget["caps"]["backward_all_gather"] < 4 << 20
     assert "0" in budget["distances"]["backward"]["all_gather"]

@@ -285,8 +285,9 @@ def _train(
     stage: int, options: dict[str, Any], rank: int, world: int, model_cls: type[nn.Module] = Tiny,
 ) -> tuple[list[list[torch.Tensor]], dict[str, Any]]:
     """3 SGD steps of ``model_cls`` at ``stage`` compiled by memopt with ``options``:
-    each step's loss and full gradients, and what ``bucket_collectives`` and
-    ``overlap_collectives`` recorded (caps, distances) in the first compile."""
+    each step's loss and full gradients, what ``bucket_collectives`` and
+    ``overlap_collectives`` recorded (caps, distances) in the first compile, and its
+    backward's all-reduces (all, and those reduced in place)."""
     import memopt
 
     torch.manual_seed(0)
@@ -303,10 +304,13 @@ def _train(
             steps.append([loss.detach()] + [full(p.grad) for p in model.parameters()])
             opt.step(), opt.zero_grad()
     records = {p.name: p.details for p in explanation.region(0).passes if p.name in COLLECTIVE_PASSES[1:]}
+    backward = explanation.region(0).graph_code("backward")
+    in_place = backward.count("_c10d_functional.all_reduce_.default(")  # a bucket's (`bucket_collectives`)
     chosen = {
         "caps": records.get("bucket_collectives", {}).get("caps"),
         "distances": records.get("overlap_collectives", {}).get("distances"),
-        "all_reduces": explanation.region(0).graph_code("backward").count("_c10d_functional.all_reduce.default("),
+        "all_reduces": backward.count("_c10d_functional.all_reduce.default(") + in_place,
+        "in_place": in_place,
     }
     return steps, chosen
 
@@ -320,11 +324,11 @@ def _bitwise(got: list[list[torch.Tensor]], want: list[list[torch.Tensor]], what
 def collectives(args: argparse.Namespace) -> dict[str, Any]:
     """3 SGD steps compiled by memopt, each variant against its reference bit for bit:
 
-    * stage 3, the collective passes on (defaults, and 1 KiB buckets: several buckets,
-      each prefetched) against bucketing and overlap off; merging the tied parameter's
-      reductions reorders its sum, so against no merge at all: rtol 1e-5;
-    * stages 0 and 1 (gradients all-reduced), the same variants against bucketing and
-      overlap off (dedupe has nothing to merge there: it matches reduce-scatters);
+    * stages 3, 0 and 1 (gradients reduce-scattered, then all-reduced), the collective
+      passes on (defaults, and 1 KiB buckets: several buckets, each prefetched) against
+      bucketing and overlap off, bit for bit; merging the tied parameter's two
+      reductions (reduce-scatters at stage 3, all-reduces at 0 and 1) reorders its sum,
+      so against no merge at all: rtol 1e-5;
     * stage 3 under ``memory_budget=0.6`` (the budget search's caps and moves; `Deep`:
       no tied parameter, so dedupe changes nothing) against the same budget with every
       collective pass off, bit for bit."""
@@ -338,11 +342,11 @@ def collectives(args: argparse.Namespace) -> dict[str, Any]:
             steps, chosen = _train(stage, options, rank, world)
             _bitwise(steps, reference, f"stage {stage} {name}")
             out[f"{stage}/{name}"] = chosen
+        traced, out[f"{stage}/traced"] = _train(stage, {"disable_passes": list(COLLECTIVE_PASSES)}, rank, world)
+        for step, (got, want) in enumerate(zip(reference, traced)):
+            for i, (a, b) in enumerate(zip(got, want)):
+                close(a, b, f"stage {stage} deduped step {step} tensor {i}")
         if stage == 3:
-            traced, _ = _train(stage, {"disable_passes": list(COLLECTIVE_PASSES)}, rank, world)
-            for step, (got, want) in enumerate(zip(reference, traced)):
-                for i, (a, b) in enumerate(zip(got, want)):
-                    close(a, b, f"deduped step {step} tensor {i}")
             out["losses"] = [float(r[0]) for r in steps]
     budget = {"memory_budget": 0.6}
     steps, out["3/budget"] = _train(3, budget, rank, world, Deep)
