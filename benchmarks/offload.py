@@ -15,14 +15,17 @@ for
 * the remat-only floor: a tiny ``memory_budget`` without offload (memopt warns it is
   infeasible and runs its smallest-peak plan); the floor is the plans'
   ``min_feasible_peak`` (estimate);
-* ``offload="disk"`` at ``budget = baseline + 0.65 * (floor - baseline)``: 35% below
-  the floor's growth.
+* ``offload="disk"`` at ``budget = baseline + b * (floor - baseline)`` (``--below-floor
+  b``, default 0.65: 35% below the floor's growth).
 
 ``offload_bandwidth`` is fixed for every process (``--offload-bandwidth``, MiB/s;
 default 1024), so every process plans the same: memopt's own measurement (an fsync'd
 write, a read after dropping the page cache) varies several-fold from run to run on a
 shared disk. Growth is the peak resident-set growth during a step (OS view; median of
-the measured steps). Each run's first step runs after ``torch.manual_seed(1)``
+the measured steps) in two heap states (docs/memory.md, "The operating system's view"):
+"trimmed" after ``malloc_trim(0)`` (every heap page the step touches counts: an upper
+bound) and "warm" (the heap as the previous step left it: a training loop's steady
+state). Each run's first step runs after ``torch.manual_seed(1)``
 (dropout is on) and its loss and every gradient are compared with the unbudgeted
 run's: bitwise under ``codegen="eager"``, ``torch.testing.assert_close`` under
 Inductor. Step times come from one more fresh process that compiles the
@@ -80,7 +83,8 @@ MiB = 2**20
 TINY_BUDGET = 0.01
 """Far below any model's floor: memopt runs its smallest-peak plan."""
 BELOW_FLOOR = 0.65
-"""The offload budget's growth, as a fraction of the remat-only floor's growth."""
+"""The offload budget's growth, as a fraction of the remat-only floor's growth
+(default of ``--below-floor``)."""
 
 
 @dataclass(frozen=True)
@@ -218,6 +222,7 @@ def _measure(family: str, options: dict[str, Any], sizes: Sizes, tmp: str, label
     result = measure_in_fresh_process(f"{__file__}:workload", kwargs=kwargs, warmup=sizes.warmup, repeat=sizes.repeat, timeout=3600)
     growth = [m.os_peak_growth_bytes for m in result.measurements]
     info = dict(result.info, dump=dump, os_growth=int(statistics.median(growth)), os_growths=growth)
+    info["os_warm_growth"] = int(statistics.median(m.os_warm_peak_growth_bytes for m in result.measurements))
     info["alloc_growth"] = int(statistics.median(m.peak_growth_bytes for m in result.measurements))
     _log(f"  {family} {options}: OS growth {[format_bytes(g) for g in growth]} ({time.perf_counter() - start:.0f} s)")
     return info
@@ -290,7 +295,7 @@ def floor_rows(args: argparse.Namespace, sizes: Sizes) -> None:
                 _log(f"{family} {codegen}: below the floor")
                 base = _measure(family, _options(codegen, "none"), sizes, tmp, f"{codegen}-none")
                 floor = _measure(family, _options(codegen, "floor"), sizes, tmp, f"{codegen}-floor")
-                budget = int(base["baseline"] + BELOW_FLOOR * (floor["floor"] - base["baseline"]))
+                budget = int(base["baseline"] + args.below_floor * (floor["floor"] - base["baseline"]))
                 configs = _configs(codegen, ("none", "floor", "offload"), budget, sizes, args)
                 off = _measure(family, configs["offload"], sizes, tmp, f"{codegen}-offload")
                 seconds = _timed(family, configs, sizes)
@@ -364,21 +369,31 @@ def _feasible_row(family: str, codegen: str, base: dict, remat: dict, off: dict,
 
 
 def _memory_table(rows: list[tuple]) -> None:
+    """Row 1's memory table: estimates, and the OS view trimmed / warm."""
     fb = format_bytes
+
+    def views(info: dict[str, Any], estimated: int | None = None) -> str:
+        measured = f"{fb(info['os_growth'])} / {fb(info['os_warm_growth'])}"
+        return measured if estimated is None else f"{fb(estimated)} / {measured}"
+
     print(
-        "| model | codegen | unbudgeted (est / OS) | remat floor (est / OS) | storage floor (est) | budget "
-        "| offload (est / OS) | OS vs remat floor (est / OS) | OS peak / budget | offloaded | recomputed |"
+        "| model | codegen | unbudgeted (est / trimmed / warm) | remat floor (est / trimmed / warm) | storage floor (est) "
+        "| budget | offload (est / trimmed / warm) | offload vs remat floor (est / trimmed / warm) "
+        "| offload peak / budget (trimmed / warm) | offloaded | recomputed |"
     )
     print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for family, codegen, base, floor, off, budget, _, _ in rows:
         baseline = base["baseline"]
-        floor_growth = floor["floor"] - baseline
-        vs_floor = f"{off['os_growth'] / floor_growth - 1:+.1%} / {off['os_growth'] / floor['os_growth'] - 1:+.1%}"
-        ratio = f"{(baseline + off['os_growth']) / budget:.3f}" + ("" if off["feasible"] else " (infeasible)")
+        floor_growth, off_growth = floor["floor"] - baseline, off["estimated_peak"] - baseline
+        vs_floor = " / ".join(
+            f"{a / b - 1:+.1%}"
+            for a, b in ((off_growth, floor_growth), (off["os_growth"], floor["os_growth"]), (off["os_warm_growth"], floor["os_warm_growth"]))
+        )  # fmt: skip
+        ratio = " / ".join(f"{(baseline + off[k]) / budget:.3f}" for k in ("os_growth", "os_warm_growth"))
+        ratio += "" if off["feasible"] else " (infeasible)"
         print(
-            f"| {family} | {codegen} | {fb(base['estimated_peak'] - baseline)} / {fb(base['os_growth'])} "
-            f"| {fb(floor_growth)} / {fb(floor['os_growth'])} | {fb(base['storage_floor'] - baseline)} "
-            f"| {fb(budget - baseline)} | {fb(off['estimated_peak'] - baseline)} / {fb(off['os_growth'])} "
+            f"| {family} | {codegen} | {views(base, base['estimated_peak'] - baseline)} | {views(floor, floor_growth)} "
+            f"| {fb(base['storage_floor'] - baseline)} | {fb(budget - baseline)} | {views(off, off_growth)} "
             f"| {vs_floor} | {ratio} | {off['counts'].get('offload', 0)} ({fb(off['offloaded_bytes'])}) "
             f"| {off['counts'].get('recompute', 0)} |",
             flush=True,
@@ -502,6 +517,10 @@ def main() -> None:
     parser.add_argument(
         "--feasible", type=float, default=0.5,
         help="feasible: the budget's growth as a fraction of the unbudgeted estimated growth",
+    )  # fmt: skip
+    parser.add_argument(
+        "--below-floor", type=float, default=BELOW_FLOOR,
+        help="floor: the offload budget's growth as a fraction of the remat-only floor's growth",
     )  # fmt: skip
     parser.add_argument("--fast", action="store_true", help="small sizes and few steps: a smoke run")
     args = parser.parse_args()
