@@ -386,7 +386,7 @@ def _memory_table(rows: list[tuple]) -> None:
         baseline = base["baseline"]
         floor_growth, off_growth = floor["floor"] - baseline, off["estimated_peak"] - baseline
         vs_floor = " / ".join(
-            f"{a / b - 1:+.1%}"
+            f"{a / b - 1:+.1%}" if b else "-"  # a small step's warm view can read 0
             for a, b in ((off_growth, floor_growth), (off["os_growth"], floor["os_growth"]), (off["os_warm_growth"], floor["os_warm_growth"]))
         )  # fmt: skip
         ratio = " / ".join(f"{(baseline + off[k]) / budget:.3f}" for k in ("os_growth", "os_warm_growth"))
