@@ -192,15 +192,14 @@ def prefetch_gathers(graph: fx.Graph, depth: int, accept: Accept | None = None, 
     it reads that lie in between, never before the all-gather waited before it. With
     ``accept``, a move it rejects is undone and the next shorter distance tried. The
     distance each all-gather moved, by name, in wait order (0: not moved)."""
-    order = _position(graph)
-    waits: list[fx.Node] = sorted((w for n in graph.nodes if is_all_gather(n) and (w := wait_of(n)) is not None), key=order.__getitem__)  # fmt: skip
+    waits: list[fx.Node] = sorted((w for n in graph.nodes if is_all_gather(n) and (w := wait_of(n)) is not None), key=_position(graph).__getitem__)  # fmt: skip
     gathers: list[fx.Node] = [w.args[0] for w in waits]  # type: ignore[misc]
 
     def move(i: int, distance: int) -> Undo | None:
         if i < distance:
             return None
-        anchor, order = waits[i - distance], _position(graph)
-        if i and order[gathers[i - 1]] > order[anchor]:
+        anchor, position = waits[i - distance], _position(graph)  # earlier moves changed the order
+        if i and position[gathers[i - 1]] > position[anchor]:
             anchor = gathers[i - 1]  # started after that wait: start after it
         return _prefetch_one(graph, gathers[i], anchor)
 

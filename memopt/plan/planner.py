@@ -79,7 +79,7 @@ def plan_region(
     solution = plan_remat(step, budget, time_limit=limit, context=context)
     option_sets = _option_sets(storage, exact=solution) if use_storage else []  # type: ignore[arg-type]
     if option_sets:
-        stored = min((_plan_with_storage(step, budget, o, limit, context) for o in option_sets), key=_storage_rank)
+        stored = min((_plan_with_storage(step, budget, o, limit, context) for o in option_sets), key=_rank)
         if _prefer_stored(stored, solution):
             result = _remat_plan(plan, step, stored, budget)
             note = _storage_note(stored, solution)
@@ -150,9 +150,9 @@ def _plan_with_storage(
     return plan_remat(step, budget, time_limit=limit, storage=storage_plan, context=context)
 
 
-def _storage_rank(solution: RematSolution) -> tuple[bool, float]:
-    """Order of preference among storage-aware plans: feasible first, then the least
-    modelled time; among infeasible ones the smallest peak."""
+def _rank(solution: RematSolution) -> tuple[bool, float]:
+    """Order of preference among plans: feasible first, then the least modelled time;
+    among infeasible ones the smallest peak."""
     evaluation = solution.evaluation
     return (not solution.feasible, evaluation.seconds if solution.feasible else evaluation.timeline.peak_bytes)
 
@@ -163,11 +163,7 @@ def _prefer_stored(stored: RematSolution, exact: RematSolution) -> bool:
     infeasible) a smaller peak."""
     if stored.evaluation.storage is None or not stored.evaluation.storage.chosen:
         return False
-    if stored.feasible != exact.feasible:
-        return stored.feasible
-    if stored.feasible:
-        return stored.evaluation.seconds < exact.evaluation.seconds
-    return stored.evaluation.timeline.peak_bytes < exact.evaluation.timeline.peak_bytes
+    return _rank(stored) < _rank(exact)
 
 
 def _storage_note(stored: RematSolution, exact: RematSolution) -> str:
