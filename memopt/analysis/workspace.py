@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from memopt.analysis.aliasing import concrete_int
 from memopt.codegen import cross_entropy as _cross_entropy
+from memopt.codegen.promoting import PROMOTING, promoted_copy_bytes
 from memopt.codegen.quantize_chunked import _chunk
 from memopt.graph import meta
 from memopt.codegen import quantize as _quantize  # noqa: F401  (registers memopt::(de)quantize_blockwise)
@@ -88,6 +89,18 @@ def _replay_noise(node: fx.Node) -> int:
 
 
 _REPLAY = torch.ops.memopt.dropout_mask_replay.default
+_DROPOUT_WITH_STATE = torch.ops.memopt.dropout_with_rng_state.default  # native_dropout inside
+
+
+def _safe_softmax(node: fx.Node) -> int:
+    # softmax, then the rows that are all -inf zeroed: a bool ``x == -inf`` of the input's
+    # elements and its reduction over the softmax dim (measured: 2.008 MiB at 2M fp32)
+    x = meta.fake_value(node.args[0])
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return 0
+    numel = concrete_int(x.numel())
+    dim = _arg(node, 1, "dim", -1)
+    return numel + numel // max(concrete_int(x.shape[dim]), 1)
 
 
 def _blockwise_elements(numel: int, block_size: int) -> int:
@@ -158,6 +171,8 @@ _CPU: dict[Any, Callable[[fx.Node], int]] = {
     aten.convolution_backward.default: _conv_backward,
     aten.native_batch_norm_backward.default: _first_arg,
     aten.native_dropout.default: _first_arg,
+    _DROPOUT_WITH_STATE: _first_arg,
+    aten._safe_softmax.default: _safe_softmax,
     aten.native_dropout_backward.default: _first_arg,
     aten.mse_loss.default: _loss,
     _REPLAY: _replay_noise,
@@ -172,6 +187,7 @@ _CPU_FUSED: dict[Any, Callable[[fx.Node], int]] = {
     aten.convolution.default: lambda n: _bytes(_arg(n, 1, "weight")) + 12 * _KIB,
     aten.convolution_backward.default: lambda n: 2 * _bytes(_arg(n, 2, "weight")) + 20 * _KIB,
     _REPLAY: _replay_noise,  # an extern kernel under Inductor: the same workspace
+    _DROPOUT_WITH_STATE: _first_arg,  # likewise
     _QUANTIZE: _quantize_scratch,  # likewise
     _DEQUANTIZE: _dequantize_scratch,
 }
@@ -185,12 +201,16 @@ _RETAINED: dict[str, dict[Any, Callable[[fx.Node], int]]] = {"cpu": _CPU_RETAINE
 
 def workspace_bytes(node: fx.Node, device: torch.device, fused: bool = False) -> int:
     """Scratch bytes ``node``'s kernel holds while it runs on ``device`` (0 if unknown);
-    ``fused``: the kernel Inductor calls for it.
+    ``fused``: the kernel Inductor calls for it. Unfused CPU elementwise kernels with
+    operands of different dtypes hold their promoted copies
+    (`memopt.codegen.promoting`: a piece of them under the eager codegen).
 
     ``meta`` uses the CPU table so that estimates made on meta tensors equal those on
     CPU tensors.
     """
     rule = _OWN.get(node.target) or (_FUSED_TABLES if fused else _TABLES).get(device.type, {}).get(node.target)
+    if rule is None and not fused and device.type in _TABLES and node.target in PROMOTING:
+        rule = promoted_copy_bytes
     return 0 if rule is None else max(int(rule(node)), 0)
 
 

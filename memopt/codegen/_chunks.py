@@ -28,11 +28,12 @@ kernel-launch overhead is negligible next to the arithmetic, small enough that t
 temporaries are noise next to any parameter worth chunking."""
 
 
-def spans(numel: int, multiple: int = 1) -> Iterator[tuple[int, int]]:
+def spans(numel: int, multiple: int = 1, size: int | None = None) -> Iterator[tuple[int, int]]:
     """``(start, end)`` of consecutive pieces covering ``range(numel)``, each of at most
-    `UPDATE_CHUNK_ELEMENTS` rounded down to a multiple of ``multiple`` (at least one
-    ``multiple``: a quantization block is never split)."""
-    size = max(UPDATE_CHUNK_ELEMENTS // multiple, 1) * multiple
+    ``size`` elements (default `UPDATE_CHUNK_ELEMENTS`, read when called) rounded down
+    to a multiple of ``multiple`` (at least one ``multiple``: a quantization block is
+    never split)."""
+    size = max((UPDATE_CHUNK_ELEMENTS if size is None else size) // multiple, 1) * multiple
     for start in range(0, numel, size):
         yield start, min(start + size, numel)
 

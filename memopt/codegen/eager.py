@@ -7,7 +7,8 @@ consumed it (as AOTAutograd's ``boxed_nop`` does for ``aot_eager``).
 
 Before that, the kernels `memopt.analysis.eager_inplace` selects write their result
 into an input read for the last time (their ``out=`` overload), as the memory timeline
-assumes.
+assumes; then the elementwise kernels whose CPU kernel would copy a promoted operand
+(a float times a bool dropout mask) run in pieces (`memopt.codegen.promoting`).
 
 AOTAutograd traces a region for this codegen with `DECOMPOSITIONS`: ops whose ATen CPU
 kernel allocates scratch the graph cannot see, traced as the ops that kernel runs, so
@@ -26,6 +27,7 @@ from torch.fx.graph import _BoxedCodeGen
 from memopt.analysis.aliasing import analyze_aliasing
 from memopt.analysis.eager_inplace import OUT_VARIANTS, eager_inplace_writes
 from memopt.analysis.memory import last_reads
+from memopt.codegen.promoting import run_in_pieces
 
 __all__ = ["compile_eager", "write_in_place", "DECOMPOSITIONS"]
 
@@ -52,9 +54,11 @@ docstring)."""
 
 
 def compile_eager(gm: fx.GraphModule, example_inputs: Any = None) -> Callable[[list[Any]], Any]:
-    """A boxed callable running ``gm``. ``gm``'s codegen is switched to boxed, and the
-    kernels `write_in_place` selects are rewritten to write into their input."""
+    """A boxed callable running ``gm``. ``gm``'s codegen is switched to boxed, the
+    kernels `write_in_place` selects are rewritten to write into their input, and
+    mixed-dtype elementwise kernels run in pieces (`memopt.codegen.promoting`)."""
     write_in_place(gm.graph)
+    run_in_pieces(gm.graph)
     gm.graph.set_codegen(_BoxedCodeGen())
     gm.recompile()
     forward = gm.forward
