@@ -24,6 +24,7 @@ _OPERANDS = {
     "float*bf16": (lambda: torch.randn(_N), lambda: torch.randn(_N, dtype=torch.bfloat16)),
     "float*int64": (lambda: torch.randn(_N), lambda: torch.randint(0, 5, (_N,))),
     "float*float": (lambda: torch.randn(_N), lambda: torch.randn(_N)),
+    "int64*int64": (lambda: torch.randint(0, 5, (_N,)), lambda: torch.randint(1, 5, (_N,))),  # div: both to float
     "float*bool row": (lambda: torch.randn(64, _N // 64), lambda: torch.rand(1, _N // 64) > 0.5),
 }
 
@@ -32,8 +33,9 @@ _OPERANDS = {
 @pytest.mark.parametrize("operands", sorted(_OPERANDS))
 def test_the_cpu_kernel_holds_the_promoted_copy_the_model_counts(op, operands):
     """Pins ATen's CPU behaviour the model relies on: the kernel allocates a copy of
-    each operand whose dtype is not the common one (of that operand's own size), and
-    nothing for operands already of it. Measured beyond the op's output."""
+    each operand whose dtype is not the one it computes in (the common dtype; for
+    ``div`` of integers, float), of that operand's own size, and nothing for operands
+    already of it. Measured beyond the op's output."""
     torch.manual_seed(0)
     a, b = (make() for make in _OPERANDS[operands])
     gm = make_fx(lambda a, b: op(a, b), tracing_mode="fake")(a, b)

@@ -56,23 +56,24 @@ def _operands(node: fx.Node) -> list[torch.Tensor | None]:
     ]
 
 
-def _promoted(node: fx.Node) -> list[torch.Tensor]:
-    """``node``'s operands that its CPU kernel copies to the common dtype."""
+def _promoted(node: fx.Node) -> tuple[list[torch.Tensor], torch.dtype | None]:
+    """``node``'s operands that its CPU kernel copies to the dtype it computes in (its
+    output's: the operands' common dtype, or for ``div`` of integers the default float),
+    and that dtype."""
     if node.op != "call_function" or node.target not in PROMOTING:
-        return []
+        return [], None
     operands = [v for v in _operands(node) if isinstance(v, torch.Tensor)]
     out = meta.fake_value(node)
     if len(operands) != 2 or not isinstance(out, torch.Tensor) or out.device.type != "cpu":
-        return []
-    common = torch.result_type(*operands)
-    return [v for v in operands if v.dtype != common and v.dim() > 0]
+        return [], None
+    return [v for v in operands if v.dtype != out.dtype and v.dim() > 0], out.dtype
 
 
 def runs_in_pieces(node: fx.Node) -> bool:
     """Whether the eager codegen runs ``node`` in pieces (module docstring): it copies a
     promoted operand of more than one piece, and its operands and output are
     contiguous, of one shape, the output of the common dtype."""
-    promoted = _promoted(node)
+    promoted, _ = _promoted(node)
     if not promoted or all(concrete_int(v.numel()) <= PIECE_ELEMENTS for v in promoted):
         return False
     operands = _operands(node)
@@ -86,11 +87,10 @@ def runs_in_pieces(node: fx.Node) -> bool:
 def promoted_copy_bytes(node: fx.Node) -> int:
     """Bytes of the promoted copies ``node``'s CPU kernel holds while it runs, as the
     eager codegen runs it (one piece's, when `runs_in_pieces`)."""
-    promoted = _promoted(node)
-    if not promoted:
+    promoted, common = _promoted(node)
+    if not promoted or common is None:
         return 0
-    common = torch.result_type(*[v for v in _operands(node) if v is not None])
-    size = torch.empty((), dtype=common).element_size()
+    size = common.itemsize
     pieces = runs_in_pieces(node)
     return sum(size * (min(concrete_int(v.numel()), PIECE_ELEMENTS) if pieces else concrete_int(v.numel())) for v in promoted)
 
