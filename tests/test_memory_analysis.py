@@ -71,6 +71,29 @@ def test_multi_output_op_and_unused_output():
     assert tl.end_bytes == N * F32 + 40  # values die after the multiply
 
 
+def test_unsafe_view_aliases_an_input_a_pass_gave_a_new_producer():
+    """``_unsafe_view`` is a view whatever its fake values say: after a pass replaces its
+    input's producer (as offload's ``reload_wait`` or compression's dequantize do, with a
+    fake value of their own), it still shares the new producer's storage, so the
+    timeline counts one buffer, not two (Llama's offload plan was estimated 2.69 MiB
+    high at each reloaded MLP input until this held)."""
+
+    def f(x):
+        a = x * 2
+        return torch.ops.aten._unsafe_view(a, [10, 100]).cos()
+
+    gm = make_fx(f, tracing_mode="fake")(torch.randn(N))
+    mul = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.mul.Tensor)
+    view = next(n for n in gm.graph.nodes if n.target == torch.ops.aten._unsafe_view.default)
+    with gm.graph.inserting_after(mul):
+        fresh = gm.graph.call_function(torch.ops.aten.clone.default, (mul,))
+    fresh.meta["val"] = torch.empty_like(mul.meta["val"])  # a fake value of its own, as passes make
+    view.replace_input_with(mul, fresh)
+    aliasing = analyze_aliasing(gm.graph)
+    assert aliasing.storages_of(view) == aliasing.storages_of(fresh) != aliasing.storages_of(mul)
+    assert view not in aliasing.fresh
+
+
 def test_output_aliasing_input_costs_nothing():
     """y = x.t() is a view of the input (0 B); z = x*3 is 4000 B."""
 

@@ -4,7 +4,8 @@ A value is a *view* of an input when the op's schema says its return aliases an
 argument (``Tensor(a) self -> Tensor(a)``: view ops; ``Tensor(a!)``: in-place and
 ``out=`` ops), when it is an element of a multi-output node (``getitem``), or when the
 fake tensors recorded during tracing share a storage with an input's (this catches
-ops whose schema under-declares aliasing, such as ``aten._unsafe_view``). Every other
+ops whose schema under-declares aliasing, such as ``aten._unsafe_view``, which is also
+listed by name: `_RETURNS_ITS_INPUT`). Every other
 tensor output is a fresh storage.
 
 This is computed from the schema and the recorded fake values only, so it works on
@@ -109,9 +110,13 @@ class _Tracker:
         return candidate if candidate in inputs else None
 
 
-_RETURNS_ITS_INPUT = {"_c10d_functional.wait_tensor.default"}
-"""Ops whose schema declares a fresh result but which return their input tensor
-(waiting on a functional collective hands back the buffer the collective filled)."""
+_RETURNS_ITS_INPUT = {"_c10d_functional.wait_tensor.default", "aten._unsafe_view.default"}
+"""Ops whose schema declares a fresh result but which return their input tensor or a
+view of it: waiting on a functional collective hands back the buffer the collective
+filled; ``_unsafe_view`` is always a view (it raises where one is impossible). The
+recorded fake values show the latter too, but not when a pass gave the input a new
+producer: a reloaded or decompressed saved value (`memopt.passes.offload`,
+``compress``) whose ``_unsafe_view`` was traced on the original."""
 
 
 def _schema_alias_args(node: fx.Node) -> list[fx.Node | list[Any] | None]:
