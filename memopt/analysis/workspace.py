@@ -178,6 +178,7 @@ _CPU: dict[Any, Callable[[fx.Node], int]] = {
     _REPLAY: _replay_noise,
     _QUANTIZE: _quantize_scratch,
     _DEQUANTIZE: _dequantize_scratch,
+    **dict.fromkeys(PROMOTING, promoted_copy_bytes),  # eager codegen: a piece (memopt.codegen.promoting)
 }
 
 _TABLES: dict[str, dict[Any, Callable[[fx.Node], int]]] = {"cpu": _CPU, "meta": _CPU}
@@ -209,8 +210,6 @@ def workspace_bytes(node: fx.Node, device: torch.device, fused: bool = False) ->
     CPU tensors.
     """
     rule = _OWN.get(node.target) or (_FUSED_TABLES if fused else _TABLES).get(device.type, {}).get(node.target)
-    if rule is None and not fused and device.type in _TABLES and node.target in PROMOTING:
-        rule = promoted_copy_bytes
     return 0 if rule is None else max(int(rule(node)), 0)
 
 

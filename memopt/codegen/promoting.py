@@ -23,6 +23,7 @@ output contiguous and of one shape (no broadcasting); other calls run whole.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,50 +50,53 @@ PROMOTING: dict[torch._ops.OpOverload, torch._ops.OpOverload] = {
 """Kernels that copy a promoted operand on CPU -> the ``out=`` overload pieces call."""
 
 
-def _operands(node: fx.Node) -> list[torch.Tensor | None]:
-    """The fake values of ``node``'s two operands (None: not a tensor)."""
-    return [
-        meta.fake_value(a) if isinstance(a, fx.Node) else None for a in (node.args[:2] if len(node.args) >= 2 else ())
-    ]
+@dataclass(frozen=True)
+class _Promotion:
+    copied: list[torch.Tensor]
+    """The operands the CPU kernel copies."""
+    dtype: torch.dtype
+    """The dtype it copies them to: the one it computes in (its output's: the operands'
+    common dtype, or for ``div`` of integers the default float)."""
+    pieces: bool
+    """The eager codegen runs it in pieces: a copied operand of more than one piece,
+    operands and output contiguous, of one shape, the output of the common dtype."""
 
 
-def _promoted(node: fx.Node) -> tuple[list[torch.Tensor], torch.dtype | None]:
-    """``node``'s operands that its CPU kernel copies to the dtype it computes in (its
-    output's: the operands' common dtype, or for ``div`` of integers the default float),
-    and that dtype."""
-    if node.op != "call_function" or node.target not in PROMOTING:
-        return [], None
-    operands = [v for v in _operands(node) if isinstance(v, torch.Tensor)]
+def _promotion(node: fx.Node) -> _Promotion | None:
+    """What ``node``'s CPU kernel copies, or None (no copy, or not such a kernel)."""
+    if node.op != "call_function" or node.target not in PROMOTING or len(node.args) < 2:
+        return None
+    operands = [meta.fake_value(a) if isinstance(a, fx.Node) else None for a in node.args[:2]]
     out = meta.fake_value(node)
-    if len(operands) != 2 or not isinstance(out, torch.Tensor) or out.device.type != "cpu":
-        return [], None
-    return [v for v in operands if v.dtype != out.dtype and v.dim() > 0], out.dtype
+    if not all(isinstance(t, torch.Tensor) for t in operands) or not isinstance(out, torch.Tensor) or out.device.type != "cpu":
+        return None
+    copied = [v for v in operands if v.dtype != out.dtype and v.dim() > 0]
+    if not copied:
+        return None
+    pieces = (
+        any(concrete_int(v.numel()) > PIECE_ELEMENTS for v in copied)
+        and all(t.shape == out.shape and t.is_contiguous() for t in (*operands, out))
+        and out.dtype == torch.result_type(*operands)
+    )
+    return _Promotion(copied, out.dtype, pieces)
 
 
 def runs_in_pieces(node: fx.Node) -> bool:
     """Whether the eager codegen runs ``node`` in pieces (module docstring): it copies a
     promoted operand of more than one piece, and its operands and output are
     contiguous, of one shape, the output of the common dtype."""
-    promoted, _ = _promoted(node)
-    if not promoted or all(concrete_int(v.numel()) <= PIECE_ELEMENTS for v in promoted):
-        return False
-    operands = _operands(node)
-    out = meta.fake_value(node)
-    tensors = [*operands, out]
-    return all(isinstance(t, torch.Tensor) and t.shape == out.shape and t.is_contiguous() for t in tensors) and (
-        out.dtype == torch.result_type(*operands)
-    )
+    promotion = _promotion(node)
+    return promotion is not None and promotion.pieces
 
 
 def promoted_copy_bytes(node: fx.Node) -> int:
     """Bytes of the promoted copies ``node``'s CPU kernel holds while it runs, as the
     eager codegen runs it (one piece's, when `runs_in_pieces`)."""
-    promoted, common = _promoted(node)
-    if not promoted or common is None:
+    promotion = _promotion(node)
+    if promotion is None:
         return 0
-    size = common.itemsize
-    pieces = runs_in_pieces(node)
-    return sum(size * (min(concrete_int(v.numel()), PIECE_ELEMENTS) if pieces else concrete_int(v.numel())) for v in promoted)
+    elements = (concrete_int(v.numel()) for v in promotion.copied)
+    return promotion.dtype.itemsize * sum(min(n, PIECE_ELEMENTS) if promotion.pieces else n for n in elements)
 
 
 def in_pieces(op: torch._ops.OpOverload, a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
@@ -120,7 +124,7 @@ def run_in_pieces(graph: fx.Graph) -> int:
     rewritten. Needs fake values on the nodes."""
     count = 0
     for node in graph.nodes:
-        if node.op == "call_function" and node.target in PROMOTING and runs_in_pieces(node):
+        if runs_in_pieces(node):
             node.args = (node.target, *node.args)
             node.target = in_pieces
             count += 1
