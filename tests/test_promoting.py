@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-import memopt
 from memopt.analysis.workspace import workspace_bytes
 from memopt.codegen.eager import compile_eager
 from memopt.codegen.promoting import PIECE_ELEMENTS, in_pieces, promoted_copy_bytes, runs_in_pieces
@@ -177,10 +176,15 @@ def test_a_compiled_dropout_backward_multiplies_its_mask_in_pieces():
 
 
 def test_memopt_estimates_count_promoted_copies_only_where_eager_holds_them():
-    """The unfused model counts a promoted copy; the fused one (Inductor) does not."""
+    """The unfused model counts a promoted copy, on CPU and on the meta device alike (a
+    model estimated on meta tensors); the fused one (Inductor) does not."""
     gm = make_fx(lambda a, b: a * b, tracing_mode="fake")(torch.randn(8, 8), torch.rand(8, 8) > 0.5)
     (node,) = [n for n in gm.graph.nodes if n.target == aten.mul.Tensor]
     assert workspace_bytes(node, CPU) == 8 * 8 * 4
     assert workspace_bytes(node, CPU, fused=True) == 0
     assert workspace_bytes(node, torch.device("meta")) == workspace_bytes(node, CPU)
-    assert memopt is not None
+    on_meta = make_fx(lambda a, b: a * b, tracing_mode="fake")(
+        torch.randn(8, 8, device="meta"), torch.empty(8, 8, dtype=torch.bool, device="meta")
+    )
+    (meta_node,) = [n for n in on_meta.graph.nodes if n.target == aten.mul.Tensor]
+    assert workspace_bytes(meta_node, torch.device("meta")) == workspace_bytes(node, CPU)  # a model on the meta device

@@ -68,7 +68,9 @@ def _promotion(node: fx.Node) -> _Promotion | None:
         return None
     operands = [meta.fake_value(a) if isinstance(a, fx.Node) else None for a in node.args[:2]]
     out = meta.fake_value(node)
-    if not all(isinstance(t, torch.Tensor) for t in operands) or not isinstance(out, torch.Tensor) or out.device.type != "cpu":
+    if not all(isinstance(t, torch.Tensor) for t in operands) or not isinstance(out, torch.Tensor):
+        return None
+    if out.device.type not in ("cpu", "meta"):  # meta: estimates equal the CPU's; CUDA casts as it reads
         return None
     copied = [v for v in operands if v.dtype != out.dtype and v.dim() > 0]
     if not copied:
