@@ -466,7 +466,7 @@ def _mix_budgets(step: Any, timeline: Any, points: list[float]) -> list[int]:
 
 
 def _mix_cells(step: Any, timeline: Any, budget: int, bw: tuple[float, float], sizes: Sizes) -> list[str]:
-    from memopt.analysis.storage_cost import Bandwidth
+    from memopt.analysis.storage_cost import bandwidth_for
     from memopt.config import MemoptConfig
     from memopt.graph.partition import saved_names
     from memopt.plan.planner import plan_region
@@ -474,7 +474,7 @@ def _mix_cells(step: Any, timeline: Any, budget: int, bw: tuple[float, float], s
     from memopt.plan.storage import StorageOptions, plan_storage
 
     reference = evaluate(step, frozenset(saved_names(step))).seconds  # the min-cut partition's own recompute
-    band = Bandwidth(*bw)
+    band = bandwidth_for(torch.device("cpu"), *bw)
 
     def cell(peak: int, seconds: float, extra: str = "") -> str:
         fits = "" if peak <= budget else f"**infeasible** (peak {format_bytes(peak)})"

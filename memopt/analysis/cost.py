@@ -7,10 +7,15 @@ fresh outputs. Time is the roofline ``max(flops / peak_flops, bytes / bandwidth)
 plus a fixed per-op launch overhead; views cost nothing. Ops that draw random numbers
 (dropout, and memopt's replay of a dropout mask) add one draw per output element at
 the device's draw rate: on a CPU a draw costs about 50 times a float32 multiply.
+
+`copies_share_compute_cores` says whether an offload's copies (the disk store's I/O
+thread) run on the cores the step computes on; when they do, their CPU time adds to
+the step (`DeviceModel.spill_copy_bytes_per_s`).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +28,7 @@ from memopt.analysis.aliasing import concrete_int
 from memopt.graph import meta
 from memopt.graph import rng  # noqa: F401  (registers torch.ops.memopt's dropout ops)
 
-__all__ = ["DeviceModel", "OpCost", "node_cost", "device_model", "is_view"]
+__all__ = ["DeviceModel", "OpCost", "node_cost", "device_model", "copies_share_compute_cores", "is_view"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,11 @@ class DeviceModel:
     network_bytes_per_s: float = 1e9
     """Bytes per second one rank sends or receives in a collective (ring algorithms:
     an all-gather or reduce-scatter of S bytes over N ranks moves S (N-1)/N)."""
+    spill_copy_bytes_per_s: float = 1.5 * 2**30
+    """Bytes per second the host's cores move a value to a file and back: the write
+    into the page cache plus the read into a fresh tensor (its pages faulted in), one
+    offload's CPU work on the disk store's I/O thread. Measured on this project's CPU:
+    5.5 GiB/s written, 2.1 GiB/s read, 1.5 GiB/s for the round trip."""
 
 
 _DEVICES = {
@@ -55,6 +65,23 @@ _DEVICES = {
 
 def device_model(device: torch.device) -> DeviceModel:
     return _DEVICES.get(device.type, _DEVICES["cuda"])
+
+
+def copies_share_compute_cores(device: torch.device) -> bool:
+    """Whether offload copies for a step on ``device`` run on the cores it computes on:
+    a CPU step (or a meta one, planned as a CPU's) whose intra-op threads
+    (`torch.get_num_threads`) use every core this process may run on. The store's I/O
+    thread then takes its CPU time from the step (measured, docs/offload.md: on two
+    cores, a Llama step's 62 MiB of offloads cost 40-47 ms with both cores computing,
+    3-8 ms with one left free). An accelerator's step computes elsewhere, and a
+    host store's copies are the copy engine's."""
+    if device_model(device).name != "cpu":
+        return False
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return torch.get_num_threads() >= cores
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ of a step, what that would save and cost, without rewriting anything:
   (prefetch; the start of backward at the earliest);
 * the modelled step time added: a compression's two kernels (each storage read and
   written once to compress and once to restore, at the device's bandwidth, plus two
-  launches); an offload's launches plus the part of the read that no compute hides.
+  launches); an offload's launches plus the part of the read that no compute hides,
+  plus, where the copies run on the cores the step computes on (a CPU step using
+  every core: `Bandwidth.copy_bytes_per_s`), their CPU time, which nothing hides.
 
 Candidates are modelled one value at a time. The transfers of the values a plan
 offloads share one link (one I/O thread per store, first in first out), so
@@ -39,6 +41,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from memopt.analysis.aliasing import concrete_int
 from memopt.analysis.compressible import (
     SavedStorage,
@@ -47,13 +51,13 @@ from memopt.analysis.compressible import (
     saved_storages,
     stored_bytes,
 )
-from memopt.analysis.cost import device_model, node_cost
+from memopt.analysis.cost import copies_share_compute_cores, device_model, node_cost
 from memopt.analysis.memory import LiveInterval, MemoryTimeline, finish_timeline
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs
 
 __all__ = [
-    "StorageCandidate", "Bandwidth", "storage_candidates", "storage_key", "with_stored", "share_link", "MIN_OFFLOAD_BYTES",
+    "StorageCandidate", "Bandwidth", "bandwidth_for", "storage_candidates", "storage_key", "with_stored", "share_link", "MIN_OFFLOAD_BYTES",
 ]
 
 MIN_OFFLOAD_BYTES = 1 << 20
@@ -67,6 +71,22 @@ class Bandwidth:
 
     write: float
     read: float
+    copy_bytes_per_s: float | None = None
+    """Where the transfers' copies run on the cores the step computes on
+    (`memopt.analysis.cost.copies_share_compute_cores`): the rate at which those cores
+    move a value out and back in; each offload then adds ``nbytes / copy_bytes_per_s``
+    to the step, hidden by nothing. None: the copies run beside the compute."""
+
+    def copy_seconds(self, nbytes: int) -> float:
+        """The step time an offload of ``nbytes`` spends copying on the step's cores."""
+        return 0.0 if self.copy_bytes_per_s is None else nbytes / self.copy_bytes_per_s
+
+
+def bandwidth_for(device: torch.device, write: float, read: float) -> Bandwidth:
+    """The planner's `Bandwidth` for a step on ``device`` with a target's ``write`` and
+    ``read`` rates: the copies' CPU cost is charged where they share the step's cores."""
+    shared = copies_share_compute_cores(device)
+    return Bandwidth(write, read, device_model(device).spill_copy_bytes_per_s if shared else None)
 
 
 @dataclass(frozen=True)
@@ -90,6 +110,9 @@ class StorageCandidate:
     """Offload: backward compute nodes between the reload's start and the first use."""
     read_seconds: float = 0.0
     """Offload: the read's share of ``transfer_seconds``."""
+    copy_seconds: float = 0.0
+    """Offload: the copies' CPU time on the step's cores (`Bandwidth.copy_seconds`),
+    part of ``seconds``."""
     last: int = -1
     """Offload: timeline index of the last forward reader."""
     first: int = -1
@@ -247,11 +270,12 @@ def _offloaded(group: SavedStorage, target: str, bandwidth: Bandwidth, places: _
     if back < away:
         return None  # no point of the window is free of the value
     exposed = max(0.0, read_s - hidden)
-    seconds = exposed + 2 * places.device.op_overhead_s
+    copy_s = bandwidth.copy_seconds(group.nbytes)
+    seconds = exposed + 2 * places.device.op_overhead_s + copy_s
     return StorageCandidate(
         group, "offload", target, iv.nbytes, 0, away, back, seconds,
         transfer_seconds=write_s + read_s, hidden_seconds=min(hidden, read_s) + write_s, reload_lead=first - 1 - back,
-        read_seconds=read_s, last=last, first=first, clock=places.clock,
+        read_seconds=read_s, copy_seconds=copy_s, last=last, first=first, clock=places.clock,
     )  # fmt: skip
 
 
@@ -277,7 +301,7 @@ def share_link(chosen: Sequence[StorageCandidate]) -> tuple[list[StorageCandidat
         else:
             start, stall = reads[key]
             kept.append(dataclasses.replace(
-                c, away=away[key], back=start - 1, seconds=stall + 2 * clock.overhead,
+                c, away=away[key], back=start - 1, seconds=stall + 2 * clock.overhead + c.copy_seconds,
                 hidden_seconds=c.transfer_seconds - stall, reload_lead=c.first - start,
             ))  # fmt: skip
     return kept, dropped

@@ -29,7 +29,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 import memopt.codegen.offload  # noqa: F401  - registers torch.ops.memopt.offload/reload_*
 from memopt.analysis.compressible import SavedStorage
 from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
-from memopt.analysis.storage_cost import Bandwidth
+from memopt.analysis.storage_cost import Bandwidth, bandwidth_for
 from memopt.config import MemoptConfig
 from memopt.errors import MemoptOffloadError
 from memopt.graph import meta
@@ -73,14 +73,15 @@ def resolve_target(option: str, device: torch.device) -> str:
 
 def offload_target_and_bandwidth(config: MemoptConfig, device: torch.device) -> tuple[str, Bandwidth]:
     """The target for ``config.offload`` on ``device`` and its bandwidth (given by
-    ``offload_bandwidth``, else measured once per process)."""
+    ``offload_bandwidth``, else measured once per process), with the copies' CPU cost
+    where they share the step's cores (`memopt.analysis.storage_cost.bandwidth_for`)."""
     from memopt.runtime import bandwidth
 
     assert config.offload is not None
     target = resolve_target(config.offload, device)
     with unset_fake_temporarily():  # compiles run under a fake mode; the measurement moves real bytes
         write, read = bandwidth(target, device, given=config.offload_bandwidth, offload_dir=config.offload_dir)
-    return target, Bandwidth(write, read)
+    return target, bandwidth_for(device, write, read)
 
 
 class OffloadSavedActivations(Pass):

@@ -196,7 +196,7 @@ def _storage_applied(
         reason = _storage_reason(c, why)
         details = {
             "stored_bytes": c.kept_bytes, "modelled_seconds": c.seconds, "transfer_seconds": c.transfer_seconds,
-            "hidden_seconds": c.hidden_seconds, "values": list(c.names),
+            "hidden_seconds": c.hidden_seconds, "copy_seconds": c.copy_seconds, "values": list(c.names),
         }  # fmt: skip
         names = [*c.names, c.group.base.name if c.group.base is not None else ""]
         at = next((by_name[n] for n in names if n in by_name), None)
@@ -217,9 +217,10 @@ def _storage_reason(c: Any, why: str) -> str:
     if c.kind == "compress":
         return f"saved, stored as {c.how} ({c.full_bytes} -> {c.kept_bytes} bytes) between its forward and backward uses, {why}"
     hidden = 1.0 if c.transfer_seconds == 0 else c.hidden_seconds / c.transfer_seconds
+    copying = f", plus {c.copy_seconds * 1e3:.2f} ms of copying on the step's cores" if c.copy_seconds else ""
     return (
         f"offloaded to {c.how} after its last forward use, reloaded {c.reload_lead} op(s) before its first "
-        f"backward use; modelled transfer {c.transfer_seconds * 1e3:.2f} ms, {hidden:.0%} hidden, {why}"
+        f"backward use; modelled transfer {c.transfer_seconds * 1e3:.2f} ms, {hidden:.0%} hidden{copying}, {why}"
     )
 
 
