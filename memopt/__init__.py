@@ -9,7 +9,7 @@ the testing helpers.
 
 from memopt.backends.dynamo import memopt_backend
 from memopt.config import MemoptConfig
-from memopt.errors import MemoptBudgetError, MemoptFitError, MemoptInternalError, MemoptWarning
+from memopt.errors import MemoptBudgetError, MemoptBudgetWarning, MemoptFitError, MemoptInternalError, MemoptWarning
 from memopt.explain import Explanation, explain, record
 from memopt.fit import FitResult, fit
 from memopt.passes.base import PassFailure
@@ -20,6 +20,7 @@ __all__ = [
     "memopt_backend",
     "MemoptConfig",
     "MemoptWarning",
+    "MemoptBudgetWarning",
     "MemoptBudgetError",
     "MemoptInternalError",
     "MemoptFitError",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 __all__ = [
     "MemoptWarning",
+    "MemoptBudgetWarning",
     "MemoptBudgetError",
     "MemoptInternalError",
     "MemoptOffloadError",
@@ -19,9 +20,14 @@ class MemoptWarning(UserWarning):
     and why."""
 
 
+class MemoptBudgetWarning(MemoptWarning):
+    """The requested ``memory_budget`` cannot be met: memopt runs the plan with the
+    smallest peak it found (`MemoptBudgetError` with ``strict=True``)."""
+
+
 class MemoptBudgetError(ValueError):
     """The requested ``memory_budget`` cannot be met (raised with ``strict=True``;
-    otherwise a `MemoptWarning`). The message gives the smallest reachable peak and
+    otherwise a `MemoptBudgetWarning`). The message gives the smallest reachable peak and
     what blocks going lower."""
 
 

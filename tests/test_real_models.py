@@ -35,16 +35,29 @@ INFEASIBLE = "is infeasible for region"
 
 
 def _compiled_step(
-    model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], options: Mapping[str, Any], **compile_kwargs: Any
+    model: torch.nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    options: Mapping[str, Any],
+    **compile_kwargs: Any,
 ) -> tuple[Any, list[RegionRecord], list[str]]:
-    """One training step of ``model`` compiled with memopt: its output, the regions'
-    records and memopt's warnings."""
+    """Training steps of ``model`` compiled with memopt, as a training loop runs them:
+    one, or under a budget three (whole-step planning settles in them: a region
+    planned alone may be planned again for its step, and holds its budget warning
+    until it is known whether it will be). Returns the first step's output, with the model's
+    gradients left as that step made them; the regions' records as they end; and
+    memopt's warnings."""
     compiled = torch.compile(model, backend="memopt", options=dict(options), **compile_kwargs)
     with recording() as records, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", memopt.MemoptWarning)
         torch.manual_seed(1)
         out = compiled(**inputs)
         out.loss.backward()
+        first = {p: p.grad for p in model.parameters()}
+        for _ in range(2 if "memory_budget" in options else 0):
+            model.zero_grad(set_to_none=True)
+            compiled(**inputs).loss.backward()
+        for p, grad in first.items():
+            p.grad = grad
     return out, records, [str(w.message) for w in caught if issubclass(w.category, memopt.MemoptWarning)]
 
 

@@ -98,7 +98,10 @@ def _run(
     """Compile, run ``steps`` steps, then measure one: (measured peak bytes with the
     parameters and inputs, the recorded explanation, the gradients)."""
     model, (ids, targets), compiled = _compiled(budget, whole, model_cls, codegen)
-    step: Callable[[], None] = lambda: compiled(ids, targets).backward()  # noqa: E731
+
+    def step() -> None:
+        out = compiled(ids, targets)  # a tuple (KeepsLogits) is kept through backward
+        (out[0] if isinstance(out, tuple) else out).backward()
     with memopt.record() as explanation, warnings.catch_warnings():
         warnings.simplefilter("ignore", memopt.MemoptWarning)
         for _ in range(steps):
@@ -156,16 +159,22 @@ def test_three_regions_are_planned_as_one_step() -> None:
     assert all(torch.equal(grads[n], grads_before[n]) for n in grads_before)
 
 
-def test_regions_stay_planned_alone_when_the_caller_keeps_the_outputs(unbudgeted: Any) -> None:
-    _, explanation, _ = unbudgeted
-    _, (ids, targets), compiled = _compiled(int(0.8 * explanation.estimated_peak_bytes), model_cls=KeepsLogits)
-    with memopt.record() as explanation, warnings.catch_warnings():
-        warnings.simplefilter("ignore", memopt.MemoptWarning)
-        for _ in range(4):
-            loss, logits = compiled(ids, targets)
-            loss.backward()  # the logits are alive through the backward
-    first = explanation.regions[0]
-    assert not any("planned for the whole step" in note for note in first.plan.notes)
+def test_a_step_whose_caller_keeps_outputs_is_planned_whole() -> None:
+    """The caller keeps the logits through backward: the first region is planned
+    again for the step, counting the kept logits live after it (its estimate is the
+    composed step's, which the recorded observation gives too), and the budget
+    holds, measured."""
+    _, unbudgeted, grads_before = _run(None, model_cls=KeepsLogits)
+    budget = int(0.8 * unbudgeted.estimated_peak_bytes)
+    peak, explanation, grads = _run(budget, model_cls=KeepsLogits)
+    first, second = explanation.regions
+    assert first.kept_outputs, "the logits are observed kept"
+    whole = [note for note in first.plan.notes if f"this region, {second.region}" in note]
+    assert whole and "1 output(s) kept by the caller" in whole[0], first.plan.notes
+    assert first.plan.estimated_peak_after == second.plan.estimated_peak_after == explanation.estimated_peak_bytes
+    assert explanation.estimated_peak_bytes <= budget
+    assert peak <= 1.05 * budget, (peak, budget)
+    assert all(torch.equal(grads[n], grads_before[n]) for n in grads_before)
 
 
 def test_a_region_output_it_saves_itself_lives_until_its_backward() -> None:
@@ -279,3 +288,53 @@ def test_under_a_budget_inductor_compiles_without_aotautograds_cache(monkeypatch
                 partition_always=partition_always,
             )  # fmt: skip
     assert seen == [(True, None), (False, None)]
+
+
+def _budget_warnings(budget: int, whole: bool = True, steps: int = 4) -> list[str]:
+    """The `MemoptBudgetWarning` messages of ``steps`` steps of `BreakLM`."""
+    _, (ids, targets), compiled = _compiled(budget, whole)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            compiled(ids, targets).backward()
+    return [str(w.message) for w in caught if issubclass(w.category, memopt.MemoptBudgetWarning)]
+
+
+def test_a_budget_the_step_meets_raises_no_alarm(unbudgeted: Any) -> None:
+    """A region planned alone may judge a budget infeasible that its step meets (the
+    loss region alone counts the first region's saved values; the first alone counts
+    its logits kept after the step): while whole-step planning may plan it again, its
+    budget warning is held, and dropped when the step's plan replaces it."""
+    _, explanation, _ = unbudgeted
+    budget = int(0.8 * explanation.estimated_peak_bytes)
+    assert _budget_warnings(budget) == []
+    assert _budget_warnings(budget, whole=False), "control: planned alone, a region raises the false alarm"
+
+
+def test_an_infeasible_budget_warns_once_per_region(unbudgeted: Any) -> None:
+    """At a budget nothing meets, each region's warning comes once: the loss region's
+    at its compile, the first region's from its whole-step plan (the one it held
+    from its compile alone is dropped)."""
+    _, explanation, _ = unbudgeted
+    messages = _budget_warnings(int(0.01 * explanation.estimated_peak_bytes))
+    regions = sorted(m.split(" is infeasible for region ")[1].split(":")[0] for m in messages)
+    assert [r.region for r in explanation.regions] == regions, messages
+
+
+def test_a_single_region_step_emits_its_held_warning_at_its_first_backward() -> None:
+    """One region (no graph break): its compile alone holds the warning until the
+    first step completes, then emits it, once."""
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "memory_budget": 1024})
+    x = torch.randn(128, 64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = compiled(x).sum()
+        assert not [w for w in caught if issubclass(w.category, memopt.MemoptBudgetWarning)]
+        out.backward()
+        held = [w for w in caught if issubclass(w.category, memopt.MemoptBudgetWarning)]
+        assert len(held) == 1 and "infeasible" in str(held[0].message)
+        for _ in range(3):
+            compiled(x).sum().backward()
+    assert len([w for w in caught if issubclass(w.category, memopt.MemoptBudgetWarning)]) == 1

@@ -27,7 +27,6 @@ see the steady state.
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from memopt.backends.record import RegionRecord
-from memopt.backends.wholestep import _backward_node, _saved_storages, _storage_key, _weak
+from memopt.backends.wholestep import OutputRefs, _backward_node, _storage_key, _weak, kept_outputs
 
 __all__ = ["observe_outputs"]
 
@@ -77,11 +76,7 @@ def _watch(record: Callable[[], RegionRecord], args: tuple[Any, ...], outputs: A
     current = record()
     current.input_sources = _sources(args)
     _remember(current.region, tensors)
-    refs = {
-        pos: (weakref.ref(t), StorageWeakRef(t.untyped_storage()))
-        for pos, t in tensors.items()
-        if _storage_key(t) not in inputs
-    }
+    refs = {pos: r for pos, t in tensors.items() if (r := OutputRefs.of(t, inputs)) is not None}
     node.register_prehook(functools.partial(_backward_starts, record, refs, _weak(node)))
 
 
@@ -111,17 +106,7 @@ def _remember(region: str, tensors: dict[int, torch.Tensor]) -> None:
 
 
 def _backward_starts(
-    record: Callable[[], RegionRecord],
-    refs: dict[int, tuple[weakref.ref[torch.Tensor], StorageWeakRef]],
-    node: Callable[[], Any] | None,
-    _: Any,
+    record: Callable[[], RegionRecord], refs: dict[int, OutputRefs], node: Callable[[], Any] | None, _: Any
 ) -> None:
-    owner = node() if node is not None else None
-    own = _saved_storages(owner) if owner is not None else set()
-    record().kept_outputs = frozenset(
-        pos
-        for pos, (tensor, storage) in refs.items()
-        # the tensor itself, or (a view of) its storage that the region does not save
-        if tensor() is not None or (not storage.expired() and storage.cdata not in own)
-    )
+    record().kept_outputs = kept_outputs(refs, node)
     return None

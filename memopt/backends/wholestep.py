@@ -13,29 +13,37 @@ to them. memopt plans such a step in three moves:
    its outputs through its backward: safe, but it may recompute more than the budget
    requires.
 3. A `StepTracker` watches the regions run: forwards in order, then each backward
-   (an autograd pre-hook on the region's backward node). When a step completes (every
-   region's backward has started) with more than one region, and each non-final
-   region's outputs were released before its backward (no storage of them alive when
-   its backward starts: the next region consumed them), the non-final regions are
+   (an autograd pre-hook on the region's backward node). It notes which of a
+   region's outputs the caller still holds when the region's backward starts (the
+   tensor, or a storage of it the region does not save for itself: a Hugging Face
+   model's output object keeps the logits and key/value caches), and which inputs of
+   a region are an earlier region's outputs. When a step completes (every region's
+   backward has started) with more than one region, the non-final regions are
    compiled once more, at their next call, planned for the whole step
-   (`StepContext.later`): their plan keeps room for the later regions' peak on top of
-   their saved values. The later regions keep their plans, which the re-planned
-   region took as given.
+   (`StepContext.later`, with the kept outputs and input sources observed): their
+   plan keeps room for the later regions' peak on top of their saved values, and
+   counts the outputs the caller keeps as live after the step and the others as
+   handed on. The later regions keep their plans, which the re-planned region took
+   as given.
 
 Re-planning happens at most once per compiled region, only under a memory budget,
 and only for graphs with static shapes (it traces the Dynamo graph again on fake
 copies of the example inputs). A step that does not follow the forward-in-order,
-backward-in-reverse pattern (gradient accumulation, a forward with no backward, a
-region whose outputs the caller keeps) is not used: those regions stay planned alone.
+backward-in-reverse pattern (gradient accumulation, a forward with no backward) is
+not used: those regions stay planned alone. A step in which the caller keeps outputs
+is used from the second step on: during the compile step Dynamo's tracing state may
+still hold a region's outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
+import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +55,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
 from memopt.backends.region import RegionCompiler
+from memopt.errors import MemoptBudgetWarning
 from memopt.failsoft import fail_soft
 from memopt.graph import meta
 from memopt.plan.step_context import RegionInStep, StepContext
@@ -72,12 +81,18 @@ class CompiledRegion:
         self._compile = compile
         self._gm = gm
         self._fakes = _fake_copies(gm, example_inputs)
-        self.fn = compile(compiler, gm, example_inputs)
+        alone = compiler.context is None and self._fakes is not None
+        with _holding_budget_warnings(alone) as held:
+            self.fn = compile(compiler, gm, example_inputs)
         compiler.example_inputs = ()  # real tensors: not kept past the compile
         self.tracking = compiler.record.kind == "training"
+        self._held = held if self.tracking else []
+        if not self.tracking:
+            _emit(held)
         self.steps_seen = 0
+        self.calls = 0
         self.replanned = False
-        self._step: list[CompiledRegion] | None = None  # set: re-plan in this step at the next call
+        self._step: tuple[list[CompiledRegion], _Observed] | None = None  # set: re-plan at the next call
 
     @property
     def name(self) -> str:
@@ -97,22 +112,31 @@ class CompiledRegion:
             return None
         return RegionInStep(record.step_before, record.timeline_before, record.step, record.timeline_after)
 
-    def replan_in(self, step: list[CompiledRegion]) -> None:
-        """Compile again, planned for ``step`` (the regions in forward order), at the
-        next call."""
-        self._step = step
+    def replan_in(self, step: list[CompiledRegion], observed: _Observed) -> None:
+        """Compile again, planned for ``step`` (the regions in forward order, run as
+        ``observed``), at the next call."""
+        self._step = (step, observed)
 
     def __call__(self, *args: Any) -> Any:
         if self._step is not None:
             self._replan(self._step)
+        self.calls += 1
+        if self._held and self.calls > OBSERVED_STEPS + 1:
+            self.settle()  # no step of it completed: it stays planned alone
         outputs = self.fn(*args)
         if self.tracking:
             TRACKER.forward_ran(self, args, outputs)
         return outputs
 
-    def _replan(self, step: list[CompiledRegion]) -> None:
+    def settle(self) -> None:
+        """The region keeps the plan it has: emit the budget warnings its compile held."""
+        held, self._held = self._held, []
+        _emit(held)
+
+    def _replan(self, planned: tuple[list[CompiledRegion], _Observed]) -> None:
         self._step, self.replanned = None, True
-        context = _context_of(step, step.index(self))
+        step, observed = planned
+        context = _context_of(step, step.index(self), observed)
         assert self._fakes is not None
         old = self.compiler
         compiler = old.replanned(context, self._fakes)
@@ -120,6 +144,7 @@ class CompiledRegion:
         try:
             self.fn = self._compile(compiler, self._gm, self._fakes)
         except Exception as exc:  # noqa: BLE001 - fail soft, see memopt.failsoft
+            self.settle()
             compiler.hand_back_record(old)
             old.record.fallbacks.append(
                 fail_soft(
@@ -129,17 +154,51 @@ class CompiledRegion:
             )
             return
         self.compiler = compiler
+        self._held = []  # the step's plan replaces the one they were about (it warns itself)
         for i, other in enumerate(step):
             if other is not self:
-                other.compiler.place_in(_context_of(step, i))
+                other.compiler.place_in(_context_of(step, i, observed))
 
 
-def _context_of(step: list[CompiledRegion], i: int) -> StepContext:
+@dataclass(frozen=True)
+class _Observed:
+    """How a step's regions ran (`StepContext.kept_outputs`, ``input_sources``)."""
+
+    kept_outputs: tuple[frozenset[int], ...]
+    input_sources: tuple[dict[int, tuple[int, int]], ...]
+
+
+def _context_of(step: list[CompiledRegion], i: int, observed: _Observed) -> StepContext:
     """Region ``i``'s context in ``step`` (regions in forward order, each with a
     plan: checked when the step completed), as planned now."""
     earlier, later = [r.in_step() for r in step[:i]], [r.in_step() for r in step[i + 1 :]]
     assert None not in earlier and None not in later
-    return StepContext(tuple(earlier), tuple(later))  # type: ignore[arg-type]
+    return StepContext(tuple(earlier), tuple(later), observed.kept_outputs, observed.input_sources)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def _holding_budget_warnings(hold: bool) -> Iterator[list[warnings.WarningMessage]]:
+    """While compiling a region planned alone that whole-step planning may plan again:
+    collect its `MemoptBudgetWarning`s instead of emitting them (a region planned
+    alone may judge a budget infeasible that its step meets); every other warning
+    passes. The caller emits them (`_emit`) once the region keeps its plan."""
+    if not hold:
+        yield []
+        return
+    held: list[warnings.WarningMessage] = []
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # type: ignore[assignment]
+            warnings.simplefilter("always", MemoptBudgetWarning)
+            yield held
+    finally:
+        held.extend(w for w in caught if issubclass(w.category, MemoptBudgetWarning))
+        _emit([w for w in caught if not issubclass(w.category, MemoptBudgetWarning)])
+
+
+def _emit(caught: Sequence[warnings.WarningMessage]) -> None:
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 def _fake_copies(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[Any, ...] | None:
@@ -162,17 +221,58 @@ class _Run:
     """One forward run of a region whose backward is expected."""
 
     region: CompiledRegion
-    outputs: list[StorageWeakRef]
+    outputs: dict[int, OutputRefs]
+    """Output position -> weak references to the output (`OutputRefs`)."""
+    sources: dict[int, tuple[_Run, int]]
+    """Input position -> (the earlier run of the step, its output position) for the
+    inputs that were an earlier run's output storages."""
     node: Callable[[], Any] | None = None
     """Weak reference to the region's backward node (None: not weakly referable)."""
-    released: bool | None = None
-    """Set when its backward starts: whether no output storage was alive then."""
+    kept: frozenset[int] | None = None
+    """Set when its backward starts: the output positions the caller still held."""
 
     @property
     def abandoned(self) -> bool:
         """Its autograd graph is gone before its backward started (a forward whose
         result was dropped, e.g. an evaluation with gradients enabled)."""
-        return self.released is None and self.node is not None and self.node() is None
+        return self.kept is None and self.node is not None and self.node() is None
+
+    def produced(self, storage: torch.Tensor) -> int | None:
+        """The output position whose storage ``storage`` (a plain tensor) is, if any."""
+        ref = StorageWeakRef(storage.untyped_storage())
+        for pos, out in self.outputs.items():
+            if any(not s.expired() and s.cdata == ref.cdata for s in out.storages):
+                return pos
+        return None
+
+
+@dataclass(frozen=True)
+class OutputRefs:
+    """Weak references to one output of a region call: the tensor, and the plain
+    storages holding it that are not the call's inputs."""
+
+    tensor: Callable[[], Any]
+    storages: tuple[StorageWeakRef, ...]
+
+    @classmethod
+    def of(cls, t: torch.Tensor, inputs: set[int]) -> OutputRefs | None:
+        """None when every storage of ``t`` is an input (returned as it came in)."""
+        storages = tuple(StorageWeakRef(p.untyped_storage()) for p in _plain(t) if _storage_key(p) not in inputs)
+        return cls(weakref.ref(t), storages) if storages else None
+
+    def kept(self, own: set[int]) -> bool:
+        """Whether the caller holds this output as its region's backward starts: the
+        tensor object, or a storage of it that the region (whose saved storages are
+        ``own``) does not save for its own backward, is alive."""
+        return self.tensor() is not None or any(not s.expired() and s.cdata not in own for s in self.storages)
+
+
+def kept_outputs(outputs: dict[int, OutputRefs], node: Callable[[], Any] | None) -> frozenset[int]:
+    """The positions of ``outputs`` the caller holds when the backward of ``node`` (a
+    weak reference to the region's backward node) starts."""
+    owner = node() if node is not None else None
+    own = _saved_storages(owner) if owner is not None else set()
+    return frozenset(pos for pos, refs in outputs.items() if refs.kept(own))
 
 
 @dataclass
@@ -189,7 +289,7 @@ class StepTracker:
         started, in forward order."""
         with self.lock:
             self._forget_abandoned()
-            return [r.region for r in self.runs if r.released is None]
+            return [r.region for r in self.runs if r.kept is None]
 
     def forward_ran(self, region: CompiledRegion, args: Sequence[Any], outputs: Any) -> None:
         tensors = [t for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
@@ -199,13 +299,13 @@ class StepTracker:
         if node is None:
             return  # no gradient flows back through this call: not part of a training step
         inputs = {_storage_key(p) for a in args if isinstance(a, torch.Tensor) for p in _plain(a)}
-        plain = [p for t in tensors for p in _plain(t)]
-        refs = [StorageWeakRef(p.untyped_storage()) for p in plain if _storage_key(p) not in inputs]
-        run = _Run(region, refs, _weak(node))
+        outs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        refs = {pos: r for pos, t in enumerate(outs) if isinstance(t, torch.Tensor) and (r := OutputRefs.of(t, inputs))}
         with self.lock:
             self._forget_abandoned()
             if any(r.region is region for r in self.runs):  # again before its backward: not one clean step
                 self.runs, self.backward_order = [], []
+            run = _Run(region, refs, self._sources(args), _weak(node))
             self.runs.append(run)
         # The hook reaches the node through the run's weak reference: a strong one would
         # make a cycle (node -> hook -> node) that keeps an abandoned graph alive.
@@ -215,16 +315,27 @@ class StepTracker:
         """Drop runs whose autograd graph is gone (call with the lock held)."""
         self.runs = [r for r in self.runs if not r.abandoned]
 
+    def _sources(self, args: Sequence[Any]) -> dict[int, tuple[_Run, int]]:
+        """Input position -> (earlier run, output position) for the inputs that are an
+        earlier run's outputs (call with the lock held)."""
+        found = {}
+        for pos, a in enumerate(args):
+            if isinstance(a, torch.Tensor) and not is_traceable_wrapper_subclass(a):
+                for earlier in reversed(self.runs):
+                    if (out := earlier.produced(a)) is not None:
+                        found[pos] = (earlier, out)
+                        break
+        return found
+
     def _backward_starts(self, run: _Run, grad_outputs: Any) -> None:
-        node = run.node() if run.node is not None else None
-        own = _saved_storages(node) if node is not None else set()  # die with its backward
+        kept = kept_outputs(run.outputs, run.node)
         with self.lock:
-            if run.released is not None or not any(r is run for r in self.runs):
+            if run.kept is not None or not any(r is run for r in self.runs):
                 return None
-            run.released = all(ref.expired() or ref.cdata in own for ref in run.outputs)
+            run.kept = kept
             self.backward_order.append(run)
             self._forget_abandoned()
-            if any(r.released is None for r in self.runs):
+            if any(r.kept is None for r in self.runs):
                 return None
             runs, order = self.runs, self.backward_order
             self.runs, self.backward_order = [], []
@@ -239,10 +350,21 @@ is not the last word."""
 
 
 def _step_done(runs: list[_Run], order: list[_Run]) -> None:
-    """A step completed. If it had several regions, in the clean pattern, and every
-    non-final one released its outputs, re-plan those and stop watching; else stop
-    watching regions seen in `OBSERVED_STEPS` steps (or in a one-region step)."""
+    """A step completed. If it had several regions, in the clean pattern (and, when the
+    caller kept outputs, it was not the compile step), re-plan the non-final ones and
+    stop watching; else stop watching regions seen in `OBSERVED_STEPS` steps (or in a
+    one-region step). Regions that keep their plan emit the warnings they held."""
     regions = [r.region for r in runs]
+    try:
+        _decide(runs, order, regions)
+    finally:
+        for region in regions:
+            if not region.tracking and region._step is None:
+                region.settle()
+
+
+def _decide(runs: list[_Run], order: list[_Run], regions: list[CompiledRegion]) -> None:
+    """`_step_done`'s decision: stop watching, wait for another step, or re-plan."""
     for region in regions:
         region.steps_seen += 1
         region.tracking = len(runs) > 1 and region.steps_seen < OBSERVED_STEPS
@@ -251,16 +373,10 @@ def _step_done(runs: list[_Run], order: list[_Run]) -> None:
     if [id(r) for r in order] != [id(r) for r in reversed(runs)]:
         log.debug("backwards ran out of the reverse forward order; the step is not used for planning")
         return
-    kept = [r.region.name for r in runs[:-1] if not r.released]
-    if kept:
-        log.debug("the outputs of region(s) %s were alive at their backward; the step is not used", ", ".join(kept))
-        if not any(r.tracking for r in regions):
-            log.info(
-                "the outputs of region(s) %s stay alive through their backward (kept by the caller): "
-                "the step's %d regions stay planned alone",
-                ", ".join(kept),
-                len(regions),
-            )
+    kept = [r.region.name for r in runs[:-1] if r.kept]
+    if kept and min(r.steps_seen for r in regions) < 2 and any(r.tracking for r in regions):
+        log.debug("the outputs of region(s) %s were alive at their backward in the compile step; "
+                  "waiting for the next step", ", ".join(kept))  # fmt: skip
         return
     for region in regions:
         region.tracking = False
@@ -268,8 +384,13 @@ def _step_done(runs: list[_Run], order: list[_Run]) -> None:
         log.info("a region of the step has no memory plan to compose; the step's regions stay planned alone")
         return
     targets = [r for r in regions[:-1] if r.can_replan]
+    index = {id(r): i for i, r in enumerate(runs)}
+    observed = _Observed(
+        tuple(r.kept or frozenset() for r in runs),
+        tuple({pos: (index[id(src)], out) for pos, (src, out) in r.sources.items() if id(src) in index} for r in runs),
+    )
     for region in targets:
-        region.replan_in(regions)
+        region.replan_in(regions, observed)
     if targets:
         log.info(
             "the step runs %d regions (graph breaks between %s); region(s) %s will be compiled again "

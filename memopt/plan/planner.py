@@ -27,7 +27,7 @@ import torch.fx as fx
 from memopt.analysis.cost import is_view
 from memopt.analysis.memory import MemoryTimeline
 from memopt.config import MemoptConfig
-from memopt.errors import MemoptBudgetError, MemoptWarning
+from memopt.errors import MemoptBudgetError, MemoptBudgetWarning
 from memopt.graph import meta
 from memopt.graph.partition import JointGraph, saved_names
 from memopt.graph.step import StepGraphs
@@ -274,7 +274,7 @@ def _report_infeasible(plan: MemoryPlan, config: MemoptConfig, by: str = "remate
         )
     if config.strict:
         raise MemoptBudgetError(message)
-    warnings.warn(message + " Using the plan with the smallest peak.", MemoptWarning, stacklevel=3)
+    warnings.warn(message + " Using the plan with the smallest peak.", MemoptBudgetWarning, stacklevel=3)
 
 
 def _remat_plan(plan: MemoryPlan, step: StepGraphs, solution: RematSolution, budget: int) -> MemoryPlan:

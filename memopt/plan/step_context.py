@@ -12,12 +12,18 @@ their current plans. `StepContext.place` puts a timeline of the planned region (
 unoptimized one, or any candidate plan's) into the step, so that the budget is checked
 on the step's peak: the planner judges every candidate that way, and a fractional
 budget is a fraction of the step's unoptimized peak (`StepContext.unoptimized_peak`).
+When the backend has watched the step run, the context also says which outputs of
+each region the caller kept through the step's backward and which region inputs
+were an earlier region's outputs (`StepContext.kept_outputs`, ``input_sources``):
+the composition keeps those outputs live after the step and counts each such storage
+once.
 
 Pure data: building or placing never mutates a graph or a timeline.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from memopt.analysis.memory import MemoryTimeline, compose_timelines
@@ -49,13 +55,25 @@ class StepContext:
     (``later``) the planned one in a training step.
 
     Preconditions: every region is a training region (forward and backward) and the
-    region names, the planned one's included, are distinct. The planned region's
-    outputs are assumed handed on to later regions (the caller does not keep them
-    through backward) when ``later`` is not empty: the backend only builds such a
-    context after it has observed that (`memopt.backends.wholestep`)."""
+    region names, the planned one's included, are distinct. ``kept_outputs`` and
+    ``input_sources``, when given, have one entry per region of the step, in forward
+    order (the planned one included), as `memopt.analysis.memory.compose_timelines`
+    takes them; empty: not observed, every output but the last region's handed on."""
 
     earlier: tuple[RegionInStep, ...] = ()
     later: tuple[RegionInStep, ...] = ()
+    kept_outputs: tuple[frozenset[int] | None, ...] = ()
+    """Per region: the positions of its outputs the caller kept through the step's
+    backward (observed; None: not observed)."""
+    input_sources: tuple[Mapping[int, tuple[int, int]], ...] = ()
+    """Per region: input position -> (index of the earlier region in the step, its
+    output position), for inputs that were an earlier region's outputs (observed)."""
+
+    def __post_init__(self) -> None:
+        for name in ("kept_outputs", "input_sources"):
+            given = getattr(self, name)
+            if given and len(given) != self.num_regions:
+                raise ValueError(f"StepContext.{name} has {len(given)} entries for a step of {self.num_regions} regions")
 
     @property
     def num_regions(self) -> int:
@@ -64,7 +82,7 @@ class StepContext:
     def place(self, step: StepGraphs, timeline: MemoryTimeline) -> MemoryTimeline:
         """The step's timeline with ``timeline`` (a timeline of ``step``, the planned
         region) in its place among the other regions, as they are planned now."""
-        return compose_timelines(
+        return self._compose(
             [*((r.step, r.after) for r in self.earlier), (step, timeline), *((r.step, r.after) for r in self.later)]
         )
 
@@ -76,14 +94,19 @@ class StepContext:
             (step, before),
             *((r.step_before, r.before) for r in self.later),
         ]
-        return compose_timelines(parts).peak_bytes
+        return self._compose(parts).peak_bytes
+
+    def _compose(self, parts: list[tuple[StepGraphs, MemoryTimeline]]) -> MemoryTimeline:
+        return compose_timelines(parts, self.kept_outputs or None, self.input_sources or None)
 
     def describe(self) -> str:
         """One line for the plan's notes."""
         names = ", ".join([*(r.name for r in self.earlier), "this region", *(r.name for r in self.later)])
+        kept = sum(len(k) for k in self.kept_outputs[:-1] if k)
+        held = f"; {kept} output(s) kept by the caller through backward" if kept else ""
         return (
             f"planned for the whole step: {self.num_regions} regions split by graph breaks ({names}); "
-            f"peaks and the budget are the step's"
+            f"peaks and the budget are the step's{held}"
         )
 
 
