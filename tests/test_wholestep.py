@@ -202,6 +202,17 @@ def test_step_context_places_a_region_among_the_others(unbudgeted: Any) -> None:
     assert context.num_regions == 2
 
 
+def test_step_context_refuses_observations_of_another_step(unbudgeted: Any) -> None:
+    _, explanation, _ = unbudgeted
+    second = explanation.regions[1]
+    later = (RegionInStep(second.step_before, second.timeline_before, second.step, second.timeline_after),)
+    StepContext(later=later, kept_outputs=(frozenset({0}), frozenset({0})))
+    with pytest.raises(ValueError, match="kept_outputs has 1 entries for a step of 2 regions"):
+        StepContext(later=later, kept_outputs=(frozenset(),))
+    with pytest.raises(ValueError, match="input_sources has 3 entries"):
+        StepContext(later=later, input_sources=({}, {}, {}))
+
+
 def test_option_is_validated() -> None:
     with pytest.raises(ValueError, match="plan_across_graph_breaks"):
         memopt.MemoptConfig.from_options({"plan_across_graph_breaks": "yes"})

@@ -86,9 +86,9 @@ class CompiledRegion:
             self.fn = compile(compiler, gm, example_inputs)
         compiler.example_inputs = ()  # real tensors: not kept past the compile
         self.tracking = compiler.record.kind == "training"
-        self._held = held if self.tracking else []
+        self._held = held
         if not self.tracking:
-            _emit(held)
+            self.settle()  # no step to wait for
         self.steps_seen = 0
         self.calls = 0
         self.replanned = False
@@ -374,7 +374,7 @@ def _decide(runs: list[_Run], order: list[_Run], regions: list[CompiledRegion]) 
         log.debug("backwards ran out of the reverse forward order; the step is not used for planning")
         return
     kept = [r.region.name for r in runs[:-1] if r.kept]
-    if kept and min(r.steps_seen for r in regions) < 2 and any(r.tracking for r in regions):
+    if kept and min(r.steps_seen for r in regions) < 2:
         log.debug("the outputs of region(s) %s were alive at their backward in the compile step; "
                   "waiting for the next step", ", ".join(kept))  # fmt: skip
         return
