@@ -177,6 +177,21 @@ def test_a_step_whose_caller_keeps_outputs_is_planned_whole() -> None:
     assert all(torch.equal(grads[n], grads_before[n]) for n in grads_before)
 
 
+def test_a_fractional_budget_is_one_fraction_of_one_step_in_every_region() -> None:
+    """The loss region is compiled while the first waits (move 1), before anyone has
+    seen the caller keep the logits: it assumed them handed on, so its budget was a
+    fraction of a smaller step peak. Once the step is observed it is planned again,
+    after the first region, and both plan against the same step and budget."""
+    _, explanation, grads_before = _run(None, model_cls=KeepsLogits, steps=1)
+    _, explanation, grads = _run(0.8, model_cls=KeepsLogits)
+    first, second = explanation.regions
+    assert first.plan.budget_bytes == second.plan.budget_bytes, (first.plan.budget_bytes, second.plan.budget_bytes)
+    assert all("1 output(s) kept by the caller" in " ".join(r.plan.notes) for r in (first, second))
+    assert first.plan.estimated_peak_after == second.plan.estimated_peak_after == explanation.estimated_peak_bytes
+    assert explanation.estimated_peak_bytes <= first.plan.budget_bytes
+    assert all(torch.equal(grads[n], grads_before[n]) for n in grads_before)
+
+
 def test_a_region_output_it_saves_itself_lives_until_its_backward() -> None:
     _, explanation, _ = _run(None, model_cls=lambda: BreakLM(keep_hidden=True), steps=1)
     first, second = explanation.regions

@@ -23,8 +23,15 @@ to them. memopt plans such a step in three moves:
    (`StepContext.later`, with the kept outputs and input sources observed): their
    plan keeps room for the later regions' peak on top of their saved values, and
    counts the outputs the caller keeps as live after the step and the others as
-   handed on. The later regions keep their plans, which the re-planned region took
-   as given.
+   handed on. The final region keeps its plan, which the re-planned regions take as
+   given, unless it was planned (move 1) without outputs the step shows the caller
+   keeps: it assumed them handed on, so its budget was a fraction of another step
+   peak, and it is compiled again too, after the others (its next call comes after
+   theirs), so that every region plans against the same step.
+
+A region compiled while it may still be planned again (moves 1 and 2) holds its
+`MemoptBudgetWarning`s until it keeps its plan (a provisional plan may judge a budget
+infeasible that its step meets).
 
 Re-planning happens at most once per compiled region, only under a memory budget,
 and only for graphs with static shapes (it traces the Dynamo graph again on fake
@@ -81,8 +88,8 @@ class CompiledRegion:
         self._compile = compile
         self._gm = gm
         self._fakes = _fake_copies(gm, example_inputs)
-        alone = compiler.context is None and self._fakes is not None
-        with _holding_budget_warnings(alone) as held:
+        provisional = self._fakes is not None  # it may be planned again (module docstring)
+        with _holding_budget_warnings(provisional) as held:
             self.fn = compile(compiler, gm, example_inputs)
         compiler.example_inputs = ()  # real tensors: not kept past the compile
         self.tracking = compiler.record.kind == "training"
@@ -111,6 +118,14 @@ class CompiledRegion:
         if record.timeline_before is None or record.timeline_after is None:
             return None
         return RegionInStep(record.step_before, record.timeline_before, record.step, record.timeline_after)
+
+    def planned_without(self, observed: _Observed) -> bool:
+        """Whether its plan assumed handed on an earlier region's outputs that
+        ``observed`` shows the caller keeps (it was planned in a context with no
+        observations, move 1)."""
+        context = self.compiler.context
+        unobserved = context is None or not context.kept_outputs
+        return unobserved and any(observed.kept_outputs[:-1])
 
     def replan_in(self, step: list[CompiledRegion], observed: _Observed) -> None:
         """Compile again, planned for ``step`` (the regions in forward order, run as
@@ -178,10 +193,10 @@ def _context_of(step: list[CompiledRegion], i: int, observed: _Observed) -> Step
 
 @contextlib.contextmanager
 def _holding_budget_warnings(hold: bool) -> Iterator[list[warnings.WarningMessage]]:
-    """While compiling a region planned alone that whole-step planning may plan again:
-    collect its `MemoptBudgetWarning`s instead of emitting them (a region planned
-    alone may judge a budget infeasible that its step meets); every other warning
-    passes. The caller emits them (`_emit`) once the region keeps its plan."""
+    """While compiling a region that whole-step planning may plan again (planned
+    alone, or before its step was observed): collect its `MemoptBudgetWarning`s
+    instead of emitting them (such a plan may judge a budget infeasible that its step
+    meets); every other warning passes. The caller emits them (`_emit`) once the region keeps its plan."""
     if not hold:
         yield []
         return
@@ -383,12 +398,14 @@ def _decide(runs: list[_Run], order: list[_Run], regions: list[CompiledRegion]) 
     if any(r.in_step() is None for r in regions):
         log.info("a region of the step has no memory plan to compose; the step's regions stay planned alone")
         return
-    targets = [r for r in regions[:-1] if r.can_replan]
     index = {id(r): i for i, r in enumerate(runs)}
     observed = _Observed(
         tuple(r.kept or frozenset() for r in runs),
         tuple({pos: (index[id(src)], out) for pos, (src, out) in r.sources.items() if id(src) in index} for r in runs),
     )
+    targets = [r for r in regions[:-1] if r.can_replan]
+    if regions[-1].can_replan and regions[-1].planned_without(observed):
+        targets.append(regions[-1])  # compiled after the others: it sees their new plans
     for region in targets:
         region.replan_in(regions, observed)
     if targets:
