@@ -106,7 +106,7 @@ class Explanation:
         """The step's estimated memory timeline across the regions of one step (after
         memopt's passes, or before them with ``optimized=False``). The outputs of a
         region the caller was seen keeping through backward (a model's output object:
-        logits, key/value caches; `memopt.backends.observe`) stay live after the step,
+        logits, key/value caches; `memopt.backends.wholestep`) stay live after the step,
         as the last region's do; other outputs of earlier regions are handed on."""
         parts, regions = [], []
         for r in self.step_regions():

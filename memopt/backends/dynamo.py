@@ -19,10 +19,9 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from memopt._logging import configure_from_env
 from memopt.backends.meta_device import composite_autograd_on_meta
-from memopt.backends.observe import observe_outputs
 from memopt.backends.record import active_recorders
 from memopt.backends.region import RegionCompiler, describe_inputs
-from memopt.backends.wholestep import CompiledRegion
+from memopt.backends.wholestep import CompiledRegion, WatchedRegion
 from memopt.codegen.eager import DECOMPOSITIONS as EAGER_DECOMPOSITIONS
 from memopt.codegen.eager import compile_eager
 from memopt.codegen.inductor import compile_with_inductor
@@ -94,16 +93,17 @@ def _compile_with_memopt(
             stacklevel=3,
         )
     compile = functools.partial(_compile_region, mode=mode)
+    watched: WatchedRegion
     if config.memory_budget is None or not config.plan_across_graph_breaks:
         fn = compile(region, gm, example_inputs)
-        current = lambda: region.record  # noqa: E731
+        watched = WatchedRegion(region, fn)
+        if not watched.recording:
+            return fn  # nothing to observe
     else:
-        compiled = CompiledRegion(region, compile, gm, example_inputs)  # plans across graph breaks
-        fn = torch._dynamo.disable(compiled, reason="memopt's compiled region")
-        current = lambda: compiled.compiler.record  # noqa: E731 - a re-planned region has a new record
-    if region.recording and region.record.kind == "training":
-        fn = observe_outputs(fn, current)  # which outputs the caller keeps, for the step's estimate
-    return fn
+        watched = CompiledRegion(region, compile, gm, example_inputs)  # plans across graph breaks
+    # TRACKER (memopt.backends.wholestep) observes its calls: which outputs the caller
+    # keeps, for the recorded step estimate and, under a budget, for the step's plan.
+    return torch._dynamo.disable(watched, reason="memopt's compiled region")
 
 
 def compile_as_torch(

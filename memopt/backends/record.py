@@ -50,7 +50,7 @@ class RegionRecord:
     the report's modelled saving of the fused update."""
     kept_outputs: frozenset[int] | None = None
     """Positions of the region's outputs the caller still held when its backward
-    started, in the latest step observed (`memopt.backends.observe`); None: not
+    started, in the latest step observed (`memopt.backends.wholestep`); None: not
     observed."""
     input_sources: dict[int, tuple[str, int]] = field(default_factory=dict)
     """Inputs that were an earlier region's outputs in the latest step observed:

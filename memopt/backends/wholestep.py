@@ -1,4 +1,5 @@
-"""Whole-step planning across graph breaks, under a memory budget.
+"""Whole-step planning across graph breaks under a memory budget, and the observation
+of region calls that it shares with memopt's recorded step estimate.
 
 A graph break splits a training step into regions. Dynamo compiles each the first
 time it runs, so when the first region is planned the later ones are unknown; yet its
@@ -12,22 +13,19 @@ to them. memopt plans such a step in three moves:
 2. A region with no waiting predecessor is planned alone, assuming the caller keeps
    its outputs through its backward: safe, but it may recompute more than the budget
    requires.
-3. A `StepTracker` watches the regions run: forwards in order, then each backward
-   (an autograd pre-hook on the region's backward node). It notes which of a
-   region's outputs the caller still holds when the region's backward starts (the
-   tensor, or a storage of it the region does not save for itself: a Hugging Face
-   model's output object keeps the logits and key/value caches), and which inputs of
-   a region are an earlier region's outputs. When a step completes (every region's
-   backward has started) with more than one region, the non-final regions are
-   compiled once more, at their next call, planned for the whole step
-   (`StepContext.later`, with the kept outputs and input sources observed): their
-   plan keeps room for the later regions' peak on top of their saved values, and
-   counts the outputs the caller keeps as live after the step and the others as
-   handed on. The final region keeps its plan, which the re-planned regions take as
-   given, unless it was planned (move 1) without outputs the step shows the caller
-   keeps: it assumed them handed on, so its budget was a fraction of another step
-   peak, and it is compiled again too, after the others (its next call comes after
-   theirs), so that every region plans against the same step.
+3. `TRACKER`, a `StepTracker`, observes the regions run, forwards in order, then
+   each backward (below, "Observing a call"): which of a region's outputs the caller
+   keeps, and which inputs of a region are an earlier region's outputs. When a step
+   completes (every region's backward has started) with more than one region, the
+   non-final regions are compiled once more, at their next call, planned for the
+   whole step (`StepContext.later`, with the kept outputs and input sources
+   observed): their plan keeps room for the later regions' peak on top of their
+   saved values, and counts the outputs the caller keeps as live after the step and
+   the others as handed on. The final region keeps its plan, which the re-planned
+   regions take as given, unless it was planned (move 1) without outputs the step
+   shows the caller keeps: it assumed them handed on, so its budget was a fraction
+   of another step peak, and it is compiled again too, after the others (its next
+   call comes after theirs), so that every region plans against the same step.
 
 A region compiled while it may still be planned again (moves 1 and 2) holds its
 `MemoptBudgetWarning`s until it keeps its plan (a provisional plan may judge a budget
@@ -40,12 +38,43 @@ backward-in-reverse pattern (gradient accumulation, a forward with no backward) 
 not used: those regions stay planned alone. A step in which the caller keeps outputs
 is used from the second step on: during the compile step Dynamo's tracing state may
 still hold a region's outputs.
+
+Observing a call. The tracker observes a call of a `WatchedRegion` that is
+``tracking`` (a `CompiledRegion` until its step is decided) or ``recording`` (below),
+when the call has a backward (not a run on fake tensors):
+
+* its outputs, by weak reference: the tensor, and its storages that are not the
+  call's inputs. When the region's backward starts (an autograd pre-hook on its
+  backward node) an output is *kept* by the caller if the tensor object is alive, or
+  a storage of it that the region does not save for its own backward is (the caller
+  keeps a view; a storage the region saves is alive then anyway). The graphs cannot
+  tell: the Python code after a graph break may drop an output once the next region
+  has read it (hidden states handed on) or keep it (a Hugging Face model's output
+  object holds the logits and the key/value caches, and the user's
+  ``out = model(**x); out.loss.backward()`` keeps ``out`` through backward);
+* its inputs that are a live output storage of an earlier observed call, of this
+  step or an earlier one (GPT-2's loss region saves the logits its first region
+  returns: when the caller keeps them too, the two are one storage, counted once).
+
+Recording. While memopt records (`memopt.explain`, `memopt.record`), a training
+region compiled then is ``recording``: every call of it is observed (a
+`CompiledRegion`'s, or a `WatchedRegion`'s around the compiled callable of a region
+planned without one), and the observation goes to the region's current record (a
+region compiled again has a new one): ``RegionRecord.input_sources`` at the forward,
+``RegionRecord.kept_outputs`` (the latest step's) when its backward starts. The
+step's composed timeline (`memopt.analysis.memory.compose_timelines`) keeps the kept
+outputs live after the step and counts each such input once. A call that is only
+recorded takes no part in step decisions (it neither joins, restarts nor holds up the
+step of the tracking regions), and an error in observing it is dropped: the
+observation never breaks a step. The compile step's observation can over-report, as
+above; loops that run two steps or more record the steady state.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import threading
 import warnings
@@ -61,13 +90,14 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
+from memopt.backends.record import RegionRecord
 from memopt.backends.region import RegionCompiler
 from memopt.errors import MemoptBudgetWarning
 from memopt.failsoft import fail_soft
 from memopt.graph import meta
 from memopt.plan.step_context import RegionInStep, StepContext
 
-__all__ = ["CompiledRegion", "StepTracker", "TRACKER"]
+__all__ = ["CompiledRegion", "StepTracker", "TRACKER", "WatchedRegion"]
 
 log = logging.getLogger("memopt")
 
@@ -75,14 +105,45 @@ Compile = Callable[[RegionCompiler, fx.GraphModule, Sequence[Any]], Callable[...
 """Compiles a Dynamo graph (after the pre-autograd stage) with a region compiler."""
 
 
-class CompiledRegion:
+class WatchedRegion:
+    """A compiled region whose calls `TRACKER` may observe: ``fn`` (Dynamo's calling
+    convention) called through it. A training region compiled while memopt records
+    (`memopt.explain`, `memopt.record`) is ``recording``: every call with a backward
+    writes its observation to the region's current record (module docstring,
+    "Recording"). On its own it takes no part in step decisions (a `CompiledRegion`
+    does, while ``tracking``); a region neither recording nor tracking runs unobserved."""
+
+    tracking: bool = False
+    """Whether its calls take part in whole-step decisions (only a `CompiledRegion`'s
+    do, until the tracker has decided about its step)."""
+
+    def __init__(self, compiler: RegionCompiler, fn: Callable[..., Any]) -> None:
+        self.compiler = compiler
+        self.fn = fn
+        self.recording = compiler.recording and compiler.record.kind == "training"
+
+    @property
+    def name(self) -> str:
+        return self.compiler.region
+
+    def record_to(self) -> RegionRecord | None:
+        """The record a call's observation goes to: the current compiler's (a region
+        compiled again has a new record), or None when it is not ``recording``."""
+        return self.compiler.record if self.recording else None
+
+    def __call__(self, *args: Any) -> Any:
+        outputs = self.fn(*args)
+        TRACKER.forward_ran(self, args, outputs)
+        return outputs
+
+
+class CompiledRegion(WatchedRegion):
     """What the backend hands Dynamo for one region under a memory budget: the compiled
     callable, and what it needs to compile the region again for the whole step."""
 
     def __init__(
         self, compiler: RegionCompiler, compile: Compile, gm: fx.GraphModule, example_inputs: Sequence[Any]
     ) -> None:
-        self.compiler = compiler
         earlier = tuple(view for view in (r.in_step() for r in TRACKER.waiting()) if view is not None)
         compiler.context = StepContext(earlier) if earlier else None
         self._compile = compile
@@ -90,7 +151,8 @@ class CompiledRegion:
         self._fakes = _fake_copies(gm, example_inputs)
         provisional = self._fakes is not None  # it may be planned again (module docstring)
         with _holding_budget_warnings(provisional) as held:
-            self.fn = compile(compiler, gm, example_inputs)
+            fn = compile(compiler, gm, example_inputs)
+        super().__init__(compiler, fn)
         compiler.example_inputs = ()  # real tensors: not kept past the compile
         self.tracking = compiler.record.kind == "training"
         self._held = held
@@ -100,10 +162,6 @@ class CompiledRegion:
         self.calls = 0
         self.replanned = False
         self._step: tuple[list[CompiledRegion], _Observed] | None = None  # set: re-plan at the next call
-
-    @property
-    def name(self) -> str:
-        return self.compiler.region
 
     @property
     def can_replan(self) -> bool:
@@ -138,10 +196,7 @@ class CompiledRegion:
         self.calls += 1
         if self._held and self.calls > OBSERVED_STEPS + 1:
             self.settle()  # no step of it completed: it stays planned alone
-        outputs = self.fn(*args)
-        if self.tracking:
-            TRACKER.forward_ran(self, args, outputs)
-        return outputs
+        return super().__call__(*args)
 
     def settle(self) -> None:
         """The region keeps the plan it has: emit the budget warnings its compile held."""
@@ -231,34 +286,40 @@ def _fake_copies(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[Any
     return tuple(mode.from_tensor(x, static_shapes=True) for x in example_inputs)
 
 
+@dataclass(frozen=True)
+class _Source:
+    """An output of an earlier run, as a later run's input."""
+
+    run: int
+    """The producing run's `_Run.serial`."""
+    region: str
+    output: int
+    """Its output position."""
+
+
 @dataclass(eq=False)
 class _Run:
-    """One forward run of a region whose backward is expected."""
+    """One forward run of a watched region whose backward is expected."""
 
-    region: CompiledRegion
+    region: WatchedRegion
+    serial: int
+    """Distinct for every run the tracker has seen."""
     outputs: dict[int, OutputRefs]
     """Output position -> weak references to the output (`OutputRefs`)."""
-    sources: dict[int, tuple[_Run, int]]
-    """Input position -> (the earlier run of the step, its output position) for the
-    inputs that were an earlier run's output storages."""
+    sources: dict[int, _Source]
+    """Input position -> the earlier run's output it was, for the inputs that were a
+    live output storage of a watched run (of this step or an earlier one)."""
     node: Callable[[], Any] | None = None
     """Weak reference to the region's backward node (None: not weakly referable)."""
     kept: frozenset[int] | None = None
-    """Set when its backward starts: the output positions the caller still held."""
+    """Set when its backward starts, for a run of the tracked step: the output
+    positions the caller still held."""
 
     @property
     def abandoned(self) -> bool:
         """Its autograd graph is gone before its backward started (a forward whose
         result was dropped, e.g. an evaluation with gradients enabled)."""
         return self.kept is None and self.node is not None and self.node() is None
-
-    def produced(self, storage: torch.Tensor) -> int | None:
-        """The output position whose storage ``storage`` (a plain tensor) is, if any."""
-        ref = StorageWeakRef(storage.untyped_storage())
-        for pos, out in self.outputs.items():
-            if any(not s.expired() and s.cdata == ref.cdata for s in out.storages):
-                return pos
-        return None
 
 
 @dataclass(frozen=True)
@@ -290,23 +351,51 @@ def kept_outputs(outputs: dict[int, OutputRefs], node: Callable[[], Any] | None)
     return frozenset(pos for pos, refs in outputs.items() if refs.kept(own))
 
 
+MAX_PRODUCED = 4096
+"""Output storages `StepTracker.produced` holds at most (the oldest go first)."""
+
+
 @dataclass
 class StepTracker:
-    """Watches tracked regions run, forward then backward, and calls for whole-step
-    re-planning when a step of several regions completes (module docstring)."""
+    """Observes the calls of watched regions, forward then backward: fills the
+    records of those that are recording, and calls for whole-step re-planning when a
+    step of several tracking regions completes (module docstring)."""
 
     runs: list[_Run] = field(default_factory=list)
+    """The current step's runs of tracking regions, in forward order."""
     backward_order: list[_Run] = field(default_factory=list)
+    produced: dict[int, tuple[StorageWeakRef, _Source]] = field(default_factory=dict)
+    """The live output storages of watched runs, most recent last: storage
+    (`StorageWeakRef.cdata`) -> (a weak reference to it, the output)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
+    serials: Iterator[int] = field(default_factory=itertools.count)
+    """`_Run.serial`s, in order."""
 
     def waiting(self) -> list[CompiledRegion]:
         """Regions of the current step whose forward ran and whose backward has not
         started, in forward order."""
         with self.lock:
             self._forget_abandoned()
-            return [r.region for r in self.runs if r.kept is None]
+            return _regions([r for r in self.runs if r.kept is None])
 
-    def forward_ran(self, region: CompiledRegion, args: Sequence[Any], outputs: Any) -> None:
+    def forward_ran(self, region: WatchedRegion, args: Sequence[Any], outputs: Any) -> None:
+        """``region`` returned ``outputs`` for ``args``. Observed when the region is
+        tracking or recording and the call has a backward (not on fake tensors): a
+        tracking region's run joins the current step; a recording one's input sources
+        go to its record now, its kept outputs when its backward starts. For a region
+        that is only recording, an error is logged and dropped: its observation never
+        breaks a step."""
+        record = region.record_to()
+        if not region.tracking and record is None:
+            return
+        try:
+            self._observe(region, record, args, outputs)
+        except Exception:  # noqa: BLE001 - see the docstring
+            if region.tracking:
+                raise
+            log.debug("region %s: its call was not observed", region.name, exc_info=True)
+
+    def _observe(self, region: WatchedRegion, record: RegionRecord | None, args: Sequence[Any], outputs: Any) -> None:
         tensors = [t for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
         if any(isinstance(t, FakeTensor) for t in tensors):
             return  # a run on fake tensors (memopt report, planning studies) allocates nothing
@@ -317,11 +406,15 @@ class StepTracker:
         outs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
         refs = {pos: r for pos, t in enumerate(outs) if isinstance(t, torch.Tensor) and (r := OutputRefs.of(t, inputs))}
         with self.lock:
-            self._forget_abandoned()
-            if any(r.region is region for r in self.runs):  # again before its backward: not one clean step
-                self.runs, self.backward_order = [], []
-            run = _Run(region, refs, self._sources(args), _weak(node))
-            self.runs.append(run)
+            run = _Run(region, next(self.serials), refs, self._sources(args), _weak(node))
+            self._remember(run)
+            if region.tracking:
+                self._forget_abandoned()
+                if any(r.region is region for r in self.runs):  # again before its backward: not one clean step
+                    self.runs, self.backward_order = [], []
+                self.runs.append(run)
+        if record is not None:
+            record.input_sources = {pos: (s.region, s.output) for pos, s in run.sources.items()}
         # The hook reaches the node through the run's weak reference: a strong one would
         # make a cycle (node -> hook -> node) that keeps an abandoned graph alive.
         node.register_prehook(functools.partial(self._backward_starts, run))
@@ -330,20 +423,33 @@ class StepTracker:
         """Drop runs whose autograd graph is gone (call with the lock held)."""
         self.runs = [r for r in self.runs if not r.abandoned]
 
-    def _sources(self, args: Sequence[Any]) -> dict[int, tuple[_Run, int]]:
-        """Input position -> (earlier run, output position) for the inputs that are an
-        earlier run's outputs (call with the lock held)."""
+    def _sources(self, args: Sequence[Any]) -> dict[int, _Source]:
+        """Input position -> the live output of a watched run that the input's storage
+        is (call with the lock held)."""
         found = {}
         for pos, a in enumerate(args):
             if isinstance(a, torch.Tensor) and not is_traceable_wrapper_subclass(a):
-                for earlier in reversed(self.runs):
-                    if (out := earlier.produced(a)) is not None:
-                        found[pos] = (earlier, out)
-                        break
+                entry = self.produced.get(StorageWeakRef(a.untyped_storage()).cdata)
+                if entry is not None and not entry[0].expired():
+                    found[pos] = entry[1]
         return found
+
+    def _remember(self, run: _Run) -> None:
+        """Note ``run``'s output storages, for the inputs of later runs; forget the
+        storages that died (call with the lock held)."""
+        for key in [k for k, (ref, _) in self.produced.items() if ref.expired()]:
+            del self.produced[key]
+        for pos, out in run.outputs.items():
+            for ref in out.storages:
+                self.produced.pop(ref.cdata, None)  # its place: most recent last
+                self.produced[ref.cdata] = (ref, _Source(run.serial, run.region.name, pos))
+        while len(self.produced) > MAX_PRODUCED:
+            del self.produced[next(iter(self.produced))]
 
     def _backward_starts(self, run: _Run, grad_outputs: Any) -> None:
         kept = kept_outputs(run.outputs, run.node)
+        if (record := run.region.record_to()) is not None:
+            record.kept_outputs = kept  # the latest step's observation
         with self.lock:
             if run.kept is not None or not any(r is run for r in self.runs):
                 return None
@@ -369,7 +475,7 @@ def _step_done(runs: list[_Run], order: list[_Run]) -> None:
     caller kept outputs, it was not the compile step), re-plan the non-final ones and
     stop watching; else stop watching regions seen in `OBSERVED_STEPS` steps (or in a
     one-region step). Regions that keep their plan emit the warnings they held."""
-    regions = [r.region for r in runs]
+    regions = _regions(runs)
     try:
         _decide(runs, order, regions)
     finally:
@@ -398,10 +504,10 @@ def _decide(runs: list[_Run], order: list[_Run], regions: list[CompiledRegion]) 
     if any(r.in_step() is None for r in regions):
         log.info("a region of the step has no memory plan to compose; the step's regions stay planned alone")
         return
-    index = {id(r): i for i, r in enumerate(runs)}
+    index = {r.serial: i for i, r in enumerate(runs)}
     observed = _Observed(
         tuple(r.kept or frozenset() for r in runs),
-        tuple({pos: (index[id(src)], out) for pos, (src, out) in r.sources.items() if id(src) in index} for r in runs),
+        tuple({pos: (index[s.run], s.output) for pos, s in r.sources.items() if s.run in index} for r in runs),
     )
     targets = [r for r in regions[:-1] if r.can_replan]
     if regions[-1].can_replan and regions[-1].planned_without(observed):
@@ -416,6 +522,15 @@ def _decide(runs: list[_Run], order: list[_Run], regions: list[CompiledRegion]) 
             " | ".join(r.name for r in regions),
             ", ".join(r.name for r in targets),
         )
+
+
+def _regions(runs: list[_Run]) -> list[CompiledRegion]:
+    """The regions of ``runs``, runs of tracking regions (only a `CompiledRegion` tracks)."""
+    regions = []
+    for run in runs:
+        assert isinstance(run.region, CompiledRegion)
+        regions.append(run.region)
+    return regions
 
 
 def _backward_node(tensors: list[torch.Tensor]) -> Any:

@@ -12,11 +12,11 @@ their current plans. `StepContext.place` puts a timeline of the planned region (
 unoptimized one, or any candidate plan's) into the step, so that the budget is checked
 on the step's peak: the planner judges every candidate that way, and a fractional
 budget is a fraction of the step's unoptimized peak (`StepContext.unoptimized_peak`).
-When the backend has watched the step run, the context also says which outputs of
-each region the caller kept through the step's backward and which region inputs
-were an earlier region's outputs (`StepContext.kept_outputs`, ``input_sources``):
-the composition keeps those outputs live after the step and counts each such storage
-once.
+When the backend has watched the step run (`memopt.backends.wholestep`), the context
+also says which outputs of each region the caller kept through the step's backward
+and which region inputs were an earlier region's outputs
+(`StepContext.kept_outputs`, ``input_sources``): the composition keeps those outputs
+live after the step and counts each such storage once.
 
 Pure data: building or placing never mutates a graph or a timeline.
 """
