@@ -1,6 +1,6 @@
 """Outputs the caller keeps through backward (issue 14, item 3).
 
-Rule (`memopt.analysis.memory.compose_timelines`, `memopt.backends.observe`): an
+Rule (`memopt.analysis.memory.compose_timelines`, `memopt.backends.wholestep`): an
 earlier region's outputs are handed on (dead when the forward ends, or when the
 backward that saves them last uses them) unless the caller was seen still holding
 them when the region's backward started; those stay live after the step, like the
@@ -95,3 +95,25 @@ def test_default_config_lm_estimate_counts_the_kv_cache(name: str) -> None:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     cache = 2 * config.num_hidden_layers * 4 * kv_heads * 64 * (config.hidden_size // heads) * 4
     assert with_cache.end_bytes - without.end_bytes == cache
+
+
+def test_an_observation_that_fails_never_breaks_a_recorded_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Observing a call of a region that is only recorded (no budget) may fail: the
+    step runs on, its gradients as without the observation, and the record is left
+    unobserved."""
+    from memopt.backends.wholestep import OutputRefs
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("injected")
+
+    torch.manual_seed(0)
+    model, x = Break(keep=False), torch.randn(8, 64)
+    model(x)[0].backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    monkeypatch.setattr(OutputRefs, "of", broken)
+    with memopt.record() as explanation:
+        torch.compile(model, backend="memopt", options={"codegen": "eager"})(x)[0].backward()
+    assert all(torch.allclose(p.grad, expected[n]) for n, p in model.named_parameters())
+    assert [r.kept_outputs for r in explanation.regions] == [None, None]

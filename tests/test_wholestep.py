@@ -3,6 +3,7 @@ memopt/plan/step_context.py): a budget holds for a step split by a graph break."
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -169,6 +170,7 @@ def test_a_step_whose_caller_keeps_outputs_is_planned_whole() -> None:
     peak, explanation, grads = _run(budget, model_cls=KeepsLogits)
     first, second = explanation.regions
     assert first.kept_outputs, "the logits are observed kept"
+    assert (first.region, 0) in second.input_sources.values(), "the loss region's input is the kept logits"
     whole = [note for note in first.plan.notes if f"this region, {second.region}" in note]
     assert whole and "1 output(s) kept by the caller" in whole[0], first.plan.notes
     assert first.plan.estimated_peak_after == second.plan.estimated_peak_after == explanation.estimated_peak_bytes
@@ -278,6 +280,47 @@ def test_a_dropped_forward_of_another_region_does_not_block_the_step(unbudgeted:
             compiled(ids, targets).backward()
     first, second = [r for r in explanation.regions if r.kind == "training"][-2:]
     assert any(f"this region, {second.region}" in note for note in first.plan.notes)
+
+
+class Recorded(nn.Module):
+    """Another model, compiled without a budget: while memopt records, its calls are
+    observed for its record only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x).relu()
+        torch._dynamo.graph_break()
+        return self.b(h).mean()
+
+
+def test_a_recorded_model_run_inside_the_step_does_not_hold_it_up(
+    unbudgeted: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model that is only recorded runs its forward inside the budgeted model's step
+    and its backward after it: its calls fill its records (kept outputs, input
+    sources) but take no part in the budgeted step, which completes at its own
+    backward and has its first region compiled again, once."""
+    _, explanation, _ = unbudgeted
+    model, (ids, targets), compiled = _compiled(int(0.8 * explanation.estimated_peak_bytes))
+    other = torch.compile(Recorded(), backend="memopt", options={"codegen": "eager"})
+    x = torch.randn(4, 8)
+    with memopt.record() as explanation, warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="memopt"):
+        warnings.simplefilter("ignore", memopt.MemoptWarning)
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            loss = compiled(ids, targets)
+            other_loss = other(x)
+            loss.backward()
+            other_loss.backward()
+    first, second, other_first, other_second = explanation.regions
+    assert any(f"this region, {second.region}" in note for note in first.plan.notes), first.plan.notes
+    again = [r.getMessage() for r in caplog.records if "compiling again" in r.getMessage()]
+    assert len(again) == 1 and first.region in again[0], again
+    assert other_first.kept_outputs == frozenset() and other_second.kept_outputs == frozenset({0})
+    assert (other_first.region, 0) in other_second.input_sources.values()
 
 
 def test_unoptimized_step_timeline_pairs_each_region_with_its_own_graphs(unbudgeted: Any) -> None:
