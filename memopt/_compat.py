@@ -25,6 +25,9 @@ __all__ = [
     "optimization_hint",
     "triton_version",
     "triton_interpreter_loops_to_runtime_bounds",
+    "all_gather_single",
+    "reduce_scatter_single",
+    "dist_all_gather_single",
 ]
 
 TORCH_VERSION: tuple[int, int] = tuple(int(part) for part in torch.__version__.split(".")[:2])  # type: ignore[assignment]
@@ -52,6 +55,36 @@ def optimization_hint(value: Any) -> int:
     from torch._inductor.config import unbacked_symint_fallback
 
     return int(symbolic_shapes.size_hint(value, fallback=unbacked_symint_fallback))
+
+
+def _functional_collective(new: str, old: str) -> Any:
+    import torch.distributed._functional_collectives as funcol
+
+    return getattr(funcol, new) if hasattr(funcol, new) else getattr(funcol, old)
+
+
+all_gather_single = _functional_collective("all_gather_single", "all_gather_tensor")
+"""``torch.distributed._functional_collectives``' all-gather along a dimension into
+one tensor, ``(tensor, gather_dim, group)``. torch 2.13 names it ``all_gather_single``
+(``all_gather_tensor`` is a deprecated wrapper that warns outside compilation); torch
+2.11 has only ``all_gather_tensor``. Same op (``_c10d_functional.all_gather_into_tensor``)
+in both."""
+
+reduce_scatter_single = _functional_collective("reduce_scatter_single", "reduce_scatter_tensor")
+"""Reduce-scatter along a dimension, ``(tensor, reduce_op, scatter_dim, group)``: torch
+2.13's ``reduce_scatter_single``, torch 2.11's ``reduce_scatter_tensor`` (a deprecated
+wrapper in 2.13). Same op (``_c10d_functional.reduce_scatter_tensor``) in both."""
+
+
+def dist_all_gather_single(output: torch.Tensor, piece: torch.Tensor, group: Any) -> None:
+    """``torch.distributed``'s in-place all-gather of ``piece`` from every rank into
+    ``output`` (concatenated along dimension 0). torch 2.13 names it
+    ``all_gather_single`` (``all_gather_into_tensor`` is deprecated there); torch 2.11
+    has only ``all_gather_into_tensor``."""
+    import torch.distributed as dist
+
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, piece, group=group)
 
 
 @functools.cache

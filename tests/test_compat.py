@@ -121,3 +121,46 @@ def test_disable_python_dispatcher_turns_it_off_inside():
         with _DisablePythonDispatcher():
             assert not enabled()
         assert enabled()
+
+
+@pytest.mark.skipif(_compat.TORCH_VERSION == (2, 12), reason="torch 2.12 was not checked")
+def test_functional_collective_gates_choice():
+    """torch 2.13 names the functional all-gather and reduce-scatter ``*_single`` (the
+    ``*_tensor`` names are deprecated wrappers there); torch 2.11 has only ``*_tensor``.
+    Same for ``torch.distributed``'s in-place all-gather (``all_gather_single`` against
+    ``all_gather_into_tensor``)."""
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+
+    new = _compat.TORCH_VERSION >= (2, 13)
+    assert _compat.all_gather_single is (funcol.all_gather_single if new else funcol.all_gather_tensor)
+    assert _compat.reduce_scatter_single is (funcol.reduce_scatter_single if new else funcol.reduce_scatter_tensor)
+    assert hasattr(dist, "all_gather_single") is new
+
+
+def test_functional_collective_gates_on_one_rank():
+    """On a one-rank gloo group both gates trace to the same ops and compute what a
+    one-rank collective does: the gather returns its input, the reduce-scatter its sum."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _get_default_group
+
+    from memopt.distributed.testing import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        group = _get_default_group().group_name
+        x = torch.arange(6.0).reshape(3, 2)
+        gathered = _compat.all_gather_single(x, 0, group)
+        reduced = _compat.reduce_scatter_single(x, "sum", 0, group)
+        out = torch.empty(3, 2)
+        _compat.dist_all_gather_single(out, x, _get_default_group())
+        assert torch.equal(torch.as_tensor(gathered), x) and torch.equal(torch.as_tensor(reduced), x)
+        assert torch.equal(out, x)
+
+        def traced(t: torch.Tensor) -> torch.Tensor:
+            return _compat.reduce_scatter_single(_compat.all_gather_single(t, 0, group), "sum", 0, group)
+
+        code = make_fx(traced)(x).code
+        assert "_c10d_functional.all_gather_into_tensor" in code and "_c10d_functional.reduce_scatter_tensor" in code
+    finally:
+        dist.destroy_process_group()

@@ -29,6 +29,8 @@ import torch
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
+from memopt._compat import all_gather_single, reduce_scatter_single
+
 __all__ = ["Unshard", "Accumulate", "KINDS"]
 
 KINDS = ("replicate", "replica", "shard")
@@ -75,7 +77,7 @@ class Unshard(torch.autograd.Function):
             ctx.save_for_backward(pending)
         if kind == "shard":
             piece = local.to(param_dtype) if param_dtype is not None else local
-            gathered = _waited(funcol.all_gather_single(_pad_rows(piece, chunk), 0, group))
+            gathered = _waited(all_gather_single(_pad_rows(piece, chunk), 0, group))
             return gathered.narrow(0, 0, rows) if gathered.shape[0] != rows else gathered
         source = replica.narrow(0, 0, rows) if kind == "replica" else local
         if param_dtype is not None and param_dtype != source.dtype:
@@ -94,7 +96,7 @@ class Unshard(torch.autograd.Function):
             grad = _waited(funcol.all_reduce(grad, "sum", ctx.group))
         else:
             padded = _pad_rows(grad, ctx.chunk * ctx.world)
-            grad = _waited(funcol.reduce_scatter_single(padded, "sum", 0, ctx.group))
+            grad = _waited(reduce_scatter_single(padded, "sum", 0, ctx.group))
             if grad.shape[0] != ctx.local_rows:
                 grad = grad.narrow(0, 0, ctx.local_rows)
         if grad.dtype != ctx.local_dtype:

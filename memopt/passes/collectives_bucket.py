@@ -27,11 +27,19 @@ What is torch's (`torch/_inductor/fx_passes/bucketing.py`, private API, pinned b
   waits); for reduce-scatters and all-reduces with torch's own merge functions
   (``merge_reduce_scatter_bucket``, mode ``"default"``; ``merge_all_reduce_bucket``:
   an all-reduce's sum is elementwise, so the bucket's element ``i`` is summed exactly
-  as the gradient's element it came from);
-* which reductions are a parameter's gradient's (``fsdp.is_fsdp_reduce_scatter_wait``,
-  for all-reduces too: the result reaches the graph's outputs through unary ops only).
+  as the gradient's element it came from).
 
-What is memopt's: the all-reduce made in place (`reduce_in_place`). torch's merge
+What is memopt's: which reductions are a parameter's gradient's
+(`is_gradient_reduction_wait`, for reduce-scatters and all-reduces: the result reaches
+the graph's outputs through ops of one input only). torch 2.13's
+``fsdp.is_fsdp_reduce_scatter_wait`` says the same; torch 2.11's accepts only the wait
+or one cast as the output, so it refused a reduce-scatter followed by the ``narrow``
+that cuts an uneven parameter's padding: on the rank whose rows are short, only there.
+The ranks then bucketed differently and their collectives no longer matched (gloo:
+"Received data size doesn't match expected size"). A bucket decision must be the same
+on every rank, so it must not depend on a rank's own shapes or on torch's version.
+
+Also memopt's: the all-reduce made in place (`reduce_in_place`). torch's merge
 traces the functional ``all_reduce``, whose result is a new buffer: the concatenation
 (read by the process group) and the result would both be live until the wait, the
 bucket held twice while in flight. The concatenation is the bucket's own (nothing else
@@ -148,6 +156,29 @@ def reduce_in_place(reduction: fx.Node) -> None:
     reduction.target = ALL_REDUCE_INPLACE
 
 
+def is_gradient_reduction_wait(wait: fx.Node) -> bool:
+    """Whether the result of ``wait`` (a reduction's wait) reaches only the graph's
+    outputs, through ops that read one node each (views, casts, a ``narrow`` of the
+    padding): a gradient's reduction, which can wait for its bucket. False for a wait
+    nothing reads, or whose result meets another value on the way (an accumulation)."""
+    if not wait.users:
+        return False
+    seen: set[fx.Node] = set()
+    queue = [wait]
+    while queue:
+        node = queue.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for user in node.users:
+            if user.op == "output":
+                continue
+            if len(user.all_input_nodes) != 1:
+                return False
+            queue.append(user)
+    return True
+
+
 def _find_all_reductions(
     gm: fx.GraphModule, cap: Callable[[int], float], filter_wait_node: Callable[[fx.Node], bool], mode: str,
 ) -> list[list[fx.Node]]:
@@ -169,12 +200,11 @@ def _finders() -> tuple[Finder, Finder, Finder]:
     reduce-scatters, then all-reduces: torch's greedy bucketing, memopt's or torch's
     merge."""
     from torch._inductor.fx_passes.bucketing import bucket_all_gather_by_mb, bucket_reduce_scatter_by_mb
-    from torch._inductor.fx_passes.fsdp import is_fsdp_reduce_scatter_wait
 
     return (
         (bucket_all_gather_by_mb, _merge_gathers, is_all_gather, meta.is_regatherable),
-        (bucket_reduce_scatter_by_mb, _merge_reductions, is_reduce_scatter, is_fsdp_reduce_scatter_wait),
-        (_find_all_reductions, _merge_all_reductions, is_all_reduce, is_fsdp_reduce_scatter_wait),
+        (bucket_reduce_scatter_by_mb, _merge_reductions, is_reduce_scatter, is_gradient_reduction_wait),
+        (_find_all_reductions, _merge_all_reductions, is_all_reduce, is_gradient_reduction_wait),
     )
 
 

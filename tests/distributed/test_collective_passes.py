@@ -107,6 +107,28 @@ def test_duplicate_all_gathers_of_one_shard_merge():
     assert code.count("all_gather_into_tensor.default(") == 1 and code.count("wait_tensor.default(") == 1
 
 
+def test_bucketing_is_the_same_on_a_rank_whose_rows_are_short(graphs_of):
+    """13 rows over 8 ranks: rank 0 holds 2 of them, rank 7 none, so only rank 7's
+    reduce-scatters are followed by a ``narrow`` that cuts the padding. Every rank must
+    bucket alike, or their collectives stop matching (torch 2.11's
+    ``is_fsdp_reduce_scatter_wait`` refused the narrowed ones: gloo failed on 2 ranks)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    backward = {}
+    for rank in (0, 7):
+        torch.manual_seed(0)
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=8)
+        try:
+            model = md.shard(nn.Sequential(nn.Linear(16, 13), nn.ReLU(), nn.Linear(13, 16)), stage=3)
+            graphs = graphs_of(model, torch.randn(4, 16))
+        finally:
+            dist.destroy_process_group()
+        backward[rank] = (graphs["backward"], graphs["backward_code"].count(".narrow"))
+    assert backward[0][0] == backward[7][0] == {"all_gather_into_tensor": 0, "reduce_scatter_tensor": 1, "all_reduce": 0}
+    assert backward[0][1] < backward[7][1], "rank 7's pieces are short: it narrows more"
+
+
 def test_collectives_are_bucketed_under_the_cap(fake_world, graphs_of):
     """4 layers (weight + bias each) gather 8 times and reduce 8 times when bucketing
     is off; the default cap (4 MiB) buckets all of them into one all-gather and one
@@ -400,10 +422,10 @@ def test_option_values():
 
 
 def test_torch_private_bucketing_api_is_as_used():
-    """memopt reuses torch's private FX bucketing helpers (torch 2.13). If this fails
+    """memopt reuses torch's private FX bucketing helpers (torch 2.11 and 2.13). If this fails
     after a torch upgrade, `memopt/passes/collectives_bucket.py` needs the new names or
     signatures."""
-    from torch._inductor.fx_passes import bucketing, fsdp
+    from torch._inductor.fx_passes import bucketing
     from torch._inductor.pattern_matcher import stable_topological_sort
 
     expected = {
@@ -414,7 +436,6 @@ def test_torch_private_bucketing_api_is_as_used():
         bucketing.bucket_all_reduce_by_mb: ["gm", "bucket_cap_mb_by_bucket_idx", "filter_wait_node"],
         bucketing.merge_all_reduce_bucket: ["g", "ar_nodes"],
         bucketing.all_reduce_merge_fn_to_trace: ["ar_ins", "group_name", "reduce_op", "reduce_dtype", "device"],
-        fsdp.is_fsdp_reduce_scatter_wait: ["wait"],
         stable_topological_sort: ["graph"],
     }
     for fn, params in expected.items():

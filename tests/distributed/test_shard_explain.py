@@ -10,6 +10,7 @@ import torch.nn as nn
 
 import memopt
 import memopt.distributed as md
+from memopt._compat import TORCH_VERSION
 
 
 def _model(layers: int = 4) -> nn.Module:
@@ -61,9 +62,9 @@ def test_plain_models_and_functions_have_no_sharding_section(fake_world):
 
 
 def test_shards_are_parameters_and_gathered_weights_have_their_own_category(fake_world):
-    """AOTAutograd flattens each DTensor parameter into its local tensor and its device
-    mesh: the local tensor is a parameter (rank 0 holds 8 of 64 rows: 2 KiB each), the
-    mesh is 'other', the batch an input. Each all-gather of a shard is a gathered
+    """AOTAutograd flattens each DTensor parameter into its local tensor (and, on torch
+    2.13, its device mesh): the local tensor is a parameter (rank 0 holds 8 of 64 rows:
+    2 KiB each), the mesh 'other', the batch an input. Each all-gather of a shard is a gathered
     parameter, not an activation: at the peak (backward's first matmul) the three
     weights backward reads (the first layer's is not needed: the batch needs no
     gradient) are 48 KiB of gathered parameters, and the saved activations are the
@@ -72,7 +73,10 @@ def test_shards_are_parameters_and_gathered_weights_have_their_own_category(fake
     explanation = _explain(_model(), torch.randn(2, 64), collective_bucket_bytes=0)  # one gather per parameter
     step = explanation.region(0).step
     kinds = [info.kind for info in step.inputs]
-    assert kinds == ["parameter", "other", "input"] + ["parameter", "other"] * 3
+    if TORCH_VERSION >= (2, 13):  # each DTensor's device mesh is an input too
+        assert kinds == ["parameter", "other", "input"] + ["parameter", "other"] * 3
+    else:
+        assert kinds == ["parameter", "input"] + ["parameter"] * 3
     timeline = explanation.timeline()
     breakdown = timeline.peak_breakdown
     assert timeline.baseline_bytes == breakdown["parameters"] + breakdown["inputs"] == 4 * 2048 + 512
