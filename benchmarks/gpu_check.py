@@ -482,6 +482,14 @@ def kernels_lowrank_adam(check: Check) -> None:
     from memopt.codegen.lowrank_adam import lowrank_adam_step
 
     m, n, r = check.sizes.lowrank
+    if not check.cuda:
+        from memopt._compat import triton_interpreter_loops_to_runtime_bounds
+
+        if not triton_interpreter_loops_to_runtime_bounds():  # compiled (CUDA) kernels are not affected
+            check.add("kernels", f"low-rank Adam {m}x{n} rank {r}", "-", "-", NO_CUDA,
+                      f"{NO_CUDA}; skipped: this triton's interpreter cannot loop to a runtime bound "
+                      "with numpy >= 2.4 (memopt._compat.triton_interpreter_loops_to_runtime_bounds)")  # fmt: skip
+            return
     g = torch.Generator().manual_seed(0)
     ops = [torch.randn(m, n, generator=g), torch.randn(r, n, generator=g),
            torch.linalg.qr(torch.randn(m, r, generator=g))[0],

@@ -157,8 +157,10 @@ def test_compiled_step_equals_eager_and_holds_less():
     assert records and records[0].details["losses"] == 1
     estimate = explanation.timeline().peak_growth_bytes  # the op's blocks are in the model
     assert estimate == pytest.approx(peak, rel=0.02), (estimate, peak)
-    # One logits-sized buffer less (16 MiB), less the op's block of scratch.
-    assert unblocked_peak - peak >= 16 * MiB - block_bytes(1024, vocab, 4)
+    # One logits-sized buffer less (16 MiB), less the op's block of scratch (15 MiB on
+    # torch 2.13), less what the estimate check tolerates: on torch 2.11 the blocked
+    # step measures 0.25 MiB above its estimate (ATen's CPU kernels' scratch), 14.75 MiB.
+    assert unblocked_peak - peak >= 16 * MiB - block_bytes(1024, vocab, 4) - 0.02 * peak
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
