@@ -28,6 +28,7 @@ __all__ = [
     "all_gather_single",
     "reduce_scatter_single",
     "dist_all_gather_single",
+    "BACKWARD_FREES_INCOMING_GRADIENTS",
 ]
 
 TORCH_VERSION: tuple[int, int] = tuple(int(part) for part in torch.__version__.split(".")[:2])  # type: ignore[assignment]
@@ -36,6 +37,17 @@ TORCH_VERSION: tuple[int, int] = tuple(int(part) for part in torch.__version__.s
 HAS_OPTIMIZATION_HINT: bool = hasattr(symbolic_shapes, "optimization_hint")
 """Whether ``torch.fx.experimental.symbolic_shapes.optimization_hint`` exists (torch
 2.13; not in 2.11)."""
+
+
+BACKWARD_FREES_INCOMING_GRADIENTS: bool = TORCH_VERSION >= (2, 13)
+"""Whether a compiled backward frees an incoming gradient (a tangent) after its last use
+in the backward graph. torch 2.13 does (the boxed calling convention reaches it). In
+torch 2.11 AOTAutograd's ``CompiledFunction.backward(ctx, *flat_args)`` holds the
+gradients in its argument tuple until the backward returns, so each lives through the
+whole backward, whatever the codegen. Measured on a region whose incoming gradient is
+256 KiB (`tests/test_kept_outputs.py`: torch 2.11 peaks 256 KiB higher, at the
+backward's last ops). `memopt.analysis.memory` keeps tangents live to the end of the
+backward where this is False."""
 
 
 def optimization_hint(value: Any) -> int:

@@ -164,3 +164,11 @@ def test_functional_collective_gates_on_one_rank():
         assert "_c10d_functional.all_gather_into_tensor" in code and "_c10d_functional.reduce_scatter_tensor" in code
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.skipif(_compat.TORCH_VERSION == (2, 12), reason="torch 2.12 was not checked")
+def test_backward_frees_incoming_gradients_gate_choice():
+    """torch 2.13's compiled backward frees an incoming gradient at its last use; torch
+    2.11's holds it to the end (the behaviour: tests/test_kept_outputs.py's estimates
+    against the allocator, on each torch)."""
+    assert _compat.BACKWARD_FREES_INCOMING_GRADIENTS is (_compat.TORCH_VERSION >= (2, 13))

@@ -13,7 +13,9 @@ storage (see `memopt.analysis.aliasing`) gets a live interval on it:
 * a parameter all-gathered from its shard (`memopt.graph.meta.is_regatherable`: ZeRO-3's
   gathered weights, in forward or gathered again in backward) is a ``gathered_parameters``
   value, not an activation, and lives as any other value does (saved or not);
-* incoming gradients (tangents) are allocated when backward starts;
+* incoming gradients (tangents) are allocated when backward starts and die after
+  their last use (on torch 2.11 at the end of backward:
+  `memopt._compat.BACKWARD_FREES_INCOMING_GRADIENTS`);
 * backward values die after their last use, except the gradients backward returns,
   which stay live (they become ``.grad``);
 * with the step's optimizer known (`StepGraphs.optimizer`,
@@ -40,6 +42,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from memopt._compat import BACKWARD_FREES_INCOMING_GRADIENTS
 from memopt.analysis.aliasing import GraphAliasing, Storage, analyze_aliasing, concrete_int
 from memopt.analysis.eager_inplace import eager_inplace_writes
 from memopt.analysis.fusion import channels_last_copies, fused_nodes, inplace_reuses, kernel_runs
@@ -566,7 +569,12 @@ def _add_backward(
         if ph in saved or meta.is_symbolic(ph):
             continue
         for storage in bw.aliasing.storages_of(ph):  # tangents and seeds
-            end = None if storage in grads else bw.last_use.get(storage, n_fw)
+            if storage in grads:
+                end = None
+            elif BACKWARD_FREES_INCOMING_GRADIENTS:
+                end = bw.last_use.get(storage, n_fw)
+            else:  # held by AOTAutograd's backward until it returns (torch 2.11)
+                end = last_bw
             add("backward", storage, "gradients", n_fw, end)
     for node in bw_nodes:
         start = bw.index[allocated_at(node)]
