@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import memopt
+from memopt._compat import BACKWARD_FREES_INCOMING_GRADIENTS
 from memopt.errors import MemoptOptimizerError
 from memopt.optim import AdamW8bit, GaLoreAdamW, MeZO, OffloadedState, SubspaceAdamW
 from memopt.optim.in_backward import ConsumedGrad
@@ -207,8 +208,8 @@ def test_estimated_peak_drops_by_the_gradients() -> None:
             torch.compile(model, backend="memopt", options=options)(torch.randn(2, 64), torch.randn(2, 8)).backward()
         timeline = explanation.timeline()
         peaks[in_backward] = timeline.peak_bytes
-        if in_backward:
-            assert timeline.peak_breakdown["gradients"] == 0
+        if in_backward:  # on torch 2.11 the loss's incoming gradient (4 bytes) lives through backward
+            assert timeline.peak_breakdown["gradients"] == (0 if BACKWARD_FREES_INCOMING_GRADIENTS else 4)
     grads = [p.numel() * 4 for p in model.parameters()]
     activation = 2 * 256 * 4
     assert peaks[False] - peaks[True] >= sum(grads) - max(grads) - 4 * activation

@@ -123,7 +123,9 @@ def unbudgeted() -> tuple[int, Any, dict[str, torch.Tensor]]:
 def test_absolute_budget_holds_across_a_graph_break(unbudgeted: Any) -> None:
     peak_before, explanation, grads_before = unbudgeted
     assert len(explanation.regions) == 2
-    budget = int(0.8 * explanation.estimated_peak_bytes)
+    # Above the step's floor on torch 2.11 too (0.83 of the peak there: the logits'
+    # gradient lives through the first region's backward, memopt._compat).
+    budget = int(0.85 * explanation.estimated_peak_bytes)
 
     peak, explanation, grads = _run(budget)
     first, second = explanation.regions
@@ -375,7 +377,7 @@ def test_a_budget_the_step_meets_raises_no_alarm(unbudgeted: Any) -> None:
     its logits kept after the step): while whole-step planning may plan it again, its
     budget warning is held, and dropped when the step's plan replaces it."""
     _, explanation, _ = unbudgeted
-    budget = int(0.8 * explanation.estimated_peak_bytes)
+    budget = int(0.85 * explanation.estimated_peak_bytes)
     assert _budget_warnings(budget) == []
     assert _budget_warnings(budget, whole=False), "control: planned alone, a region raises the false alarm"
 
