@@ -70,6 +70,7 @@ def optimization_hint(value: Any) -> int:
 
 
 def _functional_collective(new: str, old: str) -> Any:
+    """``torch.distributed._functional_collectives.<new>``, or ``<old>`` where it is missing."""
     import torch.distributed._functional_collectives as funcol
 
     return getattr(funcol, new) if hasattr(funcol, new) else getattr(funcol, old)
