@@ -136,6 +136,22 @@ def test_training_step_saved_value_lives_into_backward():
     assert tl.end_bytes == tl.baseline_bytes + 256 + 4  # grad of w, and the loss
 
 
+@pytest.mark.parametrize("frees", [True, False])
+def test_incoming_gradient_lives_to_its_last_use_or_to_the_end_of_backward(monkeypatch, frees):
+    """f = (x @ w).tanh(), a 8x4 output: its incoming gradient (128 B) dies after its last
+    backward use where the compiled backward frees it (torch 2.13), and lives to the end
+    of backward where AOTAutograd holds it (torch 2.11: `memopt._compat`)."""
+    import memopt.analysis.memory as memory
+
+    monkeypatch.setattr(memory, "BACKWARD_FREES_INCOMING_GRADIENTS", frees)
+    step = capture_step(lambda x, w: torch.tanh(x @ w), torch.randn(8, 16), torch.randn(16, 4, requires_grad=True))
+    tl = build_timeline(step)
+    tangents = [iv for iv in tl.by_category("gradients") if iv.graph == "backward" and iv.node.op == "placeholder"]
+    assert [iv.nbytes for iv in tangents] == [128]
+    last = len(tl.points) - 1
+    assert (tangents[0].end < last) if frees else (tangents[0].end == last)
+
+
 def test_breakdown_sums_to_peak():
     def f(x, w):
         return torch.relu(x @ w).pow(2).mean()

@@ -73,8 +73,9 @@ def copies_share_compute_cores(device: torch.device) -> bool:
     (`torch.get_num_threads`) use every core this process may run on. The store's I/O
     thread then takes its CPU time from the step (measured, docs/offload.md: on two
     cores, a Llama step's 62 MiB of offloads added 46-47 ms to a 190-209 ms step with
-    both cores computing, 11-13 ms to a 341 ms step with one core left free). An accelerator's step computes elsewhere, and a
-    host store's copies are the copy engine's."""
+    both cores computing, 11-13 ms to a 341 ms step with one core left free). An
+    accelerator's step computes elsewhere, and a host store's copies are the copy
+    engine's."""
     if device_model(device).name != "cpu":
         return False
     try:
