@@ -196,6 +196,71 @@ def test_a_fractional_budget_is_one_fraction_of_one_step_in_every_region() -> No
     assert all(torch.equal(grads[n], grads_before[n]) for n in grads_before)
 
 
+def _starts_keeping(budget: int) -> tuple[int, Any, dict[str, torch.Tensor], list[str], list[str]]:
+    """`KeepsLogits` in a loop whose first step drops the logits (``compiled(...)[0]``)
+    and whose later steps keep them (``out = compiled(...)``): (measured peak with
+    the parameters and inputs, the explanation, the gradients, the "compiling
+    again" log lines, the `MemoptWarning` messages)."""
+    model, (ids, targets), compiled = _compiled(budget, model_cls=KeepsLogits)
+    logger = logging.getLogger("memopt")
+
+    def step() -> None:
+        out = compiled(ids, targets)
+        out[0].backward()
+
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with memopt.record() as explanation, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled(ids, targets)[0].backward()
+            for _ in range(3):
+                model.zero_grad(set_to_none=True)
+                step()
+            model.zero_grad(set_to_none=True)
+            growth = measure_peak(step).peak_growth_bytes
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    fixed = sum(p.numel() * p.element_size() for p in model.parameters()) + ids.nbytes + targets.nbytes
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    again = [line for line in lines if "compiling again" in line]
+    messages = [str(w.message) for w in caught if issubclass(w.category, memopt.MemoptWarning)]
+    return growth + fixed, explanation, grads, again, messages
+
+
+def test_a_step_that_starts_keeping_outputs_is_planned_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step is first planned for the pattern of its first step (the logits handed
+    on). When a later step keeps them, the plan no longer holds: the regions are
+    compiled again for the step as now run, and the budget holds, measured."""
+    _, unbudgeted, grads_before = _run(None, model_cls=KeepsLogits)
+    budget = int(0.8 * unbudgeted.estimated_peak_bytes)
+    peak, explanation, grads, again, _ = _starts_keeping(budget)
+    first, second = explanation.regions
+    assert sum(line.startswith(f"region {first.region}:") for line in again) == 2, again  # the first decision, then the kept logits
+    assert "1 output(s) kept by the caller" in again[-1], again
+    assert first.plan.estimated_peak_after == second.plan.estimated_peak_after == explanation.estimated_peak_bytes
+    assert explanation.estimated_peak_bytes <= budget
+    assert peak <= 1.05 * budget, (peak, budget)
+    assert all(torch.equal(grads[n], grads_before[n]) for n in grads_before)
+
+    # Control: regions that can no longer be planned again keep the plan for the first
+    # pattern, say so once, and the step exceeds the budget.
+    from memopt.backends import wholestep
+
+    monkeypatch.setattr(wholestep, "MAX_REPLANS", 1)
+    monkeypatch.setattr(wholestep.CompiledRegion, "planned_without", lambda self, observed: False)
+    stale, _, _, again, messages = _starts_keeping(budget)
+    assert len(again) == 1, again
+    kept_again = [m for m in messages if "that their memory plan assumed handed on" in m]
+    assert len(kept_again) == 1, messages
+    assert stale > 1.05 * budget, (stale, budget)
+
+
 def test_a_region_output_it_saves_itself_lives_until_its_backward() -> None:
     _, explanation, _ = _run(None, model_cls=lambda: BreakLM(keep_hidden=True), steps=1)
     first, second = explanation.regions

@@ -4,7 +4,7 @@ of region calls that it shares with memopt's recorded step estimate.
 A graph break splits a training step into regions. Dynamo compiles each the first
 time it runs, so when the first region is planned the later ones are unknown; yet its
 saved values stay live while they run, and its outputs (say, the logits) are handed
-to them. memopt plans such a step in three moves:
+to them. memopt plans such a step in four moves:
 
 1. A region compiled while earlier regions of the step wait for their backward (their
    forward ran, their backward has not started) is planned with them in place
@@ -27,21 +27,30 @@ to them. memopt plans such a step in three moves:
    of another step peak, and it is compiled again too, after the others (its next
    call comes after theirs), so that every region plans against the same step.
 
+4. A step planned so stays watched: the plan assumed the outputs the caller did not
+   keep handed on, and holds as long as the caller keeps no more. When a later step
+   keeps an output the plan assumed handed on (a loop whose first step ran
+   ``loss = model(**x).loss`` and whose later steps run ``out = model(**x)``), the
+   regions are compiled again as in move 3, planned for the outputs either step kept,
+   at most `MAX_REPLANS` compiles per region; past that they keep their plan and
+   warn once (`MemoptWarning`). A step that keeps fewer outputs changes nothing.
+
 A region compiled while it may still be planned again (moves 1 and 2) holds its
 `MemoptBudgetWarning`s until it keeps its plan (a provisional plan may judge a budget
 infeasible that its step meets).
 
-Re-planning happens at most once per compiled region, only under a memory budget,
-and only for graphs with static shapes (it traces the Dynamo graph again on fake
-copies of the example inputs). A step that does not follow the forward-in-order,
-backward-in-reverse pattern (gradient accumulation, a forward with no backward) is
-not used: those regions stay planned alone. A step in which the caller keeps outputs
-is used from the second step on: during the compile step Dynamo's tracing state may
-still hold a region's outputs.
+Re-planning happens only under a memory budget, and only for graphs with static shapes
+(it traces the Dynamo graph again on fake copies of the example inputs). A step that
+does not follow the forward-in-order, backward-in-reverse pattern (gradient
+accumulation, a forward with no backward) is not used: before a decision its regions
+stay planned alone, after one it changes nothing. A step in which the caller keeps
+outputs is used from the second step on: during the compile step Dynamo's tracing
+state may still hold a region's outputs.
 
 Observing a call. The tracker observes a call of a `WatchedRegion` that is
-``tracking`` (a `CompiledRegion` until its step is decided) or ``recording`` (below),
-when the call has a backward (not a run on fake tensors):
+``tracking`` (a `CompiledRegion` until its step is decided, and while its step is
+watched, move 4) or ``recording`` (below), when the call has a backward (not a run on
+fake tensors):
 
 * its outputs, by weak reference: the tensor, and its storages that are not the
   call's inputs. When the region's backward starts (an autograd pre-hook on its
@@ -92,7 +101,7 @@ from torch.utils._pytree import tree_leaves
 
 from memopt.backends.record import RegionRecord
 from memopt.backends.region import RegionCompiler
-from memopt.errors import MemoptBudgetWarning
+from memopt.errors import MemoptBudgetWarning, MemoptWarning
 from memopt.failsoft import fail_soft
 from memopt.graph import meta
 from memopt.plan.step_context import RegionInStep, StepContext
@@ -115,7 +124,8 @@ class WatchedRegion:
 
     tracking: bool = False
     """Whether its calls take part in whole-step decisions (only a `CompiledRegion`'s
-    do, until the tracker has decided about its step)."""
+    do: until the tracker has decided about its step, and after a decision that
+    planned its step again, move 4)."""
 
     def __init__(self, compiler: RegionCompiler, fn: Callable[..., Any]) -> None:
         self.compiler = compiler
@@ -160,12 +170,15 @@ class CompiledRegion(WatchedRegion):
             self.settle()  # no step to wait for
         self.steps_seen = 0
         self.calls = 0
-        self.replanned = False
+        self.replans = 0
         self._step: tuple[list[CompiledRegion], _Observed] | None = None  # set: re-plan at the next call
+        self.decided: tuple[tuple[CompiledRegion, ...], _Observed] | None = None
+        """The step (its regions in forward order) and the observation this region's
+        plan is for, once the tracker has decided about a step of several regions."""
 
     @property
     def can_replan(self) -> bool:
-        return self._fakes is not None and not self.replanned
+        return self._fakes is not None and self.replans < MAX_REPLANS
 
     def in_step(self) -> RegionInStep | None:
         """The region as the planner sees it from another region (None if its
@@ -180,10 +193,13 @@ class CompiledRegion(WatchedRegion):
     def planned_without(self, observed: _Observed) -> bool:
         """Whether its plan assumed handed on an earlier region's outputs that
         ``observed`` shows the caller keeps (it was planned in a context with no
-        observations, move 1)."""
+        observations, move 1, or with a step that kept fewer)."""
         context = self.compiler.context
-        unobserved = context is None or not context.kept_outputs
-        return unobserved and any(observed.kept_outputs[:-1])
+        planned = context.kept_outputs if context is not None else ()
+        return any(
+            kept - ((planned[i] or frozenset()) if i < len(planned) else frozenset())
+            for i, kept in enumerate(observed.kept_outputs[:-1])
+        )
 
     def replan_in(self, step: list[CompiledRegion], observed: _Observed) -> None:
         """Compile again, planned for ``step`` (the regions in forward order, run as
@@ -204,7 +220,8 @@ class CompiledRegion(WatchedRegion):
         _emit(held)
 
     def _replan(self, planned: tuple[list[CompiledRegion], _Observed]) -> None:
-        self._step, self.replanned = None, True
+        self._step = None
+        self.replans += 1
         step, observed = planned
         context = _context_of(step, step.index(self), observed)
         assert self._fakes is not None
@@ -236,6 +253,17 @@ class _Observed:
 
     kept_outputs: tuple[frozenset[int], ...]
     input_sources: tuple[dict[int, tuple[int, int]], ...]
+
+    def covers(self, other: _Observed) -> bool:
+        """Whether a plan made for this observation holds for a step run as ``other``
+        (the same regions): every output it shows kept is kept here too (an output
+        kept here and handed on there only leaves the plan room)."""
+        return all(theirs <= ours for ours, theirs in zip(self.kept_outputs, other.kept_outputs, strict=True))
+
+    def merged(self, other: _Observed) -> _Observed:
+        """The outputs either kept, with ``other``'s input sources (the same regions)."""
+        kept = tuple(ours | theirs for ours, theirs in zip(self.kept_outputs, other.kept_outputs, strict=True))
+        return _Observed(kept, other.input_sources)
 
 
 def _context_of(step: list[CompiledRegion], i: int, observed: _Observed) -> StepContext:
@@ -359,7 +387,8 @@ MAX_PRODUCED = 4096
 class StepTracker:
     """Observes the calls of watched regions, forward then backward: fills the
     records of those that are recording, and calls for whole-step re-planning when a
-    step of several tracking regions completes (module docstring)."""
+    step of several tracking regions completes, or a step planned so keeps more
+    outputs than its plan assumed (module docstring)."""
 
     runs: list[_Run] = field(default_factory=list)
     """The current step's runs of tracking regions, in forward order."""
@@ -464,6 +493,10 @@ class StepTracker:
         return None
 
 
+MAX_REPLANS = 3
+"""Compiles of a region planned for its step, at most: the first, and one for each
+later step whose caller keeps outputs the plan assumed handed on."""
+
 OBSERVED_STEPS = 3
 """Steps a region is watched for at most. The first step is also the compile step,
 when Dynamo's tracing state may still hold a region's outputs: an inconclusive step
@@ -472,36 +505,40 @@ is not the last word."""
 
 def _step_done(runs: list[_Run], order: list[_Run]) -> None:
     """A step completed. If it had several regions, in the clean pattern (and, when the
-    caller kept outputs, it was not the compile step), re-plan the non-final ones and
-    stop watching; else stop watching regions seen in `OBSERVED_STEPS` steps (or in a
-    one-region step). Regions that keep their plan emit the warnings they held."""
+    caller kept outputs, it was not the compile step), re-plan the non-final ones (the
+    final one too if it assumed kept outputs handed on) and go on watching them (move
+    4); else stop watching regions seen in `OBSERVED_STEPS` steps (or in a one-region
+    step). Regions that keep their plan emit the warnings they held."""
     regions = _regions(runs)
     try:
         _decide(runs, order, regions)
     finally:
         for region in regions:
-            if not region.tracking and region._step is None:
+            if (not region.tracking or region.decided is not None) and region._step is None:
                 region.settle()
 
 
 def _decide(runs: list[_Run], order: list[_Run], regions: list[CompiledRegion]) -> None:
-    """`_step_done`'s decision: stop watching, wait for another step, or re-plan."""
+    """`_step_done`'s decision: stop watching, wait for another step, re-plan, or (a
+    step already planned) re-plan again when the caller now keeps outputs the plan
+    assumed handed on."""
+    decided = _decided(regions)
     for region in regions:
         region.steps_seen += 1
-        region.tracking = len(runs) > 1 and region.steps_seen < OBSERVED_STEPS
+        region.tracking = decided is not None or (len(runs) > 1 and region.steps_seen < OBSERVED_STEPS)
     if len(runs) < 2:
         return
     if [id(r) for r in order] != [id(r) for r in reversed(runs)]:
         log.debug("backwards ran out of the reverse forward order; the step is not used for planning")
         return
     kept = [r.region.name for r in runs[:-1] if r.kept]
-    if kept and min(r.steps_seen for r in regions) < 2:
+    if decided is None and kept and min(r.steps_seen for r in regions) < 2:
         log.debug("the outputs of region(s) %s were alive at their backward in the compile step; "
                   "waiting for the next step", ", ".join(kept))  # fmt: skip
         return
-    for region in regions:
-        region.tracking = False
-    if any(r.in_step() is None for r in regions):
+    if decided is None and any(r.in_step() is None for r in regions):
+        for region in regions:
+            region.tracking = False
         log.info("a region of the step has no memory plan to compose; the step's regions stay planned alone")
         return
     index = {r.serial: i for i, r in enumerate(runs)}
@@ -509,12 +546,27 @@ def _decide(runs: list[_Run], order: list[_Run], regions: list[CompiledRegion]) 
         tuple(r.kept or frozenset() for r in runs),
         tuple({pos: (index[s.run], s.output) for pos, s in r.sources.items() if s.run in index} for r in runs),
     )
+    if decided is not None:
+        if decided.covers(observed):
+            return  # the plan holds for this step
+        observed = decided.merged(observed)
     targets = [r for r in regions[:-1] if r.can_replan]
     if regions[-1].can_replan and regions[-1].planned_without(observed):
         targets.append(regions[-1])  # compiled after the others: it sees their new plans
+    step = (tuple(regions), observed)
+    for region in regions:
+        region.tracking = bool(targets)  # a re-planned step stays watched (module docstring)
+        region.decided = step if targets else None
     for region in targets:
         region.replan_in(regions, observed)
-    if targets:
+    if targets and decided is not None:
+        log.info(
+            "the caller now keeps output(s) of region(s) %s that the step's plan assumed handed on; "
+            "region(s) %s will be compiled again at their next call, planned for the step as now run",
+            ", ".join(runs[i].region.name for i, k in enumerate(observed.kept_outputs[:-1]) if k - decided.kept_outputs[i]),
+            ", ".join(r.name for r in targets),
+        )
+    elif targets:
         log.info(
             "the step runs %d regions (graph breaks between %s); region(s) %s will be compiled again "
             "at their next call, planned for the whole step",
@@ -522,6 +574,26 @@ def _decide(runs: list[_Run], order: list[_Run], regions: list[CompiledRegion]) 
             " | ".join(r.name for r in regions),
             ", ".join(r.name for r in targets),
         )
+    elif decided is not None:
+        warnings.warn(
+            f"the caller now keeps outputs of the regions {', '.join(r.name for r in regions)} that their "
+            f"memory plan assumed handed on, and they were planned again {MAX_REPLANS} times already: they "
+            "keep their plan, which may exceed memory_budget. Keep (or drop) a model's outputs the same way "
+            "in every training step.",
+            MemoptWarning,
+            stacklevel=2,
+        )
+
+
+def _decided(regions: list[CompiledRegion]) -> _Observed | None:
+    """The observation the regions' plans are for, when they were decided together as
+    this step (the same regions, in this order); else None."""
+    decided = regions[0].decided
+    if decided is None or len(decided[0]) != len(regions):
+        return None
+    if any(a is not b or b.decided is not decided for a, b in zip(decided[0], regions)):
+        return None
+    return decided[1]
 
 
 def _regions(runs: list[_Run]) -> list[CompiledRegion]:
