@@ -261,6 +261,40 @@ def test_a_step_that_starts_keeping_outputs_is_planned_again(monkeypatch: pytest
     assert stale > 1.05 * budget, (stale, budget)
 
 
+class TwoLosses(BreakLM):
+    """After the graph break, one of two losses, chosen by an attribute: two steps of
+    different regions that share the first."""
+
+    smooth = False
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        for block in self.blocks:
+            x = x + block(x)
+        logits = self.head(x)
+        torch._dynamo.graph_break()
+        smoothing = 0.1 if self.smooth else 0.0
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=smoothing)
+
+
+def test_a_region_planned_for_its_step_is_not_planned_again_for_another(
+    unbudgeted: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first region, planned for its step with one loss region, also runs in steps
+    with another: those steps are not used, so it is not compiled again for each in
+    turn; the other loss region is planned as it was compiled."""
+    _, explanation, _ = unbudgeted
+    model, (ids, targets), compiled = _compiled(int(0.8 * explanation.estimated_peak_bytes), model_cls=TwoLosses)
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="memopt"):
+        warnings.simplefilter("ignore", memopt.MemoptWarning)
+        for smooth in (False, False, True, True, False, True, True):
+            model.smooth = smooth
+            model.zero_grad(set_to_none=True)
+            compiled(ids, targets).backward()
+    again = [r.getMessage() for r in caplog.records if "compiling again" in r.getMessage()]
+    assert len(again) == 1 and again[0].startswith("region 0/0:"), again
+
+
 def test_a_region_output_it_saves_itself_lives_until_its_backward() -> None:
     _, explanation, _ = _run(None, model_cls=lambda: BreakLM(keep_hidden=True), steps=1)
     first, second = explanation.regions

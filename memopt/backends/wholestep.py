@@ -43,7 +43,9 @@ Re-planning happens only under a memory budget, and only for graphs with static 
 (it traces the Dynamo graph again on fake copies of the example inputs). A step that
 does not follow the forward-in-order, backward-in-reverse pattern (gradient
 accumulation, a forward with no backward) is not used: before a decision its regions
-stay planned alone, after one it changes nothing. A step in which the caller keeps
+stay planned alone, after one it changes nothing. Nor is a step that mixes regions
+planned for another step with others (a branch after a graph break that runs another
+loss region): the planned regions keep the plan for their step. A step in which the caller keeps
 outputs is used from the second step on: during the compile step Dynamo's tracing
 state may still hold a region's outputs.
 
@@ -527,6 +529,11 @@ def _decide(runs: list[_Run], order: list[_Run], regions: list[CompiledRegion]) 
         region.steps_seen += 1
         region.tracking = decided is not None or (len(runs) > 1 and region.steps_seen < OBSERVED_STEPS)
     if len(runs) < 2:
+        return
+    if decided is None and any(r.decided is not None for r in regions):
+        for region in regions:
+            region.tracking = region.decided is not None or region.tracking
+        log.debug("a step mixes regions planned for another step with others; it is not used for planning")
         return
     if [id(r) for r in order] != [id(r) for r in reversed(runs)]:
         log.debug("backwards ran out of the reverse forward order; the step is not used for planning")
