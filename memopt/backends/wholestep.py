@@ -366,18 +366,26 @@ class OutputRefs:
         storages = tuple(StorageWeakRef(p.untyped_storage()) for p in _plain(t) if _storage_key(p) not in inputs)
         return cls(weakref.ref(t), storages) if storages else None
 
-    def kept(self, own: set[int]) -> bool:
+    def kept(self, own: Callable[[], set[int]]) -> bool:
         """Whether the caller holds this output as its region's backward starts: the
-        tensor object, or a storage of it that the region (whose saved storages are
-        ``own``) does not save for its own backward, is alive."""
-        return self.tensor() is not None or any(not s.expired() and s.cdata not in own for s in self.storages)
+        tensor object, or a storage of it that the region (whose saved storages
+        ``own()`` returns, asked only when a storage outlived the tensor) does not save
+        for its own backward, is alive."""
+        if self.tensor() is not None:
+            return True
+        alive = [s for s in self.storages if not s.expired()]
+        return bool(alive) and any(s.cdata not in own() for s in alive)
 
 
 def kept_outputs(outputs: dict[int, OutputRefs], node: Callable[[], Any] | None) -> frozenset[int]:
     """The positions of ``outputs`` the caller holds when the backward of ``node`` (a
     weak reference to the region's backward node) starts."""
     owner = node() if node is not None else None
-    own = _saved_storages(owner) if owner is not None else set()
+
+    @functools.cache
+    def own() -> set[int]:  # unpacks every saved tensor: only when a storage outlived its output
+        return _saved_storages(owner) if owner is not None else set()
+
     return frozenset(pos for pos, refs in outputs.items() if refs.kept(own))
 
 
