@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+import memopt.analysis.storage_cost as storage_cost
 from memopt.analysis import cost
 from memopt.analysis.storage_cost import Bandwidth, bandwidth_for, share_link, storage_candidates
 from memopt.config import MemoptConfig
@@ -117,3 +118,47 @@ def test_copies_share_the_cores_when_the_step_uses_them_all(monkeypatch, device,
     assert (band.write, band.read) == (1e9, 2e9)
     expected = cost.device_model(torch.device(device)).spill_copy_bytes_per_s if shared else None
     assert band.copy_bytes_per_s == expected
+
+
+def test_the_disk_store_measures_its_copies_in_cpu_seconds(tmp_path):
+    """The rate is this machine's: 32 MiB out to the page cache and back into a fresh
+    tensor, in the calling thread's CPU time (a memory copy each way: between 50 MiB/s
+    and 200 GiB/s of CPU time on any host), and it leaves no file behind."""
+    from memopt.runtime import get_store, register_store
+
+    store = get_store(register_store("disk", str(tmp_path)))
+    before = set(os.listdir(store.directory))
+    rate = store.measure_copies(32 << 20)
+    assert 50 * 2**20 < rate < 200 * 2**30, rate
+    assert set(os.listdir(store.directory)) == before
+
+
+def test_the_planner_charges_the_measured_copy_rate_unless_a_bandwidth_is_given(monkeypatch, tmp_path):
+    """Without ``offload_bandwidth`` the planner's copy rate is measured once per
+    process (then cached); with it given, the device model's figure, measured nowhere,
+    so that the plan does not depend on this machine."""
+    from memopt.passes import offload as offload_pass
+    from memopt.runtime import disk_store
+
+    monkeypatch.setattr(offload_pass, "copies_share_compute_cores", lambda device: True)
+    monkeypatch.setattr(storage_cost, "copies_share_compute_cores", lambda device: True)
+    calls = []
+    real = disk_store.DiskStore.measure_copies
+
+    def counted(self, nbytes, rounds=3):
+        calls.append(nbytes)
+        return real(self, nbytes, rounds)
+
+    monkeypatch.setattr(disk_store.DiskStore, "measure_copies", counted)
+    cpu = torch.device("cpu")
+    options = {"offload": "disk", "offload_dir": str(tmp_path)}
+    _, measured = offload_pass.offload_target_and_bandwidth(MemoptConfig.from_options(options), cpu)
+    _, again = offload_pass.offload_target_and_bandwidth(MemoptConfig.from_options(options), cpu)
+    assert len(calls) == 1 and measured.copy_bytes_per_s == again.copy_bytes_per_s
+    assert measured.copy_bytes_per_s != cost.device_model(cpu).spill_copy_bytes_per_s
+
+    given = {**options, "offload_bandwidth": 1e9}
+    _, pinned = offload_pass.offload_target_and_bandwidth(MemoptConfig.from_options(given), cpu)
+    assert len(calls) == 1
+    assert pinned.copy_bytes_per_s == cost.device_model(cpu).spill_copy_bytes_per_s
+    assert (pinned.write, pinned.read) == (1e9, 1e9)

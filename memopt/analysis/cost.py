@@ -48,7 +48,9 @@ class DeviceModel:
     """Bytes per second the host's cores move a value to a file and back: the write
     into the page cache plus the read into a fresh tensor (its pages faulted in), one
     offload's CPU work on the disk store's I/O thread. Measured on this project's CPU:
-    5.5 GiB/s written, 2.1 GiB/s read, 1.5 GiB/s for the round trip."""
+    5.5 GiB/s written, 2.1 GiB/s read, 1.5 GiB/s for the round trip. The planner
+    uses it where ``offload_bandwidth`` is given; otherwise it measures the rate
+    (`memopt.runtime.measure_copy_rate`)."""
 
 
 _DEVICES = {

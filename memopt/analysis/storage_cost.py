@@ -82,11 +82,14 @@ class Bandwidth:
         return 0.0 if self.copy_bytes_per_s is None else nbytes / self.copy_bytes_per_s
 
 
-def bandwidth_for(device: torch.device, write: float, read: float) -> Bandwidth:
+def bandwidth_for(device: torch.device, write: float, read: float, copy_bytes_per_s: float | None = None) -> Bandwidth:
     """The planner's `Bandwidth` for a step on ``device`` with a target's ``write`` and
-    ``read`` rates: the copies' CPU cost is charged where they share the step's cores."""
-    shared = copies_share_compute_cores(device)
-    return Bandwidth(write, read, device_model(device).spill_copy_bytes_per_s if shared else None)
+    ``read`` rates: the copies' CPU cost is charged where they share the step's cores,
+    at ``copy_bytes_per_s`` (measured, `memopt.runtime.measure_copy_rate`) or, when it
+    is None, the device model's figure (`DeviceModel.spill_copy_bytes_per_s`)."""
+    if not copies_share_compute_cores(device):
+        return Bandwidth(write, read)
+    return Bandwidth(write, read, copy_bytes_per_s or device_model(device).spill_copy_bytes_per_s)
 
 
 @dataclass(frozen=True)

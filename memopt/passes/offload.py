@@ -28,6 +28,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 import memopt.codegen.offload  # noqa: F401  - registers torch.ops.memopt.offload/reload_*
 from memopt.analysis.compressible import SavedStorage
+from memopt.analysis.cost import copies_share_compute_cores
 from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
 from memopt.analysis.storage_cost import Bandwidth, bandwidth_for
 from memopt.config import MemoptConfig
@@ -74,14 +75,20 @@ def resolve_target(option: str, device: torch.device) -> str:
 def offload_target_and_bandwidth(config: MemoptConfig, device: torch.device) -> tuple[str, Bandwidth]:
     """The target for ``config.offload`` on ``device`` and its bandwidth (given by
     ``offload_bandwidth``, else measured once per process), with the copies' CPU cost
-    where they share the step's cores (`memopt.analysis.storage_cost.bandwidth_for`)."""
-    from memopt.runtime import bandwidth
+    where they share the step's cores (`memopt.analysis.storage_cost.bandwidth_for`):
+    measured once per process with the bandwidth, or, when ``offload_bandwidth`` is
+    given, the device model's figure, so that a given bandwidth makes the plan
+    independent of this machine's measurements."""
+    from memopt.runtime import bandwidth, measure_copy_rate
 
     assert config.offload is not None
     target = resolve_target(config.offload, device)
+    copy_rate = None
     with unset_fake_temporarily():  # compiles run under a fake mode; the measurement moves real bytes
         write, read = bandwidth(target, device, given=config.offload_bandwidth, offload_dir=config.offload_dir)
-    return target, bandwidth_for(device, write, read)
+        if config.offload_bandwidth is None and copies_share_compute_cores(device):
+            copy_rate = measure_copy_rate(target, device, offload_dir=config.offload_dir)
+    return target, bandwidth_for(device, write, read, copy_rate)
 
 
 class OffloadSavedActivations(Pass):

@@ -3,8 +3,8 @@
 Offload stores (`offload_store`, `disk_store`, `host_store`) keep saved activations
 on disk or in pinned host memory between forward and backward; the custom ops of
 `memopt.codegen.offload` call them. The offload pass registers a store at compile time
-(`register_store`) and bakes its id into the graph; `preflight` and `bandwidth` feed
-the planner; `stats` feeds the report.
+(`register_store`) and bakes its id into the graph; `preflight`, `bandwidth` and
+`measure_copy_rate` feed the planner; `stats` feeds the report.
 """
 
 from memopt.errors import MemoptOffloadError
@@ -16,6 +16,7 @@ from memopt.runtime.offload_store import (
     close_all,
     get_store,
     measure_bandwidth,
+    measure_copy_rate,
     register_store,
 )
 
@@ -28,5 +29,6 @@ __all__ = [
     "close_all",
     "get_store",
     "measure_bandwidth",
+    "measure_copy_rate",
     "register_store",
 ]

@@ -62,6 +62,7 @@ __all__ = [
     "reload_start",
     "reload_wait",
     "measure_bandwidth",
+    "measure_copy_rate",
     "bandwidth",
     "format_bytes",
 ]
@@ -268,6 +269,12 @@ class OffloadStore:
     def measure(self, nbytes: int, device: torch.device) -> tuple[float, float]:
         """``(write, read)`` bytes per second, moving ``nbytes`` each way."""
         raise NotImplementedError
+
+    def measure_copies(self, nbytes: int) -> float | None:
+        """Bytes per second of CPU time a host core spends moving a value of ``nbytes``
+        out and back in (one offload's work on the store's I/O thread), or None where
+        no host core does the copying (a copy engine does)."""
+        return None
 
     # -- the three operations (main thread) ---------------------------------------
 
@@ -655,6 +662,27 @@ def measure_bandwidth(target: str, device: torch.device | str,
                  format_bytes(write), format_bytes(read))
         _BANDWIDTHS[key] = (write, read)
     return _BANDWIDTHS[key]
+
+
+_COPY_RATES: dict[tuple[str, str | None], float | None] = {}
+
+
+def measure_copy_rate(target: str, device: torch.device | str,
+                      nbytes: int = DEFAULT_PROBE_BYTES, *,
+                      offload_dir: str | os.PathLike[str] | None = None) -> float | None:
+    """`OffloadStore.measure_copies` of ``target``'s store for ``device``, measured
+    once per process (``nbytes`` out and back: tens of milliseconds at the default 32
+    MiB) and cached; None where a copy engine does the copying."""
+    where = torch.device(device)
+    root = os.path.abspath(os.fspath(offload_dir)) if offload_dir is not None else None
+    key = (target, root)
+    if key not in _COPY_RATES:
+        store = get_store(register_store(target, root, device=where))
+        rate = store.measure_copies(nbytes)
+        if rate is not None:
+            log.info("offload copies to %s: %s/s of CPU time, out and back", store.location, format_bytes(rate))
+        _COPY_RATES[key] = rate
+    return _COPY_RATES[key]
 
 
 def bandwidth(target: str, device: torch.device | str,
