@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -263,36 +263,88 @@ def test_a_step_that_starts_keeping_outputs_is_planned_again(monkeypatch: pytest
 
 class TwoLosses(BreakLM):
     """After the graph break, one of two losses, chosen by an attribute: two steps of
-    different regions that share the first."""
+    different regions that share the first. Returns the loss and the logits."""
 
     smooth = False
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> Any:  # type: ignore[override]
         x = self.emb(ids)
         for block in self.blocks:
             x = x + block(x)
         logits = self.head(x)
         torch._dynamo.graph_break()
         smoothing = 0.1 if self.smooth else 0.0
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=smoothing)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=smoothing), logits
 
 
-def test_a_region_planned_for_its_step_is_not_planned_again_for_another(
-    unbudgeted: Any, caplog: pytest.LogCaptureFixture
-) -> None:
+class LastExtras(BreakLM):
+    """The loss region returns three more outputs that it computes itself."""
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> Any:  # type: ignore[override]
+        x = self.emb(ids)
+        for block in self.blocks:
+            x = x + block(x)
+        logits = self.head(x)
+        torch._dynamo.graph_break()
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return loss, loss * 2, loss * 3, loss * 4
+
+
+def _steps(
+    model_cls: Callable[[], nn.Module], budget: int, steps: Sequence[tuple[dict[str, Any], int]]
+) -> tuple[list[str], list[str]]:
+    """Run ``steps``: per step, attributes to set on the model and how many outputs
+    after the loss the caller keeps through backward. Returns the "compiling again"
+    log lines and the `MemoptWarning` messages."""
+    model, (ids, targets), compiled = _compiled(budget, model_cls=model_cls)
+    logger = logging.getLogger("memopt")
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for attributes, keep in steps:
+                for name, value in attributes.items():
+                    setattr(model, name, value)
+                model.zero_grad(set_to_none=True)
+                out = compiled(ids, targets)
+                kept, loss = out[1 : 1 + keep], out[0]
+                del out
+                loss.backward()
+                del kept, loss
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    messages = [str(w.message) for w in caught if issubclass(w.category, memopt.MemoptWarning)]
+    return [line for line in lines if "compiling again" in line], messages
+
+
+def test_a_region_planned_for_its_step_is_not_planned_again_for_another(unbudgeted: Any) -> None:
     """The first region, planned for its step with one loss region, also runs in steps
     with another: those steps are not used, so it is not compiled again for each in
-    turn; the other loss region is planned as it was compiled."""
+    turn. It stays watched through them: when a later step of its own keeps the
+    logits, it is planned again for that."""
     _, explanation, _ = unbudgeted
-    model, (ids, targets), compiled = _compiled(int(0.8 * explanation.estimated_peak_bytes), model_cls=TwoLosses)
-    with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="memopt"):
-        warnings.simplefilter("ignore", memopt.MemoptWarning)
-        for smooth in (False, False, True, True, False, True, True):
-            model.smooth = smooth
-            model.zero_grad(set_to_none=True)
-            compiled(ids, targets).backward()
-    again = [r.getMessage() for r in caplog.records if "compiling again" in r.getMessage()]
+    plain, smooth = {"smooth": False}, {"smooth": True}
+    steps = [(plain, 0)] * 2 + [(smooth, 0), (smooth, 0), (plain, 0), (smooth, 0), (smooth, 0)] + [(plain, 1)] * 3
+    again, _ = _steps(TwoLosses, int(0.8 * explanation.estimated_peak_bytes), steps)
+    first = [line for line in again if line.startswith("region 0/0:")]
+    assert len(first) == 2, again
+    assert "output(s) kept by the caller" not in first[0] and "1 output(s) kept by the caller" in first[1], again
+
+
+def test_outputs_of_the_last_region_kept_or_not_change_no_plan(unbudgeted: Any) -> None:
+    """The final region's outputs are live after the step whether the caller keeps
+    them or not: keeping more of them later re-plans nothing and warns nothing."""
+    _, explanation, _ = unbudgeted
+    steps = [({}, keep) for keep in (0, 0, 0, 1, 1, 2, 2, 3, 3, 3)]
+    again, messages = _steps(LastExtras, int(0.8 * explanation.estimated_peak_bytes), steps)
     assert len(again) == 1 and again[0].startswith("region 0/0:"), again
+    assert not [m for m in messages if "assumed handed on" in m], messages
 
 
 def test_a_region_output_it_saves_itself_lives_until_its_backward() -> None:

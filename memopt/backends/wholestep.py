@@ -33,7 +33,9 @@ to them. memopt plans such a step in four moves:
    ``loss = model(**x).loss`` and whose later steps run ``out = model(**x)``), the
    regions are compiled again as in move 3, planned for the outputs either step kept,
    at most `MAX_REPLANS` compiles per region; past that they keep their plan and
-   warn once (`MemoptWarning`). A step that keeps fewer outputs changes nothing.
+   warn once (`MemoptWarning`, at the first region's next call). A step that keeps
+   fewer outputs changes nothing, and so does a change in the final region's kept
+   outputs (they are live after the step either way).
 
 A region compiled while it may still be planned again (moves 1 and 2) holds its
 `MemoptBudgetWarning`s until it keeps its plan (a provisional plan may judge a budget
@@ -174,6 +176,7 @@ class CompiledRegion(WatchedRegion):
         self.calls = 0
         self.replans = 0
         self._step: tuple[list[CompiledRegion], _Observed] | None = None  # set: re-plan at the next call
+        self._warning: str | None = None  # set: warn at the next call
         self.decided: tuple[tuple[CompiledRegion, ...], _Observed] | None = None
         """The step (its regions in forward order) and the observation this region's
         plan is for, once the tracker has decided about a step of several regions."""
@@ -208,7 +211,16 @@ class CompiledRegion(WatchedRegion):
         ``observed``), at the next call."""
         self._step = (step, observed)
 
+    def warn_at_next_call(self, message: str) -> None:
+        """Warn (`MemoptWarning`) at the region's next forward call, outside the backward
+        in which the tracker decided it (an error raised from an autograd hook would
+        stop that backward midway)."""
+        self._warning = message
+
     def __call__(self, *args: Any) -> Any:
+        if self._warning is not None:
+            message, self._warning = self._warning, None
+            warnings.warn(message, MemoptWarning, stacklevel=2)
         if self._step is not None:
             self._replan(self._step)
         self.calls += 1
@@ -258,9 +270,11 @@ class _Observed:
 
     def covers(self, other: _Observed) -> bool:
         """Whether a plan made for this observation holds for a step run as ``other``
-        (the same regions): every output it shows kept is kept here too (an output
-        kept here and handed on there only leaves the plan room)."""
-        return all(theirs <= ours for ours, theirs in zip(self.kept_outputs, other.kept_outputs, strict=True))
+        (the same regions): every output of a non-final region it shows kept is kept
+        here too (an output kept here and handed on there only leaves the plan room;
+        the final region's outputs are live after the step either way)."""
+        pairs = zip(self.kept_outputs[:-1], other.kept_outputs[:-1], strict=True)
+        return all(theirs <= ours for ours, theirs in pairs)
 
     def merged(self, other: _Observed) -> _Observed:
         """The outputs either kept, with ``other``'s input sources (the same regions)."""
@@ -535,12 +549,11 @@ def _decide(runs: list[_Run], order: list[_Run], regions: list[CompiledRegion]) 
     decided = _decided(regions)
     for region in regions:
         region.steps_seen += 1
-        region.tracking = decided is not None or (len(runs) > 1 and region.steps_seen < OBSERVED_STEPS)
+        # A region planned for its step is watched whatever this step was (move 4).
+        region.tracking = region.decided is not None or (len(runs) > 1 and region.steps_seen < OBSERVED_STEPS)
     if len(runs) < 2:
         return
     if decided is None and any(r.decided is not None for r in regions):
-        for region in regions:
-            region.tracking = region.decided is not None or region.tracking
         log.debug("a step mixes regions planned for another step with others; it is not used for planning")
         return
     if [id(r) for r in order] != [id(r) for r in reversed(runs)]:
@@ -590,13 +603,11 @@ def _decide(runs: list[_Run], order: list[_Run], regions: list[CompiledRegion]) 
             ", ".join(r.name for r in targets),
         )
     elif decided is not None:
-        warnings.warn(
+        regions[0].warn_at_next_call(
             f"the caller now keeps outputs of the regions {', '.join(r.name for r in regions)} that their "
             f"memory plan assumed handed on, and they were planned again {MAX_REPLANS} times already: they "
             "keep their plan, which may exceed memory_budget. Keep (or drop) a model's outputs the same way "
-            "in every training step.",
-            MemoptWarning,
-            stacklevel=2,
+            "in every training step."
         )
 
 
