@@ -3,9 +3,10 @@ memopt/plan/step_context.py): a budget holds for a step split by a graph break."
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -34,11 +35,14 @@ class BreakLM(nn.Module):
         self.head = nn.Linear(DIM, VOCAB)
         self.keep_hidden = keep_hidden
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def hidden_and_logits(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.emb(ids)
         for block in self.blocks:
             x = x + block(x)
-        logits = self.head(x)
+        return x, self.head(x)
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x, logits = self.hidden_and_logits(ids)
         torch._dynamo.graph_break()
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return loss + 0.0 * x.mean() if self.keep_hidden else loss
@@ -46,10 +50,7 @@ class BreakLM(nn.Module):
 
 class KeepsLogits(BreakLM):
     def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> Any:  # type: ignore[override]
-        x = self.emb(ids)
-        for block in self.blocks:
-            x = x + block(x)
-        logits = self.head(x)
+        _, logits = self.hidden_and_logits(ids)
         torch._dynamo.graph_break()
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten()), logits
 
@@ -196,18 +197,10 @@ def test_a_fractional_budget_is_one_fraction_of_one_step_in_every_region() -> No
     assert all(torch.equal(grads[n], grads_before[n]) for n in grads_before)
 
 
-def _starts_keeping(budget: int) -> tuple[int, Any, dict[str, torch.Tensor], list[str], list[str]]:
-    """`KeepsLogits` in a loop whose first step drops the logits (``compiled(...)[0]``)
-    and whose later steps keep them (``out = compiled(...)``): (measured peak with
-    the parameters and inputs, the explanation, the gradients, the "compiling
-    again" log lines, the `MemoptWarning` messages)."""
-    model, (ids, targets), compiled = _compiled(budget, model_cls=KeepsLogits)
+@contextlib.contextmanager
+def _info_lines() -> Iterator[list[str]]:
+    """The messages memopt logs at INFO level or above while the block runs."""
     logger = logging.getLogger("memopt")
-
-    def step() -> None:
-        out = compiled(ids, targets)
-        out[0].backward()
-
     lines: list[str] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
@@ -215,17 +208,31 @@ def _starts_keeping(budget: int) -> tuple[int, Any, dict[str, torch.Tensor], lis
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        with memopt.record() as explanation, warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            compiled(ids, targets)[0].backward()
-            for _ in range(3):
-                model.zero_grad(set_to_none=True)
-                step()
-            model.zero_grad(set_to_none=True)
-            growth = measure_peak(step).peak_growth_bytes
+        yield lines
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def _starts_keeping(budget: int) -> tuple[int, Any, dict[str, torch.Tensor], list[str], list[str]]:
+    """`KeepsLogits` in a loop whose first step drops the logits (``compiled(...)[0]``)
+    and whose later steps keep them (``out = compiled(...)``): (measured peak with
+    the parameters and inputs, the explanation, the gradients, the "compiling
+    again" log lines, the `MemoptWarning` messages)."""
+    model, (ids, targets), compiled = _compiled(budget, model_cls=KeepsLogits)
+
+    def step() -> None:
+        out = compiled(ids, targets)
+        out[0].backward()
+
+    with _info_lines() as lines, memopt.record() as explanation, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(ids, targets)[0].backward()
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            step()
+        model.zero_grad(set_to_none=True)
+        growth = measure_peak(step).peak_growth_bytes
     fixed = sum(p.numel() * p.element_size() for p in model.parameters()) + ids.nbytes + targets.nbytes
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     again = [line for line in lines if "compiling again" in line]
@@ -268,10 +275,7 @@ class TwoLosses(BreakLM):
     smooth = False
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> Any:  # type: ignore[override]
-        x = self.emb(ids)
-        for block in self.blocks:
-            x = x + block(x)
-        logits = self.head(x)
+        _, logits = self.hidden_and_logits(ids)
         torch._dynamo.graph_break()
         smoothing = 0.1 if self.smooth else 0.0
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=smoothing), logits
@@ -281,10 +285,7 @@ class LastExtras(BreakLM):
     """The loss region returns three more outputs that it computes itself."""
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> Any:  # type: ignore[override]
-        x = self.emb(ids)
-        for block in self.blocks:
-            x = x + block(x)
-        logits = self.head(x)
+        _, logits = self.hidden_and_logits(ids)
         torch._dynamo.graph_break()
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return loss, loss * 2, loss * 3, loss * 4
@@ -297,28 +298,17 @@ def _steps(
     after the loss the caller keeps through backward. Returns the "compiling again"
     log lines and the `MemoptWarning` messages."""
     model, (ids, targets), compiled = _compiled(budget, model_cls=model_cls)
-    logger = logging.getLogger("memopt")
-    lines: list[str] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for attributes, keep in steps:
-                for name, value in attributes.items():
-                    setattr(model, name, value)
-                model.zero_grad(set_to_none=True)
-                out = compiled(ids, targets)
-                kept, loss = out[1 : 1 + keep], out[0]
-                del out
-                loss.backward()
-                del kept, loss
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+    with _info_lines() as lines, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for attributes, keep in steps:
+            for name, value in attributes.items():
+                setattr(model, name, value)
+            model.zero_grad(set_to_none=True)
+            out = compiled(ids, targets)
+            kept, loss = out[1 : 1 + keep], out[0]
+            del out
+            loss.backward()
+            del kept, loss
     messages = [str(w.message) for w in caught if issubclass(w.category, memopt.MemoptWarning)]
     return [line for line in lines if "compiling again" in line], messages
 
