@@ -109,11 +109,20 @@ def _run(
         for _ in range(steps):
             model.zero_grad(set_to_none=True)
             step()
-        model.zero_grad(set_to_none=True)
-        growth = measure_peak(step).peak_growth_bytes
-    fixed = sum(p.numel() * p.element_size() for p in model.parameters()) + ids.nbytes + targets.nbytes
+        peak, grads = _measured(model, (ids, targets), step)
+    return peak, explanation, grads
+
+
+def _measured(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], step: Callable[[], None]
+) -> tuple[int, dict[str, torch.Tensor]]:
+    """One more ``step``, measured: (its peak with the parameters and ``inputs``, the
+    gradients it leaves)."""
+    model.zero_grad(set_to_none=True)
+    growth = measure_peak(step).peak_growth_bytes
+    fixed = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(x.nbytes for x in inputs)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return growth + fixed, explanation, grads
+    return growth + fixed, grads
 
 
 @pytest.fixture(scope="module")
@@ -231,13 +240,10 @@ def _starts_keeping(budget: int) -> tuple[int, Any, dict[str, torch.Tensor], lis
         for _ in range(3):
             model.zero_grad(set_to_none=True)
             step()
-        model.zero_grad(set_to_none=True)
-        growth = measure_peak(step).peak_growth_bytes
-    fixed = sum(p.numel() * p.element_size() for p in model.parameters()) + ids.nbytes + targets.nbytes
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        peak, grads = _measured(model, (ids, targets), step)
     again = [line for line in lines if "compiling again" in line]
     messages = [str(w.message) for w in caught if issubclass(w.category, memopt.MemoptWarning)]
-    return growth + fixed, explanation, grads, again, messages
+    return peak, explanation, grads, again, messages
 
 
 def test_a_step_that_starts_keeping_outputs_is_planned_again(monkeypatch: pytest.MonkeyPatch) -> None:

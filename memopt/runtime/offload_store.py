@@ -671,8 +671,8 @@ def measure_copy_rate(target: str, device: torch.device | str,
                       nbytes: int = DEFAULT_PROBE_BYTES, *,
                       offload_dir: str | os.PathLike[str] | None = None) -> float | None:
     """`OffloadStore.measure_copies` of ``target``'s store for ``device``, measured
-    once per process (``nbytes`` out and back: tens of milliseconds at the default 32
-    MiB) and cached; None where a copy engine does the copying."""
+    once per process (``nbytes`` out and back, four times: about 150 ms here at the
+    default 32 MiB) and cached; None where a copy engine does the copying."""
     where = torch.device(device)
     root = os.path.abspath(os.fspath(offload_dir)) if offload_dir is not None else None
     key = (target, root)
