@@ -29,11 +29,16 @@ second backward through the same graph (``retain_graph=True``) raises a
 
 Errors of the background thread (a full disk) are raised in the calling thread, at the
 next operation of the store, as `MemoptOffloadError`.
+
+`synchronous_io` runs every store's copies on the calling thread instead, at the moment
+each is asked for: for measuring a step with the allocator's view (torch's profiler
+sees only the step's thread) and for debugging, never for speed.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import itertools
 import json
@@ -43,7 +48,7 @@ import os
 import queue
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -58,6 +63,7 @@ __all__ = [
     "register_store",
     "get_store",
     "close_all",
+    "synchronous_io",
     "offload",
     "reload_start",
     "reload_wait",
@@ -290,7 +296,8 @@ class OffloadStore:
         hid = next(_HANDLE_IDS)
         entry = _Entry(hid, name or f"handle {hid}", tuple(value.shape), value.dtype,
                        value.device, source.numel() * source.element_size(), source=source)
-        self._worker.start()
+        if not _synchronous_depth:
+            self._worker.start()
         self._acquire_slot()
         with self._lock:
             self._entries[hid] = entry
@@ -308,6 +315,7 @@ class OffloadStore:
             raise
         log.debug("offload %s: %s %s (%s) to %s", entry.name, entry.dtype, list(entry.size),
                   format_bytes(entry.nbytes), self.location)
+        self._run_if_synchronous()
         return self._token(hid)
 
     def reload_start(self, hid: int) -> torch.Tensor:
@@ -320,6 +328,7 @@ class OffloadStore:
             entry.read_started = True
         if start:
             self._begin_reload(entry)
+        self._run_if_synchronous()
         return self._token(hid)
 
     def reload_wait(self, hid: int, size: list[int], dtype: torch.dtype,
@@ -332,6 +341,7 @@ class OffloadStore:
             entry.read_started = True
         if start:
             self._begin_reload(entry)
+        self._run_if_synchronous()
         while not entry.loaded.wait(0.5):
             if not self._worker.alive():
                 self._worker.flush()
@@ -427,6 +437,12 @@ class OffloadStore:
         with self._lock:
             self._entries.pop(entry.hid, None)
         _HANDLES.pop(entry.hid, None)
+
+    def _run_if_synchronous(self) -> None:
+        """Under `synchronous_io`: run the jobs queued so far here (the store holds no
+        lock at the callers)."""
+        if _synchronous_depth:
+            self._worker.flush()
 
     def _acquire_slot(self) -> None:
         while not self._slots.acquire(timeout=0.5):
@@ -582,11 +598,49 @@ def _forget_store(store: OffloadStore) -> None:
             del _STORES[store.store_id]
 
 
+_synchronous_depth = 0
+"""How many `synchronous_io` blocks are open (process-wide)."""
+
+
+@contextlib.contextmanager
+def synchronous_io() -> Iterator[None]:
+    """Run every offload store's copies on the calling thread while the block runs.
+
+    On entering, each store finishes the work queued so far and ends its I/O thread.
+    Inside, an offload's write and a reload's read run within the call that asks for
+    them (``offload``, ``reload_start``), as if the copies took no time; the discards of
+    handles whose tokens died run at the store's next call or ``flush``. The step's
+    numerics are unchanged. After the block, a store starts its thread again at its
+    next offload.
+
+    What it is for: torch's profiler records allocations and frees on the thread that
+    runs the step only, so `memopt.testing.measure.measure_peak` misses those the I/O
+    thread makes (a reloaded buffer, a written value released). Inside this block it
+    sees them all, at the points the memory model places them: with the copies
+    instantaneous, the allocator's peak of an offloaded step is what memopt's estimate
+    says for it, except where pending writes set the peak (the estimate holds a value
+    until its modelled write ends). Not for training: the step waits for every copy.
+    Not reentrant across threads: open it on the thread that runs the steps."""
+    global _synchronous_depth
+    for store in _stores():
+        store._worker.stop(timeout=60.0)
+    _synchronous_depth += 1
+    try:
+        yield
+    finally:
+        _synchronous_depth -= 1
+        for store in _stores():
+            store._worker.flush()  # the discards queued since the last call
+
+
+def _stores() -> list[OffloadStore]:
+    with _REGISTRY_LOCK:
+        return list(_STORES.values())
+
+
 def close_all() -> None:
     """Close every store of this process (at interpreter exit; tests)."""
-    with _REGISTRY_LOCK:
-        stores = list(_STORES.values())
-    for store in stores:
+    for store in _stores():
         store.close()
 
 

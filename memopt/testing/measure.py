@@ -74,10 +74,12 @@ def measure_peak(step_fn: Callable[[], Any], device: str | torch.device = "cpu")
     """Run ``step_fn()`` once and measure its peak memory growth on ``device``.
 
     On CPU the allocator view (torch.profiler memory events) sees only allocations and
-    frees made on the thread that runs the step: a tensor freed on another thread
-    (an offload store's I/O thread releases what it has written) stays live in it, so
-    it overstates the growth of offloaded steps. Measure those with the OS view
-    (``os_peak_growth_bytes``, in a fresh process: `measure_in_fresh_process`)."""
+    frees made on the thread that runs the step: an offload store's I/O thread
+    releases what it has written and allocates what it reads back, unseen. Measure an
+    offloaded step inside `memopt.runtime.synchronous_io` (the copies made on the
+    step's thread, instantaneous: the allocator's view of memopt's plan), or with the
+    OS view (``os_peak_growth_bytes``, in a fresh process: `measure_in_fresh_process`)
+    for the copies as they run."""
     device = torch.device(device)
     if device.type == "cuda":
         return _measure_cuda(step_fn, device)

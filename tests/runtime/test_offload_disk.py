@@ -348,3 +348,42 @@ def test_bandwidth_is_measured_once_or_given(offload_dir, monkeypatch):
     with pytest.raises(ValueError, match="positive"):
         bandwidth("disk", "cpu", given=0)
     get_store(register_store("disk", offload_dir)).close()
+
+
+def test_synchronous_io_copies_on_the_calling_thread(store_id, leftovers):
+    """Inside `synchronous_io` no I/O thread runs: the write is done when ``offload``
+    returns (the source released, the file there), the read when ``reload_start``
+    returns, every allocation and free on this thread; the value comes back bit for bit,
+    and after the block the store uses its thread again."""
+    from memopt.runtime import synchronous_io
+    from memopt.testing.measure import measure_peak
+
+    store = get_store(store_id)
+    ops.offload(torch.randn(4), store_id, "warm").sum()  # the store's thread is running
+    assert store._worker.alive()
+    threads_seen = []
+    write = disk_store.write_file
+
+    def recording_write(path, tensor, **kwargs):
+        threads_seen.append(threading.current_thread())
+        write(path, tensor, **kwargs)
+
+    value = torch.randn(64, 1024)  # 256 KiB
+    expected = value.clone()
+    storage = weakref.ref(value.untyped_storage())
+    with synchronous_io(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(disk_store, "write_file", recording_write)
+        assert not store._worker.alive()
+        token = ops.offload(value, store_id, "v")
+        del value
+        assert storage() is None and store.stats().pending_bytes == 0 and len(leftovers(store)) == 1
+        started = []
+        measured = measure_peak(lambda: started.append(ops.reload_start(token)))
+        assert measured.end_growth_bytes >= 256 << 10  # the read buffer, made on this thread
+        assert leftovers(store) == []
+        back = ops.reload_wait(started[0], [64, 1024], torch.float32, CPU)
+        assert not store._worker.alive()
+    assert threads_seen == [threading.current_thread()]
+    assert torch.equal(back, expected)
+    ops.offload(torch.randn(4), store_id, "after").sum()
+    assert store._worker.alive()
