@@ -96,6 +96,14 @@ def _compiled(ctx: Ctx) -> dict[str, Any]:
     return ns
 
 
+def _offloaded(ctx: Ctx) -> dict[str, Any]:
+    """`_training`'s model compiled with every saved activation offloaded to disk."""
+    ns = _training(ctx)
+    options = {"codegen": "eager", "offload": "disk", "offload_dir": str(ctx.tmp_path / "offload"), "offload_min_bytes": 0}
+    ns["compiled"] = torch.compile(ns["model"], backend="memopt", options=options)
+    return ns
+
+
 def _train_every_compiled(ns: dict[str, Any], compiled: list[Callable[..., Any]]) -> None:
     assert compiled, "the block compiled no model with backend='memopt'"
     for fn in compiled:
@@ -229,8 +237,9 @@ CASES: dict[str, Case] = {
         substitute={"    model, inputs = ...": "    model, inputs = MLP(), (torch.randn(8, 64), torch.randn(8, 8))"},
     ),
     "docs/offload.md:0": Case(_training, after=_train_every_compiled),
-    "docs/offload.md:1": Case(lambda ctx: {"nbytes": 1 << 20}),
-    "docs/offload.md:2": Case(
+    "docs/offload.md:1": Case(_offloaded),
+    "docs/offload.md:2": Case(lambda ctx: {"nbytes": 1 << 20}),
+    "docs/offload.md:3": Case(
         _classifier,
         substitute={
             'opt = OffloadedState(torch.optim.AdamW(model.parameters(), lr=1e-3), "disk", offload_dir="/scratch")':
