@@ -29,8 +29,10 @@ def _rows(text: str, first_cell: str) -> list[list[str]]:
 def test_floor_rows_in_fast_mode() -> None:
     out = _run("floor", "--codegens", "eager")
     memory, times = _rows(out, "llama")
-    assert len(memory) == 11 and memory[1] == "eager"
+    assert len(memory) == 12 and memory[1] == "eager"
     assert memory[4].endswith("B")  # the storage floor, in bytes
+    inline, versus = memory[7].split(" (")  # the allocator's view with copies inline, vs the estimate
+    assert inline.endswith("B") and versus.endswith("%)")
     assert len(times) == 7 and times[2] == "bitwise"
 
 
