@@ -207,6 +207,36 @@ def _sharded_accumulation(ctx: Ctx) -> dict[str, Any]:
     }
 
 
+def _hf_lm(ctx: Ctx) -> dict[str, Any]:
+    """A small default-config Llama (``compiled(**batch).loss``) and a ``loader`` of two
+    batches."""
+    from memopt.testing.hf import build
+
+    model, inputs = build("llama", batch=2, seq=16)
+    return {"torch": torch, "model": model, "inputs": inputs, "loader": [inputs] * 2}
+
+
+def _hf_train_every_compiled(ns: dict[str, Any], compiled: list[Callable[..., Any]]) -> None:
+    """A training step of each compiled model in turn (the block's alternatives, one
+    after the other: each step ends with ``opt.step()`` and ``opt.zero_grad()``)."""
+    assert compiled, "the block compiled no model with backend='memopt'"
+    for fn in compiled:
+        fn(**ns["inputs"]).loss.backward()
+        ns["opt"].step()
+        ns["opt"].zero_grad()
+
+
+def _hf_trainer(ctx: Ctx) -> dict[str, Any]:
+    """`_hf_lm`'s model and a dataset ``ds`` of token sequences for ``transformers.Trainer``."""
+    import transformers
+
+    ns = _hf_lm(ctx)
+    ids = torch.randint(0, ns["model"].config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    ns.update(transformers=transformers, TrainingArguments=transformers.TrainingArguments,
+              ds=[{"input_ids": row, "labels": row} for row in ids])  # fmt: skip
+    return ns
+
+
 @dataclass(frozen=True)
 class Case:
     namespace: Callable[[Ctx], dict[str, Any]] = lambda ctx: {}
@@ -278,6 +308,22 @@ CASES: dict[str, Case] = {
     "docs/usage.md:1": Case(_training),
     "docs/usage.md:2": Case(_compiled),
     "docs/usage.md:3": Case(_pass_testing),
+    "docs/whole_step.md:0": Case(
+        _hf_lm,
+        substitute={
+            "opt = torch.optim.AdamW(model.parameters(), lr=1e-4)":
+            "opt = torch.optim.AdamW(model.parameters(), lr=1e-4); scheduler = torch.optim.lr_scheduler.LinearLR(opt)",
+        },
+    ),  # fmt: skip
+    "docs/whole_step.md:1": Case(_hf_lm, after=_hf_train_every_compiled),
+    "docs/whole_step.md:2": Case(
+        _hf_trainer,
+        substitute={
+            "args = TrainingArguments(..., max_grad_norm=0, gradient_accumulation_steps=1)":
+            'args = TrainingArguments(output_dir="out", use_cpu=True, report_to=[], max_steps=2, per_device_train_batch_size=2, '
+            'save_strategy="no", disable_tqdm=True, max_grad_norm=0, gradient_accumulation_steps=1)',
+        },
+    ),  # fmt: skip
 }
 
 SKIPS: dict[str, str] = {}
