@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.save:
         checkpoint.save(args.save, model, optimizer)
     report(held, numel, world, args.stage)
+    dist.barrier()  # no rank tears its process group down while another still talks to it
     dist.destroy_process_group()
 
 
