@@ -17,15 +17,25 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _env() -> dict[str, str]:
+    """One thread per rank; Python's fault handler prints every thread's stack if a rank
+    is killed by a signal (so an abort says where it happened)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
+
+
+def _failure(out: subprocess.CompletedProcess) -> str:
+    return f"exit {out.returncode}\n--- stdout\n{out.stdout[-3000:]}\n--- stderr\n{out.stderr[-6000:]}"
+
+
 def test_example_trains_under_torchrun(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = _env()
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         str(ROOT / "examples" / "train_sharded.py"), "--steps", "4", "--layers", "1", "--accumulate", "2",
         "--save", str(tmp_path / "ckpt"),
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.returncode == 0, _failure(out)
     lines = out.stdout.splitlines()
     assert any(line.strip().startswith("step   3") for line in lines), out.stdout
     assert sum(line.strip().startswith("rank ") for line in lines) == 2, out.stdout
@@ -34,12 +44,12 @@ def test_example_trains_under_torchrun(tmp_path):
 
 def test_example_built_on_meta_trains(tmp_path):
     """``--meta``: the GPT is built on the meta device, sharded and materialised."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = _env()
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         str(ROOT / "examples" / "train_sharded.py"), "--steps", "11", "--layers", "1", "--meta",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.returncode == 0, _failure(out)
     losses = [float(line.split()[3]) for line in out.stdout.splitlines() if line.strip().startswith("step")]
     assert len(losses) == 2 and losses[-1] < losses[0], out.stdout  # steps 0 and 10: it learns

@@ -458,9 +458,10 @@ def main() -> None:
         dist.barrier()  # no rank tears down while another still talks to it
     finally:
         dist.destroy_process_group()
-    # Skip the interpreter's teardown: a background thread left by the checkpoint
-    # machinery made one rank abort at exit ('terminate called without an active
-    # exception', exit -6) after its result was printed, on a loaded machine.
+    # Skip the interpreter's teardown: torch's DTensor caches keep the gloo process group
+    # alive past destroy_process_group, so its threads run during teardown, and a rank
+    # aborted there ('terminate called without an active exception', exit -6) after its
+    # result was printed, on a loaded machine (see examples/train_sharded.py).
     sys.stderr.flush()
     os._exit(0)
 
