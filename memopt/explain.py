@@ -153,8 +153,8 @@ class Explanation:
         """What each memory option saves or would save at the step's estimated peak
         (`memopt.plan.advice.option_savings`)."""
         steps = [r.step for r in self.step_regions() if r.step is not None]
-        return option_savings(self.timeline(), self.decisions(), step_parameters(steps), self.step_optimizer(),
-                              self.fused_peaks(), self._config())  # fmt: skip
+        return option_savings(self.timeline(optimized=False), self.timeline(), self.decisions(), step_parameters(steps),
+                              self.step_optimizer(), self.fused_peaks(), self._config())  # fmt: skip
 
     def dominant_parameters(self, share: float = 0.05) -> list[ParameterShare]:
         """Parameters whose weight, gradient and optimizer state exceed ``share`` of
@@ -269,7 +269,7 @@ class Explanation:
                 breakdown_table(after),
                 "",
                 "what each option saves or would save at the estimated peak (modelled, docs/whole_step.md):",
-                savings_table(self.savings(), after.peak_bytes),
+                savings_table(self.savings(), after.peak_bytes, before.peak_bytes),
             ]
             dominant = self.dominant_parameters()
             if dominant:

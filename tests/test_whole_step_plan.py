@@ -136,6 +136,35 @@ def test_savings_table_models_each_option() -> None:
         assert technique in report
 
 
+def test_an_option_in_use_counts_what_it_takes_off_the_unoptimized_peak() -> None:
+    """A GPT under half its peak: the plan recomputes values, and the rematerialization
+    row counts those the step without memopt's passes saves at its peak (the report
+    read 120% "of the peak" before: all recomputed bytes over the optimized peak). It is
+    more than nothing, no more than every activation saved at that peak, and its share
+    is printed as one of that peak."""
+    from memopt.testing.zoo import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab=64, context=32, dim=64, heads=4, layers=2))
+    ids = torch.randint(0, 64, (16, 32))
+    torch._dynamo.reset()
+    with memopt.record() as explanation:
+        torch.compile(model, backend="memopt", options={"codegen": "eager", "memory_budget": 0.5})(ids, ids).backward()
+    before = explanation.timeline(optimized=False)
+    at_peak = [iv for iv in before.live_at(before.peak_index) if iv.saved_for_backward]
+    names = {iv.node.name for iv in at_peak}
+    recomputed = [d for d in explanation.decisions() if d.policy == "recompute"]
+    expected = sum(d.bytes for d in recomputed if d.node_name in names)
+    row = {s.technique: s for s in explanation.savings()}["rematerialization"]
+    assert row.in_use and 0 < row.saved_bytes == expected
+    assert row.saved_bytes <= sum(iv.nbytes for iv in at_peak)
+    assert expected < sum(d.bytes for d in recomputed)  # some recomputed values are not saved there
+    line = next(x for x in explanation.report().splitlines() if x.startswith("rematerialization"))
+    share = float(line.split("%")[0].split()[-1])
+    assert 0 < share <= 100 and "(before)" in line
+    assert share == pytest.approx(100 * expected / before.peak_bytes, abs=0.05)
+
+
 class _BigEmbedding(nn.Module):
     def __init__(self) -> None:
         super().__init__()

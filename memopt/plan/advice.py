@@ -1,9 +1,12 @@
 """What each memory option would save, and which parts dominate the step.
 
 Modelled from the analyses (the step's memory timelines, the plan's decisions and
-the optimizer's memory), never measured: every number is a saving *at the estimated
-peak of the step*, so it is an upper bound on what the peak drops (another part of the
-step may become the peak). `option_savings` gives one `OptionSaving` per technique;
+the optimizer's memory), never measured: every number is a saving *at an estimated
+peak*, so it is an upper bound on what the peak drops (another part of the step may
+become the peak). A technique not in use is modelled at the step's peak as it is now;
+one in use, at the peak of the step without memopt's passes (the plan's decisions took
+its bytes off that peak: counted against the current peak, a plan that moved the peak
+elsewhere would read as saving more than the whole peak). `option_savings` gives one `OptionSaving` per technique;
 `dominant_parameters` the parameters whose weight, gradient and optimizer state take
 a large share of the peak (embeddings and LM heads in language models), named by
 their module path. `memopt.explain.Explanation.report` renders both
@@ -12,11 +15,14 @@ their module path. `memopt.explain.Explanation.report` renders both
 Rules (one per technique; "at the peak" means live at the step's peak point):
 
 * rematerialization: up to every saved activation at the peak (a segment boundary
-  stays saved, so less in practice); in use: the bytes of the values recomputed;
+  stays saved, so less in practice); in use: the bytes of the values recomputed that
+  the step without memopt's passes holds at its peak;
 * precision ``bf16``: half of each fp32 saved activation at the peak;
 * compression ``int8``/``fp8``: each saved activation at the peak down to one byte
-  per element; in use: the bytes the plan stores compressed saved;
-* offload: every saved activation at the peak; in use: the bytes moved off;
+  per element; in use: the bytes saved by storing compressed the values the step
+  without memopt's passes holds at its peak;
+* offload: every saved activation at the peak; in use: the bytes moved off, of the
+  values the step without memopt's passes holds at its peak;
 * fused update (``optimizer_in_backward``): the peak of the step with a separate
   ``opt.step()`` minus the peak with the updates in backward, both modelled on the
   graphs before memopt's passes (needs the optimizer);
@@ -41,7 +47,11 @@ from memopt.graph import meta
 from memopt.graph.step import StepGraphs, parameter_name
 from memopt.plan.plan import TensorDecision
 
-__all__ = ["OptionSaving", "ParameterShare", "StepParameter", "option_savings", "dominant_parameters", "step_parameters"]
+__all__ = ["IN_USE_BASIS", "OptionSaving", "ParameterShare", "StepParameter", "option_savings", "dominant_parameters", "step_parameters"]
+
+
+IN_USE_BASIS = "what the plan's decisions take off the peak without memopt's passes"
+"""The ``basis`` of a row whose saving comes from the plan's decisions."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +125,20 @@ def _saved_at_peak(timeline: MemoryTimeline) -> list[tuple[int, int]]:
     return out
 
 
+def _decided_at_peak(before: MemoryTimeline, decisions: Sequence[TensorDecision]) -> dict[str, int]:
+    """Per policy, the bytes the plan's decisions take off ``before``'s peak: each
+    decided value live there (matched by region and forward node) counts its bytes,
+    less what it still stores when compressed."""
+    live = {(iv.region, iv.node.name) for iv in before.live_at(before.peak_index) if iv.graph == "forward"}
+    out = {"recompute": 0, "compress": 0, "offload": 0}
+    for d in decisions:
+        if d.policy in out and (d.region, d.node_name) in live:
+            out[d.policy] += d.bytes - (d.details.get("stored_bytes", 0) if d.policy == "compress" else 0)
+    return out
+
+
 def option_savings(
+    before: MemoryTimeline,
     after: MemoryTimeline,
     decisions: Sequence[TensorDecision],
     params: Sequence[StepParameter],
@@ -123,23 +146,24 @@ def option_savings(
     fused_peaks: tuple[int, int] | None,
     config: MemoptConfig,
 ) -> list[OptionSaving]:
-    """One `OptionSaving` per technique (module docstring). ``fused_peaks``: the
-    step's modelled peaks (separate step, updates in backward), or None without an
-    optimizer. ``config``: the `MemoptConfig` in force."""
+    """One `OptionSaving` per technique (module docstring). ``before``/``after``: the
+    step's timelines without and with memopt's passes. ``fused_peaks``: the step's
+    modelled peaks (separate step, updates in backward), or None without an optimizer.
+    ``config``: the `MemoptConfig` in force."""
     saved = _saved_at_peak(after)
     total_saved = sum(b for b, _ in saved)
-    by_policy = {k: sum(d.bytes for d in decisions if d.policy == k) for k in ("recompute", "compress", "offload")}
-    stored = sum(d.details.get("stored_bytes", 0) for d in decisions if d.policy == "compress")
+    in_use = {k: any(d.policy == k for d in decisions) for k in ("recompute", "compress", "offload")}
+    taken = _decided_at_peak(before, decisions)
     fp32 = sum(b for b, size in saved if size == 4)
     one_byte = sum(b - b // size for b, size in saved)
     rows = [
-        _row("rematerialization", "memory_budget=...", by_policy["recompute"] > 0, by_policy["recompute"],
+        _row("rematerialization", "memory_budget=...", in_use["recompute"], taken["recompute"],
              total_saved, "every saved activation at the peak (an upper bound: segment boundaries stay)"),
         _row("precision", "precision='bf16'", config.precision is not None, None,
              fp32 // 2, "half of each fp32 saved activation at the peak"),
-        _row("compression", "compress_activations='int8'", by_policy["compress"] > 0,
-             by_policy["compress"] - stored, one_byte, "saved activations at the peak stored at one byte per element"),
-        _row("offload", "offload='auto'", by_policy["offload"] > 0, by_policy["offload"], total_saved,
+        _row("compression", "compress_activations='int8'", in_use["compress"], taken["compress"], one_byte,
+             "saved activations at the peak stored at one byte per element"),
+        _row("offload", "offload='auto'", in_use["offload"], taken["offload"], total_saved,
              "every saved activation at the peak moved to host or disk"),
     ]
     rows.append(_fused_row(optimizer, fused_peaks))
@@ -149,7 +173,7 @@ def option_savings(
 
 def _row(technique: str, option: str, in_use: bool, now: int | None, would: int, basis: str) -> OptionSaving:
     if in_use and now is not None:
-        return OptionSaving(technique, option, True, now, "what the plan takes off (its decisions)")
+        return OptionSaving(technique, option, True, now, IN_USE_BASIS)
     return OptionSaving(technique, option, in_use, would, basis)
 
 

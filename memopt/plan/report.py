@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from tabulate import tabulate
 
 from memopt.analysis.memory import CATEGORIES, MemoryTimeline
-from memopt.plan.advice import OptionSaving, ParameterShare
+from memopt.plan.advice import IN_USE_BASIS, OptionSaving, ParameterShare
 from memopt.plan.plan import TensorDecision
 
 __all__ = [
@@ -141,13 +141,23 @@ def storage_table(decisions: Sequence[TensorDecision], recompute_seconds: float 
     return tabulate(rows, headers=headers)
 
 
-def savings_table(savings: Sequence[OptionSaving], peak_bytes: int) -> str:
+def savings_table(savings: Sequence[OptionSaving], peak_bytes: int, unoptimized_peak_bytes: int) -> str:
     """Each technique: whether the step uses it, the bytes it takes (or would take)
-    off the estimated peak, that share of the peak, and how it was modelled."""
+    off an estimated peak, that share of the peak, and how it was modelled. The share
+    is of ``peak_bytes`` (the step's peak now), except for the rows the plan's
+    decisions give (`IN_USE_BASIS`), whose bytes came off the peak without memopt's
+    passes: of ``unoptimized_peak_bytes``, marked "before"."""
+
+    def share(s: OptionSaving) -> str:
+        if s.saved_bytes is None:
+            return "-"
+        if s.basis == IN_USE_BASIS:
+            return f"{_pct(s.saved_bytes, unoptimized_peak_bytes)} (before)"
+        return _pct(s.saved_bytes, peak_bytes)
+
     rows = [
         [s.technique, s.option, "yes" if s.in_use else "no",
-         "-" if s.saved_bytes is None else format_bytes(s.saved_bytes),
-         "-" if s.saved_bytes is None else _pct(s.saved_bytes, peak_bytes), s.basis]
+         "-" if s.saved_bytes is None else format_bytes(s.saved_bytes), share(s), s.basis]
         for s in savings
     ]  # fmt: skip
     return tabulate(rows, headers=["technique", "option", "in use", "saves (now / would)", "of the peak", "modelled as"])
