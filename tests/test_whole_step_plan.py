@@ -126,7 +126,11 @@ def test_savings_table_models_each_option() -> None:
     rows = {s.technique: s for s in separate.savings()}
     expected = separate.timeline(optimized=False).peak_bytes - fused.timeline(optimized=False).peak_bytes
     assert rows["fused update"].saved_bytes == expected and not rows["fused update"].in_use
-    assert {s.technique: s for s in fused.savings()}["fused update"].in_use
+    in_use = {s.technique: s for s in fused.savings()}["fused update"]
+    assert in_use.in_use
+    line = next(x for x in fused.report().splitlines() if x.startswith("fused update"))
+    without = fused.timeline().peak_bytes + in_use.saved_bytes  # the peak it came off
+    assert f"{100 * in_use.saved_bytes / without:.1f}% (before)" in line
     eight = sum(8 * p.numel() - (2 * p.numel() + 8 * math.ceil(p.numel() / 256))
                 for p in model.parameters() if p.numel() >= 4096)  # fmt: skip
     assert rows["8-bit state"].saved_bytes == eight

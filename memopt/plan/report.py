@@ -143,17 +143,21 @@ def storage_table(decisions: Sequence[TensorDecision], recompute_seconds: float 
 
 def savings_table(savings: Sequence[OptionSaving], peak_bytes: int, unoptimized_peak_bytes: int) -> str:
     """Each technique: whether the step uses it, the bytes it takes (or would take)
-    off an estimated peak, that share of the peak, and how it was modelled. The share
-    is of ``peak_bytes`` (the step's peak now), except for the rows the plan's
-    decisions give (`IN_USE_BASIS`), whose bytes came off the peak without memopt's
-    passes: of ``unoptimized_peak_bytes``, marked "before"."""
+    off an estimated peak, that share of the peak, and how it was modelled.
+
+    An option not in use: its share of ``peak_bytes``, the step's peak now. An option in
+    use, of the peak it took its bytes off, marked "before": ``unoptimized_peak_bytes``
+    (the step without memopt's passes) for the rows the plan's decisions give
+    (`IN_USE_BASIS`); for the others (a saving modelled as a difference of peaks: the
+    fused update), the peak now plus the saving."""
 
     def share(s: OptionSaving) -> str:
         if s.saved_bytes is None:
             return "-"
-        if s.basis == IN_USE_BASIS:
-            return f"{_pct(s.saved_bytes, unoptimized_peak_bytes)} (before)"
-        return _pct(s.saved_bytes, peak_bytes)
+        if not s.in_use:
+            return _pct(s.saved_bytes, peak_bytes)
+        without = unoptimized_peak_bytes if s.basis == IN_USE_BASIS else peak_bytes + s.saved_bytes
+        return f"{_pct(s.saved_bytes, without)} (before)"
 
     rows = [
         [s.technique, s.option, "yes" if s.in_use else "no",
