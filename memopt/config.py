@@ -311,6 +311,8 @@ def _budget(key: str, value: Any) -> int | float | None:
                 f"such as '6GiB'."
             )
         return value
+    if isinstance(value, str) and value.strip().endswith("%"):
+        return _percent(key, value)
     if isinstance(value, str):
         size = parse_size(value)
         if size <= 0:
@@ -318,8 +320,22 @@ def _budget(key: str, value: Any) -> int | float | None:
         return size
     raise ValueError(
         f"memopt option {key}={value!r} must be bytes (int), a size string like '6GiB', "
-        f"or a fraction in (0, 1]."
+        f"or a fraction in (0, 1] (a float, or a percentage string like '50%')."
     )
+
+
+def _percent(key: str, value: str) -> float:
+    """``"50%"`` -> 0.5: a budget as a share of the unoptimized peak, in (0%, 100%]."""
+    try:
+        share = float(value.strip()[:-1])
+    except ValueError:
+        share = float("nan")
+    if not 0.0 < share <= 100.0:  # also refuses nan
+        raise ValueError(
+            f"memopt option {key}={value!r}: a percentage is a share of the unoptimized peak "
+            f"and must be a number in (0, 100] followed by '%', e.g. '50%'."
+        )
+    return share / 100.0
 
 
 def _positive_seconds(key: str, value: Any) -> float:

@@ -58,3 +58,14 @@ def test_unknown_option_raises_through_torch_compile():
     compiled = torch.compile(model, backend="memopt", options={"budget": 1})
     with pytest.raises(Exception, match="unknown memopt option 'budget'"):
         compiled(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("value, expected", [("50%", 0.5), (" 12.5 %", 0.125), ("100%", 1.0), (0.4, 0.4), ("6GiB", 6 << 30)])
+def test_memory_budget_takes_bytes_fractions_and_percentages(value, expected):
+    assert MemoptConfig.from_options({"memory_budget": value}).memory_budget == expected
+
+
+@pytest.mark.parametrize("value", ["0%", "150%", "-5%", "half%", "%"])
+def test_a_percentage_out_of_range_names_the_range(value):
+    with pytest.raises(ValueError, match=r"must be a number in \(0, 100\] followed by '%'"):
+        MemoptConfig.from_options({"memory_budget": value})
