@@ -96,7 +96,7 @@ def tradeoff_table(tradeoff: Sequence[dict[str, float]], chosen_peak: int | None
     rows = []
     for point in tradeoff:
         peak = point["predicted_peak_bytes"]
-        mark = " <- chosen" if chosen_peak is not None and abs(peak - chosen_peak) <= 0.02 * chosen_peak else ""
+        mark = "<- chosen" if chosen_peak is not None and abs(peak - chosen_peak) <= 0.02 * chosen_peak else ""
         rows.append([
             format_bytes(peak),
             f"{point.get('recompute_flops', 0.0) / 1e9:.3f}",
@@ -104,8 +104,9 @@ def tradeoff_table(tradeoff: Sequence[dict[str, float]], chosen_peak: int | None
             int(point["segments_recomputed"]),
             mark,
         ])  # fmt: skip
-    headers = ["modelled peak", "recompute GFLOP", "recompute ms (model)", "segments recomputing", ""]
-    return tabulate(rows, headers=headers)
+    headers = ["modelled peak", "recompute GFLOP", "recompute ms (model)", "segments recomputing", "plan"]
+    # Numbers stay as formatted ("0.000", not tabulate's reparsed "0"), right-aligned.
+    return tabulate(rows, headers=headers, disable_numparse=True, colalign=("right",) * 4 + ("left",))
 
 
 def storage_table(decisions: Sequence[TensorDecision], recompute_seconds: float = 0.0) -> str:
