@@ -6,10 +6,10 @@ peak*, so it is an upper bound on what the peak drops (another part of the step 
 become the peak). A technique not in use is modelled at the step's peak as it is now;
 one in use, at the peak of the step without memopt's passes (the plan's decisions took
 its bytes off that peak: counted against the current peak, a plan that moved the peak
-elsewhere would read as saving more than the whole peak). `option_savings` gives one `OptionSaving` per technique;
-`dominant_parameters` the parameters whose weight, gradient and optimizer state take
-a large share of the peak (embeddings and LM heads in language models), named by
-their module path. `memopt.explain.Explanation.report` renders both
+elsewhere would read as saving more than the whole peak). `option_savings` gives one
+`OptionSaving` per technique; `dominant_parameters` the parameters whose weight,
+gradient and optimizer state take a large share of the peak (embeddings and LM heads
+in language models), named by their module path. `memopt.explain.Explanation.report` renders both
 (`memopt.plan.report.savings_table`, `dominant_table`).
 
 Rules (one per technique; "at the peak" means live at the step's peak point):
@@ -47,7 +47,10 @@ from memopt.graph import meta
 from memopt.graph.step import StepGraphs, parameter_name
 from memopt.plan.plan import TensorDecision
 
-__all__ = ["IN_USE_BASIS", "OptionSaving", "ParameterShare", "StepParameter", "option_savings", "dominant_parameters", "step_parameters"]
+__all__ = [
+    "IN_USE_BASIS", "OptionSaving", "ParameterShare", "StepParameter", "option_savings", "dominant_parameters",
+    "step_parameters",
+]  # fmt: skip
 
 
 IN_USE_BASIS = "what the plan's decisions take off the peak without memopt's passes"
