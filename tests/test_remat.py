@@ -50,7 +50,7 @@ def test_split_with_partitioner_saved_set_reproduces_it():
 def test_budgets_met_on_measured_peak_monotone_and_bitwise_equal(name, batch, high, low):
     case = zoo_case(name)
     inputs = case.inputs(batch)
-    results = {}
+    results, plans = {}, {}
     for budget in (None, high, low):
         model, compiled = _compile(case, budget)
         with memopt.record() as explanation:
@@ -59,9 +59,12 @@ def test_budgets_met_on_measured_peak_monotone_and_bitwise_equal(name, batch, hi
         model.zero_grad(set_to_none=True)
         measured = measure_peak(lambda: compiled(*inputs).backward()).peak_growth_bytes + plan.baseline_bytes
         results[budget].peak = measured
+        # what a failure needs to say: each budget's measured and estimated peak, and its plan
+        recomputed = sorted(d.node_name for d in plan.decisions if d.policy == "recompute")
+        plans[budget] = (measured, plan.estimated_peak_after, recomputed)
         if budget is not None and plan.feasible:
             assert measured <= 1.05 * plan.budget_bytes, (budget, measured, plan.budget_bytes)
-    assert results[low].peak <= results[high].peak <= results[None].peak
+    assert results[low].peak <= results[high].peak <= results[None].peak, plans
     for budget in (high, low):
         assert torch.equal(results[budget].loss, results[None].loss)
         for n, g in results[None].grads.items():
