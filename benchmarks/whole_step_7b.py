@@ -51,8 +51,7 @@ def _row(mode: str, layers: int, seq: int, budget: str | None = None, report: bo
         from memopt.plan.report import dominant_table, savings_table
 
         print(f"{mode}: what each option saves or would save at the estimated peak", file=sys.stderr)
-        unoptimized = explanation.timeline(optimized=False).peak_bytes
-        print(savings_table(explanation.savings(), timeline.peak_bytes, unoptimized), file=sys.stderr)
+        print(savings_table(explanation.savings()), file=sys.stderr)
         shares = explanation.dominant_parameters(share=0.01)
         print("parameters over 1% of the peak:\n" + dominant_table(shares, timeline.peak_bytes), file=sys.stderr)
     breakdown = timeline.peak_breakdown

@@ -269,7 +269,7 @@ class Explanation:
                 breakdown_table(after),
                 "",
                 "what each option saves or would save at the estimated peak (modelled, docs/whole_step.md):",
-                savings_table(self.savings(), after.peak_bytes, before.peak_bytes),
+                savings_table(self.savings()),
             ]
             dominant = self.dominant_parameters()
             if dominant:

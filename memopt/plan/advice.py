@@ -9,8 +9,8 @@ its bytes off that peak: counted against the current peak, a plan that moved the
 elsewhere would read as saving more than the whole peak). `option_savings` gives one
 `OptionSaving` per technique; `dominant_parameters` the parameters whose weight,
 gradient and optimizer state take a large share of the peak (embeddings and LM heads
-in language models), named by their module path. `memopt.explain.Explanation.report` renders both
-(`memopt.plan.report.savings_table`, `dominant_table`).
+in language models), named by their module path. `memopt.explain.Explanation.report`
+renders both (`memopt.plan.report.savings_table`, `dominant_table`).
 
 Rules (one per technique; "at the peak" means live at the step's peak point):
 
@@ -47,14 +47,7 @@ from memopt.graph import meta
 from memopt.graph.step import StepGraphs, parameter_name
 from memopt.plan.plan import TensorDecision
 
-__all__ = [
-    "IN_USE_BASIS", "OptionSaving", "ParameterShare", "StepParameter", "option_savings", "dominant_parameters",
-    "step_parameters",
-]  # fmt: skip
-
-
-IN_USE_BASIS = "what the plan's decisions take off the peak without memopt's passes"
-"""The ``basis`` of a row whose saving comes from the plan's decisions."""
+__all__ = ["OptionSaving", "ParameterShare", "StepParameter", "option_savings", "dominant_parameters", "step_parameters"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +61,11 @@ class OptionSaving:
     saved_bytes: int | None
     """None: cannot be modelled here (``basis`` says why)."""
     basis: str
+    peak_bytes: int
+    """The estimated peak the saving is counted at: the step's peak now for an option
+    not in use; for one in use, the peak it took its bytes off (without memopt's
+    passes for the plan's decisions; the peak now plus the saving for a saving
+    modelled as a difference of peaks)."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +151,7 @@ def option_savings(
     step's timelines without and with memopt's passes. ``fused_peaks``: the step's
     modelled peaks (separate step, updates in backward), or None without an optimizer.
     ``config``: the `MemoptConfig` in force."""
+    now, unoptimized = after.peak_bytes, before.peak_bytes
     saved = _saved_at_peak(after)
     total_saved = sum(b for b, _ in saved)
     in_use = {k: any(d.policy == k for d in decisions) for k in ("recompute", "compress", "offload")}
@@ -161,43 +160,57 @@ def option_savings(
     one_byte = sum(b - b // size for b, size in saved)
     rows = [
         _row("rematerialization", "memory_budget=...", in_use["recompute"], taken["recompute"],
-             total_saved, "every saved activation at the peak (an upper bound: segment boundaries stay)"),
+             total_saved, "every saved activation at the peak (an upper bound: segment boundaries stay)", now, unoptimized),
         _row("precision", "precision='bf16'", config.precision is not None, None,
-             fp32 // 2, "half of each fp32 saved activation at the peak"),
+             fp32 // 2, "half of each fp32 saved activation at the peak", now, unoptimized),
         _row("compression", "compress_activations='int8'", in_use["compress"], taken["compress"], one_byte,
-             "saved activations at the peak stored at one byte per element"),
+             "saved activations at the peak stored at one byte per element", now, unoptimized),
         _row("offload", "offload='auto'", in_use["offload"], taken["offload"], total_saved,
-             "every saved activation at the peak moved to host or disk"),
-    ]
-    rows.append(_fused_row(optimizer, fused_peaks))
-    rows.extend(_state_rows(optimizer, params))
+             "every saved activation at the peak moved to host or disk", now, unoptimized),
+    ]  # fmt: skip
+    rows.append(_fused_row(optimizer, fused_peaks, now))
+    rows.extend(_state_rows(optimizer, params, now))
     return rows
 
 
-def _row(technique: str, option: str, in_use: bool, now: int | None, would: int, basis: str) -> OptionSaving:
-    if in_use and now is not None:
-        return OptionSaving(technique, option, True, now, IN_USE_BASIS)
-    return OptionSaving(technique, option, in_use, would, basis)
+def _counted_at(in_use: bool, saved: int | None, now: int) -> int:
+    """The peak a saving not from the plan's decisions is counted at: the peak now, plus
+    the saving when the option is in use (the peak it came off)."""
+    return now + saved if in_use and saved is not None else now
 
 
-def _fused_row(optimizer: OptimizerMemory | None, fused_peaks: tuple[int, int] | None) -> OptionSaving:
+def _row(
+    technique: str, option: str, in_use: bool, taken: int | None, would: int, basis: str, now: int, unoptimized: int
+) -> OptionSaving:
+    """A technique the plan decides per value: in use (``taken`` given), what its
+    decisions took off the step's peak without memopt's passes; else what it
+    ``would`` take off the peak now."""
+    if in_use and taken is not None:
+        return OptionSaving(technique, option, True, taken, "what the plan's decisions take off the peak without "
+                            "memopt's passes", unoptimized)  # fmt: skip
+    return OptionSaving(technique, option, in_use, would, basis, _counted_at(in_use, would, now))
+
+
+def _fused_row(optimizer: OptimizerMemory | None, fused_peaks: tuple[int, int] | None, now: int) -> OptionSaving:
     option = "optimizer_in_backward=opt"
     if optimizer is None or fused_peaks is None:
-        return OptionSaving("fused update", option, False, None, "needs the optimizer: pass optimizer=opt")
+        return OptionSaving("fused update", option, False, None, "needs the optimizer: pass optimizer=opt", now)
     separate, fused = fused_peaks
-    return OptionSaving("fused update", option, optimizer.in_backward, max(separate - fused, 0),
-                        "the step's peak with a separate opt.step() minus with each update in backward")
+    saved = max(separate - fused, 0)
+    return OptionSaving("fused update", option, optimizer.in_backward, saved,
+                        "the step's peak with a separate opt.step() minus with each update in backward",
+                        _counted_at(optimizer.in_backward, saved, now))  # fmt: skip
 
 
-def _state_rows(optimizer: OptimizerMemory | None, params: Sequence[StepParameter]) -> list[OptionSaving]:
+def _state_rows(optimizer: OptimizerMemory | None, params: Sequence[StepParameter], now: int) -> list[OptionSaving]:
     from memopt.optim.adamw8bit import AdamW8bit
     from memopt.optim.galore import GaLoreAdamW
     from memopt.optim.state_size import adamw8bit_state_bytes, lowrank_state_bytes
 
     if optimizer is None:
         why = "needs the optimizer: pass optimizer=opt"
-        return [OptionSaving("8-bit state", "AdamW8bit", False, None, why),
-                OptionSaving("low-rank state", "GaLoreAdamW", False, None, why)]  # fmt: skip
+        return [OptionSaving("8-bit state", "AdamW8bit", False, None, why, now),
+                OptionSaving("low-rank state", "GaLoreAdamW", False, None, why, now)]  # fmt: skip
     block = _default(AdamW8bit, "block_size")
     threshold = _default(AdamW8bit, "min_8bit_size")
     rank = _default(GaLoreAdamW, "rank")
@@ -209,11 +222,15 @@ def _state_rows(optimizer: OptimizerMemory | None, params: Sequence[StepParamete
         if len(p.shape) == 2 and rank < min(p.shape):
             left = p.shape[0] < p.shape[1]  # GaLore's rule: project the smaller side
             lowrank += max(state - lowrank_state_bytes(p.shape, rank, left, True), 0)
+    eight_in_use = optimizer.name == "AdamW8bit"
+    lowrank_in_use = optimizer.name in ("GaLoreAdamW", "SubspaceAdamW")
     return [
-        OptionSaving("8-bit state", f"AdamW8bit (block {block})", optimizer.name == "AdamW8bit", eight,
-                     f"state now minus AdamW8bit's for weights of at least {threshold} elements"),
-        OptionSaving("low-rank state", f"GaLoreAdamW (rank {rank})", optimizer.name in ("GaLoreAdamW", "SubspaceAdamW"),
-                     lowrank, f"state now minus GaLore's for 2-D weights wider than rank {rank}"),
+        OptionSaving("8-bit state", f"AdamW8bit (block {block})", eight_in_use, eight,
+                     f"state now minus AdamW8bit's for weights of at least {threshold} elements",
+                     _counted_at(eight_in_use, eight, now)),
+        OptionSaving("low-rank state", f"GaLoreAdamW (rank {rank})", lowrank_in_use, lowrank,
+                     f"state now minus GaLore's for 2-D weights wider than rank {rank}",
+                     _counted_at(lowrank_in_use, lowrank, now)),
     ]  # fmt: skip
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from tabulate import tabulate
 
 from memopt.analysis.memory import CATEGORIES, MemoryTimeline
-from memopt.plan.advice import IN_USE_BASIS, OptionSaving, ParameterShare
+from memopt.plan.advice import OptionSaving, ParameterShare
 from memopt.plan.plan import TensorDecision
 
 __all__ = [
@@ -142,23 +142,16 @@ def storage_table(decisions: Sequence[TensorDecision], recompute_seconds: float 
     return tabulate(rows, headers=headers)
 
 
-def savings_table(savings: Sequence[OptionSaving], peak_bytes: int, unoptimized_peak_bytes: int) -> str:
+def savings_table(savings: Sequence[OptionSaving]) -> str:
     """Each technique: whether the step uses it, the bytes it takes (or would take)
-    off an estimated peak, that share of the peak, and how it was modelled.
-
-    An option not in use: its share of ``peak_bytes``, the step's peak now. An option in
-    use, of the peak it took its bytes off, marked "before": ``unoptimized_peak_bytes``
-    (the step without memopt's passes) for the rows the plan's decisions give
-    (`IN_USE_BASIS`); for the others (a saving modelled as a difference of peaks: the
-    fused update), the peak now plus the saving."""
+    off an estimated peak, that share of the peak (`OptionSaving.peak_bytes`: the peak
+    now, or for an option in use the peak it came off, marked "before"), and how it
+    was modelled."""
 
     def share(s: OptionSaving) -> str:
         if s.saved_bytes is None:
             return "-"
-        if not s.in_use:
-            return _pct(s.saved_bytes, peak_bytes)
-        without = unoptimized_peak_bytes if s.basis == IN_USE_BASIS else peak_bytes + s.saved_bytes
-        return f"{_pct(s.saved_bytes, without)} (before)"
+        return _pct(s.saved_bytes, s.peak_bytes) + (" (before)" if s.in_use else "")
 
     rows = [
         [s.technique, s.option, "yes" if s.in_use else "no",
