@@ -26,7 +26,7 @@ from memopt.graph import meta
 from memopt.graph.dropout import drawn_masks_in_forward
 from memopt.graph.step import StepGraphs, clone_graph_module
 
-__all__ = ["JointGraph", "split_joint", "forward_nodes", "saved_names"]
+__all__ = ["JointGraph", "split_joint", "forward_nodes", "saved_names", "saved_joint_names", "joint_values"]
 
 log = logging.getLogger("memopt.plan")
 
@@ -129,6 +129,43 @@ def forward_nodes(joint: JointGraph, *, required_only: bool = False) -> list[fx.
 def saved_names(step: StepGraphs) -> list[str]:
     """Names of the values ``step``'s forward saves for backward."""
     return [n.name for n in step.saved_outputs()]
+
+
+def saved_joint_names(step: StepGraphs) -> list[str]:
+    """Names of the values ``step``'s forward saves that are values of its joint graph
+    outside backward (`joint_values`)."""
+    if step.joint is None:
+        return saved_names(step)
+    return joint_values(step.joint, step.saved_outputs())
+
+
+def joint_values(joint: JointGraph, nodes: Iterable[object]) -> list[str]:
+    """The names of those ``nodes`` (a partition's forward nodes) that are values of
+    ``joint`` outside backward: primals, symbols and forward ops of the same name, op
+    and inputs.
+
+    The planner reads torch's partitions through these names. torch's partitioner can
+    add nodes of its own: around random ops under activation checkpointing it
+    functionalizes the RNG (``run_and_save_rng_state``), and the getitems of those
+    nodes take names the joint graph gives to backward values. Such nodes are not the
+    joint graph's and are left out (memopt's own split of the joint graph handles
+    random ops itself: `memopt.graph.dropout`)."""
+    by_name = joint._by_name()
+    outside_backward = {n for n in joint.module.graph.find_nodes(op="placeholder") if not meta.is_tangent(n)}
+    outside_backward.update(forward_nodes(joint))
+    names = []
+    for node in nodes:
+        if not isinstance(node, fx.Node):
+            continue
+        twin = by_name.get(node.name)
+        same = (
+            twin is not None and twin in outside_backward and twin.op == node.op
+            and (node.op == "placeholder" or twin.target == node.target)
+            and [a.name for a in twin.all_input_nodes] == [a.name for a in node.all_input_nodes]
+        )  # fmt: skip
+        if same:
+            names.append(node.name)
+    return names
 
 
 def split_joint(

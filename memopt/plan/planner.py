@@ -29,7 +29,7 @@ from memopt.analysis.memory import MemoryTimeline
 from memopt.config import MemoptConfig
 from memopt.errors import MemoptBudgetError, MemoptBudgetWarning
 from memopt.graph import meta
-from memopt.graph.partition import JointGraph, saved_names
+from memopt.graph.partition import JointGraph, saved_joint_names
 from memopt.graph.step import StepGraphs
 from memopt.plan.decisions import Action, Compress, Offload, Recompute, Save
 from memopt.plan.plan import MemoryPlan, TensorDecision, decision_for_node
@@ -317,7 +317,7 @@ def _decisions(step: StepGraphs, joint: JointGraph, solution: RematSolution) -> 
     segments = solution.segments
     owner = {n.name: s for s in segments for n in s.nodes}
     by_name = joint._by_name()
-    mincut = {_base_name(n, by_name) for n in saved_names(step)}
+    mincut = {_base_name(n, by_name) for n in saved_joint_names(step)}
     saved = {_base_name(n, by_name) for n in solution.evaluation.saved}
     out: list[TensorDecision] = []
     for name in sorted(mincut | saved):

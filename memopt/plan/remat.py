@@ -55,7 +55,7 @@ from memopt.analysis.cost import device_model, node_cost
 from memopt.analysis.memory import BEFORE, MemoryTimeline, build_timeline
 from memopt.analysis.schedule import scheduled_timeline
 from memopt.graph import meta
-from memopt.graph.partition import JointGraph, forward_nodes, saved_names, split_joint
+from memopt.graph.partition import JointGraph, forward_nodes, joint_values, saved_joint_names, split_joint
 from memopt.graph.step import StepGraphs
 from memopt.plan.segments import Segment, find_segments, must_save, value_bytes
 from memopt.plan.step_context import StepContext, placed
@@ -225,7 +225,7 @@ def _saved_by(graphs: tuple[fx.GraphModule, fx.GraphModule] | None, joint: Joint
     if graphs is None:
         return set(fallback)
     outputs = graphs[0].graph.find_nodes(op="output")[0].args[0][joint.num_fwd_outputs :]
-    return {o.name for o in outputs if isinstance(o, fx.Node)}
+    return set(joint_values(joint, outputs))
 
 
 def _option_sets(segment: Segment, mincut: set[str], torch_saved: dict[float, set[str]]) -> dict[str, frozenset[str]]:
@@ -258,7 +258,7 @@ def build_problem(step: StepGraphs, storage: Storage | None = None, context: Ste
     fw = forward_nodes(joint)
     core = forward_nodes(joint, required_only=True)
     core_set = set(core)
-    mincut = set(saved_names(step))
+    mincut = set(saved_joint_names(step))
     weights = {n: value_bytes(n) for n in fw if n.name in mincut}
     segments = find_segments(core, activations, extras=[n for n in fw if n not in core_set], saved_bytes=weights)
     fw_names = {n.name for n in fw}
