@@ -38,7 +38,7 @@ class MemoptConfig:
 
     disable_passes: tuple[str, ...] = ()
     """Names of passes to skip (see ``memopt.passes.default_pipeline``). An unknown name
-    raises ``ValueError`` when the pipeline is built."""
+    raises ``ValueError`` with the options (`memopt.passes.pass_names` lists them)."""
 
     dump_dir: str | None = None
     """If set, every graph is written there after each pass as readable Python,
@@ -266,6 +266,23 @@ def _names(key: str, value: Any) -> tuple[str, ...]:
     return tuple(sorted(set(value)))
 
 
+def _pass_names(key: str, value: Any) -> tuple[str, ...]:
+    """`_names`, each one a pass of memopt's pipelines: a misspelled name must not
+    silently leave the pass on."""
+    from memopt.passes.pipeline import pass_names
+
+    names = _names(key, value)
+    known = pass_names()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        close = {n: difflib.get_close_matches(n, known, n=1) for n in unknown}
+        hints = "".join(f" Did you mean {c[0]!r} for {n!r}?" for n, c in close.items() if c)
+        raise ValueError(
+            f"memopt option {key} names unknown pass(es) {unknown}; memopt's passes are: {', '.join(known)}.{hints}"
+        )
+    return names
+
+
 def _optional_path(key: str, value: Any) -> str | None:
     if value is None:
         return None
@@ -291,7 +308,13 @@ def parse_size(text: str) -> int:
             f"memory size {text!r} not understood; write a number with an optional unit, "
             f"e.g. '6GiB', '512MB', '1.5GB' (units: {', '.join(k for k in _UNITS if len(k) > 1)})."
         )
-    return int(float(match.group(1)) * _UNITS.get(unit, 1))
+    number = float(match.group(1))
+    if unit == "" and not number.is_integer():
+        raise ValueError(
+            f"memory size {text!r} has no unit, so it is bytes, and bytes are whole; add a unit "
+            f"(e.g. '{match.group(1)}GiB')."
+        )
+    return int(number * _UNITS.get(unit, 1))
 
 
 def _budget(key: str, value: Any) -> int | float | None:
@@ -314,7 +337,14 @@ def _budget(key: str, value: Any) -> int | float | None:
     if isinstance(value, str) and value.strip().endswith("%"):
         return _percent(key, value)
     if isinstance(value, str):
-        size = parse_size(value)
+        match = _SIZE.match(value)
+        if match is not None and match.group(2) == "" and float(match.group(1)) < 1024:
+            raise ValueError(
+                f"memopt option {key}={value!r} is a number without a unit, which would mean "
+                f"{value.strip()} bytes; for a fraction of the unoptimized peak give a float or a "
+                f"percentage (0.5, '50%'), for a size add a unit ('{value.strip()}GiB')."
+            )
+        size = _option_size(key, value)
         if size <= 0:
             raise ValueError(f"memopt option {key}={value!r} must be a positive size.")
         return size
@@ -322,6 +352,14 @@ def _budget(key: str, value: Any) -> int | float | None:
         f"memopt option {key}={value!r} must be bytes (int), a size string like '6GiB', "
         f"or a fraction in (0, 1] (a float, or a percentage string like '50%')."
     )
+
+
+def _option_size(key: str, value: str) -> int:
+    """`parse_size`, its error naming the option."""
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise ValueError(f"memopt option {key}={value!r}: {exc}") from None
 
 
 def _percent(key: str, value: str) -> float:
@@ -350,7 +388,7 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "plan_across_graph_breaks": _bool,
     "codegen": _choice(CODEGENS),
     "strict": _bool,
-    "disable_passes": _names,
+    "disable_passes": _pass_names,
     "dump_dir": _optional_path,
     "verify": _bool,
 }
@@ -381,15 +419,15 @@ def _optional_positive(key: str, value: Any) -> float | None:
     return float(value)
 
 
-def _non_negative_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"memopt option {key}={value!r} must be a non-negative number of bytes (int).")
-    return value
+def _bytes(zero_means: str) -> Callable[[str, Any], int]:
+    """A size option: bytes as an int or a size string (`parse_size`), at least 0."""
 
+    def check_bytes(key: str, value: Any) -> int:
+        size = _option_size(key, value) if isinstance(value, str) else value
+        what = f"number of bytes (an int, or a size string such as '16MiB'); {zero_means}"
+        return _at_least_zero(key, value, size, what)
 
-def _size_or_zero(key: str, value: Any) -> int:
-    size = parse_size(value) if isinstance(value, str) else value
-    return _at_least_zero(key, value, size, "number of bytes (an int, or a size string such as '16MiB'); 0 turns collective bucketing off")
+    return check_bytes
 
 
 def _count(key: str, value: Any) -> int:
@@ -442,8 +480,8 @@ _VALIDATORS.update(
         "offload": _optional_choice(OFFLOAD_TARGETS),
         "offload_dir": _optional_path,
         "offload_bandwidth": _optional_positive,
-        "offload_min_bytes": _non_negative_int,
-        "collective_bucket_bytes": _size_or_zero,
+        "offload_min_bytes": _bytes("0 lets every eligible value qualify"),
+        "collective_bucket_bytes": _bytes("0 turns collective bucketing off"),
         "collective_prefetch": _count,
         "optimizer_in_backward": _optimizer,
         "optimizer": _stepped_optimizer,

@@ -40,7 +40,39 @@ def test_bad_values_name_value_and_allowed(options, fragment):
 
 
 def test_disable_passes_accepts_comma_string():
-    assert MemoptConfig.from_options({"disable_passes": "dce, foo"}).disable_passes == ("dce", "foo")
+    assert MemoptConfig.from_options({"disable_passes": "remat, dce"}).disable_passes == ("dce", "remat")
+
+
+def test_an_unknown_pass_name_is_refused_with_the_options():
+    """A misspelled pass must not leave that pass on: it is refused with the options, as
+    a ValueError naming the valid passes and the closest one (it used to surface in the
+    compile as a fallback that turned every pass of the region off)."""
+    with pytest.raises(ValueError, match=r"unknown pass\(es\) \['remta'\]; memopt's passes are: .*remat.*Did you mean 'remat'"):
+        MemoptConfig.from_options({"disable_passes": ["dce", "remta"]})
+    compiled = torch.compile(torch.nn.Linear(4, 4), backend="memopt", options={"codegen": "eager", "disable_passes": "nope"})
+    with pytest.raises(Exception, match=r"unknown pass\(es\) \['nope'\]"):
+        compiled(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("value", ["0.5", "1.5", " 100 "])
+def test_a_memory_budget_number_string_without_a_unit_is_refused(value):
+    """'1.5' was read as 1 byte; a unitless string under 1 KiB names both readings."""
+    with pytest.raises(ValueError, match=r"number without a unit.*0\.5, '50%'.*GiB'\)"):
+        MemoptConfig.from_options({"memory_budget": value})
+
+
+@pytest.mark.parametrize("value, expected", [("1e9", 10**9), ("4096", 4096), ("1.5KiB", 1536)])
+def test_a_memory_budget_number_string_of_whole_bytes_is_bytes(value, expected):
+    assert MemoptConfig.from_options({"memory_budget": value}).memory_budget == expected
+
+
+def test_size_options_take_size_strings_and_name_themselves_when_wrong():
+    config = MemoptConfig.from_options({"offload_min_bytes": "1MiB", "collective_bucket_bytes": "16MiB"})
+    assert (config.offload_min_bytes, config.collective_bucket_bytes) == (1 << 20, 16 << 20)
+    with pytest.raises(ValueError, match=r"offload_min_bytes='1 meg': memory size '1 meg' not understood"):
+        MemoptConfig.from_options({"offload_min_bytes": "1 meg"})
+    with pytest.raises(ValueError, match=r"'2\.5' has no unit, so it is bytes, and bytes are whole"):
+        MemoptConfig.from_options({"offload_min_bytes": "2.5"})
 
 
 def test_env_switches_debug_aids(monkeypatch, tmp_path):
