@@ -120,6 +120,11 @@ def _unlink(path: str) -> bool:
 
 def _check_root(root: str) -> None:
     """Make the user's ``offload_dir`` (0700) if missing; refuse it unless private."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise MemoptOffloadError(
+            f"offload_dir {root} exists and is not a directory; set offload_dir to a directory "
+            "(memopt creates it if missing)"
+        )
     try:
         os.makedirs(root, mode=0o700, exist_ok=True)
         st = os.stat(root)

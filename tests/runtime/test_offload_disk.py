@@ -282,6 +282,8 @@ def test_unusable_offload_dir_is_a_clear_error(tmp_path, monkeypatch):
     afile.write_text("")
     with pytest.raises(MemoptOffloadError, match="cannot be created"):
         register_store("disk", afile / "offload")
+    with pytest.raises(MemoptOffloadError, match="exists and is not a directory"):
+        register_store("disk", afile)  # was "cannot be created: File exists"
 
     def unwritable(path, tensor, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
