@@ -199,3 +199,29 @@ def test_cli_fake_report_of_a_graph_holding_real_constants_under_a_budget(tmp_pa
     out, err = capsys.readouterr()
     assert status == 0, err
     assert "memopt explanation: 1 region(s)" in out
+
+
+def _point(peak: int, chosen: bool = False) -> dict[str, float]:
+    return {"predicted_peak_bytes": float(peak), "recompute_seconds": 1e-3, "recompute_flops": 1e6,
+            "segments_recomputed": 1.0, "chosen": float(chosen)}  # fmt: skip
+
+
+def test_tradeoff_table_marks_the_chosen_plan_once():
+    """Rows within 2% of the chosen peak were all marked "chosen" (two on a small
+    GPT-2); now the chosen plan's own row is, or else the one nearest its peak."""
+    from memopt.plan.report import tradeoff_table
+
+    points = [_point(1000), _point(990), _point(985, chosen=True), _point(700)]
+    marked = [line for line in tradeoff_table(points, chosen_peak=980).splitlines() if "<-" in line]
+    assert len(marked) == 1 and "<- chosen" in marked[0] and "985 B" in marked[0]
+    unflagged = [_point(1000), _point(990), _point(700)]
+    marked = [line for line in tradeoff_table(unflagged, chosen_peak=985).splitlines() if "<-" in line]
+    assert len(marked) == 1 and "<- nearest" in marked[0] and "990 B" in marked[0]
+    assert "<-" not in tradeoff_table(unflagged, chosen_peak=500)
+
+
+def test_a_planned_regions_tradeoff_flags_its_chosen_plan_at_most_once():
+    case = zoo_case("gpt")
+    plan = memopt.explain(case.build(), *case.inputs(8), options={**EAGER, "memory_budget": 0.6}).regions[0].plan
+    assert sum(p["chosen"] for p in plan.tradeoff) <= 1
+    assert all(set(p) >= {"predicted_peak_bytes", "chosen"} for p in plan.tradeoff)

@@ -540,13 +540,10 @@ def _plan_remat(
     candidates = [*tried.values(), *torch_own]
     best, smallest = _select(candidates, budget_bytes, storage is not None, scheduled)
     elapsed = time.perf_counter() - start
-    if best is None:
-        return RematSolution(
-            smallest[0], smallest[1], False, how, iterations, elapsed, [p for _, p in curve], smallest[1],
-            problem.segments,
-        )  # fmt: skip
+    chosen = smallest if best is None else best
+    points = [{**p, "chosen": float(c == chosen[0])} for c, p in curve]
     return RematSolution(
-        best[0], best[1], True, how, iterations, elapsed, [p for _, p in curve], smallest[1], problem.segments
+        chosen[0], chosen[1], best is not None, how, iterations, elapsed, points, smallest[1], problem.segments
     )
 
 

@@ -92,11 +92,18 @@ def _pct(part: int, whole: int) -> str:
 
 
 def tradeoff_table(tradeoff: Sequence[dict[str, float]], chosen_peak: int | None = None) -> str:
-    """The planner's peak/recompute trade-off curve, one row per distinct plan."""
+    """The planner's peak/recompute trade-off curve, one row per distinct plan. The
+    row of the plan the planner chose says "<- chosen". The curve is a sketch (quick
+    solves at a few budgets), so the chosen plan may not be on it: then the row whose
+    modelled peak is nearest ``chosen_peak``, if within 2%, says "<- nearest"."""
+    marks = ["<- chosen" if point.get("chosen") else "" for point in tradeoff]
+    if not any(marks) and tradeoff and chosen_peak is not None:
+        nearest = min(range(len(tradeoff)), key=lambda i: abs(tradeoff[i]["predicted_peak_bytes"] - chosen_peak))
+        if abs(tradeoff[nearest]["predicted_peak_bytes"] - chosen_peak) <= 0.02 * chosen_peak:
+            marks[nearest] = "<- nearest"
     rows = []
-    for point in tradeoff:
+    for point, mark in zip(tradeoff, marks):
         peak = point["predicted_peak_bytes"]
-        mark = "<- chosen" if chosen_peak is not None and abs(peak - chosen_peak) <= 0.02 * chosen_peak else ""
         rows.append([
             format_bytes(peak),
             f"{point.get('recompute_flops', 0.0) / 1e9:.3f}",
