@@ -99,3 +99,18 @@ def test_layout_copies_between_cast_and_saved_value_are_replayed():
         grads.append(x.grad.clone())
     assert sources[0] == [] and sources[1]  # the bf16 copy of w is saved only without the pass
     assert torch.equal(grads[0], grads[1])
+
+
+def test_the_plan_says_which_casts_are_recomputed():
+    """The report read "save ... kept by the min-cut partition" for weight copies this
+    pass no longer saves: its decisions now replace the plan's for them."""
+    model, inputs = GPT(TINY_GPT), _inputs()
+    torch._dynamo.reset()
+    explanation = memopt.explain(model, *inputs, options={**OPTIONS, "precision": "bf16"})
+    region = explanation.regions[0]
+    recast = [d for d in region.plan.decisions if "recompute_saved_casts" in d.reason]
+    assert recast and all(d.policy == "recompute" and d.action.option == "cast" for d in recast)
+    assert any(".weight, which is kept anyway" in d.reason for d in recast)  # named as the user names it
+    saved = {fw.name for fw, _ in region.step.saved_pairs()}
+    assert not {d.node_name for d in recast} & saved
+    assert "cast again in backward" in explanation.report()

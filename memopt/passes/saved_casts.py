@@ -17,6 +17,7 @@ and views are deterministic and widening is exact, so gradients are bit-identica
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,12 +25,15 @@ import torch
 import torch.fx as fx
 
 from memopt.analysis.aliasing import GraphAliasing, analyze_aliasing, concrete_int
+from memopt.analysis.error_probe import short_name
 from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
 from memopt.analysis.value_ops import CAST_OPS, COPY_OPS, VIEW_OPS
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs
 from memopt.passes.base import Pass, PassContext, PassResult
 from memopt.passes.saved_rewrite import fake_mode_of_step, is_half, replace_saved_values, run_fake
+from memopt.plan.decisions import Recompute
+from memopt.plan.plan import TensorDecision, decision_for_node
 
 __all__ = ["RecomputeSavedCasts", "SavedCast", "saved_cast_of"]
 
@@ -152,7 +156,32 @@ class RecomputeSavedCasts(Pass):
             )  # fmt: skip
         if not recomputed:
             return PassResult.unchanged()
-        return PassResult(True, PreservedAnalyses.none(), {"recomputed": recomputed})
+        applied = tuple(_applied(ctx, step, cast, group[0].source) for cast, group in by_cast.items())
+        return PassResult(True, PreservedAnalyses.none(), {"recomputed": recomputed}, applied=applied)
+
+
+def _applied(ctx: PassContext, step: StepGraphs, cast: fx.Node, source: fx.Node) -> TensorDecision:
+    """The decision about the storage ``cast`` makes (saved as it is or through views)
+    as this pass carried it out: cast again in backward from ``source`` (the plan's
+    decision about it, if it has one, with that action)."""
+    name = f"forward:{cast.name}"
+    action = Recompute(option="cast")
+    reason = f"a dtype copy of {_readable(step, source)}, which is kept anyway: cast again in backward (recompute_saved_casts)"
+    planned = None if ctx.plan is None else next((d for d in ctx.plan.decisions if d.name == name), None)
+    if planned is not None:
+        return dataclasses.replace(planned, action=action, reason=reason)
+    value = meta.tensor_value(cast)
+    nbytes = 0 if value is None else concrete_int(value.numel()) * value.element_size()
+    return decision_for_node(cast, name, step.region, nbytes, action, reason)
+
+
+def _readable(step: StepGraphs, node: fx.Node) -> str:
+    """``node``'s name, or for a step input the user's name of it (``wte.weight``)."""
+    if node.op == "placeholder":
+        index = step.forward.graph.find_nodes(op="placeholder").index(node)
+        if index < len(step.inputs) and step.inputs[index].name:
+            return short_name(step.inputs[index].name)
+    return node.name
 
 
 def _rebuild(group: list[SavedCast], fake_mode: Any) -> Any:
