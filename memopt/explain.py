@@ -154,13 +154,23 @@ class Explanation:
         (`memopt.plan.advice.option_savings`)."""
         steps = [r.step for r in self.step_regions() if r.step is not None]
         return option_savings(self.timeline(optimized=False), self.timeline(), self.decisions(), step_parameters(steps),
-                              self.step_optimizer(), self.fused_peaks(), self._config())  # fmt: skip
+                              self._known_optimizer(), self.fused_peaks(), self._config())  # fmt: skip
+
+    def _known_optimizer(self) -> OptimizerMemory | None:
+        """`step_optimizer`, else the attached optimizer's memory (``record(optimizer=)``,
+        `attach_optimizer`: its state, not counted in the timelines)."""
+        counted = self.step_optimizer()
+        if counted is not None or not isinstance(self.optimizer, torch.optim.Optimizer):
+            return counted
+        from memopt.analysis.optimizer_memory import optimizer_memory
+
+        return optimizer_memory(self.optimizer, in_backward=False)
 
     def dominant_parameters(self, share: float = 0.05) -> list[ParameterShare]:
         """Parameters whose weight, gradient and optimizer state exceed ``share`` of
         the step's estimated peak (`memopt.plan.advice.dominant_parameters`)."""
         steps = [r.step for r in self.step_regions() if r.step is not None]
-        return dominant_parameters(self.timeline(), step_parameters(steps), self.step_optimizer(), share)
+        return dominant_parameters(self.timeline(), step_parameters(steps), self._known_optimizer(), share)
 
     def _state_outside(self, timeline: MemoryTimeline) -> int | None:
         """The attached optimizer's state bytes when the timeline does not count it."""

@@ -225,3 +225,27 @@ def test_a_planned_regions_tradeoff_flags_its_chosen_plan_at_most_once():
     plan = memopt.explain(case.build(), *case.inputs(8), options={**EAGER, "memory_budget": 0.6}).regions[0].plan
     assert sum(p["chosen"] for p in plan.tradeoff) <= 1
     assert all(set(p) >= {"predicted_peak_bytes", "chosen"} for p in plan.tradeoff)
+
+
+def test_savings_rows_name_the_options_in_use_and_read_an_attached_optimizer():
+    """The rows showed fixed options (offload='auto' with offload='disk' in use), a
+    bf16 figure for precision in use that was what lowering left, not what it took,
+    and "pass optimizer=opt" with the optimizer given to `memopt.record`."""
+    torch._dynamo.reset()
+    case = zoo_case("gpt")
+    model = case.build()
+    opt = torch.optim.AdamW(model.parameters())
+    options = {**EAGER, "precision": "fp16", "memory_budget": "80%", "compress_activations": "fp8"}
+    compiled = torch.compile(model, backend="memopt", options=options)
+    with memopt.record(optimizer=opt) as explanation:
+        compiled(*case.inputs(4)).backward()
+        opt.step()
+    rows = {s.technique: s for s in explanation.savings()}
+    assert rows["rematerialization"].option == "memory_budget=0.8"
+    assert rows["compression"].option == "compress_activations='fp8'"
+    assert rows["offload"].option == "offload='auto'"  # not in use: the option to try
+    precision = rows["precision"]
+    assert (precision.option, precision.in_use, precision.saved_bytes) == ("precision='fp16'", True, None)
+    assert rows["8-bit state"].saved_bytes > 0  # AdamW's state now minus AdamW8bit's
+    assert "options={'optimizer': opt}" in rows["fused update"].basis
+    assert any(s.state_bytes > 0 for s in explanation.dominant_parameters(share=0.0))

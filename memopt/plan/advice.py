@@ -17,7 +17,8 @@ Rules (one per technique; "at the peak" means live at the step's peak point):
 * rematerialization: up to every saved activation at the peak (a segment boundary
   stays saved, so less in practice); in use: the bytes of the values recomputed that
   the step without memopt's passes holds at its peak;
-* precision ``bf16``: half of each fp32 saved activation at the peak;
+* precision ``bf16``: half of each fp32 saved activation at the peak; in use, not
+  modelled (the step is traced lowered, so neither timeline has the fp32 values);
 * compression ``int8``/``fp8``: each saved activation at the peak down to one byte
   per element; in use: the bytes saved by storing compressed the values the step
   without memopt's passes holds at its peak;
@@ -158,14 +159,15 @@ def option_savings(
     taken = _decided_at_peak(before, decisions)
     fp32 = sum(b for b, size in saved if size == 4)
     one_byte = sum(b - b // size for b, size in saved)
+    budget = "..." if config.memory_budget is None else repr(config.memory_budget)
+    compress = config.compress_activations or "int8"
     rows = [
-        _row("rematerialization", "memory_budget=...", in_use["recompute"], taken["recompute"],
+        _row("rematerialization", f"memory_budget={budget}", in_use["recompute"], taken["recompute"],
              total_saved, "every saved activation at the peak (an upper bound: segment boundaries stay)", now, unoptimized),
-        _row("precision", "precision='bf16'", config.precision is not None, None,
-             fp32 // 2, "half of each fp32 saved activation at the peak", now, unoptimized),
-        _row("compression", "compress_activations='int8'", in_use["compress"], taken["compress"], one_byte,
+        _precision_row(config, fp32 // 2, now),
+        _row("compression", f"compress_activations={compress!r}", in_use["compress"], taken["compress"], one_byte,
              "saved activations at the peak stored at one byte per element", now, unoptimized),
-        _row("offload", "offload='auto'", in_use["offload"], taken["offload"], total_saved,
+        _row("offload", f"offload={config.offload or 'auto'!r}", in_use["offload"], taken["offload"], total_saved,
              "every saved activation at the peak moved to host or disk", now, unoptimized),
     ]  # fmt: skip
     rows.append(_fused_row(optimizer, fused_peaks, now))
@@ -191,10 +193,24 @@ def _row(
     return OptionSaving(technique, option, in_use, would, basis, _counted_at(in_use, would, now))
 
 
+def _precision_row(config: MemoptConfig, would: int, now: int) -> OptionSaving:
+    """Precision lowering runs before AOTAutograd traces the step, so both timelines
+    are of the lowered step: in use, its saving is not in them (the precision pass's
+    report line gives the bytes it took off the forward's values)."""
+    if config.precision is None:
+        return OptionSaving("precision", "precision='bf16'", False, would,
+                            "half of each fp32 saved activation at the peak", now)  # fmt: skip
+    return OptionSaving("precision", f"precision={config.precision!r}", True, None,
+                        "not modelled in use: both estimates are of the lowered step (see the precision line)", now)  # fmt: skip
+
+
+_GIVE_OPTIMIZER = "options={'optimizer': opt}"
+
+
 def _fused_row(optimizer: OptimizerMemory | None, fused_peaks: tuple[int, int] | None, now: int) -> OptionSaving:
     option = "optimizer_in_backward=opt"
     if optimizer is None or fused_peaks is None:
-        return OptionSaving("fused update", option, False, None, "needs the optimizer: pass optimizer=opt", now)
+        return OptionSaving("fused update", option, False, None, f"needs the optimizer in the compile options: {_GIVE_OPTIMIZER}", now)
     separate, fused = fused_peaks
     saved = max(separate - fused, 0)
     return OptionSaving("fused update", option, optimizer.in_backward, saved,
@@ -208,7 +224,7 @@ def _state_rows(optimizer: OptimizerMemory | None, params: Sequence[StepParamete
     from memopt.optim.state_size import adamw8bit_state_bytes, lowrank_state_bytes
 
     if optimizer is None:
-        why = "needs the optimizer: pass optimizer=opt"
+        why = f"needs the optimizer: {_GIVE_OPTIMIZER}, or memopt.record(optimizer=opt)"
         return [OptionSaving("8-bit state", "AdamW8bit", False, None, why, now),
                 OptionSaving("low-rank state", "GaLoreAdamW", False, None, why, now)]  # fmt: skip
     block = _default(AdamW8bit, "block_size")
