@@ -389,11 +389,12 @@ def explain(
     state) do happen.
     """
     from memopt.backends.dynamo import memopt_backend
+    from memopt.backends.wholestep import one_step
 
     config = MemoptConfig.from_options(options)
     backend = functools.partial(memopt_backend, options=config)
     compiled = torch.compile(fn, backend=backend)
-    with recording() as records:
+    with recording() as records, one_step():
         out = compiled(*args, **kwargs)
         loss = _loss_of(out)
         if loss is not None:

@@ -18,6 +18,7 @@ import memopt
 from memopt.analysis.memory import compose_timelines
 from memopt.plan.step_context import RegionInStep, StepContext
 from memopt.testing.measure import measure_peak
+from memopt.testing.zoo import zoo_case
 
 VOCAB, DIM = 512, 32
 
@@ -556,3 +557,18 @@ def test_a_single_region_step_emits_its_held_warning_at_its_first_backward() -> 
         for _ in range(3):
             compiled(x).sum().backward()
     assert len([w for w in caught if issubclass(w.category, memopt.MemoptBudgetWarning)]) == 1
+
+
+def test_explain_warns_for_each_infeasible_region_of_a_step_with_a_graph_break() -> None:
+    """`memopt.explain` runs one step and drops the compiled model: no region of it is
+    planned again, so none may hold its budget warning for a re-plan that never comes
+    (a graph-broken model used to get no warning while its report said OVER)."""
+    case = zoo_case("graph_break")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explanation = memopt.explain(case.build(), *case.inputs(64), options={"codegen": "eager", "memory_budget": 1024})
+    infeasible = sorted(r.region for r in explanation.regions if r.plan is not None and not r.plan.feasible)
+    messages = [str(w.message) for w in caught if issubclass(w.category, memopt.MemoptBudgetWarning)]
+    assert len(infeasible) == 2, [r.region for r in explanation.regions]
+    assert sorted(m.split(" is infeasible for region ")[1].split(":")[0] for m in messages) == infeasible, messages
+

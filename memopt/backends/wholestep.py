@@ -86,6 +86,7 @@ above; loops that run two steps or more record the steady state.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import itertools
 import logging
@@ -110,7 +111,7 @@ from memopt.failsoft import fail_soft
 from memopt.graph import meta
 from memopt.plan.step_context import RegionInStep, StepContext
 
-__all__ = ["CompiledRegion", "StepTracker", "TRACKER", "WatchedRegion"]
+__all__ = ["CompiledRegion", "StepTracker", "TRACKER", "WatchedRegion", "one_step"]
 
 log = logging.getLogger("memopt")
 
@@ -163,7 +164,7 @@ class CompiledRegion(WatchedRegion):
         self._compile = compile
         self._gm = gm
         self._fakes = _fake_copies(gm, example_inputs)
-        provisional = self._fakes is not None  # it may be planned again (module docstring)
+        provisional = self._fakes is not None and not _ONE_STEP.get()  # it may be planned again (module docstring)
         with _holding_budget_warnings(provisional) as held:
             fn = compile(compiler, gm, example_inputs)
         super().__init__(compiler, fn)
@@ -288,6 +289,21 @@ def _context_of(step: list[CompiledRegion], i: int, observed: _Observed) -> Step
     earlier, later = [r.in_step() for r in step[:i]], [r.in_step() for r in step[i + 1 :]]
     assert None not in earlier and None not in later
     return StepContext(tuple(earlier), tuple(later), observed.kept_outputs, observed.input_sources)  # type: ignore[arg-type]
+
+
+_ONE_STEP: contextvars.ContextVar[bool] = contextvars.ContextVar("memopt_one_step", default=False)
+
+
+@contextlib.contextmanager
+def one_step() -> Iterator[None]:
+    """Regions compiled inside run one step and are then dropped (`memopt.explain`):
+    none is planned again, so none holds its budget warnings (it warns as it compiles,
+    as its report says its plan is over the budget)."""
+    token = _ONE_STEP.set(True)
+    try:
+        yield
+    finally:
+        _ONE_STEP.reset(token)
 
 
 @contextlib.contextmanager
