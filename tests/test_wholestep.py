@@ -572,3 +572,24 @@ def test_explain_warns_for_each_infeasible_region_of_a_step_with_a_graph_break()
     assert len(infeasible) == 2, [r.region for r in explanation.regions]
     assert sorted(m.split(" is infeasible for region ")[1].split(":")[0] for m in messages) == infeasible, messages
 
+
+def test_a_region_compiled_again_dumps_beside_its_first_compile(tmp_path: Any) -> None:
+    """The second compile of a region (planned for its whole step) overwrote the first
+    compile's dumps; it now writes under ``<region>.recompile1``."""
+    torch._dynamo.reset()
+    case = zoo_case("graph_break")
+    compiled = torch.compile(case.build(), backend="memopt",
+                             options={"codegen": "eager", "memory_budget": 0.8, "dump_dir": str(tmp_path)})  # fmt: skip
+    inputs = case.inputs(64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            compiled(*inputs).backward()
+    folders = sorted(p.name for p in tmp_path.iterdir())
+    again = [f for f in folders if f.endswith(".recompile1")]
+    assert again, folders
+    for folder in again:
+        first = tmp_path / folder.removesuffix(".recompile1")
+        for graph in ("forward", "backward"):
+            assert (tmp_path / folder / graph / "000_input.py").exists()
+            assert (first / graph / "000_input.py").exists()

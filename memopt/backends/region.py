@@ -113,6 +113,9 @@ class RegionCompiler:
         self.keeps_earlier_plan = False
         """Set on a region compiled again for the whole step: a planning failure then
         propagates, so that the region keeps the plan it runs (`wholestep`)."""
+        self.recompiles = 0
+        """How many times the region was compiled again for its step before this
+        compile (its dumps go to their own folder)."""
         self.stage = "pre-autograd"
         """The stage of `memopt.failsoft.STAGES` the compile is in (what a failure the
         backend catches is attributed to)."""
@@ -136,6 +139,7 @@ class RegionCompiler:
         fresh._pre_autograd = done
         fresh.example_inputs = example_inputs
         fresh.keeps_earlier_plan = True
+        fresh.recompiles = self.recompiles + 1
         self._swap_record(self.record, fresh.record)
         return fresh
 
@@ -300,7 +304,7 @@ class RegionCompiler:
             instruments.append(VerifyInstrument())
         instruments.append(OpCountInstrument())
         if self.config.dump_dir:
-            instruments.append(DumpInstrument(self.config.dump_dir))
+            instruments.append(DumpInstrument(self.config.dump_dir, self.recompiles))
         if self._recorders:
             instruments.append(RecordInstrument(on_finish=self._keep_snapshots))
         return instruments

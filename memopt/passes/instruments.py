@@ -93,10 +93,13 @@ class VerifyInstrument(Instrument):
 class DumpInstrument(Instrument):
     """Write each graph as readable Python before the pipeline (``000_input.py``) and
     after every pass (``NNN_<pass>.py``) under ``<dump_dir>/<region>/<graph>/``, with a
-    header naming the pass that produced it."""
+    header naming the pass that produced it. The ``recompile``-th compile of a region
+    compiled again for its step (whole-step planning) writes under
+    ``<region>.recompile<N>/`` instead, beside the first compile's files."""
 
-    def __init__(self, dump_dir: str) -> None:
+    def __init__(self, dump_dir: str, recompile: int = 0) -> None:
         self.dump_dir = dump_dir
+        self.suffix = f".recompile{recompile}" if recompile else ""
 
     def before_pipeline(self, step: StepGraphs, ctx: PassContext) -> None:
         self._dump(step, 0, "input", "the graph as memopt received it (before any pass)")
@@ -125,7 +128,7 @@ class DumpInstrument(Instrument):
 
     def _dump(self, step: StepGraphs, index: int, name: str, what: str) -> None:
         for graph_name, gm in step.graphs():
-            folder = os.path.join(self.dump_dir, _safe(step.region), graph_name)
+            folder = os.path.join(self.dump_dir, _safe(step.region) + self.suffix, graph_name)
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, f"{index:03d}_{_safe(name)}.py")
             header = f"# memopt dump: region {step.region}, {graph_name} graph, {what}.\n"
