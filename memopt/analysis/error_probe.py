@@ -13,7 +13,6 @@ Errors are relative L2 norms, ``||actual - expected|| / ||expected||``, in float
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -25,7 +24,6 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 __all__ = [
     "concrete_inputs",
     "relative_error",
-    "short_name",
     "compare_with_reference",
     "capture_values",
     "real_tensors",
@@ -54,16 +52,6 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if denominator == 0.0:
         return 0.0 if difference == 0.0 else float("inf")
     return difference / denominator
-
-
-_PART = re.compile(r"_(?:modules|parameters|buffers)\['([^']+)'\]")
-
-
-def short_name(source: str) -> str:
-    """``L['self']._modules['fc']._parameters['weight']`` -> ``fc.weight``; other
-    names unchanged."""
-    parts = _PART.findall(source)
-    return ".".join(parts) if parts else source
 
 
 def _rng_devices(inputs: Iterable[Any]) -> list[int]:

@@ -37,10 +37,10 @@ import torch.fx as fx
 from torch.fx.node import map_arg
 
 from memopt.analysis.aliasing import concrete_int
-from memopt.analysis.error_probe import compare_with_reference, concrete_inputs, short_name
+from memopt.analysis.error_probe import compare_with_reference, concrete_inputs
 from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
 from memopt.graph import meta
-from memopt.graph.step import StepGraphs, clone_graph_module
+from memopt.graph.step import StepGraphs, clone_graph_module, parameter_name
 from memopt.passes.base import Pass, PassContext, PassResult
 from memopt.passes.precision_attention import expand_math_attention, math_attention_reason
 from memopt.passes.precision_policy import (
@@ -507,7 +507,7 @@ def _measure(reference: fx.GraphModule, step: StepGraphs, ctx: PassContext) -> d
         return {"measured": False, "why": "example inputs are fake or do not match the graph"}
     if any(meta.is_symbolic(p) for p in placeholders):
         return {"measured": False, "why": "dynamic shapes (the graph takes symbolic sizes)"}
-    names = [short_name(i.name) for i in step.inputs] or [p.name for p in reference.graph.find_nodes(op="placeholder")]
+    names = [parameter_name(i.name) for i in step.inputs] or [p.name for p in reference.graph.find_nodes(op="placeholder")]
     try:
         result = compare_with_reference(reference, step.forward, inputs, names)
     except Exception as exc:  # noqa: BLE001 - a failed measurement must not fail the pass

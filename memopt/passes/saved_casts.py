@@ -25,11 +25,10 @@ import torch
 import torch.fx as fx
 
 from memopt.analysis.aliasing import GraphAliasing, analyze_aliasing, concrete_int
-from memopt.analysis.error_probe import short_name
 from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
 from memopt.analysis.value_ops import CAST_OPS, COPY_OPS, VIEW_OPS
 from memopt.graph import meta
-from memopt.graph.step import StepGraphs
+from memopt.graph.step import StepGraphs, parameter_name
 from memopt.passes.base import Pass, PassContext, PassResult
 from memopt.passes.saved_rewrite import fake_mode_of_step, is_half, replace_saved_values, run_fake
 from memopt.plan.decisions import Recompute
@@ -180,7 +179,7 @@ def _readable(step: StepGraphs, node: fx.Node) -> str:
     if node.op == "placeholder":
         index = step.forward.graph.find_nodes(op="placeholder").index(node)
         if index < len(step.inputs) and step.inputs[index].name:
-            return short_name(step.inputs[index].name)
+            return parameter_name(step.inputs[index].name)
     return node.name
 
 
