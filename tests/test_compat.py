@@ -23,10 +23,9 @@ def test_torch_version_is_in_the_supported_range():
     assert torch.__version__.startswith("%d.%d." % _compat.TORCH_VERSION)
 
 
-@pytest.mark.skipif(_compat.TORCH_VERSION == (2, 12), reason="torch 2.12 was not checked")
 def test_optimization_hint_gate_choice():
-    """symbolic_shapes.optimization_hint is in torch 2.13, not in 2.11."""
-    assert _compat.HAS_OPTIMIZATION_HINT is (_compat.TORCH_VERSION >= (2, 13))
+    """symbolic_shapes.optimization_hint is in torch 2.12 and 2.13, not in 2.11."""
+    assert _compat.HAS_OPTIMIZATION_HINT is (_compat.TORCH_VERSION >= (2, 12))
 
 
 def _symbolic_sizes() -> dict[str, torch.SymInt]:
@@ -72,11 +71,11 @@ def test_triton_version_is_read_without_importing_triton():
 
 
 def test_interpreter_loop_gate_choice():
-    """False exactly for triton < 3.9 with numpy >= 2.4 (torch 2.11's triton 3.6 with a
-    current numpy); True with triton 3.9 (torch 2.13's)."""
+    """False exactly for triton < 3.7 with numpy >= 2.4 (torch 2.11's triton 3.6 with a
+    current numpy); True with triton 3.7 (torch 2.12's) and 3.9 (torch 2.13's)."""
     pytest.importorskip("triton")
     new_numpy = tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4)
-    expected = _compat.triton_version() >= (3, 9) or not new_numpy
+    expected = _compat.triton_version() >= (3, 7) or not new_numpy
     assert _compat.triton_interpreter_loops_to_runtime_bounds() is expected
 
 
@@ -123,10 +122,9 @@ def test_disable_python_dispatcher_turns_it_off_inside():
         assert enabled()
 
 
-@pytest.mark.skipif(_compat.TORCH_VERSION == (2, 12), reason="torch 2.12 was not checked")
 def test_functional_collective_gates_choice():
     """torch 2.13 names the functional all-gather and reduce-scatter ``*_single`` (the
-    ``*_tensor`` names are deprecated wrappers there); torch 2.11 has only ``*_tensor``.
+    ``*_tensor`` names are deprecated wrappers there); torch 2.11 and 2.12 have only ``*_tensor``.
     Same for ``torch.distributed``'s in-place all-gather (``all_gather_single`` against
     ``all_gather_into_tensor``)."""
     import torch.distributed as dist
@@ -166,9 +164,8 @@ def test_functional_collective_gates_on_one_rank():
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(_compat.TORCH_VERSION == (2, 12), reason="torch 2.12 was not checked")
 def test_backward_frees_incoming_gradients_gate_choice():
     """torch 2.13's compiled backward frees an incoming gradient at its last use; torch
-    2.11's holds it to the end (the behaviour: tests/test_kept_outputs.py's estimates
+    2.11's and 2.12's hold it to the end (the behaviour: tests/test_kept_outputs.py's estimates
     against the allocator, on each torch)."""
     assert _compat.BACKWARD_FREES_INCOMING_GRADIENTS is (_compat.TORCH_VERSION >= (2, 13))

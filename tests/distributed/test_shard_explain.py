@@ -62,8 +62,8 @@ def test_plain_models_and_functions_have_no_sharding_section(fake_world):
 
 
 def test_shards_are_parameters_and_gathered_weights_have_their_own_category(fake_world):
-    """AOTAutograd flattens each DTensor parameter into its local tensor (and, on torch
-    2.13, its device mesh): the local tensor is a parameter (rank 0 holds 8 of 64 rows:
+    """AOTAutograd flattens each DTensor parameter into its local tensor (and, from torch
+    2.12, where a device mesh is an opaque object, its device mesh): the local tensor is a parameter (rank 0 holds 8 of 64 rows:
     2 KiB each), the mesh 'other', the batch an input. Each all-gather of a shard is a gathered
     parameter, not an activation: at the peak (backward's first matmul) the three
     weights backward reads (the first layer's is not needed: the batch needs no
@@ -73,7 +73,7 @@ def test_shards_are_parameters_and_gathered_weights_have_their_own_category(fake
     explanation = _explain(_model(), torch.randn(2, 64), collective_bucket_bytes=0)  # one gather per parameter
     step = explanation.region(0).step
     kinds = [info.kind for info in step.inputs]
-    if TORCH_VERSION >= (2, 13):  # each DTensor's device mesh is an input too
+    if TORCH_VERSION >= (2, 12):  # each DTensor's device mesh is an input too
         assert kinds == ["parameter", "other", "input"] + ["parameter", "other"] * 3
     else:
         assert kinds == ["parameter", "input"] + ["parameter"] * 3
