@@ -249,3 +249,60 @@ def test_savings_rows_name_the_options_in_use_and_read_an_attached_optimizer():
     assert rows["8-bit state"].saved_bytes > 0  # AdamW's state now minus AdamW8bit's
     assert "options={'optimizer': opt}" in rows["fused update"].basis
     assert any(s.state_bytes > 0 for s in explanation.dominant_parameters(share=0.0))
+
+
+KWARGS_FACTORY = """
+import torch
+import torch.nn as nn
+
+
+class Scorer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, input_ids, labels=None):
+        return nn.functional.mse_loss(self.fc(input_ids), labels)
+
+
+def build():
+    return Scorer(), {"input_ids": torch.randn(4, 16), "labels": torch.randn(4, 16)}
+"""
+
+
+def test_cli_report_takes_keyword_inputs(tmp_path, capsys):
+    """A Hugging Face model needs ``labels=`` for its loss: a factory may return a dict
+    of keyword inputs (it was refused: "expected a tensor or a tuple")."""
+    factory = tmp_path / "kw.py"
+    factory.write_text(KWARGS_FACTORY)
+    torch._dynamo.reset()
+    assert cli_main(["report", f"{factory}:build", "--json", "--quiet"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["estimated_peak_bytes"] > data["baseline_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--options", '{"codegen": "eagre"}'], "--options: memopt option codegen='eagre' is not allowed"),
+        (["--options", "[1, 2]"], "--options must be a JSON object of memopt options"),
+        (["--options", "{bad"], "--options is not valid JSON"),
+        (["--plot", "/nonexistent/folder/x.png"], "folder '/nonexistent/folder' does not exist"),
+        (["--plot", "mem.txt"], "write a .png, .svg or .pdf file"),
+    ],
+)
+def test_cli_bad_arguments_are_refused_before_the_compile(extra, message, capsys, monkeypatch):
+    """Each used to surface after the compile, as a traceback (exit 1)."""
+    import memopt.cli.main as cli
+
+    monkeypatch.setattr(cli, "load_factory", lambda spec: pytest.fail("the factory ran before the arguments were checked"))
+    assert cli_main(["report", "examples/report_model.py:build", "--quiet", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_help_is_plain_text(capsys):
+    for command in ("report", "fit"):
+        with pytest.raises(SystemExit):
+            cli_main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "``" not in text and "`memopt" not in text, text

@@ -20,11 +20,22 @@ from typing import Any
 
 __all__ = ["add_parser", "run"]
 
+FIT_HELP = """\
+memopt fit FILE.py:FACTORY --budget 24GiB: the largest batch (or sequence) that fits.
+
+FACTORY is a function of no arguments in FILE.py returning (model, make_inputs) or
+(model, make_inputs, optimizer); make_inputs(batch) (or make_inputs(batch, seq) with
+--seq or --search seq) returns one training call's inputs: a tensor, a tuple of
+positional arguments or a dict of keyword arguments. Everything runs on fake tensors:
+nothing is allocated, so a model larger than this machine can be fitted. One line per
+probe goes to stderr, the result to stdout.
+"""
+
 
 def add_parser(sub: Any) -> None:
     """Register the ``fit`` subcommand on ``sub`` (an argparse subparsers object)."""
     fit = sub.add_parser("fit", help="largest batch (or sequence) of FILE.py:FACTORY that fits a budget",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                         description=FIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     fit.add_argument("target", help="FILE.py:FACTORY, a function returning (model, make_inputs[, optimizer])")
     fit.add_argument("--budget", required=True, help="memory budget, e.g. 24GiB, 512MB or bytes")
     fit.add_argument("--seq", type=int, help="fixed sequence length: make_inputs(batch, seq) is called")
@@ -47,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import memopt
-    from memopt.cli.main import CLIError, load_factory
+    from memopt.cli.main import CLIError, load_factory, parse_options
 
     factory = load_factory(args.target)
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -59,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             + (f" of length {len(built)}" if isinstance(built, (tuple, list)) else "")
         )
     model, make_inputs, optimizer = (*built, None) if len(built) == 2 else built
-    options = json.loads(args.options) if args.options else {}
+    options = parse_options(args.options)
     if args.in_backward and optimizer is None:
         raise CLIError(f"--in-backward plans an optimizer's update in backward, but {args.target} returns none; "
                        f"return (model, make_inputs, optimizer) or drop --in-backward.")

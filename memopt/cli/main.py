@@ -2,10 +2,12 @@
 (and ``memopt fit``, `memopt.cli.fit`).
 
 The factory is a function of no arguments in FILE.py returning ``(model, inputs)``:
-``model`` is an ``nn.Module`` or any callable, ``inputs`` a tensor or a tuple/list of
-arguments. By default the factory runs under a FakeTensorMode, so the model and its
-inputs are fake tensors: nothing real is allocated, and a model larger than this
-machine's memory can be estimated. ``--real`` runs it on real tensors instead.
+``model`` is an ``nn.Module`` or any callable, ``inputs`` a tensor, a tuple/list of
+positional arguments or a dict of keyword arguments (a Hugging Face model's
+``input_ids=..., labels=...``). By default the factory runs under a FakeTensorMode, so
+the model and its inputs are fake tensors: nothing real is allocated, and a model
+larger than this machine's memory can be estimated. ``--real`` runs it on real tensors
+instead.
 """
 
 from __future__ import annotations
@@ -24,6 +26,16 @@ from types import ModuleType
 from typing import Any
 
 __all__ = ["main", "load_factory", "CLIError"]
+
+REPORT_HELP = """\
+memopt report FILE.py:FACTORY: a compile-time memory report for a model.
+
+FACTORY is a function of no arguments in FILE.py returning (model, inputs): model is
+an nn.Module or any callable, inputs a tensor, a tuple of positional arguments or a
+dict of keyword arguments. The factory runs under a FakeTensorMode by default, so
+nothing real is allocated and a model larger than this machine can be estimated;
+--real builds it on real tensors instead.
+"""
 
 
 class CLIError(Exception):
@@ -63,7 +75,8 @@ def _import_file(path: str) -> ModuleType:
     return module
 
 
-def _unpack(result: Any, spec: str) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+def _unpack(result: Any, spec: str) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+    """(model, positional inputs, keyword inputs) of a factory's ``(model, inputs)``."""
     import torch
 
     if not isinstance(result, (tuple, list)) or len(result) != 2:
@@ -76,9 +89,14 @@ def _unpack(result: Any, spec: str) -> tuple[Callable[..., Any], tuple[Any, ...]
         raise CLIError(f"{spec} returned a {type(model).__name__} as the model; expected an nn.Module or callable")
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
+    if isinstance(inputs, dict) and all(isinstance(k, str) for k in inputs):
+        return model, (), dict(inputs)
     if not isinstance(inputs, (tuple, list)):
-        raise CLIError(f"{spec} returned inputs of type {type(inputs).__name__}; expected a tensor or a tuple of arguments")
-    return model, tuple(inputs)
+        raise CLIError(
+            f"{spec} returned inputs of type {type(inputs).__name__}; expected a tensor, a tuple of "
+            "positional arguments or a dict of keyword arguments"
+        )
+    return model, tuple(inputs), {}
 
 
 class _Progress:
@@ -118,8 +136,12 @@ def _run_report(args: argparse.Namespace) -> int:
     from memopt.explain import backward_with_forward
 
     progress = _Progress(args.quiet)
-    options = json.loads(args.options) if args.options else {}
+    options = parse_options(args.options)
     options.setdefault("codegen", "eager")
+    for path in (args.plot, args.snapshot):
+        _check_output(path)
+    if args.plot and os.path.splitext(args.plot)[1].lower() not in (".png", ".svg", ".pdf"):
+        raise CLIError(f"--plot {args.plot!r}: write a .png, .svg or .pdf file")
     with progress.stage(f"importing {args.target}"):
         factory = load_factory(args.target)
     mode: Any = contextlib.nullcontext() if args.real else FakeTensorMode()
@@ -128,9 +150,9 @@ def _run_report(args: argparse.Namespace) -> int:
     lowering = contextlib.nullcontext() if args.real else backward_with_forward()
     with mode, lowering:
         with progress.stage(f"building the model and inputs on {kind} tensors"):
-            model, inputs = _unpack(factory(), args.target)
+            model, inputs, kwargs = _unpack(factory(), args.target)
         with progress.stage("compiling forward and backward with memopt"):
-            explanation = memopt.explain(model, *inputs, options=options)
+            explanation = memopt.explain(model, *inputs, options=options, **kwargs)
     progress.say(f"done: {len(explanation.regions)} region(s)")
     if args.json:
         print(json.dumps(explanation.to_dict(), indent=2, default=str))
@@ -146,10 +168,38 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_options(text: str | None) -> dict[str, Any]:
+    """``--options`` JSON as a dict of memopt options, checked before any work starts."""
+    from memopt.config import MemoptConfig
+
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"--options is not valid JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise CLIError(f"--options must be a JSON object of memopt options, e.g. '{{\"codegen\": \"eager\"}}'; got {text!r}")
+    try:
+        MemoptConfig.from_options(options)
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"--options: {exc}") from None
+    return options
+
+
+def _check_output(path: str | None) -> None:
+    """Refuse an output path whose folder does not exist, before the compile."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CLIError(f"cannot write {path!r}: folder {folder!r} does not exist")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memopt", description="memopt: memory reports for torch.compile")
     sub = parser.add_subparsers(dest="command", required=True)
-    report = sub.add_parser("report", help="compile-time memory report of FILE.py:FACTORY", description=__doc__,
+    report = sub.add_parser("report", help="compile-time memory report of FILE.py:FACTORY", description=REPORT_HELP,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     report.add_argument("target", help="FILE.py:FACTORY, a function returning (model, inputs)")
     report.add_argument("--json", action="store_true", help="print the report as JSON (Explanation.to_dict())")
@@ -177,9 +227,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return fit.run(args)
     except CLIError as exc:
         print(f"memopt: error: {exc}", file=sys.stderr)
-        return 2
-    except json.JSONDecodeError as exc:
-        print(f"memopt: error: --options is not valid JSON: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # stdout closed early (`memopt report ... | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
