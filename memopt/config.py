@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["MemoptConfig", "CODEGENS", "PRECISIONS", "COMPRESSION_FORMATS", "OFFLOAD_TARGETS", "parse_size"]
+__all__ = ["MemoptConfig", "CODEGENS", "PRECISIONS", "COMPRESSION_FORMATS", "OFFLOAD_TARGETS", "parse_size", "unitless_number"]
 
 CODEGENS: tuple[str, ...] = ("inductor", "eager")
 PRECISIONS: tuple[str, ...] = ("bf16", "fp16")
@@ -317,6 +317,12 @@ def parse_size(text: str) -> int:
     return int(number * _UNITS.get(unit, 1))
 
 
+def unitless_number(text: str) -> float | None:
+    """The number a size string gives without a unit (``"1.5"`` -> 1.5), else None."""
+    match = _SIZE.match(text)
+    return float(match.group(1)) if match is not None and match.group(2) == "" else None
+
+
 def _budget(key: str, value: Any) -> int | float | None:
     if value is None:
         return None
@@ -337,8 +343,8 @@ def _budget(key: str, value: Any) -> int | float | None:
     if isinstance(value, str) and value.strip().endswith("%"):
         return _percent(key, value)
     if isinstance(value, str):
-        match = _SIZE.match(value)
-        if match is not None and match.group(2) == "" and float(match.group(1)) < 1024:
+        number = unitless_number(value)
+        if number is not None and number < 1024:
             raise ValueError(
                 f"memopt option {key}={value!r} is a number without a unit, which would mean "
                 f"{value.strip()} bytes; for a fraction of the unoptimized peak give a float or a "

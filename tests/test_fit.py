@@ -197,7 +197,8 @@ def test_budgets_parse_as_memory_budget_does() -> None:
     assert budget_bytes("24GiB") == 24 * 2**30
     assert budget_bytes("512MB") == 512 * 10**6
     assert budget_bytes(1234) == 1234
-    for bad, match in [(0.5, "absolute size"), ("12 parsecs", "not understood"), (True, "absolute size"), (0, "positive")]:
+    for bad, match in [(0.5, "absolute size"), ("12 parsecs", "not understood"), (True, "absolute size"), (0, "positive"),
+                       ("3", r"without a unit.*'3GiB'")]:  # --budget 3 was 3 bytes
         with pytest.raises(memopt.MemoptFitError, match=match):
             budget_bytes(bad)  # type: ignore[arg-type]
     with pytest.raises(memopt.MemoptFitError, match="drop it from options"):
@@ -245,7 +246,7 @@ def test_cli_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["fit", f"{path}:build", "--budget", "1GiB", "--max-batch", "2", "--reserve", "1MiB", "--json", "--quiet"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert (data["batch"], data["reserve_bytes"], data["capped"]) == (2, 2**20, True) and data["probes"][-1]["size"] == 2
-    assert cli_main(["fit", f"{path}:build", "--budget", "1000", "--quiet"]) == 2
+    assert cli_main(["fit", f"{path}:build", "--budget", "1000B", "--quiet"]) == 2
     assert "even batch 1 does not fit" in capsys.readouterr().err
     assert cli_main(["fit", f"{path}:not_a_pair", "--budget", "1GiB"]) == 2
     assert "must return (model, make_inputs)" in capsys.readouterr().err
