@@ -102,10 +102,12 @@ def _wrapper_name(module: nn.Module) -> str | None:
         return "FSDP2 (fully_shard)"
     if isinstance(module, FullyShardedDataParallel):
         return "FullyShardedDataParallel (FSDP1)"
-    from memopt.distributed.api import ShardedModule
+    from memopt.distributed.api import _HANDLES, ShardedModule
 
     if isinstance(module, ShardedModule):
         return "memopt.distributed.shard"
+    if _HANDLES in module.__dict__:  # a submodule of a model memopt sharded
+        return "memopt.distributed.shard (it is part of a sharded model)"
     if type(module).__name__.startswith("SimpleFSDP"):
         return "torchtitan's SimpleFSDP"
     return None

@@ -123,6 +123,9 @@ def test_wrapped_models_are_refused(fake_world):
     twice = md.shard(nn.Linear(4, 4))
     with pytest.raises(md.ShardingError, match="already wrapped by memopt.distributed.shard"):
         md.shard(twice)
+    part = md.shard(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
+    with pytest.raises(md.ShardingError, match=r"the model is already wrapped by memopt.distributed.shard \(it is part of a sharded model\)"):
+        md.shard(part[0])  # was: "already a DTensor ...; tensor or expert parallel layouts are not supported"
 
 
 def test_tensor_parallel_dtensors_are_refused(fake_world):
