@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["MemoptConfig", "CODEGENS", "PRECISIONS", "COMPRESSION_FORMATS", "OFFLOAD_TARGETS", "parse_size", "unitless_number"]
+__all__ = ["MemoptConfig", "CODEGENS", "PRECISIONS", "COMPRESSION_FORMATS", "OFFLOAD_TARGETS", "parse_size", "require_unit"]
 
 CODEGENS: tuple[str, ...] = ("inductor", "eager")
 PRECISIONS: tuple[str, ...] = ("bf16", "fp16")
@@ -317,10 +317,16 @@ def parse_size(text: str) -> int:
     return int(number * _UNITS.get(unit, 1))
 
 
-def unitless_number(text: str) -> float | None:
-    """The number a size string gives without a unit (``"1.5"`` -> 1.5), else None."""
+def require_unit(text: str, other_reading: str = "") -> None:
+    """Refuse a size string that is a number under 1024 without a unit: almost surely not
+    meant as bytes. ``other_reading`` names what the caller would read instead."""
     match = _SIZE.match(text)
-    return float(match.group(1)) if match is not None and match.group(2) == "" else None
+    if match is not None and match.group(2) == "" and float(match.group(1)) < 1024:
+        number = text.strip()
+        raise ValueError(
+            f"{text!r} is a number without a unit, which would mean {number} bytes; "
+            f"{other_reading}for a size add a unit ('{number}GiB')."
+        )
 
 
 def _budget(key: str, value: Any) -> int | float | None:
@@ -343,13 +349,10 @@ def _budget(key: str, value: Any) -> int | float | None:
     if isinstance(value, str) and value.strip().endswith("%"):
         return _percent(key, value)
     if isinstance(value, str):
-        number = unitless_number(value)
-        if number is not None and number < 1024:
-            raise ValueError(
-                f"memopt option {key}={value!r} is a number without a unit, which would mean "
-                f"{value.strip()} bytes; for a fraction of the unoptimized peak give a float or a "
-                f"percentage (0.5, '50%'), for a size add a unit ('{value.strip()}GiB')."
-            )
+        try:
+            require_unit(value, "for a fraction of the unoptimized peak give a float or a percentage (0.5, '50%'); ")
+        except ValueError as exc:
+            raise ValueError(f"memopt option {key}={exc}") from None
         size = _option_size(key, value)
         if size <= 0:
             raise ValueError(f"memopt option {key}={value!r} must be a positive size.")

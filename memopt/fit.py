@@ -41,7 +41,7 @@ from typing import IO, Any
 
 import torch
 
-from memopt.config import MemoptConfig, parse_size, unitless_number
+from memopt.config import MemoptConfig, parse_size, require_unit
 from memopt.errors import MemoptFitError, MemoptWarning
 from memopt.explain import Explanation, backward_with_forward, explain
 from memopt.plan.report import format_bytes
@@ -182,13 +182,8 @@ def budget_bytes(budget: int | str) -> int:
             f"changes with the batch); pass bytes as an int or a string such as '24GiB'."
         )
     if isinstance(budget, str):
-        number = unitless_number(budget)
-        if number is not None and number < 1024:
-            raise MemoptFitError(
-                f"budget={budget!r} is a number without a unit, which would mean {budget.strip()} bytes; "
-                f"add a unit ('{budget.strip()}GiB')."
-            )
         try:
+            require_unit(budget)
             value = parse_size(budget)
         except ValueError as exc:
             raise MemoptFitError(f"budget={budget!r}: {exc}") from None

@@ -110,9 +110,6 @@ class RegionCompiler:
         self._recorders = recorders
         self.example_inputs: tuple[Any, ...] = ()
         self._pre_autograd = RegionRecord(region=region, config=config)  # its passes' records
-        self.keeps_earlier_plan = False
-        """Set on a region compiled again for the whole step: a planning failure then
-        propagates, so that the region keeps the plan it runs (`wholestep`)."""
         self.recompiles = 0
         """How many times the region was compiled again for its step before this
         compile (its dumps go to their own folder)."""
@@ -138,10 +135,15 @@ class RegionCompiler:
         fresh.record.fallbacks = list(done.fallbacks)
         fresh._pre_autograd = done
         fresh.example_inputs = example_inputs
-        fresh.keeps_earlier_plan = True
         fresh.recompiles = self.recompiles + 1
         self._swap_record(self.record, fresh.record)
         return fresh
+
+    @property
+    def keeps_earlier_plan(self) -> bool:
+        """A region compiled again for the whole step: a planning failure then
+        propagates, so that the region keeps the plan it runs (`wholestep`)."""
+        return self.recompiles > 0
 
     def hand_back_record(self, original: RegionCompiler) -> None:
         """Undo `replanned`: ``original``'s record takes this one's place again (the
