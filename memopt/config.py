@@ -33,12 +33,14 @@ class MemoptConfig:
     GPU, C++ on CPU) or ``"eager"`` (the FX graphs run op by op; compiles fast)."""
 
     strict: bool = False
-    """If True, a failing memopt pass raises `PassFailure` instead of falling back to the
-    unoptimized graph with a warning. Tests use it."""
+    """If True, a failure inside memopt raises instead of falling back with a warning:
+    `MemoptInternalError` for any stage memopt owns (`PassFailure` for a pass), and
+    `MemoptBudgetError` for an infeasible budget. Tests use it."""
 
     disable_passes: tuple[str, ...] = ()
-    """Names of passes to skip (see ``memopt.passes.default_pipeline``). An unknown name
-    raises ``ValueError`` with the options (`memopt.passes.pass_names` lists them)."""
+    """Names of passes to skip (`memopt.passes.pass_names` lists them, the pre-autograd
+    ``precision`` and ``blocked_cross_entropy`` included). An unknown name
+    raises ``ValueError`` with the options."""
 
     dump_dir: str | None = None
     """If set, every graph is written there after each pass as readable Python,
@@ -46,7 +48,8 @@ class MemoptConfig:
 
     verify: bool = False
     """Verify every graph after each pass: FX lint, fake-tensor metadata re-check and
-    memopt's invariants. Costs compile time. Default: ``$MEMOPT_VERIFY`` is set to 1."""
+    memopt's invariants. Costs compile time. Default: on when ``$MEMOPT_VERIFY`` is set to anything but
+    empty or ``0``."""
 
     memory_budget: int | float | None = None
     """Cap on the estimated peak memory of the step (see docs/remat.md): bytes as an

@@ -3,7 +3,8 @@ estimated peak stays within a budget, at the least recompute time.
 
 The problem is staged over the schedule (Checkmate's idea at segment granularity).
 The forward is cut into segments at its bottlenecks (`memopt.plan.segments`); each
-segment takes one of three options:
+segment takes one of six options (four beyond 2500 joint-graph nodes, where only
+``torch@0.5`` of torch's is tried):
 
 * ``save``: keep what torch's min-cut partition saves (the status quo);
 * ``selective``: save only the outputs of expensive ops (matmuls, convolutions,
