@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import torch
 
+import memopt
 from memopt.graph import meta
 from memopt.testing.capture import capture_step
 
@@ -62,3 +66,32 @@ def test_random_and_side_effect_classification():
     random_ops = [k for k, (r, _) in kinds.items() if r]
     assert random_ops, kinds
     assert kinds["aten.mul_.Tensor"] == (False, True)
+
+
+def _meta_keys_named(tree: ast.AST) -> list[int]:
+    """Lines that read or write ``<x>.meta["key"]`` or call ``<x>.meta.get("key")``."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript):
+            target, key = node.value, node.slice
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "pop", "setdefault") and node.args:
+            target, key = node.func.value, node.args[0]
+        elif isinstance(node, ast.Compare) and len(node.comparators) == 1 and isinstance(node.ops[0], (ast.In, ast.NotIn)):
+            target, key = node.comparators[0], node.left
+        else:
+            continue
+        if isinstance(target, ast.Attribute) and target.attr == "meta" and isinstance(key, ast.Constant) and isinstance(key.value, str):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_only_graph_meta_names_node_meta_keys():
+    """docs/architecture.md: `memopt/graph/meta.py` is the one module that names
+    ``node.meta`` keys, so a key torch renames is mended in one place."""
+    root = Path(memopt.__file__).parent
+    found = {
+        str(path.relative_to(root)): lines
+        for path in sorted(root.rglob("*.py"))
+        if path != root / "graph" / "meta.py" and (lines := _meta_keys_named(ast.parse(path.read_text())))
+    }
+    assert not found, f"node.meta keys named outside memopt/graph/meta.py (file: lines): {found}"

@@ -42,6 +42,7 @@ import torch
 import torch.fx as fx
 
 from memopt.analysis.aliasing import GraphAliasing, Storage, concrete_int
+from memopt.graph import meta
 
 __all__ = ["eager_inplace_writes", "OUT_VARIANTS", "OutVariant"]
 
@@ -106,7 +107,7 @@ def eager_inplace_writes(
 
 
 def _over_last_dim(node: fx.Node) -> bool:
-    value = node.meta.get("val")
+    value = meta.fake_value(node)
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
     return isinstance(value, torch.Tensor) and isinstance(dim, int) and dim in (-1, value.dim() - 1)
 
@@ -120,7 +121,7 @@ def _writable(
     at: int,
     protected: set[Storage],
 ) -> bool:
-    value, read = node.meta.get("val"), read_node.meta.get("val")
+    value, read = meta.fake_value(node), meta.fake_value(read_node)
     storages = aliasing.storages_of(read_node)
     if not isinstance(value, torch.Tensor) or not isinstance(read, torch.Tensor) or len(storages) != 1:
         return False

@@ -39,6 +39,7 @@ import torch.fx as fx
 
 from memopt.analysis.aliasing import GraphAliasing, Storage, concrete_int
 from memopt.analysis.cost import is_view
+from memopt.graph import meta
 
 __all__ = ["channels_last_copies", "fused_nodes", "inplace_reuses", "kernel_runs"]
 
@@ -83,7 +84,7 @@ def _view_base(node: fx.Node) -> fx.Node:
 
 
 def _on_cpu(node: fx.Node) -> bool:
-    value = node.meta.get("val")
+    value = meta.fake_value(node)
     return isinstance(value, torch.Tensor) and value.device.type == "cpu"
 
 
@@ -147,12 +148,12 @@ def _folded_into_addmm(node: fx.Node) -> bool:
     own, and ``a`` and ``b`` are read where the add runs."""
     if node.target is not aten.mm.default or len(node.users) != 1:
         return False
-    value = node.meta.get("val")
+    value = meta.fake_value(node)
     add = next(iter(node.users))
     if add.target is not aten.add.Tensor or add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
         return False
     other = add.args[1] if add.args[0] is node else add.args[0]
-    other_value = other.meta.get("val") if isinstance(other, fx.Node) else None
+    other_value = meta.fake_value(other) if isinstance(other, fx.Node) else None
     return (
         isinstance(value, torch.Tensor)
         and value.device.type == "cpu"
@@ -256,7 +257,7 @@ def inplace_reuses(
         if _makes_addmm(node, fused):
             continue  # an addmm: an extern kernel with its own output
         made = aliasing.fresh.get(node, [])
-        value = node.meta.get("val")
+        value = meta.fake_value(node)
         if len(made) != 1 or not isinstance(value, torch.Tensor):
             continue
         for leaf in _kernel_reads(node, fused):
@@ -294,7 +295,7 @@ def _overwritable(
     taken: dict[Storage, fx.Node],
 ) -> bool:
     storages = aliasing.storages_of(leaf)
-    read = leaf.meta.get("val")
+    read = meta.fake_value(leaf)
     if len(storages) != 1 or not isinstance(read, torch.Tensor):
         return False
     storage = storages[0]
@@ -327,7 +328,7 @@ def channels_last_copies(graph: fx.Graph, device: torch.device) -> dict[fx.Node,
     copies: dict[fx.Node, list[fx.Node]] = {}
     for conv in convolutions:
         for arg in conv.args[:2]:
-            value = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+            value = meta.fake_value(arg) if isinstance(arg, fx.Node) else None
             if (
                 isinstance(arg, fx.Node)
                 and arg.op == "placeholder"

@@ -73,10 +73,6 @@ class OptimizerMemory:
             param_bytes = min(param_bytes, self.piece_bytes)
         return self.update_factor * param_bytes
 
-    @property
-    def total_state_bytes(self) -> int:
-        return sum(self.state_bytes.values())
-
     def holds(self, identity: int | None) -> bool:
         """Whether the parameter with this identity is in the optimizer."""
         return identity is not None and identity in self.state_bytes

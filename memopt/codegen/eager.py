@@ -28,6 +28,7 @@ from memopt.analysis.aliasing import analyze_aliasing
 from memopt.analysis.eager_inplace import OUT_VARIANTS, eager_inplace_writes
 from memopt.analysis.memory import last_reads
 from memopt.codegen.promoting import run_in_pieces
+from memopt.graph import meta
 
 __all__ = ["compile_eager", "write_in_place", "DECOMPOSITIONS"]
 
@@ -74,12 +75,12 @@ def compile_eager(gm: fx.GraphModule, example_inputs: Any = None) -> Callable[[l
 def write_in_place(graph: fx.Graph) -> int:
     """Rewrite the nodes `eager_inplace_writes` selects to their ``out=`` overload,
     writing into the input they read for the last time (of their output's shape: a
-    softmax backward's gradient, an elementwise op's operand); the number rewritten. Needs fake values on the nodes (``meta["val"]``); a graph
+    softmax backward's gradient, an elementwise op's operand); the number rewritten. Needs fake values on the nodes (`memopt.graph.meta.fake_value`); a graph
     without them is left as it is."""
     nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
     if not any(n.target in OUT_VARIANTS for n in nodes):
         return 0
-    if any("val" not in n.meta for n in nodes):
+    if not all(meta.has_fake_value(n) for n in nodes):
         return 0
     aliasing = analyze_aliasing(graph)
     index = {n: i for i, n in enumerate(nodes)}

@@ -59,6 +59,12 @@ def fake_value(node: fx.Node) -> Any:
     return node.meta.get(_EXAMPLE_VALUE)
 
 
+def has_fake_value(node: fx.Node) -> bool:
+    """Whether AOTAutograd recorded an example value for ``node`` (None included: an op
+    that returns nothing)."""
+    return _VAL in node.meta
+
+
 def tensor_value(node: fx.Node) -> torch.Tensor | None:
     """The node's example value if it is a single tensor, else None."""
     val = fake_value(node)
@@ -87,6 +93,13 @@ def saved_without_version_check(node: fx.Node) -> bool:
     """AOTAutograd marks values stashed on ``ctx`` (not ``save_for_backward``), which
     its partitioner keeps last among the saved values."""
     return bool(node.meta.get("saved_tensor_with_no_vc_check", False))
+
+
+def example_value_is_none(node: fx.Node) -> bool:
+    """Whether a node of a Dynamo-level graph records None as its example value (as
+    Dynamo does for some nodes that produce no tensor); passes that recompute example
+    values keep such a None."""
+    return _EXAMPLE_VALUE in node.meta and node.meta[_EXAMPLE_VALUE] is None
 
 
 def set_example_value(node: fx.Node, value: Any) -> None:
@@ -334,6 +347,14 @@ def graph_fake_mode(graph: fx.Graph) -> Iterator[Any]:
 def copy_provenance(src: fx.Node, dst: fx.Node) -> None:
     """Give ``dst`` the user source line (and autograd sequence number) of ``src``."""
     for key in (_STACK_TRACE, "seq_nr"):
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
+
+
+def copy_dynamo_provenance(src: fx.Node, dst: fx.Node) -> None:
+    """Give ``dst``, a node of a Dynamo-level graph, the source line and module and
+    function stacks of ``src`` (the keys Dynamo records and AOTAutograd carries on)."""
+    for key in (_STACK_TRACE, "nn_module_stack", "source_fn_stack"):
         if key in src.meta:
             dst.meta[key] = src.meta[key]
 

@@ -26,9 +26,6 @@ if TYPE_CHECKING:
 
 __all__ = ["StepGraphs", "InputInfo", "clone_graph_module", "output_values", "placeholder_inputs"]
 
-INPUT_KINDS = ("parameter", "buffer", "input", "activation", "symbol", "other")
-
-
 @dataclass(frozen=True)
 class InputInfo:
     """One input of a region as the user knows it.

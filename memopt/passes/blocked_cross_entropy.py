@@ -110,9 +110,8 @@ def blocked_cross_entropy(graph: fx.Graph) -> int:
         value = torch.ops.memopt.cross_entropy.default(meta.fake_value(x), meta.fake_value(target), *args[2:])
         meta.set_example_value(call, value)
         meta.set_example_value(loss, value[0])
-        for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
-            if key in node.meta:
-                call.meta[key] = loss.meta[key] = node.meta[key]
+        meta.copy_dynamo_provenance(node, call)
+        meta.copy_dynamo_provenance(node, loss)
         node.replace_all_uses_with(loss)
         graph.erase_node(node)
         replaced += 1

@@ -109,10 +109,10 @@ def _merge_gathers(graph: fx.Graph, nodes: list[fx.Node]) -> None:
     from torch._inductor.fx_passes.bucketing import process_collective_bucket
 
     _, group_size, group_name = nodes[0].args
-    dtypes = [n.meta["val"].dtype for n in nodes]
+    dtypes = [meta.fake_value(n).dtype for n in nodes]
 
     def trace_args(inputs: list[fx.Node]) -> tuple[Any, ...]:
-        return ([n.meta["val"] for n in inputs], group_name, group_size, dtypes)
+        return ([meta.fake_value(n) for n in inputs], group_name, group_size, dtypes)
 
     process_collective_bucket(graph, nodes, gather_bucket, trace_args)
 

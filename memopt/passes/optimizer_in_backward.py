@@ -192,7 +192,7 @@ def _insert_update(backward: fx.GraphModule | None, t: _Target, param: fx.Node, 
         anchor = graph.find_nodes(op="placeholder")[-1]
     with graph.inserting_after(anchor):
         node = graph.call_function(torch.ops.memopt.apply_update.default, (t.grad, param, t.name))
-    node.meta["val"] = None
+    meta.set_fake_value(node, None)
     meta.copy_provenance(t.grad, node)
     out = graph.find_nodes(op="output")[0]
     values = list(out.args[0])

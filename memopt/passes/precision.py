@@ -368,7 +368,7 @@ class _Lowering:
         elif node.target is _EXIT_AUTOCAST and self.autocasts:
             self.autocasts.pop()
         self.env[node] = value
-        if node.meta.get("example_value") is not None or "example_value" not in node.meta:
+        if not meta.example_value_is_none(node):
             meta.set_example_value(node, value)
         return value
 

@@ -38,7 +38,6 @@ __all__ = [
     "erase_dead_views",
     "planned_storages",
     "planned_decision",
-    "last_forward_user",
     "run_fake",
     "fake_mode_of_step",
     "is_half",
@@ -57,14 +56,6 @@ def run_fake(node: fx.Node, fake_mode: Any) -> Any:
         value = node.target(*args, **kwargs)  # type: ignore[operator]
     meta.set_fake_value(node, value)
     return value
-
-
-def last_forward_user(node: fx.Node) -> fx.Node:
-    """The latest user of ``node`` that is not the output node (``node`` itself if it
-    has no other user): the point after which only the saved copy needs it."""
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    users = [u for u in node.users if u.op != "output"]
-    return max(users, key=order.__getitem__) if users else node
 
 
 def replace_saved_values(

@@ -17,11 +17,9 @@ from typing import Any
 from memopt.analysis.aliasing import concrete_int
 from memopt.analysis.memory import LiveInterval, MemoryTimeline
 from memopt.graph import meta
-from memopt.plan.decisions import ACTION_KINDS, Action, Save, action_from_dict, action_to_dict
+from memopt.plan.decisions import Action, Save, action_from_dict, action_to_dict
 
-__all__ = ["TensorDecision", "MemoryPlan", "POLICIES", "decision_for", "decision_for_node", "finish_plan"]
-
-POLICIES = ACTION_KINDS
+__all__ = ["TensorDecision", "MemoryPlan", "decision_for", "decision_for_node", "finish_plan"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +43,7 @@ class TensorDecision:
 
     @property
     def policy(self) -> str:
-        """The action's kind: one of `POLICIES`."""
+        """The action's kind: one of `memopt.plan.decisions.ACTION_KINDS`."""
         return self.action.kind
 
     @property

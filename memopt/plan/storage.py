@@ -91,9 +91,6 @@ class StoragePlan:
             out.update(dict.fromkeys(c.names, action))
         return out
 
-    def by_kind(self, kind: str) -> list[StorageCandidate]:
-        return [c for c in self.chosen if c.kind == kind]
-
 
 def plan_storage(
     step: StepGraphs,
