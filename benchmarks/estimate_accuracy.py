@@ -34,7 +34,7 @@ import sys
 import torch
 
 import memopt
-from memopt.plan.report import format_bytes
+from memopt.units import format_bytes
 from memopt.testing.measure import Workload, measure_in_fresh_process, measure_peak
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])

@@ -31,7 +31,7 @@ import torch
 
 import memopt
 from memopt.fit import budget_bytes
-from memopt.plan.report import format_bytes
+from memopt.units import format_bytes
 from memopt.testing.hf import build, make_inputs
 from memopt.testing.fresh_process import Workload
 from memopt.testing.measure import measure_in_fresh_process

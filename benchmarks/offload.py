@@ -79,7 +79,7 @@ from typing import Any
 import torch
 
 import memopt
-from memopt.plan.report import format_bytes
+from memopt.units import format_bytes
 from memopt.testing.fresh_process import Workload
 from memopt.testing.hf import FAMILIES, build
 from memopt.testing.measure import measure_in_fresh_process, measure_peak

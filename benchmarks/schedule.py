@@ -11,7 +11,7 @@ import sys
 import torch
 
 import memopt
-from memopt.plan.report import format_bytes
+from memopt.units import format_bytes
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from estimate_accuracy import BATCH  # noqa: E402

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from memopt.plan.report import format_bytes
+from memopt.units import format_bytes
 from memopt.testing.fresh_process import Workload
 from memopt.testing.hf import build
 from memopt.testing.measure import measure_in_fresh_process

@@ -26,7 +26,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import memopt  # noqa: E402
-from memopt.plan.report import format_bytes  # noqa: E402
+from memopt.units import format_bytes  # noqa: E402
 
 
 def _gib(n: int) -> str:

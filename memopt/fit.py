@@ -44,7 +44,7 @@ import torch
 from memopt.config import MemoptConfig, parse_size, require_unit
 from memopt.errors import MemoptFitError, MemoptWarning
 from memopt.explain import Explanation, backward_with_forward, explain
-from memopt.plan.report import format_bytes
+from memopt.units import format_bytes
 
 __all__ = ["fit", "FitResult", "Probe", "accumulation", "budget_bytes"]
 

@@ -26,6 +26,7 @@ from memopt.passes.compress import CompressionChoice, compress_saved_values
 from memopt.testing.capture import capture_step
 from memopt.testing.measure import measure_peak
 from memopt.testing.zoo import GPT, GPTConfig, zoo_case
+from memopt.units import format_bytes
 
 EAGER = {"codegen": "eager", "verify": True, "strict": True}
 GPT_CONFIG = GPTConfig(vocab=128, context=64, dim=64, heads=4, layers=2)
@@ -225,7 +226,7 @@ def test_fp8_saved_bytes_at_most_30_percent_and_peak_lower(gpt_runs):
     for entry in details["compressed"]:
         assert 0 < entry["rel_error"] < 0.04  # e4m3: 3 mantissa bits
         assert entry["bytes_after"] * 3 < entry["bytes_before"]
-    assert f"saved activations {_saved_bytes(full) / 2**20:.2f} MiB ->" in fp8.report()
+    assert f"saved activations {format_bytes(_saved_bytes(full))} ->" in fp8.report()
 
     torch.manual_seed(0)
     model, inputs = GPT(GPT_CONFIG), _gpt_inputs(batch=16)

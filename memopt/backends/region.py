@@ -49,7 +49,7 @@ from memopt.passes.pipeline import default_pipeline, disabled_in, pre_autograd_p
 from memopt.plan.decisions import Offload
 from memopt.plan.plan import MemoryPlan, finish_plan
 from memopt.plan.planner import base_plan, check_final_budget, plan_region
-from memopt.plan.report import format_bytes
+from memopt.units import format_bytes
 from memopt.plan.step_context import StepContext, placed
 from memopt.plan.storage import StorageOptions
 

@@ -45,7 +45,7 @@ from memopt.graph import meta
 from memopt.graph.step import InputInfo, parameter_name
 from memopt.optim.state_size import group_of, predicted_state_bytes
 from memopt.plan.decisions import Recompute
-from memopt.plan.report import format_bytes
+from memopt.units import format_bytes
 
 __all__ = ["report", "CollectiveRow", "GatheredRow", "collectives", "gathered_parameters"]
 

@@ -51,6 +51,7 @@ from memopt.passes.saved_rewrite import (
 )
 from memopt.plan.decisions import Compress
 from memopt.plan.plan import TensorDecision
+from memopt.units import format_bytes
 
 __all__ = [
     "CompressionChoice",
@@ -300,7 +301,7 @@ def _summary(details: Mapping[str, Any]) -> list[str]:
     formats = ", ".join(sorted({c["format"] for c in compressed}))
     lines = [
         f"compress_activations {formats}: {len(compressed)} saved tensors compressed; saved "
-        f"activations {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB ({after / before:.0%})"
+        f"activations {format_bytes(before)} -> {format_bytes(after)} ({after / before:.0%})"
     ]
     errors = [c["rel_error"] for c in compressed if c.get("rel_error") is not None]
     if errors:

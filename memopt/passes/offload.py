@@ -49,6 +49,7 @@ from memopt.passes.saved_rewrite import (
 )
 from memopt.plan.decisions import Offload
 from memopt.plan.plan import TensorDecision
+from memopt.units import format_bytes
 
 __all__ = ["OffloadSavedActivations", "resolve_target", "offload_target_and_bandwidth", "OFFLOAD_OPS"]
 
@@ -142,7 +143,7 @@ class OffloadSavedActivations(Pass):
             placed.append({"value": group.base.name, "bytes": group.nbytes, "reload_lead": lead})  # type: ignore[union-attr]
             applied.append(_applied(ctx, group, store_id, lead))
         details = {"store": store_id, "offloaded": placed, "bytes": total, "not_saved": missing}
-        summary = (f"offload: {len(placed)} saved tensors ({total / 2**20:.2f} MiB) to {store_id}",)
+        summary = (f"offload: {len(placed)} saved tensors ({format_bytes(total)}) to {store_id}",)
         return PassResult(True, PreservedAnalyses.none(), details, applied=tuple(applied), summary=summary)
 
 

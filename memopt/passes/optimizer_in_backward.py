@@ -15,6 +15,7 @@ from memopt.errors import MemoptOptimizerError
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs, output_values, parameter_name
 from memopt.passes.base import Pass, PassContext, PassResult
+from memopt.units import format_bytes
 
 __all__ = ["UpdateInBackward", "parameter_name"]
 
@@ -85,7 +86,7 @@ class UpdateInBackward(Pass):
             state.claim(t.param, frame)
         names = [t.name for t in targets]
         summary = (f"{len(targets)} parameter update(s) run inside backward; their gradients "
-                   f"({freed / 2**20:.1f} MiB) are freed there instead of returned",)
+                   f"({format_bytes(freed)}) are freed there instead of returned",)
         return PassResult(True, PreservedAnalyses.none(), {"updated_in_backward": names, "freed_bytes": freed},
                           summary=summary)
 

@@ -51,6 +51,7 @@ from memopt.passes.precision_policy import (
     op_name,
     resolve_policy,
 )
+from memopt.units import format_bytes
 
 __all__ = ["PrecisionLowering", "lower_precision", "LoweringReport"]
 
@@ -474,10 +475,6 @@ def _sci(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2e}"
 
 
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.2f} MiB"
-
-
 def _summary(details: Mapping[str, Any]) -> list[str]:
     """The report's lines: ops by mode, parameter casts, values lowered, and the error
     measured on the example inputs (docs/precision.md)."""
@@ -485,8 +482,8 @@ def _summary(details: Mapping[str, Any]) -> list[str]:
     counts = ", ".join(f"{sum(c.values())} {mode}" for mode, c in ops.items())
     lines = [
         f"precision {details['dtype']}: ops {counts}; {details['parameter_casts']} parameter casts "
-        f"({_mib(details['parameter_cast_bytes'])}); values lowered {details['values_lowered']} "
-        f"({_mib(details['value_bytes_before'])} -> {_mib(details['value_bytes_after'])})"
+        f"({format_bytes(details['parameter_cast_bytes'])}); values lowered {details['values_lowered']} "
+        f"({format_bytes(details['value_bytes_before'])} -> {format_bytes(details['value_bytes_after'])})"
     ]
     error = details.get("error")
     if error and error.get("measured"):

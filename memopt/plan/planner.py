@@ -35,7 +35,7 @@ from memopt.plan.decisions import Action, Compress, Offload, Recompute, Save
 from memopt.plan.plan import MemoryPlan, TensorDecision, decision_for_node
 from memopt.plan.remat import RematSolution, plan_remat
 from memopt.plan.storage import StorageOptions, StoragePlan, plan_storage
-from memopt.plan.report import format_bytes
+from memopt.units import format_bytes
 from memopt.plan.segments import Segment, must_save, value_bytes
 from memopt.plan.step_context import StepContext, placed
 

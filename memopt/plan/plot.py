@@ -7,7 +7,7 @@ without it.
 from __future__ import annotations
 
 from memopt.analysis.memory import CATEGORIES, MemoryTimeline
-from memopt.plan.report import format_bytes
+from memopt.units import format_bytes
 
 __all__ = ["plot_timeline", "plot_tradeoff"]
 

@@ -9,23 +9,12 @@ from tabulate import tabulate
 from memopt.analysis.memory import CATEGORIES, MemoryTimeline
 from memopt.plan.advice import OptionSaving, ParameterShare
 from memopt.plan.plan import TensorDecision
+from memopt.units import format_bytes
 
 __all__ = [
-    "format_bytes", "summary_table", "breakdown_table", "decisions_table", "tradeoff_table", "storage_table",
+    "summary_table", "breakdown_table", "decisions_table", "tradeoff_table", "storage_table",
     "savings_table", "dominant_table",
 ]
-
-
-def format_bytes(n: int | float | None) -> str:
-    """``1536`` -> ``"1.50 KiB"``."""
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    return f"{value:.2f} TiB"
 
 
 def summary_table(

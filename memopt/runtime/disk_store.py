@@ -47,9 +47,9 @@ from memopt.runtime.offload_store import (
     DEFAULT_MAX_PENDING,
     OffloadStore,
     _Entry,
-    format_bytes,
     log,
 )
+from memopt.units import format_bytes
 
 try:
     import fcntl

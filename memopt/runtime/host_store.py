@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from memopt.errors import MemoptOffloadError
-from memopt.runtime.offload_store import DEFAULT_MAX_PENDING, OffloadStore, _Entry, format_bytes
+from memopt.runtime.offload_store import DEFAULT_MAX_PENDING, OffloadStore, _Entry
+from memopt.units import format_bytes
 
 __all__ = ["HostStore", "CudaTransfers"]
 

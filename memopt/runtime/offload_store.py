@@ -55,6 +55,7 @@ from typing import Any, ClassVar
 import torch
 
 from memopt.errors import MemoptOffloadError
+from memopt.units import format_bytes
 
 __all__ = [
     "TARGETS",
@@ -70,7 +71,6 @@ __all__ = [
     "measure_bandwidth",
     "measure_copy_rate",
     "bandwidth",
-    "format_bytes",
 ]
 
 log = logging.getLogger("memopt.offload")
@@ -83,17 +83,6 @@ DEFAULT_MAX_PENDING = 4
 
 DEFAULT_PROBE_BYTES = 32 * 2**20
 """Bytes moved each way by `measure_bandwidth`."""
-
-
-def format_bytes(n: float) -> str:
-    """``n`` bytes for a message: ``"512 B"``, ``"12.0 MiB"``."""
-    if abs(n) < 1024:
-        return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if abs(n) < 1024 or unit == "TiB":
-            break
-    return f"{n:.1f} {unit}"
 
 
 @dataclass(frozen=True)

@@ -208,7 +208,7 @@ def test_preflight_names_free_space_needed_and_fix(store_id, monkeypatch):
     with pytest.raises(MemoptOffloadError) as info:
         store.preflight(96 * 2**20)
     message = str(info.value)
-    assert "has 12.0 MiB free" in message and "up to 96.0 MiB per step" in message
+    assert "has 12.00 MiB free" in message and "up to 96.00 MiB per step" in message
     assert "set offload_dir" in message and str(store.root) in message
 
 
