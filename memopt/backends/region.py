@@ -150,6 +150,13 @@ class RegionCompiler:
         second compile failed)."""
         self._swap_record(self.record, original.record)
 
+    def withdraw_record(self) -> None:
+        """Take this region's record out of the recorders: the compile was abandoned
+        (Dynamo restarts its analysis of the frame, and compiles it again under the
+        same compile id)."""
+        for records in self._recorders:
+            records[:] = [r for r in records if r is not self.record]
+
     def _swap_record(self, old: RegionRecord, new: RegionRecord) -> None:
         for records in self._recorders:
             records[:] = [new if r is old else r for r in records]
