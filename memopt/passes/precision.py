@@ -487,10 +487,16 @@ def _summary(details: Mapping[str, Any]) -> list[str]:
     ]
     error = details.get("error")
     if error and error.get("measured"):
-        lines.append(
-            f"  measured on the example inputs: output rel. error {_sci(error.get('output_rel_error'))}, "
-            f"gradient rel. error max {_sci(error.get('grad_rel_error_max'))}"
-        )
+        line = f"  measured on the example inputs: output rel. error {_sci(error.get('output_rel_error'))}"
+        if error.get("grad_rel_error_overall") is not None:
+            line += f", gradient rel. error {_sci(error['grad_rel_error_overall'])} overall"
+            if error.get("grad_rel_error_max_of") is not None:
+                line += f", max {_sci(error['grad_rel_error_max'])} ({error['grad_rel_error_max_of']})"
+        zero = error.get("grad_zero_up_to_rounding") or []
+        if zero:
+            line += (f"; {len(zero)} gradient(s) zero up to rounding in fp32 not compared "
+                     f"({', '.join(zero[:3])}{', ...' if len(zero) > 3 else ''})")
+        lines.append(line)
     elif error:
         lines.append(f"  error not measured: {error.get('why')}")
     return lines
