@@ -131,6 +131,31 @@ def test_infeasible_budget_warns_with_floor_and_strict_raises():
     assert issubclass(MemoptBudgetError, ValueError)
 
 
+def test_infeasible_budget_advice_fits_the_options_and_the_region():
+    """The warning names only ways to shrink the peak that the options do not use yet
+    (precision never shrinks parameters: they stay fp32), and says why an inference
+    region cannot go lower."""
+    case = zoo_case("gpt")
+    budget = {"codegen": "eager", "memory_budget": "100KiB"}
+
+    def message(options, no_grad=False):
+        torch._dynamo.reset()
+        with warnings.catch_warnings(record=True) as caught, torch.set_grad_enabled(not no_grad):
+            warnings.simplefilter("always", memopt.MemoptBudgetWarning)
+            memopt.explain(case.build(), *case.inputs(4), options=options)
+        (found,) = {str(w.message) for w in caught if issubclass(w.category, memopt.MemoptBudgetWarning)}
+        return found
+
+    plain = message(budget)
+    assert "precision='bf16'" in plain and "memopt.distributed.shard" in plain and "inference" not in plain
+    assert "precision/sharding" not in plain
+    lowered = message({**budget, "precision": "bf16", "compress_activations": "fp8"})
+    assert "precision='bf16'" not in lowered and "compress_activations='fp8'" not in lowered
+    assert "a smaller batch or sequence" in lowered
+    inference = message(budget, no_grad=True)
+    assert "(inference regions keep nothing for backward: rematerialization cannot lower their peak)" in inference
+
+
 def test_budget_above_unoptimized_peak_changes_nothing():
     case = zoo_case("mlp")
     explanation = memopt.explain(case.build(), *case.inputs(8), options={"codegen": "eager", "memory_budget": "1GiB"})

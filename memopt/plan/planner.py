@@ -249,22 +249,38 @@ def _infeasible_inference(plan: MemoryPlan, before: MemoryTimeline, budget: int,
         feasible=False,
         min_feasible_peak=before.peak_bytes,
         blockers=before.peak_breakdown,
-        notes=("inference regions keep nothing for backward: rematerialization cannot lower their peak",),
+        notes=(_INFERENCE,),
     )
-    _report_infeasible(result, config)
+    _report_infeasible(result, config, by="memopt")
     return result
+
+
+_INFERENCE = "inference regions keep nothing for backward: rematerialization cannot lower their peak"
+
+
+def _shrinking_advice(blockers: dict[str, int], config: MemoptConfig) -> str:
+    """What could shrink the peak's contributors, among what the options do not do yet."""
+    at_peak = {k for k, v in blockers.items() if v}
+    ways = ["a smaller batch or sequence"]
+    if config.precision is None and at_peak & {"saved_activations", "temporaries", "outputs"}:
+        ways.append("precision='bf16' (activations in half the bytes; parameters stay fp32)")
+    if not config.compress_activations and "saved_activations" in at_peak:
+        ways.append("compress_activations='fp8' (saved activations in a quarter of the bytes)")
+    if at_peak & {"parameters", "gradients", "optimizer_state"}:
+        ways.append("sharding the parameters, gradients and optimizer state over devices (memopt.distributed.shard)")
+    return "; ".join(ways)
 
 
 def _report_infeasible(plan: MemoryPlan, config: MemoptConfig, by: str = "rematerialization") -> None:
     blockers = sorted(((v, k) for k, v in plan.blockers.items() if v), reverse=True)[:4]
     listed = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for v, k in blockers)
+    why = f" ({_INFERENCE})" if _INFERENCE in plan.notes else ""
     message = (
         f"memory_budget {format_bytes(plan.budget_bytes)} is infeasible for region {plan.region}: "
         f"the smallest peak memopt can reach is {format_bytes(plan.min_feasible_peak)} "
-        f"(unoptimized {format_bytes(plan.estimated_peak_before)}). At that peak the largest "
+        f"(unoptimized {format_bytes(plan.estimated_peak_before)}){why}. At that peak the largest "
         f"contributors {by} cannot remove are: {listed}. Raise the budget to at least "
-        f"{format_bytes(plan.min_feasible_peak)}, or shrink what remat cannot (batch size, "
-        f"parameters: precision/sharding)."
+        f"{format_bytes(plan.min_feasible_peak)}, or shrink them: {_shrinking_advice(plan.blockers, config)}."
     )
     if plan.blockers.get("gradients") and plan.blockers.get("optimizer_state"):
         message += (
