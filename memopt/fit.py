@@ -176,7 +176,7 @@ def budget_bytes(budget: int | str) -> int:
     """A budget in bytes: an int, or a size string parsed as ``memory_budget`` parses it
     (`memopt.config.parse_size`: ``"24GiB"``, ``"512MB"``). A fraction is refused: a
     fraction of the unoptimized peak changes with the batch size."""
-    if isinstance(budget, bool) or isinstance(budget, float):
+    if isinstance(budget, (bool, float)) or (isinstance(budget, str) and budget.strip().endswith("%")):
         raise MemoptFitError(
             f"budget={budget!r}: fit needs an absolute size (a fraction of the unoptimized peak "
             f"changes with the batch); pass bytes as an int or a string such as '24GiB'."
@@ -555,7 +555,7 @@ class _Runner:
         except Exception as exc:
             raise MemoptFitError(
                 f"planning the step at {what} failed: {type(exc).__name__}: {exc}. Check that make_inputs"
-                f"{self.sizes.call_args(size)} returns the model's inputs and that the model runs on them."
+                f"({', '.join(map(str, self.sizes.call_args(size)))}) returns the model's inputs and that the model runs on them."
             ) from exc
         self._check(size, inputs, explanation)
         return explanation

@@ -198,7 +198,7 @@ def test_budgets_parse_as_memory_budget_does() -> None:
     assert budget_bytes("512MB") == 512 * 10**6
     assert budget_bytes(1234) == 1234
     for bad, match in [(0.5, "absolute size"), ("12 parsecs", "not understood"), (True, "absolute size"), (0, "positive"),
-                       ("3", r"without a unit.*'3GiB'")]:  # --budget 3 was 3 bytes
+                       ("3", r"without a unit.*'3GiB'"), ("50%", "absolute size")]:  # --budget 3 was 3 bytes
         with pytest.raises(memopt.MemoptFitError, match=match):
             budget_bytes(bad)  # type: ignore[arg-type]
     with pytest.raises(memopt.MemoptFitError, match="drop it from options"):

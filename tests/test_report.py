@@ -126,6 +126,16 @@ def test_cli_bad_factory_return(tmp_path, capsys):
     assert "must return (model, inputs); got int" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["report"], ["fit", "--budget", "3MiB"]])
+def test_cli_factory_that_takes_arguments(tmp_path, capsys, command):
+    """FACTORY is called with no arguments: one that needs some is refused before it is
+    called (it was a TypeError traceback, exit status 1, under `memopt fit`)."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def build(batch):\n    raise AssertionError('called')\n")
+    assert cli_main([command[0], f"{bad}:build", "--quiet", *command[1:]]) == 2
+    assert "build(batch) takes arguments; FACTORY is called with none" in capsys.readouterr().err
+
+
 def test_python_dash_m_memopt_shows_progress(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "memopt", "report", "examples/report_model.py:build"],

@@ -60,6 +60,15 @@ def load_factory(spec: str) -> Callable[[], Any]:
         raise CLIError(f"{path} has no function {name!r}; functions defined there: {', '.join(public) or '(none)'}")
     if not callable(factory):
         raise CLIError(f"{path}:{name} is a {type(factory).__name__}, not a function returning (model, inputs)")
+    try:
+        inspect.signature(factory).bind()
+    except TypeError:
+        raise CLIError(
+            f"{path}:{name}{inspect.signature(factory)} takes arguments; FACTORY is called with none: "
+            f"give its parameters defaults or wrap it in a function of no arguments"
+        ) from None
+    except ValueError:  # no signature to read (a builtin): let the call say
+        pass
     return factory  # type: ignore[no-any-return]
 
 
