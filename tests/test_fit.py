@@ -131,6 +131,41 @@ def test_fit_counts_outputs_the_caller_keeps_across_a_graph_break() -> None:
     assert probe.planned_peak_bytes == real.estimated_peak_bytes
 
 
+class SavesKeptLogits(nn.Module):
+    """As `KeepsLogits`, with a loss region that saves its input (the logits) for
+    backward: the saved input and the kept output are one storage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(64, 32), nn.Linear(32, 512)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.head(self.emb(ids))
+        torch._dynamo.graph_break()
+        return (logits.pow(2) * logits.pow(3)).mean(), logits  # the peak: this region's backward
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fit_on_fake_tensors_counts_a_region_input_once(training: bool) -> None:
+    """Where a region's input came from is observed on fake tensors too: the logits
+    the loss region saves (training), or reads without a gradient (inference), are
+    the first region's output, not a second copy (fit planned GPT-2 small 8% high and
+    returned one batch too few; under training=False the logits were also a step
+    input live from the start)."""
+    torch.manual_seed(0)
+    model = SavesKeptLogits()
+    result = memopt.fit(model, lambda b: _tokens(b, 16), "1GiB", max_size=2, training=training, options=OPTIONS,
+                        progress=None)
+    probe = {p.size: p for p in result.probes}[2]
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(training):
+        real = memopt.explain(model, _tokens(2, 16), options={**OPTIONS, "memory_budget": 2**30})
+    assert len(real.regions) == 2 and real.regions[1].input_sources  # observed on real tensors
+    held = sum(p.numel() * p.element_size() for p in model.parameters()) + 2 * 16 * 8
+    assert real.timeline().baseline_bytes == held
+    assert probe.planned_peak_bytes == real.estimated_peak_bytes
+
+
 def test_fit_stops_at_max_size_and_says_so() -> None:
     torch.manual_seed(0)
     result = memopt.fit(MLP(), _mlp_inputs, "1GiB", max_size=3, global_batch=10, options=OPTIONS, progress=None)

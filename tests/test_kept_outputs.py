@@ -72,6 +72,27 @@ def test_a_region_output_the_caller_keeps_lives_through_the_step(keep: bool) -> 
     assert abs(end - at_end.end_growth_bytes) < h_bytes // 4, (end, at_end.end_growth_bytes)
 
 
+def test_an_inference_step_counts_a_handed_on_output_once() -> None:
+    """Under ``torch.no_grad()`` the second region's input (the first one's output)
+    needs no gradient, so nothing marks it as an activation: it was counted as a step
+    input live from the start and again as the first region's output. The recorded
+    sources say it is the same storage."""
+    torch.manual_seed(0)
+    model, x = Break(False), torch.randn(256, 64)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager"})
+    with torch.no_grad():
+        with memopt.record() as explanation:
+            compiled(x)
+        measured = measure_peak(lambda: compiled(x))
+    first, second = explanation.step_regions()
+    assert second.kind == "inference" and set(second.input_sources.values()) == {(first.region, 0)}
+    timeline = explanation.timeline()
+    held = sum(p.numel() * p.element_size() for p in model.parameters()) + x.numel() * x.element_size()
+    assert timeline.baseline_bytes == held  # h is not live before the step
+    assert abs(timeline.peak_growth_bytes - measured.peak_growth_bytes) <= 0.03 * measured.peak_growth_bytes
+
+
 def _hf(name: str, use_cache: bool) -> tuple[Any, Any, Any, Any]:
     pytest.importorskip("transformers")
     from memopt.testing.hf import build

@@ -613,7 +613,9 @@ def compose_timelines(
     ``input_sources[j]`` maps a position of region ``j``'s inputs to the earlier
     region and output position it was (observed, `memopt.backends.wholestep`): an input
     region ``j`` saves for backward that is an output the caller keeps is the kept
-    storage, already live through the step, and is not counted again.
+    storage, already live through the step, and is not counted again; and an input
+    that needs no gradient (an inference step's logits handed to its loss region) is
+    the earlier region's output, counted there, not a step input live from the start.
     """
     if len(regions) == 1:
         return regions[0][1]
@@ -632,6 +634,12 @@ def compose_timelines(
         for j, (step, _) in enumerate(regions)
         for pos, ph in enumerate(step.forward.graph.find_nodes(op="placeholder"))
         if _kept_source(sources[j].get(pos), kept_positions, j)
+    }
+    handed_on = {  # inputs without a gradient that are an earlier region's output
+        ph
+        for j, (step, _) in enumerate(regions)
+        for pos, ph in enumerate(step.forward.graph.find_nodes(op="placeholder"))
+        if ph not in activation_inputs and _earlier_output(sources[j].get(pos), j)
     }
     opt_len = [sum(1 for p in t.points if p.graph == OPTIMIZER_GRAPH) for t in parts]
     fw_len = [sum(1 for p in t.points if p.graph not in ("backward", OPTIMIZER_GRAPH)) for t in parts]
@@ -669,6 +677,8 @@ def compose_timelines(
                             )
                         )
                     continue
+                if iv.node in handed_on:
+                    continue
                 if iv.identity is not None:
                     if iv.identity in seen_inputs:
                         continue
@@ -681,6 +691,11 @@ def compose_timelines(
                 end = end_of_forward if until is None else max(end_of_forward, remap(i, until))
             intervals.append(dataclasses.replace(iv, start=remap(i, iv.start), end=end))
     return finish_timeline(points, intervals, parts[0].device)
+
+
+def _earlier_output(source: tuple[int, int] | None, region: int) -> bool:
+    """``source`` (region, output position) is an output of a region before ``region``."""
+    return source is not None and 0 <= source[0] < region
 
 
 def _kept_source(source: tuple[int, int] | None, kept: Sequence[Collection[int] | None], region: int) -> bool:

@@ -69,11 +69,13 @@ fake tensors):
   step or an earlier one (GPT-2's loss region saves the logits its first region
   returns: when the caller keeps them too, the two are one storage, counted once).
 
-Recording. While memopt records (`memopt.explain`, `memopt.record`), a training
-region compiled then is ``recording``: every call of it is observed (a
+Recording. While memopt records (`memopt.explain`, `memopt.record`), a region
+compiled then is ``recording``: every call of it is observed (a
 `CompiledRegion`'s, or a `WatchedRegion`'s around the compiled callable of a region
 planned without one), and the observation goes to the region's current record (a
-region compiled again has a new one): ``RegionRecord.input_sources`` at the forward,
+region compiled again has a new one): ``RegionRecord.input_sources`` at the forward
+(inference calls and calls on fake tensors included: an inference step's loss region
+takes the logits the region before it returned),
 ``RegionRecord.kept_outputs`` (the latest step's) when its backward starts. The
 step's composed timeline (`memopt.analysis.memory.compose_timelines`) keeps the kept
 outputs live after the step and counts each such input once. A call that is only
@@ -121,11 +123,11 @@ Compile = Callable[[RegionCompiler, fx.GraphModule, Sequence[Any]], Callable[...
 
 class WatchedRegion:
     """A compiled region whose calls `TRACKER` may observe: ``fn`` (Dynamo's calling
-    convention) called through it. A training region compiled while memopt records
-    (`memopt.explain`, `memopt.record`) is ``recording``: every call with a backward
-    writes its observation to the region's current record (module docstring,
-    "Recording"). On its own it takes no part in step decisions (a `CompiledRegion`
-    does, while ``tracking``); a region neither recording nor tracking runs unobserved."""
+    convention) called through it. A region compiled while memopt records
+    (`memopt.explain`, `memopt.record`) is ``recording``: every call writes its
+    observation to the region's current record (where its inputs came from; for a
+    call with a backward, the outputs the caller kept; module docstring, "Recording"). On its own it takes no part in step decisions (a
+    `CompiledRegion` does, while ``tracking``); a region neither recording nor tracking runs unobserved."""
 
     tracking: bool = False
     """Whether its calls take part in whole-step decisions (only a `CompiledRegion`'s
@@ -135,7 +137,7 @@ class WatchedRegion:
     def __init__(self, compiler: RegionCompiler, fn: Callable[..., Any]) -> None:
         self.compiler = compiler
         self.fn = fn
-        self.recording = compiler.recording and compiler.record.kind == "training"
+        self.recording = compiler.recording
 
     @property
     def name(self) -> str:
@@ -449,9 +451,10 @@ class StepTracker:
 
     def forward_ran(self, region: WatchedRegion, args: Sequence[Any], outputs: Any) -> None:
         """``region`` returned ``outputs`` for ``args``. Observed when the region is
-        tracking or recording and the call has a backward (not on fake tensors): a
-        tracking region's run joins the current step; a recording one's input sources
-        go to its record now, its kept outputs when its backward starts. For a region
+        tracking or recording: a recording one's input sources go to its record now
+        (for every call, inference and fake tensors included), and, when the call has
+        a backward (not on fake tensors), its kept outputs when that backward starts; a
+        tracking region's run with a backward joins the current step. For a region
         that is only recording, an error is logged and dropped: its observation never
         breaks a step."""
         record = region.record_to()
@@ -466,14 +469,22 @@ class StepTracker:
 
     def _observe(self, region: WatchedRegion, record: RegionRecord | None, args: Sequence[Any], outputs: Any) -> None:
         tensors = [t for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
-        if any(isinstance(t, FakeTensor) for t in tensors):
-            return  # a run on fake tensors (memopt report, planning studies) allocates nothing
-        node = _backward_node(tensors)
-        if node is None:
-            return  # no gradient flows back through this call: not part of a training step
+        fake = any(isinstance(t, FakeTensor) for t in tensors)
+        node = None if fake else _backward_node(tensors)
         inputs = {_storage_key(p) for a in args if isinstance(a, torch.Tensor) for p in _plain(a)}
         outs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
         refs = {pos: r for pos, t in enumerate(outs) if isinstance(t, torch.Tensor) and (r := OutputRefs.of(t, inputs))}
+        if node is None:
+            # No backward to watch: no gradient flows back through this call (inference),
+            # or it ran on fake tensors (memopt.fit, memopt report), allocating nothing.
+            # Only where its inputs came from is noted, for the recorded step estimate:
+            # an input that an earlier region returned is not a step input.
+            if record is not None:
+                with self.lock:
+                    run = _Run(region, next(self.serials), refs, self._sources(args))
+                    self._remember(run)
+                record.input_sources = {pos: (s.region, s.output) for pos, s in run.sources.items()}
+            return
         with self.lock:
             run = _Run(region, next(self.serials), refs, self._sources(args), _weak(node))
             self._remember(run)
@@ -675,7 +686,9 @@ def _saved_storages(node: Any) -> set[int]:
 
 
 def _storage_key(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
+    """The identity of ``t``'s storage (a fake tensor's too, whose data pointers are
+    all 0), as `StorageWeakRef.cdata` gives it."""
+    return StorageWeakRef(t.untyped_storage()).cdata
 
 
 def _plain(t: torch.Tensor) -> list[torch.Tensor]:
