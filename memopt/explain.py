@@ -30,6 +30,7 @@ from memopt.plan.report import (
     breakdown_table, decisions_table, dominant_table, savings_table, storage_table, summary_table, tradeoff_table,
 )
 from memopt.precision_report import precision_lines
+from memopt.units import format_bytes
 
 __all__ = ["explain", "record", "Explanation"]
 
@@ -225,9 +226,28 @@ class Explanation:
         text = sharding_report(self.sharded_model, self if self._has_memory() else None, optimizer)
         return ["", "sharding (memopt.distributed.report, this rank):", text]
 
+    def _region_budgets(self) -> dict[str, int]:
+        """The budget each region of the step was planned under (regions with one)."""
+        return {
+            r.region: r.plan.budget_bytes
+            for r in self.step_regions()
+            if r.plan is not None and r.plan.budget_bytes is not None
+        }
+
     def _budget(self) -> int | None:
-        budgets = [r.plan.budget_bytes for r in self.regions if r.plan is not None]
-        return next((b for b in budgets if b is not None), None)
+        """The step's budget: the one its regions were planned under (None when there
+        is none, or when they were planned under different ones)."""
+        budgets = set(self._region_budgets().values())
+        return budgets.pop() if len(budgets) == 1 else None
+
+    def _budget_note(self) -> list[str]:
+        """A line when the step's regions were planned under different budgets (each a
+        fraction of its own peak, planned alone): the step has no one budget to show."""
+        budgets = self._region_budgets()
+        if len(set(budgets.values())) < 2:
+            return []
+        each = ", ".join(f"{region}: {format_bytes(b)}" for region, b in budgets.items())
+        return [f"regions planned under different budgets ({each}), each alone: no budget for the step as a whole"]
 
     def _has_memory(self) -> bool:
         return any(r.timeline_after is not None for r in self.regions)
@@ -275,6 +295,7 @@ class Explanation:
             lines += [
                 "",
                 summary_table(before, after, self._budget(), self._state_outside(after)),
+                *self._budget_note(),
                 "",
                 breakdown_table(after),
                 "",

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 
 import torch
 
@@ -112,3 +113,35 @@ def test_recompiled_frame_counts_once_in_the_step_timeline():
     assert [r.region for r in explanation.regions] == ["0/0", "0/1"]
     assert [r.region for r in explanation.step_regions()] == ["0/1"]
     assert explanation.timeline().peak_bytes == explanation.regions[1].timeline_after.peak_bytes
+
+
+class _BreakBeforeLoss(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 64)
+
+    def forward(self, x):
+        h = self.lin(x).relu()
+        torch._dynamo.graph_break()
+        return (h * h).mean()
+
+
+def test_summary_budget_is_the_budget_of_the_step_it_sums():
+    """Inference regions planned alone under a fractional budget each get a fraction of
+    their own peak; after a recompile the summary sums the latest compiles. It showed
+    the first region's budget, of a compile no longer in the step, as the step's
+    ("memory budget ... (OVER)"); now it says there is none for the step as a whole."""
+    torch._dynamo.reset()
+    compiled = torch.compile(_BreakBeforeLoss(), backend="memopt", options={**EAGER, "memory_budget": 0.5})
+    with memopt.record() as explanation, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", memopt.MemoptBudgetWarning)  # inference regions cannot go lower
+        for batch in (8, 12):  # the second batch size recompiles both regions
+            compiled(torch.randn(batch, 16))
+    step = explanation.step_regions()
+    assert len(explanation.regions) == 4 and len(step) == 2
+    budgets = {r.region: r.plan.budget_bytes for r in step}
+    assert len(set(budgets.values())) == 2
+    summary = explanation.report().split("\n\n")[1]
+    assert "memory budget" not in summary
+    assert "regions planned under different budgets" in summary and all(r in summary for r in budgets)
+    assert explanation.to_dict()["budget_bytes"] is None
