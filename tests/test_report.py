@@ -261,6 +261,19 @@ def test_savings_rows_name_the_options_in_use_and_read_an_attached_optimizer():
     assert any(s.state_bytes > 0 for s in explanation.dominant_parameters(share=0.0))
 
 
+def test_saved_casts_cast_again_are_not_rematerialization_in_use():
+    """Under precision lowering without a budget, `recompute_saved_casts` casts saved
+    dtype copies again in backward; the rematerialization row (option memory_budget)
+    said "in use" and counted them."""
+    torch._dynamo.reset()
+    case = zoo_case("gpt")
+    explanation = memopt.explain(case.build(), *case.inputs(4), options={**EAGER, "precision": "bf16"})
+    casts = [d for d in explanation.decisions() if d.policy == "recompute"]
+    assert casts and all(d.action.option == "cast" for d in casts)  # what the pass did
+    remat = {s.technique: s for s in explanation.savings()}["rematerialization"]
+    assert not remat.in_use and remat.option == "memory_budget=..."
+
+
 KWARGS_FACTORY = """
 import torch
 import torch.nn as nn

@@ -16,7 +16,9 @@ Rules (one per technique; "at the peak" means live at the step's peak point):
 
 * rematerialization: up to every saved activation at the peak (a segment boundary
   stays saved, so less in practice); in use: the bytes of the values recomputed that
-  the step without memopt's passes holds at its peak;
+  the step without memopt's passes holds at its peak. Saved dtype copies cast again in
+  backward (`recompute_saved_casts`, exact and always on) are not rematerialization
+  under a budget: they count in no row (the report's decisions list them);
 * precision ``bf16``: half of each fp32 saved activation at the peak; in use, not
   modelled (the step is traced lowered, so neither timeline has the fp32 values);
 * compression ``int8``/``fp8``: each saved activation at the peak down to one byte
@@ -46,6 +48,7 @@ from memopt.analysis.optimizer_memory import OptimizerMemory
 from memopt.config import MemoptConfig
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs, parameter_name
+from memopt.plan.decisions import Recompute
 from memopt.plan.plan import TensorDecision
 
 __all__ = ["OptionSaving", "ParameterShare", "StepParameter", "option_savings", "dominant_parameters", "step_parameters"]
@@ -127,6 +130,12 @@ def _saved_at_peak(timeline: MemoryTimeline) -> list[tuple[int, int]]:
     return out
 
 
+def _cast_again(decision: TensorDecision) -> bool:
+    """A saved dtype copy cast again in backward (`recompute_saved_casts`), not a
+    value the rematerialization planner recomputes."""
+    return isinstance(decision.action, Recompute) and decision.action.option == "cast"
+
+
 def _decided_at_peak(before: MemoryTimeline, decisions: Sequence[TensorDecision]) -> dict[str, int]:
     """Per policy, the bytes the plan's decisions take off ``before``'s peak: each
     decided value live there (matched by region and forward node) counts its bytes,
@@ -134,7 +143,7 @@ def _decided_at_peak(before: MemoryTimeline, decisions: Sequence[TensorDecision]
     live = {(iv.region, iv.node.name) for iv in before.live_at(before.peak_index) if iv.graph == "forward"}
     out = {"recompute": 0, "compress": 0, "offload": 0}
     for d in decisions:
-        if d.policy in out and (d.region, d.node_name) in live:
+        if d.policy in out and (d.region, d.node_name) in live and not _cast_again(d):
             out[d.policy] += d.bytes - (d.details.get("stored_bytes", 0) if d.policy == "compress" else 0)
     return out
 
@@ -155,7 +164,7 @@ def option_savings(
     now, unoptimized = after.peak_bytes, before.peak_bytes
     saved = _saved_at_peak(after)
     total_saved = sum(b for b, _ in saved)
-    in_use = {k: any(d.policy == k for d in decisions) for k in ("recompute", "compress", "offload")}
+    in_use = {k: any(d.policy == k and not _cast_again(d) for d in decisions) for k in ("recompute", "compress", "offload")}
     taken = _decided_at_peak(before, decisions)
     fp32 = sum(b for b, size in saved if size == 4)
     one_byte = sum(b - b // size for b, size in saved)
@@ -189,7 +198,7 @@ def _row(
     ``would`` take off the peak now."""
     if in_use and taken is not None:
         return OptionSaving(technique, option, True, taken, "what the plan's decisions take off the peak without "
-                            "memopt's passes", unoptimized)  # fmt: skip
+                            "memopt's passes (an upper bound on the drop: the peak may move)", unoptimized)  # fmt: skip
     return OptionSaving(technique, option, in_use, would, basis, _counted_at(in_use, would, now))
 
 
