@@ -1,11 +1,21 @@
-"""Whether one of memopt's Triton kernels can run on a tensor, and in which mode.
+"""Whether one of memopt's Triton kernels can run on some tensors, and in which mode.
 
-A kernel runs compiled for CUDA tensors, or through Triton's interpreter for CPU tensors
-when ``TRITON_INTERPRET=1`` is set (a debugging and testing aid: slow, tiny shapes).
-The interpreter mode is read when a kernel is launched, not when it was defined, so a
-test can switch it on after ``triton`` has been imported by someone else.
+A kernel runs compiled for CUDA tensors, or through Triton's interpreter for CPU
+tensors when ``TRITON_INTERPRET=1`` is set (a debugging and testing aid: slow, tiny
+shapes). Triton reads that variable in ``@triton.jit``, when the module defining a
+kernel is imported (triton 3.9 reads ``triton.knobs.runtime.interpret`` there), so a
+kernel defined before the switch is a compiled-mode kernel. The two kernel families
+deal with that differently:
 
-Every kernel module offers ``kernel="auto" | "triton" | "torch"``:
+* the optimizer kernels (`memopt.codegen.adam8bit`, `lowrank_adam`) are launched
+  through `launchable`, which wraps a compiled-mode kernel in the interpreter when the
+  switch is on now: a test can turn the interpreter on after ``triton`` was imported.
+  That needs kernels that call no other ``triton.jit`` function (see `launchable`);
+* the quantization kernels (`memopt.codegen.quantize_triton`) call ``tl.max`` and
+  friends, so they run in the mode they were defined in: `kernel_is_interpreted` tells
+  which, and their tests run them in a subprocess started with the variable set.
+
+Every optimizer kernel module offers ``kernel="auto" | "triton" | "torch"``:
 
 * ``"auto"``: Triton for CUDA tensors when Triton is installed, else the PyTorch reference;
 * ``"triton"``: always Triton (CPU tensors need ``TRITON_INTERPRET=1``);
@@ -23,7 +33,16 @@ try:
 except ImportError:  # pragma: no cover - triton ships with Linux torch wheels
     triton = None
 
-__all__ = ["HAS_TRITON", "KERNEL_CHOICES", "use_triton", "interpreter_enabled", "launchable"]
+__all__ = [
+    "HAS_TRITON",
+    "KERNEL_CHOICES",
+    "use_triton",
+    "interpreter_enabled",
+    "launchable",
+    "kernel_is_interpreted",
+    "triton_unavailable_reason",
+    "can_run_triton",
+]
 
 HAS_TRITON: bool = triton is not None
 KERNEL_CHOICES: tuple[str, ...] = ("auto", "triton", "torch")
@@ -32,7 +51,8 @@ _INTERPRETED: dict[Any, Any] = {}
 
 
 def interpreter_enabled() -> bool:
-    """True when Triton's interpreter is switched on (``TRITON_INTERPRET=1``)."""
+    """True when Triton's interpreter is switched on now (``TRITON_INTERPRET=1``);
+    kernels defined before the switch stay compiled-mode kernels (module docstring)."""
     return HAS_TRITON and bool(triton.knobs.runtime.interpret)
 
 
@@ -77,3 +97,31 @@ def launchable(kernel: Any) -> Any:
     if kernel not in _INTERPRETED:
         _INTERPRETED[kernel] = InterpretedFunction(kernel.fn)
     return _INTERPRETED[kernel]
+
+
+def kernel_is_interpreted(kernel: Any) -> bool:
+    """Whether ``kernel`` (a ``@triton.jit`` object) runs in Triton's interpreter."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernel, InterpretedFunction)
+
+
+def triton_unavailable_reason(*tensors: torch.Tensor) -> str | None:
+    """Why a Triton kernel cannot run on ``tensors``; ``None`` when it can: triton is
+    installed and either every tensor is on CUDA, or every tensor is on CPU and the
+    interpreter is on."""
+    if not HAS_TRITON:
+        return "triton is not installed (pip install triton; Linux only)"
+    devices = {t.device.type for t in tensors}
+    if devices == {"cuda"}:
+        return None
+    if devices == {"cpu"}:
+        if interpreter_enabled():
+            return None
+        return "the tensors are on CPU and TRITON_INTERPRET=1 is not set"
+    return f"the tensors are on devices {sorted(devices)}; Triton needs all on cuda (or all on cpu with TRITON_INTERPRET=1)"
+
+
+def can_run_triton(*tensors: torch.Tensor) -> bool:
+    """Whether a Triton kernel can run on ``tensors`` (see `triton_unavailable_reason`)."""
+    return triton_unavailable_reason(*tensors) is None

@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from memopt.codegen._triton_util import can_run_triton
+from memopt.codegen._triton import can_run_triton
 from memopt.codegen.quantize_chunked import dequantize_blockwise_chunked, quantize_blockwise_chunked
 from memopt.codegen.quantize_reference import (
     check_dequantize_args,

@@ -17,7 +17,7 @@ exponent and flushes e4m3 subnormals; float32 -> bfloat16 truncates):
 * Divisions use ``tl.math.div_rn`` (IEEE), as ``/`` may lower to an approximate
   division on CUDA.
 
-``TRITON_INTERPRET`` is read when this module is imported (see `_triton_util`).
+``TRITON_INTERPRET`` is read when this module is imported (see `memopt.codegen._triton`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memopt.codegen._triton_util import kernel_is_interpreted, triton_unavailable_reason
+from memopt.codegen._triton import kernel_is_interpreted, triton_unavailable_reason
 from memopt.codegen.quantize_reference import (
     check_dequantize_args,
     check_quantize_args,

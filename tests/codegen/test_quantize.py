@@ -17,7 +17,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from memopt.codegen import quantize as q
 from memopt.codegen import quantize_reference as ref
-from memopt.codegen._triton_util import can_run_triton, triton_importable
+from memopt.codegen._triton import HAS_TRITON, can_run_triton
 from memopt.codegen.quantize import (
     dequantize_blockwise_reference,
     quantize_blockwise_reference,
@@ -273,7 +273,7 @@ def kernel_run(tmp_path_factory: pytest.TempPathFactory) -> KernelRun:
     kernels under TRITON_INTERPRET=1 in one subprocess (triton reads the variable at
     import, so this process cannot switch). ``case`` holds the input and the
     reference's codes/scales, which the dequantize kernel decodes."""
-    if not triton_importable():
+    if not HAS_TRITON:
         pytest.skip("triton is not installed")
     cases = {}
     for name, (make, block_size, dtype) in KERNEL_CASES.items():
@@ -326,7 +326,7 @@ def test_cpu_kernel_call_without_interpreter_says_how_to_enable_it(
     it now does not help: the error says the variable must be set before import."""
     pytest.importorskip("triton")
     from memopt.codegen import quantize_triton
-    from memopt.codegen._triton_util import kernel_is_interpreted
+    from memopt.codegen._triton import kernel_is_interpreted
 
     if kernel_is_interpreted(quantize_triton._quantize_kernel):
         pytest.skip("this pytest process runs with TRITON_INTERPRET=1")
