@@ -115,7 +115,7 @@ def test_malloc_env_note(tmp_path):
 
 
 def test_fresh_process_reports_factory_errors():
-    with pytest.raises(ValueError, match="module:function"):
+    with pytest.raises(ValueError, match="expected FILE.py:FACTORY or package.module:FACTORY"):
         measure_in_fresh_process("no_colon_here")
-    with pytest.raises(RuntimeError, match="has no 'absent'"):
+    with pytest.raises(RuntimeError, match="has no function 'absent'"):
         measure_in_fresh_process(f"{__file__}:absent", warmup=0)

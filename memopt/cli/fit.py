@@ -23,10 +23,10 @@ __all__ = ["add_parser", "run"]
 FIT_HELP = """\
 memopt fit FILE.py:FACTORY --budget 24GiB: the largest batch (or sequence) that fits.
 
-FACTORY is a function of no arguments in FILE.py returning (model, make_inputs) or
-(model, make_inputs, optimizer); make_inputs(batch) (or make_inputs(batch, seq) with
---seq or --search seq) returns one training call's inputs: a tensor, a tuple of
-positional arguments or a dict of keyword arguments. Everything runs on fake tensors:
+FACTORY is a function of no arguments in FILE.py (or package.module:FACTORY)
+returning (model, make_inputs) or (model, make_inputs, optimizer); make_inputs(batch)
+(or make_inputs(batch, seq) with --seq or --search seq) returns one training call's
+inputs: a tensor, a tuple of positional arguments or a dict of keyword arguments. Everything runs on fake tensors:
 nothing is allocated, so a model larger than this machine can be fitted. One line per
 probe goes to stderr, the result to stdout.
 """

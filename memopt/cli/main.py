@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import inspect
 import json
 import os
@@ -22,15 +21,18 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from types import ModuleType
 from typing import Any
+
+from memopt._factory import FactoryError
+from memopt._factory import load_factory as _load
 
 __all__ = ["main", "load_factory", "CLIError"]
 
 REPORT_HELP = """\
 memopt report FILE.py:FACTORY: a compile-time memory report for a model.
 
-FACTORY is a function of no arguments in FILE.py returning (model, inputs): model is
+FACTORY is a function of no arguments in FILE.py (or package.module:FACTORY, an
+importable module) returning (model, inputs): model is
 an nn.Module or any callable, inputs a tensor, a tuple of positional arguments or a
 dict of keyword arguments. The factory runs under a FakeTensorMode by default, so
 nothing real is allocated and a model larger than this machine can be estimated;
@@ -43,45 +45,22 @@ class CLIError(Exception):
 
 
 def load_factory(spec: str) -> Callable[[], Any]:
-    """``"path/to/file.py:factory"`` -> the factory function."""
-    path, sep, name = spec.rpartition(":")
-    if not sep or not path or not name:
-        raise CLIError(f"expected FILE.py:FACTORY, got {spec!r} (e.g. examples/report_model.py:build)")
-    if not os.path.isfile(path):
-        raise CLIError(f"no such file: {path!r} (from {spec!r})")
-    module = _import_file(path)
-    factory = getattr(module, name, None)
-    if factory is None:
-        public = sorted(
-            n
-            for n, v in vars(module).items()
-            if inspect.isfunction(v) and v.__module__ == module.__name__ and not n.startswith("_")
-        )
-        raise CLIError(f"{path} has no function {name!r}; functions defined there: {', '.join(public) or '(none)'}")
-    if not callable(factory):
-        raise CLIError(f"{path}:{name} is a {type(factory).__name__}, not a function returning (model, inputs)")
+    """``"path/to/file.py:factory"`` (or ``"package.module:factory"``) -> the factory
+    function, which must take no arguments."""
+    try:
+        factory = _load(spec)
+    except FactoryError as exc:
+        raise CLIError(str(exc)) from None
     try:
         inspect.signature(factory).bind()
     except TypeError:
         raise CLIError(
-            f"{path}:{name}{inspect.signature(factory)} takes arguments; FACTORY is called with none: "
+            f"{spec}{inspect.signature(factory)} takes arguments; FACTORY is called with none: "
             f"give its parameters defaults or wrap it in a function of no arguments"
         ) from None
     except ValueError:  # no signature to read (a builtin): let the call say
         pass
-    return factory  # type: ignore[no-any-return]
-
-
-def _import_file(path: str) -> ModuleType:
-    module_name = "memopt_user_" + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise CLIError(f"cannot import {path!r} as a Python module")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
-    spec.loader.exec_module(module)
-    return module
+    return factory
 
 
 def _unpack(result: Any, spec: str) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:

@@ -29,8 +29,6 @@ steps it does not run keeps them out.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -41,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from memopt._factory import load_factory, split_spec
 from memopt.testing.os_memory import MALLOC_ENV, trim_heap
 
 if TYPE_CHECKING:
@@ -108,7 +107,7 @@ def measure_in_fresh_process(
     child's stderr if it fails."""
     if warmup < 0 or repeat < 1:
         raise ValueError(f"need warmup >= 0 and repeat >= 1, got warmup={warmup}, repeat={repeat}")
-    _split_factory(factory)  # a malformed name fails here, not in the child
+    split_spec(factory)  # a malformed name fails here, not in the child
     child_env = {**os.environ, **MALLOC_ENV, **(env or {})}
     with tempfile.TemporaryDirectory(prefix="memopt-measure-") as tmp:
         spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
@@ -132,34 +131,6 @@ def measure_in_fresh_process(
     malloc = {k: v for k, v in child_env.items() if k.startswith("MALLOC_")}
     measurements = tuple(PeakMeasurement(**m) for m in result["measurements"])
     return FreshProcessResult(measurements, result["info"], malloc)
-
-
-def load_factory(name: str) -> Callable[..., Any]:
-    """The function ``name`` denotes: ``"package.module:function"`` or
-    ``"path/to/file.py:function"`` (the file's folder is put on ``sys.path``)."""
-    target, attr = _split_factory(name)
-    if target.endswith(".py"):
-        path = Path(target).resolve()
-        if not path.is_file():
-            raise FileNotFoundError(f"factory file {path} does not exist")
-        sys.path.insert(0, str(path.parent))
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
-        assert module_spec is not None and module_spec.loader is not None
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[path.stem] = module
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(target)
-    if not hasattr(module, attr):
-        raise AttributeError(f"{target} has no {attr!r}")
-    return getattr(module, attr)  # type: ignore[no-any-return]
-
-
-def _split_factory(name: str) -> tuple[str, str]:
-    target, sep, attr = name.rpartition(":")
-    if not sep or not target or not attr:
-        raise ValueError(f"factory {name!r} is not 'module:function' or 'path/to/file.py:function'")
-    return target, attr
 
 
 def _child_main(spec: dict[str, Any]) -> None:
