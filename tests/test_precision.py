@@ -205,6 +205,76 @@ def test_mixed_dtypes_reaching_a_2d_matmul_are_promoted():
     torch.compile(model, backend="memopt", options=options)(x).sum().backward()
 
 
+class _Cells(nn.Module):
+    """A Linear feeding recurrent cells over time steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.gru, self.lstm = nn.Linear(8, 8), nn.GRUCell(8, 8), nn.LSTMCell(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = c = torch.zeros(x.shape[1], 8)
+        for step in self.inp(x):
+            h = self.gru(step, h)
+            h, c = self.lstm(h, (h, c))
+        return h.pow(2).mean()
+
+
+class _EncoderLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(self.inp(x)).pow(2).mean()
+
+
+class _Writes(nn.Module):
+    """A lowered activation written into fp32 tensors by ops whose eager kernels want
+    one dtype (their fake kernels accept the mix, or fail and log an error)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        added = torch.zeros(4, 8).index_add(0, idx, y)
+        scattered = torch.zeros(4, 8).scatter_add(0, idx[:, None].expand(-1, 8), y)
+        put = torch.zeros(4, 8)
+        put[idx] = y  # index_put_
+        return (added + scattered + put).pow(2).mean()
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: (_Cells(), (torch.randn(3, 4, 8),)),
+        lambda: (_EncoderLayer(), (torch.randn(4, 5, 8),)),
+        lambda: (_Writes(), (torch.randn(8, 8), torch.arange(8) % 4)),
+    ],
+    ids=["recurrent-cells", "multi-head-attention", "index-writes"],
+)
+def test_ops_that_want_one_dtype_run_under_lowering(build, caplog):
+    """A bf16 activation reaching a recurrent cell, torch's multi-head attention or an
+    indexed write with fp32 operands compiled (the fake kernels accept the mix) and
+    then failed in the step ("mat1 and mat2 must have the same dtype"). The cells and
+    attention now run in bf16, as autocast runs them; the writes are promoted, without
+    a failed fake run that torch logs at ERROR level."""
+    torch.manual_seed(0)
+    model, inputs = build()
+    reference = run_training_step(copy.deepcopy(model), list(inputs))
+    torch._dynamo.reset()
+    with caplog.at_level("ERROR"):
+        compiled = torch.compile(model, backend="memopt", options=BF16)
+        result = run_training_step(model, list(inputs), runner=compiled)  # same seed: same dropout
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text[:2000]
+    assert abs(result.loss.item() - reference.loss.item()) <= 0.05 * abs(reference.loss.item()) + 1e-3
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+
+
 def test_disable_passes_skips_lowering_and_unknown_names_raise():
     model = nn.Linear(8, 8)
     explanation = memopt.explain(model, torch.randn(2, 8), options={**BF16, "disable_passes": ["precision"]})

@@ -63,13 +63,26 @@ their half input as is: same forward result as ``op(x.float()).to(half)``, and t
 backward saves the half result instead of an fp32 one. (Norms instead get an explicit
 fp32 input: eager CUDA kernels reject half inputs with fp32 weights; the saved fp32
 copy is replaced by its bf16 source by the ``recompute_saved_casts`` pass.)"""
-_SAME_DTYPE_PRODUCTS = frozenset(
-    {"linear", "matmul", "mm", "bmm", "baddbmm", "addmm", "addbmm", "addmv", "mv", "einsum", "bilinear"}
-)
-"""Matrix products whose eager kernels reject floating operands of different dtypes.
-Their fake (meta) kernels do not all check (torch 2.11's ``bmm`` does not, nor 2.13's
-``mm``, ``addmm`` and ``linear``), so under ``follow`` a mix of dtypes reaching one of
-them is promoted without waiting for its fake execution to fail."""
+_SAME_DTYPE_OPS = frozenset(
+    {
+        # matrix products (and composites of them), when a policy override sets them to follow
+        "linear", "matmul", "mm", "bmm", "baddbmm", "addmm", "addbmm", "addmv", "mv", "einsum",
+        "bilinear", "conv_tbc", "multi_head_attention_forward", "gru_cell", "lstm_cell",
+        "rnn_tanh_cell", "rnn_relu_cell", "dot", "vdot", "tensordot", "addr",
+        # writes of one tensor into another, and ops taking two tensors of one dtype
+        "index_add", "index_add_", "index_copy", "index_copy_", "index_put", "index_put_", "put",
+        "put_", "scatter", "scatter_", "scatter_add", "scatter_add_", "scatter_reduce",
+        "scatter_reduce_", "masked_scatter", "masked_scatter_", "cross", "lerp", "lerp_", "prelu",
+        "grid_sample", "embedding_bag", "polar", "complex",
+    }
+)  # fmt: skip
+"""Ops whose eager kernels reject floating operands of different dtypes. Their fake
+(meta) kernels mostly do not check (``index_add``, ``index_put``, the recurrent cells,
+``grid_sample``; 2.13's ``mm``, ``addmm`` and ``linear``), so a lowered activation
+reaching one of them with an fp32 operand compiled and then failed in the step; those
+that do check failed their fake run, which torch logs at ERROR level. So under
+``follow`` a mix of dtypes reaching one of them, or an indexed assignment
+(``x[idx] = y``), is promoted without running it first."""
 _ENTER_AUTOCAST = torch.amp.autocast_mode._enter_autocast
 _EXIT_AUTOCAST = torch.amp.autocast_mode._exit_autocast
 _INPLACE_OPERATORS = {
@@ -251,11 +264,12 @@ class _Lowering:
         created (ops needing equal dtypes: ``matmul`` under ``follow``,
         ``index_put_``...), cast its floating inputs to one dtype, the widest (for an
         in-place op: its destination's), and run it again, as autocast's "promote" list.
-        A matrix product (`_SAME_DTYPE_PRODUCTS`) given mixed dtypes is promoted without
-        the failed run, which its fake kernel may not make."""
+        An op of `_SAME_DTYPE_OPS` (or an indexed assignment) given mixed dtypes is
+        promoted without the failed run, which its fake kernel may not make."""
         inputs = [a for a in node.all_input_nodes if _floating(self.env.get(a))]
         dtypes = {self.env[a].dtype for a in inputs}
-        mixed_product = len(dtypes) > 1 and not self.autocasts and op_name(node) in _SAME_DTYPE_PRODUCTS
+        must_match = op_name(node) in _SAME_DTYPE_OPS or node.target is operator.setitem
+        mixed_product = len(dtypes) > 1 and not self.autocasts and must_match
         if not mixed_product:
             try:
                 self._execute(node)

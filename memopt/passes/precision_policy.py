@@ -67,8 +67,12 @@ LOW_DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
 _MATMUL_LIKE = (
     "linear", "matmul", "mm", "bmm", "baddbmm", "addmm", "addbmm", "addmv", "mv",
     "einsum", "bilinear", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
-    "conv_transpose2d", "conv_transpose3d", "scaled_dot_product_attention",
+    "conv_transpose2d", "conv_transpose3d", "conv_tbc", "scaled_dot_product_attention",
+    "multi_head_attention_forward", "gru_cell", "lstm_cell", "rnn_tanh_cell", "rnn_relu_cell",
 )  # fmt: skip
+"""Compute-bound ops, and composites of matrix products with weights (attention
+modules, recurrent cells: autocast lowers the cells too), whose eager kernels refuse
+a low-precision input with fp32 weights: they run in the low dtype."""
 _NORMS_AND_SOFTMAX = (
     "layer_norm", "group_norm", "rms_norm", "batch_norm", "instance_norm", "softmax",
     "embedding",
