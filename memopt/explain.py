@@ -323,7 +323,8 @@ class Explanation:
                         "",
                         f"region {r.region} peak/recompute trade-off the planner saw "
                         f"({r.plan.solver.get('method')}, {r.plan.solver.get('seconds', 0):.2f}s, "
-                        f"{r.plan.solver.get('segments')} segments):",
+                        f"{r.plan.solver.get('segments')} segments; peaks as its per-segment model "
+                        f"adds them up, which the exact estimate of a plan can differ from):",
                         tradeoff_table(r.plan.tradeoff, r.plan.estimated_peak_after),
                     ]
         lines += self._sharding_lines()
