@@ -93,6 +93,33 @@ def test_an_inference_step_counts_a_handed_on_output_once() -> None:
     assert abs(timeline.peak_growth_bytes - measured.peak_growth_bytes) <= 0.03 * measured.peak_growth_bytes
 
 
+class MaskBreak(nn.Module):
+    """Region 1 returns a mask without a gradient, which region 2 saves for backward;
+    region 2's backward, where its weight's 4 MiB gradient appears, holds the peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.w = nn.Linear(64, 1024), nn.Parameter(torch.randn(1024, 1024) / 32)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        h = self.a(x)
+        mask = (h > 0).float()  # no grad_fn: not an "activation" input of region 2
+        torch._dynamo.graph_break()
+        return ((h * mask).sum(0) @ self.w).pow(2).mean(),
+
+
+def test_a_saved_input_without_a_gradient_lives_until_its_backward() -> None:
+    """The mask is region 1's output and region 2's input, saved for the product's
+    backward: counted once, live from the forward through region 2's backward."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 64)
+    timeline, (measured, _), explanation = _estimate_and_measure(MaskBreak(), lambda c: c(x))
+    first, second = explanation.step_regions()
+    assert (first.region, 1) in second.input_sources.values()
+    assert abs(timeline.peak_growth_bytes - measured.peak_growth_bytes) <= 0.03 * measured.peak_growth_bytes, (
+        timeline.peak_growth_bytes, measured.peak_growth_bytes)
+
+
 def _hf(name: str, use_cache: bool) -> tuple[Any, Any, Any, Any]:
     pytest.importorskip("transformers")
     from memopt.testing.hf import build

@@ -614,8 +614,10 @@ def compose_timelines(
     region and output position it was (observed, `memopt.backends.wholestep`): an input
     region ``j`` saves for backward that is an output the caller keeps is the kept
     storage, already live through the step, and is not counted again; and an input
-    that needs no gradient (an inference step's logits handed to its loss region) is
-    the earlier region's output, counted there, not a step input live from the start.
+    that needs no gradient (an inference step's logits handed to its loss region, a
+    mask made before a break) is the earlier region's output, counted there, not a
+    step input live from the start: like an activation input, it is live from the
+    end of the forward only while region ``j`` saves it for backward.
     """
     if len(regions) == 1:
         return regions[0][1]
@@ -668,7 +670,7 @@ def compose_timelines(
     for i, t in enumerate(parts):
         for iv in t.intervals:
             if iv.start == BEFORE:
-                if iv.node in activation_inputs:
+                if iv.node in activation_inputs or iv.node in handed_on:  # an earlier region's output
                     until = t.input_saved_until.get(iv.node)
                     if until is not None and iv.node not in already_live:
                         intervals.append(
@@ -676,8 +678,6 @@ def compose_timelines(
                                 iv, category="saved_activations", start=end_of_forward + 1, end=remap(i, until)
                             )
                         )
-                    continue
-                if iv.node in handed_on:
                     continue
                 if iv.identity is not None:
                     if iv.identity in seen_inputs:
