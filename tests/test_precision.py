@@ -250,9 +250,9 @@ class _Writes(nn.Module):
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: (_Cells(), (torch.randn(3, 4, 8),)),
-        lambda: (_EncoderLayer(), (torch.randn(4, 5, 8),)),
-        lambda: (_Writes(), (torch.randn(8, 8), torch.arange(8) % 4)),
+        lambda: (_Cells(), (torch.randn(3, 4, 8),), {"gru_cell", "lstm_cell"}, set()),
+        lambda: (_EncoderLayer(), (torch.randn(4, 5, 8),), {"multi_head_attention_forward"}, set()),
+        lambda: (_Writes(), (torch.randn(8, 8), torch.arange(8) % 4), set(), {"index_add", "scatter_add"}),
     ],
     ids=["recurrent-cells", "multi-head-attention", "index-writes"],
 )
@@ -263,12 +263,17 @@ def test_ops_that_want_one_dtype_run_under_lowering(build, caplog):
     attention now run in bf16, as autocast runs them; the writes are promoted, without
     a failed fake run that torch logs at ERROR level."""
     torch.manual_seed(0)
-    model, inputs = build()
+    model, inputs, low_ops, promoted = build()
     reference = run_training_step(copy.deepcopy(model), list(inputs))
     torch._dynamo.reset()
     with caplog.at_level("ERROR"):
         compiled = torch.compile(model, backend="memopt", options=BF16)
         result = run_training_step(model, list(inputs), runner=compiled)  # same seed: same dropout
+    torch._dynamo.reset()
+    details = _pass(memopt.explain(model, *inputs, options=BF16), "precision")["details"]
+    lowered = set(details["ops"].get("low", {}))
+    assert lowered >= low_ops, lowered
+    assert set(details["promoted"]) >= promoted, details["promoted"]
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text[:2000]
     assert abs(result.loss.item() - reference.loss.item()) <= 0.05 * abs(reference.loss.item()) + 1e-3
     for name, p in model.named_parameters():
@@ -579,3 +584,11 @@ def test_a_gradient_zero_up_to_rounding_is_named_not_maxed():
     assert result["grad_rel_error_max_of"] == "w"
     assert result["grad_rel_error_max"] == result["grad_rel_error"]["w"] < 0.05
     assert result["grad_rel_error"]["shift"] > 0.05  # what the maximum would have shown
+
+    # A tiny gradient computed wrongly is not rounding noise: it stays in the maximum.
+    def tiny_term(scale):
+        return lambda x, w, s, t: step(x, w, s, torch.float32) + scale * t.sum()
+
+    result = compare_with_reference(tiny_term(1e-9), tiny_term(1e-5), [*inputs, torch.ones(4, requires_grad=True)],
+                                    ["x", "w", "shift", "tiny"])
+    assert "tiny" not in result["grad_zero_up_to_rounding"] and result["grad_rel_error_max_of"] == "tiny"
