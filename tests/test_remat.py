@@ -154,6 +154,7 @@ def test_infeasible_budget_advice_fits_the_options_and_the_region():
     assert "a smaller batch or sequence" in lowered
     inference = message(budget, no_grad=True)
     assert "(inference regions keep nothing for backward: rematerialization cannot lower their peak)" in inference
+    assert "sharding the parameters over devices" in inference  # no gradients in an inference step
 
 
 def test_budget_above_unoptimized_peak_changes_nothing():

@@ -266,9 +266,17 @@ def _shrinking_advice(blockers: dict[str, int], config: MemoptConfig) -> str:
         ways.append("precision='bf16' (activations in half the bytes; parameters stay fp32)")
     if not config.compress_activations and "saved_activations" in at_peak:
         ways.append("compress_activations='fp8' (saved activations in a quarter of the bytes)")
-    if at_peak & {"parameters", "gradients", "optimizer_state"}:
-        ways.append("sharding the parameters, gradients and optimizer state over devices (memopt.distributed.shard)")
+    if config.offload is None and "saved_activations" in at_peak:
+        ways.append("offload='auto' (saved activations wait in host memory or on disk)")
+    model_state = [k.replace("_", " ") for k in ("parameters", "gradients", "optimizer_state") if k in at_peak]
+    if model_state:
+        ways.append(f"sharding the {_listing(model_state)} over devices (memopt.distributed.shard)")
     return "; ".join(ways)
+
+
+def _listing(words: list[str]) -> str:
+    """``["a", "b", "c"]`` -> ``"a, b and c"``."""
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
 def _report_infeasible(plan: MemoryPlan, config: MemoptConfig, by: str = "rematerialization") -> None:
@@ -282,7 +290,7 @@ def _report_infeasible(plan: MemoryPlan, config: MemoptConfig, by: str = "remate
         f"contributors {by} cannot remove are: {listed}. Raise the budget to at least "
         f"{format_bytes(plan.min_feasible_peak)}, or shrink them: {_shrinking_advice(plan.blockers, config)}."
     )
-    if plan.blockers.get("gradients") and plan.blockers.get("optimizer_state"):
+    if plan.blockers.get("gradients") and plan.blockers.get("optimizer_state") and config.optimizer_in_backward is None:
         message += (
             " Gradients are live with the optimizer's state at that peak: optimizer_in_backward=opt frees "
             "each gradient at its update (docs/whole_step.md); 8-bit or low-rank optimizer state shrinks the "
