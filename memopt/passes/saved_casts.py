@@ -31,7 +31,7 @@ from memopt.graph import meta
 from memopt.graph.step import StepGraphs, parameter_name
 from memopt.passes.base import Pass, PassContext, PassResult
 from memopt.passes.saved_rewrite import fake_mode_of_step, is_half, replace_saved_values, run_fake
-from memopt.plan.decisions import Recompute
+from memopt.plan.decisions import CAST, Recompute
 from memopt.plan.plan import TensorDecision, decision_for_node
 
 __all__ = ["RecomputeSavedCasts", "SavedCast", "saved_cast_of"]
@@ -164,7 +164,7 @@ def _applied(ctx: PassContext, step: StepGraphs, cast: fx.Node, source: fx.Node)
     as this pass carried it out: cast again in backward from ``source`` (the plan's
     decision about it, if it has one, with that action)."""
     name = f"forward:{cast.name}"
-    action = Recompute(option="cast")
+    action = Recompute(option=CAST)
     reason = f"a dtype copy of {_readable(step, source)}, which is kept anyway: cast again in backward (recompute_saved_casts)"
     planned = None if ctx.plan is None else next((d for d in ctx.plan.decisions if d.name == name), None)
     if planned is not None:

@@ -133,7 +133,7 @@ def _saved_at_peak(timeline: MemoryTimeline) -> list[tuple[int, int]]:
 def _cast_again(decision: TensorDecision) -> bool:
     """A saved dtype copy cast again in backward (`recompute_saved_casts`), not a
     value the rematerialization planner recomputes."""
-    return isinstance(decision.action, Recompute) and decision.action.option == "cast"
+    return isinstance(decision.action, Recompute) and decision.action.is_cast
 
 
 def _decided_at_peak(before: MemoryTimeline, decisions: Sequence[TensorDecision]) -> dict[str, int]:

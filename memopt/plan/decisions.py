@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Union
 
-__all__ = ["Save", "Recompute", "Compress", "Offload", "Action", "ACTION_KINDS", "action_to_dict", "action_from_dict"]
+__all__ = ["Save", "Recompute", "CAST", "Compress", "Offload", "Action", "ACTION_KINDS", "action_to_dict", "action_from_dict"]
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,21 @@ class Save:
 @dataclass(frozen=True)
 class Recompute:
     """Recomputed in backward from saved values. ``segment`` and ``option`` say which
-    part of the forward the rematerialization planner recomputes it with."""
+    part of the forward the rematerialization planner recomputes it with; option
+    `CAST`: a saved dtype copy cast again from its kept source (``recompute_saved_casts``)."""
 
     kind: ClassVar[str] = "recompute"
     segment: int | None = None
     option: str = "recompute"
+
+    @property
+    def is_cast(self) -> bool:
+        """A saved dtype copy cast again in backward, not a planner's recomputation."""
+        return self.option == CAST
+
+
+CAST = "cast"
+"""`Recompute.option` of a saved dtype copy cast again in backward."""
 
 
 @dataclass(frozen=True)
