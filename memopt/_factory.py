@@ -38,13 +38,21 @@ def load_factory(spec: str) -> Callable[..., Any]:
     target, name = split_spec(spec)
     if target.endswith(".py"):
         if not os.path.isfile(target):
-            raise FactoryError(f"no such file: {target!r} (from {spec!r})")
+            raise FactoryError(
+                f"no such file: {target!r} (from {spec!r}); give the path of the .py file, relative to "
+                f"{os.getcwd()!r} or absolute"
+            )
         module = _import_file(target)
     else:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as `python -m` would: the console script leaves it out
         try:
             module = importlib.import_module(target)
         except ModuleNotFoundError as exc:
-            raise FactoryError(f"cannot import module {target!r} (from {spec!r}): {exc}") from None
+            raise FactoryError(
+                f"cannot import module {target!r} (from {spec!r}): {exc}; run from the folder that holds "
+                f"the package, or name the file instead (path/to/module.py:{name})"
+            ) from None
     factory = getattr(module, name, None)
     if factory is None:
         public = sorted(
@@ -52,7 +60,9 @@ def load_factory(spec: str) -> Callable[..., Any]:
             for n, v in vars(module).items()
             if inspect.isfunction(v) and v.__module__ == module.__name__ and not n.startswith("_")
         )
-        raise FactoryError(f"{target} has no function {name!r}; functions defined there: {', '.join(public) or '(none)'}")
+        raise FactoryError(
+            f"{target} has no function {name!r}; functions defined there: {', '.join(public) or '(none)'}"
+        )
     if not callable(factory):
         raise FactoryError(f"{target}:{name} is a {type(factory).__name__}, not a function")
     return factory  # type: ignore[no-any-return]

@@ -176,3 +176,4 @@ def test_dynamo_signals_pass_through(inject: Any, monkeypatch: pytest.MonkeyPatc
     records, messages = _run(BUDGET)
     assert messages == [] and len(calls) == 2
     assert [fb for r in records for fb in r.fallbacks] == []
+    assert len(records) == 1  # the abandoned compile took its record back

@@ -119,6 +119,17 @@ def test_cli_clear_errors(target, message, capsys, monkeypatch):
     assert message in capsys.readouterr().err
 
 
+def test_cli_takes_a_module_name(capsys, monkeypatch):
+    """FACTORY may be package.module:NAME, importable from the working folder (which the
+    console script does not put on sys.path, as `python -m` does)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(ROOT))])
+    assert cli_main(["report", "examples.report_model:build", "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["estimated_peak_bytes"] > 0
+    assert cli_main(["report", "examples.report_model:nope", "--quiet"]) == 2
+    assert "has no function 'nope'; functions defined there: build" in capsys.readouterr().err
+
+
 def test_cli_bad_factory_return(tmp_path, capsys):
     bad = tmp_path / "bad.py"
     bad.write_text("def build():\n    return 3\n")

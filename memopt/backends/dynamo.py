@@ -71,7 +71,7 @@ def memopt_backend(
         raise  # strict=True
     except Exception as exc:  # noqa: BLE001 - fail soft, see memopt.failsoft
         if is_torch_signal(exc):
-            region.withdraw_record()  # Dynamo compiles the frame again: that compile records it
+            region.withdraw_record()  # this compile is abandoned (a restart compiles the frame again)
             raise
         if config.strict:
             fail_soft(region.stage, region.region, exc, strict=True, outcome="")

@@ -53,8 +53,10 @@ state may still hold a region's outputs.
 
 Observing a call. The tracker observes a call of a `WatchedRegion` that is
 ``tracking`` (a `CompiledRegion` until its step is decided, and while its step is
-watched, move 4) or ``recording`` (below), when the call has a backward (not a run on
-fake tensors):
+watched, move 4) or ``recording`` (below). A call with a backward (not a run on fake
+tensors) is observed in full; a call without one (inference, fake tensors) only for
+its inputs' sources and its outputs' storages (the second item), which is all a
+recorded estimate needs of it:
 
 * its outputs, by weak reference: the tensor, and its storages that are not the
   call's inputs. When the region's backward starts (an autograd pre-hook on its
@@ -70,9 +72,10 @@ fake tensors):
   returns: when the caller keeps them too, the two are one storage, counted once).
 
 Recording. While memopt records (`memopt.explain`, `memopt.record`), a region
-compiled then is ``recording``: every call of it is observed (a
-`CompiledRegion`'s, or a `WatchedRegion`'s around the compiled callable of a region
-planned without one), and the observation goes to the region's current record (a
+compiled then is ``recording``: every call of it is observed, for as long as the
+compiled region lives (after the ``record()`` block too: its record holds the latest
+observation), through a `CompiledRegion`, or a `WatchedRegion` around the compiled
+callable of a region planned without one, and the observation goes to the region's current record (a
 region compiled again has a new one): ``RegionRecord.input_sources`` at the forward
 (inference calls and calls on fake tensors included: an inference step's loss region
 takes the logits the region before it returned),
@@ -126,8 +129,10 @@ class WatchedRegion:
     convention) called through it. A region compiled while memopt records
     (`memopt.explain`, `memopt.record`) is ``recording``: every call writes its
     observation to the region's current record (where its inputs came from; for a
-    call with a backward, the outputs the caller kept; module docstring, "Recording"). On its own it takes no part in step decisions (a
-    `CompiledRegion` does, while ``tracking``); a region neither recording nor tracking runs unobserved."""
+    call with a backward, the outputs the caller kept; module docstring,
+    "Recording"). On its own it takes no part in step decisions (a `CompiledRegion`
+    does, while ``tracking``); a region neither recording nor tracking runs
+    unobserved."""
 
     tracking: bool = False
     """Whether its calls take part in whole-step decisions (only a `CompiledRegion`'s
@@ -361,7 +366,9 @@ class _Source:
 
 @dataclass(eq=False)
 class _Run:
-    """One forward run of a watched region whose backward is expected."""
+    """One forward run of a watched region: one whose backward is expected (``node``
+    set), or, only while recording, one without (inference, fake tensors), kept for
+    where later runs' inputs came from."""
 
     region: WatchedRegion
     serial: int

@@ -75,7 +75,8 @@ def compile_eager(gm: fx.GraphModule, example_inputs: Any = None) -> Callable[[l
 def write_in_place(graph: fx.Graph) -> int:
     """Rewrite the nodes `eager_inplace_writes` selects to their ``out=`` overload,
     writing into the input they read for the last time (of their output's shape: a
-    softmax backward's gradient, an elementwise op's operand); the number rewritten. Needs fake values on the nodes (`memopt.graph.meta.fake_value`); a graph
+    softmax backward's gradient, an elementwise op's operand); the number rewritten.
+    Needs fake values on the nodes (`memopt.graph.meta.has_fake_value`); a graph
     without them is left as it is."""
     nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
     if not any(n.target in OUT_VARIANTS for n in nodes):

@@ -22,8 +22,10 @@ import torch.fx as fx
 __all__ = [
     "SourceLocation",
     "fake_value",
+    "has_fake_value",
     "set_fake_value",
     "set_example_value",
+    "example_value_is_none",
     "fake_mode_of",
     "saved_without_version_check",
     "tensor_value",
@@ -40,6 +42,7 @@ __all__ = [
     "memopt_tag",
     "copy_meta",
     "copy_provenance",
+    "copy_dynamo_provenance",
     "graph_fake_mode",
 ]
 
@@ -60,8 +63,9 @@ def fake_value(node: fx.Node) -> Any:
 
 
 def has_fake_value(node: fx.Node) -> bool:
-    """Whether AOTAutograd recorded an example value for ``node`` (None included: an op
-    that returns nothing)."""
+    """Whether ``node`` of an AOTAutograd graph carries its fake value (``val``; None
+    included: an op that returns nothing). Dynamo-level graphs record theirs under
+    another key, which `fake_value` also reads and this does not."""
     return _VAL in node.meta
 
 
