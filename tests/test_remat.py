@@ -3,7 +3,9 @@ monotone, change no numbers, and infeasible budgets say what the floor is."""
 
 from __future__ import annotations
 
+import gc
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -43,6 +45,20 @@ def test_split_with_partitioner_saved_set_reproduces_it():
     assert min_cut_rematerialization_partition is not None
 
 
+def _steady_peak_growth(model: torch.nn.Module, step: Any) -> int:
+    """The larger of two measured peak growths of ``step`` (gradients dropped and the
+    garbage collected first). The profiler's view can only miss allocations, never
+    invent them: once in the suite (2026-12-06) the unbudgeted cnn_bn step read 1 MB
+    under its estimate and under the budgeted steps (it read its estimate in 80 runs
+    alone), which failed the monotone check for a measurement, not a plan."""
+    peaks = []
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        peaks.append(measure_peak(step).peak_growth_bytes)
+    return max(peaks)
+
+
 @pytest.mark.parametrize(
     "name, batch, high, low",
     [("gpt", 16, 0.75, 0.5), ("mlp", 1024, 0.9, 0.8), ("cnn_bn", 32, 0.95, 0.85), ("transformer_block", 64, 0.95, 0.88)],
@@ -56,8 +72,7 @@ def test_budgets_met_on_measured_peak_monotone_and_bitwise_equal(name, batch, hi
         with memopt.record() as explanation:
             results[budget] = run_training_step(model, inputs, runner=compiled)
         plan = explanation.regions[0].plan
-        model.zero_grad(set_to_none=True)
-        measured = measure_peak(lambda: compiled(*inputs).backward()).peak_growth_bytes + plan.baseline_bytes
+        measured = _steady_peak_growth(model, lambda: compiled(*inputs).backward()) + plan.baseline_bytes
         results[budget].peak = measured
         # what a failure needs to say: each budget's measured and estimated peak, and its plan
         recomputed = sorted(d.node_name for d in plan.decisions if d.policy == "recompute")
