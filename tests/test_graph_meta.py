@@ -95,3 +95,15 @@ def test_only_graph_meta_names_node_meta_keys():
         if path != root / "graph" / "meta.py" and (lines := _meta_keys_named(ast.parse(path.read_text())))
     }
     assert not found, f"node.meta keys named outside memopt/graph/meta.py (file: lines): {found}"
+
+
+def test_value_bytes_counts_symbolic_sizes_at_their_example_value():
+    """One byte count for a node's value (the planner, recompute_saved_casts and the
+    in-backward update used three, one of which did not concretize symbolic sizes)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(lambda x: (x * 2, x.shape[0]), tracing_mode="symbolic")(torch.randn(3, 5))
+    doubled = next(n for n in gm.graph.nodes if n.op == "call_function" and meta.tensor_value(n) is not None)
+    assert isinstance(meta.tensor_value(doubled).numel(), torch.SymInt)
+    assert meta.value_bytes(doubled) == 3 * 5 * 4
+    assert meta.value_bytes(gm.graph.find_nodes(op="output")[0]) == 0

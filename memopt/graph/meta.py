@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from memopt._compat import optimization_hint
+
 __all__ = [
     "SourceLocation",
     "fake_value",
@@ -29,6 +31,7 @@ __all__ = [
     "fake_mode_of",
     "saved_without_version_check",
     "tensor_value",
+    "value_bytes",
     "is_symbolic",
     "dynamo_source_name",
     "dynamo_input_of",
@@ -73,6 +76,16 @@ def tensor_value(node: fx.Node) -> torch.Tensor | None:
     """The node's example value if it is a single tensor, else None."""
     val = fake_value(node)
     return val if isinstance(val, torch.Tensor) else None
+
+
+def value_bytes(node: fx.Node) -> int:
+    """Bytes of ``node``'s value if it is a single tensor (0 otherwise); a symbolic
+    size counts at its example input's value (`memopt._compat.optimization_hint`)."""
+    value = tensor_value(node)
+    if value is None:
+        return 0
+    numel = value.numel()
+    return (numel if isinstance(numel, int) else optimization_hint(numel)) * value.element_size()
 
 
 def set_fake_value(node: fx.Node, value: Any) -> None:

@@ -80,7 +80,7 @@ class UpdateInBackward(Pass):
         freed = 0
         for t in targets:
             _insert_update(step.backward, t, placeholders[t.index], readers.get(placeholders[t.index]))
-            freed += _nbytes(t.grad)
+            freed += meta.value_bytes(t.grad)
         step.recompile()
         for t in targets:
             state.claim(t.param, frame)
@@ -201,6 +201,3 @@ def _insert_update(backward: fx.GraphModule | None, t: _Target, param: fx.Node, 
     out.args = (tuple(values),)
 
 
-def _nbytes(node: fx.Node) -> int:
-    value = meta.tensor_value(node)
-    return 0 if value is None else value.numel() * value.element_size()

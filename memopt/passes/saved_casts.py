@@ -169,9 +169,7 @@ def _applied(ctx: PassContext, step: StepGraphs, cast: fx.Node, source: fx.Node)
     planned = None if ctx.plan is None else next((d for d in ctx.plan.decisions if d.name == name), None)
     if planned is not None:
         return dataclasses.replace(planned, action=action, reason=reason)
-    value = meta.tensor_value(cast)
-    nbytes = 0 if value is None else concrete_int(value.numel()) * value.element_size()
-    return decision_for_node(cast, name, step.region, nbytes, action, reason)
+    return decision_for_node(cast, name, step.region, meta.value_bytes(cast), action, reason)
 
 
 def _readable(step: StepGraphs, node: fx.Node) -> str:

@@ -36,7 +36,7 @@ from memopt.plan.plan import MemoryPlan, TensorDecision, decision_for_node
 from memopt.plan.remat import RematSolution, plan_remat
 from memopt.plan.storage import StorageOptions, StoragePlan, plan_storage
 from memopt.units import format_bytes
-from memopt.plan.segments import Segment, must_save, value_bytes
+from memopt.plan.segments import Segment, must_save
 from memopt.plan.step_context import StepContext, placed
 
 __all__ = ["base_plan", "plan_region", "check_final_budget"]
@@ -346,12 +346,12 @@ def _decisions(step: StepGraphs, joint: JointGraph, solution: RematSolution) -> 
     out: list[TensorDecision] = []
     for name in sorted(mincut | saved):
         node = by_name.get(name)
-        if node is None or node.op == "placeholder" or value_bytes(node) == 0:
+        if node is None or node.op == "placeholder" or meta.value_bytes(node) == 0:
             continue
         segment = owner.get(name)
         option = solution.choice[segment.index] if segment is not None else "save"
         action, reason = _reason(node, segment, option, name in saved)
-        out.append(decision_for_node(node, f"forward:{name}", step.region, value_bytes(node), action, reason,
+        out.append(decision_for_node(node, f"forward:{name}", step.region, meta.value_bytes(node), action, reason,
                                      segment=None if segment is None else segment.index, option=option))
     return sorted(out, key=lambda d: -d.bytes)
 

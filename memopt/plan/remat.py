@@ -58,7 +58,7 @@ from memopt.analysis.schedule import scheduled_timeline
 from memopt.graph import meta
 from memopt.graph.partition import JointGraph, forward_nodes, joint_values, saved_joint_names, split_joint
 from memopt.graph.step import StepGraphs
-from memopt.plan.segments import Segment, find_segments, must_save, value_bytes
+from memopt.plan.segments import Segment, find_segments, must_save
 from memopt.plan.step_context import StepContext, placed
 from memopt.plan.storage import StoragePlan
 
@@ -260,7 +260,7 @@ def build_problem(step: StepGraphs, storage: Storage | None = None, context: Ste
     core = forward_nodes(joint, required_only=True)
     core_set = set(core)
     mincut = set(saved_joint_names(step))
-    weights = {n: value_bytes(n) for n in fw if n.name in mincut}
+    weights = {n: meta.value_bytes(n) for n in fw if n.name in mincut}
     segments = find_segments(core, activations, extras=[n for n in fw if n not in core_set], saved_bytes=weights)
     fw_names = {n.name for n in fw}
     always = frozenset(n for n in mincut if n not in fw_names)  # saved symbols etc.

@@ -20,19 +20,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from memopt.analysis.aliasing import concrete_int
 from memopt.graph import meta
 
-__all__ = ["Segment", "find_segments", "must_save", "value_bytes"]
+__all__ = ["Segment", "find_segments", "must_save"]
 
 aten = torch.ops.aten
-
-
-def value_bytes(node: fx.Node) -> int:
-    value = meta.tensor_value(node)
-    if value is None:
-        return 0
-    return concrete_int(value.numel()) * value.element_size()
 
 
 def must_save(node: fx.Node) -> bool:
@@ -80,7 +72,7 @@ def _from_small(nodes: Sequence[fx.Node], dependent: set[fx.Node], small: int) -
         data = [i for i in inputs if i in dependent]
         if (
             data
-            and all(i in side or (meta.tensor_value(i) is not None and value_bytes(i) <= small) for i in data)
+            and all(i in side or (meta.tensor_value(i) is not None and meta.value_bytes(i) <= small) for i in data)
             and not any(i.op == "placeholder" for i in inputs if i not in dependent)
         ):
             side.add(node)
@@ -115,13 +107,13 @@ def find_segments(
     """
     position = {n: i for i, n in enumerate(nodes)}
     dependent = _activation_dependent(nodes, activation_inputs)
-    sizes = sorted(value_bytes(n) for n in nodes if n in dependent and value_bytes(n) > 0)
+    sizes = sorted(meta.value_bytes(n) for n in nodes if n in dependent and meta.value_bytes(n) > 0)
     large = sizes[(3 * len(sizes)) // 4] if sizes else 0
     small = large // 8
     side = _from_small(nodes, dependent, small)
 
     def blocks(n: fx.Node) -> bool:
-        return n in dependent and value_bytes(n) > small and n not in side
+        return n in dependent and meta.value_bytes(n) > small and n not in side
 
     reach = [max((position[u] for u in n.users if u in position), default=i) for i, n in enumerate(nodes)]
     candidates: list[int] = []
@@ -166,7 +158,7 @@ def _thin(
     last = -1
     for c in candidates:
         inside = sum(weight[last + 1 : c + 1])
-        worth = not by_benefit or inside >= 2 * value_bytes(nodes[c])
+        worth = not by_benefit or inside >= 2 * meta.value_bytes(nodes[c])
         if c - last >= min_nodes and n - 1 - c >= min_nodes and worth:
             kept.append(c)
             last = c
