@@ -555,7 +555,8 @@ class _Runner:
         except Exception as exc:
             raise MemoptFitError(
                 f"planning the step at {what} failed: {type(exc).__name__}: {exc}. Check that make_inputs"
-                f"({', '.join(map(str, self.sizes.call_args(size)))}) returns the model's inputs and that the model runs on them."
+                f"({', '.join(map(str, self.sizes.call_args(size)))}) returns the model's inputs and that "
+                "the model runs on them."
             ) from exc
         self._check(size, inputs, explanation)
         return explanation

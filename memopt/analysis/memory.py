@@ -623,25 +623,19 @@ def compose_timelines(
         return regions[0][1]
     parts = [t for _, t in regions]
     kept = [_kept_producers(step, (kept_outputs or [None] * len(regions))[i]) for i, (step, _) in enumerate(regions)]
-    activation_inputs = {
-        ph
-        for step, _ in regions
-        for i, ph in enumerate(step.forward.graph.find_nodes(op="placeholder"))
-        if step.input_kind(i) == "activation"
-    }
     kept_positions = list(kept_outputs or [None] * len(regions))
     sources = list(input_sources or [{}] * len(regions))
+    earlier_outputs = {  # inputs an earlier region computed: activations, and those observed so
+        ph
+        for j, (step, _) in enumerate(regions)
+        for pos, ph in enumerate(step.forward.graph.find_nodes(op="placeholder"))
+        if step.input_kind(pos) == "activation" or _earlier_output(sources[j].get(pos), j)
+    }
     already_live = {  # activation inputs that are outputs the caller keeps
         ph
         for j, (step, _) in enumerate(regions)
         for pos, ph in enumerate(step.forward.graph.find_nodes(op="placeholder"))
         if _kept_source(sources[j].get(pos), kept_positions, j)
-    }
-    handed_on = {  # inputs without a gradient that are an earlier region's output
-        ph
-        for j, (step, _) in enumerate(regions)
-        for pos, ph in enumerate(step.forward.graph.find_nodes(op="placeholder"))
-        if ph not in activation_inputs and _earlier_output(sources[j].get(pos), j)
     }
     opt_len = [sum(1 for p in t.points if p.graph == OPTIMIZER_GRAPH) for t in parts]
     fw_len = [sum(1 for p in t.points if p.graph not in ("backward", OPTIMIZER_GRAPH)) for t in parts]
@@ -670,7 +664,7 @@ def compose_timelines(
     for i, t in enumerate(parts):
         for iv in t.intervals:
             if iv.start == BEFORE:
-                if iv.node in activation_inputs or iv.node in handed_on:  # an earlier region's output
+                if iv.node in earlier_outputs:
                     until = t.input_saved_until.get(iv.node)
                     if until is not None and iv.node not in already_live:
                         intervals.append(

@@ -6,8 +6,8 @@ zero; for a few it is as large as an activation and moves the step's peak. The t
 below is per device type and was calibrated on CPU (oneDNN convolutions, ATen's
 dropout/batch-norm/loss kernels) by measuring each op alone with
 `memopt.testing.measure.measure_peak` (`tests/test_memory_analysis.py` holds some of
-them to a measurement). CUDA kernels (cuDNN workspaces) are not modelled: the table is empty
-there and estimates on CUDA see outputs only.
+them to a measurement). CUDA kernels (cuDNN workspaces) are not modelled: the table is
+empty there and estimates on CUDA see outputs only.
 
 The main table describes ATen's eager kernels. Under ``codegen="inductor"`` (``fused``)
 Inductor decomposes dropout, batch norm and the losses into its own kernels, and calls

@@ -75,8 +75,9 @@ Recording. While memopt records (`memopt.explain`, `memopt.record`), a region
 compiled then is ``recording``: every call of it is observed, for as long as the
 compiled region lives (after the ``record()`` block too: its record holds the latest
 observation), through a `CompiledRegion`, or a `WatchedRegion` around the compiled
-callable of a region planned without one, and the observation goes to the region's current record (a
-region compiled again has a new one): ``RegionRecord.input_sources`` at the forward
+callable of a region planned without one, and the observation goes to the region's
+current record (a region compiled again has a new one): ``RegionRecord.input_sources``
+at the forward
 (inference calls and calls on fake tensors included: an inference step's loss region
 takes the logits the region before it returned),
 ``RegionRecord.kept_outputs`` (the latest step's) when its backward starts. The
@@ -476,24 +477,20 @@ class StepTracker:
 
     def _observe(self, region: WatchedRegion, record: RegionRecord | None, args: Sequence[Any], outputs: Any) -> None:
         tensors = [t for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
-        fake = any(isinstance(t, FakeTensor) for t in tensors)
-        node = None if fake else _backward_node(tensors)
-        inputs = {_storage_key(p) for a in args if isinstance(a, torch.Tensor) for p in _plain(a)}
-        outs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        refs = {pos: r for pos, t in enumerate(outs) if isinstance(t, torch.Tensor) and (r := OutputRefs.of(t, inputs))}
+        node = None if any(isinstance(t, FakeTensor) for t in tensors) else _backward_node(tensors)
         if node is None:
             # No backward to watch: no gradient flows back through this call (inference),
             # or it ran on fake tensors (memopt.fit, memopt report), allocating nothing.
-            # Only where its inputs came from is noted, for the recorded step estimate:
+            # While recording, where its inputs came from is noted, for the step estimate:
             # an input that an earlier region returned is not a step input.
             if record is not None:
                 with self.lock:
-                    run = _Run(region, next(self.serials), refs, self._sources(args))
+                    run = _Run(region, next(self.serials), _output_refs(args, outputs), self._sources(args))
                     self._remember(run)
                 record.input_sources = {pos: (s.region, s.output) for pos, s in run.sources.items()}
             return
         with self.lock:
-            run = _Run(region, next(self.serials), refs, self._sources(args), _weak(node))
+            run = _Run(region, next(self.serials), _output_refs(args, outputs), self._sources(args), _weak(node))
             self._remember(run)
             if region.tracking:
                 self._forget_abandoned()
@@ -690,6 +687,14 @@ def _saved_storages(node: Any) -> set[int]:
     except (AttributeError, RuntimeError):  # not a custom Function, or already freed
         return set()
     return {StorageWeakRef(t.untyped_storage()).cdata for t in saved if isinstance(t, torch.Tensor)}
+
+
+def _output_refs(args: Sequence[Any], outputs: Any) -> dict[int, OutputRefs]:
+    """Output position -> `OutputRefs` of a call's tensor outputs (those not returned as
+    they came in)."""
+    inputs = {_storage_key(p) for a in args if isinstance(a, torch.Tensor) for p in _plain(a)}
+    outs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    return {pos: r for pos, t in enumerate(outs) if isinstance(t, torch.Tensor) and (r := OutputRefs.of(t, inputs))}
 
 
 def _storage_key(t: torch.Tensor) -> int:

@@ -26,9 +26,9 @@ memopt fit FILE.py:FACTORY --budget 24GiB: the largest batch (or sequence) that 
 FACTORY is a function of no arguments in FILE.py (or package.module:FACTORY)
 returning (model, make_inputs) or (model, make_inputs, optimizer); make_inputs(batch)
 (or make_inputs(batch, seq) with --seq or --search seq) returns one training call's
-inputs: a tensor, a tuple of positional arguments or a dict of keyword arguments. Everything runs on fake tensors:
-nothing is allocated, so a model larger than this machine can be fitted. One line per
-probe goes to stderr, the result to stdout.
+inputs: a tensor, a tuple of positional arguments or a dict of keyword arguments.
+Everything runs on fake tensors: nothing is allocated, so a model larger than this
+machine can be fitted. One line per probe goes to stderr, the result to stdout.
 """
 
 

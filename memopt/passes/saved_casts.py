@@ -151,7 +151,7 @@ class RecomputeSavedCasts(Pass):
             recomputed.append(
                 {"cast": cast.name, "source": group[0].source.name, "saved_as": [c.value.name for c in group],
                  "dtype": str(value.dtype).replace("torch.", "") if value is not None else None,
-                 "bytes": 0 if value is None else concrete_int(value.numel()) * value.element_size()}
+                 "bytes": meta.value_bytes(cast)}
             )  # fmt: skip
         if not recomputed:
             return PassResult.unchanged()

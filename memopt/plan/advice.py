@@ -164,7 +164,8 @@ def option_savings(
     now, unoptimized = after.peak_bytes, before.peak_bytes
     saved = _saved_at_peak(after)
     total_saved = sum(b for b, _ in saved)
-    in_use = {k: any(d.policy == k and not _cast_again(d) for d in decisions) for k in ("recompute", "compress", "offload")}
+    planned = [d for d in decisions if not _cast_again(d)]
+    in_use = {k: any(d.policy == k for d in planned) for k in ("recompute", "compress", "offload")}
     taken = _decided_at_peak(before, decisions)
     fp32 = sum(b for b, size in saved if size == 4)
     one_byte = sum(b - b // size for b, size in saved)
