@@ -5,8 +5,10 @@ keeps every state tensor's dtype.
 ``torch.optim.Optimizer.load_state_dict`` casts every floating-point parameter's state
 tensors to the parameter's dtype. That is right for Adam's moments and wrong here: it would
 turn 8-bit codes into floats (4x the memory, and unusable as indices) and round the fp32
-low-rank moments of a bf16 weight to bf16. memopt's optimizers store state in the dtype it
-must have, so loading only moves tensors to the parameter's device.
+low-rank moments of a bf16 weight to bf16. memopt's loading casts only the state shaped
+like the parameter (the moments of the parameters that get plain AdamW, which are created
+in the parameter's dtype), so an fp32 checkpoint resumes on bf16 parameters; the rest keeps
+its saved dtype, and every tensor moves to its parameter's device.
 """
 
 from __future__ import annotations
@@ -82,9 +84,12 @@ class MemoptOptimizer(torch.optim.Optimizer):
         return optimizer_state_bytes(self)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load ``state_dict`` as ``torch.optim.Optimizer`` does, but keep each state tensor's
-        saved dtype (only its device follows the parameter). Like torch, a state tensor
-        already of the right device is used as is, not copied."""
+        """Load ``state_dict`` as ``torch.optim.Optimizer`` does, but keep the saved dtype
+        of the state that has its own (8-bit codes, fp32 scales, fp32 low-rank moments and
+        projectors); state shaped like the parameter (plain AdamW's moments) takes the
+        parameter's dtype, as under torch (`_placed`). Every tensor moves to its
+        parameter's device. Like torch, a state tensor already of the right device and
+        dtype is used as is, not copied."""
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
@@ -97,10 +102,20 @@ class MemoptOptimizer(torch.optim.Optimizer):
                     f"which no saved param group lists (ids {saved_ids})"
                 )
             param = by_id[pid]
-            self.state[param] = {
-                key: value.to(device=param.device) if isinstance(value, torch.Tensor) else value
-                for key, value in state.items()
-            }
+            self.state[param] = {key: _placed(value, param) for key, value in state.items()}
+
+
+def _placed(value: Any, param: torch.Tensor) -> Any:
+    """A loaded state value for ``param``: tensors on its device; a floating-point tensor
+    shaped like the parameter (plain AdamW's moments, which the optimizer creates in the
+    parameter's dtype) also in its dtype, as torch's load casts it, so an fp32 checkpoint
+    resumes on bf16 parameters. Other tensors (8-bit codes, fp32 scales, low-rank moments
+    and projectors: never the parameter's shape) keep their saved dtype."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.is_floating_point() and param.is_floating_point() and value.shape == param.shape:
+        return value.to(device=param.device, dtype=param.dtype)
+    return value.to(device=param.device)
 
 
 def dense_grad(owner: str, param: torch.Tensor) -> torch.Tensor:

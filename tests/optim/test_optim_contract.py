@@ -1,0 +1,50 @@
+"""The torch.optim contract where memopt's optimizers broke it: checkpoints loaded onto
+parameters of another dtype, AdamW options that a param group sets but the optimizer
+would ignore, non-finite hyper-parameters, a rank that leaves no weight low-rank,
+channels_last weights under AdamW8bit, parameters moved after the optimizer was built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memopt.optim import AdamW8bit, GaLoreAdamW, SubspaceAdamW
+from optim_testing import batch, saved, tiny_mlp, train
+
+ADAM_FAMILY = {
+    "galore": lambda p: GaLoreAdamW(p, lr=1e-2, rank=4),
+    "subspace": lambda p: SubspaceAdamW(p, lr=1e-2, rank=4),
+    "adamw8bit": lambda p: AdamW8bit(p, lr=1e-2, block_size=64, min_8bit_size=300),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADAM_FAMILY))
+def test_fp32_checkpoint_loads_onto_bf16_model(name: str) -> None:
+    """Resuming an fp32 run in bf16 (a common recipe): the state that AdamW keeps shaped
+    like the parameter (plain-AdamW biases and small weights) follows the parameter's
+    dtype exactly as torch.optim.AdamW's load casts it; the 8-bit codes and the fp32
+    low-rank moments keep theirs; and the next step runs (it raised in lerp_ before)."""
+    make = ADAM_FAMILY[name]
+    model = tiny_mlp()
+    opt = make(model.parameters())
+    train(model, opt, range(2))
+    checkpoint = saved(opt.state_dict())
+
+    bf16 = tiny_mlp().to(torch.bfloat16)
+    resumed = make(bf16.parameters())
+    resumed.load_state_dict(checkpoint)
+    bias = bf16[0].bias
+    # torch's AdamW on the same parameter casts its fp32 moments to bf16 when loading.
+    expected = checkpoint["state"][1]["exp_avg"].to(torch.bfloat16)
+    assert resumed.state[bias]["exp_avg"].dtype == torch.bfloat16
+    assert torch.equal(resumed.state[bias]["exp_avg"], expected)
+    weight_state = resumed.state[bf16[0].weight]
+    kept = {k: v.dtype for k, v in weight_state.items() if isinstance(v, torch.Tensor)}
+    assert kept == {k: v.dtype for k, v in checkpoint["state"][0].items() if isinstance(v, torch.Tensor)}
+
+    x, y = batch(9)
+    F.cross_entropy(bf16(x.to(torch.bfloat16)).float(), y).backward()
+    resumed.step()
+    assert all(torch.isfinite(p).all() for p in bf16.parameters())
+
