@@ -13,7 +13,7 @@ from typing import Any
 
 from memopt.codegen._triton import KERNEL_CHOICES
 
-__all__ = ["check_number", "check_int", "check_choice", "check_bool", "check_adamw_group"]
+__all__ = ["UNSUPPORTED_ADAMW_FLAGS", "check_number", "check_int", "check_choice", "check_bool", "check_adamw_group"]
 
 
 def check_number(
@@ -26,9 +26,12 @@ def check_number(
     low_open: bool = False,
     high_open: bool = False,
 ) -> float:
-    """``value`` as a float in [low, high] (``low_open``/``high_open``: exclude the bound)."""
+    """``value`` as a finite float in [low, high] (``low_open``/``high_open``: exclude the
+    bound)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ValueError(f"{owner}: {name}={value!r} is not a number; expected {_interval(low, high, low_open, high_open)}")
+    if math.isinf(value):
+        raise ValueError(f"{owner}: {name}={value!r} is not finite; expected {_interval(low, high, low_open, high_open)}")
     below = value <= low if low_open else value < low
     above = value >= high if high_open else value > high
     if below or above:
@@ -62,7 +65,8 @@ def check_bool(owner: str, name: str, value: Any) -> bool:
 
 
 def check_adamw_group(owner: str, group: Mapping[str, Any]) -> None:
-    """Check the AdamW keys every Adam-family group has: lr, betas, eps, weight_decay, kernel."""
+    """Check the AdamW keys every Adam-family group has (lr, betas, eps, weight_decay,
+    kernel) and refuse the AdamW flags it would ignore (`UNSUPPORTED_ADAMW_FLAGS`)."""
     check_number(owner, "lr", group["lr"], low=0.0)
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -72,6 +76,19 @@ def check_adamw_group(owner: str, group: Mapping[str, Any]) -> None:
     check_number(owner, "eps", group["eps"], low=0.0, low_open=True)
     check_number(owner, "weight_decay", group["weight_decay"], low=0.0)
     check_choice(owner, "kernel", group["kernel"], KERNEL_CHOICES)
+    for flag in UNSUPPORTED_ADAMW_FLAGS:
+        if group.get(flag, False):
+            raise ValueError(
+                f"{owner}: {flag}={group[flag]!r} is not supported (a param group sets it, as "
+                f"torch.optim.AdamW accepts); expected False or absent. Drop it, or train those "
+                "parameters with torch.optim.AdamW"
+            )
+
+
+UNSUPPORTED_ADAMW_FLAGS: tuple[str, ...] = ("amsgrad", "maximize")
+"""``torch.optim.AdamW`` options that change the update and that memopt's Adam family does
+not implement: a param group ported from an AdamW config that sets one is refused rather
+than trained without it."""
 
 
 def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:

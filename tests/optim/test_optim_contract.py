@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memopt.optim import AdamW8bit, GaLoreAdamW, SubspaceAdamW
+from memopt.optim import AdamW8bit, GaLoreAdamW, MeZO, SubspaceAdamW
 from optim_testing import batch, saved, tiny_mlp, train
 
 ADAM_FAMILY = {
@@ -47,4 +47,35 @@ def test_fp32_checkpoint_loads_onto_bf16_model(name: str) -> None:
     F.cross_entropy(bf16(x.to(torch.bfloat16)).float(), y).backward()
     resumed.step()
     assert all(torch.isfinite(p).all() for p in bf16.parameters())
+
+@pytest.mark.parametrize("name", sorted(ADAM_FAMILY))
+@pytest.mark.parametrize("flag", ["amsgrad", "maximize"])
+def test_adamw_flags_they_would_ignore_are_refused(name: str, flag: str) -> None:
+    """torch.optim.AdamW's amsgrad/maximize change the update; a param group (ported from
+    an AdamW config) that sets them must not be silently trained without them."""
+    model = tiny_mlp()
+    with pytest.raises(ValueError, match=f"{flag}=True.*not supported"):
+        ADAM_FAMILY[name]([{"params": model.parameters(), flag: True}])
+    opt = ADAM_FAMILY[name]([{"params": model[0].parameters(), flag: False}])  # the default: fine
+    with pytest.raises(ValueError, match=f"{flag}=True"):
+        opt.add_param_group({"params": model[2].parameters(), flag: True})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: GaLoreAdamW(p, lr=float("inf"), rank=4), "lr=inf"),
+        (lambda p: AdamW8bit(p, eps=float("inf")), "eps=inf"),
+        (lambda p: SubspaceAdamW(p, rank=4, scale=float("inf")), "scale=inf"),
+        (lambda p: SubspaceAdamW(p, rank=4, weight_decay=float("inf")), "weight_decay=inf"),
+        (lambda p: MeZO(p, eps=float("inf")), "eps=inf"),
+        (lambda p: MeZO(p, lr=float("inf")), "lr=inf"),
+    ],
+    ids=["galore_lr", "8bit_eps", "subspace_scale", "subspace_wd", "mezo_eps", "mezo_lr"],
+)
+def test_non_finite_options_are_refused(make, message: str) -> None:  # type: ignore[no-untyped-def]
+    """An infinite lr or eps turns the first step into NaN or a no-op, silently."""
+    with pytest.raises(ValueError, match=f"{message}.*expected"):
+        make(tiny_mlp().parameters())
 
