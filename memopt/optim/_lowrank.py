@@ -82,6 +82,8 @@ class LowRankAdamW(MemoptOptimizer):
         position: int,
     ) -> None:
         if not self.uses_lowrank(param, group):
+            if not state and group["lowrank"] and param.dim() == 2:
+                self._check_some_lowrank(group)
             adamw_group_step(param, grad, state, group)
             return
         side = projection_side(param.shape, group["proj_type"])
@@ -102,6 +104,22 @@ class LowRankAdamW(MemoptOptimizer):
         lowrank_adam_step(
             weight, lowrank_grad, projector, exp_avg, exp_avg_sq, kernel=group["kernel"],
             **adam_coefficients(group, bias_step, scale=group["scale"]),
+        )
+
+    def _check_some_lowrank(self, group: Mapping[str, Any]) -> None:
+        """Refuse a low-rank group whose ``rank`` is not below ``min(m, n)`` of any of its
+        2-D parameters: every one would get plain AdamW (AdamW's whole state) while the
+        user asked for a low-rank update. Checked at a matrix's first step, not when the
+        group is added, so that wrappers that build the optimizer on shards
+        (`memopt.distributed.ShardedOptimizer`) refuse those with their own reason first."""
+        matrices = [p for p in group["params"] if p.dim() == 2]
+        if any(self.uses_lowrank(p, group) for p in matrices):
+            return
+        largest = max(min(p.shape) for p in matrices)
+        raise ValueError(
+            f"{self.owner}: rank={group['rank']} is not below min(m, n) of any 2-D parameter of "
+            f"its param group (the largest min(m, n) is {largest}), so none would get the low-rank "
+            f"update; expected rank < {largest}, or lowrank=False for a group meant for plain AdamW"
         )
 
     def _init_projection(

@@ -34,7 +34,8 @@ class GaLoreAdamW(LowRankAdamW):
             ``{"params": ..., "lowrank": False}`` gives its parameters plain AdamW (the
             usual choice for embeddings and the output head).
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decoupled weight decay).
-        rank: the rank r; weights with ``min(m, n) <= rank`` get plain AdamW.
+        rank: the rank r; weights with ``min(m, n) <= rank`` get plain AdamW (a low-rank
+            group in which every 2-D weight would raises ``ValueError`` at its first step).
         update_proj_gap: steps between projector refreshes (SVDs).
         scale: multiplies the back-projected update (GaLore's alpha).
         proj_type: ``"std"`` (GaLore's rule: right when m >= n, else left),

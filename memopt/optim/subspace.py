@@ -37,7 +37,8 @@ class SubspaceAdamW(LowRankAdamW):
         params: parameters or param groups. A group may override any option below;
             ``{"params": ..., "lowrank": False}`` gives its parameters plain AdamW.
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decoupled weight decay).
-        rank: the rank r; weights with ``min(m, n) <= rank`` get plain AdamW.
+        rank: the rank r; weights with ``min(m, n) <= rank`` get plain AdamW (a low-rank
+            group in which every 2-D weight would raises ``ValueError`` at its first step).
         update_proj_gap: steps between subspace resamples (moments reset then).
         scale: multiplies the back-projected update.
         proj_type: ``"std"`` (GaLore's rule: right when m >= n, else left),

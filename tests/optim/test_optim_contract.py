@@ -79,3 +79,25 @@ def test_non_finite_options_are_refused(make, message: str) -> None:  # type: ig
     with pytest.raises(ValueError, match=f"{message}.*expected"):
         make(tiny_mlp().parameters())
 
+@pytest.mark.parametrize("cls", [GaLoreAdamW, SubspaceAdamW], ids=lambda c: c.__name__)
+def test_rank_not_below_any_matrix_is_refused(cls: type) -> None:
+    """tiny_mlp's weights are 24x16 and 8x24 (min dims 16 and 8): rank 16 leaves both at
+    plain AdamW, so the optimizer would silently keep AdamW's full state. Refused at the
+    first step (not at construction: ShardedOptimizer builds it on shards and refuses
+    those with its own reason first), before any parameter of the group changes."""
+    model = tiny_mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = cls(model.parameters(), rank=16)
+    with pytest.raises(ValueError, match=r"rank=16.*min\(m, n\).*16.*lowrank=False"):
+        train(model, opt, range(1))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    opt = cls([model[0].weight], rank=8)  # 24x16 gets rank 8: fine
+    opt.add_param_group({"params": [model[2].weight]})  # 8x24 alone: none low-rank
+    with pytest.raises(ValueError, match="rank=8"):
+        train(model, opt, range(1))
+    for fine in (
+        cls([{"params": [model[0].weight, model[2].weight]}], rank=8),  # one of two
+        cls([{"params": [model[2].weight], "lowrank": False}], rank=8),  # asked for AdamW
+        cls([model[0].bias, model[2].bias], rank=8),  # no matrix at all
+    ):
+        train(model, fine, range(1))
