@@ -95,12 +95,27 @@ class AdamW8bit(MemoptOptimizer):
         if not state:
             state.update(_init_8bit_state(param, group["block_size"]))
         state["step"] += 1
+        # The kernels walk the parameter's memory flat: a non-contiguous one (a channels_last
+        # conv weight) is stepped in a contiguous copy, in the same element order as its
+        # gradient and codes, and written back.
+        target = param if param.is_contiguous() else param.contiguous()
         adam8bit_step(
-            param, grad, state["exp_avg_code"], state["exp_avg_scale"], state["exp_avg_sq_code"],
-            state["exp_avg_sq_scale"], tables=self._tables[str(param.device)],
+            target, grad, state["exp_avg_code"], state["exp_avg_scale"], state["exp_avg_sq_code"],
+            state["exp_avg_sq_scale"], tables=self._tables_for(param.device),
             block_size=group["block_size"], kernel=group["kernel"],
             **adam_coefficients(group, state["step"]),
         )  # fmt: skip
+        if target is not param:
+            param.copy_(target)
+
+    def _tables_for(self, device: torch.device) -> CodeTables:
+        """The code tables on ``device``; built here for a device that no parameter was on
+        when its group was added (a parameter moved in place since: module.to() with
+        swapped tensors)."""
+        key = str(device)
+        if key not in self._tables:
+            self._tables[key] = code_tables(device)
+        return self._tables[key]
 
 
 def _init_8bit_state(param: torch.Tensor, block_size: int) -> dict[str, Any]:

@@ -101,3 +101,46 @@ def test_rank_not_below_any_matrix_is_refused(cls: type) -> None:
         cls([model[0].bias, model[2].bias], rank=8),  # no matrix at all
     ):
         train(model, fine, range(1))
+
+def test_adamw8bit_steps_channels_last_conv_like_contiguous() -> None:
+    """A channels_last conv weight (not contiguous) gets the same update as the same
+    weight in the default layout from the same gradient (it raised "must be contiguous"
+    before)."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(32, 16, 3, 3))
+    last = torch.nn.Parameter(weight.detach().clone().to(memory_format=torch.channels_last))
+    assert not last.is_contiguous()
+    opt = AdamW8bit([weight], lr=1e-2, block_size=64)
+    opt_last = AdamW8bit([last], lr=1e-2, block_size=64)
+    for i in range(3):
+        grad = torch.randn(weight.shape, generator=torch.Generator().manual_seed(i))
+        weight.grad = grad
+        last.grad = grad.to(memory_format=torch.channels_last)  # autograd's layout for it
+        opt.step()
+        opt_last.step()
+    assert torch.equal(weight, last)
+    assert not last.is_contiguous()  # the layout is kept
+    for key in ("exp_avg_code", "exp_avg_scale", "exp_avg_sq_code", "exp_avg_sq_scale"):
+        assert torch.equal(opt.state[weight][key], opt_last.state[last][key])
+
+
+def test_adamw8bit_parameter_moved_after_construction() -> None:
+    """Parameters can change device in place after the optimizer is built (module.to()
+    swaps tensors when torch.__future__.set_swap_module_params_on_conversion is on; here
+    meta -> cpu); the step found no code tables for the new device (KeyError) before."""
+    with torch.device("meta"):
+        layer = torch.nn.Linear(64, 64)
+    opt = AdamW8bit(layer.parameters(), min_8bit_size=1024)
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        layer.to_empty(device="cpu")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+    assert opt.param_groups[0]["params"][0] is layer.weight and layer.weight.device.type == "cpu"
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.zeros_(layer.bias)
+    loss_of_layer = layer(torch.randn(4, 64)).square().sum()
+    loss_of_layer.backward()
+    opt.step()
+    assert opt.state[layer.weight]["exp_avg_code"].dtype == torch.uint8
