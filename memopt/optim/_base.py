@@ -13,6 +13,7 @@ its saved dtype, and every tensor moves to its parameter's device.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -89,9 +90,22 @@ class MemoptOptimizer(torch.optim.Optimizer):
         projectors); state shaped like the parameter (plain AdamW's moments) takes the
         parameter's dtype, as under torch (`_placed`). Every tensor moves to its
         parameter's device. Like torch, a state tensor already of the right device and
-        dtype is used as is, not copied."""
+        dtype is used as is, not copied, and the load hooks see the whole dict (pre-hooks,
+        which may replace it) and the loaded state (post-hooks)."""
+        state_dict = dict(state_dict)  # shallow, as torch's
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hooked = pre_hook(self, state_dict)
+            if hooked is not None:
+                state_dict = hooked
         saved_state = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})
+        # torch's load runs the hooks itself, but it only sees the groups here: the pre-hooks
+        # ran above on the whole dict, and the post-hooks run below once the state is in.
+        pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = OrderedDict(), OrderedDict()
+        try:
+            super().load_state_dict({**state_dict, "state": {}})
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre_hooks, post_hooks
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         by_id = dict(zip(saved_ids, params))
@@ -103,6 +117,8 @@ class MemoptOptimizer(torch.optim.Optimizer):
                 )
             param = by_id[pid]
             self.state[param] = {key: _placed(value, param) for key, value in state.items()}
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
 
 def _placed(value: Any, param: torch.Tensor) -> Any:

@@ -1,7 +1,8 @@
 """The torch.optim contract where memopt's optimizers broke it: checkpoints loaded onto
 parameters of another dtype, AdamW options that a param group sets but the optimizer
 would ignore, non-finite hyper-parameters, a rank that leaves no weight low-rank,
-channels_last weights under AdamW8bit, parameters moved after the optimizer was built."""
+channels_last weights under AdamW8bit, parameters moved after the optimizer was built,
+load_state_dict hooks."""
 
 from __future__ import annotations
 
@@ -144,3 +145,26 @@ def test_adamw8bit_parameter_moved_after_construction() -> None:
     loss_of_layer.backward()
     opt.step()
     assert opt.state[layer.weight]["exp_avg_code"].dtype == torch.uint8
+
+
+def test_load_state_dict_hooks_see_the_state() -> None:
+    """torch's load hooks: a pre-hook gets the whole dict (and may return a replacement),
+    a post-hook runs with the state loaded. Both saw an empty state before (the state was
+    loaded after torch's load, hooks included, had returned)."""
+    model = tiny_mlp()
+    opt = GaLoreAdamW(model.parameters(), lr=1e-2, rank=4)
+    train(model, opt, range(2))
+    checkpoint = saved(opt.state_dict())
+    fresh = GaLoreAdamW(model.parameters(), lr=1e-2, rank=4)
+    seen: dict[str, int] = {}
+
+    def pre_hook(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+        seen["pre"] = len(state_dict["state"])
+        state = {pid: {**s, "step": 100} for pid, s in state_dict["state"].items()}  # e.g. a migration
+        return {**state_dict, "state": state}
+
+    fresh.register_load_state_dict_pre_hook(pre_hook)
+    fresh.register_load_state_dict_post_hook(lambda optimizer: seen.update(post=len(optimizer.state)))
+    fresh.load_state_dict(checkpoint)
+    assert seen == {"pre": 4, "post": 4}
+    assert {s["step"] for s in fresh.state.values()} == {100}
