@@ -35,6 +35,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SECTIONS = ("tests", "kernels", "models", "fusion")
+TESTS_TIMEOUT = 180.0  # seconds for ``pytest -m gpu`` (it takes about a minute)
 FUSION_BUDGET = 0.5
 NO_CUDA_STATUS = 2
 NO_CUDA = "n/a (no CUDA)"
@@ -97,6 +99,17 @@ class Check:
     captured: dict[tuple[str, float | None], tuple[int, int]] = field(default_factory=dict)
     """(model, budget) -> (backward kernel launches, recomputed ops) of Inductor compiles
     the models section already ran, so the fusion section need not compile them again."""
+    out: str | None = None
+    """Where the table goes: rewritten after every row, so a run stopped from outside
+    still leaves the rows it measured."""
+    sections: tuple[str, ...] = ()
+    environment: str = ""
+    current: str = ""
+    """The case running now (named by the hard limit's failure)."""
+    child: subprocess.Popen[str] | None = None
+    """The pytest subprocess while it runs (killed at the hard limit)."""
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    finished: bool = False
 
     @property
     def elapsed(self) -> float:
@@ -107,16 +120,32 @@ class Check:
         return self.device == "cuda"
 
     def add(self, section: str, case: str, memopt: str, reference: str, ratio: str, status: str) -> None:
-        self.rows.append(Row(section, case, memopt, reference, ratio, status))
-        if status.startswith("FAIL"):
-            self.failures.append(f"{section}: {case}: {status}")
+        with self.lock:
+            self.rows.append(Row(section, case, memopt, reference, ratio, status))
+            if status.startswith("FAIL"):
+                self.failures.append(f"{section}: {case}: {status}")
+            self.write()
+
+    def write(self, final: bool = False) -> str:
+        """Render the table and write it to ``out`` (whole, then renamed: a reader never
+        sees half a file); ``final`` adds the failures of sections that made no row."""
+        with self.lock:
+            table = render(self, final)
+            if self.out:
+                tmp = self.out + ".tmp"
+                with open(tmp, "w") as f:
+                    f.write(table)
+                os.replace(tmp, self.out)
+            return table
 
     def log(self, message: str) -> None:
+        self.current = message
         print(f"[gpu_check {self.elapsed:7.1f}s] {message}", file=sys.stderr, flush=True)
 
     @contextlib.contextmanager
     def guard(self, section: str, case: str) -> Iterator[None]:
         """Run one case; an exception becomes a FAIL row naming it (never a silent skip)."""
+        self.current = f"{section}: {case}"
         try:
             if self.elapsed > self.time_limit:
                 raise TimeoutError(f"not run: the time limit ({self.time_limit:.0f} s) was reached; "
@@ -143,8 +172,19 @@ def section_tests(check: Check) -> None:
     """``pytest -m gpu`` in a subprocess; counts from its summary line."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"]
-    check.log("tests: " + " ".join(cmd[1:]))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    timeout = max(30.0, min(TESTS_TIMEOUT, check.time_limit - check.elapsed))
+    check.log(f"tests: {' '.join(cmd[1:])} (at most {timeout:.0f} s)")
+    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+        check.child = child
+        try:
+            stdout, stderr = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            raise TimeoutError(f"pytest -m gpu ran past {timeout:.0f} s (killed): a hung or slow gpu test") from None
+        finally:
+            check.child = None
+    proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)", tail)}
     passed, failed = counts.get("passed", 0), counts.get("failed", 0) + counts.get("error", 0) + counts.get("errors", 0)
@@ -595,6 +635,9 @@ def section_fusion(check: Check) -> None:
     """Backward kernel launches with and without a budget on one model."""
     builders, note = model_builders(check)
     name = "hf_llama" if "hf_llama" in builders else next(iter(builders))
+    compiled = [m for m in builders if (m, None) in check.captured and (m, FUSION_BUDGET) in check.captured]
+    if compiled and name not in compiled:  # two compiles fewer (the models section ran out of time)
+        name = compiled[0]
     if not check.cuda:  # C++ kernels; a small MLP keeps the dry run's Inductor compiles short
         name, note = "zoo_mlp", " (dry run, C++ kernels)"
         builders = _zoo_models(check.sizes)
@@ -620,16 +663,22 @@ RUNNERS: dict[str, Callable[[Check], None]] = {
 }  # fmt: skip
 
 
-def render(check: Check, sections: list[str], environment: str) -> str:
-    lines = [f"# memopt GPU check ({environment})", "",
+def render(check: Check, final: bool = True) -> str:
+    """The table; ``final``: with the verdict (sections that made no row are failures),
+    else a line saying the run is still going."""
+    lines = [f"# memopt GPU check ({check.environment})", "",
              "| section | case | memopt / kernel | reference | ratio | status |",
              "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for row in check.rows:
         cells = [c.replace("|", "\\|") for c in dataclasses.astuple(row)]
         lines.append("| " + " | ".join(cells) + " |")
-    missing = [s for s in sections if not any(r.section in _ROW_SECTIONS[s] for r in check.rows)]
+    if not final:
+        return "\n".join([*lines, "", f"Result: incomplete: still running at {check.elapsed:.0f} s "
+                           f"({check.current or 'starting'})", ""])  # fmt: skip
+    missing = [s for s in check.sections if not any(r.section in _ROW_SECTIONS[s] for r in check.rows)]
     for s in missing:
-        check.failures.append(f"{s}: produced no row")
+        if f"{s}: produced no row" not in check.failures:
+            check.failures.append(f"{s}: produced no row")
     verdict = "FAILED: " + "; ".join(check.failures) if check.failures else "every section ran; nothing failed"
     return "\n".join([*lines, "", f"Result: {verdict}", ""])
 
@@ -667,6 +716,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "transformers); also zoo_gpt, zoo_mlp")
     parser.add_argument("--time-limit", type=float, default=450.0,
                         help="seconds; cases not started by then are reported as failed (default 450)")
+    parser.add_argument("--hard-limit", type=float, default=540.0,
+                        help="seconds; then the table so far is written with a failure naming the case "
+                             "that was running, and the script exits 1 (default 540; 0: none)")
     parser.add_argument("--cpu-dry-run", action="store_true",
                         help="without CUDA: run every section at tiny sizes on CPU (checks the plumbing)")
     return parser.parse_args(argv)
@@ -687,22 +739,57 @@ def main(argv: list[str] | None = None) -> int:
     if cuda and args.cpu_dry_run:
         print("gpu_check: CUDA is present; --cpu-dry-run is ignored", file=sys.stderr)
     check = Check("cuda" if cuda else "cpu", not cuda, GPU_SIZES if cuda else DRY_SIZES,
-                  time_limit=args.time_limit, models=tuple(args.models))  # fmt: skip
-    environment = environment_line(check)
-    check.log(environment)
+                  time_limit=args.time_limit, models=tuple(args.models), out=args.out,
+                  sections=tuple(args.sections))  # fmt: skip
+    if args.hard_limit > 0:
+        start_watchdog(check, args.hard_limit)
+    check.environment = environment_line(check)
+    check.log(check.environment)
+    check.write()
     for name in args.sections:
         check.log(f"section {name}: start")
         with check.guard(name, f"section {name}"):
             RUNNERS[name](check)
         check.log(f"section {name}: done")
-    table = render(check, args.sections, environment)
-    print(table)
-    with open(args.out, "w") as f:
-        f.write(table)
-    check.log(f"wrote {args.out}; {'FAILED' if check.failures else 'ok'}")
-    for failure in check.failures:
-        print(f"gpu_check: FAILED: {failure}", file=sys.stderr)
-    return 1 if check.failures else 0
+    return finish(check)
+
+
+def finish(check: Check) -> int:
+    """Write and print the final table, name the failures on stderr; the exit status.
+    Once only (the hard limit's thread and the main thread may both get here)."""
+    with check.lock:
+        if check.finished:
+            return 1
+        check.finished = True
+        table = check.write(final=True)
+        print(table, flush=True)
+        check.log(f"wrote {check.out}; {'FAILED' if check.failures else 'ok'}")
+        for failure in check.failures:
+            print(f"gpu_check: FAILED: {failure}", file=sys.stderr, flush=True)
+        return 1 if check.failures else 0
+
+
+def start_watchdog(check: Check, seconds: float) -> None:
+    """After ``seconds``: kill the pytest child if it runs, record the case that was
+    running as failed, write the table and exit 1 at once (a hung or slow case cannot
+    keep the run past its limit, and the rows measured so far are kept)."""
+
+    def expire() -> None:
+        child = check.child
+        if child is not None and child.poll() is None:
+            child.kill()
+        with check.lock:  # held to the exit: the main thread writes nothing more
+            if check.finished:
+                return
+            check.failures.append(f"hard limit: the run was stopped at {seconds:.0f} s while running "
+                                  f"{check.current or 'its start-up'}; rerun the rest with --sections/--models")  # fmt: skip
+            finish(check)
+            sys.stderr.flush()
+            os._exit(1)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
 
 
 if __name__ == "__main__":

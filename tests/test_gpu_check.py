@@ -67,3 +67,35 @@ def test_a_failing_case_is_loud(tmp_path: pathlib.Path) -> None:
     table = out.read_text()
     assert "FAIL: ValueError" in table and "no_such_model" in table
     assert "Result: FAILED" in table and "gpu_check: FAILED" in proc.stderr
+
+
+def test_the_hard_limit_keeps_the_rows_measured_so_far(tmp_path: pathlib.Path) -> None:
+    """Past ``--hard-limit`` the script writes the rows it has, a failure naming the case
+    that was running, and exits 1 (a hung case cannot take the whole run's output)."""
+    out = tmp_path / "table.md"
+    proc = _run("--cpu-dry-run", "--sections", "kernels", "models", "--models", "zoo_mlp",
+                "--hard-limit", "2.5", "--out", str(out))  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    table = out.read_text()
+    assert "Result: FAILED: hard limit: the run was stopped at 2 s while running" in table
+    assert table.strip() in proc.stdout and "gpu_check: FAILED: hard limit" in proc.stderr
+
+
+def test_the_table_is_written_after_every_row(tmp_path: pathlib.Path) -> None:
+    """Each row rewrites --out at once (marked incomplete), so a run killed from outside
+    still leaves what it measured."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_module", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+        out = tmp_path / "table.md"
+        check = module.Check("cpu", True, module.DRY_SIZES, out=str(out), sections=("kernels",))
+        check.add("kernels", "a case", "1", "2", "0.5", "ok")
+        table = out.read_text()
+        assert "| kernels | a case | 1 | 2 | 0.5 | ok |" in table and "Result: incomplete: still running" in table
+    finally:
+        del sys.modules[spec.name]
