@@ -28,8 +28,8 @@ was not given. Progress goes to stderr with elapsed times.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
+import functools
 import os
 import re
 import statistics
@@ -39,7 +39,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,15 +142,16 @@ class Check:
         self.current = message
         print(f"[gpu_check {self.elapsed:7.1f}s] {message}", file=sys.stderr, flush=True)
 
-    @contextlib.contextmanager
-    def guard(self, section: str, case: str) -> Iterator[None]:
-        """Run one case; an exception becomes a FAIL row naming it (never a silent skip)."""
+    def case(self, section: str, case: str, run: Callable[[], None], timed: bool = True) -> None:
+        """Run one case; an exception becomes a FAIL row naming it (never a silent skip),
+        and the run goes on. ``timed``: past ``time_limit`` the case is not started,
+        which is a FAIL row too."""
         self.current = f"{section}: {case}"
         try:
-            if self.elapsed > self.time_limit:
+            if timed and self.elapsed > self.time_limit:
                 raise TimeoutError(f"not run: the time limit ({self.time_limit:.0f} s) was reached; "
                                    f"rerun this part with --sections")  # fmt: skip
-            yield
+            run()
         except Exception as exc:  # noqa: BLE001 - every failure is reported, then the run goes on
             traceback.print_exc(file=sys.stderr)
             self.add(section, case, "-", "-", "-", f"FAIL: {type(exc).__name__}: {_one_line(exc)}")
@@ -170,6 +171,10 @@ def _mib(n: float) -> str:
 
 def section_tests(check: Check) -> None:
     """``pytest -m gpu`` in a subprocess; counts from its summary line."""
+    check.case("tests", "pytest -m gpu", lambda: _run_gpu_tests(check))
+
+
+def _run_gpu_tests(check: Check) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"]
     timeout = max(30.0, min(TESTS_TIMEOUT, check.time_limit - check.elapsed))
@@ -401,12 +406,15 @@ def measure_model(check: Check, name: str, make: Callable[..., Any], note: str) 
     _time_row(check, case, "memopt, no budget", base, ref, ref_name)
     unbudgeted_peak = base.explanation.estimated_peak_bytes
     for budget in (0.75, 0.5, "min"):
-        with check.guard("budget", f"{case} @ {budget}"):
+
+        def budgeted(budget: float | str = budget) -> None:
             check.log(f"models: {name}: memopt, memory_budget={budget}")
             run = run_memopt(check, make, "1KiB" if budget == "min" else budget, codegen)
             _remember_code(check, name, budget, run)
             _budget_row(check, case, budget, run, baseline, unbudgeted_peak)
             _time_row(check, case, f"memopt @ {budget}", run, ref, ref_name)
+
+        check.case("budget", f"{case} @ {budget}", budgeted)
 
 
 def _remember_code(check: Check, name: str, budget: float | str | None, run: StepResult) -> None:
@@ -453,8 +461,7 @@ def _time_row(check: Check, case: str, what: str, run: StepResult, ref: StepResu
 def section_models(check: Check) -> None:
     builders, note = model_builders(check)
     for name, make in builders.items():
-        with check.guard("models", name + note):
-            measure_model(check, name, make, note)
+        check.case("models", name + note, functools.partial(measure_model, check, name, make, note))
 
 
 # ---------------------------------------------------------------- kernels
@@ -574,8 +581,7 @@ def section_kernels(check: Check) -> None:
     for name, fn in (("quantize", kernels_quantize), ("low-rank Adam", kernels_lowrank_adam),
                      ("8-bit Adam", kernels_adam8bit)):  # fmt: skip
         check.log(f"kernels: {name}")
-        with check.guard("kernels", name):
-            fn(check)
+        check.case("kernels", name, functools.partial(fn, check))
 
 
 # ---------------------------------------------------------------- fusion
@@ -641,18 +647,24 @@ def section_fusion(check: Check) -> None:
     if not check.cuda:  # C++ kernels; a small MLP keeps the dry run's Inductor compiles short
         name, note = "zoo_mlp", " (dry run, C++ kernels)"
         builders = _zoo_models(check.sizes)
-    with check.guard("fusion", name + note):
-        k0, r0 = _fusion_counts(check, name, builders[name], None)
-        k1, r1 = _fusion_counts(check, name, builders[name], FUSION_BUDGET)
-        extra_ops, extra_kernels = r1 - r0, k1 - k0
-        own = max(0, min(extra_kernels, extra_ops))
-        fused = extra_ops - own
-        share = f"{fused / extra_ops * 100:.0f}% fused" if extra_ops > 0 else "no extra recompute"
-        check.add("fusion", f"{name}{note} @ {FUSION_BUDGET}",
-                  f"{r1} recomputed ops ({extra_ops} more than unbudgeted); {k1} backward launches",
-                  f"unbudgeted: {r0} recomputed ops; {k0} backward launches",
-                  f"own kernels <= {own}, fused >= {fused} ({share})",
-                  "info" if check.cuda else f"{NO_CUDA}; C++ kernels")  # fmt: skip
+    reused = all((name, b) in check.captured for b in (None, FUSION_BUDGET))
+    # reading the models section's counts takes no time: done past the time limit too
+    row = functools.partial(_fusion_row, check, name, note, builders[name])
+    check.case("fusion", name + note, row, timed=not reused)
+
+
+def _fusion_row(check: Check, name: str, note: str, make: Callable[..., Any]) -> None:
+    k0, r0 = _fusion_counts(check, name, make, None)
+    k1, r1 = _fusion_counts(check, name, make, FUSION_BUDGET)
+    extra_ops, extra_kernels = r1 - r0, k1 - k0
+    own = max(0, min(extra_kernels, extra_ops))
+    fused = extra_ops - own
+    share = f"{fused / extra_ops * 100:.0f}% fused" if extra_ops > 0 else "no extra recompute"
+    check.add("fusion", f"{name}{note} @ {FUSION_BUDGET}",
+              f"{r1} recomputed ops ({extra_ops} more than unbudgeted); {k1} backward launches",
+              f"unbudgeted: {r0} recomputed ops; {k0} backward launches",
+              f"own kernels <= {own}, fused >= {fused} ({share})",
+              "info" if check.cuda else f"{NO_CUDA}; C++ kernels")  # fmt: skip
 
 
 # ---------------------------------------------------------------- driver
@@ -748,8 +760,8 @@ def main(argv: list[str] | None = None) -> int:
     check.write()
     for name in args.sections:
         check.log(f"section {name}: start")
-        with check.guard(name, f"section {name}"):
-            RUNNERS[name](check)
+        section = functools.partial(RUNNERS[name], check)
+        check.case(name, f"section {name}", section, timed=False)  # its cases watch the time
         check.log(f"section {name}: done")
     return finish(check)
 
@@ -782,7 +794,7 @@ def start_watchdog(check: Check, seconds: float) -> None:
             if check.finished:
                 return
             check.failures.append(f"hard limit: the run was stopped at {seconds:.0f} s while running "
-                                  f"{check.current or 'its start-up'}; rerun the rest with --sections/--models")  # fmt: skip
+                                  f"{check.current or 'its start-up'}; rerun the rest with --sections")  # fmt: skip
             finish(check)
             sys.stderr.flush()
             os._exit(1)

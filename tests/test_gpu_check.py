@@ -99,3 +99,15 @@ def test_the_table_is_written_after_every_row(tmp_path: pathlib.Path) -> None:
         assert "| kernels | a case | 1 | 2 | 0.5 | ok |" in table and "Result: incomplete: still running" in table
     finally:
         del sys.modules[spec.name]
+
+
+def test_past_the_time_limit_every_case_is_one_failed_row(tmp_path: pathlib.Path) -> None:
+    """Cases not started within --time-limit are each a FAIL row of their own (before,
+    the first one raised out of its section, "generator didn't yield", and the section's
+    later cases were never reported)."""
+    out = tmp_path / "table.md"
+    proc = _run("--cpu-dry-run", "--sections", "kernels", "--time-limit", "0", "--out", str(out))
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| kernels |")]
+    assert [row.split(" | ")[1] for row in rows] == ["quantize", "low-rank Adam", "8-bit Adam"]
+    assert all("FAIL: TimeoutError: not run: the time limit (0 s) was reached" in row for row in rows)
