@@ -124,7 +124,7 @@ if HAS_TRITON:
     ):  # fmt: skip
         """One program: one quantization block."""
         pid = tl.program_id(0)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: parameters of 2**31+ elements
         mask = offs < numel
         grad = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         m_code = tl.load(mc_ptr + offs, mask=mask, other=0).to(tl.int32)
