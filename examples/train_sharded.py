@@ -7,7 +7,8 @@
     torchrun --nproc_per_node 2 examples/train_sharded.py --save ckpt      # then --load ckpt to resume
     torchrun --nproc_per_node 2 examples/train_sharded.py --meta           # built on meta, each rank allocates its shards
 
-gloo on CPU, NCCL on CUDA (one GPU per rank). The task is synthetic (no downloads): the
+gloo on CPU, NCCL on CUDA (one GPU per rank; with fewer GPUs than local ranks, gloo on
+CPU). The task is synthetic (no downloads): the
 model learns to continue a repeating token pattern. Each rank trains on its part of the
 global batch; gradients are averaged, so the losses are those of one process on the
 global batch.
@@ -32,8 +33,10 @@ from memopt.distributed.memory import model_state_bytes, zero_model_state_bytes
 
 
 def init() -> torch.device:
-    """The process group from torchrun's environment: NCCL on CUDA, gloo on CPU."""
-    if torch.cuda.is_available():
+    """The process group from torchrun's environment: NCCL on CUDA when each local rank
+    has a GPU of its own (NCCL needs one per rank), else gloo on CPU."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if torch.cuda.is_available() and local_world <= torch.cuda.device_count():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         dist.init_process_group("nccl", device_id=torch.device("cuda", local))

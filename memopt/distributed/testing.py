@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-__all__ = ["RanksFailed", "free_port", "run_ranks", "init_from_env"]
+__all__ = ["RanksFailed", "free_port", "run_ranks", "init_from_env", "gpu_per_rank"]
 
 
 class RanksFailed(RuntimeError):
@@ -54,7 +54,7 @@ def run_ranks(
     with tempfile.TemporaryDirectory(prefix="memopt-ranks-") as logs:
         procs = []
         for rank in range(world_size):
-            rank_env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            rank_env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size)}
             out = open(Path(logs) / f"{rank}.out", "w+")
             err = open(Path(logs) / f"{rank}.err", "w+")
             cmd = [sys.executable, str(script), *args]
@@ -91,13 +91,29 @@ def _wait_all(procs: list[subprocess.Popen[bytes]], timeout: float) -> list[int]
     return [p.wait() for p in procs]
 
 
+def gpu_per_rank() -> bool:
+    """Whether each local rank of torchrun's environment has a CUDA device of its own
+    (``LOCAL_WORLD_SIZE``, else ``WORLD_SIZE``, at most the device count): NCCL needs
+    one device per rank. Every rank computes the same answer, so all pick one backend."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return torch.cuda.is_available() and local_world <= torch.cuda.device_count()
+
+
 def init_from_env(device: str | None = None) -> torch.device:
     """Initialise the default process group from torchrun's environment: NCCL on CUDA
-    (one device per local rank), gloo on CPU. Returns the rank's device."""
+    (one device per local rank), gloo on CPU. ``device=None``: CUDA when every local rank
+    has a device of its own (`gpu_per_rank`), else CPU (2 ranks on a machine with one
+    GPU run on CPU). Returns the rank's device."""
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if gpu_per_rank() else "cpu"
     if device == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if local >= count:
+            raise RuntimeError(
+                f"local rank {local} needs CUDA device {local}, and this machine has {count}: NCCL runs "
+                "one rank per device; start at most that many ranks per machine, or use device='cpu' (gloo)"
+            )
         torch.cuda.set_device(local)
         dist.init_process_group("nccl", device_id=torch.device("cuda", local))
         return torch.device("cuda", local)
