@@ -418,9 +418,14 @@ def measure_model(check: Check, name: str, make: Callable[..., Any], note: str) 
 
 
 def _remember_code(check: Check, name: str, budget: float | str | None, run: StepResult) -> None:
-    """Keep the backward launch count of Inductor compiles the fusion section reads."""
+    """Keep the backward launch count of Inductor compiles the fusion section reads. A
+    failure to count is the fusion section's to report (it compiles again), not a reason
+    to lose this model's rows."""
     if run.code and budget in (None, FUSION_BUDGET):
-        check.captured[(name, budget)] = (backward_launches(run.code), recomputed_compute_ops(run.explanation))
+        try:
+            check.captured[(name, budget)] = (backward_launches(run.code), recomputed_compute_ops(run.explanation))
+        except Exception as exc:  # noqa: BLE001
+            check.log(f"fusion counts of {name} @ {budget} not kept: {type(exc).__name__}: {_one_line(exc)}")
 
 
 def _measured_by(check: Check) -> str:
