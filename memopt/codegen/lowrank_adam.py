@@ -43,8 +43,9 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):  # fmt: skip
         """One program: columns [pid * BLOCK_N, +BLOCK_N) of M, V and W."""
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_r = tl.arange(0, BLOCK_R)
+        # int64 offsets: a weight of 2**31+ elements (rows * stride) would wrap in int32.
+        offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
         rn_mask = (offs_r[:, None] < rank) & (offs_n[None, :] < cols)
         r_ptrs = r_ptr + offs_r[:, None] * stride_rr + offs_n[None, :] * stride_rn
         m_ptrs = m_ptr + offs_r[:, None] * stride_mr + offs_n[None, :] * stride_mn
@@ -60,7 +61,7 @@ if HAS_TRITON:
         denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
         normalized = tl.div_rn(exp_avg, denom)
         for row_start in range(0, rows, BLOCK_M):
-            offs_m = row_start + tl.arange(0, BLOCK_M)
+            offs_m = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
             p_mask = (offs_m[:, None] < rows) & (offs_r[None, :] < rank)
             p_ptrs = p_ptr + offs_m[:, None] * stride_pm + offs_r[None, :] * stride_pr
             proj = tl.load(p_ptrs, mask=p_mask, other=0.0).to(tl.float32)
