@@ -9,7 +9,11 @@ plan is the plan: it is broadcast (as JSON: `MemoryPlan.to_dict`) to the other r
 of the default process group before any pass runs, and so is each choice the region
 makes between plans (`rank0_value`: whether the passes alone meet the budget).
 
-Every rank compiles the same regions in the same order (the same program), so the
+Only a region under a budget agrees (`memopt.backends.region`): without one there is
+no solver and no time limit, each rank's plan of its own graph is the same, and a rank
+that compiles alone (its batch changed shape, the others' did not) must not wait for
+ranks that never compile that graph. Under a budget every rank must compile the same
+regions in the same order (the same program, inputs of the same shapes), so the
 broadcasts pair up. A fake process group (tracing without processes) has nothing to
 agree with.
 """

@@ -253,7 +253,9 @@ class RegionCompiler:
         base = base_plan(step, before, self.config, self.context)
         budget = base.budget_bytes
         storage = self._storage_options(passes, step)
-        if budget is None or not step.is_training or step.joint is None or base.estimated_peak_before <= budget:
+        if budget is None:  # no solver, no time limit: every rank plans its own graph alike
+            return plan_region(step, before, self.config, storage, self.context)
+        if not step.is_training or step.joint is None or base.estimated_peak_before <= budget:
             return agree_across_ranks(plan_region(step, before, self.config, storage, self.context), step)
         alone = self._trial_peak(step, base)
         if rank0_value(alone <= budget, step):

@@ -138,3 +138,12 @@ def test_model_built_on_meta_materializes_like_one_built_for_real():
     those of the same model built for real with the same seed (each rank asserts it)."""
     result = ranks("materialize", "--stages", "0,2,3")[0]
     assert sorted(k for k in result if k != "rank") == ["0", "2", "3"] and all(len(result[k]) == 3 for k in "023")
+
+
+def test_ranks_with_other_batch_shapes_do_not_hang():
+    """Without a budget, a rank whose batch changes shape compiles again on its own
+    (rank 1 only, at step 2): it must not wait for the other ranks to agree on a plan
+    (they never compile that graph: the step hung in the plan's broadcast), and the
+    parameters follow one process stepping on the mean of the ranks' losses."""
+    result = ranks("uneven", "--stages", "0,3", timeout=120)[0]
+    assert sorted(k for k in result if k != "rank") == ["0", "3"] and all(len(result[k]) == 3 for k in "03")

@@ -434,9 +434,41 @@ def materialize(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def uneven(args: argparse.Namespace) -> dict[str, Any]:
+    """Compiled by memopt without a budget, rank 1's batch changes size at step 2 while
+    rank 0's does not (a last, shorter batch; sequences of other lengths): only rank 1
+    compiles again. The step must neither hang nor diverge: 3 SGD steps leave the
+    parameters of one process stepping on the mean of the two ranks' losses."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == 2
+    out: dict[str, Any] = {}
+    for stage in [int(s) for s in args.stages.split(",")]:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        reference = _mlp()
+        model = md.shard(copy.deepcopy(reference), stage=stage)
+        opt = md.ShardedOptimizer(lambda ps: torch.optim.SGD(ps, lr=0.1), model)
+        ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+        step_fn = torch.compile(model, backend="memopt", options={"codegen": "eager", "strict": True})
+        losses = []
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            inputs = [torch.randn(2 if r == 0 or step < 2 else 3, 16, generator=gen) for r in range(world)]
+            loss = step_fn(inputs[rank]).square().mean()
+            loss.backward()
+            opt.step(), opt.zero_grad()
+            (sum(reference(x).square().mean() for x in inputs) / world).backward()
+            ref_opt.step(), ref_opt.zero_grad()
+            losses.append(global_loss(loss))
+        for (name, got), want in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(full(got.detach()), want.detach(), rtol=1e-5, atol=1e-6, msg=name)
+        out[str(stage)] = losses
+    return out
+
+
 SCENARIOS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "numerics": numerics, "accumulate": accumulate, "memory": memory, "checkpoint": checkpoint, "mixed": mixed,
-    "collectives": collectives, "gathers": gathers, "materialize": materialize,
+    "collectives": collectives, "gathers": gathers, "materialize": materialize, "uneven": uneven,
 }
 
 
