@@ -73,6 +73,13 @@ def check_fusable(optimizer: Any) -> None:
             "step, not one parameter at a time inside backward. Pass the optimizer it wraps (its state then "
             "stays in memory), or keep OffloadedState and drop optimizer_in_backward."
         )
+    if type(optimizer).__name__ == "ShardedOptimizer" and hasattr(optimizer, "inner"):  # no import of distributed
+        raise MemoptOptimizerError(
+            "optimizer_in_backward=ShardedOptimizer: the update inside backward does not support sharded "
+            "models (memopt.distributed.shard) yet; its tensors are this rank's rows, not the parameters the "
+            "compiled backward returns gradients for, so nothing would be updated. Drop optimizer_in_backward "
+            "and call optimizer.step() after backward."
+        )
     if isinstance(optimizer, torch.optim.LBFGS):
         raise MemoptOptimizerError(
             "optimizer_in_backward=LBFGS: L-BFGS couples all parameters (and re-evaluates the loss), so no "

@@ -294,3 +294,22 @@ def test_materialize_refuses_what_it_cannot_do(fake_world):
         on_meta = md.shard(_layers(), stage=3)
     with pytest.raises(md.ShardingError, match="not of the mesh's device type"):
         md.materialize(on_meta, device="meta")
+
+
+def test_optimizer_in_backward_refuses_a_sharded_model(fake_world):
+    """``optimizer_in_backward`` cannot update sharded parameters yet. Given the
+    `ShardedOptimizer` (whose tensors are the rank's rows, not the model's parameters)
+    the pass found nothing to update, and training silently never stepped: refused when
+    the options are read. Given a plain optimizer over the sharded (DTensor) parameters:
+    refused at compile time, as docs/whole_step.md says."""
+    import memopt
+    from memopt.errors import MemoptOptimizerError
+
+    model = md.shard(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)), stage=3)
+    sharded = md.ShardedOptimizer(lambda params: torch.optim.AdamW(params), model)
+    with pytest.raises(MemoptOptimizerError, match="ShardedOptimizer"):
+        memopt.MemoptConfig.from_options({"optimizer_in_backward": sharded})
+    plain = torch.optim.AdamW(model.parameters())
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "optimizer_in_backward": plain})
+    with pytest.raises(Exception, match="sharded or wrapped parameter"):  # Dynamo wraps it
+        compiled(torch.randn(2, 16)).sum().backward()
