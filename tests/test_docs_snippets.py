@@ -207,6 +207,27 @@ def _sharded_accumulation(ctx: Ctx) -> dict[str, Any]:
     }
 
 
+def _sharded_checkpoint_in_one_process(ctx: Ctx) -> dict[str, Any]:
+    """``ckpt/step100`` saved by a sharded model and its AdamW after one step (a world
+    of one rank, then no process group: the block loads without one)."""
+    _one_rank_world(ctx, init=True)
+    torch.manual_seed(0)
+    model = md.shard(_Regression(), stage=3)
+    optimizer = md.ShardedOptimizer(lambda params: torch.optim.AdamW(params, lr=1e-3), model)
+    model(torch.randn(8, 16)).backward()
+    optimizer.step()
+    md.checkpoint.save("ckpt/step100", model, optimizer)
+    saved = {name: p.full_tensor().clone() for name, p in model.named_parameters()}
+    dist.destroy_process_group()
+    return {"torch": torch, "md": md, "build_model": lambda config: _Regression(), "config": None, "saved": saved}
+
+
+def _loaded_what_was_saved(namespace: dict[str, Any], compiled: list[Callable[..., Any]]) -> None:
+    for name, param in namespace["model"].named_parameters():
+        torch.testing.assert_close(param.detach(), namespace["saved"][name], rtol=0, atol=0)
+    assert all(int(s["step"]) == 1 for s in namespace["optimizer"].state.values())
+
+
 def _hf_lm(ctx: Ctx) -> dict[str, Any]:
     """A small default-config Llama (``compiled(**batch).loss``) and a ``loader`` of two
     batches."""
@@ -304,6 +325,7 @@ CASES: dict[str, Case] = {
         },
     ),  # fmt: skip
     "docs/sharding.md:2": Case(_sharded_accumulation),
+    "docs/sharding.md:3": Case(_sharded_checkpoint_in_one_process, after=_loaded_what_was_saved),
     "docs/usage.md:0": Case(_training, substitute={"model = ...": "model = model  # the namespace's"}),
     "docs/usage.md:1": Case(_training),
     "docs/usage.md:2": Case(_compiled),

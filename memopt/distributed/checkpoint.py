@@ -15,11 +15,15 @@ DTensor of the parameter's full shape; a 0-d tensor or a number (steps) is the s
 every rank; anything else (AdamW8bit's codes and scales) is the rank's own, stored under
 ``key@rank<r>``, which ties a sharded checkpoint to its world size (loading refuses
 another) and cannot be saved ``full``.
+
+``load`` also takes a plain (unsharded) model and a plain optimizer over its parameters,
+in one process with or without a process group: each gets the full values.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -114,17 +118,19 @@ def _optimizer_state(optimizer: ShardedOptimizer, full: bool) -> dict[str, Any]:
     return {"state": state, "param_groups": groups}
 
 
-@torch.no_grad()
 def _init_state(optimizer: ShardedOptimizer) -> None:
-    """Create the optimizer's state (the template a load fills) by one step with zero
-    gradients and learning rate 0, as torch.distributed.checkpoint.state_dict does."""
-    inner = optimizer.inner
+    """Create the optimizer's state (the template a load fills)."""
+    _zero_step(optimizer.inner, [local for handle, local in optimizer.local_tensors() if handle.param.requires_grad])
+
+
+@torch.no_grad()
+def _zero_step(inner: torch.optim.Optimizer, tensors: list[torch.Tensor]) -> None:
+    """One step of ``inner`` with zero gradients for ``tensors`` and learning rate 0, as
+    torch.distributed.checkpoint.state_dict does to create the state a load fills."""
     if inner.state:
         return
-    pairs = optimizer.local_tensors()
-    for handle, local in pairs:
-        if handle.param.requires_grad:
-            local.grad = torch.zeros_like(local)
+    for local in tensors:
+        local.grad = torch.zeros_like(local)
     rates = [group.get("lr") for group in inner.param_groups]
     for group in inner.param_groups:
         if "lr" in group:
@@ -135,7 +141,7 @@ def _init_state(optimizer: ShardedOptimizer) -> None:
         for group, rate in zip(inner.param_groups, rates):
             if rate is not None:
                 group["lr"] = rate
-        for _, local in pairs:
+        for local in tensors:
             local.grad = None
 
 
@@ -198,7 +204,14 @@ def load(
     checkpoint_id: str | os.PathLike[str], model: nn.Module, optimizer: ShardedOptimizer | None = None, *, full: bool = False
 ) -> None:
     """Load what `save` wrote (with the same ``full``) into ``model`` and ``optimizer``, in
-    new processes or the same ones (every rank calls it)."""
+    new processes or the same ones (every rank calls it), with any number of ranks.
+
+    ``model`` may also be a plain, unsharded model and ``optimizer`` a plain torch
+    optimizer over its parameters (one process, with or without a process group): each
+    gets the full values (`_load_unsharded`)."""
+    if getattr(model, "_memopt_shard_state", None) is None:
+        _load_unsharded(checkpoint_id, model, optimizer)
+        return
     if optimizer is not None:
         _init_state(optimizer)
         _check_world(checkpoint_id, optimizer._shard.world)
@@ -220,3 +233,51 @@ def _check_world(checkpoint_id: str | os.PathLike[str], world: int) -> None:
             f"laid out per rank for {len(ranks)} ranks; this world has {world}. Load it with "
             f"{len(ranks)} ranks"
         )
+
+
+@torch.no_grad()
+def _load_unsharded(
+    checkpoint_id: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> None:
+    """A checkpoint of a sharded model, loaded into a model `shard` never touched (and a
+    plain optimizer over its parameters): DCP reads the full value of each DTensor."""
+    if isinstance(optimizer, ShardedOptimizer):
+        raise ShardingError(
+            "memopt.distributed.checkpoint.load: the model is not sharded but the optimizer is a "
+            "ShardedOptimizer; load a sharded model with its ShardedOptimizer, or a plain model with a "
+            "plain optimizer over its parameters"
+        )
+    import torch.distributed as dist
+
+    state: dict[str, Any] = {"model": model.state_dict()}
+    names = {id(p): name for name, p in model.named_parameters()}
+    if optimizer is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        unknown = [tuple(p.shape) for p in params if id(p) not in names]
+        if unknown:
+            raise ShardingError(
+                f"memopt.distributed.checkpoint.load: the optimizer holds tensors of shapes {unknown} that are "
+                "not parameters of the model; build it on model.parameters()"
+            )
+        _zero_step(optimizer, [p for p in params if p.requires_grad])
+        state["optim"] = {
+            "state": {names[id(p)]: dict(optimizer.state[p]) for p in params if optimizer.state.get(p)},
+            "param_groups": [
+                {**{k: v for k, v in group.items() if k != "params"}, "params": [names[id(p)] for p in group["params"]]}
+                for group in optimizer.param_groups
+            ],
+        }
+        _check_world(checkpoint_id, 1)
+    no_dist = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():  # DCP warns that it loads in one process: asked for here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, checkpoint_id=checkpoint_id, no_dist=no_dist)
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        loaded = state["optim"]
+        for p in params:
+            for key, value in loaded["state"].get(names[id(p)], {}).items():
+                if not isinstance(optimizer.state[p].get(key), torch.Tensor):  # tensors were loaded in place
+                    optimizer.state[p][key] = value
+        for group, saved_group in zip(optimizer.param_groups, loaded["param_groups"]):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
