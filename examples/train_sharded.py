@@ -35,6 +35,12 @@ from memopt.distributed.memory import model_state_bytes, zero_model_state_bytes
 def init() -> torch.device:
     """The process group from torchrun's environment: NCCL on CUDA when each local rank
     has a GPU of its own (NCCL needs one per rank), else gloo on CPU."""
+    missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        sys.exit(
+            f"{sys.argv[0]}: {', '.join(missing)} not set: run it under torchrun, which starts one process per "
+            f"rank and sets them: torchrun --nproc_per_node 2 {sys.argv[0]} (--nproc_per_node 1 for one process)"
+        )
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     if torch.cuda.is_available() and local_world <= torch.cuda.device_count():
         local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -53,3 +53,13 @@ def test_example_built_on_meta_trains(tmp_path):
     assert out.returncode == 0, _failure(out)
     losses = [float(line.split()[3]) for line in out.stdout.splitlines() if line.strip().startswith("step")]
     assert len(losses) == 2 and losses[-1] < losses[0], out.stdout  # steps 0 and 10: it learns
+
+
+def test_example_run_without_torchrun_says_how_to_run_it():
+    """``python examples/train_sharded.py`` (no torchrun): one line naming torchrun, not
+    torch's rendezvous traceback ('environment variable RANK expected')."""
+    env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    cmd = [sys.executable, str(ROOT / "examples" / "train_sharded.py"), "--steps", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode != 0, _failure(out)
+    assert "torchrun --nproc_per_node" in out.stderr and "Traceback" not in out.stderr, _failure(out)
