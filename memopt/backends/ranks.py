@@ -28,10 +28,11 @@ import torch.fx as fx
 from torch._C import _DisablePythonDispatcher
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from memopt.graph import meta
 from memopt.graph.step import StepGraphs
 from memopt.plan.plan import MemoryPlan
 
-__all__ = ["agree_across_ranks", "has_collectives", "rank0_value"]
+__all__ = ["RanksCompiledOtherGraphs", "agree_across_ranks", "has_collectives", "rank0_value", "signature"]
 
 T = TypeVar("T")
 
@@ -58,19 +59,54 @@ def agree_across_ranks(plan: MemoryPlan, step: StepGraphs) -> MemoryPlan:
 def rank0_value(value: T, step: StepGraphs) -> T:
     """Rank 0's ``value`` (JSON-able) on every rank when ``step`` holds collectives and
     the default process group has several real ranks; ``value`` itself otherwise (and on
-    rank 0). Every rank must call it at the same point of the compile."""
+    rank 0). Every rank must call it at the same point of the compile.
+
+    Raises `RanksCompiledOtherGraphs` on every rank when the ranks' graphs differ (their
+    inputs' shapes or dtypes, or the region): one plan cannot serve them, and their
+    choices under the budget (which values to re-gather, bucket sizes) would differ, so
+    their collectives would not pair up. memopt's fail-soft then runs the region
+    unoptimized on every rank (the same collectives, in traced order) with a warning."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return value
     if dist.get_backend() == "fake" or not has_collectives(step):
         return value
-    box = [value if dist.get_rank() == 0 else None]
-    # Compiles run under a fake mode (the broadcast moves real bytes) and AOTAutograd's
-    # Python dispatcher. Under the latter gloo's broadcast is dispatched through Python
+    rank = dist.get_rank()
+    gathered: list[tuple[list[str], T | None] | None] = [None] * dist.get_world_size()
+    # Compiles run under a fake mode (the collective moves real bytes) and AOTAutograd's
+    # Python dispatcher. Under the latter gloo's collective is dispatched through Python
     # and holds the GIL while it waits for the process group's work queue, whose thread
-    # may hold that queue while it frees the previous broadcast's tensors, which needs
+    # may hold that queue while it frees the previous collective's tensors, which needs
     # the GIL: a deadlock (seen on a loaded machine, 2 gloo ranks, many compiles).
     with unset_fake_temporarily(), _DisablePythonDispatcher():
-        dist.broadcast_object_list(box, src=0)
-    if dist.get_rank() != 0:
+        dist.all_gather_object(gathered, (signature(step), value if rank == 0 else None))
+    _check_same_graphs(step, [entry[0] for entry in gathered])  # type: ignore[index]
+    if rank != 0:
         log.debug("region %s: using rank 0's choice", step.region)
-    return box[0]  # type: ignore[return-value]
+    return gathered[0][1]  # type: ignore[index,return-value]
+
+
+class RanksCompiledOtherGraphs(RuntimeError):
+    """The ranks of a sharded step compiled graphs of different shapes under a budget."""
+
+
+def signature(step: StepGraphs) -> list[str]:
+    """The region and each forward input's shape and dtype: what makes two ranks' graphs
+    differ when they run the same program."""
+    inputs = []
+    for node in step.forward.graph.find_nodes(op="placeholder"):
+        value = meta.tensor_value(node)
+        inputs.append(f"{node.name}: {'-' if value is None else f'{value.dtype} {tuple(value.shape)}'}")
+    return [f"region {step.region}", *inputs]
+
+
+def _check_same_graphs(step: StepGraphs, signatures: list[list[str]]) -> None:
+    first = signatures[0]
+    for rank, other in enumerate(signatures):
+        if other != first:
+            where = next((a, b) for a, b in zip([*first, "-"], [*other, "-"]) if a != b)
+            raise RanksCompiledOtherGraphs(
+                f"region {step.region}: rank {rank} compiled another graph than rank 0 (rank 0 {where[0]!r}, rank "
+                f"{rank} {where[1]!r}); under a memory_budget every rank must compile the same graphs, so that one "
+                "plan serves them and their collectives pair up. Give every rank inputs of the same shapes (pad "
+                "to one length, drop the last short batch), or drop memory_budget (each rank then plans its own)"
+            )

@@ -146,7 +146,18 @@ def test_ranks_with_other_batch_shapes_do_not_hang():
     (they never compile that graph: the step hung in the plan's broadcast), and the
     parameters follow one process stepping on the mean of the ranks' losses."""
     result = ranks("uneven", "--stages", "0,3", timeout=120)[0]
-    assert sorted(k for k in result if k != "rank") == ["0", "3"] and all(len(result[k]) == 3 for k in "03")
+    assert all(len(result[k]) == 3 and result[f"{k}/fallbacks"] == [] for k in "03")
+
+
+def test_ranks_with_other_shapes_under_a_budget_run_unoptimized():
+    """Under ``memory_budget`` each rank plans its own shapes (2 and 24 rows from the
+    first step), and rank 0's plan, which every rank runs, and their budget searches
+    differ: the step hung. Each rank now sees that the graphs differ, warns and runs the
+    region unoptimized (the same collectives on every rank); the parameters follow one
+    process on both batches."""
+    for result in ranks("uneven", "--stages", "3", "--budget", "0.6", timeout=120):
+        assert len(result["3"]) == 3
+        assert any("compiled another graph than rank 0" in reason for reason in result["3/fallbacks"]), result
 
 
 @pytest.mark.parametrize("mode", ["sharded", "full"])

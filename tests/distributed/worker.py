@@ -438,9 +438,18 @@ def uneven(args: argparse.Namespace) -> dict[str, Any]:
     """Compiled by memopt without a budget, rank 1's batch changes size at step 2 while
     rank 0's does not (a last, shorter batch; sequences of other lengths): only rank 1
     compiles again. The step must neither hang nor diverge: 3 SGD steps leave the
-    parameters of one process stepping on the mean of the two ranks' losses."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    assert world == 2
+    parameters of one process stepping on the mean of the two ranks' losses.
+
+    ``--budget``: under ``memory_budget`` the ranks' batches differ from the first step
+    (2 and 24 rows), so both compile at once, each its own shapes. One plan cannot serve
+    both: every rank warns and runs the region unoptimized, and the parameters follow
+    one process all the same."""
+    import memopt
+
+    assert dist.get_world_size() == 2
+    options: dict[str, Any] = {"codegen": "eager", "strict": args.budget is None}
+    if args.budget is not None:
+        options["memory_budget"] = args.budget
     out: dict[str, Any] = {}
     for stage in [int(s) for s in args.stages.split(",")]:
         torch._dynamo.reset()
@@ -449,21 +458,31 @@ def uneven(args: argparse.Namespace) -> dict[str, Any]:
         model = md.shard(copy.deepcopy(reference), stage=stage)
         opt = md.ShardedOptimizer(lambda ps: torch.optim.SGD(ps, lr=0.1), model)
         ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
-        step_fn = torch.compile(model, backend="memopt", options={"codegen": "eager", "strict": True})
+        step_fn = torch.compile(model, backend="memopt", options=options)
         losses = []
-        for step in range(3):
-            gen = torch.Generator().manual_seed(step)
-            inputs = [torch.randn(2 if r == 0 or step < 2 else 3, 16, generator=gen) for r in range(world)]
-            loss = step_fn(inputs[rank]).square().mean()
-            loss.backward()
-            opt.step(), opt.zero_grad()
-            (sum(reference(x).square().mean() for x in inputs) / world).backward()
-            ref_opt.step(), ref_opt.zero_grad()
-            losses.append(global_loss(loss))
+        with memopt.record() as explanation:
+            for step in range(3):
+                _uneven_step(args, step, step_fn, opt, reference, ref_opt, losses)
         for (name, got), want in zip(model.named_parameters(), reference.parameters()):
             torch.testing.assert_close(full(got.detach()), want.detach(), rtol=1e-5, atol=1e-6, msg=name)
         out[str(stage)] = losses
+        out[f"{stage}/fallbacks"] = [f.reason for f in explanation.fallbacks]
     return out
+
+
+def _uneven_step(args: argparse.Namespace, step: int, step_fn: Any, opt: Any, reference: nn.Module,
+                 ref_opt: torch.optim.Optimizer, losses: list[float]) -> None:
+    """One step of `uneven` on this rank's batch, and the reference's on both ranks'."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(step)
+    rows = [2 if r == 0 or step < 2 else 3 for r in range(world)] if args.budget is None else [2, 24]
+    inputs = [torch.randn(n, 16, generator=gen) for n in rows]
+    loss = step_fn(inputs[rank]).square().mean()
+    loss.backward()
+    opt.step(), opt.zero_grad()
+    (sum(reference(x).square().mean() for x in inputs) / world).backward()
+    ref_opt.step(), ref_opt.zero_grad()
+    losses.append(global_loss(loss))
 
 
 SCENARIOS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
@@ -482,6 +501,7 @@ def main() -> None:
     parser.add_argument("--dir", default="")
     parser.add_argument("--phase", default="save", choices=["save", "resume"])
     parser.add_argument("--modes", default="sharded,full", help="checkpoint kinds: sharded, full")
+    parser.add_argument("--budget", type=float, default=None, help="memory_budget (scenario uneven)")
     args = parser.parse_args()
     init_from_env("cpu")
     try:
