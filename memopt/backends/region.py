@@ -27,7 +27,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from memopt.analysis.memory import MemoryTimeline, build_timeline, main_device
 from memopt.analysis.optimizer_memory import OptimizerMemory, optimizer_memory
 from memopt.backends.meta_device import check_backward_reaches_inputs
-from memopt.backends.ranks import agree_across_ranks, rank0_value
+from memopt.backends.ranks import RanksCompiledOtherGraphs, agree_across_ranks, rank0_value
 from memopt.backends.record import RegionRecord, active_recorders
 from memopt.codegen.eager import compile_eager
 from memopt.config import MemoptConfig
@@ -188,6 +188,12 @@ class RegionCompiler:
             optimized = self._optimize(step)
         except (MemoptInternalError, MemoptBudgetError, MemoptOffloadError, MemoptOptimizerError):
             raise  # strict=True, or a setting the user must change (offload target, disk space)
+        except RanksCompiledOtherGraphs as exc:  # the user's inputs, not a memopt failure
+            if self.config.strict:
+                raise
+            outcome = "this region runs unoptimized on every rank (the same collectives in traced order)"
+            warnings.warn(f"memopt: {exc}; {outcome}", MemoptWarning, stacklevel=2)
+            optimized = self._unoptimized(pristine, Fallback(self.region, "planning", str(exc), "planning", outcome))
         except Exception as exc:  # noqa: BLE001 - fail soft, see memopt.failsoft
             if self.keeps_earlier_plan or is_torch_signal(exc):
                 raise
