@@ -215,6 +215,15 @@ class Explanation:
             pickle.dump(self.memory_snapshot(), f)
         return path
 
+    def _sharded_scope(self) -> str:
+        """For a sharded model: whose bytes the report's figures are (one rank's)."""
+        if self.sharded_model is None:
+            return ""
+        from memopt.distributed.api import shard_state
+
+        state = shard_state(self.sharded_model)
+        return f"; sharded (stage {state.stage}): every figure is rank {state.rank} of {state.world}'s"
+
     def _sharding_lines(self) -> list[str]:
         """The per-rank section of a sharded model (`memopt.distributed.report`), with
         the attached optimizer or the one the options name; none for other models."""
@@ -289,6 +298,7 @@ class Explanation:
         lines = [
             f"memopt explanation: {len(self.regions)} region(s), codegen={self.codegen}"
             + ("" if self.ran_backward else " (forward only)")
+            + self._sharded_scope()
         ]
         if self._has_memory():
             before, after = self.timeline(optimized=False), self.timeline()

@@ -34,6 +34,8 @@ def test_report_has_the_sharding_section(fake_world):
     text = explanation.report()
     assert "sharding (memopt.distributed.report, this rank):" in text
     assert "ZeRO stage 3, rank 0 of 8" in text
+    # the summary at the top is this rank's too, and says so before its first figure
+    assert "every figure is rank 0 of 8's" in text.splitlines()[0]
     assert "gathered parameters: 4, 64.00 KiB" in text
     assert "collectives per step" in text and "planned peak on this rank" in text
     state = next(line for line in text.splitlines() if line.startswith("optimizer state "))
