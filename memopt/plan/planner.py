@@ -29,6 +29,7 @@ from memopt.analysis.memory import MemoryTimeline
 from memopt.config import MemoptConfig
 from memopt.errors import MemoptBudgetError, MemoptBudgetWarning
 from memopt.graph import meta
+from memopt.graph.collectives import is_collective
 from memopt.graph.partition import JointGraph, saved_joint_names
 from memopt.graph.step import StepGraphs
 from memopt.plan.decisions import Action, Compress, Offload, Recompute, Save
@@ -87,7 +88,8 @@ def plan_region(
             return _with(result, notes=result.notes + (note,))
     result = _remat_plan(plan, step, solution, budget)
     if not solution.feasible:
-        _report_infeasible(result, config)
+        sharded = any(is_collective(n) for _, gm in step.graphs() for n in gm.graph.nodes)
+        _report_infeasible(result, config, sharded=sharded)
     return result
 
 
@@ -258,8 +260,9 @@ def _infeasible_inference(plan: MemoryPlan, before: MemoryTimeline, budget: int,
 _INFERENCE = "inference regions keep nothing for backward: rematerialization cannot lower their peak"
 
 
-def _shrinking_advice(blockers: dict[str, int], config: MemoptConfig) -> str:
-    """What could shrink the peak's contributors, among what the options do not do yet."""
+def _shrinking_advice(blockers: dict[str, int], config: MemoptConfig, sharded: bool = False) -> str:
+    """What could shrink the peak's contributors, among what the options do not do yet
+    (``sharded``: the step's parameters are sharded already)."""
     at_peak = {k for k, v in blockers.items() if v}
     ways = ["a smaller batch or sequence"]
     if config.precision is None and at_peak & {"saved_activations", "temporaries", "outputs"}:
@@ -269,7 +272,10 @@ def _shrinking_advice(blockers: dict[str, int], config: MemoptConfig) -> str:
     if config.offload is None and "saved_activations" in at_peak:
         ways.append("offload='auto' (saved activations wait in host memory or on disk)")
     model_state = [k.replace("_", " ") for k in ("parameters", "gradients", "optimizer_state") if k in at_peak]
-    if model_state:
+    if model_state and sharded:
+        ways.append(f"more ranks, or a higher stage of memopt.distributed.shard for the {_listing(model_state)} "
+                    "(stage 3 shards them all; these figures are one rank's)")
+    elif model_state:
         ways.append(f"sharding the {_listing(model_state)} over devices (memopt.distributed.shard)")
     return "; ".join(ways)
 
@@ -279,7 +285,9 @@ def _listing(words: list[str]) -> str:
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
-def _report_infeasible(plan: MemoryPlan, config: MemoptConfig, by: str = "rematerialization") -> None:
+def _report_infeasible(
+    plan: MemoryPlan, config: MemoptConfig, by: str = "rematerialization", *, sharded: bool = False
+) -> None:
     blockers = sorted(((v, k) for k, v in plan.blockers.items() if v), reverse=True)[:4]
     listed = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for v, k in blockers)
     why = f" ({_INFERENCE})" if _INFERENCE in plan.notes else ""
@@ -288,7 +296,7 @@ def _report_infeasible(plan: MemoryPlan, config: MemoptConfig, by: str = "remate
         f"the smallest peak memopt can reach is {format_bytes(plan.min_feasible_peak)} "
         f"(unoptimized {format_bytes(plan.estimated_peak_before)}){why}. At that peak the largest "
         f"contributors {by} cannot remove are: {listed}. Raise the budget to at least "
-        f"{format_bytes(plan.min_feasible_peak)}, or shrink them: {_shrinking_advice(plan.blockers, config)}."
+        f"{format_bytes(plan.min_feasible_peak)}, or shrink them: {_shrinking_advice(plan.blockers, config, sharded)}."
     )
     if plan.blockers.get("gradients") and plan.blockers.get("optimizer_state") and config.optimizer_in_backward is None:
         message += (

@@ -313,3 +313,18 @@ def test_optimizer_in_backward_refuses_a_sharded_model(fake_world):
     compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "optimizer_in_backward": plain})
     with pytest.raises(Exception, match="sharded or wrapped parameter"):  # Dynamo wraps it
         compiled(torch.randn(2, 16)).sum().backward()
+
+
+def test_infeasible_budget_of_a_sharded_step_does_not_advise_sharding(fake_world):
+    """A budget below what a stage-3 step can reach: the warning's advice is for a model
+    sharded already (more ranks, a higher stage), not 'sharding the parameters and
+    gradients over devices (memopt.distributed.shard)', which it is."""
+    from memopt.errors import MemoptBudgetWarning
+
+    model = md.shard(nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64)), stage=3)
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "memory_budget": 0.1})
+    with pytest.warns(MemoptBudgetWarning, match="is infeasible") as caught:
+        compiled(torch.randn(4, 64)).sum().backward()
+    text = " ".join(str(w.message) for w in caught if isinstance(w.message, MemoptBudgetWarning))
+    assert "over devices (memopt.distributed.shard)" not in text
+    assert "more ranks, or a higher stage of memopt.distributed.shard" in text
