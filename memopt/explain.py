@@ -97,11 +97,18 @@ class Explanation:
 
     def step_regions(self) -> list[RegionRecord]:
         """The regions one step runs: when Dynamo recompiled a frame (a guard failed,
-        e.g. a shape or attribute changed), only its latest compile, in frame order."""
-        latest: dict[str, RegionRecord] = {}
+        e.g. a shape or attribute changed), only its latest compile, in frame order.
+
+        A later compile of a frame replaces an earlier one only when both are of the
+        same model: they share a parameter (or neither has one). Two models whose
+        forward is the same code (two ``nn.Sequential``, a teacher and a student of
+        one class) are compiles of one frame that Dynamo numbers as recompiles; each
+        runs in the step and is counted."""
+        kept: list[RegionRecord] = []
         for r in self.regions:
-            latest[r.region.split("/", 1)[0]] = r
-        return [r for r in self.regions if latest.get(r.region.split("/", 1)[0]) is r]
+            kept = [k for k in kept if not _same_model(k, r)]
+            kept.append(r)
+        return [r for r in self.regions if any(r is k for k in kept)]
 
     def timeline(self, *, optimized: bool = True) -> MemoryTimeline:
         """The step's estimated memory timeline across the regions of one step (after
@@ -354,6 +361,22 @@ class Explanation:
                 what = f"pass {fb.pass_name!r}" if fb.stage == "passes" else fb.stage
                 lines.append(f"FALLBACK: {what} failed: {fb.reason}; {fb.outcome}")
         return "\n".join(lines)
+
+
+def _parameter_ids(r: RegionRecord) -> frozenset[int]:
+    step = r.step if r.step is not None else r.step_before
+    if step is None:
+        return frozenset()
+    return frozenset(i.identity for i in step.inputs if i.kind == "parameter" and i.identity is not None)
+
+
+def _same_model(earlier: RegionRecord, later: RegionRecord) -> bool:
+    """``later`` is a recompile of ``earlier``'s frame for the same model (it replaces
+    it in the step): the same frame, and a parameter in common or none in either."""
+    if earlier.region.split("/", 1)[0] != later.region.split("/", 1)[0]:
+        return False
+    a, b = _parameter_ids(earlier), _parameter_ids(later)
+    return bool(a & b) or not (a or b)
 
 
 def _sharded_model(fn: Any) -> Any:

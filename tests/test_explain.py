@@ -115,6 +115,30 @@ def test_recompiled_frame_counts_once_in_the_step_timeline():
     assert explanation.timeline().peak_bytes == explanation.regions[1].timeline_after.peak_bytes
 
 
+def test_two_models_of_one_class_both_count_in_the_step():
+    """A GAN's generator and discriminator are both ``nn.Sequential``: their forwards
+    are one code object, so Dynamo compiles the second as a recompile of the first's
+    frame (``0/1``). The step summed only the latest compile of each frame and left
+    the generator out (its parameters missing from the step's baseline); a compile
+    over other parameters is another model, and counts."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    gen = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16))
+    disc = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    g = torch.compile(gen, backend="memopt", options=EAGER)
+    d = torch.compile(disc, backend="memopt", options=EAGER)
+    z, real = torch.randn(32, 8), torch.randn(32, 16)
+    with memopt.record() as explanation:
+        for _ in range(2):
+            (d(real).mean() - d(g(z).detach()).mean()).backward()  # discriminator's turn
+            (-d(g(z)).mean()).backward()  # generator's turn: its input needs grad, a recompile of d
+    step = explanation.step_regions()
+    gen_bytes = (8 * 64 + 64 + 64 * 16 + 16) * 4
+    disc_bytes = (16 * 64 + 64 + 64 + 1) * 4
+    assert len(step) == 2, [r.region for r in explanation.regions]
+    assert explanation.baseline_bytes >= gen_bytes + disc_bytes, explanation.baseline_bytes
+
+
 class _BreakBeforeLoss(torch.nn.Module):
     def __init__(self):
         super().__init__()
