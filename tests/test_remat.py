@@ -4,6 +4,7 @@ monotone, change no numbers, and infeasible budgets say what the floor is."""
 from __future__ import annotations
 
 import gc
+import logging
 import warnings
 from typing import Any
 
@@ -467,19 +468,23 @@ def test_inductor_estimate_holds_under_a_budget_with_attention_dropout():
     assert abs(estimated - measured) <= 0.03 * measured, (estimated, measured)
 
 
-def test_solver_diagnostics_from_native_code_go_to_stderr(capfd):
-    """HiGHS prints some diagnostics from C++ to stdout; around solves, memopt routes
-    descriptor 1 to stderr so they cannot corrupt a program's output (--json)."""
+def test_solver_diagnostics_from_native_code_leave_stdout(capfd, caplog):
+    """HiGHS prints some diagnostics from C++ to stdout; around solves, memopt captures
+    descriptor 1 so they cannot corrupt a program's output (--json): HiGHS's own lines
+    go to the debug log, any other native line to stderr."""
     import ctypes
 
-    from memopt.plan.milp import native_stdout_to_stderr
+    from memopt.plan.milp import solver_stdout
 
     libc = ctypes.CDLL(None)
-    with native_stdout_to_stderr():
+    with caplog.at_level(logging.DEBUG, logger="memopt.plan"), solver_stdout():
+        libc.printf(b"HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();\n")
         libc.printf(b"native diagnostic\n")
     print("python output")
     out, err = capfd.readouterr()
     assert "native diagnostic" in err and "native diagnostic" not in out
+    assert "Highs" not in out and "Highs" not in err
+    assert any("transformNewIntegerFeasibleSolution" in r.getMessage() for r in caplog.records)
     assert "python output" in out
 
 

@@ -14,23 +14,30 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["solve_milp", "solve_min_peak", "solve_greedy", "modelled_peak", "native_stdout_to_stderr"]
+log = logging.getLogger("memopt.plan")
+
+__all__ = ["solve_milp", "solve_min_peak", "solve_greedy", "modelled_peak", "solver_stdout"]
 
 
 @contextlib.contextmanager
-def native_stdout_to_stderr() -> Iterator[None]:
-    """Send what native code writes to file descriptor 1 to descriptor 2 meanwhile.
+def solver_stdout() -> Iterator[None]:
+    """Capture what native code writes to file descriptor 1 meanwhile, and sort it.
 
     HiGHS prints some diagnostics from C++ to stdout even with ``disp=False``
-    ("HighsMipSolverData::transformNewIntegerFeasibleSolution ..."), which would mix
-    into a program's own output (``memopt report --json``). Where descriptor 1 cannot
-    be redirected (no real stdout), nothing changes."""
+    ("HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();"), which
+    would mix into a program's own output (``memopt report --json``) and reads like an
+    error. Lines that name HiGHS go to the ``memopt.plan`` logger at DEBUG
+    (``MEMOPT_LOGS=debug`` shows them); any other line written meanwhile (another
+    thread's output) goes to descriptor 2, so nothing is lost. Where descriptor 1
+    cannot be redirected (no real stdout), nothing changes."""
     try:
         sys.stdout.flush()
         saved = os.dup(1)
@@ -41,14 +48,28 @@ def native_stdout_to_stderr() -> Iterator[None]:
         libc: ctypes.CDLL | None = ctypes.CDLL(None)
     except (OSError, TypeError):  # no C library to flush (Windows)
         libc = None
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        if libc is not None:
-            libc.fflush(None)  # C stdio buffers still hold what was written meanwhile
-        os.dup2(saved, 1)
-        os.close(saved)
+    with tempfile.TemporaryFile() as captured:
+        try:
+            os.dup2(captured.fileno(), 1)
+            yield
+        finally:
+            if libc is not None:
+                libc.fflush(None)  # C stdio buffers still hold what was written meanwhile
+            os.dup2(saved, 1)
+            os.close(saved)
+            captured.seek(0)
+            _sort_solver_output(captured.read().decode(errors="replace"))
+
+
+def _sort_solver_output(text: str) -> None:
+    other = []
+    for line in text.splitlines():
+        if "highs" in line.lower():
+            log.debug("HiGHS: %s", line.strip())
+        elif line.strip():
+            other.append(line + "\n")
+    if other:
+        os.write(2, "".join(other).encode())
 
 
 def modelled_peak(S: np.ndarray, F: np.ndarray, P: np.ndarray, choice: list[int]) -> float:
@@ -94,7 +115,7 @@ def solve_milp(
     scale = max(float(C.max()), 1e-12)
     tie = 1e-6 * scale / max(float(S.sum()), 1.0)
     cost = (C + tie * S).reshape(-1)
-    with native_stdout_to_stderr():
+    with solver_stdout():
         result = milp(
             cost,
             constraints=[LinearConstraint(eq, 1, 1), LinearConstraint(rows, -np.inf, budget)],
@@ -121,7 +142,7 @@ def solve_min_peak(
     scale = max(float(C.sum()), 1e-12)
     cost = np.concatenate([1e-9 * C.reshape(-1) / scale, [1.0 / max(float(S.sum() + F.max()), 1.0)]])
     upper = np.concatenate([np.ones(K * O), [np.inf]])
-    with native_stdout_to_stderr():
+    with solver_stdout():
         result = milp(
             cost,
             constraints=[LinearConstraint(eq, 1, 1), LinearConstraint(rows, -np.inf, 0)],
