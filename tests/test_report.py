@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import subprocess
 import sys
 
@@ -340,3 +341,35 @@ def test_cli_help_is_plain_text(capsys):
             cli_main([command, "--help"])
         text = capsys.readouterr().out
         assert "``" not in text and "`memopt" not in text, text
+
+
+class _NormDropout(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.norm, self.drop, self.out = (
+            torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 4)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.drop(self.norm(self.fc(x)))).sum()
+
+
+def test_each_output_of_a_multi_output_op_is_its_own_decision():
+    """``native_layer_norm`` saves its mean and rstd, ``native_dropout`` its mask: each
+    saved output is one decision named by the ``getitem`` the forward graph returns,
+    with that output's own shape and dtype (not the op's name twice, shape-less)."""
+    torch._dynamo.reset()
+    ex = memopt.explain(_NormDropout(), torch.randn(5, 8), options=EAGER)
+    decisions = ex.to_dict()["decisions"]
+    names = [d["name"] for d in decisions]
+    assert len(names) == len(set(names)), names
+    forward = ex.regions[0].graph_code("forward")
+    by_shape = sorted((d["shape"], d["dtype"]) for d in decisions if d["name"].startswith("forward:getitem"))
+    # rstd and mean [5, 1] fp32 of the norm, the dropout mask [5, 16] bool
+    assert ([5, 1], "float32") in by_shape and ([5, 16], "bool") in by_shape, by_shape
+    assert all(d["shape"] or d["bytes"] <= 8 for d in decisions), decisions
+    returned = set(re.findall(r"\w+", forward[forward.rindex("return "):]))
+    for d in decisions:
+        assert d["name"].split(":", 1)[1] in returned, (d["name"], returned)
+    text = ex.report()
+    assert "scalar" not in text

@@ -34,6 +34,7 @@ nodes, of the live bytes during the node. Only tensors on the step's main device
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -129,14 +130,26 @@ class LiveInterval:
         return self.saved or self.category == "saved_activations"
 
     @property
+    def value_node(self) -> fx.Node:
+        """The node that names this storage's value: ``node`` itself, or for one output
+        of a multi-output op (``native_dropout``, ``native_layer_norm``) the
+        ``getitem`` that takes it out (the name the dumped graphs and a planned
+        region's decisions use), when the graph has one."""
+        if isinstance(meta.fake_value(self.node), (tuple, list)):
+            for user in self.node.users:
+                if user.target is operator.getitem and user.args[1] == self.output_index:
+                    return user
+        return self.node
+
+    @property
     def name(self) -> str:
-        return f"{self.graph}:{self.node.name}"
+        return f"{self.graph}:{self.value_node.name}"
 
     def live_at(self, index: int) -> bool:
         return self.start <= index and (self.end is None or index <= self.end)
 
     def to_dict(self) -> dict[str, Any]:
-        value = meta.tensor_value(self.node)
+        value = meta.tensor_value(self.value_node)
         loc = meta.source_location(self.node)
         return {
             "name": self.name,

@@ -140,7 +140,7 @@ def _decided_at_peak(before: MemoryTimeline, decisions: Sequence[TensorDecision]
     """Per policy, the bytes the plan's decisions take off ``before``'s peak: each
     decided value live there (matched by region and forward node) counts its bytes,
     less what it still stores when compressed."""
-    live = {(iv.region, iv.node.name) for iv in before.live_at(before.peak_index) if iv.graph == "forward"}
+    live = {(iv.region, iv.value_node.name) for iv in before.live_at(before.peak_index) if iv.graph == "forward"}
     out = {"recompute": 0, "compress": 0, "offload": 0}
     for d in decisions:
         if d.policy in out and (d.region, d.node_name) in live and not _cast_again(d):

@@ -87,8 +87,14 @@ class TensorDecision:
 
 def decision_for(interval: LiveInterval, action: Action, reason: str, **details: Any) -> TensorDecision:
     """A decision about the value behind ``interval`` (shape, dtype, source from its
-    producing node)."""
-    return decision_for_node(interval.node, interval.name, interval.region, interval.nbytes, action, reason, **details)
+    producing node; one output of a multi-output op is named by its ``getitem``)."""
+    decision = decision_for_node(
+        interval.value_node, interval.name, interval.region, interval.nbytes, action, reason, **details
+    )
+    loc = meta.source_location(interval.node)
+    if decision.source is None and loc is not None:
+        decision = dataclasses.replace(decision, source=str(loc), source_file=loc.filename, source_line=loc.lineno)
+    return decision
 
 
 def decision_for_node(

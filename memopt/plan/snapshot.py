@@ -20,7 +20,7 @@ __all__ = ["timeline_to_snapshot"]
 
 
 def _frames(iv: LiveInterval) -> list[dict[str, Any]]:
-    frames = [{"filename": f"memopt:{iv.graph}", "line": 0, "name": f"{iv.node.name} [{iv.category}]"}]
+    frames = [{"filename": f"memopt:{iv.graph}", "line": 0, "name": f"{iv.value_node.name} [{iv.category}]"}]
     loc = meta.source_location(iv.node)
     if loc is not None:
         frames.append({"filename": loc.filename, "line": loc.lineno, "name": loc.function})
