@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import runpy
 import subprocess
 import sys
 import warnings
@@ -169,3 +170,25 @@ def test_summary_budget_is_the_budget_of_the_step_it_sums():
     assert "memory budget" not in summary
     assert "regions planned under different budgets" in summary and all(r in summary for r in budgets)
     assert explanation.to_dict()["budget_bytes"] is None
+
+
+def test_dumped_graphs_load_and_run_as_python(tmp_path):
+    """Every dump is a Python file that runs on its own (``runpy``, a fresh namespace)
+    and defines the graph as ``GraphModule``; the inference graph, called with the
+    Linear's weight, bias and input, gives the Linear's output."""
+    torch._dynamo.reset()
+    linear = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    compiled = torch.compile(linear, backend="memopt", options={"codegen": "eager", "dump_dir": str(tmp_path)})
+    compiled(x).sum().backward()
+    with torch.no_grad():
+        expected = compiled(x)
+    files = sorted(tmp_path.rglob("*.py"))
+    assert files
+    for path in files:
+        namespace = runpy.run_path(str(path))
+        namespace["GraphModule"]()
+    [inference] = [p for p in files if p.parent.name == "inference" and p.name == "000_input.py"]
+    module = runpy.run_path(str(inference))["GraphModule"]()
+    (out,) = module.forward(linear.weight.detach(), linear.bias.detach(), x)
+    torch.testing.assert_close(out, expected)

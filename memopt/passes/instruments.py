@@ -50,8 +50,14 @@ def _op_name(node: fx.Node) -> str:
 
 
 def readable_code(gm: fx.GraphModule) -> str:
-    """The graph as Python with shapes and dtypes annotated (torch's print_readable)."""
-    return gm.print_readable(print_output=False, include_stride=False, include_device=False)
+    """The graph as Python with shapes and dtypes annotated (torch's print_readable).
+    A class name that is no identifier (AOTAutograd names an inference graph's module
+    ``<lambda>``) is written ``GraphModule``, so the code parses."""
+    code = gm.print_readable(print_output=False, include_stride=False, include_device=False)
+    return _CLASS_LINE.sub(lambda m: m.group(0) if m.group(2).isidentifier() else f"{m.group(1)}GraphModule(", code)
+
+
+_CLASS_LINE = re.compile(r"^(\s*class )([^\s(]+)\(", re.MULTILINE)
 
 
 class VerifyInstrument(Instrument):
@@ -131,10 +137,18 @@ class DumpInstrument(Instrument):
             folder = os.path.join(self.dump_dir, _safe(step.region) + self.suffix, graph_name)
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, f"{index:03d}_{_safe(name)}.py")
-            header = f"# memopt dump: region {step.region}, {graph_name} graph, {what}.\n"
+            header = f"# memopt dump: region {step.region}, {graph_name} graph, {what}.\n" + _DUMP_IMPORTS
             with open(path, "w", encoding="utf-8") as f:
                 f.write(header + readable_code(gm))
         log.debug("region %s: dumped %s to %s", step.region, name, self.dump_dir)
+
+
+_DUMP_IMPORTS = (
+    "import torch\n"
+    "from torch import device, inf, nan  # names the printed code uses\n"
+    "import memopt  # registers torch.ops.memopt.* for graphs that call memopt's ops\n\n"
+)
+"""Makes a dump a Python file that runs on its own (``runpy.run_path``, ``exec``)."""
 
 
 def _safe(name: str) -> str:
