@@ -26,7 +26,9 @@ OFFLOAD_TARGETS: tuple[str, ...] = ("host", "disk", "auto")
 
 @dataclass(frozen=True)
 class MemoptConfig:
-    """Options of the memopt backend. Build it with `MemoptConfig.from_options`."""
+    """Options of the memopt backend: `MemoptConfig.from_options` (which also reads the
+    debugging environment variables) or ``MemoptConfig(**options)``; both check every
+    value and raise ``ValueError`` naming it and what is allowed."""
 
     codegen: str = "inductor"
     """How the rewritten graphs run: ``"inductor"`` (Inductor's inner compile: Triton on
@@ -158,6 +160,13 @@ class MemoptConfig:
     ``None`` (default): optimizer state is not in the estimate (docs/whole_step.md)."""
 
     def __post_init__(self) -> None:
+        # Built directly (``MemoptConfig(disable_passes=...)``, as pass tests do), each
+        # value is checked as `from_options` checks it: a misspelled pass name must not
+        # silently leave the pass on.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not f.default:
+                object.__setattr__(self, f.name, _VALIDATORS[f.name](f.name, value))
         fused, stepped = self.optimizer_in_backward, self.optimizer
         if fused is not None and stepped is not None and fused is not stepped:
             raise ValueError(

@@ -101,3 +101,16 @@ def test_memory_budget_takes_bytes_fractions_and_percentages(value, expected):
 def test_a_percentage_out_of_range_names_the_range(value):
     with pytest.raises(ValueError, match=r"must be a number in \(0, 100\] followed by '%'"):
         MemoptConfig.from_options({"memory_budget": value})
+
+
+def test_constructor_checks_values_as_from_options_does():
+    """``MemoptConfig(...)`` built directly (the pass-testing recipe in docs/usage.md)
+    refuses what ``from_options`` refuses, naming the value and the closest pass, and
+    normalizes what it accepts: a misspelled pass name must not leave the pass on."""
+    with pytest.raises(ValueError, match=r"\['shedule'\].*Did you mean 'schedule'"):
+        MemoptConfig(disable_passes=("shedule",))
+    with pytest.raises(ValueError, match="codegen='eagr'"):
+        MemoptConfig(codegen="eagr")
+    assert MemoptConfig(disable_passes="remat,dce").disable_passes == ("dce", "remat")
+    assert MemoptConfig(memory_budget="1KiB").memory_budget == 1024
+    assert MemoptConfig(memory_budget="50%").replace(strict=True).memory_budget == 0.5
