@@ -9,6 +9,7 @@ import pickle
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -96,13 +97,18 @@ def test_cli_report_json_and_plot(tmp_path, capsys):
     assert snap.stat().st_size > 0
 
 
+def _fake_and_real(target: str, capsys) -> tuple[dict, dict]:
+    """`memopt report --json` of ``target`` on fake tensors, then on real ones."""
+    reports = []
+    for extra in ([], ["--real"]):
+        torch._dynamo.reset()
+        assert cli_main(["report", target, "--json", "--quiet", *extra]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    return reports[0], reports[1]
+
+
 def test_cli_fake_and_real_agree(capsys):
-    target = str(ROOT / "examples" / "report_model.py") + ":build"
-    assert cli_main(["report", target, "--json", "--quiet"]) == 0
-    fake = json.loads(capsys.readouterr().out)
-    torch._dynamo.reset()
-    assert cli_main(["report", target, "--json", "--quiet", "--real"]) == 0
-    real = json.loads(capsys.readouterr().out)
+    fake, real = _fake_and_real(str(ROOT / "examples" / "report_model.py") + ":build", capsys)
     assert fake["estimated_peak_bytes"] == real["estimated_peak_bytes"]
 
 
@@ -373,3 +379,38 @@ def test_each_output_of_a_multi_output_op_is_its_own_decision():
         assert d["name"].split(":", 1)[1] in returned, (d["name"], returned)
     text = ex.report()
     assert "scalar" not in text
+
+
+_HELD_OUTPUT_FACTORY = '''
+import torch
+
+
+class LM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(64, 16), torch.nn.Linear(16, 256)
+
+    def forward(self, input_ids, labels):
+        logits = self.head(torch.tanh(self.embed(input_ids)))
+        torch._dynamo.graph_break()  # as Hugging Face's loss function breaks the graph
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return {"loss": loss, "logits": logits}  # as a Hugging Face model returns both
+
+
+def build():
+    ids = torch.randint(0, 64, (4, 32))
+    return LM(), {"input_ids": ids, "labels": ids}
+'''
+
+
+def test_cli_fake_and_real_agree_when_the_model_returns_more_than_the_loss(tmp_path, capsys):
+    """A model that returns its logits beside the loss (every Hugging Face LM) keeps
+    them alive through backward as the caller holds the output, also when a graph break
+    hands them to the loss's region: the fake-tensor report must count that as the real
+    one does (it assumed them freed after the loss, under-estimating the peak)."""
+    factory = tmp_path / "lm.py"
+    factory.write_text(_HELD_OUTPUT_FACTORY)
+    fake, real = _fake_and_real(f"{factory}:build", capsys)
+    assert fake["estimated_peak_bytes"] == real["estimated_peak_bytes"]
+    assert fake["peak_breakdown"] == real["peak_breakdown"]
+

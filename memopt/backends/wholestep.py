@@ -461,8 +461,10 @@ class StepTracker:
         """``region`` returned ``outputs`` for ``args``. Observed when the region is
         tracking or recording: a recording one's input sources go to its record now
         (for every call, inference and fake tensors included), and, when the call has
-        a backward (not on fake tensors), its kept outputs when that backward starts; a
-        tracking region's run with a backward joins the current step. For a region
+        a backward, its kept outputs when that backward starts (on fake tensors too:
+        `memopt report` and `memopt.fit` then count outputs the caller holds, such as a
+        Hugging Face model's logits, as a real run does); a tracking region's run with a
+        backward (not on fake tensors) joins the current step. For a region
         that is only recording, an error is logged and dropped: its observation never
         breaks a step."""
         record = region.record_to()
@@ -477,10 +479,11 @@ class StepTracker:
 
     def _observe(self, region: WatchedRegion, record: RegionRecord | None, args: Sequence[Any], outputs: Any) -> None:
         tensors = [t for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
-        node = None if any(isinstance(t, FakeTensor) for t in tensors) else _backward_node(tensors)
+        fake = any(isinstance(t, FakeTensor) for t in tensors)
+        node = None if fake and (region.tracking or record is None) else _backward_node(tensors)
         if node is None:
             # No backward to watch: no gradient flows back through this call (inference),
-            # or it ran on fake tensors (memopt.fit, memopt report), allocating nothing.
+            # or it ran on fake tensors in a region that is not recording.
             # While recording, where its inputs came from is noted, for the step estimate:
             # an input that an earlier region returned is not a step input.
             if record is not None:
