@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,8 @@ from memopt.failsoft import Fallback
 from memopt.plan.plan import TensorDecision
 from memopt.plan.advice import OptionSaving, ParameterShare, dominant_parameters, option_savings, step_parameters
 from memopt.plan.report import (
-    breakdown_table, decisions_table, dominant_table, savings_table, storage_table, summary_table, tradeoff_table,
+    WIDTH, breakdown_table, decisions_table, dominant_table, savings_table, storage_table, summary_table,
+    tradeoff_table, wrap,
 )
 from memopt.precision_report import precision_lines
 from memopt.units import format_bytes
@@ -46,6 +48,9 @@ class Explanation:
     optimizer: Any = None
     """The training step's optimizer, if known (`attach_optimizer`): its state is
     reported next to the step's estimate."""
+    graph_breaks: list[str] = field(default_factory=list)
+    """Why Dynamo broke the graph while this explanation recorded (each reason once,
+    with Dynamo's hints): the regions in ``regions`` are the pieces."""
     sharded_model: Any = None
     """The model `memopt.distributed.shard` sharded, when `explain` was given it (or a
     bound method of it): ``report()`` adds its per-rank section
@@ -263,7 +268,20 @@ class Explanation:
         if len(set(budgets.values())) < 2:
             return []
         each = ", ".join(f"{region}: {format_bytes(b)}" for region, b in budgets.items())
-        return [f"regions planned under different budgets ({each}), each alone: no budget for the step as a whole"]
+        return [wrap(f"regions planned under different budgets ({each}), each alone: no budget for the step as a whole")]
+
+    def _graph_break_lines(self) -> list[str]:
+        """Where the step is split by graph breaks: its regions and Dynamo's reasons."""
+        frames = {r.region.split("/", 1)[0] for r in self.regions}
+        if len(frames) < 2 and not self.graph_breaks:
+            return []
+        names = ", ".join(r.region for r in self.step_regions())
+        out = [wrap(
+            f"graph breaks: Dynamo split the code into {len(frames)} regions ({names}), compiled one by one; "
+            "TORCH_LOGS=graph_breaks shows where (docs/remat.md, \"Graph breaks\").",
+        )]  # fmt: skip
+        out += [wrap(f"Dynamo's reason: {reason}", indent="    ", first="  ") for reason in self.graph_breaks]
+        return out
 
     def _has_memory(self) -> bool:
         return any(r.timeline_after is not None for r in self.regions)
@@ -276,6 +294,7 @@ class Explanation:
             "ran_backward": self.ran_backward,
             "regions": [_region_dict(r) for r in self.regions],
             "fallbacks": [fb.to_dict() for fb in self.fallbacks],
+            "graph_breaks": list(self.graph_breaks),
         }
         if self._has_memory():
             before, after = self.timeline(optimized=False), self.timeline()
@@ -307,6 +326,7 @@ class Explanation:
             + ("" if self.ran_backward else " (forward only)")
             + self._sharded_scope()
         ]
+        lines += self._graph_break_lines()
         if self._has_memory():
             before, after = self.timeline(optimized=False), self.timeline()
             lines += [
@@ -316,14 +336,14 @@ class Explanation:
                 "",
                 breakdown_table(after),
                 "",
-                "what each option saves or would save at the estimated peak (modelled, docs/whole_step.md):",
+                wrap("what each option saves or would save at the estimated peak (modelled, docs/whole_step.md):"),
                 savings_table(self.savings()),
             ]
             dominant = self.dominant_parameters()
             if dominant:
                 lines += [
                     "",
-                    "parameters that dominate the step (weight + gradient + optimizer state over 5% of the peak):",
+                    wrap("parameters that dominate the step (weight + gradient + optimizer state over 5% of the peak):"),
                     dominant_table(dominant, after.peak_bytes),
                 ]
             decisions = self.decisions()
@@ -338,28 +358,29 @@ class Explanation:
                 if r.plan is not None and r.plan.tradeoff:
                     lines += [
                         "",
-                        f"region {r.region} peak/recompute trade-off the planner saw "
-                        f"({r.plan.solver.get('method')}, {r.plan.solver.get('seconds', 0):.2f}s, "
-                        f"{r.plan.solver.get('segments')} segments; peaks as its per-segment model "
-                        f"adds them up, which the exact estimate of a plan can differ from):",
+                        wrap(
+                            f"region {r.region} peak/recompute trade-off the planner saw "
+                            f"({r.plan.solver.get('method')}, {r.plan.solver.get('seconds', 0):.2f}s, "
+                            f"{r.plan.solver.get('segments')} segments; peaks as its per-segment model "
+                            f"adds them up, which the exact estimate of a plan can differ from):"
+                        ),
                         tradeoff_table(r.plan.tradeoff, r.plan.estimated_peak_after),
                     ]
         lines += self._sharding_lines()
         for r in self.regions:
             lines.append("")
             lines.append(f"region {r.region} ({r.kind}): graphs {_graph_sizes(r)}")
-            rows = [
-                [p.name, p.status, "yes" if p.modified else "no", f"{p.seconds * 1e3:.1f}", _delta(p.op_delta)]
-                for p in r.passes
-            ]
+            rows = [[p.name, p.status, "yes" if p.modified else "no", f"{p.seconds * 1e3:.1f}"] for p in r.passes]
             if rows:
-                lines.append(
-                    tabulate(rows, headers=["pass", "status", "changed", "ms", "op-count change"])
-                )
+                headers = ["pass", "status", "changed", "ms"]
+                room = max(WIDTH - len(tabulate(rows, headers=headers).splitlines()[1]) - 2, 30)
+                for row, p in zip(rows, r.passes):
+                    row.append(_delta(p.op_delta, room))
+                lines.append(tabulate(rows, headers=[*headers, "op-count change"]))
             lines.extend(precision_lines(r.passes))  # numerics-changing passes (docs/precision.md)
             for fb in r.fallbacks:
                 what = f"pass {fb.pass_name!r}" if fb.stage == "passes" else fb.stage
-                lines.append(f"FALLBACK: {what} failed: {fb.reason}; {fb.outcome}")
+                lines.append(wrap(f"FALLBACK: {what} failed: {fb.reason}; {fb.outcome}"))
         return "\n".join(lines)
 
 
@@ -399,12 +420,16 @@ def _graph_sizes(r: RegionRecord) -> str:
     return ", ".join(parts)
 
 
-def _delta(delta: Mapping[str, int]) -> str:
-    if not delta:
-        return ""
-    items = sorted(delta.items(), key=lambda kv: -abs(kv[1]))
-    shown = ", ".join(f"{k} {v:+d}" for k, v in items[:4])
-    return shown + (f", ... ({len(items) - 4} more)" if len(items) > 4 else "")
+def _delta(delta: Mapping[str, int], room: int = WIDTH) -> str:
+    """The largest op-count changes first, as many as fit in ``room`` characters with
+    a count of the rest (every change is in ``to_dict()``'s ``op_delta``)."""
+    items = [f"{k} {v:+d}" for k, v in sorted(delta.items(), key=lambda kv: -abs(kv[1]))]
+    for shown in range(len(items), 0, -1):
+        rest = len(items) - shown
+        text = ", ".join(items[:shown]) + (f", ... ({rest} more)" if rest else "")
+        if len(text) <= room:
+            return text
+    return f"{len(items)} ops changed" if items else ""
 
 
 def _point_dict(timeline: MemoryTimeline) -> dict[str, Any]:
@@ -449,6 +474,7 @@ def explain(
     config = MemoptConfig.from_options(options)
     backend = functools.partial(memopt_backend, options=config)
     compiled = torch.compile(fn, backend=backend)
+    breaks = _graph_break_counts()
     with recording() as records, one_step():
         out = compiled(*args, **kwargs)
         loss = _loss_of(out)
@@ -456,7 +482,32 @@ def explain(
             leaves = list(_autograd_leaves(loss))
             if leaves:
                 torch.autograd.grad(loss, leaves, allow_unused=True)
-    return Explanation(list(records), config, sharded_model=_sharded_model(fn))
+    return Explanation(
+        list(records), config, graph_breaks=_new_graph_breaks(breaks), sharded_model=_sharded_model(fn)
+    )
+
+
+def _graph_break_counts() -> Counter[str]:
+    """Dynamo's graph-break reasons so far in this process, with their counts (torch's
+    private ``torch._dynamo.utils.counters``; empty if it moved)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return Counter(counters["graph_break"])
+    except Exception:  # noqa: BLE001 - a private API: the report only loses the reasons
+        return Counter()
+
+
+def _new_graph_breaks(before: Counter[str]) -> list[str]:
+    """The reasons of the graph breaks since ``before``: each reason's first line and
+    Dynamo's hints (the rest, a developer context and a link, stays in TORCH_LOGS)."""
+    out = []
+    for reason, count in _graph_break_counts().items():
+        if count > before.get(reason, 0):
+            lines = [line.strip() for line in reason.splitlines() if line.strip()]
+            hints = [line for line in lines[1:] if line.startswith("Hint:")]
+            out.append(" ".join(lines[:1] + hints))
+    return out
 
 
 @contextlib.contextmanager
@@ -488,8 +539,13 @@ def record(optimizer: Any = None) -> Iterator[Explanation]:
     are bypassed so that every region goes through memopt's pipeline. Pass the
     training ``optimizer`` to report its state bytes too.
     """
+    breaks = _graph_break_counts()
     with recording() as records:
-        yield Explanation(records, optimizer=optimizer)
+        explanation = Explanation(records, optimizer=optimizer)
+        try:
+            yield explanation
+        finally:
+            explanation.graph_breaks = _new_graph_breaks(breaks)
 
 
 def _loss_of(out: Any) -> torch.Tensor | None:

@@ -414,3 +414,50 @@ def test_cli_fake_and_real_agree_when_the_model_returns_more_than_the_loss(tmp_p
     assert fake["estimated_peak_bytes"] == real["estimated_peak_bytes"]
     assert fake["peak_breakdown"] == real["peak_breakdown"]
 
+
+class _LongLines(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first_projection_with_a_long_name, self.second_projection_with_a_long_name = (
+            torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.first_projection_with_a_long_name(x) * 0.5 + 0.25) * torch.sigmoid(self.first_projection_with_a_long_name(x) - 0.125)  # noqa: E501
+        return self.second_projection_with_a_long_name(hidden).sum()
+
+
+def test_report_fits_in_120_columns():
+    """Every line of the report, under a budget too (long reasons, a trade-off table,
+    op-count changes), fits in 120 columns, whatever the length of the user's source
+    lines; the whole source line stays in ``to_dict()``."""
+    torch._dynamo.reset()
+    model, x = _LongLines(), torch.randn(16, 8)
+    for options in (EAGER, {**EAGER, "memory_budget": 0.7}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", memopt.MemoptBudgetWarning)
+            ex = memopt.explain(model, x, options=options)
+        text = ex.report()
+        assert max(len(line) for line in text.splitlines()) <= 120, text
+        assert "values saved for backward" in text and "test_report.py:" in text
+        assert any("torch.sigmoid(self.first_projection_with_a_long_name(x) - 0.125)" in (d["source"] or "")
+                   for d in ex.to_dict()["decisions"])
+
+
+def test_report_names_the_graph_breaks_and_their_reason():
+    """A step split by a graph break says so at the top of the report, with Dynamo's
+    reason, and ``to_dict()`` lists the reasons; a step without one says nothing."""
+
+    def split(x):
+        y = torch.tanh(x)
+        print("a print breaks the graph")
+        return (y * 2).sum()
+
+    torch._dynamo.reset()
+    ex = memopt.explain(split, torch.randn(4, requires_grad=True), options=EAGER)
+    head = ex.report().split("\n\n", 1)[0]
+    assert "graph breaks: Dynamo split the code into 2 regions" in head, head
+    assert "print" in " ".join(ex.to_dict()["graph_breaks"]).lower()
+    torch._dynamo.reset()
+    whole = memopt.explain(torch.nn.Linear(2, 2), torch.randn(1, 2), options=EAGER)
+    assert "graph breaks" not in whole.report() and whole.to_dict()["graph_breaks"] == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 
 from tabulate import tabulate
@@ -13,7 +14,7 @@ from memopt.units import format_bytes
 
 __all__ = [
     "summary_table", "breakdown_table", "decisions_table", "tradeoff_table", "storage_table",
-    "savings_table", "dominant_table",
+    "savings_table", "dominant_table", "WIDTH", "clip", "wrap",
 ]
 
 
@@ -55,9 +56,17 @@ def breakdown_table(timeline: MemoryTimeline) -> str:
     return tabulate(rows, headers=[f"at the peak (during {where})", "bytes", "share"])
 
 
+WIDTH = 120
+"""Columns the report's tables and notes fit in."""
+
+
 def decisions_table(decisions: Sequence[TensorDecision], limit: int = 10) -> str:
-    """The largest values backward needs, with memopt's decision and its reason."""
+    """The largest values backward needs, with memopt's decision, its reason (a note
+    under the table, numbered: many values share one) and the user line that produced
+    it (``file:line`` and as much of the code as fits in `WIDTH` columns; the whole line
+    is the decision's ``source``)."""
     ranked = sorted(decisions, key=lambda d: -d.bytes)[:limit]
+    reasons = list(dict.fromkeys(d.reason for d in ranked))
     rows = [
         [
             d.name,
@@ -65,15 +74,41 @@ def decisions_table(decisions: Sequence[TensorDecision], limit: int = 10) -> str
             d.dtype,
             format_bytes(d.bytes),
             d.policy,
-            d.reason,
-            d.source or "(no source line)",
+            f"[{reasons.index(d.reason) + 1}]",
         ]
         for d in ranked
     ]
-    headers = ["value", "shape", "dtype", "bytes", "decision", "reason", "produced by"]
+    headers = ["value", "shape", "dtype", "bytes", "decision", "why"]
+    room = max(WIDTH - len(tabulate(rows, headers=headers).splitlines()[1]) - 2, 24)
+    for row, d in zip(rows, ranked):
+        row.append(_source_cell(d, room))
     more = len(decisions) - len(ranked)
-    table = tabulate(rows, headers=headers)
-    return table + (f"\n... and {more} smaller value(s)" if more > 0 else "")
+    lines = [tabulate(rows, headers=[*headers, "produced by"])]
+    if more > 0:
+        lines.append(f"... and {more} smaller value(s)")
+    lines += [wrap(f"[{i}] {reason}", indent="    ") for i, reason in enumerate(reasons, 1)]
+    return "\n".join(lines)
+
+
+def _source_cell(d: TensorDecision, room: int) -> str:
+    if d.source_file is None:
+        return d.source or "(no source line)"
+    where = f"{d.source_file.rsplit('/', 1)[-1]}:{d.source_line}"
+    code = (d.source or "").split(": ", 1)[1] if ": " in (d.source or "") else ""
+    return clip(f"{where}  {code}".rstrip(), room)
+
+
+def clip(text: str, room: int) -> str:
+    """``text`` cut to ``room`` characters, ending in "..." when cut."""
+    return text if len(text) <= room else text[: room - 3].rstrip() + "..."
+
+
+def wrap(text: str, indent: str = "  ", first: str = "") -> str:
+    """``text`` wrapped to `WIDTH` columns, the first line indented by ``first``, the
+    others by ``indent``."""
+    return textwrap.fill(
+        text, WIDTH, initial_indent=first, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False
+    )
 
 
 def _pct(part: int, whole: int) -> str:
@@ -151,10 +186,12 @@ def savings_table(savings: Sequence[OptionSaving]) -> str:
 
     rows = [
         [s.technique, s.option, "yes" if s.in_use else "no",
-         "-" if s.saved_bytes is None else format_bytes(s.saved_bytes), share(s), s.basis]
+         "-" if s.saved_bytes is None else format_bytes(s.saved_bytes), share(s)]
         for s in savings
     ]  # fmt: skip
-    return tabulate(rows, headers=["technique", "option", "in use", "saves (now / would)", "of the peak", "modelled as"])
+    table = tabulate(rows, headers=["technique", "option", "in use", "saves (now / would)", "of the peak"])
+    notes = [wrap(f"{s.technique}: {s.basis}", indent="    ", first="  ") for s in savings]
+    return "\n".join([table, "modelled as:", *notes])
 
 
 def dominant_table(shares: Sequence[ParameterShare], peak_bytes: int) -> str:
