@@ -461,3 +461,16 @@ def test_report_names_the_graph_breaks_and_their_reason():
     torch._dynamo.reset()
     whole = memopt.explain(torch.nn.Linear(2, 2), torch.randn(1, 2), options=EAGER)
     assert "graph breaks" not in whole.report() and whole.to_dict()["graph_breaks"] == []
+
+
+@pytest.mark.parametrize("command", [["report"], ["fit", "--budget", "3MiB"]])
+def test_cli_factory_that_raises_is_an_error_without_memopt_frames(tmp_path, capsys, command):
+    """A factory that raises is the user's input error: exit status 2, "memopt: error:"
+    naming the factory and the exception, and the traceback from the factory's own
+    frame (it was a traceback through memopt's CLI, exit status 1)."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def build():\n    raise RuntimeError('no such checkpoint')\n")
+    assert cli_main([command[0], f"{bad}:build", "--quiet", *command[1:]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"memopt: error: {bad}:build raised RuntimeError: no such checkpoint"), err
+    assert f'File "{bad}", line 2, in build' in err and "memopt/cli" not in err

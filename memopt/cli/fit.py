@@ -58,11 +58,11 @@ def run(args: argparse.Namespace) -> int:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import memopt
-    from memopt.cli.main import CLIError, load_factory, parse_options
+    from memopt.cli.main import CLIError, call_factory, load_factory, parse_options
 
     factory = load_factory(args.target)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        built = factory()
+        built = call_factory(factory, args.target)
     if not isinstance(built, (tuple, list)) or len(built) not in (2, 3) or not callable(built[1]):
         raise CLIError(
             f"{args.target} must return (model, make_inputs) or (model, make_inputs, optimizer) with "

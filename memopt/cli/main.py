@@ -20,13 +20,14 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from memopt._factory import FactoryError
 from memopt._factory import load_factory as _load
 
-__all__ = ["main", "load_factory", "CLIError"]
+__all__ = ["main", "load_factory", "call_factory", "CLIError"]
 
 REPORT_HELP = """\
 memopt report FILE.py:FACTORY: a compile-time memory report for a model.
@@ -60,6 +61,17 @@ def load_factory(spec: str) -> Callable[[], Any]:
     except ValueError:  # no signature to read (a builtin): let the call say
         pass
     return factory
+
+
+def call_factory(factory: Callable[[], Any], spec: str, hint: str = "") -> Any:
+    """``factory()``; an exception it raises becomes a `CLIError` naming it, with the
+    traceback from the factory's own frame on (none of the CLI's) and ``hint``."""
+    try:
+        return factory()
+    except Exception as exc:  # noqa: BLE001 - the user's code: say what it raised, exit 2
+        tb = exc.__traceback__
+        trace = "".join(traceback.format_exception(type(exc), exc, tb.tb_next if tb is not None else None))
+        raise CLIError(f"{spec} raised {type(exc).__name__}: {exc}{hint}\n{trace.rstrip()}") from None
 
 
 def _unpack(result: Any, spec: str) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
@@ -137,7 +149,8 @@ def _run_report(args: argparse.Namespace) -> int:
     lowering = contextlib.nullcontext() if args.real else backward_with_forward()
     with mode, lowering:
         with progress.stage(f"building the model and inputs on {kind} tensors"):
-            model, inputs, kwargs = _unpack(factory(), args.target)
+            hint = "" if args.real else " (it ran on fake tensors: one that reads tensor values needs --real)"
+            model, inputs, kwargs = _unpack(call_factory(factory, args.target, hint), args.target)
         with progress.stage("compiling forward and backward with memopt"):
             explanation = memopt.explain(model, *inputs, options=options, **kwargs)
     progress.say(f"done: {len(explanation.regions)} region(s)")
