@@ -231,3 +231,23 @@ def test_backend_strict_raises(monkeypatch):
     compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "strict": True})
     with pytest.raises(Exception, match="memopt pass 'boom' failed"):
         compiled(torch.randn(2, 4)).sum().backward()
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_failed_pass_leaves_the_callers_step_as_it_came_in(strict):
+    """Trying passes one by one on one captured step: a pass that rewrites the graph
+    in place and then fails verification must not leave that step broken for the next
+    try (strict raises, non-strict falls back; either way the input is unchanged)."""
+    step = _step()
+    module, code = step.forward, step.forward.code
+    manager = PassManager([DeadCodeElimination(), RewireRelu()], [VerifyInstrument()])
+    if strict:
+        with pytest.raises(PassFailure):
+            manager.run(step, _ctx(strict=True))
+    else:
+        with pytest.warns(memopt.MemoptWarning):
+            result = manager.run(step, _ctx())
+        assert result.fallback is not None and result.step.forward.code != code  # DCE's work kept
+    assert step.forward is module and step.forward.code == code
+    verify_graph(step.forward)
+    assert _calls(step, torch.ops.aten.sin.default) == 1

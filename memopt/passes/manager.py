@@ -15,6 +15,7 @@ the first pass. One `MemoptWarning` names the pass and the reason
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memopt.analysis.manager import AnalysisManager
-from memopt.graph.step import StepGraphs
+from memopt.graph.step import StepGraphs, clone_graph_module
 from memopt.failsoft import Fallback, fail_soft
 from memopt.graph.verify import verify_step
 from memopt.errors import MemoptOffloadError, MemoptOptimizerError
@@ -126,10 +127,12 @@ class PassManager:
         self.disabled = frozenset(disabled)
 
     def run(self, step: StepGraphs, ctx: PassContext) -> PipelineResult:
-        """Run the pipeline on ``step`` (mutated in place when it succeeds)."""
+        """Run the pipeline on ``step`` (mutated in place when it succeeds; when a pass
+        fails, ``step`` is put back as it came in, and the result holds the fallback)."""
         records: list[PassRecord] = []
         enabled = [p for p in self.passes if p.name not in self.disabled]
         snapshot = step.clone() if enabled else step
+        originals = {f.name: getattr(step, f.name) for f in dataclasses.fields(step)}
         analyses = AnalysisManager(step)
         for inst in self.instruments:
             inst.before_pipeline(step, ctx)
@@ -147,6 +150,7 @@ class PassManager:
                 raise  # the user's setting (offload target, disk space) must change: not a memopt bug
             except Exception as exc:  # noqa: BLE001 - any pass error falls back
                 record.status = "failed"
+                _restore(step, originals, snapshot)
                 if ctx.config.strict:
                     raise PassFailure(p.name, ctx.region, f"{type(exc).__name__}: {exc}") from exc
                 step, kept = self._passes_before(p, snapshot, ctx)
@@ -210,3 +214,15 @@ class PassManager:
             analyses.invalidate(result.preserved)
         for inst in self.instruments:
             inst.after_pass(index, p, step, result, record, ctx)
+
+
+def _restore(step: StepGraphs, originals: dict[str, Any], snapshot: StepGraphs) -> None:
+    """Put ``step`` back as the pipeline received it: its fields (a pass may have
+    swapped a graph module) and its modules' graphs (one may have rewritten a graph in
+    place), copied from ``snapshot``. A caller that tries pass after pass on one
+    captured step, or holds its modules (a region's unoptimized step), keeps its input."""
+    for name, value in originals.items():
+        setattr(step, name, value)
+    for (_, gm), (_, saved) in zip(step.graphs(), snapshot.graphs(), strict=True):
+        gm.graph = clone_graph_module(saved).graph
+        gm.recompile()
