@@ -474,3 +474,26 @@ def test_cli_factory_that_raises_is_an_error_without_memopt_frames(tmp_path, cap
     err = capsys.readouterr().err
     assert err.startswith(f"memopt: error: {bad}:build raised RuntimeError: no such checkpoint"), err
     assert f'File "{bad}", line 2, in build' in err and "memopt/cli" not in err
+
+
+class _TwoBlocks(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)  # one source line for both blocks
+        return x.sum()
+
+
+def test_decisions_name_the_module_that_made_each_value():
+    """Two layers run by one line of code: each saved value names its module's path
+    (``blocks.0.1``, ``blocks.1.1`` for the tanh outputs), in ``to_dict()`` and in the
+    report, so the layers' values can be told apart."""
+    torch._dynamo.reset()
+    ex = memopt.explain(_TwoBlocks(), torch.randn(4, 8), options=EAGER)
+    modules = {d["module"] for d in ex.to_dict()["decisions"]}
+    assert {"blocks.0.1", "blocks.1.1"} <= modules, modules
+    text = ex.report()
+    assert "blocks.0.1" in text and "blocks.1.1" in text

@@ -36,6 +36,7 @@ __all__ = [
     "dynamo_source_name",
     "dynamo_input_of",
     "source_location",
+    "module_path",
     "is_tangent",
     "is_primal",
     "is_random",
@@ -53,6 +54,7 @@ _VAL = "val"
 _DESC = "desc"  # AOTAutograd's descriptor of what a placeholder holds (torch >= 2.9)
 _EXAMPLE_VALUE = "example_value"  # Dynamo-level graphs record values under this key
 _STACK_TRACE = "stack_trace"
+_MODULE_STACK = "nn_module_stack"
 _MEMOPT = "memopt"  # memopt's own tags live under one key: meta["memopt"][name]
 
 
@@ -180,6 +182,26 @@ def source_location(node: fx.Node) -> SourceLocation | None:
             code = ""
         best = SourceLocation(filename, int(match.group("line")), match.group("fn"), code)
     return best
+
+
+_DYNAMO_ROOT = re.compile(r"^L\[[^\]]*\](\[\d+\])*\.?")
+_INDEX = re.compile(r"\[(?:'([^']*)'|(\d+))\]")
+
+
+def module_path(node: fx.Node) -> str | None:
+    """The dotted path, from the compiled model, of the innermost ``nn.Module`` whose
+    forward made the node (``model.layers.0.mlp.gate_proj``): what tells two layers'
+    values apart where they share a source line. None when Dynamo recorded no module,
+    or the node was made by the model's own ``forward``."""
+    stack = node.meta.get(_MODULE_STACK) or {}
+    # Entries under the compiled callable's arguments (L[...]); a global's (G[...], a
+    # function a library wraps as a module) is no path in the model.
+    local = [str(entry[0]) for entry in stack.values() if str(entry[0]).startswith("L[")]
+    if not local:
+        return None
+    path = local[-1]
+    path = _INDEX.sub(lambda m: "." + (m.group(1) if m.group(1) is not None else m.group(2)), _DYNAMO_ROOT.sub("", path))
+    return path.strip(".") or None
 
 
 def dynamo_source_name(node: fx.Node) -> str | None:
@@ -371,7 +393,7 @@ def copy_provenance(src: fx.Node, dst: fx.Node) -> None:
 def copy_dynamo_provenance(src: fx.Node, dst: fx.Node) -> None:
     """Give ``dst``, a node of a Dynamo-level graph, the source line and module and
     function stacks of ``src`` (the keys Dynamo records and AOTAutograd carries on)."""
-    for key in (_STACK_TRACE, "nn_module_stack", "source_fn_stack"):
+    for key in (_STACK_TRACE, _MODULE_STACK, "source_fn_stack"):
         if key in src.meta:
             dst.meta[key] = src.meta[key]
 

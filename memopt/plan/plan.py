@@ -40,6 +40,9 @@ class TensorDecision:
     source_file: str | None = None
     source_line: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    module: str | None = None
+    """The dotted path of the ``nn.Module`` that produced the value
+    (`memopt.graph.meta.module_path`): tells apart layers sharing a source line."""
 
     @property
     def policy(self) -> str:
@@ -64,6 +67,7 @@ class TensorDecision:
             "source": self.source,
             "source_file": self.source_file,
             "source_line": self.source_line,
+            "module": self.module,
             "details": dict(self.details),
         }
 
@@ -82,6 +86,7 @@ class TensorDecision:
             source_file=data.get("source_file"),
             source_line=data.get("source_line"),
             details=dict(data.get("details", {})),
+            module=data.get("module"),
         )
 
 
@@ -94,6 +99,8 @@ def decision_for(interval: LiveInterval, action: Action, reason: str, **details:
     loc = meta.source_location(interval.node)
     if decision.source is None and loc is not None:
         decision = dataclasses.replace(decision, source=str(loc), source_file=loc.filename, source_line=loc.lineno)
+    if decision.module is None:
+        decision = dataclasses.replace(decision, module=meta.module_path(interval.node))
     return decision
 
 
@@ -115,6 +122,7 @@ def decision_for_node(
         source_file=None if loc is None else loc.filename,
         source_line=None if loc is None else loc.lineno,
         details=dict(details),
+        module=meta.module_path(node),
     )
 
 

@@ -63,22 +63,21 @@ WIDTH = 120
 def decisions_table(decisions: Sequence[TensorDecision], limit: int = 10) -> str:
     """The largest values backward needs, with memopt's decision, its reason (a note
     under the table, numbered: many values share one) and the user line that produced
-    it (``file:line`` and as much of the code as fits in `WIDTH` columns; the whole line
-    is the decision's ``source``)."""
+    it (``file:line``, the module's path and as much of the code as fits in `WIDTH`
+    columns; the whole line is the decision's ``source``)."""
     ranked = sorted(decisions, key=lambda d: -d.bytes)[:limit]
     reasons = list(dict.fromkeys(d.reason for d in ranked))
     rows = [
         [
-            d.name,
+            d.node_name,
             "x".join(str(s) for s in d.shape) or "scalar",
             d.dtype,
             format_bytes(d.bytes),
-            d.policy,
-            f"[{reasons.index(d.reason) + 1}]",
+            f"{d.policy} [{reasons.index(d.reason) + 1}]",
         ]
         for d in ranked
     ]
-    headers = ["value", "shape", "dtype", "bytes", "decision", "why"]
+    headers = ["forward value", "shape", "dtype", "bytes", "decision"]
     room = max(WIDTH - len(tabulate(rows, headers=headers).splitlines()[1]) - 2, 24)
     for row, d in zip(rows, ranked):
         row.append(_source_cell(d, room))
@@ -93,7 +92,7 @@ def decisions_table(decisions: Sequence[TensorDecision], limit: int = 10) -> str
 def _source_cell(d: TensorDecision, room: int) -> str:
     if d.source_file is None:
         return d.source or "(no source line)"
-    where = f"{d.source_file.rsplit('/', 1)[-1]}:{d.source_line}"
+    where = f"{d.source_file.rsplit('/', 1)[-1]}:{d.source_line}" + (f"  {d.module}" if d.module else "")
     code = (d.source or "").split(": ", 1)[1] if ": " in (d.source or "") else ""
     return clip(f"{where}  {code}".rstrip(), room)
 
