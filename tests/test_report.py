@@ -458,6 +458,8 @@ def test_report_names_the_graph_breaks_and_their_reason():
     head = ex.report().split("\n\n", 1)[0]
     assert "graph breaks: Dynamo split the code into 2 regions" in head, head
     assert "print" in " ".join(ex.to_dict()["graph_breaks"]).lower()
+    peak = ex.to_dict()["peak_at"]  # node names repeat across regions: the peak names its region
+    assert f"at the peak (during {peak['graph']} {peak['node']} of region {peak['region']})" in ex.report()
     torch._dynamo.reset()
     whole = memopt.explain(torch.nn.Linear(2, 2), torch.randn(1, 2), options=EAGER)
     assert "graph breaks" not in whole.report() and whole.to_dict()["graph_breaks"] == []

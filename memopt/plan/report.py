@@ -46,7 +46,7 @@ def breakdown_table(timeline: MemoryTimeline) -> str:
     """Live bytes by category at the estimated peak."""
     breakdown = timeline.peak_breakdown
     point = timeline.points[timeline.peak_index] if timeline.points else None
-    where = f"{point.graph} {point.node}" if point else "-"
+    where = f"{point.graph} {point.node}" + (f" of region {point.region}" if point.region else "") if point else "-"
     rows = [
         [category.replace("_", " "), format_bytes(breakdown[category]), _pct(breakdown[category], timeline.peak_bytes)]
         for category in CATEGORIES
