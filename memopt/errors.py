@@ -22,7 +22,19 @@ class MemoptWarning(UserWarning):
 
 class MemoptBudgetWarning(MemoptWarning):
     """The requested ``memory_budget`` cannot be met: memopt runs the plan with the
-    smallest peak it found (`MemoptBudgetError` with ``strict=True``)."""
+    smallest peak it found (`MemoptBudgetError` with ``strict=True``).
+
+    Raised by memopt's planner, it carries the figures its message states (None
+    otherwise), so that the regions of one step split by graph breaks, which state the
+    same budget and peak, can be reported once for the step."""
+
+    region: str | None = None
+    """The region (Dynamo's compile id) or, for a step, its regions (``"2/0 and 4/0"``)."""
+    budget_bytes: int | None = None
+    min_feasible_peak: int | None = None
+    statement: str | None = None
+    """The message after ``"is infeasible for region R: "``: the peaks, what holds
+    them, the advice."""
 
 
 class MemoptBudgetError(ValueError):

@@ -16,9 +16,11 @@ import torch.nn.functional as F
 
 import memopt
 from memopt.analysis.memory import compose_timelines
+from memopt.backends.wholestep import _step_budget_warning
 from memopt.plan.step_context import RegionInStep, StepContext
 from memopt.testing.measure import measure_peak
 from memopt.testing.zoo import zoo_case
+from memopt.units import format_bytes
 
 VOCAB, DIM = 512, 32
 
@@ -530,14 +532,35 @@ def test_a_budget_the_step_meets_raises_no_alarm(unbudgeted: Any) -> None:
     assert _budget_warnings(budget, whole=False), "control: planned alone, a region raises the false alarm"
 
 
-def test_an_infeasible_budget_warns_once_per_region(unbudgeted: Any) -> None:
-    """At a budget nothing meets, each region's warning comes once: the loss region's
-    at its compile, the first region's from its whole-step plan (the one it held
-    from its compile alone is dropped)."""
+def test_an_infeasible_budget_warns_once_per_step(unbudgeted: Any) -> None:
+    """At a budget nothing meets, the step's regions, planned as a whole, state the
+    same budget and the same step peak: that is said once, for the step, naming its
+    regions (it was said once per region, the same figures twice). The warning each
+    region held from its compile alone is dropped. Planned alone, the regions state
+    their own figures, each once."""
     _, explanation, _ = unbudgeted
-    messages = _budget_warnings(int(0.01 * explanation.estimated_peak_bytes))
-    regions = sorted(m.split(" is infeasible for region ")[1].split(":")[0] for m in messages)
-    assert [r.region for r in explanation.regions] == regions, messages
+    budget = int(0.01 * explanation.estimated_peak_bytes)
+    messages = _budget_warnings(budget)
+    names = " and ".join(r.region for r in explanation.regions)
+    assert len(messages) == 1, messages
+    assert messages[0].startswith(f"memory_budget {format_bytes(budget)} is infeasible for the step of regions {names} ")
+    alone = _budget_warnings(budget, whole=False)
+    assert sorted(m.split(" is infeasible for region ")[1].split(":")[0] for m in alone) == names.split(" and ")
+
+
+def test_a_steps_regions_with_different_figures_warn_once_naming_each() -> None:
+    """Regions of one step whose plans state different budgets or peaks are named
+    with theirs in one warning, which ends with the advice of the region compiled
+    last; with the same figures, the step's budget is stated once."""
+    last = memopt.MemoptBudgetWarning("... region 0/0 ...")
+    last.region, last.budget_bytes, last.min_feasible_peak, last.statement = "0/0", 1000, 4096, "advice of 0/0."
+    message = str(_step_budget_warning([("0/0", 1000, 4096), ("1/0", 1000, 8192)], last))
+    assert message.startswith("memory_budget is infeasible for the step of regions 0/0 and 1/0 "), message
+    assert "region 0/0: budget 1000 B, peak 4.00 KiB; region 1/0: budget 1000 B, peak 8.00 KiB" in message
+    assert message.endswith("For region 0/0, compiled last: advice of 0/0.")
+    same = str(_step_budget_warning([("0/0", 1000, 4096), ("1/0", 1000, 4096)], last))
+    assert same.startswith("memory_budget 1000 B is infeasible for the step of regions 0/0 and 1/0 "), same
+    assert same.endswith(": advice of 0/0.") and "peak 4.00 KiB" not in same
 
 
 def test_a_single_region_step_emits_its_held_warning_at_its_first_backward() -> None:
@@ -570,7 +593,7 @@ def test_explain_warns_for_each_infeasible_region_of_a_step_with_a_graph_break()
     infeasible = sorted(r.region for r in explanation.regions if r.plan is not None and not r.plan.feasible)
     messages = [str(w.message) for w in caught if issubclass(w.category, memopt.MemoptBudgetWarning)]
     assert len(infeasible) == 2, [r.region for r in explanation.regions]
-    assert sorted(m.split(" is infeasible for region ")[1].split(":")[0] for m in messages) == infeasible, messages
+    assert sorted(m.split(" is infeasible for region ")[1].split(":")[0].split(" ")[0] for m in messages) == infeasible, messages
 
 
 def test_a_region_compiled_again_dumps_beside_its_first_compile(tmp_path: Any) -> None:

@@ -39,7 +39,10 @@ to them. memopt plans such a step in four moves:
 
 A region compiled while it may still be planned again (moves 1 and 2) holds its
 `MemoptBudgetWarning`s until it keeps its plan (a provisional plan may judge a budget
-infeasible that its step meets).
+infeasible that its step meets); a region compiled again for its step holds them too.
+When a step completes with no re-plan to come, its regions emit what they hold, the
+budget warnings of several regions as one for the step (`_settle_step`): planned as a
+whole, they state the same budget and step peak.
 
 Re-planning happens only under a memory budget, and only for graphs with static shapes
 (it traces the Dynamo graph again on fake copies of the example inputs). A step that
@@ -116,6 +119,7 @@ from memopt.errors import MemoptBudgetWarning, MemoptWarning
 from memopt.failsoft import fail_soft
 from memopt.graph import meta
 from memopt.plan.step_context import RegionInStep, StepContext
+from memopt.units import format_bytes
 
 __all__ = ["CompiledRegion", "StepTracker", "TRACKER", "WatchedRegion", "one_step"]
 
@@ -179,6 +183,7 @@ class CompiledRegion(WatchedRegion):
         compiler.example_inputs = ()  # real tensors: not kept past the compile
         self.tracking = compiler.record.kind == "training"
         self._held = held
+        self._held_at = (next(_COMPILES), 0)  # (compile order, calls before it)
         if not self.tracking:
             self.settle()  # no step to wait for
         self.steps_seen = 0
@@ -233,14 +238,18 @@ class CompiledRegion(WatchedRegion):
         if self._step is not None:
             self._replan(self._step)
         self.calls += 1
-        if self._held and self.calls > OBSERVED_STEPS + 1:
-            self.settle()  # no step of it completed: it stays planned alone
+        if self._held and self.calls > self._held_at[1] + OBSERVED_STEPS + 1:
+            self.settle()  # no step of it completed since its compile: it keeps its plan
         return super().__call__(*args)
 
     def settle(self) -> None:
         """The region keeps the plan it has: emit the budget warnings its compile held."""
+        _emit(self.take_held())
+
+    def take_held(self) -> list[warnings.WarningMessage]:
+        """The warnings its compile held (they are then no longer held)."""
         held, self._held = self._held, []
-        _emit(held)
+        return held
 
     def _replan(self, planned: tuple[list[CompiledRegion], _Observed]) -> None:
         self._step = None
@@ -252,7 +261,8 @@ class CompiledRegion(WatchedRegion):
         compiler = old.replanned(context, self._fakes)
         log.info("region %s: compiling again (%s)", self.name, context.describe())
         try:
-            self.fn = self._compile(compiler, self._gm, self._fakes)
+            with _holding_budget_warnings(True) as held:  # emitted once for the step (`_settle_step`)
+                self.fn = self._compile(compiler, self._gm, self._fakes)
         except Exception as exc:  # noqa: BLE001 - fail soft, see memopt.failsoft
             self.settle()
             compiler.hand_back_record(old)
@@ -264,7 +274,8 @@ class CompiledRegion(WatchedRegion):
             )
             return
         self.compiler = compiler
-        self._held = []  # the step's plan replaces the one they were about (it warns itself)
+        self._held = held  # the step's plan replaces the one the earlier ones were about
+        self._held_at = (next(_COMPILES), self.calls)
         for i, other in enumerate(step):
             if other is not self:
                 other.compiler.place_in(_context_of(step, i, observed))
@@ -551,6 +562,9 @@ class StepTracker:
         return None
 
 
+_COMPILES = itertools.count()
+"""Orders the compiles whose budget warnings regions hold."""
+
 MAX_REPLANS = 3
 """Compiles of a region planned for its step, at most: the first, and one for each
 later step whose caller keeps outputs the plan assumed handed on."""
@@ -571,9 +585,63 @@ def _step_done(runs: list[_Run], order: list[_Run]) -> None:
     try:
         _decide(runs, order, regions)
     finally:
-        for region in regions:
-            if (not region.tracking or region.decided is not None) and region._step is None:
-                region.settle()
+        if not any(region._step is not None for region in regions):  # else they wait for the re-planned step
+            _settle_step([r for r in regions if not r.tracking or r.decided is not None])
+
+
+def _settle_step(regions: list[CompiledRegion]) -> None:
+    """The regions of one step (in forward order) keep their plans: emit the warnings
+    they held, the `MemoptBudgetWarning`s of several regions once for the step.
+    Planned as a whole, every region states the same budget and the same step peak
+    (a region compiled before another's re-plan restates its estimates for the step
+    as now planned, `RegionCompiler.place_in`); that is said once, with what holds the
+    peak and the advice of the region compiled last (it saw the others' plans as they
+    are). Regions whose figures differ are named with theirs, in one warning."""
+    held = [(r, w) for r in regions for w in r.take_held()]
+    budget = [(r, w) for r, w in held if isinstance(w.message, MemoptBudgetWarning) and w.message.statement]
+    _emit([w for r, w in held if all(w is not v for _, v in budget)])
+    if len(budget) < 2:
+        _emit([w for _, w in budget])
+        return
+    last = max(budget, key=lambda rw: rw[0]._held_at)[1]
+    figures = [(r.name, *_planned_figures(r, w.message)) for r, w in budget]  # type: ignore[arg-type]
+    warning = _step_budget_warning(figures, last.message)  # type: ignore[arg-type]
+    warnings.warn_explicit(warning, MemoptBudgetWarning, last.filename, last.lineno, source=last.source)
+
+
+def _planned_figures(region: CompiledRegion, held: MemoptBudgetWarning) -> tuple[int | None, int | None]:
+    """The region's budget and peak as its step is planned now (its record's plan),
+    else as its warning stated them."""
+    plan = region.compiler.record.plan
+    if plan is None:
+        return held.budget_bytes, held.min_feasible_peak
+    return plan.budget_bytes, plan.estimated_peak_after
+
+
+def _step_budget_warning(
+    figures: list[tuple[str, int | None, int | None]], last: MemoptBudgetWarning
+) -> MemoptBudgetWarning:
+    """One warning for the budget warnings of a step's regions: ``figures`` (region,
+    budget, peak as planned), in forward order; ``last``: the warning of the region
+    compiled last."""
+    names = [name for name, _, _ in figures]
+    regions = f"{', '.join(names[:-1])} and {names[-1]}"
+    if len({(b, p) for _, b, p in figures}) == 1:
+        message = (
+            f"memory_budget {format_bytes(last.budget_bytes)} is infeasible for the step of regions {regions} "
+            f"(compiled apart, planned as a whole: each region states this budget and this peak, the step's): "
+            f"{last.statement}"
+        )
+    else:
+        stated = "; ".join(f"region {n}: budget {format_bytes(b)}, peak {format_bytes(p)}" for n, b, p in figures)
+        message = (
+            f"memory_budget is infeasible for the step of regions {regions} (compiled apart), whose plans "
+            f"state different budgets or peaks: {stated}. For region {last.region}, compiled last: {last.statement}"
+        )
+    warning = MemoptBudgetWarning(message)
+    warning.region, warning.statement = regions, last.statement
+    warning.budget_bytes, warning.min_feasible_peak = last.budget_bytes, last.min_feasible_peak
+    return warning
 
 
 def _decide(runs: list[_Run], order: list[_Run], regions: list[CompiledRegion]) -> None:

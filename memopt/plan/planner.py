@@ -89,7 +89,8 @@ def plan_region(
     result = _remat_plan(plan, step, solution, budget)
     if not solution.feasible:
         sharded = any(is_collective(n) for _, gm in step.graphs() for n in gm.graph.nodes)
-        _report_infeasible(result, config, sharded=sharded)
+        unoptimized = None if context is None else context.unoptimized_peak(step, before)
+        _report_infeasible(result, config, sharded=sharded, step_unoptimized=unoptimized)
     return result
 
 
@@ -286,27 +287,40 @@ def _listing(words: list[str]) -> str:
 
 
 def _report_infeasible(
-    plan: MemoryPlan, config: MemoptConfig, by: str = "rematerialization", *, sharded: bool = False
+    plan: MemoryPlan,
+    config: MemoptConfig,
+    by: str = "rematerialization",
+    *,
+    sharded: bool = False,
+    step_unoptimized: int | None = None,
 ) -> None:
+    """Warn (raise when strict) that ``plan`` misses its budget. ``step_unoptimized``:
+    the region was planned in its step (graph breaks), whose unoptimized peak the
+    message states (the plan's peaks are the step's too)."""
     blockers = sorted(((v, k) for k, v in plan.blockers.items() if v), reverse=True)[:4]
     listed = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for v, k in blockers)
     why = f" ({_INFERENCE})" if _INFERENCE in plan.notes else ""
-    message = (
-        f"memory_budget {format_bytes(plan.budget_bytes)} is infeasible for region {plan.region}: "
+    unoptimized = plan.estimated_peak_before if step_unoptimized is None else step_unoptimized
+    where = f"region {plan.region}" + ("" if step_unoptimized is None else " (planned in its step: the peaks are the step's)")
+    statement = (
         f"the smallest peak memopt can reach is {format_bytes(plan.min_feasible_peak)} "
-        f"(unoptimized {format_bytes(plan.estimated_peak_before)}){why}. At that peak the largest "
+        f"(unoptimized {format_bytes(unoptimized)}){why}. At that peak the largest "
         f"contributors {by} cannot remove are: {listed}. Raise the budget to at least "
         f"{format_bytes(plan.min_feasible_peak)}, or shrink them: {_shrinking_advice(plan.blockers, config, sharded)}."
     )
     if plan.blockers.get("gradients") and plan.blockers.get("optimizer_state") and config.optimizer_in_backward is None:
-        message += (
+        statement += (
             " Gradients are live with the optimizer's state at that peak: optimizer_in_backward=opt frees "
             "each gradient at its update (docs/whole_step.md); 8-bit or low-rank optimizer state shrinks the "
             "state (docs/optimizers.md)."
         )
+    message = f"memory_budget {format_bytes(plan.budget_bytes)} is infeasible for {where}: {statement}"
     if config.strict:
         raise MemoptBudgetError(message)
-    warnings.warn(message + " Using the plan with the smallest peak.", MemoptBudgetWarning, stacklevel=3)
+    warning = MemoptBudgetWarning(message + " Using the plan with the smallest peak.")
+    warning.region, warning.budget_bytes, warning.min_feasible_peak = plan.region, plan.budget_bytes, plan.min_feasible_peak
+    warning.statement = statement + " Using the plan with the smallest peak."
+    warnings.warn(warning, stacklevel=3)
 
 
 def _remat_plan(plan: MemoryPlan, step: StepGraphs, solution: RematSolution, budget: int) -> MemoryPlan:

@@ -70,7 +70,7 @@ def test_inductor_compile_logs_no_warning(options: dict[str, object] | None, war
 
     model, inputs = build("llama")
     with fresh_cache(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is infeasible for region", category=MemoptWarning)
+        warnings.filterwarnings("ignore", message=".*is infeasible for", category=MemoptWarning)
         torch.compile(model, backend="memopt", options=options)(**inputs).loss.backward()
     loud = [r for r in warnings_logged if r.levelno >= logging.WARNING]
     assert not loud, "\n".join(f"{r.name}: {r.getMessage()}" for r in loud)
