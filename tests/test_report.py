@@ -279,6 +279,24 @@ def test_savings_rows_name_the_options_in_use_and_read_an_attached_optimizer():
     assert any(s.state_bytes > 0 for s in explanation.dominant_parameters(share=0.0))
 
 
+def test_an_option_set_that_the_plan_uses_for_no_value_reads_as_on():
+    """compress_activations='int8' under a budget the step meets uncompressed: the
+    plan compresses nothing, and the compression row said "in use: no" as if the
+    option were off. It now says the option is on and the plan compresses no value."""
+    torch._dynamo.reset()
+    case = zoo_case("gpt")
+    options = {**EAGER, "memory_budget": 1.0, "compress_activations": "int8"}
+    explanation = memopt.explain(case.build(), *case.inputs(4), options=options)
+    assert not [d for d in explanation.decisions() if d.policy == "compress"]
+    rows = {s.technique: s for s in explanation.savings()}
+    assert (rows["compression"].in_use, rows["compression"].option_on) == (False, True)
+    assert (rows["offload"].in_use, rows["offload"].option_on) == (False, False)  # not set: plainly "no"
+    lines = explanation.report().splitlines()
+    row = next(line for line in lines if line.startswith("compression  "))
+    assert row.split()[2:5] == ["no", "(option", "on)"], row
+    assert any("compress_activations='int8' is set, but the plan compresses no value" in line for line in lines)
+
+
 def test_saved_casts_cast_again_are_not_rematerialization_in_use():
     """Under precision lowering without a budget, `recompute_saved_casts` casts saved
     dtype copies again in backward; the rematerialization row (option memory_budget)

@@ -70,6 +70,10 @@ class OptionSaving:
     not in use; for one in use, the peak it took its bytes off (without memopt's
     passes for the plan's decisions; the peak now plus the saving for a saving
     modelled as a difference of peaks)."""
+    option_on: bool = False
+    """The option is set though the technique is not in use: the plan, which decides
+    per value, chose it for none (``compress_activations`` under a budget the step
+    meets without compressing)."""
 
 
 @dataclass(frozen=True)
@@ -173,12 +177,15 @@ def option_savings(
     compress = config.compress_activations or "int8"
     rows = [
         _row("rematerialization", f"memory_budget={budget}", in_use["recompute"], taken["recompute"],
-             total_saved, "every saved activation at the peak (an upper bound: segment boundaries stay)", now, unoptimized),
+             total_saved, "every saved activation at the peak (an upper bound: segment boundaries stay)", now, unoptimized,
+             on=config.memory_budget is not None, verb="recomputes"),
         _precision_row(config, fp32 // 2, now),
         _row("compression", f"compress_activations={compress!r}", in_use["compress"], taken["compress"], one_byte,
-             "saved activations at the peak stored at one byte per element", now, unoptimized),
+             "saved activations at the peak stored at one byte per element", now, unoptimized,
+             on=config.compress_activations is not None, verb="compresses"),
         _row("offload", f"offload={config.offload or 'auto'!r}", in_use["offload"], taken["offload"], total_saved,
-             "every saved activation at the peak moved to host or disk", now, unoptimized),
+             "every saved activation at the peak moved to host or disk", now, unoptimized,
+             on=config.offload is not None, verb="offloads"),
     ]  # fmt: skip
     rows.append(_fused_row(optimizer, fused_peaks, now))
     rows.extend(_state_rows(optimizer, params, now))
@@ -192,15 +199,28 @@ def _counted_at(in_use: bool, saved: int | None, now: int) -> int:
 
 
 def _row(
-    technique: str, option: str, in_use: bool, taken: int | None, would: int, basis: str, now: int, unoptimized: int
+    technique: str,
+    option: str,
+    in_use: bool,
+    taken: int | None,
+    would: int,
+    basis: str,
+    now: int,
+    unoptimized: int,
+    *,
+    on: bool,
+    verb: str,
 ) -> OptionSaving:
     """A technique the plan decides per value: in use (``taken`` given), what its
     decisions took off the step's peak without memopt's passes; else what it
-    ``would`` take off the peak now."""
+    ``would`` take off the peak now (``on``: its option is set, and the plan ``verb``
+    no value)."""
     if in_use and taken is not None:
         return OptionSaving(technique, option, True, taken, "what the plan's decisions take off the peak without "
                             "memopt's passes (an upper bound on the drop: the peak may move)", unoptimized)  # fmt: skip
-    return OptionSaving(technique, option, in_use, would, basis, _counted_at(in_use, would, now))
+    if on and not in_use:
+        basis = f"{option} is set, but the plan {verb} no value; would save: {basis}"
+    return OptionSaving(technique, option, in_use, would, basis, _counted_at(in_use, would, now), option_on=on and not in_use)
 
 
 def _precision_row(config: MemoptConfig, would: int, now: int) -> OptionSaving:

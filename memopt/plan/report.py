@@ -176,7 +176,7 @@ def savings_table(savings: Sequence[OptionSaving]) -> str:
     """Each technique: whether the step uses it, the bytes it takes (or would take)
     off an estimated peak, that share of the peak (`OptionSaving.peak_bytes`: the peak
     now, or for an option in use the peak it came off, marked "before"), and how it
-    was modelled."""
+    was modelled. An option set that the plan chose for no value is "no (option on)"."""
 
     def share(s: OptionSaving) -> str:
         if s.saved_bytes is None:
@@ -184,7 +184,7 @@ def savings_table(savings: Sequence[OptionSaving]) -> str:
         return _pct(s.saved_bytes, s.peak_bytes) + (" (before)" if s.in_use else "")
 
     rows = [
-        [s.technique, s.option, "yes" if s.in_use else "no",
+        [s.technique, s.option, "yes" if s.in_use else "no (option on)" if s.option_on else "no",
          "-" if s.saved_bytes is None else format_bytes(s.saved_bytes), share(s)]
         for s in savings
     ]  # fmt: skip
