@@ -28,12 +28,11 @@ def configure_from_env() -> None:
     if not value or value == "0":
         return
     level = _LEVELS.get(value)
-    if level is None:
-        logger.warning("MEMOPT_LOGS=%r not understood; use one of %s", value, sorted(_LEVELS))
-        level = logging.INFO
-    logger.setLevel(level)
+    logger.setLevel(logging.INFO if level is None else level)
     if not any(getattr(h, "_memopt", False) for h in logger.handlers):
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("[memopt %(levelname)s] %(message)s"))
         handler._memopt = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
+    if level is None:  # after the handler exists, so that it carries memopt's prefix
+        logger.warning("MEMOPT_LOGS=%r not understood; use one of %s (logging at info)", value, sorted(_LEVELS))
