@@ -64,6 +64,26 @@ def test_plot_writes_png_and_svg(gpt_explanation, tmp_path):
     assert "<svg" in pathlib.Path(svg).read_text()[:1000]
 
 
+def test_plot_of_a_step_with_a_graph_break_marks_and_labels_each_regions_graphs(tmp_path, monkeypatch):
+    """The plot of a step of several regions marked only where the first backward
+    began; it now marks where each region's forward and backward start and labels
+    them, in the step's order: forwards in order, backwards in reverse."""
+    import matplotlib.axes
+
+    torch._dynamo.reset()
+    case = zoo_case("graph_break")
+    explanation = memopt.explain(case.build(), *case.inputs(8), options=EAGER)
+    first, second = (r.region for r in explanation.regions)
+    texts, lines = [], []
+    text, axvline = matplotlib.axes.Axes.text, matplotlib.axes.Axes.axvline
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", lambda ax, x, y, s, *a, **k: (texts.append(s), text(ax, x, y, s, *a, **k))[1])
+    monkeypatch.setattr(matplotlib.axes.Axes, "axvline", lambda ax, x=0, *a, **k: (lines.append(x), axvline(ax, x, *a, **k))[1])
+    explanation.plot(str(tmp_path / "step.png"))
+    labels = [t for t in texts if not t.startswith("peak")]
+    assert labels == [f"{first} forward", f"{second} forward", f"{second} backward", f"{first} backward"], texts
+    assert len(lines) == 3 and lines == sorted(lines) and lines[0] > 0, lines
+
+
 def test_memory_snapshot_opens_in_torch_visualizer(gpt_explanation, tmp_path):
     snapshot = gpt_explanation.memory_snapshot()
     trace = snapshot["device_traces"][0]

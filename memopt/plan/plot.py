@@ -9,7 +9,7 @@ from __future__ import annotations
 from memopt.analysis.memory import CATEGORIES, MemoryTimeline
 from memopt.units import format_bytes
 
-__all__ = ["plot_timeline", "plot_tradeoff"]
+__all__ = ["plot_timeline", "plot_tradeoff", "region_spans"]
 
 _COLORS = {
     "parameters": "#4C72B0",
@@ -33,6 +33,17 @@ def _series(timeline: MemoryTimeline) -> dict[str, list[float]]:
         for i in range(start, end + 1):
             series[iv.category][i] += iv.nbytes
     return series
+
+
+def region_spans(timeline: MemoryTimeline) -> list[tuple[int, str, str]]:
+    """Where each graph of each region starts in ``timeline``: (first point, region,
+    graph), in order. A step split by graph breaks runs the regions' forwards in
+    order and their backwards in reverse; the plot marks and labels each span."""
+    spans: list[tuple[int, str, str]] = []
+    for i, p in enumerate(timeline.points):
+        if not spans or spans[-1][1:] != (p.region, p.graph):
+            spans.append((i, p.region, p.graph))
+    return spans
 
 
 def plot_timeline(
@@ -60,10 +71,19 @@ def plot_timeline(
     used = [c for c in CATEGORIES if any(series[c])]
     ax.stackplot(x, *[[v / scale for v in series[c]] for c in used],
                  labels=[c.replace("_", " ") for c in used], colors=[_COLORS[c] for c in used], alpha=0.9)
-    boundary = next((i for i, p in enumerate(timeline.points) if p.graph == "backward"), None)
-    if boundary is not None:
-        ax.axvline(boundary, color="black", linestyle=":", linewidth=1)
-        ax.text(boundary, 0, " backward", va="bottom", fontsize=8)
+    top = max(timeline.peak_bytes, budget_bytes or 0) / scale * 1.12
+    spans = region_spans(timeline)
+    if len({region for _, region, _ in spans}) > 1:  # a step of several regions: mark and label each graph
+        for start, region, graph in spans:
+            if start:
+                ax.axvline(start, color="black", linestyle=":", linewidth=1)
+            ax.text(start, 0, f"{region} {graph}", va="bottom", ha="left", fontsize=7, rotation=90,
+                    bbox={"facecolor": "white", "alpha": 0.7, "pad": 1, "linewidth": 0})
+    else:
+        boundary = next((i for i, p in enumerate(timeline.points) if p.graph == "backward"), None)
+        if boundary is not None:
+            ax.axvline(boundary, color="black", linestyle=":", linewidth=1)
+            ax.text(boundary, 0, " backward", va="bottom", fontsize=8)
     ax.plot([timeline.peak_index], [timeline.peak_bytes / scale], marker="v", color="black")
     ax.annotate(f"peak {format_bytes(timeline.peak_bytes)}", (timeline.peak_index, timeline.peak_bytes / scale),
                 textcoords="offset points", xytext=(5, 5), fontsize=8)
@@ -72,7 +92,7 @@ def plot_timeline(
     ax.set_xlabel("op in the step (forward, then backward)")
     ax.set_ylabel(f"live memory ({unit})")
     ax.set_title(title or "memopt: estimated memory timeline of one step")
-    ax.set_ylim(0, max(timeline.peak_bytes, budget_bytes or 0) / scale * 1.12)
+    ax.set_ylim(0, top)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
