@@ -239,7 +239,7 @@ class RegionCompiler:
         self.record.timeline_before = before
         self.record.timeline_after = after
         plan = finish_plan(ctx.plan, placed(self.context, result.step, after), result)
-        self.record.plan = plan if result.fallback is not None else check_final_budget(plan, self.config)
+        self.record.plan = plan if result.fallback is not None else check_final_budget(plan, self.config, result.step)
         if result.fallback is not None:
             self.record.fallbacks.append(result.fallback)
         return result.step

@@ -75,7 +75,7 @@ def plan_region(
             return _storage_applied(plan, stored, step.region, None, placed(context, step, stored.timeline))
         return plan
     if not step.is_training or step.joint is None:
-        return _infeasible_inference(plan, in_step, budget, config)
+        return _infeasible_inference(plan, in_step, budget, config, sharded=_sharded(step))
     limit = config.planner_time_limit
     solution = plan_remat(step, budget, time_limit=limit, context=context)
     option_sets = _option_sets(storage, exact=solution) if use_storage else []  # type: ignore[arg-type]
@@ -88,10 +88,15 @@ def plan_region(
             return _with(result, notes=result.notes + (note,))
     result = _remat_plan(plan, step, solution, budget)
     if not solution.feasible:
-        sharded = any(is_collective(n) for _, gm in step.graphs() for n in gm.graph.nodes)
         unoptimized = None if context is None else context.unoptimized_peak(step, before)
-        _report_infeasible(result, config, sharded=sharded, step_unoptimized=unoptimized)
+        _report_infeasible(result, config, sharded=_sharded(step), step_unoptimized=unoptimized)
     return result
+
+
+def _sharded(step: StepGraphs) -> bool:
+    """Whether the region's parameters are sharded already (its graphs run collectives):
+    the advice for an infeasible budget is then more ranks or a higher stage."""
+    return any(is_collective(n) for _, gm in step.graphs() for n in gm.graph.nodes)
 
 
 def base_plan(
@@ -227,18 +232,20 @@ def _storage_reason(c: Any, why: str) -> str:
     )
 
 
-def check_final_budget(plan: MemoryPlan, config: MemoptConfig) -> MemoryPlan:
+def check_final_budget(plan: MemoryPlan, config: MemoptConfig, step: StepGraphs | None = None) -> MemoryPlan:
     """After the pipeline: for a plan that holds saved values elsewhere (compressed,
     offloaded: modelled, not measured on rewritten graphs), report (warn, or raise
     when strict) if the final estimate exceeds the budget. Returns ``plan`` with
-    ``feasible`` set from the final estimate."""
+    ``feasible`` set from the final estimate. ``step``: the region's graphs (whether
+    they are sharded shapes the advice)."""
     if not plan.solver.get(_STORAGE) or plan.budget_bytes is None:
         return plan
     if plan.estimated_peak_after <= plan.budget_bytes:
         return _with(plan, feasible=True)
     result = _with(plan, feasible=False, min_feasible_peak=plan.estimated_peak_after, blockers=dict(plan.peak_breakdown_after))
     used = ["rematerialization"] + ["compression"] * bool(config.compress_activations) + ["offload"] * bool(config.offload)
-    _report_infeasible(result, config, by=", ".join(used[:-1]) + " and " + used[-1])
+    sharded = step is not None and _sharded(step)
+    _report_infeasible(result, config, by=", ".join(used[:-1]) + " and " + used[-1], sharded=sharded)
     return result
 
 
@@ -246,7 +253,9 @@ def _with(plan: MemoryPlan, **changes: Any) -> MemoryPlan:
     return dataclasses.replace(plan, **changes)
 
 
-def _infeasible_inference(plan: MemoryPlan, before: MemoryTimeline, budget: int, config: MemoptConfig) -> MemoryPlan:
+def _infeasible_inference(
+    plan: MemoryPlan, before: MemoryTimeline, budget: int, config: MemoptConfig, *, sharded: bool
+) -> MemoryPlan:
     result = _with(
         plan,
         feasible=False,
@@ -254,7 +263,7 @@ def _infeasible_inference(plan: MemoryPlan, before: MemoryTimeline, budget: int,
         blockers=before.peak_breakdown,
         notes=(_INFERENCE,),
     )
-    _report_infeasible(result, config, by="memopt")
+    _report_infeasible(result, config, by="memopt", sharded=sharded)
     return result
 
 

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+import memopt
 import memopt.distributed as md
 from memopt.distributed.layout import ShardLayout
 from memopt.distributed.memory import zero_model_state_bytes
@@ -328,3 +329,45 @@ def test_infeasible_budget_of_a_sharded_step_does_not_advise_sharding(fake_world
     text = " ".join(str(w.message) for w in caught if isinstance(w.message, MemoptBudgetWarning))
     assert "over devices (memopt.distributed.shard)" not in text
     assert "more ranks, or a higher stage of memopt.distributed.shard" in text
+
+
+def test_infeasible_budget_of_a_sharded_inference_region_does_not_advise_sharding(fake_world):
+    """An inference region of a sharded model (no backward: its peak cannot go lower)
+    advised 'sharding the parameters over devices (memopt.distributed.shard)' to a
+    model sharded already; it now advises more ranks or a higher stage, as a
+    training region does."""
+    from memopt.errors import MemoptBudgetWarning
+
+    torch._dynamo.reset()
+    model = md.shard(nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64)), stage=3)
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "memory_budget": 0.1})
+    with pytest.warns(MemoptBudgetWarning, match="inference regions keep nothing for backward") as caught, torch.no_grad():
+        compiled(torch.randn(4, 64))
+    text = " ".join(str(w.message) for w in caught if isinstance(w.message, MemoptBudgetWarning))
+    assert "over devices (memopt.distributed.shard)" not in text
+    assert "more ranks, or a higher stage of memopt.distributed.shard for the parameters" in text
+
+
+def test_infeasible_storage_plan_of_a_sharded_step_does_not_advise_sharding(fake_world):
+    """A plan that holds saved values elsewhere (compressed, offloaded) is checked for
+    its budget after the passes (`check_final_budget`); over it, its advice for a
+    sharded step said 'shard it'. The region's graphs now decide, as for the planner's
+    own warning."""
+    import dataclasses
+
+    from memopt.config import MemoptConfig
+    from memopt.errors import MemoptBudgetWarning
+    from memopt.plan.planner import check_final_budget
+
+    torch._dynamo.reset()
+    model = md.shard(nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64)), stage=3)
+    region = memopt.explain(model, torch.randn(4, 64), options={"codegen": "eager"}).regions[0]
+    over = dataclasses.replace(
+        region.plan, budget_bytes=1024, estimated_peak_after=8192, solver={"storage": {"values": 1}},
+        peak_breakdown_after={"parameters": 4096, "gradients": 2048, "saved_activations": 2048},
+    )  # fmt: skip
+    with pytest.warns(MemoptBudgetWarning, match="rematerialization and compression cannot remove") as caught:
+        check_final_budget(over, MemoptConfig(compress_activations="int8"), region.step)
+    text = str(caught[0].message)
+    assert "over devices (memopt.distributed.shard)" not in text
+    assert "more ranks, or a higher stage of memopt.distributed.shard for the parameters and gradients" in text
