@@ -90,3 +90,31 @@ def test_estimate_within_5_percent_with_inductor_codegen(name: str, batch: int):
     estimated = explanation.timeline().peak_growth_bytes
     assert abs(estimated - measured) <= 0.05 * measured, (estimated, measured)
     assert explanation.regions[0].step.fused_codegen
+
+
+@pytest.mark.inductor
+def test_max_pool_backward_estimate_matches_inductor():
+    """A max-pool backward under Inductor scatters the gradient into zeros that Inductor
+    allocates once (the out-of-place scatter_add is an in-place update of a clone with
+    the zeros inlined): the estimate counted the zeros and the scatter's result as two
+    buffers and read 55% above the measured peak (1440 against 928 KiB here)."""
+
+    class Pool(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.randn(8, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.nn.functional.max_pool2d((x * self.scale).relu(), 2)
+            return (y * y).sum()
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, x = Pool(), torch.randn(4, 8, 64, 64)
+    compiled = torch.compile(model, backend="memopt")
+    with memopt.record() as explanation:
+        compiled(x).backward()
+    model.zero_grad(set_to_none=True)
+    measured = measure_peak(lambda: compiled(x).backward()).peak_growth_bytes
+    estimated = explanation.timeline().peak_growth_bytes
+    assert abs(estimated - measured) <= 0.02 * measured, (estimated, measured)

@@ -297,6 +297,32 @@ def test_inductor_folds_a_matmul_into_the_add_that_consumes_it():
     assert _fused_timeline(f, a, b, c).peak_growth_bytes == 64 * 256 * F32
 
 
+def test_inductor_scatters_into_its_zeros_without_a_second_buffer():
+    """A max-pool or embedding backward scatters into fresh zeros: ``full`` then
+    ``scatter_add`` (or ``index_put``). Inductor lowers the out-of-place op as an in-place
+    update of a clone of its first argument, with the zeros inlined into the clone
+    (``lowering.scatter_add``: ``scatter_add_(clone(x), ...)``; its generated code
+    allocates one buffer), so the zeros are never a buffer of their own. Here
+    z = zeros(64, 1024) (Z bytes) receives src (64 x 16) at idx: the peak is Z plus
+    src and idx (inputs the graph does not own are not counted), not 2Z."""
+    from memopt.analysis.fusion import fused_nodes
+
+    z_bytes = 64 * 1024 * F32
+
+    def scatter(idx, src):
+        return torch.zeros(64, 1024).scatter_add(1, idx, src)
+
+    def index_put(idx, src):
+        return torch.zeros(1024, 16).index_put((idx,), src, accumulate=True)
+
+    idx, src = torch.randint(0, 1024, (64, 16)), torch.randn(64, 16)
+    gm = make_fx(scatter, tracing_mode="fake")(idx, src)
+    assert torch.ops.aten.zeros in {n.target.overloadpacket for n in fused_nodes(gm.graph)}
+    assert _fused_timeline(scatter, idx, src).peak_growth_bytes == z_bytes
+    rows, values = torch.randint(0, 1024, (64,)), torch.randn(64, 16)
+    assert _fused_timeline(index_put, rows, values).peak_growth_bytes == 1024 * 16 * F32
+
+
 def test_channels_last_convolution_scratch_matches_a_measurement():
     """oneDNN's scratch for a channels-last convolution backward (what Inductor calls on
     CPU), modelled in workspace.py, against the op measured alone."""

@@ -130,7 +130,7 @@ def fused_nodes(graph: fx.Graph) -> set[fx.Node]:
                 body.reads |= inner.reads
                 body.ops += inner.ops
                 body.costly |= inner.costly
-        if not all(consumes_fused(u) for u in node.users):
+        if not all(consumes_fused(u) or _clones_into(u, node) for u in node.users):
             continue
         if len(body.reads) > _MAX_ACC_READS or body.ops + len(body.reads) > _MAX_OPS:
             continue
@@ -140,6 +140,23 @@ def fused_nodes(graph: fx.Graph) -> set[fx.Node]:
         bodies[node] = body
     fused.update(n for n in graph.nodes if _folded_into_addmm(n))
     return fused
+
+
+# Out-of-place ops Inductor lowers as a clone of their first argument that the op then
+# updates in place (``lowering.scatter_add``: ``scatter_add_(clone(x), ...)``; likewise
+# scatter, scatter_reduce, index_put): the clone is one more pointwise consumer.
+_CLONE_THEN_UPDATE = {
+    aten.scatter, aten.scatter_add, aten.scatter_reduce, aten.index_put, aten._unsafe_index_put,
+}  # fmt: skip
+
+
+def _clones_into(user: fx.Node, node: fx.Node) -> bool:
+    """``user`` starts from a copy of ``node`` (its first argument) that Inductor
+    computes with ``node``'s loop inlined, so ``node`` itself is never a buffer: the
+    zeros a max-pool or embedding backward scatters into (``full`` then
+    ``scatter_add``/``index_put``) are one buffer, not two."""
+    target = getattr(user.target, "overloadpacket", None)
+    return target in _CLONE_THEN_UPDATE and bool(user.args) and user.args[0] is node
 
 
 def _folded_into_addmm(node: fx.Node) -> bool:
