@@ -323,6 +323,21 @@ def test_inductor_scatters_into_its_zeros_without_a_second_buffer():
     assert _fused_timeline(index_put, rows, values).peak_growth_bytes == 1024 * 16 * F32
 
 
+def test_inductor_never_overwrites_a_scattered_buffer_in_place():
+    """A kernel reading a buffer a scatter wrote reads it through the scatter's mutation
+    (``MutationLayoutSHOULDREMOVE``), which ``Scheduler.decide_inplace_update`` never
+    reuses: relu(z) of a scattered z (Z bytes) gets its own buffer even at z's last use
+    (``buf2 = empty_strided_cpu(...); cpp_fused_relu_1(buf0, buf2)`` in Inductor's code;
+    measured with Inductor: 2Z). The peak is z and relu(z) together, 2Z."""
+    z_bytes = 64 * 1024 * F32
+
+    def f(idx, src, v):
+        return torch.zeros(64, 1024).scatter_add(1, idx, src).relu() @ v
+
+    idx, src, v = torch.randint(0, 1024, (64, 16)), torch.randn(64, 16), torch.randn(1024, 1)
+    assert _fused_timeline(f, idx, src, v).peak_growth_bytes == 2 * z_bytes
+
+
 def test_channels_last_convolution_scratch_matches_a_measurement():
     """oneDNN's scratch for a channels-last convolution backward (what Inductor calls on
     CPU), modelled in workspace.py, against the op measured alone."""

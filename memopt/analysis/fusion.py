@@ -254,8 +254,10 @@ def inplace_reuses(
     Inductor writes a pointwise kernel's output into one of the buffers it reads when
     that read is the buffer's last use and the two have the same size and dtype
     (``config.inplace_buffers``; in the generated code ``buf5 = buf4; del buf4  # reuse``).
-    The output then costs no new memory while the kernel runs. Buffers the graph does
-    not own are never overwritten: its outputs, and its inputs except those in
+    The output then costs no new memory while the kernel runs. A buffer a scatter
+    wrote (`_CLONE_THEN_UPDATE`) is never overwritten: its readers read the
+    scatter's mutation, whose ``MutationLayoutSHOULDREMOVE`` Inductor does not reuse.
+    Buffers the graph does not own are never overwritten: its outputs, and its inputs except those in
     ``donated`` (a backward graph's saved values, which the boxed calling convention
     hands over to it).
 
@@ -278,6 +280,8 @@ def inplace_reuses(
         if len(made) != 1 or not isinstance(value, torch.Tensor):
             continue
         for leaf in _kernel_reads(node, fused):
+            if getattr(_view_base(leaf).target, "overloadpacket", None) in _CLONE_THEN_UPDATE:
+                continue  # read through the scatter's mutation (MutationLayoutSHOULDREMOVE): never in place
             if _overwritable(leaf, value, made[0], aliasing, last_use, index[node], protected, reuses):
                 reuses[aliasing.storages_of(leaf)[0]] = node
                 break
