@@ -160,6 +160,22 @@ def test_offload_meets_a_budget_remat_alone_cannot(reference, tmp_path):
     assert all(torch.equal(grads[n], grads0[n]) for n in grads0)
 
 
+def test_infeasible_budget_with_offload_on_names_its_size_threshold(tmp_path):
+    """With offload on and every saved value of the zoo GPT under offload_min_bytes (the
+    default 1 MiB), nothing can be offloaded: the budget warning names the threshold as a
+    way to go lower, instead of saying nothing about the option the user set."""
+    import warnings
+
+    options = {"memory_budget": 0.05, "strict": False, "offload": "disk", "offload_dir": str(tmp_path)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, plan, _ = _train(options, batch=2)
+    assert not any(d.policy == "offload" for d in plan.decisions)
+    messages = [str(w.message) for w in caught if issubclass(w.category, memopt.MemoptBudgetWarning)]
+    assert messages and all("offload_min_bytes below 1.00 MiB" in m for m in messages), messages
+    assert not any("offload='auto'" in m for m in messages)
+
+
 def test_host_offload_of_a_cpu_graph_is_a_clear_error():
     with pytest.raises(Exception) as info:
         _train({"offload": "host", "memory_budget": 0.5})

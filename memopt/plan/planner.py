@@ -281,6 +281,9 @@ def _shrinking_advice(blockers: dict[str, int], config: MemoptConfig, sharded: b
         ways.append("compress_activations='fp8' (saved activations in a quarter of the bytes)")
     if config.offload is None and "saved_activations" in at_peak:
         ways.append("offload='auto' (saved activations wait in host memory or on disk)")
+    elif "saved_activations" in at_peak and config.offload_min_bytes > 0:
+        ways.append(f"offload_min_bytes below {format_bytes(config.offload_min_bytes)} (offload={config.offload!r} "
+                    "moves only saved values at least that large)")
     model_state = [k.replace("_", " ") for k in ("parameters", "gradients", "optimizer_state") if k in at_peak]
     if model_state and sharded:
         ways.append(f"more ranks, or a higher stage of memopt.distributed.shard for the {_listing(model_state)} "
