@@ -488,6 +488,27 @@ def test_solver_diagnostics_from_native_code_leave_stdout(capfd, caplog):
     assert "python output" in out
 
 
+def test_solver_output_is_left_alone_without_a_temporary_file(capfd, monkeypatch):
+    """No writable temporary directory: the solve runs with descriptor 1 untouched
+    (no descriptor leaked, no error), as where stdout cannot be redirected."""
+    import ctypes
+    import os
+    import tempfile
+
+    from memopt.plan.milp import solver_stdout
+
+    def no_file(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_file)
+    opened = len(os.listdir("/proc/self/fd"))
+    with solver_stdout():
+        ctypes.CDLL(None).printf(b"native line\n")
+    ctypes.CDLL(None).fflush(None)
+    assert "native line" in capfd.readouterr().out
+    assert len(os.listdir("/proc/self/fd")) == opened
+
+
 def test_a_mask_replay_costs_its_random_draws():
     """The roofline alone calls a replay nearly free (5 KB in, a bool mask out); its
     modelled time counts one draw per element at the device's draw rate."""

@@ -189,7 +189,7 @@ class RegionCompiler:
         except (MemoptInternalError, MemoptBudgetError, MemoptOffloadError, MemoptOptimizerError):
             raise  # strict=True, or a setting the user must change (offload target, disk space)
         except RanksCompiledOtherGraphs as exc:  # the user's inputs, not a memopt failure
-            if self.config.strict:
+            if self.config.strict or self.keeps_earlier_plan:
                 raise
             outcome = "this region runs unoptimized on every rank (the same collectives in traced order)"
             warnings.warn(f"memopt: {exc}; {outcome}", MemoptWarning, stacklevel=2)

@@ -37,18 +37,25 @@ def solver_stdout() -> Iterator[None]:
     error. Lines that name HiGHS go to the ``memopt.plan`` logger at DEBUG
     (``MEMOPT_LOGS=debug`` shows them); any other line written meanwhile (another
     thread's output) goes to descriptor 2, so nothing is lost. Where descriptor 1
-    cannot be redirected (no real stdout), nothing changes."""
+    cannot be redirected (no real stdout) or no temporary file can be made, nothing
+    changes."""
+    try:
+        captured = tempfile.TemporaryFile()
+    except OSError:  # no writable temporary directory: leave descriptor 1 alone
+        yield
+        return
     try:
         sys.stdout.flush()
         saved = os.dup(1)
     except (OSError, ValueError, AttributeError):
+        captured.close()
         yield
         return
     try:
         libc: ctypes.CDLL | None = ctypes.CDLL(None)
     except (OSError, TypeError):  # no C library to flush (Windows)
         libc = None
-    with tempfile.TemporaryFile() as captured:
+    with captured:
         try:
             os.dup2(captured.fileno(), 1)
             yield

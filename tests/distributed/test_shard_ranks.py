@@ -160,6 +160,16 @@ def test_ranks_with_other_shapes_under_a_budget_run_unoptimized():
         assert any("compiled another graph than rank 0" in reason for reason in result["3/fallbacks"]), result
 
 
+def test_ranks_with_the_same_batches_under_a_budget_share_one_plan():
+    """The ranks' graphs are compared by their inputs' shapes, but not their parameters'
+    rows: at stage 3 a 13-row weight is 7 rows on rank 0 and 6 on rank 1 for the same
+    program. With the same batches on both ranks nothing falls back (the comparison
+    had sent every budgeted region unoptimized)."""
+    for result in ranks("uneven", "--stages", "3", "--budget", "0.6", "--rows", "4,4", timeout=120):
+        assert len(result["3"]) == 3
+        assert result["3/fallbacks"] == [], result
+
+
 @pytest.mark.parametrize("mode", ["sharded", "full"])
 def test_checkpoint_loads_into_one_unsharded_process(tmp_path, mode):
     """A checkpoint saved by 2 ranks at stage 3 loads into a plain model and a plain

@@ -475,7 +475,7 @@ def _uneven_step(args: argparse.Namespace, step: int, step_fn: Any, opt: Any, re
     """One step of `uneven` on this rank's batch, and the reference's on both ranks'."""
     rank, world = dist.get_rank(), dist.get_world_size()
     gen = torch.Generator().manual_seed(step)
-    rows = [2 if r == 0 or step < 2 else 3 for r in range(world)] if args.budget is None else [2, 24]
+    rows = [2 if r == 0 or step < 2 else 3 for r in range(world)] if args.budget is None else args.rows
     inputs = [torch.randn(n, 16, generator=gen) for n in rows]
     loss = step_fn(inputs[rank]).square().mean()
     loss.backward()
@@ -502,6 +502,8 @@ def main() -> None:
     parser.add_argument("--phase", default="save", choices=["save", "resume"])
     parser.add_argument("--modes", default="sharded,full", help="checkpoint kinds: sharded, full")
     parser.add_argument("--budget", type=float, default=None, help="memory_budget (scenario uneven)")
+    parser.add_argument("--rows", type=lambda v: [int(n) for n in v.split(",")], default=[2, 24],
+                        help="each rank's batch rows under --budget (scenario uneven)")
     args = parser.parse_args()
     init_from_env("cpu")
     try:
