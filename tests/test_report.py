@@ -117,12 +117,12 @@ def test_cli_report_json_and_plot(tmp_path, capsys):
     assert snap.stat().st_size > 0
 
 
-def _fake_and_real(target: str, capsys) -> tuple[dict, dict]:
+def _fake_and_real(target: str, capsys, options: tuple[str, ...] = ()) -> tuple[dict, dict]:
     """`memopt report --json` of ``target`` on fake tensors, then on real ones."""
     reports = []
     for extra in ([], ["--real"]):
         torch._dynamo.reset()
-        assert cli_main(["report", target, "--json", "--quiet", *extra]) == 0
+        assert cli_main(["report", target, "--json", "--quiet", *options, *extra]) == 0
         reports.append(json.loads(capsys.readouterr().out))
     return reports[0], reports[1]
 
@@ -441,14 +441,16 @@ def build():
 '''
 
 
-def test_cli_fake_and_real_agree_when_the_model_returns_more_than_the_loss(tmp_path, capsys):
+@pytest.mark.parametrize("options", [(), ("--options", '{"memory_budget": "64MiB"}')], ids=["no budget", "budget"])
+def test_cli_fake_and_real_agree_when_the_model_returns_more_than_the_loss(tmp_path, capsys, options):
     """A model that returns its logits beside the loss (every Hugging Face LM) keeps
     them alive through backward as the caller holds the output, also when a graph break
     hands them to the loss's region: the fake-tensor report must count that as the real
-    one does (it assumed them freed after the loss, under-estimating the peak)."""
+    one does (it assumed them freed after the loss, under-estimating the peak), under a
+    budget too (its regions track the step, which fake tensors do not join)."""
     factory = tmp_path / "lm.py"
     factory.write_text(_HELD_OUTPUT_FACTORY)
-    fake, real = _fake_and_real(f"{factory}:build", capsys)
+    fake, real = _fake_and_real(f"{factory}:build", capsys, options)
     assert fake["estimated_peak_bytes"] == real["estimated_peak_bytes"]
     assert fake["peak_breakdown"] == real["peak_breakdown"]
 

@@ -491,7 +491,7 @@ class StepTracker:
     def _observe(self, region: WatchedRegion, record: RegionRecord | None, args: Sequence[Any], outputs: Any) -> None:
         tensors = [t for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
         fake = any(isinstance(t, FakeTensor) for t in tensors)
-        node = None if fake and (region.tracking or record is None) else _backward_node(tensors)
+        node = None if fake and record is None else _backward_node(tensors)
         if node is None:
             # No backward to watch: no gradient flows back through this call (inference),
             # or it ran on fake tensors in a region that is not recording.
@@ -506,7 +506,7 @@ class StepTracker:
         with self.lock:
             run = _Run(region, next(self.serials), _output_refs(args, outputs), self._sources(args), _weak(node))
             self._remember(run)
-            if region.tracking:
+            if region.tracking and not fake:  # a step on fake tensors is recorded, not planned
                 self._forget_abandoned()
                 if any(r.region is region for r in self.runs):  # again before its backward: not one clean step
                     self.runs, self.backward_order = [], []
