@@ -30,6 +30,7 @@ import torch.nn as nn
 import memopt.distributed as md
 from memopt.distributed import checkpoint
 from memopt.distributed.memory import model_state_bytes, zero_model_state_bytes
+from memopt.distributed.testing import gpu_per_rank
 
 
 def init() -> torch.device:
@@ -41,8 +42,7 @@ def init() -> torch.device:
             f"{sys.argv[0]}: {', '.join(missing)} not set: run it under torchrun, which starts one process per "
             f"rank and sets them: torchrun --nproc_per_node 2 {sys.argv[0]} (--nproc_per_node 1 for one process)"
         )
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    if torch.cuda.is_available() and local_world <= torch.cuda.device_count():
+    if gpu_per_rank():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         dist.init_process_group("nccl", device_id=torch.device("cuda", local))
