@@ -271,10 +271,12 @@ class Explanation:
         return [wrap(f"regions planned under different budgets ({each}), each alone: no budget for the step as a whole")]
 
     def _graph_break_lines(self) -> list[str]:
-        """Where the step is split by graph breaks: its regions and Dynamo's reasons."""
-        frames = {r.region.split("/", 1)[0] for r in self.regions}
-        if len(frames) < 2 and not self.graph_breaks:
+        """Where the step is split by graph breaks: its regions and Dynamo's reasons.
+        Keyed on Dynamo's reasons, not on the number of frames: under `record`, two models
+        compiled one by one are two frames with no graph break between them."""
+        if not self.graph_breaks:
             return []
+        frames = {r.region.split("/", 1)[0] for r in self.regions}
         names = ", ".join(r.region for r in self.step_regions())
         out = [wrap(
             f"graph breaks: Dynamo split the code into {len(frames)} regions ({names}), compiled one by one; "

@@ -539,3 +539,23 @@ def test_decisions_name_the_module_that_made_each_value():
     assert {"blocks.0.1", "blocks.1.1"} <= modules, modules
     text = ex.report()
     assert "blocks.0.1" in text and "blocks.1.1" in text
+
+
+def test_two_functions_compiled_one_by_one_are_not_reported_as_a_graph_break():
+    """Under `memopt.record`, two functions each compiled on their own are two Dynamo
+    frames with no graph break between them: the report must not tell the user that
+    Dynamo split their code (it said "graph breaks: Dynamo split the code into 2 regions")."""
+
+    def first(x):
+        return torch.tanh(x) * 2
+
+    def second(x):
+        return torch.sigmoid(x).sum()
+
+    torch._dynamo.reset()
+    cf = torch.compile(first, backend="memopt", options=EAGER)
+    cs = torch.compile(second, backend="memopt", options=EAGER)
+    with memopt.record() as ex:
+        cs(cf(torch.randn(2, 4, requires_grad=True))).backward()
+    assert [r.region.split("/")[0] for r in ex.regions] == ["0", "1"]  # two frames
+    assert "graph breaks" not in ex.report() and ex.to_dict()["graph_breaks"] == []
