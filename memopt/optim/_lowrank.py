@@ -81,9 +81,9 @@ class LowRankAdamW(MemoptOptimizer):
         group: Mapping[str, Any],
         position: int,
     ) -> None:
+        if not state:
+            self._check_new_groups()
         if not self.uses_lowrank(param, group):
-            if not state and group["lowrank"] and param.dim() == 2:
-                self._check_some_lowrank(group)
             adamw_group_step(param, grad, state, group)
             return
         side = projection_side(param.shape, group["proj_type"])
@@ -106,14 +106,25 @@ class LowRankAdamW(MemoptOptimizer):
             **adam_coefficients(group, bias_step, scale=group["scale"]),
         )
 
+    def _check_new_groups(self) -> None:
+        """`_check_some_lowrank` on every group added since the last call. Called at the
+        first update of any parameter (a bias too, whatever the order of the groups and
+        of their parameters), so a refusal comes before any parameter has changed: the
+        step is refused whole, not half taken. Checked then, not when a group is added,
+        so that wrappers that build the optimizer on shards
+        (`memopt.distributed.ShardedOptimizer`) refuse those with their own reason first."""
+        checked = getattr(self, "_lowrank_groups_checked", 0)
+        for group in self.param_groups[checked:]:
+            self._check_some_lowrank(group)
+        self._lowrank_groups_checked = len(self.param_groups)
+
     def _check_some_lowrank(self, group: Mapping[str, Any]) -> None:
         """Refuse a low-rank group whose ``rank`` is not below ``min(m, n)`` of any of its
         2-D parameters: every one would get plain AdamW (AdamW's whole state) while the
-        user asked for a low-rank update. Checked at a matrix's first step, not when the
-        group is added, so that wrappers that build the optimizer on shards
-        (`memopt.distributed.ShardedOptimizer`) refuse those with their own reason first."""
+        user asked for a low-rank update. A group with no 2-D parameter, or with
+        ``lowrank=False``, is plain AdamW as asked."""
         matrices = [p for p in group["params"] if p.dim() == 2]
-        if any(self.uses_lowrank(p, group) for p in matrices):
+        if not group["lowrank"] or not matrices or any(self.uses_lowrank(p, group) for p in matrices):
             return
         largest = max(min(p.shape) for p in matrices)
         raise ValueError(

@@ -85,17 +85,22 @@ def test_rank_not_below_any_matrix_is_refused(cls: type) -> None:
     """tiny_mlp's weights are 24x16 and 8x24 (min dims 16 and 8): rank 16 leaves both at
     plain AdamW, so the optimizer would silently keep AdamW's full state. Refused at the
     first step (not at construction: ShardedOptimizer builds it on shards and refuses
-    those with its own reason first), before any parameter of the group changes."""
+    those with its own reason first), before any parameter changes: whatever the order
+    of the parameters (biases first) and of the groups."""
     model = tiny_mlp()
     before = [p.detach().clone() for p in model.parameters()]
     opt = cls(model.parameters(), rank=16)
     with pytest.raises(ValueError, match=r"rank=16.*min\(m, n\).*16.*lowrank=False"):
         train(model, opt, range(1))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    biases_first = [model[0].bias, model[2].bias, model[0].weight, model[2].weight]
+    with pytest.raises(ValueError, match="rank=16"):  # the biases stepped before the refusal
+        train(model, cls(biases_first, rank=16), range(1))
     opt = cls([model[0].weight], rank=8)  # 24x16 gets rank 8: fine
     opt.add_param_group({"params": [model[2].weight]})  # 8x24 alone: none low-rank
-    with pytest.raises(ValueError, match="rank=8"):
+    with pytest.raises(ValueError, match="rank=8"):  # the first group stepped before the refusal
         train(model, opt, range(1))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     for fine in (
         cls([{"params": [model[0].weight, model[2].weight]}], rank=8),  # one of two
         cls([{"params": [model[2].weight], "lowrank": False}], rank=8),  # asked for AdamW
