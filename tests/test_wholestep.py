@@ -616,3 +616,33 @@ def test_a_region_compiled_again_dumps_beside_its_first_compile(tmp_path: Any) -
         for graph in ("forward", "backward"):
             assert (tmp_path / folder / graph / "000_input.py").exists()
             assert (first / graph / "000_input.py").exists()
+
+
+def test_a_region_that_held_two_budget_warnings_is_named_once() -> None:
+    """A region that held two budget warnings (a compile and a re-plan) is named once
+    in the step's warning, with its latest figures: the step's warning listed it twice
+    ("regions 0/0, 0/0 and 1/0")."""
+    from types import SimpleNamespace
+
+    from memopt.backends.wholestep import _settle_step
+
+    def held(region: str, peak: int) -> warnings.WarningMessage:
+        w = memopt.MemoptBudgetWarning(f"... region {region} ...")
+        w.region, w.budget_bytes, w.min_feasible_peak, w.statement = region, 1000, peak, f"advice of {region}."
+        return warnings.WarningMessage(w, memopt.MemoptBudgetWarning, __file__, 1)
+
+    def region(name: str, at: int, *held_warnings: warnings.WarningMessage) -> SimpleNamespace:
+        pending = list(held_warnings)
+        return SimpleNamespace(
+            name=name, _held_at=(at, 0), compiler=SimpleNamespace(record=SimpleNamespace(plan=None)),
+            take_held=lambda: [pending.pop(0) for _ in range(len(pending))],
+        )
+
+    step = [region("0/0", 1, held("0/0", 2048), held("0/0", 4096)), region("1/0", 2, held("1/0", 4096))]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _settle_step(step)  # type: ignore[arg-type]
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "for the step of regions 0/0 and 1/0 " in messages[0], messages[0]
+    assert "memory_budget 1000 B is infeasible" in messages[0]  # the latest figures agree: stated once

@@ -596,10 +596,13 @@ def _settle_step(regions: list[CompiledRegion]) -> None:
     (a region compiled before another's re-plan restates its estimates for the step
     as now planned, `RegionCompiler.place_in`); that is said once, with what holds the
     peak and the advice of the region compiled last (it saw the others' plans as they
-    are). Regions whose figures differ are named with theirs, in one warning."""
+    are). Regions whose figures differ are named with theirs, in one warning; each
+    region once, with its latest warning."""
     held = [(r, w) for r in regions for w in r.take_held()]
-    budget = [(r, w) for r, w in held if isinstance(w.message, MemoptBudgetWarning) and w.message.statement]
-    _emit([w for r, w in held if all(w is not v for _, v in budget)])
+    stated = [(r, w) for r, w in held if isinstance(w.message, MemoptBudgetWarning) and w.message.statement]
+    _emit([w for r, w in held if all(w is not v for _, v in stated)])
+    latest = {r.name: (r, w) for r, w in stated}  # a region that held two (a re-plan's too) is named once
+    budget = list(latest.values())
     if len(budget) < 2:
         _emit([w for _, w in budget])
         return
