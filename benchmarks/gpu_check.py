@@ -106,6 +106,8 @@ class Check:
     environment: str = ""
     current: str = ""
     """The case running now (named by the hard limit's failure)."""
+    said: str = ""
+    """The last progress line (`log`): the step of ``current`` that was running."""
     child: subprocess.Popen[str] | None = None
     """The pytest subprocess while it runs (killed at the hard limit)."""
     lock: threading.RLock = field(default_factory=threading.RLock)
@@ -139,14 +141,22 @@ class Check:
             return table
 
     def log(self, message: str) -> None:
-        self.current = message
+        """Print a progress line; it does not rename the running case (a side remark such
+        as "transformers unavailable" is not what a hard limit stopped)."""
+        self.said = message
         print(f"[gpu_check {self.elapsed:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def running(self) -> str:
+        """The case running now, with its last progress line if it said one."""
+        if not self.current:
+            return "its start-up"
+        return f"{self.current} (last said: {self.said})" if self.said else self.current
 
     def case(self, section: str, case: str, run: Callable[[], None], timed: bool = True) -> None:
         """Run one case; an exception becomes a FAIL row naming it (never a silent skip),
         and the run goes on. ``timed``: past ``time_limit`` the case is not started,
         which is a FAIL row too."""
-        self.current = f"{section}: {case}"
+        self.current, self.said = f"{section}: {case}", ""
         try:
             if timed and self.elapsed > self.time_limit:
                 raise TimeoutError(f"not run: the time limit ({self.time_limit:.0f} s) was reached; "
@@ -691,7 +701,7 @@ def render(check: Check, final: bool = True) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if not final:
         return "\n".join([*lines, "", f"Result: incomplete: still running at {check.elapsed:.0f} s "
-                           f"({check.current or 'starting'})", ""])  # fmt: skip
+                           f"({check.running()})", ""])  # fmt: skip
     missing = [s for s in check.sections if not any(r.section in _ROW_SECTIONS[s] for r in check.rows)]
     for s in missing:
         if f"{s}: produced no row" not in check.failures:
@@ -799,7 +809,7 @@ def start_watchdog(check: Check, seconds: float) -> None:
             if check.finished:
                 return
             check.failures.append(f"hard limit: the run was stopped at {seconds:.0f} s while running "
-                                  f"{check.current or 'its start-up'}; rerun the rest with --sections")  # fmt: skip
+                                  f"{check.running()}; rerun the rest with --sections")  # fmt: skip
             finish(check)
             sys.stderr.flush()
             os._exit(1)

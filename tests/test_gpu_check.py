@@ -11,6 +11,8 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -81,9 +83,9 @@ def test_the_hard_limit_keeps_the_rows_measured_so_far(tmp_path: pathlib.Path) -
     assert table.strip() in proc.stdout and "gpu_check: FAILED: hard limit" in proc.stderr
 
 
-def test_the_table_is_written_after_every_row(tmp_path: pathlib.Path) -> None:
-    """Each row rewrites --out at once (marked incomplete), so a run killed from outside
-    still leaves what it measured."""
+@pytest.fixture
+def gpu_check() -> Iterator[types.ModuleType]:
+    """benchmarks/gpu_check.py imported as a module (it is a script, not in a package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gpu_check_module", SCRIPT)
@@ -92,13 +94,31 @@ def test_the_table_is_written_after_every_row(tmp_path: pathlib.Path) -> None:
     sys.modules[spec.name] = module  # dataclasses look their module up
     try:
         spec.loader.exec_module(module)
-        out = tmp_path / "table.md"
-        check = module.Check("cpu", True, module.DRY_SIZES, out=str(out), sections=("kernels",))
-        check.add("kernels", "a case", "1", "2", "0.5", "ok")
-        table = out.read_text()
-        assert "| kernels | a case | 1 | 2 | 0.5 | ok |" in table and "Result: incomplete: still running" in table
+        yield module
     finally:
         del sys.modules[spec.name]
+
+
+def test_the_table_is_written_after_every_row(tmp_path: pathlib.Path, gpu_check: types.ModuleType) -> None:
+    """Each row rewrites --out at once (marked incomplete), so a run killed from outside
+    still leaves what it measured."""
+    out = tmp_path / "table.md"
+    check = gpu_check.Check("cpu", True, gpu_check.DRY_SIZES, out=str(out), sections=("kernels",))
+    check.add("kernels", "a case", "1", "2", "0.5", "ok")
+    table = out.read_text()
+    assert "| kernels | a case | 1 | 2 | 0.5 | ok |" in table and "Result: incomplete: still running" in table
+
+
+def test_a_progress_line_does_not_rename_the_running_case(gpu_check: types.ModuleType) -> None:
+    """What a hard limit names as running is the case, with its last progress line; a
+    side remark logged inside it (before: any log line) replaced the case's name."""
+    check = gpu_check.Check("cpu", True, gpu_check.DRY_SIZES, sections=("models",))
+    seen = []
+    check.case("models", "gpt2 @ 0.5", lambda: (check.log("transformers unavailable: zoo models"),
+                                                 seen.append(check.running())))  # fmt: skip
+    assert seen == ["models: gpt2 @ 0.5 (last said: transformers unavailable: zoo models)"]
+    check.case("models", "llama", lambda: seen.append(check.running()))
+    assert seen[-1] == "models: llama"
 
 
 def test_past_the_time_limit_every_case_is_one_failed_row(tmp_path: pathlib.Path) -> None:
