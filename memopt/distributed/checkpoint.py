@@ -126,9 +126,11 @@ def _init_state(optimizer: ShardedOptimizer) -> None:
 @torch.no_grad()
 def _zero_step(inner: torch.optim.Optimizer, tensors: list[torch.Tensor]) -> None:
     """One step of ``inner`` with zero gradients for ``tensors`` and learning rate 0, as
-    torch.distributed.checkpoint.state_dict does to create the state a load fills."""
+    torch.distributed.checkpoint.state_dict does to create the state a load fills. The
+    tensors' own gradients (a load between backward and step) are put back after."""
     if inner.state:
         return
+    grads = [local.grad for local in tensors]
     for local in tensors:
         local.grad = torch.zeros_like(local)
     rates = [group.get("lr") for group in inner.param_groups]
@@ -141,8 +143,8 @@ def _zero_step(inner: torch.optim.Optimizer, tensors: list[torch.Tensor]) -> Non
         for group, rate in zip(inner.param_groups, rates):
             if rate is not None:
                 group["lr"] = rate
-        for local in tensors:
-            local.grad = None
+        for local, grad in zip(tensors, grads, strict=True):
+            local.grad = grad
 
 
 @torch.no_grad()

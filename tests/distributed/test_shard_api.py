@@ -371,3 +371,21 @@ def test_infeasible_storage_plan_of_a_sharded_step_does_not_advise_sharding(fake
     text = str(caught[0].message)
     assert "over devices (memopt.distributed.shard)" not in text
     assert "more ranks, or a higher stage of memopt.distributed.shard for the parameters and gradients" in text
+
+
+def test_creating_optimizer_state_for_a_load_keeps_the_users_gradients():
+    """`checkpoint.load` creates the optimizer's state with one zero-gradient step at
+    learning rate 0 (as torch's DCP helpers do). Gradients the user already holds (a
+    load between backward and step) are put back, not cleared; the parameters do not
+    move and the state exists."""
+    from memopt.distributed import checkpoint
+
+    model = torch.nn.Linear(4, 3)
+    model(torch.randn(2, 4)).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    weights = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    checkpoint._zero_step(opt, list(model.parameters()))
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert all("exp_avg" in opt.state[p] for p in model.parameters()) and opt.param_groups[0]["lr"] == 0.1
