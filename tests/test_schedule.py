@@ -75,9 +75,15 @@ def test_random_and_mutating_ops_keep_their_order():
     assert rand_positions[0] < names.index(add_.name)
 
 
+LOWERED = {"transformer_block"}
+"""Zoo models whose step peak the pass lowers at twice the default batch (docs/memory.md:
+the others' peak is set by saved activations at the start of backward)."""
+
+
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_schedule_never_raises_peak_and_keeps_numbers_bit_identical(name):
     case = zoo_case(name)
+    applied = []
     inputs = case.inputs(case.default_batch * 2)
     results = []
     for disabled in ([], ["schedule"]):
@@ -94,7 +100,9 @@ def test_schedule_never_raises_peak_and_keeps_numbers_bit_identical(name):
             if schedule and schedule[0].status == "ran":
                 d = schedule[0].details
                 assert d["peak_after"] <= d["peak_before"]
+                applied.append(d["applied"])
                 assert region.plan.estimated_peak_after <= region.plan.estimated_peak_before
+    assert any(applied) == (name in LOWERED), applied
     with_schedule, without = results
     assert torch.equal(with_schedule.loss, without.loss)
     for n, g in without.grads.items():
