@@ -75,6 +75,22 @@ def test_random_and_mutating_ops_keep_their_order():
     assert rand_positions[0] < names.index(add_.name)
 
 
+def test_ops_torch_registers_as_side_effecting_keep_their_place():
+    """Rule: ``inductor.resize_storage_bytes_`` frees its input's storage without a
+    mutable schema (torch registers it with ``torch.fx.node.has_side_effect``). It
+    allocates nothing, so a greedy order that ignored the registration would run it
+    first, before ``buf.cos()`` reads the storage it frees."""
+
+    def f(x, buf):
+        r = buf.cos()
+        torch.ops.inductor.resize_storage_bytes_(buf, 0)
+        return x.repeat(2) + 1, r
+
+    gm = make_fx(f, tracing_mode="fake")(torch.randn(100), torch.randn(100))
+    names = [n.name for n in memory_aware_order(gm.graph)]
+    assert names.index("cos") < names.index("resize_storage_bytes_"), names
+
+
 LOWERED = {"transformer_block"}
 """Zoo models whose step peak the pass lowers at twice the default batch (docs/memory.md:
 the others' peak is set by saved activations at the start of backward)."""

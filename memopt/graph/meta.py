@@ -285,7 +285,10 @@ def has_side_effects(node: fx.Node) -> bool:
         namespace = target.namespace
         if namespace in ("_c10d_functional", "c10d_functional", "_dtensor", "c10d"):
             return True
-        return False
+        # ops torch registers as side-effecting without a mutable schema: stream and
+        # event ops, inductor.resize_storage_bytes_ (frees its input's storage),
+        # asserts (torch.fx.node.has_side_effect); random draws are `is_random`'s
+        return node.is_impure(impure_random=False)
     return node.is_impure()
 
 
