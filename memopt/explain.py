@@ -108,12 +108,15 @@ class Explanation:
         same model: they share a parameter (or neither has one). Two models whose
         forward is the same code (two ``nn.Sequential``, a teacher and a student of
         one class) are compiles of one frame that Dynamo numbers as recompiles; each
-        runs in the step and is counted."""
+        runs in the step and is counted. A region whose latest call ran before a
+        backward that started before the latest step's last forward is not of that step
+        (train, eval, train again: the first step's regions of frames the later
+        compile no longer breaks into)."""
         kept: list[RegionRecord] = []
         for r in self.regions:
             kept = [k for k in kept if not _same_model(k, r)]
             kept.append(r)
-        return [r for r in self.regions if any(r is k for k in kept)]
+        return [r for r in self.regions if any(r is k for k in kept) and not _ran_before_latest_step(r, kept)]
 
     def timeline(self, *, optimized: bool = True) -> MemoryTimeline:
         """The step's estimated memory timeline across the regions of one step (after
@@ -548,6 +551,20 @@ def record(optimizer: Any = None) -> Iterator[Explanation]:
             yield explanation
         finally:
             explanation.graph_breaks = _new_graph_breaks(breaks)
+
+
+def _ran_before_latest_step(region: RegionRecord, regions: list[RegionRecord]) -> bool:
+    """Whether ``region``'s latest call belongs to an earlier step than the latest
+    forward among ``regions`` (among their training regions, when there are some: an
+    evaluation after the last training step does not hide it): a backward started
+    between the two. False when calls were not observed."""
+    if region.last_forward is None:
+        return False
+    training = [r for r in regions if r.kind == "training"] or regions
+    latest = max((r.last_forward for r in training if r.last_forward is not None), default=region.last_forward)
+    return any(
+        r.last_backward is not None and region.last_forward < r.last_backward < latest for r in regions
+    )
 
 
 def _loss_of(out: Any) -> torch.Tensor | None:

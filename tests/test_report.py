@@ -559,3 +559,32 @@ def test_two_functions_compiled_one_by_one_are_not_reported_as_a_graph_break():
         cs(cf(torch.randn(2, 4, requires_grad=True))).backward()
     assert [r.region.split("/")[0] for r in ex.regions] == ["0", "1"]  # two frames
     assert "graph breaks" not in ex.report() and ex.to_dict()["graph_breaks"] == []
+
+
+def test_a_step_no_longer_split_is_summed_without_the_earlier_steps_regions():
+    """A graph break only in the first step (like transformers' ``warning_once``): the
+    first step runs regions 0/0 and 1/0, later steps the whole frame as 0/1. The step
+    summary is the latest step's, 0/1 alone; it added 1/0 (another frame) to it, which
+    no longer runs (412168 B against 305668 B)."""
+    lin1, lin2 = torch.nn.Linear(64, 256), torch.nn.Linear(256, 64)
+    split = [True]
+
+    def f(x):
+        y = torch.relu(lin1(x))
+        if split[0]:
+            torch._dynamo.graph_break()
+        return torch.tanh(lin2(y)).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="memopt", options=EAGER)
+    x = torch.randn(32, 64)
+    with memopt.record() as ex:
+        compiled(x).backward()
+        split[0] = False
+        compiled(x).backward()
+    assert [r.region for r in ex.regions] == ["0/0", "1/0", "0/1"]
+    assert [r.region for r in ex.step_regions()] == ["0/1"]
+    torch._dynamo.reset()
+    with memopt.record() as whole:  # the unsplit step alone
+        torch.compile(f, backend="memopt", options=EAGER)(x).backward()
+    assert ex.estimated_peak_bytes == whole.estimated_peak_bytes

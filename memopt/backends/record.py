@@ -56,6 +56,11 @@ class RegionRecord:
     """Inputs that were an earlier region's outputs in the latest step observed:
     input position -> (that region's name, its output position). A later region that
     saves such an input for backward holds the producer's storage, not a new one."""
+    last_forward: int | None = None
+    """When its latest observed call ran, on the process's one clock of observed
+    events (`memopt.backends.wholestep.StepTracker.serials`); None: not observed."""
+    last_backward: int | None = None
+    """When the backward of its latest observed call with one started, on that clock."""
 
     def graph_code(self, graph: str, after: str | None = None) -> str:
         """Readable code of ``graph`` ("forward", "backward" or "inference") after pass

@@ -459,7 +459,8 @@ class StepTracker:
     (`StorageWeakRef.cdata`) -> (a weak reference to it, the output)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     serials: Iterator[int] = field(default_factory=itertools.count)
-    """`_Run.serial`s, in order."""
+    """`_Run.serial`s, in order; also the time of a recording region's backward start
+    (`RegionRecord.last_backward`)."""
 
     def waiting(self) -> list[CompiledRegion]:
         """Regions of the current step whose forward ran and whose backward has not
@@ -502,6 +503,7 @@ class StepTracker:
                     run = _Run(region, next(self.serials), _output_refs(args, outputs), self._sources(args))
                     self._remember(run)
                 record.input_sources = {pos: (s.region, s.output) for pos, s in run.sources.items()}
+                record.last_forward = run.serial
             return
         with self.lock:
             run = _Run(region, next(self.serials), _output_refs(args, outputs), self._sources(args), _weak(node))
@@ -513,6 +515,7 @@ class StepTracker:
                 self.runs.append(run)
         if record is not None:
             record.input_sources = {pos: (s.region, s.output) for pos, s in run.sources.items()}
+            record.last_forward = run.serial
         # The hook reaches the node through the run's weak reference: a strong one would
         # make a cycle (node -> hook -> node) that keeps an abandoned graph alive.
         node.register_prehook(functools.partial(self._backward_starts, run))
@@ -548,6 +551,7 @@ class StepTracker:
         kept = kept_outputs(run.outputs, run.node)
         if (record := run.region.record_to()) is not None:
             record.kept_outputs = kept  # the latest step's observation
+            record.last_backward = next(self.serials)
         with self.lock:
             if run.kept is not None or not any(r is run for r in self.runs):
                 return None
