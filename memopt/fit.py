@@ -227,7 +227,9 @@ def fit(
     ``codegen`` defaults to ``"eager"``; an ``optimizer`` or ``optimizer_in_backward``
     over ``model``'s parameters is planned through a copy over the fake ones, with its
     state predicted, and is itself left untouched). Sizes are multiples of ``step`` (e.g. 64 for
-    sequence lengths), at most ``max_size``. One line per probe goes to ``progress``: True
+    sequence lengths), at most ``max_size`` (for ``search="seq"`` without one, a Hugging
+    Face model's ``config.max_position_embeddings`` or ``config.n_positions``: fake tensors
+    do not check position lookups, `_position_limit`). One line per probe goes to ``progress``: True
     (default) for stderr, a text stream, or False/None for silence. Dynamo's caches are reset before every probe.
     Before the first probe, ``model`` runs one eager forward at one ``step`` on fake
     tensors (no compile, no backward) to predict where to start (`_first_guess`); which
@@ -248,12 +250,14 @@ def fit(
             f"lower the reserve or raise the budget."
         )
     _check_search(search, batch, seq, step, max_size, global_batch)
+    stream = sys.stderr if progress is True else None if isinstance(progress, bool) else progress
+    if search == "seq" and max_size is None:
+        max_size = _position_limit(model, step, stream)
     _check_trainable(model, training)
     fake_model, mode, fakes = _fake_model(model)
     config = _with_fake_optimizer(_config(options, total - reserved), fakes)
     sizes = _Sizes(search, batch, seq, step)
     _check_signature(make_inputs, sizes.call_args(1))
-    stream = sys.stderr if progress is True else None if isinstance(progress, bool) else progress
     runner = _Runner(fake_model, make_inputs, sizes, config, mode, training, stream, total - reserved)
     found, capped = _search(runner, (max_size or _DEFAULT_MAX * step) // step)
     size = found * step
@@ -297,6 +301,40 @@ def _check_search(
             f"search='seq' searches the sequence length, but seq={seq} fixes it; drop seq= "
             f"(the batch is fixed by batch=, {batch})."
         )
+
+
+_POSITION_FIELDS: tuple[str, ...] = ("max_position_embeddings", "n_positions")
+"""Config fields of Hugging Face models that bound the sequence length (absolute
+position embeddings: BERT, GPT-2; the context the model was built for: Llama, Mistral)."""
+
+
+def _position_limit(model: Callable[..., Any], step: int, progress: IO[str] | None) -> int | None:
+    """The longest sequence (a multiple of ``step``) ``model``'s config says it takes, to
+    cap ``search="seq"`` when no ``max_size`` is given; None for a model without one.
+
+    On fake tensors an embedding lookup past its table is not checked (its indices have
+    no values), so without a cap the search ran past the position table: Hugging Face
+    GPT-2 with ``n_positions=128`` fitted seq 640, which raises ``IndexError`` when run."""
+    config = getattr(model, "config", None)
+    for name in _POSITION_FIELDS:
+        limit = getattr(config, name, None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            break
+    else:
+        return None
+    if limit < step:
+        raise MemoptFitError(
+            f"{type(model).__name__}'s config.{name} = {limit} is below step={step}: no sequence length to probe; "
+            f"lower step, or pass max_size= to search past the config's limit."
+        )
+    capped = limit // step * step
+    if progress is not None:
+        print(
+            f"[memopt fit] seq at most {capped}: {type(model).__name__}'s config.{name} is {limit} "
+            f"(pass max_size= to search beyond it)",
+            file=progress, flush=True,
+        )
+    return capped
 
 
 def _check_trainable(model: Callable[..., Any], training: bool) -> None:

@@ -103,6 +103,38 @@ def test_fit_sequence_length_mode() -> None:
     assert _planned_peak(model, _tokens(2, result.seq + 8), budget) > budget
 
 
+class PositionLM(nn.Module):
+    """Absolute position embeddings for ``config.n_positions`` tokens, as Hugging Face
+    GPT-2 has: a longer sequence indexes past the table (IndexError on real tensors)."""
+
+    def __init__(self, n_positions: int) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"n_positions": n_positions})()
+        self.emb, self.pos = nn.Embedding(64, 32), nn.Embedding(n_positions, 32)
+        self.up, self.head = nn.Linear(32, 256), nn.Linear(256, 64)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        logits = self.head(torch.relu(self.up(x)))
+        return nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
+
+
+def test_fit_sequence_length_stops_at_the_models_position_table() -> None:
+    """search="seq" without max_size stops at ``config.n_positions`` (fake tensors do not
+    check the position lookup, so the search ran past the table to a length the model
+    cannot run) and says so; the fitted length runs for real."""
+    torch.manual_seed(0)
+    model = PositionLM(n_positions=32)
+    budget = _budget_for(PositionLM(n_positions=256), lambda s: _tokens(2, s), 128)  # fits 4x the table
+    progress = io.StringIO()
+    result = memopt.fit(model, _tokens, budget, search="seq", batch=2, step=8, options=OPTIONS, progress=progress)
+    assert (result.seq, result.capped) == (32, True)
+    assert "config.n_positions is 32" in progress.getvalue()
+    model(_tokens(2, result.seq)).backward()
+    with pytest.raises(IndexError):
+        model(_tokens(2, result.seq + 8))
+
+
 class KeepsLogits(nn.Module):
     """A graph break before the loss, and the logits returned with it: the caller keeps
     the first region's output through backward (as a Hugging Face output object does)."""
