@@ -172,27 +172,30 @@ def accumulation(global_batch: int, batch: int) -> tuple[int, tuple[int, ...], i
     return steps, micro, even
 
 
-def budget_bytes(budget: int | str) -> int:
+def budget_bytes(budget: int | str, *, name: str = "budget") -> int:
     """A budget in bytes: an int, or a size string parsed as ``memory_budget`` parses it
     (`memopt.config.parse_size`: ``"24GiB"``, ``"512MB"``). A fraction is refused: a
-    fraction of the unoptimized peak changes with the batch size."""
+    fraction of the unoptimized peak changes with the batch size. ``name="reserve"``
+    parses fit's ``reserve`` instead: errors name it, and zero is allowed (no reserve)."""
+    reserve = name == "reserve"
     if isinstance(budget, (bool, float)) or (isinstance(budget, str) and budget.strip().endswith("%")):
+        why = "bytes set aside outside the step" if reserve else "a fraction of the unoptimized peak changes with the batch"
         raise MemoptFitError(
-            f"budget={budget!r}: fit needs an absolute size (a fraction of the unoptimized peak "
-            f"changes with the batch); pass bytes as an int or a string such as '24GiB'."
+            f"{name}={budget!r}: fit needs an absolute size ({why}); pass bytes as an int or a string such as "
+            f"'{'2GiB' if reserve else '24GiB'}'."
         )
     if isinstance(budget, str):
         try:
             require_unit(budget)
             value = parse_size(budget)
         except ValueError as exc:
-            raise MemoptFitError(f"budget={budget!r}: {exc}") from None
+            raise MemoptFitError(f"{name}={budget!r}: {exc}") from None
     elif isinstance(budget, int):
         value = budget
     else:
-        raise MemoptFitError(f"budget={budget!r} must be bytes (int) or a size string such as '24GiB'.")
-    if value <= 0:
-        raise MemoptFitError(f"budget={budget!r} must be a positive size.")
+        raise MemoptFitError(f"{name}={budget!r} must be bytes (int) or a size string such as '24GiB'.")
+    if value < 0 or (value == 0 and not reserve):
+        raise MemoptFitError(f"{name}={budget!r} must be a {'non-negative' if reserve else 'positive'} size.")
     return value
 
 
@@ -243,7 +246,7 @@ def fit(
     ``training=True``, and for a malformed budget.
     """
     started = time.perf_counter()
-    total, reserved = budget_bytes(budget), (budget_bytes(reserve) if reserve else 0)
+    total, reserved = budget_bytes(budget), budget_bytes(reserve, name="reserve")
     if reserved >= total:
         raise MemoptFitError(
             f"reserve={format_bytes(reserved)} leaves nothing of budget={format_bytes(total)} for the step; "

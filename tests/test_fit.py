@@ -260,6 +260,18 @@ def test_model_without_grads_says_what_is_planned() -> None:
     assert result.batch == 2 and result.explanation is not None and not result.explanation.ran_backward
 
 
+def test_reserve_errors_name_the_reserve_and_zero_is_no_reserve() -> None:
+    """A malformed reserve was reported as ``budget=...`` (a fraction "of the unoptimized
+    peak"), and ``reserve="0MiB"`` was refused as not positive."""
+    for bad, match in [("8", r"^reserve='8': .*'8GiB'"), (0.5, r"^reserve=0\.5: .*outside the step"),
+                       (-5, r"^reserve=-5 must be a non-negative size")]:
+        with pytest.raises(memopt.MemoptFitError, match=match):
+            memopt.fit(MLP(), _mlp_inputs, "1GiB", reserve=bad, options=OPTIONS, progress=None)  # type: ignore[arg-type]
+    assert budget_bytes("0MiB", name="reserve") == 0
+    result = memopt.fit(MLP(), _mlp_inputs, "1GiB", reserve="0MiB", max_size=2, options=OPTIONS, progress=None)
+    assert (result.batch, result.reserve_bytes) == (2, 0)
+
+
 def test_budgets_parse_as_memory_budget_does() -> None:
     assert budget_bytes("24GiB") == 24 * 2**30
     assert budget_bytes("512MB") == 512 * 10**6
