@@ -256,6 +256,7 @@ def fit(
     stream = sys.stderr if progress is True else None if isinstance(progress, bool) else progress
     if search == "seq" and max_size is None:
         max_size = _position_limit(model, step, stream)
+    _warn_past_positions(model, seq)
     _check_trainable(model, training)
     fake_model, mode, fakes = _fake_model(model)
     config = _with_fake_optimizer(_config(options, total - reserved), fakes)
@@ -311,6 +312,32 @@ _POSITION_FIELDS: tuple[str, ...] = ("max_position_embeddings", "n_positions")
 position embeddings: BERT, GPT-2; the context the model was built for: Llama, Mistral)."""
 
 
+def _config_positions(model: Callable[..., Any]) -> tuple[str, int] | None:
+    """``(field, value)`` of the first `_POSITION_FIELDS` set on ``model.config``, or None."""
+    config = getattr(model, "config", None)
+    for name in _POSITION_FIELDS:
+        limit = getattr(config, name, None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            return name, limit
+    return None
+
+
+def _warn_past_positions(model: Callable[..., Any], seq: int | None) -> None:
+    """Warn once when a fixed ``seq`` (``search="batch"``) is above ``model``'s config
+    limit: the probes on fake tensors cannot see a lookup past the position table."""
+    found = _config_positions(model)
+    if seq is None or found is None or seq <= found[1]:
+        return
+    name, limit = found
+    warnings.warn(
+        f"seq={seq} is above {type(model).__name__}'s config.{name} = {limit}: fit plans it (fake tensors do "
+        f"not check position lookups), but a model with absolute position embeddings (BERT, GPT-2) raises "
+        f"IndexError when run at this length; pass seq <= {limit} unless the model takes longer sequences.",
+        MemoptWarning,
+        stacklevel=3,
+    )
+
+
 def _position_limit(model: Callable[..., Any], step: int, progress: IO[str] | None) -> int | None:
     """The longest sequence (a multiple of ``step``) ``model``'s config says it takes, to
     cap ``search="seq"`` when no ``max_size`` is given; None for a model without one.
@@ -318,13 +345,10 @@ def _position_limit(model: Callable[..., Any], step: int, progress: IO[str] | No
     On fake tensors an embedding lookup past its table is not checked (its indices have
     no values), so without a cap the search ran past the position table: Hugging Face
     GPT-2 with ``n_positions=128`` fitted seq 640, which raises ``IndexError`` when run."""
-    config = getattr(model, "config", None)
-    for name in _POSITION_FIELDS:
-        limit = getattr(config, name, None)
-        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
-            break
-    else:
+    found = _config_positions(model)
+    if found is None:
         return None
+    name, limit = found
     if limit < step:
         raise MemoptFitError(
             f"{type(model).__name__}'s config.{name} = {limit} is below step={step}: no sequence length to probe; "

@@ -135,6 +135,18 @@ def test_fit_sequence_length_stops_at_the_models_position_table() -> None:
         model(_tokens(2, result.seq + 8))
 
 
+def test_fit_batch_at_a_sequence_past_the_position_table_warns() -> None:
+    """A fixed seq above ``config.n_positions`` plans on fake tensors but cannot run:
+    fit says so once."""
+    torch.manual_seed(0)
+    model = PositionLM(n_positions=16)
+    with pytest.warns(memopt.MemoptWarning, match=r"seq=24 is above PositionLM's config.n_positions = 16") as caught:
+        memopt.fit(model, _tokens, "1GiB", seq=24, max_size=2, options=OPTIONS, progress=None)
+    assert len([w for w in caught if issubclass(w.category, memopt.MemoptWarning)]) == 1
+    with pytest.raises(IndexError):
+        model(_tokens(2, 24))
+
+
 class KeepsLogits(nn.Module):
     """A graph break before the loss, and the logits returned with it: the caller keeps
     the first region's output through backward (as a Hugging Face output object does)."""
