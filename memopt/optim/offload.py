@@ -54,7 +54,7 @@ from memopt.errors import MemoptOffloadError
 from memopt.optim._per_param import per_param_update
 from memopt.optim.mezo import MeZO
 from memopt.optim.state_size import state_bytes_of
-from memopt.runtime.offload_store import DEFAULT_MAX_PENDING, OffloadStore, StoreStats
+from memopt.runtime.offload_store import DEFAULT_MAX_PENDING, OffloadStore, StoreStats, resolve_offload_dir
 
 __all__ = ["OffloadedState", "OffloadedStateStats", "estimate_state_bytes"]
 
@@ -383,7 +383,7 @@ def _open_store(target: str | OffloadStore, offload_dir: str | os.PathLike[str] 
     if target == "disk":
         from memopt.runtime.disk_store import DiskStore
 
-        root = None if offload_dir is None else os.path.abspath(os.path.expanduser(os.fspath(offload_dir)))
+        root = resolve_offload_dir(offload_dir)
         store: OffloadStore = DiskStore("disk (optimizer state)", root, max_pending=max_pending)
     elif target == "host":
         if offload_dir is not None:

@@ -62,6 +62,7 @@ __all__ = [
     "OffloadStore",
     "StoreStats",
     "register_store",
+    "resolve_offload_dir",
     "get_store",
     "close_all",
     "synchronous_io",
@@ -517,6 +518,14 @@ def _parse_store_id(store_id: str) -> tuple[str, dict[str, Any]]:
     return target, options
 
 
+def resolve_offload_dir(offload_dir: str | os.PathLike[str] | None) -> str | None:
+    """``offload_dir`` as the absolute path every store and measurement uses: ``~``
+    expanded, a relative path taken from the current directory (at compile time)."""
+    if offload_dir is None:
+        return None
+    return os.path.abspath(os.path.expanduser(os.fspath(offload_dir)))
+
+
 def register_store(target: str, offload_dir: str | os.PathLike[str] | None = None, *,
                    device: torch.device | str | None = None,
                    max_pending: int = DEFAULT_MAX_PENDING) -> str:
@@ -540,7 +549,7 @@ def register_store(target: str, offload_dir: str | os.PathLike[str] | None = Non
             raise ValueError("offload_dir applies to the 'disk' target only")
         _check_host_device(device)
     elif offload_dir is not None:
-        options["offload_dir"] = os.path.abspath(os.path.expanduser(os.fspath(offload_dir)))
+        options["offload_dir"] = resolve_offload_dir(offload_dir)
     store_id = _store_id(target, options)
     get_store(store_id)
     return store_id
@@ -696,7 +705,7 @@ def measure_bandwidth(target: str, device: torch.device | str,
     dropping the file from the page cache, so both figures are the disk's own.
     Host: pinned copies device->host and host->device."""
     where = torch.device(device)
-    root = os.path.abspath(os.fspath(offload_dir)) if offload_dir is not None else None
+    root = resolve_offload_dir(offload_dir)
     key = (target, str(where), root)
     if key not in _BANDWIDTHS:
         store = get_store(register_store(target, root, device=where))
@@ -717,7 +726,7 @@ def measure_copy_rate(target: str, device: torch.device | str,
     once per process (``nbytes`` out and back, four times: about 150 ms here at the
     default 32 MiB) and cached; None where a copy engine does the copying."""
     where = torch.device(device)
-    root = os.path.abspath(os.fspath(offload_dir)) if offload_dir is not None else None
+    root = resolve_offload_dir(offload_dir)
     key = (target, root)
     if key not in _COPY_RATES:
         store = get_store(register_store(target, root, device=where))

@@ -20,7 +20,8 @@ import torch
 
 import memopt.runtime.disk_store as disk_store
 from memopt.errors import MemoptOffloadError
-from memopt.runtime import bandwidth, get_store, measure_bandwidth, register_store
+from memopt.runtime import bandwidth, get_store, measure_bandwidth, measure_copy_rate, register_store
+from memopt.runtime.offload_store import _stores
 from memopt.runtime.disk_store import DiskStore, sweep_stale
 from offload_testing import recording_backend
 
@@ -350,6 +351,25 @@ def test_bandwidth_is_measured_once_or_given(offload_dir, monkeypatch):
     with pytest.raises(ValueError, match="positive"):
         bandwidth("disk", "cpu", given=0)
     get_store(register_store("disk", offload_dir)).close()
+
+
+def test_home_relative_offload_dir_is_measured_where_the_store_writes(tmp_path, monkeypatch):
+    """``offload_dir="~/off"``: the planner's measurements ran in a literal ``./~/off``
+    of the current directory (a stray ``~`` left there) while the store wrote to
+    ``$HOME/off``."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    measure_bandwidth("disk", "cpu", nbytes=4096, offload_dir="~/off")
+    measure_copy_rate("disk", "cpu", nbytes=4096, offload_dir="~/off")
+    sid = register_store("disk", "~/off")
+    assert get_store(sid).root == str(home / "off")
+    assert os.listdir(cwd) == []
+    assert [os.path.dirname(s.location) for s in _stores()
+            if s.location.startswith(str(tmp_path))] == [str(home / "off")]
+    get_store(sid).close()
 
 
 def test_synchronous_io_copies_on_the_calling_thread(store_id, leftovers):
