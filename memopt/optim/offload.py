@@ -238,13 +238,19 @@ class OffloadedState(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Check that the store can hold the loaded state in place of the current one
         (which is kept if not), load it into the wrapped optimizer, and move it to the
-        store."""
+        store. A dict the wrapped optimizer refuses (its groups do not match) raises its
+        error and leaves the current state in place, as the plain optimizer does."""
         self._check_open()
         loaded = sum(_nbytes(v) for s in state_dict["state"].values() for v in s.values() if _offloaded(v))
         self.store.preflight(max(0, loaded - self.stats().offloaded_bytes))
-        self._stash.clear()
-        self._order.clear()
-        self.optimizer.load_state_dict(state_dict)  # type: ignore[arg-type]
+        kept = self._stash, self._order
+        self._stash, self._order = {}, {}
+        try:
+            self.optimizer.load_state_dict(state_dict)  # type: ignore[arg-type]
+        except BaseException:  # torch refused the dict and left its state as it was: so do we
+            self._stash, self._order = kept
+            raise
+        del kept  # the replaced state's handles die before the new state is written: its files go first
         self._stash_all()
 
     # -- the store ----------------------------------------------------------------------

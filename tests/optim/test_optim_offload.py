@@ -288,6 +288,25 @@ def test_loading_state_that_does_not_fit_is_an_error_before_loading(offload_dir,
     bigger.close()
 
 
+def test_a_state_dict_the_optimizer_refuses_leaves_the_state_in_place(offload_dir):
+    """torch refuses a dict whose groups do not match before touching its state; the
+    wrapper dropped its offloaded state first, so its next step raised KeyError 'exp_avg'."""
+    plain, model = tiny_mlp(), tiny_mlp()
+    reference = torch.optim.AdamW(plain.parameters(), lr=1e-2)
+    opt = OffloadedState(torch.optim.AdamW(model.parameters(), lr=1e-2), "disk", offload_dir)
+    train(plain, reference, range(2))
+    train(model, opt, range(2))
+    other = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
+    for optimizer in (reference, opt):
+        with pytest.raises(ValueError, match="doesn't match the size"):
+            optimizer.load_state_dict(other.state_dict())
+    train(plain, reference, range(2, 4))
+    train(model, opt, range(2, 4))
+    assert params_equal(plain, model)
+    assert states_equal(opt.state_dict(), reference.state_dict())
+    opt.close()
+
+
 def test_unusable_offload_dir_is_an_error_before_the_first_step(tmp_path):
     afile = tmp_path / "file"
     afile.write_text("")
