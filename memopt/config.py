@@ -101,8 +101,10 @@ class MemoptConfig:
     (default): nothing is offloaded. Exact: values come back bit for bit."""
 
     offload_dir: str | None = None
-    """Directory for ``offload="disk"`` files. Default: a private temporary directory
-    (mode 0700) made for the process and removed at exit."""
+    """Directory under which ``offload="disk"`` (or ``"auto"`` on a CPU) makes its
+    private one (mode 0700, removed at exit); ``~`` is expanded and a relative path is
+    taken from the current directory at compile time. Default: the system's temporary
+    directory. Unused where ``"auto"`` picks host memory."""
 
     offload_bandwidth: float | None = None
     """Bytes per second to and from the offload target, used by the planner's cost

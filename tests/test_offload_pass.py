@@ -17,7 +17,7 @@ from memopt.graph.verify import GraphVerificationError, verify_step
 from memopt.passes.base import PassContext
 from memopt.passes.instruments import VerifyInstrument
 from memopt.passes.manager import PassManager
-from memopt.passes.offload import RELOAD_START, RELOAD_WAIT, OFFLOAD, OffloadSavedActivations
+from memopt.passes.offload import RELOAD_START, RELOAD_WAIT, OFFLOAD, OffloadSavedActivations, offload_target_and_bandwidth
 from memopt.plan.plan import MemoryPlan
 from memopt.testing.capture import capture_step
 from memopt.runtime import synchronous_io
@@ -74,6 +74,29 @@ def test_offload_and_reload_are_placed_as_planned(tmp_path):
     first_use = min(bw.index(u) for u in wait.users)
     assert first_use > bw.index(wait)
     assert record.applied[0].details["reload_lead_placed"] == 2
+
+
+def test_auto_beside_an_accelerator_uses_host_memory_whatever_offload_dir_says(tmp_path, monkeypatch):
+    """offload="auto" with an offload_dir (for the runs that pick disk) compiles where
+    "auto" picks host memory: the pass handed offload_dir to the host store, which takes
+    no directory, so every compile on a GPU raised ValueError("offload_dir applies to
+    the 'disk' target only") where the same options work on a CPU. (A CPU graph stands
+    in for the GPU one: host stores accept it here.)"""
+    import memopt.runtime.offload_store as offload_store
+    from memopt.runtime.host_store import CudaTransfers, HostStore
+
+    monkeypatch.setattr(offload_store, "_check_host_device", lambda device: None)
+    monkeypatch.setattr(offload_store, "_make_store", lambda sid: HostStore(sid, transfers=CudaTransfers()))
+    step = _step()
+    action = {"kind": "offload", "target": "host", "reload_lead": 1}
+    plan = _plan([{"name": "forward:tanh", "region": "0/0", "action": action, "reason": "test", "bytes": 65536}])
+    config = MemoptConfig(codegen="eager", strict=True, offload="auto", offload_dir=str(tmp_path))
+    result = PassManager([OffloadSavedActivations()], [VerifyInstrument()]).run(step, PassContext(config, "0/0", plan=plan))
+    (offload,) = [n for n in result.step.forward.graph.nodes if n.target is OFFLOAD]
+    assert offload.args[1] == "host"
+    monkeypatch.setattr(HostStore, "measure", lambda self, nbytes, device: (1e9, 1e9))
+    assert offload_target_and_bandwidth(config, torch.device("cuda"))[0] == "host"  # the planner's measurement
+    offload_store.get_store("host").close()
 
 
 def test_prefetch_never_climbs_above_the_graph_start(tmp_path):

@@ -73,6 +73,13 @@ def resolve_target(option: str, device: torch.device) -> str:
     return option
 
 
+def store_dir(config: MemoptConfig, target: str) -> str | None:
+    """``offload_dir`` for a store of ``target``: the directory for ``"disk"``, None for
+    ``"host"`` (pinned memory takes none). ``offload="auto"`` with an ``offload_dir``
+    picks host beside an accelerator: the directory is for the runs that pick disk."""
+    return config.offload_dir if target == "disk" else None
+
+
 def offload_target_and_bandwidth(config: MemoptConfig, device: torch.device) -> tuple[str, Bandwidth]:
     """The target for ``config.offload`` on ``device`` and its bandwidth (given by
     ``offload_bandwidth``, else measured once per process), with the copies' CPU cost
@@ -86,9 +93,9 @@ def offload_target_and_bandwidth(config: MemoptConfig, device: torch.device) -> 
     target = resolve_target(config.offload, device)
     copy_rate = None
     with unset_fake_temporarily():  # compiles run under a fake mode; the measurement moves real bytes
-        write, read = bandwidth(target, device, given=config.offload_bandwidth, offload_dir=config.offload_dir)
+        write, read = bandwidth(target, device, given=config.offload_bandwidth, offload_dir=store_dir(config, target))
         if config.offload_bandwidth is None and copies_share_compute_cores(device):
-            copy_rate = measure_copy_rate(target, device, offload_dir=config.offload_dir)
+            copy_rate = measure_copy_rate(target, device, offload_dir=store_dir(config, target))
     return target, bandwidth_for(device, write, read, copy_rate)
 
 
@@ -131,10 +138,11 @@ class OffloadSavedActivations(Pass):
         targets = {action.target for _, action in groups}
         if len(targets) != 1:
             raise ValueError(f"one store per region: the plan offloads to {sorted(targets)}")
+        target = targets.pop()
         device = meta.tensor_value(groups[0][0].base).device  # type: ignore[union-attr]
         total = sum(group.nbytes for group, _ in groups)
         with unset_fake_temporarily():  # compiles run under a fake mode; the store checks real files
-            store_id = register_store(targets.pop(), ctx.config.offload_dir, device=device)
+            store_id = register_store(target, store_dir(ctx.config, target), device=device)
             get_store(store_id).preflight(total)
         fake_mode = fake_mode_of_step(step)
         applied, placed = [], []
