@@ -380,12 +380,29 @@ class DiskStore(OffloadStore):
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def _probe_bytes(self, nbytes: int) -> int:
+        """``nbytes``, or a quarter of the space free under the store's directory where
+        that is less: a measurement must not fill the disk the plan offloads to (a
+        32 MiB probe on an 8 MiB scratch disk failed the region's planning)."""
+        free = shutil.disk_usage(self.directory).free
+        return max(1, min(int(nbytes), free // 4))
+
+    def _measure_error(self, exc: OSError) -> MemoptOffloadError:
+        """A `MemoptOffloadError` for a measurement that could not write or read."""
+        return MemoptOffloadError(
+            f"measuring the disk under {self._describe_root()} failed: {exc.strerror or exc}; "
+            "free space there, set offload_dir to another directory, or give "
+            "offload_bandwidth (bytes per second) so that memopt does not measure"
+        )
+
     def measure_copies(self, nbytes: int, rounds: int = 3) -> float:
         """The I/O thread's CPU work per byte: ``nbytes`` written into the page cache (no
         fsync: the disk writes back later, with no core's help) and read back into a
         fresh tensor, its pages faulted in, timed in this thread's CPU seconds. The
-        median of ``rounds`` after one unmeasured round (the first touches cold pages)."""
-        data = torch.ones(max(int(nbytes), 1), dtype=torch.uint8)
+        median of ``rounds`` after one unmeasured round (the first touches cold pages).
+        ``nbytes`` is capped by `_probe_bytes`; a failed write or read is a
+        `MemoptOffloadError` naming the directory and the fix."""
+        data = torch.ones(self._probe_bytes(nbytes), dtype=torch.uint8)
         seconds = []
         for _ in range(rounds + 1):
             path = os.path.join(self.directory, f"copies-{secrets.token_hex(4)}")
@@ -395,14 +412,18 @@ class DiskStore(OffloadStore):
                 out = torch.empty_like(data)
                 read_file(path, out)
                 seconds.append(time.thread_time() - start)
+            except OSError as exc:
+                raise self._measure_error(exc) from None
             finally:
                 _unlink(path)
         return data.numel() / max(statistics.median(seconds[1:]), 1e-9)
 
     def measure(self, nbytes: int, device: torch.device) -> tuple[float, float]:
         """Disk throughput: ``nbytes`` written with fsync, then read back after the file
-        is dropped from the page cache (so the read is the disk's, not memory's)."""
-        data = torch.ones(max(int(nbytes), 1), dtype=torch.uint8)
+        is dropped from the page cache (so the read is the disk's, not memory's).
+        ``nbytes`` is capped by `_probe_bytes`; a failed write or read is a
+        `MemoptOffloadError` naming the directory and the fix."""
+        data = torch.ones(self._probe_bytes(nbytes), dtype=torch.uint8)
         path = os.path.join(self.directory, f"bandwidth-{secrets.token_hex(4)}")
         try:
             start = time.perf_counter()
@@ -415,6 +436,8 @@ class DiskStore(OffloadStore):
             start = time.perf_counter()
             read_file(path, data)
             read_s = time.perf_counter() - start
+        except OSError as exc:
+            raise self._measure_error(exc) from None
         finally:
             _unlink(path)
         return data.numel() / max(write_s, 1e-9), data.numel() / max(read_s, 1e-9)

@@ -372,6 +372,43 @@ def test_home_relative_offload_dir_is_measured_where_the_store_writes(tmp_path, 
     get_store(sid).close()
 
 
+def _disk_with_free_space(monkeypatch, directory, free: int) -> None:
+    """Make the disk under ``directory`` look ``free`` bytes large: a larger write fails
+    with ENOSPC, as on a small scratch disk."""
+    usage = shutil.disk_usage(directory)._replace(free=free)
+    monkeypatch.setattr(disk_store.shutil, "disk_usage", lambda path: usage)
+    write = disk_store.write_file
+
+    def small_disk(path, tensor, **kwargs):
+        if tensor.numel() * tensor.element_size() > free:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        write(path, tensor, **kwargs)
+
+    monkeypatch.setattr(disk_store, "write_file", small_disk)
+
+
+def test_measurements_fit_a_disk_smaller_than_the_probe(offload_dir, monkeypatch):
+    """On a disk with 8 MiB free the default 32 MiB probe failed with ENOSPC: planning
+    failed ("a memopt bug") and the region ran unoptimized, though its plan fitted."""
+    store = get_store(register_store("disk", offload_dir))
+    _disk_with_free_space(monkeypatch, offload_dir, 8 * 2**20)
+    write, read = store.measure(32 * 2**20, CPU)
+    assert write > 0 and read > 0
+    assert store.measure_copies(32 * 2**20) > 0
+    assert os.listdir(store.directory) == [".lock"]
+    store.close()
+
+
+def test_a_measurement_that_cannot_write_names_the_fix(offload_dir, monkeypatch):
+    store = get_store(register_store("disk", offload_dir))
+    _disk_with_free_space(monkeypatch, offload_dir, 0)
+    for measure in (lambda: store.measure(2**20, CPU), lambda: store.measure_copies(2**20)):
+        with pytest.raises(MemoptOffloadError, match=r"measuring the disk under offload_dir .* No space left on "
+                           r"device; free space there, .* or give offload_bandwidth"):
+            measure()
+    store.close()
+
+
 def test_synchronous_io_copies_on_the_calling_thread(store_id, leftovers):
     """Inside `synchronous_io` no I/O thread runs: the write is done when ``offload``
     returns (the source released, the file there), the read when ``reload_start``
