@@ -104,7 +104,7 @@ class MemoptConfig:
     """Directory under which ``offload="disk"`` (or ``"auto"`` on a CPU) makes its
     private one (mode 0700, removed at exit); ``~`` is expanded and a relative path is
     taken from the current directory at compile time. Default: the system's temporary
-    directory. Unused where ``"auto"`` picks host memory."""
+    directory. Unused where ``"auto"`` picks host memory; refused with ``"host"``."""
 
     offload_bandwidth: float | None = None
     """Bytes per second to and from the offload target, used by the planner's cost
@@ -169,6 +169,12 @@ class MemoptConfig:
             value = getattr(self, f.name)
             if value is not f.default:
                 object.__setattr__(self, f.name, _VALIDATORS[f.name](f.name, value))
+        if self.offload == "host" and self.offload_dir is not None:
+            raise ValueError(
+                f"memopt options offload='host' and offload_dir={self.offload_dir!r}: host offload keeps "
+                "values in pinned host memory and writes no files. Fix: drop offload_dir, or use "
+                "offload='disk' (files under offload_dir) or 'auto' (host beside an accelerator, disk on a CPU)."
+            )
         fused, stepped = self.optimizer_in_backward, self.optimizer
         if fused is not None and stepped is not None and fused is not stepped:
             raise ValueError(

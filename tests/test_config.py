@@ -75,6 +75,15 @@ def test_size_options_take_size_strings_and_name_themselves_when_wrong():
         MemoptConfig.from_options({"offload_min_bytes": "2.5"})
 
 
+def test_host_offload_with_an_offload_dir_is_refused_when_the_options_are_read(tmp_path):
+    """Host offload writes no files: the directory was ignored without a word (before,
+    the host store refused it mid-compile, on a GPU only). "auto" may pick disk, so it
+    keeps the directory."""
+    with pytest.raises(ValueError, match=r"offload='host' and offload_dir=.*Fix: drop offload_dir, or use offload='disk'"):
+        MemoptConfig.from_options({"offload": "host", "offload_dir": str(tmp_path)})
+    assert MemoptConfig.from_options({"offload": "auto", "offload_dir": str(tmp_path)}).offload_dir == str(tmp_path)
+
+
 def test_env_switches_debug_aids(monkeypatch, tmp_path):
     monkeypatch.setenv("MEMOPT_DUMP_DIR", str(tmp_path))
     monkeypatch.setenv("MEMOPT_VERIFY", "1")
