@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -274,3 +275,33 @@ def test_host_offload_on_cuda_matches_the_unoffloaded_step(codegen):
         torch.testing.assert_close(loss, loss0, rtol=1e-4, atol=1e-5)
         for name in grads0:
             torch.testing.assert_close(grads[name], grads0[name], rtol=1e-3, atol=1e-5)
+
+
+def test_a_dynamic_shape_compile_says_that_it_offloads_nothing(tmp_path):
+    """A second batch shape makes Dynamo compile the region for dynamic shapes, and that
+    compile serves every shape: saved values of symbolic size cannot be offloaded, so
+    offload stopped for the first shape too, without a word. The warning's fix,
+    dynamic=False, keeps offloading at each shape."""
+    from memopt.runtime import get_store, register_store
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[m for _ in range(4) for m in (torch.nn.Linear(256, 256), torch.nn.Tanh())])
+    options = {"codegen": "eager", "offload": "disk", "offload_dir": str(tmp_path),
+               "offload_bandwidth": FAST_DISK, "offload_min_bytes": 0}  # fmt: skip
+    store = get_store(register_store("disk", tmp_path))
+    for dynamic in (None, False):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="memopt", options=options, dynamic=dynamic)
+        compiled(torch.randn(256, 256)).sum().backward()
+        offloads = store.stats().offloads
+        assert offloads > 0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled(torch.randn(128, 256)).sum().backward()
+        said = [str(w.message) for w in caught if issubclass(w.category, memopt.MemoptWarning)]
+        if dynamic is None:
+            assert store.stats().offloads == offloads  # the dynamic compile offloads nothing
+            assert len(said) == 1 and "symbolic" in said[0] and "dynamic=False" in said[0], said
+        else:
+            assert store.stats().offloads > offloads and not said
+    store.close()

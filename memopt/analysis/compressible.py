@@ -56,7 +56,7 @@ from memopt.graph import meta
 from memopt.graph.step import StepGraphs, output_values
 
 __all__ = [
-    "MIN_ELEMENTS", "SavedStorage", "saved_storages", "stored_bytes", "choose_formats", "last_forward_reader",
+    "DYNAMIC_SHAPE", "MIN_ELEMENTS", "SavedStorage", "saved_storages", "stored_bytes", "choose_formats", "last_forward_reader",
     "DEFAULT_BLOCK",
 ]  # fmt: skip
 
@@ -124,6 +124,10 @@ def _dense_base(storage: Storage, candidates: list[fx.Node]) -> tuple[fx.Node, t
         ):
             return node, order
     return None
+
+
+DYNAMIC_SHAPE = "dynamic shape (not supported yet)"
+"""`SavedStorage.reason` of a storage whose values have symbolic sizes."""
 
 
 def saved_storages(step: StepGraphs, fmt: str, min_elements: int = MIN_ELEMENTS) -> list[SavedStorage]:
@@ -204,7 +208,7 @@ def _ineligible(
     if storage in returned:
         return "also returned to the caller"
     if any(not all(isinstance(s, int) for s in v.shape) for v in values):  # type: ignore[union-attr]
-        return "dynamic shape (not supported yet)"
+        return DYNAMIC_SHAPE
     if base is None:
         return "no dense tensor covers its storage"
     value = meta.tensor_value(base)

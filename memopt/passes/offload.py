@@ -19,6 +19,7 @@ for, and no offload op is left in the wrong graph.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,12 +28,12 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 import memopt.codegen.offload  # noqa: F401  - registers torch.ops.memopt.offload/reload_*
-from memopt.analysis.compressible import SavedStorage
+from memopt.analysis.compressible import DYNAMIC_SHAPE, SavedStorage, saved_storages
 from memopt.analysis.cost import copies_share_compute_cores
 from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
 from memopt.analysis.storage_cost import Bandwidth, bandwidth_for
 from memopt.config import MemoptConfig
-from memopt.errors import MemoptOffloadError
+from memopt.errors import MemoptOffloadError, MemoptWarning
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs
 from memopt.graph.verify import GraphVerificationError, register_step_invariant
@@ -51,7 +52,7 @@ from memopt.plan.decisions import Offload
 from memopt.plan.plan import TensorDecision
 from memopt.units import format_bytes
 
-__all__ = ["OffloadSavedActivations", "resolve_target", "offload_target_and_bandwidth", "OFFLOAD_OPS"]
+__all__ = ["OffloadSavedActivations", "resolve_target", "offload_target_and_bandwidth", "warn_dynamic_shapes", "OFFLOAD_OPS"]
 
 OFFLOAD = torch.ops.memopt.offload.default
 RELOAD_START = torch.ops.memopt.reload_start.default
@@ -97,6 +98,24 @@ def offload_target_and_bandwidth(config: MemoptConfig, device: torch.device) -> 
         if config.offload_bandwidth is None and copies_share_compute_cores(device):
             copy_rate = measure_copy_rate(target, device, offload_dir=store_dir(config, target))
     return target, bandwidth_for(device, write, read, copy_rate)
+
+
+def warn_dynamic_shapes(step: StepGraphs) -> None:
+    """Warn (`MemoptWarning`) when saved values of ``step`` cannot be offloaded because
+    their sizes are symbolic. Dynamo compiles a region with dynamic shapes once a second
+    input shape reaches it, and that compile serves every shape from then on: without
+    a word, offload stopped for the first shape too (GPT-2: 15 values a step, then 0)."""
+    dynamic = [g for g in saved_storages(step, "raw", min_elements=0) if g.reason == DYNAMIC_SHAPE]
+    if not dynamic:
+        return
+    warnings.warn(
+        f"memopt: offload skips {len(dynamic)} saved value(s) of region {step.region}: their shapes are "
+        "symbolic (torch.compile compiled it for dynamic shapes, as it does once a second input shape "
+        "reaches it), and offload needs static shapes; they stay in memory for every shape this compile "
+        "serves. Fix: torch.compile(..., dynamic=False) compiles once per shape and keeps offloading.",
+        MemoptWarning,
+        stacklevel=2,
+    )
 
 
 class OffloadSavedActivations(Pass):
