@@ -173,6 +173,28 @@ def test_infeasible_budget_advice_fits_the_options_and_the_region():
     assert "sharding the parameters over devices" in inference  # no gradients in an inference step
 
 
+def test_a_fractional_budget_does_not_warn_for_an_inference_region():
+    """A fraction is of the inference region's own peak, which nothing can lower: it
+    warned at every evaluation compile of a training loop (train under 0.5, then eval
+    under no_grad). The training region still warns when infeasible; the inference
+    region's plan notes why its fraction is not applied; a budget in bytes still warns
+    for an inference region (the previous test)."""
+    case = zoo_case("gpt")
+    torch._dynamo.reset()
+    model = case.build()
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "memory_budget": 0.5})
+    with warnings.catch_warnings(record=True) as caught, memopt.record() as ex:
+        warnings.simplefilter("always")
+        compiled(*case.inputs(4)).backward()
+        model.eval()
+        with torch.no_grad():
+            compiled(*case.inputs(4))
+    kinds = [r.kind for r in ex.regions]
+    assert kinds == ["training", "inference"], kinds
+    assert [str(w.message) for w in caught if "inference" in str(w.message)] == []
+    assert "a fractional memory_budget is not applied" in " ".join(ex.regions[1].plan.notes)
+
+
 def test_budget_above_unoptimized_peak_changes_nothing():
     case = zoo_case("mlp")
     explanation = memopt.explain(case.build(), *case.inputs(8), options={"codegen": "eager", "memory_budget": "1GiB"})

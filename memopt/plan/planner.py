@@ -19,6 +19,7 @@ timeline after the passes (`check_final_budget`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from typing import Any
 
@@ -41,6 +42,8 @@ from memopt.plan.segments import Segment, must_save
 from memopt.plan.step_context import StepContext, placed
 
 __all__ = ["base_plan", "plan_region", "check_final_budget"]
+
+log = logging.getLogger("memopt.plan")
 
 
 def plan_region(
@@ -256,6 +259,11 @@ def _with(plan: MemoryPlan, **changes: Any) -> MemoryPlan:
 def _infeasible_inference(
     plan: MemoryPlan, before: MemoryTimeline, budget: int, config: MemoptConfig, *, sharded: bool
 ) -> MemoryPlan:
+    """An inference region over its budget: nothing it saves can go, so its peak is its
+    floor. A budget in bytes is the user's hard number: warned (raised when strict). A
+    fraction is of the region's own peak, which no plan can lower, so every fraction
+    would warn at every evaluation compile of a training loop: it is noted in the plan
+    and logged, not warned."""
     result = _with(
         plan,
         feasible=False,
@@ -263,11 +271,15 @@ def _infeasible_inference(
         blockers=before.peak_breakdown,
         notes=(_INFERENCE,),
     )
+    if isinstance(config.memory_budget, float):
+        log.info("region %s: %s; the fractional memory_budget is not applied to it", plan.region, _INFERENCE)
+        return _with(result, notes=(_INFERENCE, _FRACTION_NOT_APPLIED))
     _report_infeasible(result, config, by="memopt", sharded=sharded)
     return result
 
 
 _INFERENCE = "inference regions keep nothing for backward: rematerialization cannot lower their peak"
+_FRACTION_NOT_APPLIED = "a fractional memory_budget is not applied to an inference region (a budget in bytes is)"
 
 
 def _shrinking_advice(blockers: dict[str, int], config: MemoptConfig, sharded: bool = False) -> str:

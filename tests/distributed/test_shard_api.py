@@ -340,7 +340,7 @@ def test_infeasible_budget_of_a_sharded_inference_region_does_not_advise_shardin
 
     torch._dynamo.reset()
     model = md.shard(nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64)), stage=3)
-    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "memory_budget": 0.1})
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "memory_budget": "2KiB"})
     with pytest.warns(MemoptBudgetWarning, match="inference regions keep nothing for backward") as caught, torch.no_grad():
         compiled(torch.randn(4, 64))
     text = " ".join(str(w.message) for w in caught if isinstance(w.message, MemoptBudgetWarning))
