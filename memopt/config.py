@@ -356,7 +356,17 @@ def _budget(key: str, value: Any) -> int | float | None:
         raise ValueError(f"memopt option {key}={value!r} must be a size or a fraction, not a bool.")
     if isinstance(value, int):
         if value <= 0:
-            raise ValueError(f"memopt option {key}={value!r} must be positive (bytes).")
+            raise ValueError(
+                f"memopt option {key}={value!r} must be positive: bytes (an int such as 6 * 2**30, "
+                f"or a size string such as '6GiB'), or a fraction of the unoptimized peak (0.5, '50%')."
+            )
+        if value < 1024:
+            raise ValueError(
+                f"memopt option {key}={value!r} is an int under 1 KiB, which would mean {value} "
+                f"byte(s), almost surely not meant; for a fraction of the unoptimized peak give a "
+                f"float or a percentage (1.0 or '100%' is the whole peak, 0.5 or '50%' half); for a "
+                f"size add a unit ('{value}GiB')."
+            )
         return value
     if isinstance(value, float):
         if not 0.0 < value <= 1.0:

@@ -61,6 +61,22 @@ def test_a_memory_budget_number_string_without_a_unit_is_refused(value):
         MemoptConfig.from_options({"memory_budget": value})
 
 
+@pytest.mark.parametrize("value", [1, 2, 512, 1023])
+def test_a_memory_budget_int_under_a_kib_is_refused(value):
+    """``memory_budget=1`` (meant as the whole peak) was a 1-byte budget: every region
+    planned its smallest peak and warned it was infeasible. An int under 1 KiB is refused
+    as the unitless string is, naming both readings."""
+    with pytest.raises(ValueError, match=rf"memory_budget={value} is an int under 1 KiB.*'100%'.*'{value}GiB'\)"):
+        MemoptConfig.from_options({"memory_budget": value})
+    assert MemoptConfig.from_options({"memory_budget": 1024}).memory_budget == 1024
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_a_memory_budget_not_positive_names_the_forms(value):
+    with pytest.raises(ValueError, match=rf"memory_budget={value} must be positive: .*'6GiB'.*'50%'"):
+        MemoptConfig.from_options({"memory_budget": value})
+
+
 @pytest.mark.parametrize("value, expected", [("1e9", 10**9), ("4096", 4096), ("1.5KiB", 1536)])
 def test_a_memory_budget_number_string_of_whole_bytes_is_bytes(value, expected):
     assert MemoptConfig.from_options({"memory_budget": value}).memory_budget == expected
