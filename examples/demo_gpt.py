@@ -27,6 +27,17 @@ def pattern_batch(batch: int, seq: int, vocab: int, generator: torch.Generator) 
     return tokens[:, :-1], tokens[:, 1:]
 
 
+def budget_option(text: str) -> float | str:
+    """``--budget`` as ``memory_budget`` takes it: a number up to 1 is a fraction of the
+    unoptimized peak (``"0.5"`` -> 0.5), anything else stays a string (``"8MiB"``,
+    ``"50%"``, or ``"6000000"``: whole bytes)."""
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return number if number <= 1 else text
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--codegen", choices=["eager", "inductor"], default="eager")
@@ -44,12 +55,17 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     options: dict[str, object] = {"codegen": args.codegen}
     if args.budget.lower() != "none":
-        options["memory_budget"] = float(args.budget) if args.budget.replace(".", "", 1).isdigit() else args.budget
+        options["memory_budget"] = budget_option(args.budget)
+    try:
+        memopt.MemoptConfig.from_options(options)  # a bad --budget fails here, not inside the compile
+    except ValueError as exc:
+        parser.error(str(exc))
     compiled = torch.compile(model, backend="memopt", options=options)
     generator = torch.Generator().manual_seed(0)
 
     print(f"training a {sum(p.numel() for p in model.parameters()):,}-parameter GPT "
           f"with backend='memopt' ({options}) for {args.steps} steps")
+    print(f"  compiling forward and backward in the first step ({args.codegen} codegen) ...", flush=True)
     with memopt.record(optimizer=optimizer) as explanation:
         start = time.perf_counter()
         for step in range(args.steps):
@@ -60,9 +76,9 @@ def main(argv: list[str] | None = None) -> None:
             optimizer.zero_grad(set_to_none=True)
             if step == 0:
                 print(f"  step   0  loss {loss.item():.3f}  (first step includes compilation: "
-                      f"{time.perf_counter() - start:.1f}s)")
+                      f"{time.perf_counter() - start:.1f}s)", flush=True)
             elif step % 10 == 9 or step == args.steps - 1:
-                print(f"  step {step:3d}  loss {loss.item():.3f}")
+                print(f"  step {step:3d}  loss {loss.item():.3f}", flush=True)
     print()
     print(explanation.report(top=8))
 
