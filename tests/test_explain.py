@@ -94,6 +94,20 @@ def test_explain_logs_nothing_at_default_level(caplog):
     assert not [r for r in caplog.records if r.name.startswith("memopt")]
 
 
+def test_info_logs_name_only_the_passes_the_user_disabled(caplog):
+    """Under a budget the planner's trial of its plan runs the pipeline without the
+    collective passes; MEMOPT_LOGS=info printed "pass dedupe_collectives disabled" (three
+    passes, twice per region) though the user disabled nothing."""
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 32), torch.nn.Tanh())
+    x = torch.randn(8, 32)
+    options = {"codegen": "eager", "memory_budget": 0.9, "disable_passes": ["schedule"]}
+    with caplog.at_level(logging.INFO, logger="memopt"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", memopt.MemoptBudgetWarning)
+        memopt.explain(model, x, options=options)
+    skipped = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and " disabled" in r.getMessage()]
+    assert skipped and all("pass schedule disabled (disable_passes)" in m for m in skipped), skipped
+
+
 def test_recompiled_frame_counts_once_in_the_step_timeline():
     class Flag(torch.nn.Module):
         def __init__(self):

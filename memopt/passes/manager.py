@@ -140,7 +140,12 @@ class PassManager:
         for index, p in enumerate(self.passes, start=1):
             if p.name in self.disabled:
                 records.append(PassRecord(p.name, "skipped", details={"why": "disabled"}))
-                log.info("region %s: pass %s disabled", ctx.region, p.name)
+                # info only for the user's disable_passes: memopt's own runs (the planner's
+                # trial of a plan skips the collective passes) must not claim them disabled
+                user_disabled = p.name in ctx.config.disable_passes
+                log.log(logging.INFO if user_disabled else logging.DEBUG,
+                        "region %s: pass %s %s", ctx.region, p.name,
+                        "disabled (disable_passes)" if user_disabled else "not run in this pipeline")
                 continue
             record = PassRecord(p.name, "ran")
             records.append(record)
