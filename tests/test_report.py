@@ -385,6 +385,10 @@ def test_cli_help_is_plain_text(capsys):
             cli_main([command, "--help"])
         text = capsys.readouterr().out
         assert "``" not in text and "`memopt" not in text, text
+        # the description is printed as written: a line longer than its neighbours ran
+        # off an 88-column terminal ("... keyword arguments. The factory runs under ...")
+        description = text.split("positional arguments:")[0]
+        assert max(len(line) for line in description.splitlines()) <= 88, description
 
 
 class _NormDropout(torch.nn.Module):

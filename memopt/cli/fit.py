@@ -6,9 +6,9 @@ tensors) and ``make_inputs(batch)`` (or ``make_inputs(batch, seq)`` when ``--seq
 given or ``--search seq``) returns the inputs of one training call: a tensor, a tuple of
 positional arguments or a dict of keyword arguments. With an optimizer (over
 ``model.parameters()``) the plan counts its state, and ``--in-backward`` plans each
-update inside backward (``optimizer_in_backward``) instead of a separate ``opt.step()``. The factory runs under a FakeTensorMode and so does every probe:
-nothing of the model or the step is allocated, and a model larger than this machine
-can be fitted. One line per probe goes to stderr; the result to stdout.
+update inside backward (``optimizer_in_backward``) instead of a separate ``opt.step()``.
+The factory runs under a FakeTensorMode and so does every probe: nothing of the model
+or the step is allocated, and a model larger than this machine can be fitted. One line per probe goes to stderr; the result to stdout.
 """
 
 from __future__ import annotations

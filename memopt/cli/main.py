@@ -34,9 +34,10 @@ memopt report FILE.py:FACTORY: a compile-time memory report for a model.
 
 FACTORY is a function of no arguments in FILE.py (or package.module:FACTORY, an
 importable module) returning (model, inputs): model is an nn.Module or any callable,
-inputs a tensor, a tuple of positional arguments or a dict of keyword arguments. The factory runs under a FakeTensorMode by default, so
-nothing real is allocated and a model larger than this machine can be estimated;
---real builds it on real tensors instead.
+inputs a tensor, a tuple of positional arguments or a dict of keyword arguments. The
+factory runs under a FakeTensorMode by default, so nothing real is allocated and a
+model larger than this machine can be estimated; --real builds it on real tensors
+instead.
 """
 
 
