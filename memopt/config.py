@@ -386,6 +386,12 @@ def _budget(key: str, value: Any) -> int | float | None:
         size = _option_size(key, value)
         if size <= 0:
             raise ValueError(f"memopt option {key}={value!r} must be a positive size.")
+        if size < 1024:  # also keeps the stored int valid when __post_init__ checks it again
+            raise ValueError(
+                f"memopt option {key}={value!r} is {size} byte(s), under 1 KiB: below the parameters "
+                f"of any model, so no plan could meet it; give a size of at least 1 KiB ('6GiB') or a "
+                f"fraction of the unoptimized peak (0.5, '50%')."
+            )
         return size
     raise ValueError(
         f"memopt option {key}={value!r} must be bytes (int), a size string like '6GiB', "

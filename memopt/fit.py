@@ -173,7 +173,7 @@ def accumulation(global_batch: int, batch: int) -> tuple[int, tuple[int, ...], i
 
 
 def budget_bytes(budget: int | str, *, name: str = "budget") -> int:
-    """A budget in bytes: an int, or a size string parsed as ``memory_budget`` parses it
+    """A budget in bytes, at least 1 KiB (as ``memory_budget`` takes it): an int, or a size string parsed as ``memory_budget`` parses it
     (`memopt.config.parse_size`: ``"24GiB"``, ``"512MB"``). A fraction is refused: a
     fraction of the unoptimized peak changes with the batch size. ``name="reserve"``
     parses fit's ``reserve`` instead: errors name it, and zero is allowed (no reserve)."""
@@ -196,6 +196,11 @@ def budget_bytes(budget: int | str, *, name: str = "budget") -> int:
         raise MemoptFitError(f"{name}={budget!r} must be bytes (int) or a size string such as '24GiB'.")
     if value < 0 or (value == 0 and not reserve):
         raise MemoptFitError(f"{name}={budget!r} must be a {'non-negative' if reserve else 'positive'} size.")
+    if value < 1024 and not reserve:
+        raise MemoptFitError(
+            f"{name}={budget!r} is {value} byte(s), under 1 KiB, which no step fits in; give a size "
+            f"with a unit, e.g. '{value}GiB'."
+        )
     return value
 
 
@@ -247,10 +252,12 @@ def fit(
     """
     started = time.perf_counter()
     total, reserved = budget_bytes(budget), budget_bytes(reserve, name="reserve")
-    if reserved >= total:
+    left = total - reserved
+    if left < 1024:  # the smallest memory_budget
         raise MemoptFitError(
-            f"reserve={format_bytes(reserved)} leaves nothing of budget={format_bytes(total)} for the step; "
-            f"lower the reserve or raise the budget."
+            f"reserve={format_bytes(reserved)} leaves "
+            f"{'nothing' if left <= 0 else f'only {format_bytes(left)} (under 1 KiB)'} of "
+            f"budget={format_bytes(total)} for the step; lower the reserve or raise the budget."
         )
     _check_search(search, batch, seq, step, max_size, global_batch)
     stream = sys.stderr if progress is True else None if isinstance(progress, bool) else progress

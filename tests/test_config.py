@@ -71,6 +71,15 @@ def test_a_memory_budget_int_under_a_kib_is_refused(value):
     assert MemoptConfig.from_options({"memory_budget": 1024}).memory_budget == 1024
 
 
+@pytest.mark.parametrize("value", ["1000B", "0.5KB", "1000 b"])
+def test_a_memory_budget_size_under_a_kib_is_refused(value):
+    """No model's parameters fit in under 1 KiB; refused as the int is, so a stored
+    budget is always at least 1024 (``__post_init__`` checks stored values again)."""
+    with pytest.raises(ValueError, match=r"under 1 KiB: below the parameters of any model.*'50%'"):
+        MemoptConfig.from_options({"memory_budget": value})
+    assert MemoptConfig.from_options({"memory_budget": "1KiB"}).replace(strict=True).memory_budget == 1024
+
+
 @pytest.mark.parametrize("value", [0, -1])
 def test_a_memory_budget_not_positive_names_the_forms(value):
     with pytest.raises(ValueError, match=rf"memory_budget={value} must be positive: .*'6GiB'.*'50%'"):

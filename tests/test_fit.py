@@ -243,12 +243,12 @@ def test_accumulation_refuses_zero() -> None:
 
 def test_budget_below_the_floor_names_it_and_the_options() -> None:
     with pytest.raises(memopt.MemoptFitError) as info:
-        memopt.fit(MLP(), _mlp_inputs, 1000, options=OPTIONS, progress=None)
+        memopt.fit(MLP(), _mlp_inputs, "1KiB", options=OPTIONS, progress=None)
     message = str(info.value)
     assert "even batch 1 does not fit" in message and "floor" in message
     assert "precision='bf16'" in message and "compress_activations" in message and "offload" in message
     with pytest.raises(memopt.MemoptFitError) as info:
-        memopt.fit(MLP(), _mlp_inputs, 1000, options={**OPTIONS, "precision": "bf16"}, progress=None)
+        memopt.fit(MLP(), _mlp_inputs, "1KiB", options={**OPTIONS, "precision": "bf16"}, progress=None)
     assert "precision='bf16'" not in str(info.value)  # an option already on is not offered
 
 
@@ -298,6 +298,21 @@ def test_budgets_parse_as_memory_budget_does() -> None:
         memopt.fit(MLP(), _mlp_inputs, "1MiB", reserve="2MiB", progress=None)
 
 
+
+def test_a_budget_int_under_a_kib_names_fit_and_the_unit() -> None:
+    """``fit(model, make, 24)`` (24 GiB meant) went on to memory_budget=24, whose refusal
+    offered fractions, which fit itself refuses; a reserve's errors said ``budget=``;
+    a reserve leaving a few bytes is fit's error, not memory_budget's refusal."""
+    with pytest.raises(memopt.MemoptFitError, match=r"^budget=24 is 24 byte\(s\), under 1 KiB.*'24GiB'") as info:
+        memopt.fit(MLP(), _mlp_inputs, 24, progress=None)
+    assert "fraction" not in str(info.value)
+    with pytest.raises(memopt.MemoptFitError, match=r"^reserve='0\.5': .*without a unit"):
+        memopt.fit(MLP(), _mlp_inputs, "1MiB", reserve="0.5", progress=None)
+    with pytest.raises(memopt.MemoptFitError, match=r"leaves only 24 B \(under 1 KiB\)"):  # not memory_budget's refusal
+        memopt.fit(MLP(), _mlp_inputs, 2**20, reserve=2**20 - 24, options=OPTIONS, progress=None)
+    with pytest.raises(memopt.MemoptFitError, match=r"^budget='1000B' is 1000 byte\(s\), under 1 KiB"):
+        memopt.fit(MLP(), _mlp_inputs, "1000B", progress=None)
+
 FACTORY = """
 import torch
 import torch.nn as nn
@@ -337,7 +352,7 @@ def test_cli_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["fit", f"{path}:build", "--budget", "1GiB", "--max-batch", "2", "--reserve", "1MiB", "--json", "--quiet"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert (data["batch"], data["reserve_bytes"], data["capped"]) == (2, 2**20, True) and data["probes"][-1]["size"] == 2
-    assert cli_main(["fit", f"{path}:build", "--budget", "1000B", "--quiet"]) == 2
+    assert cli_main(["fit", f"{path}:build", "--budget", "1KiB", "--quiet"]) == 2
     assert "even batch 1 does not fit" in capsys.readouterr().err
     assert cli_main(["fit", f"{path}:not_a_pair", "--budget", "1GiB"]) == 2
     assert "must return (model, make_inputs)" in capsys.readouterr().err
@@ -378,7 +393,7 @@ def test_fit_returns_what_a_scan_of_every_size_returns() -> None:
         return torch.randn(batch, 64, 32)  # 64 positions a sample: activations outweigh parameters
 
     unoptimized = _planned_peak(model, make(4), 2**40)
-    floor = _planned_peak(model, make(4), 1)
+    floor = _planned_peak(model, make(4), 1024)  # far below reach: the smallest peak
     budget = (unoptimized + floor) // 2
     result = memopt.fit(model, make, budget, options=OPTIONS, progress=None)
     fake, mode, _ = _fake_model(model)
