@@ -245,8 +245,26 @@ class MemoptConfig:
         return out
 
 
+# What a user coming from other tools calls an option memopt names otherwise.
+_CONCEPTS = {
+    "remat": "memory_budget", "rematerialization": "memory_budget", "checkpoint": "memory_budget",
+    "checkpointing": "memory_budget", "activation_checkpointing": "memory_budget",
+    "dtype": "precision", "bf16": "precision", "fp16": "precision", "amp": "precision",
+    "autocast": "precision", "quantize": "compress_activations", "cpu_offload": "offload",
+}  # fmt: skip
+
+
 def _unknown_key_message(key: object, valid: list[str]) -> str:
-    close = difflib.get_close_matches(str(key), valid, n=1)
+    """The refusal of an unknown option: the closest spelling, else the one valid name
+    containing it (``compress`` -> ``compress_activations``), else the option for what
+    other tools call it (``remat`` -> ``memory_budget``), then every valid name."""
+    name = str(key)
+    close = difflib.get_close_matches(name, valid, n=1)
+    containing = [v for v in valid if name and name.lower() in v]
+    if not close and len(containing) == 1:
+        close = containing
+    if not close and name.lower() in _CONCEPTS:
+        close = [_CONCEPTS[name.lower()]]
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return (
         f"unknown memopt option {key!r}.{hint} Valid options: {', '.join(sorted(valid))}."

@@ -26,6 +26,18 @@ def test_unknown_key_names_valid_keys_and_closest():
 
 
 @pytest.mark.parametrize(
+    "key, meant",
+    [("compress", "compress_activations"), ("prefetch", "collective_prefetch"), ("time_limit", "planner_time_limit"),
+     ("remat", "memory_budget"), ("checkpoint", "memory_budget"), ("bf16", "precision"), ("dtype", "precision")],
+)
+def test_unknown_key_names_the_option_a_newcomer_meant(key, meant):
+    """A part of an option's name, or another tool's word for it, named no option: the
+    newcomer had to read the list of nineteen."""
+    with pytest.raises(ValueError, match=rf"unknown memopt option '{key}'\. Did you mean '{meant}'\?"):
+        MemoptConfig.from_options({key: 1})
+
+
+@pytest.mark.parametrize(
     "options, fragment",
     [
         ({"codegen": "triton"}, "'triton' is not allowed; choose one of 'inductor', 'eager'"),
