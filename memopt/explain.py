@@ -169,8 +169,10 @@ class Explanation:
         """What each memory option saves or would save at the step's estimated peak
         (`memopt.plan.advice.option_savings`)."""
         steps = [r.step for r in self.step_regions() if r.step is not None]
-        return option_savings(self.timeline(optimized=False), self.timeline(), self.decisions(), step_parameters(steps),
-                              self._known_optimizer(), self.fused_peaks(), self._config())  # fmt: skip
+        after = self.timeline()
+        return option_savings(self.timeline(optimized=False), after, self.decisions(), step_parameters(steps),
+                              self._known_optimizer(), self.fused_peaks(), self._config(),
+                              self._state_outside(after) or 0)  # fmt: skip
 
     def _known_optimizer(self) -> OptimizerMemory | None:
         """`step_optimizer`, else the attached optimizer's memory (``record(optimizer=)``,

@@ -160,11 +160,14 @@ def option_savings(
     optimizer: OptimizerMemory | None,
     fused_peaks: tuple[int, int] | None,
     config: MemoptConfig,
+    state_outside: int = 0,
 ) -> list[OptionSaving]:
     """One `OptionSaving` per technique (module docstring). ``before``/``after``: the
     step's timelines without and with memopt's passes. ``fused_peaks``: the step's
     modelled peaks (separate step, updates in backward), or None without an optimizer.
-    ``config``: the `MemoptConfig` in force."""
+    ``config``: the `MemoptConfig` in force. ``state_outside``: bytes of optimizer state
+    the timelines do not count (an optimizer given to ``record``, not to the options):
+    the state rows' savings are counted at the peak plus that state."""
     now, unoptimized = after.peak_bytes, before.peak_bytes
     saved = _saved_at_peak(after)
     total_saved = sum(b for b, _ in saved)
@@ -188,7 +191,7 @@ def option_savings(
              on=config.offload is not None, verb="offloads"),
     ]  # fmt: skip
     rows.append(_fused_row(optimizer, fused_peaks, now))
-    rows.extend(_state_rows(optimizer, params, now))
+    rows.extend(_state_rows(optimizer, params, now + state_outside))
     return rows
 
 
