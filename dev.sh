@@ -4,8 +4,9 @@
 #   ./dev.sh test   set up .venv if needed, then run the test suite on two worker
 #                   processes (pytest-xdist, one test file per worker at a time;
 #                   MEMOPT_TEST_WORKERS=0 runs it in this process, as plain pytest)
-# Set-up installs torch 2.13.0 first (so pip keeps the CPU wheel on this machine
-# instead of pulling a multi-GB CUDA build), then memopt with its dev extras.
+# Set-up installs torch 2.13.0 first unless .venv already has a torch that imports (the
+# wheel pip's indexes offer: the CPU one from this machine's wheel directory, the CUDA
+# build from plain PyPI on Linux), then memopt with its dev extras, which keep it.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -19,7 +20,7 @@ setup() {
         "$PYTHON" -m venv "$VENV"
     fi
     if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-        echo "[dev.sh] installing torch 2.13.0"
+        echo "[dev.sh] installing torch 2.13.0 (a few minutes; nothing is printed meanwhile)"
         "$VENV/bin/pip" install --quiet --upgrade pip
         "$VENV/bin/pip" install --quiet "torch==2.13.0"
     fi
