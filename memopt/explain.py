@@ -328,6 +328,8 @@ class Explanation:
         """Human-readable report: the memory summary, the breakdown at the peak, the
         ``top`` largest values backward needs with memopt's decision, then per region
         the passes run and any fallback."""
+        if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+            raise ValueError(f"report(top={top!r}): top is how many saved values to list, an int >= 0 (0 lists none).")
         lines = [
             f"memopt explanation: {len(self.regions)} region(s), codegen={self.codegen}"
             + ("" if self.ran_backward else " (forward only)")

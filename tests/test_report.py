@@ -400,6 +400,18 @@ def test_cli_bad_arguments_are_refused_before_the_compile(extra, message, capsys
     assert message in capsys.readouterr().err
 
 
+def test_a_negative_top_is_refused(capsys):
+    """``--top -3`` sliced the saved values to all but the three smallest and said
+    "... and 3 smaller value(s)"; ``report(top=-3)`` likewise."""
+    with pytest.raises(SystemExit) as info:
+        cli_main(["report", "examples/report_model.py:build", "--top", "-3"])
+    assert info.value.code == 2 and "'-3' is not a count" in capsys.readouterr().err
+    explanation = memopt.explain(torch.nn.Linear(2, 2), torch.randn(1, 2), options=EAGER)
+    with pytest.raises(ValueError, match=r"report\(top=-3\): .* an int >= 0"):
+        explanation.report(top=-3)
+    assert "memopt explanation" in explanation.report(top=0)
+
+
 def test_cli_help_is_plain_text(capsys):
     for command in ("report", "fit"):
         with pytest.raises(SystemExit):

@@ -197,6 +197,17 @@ def _check_output(path: str | None) -> None:
         raise CLIError(f"cannot write {path!r}: folder {folder!r} does not exist")
 
 
+def _count(text: str) -> int:
+    """``--top``: a whole number of at least 0 (``-3`` listed all values but three)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count; give a whole number >= 0 (0 lists none)")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memopt", description="memopt: memory reports for torch.compile")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,7 +219,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--snapshot", metavar="OUT.pickle", help="write a PyTorch memory snapshot of the estimate")
     report.add_argument("--options", metavar="JSON", help='memopt options as JSON, e.g. \'{"codegen": "eager"}\'')
     report.add_argument("--real", action="store_true", help="build the model on real tensors instead of fake ones")
-    report.add_argument("--top", type=int, default=10, help="how many saved values to list (default 10)")
+    report.add_argument("--top", type=_count, default=10, help="how many saved values to list (default 10)")
     report.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     from memopt.cli import fit
 
