@@ -186,9 +186,12 @@ class Explanation:
 
     def dominant_parameters(self, share: float = 0.05) -> list[ParameterShare]:
         """Parameters whose weight, gradient and optimizer state exceed ``share`` of
-        the step's estimated peak (`memopt.plan.advice.dominant_parameters`)."""
+        the step's estimated peak, plus the attached optimizer's state when the peak
+        does not count it (`memopt.plan.advice.dominant_parameters`)."""
         steps = [r.step for r in self.step_regions() if r.step is not None]
-        return dominant_parameters(self.timeline(), step_parameters(steps), self._known_optimizer(), share)
+        after = self.timeline()
+        return dominant_parameters(after, step_parameters(steps), self._known_optimizer(), share,
+                                   self._state_outside(after) or 0)  # fmt: skip
 
     def _state_outside(self, timeline: MemoryTimeline) -> int | None:
         """The attached optimizer's state bytes when the timeline does not count it."""

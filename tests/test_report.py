@@ -318,6 +318,13 @@ def test_state_savings_of_an_optimizer_outside_the_step_are_shares_of_the_peak_p
         row = {s.technique: s for s in explanation.savings()}[technique]
         assert row.peak_bytes == explanation.estimated_peak_bytes + state, technique
     assert "estimated peak + optimizer state" in explanation.report()
+    # "parameters that dominate the step" likewise: a parameter whose weight, gradient
+    # and state are a share of the peak alone, but not of the peak plus the state, is not
+    total = {p.name: p.total_bytes for p in explanation.dominant_parameters(share=0.0)}
+    name, biggest = max(total.items(), key=lambda item: item[1])
+    share = biggest / (explanation.estimated_peak_bytes + state / 2)
+    assert biggest > share * explanation.estimated_peak_bytes
+    assert name not in {p.name for p in explanation.dominant_parameters(share=share)}
 
 
 def test_an_option_set_that_the_plan_uses_for_no_value_reads_as_on():

@@ -288,10 +288,16 @@ def _default(cls: type, name: str) -> int:
 
 
 def dominant_parameters(
-    after: MemoryTimeline, params: Sequence[StepParameter], optimizer: OptimizerMemory | None, share: float = 0.05
+    after: MemoryTimeline,
+    params: Sequence[StepParameter],
+    optimizer: OptimizerMemory | None,
+    share: float = 0.05,
+    state_outside: int = 0,
 ) -> list[ParameterShare]:
     """The parameters whose weight + gradient (if live at the peak) + optimizer state
-    exceed ``share`` of the step's estimated peak, largest first."""
+    exceed ``share`` of the step's estimated peak, largest first. ``state_outside``:
+    optimizer state the timeline does not count (`option_savings`); the share is then
+    of the peak plus that state, which holds each parameter's state counted here."""
     live_grads = _live_gradient_shapes(after)
     out = []
     for p in params:
@@ -300,7 +306,7 @@ def dominant_parameters(
             live_grads[p.shape] -= 1  # each live gradient is one parameter's
         state = optimizer.state_bytes.get(p.identity, 0) if optimizer is not None and p.identity is not None else 0
         item = ParameterShare(p.name, p.shape, p.nbytes, grad, state)
-        if after.peak_bytes and item.total_bytes > share * after.peak_bytes:
+        if after.peak_bytes and item.total_bytes > share * (after.peak_bytes + state_outside):
             out.append(item)
     return sorted(out, key=lambda s: -s.total_bytes)
 
