@@ -1,8 +1,8 @@
 """Train a small GPT-style model with ``backend="memopt"``, then show what memopt did.
 
-    ./dev.sh demo                      # eager codegen: compiles in seconds
+    ./dev.sh demo                      # eager codegen: compiling and planning take the first step, ~30 s
     ./dev.sh demo --budget 0.4         # ask for 40% of the unoptimized peak
-    ./dev.sh demo --codegen inductor   # Inductor's C++ codegen (about a minute on CPU)
+    ./dev.sh demo --codegen inductor   # Inductor's C++ codegen (its first step: 1 to 3 minutes on 2 CPU cores)
 
 The task is synthetic (no downloads): the model learns to continue a repeating
 token pattern, so the loss visibly falls within a few dozen steps.
