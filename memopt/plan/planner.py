@@ -262,8 +262,11 @@ def _infeasible_inference(
     """An inference region over its budget: nothing it saves can go, so its peak is its
     floor. A budget in bytes is the user's hard number: warned (raised when strict). A
     fraction is of the region's own peak, which no plan can lower, so every fraction
-    would warn at every evaluation compile of a training loop: it is noted in the plan
-    and logged, not warned."""
+    would warn at every evaluation compile of a training loop: the region is planned
+    without a budget (``budget_bytes`` None), which its notes say, and logged."""
+    if isinstance(config.memory_budget, float):
+        log.info("region %s: %s; the fractional memory_budget is not applied to it", plan.region, _INFERENCE)
+        return _with(plan, budget_bytes=None, notes=(*plan.notes, _INFERENCE, _FRACTION_NOT_APPLIED))
     result = _with(
         plan,
         feasible=False,
@@ -271,9 +274,6 @@ def _infeasible_inference(
         blockers=before.peak_breakdown,
         notes=(_INFERENCE,),
     )
-    if isinstance(config.memory_budget, float):
-        log.info("region %s: %s; the fractional memory_budget is not applied to it", plan.region, _INFERENCE)
-        return _with(result, notes=(_INFERENCE, _FRACTION_NOT_APPLIED))
     _report_infeasible(result, config, by="memopt", sharded=sharded)
     return result
 
