@@ -114,3 +114,37 @@ def test_the_plan_says_which_casts_are_recomputed():
     saved = {fw.name for fw, _ in region.step.saved_pairs()}
     assert not {d.node_name for d in recast} & saved
     assert "cast again in backward" in explanation.report()
+
+
+def test_casts_viewed_to_symbolic_sizes_are_replayed_with_backwards_symbols():
+    """Dynamic shapes: CPU attention with dropout upcasts its bf16 inputs and views them
+    to ``[batch * heads, s0, d]``; the view's size list holds the forward's symbol
+    node. It used to be copied into backward as is: backward read a forward node and
+    failed when AOTAutograd compiled it ("KeyError: primals_..."), on Hugging Face
+    GPT-2 at its second sequence length. The size now comes from backward's own
+    saved symbol."""
+    torch.manual_seed(0)
+    proj = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(3))
+
+    def f(x):
+        q, k, v = (p(x).view(2, x.shape[1], 2, 8).transpose(1, 2) for p in proj)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.1).float().square().sum()
+
+    compiled = torch.compile(f, backend="memopt", dynamic=True, options={**OPTIONS, "precision": "bf16"})
+    with memopt.record() as explanation:
+        for seq in (24, 40):
+            x = torch.randn(2, seq, 16)
+            proj.zero_grad()
+            torch.manual_seed(1)
+            compiled(x).backward()
+            got = [p.weight.grad.clone() for p in proj]
+            proj.zero_grad()
+            torch.manual_seed(1)
+            f(x).backward()
+            for g, p in zip(got, proj):
+                assert float((g - p.weight.grad).norm() / p.weight.grad.norm()) < 0.03
+    passes = {p.name: p for p in explanation.region(0).passes}
+    recomputed = passes["recompute_saved_casts"].details["recomputed"]
+    step = explanation.region(0).step
+    assert any(meta.is_symbolic(ph) for ph in step.forward.graph.find_nodes(op="placeholder"))
+    assert any(r["dtype"] == "float32" for r in recomputed)  # an fp32 copy of a bf16 value

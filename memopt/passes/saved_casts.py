@@ -18,6 +18,7 @@ and views are deterministic and widening is exact, so gradients are bit-identica
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,19 +65,24 @@ def _only_dtype(cast: fx.Node, source: torch.Tensor) -> bool:
     return len(cast.args) == 1
 
 
-def _replayable(view: fx.Node) -> bool:
-    """A view or layout copy whose other arguments are constants."""
-    others = [*view.args[1:], *view.kwargs.values()]
-    return view.target in VIEW_OPS | COPY_OPS and not any(isinstance(a, fx.Node) for a in others)
+def _replayable(view: fx.Node, symbols: Mapping[fx.Node, fx.Node]) -> bool:
+    """A view or layout copy whose other arguments are constants or symbols backward
+    receives (``symbols``), at any depth: a size list of a dynamic shape holds the
+    forward's symbol nodes (``view(x, [-1, s0])``), which backward must not read."""
+    others: list[fx.Node] = []
+    fx.node.map_arg((view.args[1:], view.kwargs), others.append)
+    return view.target in VIEW_OPS | COPY_OPS and all(a in symbols for a in others)
 
 
-def saved_cast_of(value: fx.Node) -> SavedCast | None:
+def saved_cast_of(value: fx.Node, symbols: Mapping[fx.Node, fx.Node] | None = None) -> SavedCast | None:
     """``value`` as views (and layout copies) of a dtype-only cast, if it is one; else
-    None."""
+    None. ``symbols`` maps the forward's saved symbols (`StepGraphs.saved_pairs`) to
+    their backward placeholders: views sized by them can be replayed in backward,
+    views sized by other forward nodes cannot."""
     views: list[fx.Node] = []
     node = value
     while node.op == "call_function" and node.target in VIEW_OPS | COPY_OPS:
-        if not _replayable(node) or not isinstance(node.args[0], fx.Node):
+        if not _replayable(node, symbols or {}) or not isinstance(node.args[0], fx.Node):
             return None
         views.append(node)
         node = node.args[0]
@@ -127,10 +133,11 @@ class RecomputeSavedCasts(Pass):
     def run(self, step: StepGraphs, analyses: AnalysisManager, ctx: PassContext) -> PassResult:
         if not step.is_training:
             return PassResult.unchanged()
+        symbols = {fw: bw for fw, bw in step.saved_pairs() if meta.is_symbolic(fw)}
         casts = [  # values AOTAutograd stashes without version check must stay last: left alone
             c
             for fw, _ in step.saved_pairs()
-            if not meta.saved_without_version_check(fw) and (c := saved_cast_of(fw)) is not None
+            if not meta.saved_without_version_check(fw) and (c := saved_cast_of(fw, symbols)) is not None
         ]
         if not casts:
             return PassResult.unchanged()
@@ -145,7 +152,7 @@ class RecomputeSavedCasts(Pass):
         fake_mode = fake_mode_of_step(step)
         recomputed = []
         for cast, group in by_cast.items():
-            replace_saved_values(step, [c.value for c in group], [group[0].source], _rebuild(group, fake_mode))
+            replace_saved_values(step, [c.value for c in group], [group[0].source], _rebuild(group, symbols, fake_mode))
             kept.update(aliasing.storages_of(group[0].source))
             value = meta.tensor_value(cast)
             recomputed.append(
@@ -181,25 +188,27 @@ def _readable(step: StepGraphs, node: fx.Node) -> str:
     return node.name
 
 
-def _rebuild(group: list[SavedCast], fake_mode: Any) -> Any:
-    """Redo the group's cast once, then each saved value's views."""
+def _rebuild(group: list[SavedCast], symbols: Mapping[fx.Node, fx.Node], fake_mode: Any) -> Any:
+    """Redo the group's cast once, then each saved value's views (their symbolic sizes
+    read from backward's placeholders, ``symbols``)."""
 
     def rebuild(graph: fx.Graph, inputs: list[fx.Node]) -> list[fx.Node]:
         cast = group[0].cast
-        copies: dict[fx.Node, fx.Node] = {cast: _copy(graph, cast, inputs[0], fake_mode)}
+        copies: dict[fx.Node, fx.Node] = {cast: _copy(graph, cast, inputs[0], symbols, fake_mode)}
         results = []
         for c in group:
             for view in c.views:
                 if view not in copies:
-                    copies[view] = _copy(graph, view, copies[view.args[0]], fake_mode)  # type: ignore[index]
+                    copies[view] = _copy(graph, view, copies[view.args[0]], symbols, fake_mode)  # type: ignore[index]
             results.append(copies[c.views[-1]] if c.views else copies[cast])
         return results
 
     return rebuild
 
 
-def _copy(graph: fx.Graph, node: fx.Node, first: fx.Node, fake_mode: Any) -> fx.Node:
-    new = graph.call_function(node.target, (first, *node.args[1:]), dict(node.kwargs))  # type: ignore[arg-type]
+def _copy(graph: fx.Graph, node: fx.Node, first: fx.Node, symbols: Mapping[fx.Node, fx.Node], fake_mode: Any) -> fx.Node:
+    args, kwargs = fx.node.map_arg((node.args[1:], node.kwargs), symbols.__getitem__)
+    new = graph.call_function(node.target, (first, *args), dict(kwargs))  # type: ignore[arg-type]
     meta.copy_meta(node, new)
     run_fake(new, fake_mode)
     return new
