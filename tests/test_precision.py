@@ -592,3 +592,20 @@ def test_a_gradient_zero_up_to_rounding_is_named_not_maxed():
     result = compare_with_reference(tiny_term(1e-9), tiny_term(1e-5), [*inputs, torch.ones(4, requires_grad=True)],
                                     ["x", "w", "shift", "tiny"])
     assert "tiny" not in result["grad_zero_up_to_rounding"] and result["grad_rel_error_max_of"] == "tiny"
+
+
+def test_a_graph_already_in_the_policys_dtypes_is_reported_unchanged():
+    """The region after a graph break computing a loss from fp32 logits: the loss is an
+    ``fp32`` op whose inputs are fp32 already, so no cast is inserted. The pass said it
+    changed the graph: the report printed "precision bfloat16: ops 1 fp32; 0 parameter
+    casts (0 B); values lowered 0" for it and the error probe ran the region twice."""
+
+    def loss_of(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, target)
+
+    logits = torch.randn(8, 16, requires_grad=True)
+    explanation = memopt.explain(loss_of, logits, torch.randint(0, 16, (8,)), options=BF16)
+    record = _pass(explanation, "precision")
+    assert record["modified"] is False
+    assert record["details"]["ops"] == {"fp32": {"cross_entropy": 1}}  # looked up, nothing to cast
+    assert "precision bfloat16" not in explanation.report()

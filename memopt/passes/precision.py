@@ -118,8 +118,14 @@ class LoweringReport:
 
     @property
     def modified(self) -> bool:
-        """Whether any op was rewritten."""
-        return bool(self.ops)
+        """Whether the graph changed: a cast or rounding inserted, or attention written
+        out. An op the policy lists whose inputs already have its dtype (a loss on
+        fp32 logits, the region after a graph break) is counted in `ops` but changes
+        nothing."""
+        return bool(
+            self.parameter_casts or self.activation_casts or self.rounded_results or self.output_casts
+            or self.promoted or self.expanded
+        )  # fmt: skip
 
     def to_details(self) -> dict[str, Any]:
         """JSON-able form for the pass's details (and the explanation)."""
