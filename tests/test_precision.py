@@ -64,6 +64,15 @@ def test_default_is_off_and_graph_untouched():
     assert "bf16[" not in explanation.graph_code("forward")  # dtype annotations (paths may say bf16)
 
 
+def test_a_policy_without_precision_warns_that_it_changes_nothing():
+    """``precision_policy`` overrides the table the ``precision`` pass reads; with
+    ``precision=None`` nothing reads it, and it was silently dropped."""
+    model = nn.Linear(8, 8)
+    options = {"codegen": "eager", "precision_policy": {"linear": "fp32"}}
+    with pytest.warns(memopt.MemoptWarning, match=r"ignores precision_policy=\{'linear': 'fp32'\}: precision is None"):
+        torch.compile(model, backend="memopt", options=options)(torch.randn(2, 8))
+
+
 # ------------------------------------------------------------ structure of the graphs
 
 

@@ -57,6 +57,14 @@ def memopt_backend(
             MemoptWarning,
             stacklevel=2,
         )
+    if config.precision_policy and config.precision is None:
+        warnings.warn(
+            f"memopt ignores precision_policy={dict(config.precision_policy)}: precision is None, so "
+            f"no op is lowered and the overrides have nothing to change. Set precision='bf16' or "
+            f"'fp16' for them to apply.",
+            MemoptWarning,
+            stacklevel=2,
+        )
     region = RegionCompiler(
         config,
         _region_name(),
