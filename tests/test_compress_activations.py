@@ -355,3 +355,23 @@ def test_precision_and_compression_with_inductor():
     (eager_loss, eager), (inductor_loss, inductor) = results
     torch.testing.assert_close(inductor_loss, eager_loss, rtol=0.02, atol=0)
     assert _grad_error(inductor, eager) < 0.05
+
+
+def test_with_precision_the_sources_of_recast_copies_are_compressed(gpt_runs):
+    """``precision="bf16"``: the plan compresses the saved fp32 copies of bf16 values
+    (a norm's input, the loss's logits), then ``recompute_saved_casts`` saves their
+    bf16 sources instead. The compression stayed planned on the copies, no longer
+    saved, and the sources were kept uncompressed (the zoo GPT at the benchmark's size
+    saved 0.296 of fp32's bytes against 0.266 with fp8 alone): it now goes to the
+    source."""
+    torch.manual_seed(0)
+    model, inputs = GPT(GPT_CONFIG), _gpt_inputs()
+    _, grads, explanation = _train_step(model, inputs, {"compress_activations": "fp8", "precision": "bf16"})
+    details = next(p for p in explanation.region(0).passes if p.name == "compress_activations").details
+    assert details["not_saved"] == []
+    assert details["carried_to_source"]  # the fp32 copies' compression went to their bf16 sources
+    step = explanation.region(0).step
+    uncompressed = [g.values[0].name for g in saved_storages(step, "fp8") if g.eligible]
+    assert uncompressed == []
+    assert _saved_bytes(explanation) <= _saved_bytes(gpt_runs["fp8"][2])
+    assert _grad_error(grads, gpt_runs["None"][1]) < 0.1

@@ -38,6 +38,7 @@ from memopt.analysis.compressible import (
 from memopt.analysis.error_probe import capture_values, concrete_inputs, real_tensors, relative_error
 from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
 from memopt.analysis.memory import build_timeline
+from memopt.analysis.value_ops import cast_and_view_source
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs
 from memopt.passes.base import Pass, PassContext, PassResult
@@ -50,7 +51,7 @@ from memopt.passes.saved_rewrite import (
     store_after_last_reader,
 )
 from memopt.plan.decisions import Compress
-from memopt.plan.plan import TensorDecision
+from memopt.plan.plan import TensorDecision, decision_for_node
 from memopt.units import format_bytes
 
 __all__ = [
@@ -252,6 +253,7 @@ class CompressSavedActivations(Pass):
         if not planned or not step.is_training:
             return PassResult.unchanged(why="the plan compresses nothing" if step.is_training else "inference")
         decisions, missing = _decisions_from_plan(step, planned)
+        carried, missing = _carry_to_sources(step, planned, missing, decisions)
         if not decisions:
             return PassResult.unchanged(not_saved=missing)
         errors = _measured_errors(step, _groups_for(step, decisions), ctx) if ctx.measure_error else None
@@ -268,7 +270,9 @@ class CompressSavedActivations(Pass):
         }
         if isinstance(errors, str):
             details["error"] = errors
-        applied = tuple(_applied(ctx, c, d) for c, d in zip(done, described))
+        if carried:
+            details["carried_to_source"] = {base.name: cast for base, cast in carried.items()}
+        applied = tuple(_applied(ctx, step, c, d, carried.get(c.base)) for c, d in zip(done, described))
         return PassResult(True, PreservedAnalyses.none(), details, applied=applied, summary=tuple(_summary(details)))
 
 
@@ -284,12 +288,49 @@ def _decisions_from_plan(
     return decisions, missing
 
 
-def _applied(ctx: PassContext, c: CompressedValue, described: dict[str, Any]) -> TensorDecision:
-    """The plan's decision about ``c`` as carried out: bytes stored, measured error."""
+def _carry_to_sources(
+    step: StepGraphs, planned: Mapping[str, Compress], missing: list[str], decisions: dict[fx.Node, CompressionChoice]
+) -> tuple[dict[fx.Node, str], list[str]]:
+    """Planned dtype copies that ``recompute_saved_casts`` no longer saves: their
+    compression goes to the source saved in their place (the bf16 value an fp32 copy
+    was made from), when that storage is eligible in the same format and undecided.
+    Adds to ``decisions``; returns {stored base: the planned copy's name} and the
+    names still missing. (Left as they were, the sources stayed uncompressed: with
+    ``precision="bf16"`` and ``compress_activations="fp8"`` the zoo GPT's saved bytes
+    were 0.296 of fp32's, against 0.266 with fp8 alone.)"""
+    nodes = {n.name: n for n in step.forward.graph.nodes}
+    sources: dict[fx.Node, str] = {}
+    for name in missing:
+        node = nodes.get(name)
+        if node is not None and (source := cast_and_view_source(node)) is not node:
+            sources[source] = name
+    carried: dict[fx.Node, str] = {}
+    for fmt in sorted({planned[name].format for name in sources.values()}):
+        for group in saved_storages(step, fmt, min_elements=0):
+            names = [sources[n] for n in (*group.values, group.base) if n in sources and planned[sources[n]].format == fmt]
+            if not names or not group.eligible or group.base is None or any(v in decisions for v in group.values):
+                continue
+            action = planned[names[0]]
+            decisions.update((v, CompressionChoice(action.format, action.block_size)) for v in group.values)
+            carried[group.base] = names[0]
+    done = set(carried.values())
+    return carried, [name for name in missing if name not in done]
+
+
+def _applied(
+    ctx: PassContext, step: StepGraphs, c: CompressedValue, described: dict[str, Any], copy_of: str | None
+) -> TensorDecision:
+    """The plan's decision about ``c`` as carried out: bytes stored, measured error.
+    A storage compressed in place of its planned dtype copy ``copy_of`` gets a
+    decision of its own (the copy's says it is cast again in backward)."""
     assert ctx.plan is not None
+    extra = {"bytes_after": c.bytes_after, "rel_error": described["rel_error"], "format": c.choice.format}
+    if copy_of is not None:
+        reason = f"compressed in place of its dtype copy {copy_of}, which recompute_saved_casts casts again in backward"
+        action = Compress(c.choice.format, c.choice.block_size)
+        return decision_for_node(c.base, f"forward:{c.base.name}", step.region, c.bytes_before, action, reason, **extra)
     names = {c.base.name, *(v.name for v in c.values)}
     planned = next(d for d in ctx.plan.decisions if d.node_name in names)
-    extra = {"bytes_after": c.bytes_after, "rel_error": described["rel_error"], "format": c.choice.format}
     return dataclasses.replace(planned, details={**planned.details, **extra})
 
 
