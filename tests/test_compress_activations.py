@@ -375,3 +375,24 @@ def test_with_precision_the_sources_of_recast_copies_are_compressed(gpt_runs):
     assert uncompressed == []
     assert _saved_bytes(explanation) <= _saved_bytes(gpt_runs["fp8"][2])
     assert _grad_error(grads, gpt_runs["None"][1]) < 0.1
+
+
+def test_the_reported_error_median_is_over_the_lossy_values_only():
+    """Dropout masks packed to bits round-trip exactly (error 0); counted in the report's
+    median, three masks beside one fp8 value made it read "median 0.00e+00"."""
+    lin = nn.Linear(64, 64)
+
+    def f(x):
+        h = torch.tanh(lin(x))  # saves its fp8-compressible output
+        for _ in range(3):
+            h = F.dropout(h, 0.1, training=True)  # each saves a bool mask
+        return h.sum()
+
+    explanation = memopt.explain(f, torch.randn(32, 64), options={**EAGER, "compress_activations": "fp8"})
+    record = next(p for p in explanation.region(0).passes if p.name == "compress_activations")
+    formats = sorted(c["format"] for c in record.details["compressed"])
+    assert formats == ["bits", "bits", "bits", "fp8"]
+    fp8_error = next(c["rel_error"] for c in record.details["compressed"] if c["format"] == "fp8")
+    assert 0.005 < fp8_error < 0.05
+    line = next(line for line in record.summary if "round-trip" in line)
+    assert f"median {fp8_error:.2e}, max {fp8_error:.2e} (masks packed to bits are exact)" in line
