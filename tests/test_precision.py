@@ -423,7 +423,7 @@ def test_dynamic_batch_is_lowered_and_compression_skips_symbolic_values():
     assert passes["precision"].details["error"]["why"].startswith("dynamic shapes")
     plan = explanation.region(0).plan
     storage = plan.solver.get("storage") or plan.solver["storage_considered"]
-    assert "dynamic shape (not supported yet)" in storage["skipped"]
+    assert "dynamic shape (compression needs static shapes)" in storage["skipped"]
 
 
 # ------------------------------------------- Hugging Face layouts (issue 14, item 5)

@@ -26,7 +26,8 @@ its bytes and restoring it is exact in layout:
 * a dense base exists: a node whose value covers the whole storage from offset 0,
   contiguous up to a permutation of dims (elementwise results of transposed inputs);
   it is stored in storage order and restored with the original layout;
-* static shapes (the restore needs sizes; symbolic sizes are not supported yet);
+* static shapes for the compressed formats (their kernels are planned per size);
+  format ``"raw"`` takes symbolic sizes, sized by their hints;
 * at least `MIN_ELEMENTS` elements: below that the bytes saved (under 3 KiB at fp8)
   do not pay for two kernel launches and a scales tensor; this keeps norm statistics
   and per-row scalars as they are;
@@ -102,7 +103,13 @@ def storage_order(value: torch.Tensor) -> tuple[int, ...] | None:
     """The permutation of dims that makes ``value`` contiguous (identity if it is), or
     None when no permutation does (overlapping or gapped strides)."""
     order = tuple(sorted(range(value.dim()), key=lambda d: (-concrete_int(value.stride(d)), d)))
-    return order if value.permute(order).is_contiguous() else None
+    expected = 1
+    for d in reversed(order):  # on the sizes' hints: asking a symbolic tensor would add guards
+        size = concrete_int(value.shape[d])
+        if size != 1 and concrete_int(value.stride(d)) != expected:
+            return None
+        expected *= size
+    return order
 
 
 def _dense_base(storage: Storage, candidates: list[fx.Node]) -> tuple[fx.Node, tuple[int, ...]] | None:
@@ -117,7 +124,6 @@ def _dense_base(storage: Storage, candidates: list[fx.Node]) -> tuple[fx.Node, t
         value = meta.tensor_value(node)
         if (
             value is not None
-            and all(isinstance(s, int) for s in value.shape)
             and concrete_int(value.storage_offset()) == 0
             and concrete_int(value.numel()) * value.element_size() == storage.nbytes
             and (order := storage_order(value)) is not None
@@ -126,8 +132,9 @@ def _dense_base(storage: Storage, candidates: list[fx.Node]) -> tuple[fx.Node, t
     return None
 
 
-DYNAMIC_SHAPE = "dynamic shape (not supported yet)"
-"""`SavedStorage.reason` of a storage whose values have symbolic sizes."""
+DYNAMIC_SHAPE = "dynamic shape (compression needs static shapes)"
+"""`SavedStorage.reason` of a storage whose values have symbolic sizes, for a
+compressed format (format ``"raw"``, offload, takes them: sized by their hints)."""
 
 
 def saved_storages(step: StepGraphs, fmt: str, min_elements: int = MIN_ELEMENTS) -> list[SavedStorage]:
@@ -207,7 +214,7 @@ def _ineligible(
         return "a dtype copy of a parameter or input"
     if storage in returned:
         return "also returned to the caller"
-    if any(not all(isinstance(s, int) for s in v.shape) for v in values):  # type: ignore[union-attr]
+    if fmt != "raw" and any(not all(isinstance(s, int) for s in v.shape) for v in values):  # type: ignore[union-attr]
         return DYNAMIC_SHAPE
     if base is None:
         return "no dense tensor covers its storage"

@@ -336,10 +336,9 @@ class RegionCompiler:
         compress = None if fmt is None or "compress_activations" in disabled else fmt
         offload = bandwidth = None
         if self.config.offload is not None and "offload" not in disabled and step.is_training:
-            from memopt.passes.offload import offload_target_and_bandwidth, warn_dynamic_shapes
+            from memopt.passes.offload import offload_target_and_bandwidth
 
             offload, bandwidth = offload_target_and_bandwidth(self.config, main_device(step))
-            warn_dynamic_shapes(step)
         return StorageOptions(compress, offload, bandwidth, self.config.offload_min_bytes)
 
     def _context(self, plan: Any = None) -> PassContext:

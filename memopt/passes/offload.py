@@ -19,7 +19,6 @@ for, and no offload op is left in the wrong graph.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,17 +27,18 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 import memopt.codegen.offload  # noqa: F401  - registers torch.ops.memopt.offload/reload_*
-from memopt.analysis.compressible import DYNAMIC_SHAPE, SavedStorage, saved_storages
+from memopt.analysis.compressible import SavedStorage
 from memopt.analysis.cost import copies_share_compute_cores
 from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
 from memopt.analysis.storage_cost import Bandwidth, bandwidth_for
 from memopt.config import MemoptConfig
-from memopt.errors import MemoptOffloadError, MemoptWarning
+from memopt.errors import MemoptOffloadError
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs
 from memopt.graph.verify import GraphVerificationError, register_step_invariant
 from memopt.passes.base import Pass, PassContext, PassResult
 from memopt.passes.saved_rewrite import (
+    BackwardSymbols,
     erase_dead_views,
     fake_mode_of_step,
     planned_decision,
@@ -52,7 +52,7 @@ from memopt.plan.decisions import Offload
 from memopt.plan.plan import TensorDecision
 from memopt.units import format_bytes
 
-__all__ = ["OffloadSavedActivations", "resolve_target", "offload_target_and_bandwidth", "warn_dynamic_shapes", "OFFLOAD_OPS"]
+__all__ = ["OffloadSavedActivations", "resolve_target", "offload_target_and_bandwidth", "OFFLOAD_OPS"]
 
 OFFLOAD = torch.ops.memopt.offload.default
 RELOAD_START = torch.ops.memopt.reload_start.default
@@ -100,24 +100,6 @@ def offload_target_and_bandwidth(config: MemoptConfig, device: torch.device) -> 
     return target, bandwidth_for(device, write, read, copy_rate)
 
 
-def warn_dynamic_shapes(step: StepGraphs) -> None:
-    """Warn (`MemoptWarning`) when saved values of ``step`` cannot be offloaded because
-    their sizes are symbolic. Dynamo compiles a region with dynamic shapes once a second
-    input shape reaches it, and that compile serves every shape from then on: without
-    a word, offload stopped for the first shape too (GPT-2: 15 values a step, then 0)."""
-    dynamic = [g for g in saved_storages(step, "raw", min_elements=0) if g.reason == DYNAMIC_SHAPE]
-    if not dynamic:
-        return
-    warnings.warn(
-        f"memopt: offload skips {len(dynamic)} saved value(s) of region {step.region}: their shapes are "
-        "symbolic (torch.compile compiled it for dynamic shapes, as it does once a second input shape "
-        "reaches it), and offload needs static shapes; they stay in memory for every shape this compile "
-        "serves. Fix: torch.compile(..., dynamic=False) compiles once per shape and keeps offloading.",
-        MemoptWarning,
-        stacklevel=2,
-    )
-
-
 class OffloadSavedActivations(Pass):
     """Move saved activations to host memory or disk between forward and backward, as
     the plan's `Offload` decisions say.
@@ -127,16 +109,17 @@ class OffloadSavedActivations(Pass):
     Preconditions: a training step from AOTAutograd with fake values on every node;
     ``ctx.plan`` names the values (a saved value, or its storage's dense base); every
     named storage is eligible for ``"raw"`` storage (`memopt.analysis.compressible`:
-    an activation made in forward, not returned, one dtype, static shape).
+    an activation made in forward, not returned, one dtype; symbolic sizes reach
+    backward as saved SymInts, `BackwardSymbols`).
 
     Guarantees: each offloaded storage is handed to the store after its last forward
     reader (AOTAutograd's trailing views of saved values do not count) and saved as a
     token; backward starts its reload ``reload_lead`` compute nodes before its first
     use and waits right before it; values come back bit for bit with their dtype,
     shape and strides (views rebuilt with ``as_strided``). The store's directory is
-    checked at compile time for room for every offloaded byte (`MemoptOffloadError`
-    otherwise, before the first step). Planned values no longer saved are listed in
-    the details and left alone.
+    checked at compile time for room for every offloaded byte, at the traced shapes
+    in a dynamic-shape compile (`MemoptOffloadError` otherwise, before the first
+    step). Planned values no longer saved are listed in the details and left alone.
 
     Ordering: after ``schedule`` (the prefetch distance is counted in the final order;
     the scheduler leaves graphs with offload ops alone), after every pass that changes
@@ -164,9 +147,10 @@ class OffloadSavedActivations(Pass):
             store_id = register_store(target, store_dir(ctx.config, target), device=device)
             get_store(store_id).preflight(total)
         fake_mode = fake_mode_of_step(step)
+        symbols = BackwardSymbols(step)
         applied, placed = [], []
         for group, action in groups:
-            lead = _offload(step, group, action, store_id, fake_mode)
+            lead = _offload(step, group, action, store_id, fake_mode, symbols)
             placed.append({"value": group.base.name, "bytes": group.nbytes, "reload_lead": lead})  # type: ignore[union-attr]
             applied.append(_applied(ctx, group, store_id, lead))
         details = {"store": store_id, "offloaded": placed, "bytes": total, "not_saved": missing}
@@ -185,8 +169,11 @@ def _groups_from_plan(step: StepGraphs, planned: Mapping[str, Offload]) -> tuple
     return groups, missing
 
 
-def _offload(step: StepGraphs, group: SavedStorage, action: Offload, store_id: str, fake_mode: Any) -> int:
-    """Rewrite one storage (module docstring); returns the prefetch distance placed."""
+def _offload(
+    step: StepGraphs, group: SavedStorage, action: Offload, store_id: str, fake_mode: Any, symbols: BackwardSymbols
+) -> int:
+    """Rewrite one storage (module docstring); returns the prefetch distance placed.
+    Symbolic sizes reach ``reload_wait`` (and the views rebuilt) through ``symbols``."""
     base = group.base
     assert base is not None
     value = meta.tensor_value(base)
@@ -199,13 +186,13 @@ def _offload(step: StepGraphs, group: SavedStorage, action: Offload, store_id: s
     (token,) = store_after_last_reader(group, encode, fake_mode, ("offloaded", action.target))
     starts: list[fx.Node] = []
 
-    def decode(graph: fx.Graph, inputs: list[fx.Node], size: list[int]) -> fx.Node:
+    def decode(graph: fx.Graph, inputs: list[fx.Node], size: list[Any]) -> fx.Node:
         start = graph.call_function(RELOAD_START, (inputs[0],))
         run_fake(start, fake_mode)
         starts.append(start)
         return graph.call_function(RELOAD_WAIT, (start, size, value.dtype, value.device))
 
-    rebuild = rebuild_from_base(group, decode, fake_mode, ("reloaded", action.target))
+    rebuild = rebuild_from_base(group, decode, fake_mode, ("reloaded", action.target), symbols)
     replace_saved_values(step, group.values, [token], rebuild, names=[f"{base.name}_offloaded"])
     erase_dead_views(group)
     return _prefetch(starts[0], action.reload_lead)

@@ -26,7 +26,6 @@ from typing import Any, TypeVar
 import torch
 import torch.fx as fx
 
-from memopt.analysis.aliasing import concrete_int
 from memopt.analysis.compressible import SavedStorage, last_forward_reader, only_saved_views, saved_storages
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs
@@ -41,6 +40,7 @@ __all__ = [
     "run_fake",
     "fake_mode_of_step",
     "is_half",
+    "BackwardSymbols",
 ]
 
 Rebuild = Callable[[fx.Graph, list[fx.Node]], list[fx.Node]]
@@ -113,8 +113,106 @@ def replace_saved_values(
 
 Encode = Callable[[fx.Graph, fx.Node], fx.Node]
 """Inserts (at the graph's insertion point) the node storing a dense value."""
-Decode = Callable[[fx.Graph, list[fx.Node], list[int]], fx.Node]
-"""Inserts the node restoring a dense value of the given size from the stored nodes."""
+Decode = Callable[[fx.Graph, list[fx.Node], list[Any]], fx.Node]
+"""Inserts the node restoring a dense value of the given size from the stored nodes
+(each dim an int, or a backward node holding a symbolic size: `BackwardSymbols`)."""
+
+
+def _expr(value: int | torch.SymInt) -> Any:
+    """What identifies a size without asking for its value (which would add a guard):
+    the int, or the SymInt's expression."""
+    return value if isinstance(value, int) else value.node.expr
+
+
+def _same_geometry(a: Sequence[int | torch.SymInt], b: Sequence[int | torch.SymInt]) -> bool:
+    """``a`` and ``b`` are the same sizes, compared by expression (no guards added)."""
+    return len(a) == len(b) and all(_expr(x) == _expr(y) for x, y in zip(a, b))
+
+
+_SYM_OPS = {
+    "size": torch.ops.aten.sym_size.int,
+    "stride": torch.ops.aten.sym_stride.int,
+    "offset": torch.ops.aten.sym_storage_offset.default,
+}
+
+
+class BackwardSymbols:
+    """Backward nodes holding the symbolic sizes of forward values, so that a value
+    rebuilt in backward (a reload) gets its runtime size in a dynamic-shape compile,
+    where one graph serves every shape.
+
+    `of` answers an int with itself; a SymInt with the backward placeholder of a saved
+    SymInt of the same expression (already saved by AOTAutograd or by an earlier call),
+    else it saves one: ``aten.sym_size.int`` / ``sym_stride.int`` /
+    ``sym_storage_offset`` of a forward tensor holding it, placed right after that
+    tensor, appended to the forward outputs (AOTAutograd takes saved SymInts from the
+    end of them) and received by a new backward placeholder after the saved SymInts
+    (backward takes them first). AOTAutograd counts saved SymInts after the
+    partitioner returns, so nothing else needs updating.
+
+    Preconditions: ``step`` is a training step whose forward and backward share one
+    shape environment (AOTAutograd's); one instance per step, used by one rewrite
+    after another (it caches the SymInts it saved).
+    """
+
+    def __init__(self, step: StepGraphs) -> None:
+        assert step.backward is not None, "BackwardSymbols needs a training step"
+        self.step = step
+        self.saved: dict[Any, fx.Node] = {}
+        for fw, bw in step.saved_pairs():
+            value = meta.fake_value(fw)
+            if isinstance(value, torch.SymInt):
+                self.saved.setdefault(_expr(value), bw)
+
+    def of(self, value: int | torch.SymInt, candidates: Sequence[fx.Node]) -> int | fx.Node:
+        """``value`` for a backward graph: itself if an int, else a backward node
+        holding it at run time, read (if not yet saved) from the first of the
+        forward ``candidates`` whose size, stride or storage offset it is.
+
+        Raises ``ValueError`` naming the expression when no candidate holds it."""
+        if isinstance(value, int):
+            return value
+        key = _expr(value)
+        if key in self.saved:
+            return self.saved[key]
+        for source in candidates:
+            found = _holding(meta.tensor_value(source), key)
+            if found is not None:
+                self.saved[key] = self._save(source, value, *found)
+                return self.saved[key]
+        raise ValueError(
+            f"region {self.step.region}: no forward value among {[c.name for c in candidates]} has the symbolic "
+            f"size {key} as a size, stride or offset, so backward cannot be given it."
+        )
+
+    def _save(self, source: fx.Node, value: torch.SymInt, kind: str, dim: int | None) -> fx.Node:
+        forward, backward = self.step.forward.graph, self.step.backward.graph  # type: ignore[union-attr]
+        anchor = source
+        if source.op == "placeholder":
+            anchor = forward.find_nodes(op="placeholder")[-1]
+        with forward.inserting_after(anchor):
+            node = forward.call_function(_SYM_OPS[kind], (source,) if dim is None else (source, dim))
+        meta.set_fake_value(node, value)
+        out = forward.find_nodes(op="output")[0]
+        out.args = (type(out.args[0])([*out.args[0], node]), *out.args[1:])
+        symbols = [n for n in self.step.saved_inputs() if meta.is_symbolic(n)]
+        first = backward.find_nodes(op="placeholder")[0]
+        with backward.inserting_after(symbols[-1]) if symbols else backward.inserting_before(first):
+            placeholder = backward.placeholder(f"{source.name}_{kind}{'' if dim is None else dim}")
+        meta.set_fake_value(placeholder, value)
+        return placeholder
+
+
+def _holding(tensor: torch.Tensor | None, key: Any) -> tuple[str, int | None] | None:
+    """Where ``tensor``'s metadata holds expression ``key``: ("size", dim),
+    ("stride", dim) or ("offset", None); None if nowhere."""
+    if tensor is None:
+        return None
+    for kind, values in (("size", tensor.shape), ("stride", tensor.stride())):
+        for dim, v in enumerate(values):
+            if _expr(v) == key:
+                return kind, dim
+    return ("offset", None) if _expr(tensor.storage_offset()) == key else None
 
 
 def store_after_last_reader(
@@ -147,17 +245,22 @@ def store_after_last_reader(
     return outputs
 
 
-def rebuild_from_base(group: SavedStorage, decode: Decode, fake_mode: Any, tag: tuple[str, str]) -> Rebuild:
+def rebuild_from_base(
+    group: SavedStorage, decode: Decode, fake_mode: Any, tag: tuple[str, str], symbols: BackwardSymbols | None = None
+) -> Rebuild:
     """A ``rebuild`` callback for `replace_saved_values`: restore the group's base once
     with ``decode`` (in storage order, permuted back to the original dims), then each
-    saved value (the base itself, or a view of it rebuilt with ``as_strided``)."""
+    saved value (the base itself, or a view of it rebuilt with ``as_strided``).
+
+    Symbolic sizes, strides and offsets reach backward through ``symbols`` (read from
+    the base or the value); without it they must be static (``ValueError`` otherwise)."""
     base = group.base
     original = meta.tensor_value(base) if base is not None else None
     assert base is not None and original is not None
     order = list(group.order)
 
     def rebuild(graph: fx.Graph, inputs: list[fx.Node]) -> list[fx.Node]:
-        restored = decode(graph, inputs, [concrete_int(original.shape[d]) for d in order])
+        restored = decode(graph, inputs, [_for_backward(original.shape[d], symbols, [base]) for d in order])
         meta.copy_meta(base, restored)
         meta.set_memopt_tag(restored, *tag)
         run_fake(restored, fake_mode)
@@ -165,18 +268,34 @@ def rebuild_from_base(group: SavedStorage, decode: Decode, fake_mode: Any, tag: 
             inverse = sorted(range(len(order)), key=order.__getitem__)
             restored = graph.call_function(torch.ops.aten.permute.default, (restored, inverse))
             run_fake(restored, fake_mode)
-        return [_view_of(graph, restored, value, fake_mode) for value in group.values]
+        return [_view_of(graph, restored, value, fake_mode, symbols, base) for value in group.values]
 
     return rebuild
 
 
-def _view_of(graph: fx.Graph, restored: fx.Node, value: fx.Node, fake_mode: Any) -> fx.Node:
+def _for_backward(value: int | torch.SymInt, symbols: BackwardSymbols | None, candidates: Sequence[fx.Node]) -> Any:
+    """``value`` as a backward-graph argument (`BackwardSymbols.of`)."""
+    if symbols is None:
+        if not isinstance(value, int):
+            raise ValueError(f"symbolic size {value} in a rewrite without BackwardSymbols: this rewrite needs static shapes")
+        return value
+    return symbols.of(value, candidates)
+
+
+def _view_of(
+    graph: fx.Graph, restored: fx.Node, value: fx.Node, fake_mode: Any, symbols: BackwardSymbols | None, base: fx.Node
+) -> fx.Node:
     """``value`` rebuilt from the restored base (itself if it has the base's layout)."""
     want, have = meta.tensor_value(value), meta.tensor_value(restored)
     assert want is not None and have is not None
-    geometry = (list(want.shape), list(want.stride()), concrete_int(want.storage_offset()))
-    if geometry == (list(have.shape), list(have.stride()), 0):
+    if (
+        _same_geometry(want.shape, have.shape)
+        and _same_geometry(want.stride(), have.stride())
+        and _same_geometry([want.storage_offset()], [0])
+    ):
         return restored
+    args = [[_for_backward(v, symbols, [base, value]) for v in values] for values in (want.shape, want.stride())]
+    geometry = (*args, _for_backward(want.storage_offset(), symbols, [base, value]))
     node = graph.call_function(torch.ops.aten.as_strided.default, (restored, *geometry))
     meta.copy_meta(value, node)
     run_fake(node, fake_mode)
