@@ -98,17 +98,21 @@ class BreakLint(RewireRelu):
             return graph.call_function(torch.ops.aten.neg.default, (output.args[0],))
 
 
-def test_failure_after_a_pass_that_does_not_verify_falls_back_to_the_input():
-    """Without verification between passes, a broken pass can go unnoticed until a
-    later one raises; its replayed output fails verification, so nothing is kept."""
+def test_a_pass_that_breaks_lint_is_caught_at_once_without_verify():
+    """Without ``verify``, a pass whose graph fails FX lint (a use before its
+    definition; a backward reading a forward node) is caught right after it, inside
+    the pipeline's fail-soft: it is undone and the passes before it kept. Before, it
+    went unnoticed until torch compiled or ran the graph (``KeyError: primals_3`` in
+    backward), outside memopt's fail-soft, or until a later pass raised and nothing
+    was kept."""
     step = _step()
-    original = step.forward.code
     manager = PassManager([DeadCodeElimination(), BreakLint(), Boom()])
-    with pytest.warns(memopt.MemoptWarning, match="pass 'boom' failed on region test.*runs unoptimized") as caught:
+    with pytest.warns(memopt.MemoptWarning, match="pass 'break_lint' failed on region test.*FX lint") as caught:
         result = manager.run(step, _ctx())
-    assert len(caught) == 1
-    assert result.step.forward.code == original
-    assert _calls(result.step, torch.ops.aten.sin.default) == 1
+    assert len(caught) == 1 and "keeps the passes before it (dce)" in str(caught[0].message)
+    assert [r.status for r in result.records] == ["ran", "failed"]  # boom never ran
+    assert _calls(result.step, torch.ops.aten.sin.default) == 0  # DCE's change is kept
+    result.step.forward.graph.lint()
 
 
 def test_verify_graph_detects_lint_error():

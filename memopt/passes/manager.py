@@ -25,7 +25,7 @@ from typing import Any
 from memopt.analysis.manager import AnalysisManager
 from memopt.graph.step import StepGraphs, clone_graph_module
 from memopt.failsoft import Fallback, fail_soft
-from memopt.graph.verify import verify_step
+from memopt.graph.verify import GraphVerificationError, verify_step
 from memopt.errors import MemoptOffloadError, MemoptOptimizerError
 from memopt.passes.base import Pass, PassContext, PassFailure, PassResult
 
@@ -217,8 +217,22 @@ class PassManager:
         if result.modified:
             step.recompile()
             analyses.invalidate(result.preserved)
+            _check_structure(p, step)
         for inst in self.instruments:
             inst.after_pass(index, p, step, result, record, ctx)
+
+
+def _check_structure(p: Pass, step: StepGraphs) -> None:
+    """The cheap part of verification, run after every pass that changed the graphs
+    even without ``verify``: FX lint (each use defined earlier in its own graph), the
+    saved values lining up, the registered step invariants; not the fake-tensor
+    re-run. A broken graph then fails here, inside the pipeline's fail-soft (the pass
+    is undone, the passes before it kept), not when torch compiles or runs it (a
+    backward reading a forward node failed with ``KeyError: primals_3`` in backward)."""
+    try:
+        verify_step(step, check_meta=False)
+    except GraphVerificationError as exc:
+        raise GraphVerificationError(f"after pass {p.name!r}: {exc}") from exc
 
 
 def _restore(step: StepGraphs, originals: dict[str, Any], snapshot: StepGraphs) -> None:
