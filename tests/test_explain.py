@@ -166,16 +166,18 @@ class _BreakBeforeLoss(torch.nn.Module):
 
 
 def test_summary_budget_is_the_budget_of_the_step_it_sums():
-    """Inference regions planned alone under a fractional budget each get a fraction of
-    their own peak; after a recompile the summary sums the latest compiles. It showed
-    the first region's budget, of a compile no longer in the step, as the step's
-    ("memory budget ... (OVER)"); now it says there is none for the step as a whole."""
+    """Training regions planned alone (``plan_across_graph_breaks=False``) under a
+    fractional budget each get a fraction of their own peak; after a recompile the
+    summary sums the latest compiles. It showed the first region's budget, of a compile
+    no longer in the step, as the step's ("memory budget ... (OVER)"); now it says there
+    is none for the step as a whole."""
     torch._dynamo.reset()
-    compiled = torch.compile(_BreakBeforeLoss(), backend="memopt", options={**EAGER, "memory_budget": 0.5})
-    with memopt.record() as explanation, torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", memopt.MemoptBudgetWarning)  # inference regions cannot go lower
+    options = {**EAGER, "memory_budget": 0.5, "plan_across_graph_breaks": False}
+    compiled = torch.compile(_BreakBeforeLoss(), backend="memopt", options=options)
+    with memopt.record() as explanation, warnings.catch_warnings():
+        warnings.simplefilter("ignore", memopt.MemoptBudgetWarning)
         for batch in (8, 12):  # the second batch size recompiles both regions
-            compiled(torch.randn(batch, 16))
+            compiled(torch.randn(batch, 16)).backward()
     step = explanation.step_regions()
     assert len(explanation.regions) == 4 and len(step) == 2
     budgets = {r.region: r.plan.budget_bytes for r in step}
