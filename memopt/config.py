@@ -355,11 +355,16 @@ def parse_size(text: str) -> int:
     return int(number * _UNITS.get(unit, 1))
 
 
+MIN_BUDGET_BYTES = 1024
+"""The smallest ``memory_budget`` in bytes (1 KiB): below the parameters of any model,
+and under it an int is almost surely a unitless fraction or size (``1``, ``24``)."""
+
+
 def require_unit(text: str, other_reading: str = "") -> None:
-    """Refuse a size string that is a number under 1024 without a unit: almost surely not
-    meant as bytes. ``other_reading`` names what the caller would read instead."""
+    """Refuse a size string that is a number under `MIN_BUDGET_BYTES` without a unit:
+    almost surely not meant as bytes. ``other_reading`` names what the caller would read instead."""
     match = _SIZE.match(text)
-    if match is not None and match.group(2) == "" and float(match.group(1)) < 1024:
+    if match is not None and match.group(2) == "" and float(match.group(1)) < MIN_BUDGET_BYTES:
         number = text.strip()
         raise ValueError(
             f"{text!r} is a number without a unit, which would mean {number} bytes; "
@@ -378,7 +383,7 @@ def _budget(key: str, value: Any) -> int | float | None:
                 f"memopt option {key}={value!r} must be positive: bytes (an int such as 6 * 2**30, "
                 f"or a size string such as '6GiB'), or a fraction of the unoptimized peak (0.5, '50%')."
             )
-        if value < 1024:
+        if value < MIN_BUDGET_BYTES:
             raise ValueError(
                 f"memopt option {key}={value!r} is an int under 1 KiB, which would mean {value} "
                 f"byte(s), almost surely not meant; for a fraction of the unoptimized peak give a "
@@ -404,7 +409,7 @@ def _budget(key: str, value: Any) -> int | float | None:
         size = _option_size(key, value)
         if size <= 0:
             raise ValueError(f"memopt option {key}={value!r} must be a positive size.")
-        if size < 1024:  # also keeps the stored int valid when __post_init__ checks it again
+        if size < MIN_BUDGET_BYTES:  # also keeps the stored int valid when __post_init__ checks it again
             raise ValueError(
                 f"memopt option {key}={value!r} is {size} byte(s), under 1 KiB: below the parameters "
                 f"of any model, so no plan could meet it; give a size of at least 1 KiB ('6GiB') or a "

@@ -41,7 +41,7 @@ from typing import IO, Any
 
 import torch
 
-from memopt.config import MemoptConfig, parse_size, require_unit
+from memopt.config import MIN_BUDGET_BYTES, MemoptConfig, parse_size, require_unit
 from memopt.errors import MemoptFitError, MemoptWarning
 from memopt.explain import Explanation, backward_with_forward, explain
 from memopt.units import format_bytes
@@ -173,9 +173,10 @@ def accumulation(global_batch: int, batch: int) -> tuple[int, tuple[int, ...], i
 
 
 def budget_bytes(budget: int | str, *, name: str = "budget") -> int:
-    """A budget in bytes, at least 1 KiB (as ``memory_budget`` takes it): an int, or a size string parsed as ``memory_budget`` parses it
-    (`memopt.config.parse_size`: ``"24GiB"``, ``"512MB"``). A fraction is refused: a
-    fraction of the unoptimized peak changes with the batch size. ``name="reserve"``
+    """A budget in bytes, at least `MIN_BUDGET_BYTES` (as ``memory_budget`` takes it): an
+    int, or a size string parsed as ``memory_budget`` parses it (`memopt.config.parse_size`:
+    ``"24GiB"``, ``"512MB"``). A fraction is refused: a fraction of the unoptimized peak
+    changes with the batch size. ``name="reserve"``
     parses fit's ``reserve`` instead: errors name it, and zero is allowed (no reserve)."""
     reserve = name == "reserve"
     if isinstance(budget, (bool, float)) or (isinstance(budget, str) and budget.strip().endswith("%")):
@@ -196,7 +197,7 @@ def budget_bytes(budget: int | str, *, name: str = "budget") -> int:
         raise MemoptFitError(f"{name}={budget!r} must be bytes (int) or a size string such as '24GiB'.")
     if value < 0 or (value == 0 and not reserve):
         raise MemoptFitError(f"{name}={budget!r} must be a {'non-negative' if reserve else 'positive'} size.")
-    if value < 1024 and not reserve:
+    if value < MIN_BUDGET_BYTES and not reserve:
         raise MemoptFitError(
             f"{name}={budget!r} is {value} byte(s), under 1 KiB, which no step fits in; give a size "
             f"with a unit, e.g. '{value}GiB'."
@@ -253,7 +254,7 @@ def fit(
     started = time.perf_counter()
     total, reserved = budget_bytes(budget), budget_bytes(reserve, name="reserve")
     left = total - reserved
-    if left < 1024:  # the smallest memory_budget
+    if left < MIN_BUDGET_BYTES:
         raise MemoptFitError(
             f"reserve={format_bytes(reserved)} leaves "
             f"{'nothing' if left <= 0 else f'only {format_bytes(left)} (under 1 KiB)'} of "
