@@ -116,7 +116,8 @@ class Explanation:
         for r in self.regions:
             kept = [k for k in kept if not _same_model(k, r)]
             kept.append(r)
-        return [r for r in self.regions if any(r is k for k in kept) and not _ran_before_latest_step(r, kept)]
+        latest = _latest_forward(kept)
+        return [r for r in self.regions if any(r is k for k in kept) and not _ran_before(r, latest, kept)]
 
     def timeline(self, *, optimized: bool = True) -> MemoryTimeline:
         """The step's estimated memory timeline across the regions of one step (after
@@ -560,18 +561,21 @@ def record(optimizer: Any = None) -> Iterator[Explanation]:
             explanation.graph_breaks = _new_graph_breaks(breaks)
 
 
-def _ran_before_latest_step(region: RegionRecord, regions: list[RegionRecord]) -> bool:
-    """Whether ``region``'s latest call belongs to an earlier step than the latest
-    forward among ``regions`` (among their training regions, when there are some: an
-    evaluation after the last training step does not hide it): a backward started
-    between the two. False when calls were not observed."""
-    if region.last_forward is None:
-        return False
+def _latest_forward(regions: list[RegionRecord]) -> int | None:
+    """When the latest observed forward among ``regions`` ran (among their training
+    regions, when there are some: an evaluation after the last training step does not
+    hide that step); None when no call was observed."""
     training = [r for r in regions if r.kind == "training"] or regions
-    latest = max((r.last_forward for r in training if r.last_forward is not None), default=region.last_forward)
-    return any(
-        r.last_backward is not None and region.last_forward < r.last_backward < latest for r in regions
-    )
+    return max((r.last_forward for r in training if r.last_forward is not None), default=None)
+
+
+def _ran_before(region: RegionRecord, latest: int | None, regions: list[RegionRecord]) -> bool:
+    """Whether ``region``'s latest call belongs to an earlier step than the forward at
+    ``latest`` (`_latest_forward`): a backward of one of ``regions`` started between
+    the two. False when calls were not observed."""
+    if region.last_forward is None or latest is None:
+        return False
+    return any(r.last_backward is not None and region.last_forward < r.last_backward < latest for r in regions)
 
 
 def _loss_of(out: Any) -> torch.Tensor | None:
