@@ -185,6 +185,12 @@ class StepGraphs:
             )
         return list(zip(fw_rest, bw_rest)) + list(zip(fw_sym, bw_sym))
 
+    def saved_symbols(self) -> dict[fx.Node, fx.Node]:
+        """Forward node -> backward placeholder for every saved symbol (a dynamic
+        shape's SymInt): what a rewrite that rebuilds a value in backward reads its
+        symbolic sizes from."""
+        return {fw: bw for fw, bw in self.saved_pairs() if meta.is_symbolic(fw)}
+
     def clone(self) -> StepGraphs:
         """A deep copy of the graphs (metadata shared), for fallback snapshots."""
         return dataclasses.replace(

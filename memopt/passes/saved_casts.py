@@ -76,7 +76,7 @@ def _replayable(view: fx.Node, symbols: Mapping[fx.Node, fx.Node]) -> bool:
 
 def saved_cast_of(value: fx.Node, symbols: Mapping[fx.Node, fx.Node] | None = None) -> SavedCast | None:
     """``value`` as views (and layout copies) of a dtype-only cast, if it is one; else
-    None. ``symbols`` maps the forward's saved symbols (`StepGraphs.saved_pairs`) to
+    None. ``symbols`` maps the forward's saved symbols (`StepGraphs.saved_symbols`) to
     their backward placeholders: views sized by them can be replayed in backward,
     views sized by other forward nodes cannot."""
     views: list[fx.Node] = []
@@ -133,7 +133,7 @@ class RecomputeSavedCasts(Pass):
     def run(self, step: StepGraphs, analyses: AnalysisManager, ctx: PassContext) -> PassResult:
         if not step.is_training:
             return PassResult.unchanged()
-        symbols = {fw: bw for fw, bw in step.saved_pairs() if meta.is_symbolic(fw)}
+        symbols = step.saved_symbols()
         casts = [  # values AOTAutograd stashes without version check must stay last: left alone
             c
             for fw, _ in step.saved_pairs()

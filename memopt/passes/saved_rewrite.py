@@ -159,7 +159,7 @@ class BackwardSymbols:
         assert step.backward is not None, "BackwardSymbols needs a training step"
         self.step = step
         self.saved: dict[Any, fx.Node] = {}
-        for fw, bw in step.saved_pairs():
+        for fw, bw in step.saved_symbols().items():
             value = meta.fake_value(fw)
             if isinstance(value, torch.SymInt):
                 self.saved.setdefault(_expr(value), bw)
