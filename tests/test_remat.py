@@ -197,6 +197,46 @@ def test_a_fractional_budget_does_not_warn_for_an_inference_region():
     assert inference.budget_bytes is None and inference.feasible
 
 
+class _SetsItsModeOnFirstCall(torch.nn.Module):
+    """Like a Hugging Face classification model, which sets ``config.problem_type`` on
+    its first call: Dynamo's guard on the attribute fails at the second call, and the
+    same graph compiles again as region ``0/1``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.Sequential(*(torch.nn.Linear(64, 64) for _ in range(4)))
+        self.mode: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode is None:
+            self.mode = "regression"
+        return self.layers(x).tanh().sum()
+
+
+def test_an_infeasible_budget_warns_once_for_a_frame_compiled_again_with_the_same_figures():
+    """ViT for image classification warned the same infeasible budget twice, for
+    regions 0/0 and 0/1. The recompile is still planned (and logged); after
+    ``torch._dynamo.reset()`` compile ids restart and the first compile warns again."""
+
+    def run() -> tuple[list[str], list[str]]:
+        torch._dynamo.reset()
+        compiled = torch.compile(
+            _SetsItsModeOnFirstCall(), backend="memopt", options={"codegen": "eager", "memory_budget": "1KiB"}
+        )
+        with warnings.catch_warnings(record=True) as caught, memopt.record() as ex:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                compiled(torch.randn(8, 64)).backward()
+        budget = [str(w.message) for w in caught if issubclass(w.category, memopt.MemoptBudgetWarning)]
+        return budget, [r.region for r in ex.regions]
+
+    budget, regions = run()
+    assert regions == ["0/0", "0/1"], regions
+    assert len(budget) == 1 and "region 0/0" in budget[0], budget
+    again, _ = run()
+    assert again == budget
+
+
 def test_budget_above_unoptimized_peak_changes_nothing():
     case = zoo_case("mlp")
     explanation = memopt.explain(case.build(), *case.inputs(8), options={"codegen": "eager", "memory_budget": "1GiB"})

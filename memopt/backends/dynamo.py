@@ -18,6 +18,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from memopt._logging import configure_from_env
+from memopt._once import frame_compile_started
 from memopt.backends.meta_device import composite_autograd_on_meta
 from memopt.backends.record import active_recorders
 from memopt.backends.region import RegionCompiler, describe_inputs
@@ -65,9 +66,11 @@ def memopt_backend(
             MemoptWarning,
             stacklevel=2,
         )
+    name = _region_name()
+    frame_compile_started(name)
     region = RegionCompiler(
         config,
-        _region_name(),
+        name,
         inputs=describe_inputs(gm, example_inputs),
         num_user_outputs=len(output_values(gm)),
     )

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch.fx as fx
 
+from memopt._once import said_before
 from memopt.analysis.cost import is_view
 from memopt.analysis.memory import MemoryTimeline
 from memopt.config import MemoptConfig
@@ -341,6 +342,9 @@ def _report_infeasible(
     message = f"memory_budget {format_bytes(plan.budget_bytes)} is infeasible for {where}: {statement}"
     if config.strict:
         raise MemoptBudgetError(message)
+    if said_before(plan.region, f"{plan.budget_bytes} {step_unoptimized is None} {statement}"):
+        log.info("region %s: %s (warned for an earlier compile of this frame)", plan.region, message)
+        return
     warning = MemoptBudgetWarning(message + " Using the plan with the smallest peak.")
     warning.region, warning.budget_bytes, warning.min_feasible_peak = plan.region, plan.budget_bytes, plan.min_feasible_peak
     warning.statement = statement + " Using the plan with the smallest peak."
