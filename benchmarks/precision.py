@@ -273,6 +273,7 @@ HF_VARIANTS = [
     Variant("fp32 (memopt)", "memopt", {}),
     Variant("memopt bf16", "memopt", {"precision": "bf16"}),
     Variant("autocast bf16 (memopt, no options)", "memopt", {}, autocast=True),
+    Variant("memopt bf16 under autocast", "memopt", {"precision": "bf16"}, autocast=True),
 ]
 
 
