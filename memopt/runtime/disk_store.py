@@ -19,9 +19,20 @@ and fills a preallocated tensor with ``readinto``.
 The I/O thread. Writes and reads run on the store's background thread, in submission
 order. The store holds the source tensor until its write completes, then drops it;
 ``max_pending`` writes may be queued before ``offload`` blocks, which bounds the memory
-held by pending writes. A value on an accelerator is copied to host memory on that
-thread (after an event recorded on the offloading stream) before it is written, and
-read back into pinned memory, then copied to its device in ``reload_wait``.
+held by pending writes.
+
+A CUDA value goes through pinned host memory (`memopt.runtime.transfers`): ``offload``
+queues its device->host copy on a side stream of the value's device, after the work
+queued so far on that device's current stream (the kernels that produce it), and hands
+the pinned buffer to the I/O thread with the copy's event. The thread waits for the
+event, drops the device tensor (its memory is free once copied, before the file is
+written), then writes the pinned buffer. The copy neither reads unfinished data nor
+queues behind the compute stream's later kernels (a copy made on the I/O thread, on
+that thread's default stream, did both: it waited for everything queued on the
+legacy default stream and held back every kernel queued after it). Reading back: the
+I/O thread fills a pinned buffer; ``reload_wait`` queues its host->device copy on the
+current stream. Other accelerators are copied to host memory in ``offload`` itself,
+synchronously.
 
 A failed write (a full disk) deletes its partial file and raises `MemoptOffloadError`
 in the calling thread, at the store's next operation.
@@ -49,6 +60,7 @@ from memopt.runtime.offload_store import (
     _Entry,
     log,
 )
+from memopt.runtime.transfers import CudaTransfers
 from memopt.units import format_bytes
 
 try:
@@ -244,8 +256,9 @@ class DiskStore(OffloadStore):
     target = "disk"
 
     def __init__(self, store_id: str, offload_dir: str | None = None, *,
-                 max_pending: int = DEFAULT_MAX_PENDING) -> None:
+                 max_pending: int = DEFAULT_MAX_PENDING, transfers: CudaTransfers | None = None) -> None:
         super().__init__(store_id, max_pending=max_pending)
+        self.transfers = transfers if transfers is not None else CudaTransfers()
         self.offload_dir = offload_dir
         self.root = offload_dir if offload_dir is not None else tempfile.gettempdir()
         if offload_dir is not None:
@@ -294,23 +307,33 @@ class DiskStore(OffloadStore):
         return os.path.join(self.directory, f"{entry.hid}.bin")
 
     def _begin_offload(self, entry: _Entry) -> None:
-        event = None
-        if entry.device.type != "cpu":
-            event = torch.Event(device=entry.device)
-            event.record()
+        """Queue the write; for a CUDA value, first its copy to pinned host memory
+        (module docstring), whose event the I/O thread waits for."""
+        assert entry.source is not None
+        staged: tuple[torch.Tensor, Any] | None = None
+        if self.transfers.supports(entry.device):
+            host = self.transfers.host_empty(entry.numel, entry.dtype)
+            staged = host, self.transfers.copy_async(host, entry.source.reshape(-1), entry.device)
+        elif entry.device.type != "cpu":  # another accelerator: copied here, synchronously
+            staged = entry.source.to("cpu"), None
         entry.slot = self._path(entry)
-        self._worker.submit(functools.partial(self._write, entry, event))
+        self._worker.submit(functools.partial(self._write, entry, staged))
 
-    def _write(self, entry: _Entry, event: Any) -> None:
-        """Worker: write ``entry.source`` to its file, then drop the source."""
+    def _write(self, entry: _Entry, staged: tuple[torch.Tensor, Any] | None) -> None:
+        """Worker: write ``entry.source`` (or its host copy ``staged``, once the copy's
+        event completes) to its file, then drop the source."""
         start = time.perf_counter()
         error = None
         try:
             data = entry.source
             assert data is not None
-            if event is not None:
-                event.synchronize()
-                data = data.to("cpu")
+            if staged is not None:
+                data, event = staged
+                staged = None
+                if event is not None:
+                    self.transfers.synchronize(event)
+                with self._lock:
+                    entry.source = None  # copied: the device memory is free before the write
             write_file(entry.slot, data)
             del data
         except Exception as exc:
@@ -345,11 +368,14 @@ class DiskStore(OffloadStore):
         self._worker.submit(functools.partial(self._read, entry))
 
     def _read(self, entry: _Entry) -> None:
-        """Worker: read ``entry``'s file into a new tensor and delete the file."""
+        """Worker: read ``entry``'s file into a new tensor (pinned for a CUDA value) and
+        delete the file."""
         try:
             if entry.error is None:
-                pin = entry.device.type == "cuda"
-                out = torch.empty(entry.numel, dtype=entry.dtype, pin_memory=pin)
+                if self.transfers.supports(entry.device):
+                    out = self.transfers.host_empty(entry.numel, entry.dtype)
+                else:
+                    out = torch.empty(entry.numel, dtype=entry.dtype)
                 read_file(entry.slot, out)
                 entry.result = out
         except OSError as exc:
@@ -359,9 +385,13 @@ class DiskStore(OffloadStore):
             entry.loaded.set()
 
     def _finish_reload(self, entry: _Entry) -> torch.Tensor:
+        """The value on its device: a CUDA value's host->device copy is queued on the
+        current stream (`CudaTransfers.to_device`)."""
         assert entry.result is not None
+        if self.transfers.supports(entry.device):
+            return self.transfers.to_device(entry.result, entry.device)
         if entry.device.type != "cpu":
-            return entry.result.to(entry.device, non_blocking=True)
+            return entry.result.to(entry.device)
         return entry.result
 
     def _delete(self, entry: _Entry) -> None:

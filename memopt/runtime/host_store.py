@@ -13,8 +13,9 @@ freed by its kernels), the host->device copy runs on the side stream, followed b
 event. ``reload_wait`` makes the current stream wait on that event, without blocking
 the host. The pinned buffer is dropped once the copy's event completes.
 
-The stream and event calls go through `CudaTransfers`, so the logic can be tested
-with a fake on a machine without an accelerator.
+The stream and event calls go through `CudaTransfers` (`memopt.runtime.transfers`,
+which states the ordering rules), so the logic can be tested with a fake on a machine
+without an accelerator.
 """
 
 from __future__ import annotations
@@ -27,49 +28,10 @@ import torch
 
 from memopt.errors import MemoptOffloadError
 from memopt.runtime.offload_store import DEFAULT_MAX_PENDING, OffloadStore, _Entry
+from memopt.runtime.transfers import CudaTransfers
 from memopt.units import format_bytes
 
 __all__ = ["HostStore", "CudaTransfers"]
-
-
-class CudaTransfers:
-    """The stream and event operations `HostStore` needs, on CUDA."""
-
-    def __init__(self) -> None:
-        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
-
-    def supports(self, device: torch.device) -> bool:
-        return device.type == "cuda"
-
-    def host_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(numel, dtype=dtype, pin_memory=True)
-
-    def device_empty(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return torch.empty(numel, dtype=dtype, device=device)
-
-    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
-        if device not in self._side_streams:
-            self._side_streams[device] = torch.cuda.Stream(device=device)
-        return self._side_streams[device]
-
-    def copy_async(self, dst: torch.Tensor, src: torch.Tensor, device: torch.device) -> Any:
-        """Copy ``src`` into ``dst`` on ``device``'s side stream, after the work queued
-        so far on the current stream; the event that marks the copy's end."""
-        side = self._side_stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            dst.copy_(src, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(side)
-        return event
-
-    def wait_on_current(self, event: Any, device: torch.device) -> None:
-        """Make ``device``'s current stream wait for ``event`` (the host does not)."""
-        torch.cuda.current_stream(device).wait_event(event)
-
-    def synchronize(self, event: Any) -> None:
-        """Block the calling thread until ``event`` completes."""
-        event.synchronize()
 
 
 class HostStore(OffloadStore):

@@ -104,7 +104,9 @@ class StoreStats:
     """Bytes held on the target now (files on disk, pinned buffers)."""
     peak_resident_bytes: int
     pending_bytes: int
-    """Bytes of source tensors the store still holds, waiting for their writes."""
+    """Bytes of values whose move to the target is under way: the source tensors the
+    store holds until then (a disk store holds a CUDA value's pinned copy instead,
+    once the device-to-host copy is done)."""
     peak_pending_bytes: int
     handles: int
     """Handles alive: offloaded, neither brought back nor discarded."""

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import threading
+
 from functorch.compile import default_partition, make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
-__all__ = ["recording_backend"]
+__all__ = ["recording_backend", "FakeEvent"]
+
+
+class FakeEvent:
+    """A copy's event for fake transfers: complete at once, or when the test sets
+    ``done``; ``synchronize`` waits for it (10 s at most)."""
+
+    def __init__(self, done: bool) -> None:
+        self.done = threading.Event()
+        if done:
+            self.done.set()
+
+    def synchronize(self) -> None:
+        assert self.done.wait(10), "fake copy never completed"
 
 
 def recording_backend(partition_fn=default_partition):

@@ -4,11 +4,11 @@ the refusal on CPU graphs, and real CUDA round trips (marked gpu)."""
 from __future__ import annotations
 
 import gc
-import threading
 import weakref
 
 import pytest
 import torch
+from offload_testing import FakeEvent
 
 from memopt.errors import MemoptOffloadError
 from memopt.runtime import get_store, measure_bandwidth, register_store
@@ -16,16 +16,6 @@ from memopt.runtime.host_store import CudaTransfers, HostStore
 
 ops = torch.ops.memopt
 CPU = torch.device("cpu")
-
-
-class FakeEvent:
-    def __init__(self, done: bool) -> None:
-        self.done = threading.Event()
-        if done:
-            self.done.set()
-
-    def synchronize(self) -> None:
-        assert self.done.wait(10), "fake copy never completed"
 
 
 class FakeTransfers(CudaTransfers):
