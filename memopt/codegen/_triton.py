@@ -24,6 +24,7 @@ Every optimizer kernel module offers ``kernel="auto" | "triton" | "torch"``:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -42,6 +43,7 @@ __all__ = [
     "kernel_is_interpreted",
     "triton_unavailable_reason",
     "can_run_triton",
+    "device_guard",
 ]
 
 HAS_TRITON: bool = triton is not None
@@ -125,3 +127,12 @@ def triton_unavailable_reason(*tensors: torch.Tensor) -> str | None:
 def can_run_triton(*tensors: torch.Tensor) -> bool:
     """Whether a Triton kernel can run on ``tensors`` (see `triton_unavailable_reason`)."""
     return triton_unavailable_reason(*tensors) is None
+
+
+def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager[object]:
+    """Make ``tensor``'s CUDA device the current one while a kernel is launched (a
+    no-op for CPU tensors). Triton launches on the current device and its current
+    stream, not on the device of the pointers it is given: a kernel for tensors on
+    ``cuda:1`` launched while ``cuda:0`` is current runs on device 0 with device 1's
+    pointers (an illegal address, or a race with ``cuda:1``'s stream)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from memopt.codegen._chunks import spans
-from memopt.codegen._triton import HAS_TRITON, launchable, use_triton
+from memopt.codegen._triton import HAS_TRITON, device_guard, launchable, use_triton
 
 __all__ = [
     "CodeTables",
@@ -247,15 +247,17 @@ def _triton_step(
     block_size: int,
     c: Mapping[str, float],
 ) -> None:
-    """Launch the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
+    """Launch the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``) on
+    ``param``'s device."""
     grid = (state[1].numel(),)
-    launchable(_adam8bit_kernel)[grid](
-        param, grad.contiguous(), *state,
-        tables.signed, tables.signed_mid, tables.unsigned, tables.unsigned_mid,
-        param.numel(), c["beta1"], 1.0 - c["beta1"], c["beta2"], 1.0 - c["beta2"], c["eps"],
-        c["step_size"], c["bias_correction2_sqrt"], c["decay"],
-        BLOCK=block_size,
-    )  # fmt: skip
+    with device_guard(param):
+        launchable(_adam8bit_kernel)[grid](
+            param, grad.contiguous(), *state,
+            tables.signed, tables.signed_mid, tables.unsigned, tables.unsigned_mid,
+            param.numel(), c["beta1"], 1.0 - c["beta1"], c["beta2"], 1.0 - c["beta2"], c["eps"],
+            c["step_size"], c["bias_correction2_sqrt"], c["decay"],
+            BLOCK=block_size,
+        )  # fmt: skip
 
 
 def _check_operands(

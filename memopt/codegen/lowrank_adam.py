@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import torch
 
-from memopt.codegen._triton import HAS_TRITON, launchable, use_triton
+from memopt.codegen._triton import HAS_TRITON, device_guard, launchable, use_triton
 
 __all__ = ["lowrank_adam_step"]
 
@@ -142,22 +142,24 @@ def _triton_step(
     c: Mapping[str, float],
     tile: tuple[int, int],
 ) -> None:
-    """Launch the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``); the rank is
-    padded to a power of two of at least 16 for ``tl.dot``."""
+    """Launch the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``) on
+    ``weight``'s device; the rank is padded to a power of two of at least 16 for
+    ``tl.dot``."""
     rows, cols = weight.shape
     rank = projector.shape[1]
     block_m, block_n = tile
     grid = (triton.cdiv(cols, block_n),)
-    launchable(_lowrank_adam_kernel)[grid](
-        weight, lowrank_grad, projector, exp_avg, exp_avg_sq,
-        rows, cols, rank,
-        weight.stride(0), weight.stride(1), lowrank_grad.stride(0), lowrank_grad.stride(1),
-        projector.stride(0), projector.stride(1), exp_avg.stride(0), exp_avg.stride(1),
-        exp_avg_sq.stride(0), exp_avg_sq.stride(1),
-        c["beta1"], 1.0 - c["beta1"], c["beta2"], 1.0 - c["beta2"], c["eps"],
-        c["step_size"], c["bias_correction2_sqrt"], c["decay"],
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-    )  # fmt: skip
+    with device_guard(weight):
+        launchable(_lowrank_adam_kernel)[grid](
+            weight, lowrank_grad, projector, exp_avg, exp_avg_sq,
+            rows, cols, rank,
+            weight.stride(0), weight.stride(1), lowrank_grad.stride(0), lowrank_grad.stride(1),
+            projector.stride(0), projector.stride(1), exp_avg.stride(0), exp_avg.stride(1),
+            exp_avg_sq.stride(0), exp_avg_sq.stride(1),
+            c["beta1"], 1.0 - c["beta1"], c["beta2"], 1.0 - c["beta2"], c["eps"],
+            c["step_size"], c["bias_correction2_sqrt"], c["decay"],
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        )  # fmt: skip
 
 
 def _check_operands(

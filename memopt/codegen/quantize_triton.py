@@ -22,14 +22,13 @@ exponent and flushes e4m3 subnormals; float32 -> bfloat16 truncates):
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from memopt.codegen._triton import kernel_is_interpreted, triton_unavailable_reason
+from memopt.codegen._triton import device_guard, kernel_is_interpreted, triton_unavailable_reason
 from memopt.codegen.quantize_reference import (
     check_dequantize_args,
     check_quantize_args,
@@ -168,11 +167,6 @@ def _check_runnable(kernel: object, *tensors: torch.Tensor) -> None:
         )
 
 
-def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager[object]:
-    """Make ``t``'s CUDA device current: Triton launches on the current device."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _check_block_limit(block_size: int) -> None:
     if block_size > MAX_TRITON_BLOCK_SIZE:
         raise ValueError(
@@ -196,7 +190,7 @@ def quantize_blockwise_triton(
     if blocks:
         rows, block, grid = _tiling(block_size, blocks)
         is_fp8 = dtype == torch.float8_e4m3fn
-        with _device_guard(x):
+        with device_guard(x):
             _quantize_kernel[grid](
                 flat, codes.view(torch.uint8) if is_fp8 else codes, scales,
                 flat.numel(), blocks, block_size,
@@ -221,7 +215,7 @@ def dequantize_blockwise_triton(
     if blocks:
         rows, block, grid = _tiling(block_size, blocks)
         is_fp8 = codes.dtype == torch.float8_e4m3fn
-        with _device_guard(codes):
+        with device_guard(codes):
             _dequantize_kernel[grid](
                 codes.contiguous().view(torch.uint8) if is_fp8 else codes.contiguous(),
                 scales.contiguous(),

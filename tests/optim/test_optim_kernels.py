@@ -13,12 +13,17 @@ a midpoint may land one code away: the GPU test allows that, for at most 1% of e
 
 from __future__ import annotations
 
+import contextlib
+import types
+
 import numpy as np
 import pytest
 import torch
 
 from memopt._compat import triton_interpreter_loops_to_runtime_bounds, triton_version
-from memopt.codegen._triton import HAS_TRITON
+import memopt.codegen.adam8bit as adam8bit
+import memopt.codegen.lowrank_adam as lowrank_adam
+from memopt.codegen._triton import HAS_TRITON, device_guard
 from memopt.codegen.adam8bit import adam8bit_step, code_tables
 from memopt.codegen.lowrank_adam import lowrank_adam_step
 from memopt.optim import AdamW8bit, GaLoreAdamW, SubspaceAdamW
@@ -153,6 +158,57 @@ def test_optimizers_through_the_kernels(interpreter: None, factory) -> None:
         train(model, factory(model.parameters(), kernel), range(3))
     for a, b in zip(*(m.parameters() for m in models)):
         assert (a - b).abs().max().item() <= 1e-5
+
+
+def _recording_guard(module, monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """Replace ``module``'s `device_guard` and `launchable` by recorders: the device
+    each guard made current, and whether the kernel was launched inside it."""
+    events: list[tuple] = []
+    launchable = module.launchable
+
+    @contextlib.contextmanager
+    def guard(tensor: torch.Tensor):
+        events.append(("enter", tensor.device))
+        yield
+        events.append(("exit",))
+
+    def launch(kernel):
+        events.append(("launch",))
+        return launchable(kernel)
+
+    monkeypatch.setattr(module, "device_guard", guard)
+    monkeypatch.setattr(module, "launchable", launch)
+    return events
+
+
+def test_device_guard_makes_a_cuda_tensors_device_current(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton launches on the current device: a tensor on cuda:1 while cuda:0 is current
+    needs ``torch.cuda.device(cuda:1)`` around the launch; a CPU tensor needs nothing."""
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: (entered.append(d), contextlib.nullcontext())[1])
+    with device_guard(types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))):
+        pass
+    with device_guard(torch.zeros(1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
+def test_adam8bit_kernel_launches_on_its_parameters_device(interpreter: None, monkeypatch) -> None:
+    """Before, the 8-bit Adam kernel launched on whatever device was current (the
+    quantize kernels had a guard, the optimizer kernels none)."""
+    events = _recording_guard(adam8bit, monkeypatch)
+    param = torch.randn(64)
+    state = [torch.full((64,), 127, dtype=torch.uint8), torch.zeros(1), torch.zeros(64, dtype=torch.uint8), torch.zeros(1)]
+    adam8bit_step(param, torch.randn(64), *state, tables=code_tables(), block_size=64, kernel="triton", **coefficients(1))
+    assert events == [("enter", param.device), ("launch",), ("exit",)]
+
+
+@loops_to_runtime_bounds
+def test_lowrank_kernel_launches_on_its_weights_device(interpreter: None, monkeypatch) -> None:
+    events = _recording_guard(lowrank_adam, monkeypatch)
+    operands = lowrank_operands(16, 16, 2, seed=0)
+    lowrank_adam_step(*operands, kernel="triton", tile=(16, 16), **coefficients(1))
+    assert events == [("enter", operands[0].device), ("launch",), ("exit",)]
 
 
 def test_forcing_triton_on_cpu_without_interpreter_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
