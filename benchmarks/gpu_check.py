@@ -17,6 +17,15 @@ Sections (docs/benchmarks.md, "GPU check", says what every column means):
   (Inductor) of the same model.
 * ``kernels``: memopt's Triton kernels (block-wise quantize/dequantize, low-rank Adam,
   8-bit Adam) against their PyTorch references: max error and time.
+* ``offload`` (issue 15 on CUDA): each store's round trip of a value offloaded while
+  its kernels still run on a non-default stream (bitwise); pinned copy bandwidth; how
+  much of the copies the compute stream hides (compute alone, copies alone, both
+  interleaved); a compiled step with ``offload="host"`` at a budget against remat alone
+  (measured peak, budget, time).
+* ``sharding`` (issue 16 on CUDA): ``examples/train_sharded.py`` (ZeRO-3, memopt's eager
+  codegen) under torchrun on NCCL, one rank per GPU, at most 2. On a machine with one
+  GPU that is a world of one rank: the collectives are compiled and run through NCCL,
+  but nothing crosses ranks (the row says so); multi-rank rows need 2 GPUs.
 * ``fusion``: whether Inductor fused the recomputed forward ops into the backward's
   kernels (kernel launches of the backward with and without a budget).
 
@@ -28,8 +37,10 @@ was not given. Progress goes to stderr with elapsed times.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
+import math
 import os
 import re
 import statistics
@@ -43,8 +54,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-SECTIONS = ("tests", "kernels", "models", "fusion")
+SECTIONS = ("tests", "kernels", "offload", "sharding", "models", "fusion")
+"""In the order they run: the short ones first, ``models`` (the long one) last but
+``fusion``, which reuses its compiles."""
 TESTS_TIMEOUT = 180.0  # seconds for ``pytest -m gpu`` (it takes about a minute)
+SHARDING_TIMEOUT = 150.0  # seconds for torchrun of examples/train_sharded.py
+OFFLOAD_BUDGET = 0.5
 FUSION_BUDGET = 0.5
 NO_CUDA_STATUS = 2
 NO_CUDA = "n/a (no CUDA)"
@@ -184,22 +199,39 @@ def section_tests(check: Check) -> None:
     check.case("tests", "pytest -m gpu", lambda: _run_gpu_tests(check))
 
 
+def run_child(check: Check, cmd: list[str], timeout: float, what: str,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in the repository, in a process group of its own (a torchrun agent's
+    ranks, a test's subprocesses), killed whole after ``timeout`` seconds (TimeoutError
+    naming ``what``) or by the hard limit (`kill_child`)."""
+    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as child:  # fmt: skip
+        check.child = child
+        try:
+            stdout, stderr = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_child(child)
+            child.communicate()
+            raise TimeoutError(f"{what} ran past {timeout:.0f} s (killed)") from None
+        finally:
+            check.child = None
+    return subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
+
+
+def kill_child(child: subprocess.Popen[str]) -> None:
+    """Kill ``child`` and every process of its group (started by `run_child`)."""
+    try:
+        os.killpg(child.pid, 9)
+    except (ProcessLookupError, PermissionError):
+        child.kill()
+
+
 def _run_gpu_tests(check: Check) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"]
     timeout = max(30.0, min(TESTS_TIMEOUT, check.time_limit - check.elapsed))
     check.log(f"tests: {' '.join(cmd[1:])} (at most {timeout:.0f} s)")
-    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
-        check.child = child
-        try:
-            stdout, stderr = child.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.communicate()
-            raise TimeoutError(f"pytest -m gpu ran past {timeout:.0f} s (killed): a hung or slow gpu test") from None
-        finally:
-            check.child = None
-    proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
+    proc = run_child(check, cmd, timeout, "pytest -m gpu (a hung or slow gpu test)", env)
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)", tail)}
     passed, failed = counts.get("passed", 0), counts.get("failed", 0) + counts.get("error", 0) + counts.get("errors", 0)
@@ -272,7 +304,9 @@ def _hf_models(s: Sizes) -> dict[str, Callable[[], tuple[Any, tuple[Any, ...]]]]
         labels = torch.randint(0, 2, (s.batch,))
         return LossWrapper.wrap(T.BertForSequenceClassification(cfg), ("input_ids", "labels")), (ids(), labels)
 
-    return {"hf_gpt2": gpt2, "hf_llama": llama, "hf_bert": bert}
+    # Llama first: the fusion section reuses its compiles, and a run that reaches its
+    # time limit during the models section has measured it.
+    return {"hf_llama": llama, "hf_gpt2": gpt2, "hf_bert": bert}
 
 
 def _zoo_models(s: Sizes) -> dict[str, Callable[[], tuple[Any, tuple[Any, ...]]]]:
@@ -366,13 +400,14 @@ def run_steps(check: Check, model: Any, compiled: Callable[..., Any], inputs: tu
     return StepResult(growth, statistics.median(times), code=code)
 
 
-def run_memopt(check: Check, make: Callable[..., Any], budget: float | str | None, codegen: str) -> StepResult:
+def run_memopt(check: Check, make: Callable[..., Any], budget: float | str | None, codegen: str,
+               extra: dict[str, Any] | None = None) -> StepResult:  # fmt: skip
     import torch
 
     import memopt
 
     model, inputs = _build(check, make)
-    options: dict[str, Any] = {"codegen": codegen}
+    options: dict[str, Any] = {"codegen": codegen, **(extra or {})}
     if budget is not None:
         options["memory_budget"] = budget
     compiled = torch.compile(model, backend="memopt", options=options)
@@ -599,6 +634,216 @@ def section_kernels(check: Check) -> None:
         check.case("kernels", name, functools.partial(fn, check))
 
 
+# ---------------------------------------------------------------- offload
+
+
+@dataclass(frozen=True)
+class OffloadSizes:
+    """The overlap rows' work: ``values`` tensors of ``value_mib`` each offloaded in the
+    first half of a chain of ``2 * values + 8`` matmuls of ``matmul`` x ``matmul``, and
+    reloaded in its second half."""
+
+    matmul: int
+    values: int
+    value_mib: dict[str, float]
+
+
+GPU_OFFLOAD = OffloadSizes(matmul=4096, values=8, value_mib={"host": 64.0, "disk": 8.0})
+
+
+def _offload_store(check: Check, target: str) -> Any:
+    """A fresh store of ``target`` (disk: in a private temporary directory), for one case."""
+    import tempfile
+
+    from memopt.runtime.disk_store import DiskStore
+    from memopt.runtime.host_store import HostStore
+
+    if target == "host":
+        return HostStore("host (gpu_check)")
+    return DiskStore("disk (gpu_check)", tempfile.mkdtemp(prefix="gpu-check-offload-"))
+
+
+def offload_round_trip(check: Check, target: str) -> None:
+    """A value offloaded while the kernels that produce it still run, on a stream other
+    than the default one, and reloaded on it: it must come back bitwise (the copy waits
+    for the producing stream; the reload's stream waits for the copy)."""
+    import torch
+
+    if target == "host" and not check.cuda:
+        check.add("offload", "host: round trip, slow producer", "-", "-", "-", f"{NO_CUDA}; host needs CUDA")
+        return
+    store = _offload_store(check, target)
+    try:
+        n = 2048 if check.cuda else 32
+        stream = torch.cuda.Stream() if check.cuda else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            a = torch.randn(n, n, device=check.device) / n**0.5
+            x = a
+            for _ in range(30):  # tens of milliseconds of kernels the copy must wait for
+                x = torch.tanh(x @ a)
+            token = store.offload(x, "slow")
+            expected = x.clone()
+            del x
+            started = store.reload_start(int(token.item()))
+            back = store.reload_wait(int(started.item()), [n, n], expected.dtype, expected.device)
+            same = bool(torch.equal(back, expected))
+        _sync(check)
+        store.flush()
+        stats = store.stats()
+    finally:
+        store.close()
+    status = "ok" if same else "FAIL: the value came back different (a copy raced its producer or consumer)"
+    if not check.cuda:
+        status = f"{NO_CUDA}; {status}"
+    check.add("offload", f"{target}: round trip, slow producer", f"bitwise {same}; {stats.offloads} offload(s), "
+              f"{stats.handles} handle(s) left", "the value as computed", "-", status)  # fmt: skip
+
+
+def offload_bandwidth_row(check: Check) -> None:
+    """Pinned copies device->host and host->device (`memopt.runtime.measure_bandwidth`)."""
+    from memopt.runtime import measure_bandwidth
+
+    if not check.cuda:
+        check.add("offload", "host: pinned copy bandwidth", "-", "-", "-", f"{NO_CUDA}; host needs CUDA")
+        return
+    write, read = measure_bandwidth("host", "cuda", nbytes=64 * MIB)
+    slow = min(write, read) < 5e9  # pinned copies over PCIe 4/5 or NVLink-C2C run at 20+ GB/s
+    check.add("offload", "host: pinned copy bandwidth", f"D2H {write / 1e9:.1f} GB/s, H2D {read / 1e9:.1f} GB/s",
+              "pinned PCIe copies: 20+ GB/s", "-",
+              "CHECK: below 5 GB/s, as pageable copies run" if slow else "ok")  # fmt: skip
+
+
+def offload_overlap(check: Check, target: str) -> None:
+    """Compute alone, the store's copies alone, and both interleaved as a step
+    interleaves them (offloads in the first half of a matmul chain, reloads started in
+    the second half, all waited for at its end): the share of the shorter of the two
+    that the interleaved run hides. Copies serialized with compute hide nothing."""
+    import torch
+
+    case = f"{target}: copies hidden under compute"
+    if not check.cuda:
+        check.add("offload", case, "-", "-", "-", f"{NO_CUDA}; needs CUDA streams")
+        return
+    sizes = GPU_OFFLOAD
+    store = _offload_store(check, target)
+    try:
+        a = torch.randn(sizes.matmul, sizes.matmul, device="cuda") / sizes.matmul**0.5
+        numel = int(sizes.value_mib[target] * MIB) // 4
+        values = [torch.randn(numel, device="cuda") for _ in range(sizes.values)]
+
+        def run(compute: bool, copies: bool) -> None:
+            tokens, started, x = [], [], a
+            for i in range(2 * sizes.values + 8):
+                if compute:
+                    x = torch.tanh(x @ a)
+                if copies and i < sizes.values:
+                    tokens.append(store.offload(values[i], f"v{i}"))
+                elif copies and i < 2 * sizes.values:
+                    started.append(store.reload_start(int(tokens[i - sizes.values].item())))
+            for token in started:
+                store.reload_wait(int(token.item()), [numel], torch.float32, torch.device("cuda"))
+            torch.cuda.synchronize()
+            store.flush()
+
+        t_compute, t_copies, t_both = (_time_fn(check, functools.partial(run, c, k), reps=3)
+                                       for c, k in ((True, False), (False, True), (True, True)))  # fmt: skip
+    finally:
+        store.close()
+    hidden = max(0.0, min(1.0, (t_compute + t_copies - t_both) / min(t_compute, t_copies)))
+    moved = 2 * sizes.values * sizes.value_mib[target]
+    status = "info" if target == "disk" else ("ok" if hidden >= 0.5 else "CHECK: the copies are not hidden under compute")
+    check.add("offload", case, f"both {t_both * 1e3:.1f} ms",
+              f"compute {t_compute * 1e3:.1f} ms, copies {t_copies * 1e3:.1f} ms ({moved:.0f} MiB moved)",
+              f"{hidden * 100:.0f}% of the shorter hidden", status)  # fmt: skip
+
+
+def offload_step(check: Check) -> None:
+    """memopt's zoo GPT at ``memory_budget`` 0.5, remat alone against the planner with
+    ``offload="host"`` (``"disk"`` in the dry run): offloads planned, measured peak
+    against the budget, step time (eager codegen: no kernel compile to wait for)."""
+    make = _zoo_models(check.sizes)["zoo_gpt"]
+    target = "host" if check.cuda else "disk"
+    check.log("offload: zoo_gpt, memopt, no budget")
+    base = run_memopt(check, make, None, "eager")
+    unbudgeted = base.explanation.estimated_peak_bytes
+    baseline = base.explanation.timeline().baseline_bytes
+    check.log(f"offload: zoo_gpt, memopt @ {OFFLOAD_BUDGET}, remat alone")
+    remat = run_memopt(check, make, OFFLOAD_BUDGET, "eager")
+    check.log(f"offload: zoo_gpt, memopt @ {OFFLOAD_BUDGET}, offload={target!r}")
+    offloaded = run_memopt(check, make, OFFLOAD_BUDGET, "eager", {"offload": target})
+    requested = OFFLOAD_BUDGET * unbudgeted
+    count = sum(d.policy == "offload" for r in offloaded.explanation.step_regions() if r.plan is not None
+                for d in r.plan.decisions)  # fmt: skip
+    peak, remat_peak = offloaded.growth + baseline, remat.growth + baseline
+    if _infeasible(offloaded.explanation):
+        status = "infeasible (memopt warned; runs at its floor)"
+    else:
+        status = "met (<= +5%)" if peak <= 1.05 * requested else f"MISSED (+{(peak / requested - 1) * 100:.1f}%)"
+    if not check.cuda:
+        status = f"{NO_CUDA}; {status}"
+    check.add("offload", f"zoo_gpt @ {OFFLOAD_BUDGET}, offload={target!r}, eager codegen",
+              f"{count} offloaded; peak {_mib(peak)}; {offloaded.seconds * 1e3:.2f} ms",
+              f"budget {_mib(requested)}; remat alone: peak {_mib(remat_peak)}, {remat.seconds * 1e3:.2f} ms; "
+              f"unbudgeted {base.seconds * 1e3:.2f} ms",
+              f"peak/budget {peak / requested:.3f}; time {offloaded.seconds / remat.seconds:.2f}x remat's", status)  # fmt: skip
+
+
+def section_offload(check: Check) -> None:
+    for target in ("host", "disk"):
+        check.case("offload", f"{target}: round trip", functools.partial(offload_round_trip, check, target))
+    check.case("offload", "host: bandwidth", functools.partial(offload_bandwidth_row, check))
+    for target in ("host", "disk"):
+        check.case("offload", f"{target}: overlap", functools.partial(offload_overlap, check, target))
+    check.case("offload", "compiled step", functools.partial(offload_step, check))
+
+
+# ---------------------------------------------------------------- sharding
+
+
+def section_sharding(check: Check) -> None:
+    check.case("sharding", "train_sharded.py", functools.partial(sharded_training, check))
+
+
+def sharded_training(check: Check) -> None:
+    """``examples/train_sharded.py`` (ZeRO-3, eager codegen) on one rank per GPU, at most
+    2 (NCCL); one gloo rank in the dry run. Its ranks run under
+    `memopt.distributed.testing.run_ranks` in a child process group, so a hung
+    collective is killed with it."""
+    import torch
+
+    ranks = max(1, min(2, torch.cuda.device_count())) if check.cuda else 1
+    steps = 4 if check.cuda else 2
+    timeout = max(30.0, min(SHARDING_TIMEOUT, check.time_limit - check.elapsed))
+    driver = ("import sys; from memopt.distributed.testing import run_ranks; "
+              "print(run_ranks(sys.argv[1], sys.argv[3:], world_size=int(sys.argv[2]), "
+              f"timeout={timeout - 10:.0f})[0])")  # fmt: skip
+    cmd = [sys.executable, "-c", driver, os.path.join(REPO, "examples", "train_sharded.py"), str(ranks),
+           "--steps", str(steps), "--layers", "1"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+    env.pop("TRITON_INTERPRET", None)
+    check.log(f"sharding: examples/train_sharded.py on {ranks} rank(s) (at most {timeout:.0f} s)")
+    proc = run_child(check, cmd, timeout, "examples/train_sharded.py under run_ranks", env)
+    if proc.returncode != 0:
+        print(proc.stdout[-4000:], proc.stderr[-4000:], file=sys.stderr)
+        last = (proc.stderr.strip().splitlines() or [""])[-1][:160]
+        raise RuntimeError(f"train_sharded.py exited {proc.returncode}: {last}")
+    losses = [float(m) for m in re.findall(r"step\s+\d+\s+loss\s+([-\d.]+)", proc.stdout)]
+    held = re.findall(r"rank (\d+)\s+[\d,]+\s+[\d,]+\s+[\d,]+\s+([\d,]+)\s+([\d,]+)", proc.stdout)
+    where = re.search(r"over \d+ ranks \((\w+)\)", proc.stdout)
+    if not losses or len(held) != ranks or where is None:
+        raise RuntimeError(f"train_sharded.py printed no losses/per-rank bytes: {proc.stdout[-300:]!r}")
+    totals = [(int(t.replace(",", "")), int(f.replace(",", ""))) for _, t, f in held]
+    backend = "nccl" if where.group(1) == "cuda" else "gloo"
+    note = "" if ranks > 1 else f"; 1 rank: {backend} collectives compiled and run, nothing crosses ranks (needs 2 GPUs)"
+    status = ("ok" if all(math.isfinite(x) for x in losses) else "FAIL: a loss is not finite") + note
+    if not check.cuda:
+        status = f"{NO_CUDA}; {status}"
+    check.add("sharding", f"ZeRO-3, {ranks} rank(s), {backend}, eager codegen, {steps} steps",
+              f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; state per rank {', '.join(_mib(t) for t, _ in totals)}",
+              f"ZeRO-3 formula {_mib(totals[0][1])}",
+              "state/formula " + ", ".join(f"{t / f:.3f}" for t, f in totals), status)  # fmt: skip
+
+
 # ---------------------------------------------------------------- fusion
 
 
@@ -686,7 +931,8 @@ def _fusion_row(check: Check, name: str, note: str, make: Callable[..., Any]) ->
 
 
 RUNNERS: dict[str, Callable[[Check], None]] = {
-    "tests": section_tests, "models": section_models, "kernels": section_kernels, "fusion": section_fusion,
+    "tests": section_tests, "models": section_models, "kernels": section_kernels, "offload": section_offload,
+    "sharding": section_sharding, "fusion": section_fusion,
 }  # fmt: skip
 
 
@@ -711,7 +957,8 @@ def render(check: Check, final: bool = True) -> str:
 
 
 _ROW_SECTIONS = {"tests": {"tests"}, "models": {"models", "estimate", "budget", "time"},
-                 "kernels": {"kernels"}, "fusion": {"fusion"}}  # fmt: skip
+                 "kernels": {"kernels"}, "offload": {"offload"}, "sharding": {"sharding"},
+                 "fusion": {"fusion"}}  # fmt: skip
 
 
 def environment_line(check: Check) -> str:
@@ -739,7 +986,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="gpu_check.md", help="where to write the table (default gpu_check.md)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--models", nargs="+", default=[],
-                        help="models to measure (default: hf_gpt2 hf_llama hf_bert, or the zoo's without "
+                        help="models to measure (default: hf_llama hf_gpt2 hf_bert, or the zoo's without "
                              "transformers); also zoo_gpt, zoo_mlp")
     parser.add_argument("--time-limit", type=float, default=450.0,
                         help="seconds; cases not started by then are reported as failed (default 450)")
@@ -797,14 +1044,14 @@ def finish(check: Check) -> int:
 
 
 def start_watchdog(check: Check, seconds: float) -> None:
-    """After ``seconds``: kill the pytest child if it runs, record the case that was
+    """After ``seconds``: kill the child process group if one runs, record the case that was
     running as failed, write the table and exit 1 at once (a hung or slow case cannot
     keep the run past its limit, and the rows measured so far are kept)."""
 
     def expire() -> None:
         child = check.child
         if child is not None and child.poll() is None:
-            child.kill()
+            kill_child(child)
         with check.lock:  # held to the exit: the main thread writes nothing more
             if check.finished:
                 return

@@ -11,6 +11,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 import types
 from collections.abc import Iterator
 
@@ -49,16 +50,21 @@ def test_cpu_dry_run_fills_every_section(tmp_path: pathlib.Path) -> None:
     assert table.strip() in proc.stdout
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     sections = {row.split(" | ")[0].lstrip("| ") for row in rows}
-    assert sections == {"tests", "estimate", "budget", "time", "kernels", "fusion"}
+    assert sections == {"tests", "estimate", "budget", "time", "kernels", "offload", "sharding", "fusion"}
     assert not [row for row in rows if "FAIL" in row]
     cases = " ".join(row.split(" | ")[1] for row in rows)
     for case in ("pytest -m gpu", "zoo_mlp @ 0.75", "zoo_mlp @ 0.5", "zoo_mlp @ min", "quantize int8",
-                 "quantize fp8", "low-rank Adam", "8-bit Adam", "zoo_mlp (dry run, C++ kernels) @ 0.5"):
+                 "quantize fp8", "low-rank Adam", "8-bit Adam", "zoo_mlp (dry run, C++ kernels) @ 0.5",
+                 "disk: round trip, slow producer", "host: copies hidden under compute",
+                 "zoo_gpt @ 0.5, offload='disk'", "ZeRO-3, 1 rank(s), gloo"):
         assert case in cases, case
     assert all("n/a (no CUDA)" in row for row in rows)
     assert "Result: every section ran; nothing failed" in table
-    for section in ("tests", "kernels", "models", "fusion"):
+    for section in ("tests", "kernels", "offload", "sharding", "models", "fusion"):
         assert f"section {section}: done" in proc.stderr
+    order = [proc.stderr.index(f"section {section}: start") for section in
+             ("tests", "kernels", "offload", "sharding", "models", "fusion")]
+    assert order == sorted(order), "the short sections run before the models"
 
 
 def test_a_failing_case_is_loud(tmp_path: pathlib.Path) -> None:
@@ -131,3 +137,36 @@ def test_past_the_time_limit_every_case_is_one_failed_row(tmp_path: pathlib.Path
     rows = [line for line in out.read_text().splitlines() if line.startswith("| kernels |")]
     assert [row.split(" | ")[1] for row in rows] == ["quantize", "low-rank Adam", "8-bit Adam"]
     assert all("FAIL: TimeoutError: not run: the time limit (0 s) was reached" in row for row in rows)
+
+
+def test_a_child_past_its_timeout_is_killed_with_what_it_started(tmp_path: pathlib.Path,
+                                                                 gpu_check: types.ModuleType) -> None:
+    """A child that started processes of its own (pytest's subprocess tests, the sharded
+    ranks) is killed with them at its timeout. Before, only the child was killed, and
+    reading its output waited for the grandchild still holding the pipe: the timeout
+    did not end the case."""
+    check = gpu_check.Check("cpu", True, gpu_check.DRY_SIZES)
+    pidfile = tmp_path / "grandchild.pid"
+    script = ("import subprocess, sys, time\n"
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+              f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+              "time.sleep(120)\n")  # fmt: skip
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="a sleeper ran past 3 s"):
+        gpu_check.run_child(check, [sys.executable, "-c", script], 3.0, "a sleeper")
+    assert time.monotonic() - start < 30
+    grandchild = int(pidfile.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(grandchild)
+    assert check.child is None
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
