@@ -456,3 +456,20 @@ def test_one_update_holds_temporaries_of_one_piece_not_of_the_parameter(
     piece_bytes = (1 << 20) * 4
     assert pieced <= per_piece * piece_bytes + 4096
     assert whole >= 2 * param_bytes and whole >= 3 * pieced
+
+
+def test_the_update_op_stays_out_of_cuda_graphs() -> None:
+    """The update runs the optimizer's Python each step (step count, the scheduler's
+    learning rate); a CUDA graph replay (``mode="reduce-overhead"``) would replay the
+    captured kernels with the captured scalars instead. Inductor's own test of what a
+    CUDA graph may not capture finds the op."""
+    import memopt.codegen.update  # noqa: F401  - registers torch.ops.memopt.apply_update
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+    op = torch.ops.memopt.apply_update.default
+    graph = torch.fx.Graph()
+    grad, param = graph.placeholder("grad"), graph.placeholder("param")
+    call = graph.call_function(op, (grad, param, "w"))
+    graph.output(None)
+    assert torch.Tag.cudagraph_unsafe in op.tags
+    assert get_first_incompatible_cudagraph_node(torch.fx.GraphModule(torch.nn.Module(), graph)) is call

@@ -25,7 +25,8 @@ impure op into the forward graph wherever its inputs are available, which would
 reload in forward. Each offload needs a distinct ``name`` and one ``reload_start``,
 so that no CSE merges two of them. Fake implementations give the outputs' metadata,
 so the ops trace under FakeTensor, ``make_fx``, AOTAutograd and Dynamo, and Inductor
-calls them as extern fallback kernels. Under Inductor the buffer given to ``offload``
+calls them as extern fallback kernels, never inside a CUDA graph (they are tagged
+``cudagraph_unsafe``: a replay would not call the store). Under Inductor the buffer given to ``offload``
 must be freed after its last use but not reused for another buffer while its write is
 under way: `register_inductor_lowering` (to be called before Inductor lowers a graph
 with these ops) makes Inductor free it with a plain ``del``. No autograd: the ops live below autograd, in the partitioned graphs.
@@ -47,15 +48,24 @@ def _token_like() -> torch.Tensor:
     return torch.empty((), dtype=torch.int64, device="cpu")
 
 
+_NOT_IN_CUDA_GRAPHS = (torch.Tag.cudagraph_unsafe,)
+"""The ops call the store from Python at every step (threads, events, handles): a CUDA
+graph replay would skip that call and hand back the buffer of the capture. Inductor
+keeps an op so tagged out of its CUDA graphs (a graph partition of its own, or no
+cudagraphs for the graph), under ``mode="reduce-overhead"`` too."""
+
+
 @torch.library.custom_op(
-    "memopt::offload", mutates_args=(), schema="(Tensor value, str store_id, str name='') -> Tensor"
+    "memopt::offload", mutates_args=(), schema="(Tensor value, str store_id, str name='') -> Tensor",
+    tags=_NOT_IN_CUDA_GRAPHS,
 )
 def offload(value: torch.Tensor, store_id: str, name: str = "") -> torch.Tensor:
     """Start moving ``value`` to store ``store_id``; its token."""
     return offload_store.offload(value, store_id, name)
 
 
-@torch.library.custom_op("memopt::reload_start", mutates_args=(), schema="(Tensor token) -> Tensor")
+@torch.library.custom_op("memopt::reload_start", mutates_args=(), schema="(Tensor token) -> Tensor",
+                         tags=_NOT_IN_CUDA_GRAPHS)
 def reload_start(token: torch.Tensor) -> torch.Tensor:
     """Start bringing back the value of ``token``; a second token for it."""
     return offload_store.reload_start(token)
@@ -65,6 +75,7 @@ def reload_start(token: torch.Tensor) -> torch.Tensor:
     "memopt::reload_wait",
     mutates_args=(),
     schema="(Tensor token, SymInt[] size, ScalarType dtype, Device device) -> Tensor",
+    tags=_NOT_IN_CUDA_GRAPHS,
 )
 def reload_wait(
     token: torch.Tensor, size: Sequence[int], dtype: torch.dtype, device: torch.device

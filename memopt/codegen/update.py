@@ -13,7 +13,10 @@ neither FX's dead-code elimination nor Inductor's removes it (it has no output),
 Inductor orders every read of ``param`` in the graph before it. The op is below
 autograd (it runs inside the compiled backward, gradients disabled); its fake
 implementation does nothing, so it traces under FakeTensor and Inductor calls it as an
-extern fallback kernel.
+extern fallback kernel. Tagged ``cudagraph_unsafe``: the update runs the optimizer's
+Python at every step (its step count, the learning rate a scheduler set), which a
+CUDA graph replay (``mode="reduce-overhead"``) would skip, replaying the captured
+kernels with the captured scalars; Inductor keeps the op out of its CUDA graphs.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ __all__ = ["apply_update"]
 
 
 @torch.library.custom_op(
-    "memopt::apply_update", mutates_args=("param",), schema="(Tensor grad, Tensor(a!) param, str name='') -> ()"
+    "memopt::apply_update", mutates_args=("param",), schema="(Tensor grad, Tensor(a!) param, str name='') -> ()",
+    tags=(torch.Tag.cudagraph_unsafe,),
 )
 def apply_update(grad: torch.Tensor, param: torch.Tensor, name: str = "") -> None:
     """Update ``param`` from ``grad`` by its optimizer (module docstring)."""

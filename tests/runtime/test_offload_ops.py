@@ -185,3 +185,29 @@ def test_ops_under_aot_eager_give_bitwise_gradients(store_id):
     assert all(torch.equal(g, e) for g, e in zip(got, want))
     gc.collect()
     assert get_store(store_id).stats().handles == 0
+
+
+def _graph_calling(op: torch._ops.OpOverload, *args: object) -> torch.fx.GraphModule:
+    """A graph whose one call is ``op(token, *args)`` on a placeholder token."""
+    graph = torch.fx.Graph()
+    token = graph.placeholder("token")
+    graph.output(graph.call_function(op, (token, *args)))
+    return torch.fx.GraphModule(torch.nn.Module(), graph)
+
+
+@pytest.mark.parametrize("op, args", [
+    (ops.offload.default, ("disk", "v")),
+    (ops.reload_start.default, ()),
+    (ops.reload_wait.default, ([4], torch.float32, torch.device("cuda"))),
+])  # fmt: skip
+def test_offload_ops_stay_out_of_cuda_graphs(op, args):
+    """Inductor's own test of what a CUDA graph may not capture finds each op: under
+    ``mode="reduce-overhead"`` a replay would not call the store (the value of the
+    capture handed back, the store's handles never reloaded). Before the tag, a
+    ``reload_wait`` (a CUDA output) went into a cudagraph partition."""
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+    gm = _graph_calling(op, *args)
+    (call,) = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.Tag.cudagraph_unsafe in op.tags
+    assert get_first_incompatible_cudagraph_node(gm) is call
