@@ -50,7 +50,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -651,16 +651,27 @@ class OffloadSizes:
 GPU_OFFLOAD = OffloadSizes(matmul=4096, values=8, value_mib={"host": 64.0, "disk": 8.0})
 
 
-def _offload_store(check: Check, target: str) -> Any:
-    """A fresh store of ``target`` (disk: in a private temporary directory), for one case."""
+@contextlib.contextmanager
+def _offload_store(target: str) -> Iterator[Any]:
+    """A fresh store of ``target`` for one case (disk: in a temporary directory),
+    closed and its directory removed afterwards."""
+    import shutil
     import tempfile
 
     from memopt.runtime.disk_store import DiskStore
     from memopt.runtime.host_store import HostStore
 
     if target == "host":
-        return HostStore("host (gpu_check)")
-    return DiskStore("disk (gpu_check)", tempfile.mkdtemp(prefix="gpu-check-offload-"))
+        store, root = HostStore("host (gpu_check)"), None
+    else:
+        root = tempfile.mkdtemp(prefix="gpu-check-offload-")
+        store = DiskStore("disk (gpu_check)", root)
+    try:
+        yield store
+    finally:
+        store.close()
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def offload_round_trip(check: Check, target: str) -> None:
@@ -672,8 +683,7 @@ def offload_round_trip(check: Check, target: str) -> None:
     if target == "host" and not check.cuda:
         check.add("offload", "host: round trip, slow producer", "-", "-", "-", f"{NO_CUDA}; host needs CUDA")
         return
-    store = _offload_store(check, target)
-    try:
+    with _offload_store(target) as store:
         n = 2048 if check.cuda else 32
         stream = torch.cuda.Stream() if check.cuda else None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
@@ -690,8 +700,6 @@ def offload_round_trip(check: Check, target: str) -> None:
         _sync(check)
         store.flush()
         stats = store.stats()
-    finally:
-        store.close()
     status = "ok" if same else "FAIL: the value came back different (a copy raced its producer or consumer)"
     if not check.cuda:
         status = f"{NO_CUDA}; {status}"
@@ -725,8 +733,7 @@ def offload_overlap(check: Check, target: str) -> None:
         check.add("offload", case, "-", "-", "-", f"{NO_CUDA}; needs CUDA streams")
         return
     sizes = GPU_OFFLOAD
-    store = _offload_store(check, target)
-    try:
+    with _offload_store(target) as store:
         a = torch.randn(sizes.matmul, sizes.matmul, device="cuda") / sizes.matmul**0.5
         numel = int(sizes.value_mib[target] * MIB) // 4
         values = [torch.randn(numel, device="cuda") for _ in range(sizes.values)]
@@ -747,8 +754,6 @@ def offload_overlap(check: Check, target: str) -> None:
 
         t_compute, t_copies, t_both = (_time_fn(check, functools.partial(run, c, k), reps=3)
                                        for c, k in ((True, False), (False, True), (True, True)))  # fmt: skip
-    finally:
-        store.close()
     hidden = max(0.0, min(1.0, (t_compute + t_copies - t_both) / min(t_compute, t_copies)))
     moved = 2 * sizes.values * sizes.value_mib[target]
     status = "info" if target == "disk" else ("ok" if hidden >= 0.5 else "CHECK: the copies are not hidden under compute")
