@@ -573,12 +573,16 @@ def _adam_coefficients(step: int, lr: float = 1e-2, weight_decay: float = 0.1, s
                 bias_correction2_sqrt=(1 - 0.999**step) ** 0.5, decay=1 - lr * weight_decay)  # fmt: skip
 
 
-def kernels_lowrank_adam(check: Check) -> None:
+def kernels_lowrank_adam(check: Check, rank_scale: int = 1) -> None:
+    """The low-rank Adam kernel at the sizes' rank times ``rank_scale`` (4: GaLore's
+    larger ranks, whose tiles may not fit shared memory at the default tile: the row
+    names the tile that launched)."""
     import torch
 
-    from memopt.codegen.lowrank_adam import lowrank_adam_step
+    from memopt.codegen.lowrank_adam import launched_config, lowrank_adam_step
 
     m, n, r = check.sizes.lowrank
+    r *= rank_scale
     if not check.cuda:
         from memopt._compat import triton_interpreter_loops_to_runtime_bounds
 
@@ -597,9 +601,11 @@ def kernels_lowrank_adam(check: Check) -> None:
     lowrank_adam_step(*ref, kernel="torch", **c)
     lowrank_adam_step(*tri, kernel="triton", **c)
     error = max((a.double() - b.double()).abs().max().item() for a, b in zip(ref, tri))
+    config = launched_config(tri[0].device, r, tri[0].dtype)
+    tile = "" if config is None else f", tile {config[0]}x{config[1]}" + (", one stage" if config[2] else "")
     _kernel_row(check, f"low-rank Adam {m}x{n} rank {r}", error, 1e-5,
                 lambda: lowrank_adam_step(*tri, kernel="triton", **c),
-                lambda: lowrank_adam_step(*ref, kernel="torch", **c))  # fmt: skip
+                lambda: lowrank_adam_step(*ref, kernel="torch", **c), tile)  # fmt: skip
 
 
 def kernels_adam8bit(check: Check) -> None:
@@ -629,6 +635,7 @@ def kernels_adam8bit(check: Check) -> None:
 
 def section_kernels(check: Check) -> None:
     for name, fn in (("quantize", kernels_quantize), ("low-rank Adam", kernels_lowrank_adam),
+                     ("low-rank Adam, 4x rank", functools.partial(kernels_lowrank_adam, rank_scale=4)),
                      ("8-bit Adam", kernels_adam8bit)):  # fmt: skip
         check.log(f"kernels: {name}")
         check.case("kernels", name, functools.partial(fn, check))

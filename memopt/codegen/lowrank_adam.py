@@ -20,13 +20,16 @@ A right projection (``G Q`` with ``Q`` n x r) is the same step on transposed vie
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
 
 from memopt.codegen._triton import HAS_TRITON, device_guard, launchable, use_triton
 
-__all__ = ["lowrank_adam_step"]
+__all__ = ["lowrank_adam_step", "launched_config"]
+
+log = logging.getLogger("memopt.optim")
 
 if HAS_TRITON:
     import triton
@@ -100,7 +103,10 @@ def lowrank_adam_step(
     ``bias_correction2_sqrt = sqrt(1 - beta2**t)``, ``decay = 1 - lr * weight_decay``.
     ``kernel``: "auto" (Triton for CUDA tensors), "triton" or "torch" (see
     `memopt.codegen._triton`). ``tile``: the Triton path's (BLOCK_M, BLOCK_N), powers of
-    two >= 16.
+    two >= 16; smaller tiles are tried when it does not fit the GPU (`_triton_step`),
+    and with ``kernel="auto"`` the reference runs where none fits (said once per
+    shape on the ``memopt.optim`` logger), with ``kernel="triton"`` that is a
+    ``RuntimeError``.
     """
     _check_operands(weight, lowrank_grad, projector, exp_avg, exp_avg_sq)
     coefficients = dict(
@@ -108,9 +114,15 @@ def lowrank_adam_step(
         bias_correction2_sqrt=bias_correction2_sqrt, decay=decay,
     )  # fmt: skip
     if use_triton(kernel, weight):
-        _triton_step(weight, lowrank_grad, projector, exp_avg, exp_avg_sq, coefficients, tile)
-    else:
-        _reference_step(weight, lowrank_grad, projector, exp_avg, exp_avg_sq, coefficients)
+        if _triton_step(weight, lowrank_grad, projector, exp_avg, exp_avg_sq, coefficients, tile):
+            return
+        if kernel == "triton":
+            raise RuntimeError(
+                f"lowrank_adam_step: the Triton kernel does not fit this GPU's shared memory at rank "
+                f"{projector.shape[1]}, even with a {_MIN_TILE}x{_MIN_TILE} tile and one stage; use "
+                "kernel='auto' (the PyTorch reference where it does not fit) or kernel='torch'"
+            )
+    _reference_step(weight, lowrank_grad, projector, exp_avg, exp_avg_sq, coefficients)
 
 
 def _reference_step(
@@ -133,6 +145,35 @@ def _reference_step(
         weight.copy_(updated)
 
 
+_LAUNCHES: dict[tuple[object, ...], tuple[int, int, int | None] | None] = {}
+"""``(BLOCK_M, BLOCK_N, num_stages)`` that launched, per device, padded rank, weight
+dtype and requested tile (``num_stages`` None: Triton's default); None where none
+fits."""
+
+_MIN_TILE = 16
+
+
+def launched_config(device: torch.device, rank: int, dtype: torch.dtype,
+                    tile: tuple[int, int] = (64, 64)) -> tuple[int, int, int | None] | None:
+    """``(BLOCK_M, BLOCK_N, num_stages)`` the Triton kernel launched with for weights of
+    ``dtype`` on ``device`` at ``rank`` when ``tile`` was asked for (`_triton_step`);
+    None when it has not launched there (or nothing fits)."""
+    if HAS_TRITON:
+        return _LAUNCHES.get((torch.device(device), max(16, triton.next_power_of_2(rank)), dtype, tuple(tile)))
+    return None
+
+
+def _attempts(tile: tuple[int, int]) -> list[tuple[int, int, int | None]]:
+    """The launch configurations to try, in order: ``tile``, halved down to 16 x 16,
+    then 16 x 16 without software pipelining (one stage: no tile staged ahead)."""
+    block_m, block_n = tile
+    tried = [(block_m, block_n, None)]
+    while block_m > _MIN_TILE or block_n > _MIN_TILE:
+        block_m, block_n = max(_MIN_TILE, block_m // 2), max(_MIN_TILE, block_n // 2)
+        tried.append((block_m, block_n, None))
+    return [*tried, (block_m, block_n, 1)]
+
+
 def _triton_step(
     weight: torch.Tensor,
     lowrank_grad: torch.Tensor,
@@ -141,24 +182,62 @@ def _triton_step(
     exp_avg_sq: torch.Tensor,
     c: Mapping[str, float],
     tile: tuple[int, int],
-) -> None:
+) -> bool:
     """Launch the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``) on
     ``weight``'s device; the rank is padded to a power of two of at least 16 for
-    ``tl.dot``."""
+    ``tl.dot``. Returns False, having written nothing, when no configuration fits.
+
+    Each program stages ``BLOCK_M x BLOCK_R`` projector tiles (one per pipeline stage)
+    and the ``BLOCK_R x BLOCK_N`` normalized moments in shared memory, so a large rank
+    can need more than the GPU has (GaLore's ranks reach 512-1024). Triton refuses such
+    a kernel when it loads it, before anything is written (``OutOfResources``); the
+    next configuration of `_attempts` is then tried, and the one that launched is kept
+    for later steps. Every element's update is the same dot over the rank whatever
+    the tile."""
+    from triton.runtime.errors import OutOfResources
+
+    operands = (weight, lowrank_grad, projector, exp_avg, exp_avg_sq)
+    block_r = max(16, triton.next_power_of_2(projector.shape[1]))
+    key = (weight.device, block_r, weight.dtype, tuple(tile))
+    if key in _LAUNCHES:
+        known = _LAUNCHES[key]
+        if known is None:
+            return False
+        _launch(operands, c, (*known[:2], block_r), known[2])
+        return True
+    for block_m, block_n, stages in _attempts(tile):
+        try:
+            _launch(operands, c, (block_m, block_n, block_r), stages)
+        except OutOfResources:
+            continue
+        _LAUNCHES[key] = (block_m, block_n, stages)
+        return True
+    _LAUNCHES[key] = None
+    log.warning("lowrank_adam_step: the Triton kernel does not fit this GPU's shared memory at rank %d, even "
+                "with a %dx%d tile and one stage; the PyTorch reference runs instead", projector.shape[1],
+                _MIN_TILE, _MIN_TILE)
+    return False
+
+
+def _launch(operands: tuple[torch.Tensor, ...], c: Mapping[str, float], blocks: tuple[int, int, int],
+            stages: int | None) -> None:
+    """One launch of `_lowrank_adam_kernel` on ``operands`` (weight, low-rank gradient,
+    projector, moments) with ``blocks`` = (BLOCK_M, BLOCK_N, BLOCK_R)."""
+    weight, lowrank_grad, projector, exp_avg, exp_avg_sq = operands
     rows, cols = weight.shape
-    rank = projector.shape[1]
-    block_m, block_n = tile
+    block_m, block_n, block_r = blocks
     grid = (triton.cdiv(cols, block_n),)
+    options = {} if stages is None else {"num_stages": stages}
     with device_guard(weight):
         launchable(_lowrank_adam_kernel)[grid](
             weight, lowrank_grad, projector, exp_avg, exp_avg_sq,
-            rows, cols, rank,
+            rows, cols, projector.shape[1],
             weight.stride(0), weight.stride(1), lowrank_grad.stride(0), lowrank_grad.stride(1),
             projector.stride(0), projector.stride(1), exp_avg.stride(0), exp_avg.stride(1),
             exp_avg_sq.stride(0), exp_avg_sq.stride(1),
             c["beta1"], 1.0 - c["beta1"], c["beta2"], 1.0 - c["beta2"], c["eps"],
             c["step_size"], c["bias_correction2_sqrt"], c["decay"],
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, **options,
         )  # fmt: skip
 
 

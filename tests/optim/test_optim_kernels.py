@@ -211,6 +211,52 @@ def test_lowrank_kernel_launches_on_its_weights_device(interpreter: None, monkey
     assert events == [("enter", operands[0].device), ("launch",), ("exit",)]
 
 
+def _fake_launches(monkeypatch: pytest.MonkeyPatch, fits) -> list[tuple]:
+    """Replace the low-rank kernel's launch: ``fits(block_m, block_n, stages)`` decides
+    whether it loads (else Triton's ``OutOfResources``, raised before any write); the
+    configurations tried are recorded."""
+    from triton.runtime.errors import OutOfResources
+
+    tried: list[tuple] = []
+
+    def launch(operands, c, blocks, stages):
+        tried.append((blocks[0], blocks[1], stages))
+        if not fits(blocks[0], blocks[1], stages):
+            raise OutOfResources(2 * 232448, 232448, "shared memory")
+
+    monkeypatch.setattr(lowrank_adam, "_LAUNCHES", {})
+    monkeypatch.setattr(lowrank_adam, "_launch", launch)
+    return tried
+
+
+def test_lowrank_kernel_too_large_for_the_gpu_retries_with_smaller_tiles(interpreter: None, monkeypatch) -> None:
+    """A rank whose tiles overflow shared memory (GaLore at rank 512) made Triton raise
+    OutOfResources and the step fail. Now smaller tiles are tried, and the one that
+    launched is used from then on."""
+    tried = _fake_launches(monkeypatch, lambda m, n, stages: m <= 32)
+    operands = lowrank_operands(64, 64, 8, seed=0)
+    lowrank_adam_step(*operands, kernel="triton", **coefficients(1))
+    assert tried == [(64, 64, None), (32, 32, None)]
+    lowrank_adam_step(*operands, kernel="triton", **coefficients(2))
+    assert tried[2:] == [(32, 32, None)]
+
+
+def test_lowrank_kernel_that_never_fits_is_an_error_or_the_reference(interpreter: None, monkeypatch) -> None:
+    """Down to 16 x 16 and then one stage; where even that does not fit,
+    kernel="triton" says so and how to go on, kernel="auto" runs the reference."""
+    tried = _fake_launches(monkeypatch, lambda m, n, stages: False)
+    operands = lowrank_operands(64, 64, 8, seed=0)
+    with pytest.raises(RuntimeError, match="does not fit this GPU's shared memory at rank 8.*kernel='torch'"):
+        lowrank_adam_step(*operands, kernel="triton", **coefficients(1))
+    assert tried == [(64, 64, None), (32, 32, None), (16, 16, None), (16, 16, 1)]
+    monkeypatch.setattr(lowrank_adam, "use_triton", lambda kernel, tensor: True)  # as for a CUDA weight
+    expected = [t.clone() for t in operands]
+    lowrank_adam_step(*operands, kernel="auto", **coefficients(1))
+    lowrank_adam_step(*expected, kernel="torch", **coefficients(1))
+    assert all(torch.equal(a, b) for a, b in zip(operands, expected))
+    assert len(tried) == 4  # the shape known not to fit is not tried again
+
+
 def test_forcing_triton_on_cpu_without_interpreter_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
