@@ -148,13 +148,18 @@ _DEQUANTIZE = torch.ops.memopt.dequantize_blockwise.default
 def _cross_entropy_scratch(node: fx.Node, forward: bool) -> int:
     # memopt::cross_entropy and its backward hold one block of log-probabilities;
     # the forward also, for the whole op, the (N, 1) column of picked ones and the (N,)
-    # targets it reduces over (memopt.codegen.cross_entropy).
+    # targets it reduces over. With ``upcast`` and half logits the blocks are fp32 and
+    # two are held at once (the widened block and its log-probabilities; in backward,
+    # the log-probabilities and the gradient block) (memopt.codegen.cross_entropy).
     x = meta.fake_value(node.args[0] if forward else node.args[1])
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         return 0
+    upcast = _arg(node, 4 if forward else 6, "upcast", False)
+    size = torch.float32.itemsize if upcast and x.dtype in (torch.float16, torch.bfloat16) else x.element_size()
+    blocks = 2 if size != x.element_size() else 1
     rows, classes = concrete_int(x.shape[0]), concrete_int(x.shape[1])
-    per_op = rows * (x.element_size() + 2 * 8) if forward else 0
-    return _cross_entropy.block_bytes(rows, classes, x.element_size()) + per_op
+    per_op = rows * (size + 2 * 8) if forward else 0
+    return blocks * _cross_entropy.block_bytes(rows, classes, size) + per_op
 
 
 _CROSS_ENTROPY = torch.ops.memopt.cross_entropy.default

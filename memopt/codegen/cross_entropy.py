@@ -12,10 +12,10 @@ step peaks.
 These ops compute the same numbers from the logits alone, ``rows_per_block`` rows at
 a time::
 
-    memopt::cross_entropy(Tensor input, Tensor target, int reduction, int ignore_index)
-        -> (Tensor loss, Tensor total_weight)
+    memopt::cross_entropy(Tensor input, Tensor target, int reduction, int ignore_index,
+        bool upcast=False) -> (Tensor loss, Tensor total_weight)
     memopt::cross_entropy_backward(Tensor grad, Tensor input, Tensor target,
-        Tensor total_weight, int reduction, int ignore_index) -> Tensor
+        Tensor total_weight, int reduction, int ignore_index, bool upcast=False) -> Tensor
 
 ``input`` is ``(N, C)`` floating point, ``target`` ``(N,)`` class indices; ``reduction``
 is ATen's enum (0 none, 1 mean, 2 sum); no class weights, no label smoothing. Autograd
@@ -23,6 +23,14 @@ saves ``input``, ``target`` and ``total_weight`` (a language model returns its l
 so they are alive anyway), not the log-probabilities. Forward and backward each hold
 one block of log-probabilities at a time; the backward computes each block of the
 result in the result's own rows.
+
+``upcast=True`` computes as ``F.cross_entropy(input.float(), target)`` does, which is
+what ``torch.autocast`` runs for half logits (its fp32 policy for ``log_softmax`` and
+``nll_loss``): each block of half logits is widened to fp32 and the loss is fp32; the
+gradient is computed in an fp32 block and rounded into the half result, as autograd
+rounds the gradient of the widening. Autograd still saves the half logits, not an fp32
+copy of them. Each op then holds two fp32 blocks at a time (the widened block and its
+log-probabilities; in backward, the log-probabilities and the gradient block).
 
 **Same numbers, bit for bit.** Each block runs the very ATen kernels the unblocked
 loss runs (``_log_softmax``, ``nll_loss_backward``, ``_log_softmax_backward_data``),
@@ -47,6 +55,11 @@ aten = torch.ops.aten
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 _BLOCKS = 16  # the logits are split in at most this many row blocks...
 _MIN_BLOCK_BYTES = 256 * 1024  # ...of at least this size (small losses run as one block)
+
+
+def _compute_dtype(input: torch.Tensor, upcast: bool) -> torch.dtype:
+    """The dtype the blocks are computed in: fp32 for half logits with ``upcast``."""
+    return torch.float32 if upcast and input.dtype in (torch.float16, torch.bfloat16) else input.dtype
 
 
 def rows_per_block(rows: int, classes: int, element_size: int) -> int:
@@ -76,17 +89,21 @@ def _check(input: torch.Tensor, target: torch.Tensor, reduction: int) -> None:
 @torch.library.custom_op(
     "memopt::cross_entropy",
     mutates_args=(),
-    schema="(Tensor input, Tensor target, int reduction, int ignore_index) -> (Tensor, Tensor)",
+    schema="(Tensor input, Tensor target, int reduction, int ignore_index, bool upcast=False) -> (Tensor, Tensor)",
 )
-def cross_entropy(input: torch.Tensor, target: torch.Tensor, reduction: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``F.cross_entropy(input, target, reduction=..., ignore_index=...)`` and the total
-    weight ``nll_loss_forward`` returns, a block of rows at a time."""
+def cross_entropy(
+    input: torch.Tensor, target: torch.Tensor, reduction: int, ignore_index: int, upcast: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.cross_entropy(input, target, reduction=..., ignore_index=...)`` (of
+    ``input.float()`` with ``upcast``) and the total weight ``nll_loss_forward``
+    returns, a block of rows at a time."""
     _check(input, target, reduction)
     n, c = input.shape
-    step = rows_per_block(n, c, input.element_size())
-    picked = input.new_empty(n, 1)
+    dtype = _compute_dtype(input, upcast)
+    step = rows_per_block(n, c, dtype.itemsize)
+    picked = input.new_empty(n, 1, dtype=dtype)
     for start in range(0, n, step):
-        logp = aten._log_softmax(input[start : start + step], 1, False)
+        logp = aten._log_softmax(input[start : start + step].to(dtype), 1, False)
         rows = target[start : start + step]
         # An ignored row picks any class; nll_loss_forward skips it below.
         picked[start : start + step] = logp.gather(1, rows.clamp(0, c - 1).unsqueeze(1))
@@ -97,52 +114,76 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, reduction: int, ign
 
 
 @cross_entropy.register_fake
-def _(input: torch.Tensor, target: torch.Tensor, reduction: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _(
+    input: torch.Tensor, target: torch.Tensor, reduction: int, ignore_index: int, upcast: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     _check(input, target, reduction)
-    loss = input.new_empty((input.shape[0],) if reduction == 0 else ())
-    return loss, input.new_empty(())
+    dtype = _compute_dtype(input, upcast)
+    loss = input.new_empty((input.shape[0],) if reduction == 0 else (), dtype=dtype)
+    return loss, input.new_empty((), dtype=dtype)
 
 
 @torch.library.custom_op(
     "memopt::cross_entropy_backward",
     mutates_args=(),
-    schema="(Tensor grad, Tensor input, Tensor target, Tensor total_weight, int reduction, int ignore_index) -> Tensor",
+    schema=(
+        "(Tensor grad, Tensor input, Tensor target, Tensor total_weight, int reduction, int ignore_index, "
+        "bool upcast=False) -> Tensor"
+    ),
 )
 def cross_entropy_backward(
-    grad: torch.Tensor, input: torch.Tensor, target: torch.Tensor, total_weight: torch.Tensor, reduction: int, ignore_index: int
+    grad: torch.Tensor,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    total_weight: torch.Tensor,
+    reduction: int,
+    ignore_index: int,
+    upcast: bool = False,
 ) -> torch.Tensor:
     """The gradient of `cross_entropy`'s loss with respect to ``input``, a block of rows
-    at a time, each computed in the result's rows."""
+    at a time, each computed in the result's rows (with ``upcast`` and half logits, in
+    an fp32 block rounded into them)."""
     _check(input, target, reduction)
     n, c = input.shape
-    step = rows_per_block(n, c, input.element_size())
+    dtype = _compute_dtype(input, upcast)
+    step = rows_per_block(n, c, dtype.itemsize)
+    widened = dtype != input.dtype
     out = torch.empty_like(input, memory_format=torch.contiguous_format)
     for start in range(0, n, step):
         block = slice(start, start + step)
-        logp = aten._log_softmax(input[block], 1, False)
+        logp = aten._log_softmax(input[block].to(dtype), 1, False)
         g = grad if grad.dim() == 0 else grad[block]
         # The log-probabilities' gradient is scattered into the result's rows, then
         # the log-softmax backward overwrites it there, element by element (as memopt's
         # eager codegen runs it: memopt.analysis.eager_inplace).
-        rows = out[block]
+        rows = torch.empty_like(logp) if widened else out[block]
         aten.nll_loss_backward.grad_input(g, logp, target[block], None, reduction, ignore_index, total_weight, grad_input=rows)
-        aten._log_softmax_backward_data.out(rows, logp, 1, input.dtype, out=rows)
+        aten._log_softmax_backward_data.out(rows, logp, 1, dtype, out=rows)
         del logp
+        if widened:
+            out[block] = rows  # rounded to the logits' dtype, as the widening's gradient is
+        del rows  # not held while the next block is widened
     return out
 
 
 @cross_entropy_backward.register_fake
 def _(
-    grad: torch.Tensor, input: torch.Tensor, target: torch.Tensor, total_weight: torch.Tensor, reduction: int, ignore_index: int
+    grad: torch.Tensor,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    total_weight: torch.Tensor,
+    reduction: int,
+    ignore_index: int,
+    upcast: bool = False,
 ) -> torch.Tensor:
     _check(input, target, reduction)
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    input, target, reduction, ignore_index = inputs
+    input, target, reduction, ignore_index, upcast = inputs
     ctx.save_for_backward(input, target, output[1])
-    ctx.reduction, ctx.ignore_index = reduction, ignore_index
+    ctx.reduction, ctx.ignore_index, ctx.upcast = reduction, ignore_index, upcast
 
 
 def _backward(ctx, grad_loss, grad_total_weight):  # type: ignore[no-untyped-def]
@@ -150,9 +191,9 @@ def _backward(ctx, grad_loss, grad_total_weight):  # type: ignore[no-untyped-def
     grad_input = None
     if ctx.needs_input_grad[0]:
         grad_input = torch.ops.memopt.cross_entropy_backward(
-            grad_loss, input, target, total_weight, ctx.reduction, ctx.ignore_index
+            grad_loss, input, target, total_weight, ctx.reduction, ctx.ignore_index, ctx.upcast
         )
-    return grad_input, None, None, None
+    return grad_input, None, None, None, None
 
 
 torch.library.register_autograd("memopt::cross_entropy", _backward, setup_context=_setup_context)

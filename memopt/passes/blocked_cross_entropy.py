@@ -80,42 +80,103 @@ def _in_autocast(graph: fx.Graph) -> set[fx.Node]:
     return inside
 
 
-def _autocast_enabled() -> bool:
-    """An ambient ``torch.autocast`` is on (for any device type) while compiling."""
+def _autocast_devices() -> frozenset[str]:
+    """The device types an ambient ``torch.autocast`` is on for while compiling."""
+    on = set()
     for device in _AUTOCAST_DEVICES:
         try:
             if torch.is_autocast_enabled(device):
-                return True
+                on.add(device)
         except RuntimeError:  # a device type this build does not know
             continue
-    return False
+    return frozenset(on)
 
 
-def blocked_cross_entropy(graph: fx.Graph) -> int:
+def blocked_cross_entropy(graph: fx.Graph, autocast_devices: frozenset[str] = frozenset()) -> int:
     """Replace every eligible ``F.cross_entropy`` call of a Dynamo-level ``graph`` by
-    ``memopt::cross_entropy`` (and a ``getitem`` of its loss); return how many. Calls
-    inside a ``torch.autocast`` block are left as written: autocast runs the loss's
-    ATen ops in fp32, and the op would run in the logits' dtype."""
+    ``memopt::cross_entropy`` (and a ``getitem`` of its loss); return how many.
+
+    ``autocast_devices``: the device types of an ambient ``torch.autocast`` around the
+    compiled call. Autocast runs the loss's ATen ops in fp32, so half logits on such a
+    device are given to the op with ``upcast=True``, which computes what autocast does
+    (the same numbers, bit for bit). Calls inside a ``torch.autocast`` block of the
+    graph are left as written (the block may disable autocast, or differ from the
+    ambient one)."""
     replaced = 0
-    autocast = _in_autocast(graph)
+    inside = _in_autocast(graph)
     for node in list(graph.nodes):
-        arguments = None if node in autocast else _call(node)
+        arguments = None if node in inside else _call(node)
         if arguments is None:
             continue
         x, target = arguments["input"], arguments["target"]
-        args = (x, target, _ops.REDUCTIONS[arguments["reduction"]], arguments["ignore_index"])
+        x_value = meta.fake_value(x)
+        upcast = x_value.device.type in autocast_devices and x_value.dtype in _HALF
         with graph.inserting_before(node):
+            narrow = _half_source(graph, x)
+            if narrow is not None:
+                x, x_value, upcast = narrow, meta.fake_value(narrow), True
+            args = (x, target, _ops.REDUCTIONS[arguments["reduction"]], arguments["ignore_index"], upcast)
             call = graph.call_function(torch.ops.memopt.cross_entropy.default, args)
             loss = graph.call_function(operator.getitem, (call, 0))
-        value = torch.ops.memopt.cross_entropy.default(meta.fake_value(x), meta.fake_value(target), *args[2:])
+        value = torch.ops.memopt.cross_entropy.default(x_value, meta.fake_value(target), *args[2:])
         meta.set_example_value(call, value)
         meta.set_example_value(loss, value[0])
         meta.copy_dynamo_provenance(node, call)
         meta.copy_dynamo_provenance(node, loss)
         node.replace_all_uses_with(loss)
         graph.erase_node(node)
+        if narrow is not None:
+            _erase_unused(arguments["input"])
         replaced += 1
     return replaced
+
+
+_HALF = (torch.float16, torch.bfloat16)
+_RESHAPES = ("view", "reshape", "flatten", "contiguous")
+
+
+def _widening(node: fx.Node) -> fx.Node | None:
+    """The half tensor ``node`` widens to fp32 (``x.float()``, ``x.to(torch.float32)``,
+    ``x.to(dtype=torch.float32)``), or None."""
+    if node.op != "call_method" or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    source, rest = node.args[0], (node.args[1:], node.kwargs)
+    widens = (node.target == "float" and rest == ((), {})) or (
+        node.target == "to" and rest in (((torch.float32,), {}), ((), {"dtype": torch.float32}))
+    )
+    value = meta.fake_value(source)
+    return source if widens and isinstance(value, torch.Tensor) and value.dtype in _HALF else None
+
+
+def _half_source(graph: fx.Graph, x: fx.Node) -> fx.Node | None:
+    """For loss logits that are fp32 copies of half ones, reshaped (Hugging Face's
+    ``logits.float()`` then ``.view(-1, vocab)``), the same reshapes of the half logits,
+    inserted at the graph's insertion point, else None. Only when the copy and each
+    reshape have no other user: then the op widens the half logits block by block
+    (``upcast=True``, the same numbers) and saves them, not the fp32 copy."""
+    chain, node = [], x
+    while node.op == "call_method" and node.target in _RESHAPES and len(node.users) == 1:
+        chain.append(node)
+        node = node.args[0]
+    source = _widening(node) if len(node.users) == 1 else None
+    if source is None:
+        return None
+    for reshape in reversed(chain):
+        fake = getattr(meta.fake_value(source), str(reshape.target))(*reshape.args[1:], **reshape.kwargs)
+        source = graph.call_method(str(reshape.target), (source, *reshape.args[1:]), dict(reshape.kwargs))
+        meta.set_example_value(source, fake)
+        meta.copy_dynamo_provenance(reshape, source)
+    return source
+
+
+def _erase_unused(node: fx.Node) -> None:
+    """Erase ``node`` and, in turn, the reshapes and widening it read, once unused."""
+    while node.op == "call_method" and not node.users:
+        source = node.args[0]
+        node.graph.erase_node(node)
+        if not isinstance(source, fx.Node):
+            return
+        node = source
 
 
 class BlockedCrossEntropy(Pass):
@@ -129,9 +190,12 @@ class BlockedCrossEntropy(Pass):
     (``single_graph_name == "dynamo"``) with Dynamo's example values on its nodes.
 
     Guarantees: with ``codegen="eager"``, each call with (N, C) floating logits, (N,)
-    integer targets, no class weights and no label smoothing is replaced, unless a
-    ``torch.autocast`` (a block in the graph, or one around the compiled call) would
-    change its dtype. The loss and the logits' gradient are the same bit for bit;
+    integer targets, no class weights and no label smoothing is replaced, unless it is
+    inside a ``torch.autocast`` block of the graph. Half logits the loss computes in
+    fp32 (an fp32 copy read by the loss alone, through reshapes; or half logits under
+    an autocast around the compiled call) are widened by the op block by block
+    (``upcast=True``), so autograd saves the half logits. The loss and the logits'
+    gradient are the same bit for bit;
     autograd saves the logits instead of the log-probabilities, and no step holds more
     than one block of them beyond its result. Other calls are left as written.
 
@@ -151,9 +215,7 @@ class BlockedCrossEntropy(Pass):
             )
         if ctx.config.codegen == "inductor":
             return PassResult.unchanged(why="codegen='inductor' fuses the loss's kernels itself")
-        if _autocast_enabled():
-            return PassResult.unchanged(why="compiled under torch.autocast, which computes the loss in fp32")
-        replaced = blocked_cross_entropy(step.forward.graph)
+        replaced = blocked_cross_entropy(step.forward.graph, _autocast_devices())
         if not replaced:
             return PassResult.unchanged(losses=0)
         step.forward.recompile()

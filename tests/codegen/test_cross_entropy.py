@@ -209,10 +209,35 @@ def test_inductor_codegen_keeps_the_loss_as_written():
     assert "memopt.cross_entropy" not in explanation.graph_code("forward")
 
 
-def test_losses_under_autocast_are_left_as_written():
-    """Autocast computes the loss's ATen ops in fp32 from bf16 logits; the op would keep
-    bf16. So a loss inside a ``torch.autocast`` block, or a call compiled under an
-    ambient autocast, is not replaced, and the loss equals eager autocast's."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_upcast_equals_autocasts_loss_bitwise(dtype, reduction):
+    """``upcast=True`` on half logits: the loss and the logits' gradient of
+    ``F.cross_entropy`` under ``torch.autocast`` (fp32 inside, the gradient rounded to
+    the logits' dtype), exactly, over several blocks and ignored targets."""
+    torch.manual_seed(0)
+    x = torch.randn(1024, 2048, dtype=dtype)
+    t = torch.randint(0, 2048, (1024,))
+    t[::7] = -100
+    assert rows_per_block(1024, 2048, 4) < 1024  # really blocked
+    grad = torch.randn(1024) if reduction == "none" else torch.tensor(1.7)
+    xr = x.detach().requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        want = F.cross_entropy(xr, t, reduction=reduction)
+    (want_grad,) = torch.autograd.grad(want, xr, grad)
+
+    xx = x.detach().requires_grad_()
+    loss, _ = torch.ops.memopt.cross_entropy(xx, t, REDUCTIONS[reduction], -100, True)
+    (got_grad,) = torch.autograd.grad(loss, xx, grad)
+    assert loss.dtype == want.dtype == torch.float32 and got_grad.dtype == dtype
+    assert torch.equal(loss, want) and torch.equal(got_grad, want_grad)
+
+
+def test_a_loss_inside_an_autocast_block_is_left_as_written_and_one_under_an_ambient_autocast_widens():
+    """A loss inside a ``torch.autocast`` block of the compiled code is left as written
+    (the block may switch autocast off, or differ from any ambient one). Under an
+    autocast around the compiled call, the half logits' loss is computed by the op with
+    ``upcast=True``: the loss and every gradient equal eager autocast's bit for bit."""
     model = _lm(512)
     ids = torch.randint(0, 512, (64,))
 
@@ -226,10 +251,27 @@ def test_losses_under_autocast_are_left_as_written():
     for fn, ambient in ((inside, False), (plain, True)):
         torch._dynamo.reset()
         compiled = torch.compile(fn, backend="memopt", options={"codegen": "eager", "strict": True})
-        with memopt.record() as explanation, torch.autocast("cpu", dtype=torch.bfloat16, enabled=ambient):
-            loss = compiled(ids)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ambient):
-                want = fn(ids)
-        assert "memopt.cross_entropy" not in explanation.graph_code("forward")
-        assert loss.dtype == want.dtype == torch.float32
-        torch.testing.assert_close(loss, want)
+        grads, explanations = [], []
+        for run in (compiled, fn):
+            model.zero_grad(set_to_none=True)
+            with memopt.record() as explanation, torch.autocast("cpu", dtype=torch.bfloat16, enabled=ambient):
+                loss = run(ids)
+            loss.backward()
+            grads.append((loss.detach(), [p.grad for p in model.parameters()]))
+            explanations.append(explanation)
+        (got, got_grads), (want, want_grads) = grads
+        code = explanations[0].graph_code("forward")
+        if ambient:
+            assert "torch.ops.memopt.cross_entropy.default(" in code and ", True)" in code
+        assert got.dtype == want.dtype == torch.float32
+        assert torch.equal(got, want)
+        assert all(torch.equal(g, w) for g, w in zip(got_grads, want_grads))
+    assert "memopt.cross_entropy" not in _dynamo_graph_code(inside, ids)
+
+
+def _dynamo_graph_code(fn, ids) -> str:
+    """The forward memopt compiled for ``fn`` (no ambient autocast)."""
+    torch._dynamo.reset()
+    with memopt.record() as explanation:
+        torch.compile(fn, backend="memopt", options={"codegen": "eager", "strict": True})(ids)
+    return explanation.graph_code("forward")
