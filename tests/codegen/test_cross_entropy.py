@@ -275,3 +275,45 @@ def _dynamo_graph_code(fn, ids) -> str:
     with memopt.record() as explanation:
         torch.compile(fn, backend="memopt", options={"codegen": "eager", "strict": True})(ids)
     return explanation.graph_code("forward")
+
+
+def test_a_loss_over_an_fp32_copy_of_half_logits_widens_them_block_by_block():
+    """Hugging Face's causal-LM loss: ``F.cross_entropy(logits.float().view(-1, V), t)``
+    over bf16 logits. The fp32 copy (read by the loss alone) is folded into the op
+    (``upcast=True``): the loss and every gradient equal eager's bit for bit, and the
+    step no longer holds the fp32 copy through backward (a logits-sized fp32 tensor,
+    8 MiB here: 1024 tokens x 2048 classes)."""
+    vocab = 2048
+    ids = torch.randint(0, vocab, (1024,))
+
+    def run(options):
+        model = _lm(vocab).to(torch.bfloat16)
+
+        def step(ids):
+            logits = model(ids)
+            return F.cross_entropy(logits.float().view(-1, vocab), ids), logits
+
+        torch._dynamo.reset()
+        compiled = torch.compile(step, backend="memopt", options={"codegen": "eager", "strict": True, **options})
+
+        def once():
+            model.zero_grad(set_to_none=True)
+            loss, logits = compiled(ids)
+            loss.backward()
+            return loss.detach(), logits
+
+        with memopt.record() as explanation:
+            loss, _ = once()
+        grads = [p.grad for p in model.parameters()]
+        eager_model = _lm(vocab).to(torch.bfloat16)
+        eager_loss = F.cross_entropy(eager_model(ids).float().view(-1, vocab), ids)
+        eager_loss.backward()
+        assert torch.equal(loss, eager_loss.detach())
+        assert all(torch.equal(g, p.grad) for g, p in zip(grads, eager_model.parameters()))
+        return explanation.graph_code("forward"), measure_peak(lambda: once()).peak_growth_bytes
+
+    code, folded = run({})
+    assert "memopt.cross_entropy.default(" in code and ", True)" in code
+    unfolded_code, unfolded = run({"disable_passes": ["blocked_cross_entropy"]})
+    assert "memopt.cross_entropy" not in unfolded_code
+    assert unfolded - folded >= 1024 * vocab * 4  # the fp32 copy of the logits
