@@ -20,11 +20,10 @@ import os
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from memopt._factory import FactoryError
+from memopt._factory import FactoryError, user_traceback
 from memopt._factory import load_factory as _load
 
 __all__ = ["main", "load_factory", "call_factory", "CLIError"]
@@ -70,9 +69,7 @@ def call_factory(factory: Callable[[], Any], spec: str, hint: str = "") -> Any:
     try:
         return factory()
     except Exception as exc:  # noqa: BLE001 - the user's code: say what it raised, exit 2
-        tb = exc.__traceback__
-        trace = "".join(traceback.format_exception(type(exc), exc, tb.tb_next if tb is not None else None))
-        raise CLIError(f"{spec} raised {type(exc).__name__}: {exc}{hint}\n{trace.rstrip()}") from None
+        raise CLIError(f"{spec} raised {type(exc).__name__}: {exc}{hint}\n{user_traceback(exc)}") from None
 
 
 def _unpack(result: Any, spec: str) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
@@ -142,6 +139,13 @@ def _run_report(args: argparse.Namespace) -> int:
         _check_output(path)
     if args.plot and os.path.splitext(args.plot)[1].lower() not in (".png", ".svg", ".pdf"):
         raise CLIError(f"--plot {args.plot!r}: write a .png, .svg or .pdf file")
+    if args.plot:
+        from memopt.plan.plot import pyplot
+
+        try:
+            pyplot()
+        except ImportError as exc:
+            raise CLIError(f"--plot {args.plot!r}: {exc}; or drop --plot") from None
     with progress.stage(f"importing {args.target}"):
         factory = load_factory(args.target)
     mode: Any = contextlib.nullcontext() if args.real else FakeTensorMode()
@@ -153,7 +157,7 @@ def _run_report(args: argparse.Namespace) -> int:
             hint = "" if args.real else " (it ran on fake tensors: one that reads tensor values needs --real)"
             model, inputs, kwargs = _unpack(call_factory(factory, args.target, hint), args.target)
         with progress.stage("compiling forward and backward with memopt"):
-            explanation = memopt.explain(model, *inputs, options=options, **kwargs)
+            explanation = explain_model(model, inputs, kwargs, options, args.target, fake=not args.real)
     progress.say(f"done: {len(explanation.regions)} region(s)")
     if args.json:
         print(json.dumps(explanation.to_dict(), indent=2, default=str))
@@ -167,6 +171,53 @@ def _run_report(args: argparse.Namespace) -> int:
         progress.say(f"wrote {args.snapshot} (open it at https://pytorch.org/memory_viz)")
     del torch
     return 0
+
+
+def explain_model(
+    model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any], spec: str,
+    *, fake: bool = False,
+) -> Any:
+    """``memopt.explain(model, *args, options=options, **kwargs)``. An exception the
+    model's own code raises there (a shape mismatch, a missing config attribute, a value
+    read on ``fake`` tensors, which names ``--real``) becomes a `CLIError` naming it,
+    with the frames of the code outside torch and memopt; a budget memopt cannot meet
+    under ``strict`` too. A
+    failure inside memopt or torch's compiler (`MemoptInternalError`, Dynamo's internal
+    errors) propagates with its traceback, for a bug report."""
+    import torch._dynamo.exc as dynamo_exc
+
+    import memopt
+    from memopt.errors import MemoptBudgetError, MemoptInternalError
+
+    try:
+        return memopt.explain(model, *args, options=options, **kwargs)
+    except (MemoptInternalError, dynamo_exc.InternalTorchDynamoError):
+        raise
+    except dynamo_exc.BackendCompilerFailed as exc:
+        if isinstance(exc.inner_exception, MemoptBudgetError):
+            raise CLIError(str(exc.inner_exception)) from None
+        raise
+    except MemoptBudgetError as exc:
+        raise CLIError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - the model's code: say what it raised, exit 2
+        frames = _outside_torch(exc)
+        reads = "DataDependent" in type(exc).__name__ or "data-dependent" in str(exc).lower()
+        hint = " (on fake tensors: a model that reads tensor values needs --real)" if fake and reads else ""
+        raise CLIError(
+            f"the model of {spec} raised {type(exc).__name__} while memopt compiled and ran it{hint}: {exc}"
+            + (f"\nits frames outside torch and memopt (most recent call last):\n{frames}" if frames else "")
+        ) from None
+
+
+def _outside_torch(exc: BaseException) -> str:
+    """The frames of ``exc``'s traceback in neither torch nor memopt, formatted."""
+    import traceback
+
+    import torch
+
+    skip = tuple(os.path.dirname(os.path.abspath(m.__file__ or "")) + os.sep for m in (torch, sys.modules["memopt"]))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not os.path.abspath(f.filename).startswith(skip)]
+    return "".join(traceback.format_list(frames)).rstrip()
 
 
 def parse_options(text: str | None) -> dict[str, Any]:

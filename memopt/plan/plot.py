@@ -6,10 +6,29 @@ without it.
 
 from __future__ import annotations
 
+from types import ModuleType
+
 from memopt.analysis.memory import CATEGORIES, MemoryTimeline
 from memopt.units import format_bytes
 
-__all__ = ["plot_timeline", "plot_tradeoff", "region_spans"]
+__all__ = ["plot_timeline", "plot_tradeoff", "region_spans", "pyplot"]
+
+MISSING = "memopt's plots need matplotlib: pip install 'memopt[plot]' (or matplotlib)"
+"""How to get what a plot needs, in the `ImportError` it raises without matplotlib."""
+
+
+def pyplot() -> ModuleType:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend. Raises `ImportError`
+    naming why and `MISSING` (how to install it) when matplotlib cannot be imported:
+    callers that plot after long work (``memopt report --plot``) call this first."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError(f"{MISSING} ({type(exc).__name__}: {exc})") from exc
+    return plt
 
 _COLORS = {
     "parameters": "#4C72B0",
@@ -54,16 +73,8 @@ def plot_timeline(
     budget_bytes: int | None = None,
 ) -> str:
     """Write a stacked-area plot of ``timeline`` to ``path`` (format from the
-    extension: .png, .svg, .pdf); returns ``path``."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "memopt's plots need matplotlib: pip install 'memopt[plot]' (or matplotlib)"
-        ) from exc
+    extension: .png, .svg, .pdf); returns ``path``. Needs matplotlib (`pyplot`)."""
+    plt = pyplot()
     series = _series(timeline)
     scale, unit = _unit(timeline.peak_bytes)
     x = list(range(len(timeline.points)))
@@ -103,12 +114,9 @@ def plot_timeline(
 def plot_tradeoff(
     tradeoff: list[dict[str, float]], path: str, *, chosen_peak: int | None = None, budget_bytes: int | None = None
 ) -> str:
-    """Modelled peak against recompute time for the plans the planner considered."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Modelled peak against recompute time for the plans the planner considered.
+    Needs matplotlib (`pyplot`)."""
+    plt = pyplot()
     peaks = [p["predicted_peak_bytes"] for p in tradeoff]
     scale, unit = _unit(int(max(peaks)))
     fig, ax = plt.subplots(figsize=(6, 4))

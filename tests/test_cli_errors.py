@@ -1,0 +1,135 @@
+"""``memopt report`` / ``memopt fit`` on bad input: each user error is one
+"memopt: error:" message naming the value and the fix, exit status 2, no traceback
+through memopt (docs/memory.md, "The command line"; docs/fit.md)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import memopt.cli.main as cli
+from memopt.cli.main import main as cli_main
+
+COMMANDS = [["report"], ["fit", "--budget", "3MiB"]]
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = cli_main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize(
+    "source, raised, line",
+    [
+        ("def build(:\n    pass\n", "SyntaxError: invalid syntax", "line 1"),
+        ("import memopt_no_such_dependency\n\ndef build():\n    pass\n",
+         "ModuleNotFoundError: No module named 'memopt_no_such_dependency'", "line 1, in <module>"),
+        ("def build():\n    pass\n\nSIZES = {}['batch']\n", "KeyError: 'batch'", "line 4, in <module>"),
+    ],
+)  # fmt: skip
+def test_a_factory_file_that_fails_to_import_is_an_error_naming_what_it_raised(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], source: str, raised: str, line: str
+) -> None:
+    """A syntax error, a missing dependency or failing top-level code in FILE.py was a
+    traceback through memopt's loader and importlib, exit status 1."""
+    bad = tmp_path / "model.py"
+    bad.write_text(source)
+    code, err = _run([command[0], f"{bad}:build", "--quiet", *command[1:]], capsys)
+    assert code == 2, err
+    assert err.startswith(f"memopt: error: importing {bad} raised {raised}"), err
+    assert f'File "{bad}", {line}' in err, err
+    assert "memopt/_factory.py" not in err and "memopt/cli" not in err and "importlib" not in err, err
+    assert "memopt_user_model" not in sys.modules  # a broken module is not left half-imported
+
+
+def test_a_module_that_fails_to_import_a_dependency_is_not_reported_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``package.module:FACTORY`` whose module exists but imports something missing: the
+    error names the missing dependency and the module's line, not "cannot import module
+    'package.module' ... run from the folder that holds the package", which sent the
+    user looking for their own package."""
+    package = tmp_path / "userpkg_cli"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "model.py").write_text("import memopt_no_such_dependency\n\ndef build():\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, err = _run(["report", "userpkg_cli.model:build", "--quiet"], capsys)
+    assert code == 2
+    assert err.startswith(
+        "memopt: error: importing userpkg_cli.model raised ModuleNotFoundError: No module named 'memopt_no_such_dependency'"
+    ), err
+    assert f'File "{package / "model.py"}", line 1, in <module>' in err and "run from the folder" not in err
+    code, err = _run(["report", "userpkg_cli.nothing:build", "--quiet"], capsys)  # really missing: as before
+    assert code == 2 and "cannot import module 'userpkg_cli.nothing'" in err and "run from the folder" in err
+
+
+def test_plot_without_matplotlib_is_refused_before_the_compile(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without matplotlib, ``--plot`` compiled the model, printed the report, then died
+    with an ImportError traceback (exit status 1)."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    monkeypatch.setattr(cli, "load_factory", lambda spec: pytest.fail("the factory ran before --plot was checked"))
+    code, err = _run(["report", "examples/report_model.py:build", "--plot", str(tmp_path / "m.png"), "--quiet"], capsys)
+    assert code == 2
+    assert err.startswith(f"memopt: error: --plot '{tmp_path / 'm.png'}': memopt's plots need matplotlib: "
+                          "pip install 'memopt[plot]'"), err  # fmt: skip
+    assert "Traceback" not in err
+
+
+MODELS = '''
+import torch
+
+
+class Branchy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if y.sum() > 0:  # reads a value: a graph break, then the branch runs on fake tensors
+            y = y * 2
+        return y.sum()
+
+
+def data_dependent():
+    return Branchy(), torch.randn(4, 8)
+
+
+def wrong_shape():
+    return torch.nn.Linear(8, 4), torch.randn(2, 5)
+'''
+
+
+def test_a_model_that_raises_while_memopt_compiles_it_is_an_error_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The model's own exception (inputs of the wrong shape; a branch on a tensor's
+    value, which fake tensors cannot take) was a traceback of a hundred torch frames,
+    exit status 1. Now: what it raised, the model's own frames, and ``--real`` where a
+    value was read; ``--real`` then runs the data-dependent model."""
+    path = tmp_path / "models.py"
+    path.write_text(MODELS)
+    torch._dynamo.reset()
+    code, err = _run(["report", f"{path}:data_dependent", "--quiet"], capsys)
+    assert code == 2
+    assert err.startswith(f"memopt: error: the model of {path}:data_dependent raised DataDependentOutputException "
+                          "while memopt compiled and ran it (on fake tensors: a model that reads tensor values "
+                          "needs --real)"), err  # fmt: skip
+    assert f'File "{path}", line 12, in forward\n    if y.sum() > 0:' in err and "Traceback" not in err, err
+    torch._dynamo.reset()
+    assert cli_main(["report", f"{path}:data_dependent", "--quiet", "--real"]) == 0
+    capsys.readouterr()
+    torch._dynamo.reset()
+    code, err = _run(["report", f"{path}:wrong_shape", "--quiet"], capsys)
+    assert code == 2
+    assert f"memopt: error: the model of {path}:wrong_shape raised TorchRuntimeError" in err, err
+    assert "[2, 5] X [8, 4]" in err and "--real" not in err and "Traceback" not in err, err
