@@ -133,3 +133,43 @@ def test_a_model_that_raises_while_memopt_compiles_it_is_an_error_naming_it(
     assert code == 2
     assert f"memopt: error: the model of {path}:wrong_shape raised TorchRuntimeError" in err, err
     assert "[2, 5] X [8, 4]" in err and "--real" not in err and "Traceback" not in err, err
+
+
+FIT_MODEL = '''
+import torch
+
+
+def build():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+    return model, lambda batch, seq=1: torch.randn(batch, seq, 64)
+'''
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch", "5"], "--batch 5 fixes the batch of --search seq, but --search batch searches the batch; drop --batch"),
+        (["--search", "seq", "--seq", "32"], "--seq 32 fixes the sequence length, but --search seq searches it; drop --seq"),
+    ],
+)
+def test_fit_refuses_a_flag_the_search_would_ignore(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, flags: list[str], message: str
+) -> None:
+    """``--batch 5`` without ``--search seq`` was silently ignored (the batch searched
+    from 1 as if it had not been given); ``--search seq --seq 32`` was refused naming
+    ``seq=`` and ``batch=``, fit's Python arguments."""
+    monkeypatch.setattr(cli, "load_factory", lambda spec: pytest.fail("the factory ran before the flags were checked"))
+    code, err = _run(["fit", "examples/fit_model.py:build", "--budget", "40MiB", *flags], capsys)
+    assert code == 2 and err.startswith(f"memopt: error: {message}"), err
+
+
+def test_fit_json_with_plan_is_one_json_document(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--json --plan`` printed the JSON result and then the text report after it:
+    not JSON. The plan is now the document's ``"plan"``: the fitted step's
+    ``Explanation.to_dict()``, whose peak is the result's planned peak."""
+    path = tmp_path / "fit_model.py"
+    path.write_text(FIT_MODEL)
+    assert cli_main(["fit", f"{path}:build", "--budget", "1MiB", "--max-batch", "2", "--json", "--plan", "--quiet"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["batch"] == 2 and data["plan"]["estimated_peak_bytes"] == data["estimated_peak_bytes"]
+    assert data["plan"]["regions"] and data["plan"]["schema_version"] == 1

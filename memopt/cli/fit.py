@@ -40,7 +40,7 @@ def add_parser(sub: Any) -> None:
     fit.add_argument("--budget", required=True, help="memory budget, e.g. 24GiB, 512MB or bytes")
     fit.add_argument("--seq", type=int, help="fixed sequence length: make_inputs(batch, seq) is called")
     fit.add_argument("--search", choices=["batch", "seq"], default="batch", help="dimension to search (default batch)")
-    fit.add_argument("--batch", type=int, default=1, help="fixed batch for --search seq (default 1)")
+    fit.add_argument("--batch", type=int, help="fixed batch for --search seq (default 1)")
     fit.add_argument("--step", type=int, default=1, help="probe multiples of this size (e.g. 64 for sequences)")
     fit.add_argument("--global-batch", type=int, help="samples per optimizer step: report the accumulation steps")
     fit.add_argument("--max-batch", "--max-size", dest="max_size", type=int, help="largest size to probe")
@@ -48,7 +48,8 @@ def add_parser(sub: Any) -> None:
     fit.add_argument("--in-backward", action="store_true",
                      help="plan FACTORY's optimizer inside backward (optimizer_in_backward) instead of opt.step()")
     fit.add_argument("--options", metavar="JSON", help='memopt options as JSON, e.g. \'{"precision": "bf16"}\'')
-    fit.add_argument("--plan", action="store_true", help="also print memopt's report of the fitted step")
+    fit.add_argument("--plan", action="store_true",
+                     help="also print memopt's report of the fitted step (with --json: its Explanation.to_dict() as \"plan\")")
     fit.add_argument("--json", action="store_true", help="print the result as JSON (FitResult.to_dict())")
     fit.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     import memopt
     from memopt.cli.main import CLIError, call_factory, load_factory, parse_options
 
+    _check_flags(args)
     factory = load_factory(args.target)
     with FakeTensorMode(allow_non_fake_inputs=True):
         built = call_factory(factory, args.target)
@@ -78,15 +80,31 @@ def run(args: argparse.Namespace) -> int:
         options["optimizer_in_backward" if args.in_backward else "optimizer"] = optimizer
     try:
         result = memopt.fit(
-            model, make_inputs, args.budget, search=args.search, batch=args.batch, seq=args.seq,
+            model, make_inputs, args.budget, search=args.search, batch=args.batch or 1, seq=args.seq,
             global_batch=args.global_batch, max_size=args.max_size, step=args.step,
             reserve=args.reserve or 0, options=options,
             progress=None if args.quiet else sys.stderr,
         )
     except memopt.MemoptFitError as exc:
         raise CLIError(str(exc)) from None
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.report())
-    if args.plan and result.explanation is not None:
+    plan = result.explanation if args.plan else None
+    if args.json:  # one JSON document: the plan inside it, not a report after it
+        print(json.dumps({**result.to_dict(), **({"plan": plan.to_dict()} if plan else {})}, indent=2, default=str))
+        return 0
+    print(result.report())
+    if plan is not None:
         print()
-        print(result.explanation.report())
+        print(plan.report())
     return 0
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that the chosen search ignores or contradicts, naming the flags."""
+    from memopt.cli.main import CLIError
+
+    if args.search == "batch" and args.batch is not None:
+        raise CLIError(f"--batch {args.batch} fixes the batch of --search seq, but --search batch searches the batch; "
+                       f"drop --batch (--max-batch {args.batch} caps the search) or add --search seq.")
+    if args.search == "seq" and args.seq is not None:
+        raise CLIError(f"--seq {args.seq} fixes the sequence length, but --search seq searches it; drop --seq "
+                       f"(--max-size {args.seq} caps the search) or drop --search seq.")
