@@ -161,15 +161,33 @@ def _is_internal(filename: str) -> bool:
     return filename.startswith(_MEMOPT_ROOT) and not filename.startswith(_MEMOPT_USER_CODE)
 
 
+_LIBRARY = ("/site-packages/", "/dist-packages/")
+_LIBRARY_MODELS = ("/transformers/models/", "/torchvision/models/", "/timm/models/")
+"""Folders of installed libraries that hold model definitions (``modeling_gpt2.py``),
+as opposed to the helpers every model calls (``transformers/pytorch_utils.py``'s
+``Conv1D``, ``activations.py``, ``integrations/sdpa_attention.py``, the loss)."""
+
+
+def _is_library_helper(filename: str) -> bool:
+    path = filename.replace(os.sep, "/")
+    return any(part in path for part in _LIBRARY) and not any(part in path for part in _LIBRARY_MODELS)
+
+
 def source_location(node: fx.Node) -> SourceLocation | None:
-    """The innermost user frame of the node's recorded stack trace, skipping frames
-    inside torch and memopt. None when the graph recorded no trace (AOTAutograd keeps
+    """The line of the model's code that made the node: in its recorded stack trace,
+    the innermost frame outside torch and memopt that is not an installed library's
+    helper (a file under ``site-packages`` outside a library's model definitions, such
+    as ``transformers/models/``): for a value made inside a Hugging Face model's shared
+    ``Conv1D``, activation or attention function, the line of ``modeling_*.py`` (or of
+    the user's own model) that called it. When every such frame is a library helper,
+    the innermost of them. None when the graph recorded no trace (AOTAutograd keeps
     Dynamo's traces on forward nodes and on the backward nodes derived from them)."""
     trace = node.meta.get(_STACK_TRACE)
     if not isinstance(trace, str):
         return None
     lines = trace.splitlines()
     best: SourceLocation | None = None
+    helper: SourceLocation | None = None
     for i, line in enumerate(lines):
         match = _FRAME.search(line)
         if match is None:
@@ -180,8 +198,13 @@ def source_location(node: fx.Node) -> SourceLocation | None:
         code = lines[i + 1].strip() if i + 1 < len(lines) else ""
         if _FRAME.search(code):
             code = ""
-        best = SourceLocation(filename, int(match.group("line")), match.group("fn"), code)
-    return best
+        location = SourceLocation(filename, int(match.group("line")), match.group("fn"), code)
+        if _is_library_helper(filename):
+            helper = location
+        else:
+            best = location
+            helper = None  # a helper called from this frame, not beside it
+    return helper if best is None else best
 
 
 _DYNAMO_ROOT = re.compile(r"^L\[[^\]]*\](\[\d+\])*\.?")
