@@ -28,7 +28,7 @@ from memopt.failsoft import Fallback
 from memopt.plan.plan import TensorDecision
 from memopt.plan.advice import OptionSaving, ParameterShare, dominant_parameters, option_savings, step_parameters
 from memopt.plan.report import (
-    WIDTH, breakdown_table, decisions_table, dominant_table, savings_table, storage_table, summary_table,
+    WIDTH, breakdown_table, decisions_table, dominant_table, lines_table, savings_table, storage_table, summary_table,
     tradeoff_table, wrap,
 )
 from memopt.precision_report import precision_lines
@@ -362,6 +362,15 @@ class Explanation:
             decisions = self.decisions()
             if decisions:
                 lines += ["", "values saved for backward (largest first):", decisions_table(decisions, top)]
+            lines_of_code = {(d.source_file, d.source_line) for d in decisions}
+            if top and len(lines_of_code) < len(decisions):  # some line made several values (layers)
+                lines += [
+                    "",
+                    wrap(f"the same values by the source line that made them ({len(decisions)} values, "
+                         f"{format_bytes(sum(d.bytes for d in decisions))}, from {len(lines_of_code)} "
+                         f"line{'' if len(lines_of_code) == 1 else 's'}):"),
+                    lines_table(decisions, top),
+                ]  # fmt: skip
             for r in self.regions:
                 stored = None if r.plan is None else storage_table(
                     r.plan.decisions, float(r.plan.solver.get("recompute_seconds_model", 0.0))

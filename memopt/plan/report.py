@@ -13,7 +13,7 @@ from memopt.plan.plan import TensorDecision
 from memopt.units import format_bytes
 
 __all__ = [
-    "summary_table", "breakdown_table", "decisions_table", "tradeoff_table", "storage_table",
+    "summary_table", "breakdown_table", "decisions_table", "lines_table", "tradeoff_table", "storage_table",
     "savings_table", "dominant_table", "WIDTH", "clip", "wrap",
 ]
 
@@ -92,9 +92,79 @@ def decisions_table(decisions: Sequence[TensorDecision], limit: int = 10) -> str
 def _source_cell(d: TensorDecision, room: int) -> str:
     if d.source_file is None:
         return d.source or "(no source line)"
-    where = f"{d.source_file.rsplit('/', 1)[-1]}:{d.source_line}" + (f"  {d.module}" if d.module else "")
-    code = (d.source or "").split(": ", 1)[1] if ": " in (d.source or "") else ""
-    return clip(f"{where}  {code}".rstrip(), room)
+    where = f"{_line(d)}" + (f"  {d.module}" if d.module else "")
+    return clip(f"{where}  {_code(d)}".rstrip(), room)
+
+
+def _line(d: TensorDecision) -> str:
+    """``file.py:123`` of the decision's source, or "(no source line)"."""
+    return "(no source line)" if d.source_file is None else f"{d.source_file.rsplit('/', 1)[-1]}:{d.source_line}"
+
+
+def _code(d: TensorDecision) -> str:
+    """The code of the decision's source line ("" when none was recorded)."""
+    return (d.source or "").split(": ", 1)[1] if d.source_file is not None and ": " in (d.source or "") else ""
+
+
+def lines_table(decisions: Sequence[TensorDecision], limit: int = 10) -> str:
+    """The values backward needs grouped by the source line that made them, the lines
+    holding the most bytes first: a layer's line run by every layer of a deep model is
+    one row. Per line: the bytes and number of its values, their decisions, the
+    modules that ran it (layer indices that differ written ``*``: ``h.*.mlp.c_fc``)
+    and, on the row's next line, the code. The bytes of all rows (and of the lines
+    left out, counted in the last line) add up to the values' bytes."""
+    groups: dict[tuple[str | None, int | None], list[TensorDecision]] = {}
+    for d in decisions:
+        groups.setdefault((d.source_file, d.source_line), []).append(d)
+    ranked = sorted(groups.values(), key=lambda g: (-sum(d.bytes for d in g), _line(g[0])))
+    shown = ranked[:limit]
+    rows = [
+        [format_bytes(sum(d.bytes for d in g)), len(g), _policies(g), _line(g[0]), _modules(g)]
+        for g in shown
+    ]  # fmt: skip
+    table = tabulate(rows, headers=["bytes", "values", "decisions", "source line", "modules"],
+                     colalign=("right", "right", "left", "left", "left"), disable_numparse=True).splitlines()  # fmt: skip
+    out = table[:2]
+    for row, g in zip(table[2:], shown):
+        out.append(row.rstrip())
+        if _code(g[0]):
+            out.append(clip("    " + _code(g[0]), WIDTH))
+    rest = ranked[limit:]
+    if rest:
+        out.append(f"... and {len(rest)} more line(s): {format_bytes(sum(d.bytes for g in rest for d in g))} "
+                   f"in {sum(len(g) for g in rest)} value(s)")  # fmt: skip
+    return "\n".join(out)
+
+
+def _policies(group: Sequence[TensorDecision]) -> str:
+    counts: dict[str, int] = {}
+    for d in group:
+        counts[d.policy] = counts.get(d.policy, 0) + 1
+    return ", ".join(f"{policy} {n}" for policy, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _modules(group: Sequence[TensorDecision]) -> str:
+    """The modules of a line's values: one path, with each layer index that differs
+    among them written ``*``; where the values come from different modules (a line
+    calling two), their common dotted prefix and how many; "-" when none is recorded."""
+    paths = sorted({d.module for d in group if d.module})
+    if len(paths) <= 1:
+        return paths[0] if paths else "-"
+    split = [p.split(".") for p in paths]
+    varying = {
+        i for i in range(max(map(len, split)))
+        if len({parts[i] for parts in split if i < len(parts) and parts[i].isdigit()}) > 1
+    }  # fmt: skip
+    patterns = sorted({".".join("*" if i in varying and part.isdigit() else part for i, part in enumerate(parts))
+                       for parts in split})  # fmt: skip
+    if len(patterns) == 1:
+        return patterns[0]
+    common: list[str] = []
+    for parts in zip(*(p.split(".") for p in patterns)):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    return f"{'.'.join(common) or '(model)'} ({len(patterns)} modules)"
 
 
 def clip(text: str, room: int) -> str:
