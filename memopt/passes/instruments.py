@@ -101,10 +101,14 @@ class DumpInstrument(Instrument):
     after every pass (``NNN_<pass>.py``) under ``<dump_dir>/<region>/<graph>/``, with a
     header naming the pass that produced it. The ``recompile``-th compile of a region
     compiled again for its step (whole-step planning) writes under
-    ``<region>.recompile<N>/`` instead, beside the first compile's files."""
+    ``<region>.recompile<N>/`` instead, beside the first compile's files. In a process
+    group of several ranks each rank writes under ``<dump_dir>/rank<R>/``: the ranks
+    compile the same regions, with the same compile ids, and would write (and
+    interleave) the same files."""
 
     def __init__(self, dump_dir: str, recompile: int = 0) -> None:
-        self.dump_dir = dump_dir
+        rank = _rank_of_several()
+        self.dump_dir = dump_dir if rank is None else os.path.join(dump_dir, f"rank{rank}")
         self.suffix = f".recompile{recompile}" if recompile else ""
 
     def before_pipeline(self, step: StepGraphs, ctx: PassContext) -> None:
@@ -149,6 +153,15 @@ _DUMP_IMPORTS = (
     "import memopt  # registers torch.ops.memopt.* for graphs that call memopt's ops\n\n"
 )
 """Makes a dump a Python file that runs on its own (``runpy.run_path``, ``exec``)."""
+
+
+def _rank_of_several() -> int | None:
+    """This process's rank in the default process group when it has several ranks."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank()
+    return None
 
 
 def _safe(name: str) -> str:
