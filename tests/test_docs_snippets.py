@@ -330,6 +330,7 @@ CASES: dict[str, Case] = {
     "docs/usage.md:1": Case(_training),
     "docs/usage.md:2": Case(_compiled),
     "docs/usage.md:3": Case(_pass_testing),
+    "docs/usage.md:4": Case(),
     "docs/whole_step.md:0": Case(
         _hf_lm,
         substitute={

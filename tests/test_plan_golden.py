@@ -12,12 +12,13 @@ import ast
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 import memopt
 from memopt.config import MemoptConfig
 from memopt.graph import meta
-from memopt.passes.base import PassContext
+from memopt.passes.base import PassContext, PassFailure
 from memopt.passes.compress import CompressSavedActivations
 from memopt.passes.instruments import VerifyInstrument
 from memopt.passes.manager import PassManager
@@ -163,3 +164,11 @@ def test_planners_and_passes_do_not_call_each_other():
     for module in (PACKAGE / "passes").glob("*.py"):
         planners = {m for m in _imports(module) if m.startswith("memopt.plan")} - allowed
         assert not planners, (module.name, planners)
+
+
+def test_a_hand_written_plan_naming_a_missing_value_names_the_close_ones():
+    """A typo in ``saved_values`` failed with only "joint graph has no node 'tahn'"; the
+    error now offers the graph's close names (docs/usage.md, "Feeding a hand-written
+    plan")."""
+    with pytest.raises(PassFailure, match=r"joint graph has no node 'tahn'; did you mean 'tanh'"):
+        _run(Rematerialize(), _step(), _plan(saved_values=["tahn"]))

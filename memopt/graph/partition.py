@@ -11,6 +11,7 @@ op to just before its first use, so recomputed values do not all materialize at 
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -44,7 +45,12 @@ class JointGraph:
     def node(self, name: str) -> fx.Node:
         found = self._by_name().get(name)
         if found is None:
-            raise KeyError(f"joint graph has no node {name!r}")
+            close = difflib.get_close_matches(name, list(self._by_name()), n=3)
+            raise KeyError(
+                f"joint graph has no node {name!r}"
+                + (f"; did you mean {' or '.join(map(repr, close))}?" if close else ".")
+                + " A plan names values as its decisions do (TensorDecision.node_name)."
+            )
         return found
 
     def recomputable(self) -> JointGraph:
