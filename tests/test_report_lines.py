@@ -80,8 +80,8 @@ def _decision(name: str, nbytes: int, line: int, module: str | None) -> TensorDe
 def test_lines_table_orders_by_bytes_and_counts_what_it_leaves_out() -> None:
     """Hand-built decisions: rows by total bytes (a line with many small values above
     one with a single larger value when its total is larger), layer indices written
-    ``*``, two modules' values on one line named by their common prefix, and the
-    lines past ``limit`` summed in the last line."""
+    ``*``, two modules' values on one line named by their common prefix (without one,
+    the first and how many more), and the lines past ``limit`` summed in the last line."""
     decisions = [
         *(_decision(f"a{i}", 100, 10, f"layers.{i}.mlp") for i in range(4)),   # 400 B, line 10
         _decision("b", 300, 20, "head"),                                         # 300 B, line 20
@@ -95,3 +95,5 @@ def test_lines_table_orders_by_bytes_and_counts_what_it_leaves_out() -> None:
     assert body[1][4] == "head" and body[2][4] == "layers.0.mlp (2 modules)", text
     assert text.splitlines()[-1] == f"... and 2 more line(s): {format_bytes(12)} in 2 value(s)", text
     assert text.count("    y = f(x)") == 3
+    encoder_decoder = [_decision("q", 8, 60, "encoder.block.0.attn"), _decision("r", 8, 60, "decoder.block.1.attn")]
+    assert "decoder.block.*.attn (+1 more)" in lines_table(encoder_decoder)

@@ -146,7 +146,8 @@ def _policies(group: Sequence[TensorDecision]) -> str:
 def _modules(group: Sequence[TensorDecision]) -> str:
     """The modules of a line's values: one path, with each layer index that differs
     among them written ``*``; where the values come from different modules (a line
-    calling two), their common dotted prefix and how many; "-" when none is recorded."""
+    calling two), their common dotted prefix and how many (without one, the first and
+    how many more: an encoder's and a decoder's attention); "-" when none is recorded."""
     paths = sorted({d.module for d in group if d.module})
     if len(paths) <= 1:
         return paths[0] if paths else "-"
@@ -164,7 +165,7 @@ def _modules(group: Sequence[TensorDecision]) -> str:
         if len(set(parts)) > 1:
             break
         common.append(parts[0])
-    return f"{'.'.join(common) or '(model)'} ({len(patterns)} modules)"
+    return f"{'.'.join(common)} ({len(patterns)} modules)" if common else f"{patterns[0]} (+{len(patterns) - 1} more)"
 
 
 def clip(text: str, room: int) -> str:
