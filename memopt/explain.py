@@ -201,8 +201,11 @@ class Explanation:
         return self.optimizer_state_bytes
 
     def decisions(self) -> list[TensorDecision]:
-        """Every region's decisions about values backward needs, largest first."""
-        found = [d for r in self.regions if r.plan is not None for d in r.plan.decisions]
+        """The decisions about values backward needs of the step's regions
+        (`step_regions`, whose memory the summary adds up), largest first: an earlier
+        compile of a recompiled frame is not in the step, and its values are not either
+        (each region's own stay in its ``plan``)."""
+        found = [d for r in self.step_regions() if r.plan is not None for d in r.plan.decisions]
         return sorted(found, key=lambda d: -d.bytes)
 
     def plot(self, path: str, *, title: str | None = None) -> str:

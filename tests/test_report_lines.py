@@ -97,3 +97,25 @@ def test_lines_table_orders_by_bytes_and_counts_what_it_leaves_out() -> None:
     assert text.count("    y = f(x)") == 3
     encoder_decoder = [_decision("q", 8, 60, "encoder.block.0.attn"), _decision("r", 8, 60, "decoder.block.1.attn")]
     assert "decoder.block.*.attn (+1 more)" in lines_table(encoder_decoder)
+
+
+def test_the_values_listed_are_the_steps_that_the_summary_adds_up() -> None:
+    """A frame compiled again (a new batch size) has two regions; the summary is the
+    latest compile's step (`step_regions`), but the value tables and ``to_dict()``'s
+    ``decisions`` listed both compiles' values: the same tanh twice, at both sizes,
+    summed in the by-line table. Now both are the step's, and an ``nn.Sequential``'s
+    value with no source line of the user's names its module."""
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64), torch.nn.Tanh())
+    compiled = torch.compile(model, backend="memopt", options=EAGER)
+    with memopt.record() as explanation:
+        for batch in (8, 16):
+            compiled(torch.randn(batch, 64)).sum().backward()
+    step = {r.region for r in explanation.step_regions()}
+    assert len(explanation.regions) == 2 and len(step) == 1, [r.region for r in explanation.regions]
+    decisions = explanation.decisions()
+    assert decisions and {d.region for d in decisions} == step
+    assert {d["region"] for d in explanation.to_dict()["decisions"]} == step
+    table = explanation.report().split("values saved for backward (largest first):", 1)[1].split("\n\n", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("tanh")]
+    assert len(rows) == 1 and "16x256" in rows[0] and rows[0].endswith("(no source line)  1"), table

@@ -90,8 +90,8 @@ def decisions_table(decisions: Sequence[TensorDecision], limit: int = 10) -> str
 
 
 def _source_cell(d: TensorDecision, room: int) -> str:
-    if d.source_file is None:
-        return d.source or "(no source line)"
+    if d.source_file is None:  # a model of torch's modules only (nn.Sequential): its module locates it
+        return clip(f"{d.source or '(no source line)'}" + (f"  {d.module}" if d.module else ""), room)
     where = f"{_line(d)}" + (f"  {d.module}" if d.module else "")
     return clip(f"{where}  {_code(d)}".rstrip(), room)
 
