@@ -163,6 +163,35 @@ def test_fit_refuses_a_flag_the_search_would_ignore(
     assert code == 2 and err.startswith(f"memopt: error: {message}"), err
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--budget", "6GiBB"], "--budget: budget='6GiBB': memory size '6GiBB' not understood"),
+        (["--budget", "40MiB", "--reserve", "2GiBB"], "--reserve: reserve='2GiBB': memory size '2GiBB' not understood"),
+        (["--budget", "40MiB", "--options", '{"memory_budget": "1GiB"}'],
+         "--options sets memory_budget='1GiB', but fit plans every probe under --budget 40MiB"),
+    ],
+)  # fmt: skip
+def test_fit_refuses_a_bad_budget_or_options_before_the_factory_runs(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, flags: list[str], message: str
+) -> None:
+    """Each was found only after FACTORY had built the model (minutes for a large one),
+    and the last named fit's Python argument (``budget``) instead of ``--budget``."""
+    monkeypatch.setattr(cli, "load_factory", lambda spec: pytest.fail("the factory ran before the flags were checked"))
+    code, err = _run(["fit", "examples/fit_model.py:build", *flags], capsys)
+    assert code == 2 and err.startswith(f"memopt: error: {message}"), err
+
+
+@pytest.mark.parametrize("flag", ["--seq", "--batch", "--step", "--global-batch", "--max-batch"])
+def test_fit_size_flags_must_be_positive(capsys: pytest.CaptureFixture[str], flag: str) -> None:
+    """``--seq -3`` reached fit and was refused as ``seq=-3`` (fit's Python argument),
+    after the factory ran; argparse now names the flag."""
+    with pytest.raises(SystemExit) as info:
+        cli_main(["fit", "examples/fit_model.py:build", "--budget", "40MiB", "--search", "seq", flag, "-3"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"argument {flag}" in err and "'-3' is not a size; give a whole number >= 1" in err
+
+
 def test_fit_json_with_plan_is_one_json_document(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``--json --plan`` printed the JSON result and then the text report after it:
     not JSON. The plan is now the document's ``"plan"``: the fitted step's

@@ -38,12 +38,12 @@ def add_parser(sub: Any) -> None:
                          description=FIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     fit.add_argument("target", help="FILE.py:FACTORY, a function returning (model, make_inputs[, optimizer])")
     fit.add_argument("--budget", required=True, help="memory budget, e.g. 24GiB, 512MB or bytes")
-    fit.add_argument("--seq", type=int, help="fixed sequence length: make_inputs(batch, seq) is called")
+    fit.add_argument("--seq", type=_positive, help="fixed sequence length: make_inputs(batch, seq) is called")
     fit.add_argument("--search", choices=["batch", "seq"], default="batch", help="dimension to search (default batch)")
-    fit.add_argument("--batch", type=int, help="fixed batch for --search seq (default 1)")
-    fit.add_argument("--step", type=int, default=1, help="probe multiples of this size (e.g. 64 for sequences)")
-    fit.add_argument("--global-batch", type=int, help="samples per optimizer step: report the accumulation steps")
-    fit.add_argument("--max-batch", "--max-size", dest="max_size", type=int, help="largest size to probe")
+    fit.add_argument("--batch", type=_positive, help="fixed batch for --search seq (default 1)")
+    fit.add_argument("--step", type=_positive, default=1, help="probe multiples of this size (e.g. 64 for sequences)")
+    fit.add_argument("--global-batch", type=_positive, help="samples per optimizer step: report the accumulation steps")
+    fit.add_argument("--max-batch", "--max-size", dest="max_size", type=_positive, help="largest size to probe")
     fit.add_argument("--reserve", help="bytes kept outside the step (e.g. optimizer state), e.g. 2GiB")
     fit.add_argument("--in-backward", action="store_true",
                      help="plan FACTORY's optimizer inside backward (optimizer_in_backward) instead of opt.step()")
@@ -54,14 +54,25 @@ def add_parser(sub: Any) -> None:
     fit.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
+def _positive(text: str) -> int:
+    """A size flag's value: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; give a whole number >= 1")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     """Build FACTORY's model on fake tensors, fit, print the result; returns the exit status."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import memopt
-    from memopt.cli.main import CLIError, call_factory, load_factory, parse_options
+    from memopt.cli.main import CLIError, call_factory, load_factory
 
-    _check_flags(args)
+    options = _checked_options(args)
     factory = load_factory(args.target)
     with FakeTensorMode(allow_non_fake_inputs=True):
         built = call_factory(factory, args.target)
@@ -72,7 +83,6 @@ def run(args: argparse.Namespace) -> int:
             + (f" of length {len(built)}" if isinstance(built, (tuple, list)) else "")
         )
     model, make_inputs, optimizer = (*built, None) if len(built) == 2 else built
-    options = parse_options(args.options)
     if args.in_backward and optimizer is None:
         raise CLIError(f"--in-backward plans an optimizer's update in backward, but {args.target} returns none; "
                        f"return (model, make_inputs, optimizer) or drop --in-backward.")
@@ -96,6 +106,27 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(plan.report())
     return 0
+
+
+def _checked_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--options`` as a dict, after every flag is checked: before the factory runs,
+    which may take long (a large model on fake tensors still runs its initialisation)."""
+    from memopt.cli.main import CLIError, parse_options
+    from memopt.errors import MemoptFitError
+    from memopt.fit import budget_bytes
+
+    _check_flags(args)
+    options = parse_options(args.options)
+    if "memory_budget" in options:
+        raise CLIError(f"--options sets memory_budget={options['memory_budget']!r}, but fit plans every probe under "
+                       f"--budget {args.budget} (less --reserve); drop memory_budget from --options.")
+    for flag, value, name in (("--budget", args.budget, "budget"), ("--reserve", args.reserve, "reserve")):
+        try:
+            if value is not None:
+                budget_bytes(value, name=name)
+        except MemoptFitError as exc:
+            raise CLIError(f"{flag}: {exc}") from None
+    return options
 
 
 def _check_flags(args: argparse.Namespace) -> None:
