@@ -15,6 +15,7 @@ import memopt.cli.main as cli
 from memopt.cli.main import main as cli_main
 
 COMMANDS = [["report"], ["fit", "--budget", "3MiB"]]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -133,6 +134,18 @@ def test_a_model_that_raises_while_memopt_compiles_it_is_an_error_naming_it(
     assert code == 2
     assert f"memopt: error: the model of {path}:wrong_shape raised TorchRuntimeError" in err, err
     assert "[2, 5] X [8, 4]" in err and "--real" not in err and "Traceback" not in err, err
+
+
+def test_a_budget_strict_cannot_meet_is_an_error_naming_the_floor(capsys: pytest.CaptureFixture[str]) -> None:
+    """``strict=True`` turns an infeasible budget into `MemoptBudgetError`, which torch
+    wraps in ``BackendCompilerFailed``: the CLI prints memopt's message (the smallest
+    reachable peak, what holds it), exit status 2, not torch's wrapper and traceback."""
+    torch._dynamo.reset()
+    code, err = _run(["report", f"{ROOT / 'examples' / 'report_model.py'}:build", "--quiet",
+                      "--options", '{"codegen": "eager", "memory_budget": "2KiB", "strict": true}'], capsys)  # fmt: skip
+    assert code == 2
+    assert err.startswith("memopt: error: memory_budget 2.00 KiB is infeasible for region 0/0: the smallest peak"), err
+    assert "Traceback" not in err and "BackendCompilerFailed" not in err
 
 
 FIT_MODEL = '''

@@ -181,9 +181,9 @@ def explain_model(
     model's own code raises there (a shape mismatch, a missing config attribute, a value
     read on ``fake`` tensors, which names ``--real``) becomes a `CLIError` naming it,
     with the frames of the code outside torch and memopt; a budget memopt cannot meet
-    under ``strict`` too. A
-    failure inside memopt or torch's compiler (`MemoptInternalError`, Dynamo's internal
-    errors) propagates with its traceback, for a bug report."""
+    under ``strict`` too. A failure inside memopt or torch's compiler
+    (`MemoptInternalError`, Dynamo's internal errors) propagates with its traceback,
+    for a bug report."""
     import torch._dynamo.exc as dynamo_exc
 
     import memopt
