@@ -270,7 +270,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--snapshot", metavar="OUT.pickle", help="write a PyTorch memory snapshot of the estimate")
     report.add_argument("--options", metavar="JSON", help='memopt options as JSON, e.g. \'{"codegen": "eager"}\'')
     report.add_argument("--real", action="store_true", help="build the model on real tensors instead of fake ones")
-    report.add_argument("--top", type=_count, default=10, help="how many saved values to list (default 10)")
+    report.add_argument("--top", type=_count, default=10, help="how many saved values, and source lines, to list (default 10)")
     report.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     from memopt.cli import fit
 
