@@ -14,7 +14,9 @@ its bytes and restoring it is exact in layout:
   byte; never integer indices or symbols;
 * a true activation: the storage is made in the forward graph, not a parameter, a
   buffer, an input or a view of one (those stay alive anyway), nor a dtype copy of one
-  (a low-precision weight copy is a parameter in another dtype);
+  (a low-precision weight copy is a parameter in another dtype), nor a parameter
+  all-gathered from its shards (`meta.is_regatherable`, `meta.is_gathered_copy`) or a
+  cast of one: the planner frees those by gathering them again in backward, exactly;
 * free of infinities by construction (fp8/int8): not an attention mask built with
   ``-inf`` (`memopt.analysis.value_ops.may_hold_infinities`); the block formats do not
   represent inf. (bf16 does, so it may store them.)
@@ -57,7 +59,7 @@ from memopt.graph import meta
 from memopt.graph.step import StepGraphs, output_values
 
 __all__ = [
-    "DYNAMIC_SHAPE", "MIN_ELEMENTS", "SavedStorage", "saved_storages", "stored_bytes", "choose_formats", "last_forward_reader",
+    "DYNAMIC_SHAPE", "GATHERED_PARAMETER", "MIN_ELEMENTS", "SavedStorage", "saved_storages", "stored_bytes", "choose_formats", "last_forward_reader",
     "DEFAULT_BLOCK",
 ]  # fmt: skip
 
@@ -131,6 +133,12 @@ def _dense_base(storage: Storage, candidates: list[fx.Node]) -> tuple[fx.Node, t
             return node, order
     return None
 
+
+GATHERED_PARAMETER = "a gathered parameter or a dtype copy of one (re-gathered in backward instead)"
+"""`SavedStorage.reason` of a parameter all-gathered from its shards (a sharded model,
+docs/sharding.md), or a cast of one: a parameter like any other, which the planner frees
+after forward by gathering it again in backward (exact), never by rounding it or
+moving it to disk."""
 
 DYNAMIC_SHAPE = "dynamic shape (compression needs static shapes)"
 """`SavedStorage.reason` of a storage whose values have symbolic sizes, for a
@@ -210,8 +218,11 @@ def _ineligible(
         return "not a floating tensor (masks, indices and symbols are kept exact)"
     if storage is None or storage.producer.op == "placeholder":
         return "parameter, input or a view of one"
-    if cast_and_view_source(storage.producer).op == "placeholder":
+    source = cast_and_view_source(storage.producer)
+    if source.op == "placeholder":
         return "a dtype copy of a parameter or input"
+    if meta.is_regatherable(source) or meta.is_gathered_copy(source):
+        return GATHERED_PARAMETER
     if storage in returned:
         return "also returned to the caller"
     if fmt != "raw" and any(not all(isinstance(s, int) for s in v.shape) for v in values):  # type: ignore[union-attr]

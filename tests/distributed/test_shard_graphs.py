@@ -127,3 +127,31 @@ def test_stage2_replica_and_its_rows_are_one_allocation(fake_world):
     replicated, replica = explain(0), explain(2)
     assert replica.baseline_bytes == replicated.baseline_bytes
     assert replica.estimated_peak_bytes <= replicated.estimated_peak_bytes
+
+
+def _tanh_layers() -> nn.Module:
+    """Three Linear(64, 64) + Tanh: each Tanh output is saved for backward (an
+    activation that compression may take), each weight is gathered (stage 3) and kept."""
+    return nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.Tanh()) for _ in range(3)])
+
+
+@pytest.mark.parametrize("options", [
+    {"compress_activations": "fp8"},
+    {"compress_activations": "int8"},
+    {"compress_activations": "bf16"},
+    {"compress_activations": "fp8", "precision": "bf16"},
+])
+def test_compression_leaves_gathered_parameters_alone(fake_world, graphs_of, options):
+    """``compress_activations`` stores activations compressed, never parameters: at
+    stage 3 the all-gathered weights (and their bf16 copies under ``precision``) are
+    parameters, freed by gathering again in backward. Compressing them rounded the weights
+    backward reads (fp8) and gave the all-gather a second reader, on which
+    ``bucket_collectives`` failed ("Expected single user for all_gather_into_tensor")
+    and left every collective unbucketed; under ``precision="bf16"`` the weights' bf16
+    copies were compressed silently. Only the Tanh outputs are compressed now, and the
+    gathers are bucketed (strict: a failing pass raises)."""
+    graphs = graphs_of(md.shard(_tanh_layers(), stage=3), torch.randn(64, 64), **options)
+    compressed = [d.name for d in graphs["passes"]["compress_activations"].applied]
+    assert len(compressed) >= 2
+    assert all(re.fullmatch(r"forward:tanh(_\d+)?", name) for name in compressed), compressed
+    assert graphs["forward"]["all_gather_into_tensor"] == 1  # one bucket of the six parameters
