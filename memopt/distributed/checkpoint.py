@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor
 
 from memopt.distributed.api import shard_state
 from memopt.distributed.checks import ShardingError
-from memopt.distributed.optimizer import ShardedOptimizer
+from memopt.distributed.optimizer import ShardedOptimizer, resident
 from memopt.distributed.param import ShardedParam, _contiguous_stride, gather_replicas
 
 __all__ = ["get_state_dict", "set_state_dict", "save", "load"]
@@ -95,6 +95,11 @@ def _state_value(handle: ShardedParam, local: torch.Tensor, value: Any, full: bo
 
 
 def _optimizer_state(optimizer: ShardedOptimizer, full: bool) -> dict[str, Any]:
+    with resident(optimizer):  # an offloaded state's tensors, read back; the dict keeps them
+        return _resident_optimizer_state(optimizer, full)
+
+
+def _resident_optimizer_state(optimizer: ShardedOptimizer, full: bool) -> dict[str, Any]:
     rank = optimizer._shard.rank
     state: dict[str, dict[str, Any]] = {}
     for handle, local, entry in _entries(optimizer):
@@ -149,7 +154,13 @@ def _zero_step(inner: torch.optim.Optimizer, tensors: list[torch.Tensor]) -> Non
 
 @torch.no_grad()
 def _load_optimizer(optimizer: ShardedOptimizer, loaded: dict[str, Any]) -> None:
-    """Write the loaded values into the inner optimizer's state (tensors in place)."""
+    """Write the loaded values into the inner optimizer's state (tensors in place; an
+    offloaded state is read back, written and stored again)."""
+    with resident(optimizer):
+        _load_resident_optimizer(optimizer, loaded)
+
+
+def _load_resident_optimizer(optimizer: ShardedOptimizer, loaded: dict[str, Any]) -> None:
     rank = optimizer._shard.rank
     for handle, local, entry in _entries(optimizer):
         saved = loaded["state"][handle.fqn]

@@ -19,11 +19,16 @@ the unsharded optimizer exactly: a warning names parameters whose rows do). GaLo
 and SubspaceAdamW project whole matrices, MeZO perturbs the whole model from each rank's
 own loss, torch's Adafactor factors rows and columns, LBFGS uses global line searches:
 refused at stages 1-3 (low-rank optimizers are fine at stage 0, or with ``lowrank=False``
-groups). Another optimizer: pass ``elementwise=True`` if it qualifies.
+groups). Another optimizer: pass ``elementwise=True`` if it qualifies. An
+`memopt.optim.OffloadedState` is judged by the optimizer it wraps (its update is that
+optimizer's, one parameter at a time): ``ShardedOptimizer(lambda ps:
+OffloadedState(torch.optim.AdamW(ps), "disk"), model)`` keeps this rank's rows' state on
+disk between steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -35,7 +40,7 @@ from memopt.distributed.api import shard_state
 from memopt.distributed.checks import ShardingError
 from memopt.distributed.param import GATHER_BUCKET_BYTES, ShardedParam, gather_replicas
 
-__all__ = ["ShardedOptimizer"]
+__all__ = ["ShardedOptimizer", "unwrapped", "resident"]
 
 _ELEMENTWISE = tuple(
     getattr(torch.optim, name)
@@ -73,8 +78,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._locals: dict[int, tuple[ShardedParam, torch.Tensor]] = {}
         """id(local tensor) -> (its parameter's handle, the local tensor)."""
         inner = self._adopt(optimizer)
-        _check_optimizer(inner, self._shard.stage, self._full_shapes(), elementwise)
-        _adapt_blockwise(inner, self)
+        _check_optimizer(unwrapped(inner), self._shard.stage, self._full_shapes(), elementwise)
+        _adapt_blockwise(unwrapped(inner), self)
         self.inner = inner
         self._building = True
         super().__init__([t for _, t in self._locals.values()], dict(inner.defaults))
@@ -165,6 +170,24 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def local_tensors(self) -> list[tuple[ShardedParam, torch.Tensor]]:
         """(handle, the tensor the inner optimizer steps) for each parameter it holds."""
         return list(self._locals.values())
+
+
+def unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer whose math steps: the one an `OffloadedState` wraps (its state
+    streamed from a store, its update that optimizer's own), else ``optimizer``."""
+    from memopt.optim import OffloadedState
+
+    return optimizer.optimizer if isinstance(optimizer, OffloadedState) else optimizer
+
+
+def resident(optimizer: ShardedOptimizer) -> contextlib.AbstractContextManager[None]:
+    """A block in which the inner optimizer's ``state`` holds all of its state: an
+    `OffloadedState` reads its store back for the block (`OffloadedState.resident`);
+    any other optimizer holds it already."""
+    from memopt.optim import OffloadedState
+
+    inner = optimizer.inner
+    return inner.resident() if isinstance(inner, OffloadedState) else contextlib.nullcontext()
 
 
 def _handle(handles: dict[int, ShardedParam], param: torch.Tensor) -> ShardedParam:

@@ -13,7 +13,10 @@ from typing import Any
 
 from memopt.codegen._triton import KERNEL_CHOICES
 
-__all__ = ["UNSUPPORTED_ADAMW_FLAGS", "check_number", "check_int", "check_choice", "check_bool", "check_adamw_group"]
+__all__ = [
+    "UNSUPPORTED_ADAMW_FLAGS", "check_number", "check_int", "check_choice", "check_bool", "check_adamw_group",
+    "is_sharded_optimizer",
+]  # fmt: skip
 
 
 def check_number(
@@ -89,6 +92,14 @@ UNSUPPORTED_ADAMW_FLAGS: tuple[str, ...] = ("amsgrad", "maximize")
 """``torch.optim.AdamW`` options that change the update and that memopt's Adam family does
 not implement: a param group ported from an AdamW config that sets one is refused rather
 than trained without it."""
+
+
+def is_sharded_optimizer(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is a `memopt.distributed.ShardedOptimizer`, told without
+    importing `memopt.distributed` (and torch.distributed with it): its inner optimizer
+    gets this rank's gradients only inside its own ``step()``, so wrappers that read
+    ``.grad`` or step one parameter at a time refuse it."""
+    return type(optimizer).__name__ == "ShardedOptimizer" and hasattr(optimizer, "inner")
 
 
 def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:

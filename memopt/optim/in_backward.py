@@ -40,6 +40,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from memopt.errors import MemoptOptimizerError
+from memopt.optim._checks import is_sharded_optimizer
 from memopt.optim._per_param import PerParamUpdate, per_param_update
 
 __all__ = ["InBackward", "ConsumedGrad", "attach", "check_fusable", "owner_of", "update"]
@@ -73,7 +74,7 @@ def check_fusable(optimizer: Any) -> None:
             "step, not one parameter at a time inside backward. Pass the optimizer it wraps (its state then "
             "stays in memory), or keep OffloadedState and drop optimizer_in_backward."
         )
-    if type(optimizer).__name__ == "ShardedOptimizer" and hasattr(optimizer, "inner"):  # no import of distributed
+    if is_sharded_optimizer(optimizer):
         raise MemoptOptimizerError(
             "optimizer_in_backward=ShardedOptimizer: the update inside backward does not support sharded "
             "models (memopt.distributed.shard) yet; its tensors are this rank's rows, not the parameters the "

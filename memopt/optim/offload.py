@@ -28,8 +28,11 @@ plain optimizer's:
   compute each element as the single-tensor one does, so one tensor at a time gives the
   same bits (tested on CPU for both).
 
-Refused: `MeZO` (its step perturbs every parameter with one closure) and
-``torch.optim.LBFGS`` (its update couples all parameters).
+Refused: `MeZO` (its step perturbs every parameter with one closure),
+``torch.optim.LBFGS`` (its update couples all parameters) and a
+`memopt.distributed.ShardedOptimizer` (it gives its inner optimizer the gradients inside
+its own step: wrap the inner optimizer, ``ShardedOptimizer(lambda ps:
+OffloadedState(AdamW(ps)), model)``).
 
 Before the first step (at wrap time, and for groups added or state loaded later) the
 store's ``preflight`` checks that the state fits (`estimate_state_bytes`), so a full disk
@@ -40,10 +43,11 @@ exit) removes the store's directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +55,7 @@ import torch
 
 from memopt.errors import MemoptOffloadError
 
+from memopt.optim._checks import is_sharded_optimizer
 from memopt.optim._per_param import per_param_update
 from memopt.optim.mezo import MeZO
 from memopt.optim.state_size import state_bytes_of
@@ -222,6 +227,19 @@ class OffloadedState(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict, with the offloaded state read back (the
         whole state is in memory while the dict lives; the store keeps its copy)."""
+        with self.resident():
+            packed = self.optimizer.state_dict()
+            packed["state"] = {k: dict(v) for k, v in packed["state"].items()}
+            return packed
+
+    @contextlib.contextmanager
+    def resident(self) -> Iterator[None]:
+        """The whole state back in the wrapped optimizer's ``state`` inside the block,
+        handed to the store again at its end (also on an error): for code that reads or
+        writes every parameter's state directly, such as a checkpoint
+        (`memopt.distributed.checkpoint` of a `ShardedOptimizer` whose inner optimizer
+        is an `OffloadedState`). Tensors changed in place inside the block are stored as
+        they are at its end; the whole state is in memory meanwhile."""
         self._check_open()
         params = list(self._stash)
         for param in params:
@@ -229,9 +247,7 @@ class OffloadedState(torch.optim.Optimizer):
         try:
             for param in params:
                 self._load(param)
-            packed = self.optimizer.state_dict()
-            packed["state"] = {k: dict(v) for k, v in packed["state"].items()}
-            return packed
+            yield
         finally:
             self._stash_all()
 
@@ -368,6 +384,13 @@ class OffloadedState(torch.optim.Optimizer):
 def _check_wrappable(optimizer: torch.optim.Optimizer) -> None:
     if isinstance(optimizer, OffloadedState):
         raise TypeError("this optimizer's state is already offloaded (an OffloadedState)")
+    if is_sharded_optimizer(optimizer):
+        raise TypeError(
+            "OffloadedState(ShardedOptimizer(...)): a ShardedOptimizer hands this rank's gradients to its inner "
+            "optimizer only inside its own step(), so the wrapper would find no gradient and step nothing. "
+            "Offload the inner optimizer's state instead: "
+            "ShardedOptimizer(lambda params: OffloadedState(torch.optim.AdamW(params), 'disk'), model)"
+        )
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"OffloadedState wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(optimizer, (MeZO, torch.optim.LBFGS)):

@@ -224,6 +224,22 @@ def test_other_optimizers(fake_world):
             md.ShardedOptimizer(lambda p: torch.optim.Adafactor(p), model)
 
 
+def test_offloaded_state_is_judged_by_the_optimizer_it_wraps(fake_world):
+    """`OffloadedState` inside a ShardedOptimizer is judged by its wrapped optimizer
+    (AdamW qualifies, GaLore on whole matrices does not); wrapped around one, it is
+    refused: it would find no gradient (the ShardedOptimizer sets its rows' gradients in
+    its own step) and silently step nothing."""
+    from memopt.optim import GaLoreAdamW, OffloadedState
+
+    model = md.shard(nn.Linear(32, 32), stage=3)
+    md.ShardedOptimizer(lambda p: OffloadedState(torch.optim.AdamW(p), "disk"), model)
+    with pytest.raises(md.ShardingError, match="GaLoreAdamW projects whole 32x32 matrices"):
+        md.ShardedOptimizer(lambda p: OffloadedState(GaLoreAdamW(p, rank=4), "disk"), model)
+    sharded = md.ShardedOptimizer(lambda p: torch.optim.AdamW(p), model)
+    with pytest.raises(TypeError, match=r"step nothing.*ShardedOptimizer\(lambda params: OffloadedState"):
+        OffloadedState(sharded, "disk")
+
+
 def test_adamw8bit_decides_by_the_whole_parameter_and_warns_on_straddling_blocks(fake_world):
     """A 64x64 weight (4096 elements, 8-bit) sharded to 8x64 pieces (512 elements) keeps
     8-bit moments; with block 1024 its blocks straddle two ranks, which a warning names."""

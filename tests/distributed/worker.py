@@ -89,7 +89,18 @@ def adamw8bit(params: Any) -> torch.optim.Optimizer:
     return AdamW8bit(params, lr=1e-2, weight_decay=0.1, block_size=64, min_8bit_size=256)
 
 
-OPTIMIZERS = {"adamw": adamw, "adamw8bit": adamw8bit}
+def offloaded(make: Callable[[Any], torch.optim.Optimizer]) -> Callable[[Any], torch.optim.Optimizer]:
+    """``make``'s optimizer with its state on disk between steps (`OffloadedState`, a
+    private directory per rank)."""
+    from memopt.optim import OffloadedState
+
+    return lambda params: OffloadedState(make(params), "disk")
+
+
+OPTIMIZERS = {
+    "adamw": adamw, "adamw8bit": adamw8bit,
+    "adamw-offloaded": offloaded(adamw), "adamw8bit-offloaded": offloaded(adamw8bit),
+}
 
 
 def compiled(model: nn.Module, backend: str) -> Callable[..., Any]:
