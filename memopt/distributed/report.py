@@ -14,7 +14,8 @@ Three tables, each for one rank (every rank runs rank 0's plan, so they agree):
 * **gathered parameters**: every all-gathered parameter (or bucket of them) of the step,
   the parameters it holds by module path, its bytes, where its gathered value lives on
   the timeline (forward and backward node indices of the
-  planned graphs), and whether the plan frees it after forward and gathers it again;
+  planned graphs), and whether backward gathers it (or some of a bucket's parameters)
+  again instead of keeping it;
 * **collectives per step**: count, bytes each rank sends or receives, modelled time
   (`memopt.analysis.cost`, the device's network bandwidth) and how much of it compute
   does not hide (`memopt.analysis.collective_time`: the waits' stalls, in the final
@@ -44,7 +45,6 @@ from memopt.distributed.api import shard_state
 from memopt.graph import meta
 from memopt.graph.step import InputInfo, parameter_name
 from memopt.optim.state_size import group_of, predicted_state_bytes
-from memopt.plan.decisions import Recompute
 from memopt.units import format_bytes
 
 __all__ = ["report", "CollectiveRow", "GatheredRow", "collectives", "gathered_parameters"]
@@ -74,9 +74,10 @@ class CollectiveRow:
 
 @dataclass(frozen=True)
 class GatheredRow:
-    """One all-gathered parameter: its gathered bytes, where the gathered value is live
-    (timeline indices, inclusive; ``end`` None: to the end of the step), and whether
-    the plan gathers it again in backward instead of keeping it."""
+    """One all-gathered parameter (or bucket of them): its gathered bytes, where the
+    gathered value is live (timeline indices, inclusive; ``end`` None: to the end of the
+    step), and whether backward gathers any of its parameters again instead of keeping
+    them."""
 
     region: str
     name: str
@@ -86,6 +87,9 @@ class GatheredRow:
     gathered_again: bool
     parameters: tuple[str, ...] = ()
     """The parameters it gathers (one, or a bucket's), by their module path."""
+    again: tuple[str, ...] = ()
+    """Those of ``parameters`` an all-gather of the final backward graph gathers again
+    (a forward bucket may be re-gathered in part, in other buckets)."""
 
 
 def collectives(explanation: Any) -> list[CollectiveRow]:
@@ -116,45 +120,73 @@ def collectives(explanation: Any) -> list[CollectiveRow]:
 
 def gathered_parameters(explanation: Any) -> list[GatheredRow]:
     """The all-gathered parameters of every region (the waits on their all-gathers), with
-    their live ranges on the region's planned timeline."""
+    their live ranges on the region's planned timeline, and which of them the final
+    backward graph gathers again (read from its all-gathers, not from the plan's
+    decisions: the collective passes regroup gathers into buckets of other names)."""
     rows: list[GatheredRow] = []
     for record in explanation.regions:
         if record.step is None or record.timeline_after is None:
             continue
-        again = set() if record.plan is None else {
-            d.node_name.split(":", 1)[-1] for d in record.plan.decisions if isinstance(d.action, Recompute)
-        }
         inputs = dict(zip(record.step.forward.graph.find_nodes(op="placeholder"), record.step.inputs))
+        again = _regathered(record.step, inputs)
         for interval in record.timeline_after.intervals:
             node = interval.node
             if not isinstance(node, fx.Node) or interval.graph == "backward" or not meta.is_regatherable(node):
                 continue
-            names = {node.name, *(user.name for user in node.users)}  # the gather and its wait
-            params = _gathered_parameter_names(node, inputs)
+            params = _parameters_above(node.all_input_nodes, inputs)
+            mine = tuple(p for p in params if p in again)
             rows.append(
-                GatheredRow(record.region, node.name, interval.nbytes, interval.start, interval.end, bool(names & again), params)
+                GatheredRow(record.region, node.name, interval.nbytes, interval.start, interval.end, bool(mine), params, mine)
             )
     return rows
 
 
-def _gathered_parameter_names(node: fx.Node, inputs: dict[fx.Node, InputInfo]) -> tuple[str, ...]:
-    """The parameters whose shards the all-gather ``node`` (or the wait on one) reads,
-    through its casts, padding and a bucket's concatenation, in graph order."""
+def _regathered(step: Any, inputs: dict[fx.Node, InputInfo]) -> set[str]:
+    """The parameters whose shards (saved for backward) an all-gather of ``step``'s
+    backward graph reads."""
+    if step.backward is None:
+        return set()
+    forward_of = {bw: fw for fw, bw in step.saved_pairs()}
+    found: set[str] = set()
+    for node in step.backward.graph.nodes:
+        if node.op != "call_function" or _KINDS.get(str(node.target)) != "all_gather":
+            continue
+        saved = [forward_of[p] for p in _placeholders_above(node.all_input_nodes) if p in forward_of]
+        found.update(_parameters_above(saved, inputs))
+    return found
+
+
+def _placeholders_above(start: list[fx.Node]) -> list[fx.Node]:
+    """The placeholders ``start`` is computed from (``start``'s own included)."""
     seen: set[fx.Node] = set()
-    stack, found = list(node.all_input_nodes), []
+    stack, found = list(start), []
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
         if n.op == "placeholder":
-            info = inputs.get(n)
-            if info is not None and info.kind == "parameter":
-                found.append(n)
+            found.append(n)
         else:
             stack.extend(n.all_input_nodes)
+    return found
+
+
+def _parameters_above(start: list[fx.Node], inputs: dict[fx.Node, InputInfo]) -> tuple[str, ...]:
+    """The parameters (module paths, in graph order) whose forward placeholders
+    ``start`` is computed from: the shards an all-gather reads, through its casts,
+    padding and a bucket's concatenation."""
+    found = [n for n in _placeholders_above(start) if (info := inputs.get(n)) is not None and info.kind == "parameter"]
     order = {n: i for i, n in enumerate(inputs)}
     return tuple(parameter_name(inputs[n].name) for n in sorted(found, key=order.__getitem__))
+
+
+def _backward_cell(row: GatheredRow) -> str:
+    if not row.again:
+        return "kept"
+    if len(row.again) == len(row.parameters):
+        return "gathered again"
+    return f"{len(row.again)} of {len(row.parameters)} gathered again"
 
 
 def _names_cell(names: tuple[str, ...], shown: int = 2) -> str:
@@ -209,13 +241,14 @@ def report(model: nn.Module, explanation: Any = None, optimizer: torch.optim.Opt
     gathered = gathered_parameters(explanation)
     if gathered:
         again = [g for g in gathered if g.gathered_again]
+        params = sum(len(g.parameters) for g in gathered)
         lines += [
             "",
             f"gathered parameters: {len(gathered)}, {format_bytes(sum(g.nbytes for g in gathered))}; "
-            f"gathered again in backward: {len(again)}, {format_bytes(sum(g.nbytes for g in again))}",
+            f"gathered again in backward: {len(again)}, {sum(len(g.again) for g in gathered)} of {params} parameters",
             tabulate(
                 [[g.region, g.name, _names_cell(g.parameters), format_bytes(g.nbytes), g.start,
-                  "end" if g.end is None else g.end, "gathered again" if g.gathered_again else "kept"] for g in gathered],
+                  "end" if g.end is None else g.end, _backward_cell(g)] for g in gathered],
                 headers=["region", "value", "parameters", "bytes", "live from", "to", "backward"],
             ),
         ]  # fmt: skip

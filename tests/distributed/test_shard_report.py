@@ -79,3 +79,31 @@ def test_gathered_rows_name_their_parameters(fake_world):
     assert list(bucket.parameters) == names
     text = report(model, _explain(model, collective_bucket_bytes=4 * 2**20))
     assert "0.weight, 0.bias (+6 more)" in text
+
+
+def test_a_bucket_gathered_again_in_part_says_so(fake_world):
+    """Under a budget with the default bucketing, the forward gathers all 16 parameters
+    in one bucket and backward gathers some of them again in other buckets: the report
+    names the same parameters as gathered again as the same plan without buckets (one
+    gather per parameter) does. It read the plan's decisions by node name, which the
+    buckets renamed, and said "kept" and "gathered again in backward: 0" while backward
+    all-gathered."""
+
+    def explain(bucket_bytes: int) -> memopt.Explanation:
+        torch.manual_seed(0)
+        model = md.shard(nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.ReLU()) for _ in range(8)]), stage=3)
+        torch._dynamo.reset()
+        return memopt.explain(model, torch.randn(512, 64), options={
+            "codegen": "eager", "memory_budget": 0.75, "collective_bucket_bytes": bucket_bytes,
+            "plan_across_graph_breaks": False,
+        })  # fmt: skip
+
+    apart = {p for g in gathered_parameters(explain(0)) if g.gathered_again for p in g.parameters}
+    bucketed = explain(4 << 20)
+    (bucket,) = gathered_parameters(bucketed)
+    assert len(bucket.parameters) == 16 and bucket.gathered_again
+    assert apart and set(bucket.again) == apart
+    assert {(c.graph, c.kind) for c in collectives(bucketed)} >= {("backward", "all_gather")}
+    text = report(bucketed.sharded_model, bucketed)
+    assert f"gathered again in backward: 1, {len(apart)} of 16 parameters" in text
+    assert f"{len(apart)} of 16 gathered again" in text or len(apart) == 16
