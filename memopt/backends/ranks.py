@@ -111,6 +111,28 @@ def _check_same_graphs(step: StepGraphs, signatures: list[list[str]]) -> None:
             raise RanksCompiledOtherGraphs(
                 f"region {step.region}: rank {rank} compiled another graph than rank 0 (rank 0 {where[0]!r}, rank "
                 f"{rank} {where[1]!r}); under a memory_budget every rank must compile the same graphs, so that one "
-                "plan serves them and their collectives pair up. Give every rank inputs of the same shapes (pad "
-                "to one length, drop the last short batch), or drop memory_budget (each rank then plans its own)"
+                f"plan serves them and their collectives pair up. {_fix(first, other)}, or drop memory_budget "
+                "(each rank then plans its own)"
             )
+
+
+_NOT_A_TENSOR = ": -"
+"""How `signature` writes an input that is no tensor (a SymInt, an opaque object)."""
+
+
+def _fix(first: list[str], other: list[str]) -> str:
+    """What to change so that two ranks compile the same graph. Graphs that take another
+    number of symbolic inputs have one rank's sizes, strides or storage offsets dynamic
+    where the other's are static: Dynamo decides that per rank, from what each rank's
+    inputs did across steps. A slice of the global batch (rank r's ``batch[r*n:(r+1)*n]``)
+    moves its storage offset when ``n`` changes (a short last batch) on every rank but
+    rank 0, whose slice starts at 0, so only those ranks compile a dynamic offset."""
+    symbolic = [sum(entry.endswith(_NOT_A_TENSOR) for entry in sig) for sig in (first, other)]
+    if symbolic[0] != symbolic[1]:
+        return (
+            f"These graphs take {symbolic[0]} and {symbolic[1]} symbolic inputs: Dynamo made a size, stride or "
+            "storage offset dynamic on one rank only, e.g. for an input that is a slice of a larger tensor at "
+            "another offset on each rank (batch[rank * n:(rank + 1) * n]) whose length changed (a short last "
+            "batch). Give each rank a tensor of its own (.clone() the slice, or load only the rank's rows)"
+        )
+    return "Give every rank inputs of the same shapes (pad to one length, drop the last short batch)"

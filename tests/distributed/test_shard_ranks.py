@@ -193,6 +193,25 @@ def test_ranks_with_the_same_batches_under_a_budget_share_one_plan():
         assert result["3/fallbacks"] == [], result
 
 
+def test_a_short_last_batch_on_every_rank_shares_one_plan():
+    """4 rows per rank, then 2 on every rank (a short last batch) under a budget: the
+    ranks compile the same dynamic-shape graph and share one plan; no fallback."""
+    for result in ranks("uneven", "--stages", "3", "--budget", "0.6", "--rows", "4,4", "--short", timeout=120):
+        assert len(result["3"]) == 3 and result["3/fallbacks"] == [], result
+
+
+def test_a_short_last_batch_of_slices_names_the_cause():
+    """The same with each rank's input a slice of the global batch: rank 1's slice moves
+    its storage offset when the batch shrinks and rank 0's does not, so Dynamo compiles
+    a dynamic offset on rank 1 only and the graphs differ. Every rank runs the region
+    unoptimized (parameters still follow one process), and the warning names the cause
+    and the fix instead of asking for inputs of the same shapes, which they were."""
+    args = ("uneven", "--stages", "3", "--budget", "0.6", "--rows", "4,4", "--short", "--slice")
+    for result in ranks(*args, timeout=120):
+        (reason,) = result["3/fallbacks"]
+        assert "symbolic inputs" in reason and "a slice of a larger tensor" in reason and ".clone()" in reason, reason
+
+
 @pytest.mark.parametrize("mode", ["sharded", "full"])
 def test_checkpoint_loads_into_one_unsharded_process(tmp_path, mode):
     """A checkpoint saved by 2 ranks at stage 3 loads into a plain model and a plain

@@ -487,8 +487,13 @@ def _uneven_step(args: argparse.Namespace, step: int, step_fn: Any, opt: Any, re
     rank, world = dist.get_rank(), dist.get_world_size()
     gen = torch.Generator().manual_seed(step)
     rows = [2 if r == 0 or step < 2 else 3 for r in range(world)] if args.budget is None else args.rows
+    if args.short and step == 2:  # a short last batch on every rank
+        rows = [n // 2 for n in rows]
     inputs = [torch.randn(n, 16, generator=gen) for n in rows]
-    loss = step_fn(inputs[rank]).square().mean()
+    mine = inputs[rank]
+    if args.slice:  # the rank's rows of the global batch, a view at its offset
+        mine = torch.cat(inputs)[sum(rows[:rank]) : sum(rows[: rank + 1])]
+    loss = step_fn(mine).square().mean()
     loss.backward()
     opt.step(), opt.zero_grad()
     (sum(reference(x).square().mean() for x in inputs) / world).backward()
@@ -515,6 +520,9 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=None, help="memory_budget (scenario uneven)")
     parser.add_argument("--rows", type=lambda v: [int(n) for n in v.split(",")], default=[2, 24],
                         help="each rank's batch rows under --budget (scenario uneven)")
+    parser.add_argument("--short", action="store_true", help="half the rows at the last step (scenario uneven)")
+    parser.add_argument("--slice", action="store_true",
+                        help="each rank's input is its slice of the global batch (scenario uneven)")
     args = parser.parse_args()
     init_from_env("cpu")
     try:
