@@ -85,9 +85,17 @@ class OptimizerMemory:
 
 def optimizer_memory(optimizer: torch.optim.Optimizer, in_backward: bool) -> OptimizerMemory:
     """Read ``optimizer``'s memory now (module docstring). ``in_backward``: the
-    update runs inside backward."""
+    update runs inside backward.
+
+    A `memopt.distributed.ShardedOptimizer` steps tensors that are this rank's rows of
+    the model's parameters: its state is counted on the parameters the compiled graphs
+    take (the registered DTensors, `ShardedOptimizer.parameter_of`), in the bytes of
+    this rank's rows, with its inner optimizer's state sizes and temporaries."""
+    from memopt.optim._checks import is_sharded_optimizer
     from memopt.optim.state_size import state_bytes_of
 
+    sharded = is_sharded_optimizer(optimizer)
+    stepping: torch.optim.Optimizer = optimizer.inner if sharded else optimizer  # type: ignore[attr-defined]
     state: dict[int, int] = {}
     measured = True
     step_temporaries = 0
@@ -95,14 +103,14 @@ def optimizer_memory(optimizer: torch.optim.Optimizer, in_backward: bool) -> Opt
     for group in optimizer.param_groups:
         params = list(group["params"])
         for p in params:
-            state[id(p)] = state_bytes_of(optimizer, p, group)
-            measured = measured and bool(optimizer.state.get(p))
-        group_factor, group_temps = _update_temporaries(optimizer, group, params)
+            state[id(optimizer.parameter_of(p)) if sharded else id(p)] = state_bytes_of(stepping, p, group)  # type: ignore[attr-defined]
+            measured = measured and bool(stepping.state.get(p))
+        group_factor, group_temps = _update_temporaries(stepping, group, params)
         factors.append(group_factor)
         step_temporaries = max(step_temporaries, group_temps)
     factor = max(factors, default=2)  # groups differ only by options: the largest, to be safe
     piece = update_piece_bytes(p for g in optimizer.param_groups for p in g["params"])
-    return OptimizerMemory(type(optimizer).__name__, state, measured, in_backward, factor, step_temporaries, piece)
+    return OptimizerMemory(type(stepping).__name__, state, measured, in_backward, factor, step_temporaries, piece)
 
 
 def _update_temporaries(optimizer: torch.optim.Optimizer, group: Mapping[str, Any], params: list[torch.Tensor]) -> tuple[int, int]:

@@ -167,6 +167,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.inner.load_state_dict(state_dict)
 
+    def parameter_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The model's registered parameter (a DTensor) whose rows ``tensor``, one of
+        this optimizer's tensors, is: what the compiled graphs take as the parameter
+        (memopt's plan counts the state there, `memopt.analysis.optimizer_memory`)."""
+        found = self._locals.get(id(tensor))
+        if found is None or found[1] is not tensor:
+            raise ShardingError(
+                f"ShardedOptimizer.parameter_of: a tensor of shape {tuple(tensor.shape)} is not one this "
+                "optimizer steps; pass one of its param_groups' tensors"
+            )
+        return found[0].param
+
     def local_tensors(self) -> list[tuple[ShardedParam, torch.Tensor]]:
         """(handle, the tensor the inner optimizer steps) for each parameter it holds."""
         return list(self._locals.values())

@@ -5,6 +5,7 @@ parameters, not as inputs and saved activations."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -49,8 +50,29 @@ def test_report_uses_the_optimizer_of_the_options(fake_world):
     model = _model()
     optimizer = md.ShardedOptimizer(lambda p: torch.optim.AdamW(p, lr=1e-3), model)
     text = _explain(model, torch.randn(2, 64), optimizer=optimizer).report()
-    state = next(line for line in text.splitlines() if line.startswith("optimizer state "))
+    section = text.split("sharding (memopt.distributed.report, this rank):")[1]
+    state = next(line for line in section.splitlines() if line.startswith("optimizer state "))
     assert state.split()[-2:] == ["16.00", "KiB"]
+    # the step's own breakdown counts the same state at the peak (the plan sees it)
+    assert any(line.split()[:4] == ["optimizer", "state", "16.00", "KiB"] for line in text.split(section)[0].splitlines())
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_the_plan_counts_a_sharded_optimizers_state(fake_world, stage):
+    """``options={"optimizer": ShardedOptimizer(AdamW)}``: the step's timeline holds
+    AdamW's state of the rows this rank steps (8 bytes per element: all of them at
+    stage 0, 1/8 at stages 2 and 3), and the estimated peak grows by at least that.
+    The state was keyed by the rank's row tensors, which the compiled graphs never take
+    (they take the registered DTensors): the plan, and ``memory_budget``, left it out."""
+    model = md.shard(nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(4)]), stage=stage)
+    optimizer = md.ShardedOptimizer(lambda p: torch.optim.AdamW(p, lr=1e-3), model)
+    rows = sum(local.numel() for _, local in optimizer.local_tensors())
+    assert rows == 4 * 64 * 64 // (1 if stage == 0 else 8)
+    without = _explain(model, torch.randn(2, 64))
+    counted = _explain(model, torch.randn(2, 64), optimizer=optimizer)
+    state = [iv.nbytes for iv in counted.timeline().intervals if iv.category == "optimizer_state"]
+    assert sum(state) == 8 * rows
+    assert counted.estimated_peak_bytes >= without.estimated_peak_bytes + 8 * rows
 
 
 def test_plain_models_and_functions_have_no_sharding_section(fake_world):
