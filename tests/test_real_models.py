@@ -71,12 +71,25 @@ def _eager_step(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> A
 
 def _check_clean(records: list[RegionRecord], messages: list[str]) -> None:
     """No fallback anywhere; a warning only for a budget below the floor, and then one
-    per region whose plan says so."""
+    per region whose plan says so, except a recompile of a frame (``0/1``: a ViT sets
+    ``config.problem_type`` at its first call) with the figures an earlier compile of
+    the frame warned (`memopt._once`)."""
     assert records, "memopt compiled nothing"
     assert [fb for r in records for fb in r.fallbacks] == []
-    infeasible = sorted(r.region for r in records if r.plan is not None and not r.plan.feasible)
+    infeasible = [r for r in records if r.plan is not None and not r.plan.feasible]
     assert all(INFEASIBLE in m for m in messages), messages
-    assert sorted(name for m in messages for name in _regions_named(m)) == infeasible, messages
+    named = [name for m in messages for name in _regions_named(m)]
+    assert len(named) == len(set(named)), messages
+
+    def repeats_a_warned_compile(r: RegionRecord) -> bool:
+        frame = r.region.split("/")[0]
+        return any(
+            w.region != r.region and w.region.split("/")[0] == frame and w.region in named
+            and (w.plan.budget_bytes, w.plan.min_feasible_peak) == (r.plan.budget_bytes, r.plan.min_feasible_peak)
+            for w in infeasible
+        )  # fmt: skip
+
+    assert sorted(named) == sorted(r.region for r in infeasible if not repeats_a_warned_compile(r)), messages
 
 
 def _regions_named(message: str) -> list[str]:
