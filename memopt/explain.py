@@ -282,6 +282,31 @@ class Explanation:
         each = ", ".join(f"{region}: {format_bytes(b)}" for region, b in budgets.items())
         return [wrap(f"regions planned under different budgets ({each}), each alone: no budget for the step as a whole")]
 
+    def _other_model_lines(self) -> list[str]:
+        """A line naming the training regions of another model whose step ran before
+        the summarized one (two models trained in turn inside one `record`): they share
+        no parameter with the step's regions, and are not in its summary."""
+        step = self.step_regions()
+        in_step = frozenset().union(*(_parameter_ids(r) for r in step))
+        later = self.regions
+        others = [
+            r for i, r in enumerate(later)
+            if r.kind == "training" and not any(r is s for s in step)
+            and _parameter_ids(r) and not _parameter_ids(r) & in_step
+            and not any(_same_model(r, n) for n in later[i + 1 :])  # its latest compile only
+        ]  # fmt: skip
+        if not others:
+            return []
+        names = ", ".join(r.region for r in others)
+        return [wrap(
+            f"not in this summary: region{'s' if len(others) > 1 else ''} {names}, training another model "
+            f"(no parameter in common with region{'s' if len(step) > 1 else ''} "
+            f"{', '.join(r.region for r in step)}) whose step ran before the one summarized. The summary is "
+            "the last model's step alone: the other model's step peak is not in it, nor the parameters, "
+            "gradients and optimizer state it keeps meanwhile. Record one model's loop at a time "
+            "(docs/usage.md).",
+        )]  # fmt: skip
+
     def _graph_break_lines(self) -> list[str]:
         """Where the step is split by graph breaks: its regions and Dynamo's reasons.
         Keyed on Dynamo's reasons, not on the number of frames: under `record`, two models
@@ -349,6 +374,7 @@ class Explanation:
                 "",
                 summary_table(before, after, self._budget(), self._state_outside(after)),
                 *self._budget_note(),
+                *self._other_model_lines(),
                 "",
                 breakdown_table(after),
                 "",

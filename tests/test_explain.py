@@ -154,6 +154,30 @@ def test_two_models_of_one_class_both_count_in_the_step():
     assert explanation.baseline_bytes >= gen_bytes + disc_bytes, explanation.baseline_bytes
 
 
+def test_report_names_another_models_step_left_out_of_the_summary():
+    """Two models trained in turn, each with its own forward and backward: the summary
+    is the last one's step, and the report says which region of the other model it
+    leaves out. A recompile of one model (the same parameters) is not named."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    first = torch.compile(torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh()), backend="memopt", options=EAGER)
+    second = torch.compile(torch.nn.Sequential(torch.nn.Linear(16, 128), torch.nn.ReLU()), backend="memopt", options=EAGER)
+    with memopt.record() as explanation:
+        for _ in range(2):
+            first(torch.randn(8, 16)).sum().backward()
+            second(torch.randn(8, 16)).sum().backward()
+    first_region, second_region = [r.region for r in explanation.regions]  # 0/0 and 0/1: one code object
+    assert [r.region for r in explanation.step_regions()] == [second_region]
+    report = " ".join(explanation.report().split())
+    assert f"not in this summary: region {first_region}, training another model" in report
+
+    torch._dynamo.reset()
+    with memopt.record() as alone:
+        for _ in range(2):
+            first(torch.randn(8, 16)).sum().backward()
+    assert "not in this summary" not in alone.report()
+
+
 class _BreakBeforeLoss(torch.nn.Module):
     def __init__(self):
         super().__init__()
