@@ -41,8 +41,15 @@ __all__ = [
     "quantize_blockwise",
     "dequantize_blockwise",
     "adam8bit_step",
+    "block_moments",
+    "requantize",
+    "slice_state",
+    "State8bit",
 ]
 
+
+State8bit = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+"""``(exp_avg_code, exp_avg_scale, exp_avg_sq_code, exp_avg_sq_scale)``."""
 
 SIGNED_ZERO_CODE: int = 127
 """Index of 0.0 in the signed code (127 negative values come before it)."""
@@ -87,21 +94,27 @@ def code_tables(device: torch.device | str = "cpu") -> CodeTables:
     return CodeTables(signed, (signed[:-1] + signed[1:]) / 2, unsigned, (unsigned[:-1] + unsigned[1:]) / 2)
 
 
-def quantize_blockwise(blocks: torch.Tensor, midpoints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize fp32 ``blocks`` (nblocks, B): ``(uint8 codes (nblocks, B), absmax (nblocks,))``."""
-    absmax = blocks.abs().amax(dim=1)
+def quantize_blockwise(
+    blocks: torch.Tensor, midpoints: torch.Tensor, absmax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize fp32 ``blocks`` (nblocks, B): ``(uint8 codes (nblocks, B), absmax (nblocks,))``.
+    ``absmax``: the blocks' scales, given (at least each block's own absolute maximum);
+    default computed from ``blocks``."""
+    if absmax is None:
+        absmax = blocks.abs().amax(dim=1)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     normalized = blocks / safe[:, None]
     return torch.bucketize(normalized, midpoints).to(torch.uint8), absmax
 
 
 def dequantize_blockwise(
-    codes: torch.Tensor, scales: torch.Tensor, code: torch.Tensor, block_size: int
+    codes: torch.Tensor, scales: torch.Tensor, code: torch.Tensor, block_size: int, lead: int = 0
 ) -> torch.Tensor:
-    """fp32 blocks (nblocks, B) from flat ``codes`` (numel,); the tail past ``numel`` is 0."""
-    pad = (-codes.numel()) % block_size
+    """fp32 blocks (nblocks, B) from flat ``codes`` (numel,) whose first element is element
+    ``lead`` of its block; the blocks are 0 before it and past ``numel``."""
+    pad = (-(lead + codes.numel())) % block_size
     values = code[codes.long()]
-    values = F.pad(values, (0, pad)).view(-1, block_size)
+    values = F.pad(values, (lead, pad)).view(-1, block_size)
     return values * scales[:, None]
 
 
@@ -199,7 +212,7 @@ def adam8bit_step(
 def _reference_step(
     param: torch.Tensor,
     grad: torch.Tensor,
-    state: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    state: State8bit,
     tables: CodeTables,
     block_size: int,
     c: Mapping[str, float],
@@ -210,39 +223,87 @@ def _reference_step(
     and both moments while it runs (about 12 bytes per element of one piece, not of the
     parameter); the Triton kernel holds one block at a time. Blocks are independent, so
     the pieces give the bits one pass over the parameter gives."""
-    exp_avg_code, exp_avg_scale, exp_avg_sq_code, exp_avg_sq_scale = state
     numel = param.numel()
     pieces = list(spans(numel, block_size))
     if len(pieces) > 1:
         flat, flat_grad = param.detach().view(-1), grad.detach().reshape(-1)
         for start, end in pieces:
-            blocks = slice(start // block_size, -(-end // block_size))
-            piece_state = (exp_avg_code[start:end], exp_avg_scale[blocks], exp_avg_sq_code[start:end], exp_avg_sq_scale[blocks])
+            piece_state = slice_state(state, start, end, slice(start // block_size, -(-end // block_size)))
             _reference_step(flat[start:end], flat_grad[start:end], piece_state, tables, block_size, c)
         return
-    pad = (-numel) % block_size
-    g = F.pad(grad.reshape(-1).float(), (0, pad)).view(-1, block_size)
-    m = dequantize_blockwise(exp_avg_code, exp_avg_scale, tables.signed, block_size)
-    v = dequantize_blockwise(exp_avg_sq_code, exp_avg_sq_scale, tables.unsigned, block_size)
+    m, v = block_moments(param, grad, state, tables, block_size, c)
+    requantize(m, v, state, tables)
+
+
+def block_moments(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: State8bit,
+    tables: CodeTables,
+    block_size: int,
+    c: Mapping[str, float],
+    lead: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first half of the reference step: dequantize both moments, update them with
+    ``grad`` and update ``param`` in place; return the new fp32 moments as blocks
+    ``(nblocks, block_size)``, to be stored by `requantize`.
+
+    ``param`` (contiguous) holds elements ``lead, lead + 1, ...`` of consecutive blocks:
+    ``lead`` (``0 <= lead < block_size``) elements of its first block lie before it, in
+    another piece of the whole tensor (`memopt.optim.AdamW8bit` on one rank's rows of a
+    sharded parameter). The state holds ``param``'s codes, ``(numel,)``, and one scale
+    per block it touches. The moments are zero outside ``param`` (before it and past its
+    end), so they leave each block's absmax as the elements of ``param`` make it."""
+    numel = param.numel()
+    pad = (-(lead + numel)) % block_size
+    exp_avg_code, exp_avg_scale, exp_avg_sq_code, exp_avg_sq_scale = state
+    g = F.pad(grad.reshape(-1).float(), (lead, pad)).view(-1, block_size)
+    m = dequantize_blockwise(exp_avg_code, exp_avg_scale, tables.signed, block_size, lead)
+    v = dequantize_blockwise(exp_avg_sq_code, exp_avg_sq_scale, tables.unsigned, block_size, lead)
     # Separate multiplies and adds (no fused alpha): the same roundings as the kernel.
     m = m * c["beta1"] + (1.0 - c["beta1"]) * g
     v = v * c["beta2"] + (1.0 - c["beta2"]) * g * g
     denom = v.sqrt() / c["bias_correction2_sqrt"] + c["eps"]
-    p = F.pad(param.reshape(-1).float(), (0, pad)).view(-1, block_size)
+    p = F.pad(param.reshape(-1).float(), (lead, pad)).view(-1, block_size)
     p = p * c["decay"] - c["step_size"] * (m / denom)
-    param.copy_(p.view(-1)[:numel].view_as(param))
-    m_codes, m_scale = quantize_blockwise(m, tables.signed_mid)
-    v_codes, v_scale = quantize_blockwise(v, tables.unsigned_mid)
-    exp_avg_code.copy_(m_codes.view(-1)[:numel])
-    exp_avg_sq_code.copy_(v_codes.view(-1)[:numel])
+    param.copy_(p.view(-1)[lead : lead + numel].view_as(param))
+    return m, v
+
+
+def requantize(
+    m: torch.Tensor,
+    v: torch.Tensor,
+    state: State8bit,
+    tables: CodeTables,
+    lead: int = 0,
+    absmax: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """The second half of the reference step: store the moment blocks `block_moments`
+    returned (same ``lead``) as codes and scales. ``absmax`` (first moment's, second
+    moment's; one entry per block) replaces the blocks' own absolute maxima: for a block
+    shared with other pieces of the tensor, the maximum over all of them, so that its
+    elements get the codes the whole tensor's block gives them (the absmax of a block
+    of ``m`` or ``v`` alone, taken over its zeros outside the piece, is at most that)."""
+    exp_avg_code, exp_avg_scale, exp_avg_sq_code, exp_avg_sq_scale = state
+    numel = exp_avg_code.numel()
+    m_codes, m_scale = quantize_blockwise(m, tables.signed_mid, None if absmax is None else absmax[0])
+    v_codes, v_scale = quantize_blockwise(v, tables.unsigned_mid, None if absmax is None else absmax[1])
+    exp_avg_code.copy_(m_codes.view(-1)[lead : lead + numel])
+    exp_avg_sq_code.copy_(v_codes.view(-1)[lead : lead + numel])
     exp_avg_scale.copy_(m_scale)
     exp_avg_sq_scale.copy_(v_scale)
+
+
+def slice_state(state: State8bit, start: int, end: int, blocks: slice) -> State8bit:
+    """Views of the codes of elements ``start .. end`` and the scales of ``blocks``."""
+    exp_avg_code, exp_avg_scale, exp_avg_sq_code, exp_avg_sq_scale = state
+    return exp_avg_code[start:end], exp_avg_scale[blocks], exp_avg_sq_code[start:end], exp_avg_sq_scale[blocks]
 
 
 def _triton_step(
     param: torch.Tensor,
     grad: torch.Tensor,
-    state: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    state: State8bit,
     tables: CodeTables,
     block_size: int,
     c: Mapping[str, float],

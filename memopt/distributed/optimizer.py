@@ -14,8 +14,10 @@ every rank on the whole parameter (data parallel).
 Which optimizers qualify: an update of one element must depend only on that element's
 gradient history, so that stepping on row pieces equals stepping on the whole. torch's
 SGD, Adam, AdamW, Adamax, NAdam, RAdam, RMSprop, Adagrad, Adadelta, ASGD and Rprop do;
-memopt's AdamW8bit does per block (its blocks must not straddle two ranks' rows to match
-the unsharded optimizer exactly: a warning names parameters whose rows do). GaLoreAdamW
+memopt's AdamW8bit does per quantization block: each rank's rows keep the whole
+parameter's blocks, and a block that straddles two ranks' rows gets its scale from one
+small all-reduce (MAX) per step, so the update is the unsharded one bit for bit
+(`memopt.optim._flat_piece`). GaLoreAdamW
 and SubspaceAdamW project whole matrices, MeZO perturbs the whole model from each rank's
 own loss, torch's Adafactor factors rows and columns, LBFGS uses global line searches:
 refused at stages 1-3 (low-rank optimizers are fine at stage 0, or with ``lowrank=False``
@@ -29,16 +31,19 @@ disk between steps.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from memopt.distributed.api import shard_state
 from memopt.distributed.checks import ShardingError
 from memopt.distributed.param import GATHER_BUCKET_BYTES, ShardedParam, gather_replicas
+
+if TYPE_CHECKING:
+    from memopt.optim._flat_piece import FlatPiece
 
 __all__ = ["ShardedOptimizer", "unwrapped", "resident"]
 
@@ -263,28 +268,34 @@ def _check_optimizer(
 
 def _adapt_blockwise(optimizer: torch.optim.Optimizer, sharded: ShardedOptimizer) -> None:
     """AdamW8bit decides 8-bit moments by a parameter's size: make it decide by the whole
-    parameter's, not the rank's rows; warn where quantization blocks straddle two ranks."""
+    parameter's, not the rank's rows; and declare each rank's rows a piece of the whole
+    (`AdamW8bit.set_piece`), so that it quantizes in the whole parameter's blocks and
+    steps as the unsharded optimizer does, where a block straddles two ranks' rows too."""
     from memopt.optim import AdamW8bit
 
     if not isinstance(optimizer, AdamW8bit):
         return
     full_numel = {key: _numel(handle.shape) for key, (handle, _) in sharded._locals.items()}
     optimizer.uses_8bit = lambda param, group: full_numel[id(param)] >= group["min_8bit_size"]  # type: ignore[method-assign]
-    straddling = []
     for group in optimizer.param_groups:
         for local in group["params"]:
             handle, _ = sharded._locals[id(local)]
-            row = _numel(handle.shape[1:])
-            if handle.stage > 0 and optimizer.uses_8bit(local, group) and (handle.layout.chunk * row) % group["block_size"]:
-                straddling.append(f"{handle.fqn} ({handle.layout.chunk * row} elements per rank)")
-    if straddling:
-        warnings.warn(
-            "ShardedOptimizer: AdamW8bit's quantization blocks of these parameters straddle two "
-            f"ranks' rows, so its moments are quantized in other blocks than unsharded: "
-            f"{', '.join(straddling)}. Training is sound; for the unsharded numerics choose a "
-            "block_size that divides the elements per rank",
-            stacklevel=3,
-        )
+            if handle.stage > 0 and optimizer.uses_8bit(local, group):
+                optimizer.set_piece(local, _piece(handle))
+
+
+def _piece(handle: ShardedParam) -> FlatPiece:
+    """Where this rank's rows of ``handle``'s parameter lie in the whole, flattened."""
+    from memopt.optim._flat_piece import FlatPiece
+
+    lay, row = handle.layout, _numel(handle.shape[1:])
+    starts = (min(rank * lay.chunk, lay.rows) * row for rank in range(1, lay.world))
+    group = handle.state.mesh.get_group()
+
+    def reduce_max(values: torch.Tensor) -> None:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
+
+    return FlatPiece(offset=lay.start * row, total=_numel(handle.shape), cuts=tuple(starts), reduce_max=reduce_max)
 
 
 def _numel(shape: Iterable[int]) -> int:

@@ -12,6 +12,11 @@ and costs accuracy.
 
 The code tables (4 KiB per device) are shared by all parameters and are not part of the
 optimizer state.
+
+A parameter declared a piece of a larger tensor (`AdamW8bit.set_piece`: a rank's rows of
+a sharded parameter, which `memopt.distributed.ShardedOptimizer` declares) is quantized
+in the whole tensor's blocks, so it steps bit for bit as the whole would
+(`memopt.optim._flat_piece`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from memopt.codegen.adam8bit import SIGNED_ZERO_CODE, CodeTables, adam8bit_step,
 from memopt.optim._adamw import adam_coefficients, adamw_group_step
 from memopt.optim._base import MemoptOptimizer
 from memopt.optim._checks import check_adamw_group, check_int
+from memopt.optim._flat_piece import FlatPiece, piece_blocks, piece_step
 
 __all__ = ["AdamW8bit"]
 
@@ -55,6 +61,8 @@ class AdamW8bit(MemoptOptimizer):
         kernel: str = "auto",
     ) -> None:
         self._tables: dict[str, CodeTables] = {}
+        self._pieces: dict[torch.Tensor, FlatPiece] = {}
+        """Parameters that are pieces of a larger tensor (`set_piece`)."""
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, block_size=block_size,
             min_8bit_size=min_8bit_size, kernel=kernel,
@@ -81,6 +89,26 @@ class AdamW8bit(MemoptOptimizer):
         """Whether ``param``'s moments are quantized under ``group``'s options."""
         return param.numel() >= group["min_8bit_size"]
 
+    def set_piece(self, param: torch.Tensor, piece: FlatPiece) -> None:
+        """Declare ``param`` (one of this optimizer's) the piece ``piece`` of a larger
+        tensor: its 8-bit moments are then quantized in the whole tensor's blocks (one
+        scale per block it touches; a block shared with other pieces gets the scale the
+        whole gives it, agreed through ``piece.reduce_max`` in each step), so every
+        element steps bit for bit as in the whole. Before ``param``'s first step only:
+        raises ``ValueError`` once it has state."""
+        if self.state.get(param):
+            raise ValueError(
+                f"AdamW8bit.set_piece: the {tuple(param.shape)} parameter already has state in "
+                "another block layout; declare its piece before its first step"
+            )
+        self._pieces[param] = piece
+
+    def scale_blocks(self, param: torch.Tensor, block_size: int) -> int:
+        """Scales per moment that ``param``'s 8-bit state keeps: one per block of
+        ``block_size`` it touches (of the whole tensor, for a piece)."""
+        piece = self._pieces.get(param) if self._pieces else None
+        return piece_blocks(0 if piece is None else piece.offset, param.numel(), block_size)
+
     def _update(
         self,
         param: torch.Tensor,
@@ -93,18 +121,20 @@ class AdamW8bit(MemoptOptimizer):
             adamw_group_step(param, grad, state, group)
             return
         if not state:
-            state.update(_init_8bit_state(param, group["block_size"]))
+            state.update(_init_8bit_state(param, self.scale_blocks(param, group["block_size"])))
         state["step"] += 1
         # The kernels walk the parameter's memory flat: a non-contiguous one (a channels_last
         # conv weight) is stepped in a contiguous copy, in the same element order as its
         # gradient and codes, and written back.
         target = param if param.is_contiguous() else param.contiguous()
-        adam8bit_step(
-            target, grad, state["exp_avg_code"], state["exp_avg_scale"], state["exp_avg_sq_code"],
-            state["exp_avg_sq_scale"], tables=self._tables_for(param.device),
-            block_size=group["block_size"], kernel=group["kernel"],
-            **adam_coefficients(group, state["step"]),
-        )  # fmt: skip
+        codes = (state["exp_avg_code"], state["exp_avg_scale"], state["exp_avg_sq_code"], state["exp_avg_sq_scale"])
+        tables, block_size, coefficients = self._tables_for(param.device), group["block_size"], adam_coefficients(group, state["step"])
+        piece = self._pieces.get(param) if self._pieces else None
+        if piece is not None and piece.shared_blocks(block_size):
+            piece_step(target, grad, codes, piece, tables=tables, block_size=block_size, kernel=group["kernel"],
+                       coefficients=coefficients)
+        else:
+            adam8bit_step(target, grad, *codes, tables=tables, block_size=block_size, kernel=group["kernel"], **coefficients)
         if target is not param:
             param.copy_(target)
 
@@ -118,10 +148,9 @@ class AdamW8bit(MemoptOptimizer):
         return self._tables[key]
 
 
-def _init_8bit_state(param: torch.Tensor, block_size: int) -> dict[str, Any]:
-    """Zero moments: zero codes and zero scales."""
+def _init_8bit_state(param: torch.Tensor, blocks: int) -> dict[str, Any]:
+    """Zero moments: zero codes and ``blocks`` zero scales per moment."""
     numel = param.numel()
-    blocks = -(-numel // block_size)
     device = param.device
     return {
         "step": 0,

@@ -44,7 +44,8 @@ def predicted_state_bytes(optimizer: torch.optim.Optimizer, param: torch.Tensor,
         left = projection_side(param.shape, group["proj_type"]) == "left"
         return lowrank_state_bytes(tuple(param.shape), group["rank"], left, isinstance(optimizer, GaLoreAdamW))
     if isinstance(optimizer, AdamW8bit) and optimizer.uses_8bit(param, group):
-        return adamw8bit_state_bytes(param.numel(), group["block_size"])
+        # one scale per block touched: of the whole tensor for a piece (`AdamW8bit.set_piece`)
+        return 2 * param.numel() + 8 * optimizer.scale_blocks(param, group["block_size"])
     if isinstance(optimizer, torch.optim.SGD):
         return nbytes if group.get("momentum", 0) else 0
     if isinstance(optimizer, torch.optim.Adam):

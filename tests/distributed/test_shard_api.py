@@ -240,17 +240,26 @@ def test_offloaded_state_is_judged_by_the_optimizer_it_wraps(fake_world):
         OffloadedState(sharded, "disk")
 
 
-def test_adamw8bit_decides_by_the_whole_parameter_and_warns_on_straddling_blocks(fake_world):
+def test_adamw8bit_decides_by_the_whole_parameter_and_keeps_its_blocks(fake_world):
     """A 64x64 weight (4096 elements, 8-bit) sharded to 8x64 pieces (512 elements) keeps
-    8-bit moments; with block 1024 its blocks straddle two ranks, which a warning names."""
+    8-bit moments, and each rank's piece is declared to AdamW8bit as the rows it is of
+    the whole: with block 1024 the cuts at 512, 1536, ... cross blocks 0-3, so rank 0's
+    512 elements keep one scale, the whole's block 0 (no warning: the step agrees the
+    shared blocks' scales across ranks); with block 256 every cut is on a block
+    boundary and nothing is shared."""
     from memopt.optim import AdamW8bit
 
     model = md.shard(nn.Linear(64, 64), stage=3)
     opt = md.ShardedOptimizer(lambda p: AdamW8bit(p, min_8bit_size=4096), model)
     weight, bias = (t for _, t in opt.local_tensors())
     assert opt.inner.uses_8bit(weight, opt.param_groups[0]) and not opt.inner.uses_8bit(bias, opt.param_groups[0])
-    with pytest.warns(UserWarning, match=r"straddle two ranks' rows.*weight \(512 elements per rank\)"):
-        md.ShardedOptimizer(lambda p: AdamW8bit(p, min_8bit_size=4096, block_size=1024), model)
+    piece = opt.inner._pieces[weight]
+    assert (piece.offset, piece.total, piece.cuts) == (0, 4096, tuple(512 * r for r in range(1, 8)))
+    assert piece.shared_blocks(256) == () and piece.shared_blocks(1024) == (0, 1, 2, 3)
+    assert bias not in opt.inner._pieces
+    wide = md.ShardedOptimizer(lambda p: AdamW8bit(p, min_8bit_size=4096, block_size=1024), model)
+    weight = wide.local_tensors()[0][1]
+    assert wide.inner.scale_blocks(weight, 1024) == 1 and opt.inner.scale_blocks(weight, 256) == 2
 
 
 def test_wrapping_an_optimizer_that_already_stepped(fake_world):

@@ -52,6 +52,18 @@ def test_adamw8bit_shards_match_unsharded_adamw8bit():
     ranks("numerics", "--stages", "0,1,2,3", "--steps", "4", "--optimizer", "adamw8bit")
 
 
+@pytest.mark.parametrize("optimizer", ["adamw8bit-straddling", "adamw8bit", "adamw"])
+def test_sharded_optimizer_on_one_process_gradients_is_bitwise_one_process(optimizer):
+    """Given one process's gradients (each rank its rows of them), 5 steps at stages 0-3
+    leave every parameter bit for bit as one process's. AdamW8bit in blocks of 128 that
+    the cut between the ranks' rows crosses (the embedding, both weights, the LayerNorm
+    and a bias; an empty piece on rank 1): each rank quantizes in the whole parameter's
+    blocks and the shared blocks' scales are agreed by an all-reduce. Quantized in blocks
+    of the rank's rows alone, the moments of the shared blocks differed from the first
+    step on and the parameters after the second."""
+    ranks("numerics", "--stages", "0,1,2,3", "--steps", "5", "--optimizer", optimizer, "--same-grads")
+
+
 @pytest.mark.parametrize("backend", ["none", "memopt"])
 def test_accumulation_reduces_once_per_step(backend):
     """3 micro-steps, sync off for the first 2: gradients equal one process accumulating
@@ -85,9 +97,11 @@ def test_checkpoint_resumes_bit_for_bit(tmp_path):
     assert resumed[0] == saved[0] and resumed[1] == saved[1]
 
 
-def test_checkpoint_with_per_rank_optimizer_state(tmp_path):
-    """AdamW8bit's codes and scales are per rank: a sharded checkpoint resumes exactly."""
-    args = ["checkpoint", "--dir", str(tmp_path), "--stages", "3", "--modes", "sharded", "--optimizer", "adamw8bit"]
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "adamw8bit-straddling"])
+def test_checkpoint_with_per_rank_optimizer_state(tmp_path, optimizer):
+    """AdamW8bit's codes and scales are per rank: a sharded checkpoint resumes exactly
+    (stages 1-3; with blocks shared by two ranks too, whose scales each rank keeps)."""
+    args = ["checkpoint", "--dir", str(tmp_path), "--stages", "1,2,3", "--modes", "sharded", "--optimizer", optimizer]
     saved = ranks(*args)
     assert ranks(*args, "--phase", "resume") == saved
 

@@ -97,8 +97,19 @@ def offloaded(make: Callable[[Any], torch.optim.Optimizer]) -> Callable[[Any], t
     return lambda params: OffloadedState(make(params), "disk")
 
 
+def adamw8bit_straddling(params: Any) -> torch.optim.Optimizer:
+    """8-bit moments for every parameter of 16 elements or more, in blocks of 128 that
+    the cut between the ranks' rows crosses: the embedding's block 1 (rows 0-11 | 12-23),
+    the first block of the 13x16 and 16x13 weights (cut at element 112, 104) and the only
+    block of the LayerNorm's and `down`'s 16-element vectors (cut at 8); `gate` (1 row)
+    is rank 0's alone, rank 1's piece is empty."""
+    from memopt.optim import AdamW8bit
+
+    return AdamW8bit(params, lr=1e-2, weight_decay=0.1, block_size=128, min_8bit_size=16)
+
+
 OPTIMIZERS = {
-    "adamw": adamw, "adamw8bit": adamw8bit,
+    "adamw": adamw, "adamw8bit": adamw8bit, "adamw8bit-straddling": adamw8bit_straddling,
     "adamw-offloaded": offloaded(adamw), "adamw8bit-offloaded": offloaded(adamw8bit),
 }
 
@@ -118,7 +129,9 @@ def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
 
 def numerics(args: argparse.Namespace) -> dict[str, Any]:
     """Loss, every gradient and every parameter, step by step, against one process on the
-    global batch, for each stage."""
+    global batch, for each stage. ``--same-grads``: each rank's gradients are replaced by
+    one process's (its rows of them) before the step, so the optimizers step on the same
+    numbers, and the parameters must be equal bit for bit."""
     rank, world = dist.get_rank(), dist.get_world_size()
     out: dict[str, Any] = {}
     for stage in [int(s) for s in args.stages.split(",")]:
@@ -139,12 +152,28 @@ def numerics(args: argparse.Namespace) -> dict[str, Any]:
             close(torch.tensor(losses[-1]), ref_loss.detach(), f"stage {stage} step {step} loss")
             for (name, p), q in zip(model.named_parameters(), reference.parameters()):
                 close(full(p.grad), q.grad, f"stage {stage} step {step} grad {name}")
+                if args.same_grads:
+                    _set_grad(p, q.grad, rank, world)
             ref_opt.step(), opt.step()
             ref_opt.zero_grad(), opt.zero_grad()
             for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+                if args.same_grads:
+                    assert torch.equal(full(p.detach()), q.detach()), f"stage {stage} step {step} param {name} differs"
                 close(full(p.detach()), q.detach(), f"stage {stage} step {step} param {name}")
         out[str(stage)] = losses
     return out
+
+
+def _set_grad(param: torch.Tensor, grad: torch.Tensor, rank: int, world: int) -> None:
+    """Write one process's gradient ``grad`` into the sharded parameter's (its rows where
+    the gradient is a ``Shard(0)`` DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    local = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+    if local.shape != grad.shape:
+        chunk = -(-grad.shape[0] // world)
+        grad = grad.narrow(0, min(rank * chunk, grad.shape[0]), local.shape[0])
+    local.copy_(grad)
 
 
 def _reductions(counts: dict[Any, int]) -> int:
@@ -514,6 +543,7 @@ def main() -> None:
     parser.add_argument("--backend", default="none", help="none (eager), aot_eager, memopt (eager codegen) or memopt-inductor")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
+    parser.add_argument("--same-grads", action="store_true", help="step on one process's gradients (scenario numerics)")
     parser.add_argument("--dir", default="")
     parser.add_argument("--phase", default="save", choices=["save", "resume"])
     parser.add_argument("--modes", default="sharded,full", help="checkpoint kinds: sharded, full")
