@@ -52,15 +52,16 @@ def test_adamw8bit_shards_match_unsharded_adamw8bit():
     ranks("numerics", "--stages", "0,1,2,3", "--steps", "4", "--optimizer", "adamw8bit")
 
 
-@pytest.mark.parametrize("optimizer", ["adamw8bit-straddling", "adamw8bit", "adamw"])
+@pytest.mark.parametrize("optimizer", ["adamw8bit-straddling", "adamw8bit-straddling-offloaded", "adamw8bit", "adamw"])
 def test_sharded_optimizer_on_one_process_gradients_is_bitwise_one_process(optimizer):
     """Given one process's gradients (each rank its rows of them), 5 steps at stages 0-3
     leave every parameter bit for bit as one process's. AdamW8bit in blocks of 128 that
     the cut between the ranks' rows crosses (the embedding, both weights, the LayerNorm
     and a bias; an empty piece on rank 1): each rank quantizes in the whole parameter's
-    blocks and the shared blocks' scales are agreed by an all-reduce. Quantized in blocks
-    of the rank's rows alone, the moments of the shared blocks differed from the first
-    step on and the parameters after the second."""
+    blocks and the shared blocks' scales are agreed by an all-reduce (also with its state
+    offloaded, `OffloadedState`, which steps one parameter at a time). Quantized in
+    blocks of the rank's rows alone, the moments of the shared blocks differed from the
+    first step on and the parameters after the second."""
     ranks("numerics", "--stages", "0,1,2,3", "--steps", "5", "--optimizer", optimizer, "--same-grads")
 
 

@@ -99,10 +99,10 @@ def offloaded(make: Callable[[Any], torch.optim.Optimizer]) -> Callable[[Any], t
 
 def adamw8bit_straddling(params: Any) -> torch.optim.Optimizer:
     """8-bit moments for every parameter of 16 elements or more, in blocks of 128 that
-    the cut between the ranks' rows crosses: the embedding's block 1 (rows 0-11 | 12-23),
-    the first block of the 13x16 and 16x13 weights (cut at element 112, 104) and the only
-    block of the LayerNorm's and `down`'s 16-element vectors (cut at 8); `gate` (1 row)
-    is rank 0's alone, rank 1's piece is empty."""
+    the cut between the ranks' rows crosses in 6 parameters: the embedding's block 1
+    (rows 0-11 | 12-23), the first block of the 13x16 and 16x13 weights (cut at element
+    112, 104) and the only block of the LayerNorm's two and `down`'s bias, 16 elements
+    each (cut at 8); `gate` (1 row) is rank 0's alone, rank 1's piece is empty."""
     from memopt.optim import AdamW8bit
 
     return AdamW8bit(params, lr=1e-2, weight_decay=0.1, block_size=128, min_8bit_size=16)
@@ -111,6 +111,7 @@ def adamw8bit_straddling(params: Any) -> torch.optim.Optimizer:
 OPTIMIZERS = {
     "adamw": adamw, "adamw8bit": adamw8bit, "adamw8bit-straddling": adamw8bit_straddling,
     "adamw-offloaded": offloaded(adamw), "adamw8bit-offloaded": offloaded(adamw8bit),
+    "adamw8bit-straddling-offloaded": offloaded(adamw8bit_straddling),
 }
 
 
