@@ -338,6 +338,36 @@ def test_inductor_never_overwrites_a_scattered_buffer_in_place():
     assert _fused_timeline(f, idx, src, v).peak_growth_bytes == 2 * z_bytes
 
 
+def test_inductor_gathers_a_max_pool_gradient_in_its_consumers_loop():
+    """torch 2.11 hands Inductor ``max_pool2d_with_indices_backward`` (2.13 decomposes it
+    into a scatter_add first), which Inductor lowers to a loop over the input gathering
+    from the windows that cover each element, with the offsets -> indices conversion
+    inlined (``lowering.max_pool2d_with_indices_backward``): neither is a buffer. Here
+    (pool_grad(g, x, indices(offsets)) * x).sum(1) allocates only its output O; with
+    dilation, or more than 25 windows over an element, Inductor calls the eager kernel,
+    which reads the int64 indices I (one per pooled element) and writes X (x's size):
+    the peak is I + X, while that kernel runs."""
+    import torch._inductor.inductor_prims  # noqa: F401 - registers the prims op
+
+    aten, prims = torch.ops.aten, torch.ops.prims
+    x = torch.randn(4, 8, 64, 64)
+    x_bytes, out_bytes, I64 = x.numel() * F32, 4 * 64 * 64 * F32, 8
+
+    def pool_grad(k: int, s: int, dilation: int):
+        def f(g, x, offsets):
+            idx = prims._low_memory_max_pool_offsets_to_indices(offsets, [k, k], [64, 64], [s, s], [0, 0], [dilation] * 2)
+            grad = aten.max_pool2d_with_indices_backward(g, x, [k, k], [s, s], [0, 0], [dilation] * 2, False, idx)
+            return (grad * x).sum(1)
+
+        _, offsets = prims._low_memory_max_pool_with_offsets(x, [k, k], [s, s], [0, 0], [dilation] * 2, False)
+        return _fused_timeline(f, torch.randn(offsets.shape), x, offsets).peak_growth_bytes
+
+    assert pool_grad(2, 2, 1) == out_bytes
+    assert pool_grad(3, 1, 1) == out_bytes  # 9 windows over an element
+    assert pool_grad(6, 1, 1) == 4 * 8 * 59 * 59 * I64 + x_bytes  # 36 windows: the eager kernel
+    assert pool_grad(2, 2, 2) == 4 * 8 * 31 * 31 * I64 + x_bytes  # dilation: the eager kernel
+
+
 def test_channels_last_convolution_scratch_matches_a_measurement():
     """oneDNN's scratch for a channels-last convolution backward (what Inductor calls on
     CPU), modelled in workspace.py, against the op measured alone."""

@@ -61,11 +61,46 @@ _INDEXING = {aten.gather, aten.index, aten.index_select, aten.embedding, aten.co
 _GENERATED = {aten.full, aten.scalar_tensor, aten.arange, aten.zeros, aten.ones, torch.ops.prims.iota}
 
 
+# The max-pool backward Inductor lowers to a loop over the input that gathers each
+# element's gradient from the windows covering it (``lowering.max_pool2d_with_indices_backward``),
+# and the offsets -> indices conversion that loop inlines
+# (``lowering._low_memory_max_pool_offsets_to_indices``). The backward reaches Inductor as
+# this op on torch 2.11, whose decomposition table has no entry for it; torch 2.13's
+# decomposes it into ``scatter_add`` first (`_CLONE_THEN_UPDATE`).
+_OFFSETS_TO_INDICES = "prims::_low_memory_max_pool_offsets_to_indices"
+_MAX_POOL_WINDOW = 25  # larger windows (or any dilation) take the eager fallback
+
+
 def _pointwise(node: fx.Node) -> bool:
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):
         return False
-    return torch.Tag.pointwise in target.tags or target.overloadpacket in _INDEXING | _GENERATED
+    if target.overloadpacket is aten.max_pool2d_with_indices_backward:
+        return _max_pool_backward_is_a_loop(node)
+    return (
+        torch.Tag.pointwise in target.tags
+        or target.overloadpacket in _INDEXING | _GENERATED
+        or target.name() == _OFFSETS_TO_INDICES
+    )
+
+
+def _max_pool_backward_is_a_loop(node: fx.Node) -> bool:
+    """Whether Inductor lowers this ``max_pool2d_with_indices_backward`` to its gather
+    loop rather than the eager fallback: no dilation, and at most 25 pooling windows
+    cover an input element (``lowering.max_pool2d_with_indices_backward``)."""
+    _, _, kernel_size, stride, _, dilation, *_ = node.args
+    if any(d != 1 for d in _pair(dilation)):
+        return False
+    window = 1
+    for k, s in zip(_pair(kernel_size), _pair(stride or kernel_size)):
+        window *= max(max(h // s - max(0, (h - k) // s), 1) for h in range(2 * k))
+    return window <= _MAX_POOL_WINDOW
+
+
+def _pair(value: int | list[int]) -> list[int]:
+    """An ``int[2]`` argument as two ints (a schema's ``int[2]`` takes one int for both)."""
+    values = [value] if isinstance(value, int) else list(value)
+    return values * 2 if len(values) == 1 else values
 
 
 def _reduction(node: fx.Node) -> bool:
