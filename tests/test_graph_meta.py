@@ -107,3 +107,21 @@ def test_value_bytes_counts_symbolic_sizes_at_their_example_value():
     assert isinstance(meta.tensor_value(doubled).numel(), torch.SymInt)
     assert meta.value_bytes(doubled) == 3 * 5 * 4
     assert meta.value_bytes(gm.graph.find_nodes(op="output")[0]) == 0
+
+
+def test_running_fake_keeps_sizes_symbolic_as_dynamo_does():
+    """`meta.running_fake` runs ops with torch's Python dispatcher on, as Dynamo records
+    values. Without it, torch 2.11's CPU attention with dropout guarded a symbolic
+    sequence length to its example value (a replacement in the shape environment);
+    torch 2.13 did not either way."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    shape_env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=shape_env)
+    dims = [DimDynamic.STATIC, DimDynamic.DYNAMIC, DimDynamic.STATIC]
+    x = mode.from_tensor(torch.randn(2, 24, 16), symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+    with meta.running_fake(mode):
+        q = x.view(2, x.shape[1], 2, 8).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+    assert isinstance(out.shape[2], torch.SymInt) and not shape_env.replacements

@@ -430,6 +430,29 @@ def test_dynamic_batch_is_lowered_and_compression_skips_symbolic_values():
     assert "dynamic shape (compression needs static shapes)" in storage["skipped"]
 
 
+def test_dynamic_length_through_attention_with_dropout_is_compiled_once():
+    """Pass ``precision`` and verification re-run the Dynamo graph on fake tensors.
+    Without torch's Python dispatcher (which Dynamo runs with), torch 2.11's CPU
+    ``scaled_dot_product_attention`` with dropout read the sequence length as an int,
+    guarding it to the first example's: every length compiled again, and the bf16 graph
+    was written out at that fixed length. Both now run ops as Dynamo does
+    (`meta.running_fake`)."""
+    torch.manual_seed(0)
+    proj = nn.Linear(16, 48)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        q, k, v = proj(x).view(2, x.shape[1], 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.1).float().sum()
+
+    compiled = torch.compile(f, backend="memopt", dynamic=True, options=BF16)
+    with memopt.record() as explanation:
+        for seq in (24, 40):
+            compiled(torch.randn(2, seq, 16)).backward()
+    assert len(explanation.regions) == 1  # one compile serves both lengths
+    forward = explanation.region(0).step.forward.graph
+    assert any(meta.is_symbolic(p) for p in forward.find_nodes(op="placeholder"))
+
+
 # ------------------------------------------- Hugging Face layouts (issue 14, item 5)
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "copy_provenance",
     "copy_dynamo_provenance",
     "graph_fake_mode",
+    "running_fake",
 ]
 
 _VAL = "val"
@@ -395,17 +396,35 @@ def set_memopt_tag(node: fx.Node, name: str, value: Any) -> None:
 
 
 @contextlib.contextmanager
+def running_fake(mode: Any) -> Iterator[None]:
+    """Run torch ops under fake mode ``mode`` as Dynamo does when it records a graph's
+    values (``torch._dynamo.utils.get_fake_value``): with torch's Python dispatcher on,
+    so that ops take their Python meta functions and decompositions, which keep
+    symbolic sizes symbolic. Without it, torch 2.11's CPU
+    ``scaled_dot_product_attention`` with dropout reads its inputs' sizes as ints (the
+    fake tensor's ``aten.size`` handler), which guards a dynamic sequence length to its
+    example value: memopt re-running the graph (pass ``precision``, verification)
+    specialized it, and Dynamo recompiled for every length. torch 2.13's kernel keeps
+    the size symbolic either way."""
+    from torch._dispatch.python import enable_python_dispatcher
+
+    with mode, enable_python_dispatcher():
+        yield
+
+
+@contextlib.contextmanager
 def graph_fake_mode(graph: fx.Graph) -> Iterator[Any]:
-    """Run code under the fake mode the graph's recorded values belong to (yields it,
-    or None when the graph has no fake values), with any other active fake mode
-    (a user's ``FakeTensorMode`` around the whole compile) set aside meanwhile."""
+    """Run code under the fake mode the graph's recorded values belong to, as
+    `running_fake` does (yields the mode, or None when the graph has no fake values),
+    with any other active fake mode (a user's ``FakeTensorMode`` around the whole
+    compile) set aside meanwhile."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     mode = fake_mode_of(list(graph.nodes))
     if mode is None:
         yield None
         return
-    with unset_fake_temporarily(), mode:
+    with unset_fake_temporarily(), running_fake(mode):
         yield mode
 
 

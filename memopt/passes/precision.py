@@ -197,7 +197,7 @@ class _Lowering:
         output = nodes[-1]
         self.output_dtypes = [getattr(before.get(a), "dtype", None) for a in _flat_nodes(output.args)]
         try:
-            with fake_mode, torch.enable_grad():
+            with meta.running_fake(fake_mode), torch.enable_grad():
                 for node in nodes:
                     self._visit(node)
         finally:

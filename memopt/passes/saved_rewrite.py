@@ -52,7 +52,7 @@ def run_fake(node: fx.Node, fake_mode: Any) -> Any:
     from its inputs' recorded values."""
     args = fx.node.map_arg(node.args, meta.fake_value)
     kwargs = fx.node.map_arg(node.kwargs, meta.fake_value)
-    with fake_mode:
+    with meta.running_fake(fake_mode):
         value = node.target(*args, **kwargs)  # type: ignore[operator]
     meta.set_fake_value(node, value)
     return value
