@@ -57,6 +57,11 @@ class LowRankAdamW(MemoptOptimizer):
             lowrank=lowrank, seed=seed, kernel=kernel, **extra,
         )  # fmt: skip
         super().__init__(params, defaults)
+        # How many param groups `_check_new_groups` has checked, as a list changed in
+        # place: inside a compiled step torch 2.11's Dynamo cannot assign an attribute of an
+        # optimizer (its OptimizerVariable tracks no attribute mutation; 2.13's does), but
+        # it traces an item assignment.
+        self._groups_checked = [0]
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
         owner = self.owner
@@ -113,10 +118,9 @@ class LowRankAdamW(MemoptOptimizer):
         step is refused whole, not half taken. Checked then, not when a group is added,
         so that wrappers that build the optimizer on shards
         (`memopt.distributed.ShardedOptimizer`) refuse those with their own reason first."""
-        checked = getattr(self, "_lowrank_groups_checked", 0)
-        for group in self.param_groups[checked:]:
+        for group in self.param_groups[self._groups_checked[0] :]:
             self._check_some_lowrank(group)
-        self._lowrank_groups_checked = len(self.param_groups)
+        self._groups_checked[0] = len(self.param_groups)
 
     def _check_some_lowrank(self, group: Mapping[str, Any]) -> None:
         """Refuse a low-rank group whose ``rank`` is not below ``min(m, n)`` of any of its
