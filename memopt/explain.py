@@ -288,12 +288,11 @@ class Explanation:
         no parameter with the step's regions, and are not in its summary."""
         step = self.step_regions()
         in_step = frozenset().union(*(_parameter_ids(r) for r in step))
-        later = self.regions
         others = [
-            r for i, r in enumerate(later)
+            r for i, r in enumerate(self.regions)
             if r.kind == "training" and not any(r is s for s in step)
             and _parameter_ids(r) and not _parameter_ids(r) & in_step
-            and not any(_same_model(r, n) for n in later[i + 1 :])  # its latest compile only
+            and not any(_same_model(r, n) for n in self.regions[i + 1 :])  # its latest compile only
         ]  # fmt: skip
         if not others:
             return []

@@ -155,7 +155,7 @@ def _cross_entropy_scratch(node: fx.Node, forward: bool) -> int:
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         return 0
     upcast = _arg(node, 4 if forward else 6, "upcast", False)
-    size = torch.float32.itemsize if upcast and x.dtype in (torch.float16, torch.bfloat16) else x.element_size()
+    size = _cross_entropy.compute_dtype(x.dtype, upcast).itemsize
     blocks = 2 if size != x.element_size() else 1
     rows, classes = concrete_int(x.shape[0]), concrete_int(x.shape[1])
     per_op = rows * (size + 2 * 8) if forward else 0

@@ -48,7 +48,7 @@ import math
 
 import torch
 
-__all__ = ["REDUCTIONS", "block_bytes", "rows_per_block"]
+__all__ = ["HALF", "REDUCTIONS", "block_bytes", "compute_dtype", "rows_per_block"]
 
 aten = torch.ops.aten
 
@@ -57,9 +57,14 @@ _BLOCKS = 16  # the logits are split in at most this many row blocks...
 _MIN_BLOCK_BYTES = 256 * 1024  # ...of at least this size (small losses run as one block)
 
 
-def _compute_dtype(input: torch.Tensor, upcast: bool) -> torch.dtype:
-    """The dtype the blocks are computed in: fp32 for half logits with ``upcast``."""
-    return torch.float32 if upcast and input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+HALF = (torch.float16, torch.bfloat16)
+"""The logits dtypes ``upcast=True`` widens to fp32."""
+
+
+def compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
+    """The dtype the blocks of ``dtype`` logits are computed in: fp32 for half logits
+    with ``upcast``, else their own."""
+    return torch.float32 if upcast and dtype in HALF else dtype
 
 
 def rows_per_block(rows: int, classes: int, element_size: int) -> int:
@@ -99,7 +104,7 @@ def cross_entropy(
     returns, a block of rows at a time."""
     _check(input, target, reduction)
     n, c = input.shape
-    dtype = _compute_dtype(input, upcast)
+    dtype = compute_dtype(input.dtype, upcast)
     step = rows_per_block(n, c, dtype.itemsize)
     picked = input.new_empty(n, 1, dtype=dtype)
     for start in range(0, n, step):
@@ -118,7 +123,7 @@ def _(
     input: torch.Tensor, target: torch.Tensor, reduction: int, ignore_index: int, upcast: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check(input, target, reduction)
-    dtype = _compute_dtype(input, upcast)
+    dtype = compute_dtype(input.dtype, upcast)
     loss = input.new_empty((input.shape[0],) if reduction == 0 else (), dtype=dtype)
     return loss, input.new_empty((), dtype=dtype)
 
@@ -145,7 +150,7 @@ def cross_entropy_backward(
     an fp32 block rounded into them)."""
     _check(input, target, reduction)
     n, c = input.shape
-    dtype = _compute_dtype(input, upcast)
+    dtype = compute_dtype(input.dtype, upcast)
     step = rows_per_block(n, c, dtype.itemsize)
     widened = dtype != input.dtype
     out = torch.empty_like(input, memory_format=torch.contiguous_format)

@@ -110,7 +110,7 @@ def blocked_cross_entropy(graph: fx.Graph, autocast_devices: frozenset[str] = fr
             continue
         x, target = arguments["input"], arguments["target"]
         x_value = meta.fake_value(x)
-        upcast = x_value.device.type in autocast_devices and x_value.dtype in _HALF
+        upcast = x_value.device.type in autocast_devices and x_value.dtype in _ops.HALF
         with graph.inserting_before(node):
             narrow = _half_source(graph, x)
             if narrow is not None:
@@ -131,7 +131,6 @@ def blocked_cross_entropy(graph: fx.Graph, autocast_devices: frozenset[str] = fr
     return replaced
 
 
-_HALF = (torch.float16, torch.bfloat16)
 _RESHAPES = ("view", "reshape", "flatten", "contiguous")
 
 
@@ -145,7 +144,7 @@ def _widening(node: fx.Node) -> fx.Node | None:
         node.target == "to" and rest in (((torch.float32,), {}), ((), {"dtype": torch.float32}))
     )
     value = meta.fake_value(source)
-    return source if widens and isinstance(value, torch.Tensor) and value.dtype in _HALF else None
+    return source if widens and isinstance(value, torch.Tensor) and value.dtype in _ops.HALF else None
 
 
 def _half_source(graph: fx.Graph, x: fx.Node) -> fx.Node | None:
