@@ -10,7 +10,12 @@ State layout for a parameter of ``numel`` elements and block size ``B`` (a power
 The codes are Dettmers et al.'s *dynamic tree* code (8-bit Optimizers via Block-wise
 Quantization, 2022): one decade per exponent step from 1e-6 to 1, more fraction levels in
 higher decades. The first moment uses the signed code (values in [-1, 1]); the second
-moment, never negative, the unsigned code (values in [0, 1]: twice the levels per decade).
+moment, never negative, the unsigned code (values in [1e-7, 1]: twice the levels per
+decade, and no 0). Without 0 (Li et al., Memory Efficient Optimizers with 4-bit States,
+2023: the *zero-point problem*), a second moment below about 2e-7 of its block's maximum
+is stored as `SECOND_MOMENT_FLOOR` times that maximum, not as 0: with 0, such an element
+whose first moment kept a nonzero code stepped by ``step_size * m / eps``, thousands of
+times AdamW's step, as soon as its gradient was 0 (an embedding row absent from a batch).
 A value ``x`` in a block with absmax ``a`` is stored as the index of the code value nearest
 to ``x / a`` (ties go to the lower index), found by an 8-level binary search over the 255
 midpoints between code values (``torch.bucketize`` in the reference).
@@ -36,6 +41,7 @@ from memopt.codegen._triton import HAS_TRITON, device_guard, launchable, use_tri
 __all__ = [
     "CodeTables",
     "SIGNED_ZERO_CODE",
+    "SECOND_MOMENT_FLOOR",
     "code_tables",
     "dynamic_code",
     "quantize_blockwise",
@@ -54,6 +60,11 @@ State8bit = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 SIGNED_ZERO_CODE: int = 127
 """Index of 0.0 in the signed code (127 negative values come before it)."""
 
+SECOND_MOMENT_FLOOR: float = 1e-7
+"""Entry 0 of the unsigned (second-moment) code, in place of 0.0: the lower edge of the
+code's lowest decade, so the smallest second moment a block stores is this fraction of
+the block's maximum (an all-zero block still stores zeros: its maximum is 0)."""
+
 
 class CodeTables(NamedTuple):
     """The two 256-entry codes and the 255 midpoints between consecutive entries."""
@@ -69,9 +80,11 @@ def dynamic_code(signed: bool) -> torch.Tensor:
 
     Decade ``d`` (``10**(d-6)`` to ``10**(d-5)``, d = 0..6) holds ``2**d`` values (signed,
     mirrored for negative numbers) or ``2**(d+1)`` values (unsigned): the midpoints of an
-    even split of [0.1, 1] scaled by ``10**(d-6)``. Plus 0 and 1: 256 values.
+    even split of [0.1, 1] scaled by ``10**(d-6)``. Plus 1, and 0 (signed) or
+    `SECOND_MOMENT_FLOOR` (unsigned: a second moment is never stored as 0, see the module
+    docstring): 256 values.
     """
-    values = [0.0, 1.0]
+    values = [0.0 if signed else SECOND_MOMENT_FLOOR, 1.0]
     for decade in range(7):
         count = 2**decade if signed else 2 ** (decade + 1)
         edges = torch.linspace(0.1, 1.0, count + 1, dtype=torch.float64)

@@ -8,7 +8,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memopt.codegen.adam8bit import SIGNED_ZERO_CODE, dequantize_blockwise, dynamic_code, quantize_blockwise
+from memopt.codegen.adam8bit import (
+    SECOND_MOMENT_FLOOR,
+    SIGNED_ZERO_CODE,
+    dequantize_blockwise,
+    dynamic_code,
+    quantize_blockwise,
+)
 from memopt.optim import AdamW8bit
 from optim_testing import tiny_mlp, train
 
@@ -20,9 +26,10 @@ def test_codes_are_sorted_distinct_and_span_the_range() -> None:
         assert torch.all(code[1:] > code[:-1])
         assert code[-1] == 1.0
     assert signed[SIGNED_ZERO_CODE] == 0.0 and signed[0] > -1.0
-    assert unsigned[0] == 0.0
+    # The second moment's code has no 0 (the zero-point problem): its floor is 1e-7.
+    assert unsigned[0] == SECOND_MOMENT_FLOOR == pytest.approx(1e-7)
     # Seven decades: the smallest non-zero magnitudes are below 1e-6.
-    assert 0 < signed[SIGNED_ZERO_CODE + 1] < 1e-6 and 0 < unsigned[1] < 1e-6
+    assert 0 < signed[SIGNED_ZERO_CODE + 1] < 1e-6 and unsigned[0] < unsigned[1] < 1e-6
     # The unsigned code has twice the levels in every decade, e.g. in [0.1, 1].
     in_top_decade = lambda code: ((code >= 0.1) & (code < 1.0)).sum()
     assert in_top_decade(unsigned) == 2 * in_top_decade(signed) == 128
@@ -58,6 +65,29 @@ def test_eight_bit_training_tracks_fp32_adamw() -> None:
     for p, ref, p0 in zip(model.parameters(), ref_model.parameters(), start):
         moved = (ref - p0).norm()
         assert (p - ref).norm() < 0.05 * moved
+
+
+def test_an_element_with_a_tiny_second_moment_steps_like_adamw() -> None:
+    """The zero-point problem (Li et al., 2023): an element whose gradient is 1e-4 of its
+    block's largest has a second moment 1e-8 of the block's maximum, below the code's
+    lowest nonzero value, while its first moment (1e-4 of the maximum) keeps a nonzero
+    code. Had the second moment been stored as 0, the next step with gradient 0 (an
+    embedding row absent from the batch) would move it by ``step_size * m / eps``, here
+    about 4700 lr; stored as the floor it moves by less than AdamW's lr-sized step."""
+    lr, block = 1e-3, 64
+    grads = torch.full((block,), 1e-4)
+    grads[0] = 1.0
+    params = [torch.nn.Parameter(torch.zeros(block)) for _ in range(2)]
+    eight_bit = AdamW8bit([params[0]], lr=lr, weight_decay=0.0, block_size=block, min_8bit_size=0)
+    adamw = torch.optim.AdamW([params[1]], lr=lr, weight_decay=0.0)
+    for step_grads in (grads, torch.where(grads == 1.0, grads, 0.0)):
+        before = [p.detach().clone() for p in params]
+        for p, opt in zip(params, (eight_bit, adamw)):
+            p.grad = step_grads.clone()
+            opt.step()
+    moved_8bit, moved_adamw = ((p.detach() - b)[1:].abs().max().item() for p, b in zip(params, before))
+    assert 0.5 * lr < moved_adamw < lr  # AdamW's own step of such an element: m_hat / sqrt(v_hat) = 0.67
+    assert 0 < moved_8bit < lr
 
 
 def test_small_parameters_keep_exact_adamw() -> None:
