@@ -6,7 +6,9 @@ blocks of ``block_size``: two ``uint8`` code tensors of ``numel`` bytes and two 
 absmax tensors of ``ceil(numel / block_size)`` entries, so
 ``2 * numel + 8 * ceil(numel / block_size)`` bytes (about 25.4% of AdamW's ``8 * numel``
 at block 256). The first moment uses the signed dynamic code, the second moment (never
-negative) the unsigned one; see `memopt.codegen.adam8bit`. Smaller parameters (biases,
+negative) the unsigned one, which has no 0 (its floor is 1e-7 of the block's maximum, so
+an element with a tiny second moment never steps by ``m / eps``); see
+`memopt.codegen.adam8bit`. Smaller parameters (biases,
 norms) keep AdamW's two moments in the parameter's dtype: quantizing them saves little
 and costs accuracy.
 
