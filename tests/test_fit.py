@@ -384,7 +384,9 @@ def test_fit_returns_what_a_scan_of_every_size_returns() -> None:
     planner must work for (between the floor and the unoptimized peak at batch 4), fit's
     batch is the largest size of a brute-force scan of every size whose probe fits (and
     the scan is monotone, fit's precondition)."""
-    from memopt.fit import _config, _fake_model, _Runner, _Sizes
+    from memopt.fit import _config
+    from memopt.fitting.fake import fake_model
+    from memopt.fitting.probe import Runner, Sizes
 
     torch.manual_seed(0)
     model = Deep()
@@ -396,8 +398,8 @@ def test_fit_returns_what_a_scan_of_every_size_returns() -> None:
     floor = _planned_peak(model, make(4), 1024)  # far below reach: the smallest peak
     budget = (unoptimized + floor) // 2
     result = memopt.fit(model, make, budget, options=OPTIONS, progress=None)
-    fake, mode, _ = _fake_model(model)
-    scan = _Runner(fake, make, _Sizes("batch", 1, None, 1), _config(OPTIONS, budget), mode, True, None, budget)
+    fake, mode, _ = fake_model(model)
+    scan = Runner(fake, make, Sizes("batch", 1, None, 1), _config(OPTIONS, budget), mode, True, None, budget)
     verdicts = [scan(size) for size in range(1, result.batch + 3)]
     assert verdicts == sorted(verdicts, reverse=True)  # monotone: fits, ..., fits, over, ...
     assert result.batch == sum(verdicts) and not result.capped

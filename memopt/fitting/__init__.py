@@ -1,0 +1,3 @@
+"""The machinery behind `memopt.fit` (memopt/fit.py, the public function and its
+checks): `fake` (the model and optimizer on fake tensors), `probe` (planning one size),
+`search` (which sizes to probe)."""
