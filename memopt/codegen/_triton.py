@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover - triton ships with Linux torch wheels
     triton = None
 
 __all__ = [
+    "FP_FUSION",
     "HAS_TRITON",
     "KERNEL_CHOICES",
     "use_triton",
@@ -48,6 +49,16 @@ __all__ = [
 
 HAS_TRITON: bool = triton is not None
 KERNEL_CHOICES: tuple[str, ...] = ("auto", "triton", "torch")
+
+FP_FUSION: dict[str, bool] = {"adam8bit": False, "quantize": False, "lowrank_adam": True}
+"""``enable_fp_fusion`` each kernel family passes at launch (whether the compiler may
+contract a multiply and an add into one FMA, rounded once). Given explicitly: Triton 3.9
+warns at the first compile of a kernel launched without it, and Triton 3.10 turns its
+default from on to off. Off where the kernel must round as its PyTorch reference does
+(separate multiplies and adds): the 8-bit step, whose codes flip at a midpoint when a
+value moves by an ulp, and the quantization kernels. On for the low-rank step, which
+is compared with its reference within a tolerance and multiplies matrices (``tl.dot``).
+Triton's interpreter ignores the option (it computes in numpy, op by op)."""
 
 _INTERPRETED: dict[Any, Any] = {}
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from memopt.codegen._chunks import spans
-from memopt.codegen._triton import HAS_TRITON, device_guard, launchable, use_triton
+from memopt.codegen._triton import FP_FUSION, HAS_TRITON, device_guard, launchable, use_triton
 
 __all__ = [
     "CodeTables",
@@ -330,7 +330,7 @@ def _triton_step(
             tables.signed, tables.signed_mid, tables.unsigned, tables.unsigned_mid,
             param.numel(), c["beta1"], 1.0 - c["beta1"], c["beta2"], 1.0 - c["beta2"], c["eps"],
             c["step_size"], c["bias_correction2_sqrt"], c["decay"],
-            BLOCK=block_size,
+            BLOCK=block_size, enable_fp_fusion=FP_FUSION["adam8bit"],
         )  # fmt: skip
 
 

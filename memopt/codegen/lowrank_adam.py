@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 import torch
 
-from memopt.codegen._triton import HAS_TRITON, device_guard, launchable, use_triton
+from memopt.codegen._triton import FP_FUSION, HAS_TRITON, device_guard, launchable, use_triton
 
 __all__ = ["lowrank_adam_step", "launched_config"]
 
@@ -237,7 +237,7 @@ def _launch(operands: tuple[torch.Tensor, ...], c: Mapping[str, float], blocks: 
             exp_avg_sq.stride(0), exp_avg_sq.stride(1),
             c["beta1"], 1.0 - c["beta1"], c["beta2"], 1.0 - c["beta2"], c["eps"],
             c["step_size"], c["bias_correction2_sqrt"], c["decay"],
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, **options,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, enable_fp_fusion=FP_FUSION["lowrank_adam"], **options,
         )  # fmt: skip
 
 

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memopt.codegen._triton import device_guard, kernel_is_interpreted, triton_unavailable_reason
+from memopt.codegen._triton import FP_FUSION, device_guard, kernel_is_interpreted, triton_unavailable_reason
 from memopt.codegen.quantize_reference import (
     check_dequantize_args,
     check_quantize_args,
@@ -194,7 +194,7 @@ def quantize_blockwise_triton(
             _quantize_kernel[grid](
                 flat, codes.view(torch.uint8) if is_fp8 else codes, scales,
                 flat.numel(), blocks, block_size,
-                QMAX=qmax(dtype), IS_FP8=is_fp8, ROWS=rows, BLOCK=block,
+                QMAX=qmax(dtype), IS_FP8=is_fp8, ROWS=rows, BLOCK=block, enable_fp_fusion=FP_FUSION["quantize"],
             )  # fmt: skip
     return codes, scales
 
@@ -222,5 +222,6 @@ def dequantize_blockwise_triton(
                 out.view(torch.uint16) if out_dtype == torch.bfloat16 else out,
                 codes.numel(), blocks, block_size,
                 IS_FP8=is_fp8, OUT_KIND=_OUT_KINDS[out_dtype], ROWS=rows, BLOCK=block,
+                enable_fp_fusion=FP_FUSION["quantize"],
             )  # fmt: skip
     return out
