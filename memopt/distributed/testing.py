@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -99,11 +100,12 @@ def gpu_per_rank() -> bool:
     return torch.cuda.is_available() and local_world <= torch.cuda.device_count()
 
 
-def init_from_env(device: str | None = None) -> torch.device:
+def init_from_env(device: str | None = None, timeout: timedelta | None = None) -> torch.device:
     """Initialise the default process group from torchrun's environment: NCCL on CUDA
     (one device per local rank), gloo on CPU. ``device=None``: CUDA when every local rank
     has a device of its own (`gpu_per_rank`), else CPU (2 ranks on a machine with one
-    GPU run on CPU). Returns the rank's device."""
+    GPU run on CPU). ``timeout``: the process group's (`init_process_group`'s; None:
+    torch's default). Returns the rank's device."""
     if device is None:
         device = "cuda" if gpu_per_rank() else "cpu"
     if device == "cuda":
@@ -115,8 +117,8 @@ def init_from_env(device: str | None = None) -> torch.device:
                 "one rank per device; start at most that many ranks per machine, or use device='cpu' (gloo)"
             )
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local), timeout=timeout)
         return torch.device("cuda", local)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timeout)
     return torch.device("cpu")

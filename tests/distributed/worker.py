@@ -14,7 +14,9 @@ import copy
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -484,13 +486,17 @@ def uneven(args: argparse.Namespace) -> dict[str, Any]:
     ``--budget``: under ``memory_budget`` the ranks' batches differ from the first step
     (2 and 24 rows), so both compile at once, each its own shapes. One plan cannot serve
     both: every rank warns and runs the region unoptimized, and the parameters follow
-    one process all the same."""
+    one process all the same. ``--alone R``: rank R's batch alone loses a row at step 2,
+    so rank R alone compiles again under the budget (it raises `MemoptRanksError`);
+    ``--late S``: rank 1 comes S seconds late to step 2."""
     import memopt
 
     assert dist.get_world_size() == 2
     options: dict[str, Any] = {"codegen": "eager", "strict": args.budget is None}
     if args.budget is not None:
         options["memory_budget"] = args.budget
+    if args.agree_timeout is not None:
+        options["rank_agreement_timeout"] = args.agree_timeout
     out: dict[str, Any] = {}
     for stage in [int(s) for s in args.stages.split(",")]:
         torch._dynamo.reset()
@@ -519,6 +525,10 @@ def _uneven_step(args: argparse.Namespace, step: int, step_fn: Any, opt: Any, re
     rows = [2 if r == 0 or step < 2 else 3 for r in range(world)] if args.budget is None else args.rows
     if args.short and step == 2:  # a short last batch on every rank
         rows = [n // 2 for n in rows]
+    if args.late and step == 2 and rank == 1:  # rank 1 comes late to the step that compiles again
+        time.sleep(args.late)
+    if args.alone is not None and step == 2:  # one rank's batch alone changes: it alone compiles again
+        rows = [n - (r == args.alone) for r, n in enumerate(rows)]
     inputs = [torch.randn(n, 16, generator=gen) for n in rows]
     mine = inputs[rank]
     if args.slice:  # the rank's rows of the global batch, a view at its offset
@@ -554,8 +564,14 @@ def main() -> None:
     parser.add_argument("--short", action="store_true", help="half the rows at the last step (scenario uneven)")
     parser.add_argument("--slice", action="store_true",
                         help="each rank's input is its slice of the global batch (scenario uneven)")
+    parser.add_argument("--alone", type=int, default=None,
+                        help="this rank's batch alone loses a row at the last step (scenario uneven)")
+    parser.add_argument("--late", type=float, default=0.0,
+                        help="rank 1 sleeps this long before the last step (scenario uneven)")
+    parser.add_argument("--pg-timeout", type=float, default=None, help="the process group's timeout, seconds")
+    parser.add_argument("--agree-timeout", type=float, default=None, help="rank_agreement_timeout (scenario uneven)")
     args = parser.parse_args()
-    init_from_env("cpu")
+    init_from_env("cpu", timeout=None if args.pg_timeout is None else timedelta(seconds=args.pg_timeout))
     try:
         result = SCENARIOS[args.scenario](args)
         print(json.dumps({"rank": dist.get_rank(), **result}), flush=True)
