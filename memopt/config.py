@@ -69,6 +69,15 @@ class MemoptConfig:
     """Seconds the budget planner's MILP solver may spend per solve before memopt
     falls back to its greedy heuristic."""
 
+    rank_agreement_timeout: float | None = None
+    """Under a memory budget, the seconds a rank of a sharded step (a region holding
+    collectives, several ranks) waits for the other ranks to compile the same region:
+    every rank runs rank 0's plan (docs/sharding.md). Past it the rank raises
+    `MemoptRanksError` naming the region and the ranks that did not come (one rank alone
+    compiled again), instead of a hang. None: half the default process group's timeout
+    (``init_process_group(timeout=...)``; torch's default 30 minutes for gloo, 10 for
+    NCCL), so that the error comes before the other ranks' collectives time out."""
+
     # -- precision (numerics-changing, opt-in; docs/precision.md) --------------------
 
     precision: str | None = None
@@ -450,9 +459,21 @@ def _positive_seconds(key: str, value: Any) -> float:
     return float(value)
 
 
+def _optional_seconds(key: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(
+            f"memopt option {key}={value!r} must be a positive, finite number of seconds, or None for half the "
+            "process group's timeout."
+        )
+    return float(value)
+
+
 _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "memory_budget": _budget,
     "planner_time_limit": _positive_seconds,
+    "rank_agreement_timeout": _optional_seconds,
     "plan_across_graph_breaks": _bool,
     "codegen": _choice(CODEGENS),
     "strict": _bool,

@@ -11,7 +11,9 @@ __all__ = [
     "MemoptInternalError",
     "MemoptOffloadError",
     "MemoptOptimizerError",
+    "MemoptRanksError",
     "MemoptFitError",
+    "PASSED_THROUGH",
 ]
 
 
@@ -75,8 +77,27 @@ class MemoptOptimizerError(RuntimeError):
     kept silently. The message names the parameter, the problem and the fix."""
 
 
+class MemoptRanksError(RuntimeError):
+    """The ranks of a sharded step did not compile a region together under a
+    ``memory_budget``: every rank runs rank 0's plan (docs/sharding.md), and a rank
+    waited ``rank_agreement_timeout`` seconds for the others to reach the same compile
+    without them coming (one rank alone compiled again: its batch changed shape, or a
+    guard failed on it only), or the process group's store failed. Raised on the rank
+    that waited, instead of a hang in the step's collectives or a mismatch of them; never
+    a fallback (a rank that ran another plan would mismatch the others' collectives). The
+    message names the region, the ranks, what differs and the fix."""
+
+
 class MemoptFitError(ValueError):
     """`memopt.fit` cannot answer: even the smallest size's planned peak is above the
     budget (the message names that floor and the options that may lower it), the budget
     or a search argument is malformed, ``make_inputs`` does not take the size, or the
     model has nothing to train. The message names the problem, the value and the fix."""
+
+
+PASSED_THROUGH: tuple[type[Exception], ...] = (
+    MemoptInternalError, MemoptBudgetError, MemoptOffloadError, MemoptOptimizerError, MemoptRanksError,
+)  # fmt: skip
+"""memopt's errors that the backend's fail-soft (`memopt.failsoft`) raises as they are,
+never turning them into a fallback: raised with ``strict=True``, or naming what the user
+must change (an offload target, disk space, ranks that compile apart)."""

@@ -106,22 +106,6 @@ def test_interpreter_loop_gate_matches_the_interpreter(monkeypatch: pytest.Monke
         assert out.item() == 3
 
 
-def test_disable_python_dispatcher_turns_it_off_inside():
-    """`memopt.backends.ranks` broadcasts a plan with torch's Python dispatcher off
-    (under AOTAutograd's it deadlocked with gloo's worker thread): the private context
-    manager it uses exists and does turn the dispatcher off inside."""
-    from torch._C import _DisablePythonDispatcher, _EnablePythonDispatcher
-
-    def enabled() -> bool:
-        return torch._C._dispatch_tls_is_dispatch_key_included(torch._C.DispatchKey.PythonDispatcher)
-
-    with _EnablePythonDispatcher():
-        assert enabled()
-        with _DisablePythonDispatcher():
-            assert not enabled()
-        assert enabled()
-
-
 def test_functional_collective_gates_choice():
     """torch 2.13 names the functional all-gather and reduce-scatter ``*_single`` (the
     ``*_tensor`` names are deprecated wrappers there); torch 2.11 and 2.12 have only ``*_tensor``.

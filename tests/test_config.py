@@ -44,11 +44,21 @@ def test_unknown_key_names_the_option_a_newcomer_meant(key, meant):
         ({"strict": "yes"}, "strict='yes' must be True or False"),
         ({"disable_passes": 3}, "must be a list of pass names"),
         ({"dump_dir": 5}, "must be a directory path"),
+        ({"rank_agreement_timeout": 0}, "rank_agreement_timeout=0 must be a positive, finite number of seconds, or None"),
+        ({"rank_agreement_timeout": "10"}, "rank_agreement_timeout='10' must be a positive, finite number"),
+        ({"rank_agreement_timeout": float("inf")}, "rank_agreement_timeout=inf must be a positive, finite number"),
+        ({"rank_agreement_timeout": True}, "rank_agreement_timeout=True must be a positive, finite number"),
     ],
 )
 def test_bad_values_name_value_and_allowed(options, fragment):
     with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         MemoptConfig.from_options(options)
+
+
+def test_rank_agreement_timeout_takes_seconds_or_none():
+    assert MemoptConfig.from_options({"rank_agreement_timeout": 5}).rank_agreement_timeout == 5.0
+    assert MemoptConfig.from_options({"rank_agreement_timeout": None}).rank_agreement_timeout is None
+    assert MemoptConfig().rank_agreement_timeout is None
 
 
 def test_disable_passes_accepts_comma_string():

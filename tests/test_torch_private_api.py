@@ -114,3 +114,25 @@ def test_autocast_markers_and_compile_context():
     assert _parameters(autocast_mode._exit_autocast) == ["mode"]
     assert torch._guards.CompileContext.current_compile_id() is None  # outside a compile
     assert torch._guards.TracingContext.try_get() is None
+
+
+def test_default_store(tmp_path):
+    """`memopt/backends/agreement.py` agrees through the default process group's store:
+    `_get_default_store` returns it (the same object while the group lives), with the
+    group's timeout, and the store reads, writes, checks and deletes keys."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=42))  # fmt: skip
+    try:
+        store = _get_default_store()
+        assert store is _get_default_store() and store.timeout == timedelta(seconds=42)
+        store.set("memopt/agree/probe", "1")
+        assert store.check(["memopt/agree/probe"]) and store.get("memopt/agree/probe") == b"1"
+        assert store.delete_key("memopt/agree/probe") and not store.check(["memopt/agree/probe"])
+        assert issubclass(dist.DistStoreError, dist.DistError)
+    finally:
+        dist.destroy_process_group()

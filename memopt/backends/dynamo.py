@@ -27,7 +27,7 @@ from memopt.codegen.eager import DECOMPOSITIONS as EAGER_DECOMPOSITIONS
 from memopt.codegen.eager import compile_eager
 from memopt.codegen.inductor import compile_with_inductor
 from memopt.config import MemoptConfig
-from memopt.errors import MemoptBudgetError, MemoptInternalError, MemoptOffloadError, MemoptOptimizerError, MemoptWarning
+from memopt.errors import PASSED_THROUGH, MemoptWarning
 from memopt.failsoft import fail_soft, is_torch_signal
 from memopt.graph.step import clone_graph_module, output_values
 
@@ -78,7 +78,7 @@ def memopt_backend(
     pristine = clone_graph_module(gm)  # the pre-autograd stage rewrites gm in place
     try:
         return _compile_with_memopt(region, gm, example_inputs, mode)
-    except (MemoptInternalError, MemoptBudgetError, MemoptOffloadError, MemoptOptimizerError):
+    except PASSED_THROUGH:
         raise  # strict=True
     except Exception as exc:  # noqa: BLE001 - fail soft, see memopt.failsoft
         if is_torch_signal(exc):

@@ -5,17 +5,19 @@ the ranks must issue the same collectives in the same order: if one rank's plan
 gathered a parameter again in backward and another's kept it, the step would hang.
 The planner is deterministic given the same graphs, except where a solver's time
 limit cuts its search at a point that depends on the machine's speed. So rank 0's
-plan is the plan: it is broadcast (as JSON: `MemoryPlan.to_dict`) to the other ranks
-of the default process group before any pass runs, and so is each choice the region
-makes between plans (`rank0_value`: whether the passes alone meet the budget).
+plan is the plan: every other rank takes it (as JSON: `MemoryPlan.to_dict`) before any
+pass runs, and so each choice the region makes between plans (`rank0_value`: whether
+the passes alone meet the budget). They agree through the process group's store, not
+its collectives (`memopt.backends.agreement`).
 
 Only a region under a budget agrees (`memopt.backends.region`): without one there is
 no solver and no time limit, each rank's plan of its own graph is the same, and a rank
 that compiles alone (its batch changed shape, the others' did not) must not wait for
 ranks that never compile that graph. Under a budget every rank must compile the same
-regions in the same order (the same program, inputs of the same shapes), so the
-broadcasts pair up. A fake process group (tracing without processes) has nothing to
-agree with.
+regions in the same order (the same program, inputs of the same shapes); a rank that
+compiles a region alone waits for the others a bounded time, then raises
+`MemoptRanksError`. A fake process group (tracing without processes) and a world of
+one rank have nothing to agree with.
 """
 
 from __future__ import annotations
@@ -25,9 +27,8 @@ from typing import TypeVar
 
 import torch.distributed as dist
 import torch.fx as fx
-from torch._C import _DisablePythonDispatcher
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from memopt.backends.agreement import Channel, default_wait_seconds
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs
 from memopt.plan.plan import MemoryPlan
@@ -48,41 +49,46 @@ def _collective(node: fx.Node) -> bool:
     return node.op == "call_function" and str(node.target).startswith("_c10d_functional.")
 
 
-def agree_across_ranks(plan: MemoryPlan, step: StepGraphs) -> MemoryPlan:
+def agree_across_ranks(plan: MemoryPlan, step: StepGraphs, wait_s: float | None = None) -> MemoryPlan:
     """``plan`` on rank 0; rank 0's plan on every other rank, when ``step`` holds
-    collectives and the default process group has several real ranks."""
+    collectives and the default process group has several real ranks (`rank0_value`)."""
     mine = plan.to_dict()
-    agreed = rank0_value(mine, step)
+    agreed = rank0_value(mine, step, "the plan", wait_s)
     return plan if agreed is mine else MemoryPlan.from_dict(agreed)
 
 
-def rank0_value(value: T, step: StepGraphs) -> T:
+def rank0_value(value: T, step: StepGraphs, topic: str, wait_s: float | None = None) -> T:
     """Rank 0's ``value`` (JSON-able) on every rank when ``step`` holds collectives and
     the default process group has several real ranks; ``value`` itself otherwise (and on
-    rank 0). Every rank must call it at the same point of the compile.
+    rank 0). ``topic`` names what is agreed (``"the plan"``). Every rank must call it at
+    the same point of the compile, in the same order: the n-th call on one rank pairs
+    with the n-th on every other.
+
+    Waits at most ``wait_s`` seconds (None: `default_wait_seconds`) for the other ranks
+    to call it too, then raises `MemoptRanksError` (no fallback: a rank that ran another
+    plan than the others would mismatch their collectives).
 
     Raises `RanksCompiledOtherGraphs` on every rank when the ranks' graphs differ (their
-    inputs' shapes or dtypes, or the region): one plan cannot serve them, and their
-    choices under the budget (which values to re-gather, bucket sizes) would differ, so
-    their collectives would not pair up. memopt's fail-soft then runs the region
-    unoptimized on every rank (the same collectives, in traced order) with a warning."""
+    inputs' shapes or dtypes, or the region) or they ask for other topics: one plan
+    cannot serve them, and their choices under the budget (which values to re-gather,
+    bucket sizes) would differ, so their collectives would not pair up. memopt's
+    fail-soft then runs the region unoptimized on every rank (the same collectives, in
+    traced order) with a warning."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return value
     if dist.get_backend() == "fake" or not has_collectives(step):
         return value
-    rank = dist.get_rank()
-    gathered: list[tuple[list[str], T | None] | None] = [None] * dist.get_world_size()
-    # Compiles run under a fake mode (the collective moves real bytes) and AOTAutograd's
-    # Python dispatcher. Under the latter gloo's collective is dispatched through Python
-    # and holds the GIL while it waits for the process group's work queue, whose thread
-    # may hold that queue while it frees the previous collective's tensors, which needs
-    # the GIL: a deadlock (seen on a loaded machine, 2 gloo ranks, many compiles).
-    with unset_fake_temporarily(), _DisablePythonDispatcher():
-        dist.all_gather_object(gathered, (signature(step), value if rank == 0 else None))
-    _check_same_graphs(step, [entry[0] for entry in gathered])  # type: ignore[index]
-    if rank != 0:
-        log.debug("region %s: using rank 0's choice", step.region)
-    return gathered[0][1]  # type: ignore[index,return-value]
+    channel = Channel.current()
+    mine = signature(step)
+    verdict = channel.agree(step.region, mine, topic, value, default_wait_seconds() if wait_s is None else wait_s)
+    arrivals = verdict["arrivals"]
+    _check_same_graphs(step, [a["signature"] for a in arrivals])
+    _check_same_topics(step, [a["topic"] for a in arrivals])
+    channel.remember(step.region, mine)
+    if channel.rank != 0:
+        log.debug("region %s: using rank 0's choice of %s", step.region, topic)
+        return verdict["value"]  # type: ignore[no-any-return]
+    return value
 
 
 class RanksCompiledOtherGraphs(RuntimeError):
@@ -101,6 +107,20 @@ def signature(step: StepGraphs) -> list[str]:
             continue
         inputs.append(f"{node.name}: {'-' if value is None else f'{value.dtype} {tuple(value.shape)}'}")
     return [f"region {step.region}", *inputs]
+
+
+def _check_same_topics(step: StepGraphs, topics: list[str]) -> None:
+    """The ranks' graphs are the same, but not what they ask for: their estimates (their
+    shards differ in size) fell on either side of a byte budget in `RegionCompiler`'s
+    choice between plans."""
+    for rank, topic in enumerate(topics):
+        if topic != topics[0]:
+            raise RanksCompiledOtherGraphs(
+                f"region {step.region}: rank {rank} asked for {topic} where rank 0 gave {topics[0]}: the ranks' "
+                "estimates of the region (their shards differ in size) fell on either side of the budget. Give "
+                "memory_budget as a fraction (0.8) rather than bytes, so that it scales with each rank's "
+                "estimate, or drop memory_budget"
+            )
 
 
 def _check_same_graphs(step: StepGraphs, signatures: list[list[str]]) -> None:

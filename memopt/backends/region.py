@@ -31,7 +31,7 @@ from memopt.backends.ranks import RanksCompiledOtherGraphs, agree_across_ranks, 
 from memopt.backends.record import RegionRecord, active_recorders
 from memopt.codegen.eager import compile_eager
 from memopt.config import MemoptConfig
-from memopt.errors import MemoptBudgetError, MemoptInternalError, MemoptOffloadError, MemoptOptimizerError, MemoptWarning
+from memopt.errors import PASSED_THROUGH, MemoptWarning
 from memopt.failsoft import Fallback, fail_soft, is_torch_signal
 from memopt.graph import meta
 from memopt.graph.partition import JointGraph
@@ -186,8 +186,8 @@ class RegionCompiler:
         self.record.kind = "training" if step.is_training else "inference"
         try:
             optimized = self._optimize(step)
-        except (MemoptInternalError, MemoptBudgetError, MemoptOffloadError, MemoptOptimizerError):
-            raise  # strict=True, or a setting the user must change (offload target, disk space)
+        except PASSED_THROUGH:
+            raise  # strict=True, or what the user must change (offload target, disk space, ranks apart)
         except RanksCompiledOtherGraphs as exc:  # the user's inputs, not a memopt failure
             if self.config.strict or self.keeps_earlier_plan:
                 raise
@@ -261,17 +261,18 @@ class RegionCompiler:
         storage = self._storage_options(passes, step)
         if budget is None:  # no solver, no time limit: every rank plans its own graph alike
             return plan_region(step, before, self.config, storage, self.context)
+        wait = self.config.rank_agreement_timeout
         if not step.is_training or step.joint is None or base.estimated_peak_before <= budget:
-            return agree_across_ranks(plan_region(step, before, self.config, storage, self.context), step)
+            return agree_across_ranks(plan_region(step, before, self.config, storage, self.context), step, wait)
         alone = self._trial_peak(step, base)
-        if rank0_value(alone <= budget, step):
+        if rank0_value(alone <= budget, step, "whether the passes alone meet the budget", wait):
             note = f"the passes alone reach {format_bytes(alone)} with every saved value kept: nothing to recompute"
             return dataclasses.replace(base, notes=(*base.notes, note))
-        plan = agree_across_ranks(plan_region(step, before, self.config, storage, self.context), step)
+        plan = agree_across_ranks(plan_region(step, before, self.config, storage, self.context), step, wait)
         if plan.actions(Offload):  # a trial would open the plan's offload store
             return plan
         planned = self._trial_peak(step, plan)
-        if rank0_value(alone < planned, step):
+        if rank0_value(alone < planned, step, "whether the passes alone beat the plan", wait):
             note = (
                 f"no plan meets the budget; the passes alone reach {format_bytes(alone)} with every saved "
                 f"value kept, below the {format_bytes(planned)} of the planner's best plan after them"

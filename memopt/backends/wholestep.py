@@ -115,7 +115,7 @@ from torch.utils._pytree import tree_leaves
 
 from memopt.backends.record import RegionRecord
 from memopt.backends.region import RegionCompiler
-from memopt.errors import MemoptBudgetWarning, MemoptWarning
+from memopt.errors import MemoptBudgetWarning, MemoptRanksError, MemoptWarning
 from memopt.failsoft import fail_soft
 from memopt.graph import meta
 from memopt.plan.step_context import RegionInStep, StepContext
@@ -263,6 +263,8 @@ class CompiledRegion(WatchedRegion):
         try:
             with _holding_budget_warnings(True) as held:  # emitted once for the step (`_settle_step`)
                 self.fn = self._compile(compiler, self._gm, self._fakes)
+        except MemoptRanksError:
+            raise  # the ranks no longer compile together: keeping the old plan would mismatch their collectives
         except Exception as exc:  # noqa: BLE001 - fail soft, see memopt.failsoft
             self.settle()
             compiler.hand_back_record(old)

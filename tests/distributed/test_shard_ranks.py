@@ -7,12 +7,13 @@ what the ranks report."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from memopt.distributed.testing import run_ranks
+from memopt.distributed.testing import RanksFailed, run_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -210,9 +211,34 @@ def test_ranks_with_the_same_batches_under_a_budget_share_one_plan():
 
 def test_a_short_last_batch_on_every_rank_shares_one_plan():
     """4 rows per rank, then 2 on every rank (a short last batch) under a budget: the
-    ranks compile the same dynamic-shape graph and share one plan; no fallback."""
-    for result in ranks("uneven", "--stages", "3", "--budget", "0.6", "--rows", "4,4", "--short", timeout=120):
+    ranks compile the same dynamic-shape graph and share one plan; no fallback. Rank 1
+    comes 2 s late to that step: rank 0 waits for it (within rank_agreement_timeout)."""
+    args = ("--rows", "4,4", "--short", "--late", "2", "--agree-timeout", "60")
+    for result in ranks("uneven", "--stages", "3", "--budget", "0.6", *args, timeout=120):
         assert len(result["3"]) == 3 and result["3/fallbacks"] == [], result
+
+
+@pytest.mark.parametrize("alone, bound", [(1, ("--pg-timeout", "16")), (0, ("--agree-timeout", "5"))])
+def test_a_rank_that_compiles_again_alone_under_a_budget_names_the_cause(alone, bound):
+    """Under a budget the ranks share rank 0's plan; at step 2 one rank's batch alone
+    loses a row, so it alone compiles again while the other runs the step. It used to
+    agree through an all-gather of the process group, which paired with the other rank's
+    all-gathers: gloo aborted the process ('Received data size doesn't match expected
+    size. 768 vs 4', exit -6) and the other rank saw its peer reset; with matching sizes
+    it would hang until the group's timeout. The rank now waits its bound (half the
+    group's timeout of 16 s; rank_agreement_timeout=5 s) and raises the error that names
+    the region, the rank that did not come, the shapes and the fixes."""
+    args = ("uneven", "--stages", "3", "--budget", "0.6", "--rows", "4,4", "--alone", str(alone), *bound)
+    with pytest.raises(RanksFailed) as info:
+        ranks(*args, timeout=120)
+    other, waited = 1 - alone, 8 if alone else 5
+    assert re.search(
+        rf"MemoptRanksError: region 0/1: rank {alone} compiled it under a memory_budget and waited {waited}\.\d s "
+        rf"for rank {other} to compile it too .* Rank {alone} compiles it again for inputs float32 \(s\d+, 16\) "
+        r"where the ranks last agreed on float32 \(4, 16\) \(region 0/0\).* Fix: give every rank inputs of the "
+        r"same shapes",
+        str(info.value),
+    ), str(info.value)
 
 
 def test_a_short_last_batch_of_slices_names_the_cause():
