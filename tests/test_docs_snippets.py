@@ -7,7 +7,11 @@ its index among that file's ```python blocks (``docs/usage.md:2``, counted from 
 Each block is ``exec``'d in a fresh namespace holding only the names its `Case` prepares
 (the placeholders the docs leave to the reader: ``model``, ``x``, ``y``, ``data``,
 ``opt``...; small models stand in for the reader's), with a temporary directory as the
-working directory. What differs from a reader's run is all in this file:
+working directory. The namespace is the ``__dict__`` of a module ``__docs__`` in
+``sys.modules`` while the block runs, as a reader's script runs in ``__main__``: torch
+2.11's and 2.12's Dynamo trace a function that has no source file (an ``exec``'d one) from
+a wrapper frame and import the function's module by its ``__name__`` to read its globals
+(torch 2.13 traces it directly). What differs from a reader's run is all in this file:
 
 * `Case.substitute` replaces a line the reader is meant to adapt (a ``...`` placeholder,
   an absolute path, ``"cuda"`` where the block says ``"cpu"`` on CPU, a model size that
@@ -32,7 +36,9 @@ is never left out silently.
 from __future__ import annotations
 
 import re
+import sys
 import textwrap
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -406,7 +412,10 @@ def test_block_runs(block: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     compiled: list[Callable[..., Any]] = []
     _without_inductor(monkeypatch, compiled)
     try:
-        namespace = {"__name__": "__docs__", **case.namespace(Ctx(tmp_path, monkeypatch, source))}
+        module = types.ModuleType("__docs__")
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+        namespace = module.__dict__
+        namespace.update(case.namespace(Ctx(tmp_path, monkeypatch, source)))
         exec(compile(source, block, "exec"), namespace)
         if case.after is not None:
             case.after(namespace, compiled)
