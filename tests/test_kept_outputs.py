@@ -1,6 +1,6 @@
 """Outputs the caller keeps through backward (issue 14, item 3).
 
-Rule (`memopt.analysis.memory.compose_timelines`, `memopt.backends.wholestep`): an
+Rule (`memopt.analysis.compose.compose_timelines`, `memopt.backends.wholestep`): an
 earlier region's outputs are handed on (dead when the forward ends, or when the
 backward that saves them last uses them) unless the caller was seen still holding
 them when the region's backward started; those stay live after the step, like the

@@ -8,7 +8,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import memopt
-from memopt.analysis.memory import build_timeline, compose_timelines
+from memopt.analysis.compose import compose_timelines
+from memopt.analysis.memory import build_timeline
 from memopt.testing.measure import measure_peak
 from memopt.testing.zoo import ZOO, zoo_case
 

@@ -12,7 +12,8 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from memopt.analysis.aliasing import analyze_aliasing
-from memopt.analysis.memory import build_timeline, compose_timelines
+from memopt.analysis.compose import compose_timelines
+from memopt.analysis.memory import build_timeline
 from memopt.graph.step import StepGraphs
 from memopt.testing.capture import capture_step, capture_steps
 

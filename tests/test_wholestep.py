@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import memopt
-from memopt.analysis.memory import compose_timelines
+from memopt.analysis.compose import compose_timelines
 from memopt.backends.wholestep import _step_budget_warning
 from memopt.plan.step_context import RegionInStep, StepContext
 from memopt.testing.measure import measure_peak

@@ -28,7 +28,8 @@ storage (see `memopt.analysis.aliasing`) gets a live interval on it:
 During a node's execution its inputs and its outputs are live at once; memory is freed
 right after the node that last uses it. The peak of the step is the maximum, over
 nodes, of the live bytes during the node. Only tensors on the step's main device
-(where most parameter bytes live) are counted.
+(where most parameter bytes live) are counted. A step that graph breaks cut into
+regions is composed from their timelines by `memopt.analysis.compose`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import operator
 from collections import defaultdict
-from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +64,6 @@ __all__ = [
     "MemoryTimeline",
     "MemoryAnalysis",
     "build_timeline",
-    "compose_timelines",
     "finish_timeline",
 ]
 
@@ -599,136 +598,6 @@ def _add_backward(
             else:
                 add("backward", storage, "temporaries", start, bw.last_use[storage])
     points.extend(TimelinePoint("backward", n.name, 0, step.region) for n in bw_nodes)
-
-
-def compose_timelines(
-    regions: list[tuple[StepGraphs, MemoryTimeline]],
-    kept_outputs: Sequence[Collection[int] | None] | None = None,
-    input_sources: Sequence[Mapping[int, tuple[int, int]]] | None = None,
-) -> MemoryTimeline:
-    """One step timeline from the timelines of regions run in sequence (a graph
-    break): forwards in order, then backwards in reverse order.
-
-    Saved values stay live from their region's forward to its backward. Step inputs
-    shared by regions (parameters) are counted once. The last region's outputs (the
-    loss) stay live after the step. An earlier region's outputs are handed on: held by
-    the user's Python code until the forward ends (they are the next region's
-    inputs); if a later region, or their own, saves one for backward, it stays live
-    until that backward last uses it. Except those the caller keeps:
-    ``kept_outputs[i]`` lists the positions of region ``i``'s user outputs (the
-    Dynamo graph's outputs) that the caller still held when the region's backward
-    started (observed, `memopt.backends.wholestep`; None: not observed, all handed
-    on). Those stay live after the step, like the last region's: a Hugging Face
-    model's output object holds the logits and the key/value caches the region
-    before the loss computed, and the user's ``out = model(**x); out.loss.backward()``
-    keeps it through backward.
-
-    ``input_sources[j]`` maps a position of region ``j``'s inputs to the earlier
-    region and output position it was (observed, `memopt.backends.wholestep`): an input
-    region ``j`` saves for backward that is an output the caller keeps is the kept
-    storage, already live through the step, and is not counted again; and an input
-    that needs no gradient (an inference step's logits handed to its loss region, a
-    mask made before a break) is the earlier region's output, counted there, not a
-    step input live from the start: like an activation input, it is live from the
-    end of the forward only while region ``j`` saves it for backward.
-    """
-    if len(regions) == 1:
-        return regions[0][1]
-    parts = [t for _, t in regions]
-    kept = [_kept_producers(step, (kept_outputs or [None] * len(regions))[i]) for i, (step, _) in enumerate(regions)]
-    kept_positions = list(kept_outputs or [None] * len(regions))
-    sources = list(input_sources or [{}] * len(regions))
-    earlier_outputs = {  # inputs an earlier region computed: activations, and those observed so
-        ph
-        for j, (step, _) in enumerate(regions)
-        for pos, ph in enumerate(step.forward.graph.find_nodes(op="placeholder"))
-        if step.input_kind(pos) == "activation" or _earlier_output(sources[j].get(pos), j)
-    }
-    already_live = {  # activation inputs that are outputs the caller keeps
-        ph
-        for j, (step, _) in enumerate(regions)
-        for pos, ph in enumerate(step.forward.graph.find_nodes(op="placeholder"))
-        if _kept_source(sources[j].get(pos), kept_positions, j)
-    }
-    opt_len = [sum(1 for p in t.points if p.graph == OPTIMIZER_GRAPH) for t in parts]
-    fw_len = [sum(1 for p in t.points if p.graph not in ("backward", OPTIMIZER_GRAPH)) for t in parts]
-    bw_len = [len(t.points) - f - o for t, f, o in zip(parts, fw_len, opt_len)]
-    fw_off = [sum(fw_len[:i]) for i in range(len(parts))]
-    total_fw = sum(fw_len)
-    bw_off = [total_fw + sum(bw_len[i + 1 :]) for i in range(len(parts))]
-    opt_off = [total_fw + sum(bw_len) + sum(opt_len[:i]) for i in range(len(parts))]
-
-    def remap(i: int, local: int) -> int:
-        if local < fw_len[i]:
-            return fw_off[i] + local
-        if local < fw_len[i] + bw_len[i]:
-            return bw_off[i] + local - fw_len[i]
-        return opt_off[i] + local - fw_len[i] - bw_len[i]  # the separate opt.step(): after every backward
-
-    points: list[TimelinePoint] = [p for i, t in enumerate(parts) for p in t.points[: fw_len[i]]]
-    for i in reversed(range(len(parts))):
-        points.extend(parts[i].points[fw_len[i] : fw_len[i] + bw_len[i]])
-    for i in range(len(parts)):
-        points.extend(parts[i].points[fw_len[i] + bw_len[i] :])
-    intervals: list[LiveInterval] = []
-    seen_inputs: set[int] = set()
-    end_of_forward = total_fw - 1
-    last = len(parts) - 1
-    for i, t in enumerate(parts):
-        for iv in t.intervals:
-            if iv.start == BEFORE:
-                if iv.node in earlier_outputs:
-                    until = t.input_saved_until.get(iv.node)
-                    if until is not None and iv.node not in already_live:
-                        intervals.append(
-                            dataclasses.replace(
-                                iv, category="saved_activations", start=end_of_forward + 1, end=remap(i, until)
-                            )
-                        )
-                    continue
-                if iv.identity is not None:
-                    if iv.identity in seen_inputs:
-                        continue
-                    seen_inputs.add(iv.identity)
-                intervals.append(iv)
-                continue
-            end = None if iv.end is None else remap(i, iv.end)
-            if iv.category == "outputs" and i != last and iv.node not in kept[i]:
-                until = t.output_saved_until.get(iv.node)
-                end = end_of_forward if until is None else max(end_of_forward, remap(i, until))
-            intervals.append(dataclasses.replace(iv, start=remap(i, iv.start), end=end))
-    return finish_timeline(points, intervals, parts[0].device)
-
-
-def _earlier_output(source: tuple[int, int] | None, region: int) -> bool:
-    """``source`` (region, output position) is an output of a region before ``region``."""
-    return source is not None and 0 <= source[0] < region
-
-
-def _kept_source(source: tuple[int, int] | None, kept: Sequence[Collection[int] | None], region: int) -> bool:
-    """``source`` (region, output position) is an earlier region's output the caller keeps."""
-    if source is None:
-        return False
-    producer, position = source
-    return 0 <= producer < region and position in (kept[producer] or ())
-
-
-def _kept_producers(step: StepGraphs, positions: Collection[int] | None) -> set[fx.Node]:
-    """Producers of the storages of ``step``'s user outputs at ``positions`` (the user
-    outputs follow the mutated inputs AOTAutograd writes back)."""
-    if not positions:
-        return set()
-    aliasing = analyze_aliasing(step.forward.graph)
-    outputs = output_values(step.forward)[: step.num_fwd_outputs]
-    n_user = step.num_user_outputs if step.num_user_outputs is not None else len(outputs)
-    first = max(len(outputs) - n_user, 0)
-    users = outputs[first:]
-    return {
-        s.producer
-        for pos in positions
-        if 0 <= pos < len(users) and users[pos] is not None
-        for s in aliasing.storages_of(users[pos])  # type: ignore[arg-type]
-    }
 
 
 def finish_timeline(points: list[TimelinePoint], intervals: list[LiveInterval], device: torch.device) -> MemoryTimeline:

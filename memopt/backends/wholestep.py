@@ -84,7 +84,7 @@ at the forward
 (inference calls and calls on fake tensors included: an inference step's loss region
 takes the logits the region before it returned),
 ``RegionRecord.kept_outputs`` (the latest step's) when its backward starts. The
-step's composed timeline (`memopt.analysis.memory.compose_timelines`) keeps the kept
+step's composed timeline (`memopt.analysis.compose.compose_timelines`) keeps the kept
 outputs live after the step and counts each such input once. A call that is only
 recorded takes no part in step decisions (it neither joins, restarts nor holds up the
 step of the tracking regions), and an error in observing it is dropped: the

@@ -2,7 +2,7 @@
 
 A graph break splits a training step into regions that Dynamo compiles one at a time,
 and that run forwards in order, then backwards in reverse order (the step timeline of
-`memopt.analysis.memory.compose_timelines`). A region planned alone does not see that
+`memopt.analysis.compose.compose_timelines`). A region planned alone does not see that
 an earlier region's saved values are live throughout it, nor how much memory later
 regions need while its own saved values wait for its backward; and it must assume
 the caller keeps its outputs through its backward.
@@ -26,7 +26,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from memopt.analysis.memory import MemoryTimeline, compose_timelines
+from memopt.analysis.compose import compose_timelines
+from memopt.analysis.memory import MemoryTimeline
 from memopt.graph.step import StepGraphs
 
 __all__ = ["RegionInStep", "StepContext", "placed"]
@@ -57,7 +58,7 @@ class StepContext:
     Preconditions: every region is a training region (forward and backward) and the
     region names, the planned one's included, are distinct. ``kept_outputs`` and
     ``input_sources``, when given, have one entry per region of the step, in forward
-    order (the planned one included), as `memopt.analysis.memory.compose_timelines`
+    order (the planned one included), as `memopt.analysis.compose.compose_timelines`
     takes them; empty: not observed, every output but the last region's handed on."""
 
     earlier: tuple[RegionInStep, ...] = ()
