@@ -225,7 +225,7 @@ def _storage_floor(explanation: Any) -> int:
     """The unbudgeted plan's step peak with every eligible saved storage away, free,
     from its last forward reader to its first backward reader (module docstring)."""
     from memopt.analysis.compose import compose_timelines
-from memopt.analysis.memory import build_timeline
+    from memopt.analysis.memory import build_timeline
     from memopt.analysis.storage_cost import Bandwidth, storage_candidates, with_stored
 
     parts, kept = [], []
