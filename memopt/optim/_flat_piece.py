@@ -28,6 +28,7 @@ from memopt.codegen.adam8bit import CodeTables, State8bit, adam8bit_step, block_
 
 __all__ = ["FlatPiece", "piece_blocks", "piece_step"]
 
+
 @dataclass(frozen=True)
 class FlatPiece:
     """Where a tensor lies in the whole tensor it is a piece of (both flattened)."""

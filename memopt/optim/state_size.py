@@ -45,7 +45,8 @@ def predicted_state_bytes(optimizer: torch.optim.Optimizer, param: torch.Tensor,
         return lowrank_state_bytes(tuple(param.shape), group["rank"], left, isinstance(optimizer, GaLoreAdamW))
     if isinstance(optimizer, AdamW8bit) and optimizer.uses_8bit(param, group):
         # one scale per block touched: of the whole tensor for a piece (`AdamW8bit.set_piece`)
-        return 2 * param.numel() + 8 * optimizer.scale_blocks(param, group["block_size"])
+        block_size = group["block_size"]
+        return adamw8bit_state_bytes(param.numel(), block_size, optimizer.scale_blocks(param, block_size))
     if isinstance(optimizer, torch.optim.SGD):
         return nbytes if group.get("momentum", 0) else 0
     if isinstance(optimizer, torch.optim.Adam):
@@ -62,10 +63,11 @@ def lowrank_state_bytes(shape: tuple[int, ...], rank: int, left: bool, projector
     return moments + (4 * rank * (rows if left else cols) if projector else 0)
 
 
-def adamw8bit_state_bytes(numel: int, block_size: int) -> int:
+def adamw8bit_state_bytes(numel: int, block_size: int, blocks: int | None = None) -> int:
     """`AdamW8bit`'s state for ``numel`` elements: two uint8 codes per element and two
-    fp32 absmax scales per block of ``block_size``."""
-    return 2 * numel + 8 * -(-numel // block_size)
+    fp32 absmax scales per block, ``blocks`` of them (default ``ceil(numel / block_size)``;
+    a piece of a larger tensor keeps one per block of the whole it touches)."""
+    return 2 * numel + 8 * (-(-numel // block_size) if blocks is None else blocks)
 
 
 def group_of(optimizer: torch.optim.Optimizer) -> dict[int, tuple[torch.Tensor, Mapping[str, Any]]]:

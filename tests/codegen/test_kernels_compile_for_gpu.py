@@ -424,6 +424,21 @@ def test_lowrank_kernel_every_retry_tile_compiles(monkeypatch, rank, dtype):
     assert fits == sorted(fits), dict(zip(configs, fits))
 
 
+def test_every_launch_says_whether_to_fuse_multiply_adds(monkeypatch):
+    """Each kernel family passes ``enable_fp_fusion`` explicitly
+    (`memopt.codegen._triton.FP_FUSION`): off for the 8-bit step and the quantization
+    kernels, whose codes must round as their references do, on for the low-rank step.
+    Triton 3.9 warns for a launch without it, and 3.10 changes the default."""
+    launches = {
+        "adam8bit": _adam8bit_launch(monkeypatch, torch.zeros(512), 256),
+        "quantize": _quantize_launch(monkeypatch, torch.zeros(BIG), 64, torch.int8),
+        "dequantize": _dequantize_launch(monkeypatch, BIG, 64, torch.int8, torch.float32),
+        "lowrank_adam": _lowrank_launches(monkeypatch, 128, torch.float32, "left", lambda launch: None)[0],
+    }
+    fused = {name: launch.options.enable_fp_fusion for name, launch in launches.items()}
+    assert fused == {"adam8bit": False, "quantize": False, "dequantize": False, "lowrank_adam": True}
+
+
 def _report(compiled_variants: dict[str, Compiled]) -> Iterator[str]:
     """Each compiled variant's resources, one line each (the script mode)."""
     for compiled in sorted(compiled_variants.values(), key=lambda c: (c.name, str(c.signature), str(c.constexprs))):
@@ -442,19 +457,3 @@ if __name__ == "__main__":
                 and getattr(m, "__file__", None) == __file__ for k, v in m._COMPILED.items()}  # fmt: skip
     print(f"triton {triton.__version__}, sm_90:", *_report(compiled), sep="\n")
     sys.exit(code)
-
-
-def test_every_launch_says_whether_to_fuse_multiply_adds(monkeypatch):
-    """Each kernel family passes ``enable_fp_fusion`` explicitly
-    (`memopt.codegen._triton.FP_FUSION`): off for
-    the 8-bit step and the quantization kernels, whose codes must round as their
-    references do, on for the low-rank step. Triton 3.9 warns for a launch without it,
-    and 3.10 changes the default."""
-    launches = {
-        "adam8bit": _adam8bit_launch(monkeypatch, torch.zeros(512), 256),
-        "quantize": _quantize_launch(monkeypatch, torch.zeros(BIG), 64, torch.int8),
-        "dequantize": _dequantize_launch(monkeypatch, BIG, 64, torch.int8, torch.float32),
-        "lowrank_adam": _lowrank_launches(monkeypatch, 128, torch.float32, "left", lambda launch: None)[0],
-    }
-    fused = {name: launch.options.enable_fp_fusion for name, launch in launches.items()}
-    assert fused == {"adam8bit": False, "quantize": False, "dequantize": False, "lowrank_adam": True}
