@@ -219,6 +219,32 @@ def _triton_step(
     return False
 
 
+_WIDE_TILE = 4096
+"""Elements of a ``BLOCK_R x BLOCK_N`` tile above which a launch uses 8 warps and asks
+for up to 255 registers per thread (`launch_options`)."""
+
+
+def launch_options(block_r: int, block_n: int) -> dict[str, int]:
+    """``num_warps`` and ``maxnreg`` for a launch whose rank-by-columns tile is
+    ``block_r x block_n``.
+
+    Each thread holds its share of four fp32 tiles of that size while it updates the
+    moments (gradient, both moments, the normalized update kept for the row loop). Up to
+    `_WIDE_TILE` elements (32 per thread per tile at 4 warps: ranks up to 64 with the
+    default 64-column strip) Triton's defaults stand: 4 warps, and ptxas chooses the
+    registers (110-172 at ranks 16-64 for sm_90, no spills). Above it, left to itself,
+    ptxas 13.4 (Triton 3.9) gives the kernel 32 registers, the most that lets 64 warps
+    share an SM, and spills 7-13 KiB per thread to local memory; ptxas 12.9 (Triton 3.6)
+    does the same for some launches. Those tiles are large enough in shared memory
+    (104-196 KiB for ranks 128-512) that an sm_90 SM runs at most 8 of their warps at
+    once anyway, so the kernel takes 8 warps and ``maxnreg=255`` (one block of 8 warps
+    is an SM's whole register file): the same 8 warps per SM or more, and the spills
+    gone (tests/codegen/test_kernels_compile_for_gpu.py compiles them and checks)."""
+    if block_r * block_n <= _WIDE_TILE:
+        return {}
+    return {"num_warps": 8, "maxnreg": 255}
+
+
 def _launch(operands: tuple[torch.Tensor, ...], c: Mapping[str, float], blocks: tuple[int, int, int],
             stages: int | None) -> None:
     """One launch of `_lowrank_adam_kernel` on ``operands`` (weight, low-rank gradient,
@@ -227,7 +253,7 @@ def _launch(operands: tuple[torch.Tensor, ...], c: Mapping[str, float], blocks: 
     rows, cols = weight.shape
     block_m, block_n, block_r = blocks
     grid = (triton.cdiv(cols, block_n),)
-    options = {} if stages is None else {"num_stages": stages}
+    options = launch_options(block_r, block_n) | ({} if stages is None else {"num_stages": stages})
     with device_guard(weight):
         launchable(_lowrank_adam_kernel)[grid](
             weight, lowrank_grad, projector, exp_avg, exp_avg_sq,

@@ -390,20 +390,34 @@ LOWRANK_VARIANTS = [
 """Weight dtypes and projection sides per rank. Rank 512 runs one combination to keep
 the module under a minute of CPU: each compiles the 64 x 64 tile to LLVM IR (~9 s of
 2-core CPU). Measured once by hand on triton 3.6 and 3.9, the other rank-512 combinations
-launch the same 32 x 32 tile with at most 2 KiB more shared memory (the right
-projection's 200704 bytes)."""
+launch the same 32 x 32 tile with at most 4 KiB more shared memory (the right
+projection's 200704 bytes with 8 warps) and at most 40 bytes of stack."""
+
+
+LOWRANK_MAX_STACK = 2048
+"""Bytes of stack (spilled registers) per thread the launched low-rank tile may use.
+Left to its defaults (4 warps, no ``maxnreg``), ptxas 13.4 (Triton 3.9) gave the kernel
+32 registers and 7-13 KiB of stack at ranks 128 and 512, and ptxas 12.9 (Triton 3.6)
+did so for a right projection; with `lowrank_adam.launch_options` the stack is at most
+1.4 KiB under either."""
 
 
 @pytest.mark.parametrize("rank,dtype,side", LOWRANK_VARIANTS, ids=str)
 def test_lowrank_kernel_launches_a_tile_that_fits(monkeypatch, rank, dtype, side):
     """`lowrank_adam_step` as an H100/H200 runs it: each tile it tries is compiled, one
     that would not load raises `OutOfResources` as the load does, and the step retries.
-    Some tile must launch, and `launched_config` must name the first that fits."""
+    Some tile must launch, `launched_config` must name the first that fits, and the
+    launched kernel must not spill more than `LOWRANK_MAX_STACK`."""
     launches = _lowrank_launches(monkeypatch, rank, dtype, side, _fits_or_fails_to_load)
     fitting = [launch for launch in launches if compile_for_sm90(launch).fits()]
     assert fitting, f"no tile of the low-rank kernel fits sm_90 at rank {rank}: tried {[_config(x) for x in launches]}"
     assert fitting == launches[-1:], "the step must stop at the first tile that fits"
     assert lowrank_adam.launched_config(torch.device("cpu"), rank, dtype) == _config(launches[-1])
+    launched = compile_for_sm90(launches[-1])
+    assert launched.stack is None or launched.stack <= LOWRANK_MAX_STACK, (
+        f"the low-rank kernel at rank {rank} ({dtype}, {side}) spills {launched.stack} bytes per thread with "
+        f"{launched.registers} registers and {launched.num_warps} warps: see lowrank_adam.launch_options"
+    )
     if side == "right":
         assert launches[-1].named_constexprs["stride_wm"] == 1  # the transposed weight's unit stride: a constant
 

@@ -73,8 +73,8 @@ def max_errors(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
 @loops_to_runtime_bounds
 @pytest.mark.parametrize(
     "m, n, r, block",
-    [(32, 16, 4, 16), (40, 24, 5, 16), (16, 48, 3, 32), (64, 64, 8, 64)],
-    ids=["32x16r4", "40x24r5-masked-tiles", "16x48r3", "64x64r8-one-tile"],
+    [(32, 16, 4, 16), (40, 24, 5, 16), (16, 48, 3, 32), (64, 64, 8, 64), (96, 8, 65, 64)],
+    ids=["32x16r4", "40x24r5-masked-tiles", "16x48r3", "64x64r8-one-tile", "96x8r65-wide-tile-launch-options"],
 )
 def test_lowrank_kernel_matches_reference(interpreter: None, m: int, n: int, r: int, block: int) -> None:
     ref = lowrank_operands(m, n, r, seed=m + n)
@@ -287,12 +287,20 @@ def test_operand_shapes_are_checked() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_kernels_on_cuda_match_reference() -> None:
-    ref = lowrank_operands(256, 128, 16, seed=0, device="cuda")
+@pytest.mark.parametrize("rank", [16, 128], ids=["rank16-defaults", "rank128-8-warps-255-registers"])
+def test_lowrank_kernel_on_cuda_matches_reference(rank: int) -> None:
+    """Both launch settings of `lowrank_adam.launch_options`: Triton's defaults, and the
+    wide tile's 8 warps with ``maxnreg=255``."""
+    ref = lowrank_operands(256, 128, rank, seed=0, device="cuda")
     tri = [t.clone() for t in ref]
     lowrank_adam_step(*ref, kernel="torch", **coefficients(2, scale=0.25))
     lowrank_adam_step(*tri, kernel="triton", **coefficients(2, scale=0.25))
     assert max(max_errors(ref, tri)) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_adam8bit_kernel_on_cuda_matches_reference() -> None:
     numel, block = 100_000, 256
     tables = code_tables("cuda")
     state = [torch.randn(numel, device="cuda"), torch.full((numel,), 127, dtype=torch.uint8, device="cuda"),
