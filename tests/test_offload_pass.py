@@ -83,11 +83,11 @@ def test_auto_beside_an_accelerator_uses_host_memory_whatever_offload_dir_says(t
     no directory, so every compile on a GPU raised ValueError("offload_dir applies to
     the 'disk' target only") where the same options work on a CPU. (A CPU graph stands
     in for the GPU one: host stores accept it here.)"""
-    import memopt.runtime.offload_store as offload_store
+    import memopt.runtime.store_registry as store_registry
     from memopt.runtime.host_store import CudaTransfers, HostStore
 
-    monkeypatch.setattr(offload_store, "_check_host_device", lambda device: None)
-    monkeypatch.setattr(offload_store, "_make_store", lambda sid: HostStore(sid, transfers=CudaTransfers()))
+    monkeypatch.setattr(store_registry, "_check_host_device", lambda device: None)
+    monkeypatch.setattr(store_registry, "_make_store", lambda sid: HostStore(sid, transfers=CudaTransfers()))
     step = _step()
     action = {"kind": "offload", "target": "host", "reload_lead": 1}
     plan = _plan([{"name": "forward:tanh", "region": "0/0", "action": action, "reason": "test", "bytes": 65536}])
@@ -97,7 +97,7 @@ def test_auto_beside_an_accelerator_uses_host_memory_whatever_offload_dir_says(t
     assert offload.args[1] == "host"
     monkeypatch.setattr(HostStore, "measure", lambda self, nbytes, device: (1e9, 1e9))
     assert offload_target_and_bandwidth(config, torch.device("cuda"))[0] == "host"  # the planner's measurement
-    offload_store.get_store("host").close()
+    store_registry.get_store("host").close()
 
 
 def test_prefetch_never_climbs_above_the_graph_start(tmp_path):

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from memopt.runtime import offload_store
+from memopt.runtime import offload_ops
 
 __all__ = ["offload", "reload_start", "reload_wait", "register_inductor_lowering"]
 
@@ -61,14 +61,14 @@ cudagraphs for the graph), under ``mode="reduce-overhead"`` too."""
 )
 def offload(value: torch.Tensor, store_id: str, name: str = "") -> torch.Tensor:
     """Start moving ``value`` to store ``store_id``; its token."""
-    return offload_store.offload(value, store_id, name)
+    return offload_ops.offload(value, store_id, name)
 
 
 @torch.library.custom_op("memopt::reload_start", mutates_args=(), schema="(Tensor token) -> Tensor",
                          tags=_NOT_IN_CUDA_GRAPHS)
 def reload_start(token: torch.Tensor) -> torch.Tensor:
     """Start bringing back the value of ``token``; a second token for it."""
-    return offload_store.reload_start(token)
+    return offload_ops.reload_start(token)
 
 
 @torch.library.custom_op(
@@ -81,7 +81,7 @@ def reload_wait(
     token: torch.Tensor, size: Sequence[int], dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """The value of ``token`` (from ``offload`` or ``reload_start``), contiguous."""
-    return offload_store.reload_wait(token, list(size), dtype, device)
+    return offload_ops.reload_wait(token, list(size), dtype, device)
 
 
 @offload.register_fake

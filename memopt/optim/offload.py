@@ -59,7 +59,8 @@ from memopt.optim._checks import is_sharded_optimizer
 from memopt.optim._per_param import per_param_update
 from memopt.optim.mezo import MeZO
 from memopt.optim.state_size import state_bytes_of
-from memopt.runtime.offload_store import DEFAULT_MAX_PENDING, OffloadStore, StoreStats, resolve_offload_dir
+from memopt.runtime.offload_store import DEFAULT_MAX_PENDING, OffloadStore, StoreStats
+from memopt.runtime.store_registry import resolve_offload_dir
 
 __all__ = ["OffloadedState", "OffloadedStateStats", "estimate_state_bytes"]
 

@@ -9,8 +9,12 @@ it back (`OffloadStore.reload_start`, then `OffloadStore.reload_wait`). Two kind
   pinned host memory on a side stream.
 
 This module holds what they share: the life of a handle, tokens and their finalizers,
-statistics, the registry of stores by id (`register_store`, `get_store`), clean-up at
-exit and after ``fork``, and transfer bandwidths (`bandwidth`).
+statistics, and the process-wide table of live handles. Beside it: the background
+thread (`memopt.runtime.io_worker`); the registry of stores by id (`register_store`,
+`get_store`), clean-up at exit and after ``fork``, and `synchronous_io`
+(`memopt.runtime.store_registry`); the operations the compiled graphs call, by store
+id and token (`memopt.runtime.offload_ops`); transfer bandwidths (`bandwidth`, in
+`memopt.runtime.store_bandwidth`).
 
 Handles and tokens. Every offload makes a fresh handle id (a process-wide counter) and
 a fresh token, a CPU int64 scalar tensor holding it, so two forwards before one
@@ -32,20 +36,19 @@ next operation of the store, as `MemoptOffloadError`.
 
 `synchronous_io` runs every store's copies on the calling thread instead, at the moment
 each is asked for: for measuring a step with the allocator's view (torch's profiler
-sees only the step's thread) and for debugging, never for speed.
+sees only the step's thread) and for debugging, never for speed. Stores honour it
+here (`synchronous_jobs`, process-wide); the registry's `synchronous_io` opens it
+after ending the threads of the stores it holds.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import itertools
-import json
 import logging
 import math
 import os
-import queue
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -55,35 +58,15 @@ from typing import Any, ClassVar
 import torch
 
 from memopt.errors import MemoptOffloadError
+from memopt.runtime.io_worker import IOWorker
 from memopt.units import format_bytes
 
-__all__ = [
-    "TARGETS",
-    "OffloadStore",
-    "StoreStats",
-    "register_store",
-    "resolve_offload_dir",
-    "get_store",
-    "close_all",
-    "synchronous_io",
-    "offload",
-    "reload_start",
-    "reload_wait",
-    "measure_bandwidth",
-    "measure_copy_rate",
-    "bandwidth",
-]
+__all__ = ["DEFAULT_MAX_PENDING", "OffloadStore", "StoreStats", "synchronous_jobs"]
 
 log = logging.getLogger("memopt.offload")
 
-TARGETS = ("disk", "host")
-"""Where a store keeps offloaded values."""
-
 DEFAULT_MAX_PENDING = 4
 """Transfers a store lets run ahead of the step before `OffloadStore.offload` blocks."""
-
-DEFAULT_PROBE_BYTES = 32 * 2**20
-"""Bytes moved each way by `measure_bandwidth`."""
 
 
 @dataclass(frozen=True)
@@ -143,70 +126,25 @@ class _Entry:
         return math.prod(self.size)
 
 
-class _Worker:
-    """One daemon thread that runs submitted jobs in order. ``submit`` may be called
-    from a finalizer (`queue.SimpleQueue.put` is reentrant)."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def start(self) -> None:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
-
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def submit(self, job: Callable[[], None]) -> None:
-        self._queue.put(job)
-
-    def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
-            try:
-                job()
-            except Exception:  # jobs report their own errors; this is a bug in one
-                log.exception("memopt offload: a background job failed")
-            del job
-
-    def _run_inline(self) -> None:
-        """Run what is queued on this thread (the worker is gone: exit, fork)."""
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if job is not None:
-                job()
-
-    def flush(self) -> None:
-        """Wait until every job submitted so far has run."""
-        if not self.alive():
-            self._run_inline()
-            return
-        done = threading.Event()
-        self.submit(done.set)
-        while not done.wait(0.5):
-            if not self.alive():
-                self._run_inline()
-                return
-
-    def stop(self, timeout: float) -> None:
-        """Finish the queued jobs and end the thread (waiting at most ``timeout`` s)."""
-        if self.alive():
-            self._queue.put(None)
-            assert self._thread is not None
-            self._thread.join(timeout)
-        else:
-            self._run_inline()
-
-
 _HANDLE_IDS = itertools.count(1)
 _HANDLES: dict[int, OffloadStore] = {}
+
+_synchronous_depth = 0
+"""How many `synchronous_io` blocks are open (process-wide)."""
+
+
+@contextlib.contextmanager
+def synchronous_jobs() -> Iterator[None]:
+    """While the block runs, no store starts its I/O thread, and each runs the jobs
+    queued so far on the calling thread within ``offload``, ``reload_start`` and
+    ``reload_wait``. The mode of `synchronous_io`, which ends the registered stores'
+    threads before it opens this block and flushes them after. Process-wide."""
+    global _synchronous_depth
+    _synchronous_depth += 1
+    try:
+        yield
+    finally:
+        _synchronous_depth -= 1
 
 
 class OffloadStore:
@@ -225,8 +163,10 @@ class OffloadStore:
         self._lock = threading.Lock()
         self._entries: dict[int, _Entry] = {}
         self._slots = threading.BoundedSemaphore(max_pending)
-        self._worker = _Worker(f"memopt-offload-{self.target}")
+        self._worker = IOWorker(f"memopt-offload-{self.target}")
         self._error: MemoptOffloadError | None = None
+        # run at the end of `close`: the registry's, which takes the store out of it
+        self._on_close: Callable[[OffloadStore], None] | None = None
         self._counts = dict.fromkeys(
             ("offloads", "reloads", "bytes_written", "bytes_read", "resident_bytes",
              "peak_resident_bytes", "pending_bytes", "peak_pending_bytes", "files"), 0)
@@ -385,7 +325,8 @@ class OffloadStore:
             self._worker.submit(functools.partial(self._discard_entry, entry))
         self._worker.stop(timeout=10.0)
         self._close_resources()
-        _forget_store(self)
+        if self._on_close is not None:
+            self._on_close(self)
 
     def _close_resources(self) -> None:
         """Release what the store holds beyond its handles (its directory)."""
@@ -495,259 +436,3 @@ def _unknown_handle(hid: int) -> str:
         "offloaded value is brought back once: backward through the same graph a second "
         "time (retain_graph=True) is not supported with offload"
     )
-
-
-# -- the registry of stores ---------------------------------------------------------
-
-_STORES: dict[str, OffloadStore] = {}
-_REGISTRY_LOCK = threading.RLock()
-
-
-def _store_id(target: str, options: dict[str, Any]) -> str:
-    """``target``, or ``target:{json of the non-default options}``: an id that says
-    how to make the store, so any process can rebuild it (`get_store`)."""
-    return f"{target}:{json.dumps(options, sort_keys=True, separators=(',', ':'))}" if options else target
-
-
-def _parse_store_id(store_id: str) -> tuple[str, dict[str, Any]]:
-    target, _, rest = store_id.partition(":")
-    try:
-        options = json.loads(rest) if rest else {}
-    except ValueError:
-        options = None
-    if target not in TARGETS or not isinstance(options, dict):
-        raise ValueError(f"not an offload store id: {store_id!r} (register_store makes them)")
-    return target, options
-
-
-def resolve_offload_dir(offload_dir: str | os.PathLike[str] | None) -> str | None:
-    """``offload_dir`` as the absolute path every store and measurement uses: ``~``
-    expanded, a relative path taken from the current directory (at compile time)."""
-    if offload_dir is None:
-        return None
-    return os.path.abspath(os.path.expanduser(os.fspath(offload_dir)))
-
-
-def register_store(target: str, offload_dir: str | os.PathLike[str] | None = None, *,
-                   device: torch.device | str | None = None,
-                   max_pending: int = DEFAULT_MAX_PENDING) -> str:
-    """Make (or find) the store for this configuration and return its id, a string the
-    offload pass bakes into the graph. The same configuration gives the same id and the
-    same store. Raises `MemoptOffloadError` now, at compile time, if the store cannot
-    work: a ``disk`` directory that cannot be created, is not private or is unwritable;
-    a ``host`` store for a graph on the CPU (whose values already live in host memory).
-
-    ``target``: ``"disk"`` or ``"host"``. ``offload_dir`` (disk only): the directory
-    under which the store makes its private one; default the system's temporary
-    directory. ``device``: the graph's device (host stores need an accelerator).
-    ``max_pending``: transfers allowed to run ahead before ``offload`` blocks."""
-    if target not in TARGETS:
-        raise ValueError(f"unknown offload target {target!r}; valid targets: {', '.join(TARGETS)}")
-    options: dict[str, Any] = {}
-    if max_pending != DEFAULT_MAX_PENDING:
-        options["max_pending"] = int(max_pending)
-    if target == "host":
-        if offload_dir is not None:
-            raise ValueError("offload_dir applies to the 'disk' target only")
-        _check_host_device(device)
-    elif offload_dir is not None:
-        options["offload_dir"] = resolve_offload_dir(offload_dir)
-    store_id = _store_id(target, options)
-    get_store(store_id)
-    return store_id
-
-
-def _check_host_device(device: torch.device | str | None) -> None:
-    where = torch.device(device) if device is not None else None
-    if where is None and torch.cuda.is_available():
-        return
-    if where is not None and where.type == "cuda":
-        return
-    on = f"on {where}" if where is not None else "on a machine without CUDA"
-    raise MemoptOffloadError(
-        f"offload target 'host' moves accelerator tensors to pinned host memory, but this "
-        f"graph runs {on}, where its values already live in host memory: use the 'disk' "
-        "target (or 'auto', which picks disk on CPU)"
-    )
-
-
-def get_store(store_id: str) -> OffloadStore:
-    """The store of ``store_id``, made on first use (also in a process that did not
-    register it, e.g. after a compile-cache hit or a fork)."""
-    with _REGISTRY_LOCK:
-        store = _STORES.get(store_id)
-        if store is None:
-            store = _STORES[store_id] = _make_store(store_id)
-        return store
-
-
-def _make_store(store_id: str) -> OffloadStore:
-    target, options = _parse_store_id(store_id)
-    if target == "disk":
-        from memopt.runtime.disk_store import DiskStore
-
-        return DiskStore(store_id, **options)
-    from memopt.runtime.host_store import HostStore
-
-    return HostStore(store_id, **options)
-
-
-def _forget_store(store: OffloadStore) -> None:
-    with _REGISTRY_LOCK:
-        if _STORES.get(store.store_id) is store:
-            del _STORES[store.store_id]
-
-
-_synchronous_depth = 0
-"""How many `synchronous_io` blocks are open (process-wide)."""
-
-
-@contextlib.contextmanager
-def synchronous_io() -> Iterator[None]:
-    """Run every offload store's copies on the calling thread while the block runs.
-
-    On entering, each store finishes the work queued so far and ends its I/O thread.
-    Inside, an offload's write and a reload's read run within the call that asks for
-    them (``offload``, ``reload_start``), as if the copies took no time; the discards of
-    handles whose tokens died run at the store's next call or ``flush``. The step's
-    numerics are unchanged. After the block, a store starts its thread again at its
-    next offload.
-
-    What it is for: torch's profiler records allocations and frees on the thread that
-    runs the step only, so `memopt.testing.measure.measure_peak` misses those the I/O
-    thread makes (a reloaded buffer, a written value released). Inside this block it
-    sees them all, at the points the memory model places them: with the copies
-    instantaneous, the allocator's peak of an offloaded step is what memopt's estimate
-    says for it, except where pending writes set the peak (the estimate holds a value
-    until its modelled write ends). Not for training: the step waits for every copy.
-    Not reentrant across threads: open it on the thread that runs the steps."""
-    global _synchronous_depth
-    for store in _stores():
-        store._worker.stop(timeout=60.0)
-    _synchronous_depth += 1
-    try:
-        yield
-    finally:
-        _synchronous_depth -= 1
-        for store in _stores():
-            store._worker.flush()  # the discards queued since the last call
-
-
-def _stores() -> list[OffloadStore]:
-    with _REGISTRY_LOCK:
-        return list(_STORES.values())
-
-
-def close_all() -> None:
-    """Close every store of this process (at interpreter exit; tests)."""
-    for store in _stores():
-        store.close()
-
-
-def _forget_after_fork() -> None:
-    """In a forked child: the parent's stores, threads and files are not ours (a store
-    used in the child is made anew from its id)."""
-    global _REGISTRY_LOCK
-    _REGISTRY_LOCK = threading.RLock()
-    _STORES.clear()
-    _HANDLES.clear()
-
-
-atexit.register(close_all)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_after_fork)
-
-
-# -- the operations, by store id and token ------------------------------------------
-
-
-def _handle_of(token: torch.Tensor) -> int:
-    if not (isinstance(token, torch.Tensor) and token.dtype == torch.int64 and token.dim() == 0
-            and token.device.type == "cpu"):
-        raise TypeError("an offload token is a CPU int64 scalar tensor made by memopt::offload")
-    return int(token.item())
-
-
-def _owner(hid: int) -> OffloadStore:
-    store = _HANDLES.get(hid)
-    if store is None:
-        raise MemoptOffloadError(_unknown_handle(hid))
-    return store
-
-
-def offload(value: torch.Tensor, store_id: str, name: str = "") -> torch.Tensor:
-    """Start moving ``value`` to store ``store_id``; its token."""
-    return get_store(store_id).offload(value, name)
-
-
-def reload_start(token: torch.Tensor) -> torch.Tensor:
-    """Start bringing back the value of ``token``; a second token for it."""
-    hid = _handle_of(token)
-    return _owner(hid).reload_start(hid)
-
-
-def reload_wait(token: torch.Tensor, size: list[int], dtype: torch.dtype,
-                device: torch.device) -> torch.Tensor:
-    """The value of ``token`` (either token of its handle), contiguous."""
-    hid = _handle_of(token)
-    return _owner(hid).reload_wait(hid, size, dtype, device)
-
-
-# -- bandwidth ------------------------------------------------------------------------
-
-_BANDWIDTHS: dict[tuple[str, str, str | None], tuple[float, float]] = {}
-
-
-def measure_bandwidth(target: str, device: torch.device | str,
-                      nbytes: int = DEFAULT_PROBE_BYTES, *,
-                      offload_dir: str | os.PathLike[str] | None = None) -> tuple[float, float]:
-    """``(write, read)`` bytes per second of ``target`` for tensors on ``device``,
-    measured once per process (by moving ``nbytes`` each way: well under a second at
-    the default 32 MiB) and cached. Disk: written with ``fsync`` and read back after
-    dropping the file from the page cache, so both figures are the disk's own.
-    Host: pinned copies device->host and host->device."""
-    where = torch.device(device)
-    root = resolve_offload_dir(offload_dir)
-    key = (target, str(where), root)
-    if key not in _BANDWIDTHS:
-        store = get_store(register_store(target, root, device=where))
-        write, read = store.measure(nbytes, where)
-        log.info("offload bandwidth to %s (%s): write %s/s, read %s/s", store.location, where,
-                 format_bytes(write), format_bytes(read))
-        _BANDWIDTHS[key] = (write, read)
-    return _BANDWIDTHS[key]
-
-
-_COPY_RATES: dict[tuple[str, str | None], float | None] = {}
-
-
-def measure_copy_rate(target: str, device: torch.device | str,
-                      nbytes: int = DEFAULT_PROBE_BYTES, *,
-                      offload_dir: str | os.PathLike[str] | None = None) -> float | None:
-    """`OffloadStore.measure_copies` of ``target``'s store for ``device``, measured
-    once per process (``nbytes`` out and back, four times: about 150 ms here at the
-    default 32 MiB) and cached; None where a copy engine does the copying."""
-    where = torch.device(device)
-    root = resolve_offload_dir(offload_dir)
-    key = (target, root)
-    if key not in _COPY_RATES:
-        store = get_store(register_store(target, root, device=where))
-        rate = store.measure_copies(nbytes)
-        if rate is not None:
-            log.info("offload copies to %s: %s/s of CPU time, out and back", store.location, format_bytes(rate))
-        _COPY_RATES[key] = rate
-    return _COPY_RATES[key]
-
-
-def bandwidth(target: str, device: torch.device | str,
-              given: float | tuple[float, float] | None = None, *,
-              offload_dir: str | os.PathLike[str] | None = None) -> tuple[float, float]:
-    """``(write, read)`` bytes per second for the planner: ``given`` when set (one
-    figure for both directions, or a pair), else `measure_bandwidth`'s."""
-    if given is None:
-        return measure_bandwidth(target, device, offload_dir=offload_dir)
-    pair = (given, given) if isinstance(given, (int, float)) else tuple(given)
-    if len(pair) != 2 or not all(isinstance(b, (int, float)) and b > 0 for b in pair):
-        raise ValueError(f"offload bandwidth must be a positive number of bytes/s or a "
-                         f"(write, read) pair of them, got {given!r}")
-    return float(pair[0]), float(pair[1])

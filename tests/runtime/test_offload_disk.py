@@ -21,8 +21,8 @@ import torch
 import memopt.runtime.disk_store as disk_store
 from memopt.errors import MemoptOffloadError
 from memopt.runtime import bandwidth, get_store, measure_bandwidth, measure_copy_rate, register_store
-from memopt.runtime.offload_store import _stores
 from memopt.runtime.disk_store import DiskStore, sweep_stale
+from memopt.runtime.store_registry import _stores
 from offload_testing import recording_backend
 
 ops = torch.ops.memopt
