@@ -124,7 +124,7 @@ class Explanation:
         """The step's estimated memory timeline across the regions of one step (after
         memopt's passes, or before them with ``optimized=False``). The outputs of a
         region the caller was seen keeping through backward (a model's output object:
-        logits, key/value caches; `memopt.backends.wholestep`) stay live after the step,
+        logits, key/value caches; `memopt.backends.steptracker`) stay live after the step,
         as the last region's do; other outputs of earlier regions are handed on."""
         parts, regions = [], []
         for r in self.step_regions():
@@ -520,7 +520,7 @@ def explain(
     state) do happen.
     """
     from memopt.backends.dynamo import memopt_backend
-    from memopt.backends.wholestep import one_step
+    from memopt.backends.watched import one_step
 
     config = MemoptConfig.from_options(options)
     backend = functools.partial(memopt_backend, options=config)

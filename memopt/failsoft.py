@@ -6,7 +6,7 @@ memopt owns five stages of a region's compile, in order (`STAGES`):
 * ``planning``: the memory analyses and the planner, after torch's partition;
 * ``passes``: each pass of the pipeline (`memopt.passes.manager.PassManager`);
 * ``whole-step recompile``: a region compiled again for the whole step
-  (`memopt.backends.wholestep`);
+  (`memopt.backends.watched`);
 * ``codegen``: the hand-off of memopt's graphs to Inductor or eager FX.
 
 A failure in any of them is caught where the stage is run, and the region goes on

@@ -1,6 +1,6 @@
 """Outputs the caller keeps through backward (issue 14, item 3).
 
-Rule (`memopt.analysis.compose.compose_timelines`, `memopt.backends.wholestep`): an
+Rule (`memopt.analysis.compose.compose_timelines`, `memopt.backends.steptracker`): an
 earlier region's outputs are handed on (dead when the forward ends, or when the
 backward that saves them last uses them) unless the caller was seen still holding
 them when the region's backward started; those stay live after the step, like the
@@ -149,7 +149,7 @@ def test_an_observation_that_fails_never_breaks_a_recorded_step(monkeypatch: pyt
     """Observing a call of a region that is only recorded (no budget) may fail: the
     step runs on, its gradients as without the observation, and the record is left
     unobserved."""
-    from memopt.backends.wholestep import OutputRefs
+    from memopt.backends.steptracker import OutputRefs
 
     def broken(*args: Any) -> Any:
         raise RuntimeError("injected")

@@ -107,7 +107,7 @@ def test_inductor_wrapper_free():
 def test_autocast_markers_and_compile_context():
     """`memopt/passes/precision.py` and `blocked_cross_entropy.py` find autocast regions
     in Dynamo graphs by these functions; `memopt/backends/dynamo.py` names regions by
-    the compile id, and `memopt/backends/wholestep.py` reads the tracing context."""
+    the compile id, and `memopt/backends/watched.py` reads the tracing context."""
     from torch.amp import autocast_mode
 
     assert _parameters(autocast_mode._enter_autocast) == ["vals"]

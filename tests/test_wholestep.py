@@ -1,5 +1,6 @@
-"""Whole-step planning across graph breaks (memopt/backends/wholestep.py,
-memopt/plan/step_context.py): a budget holds for a step split by a graph break."""
+"""Whole-step planning across graph breaks (memopt/backends/wholestep.py, watched.py,
+steptracker.py; memopt/plan/step_context.py): a budget holds for a step split by a
+graph break."""
 
 from __future__ import annotations
 
@@ -266,10 +267,10 @@ def test_a_step_that_starts_keeping_outputs_is_planned_again(monkeypatch: pytest
 
     # Control: regions that can no longer be planned again keep the plan for the first
     # pattern, say so once, and the step exceeds the budget.
-    from memopt.backends import wholestep
+    from memopt.backends import watched
 
-    monkeypatch.setattr(wholestep, "MAX_REPLANS", 1)
-    monkeypatch.setattr(wholestep.CompiledRegion, "planned_without", lambda self, observed: False)
+    monkeypatch.setattr(watched, "MAX_REPLANS", 1)
+    monkeypatch.setattr(watched.CompiledRegion, "planned_without", lambda self, observed: False)
     stale, _, _, again, messages = _starts_keeping(budget)
     assert len(again) == 1, again
     kept_again = [m for m in messages if "that their memory plan assumed handed on" in m]
@@ -634,7 +635,7 @@ def test_a_region_that_held_two_budget_warnings_is_named_once() -> None:
     def region(name: str, at: int, *held_warnings: warnings.WarningMessage) -> SimpleNamespace:
         pending = list(held_warnings)
         return SimpleNamespace(
-            name=name, _held_at=(at, 0), compiler=SimpleNamespace(record=SimpleNamespace(plan=None)),
+            name=name, held_at=(at, 0), compiler=SimpleNamespace(record=SimpleNamespace(plan=None)),
             take_held=lambda: [pending.pop(0) for _ in range(len(pending))],
         )
 

@@ -4,7 +4,7 @@
 order, counts shared step inputs (parameters) once, and decides how long each value
 handed from one region to the next stays live: until the forward ends, until a backward
 that saved it last reads it, or through the step when the caller keeps it (observed by
-`memopt.backends.wholestep`). Per-region timelines come from
+`memopt.backends.steptracker`). Per-region timelines come from
 `memopt.analysis.memory.build_timeline`.
 """
 
@@ -38,14 +38,14 @@ def compose_timelines(
     until that backward last uses it. Except those the caller keeps:
     ``kept_outputs[i]`` lists the positions of region ``i``'s user outputs (the
     Dynamo graph's outputs) that the caller still held when the region's backward
-    started (observed, `memopt.backends.wholestep`; None: not observed, all handed
+    started (observed, `memopt.backends.steptracker`; None: not observed, all handed
     on). Those stay live after the step, like the last region's: a Hugging Face
     model's output object holds the logits and the key/value caches the region
     before the loss computed, and the user's ``out = model(**x); out.loss.backward()``
     keeps it through backward.
 
     ``input_sources[j]`` maps a position of region ``j``'s inputs to the earlier
-    region and output position it was (observed, `memopt.backends.wholestep`): an input
+    region and output position it was (observed, `memopt.backends.steptracker`): an input
     region ``j`` saves for backward that is an output the caller keeps is the kept
     storage, already live through the step, and is not counted again; and an input
     that needs no gradient (an inference step's logits handed to its loss region, a

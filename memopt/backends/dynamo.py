@@ -22,7 +22,8 @@ from memopt._once import frame_compile_started
 from memopt.backends.meta_device import composite_autograd_on_meta
 from memopt.backends.record import active_recorders
 from memopt.backends.region import RegionCompiler, describe_inputs
-from memopt.backends.wholestep import CompiledRegion, WatchedRegion
+from memopt.backends.watched import CompiledRegion, WatchedRegion
+from memopt.backends.wholestep import TRACKER
 from memopt.codegen.eager import DECOMPOSITIONS as EAGER_DECOMPOSITIONS
 from memopt.codegen.eager import compile_eager
 from memopt.codegen.inductor import compile_with_inductor
@@ -108,13 +109,14 @@ def _compile_with_memopt(
     watched: WatchedRegion
     if config.memory_budget is None or not config.plan_across_graph_breaks:
         fn = compile(region, gm, example_inputs)
-        watched = WatchedRegion(region, fn)
+        watched = WatchedRegion(region, fn, TRACKER)
         if not watched.recording:
             return fn  # nothing to observe
     else:
-        watched = CompiledRegion(region, compile, gm, example_inputs)  # plans across graph breaks
-    # TRACKER (memopt.backends.wholestep) observes its calls: which outputs the caller
-    # keeps, for the recorded step estimate and, under a budget, for the step's plan.
+        watched = CompiledRegion(region, compile, gm, example_inputs, TRACKER)  # plans across graph breaks
+    # TRACKER (memopt.backends.wholestep, a memopt.backends.steptracker.StepTracker)
+    # observes its calls: which outputs the caller keeps, for the recorded step
+    # estimate and, under a budget, for the step's plan.
     return torch._dynamo.disable(watched, reason="memopt's compiled region")
 
 

@@ -50,7 +50,7 @@ class RegionRecord:
     the report's modelled saving of the fused update."""
     kept_outputs: frozenset[int] | None = None
     """Positions of the region's outputs the caller still held when its backward
-    started, in the latest step observed (`memopt.backends.wholestep`); None: not
+    started, in the latest step observed (`memopt.backends.steptracker`); None: not
     observed."""
     input_sources: dict[int, tuple[str, int]] = field(default_factory=dict)
     """Inputs that were an earlier region's outputs in the latest step observed:
@@ -58,7 +58,7 @@ class RegionRecord:
     saves such an input for backward holds the producer's storage, not a new one."""
     last_forward: int | None = None
     """When its latest observed call ran, on the process's one clock of observed
-    events (`memopt.backends.wholestep.StepTracker.serials`); None: not observed."""
+    events (`memopt.backends.steptracker.StepTracker.serials`); None: not observed."""
     last_backward: int | None = None
     """When the backward of its latest observed call with one started, on that clock."""
 

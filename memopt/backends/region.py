@@ -142,7 +142,7 @@ class RegionCompiler:
     @property
     def keeps_earlier_plan(self) -> bool:
         """A region compiled again for the whole step: a planning failure then
-        propagates, so that the region keeps the plan it runs (`wholestep`)."""
+        propagates, so that the region keeps the plan it runs (`watched`)."""
         return self.recompiles > 0
 
     def hand_back_record(self, original: RegionCompiler) -> None:

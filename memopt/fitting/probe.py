@@ -67,7 +67,7 @@ def assume_outputs_kept(explanation: Explanation) -> Explanation:
     """Count every user output of every region as kept by the caller through the step's
     backward. On real tensors memopt observes which outputs of a region before a graph
     break the caller still holds when the region's backward starts
-    (`memopt.backends.wholestep`: a Hugging Face output object holds the logits and the
+    (`memopt.backends.steptracker`: a Hugging Face output object holds the logits and the
     caches); on fake tensors it cannot (no storages to watch) and would take them all as
     handed on, under-counting such steps. Keeping them all is an upper bound: exact for a
     model whose only graph break is before its loss, high by the hidden states handed

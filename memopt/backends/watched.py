@@ -1,0 +1,319 @@
+"""The compiled regions that whole-step planning can compile again: `WatchedRegion`, a
+compiled region whose calls a `StepTracker` observes, and `CompiledRegion`, one compiled
+under a memory budget that keeps what it needs to be planned again for its whole step
+(`memopt.backends.wholestep`, moves 1 to 4), and holds its `MemoptBudgetWarning`s while
+its plan may still change.
+
+A region is handed the tracker that observes it (the backend hands it
+`memopt.backends.wholestep.TRACKER`); it is told what to do by the whole-step decision
+(`replan_in`, `warn_at_next_call`, `settle`) and carries it out at its next call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import itertools
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from memopt.backends.record import RegionRecord
+from memopt.backends.region import RegionCompiler
+from memopt.backends.steptracker import StepTracker, Watched
+from memopt.errors import MemoptBudgetWarning, MemoptRanksError, MemoptWarning
+from memopt.failsoft import fail_soft
+from memopt.graph import meta
+from memopt.plan.step_context import RegionInStep, StepContext
+
+__all__ = [
+    "CompiledRegion", "MAX_REPLANS", "OBSERVED_STEPS", "Observed", "WatchedRegion",
+    "compiled_regions", "emit", "one_step",
+]  # fmt: skip
+
+log = logging.getLogger("memopt")
+
+Compile = Callable[[RegionCompiler, fx.GraphModule, Sequence[Any]], Callable[..., Any]]
+"""Compiles a Dynamo graph (after the pre-autograd stage) with a region compiler."""
+
+_COMPILES = itertools.count()
+"""Orders the compiles whose budget warnings regions hold."""
+
+MAX_REPLANS = 3
+"""Compiles of a region planned for its step, at most: the first, and one for each
+later step whose caller keeps outputs the plan assumed handed on."""
+
+OBSERVED_STEPS = 3
+"""Steps a region is watched for at most. The first step is also the compile step,
+when Dynamo's tracing state may still hold a region's outputs: an inconclusive step
+is not the last word."""
+
+
+class WatchedRegion:
+    """A compiled region whose calls ``tracker`` may observe: ``fn`` (Dynamo's calling
+    convention) called through it. A region compiled while memopt records
+    (`memopt.explain`, `memopt.record`) is ``recording``: every call writes its
+    observation to the region's current record (where its inputs came from; for a
+    call with a backward, the outputs the caller kept; `memopt.backends.steptracker`,
+    "Recording"). On its own it takes no part in step decisions (a `CompiledRegion`
+    does, while ``tracking``); a region neither recording nor tracking runs
+    unobserved."""
+
+    tracking: bool = False
+    """Whether its calls take part in whole-step decisions (only a `CompiledRegion`'s
+    do: until the tracker has decided about its step, and after a decision that
+    planned its step again, `memopt.backends.wholestep`, move 4)."""
+
+    def __init__(self, compiler: RegionCompiler, fn: Callable[..., Any], tracker: StepTracker) -> None:
+        self.compiler = compiler
+        self.fn = fn
+        self.tracker = tracker
+        self.recording = compiler.recording
+
+    @property
+    def name(self) -> str:
+        return self.compiler.region
+
+    def record_to(self) -> RegionRecord | None:
+        """The record a call's observation goes to: the current compiler's (a region
+        compiled again has a new record), or None when it is not ``recording``."""
+        return self.compiler.record if self.recording else None
+
+    def __call__(self, *args: Any) -> Any:
+        outputs = self.fn(*args)
+        self.tracker.forward_ran(self, args, outputs)
+        return outputs
+
+
+class CompiledRegion(WatchedRegion):
+    """What the backend hands Dynamo for one region under a memory budget: the compiled
+    callable, and what it needs to compile the region again for the whole step."""
+
+    def __init__(
+        self,
+        compiler: RegionCompiler,
+        compile: Compile,
+        gm: fx.GraphModule,
+        example_inputs: Sequence[Any],
+        tracker: StepTracker,
+    ) -> None:
+        waiting = compiled_regions(tracker.waiting())
+        earlier = tuple(view for view in (r.in_step() for r in waiting) if view is not None)
+        compiler.context = StepContext(earlier) if earlier else None
+        self._compile = compile
+        self._gm = gm
+        self._fakes = _fake_copies(gm, example_inputs)
+        # It may be planned again (memopt.backends.wholestep, moves 1 and 2):
+        provisional = self._fakes is not None and not _ONE_STEP.get()
+        with _holding_budget_warnings(provisional) as held:
+            fn = compile(compiler, gm, example_inputs)
+        super().__init__(compiler, fn, tracker)
+        compiler.example_inputs = ()  # real tensors: not kept past the compile
+        self.tracking = compiler.record.kind == "training"
+        self._held = held
+        self.held_at = (next(_COMPILES), 0)  # (compile order, calls before it)
+        """When the compile whose warnings it holds ran: which of a step's regions
+        compiled last (`memopt.backends.wholestep`), and how long it waits for a step."""
+        if not self.tracking:
+            self.settle()  # no step to wait for
+        self.steps_seen = 0
+        self.calls = 0
+        self.replans = 0
+        self._step: tuple[list[CompiledRegion], Observed] | None = None  # set: re-plan at the next call
+        self._warning: str | None = None  # set: warn at the next call
+        self.decided: tuple[tuple[CompiledRegion, ...], Observed] | None = None
+        """The step (its regions in forward order) and the observation this region's
+        plan is for, once the tracker has decided about a step of several regions."""
+
+    @property
+    def can_replan(self) -> bool:
+        return self._fakes is not None and self.replans < MAX_REPLANS
+
+    def in_step(self) -> RegionInStep | None:
+        """The region as the planner sees it from another region (None if its
+        pipeline did not run, e.g. a training region loaded from a cache)."""
+        record = self.compiler.record
+        if record.kind != "training" or record.step is None or record.step_before is None:
+            return None
+        if record.timeline_before is None or record.timeline_after is None:
+            return None
+        return RegionInStep(record.step_before, record.timeline_before, record.step, record.timeline_after)
+
+    def planned_without(self, observed: Observed) -> bool:
+        """Whether its plan assumed handed on an earlier region's outputs that
+        ``observed`` shows the caller keeps (it was planned in a context with no
+        observations, `memopt.backends.wholestep`, move 1, or with a step that kept
+        fewer)."""
+        context = self.compiler.context
+        planned = context.kept_outputs if context is not None else ()
+        return any(
+            kept - ((planned[i] or frozenset()) if i < len(planned) else frozenset())
+            for i, kept in enumerate(observed.kept_outputs[:-1])
+        )
+
+    def replan_in(self, step: list[CompiledRegion], observed: Observed) -> None:
+        """Compile again, planned for ``step`` (the regions in forward order, run as
+        ``observed``), at the next call."""
+        self._step = (step, observed)
+
+    @property
+    def replan_pending(self) -> bool:
+        """Whether it is to be compiled again at its next call (`replan_in`)."""
+        return self._step is not None
+
+    def warn_at_next_call(self, message: str) -> None:
+        """Warn (`MemoptWarning`) at the region's next forward call, outside the backward
+        in which the tracker decided it (an error raised from an autograd hook would
+        stop that backward midway)."""
+        self._warning = message
+
+    def __call__(self, *args: Any) -> Any:
+        if self._warning is not None:
+            message, self._warning = self._warning, None
+            warnings.warn(message, MemoptWarning, stacklevel=2)
+        if self._step is not None:
+            self._replan(self._step)
+        self.calls += 1
+        if self._held and self.calls > self.held_at[1] + OBSERVED_STEPS + 1:
+            self.settle()  # no step of it completed since its compile: it keeps its plan
+        return super().__call__(*args)
+
+    def settle(self) -> None:
+        """The region keeps the plan it has: emit the budget warnings its compile held."""
+        emit(self.take_held())
+
+    def take_held(self) -> list[warnings.WarningMessage]:
+        """The warnings its compile held (they are then no longer held)."""
+        held, self._held = self._held, []
+        return held
+
+    def _replan(self, planned: tuple[list[CompiledRegion], Observed]) -> None:
+        self._step = None
+        self.replans += 1
+        step, observed = planned
+        context = _context_of(step, step.index(self), observed)
+        assert self._fakes is not None
+        old = self.compiler
+        compiler = old.replanned(context, self._fakes)
+        log.info("region %s: compiling again (%s)", self.name, context.describe())
+        try:
+            with _holding_budget_warnings(True) as held:  # emitted once for the step (`wholestep._settle_step`)
+                self.fn = self._compile(compiler, self._gm, self._fakes)
+        except MemoptRanksError:
+            raise  # the ranks no longer compile together: keeping the old plan would mismatch their collectives
+        except Exception as exc:  # noqa: BLE001 - fail soft, see memopt.failsoft
+            self.settle()
+            compiler.hand_back_record(old)
+            old.record.fallbacks.append(
+                fail_soft(
+                    "whole-step recompile", self.name, exc, strict=old.config.strict,
+                    outcome="it keeps the plan made for it alone",
+                )  # fmt: skip
+            )
+            return
+        self.compiler = compiler
+        self._held = held  # the step's plan replaces the one the earlier ones were about
+        self.held_at = (next(_COMPILES), self.calls)
+        for i, other in enumerate(step):
+            if other is not self:
+                other.compiler.place_in(_context_of(step, i, observed))
+
+
+@dataclass(frozen=True)
+class Observed:
+    """How a step's regions ran (`StepContext.kept_outputs`, ``input_sources``)."""
+
+    kept_outputs: tuple[frozenset[int], ...]
+    input_sources: tuple[dict[int, tuple[int, int]], ...]
+
+    def covers(self, other: Observed) -> bool:
+        """Whether a plan made for this observation holds for a step run as ``other``
+        (the same regions): every output of a non-final region it shows kept is kept
+        here too (an output kept here and handed on there only leaves the plan room;
+        the final region's outputs are live after the step either way)."""
+        pairs = zip(self.kept_outputs[:-1], other.kept_outputs[:-1], strict=True)
+        return all(theirs <= ours for ours, theirs in pairs)
+
+    def merged(self, other: Observed) -> Observed:
+        """The outputs either kept, with ``other``'s input sources (the same regions)."""
+        kept = tuple(ours | theirs for ours, theirs in zip(self.kept_outputs, other.kept_outputs, strict=True))
+        return Observed(kept, other.input_sources)
+
+
+def _context_of(step: list[CompiledRegion], i: int, observed: Observed) -> StepContext:
+    """Region ``i``'s context in ``step`` (regions in forward order, each with a
+    plan: checked when the step completed), as planned now."""
+    earlier, later = [r.in_step() for r in step[:i]], [r.in_step() for r in step[i + 1 :]]
+    assert None not in earlier and None not in later
+    return StepContext(tuple(earlier), tuple(later), observed.kept_outputs, observed.input_sources)  # type: ignore[arg-type]
+
+
+_ONE_STEP: contextvars.ContextVar[bool] = contextvars.ContextVar("memopt_one_step", default=False)
+
+
+@contextlib.contextmanager
+def one_step() -> Iterator[None]:
+    """Regions compiled inside run one step and are then dropped (`memopt.explain`):
+    none is planned again, so none holds its budget warnings (it warns as it compiles,
+    as its report says its plan is over the budget)."""
+    token = _ONE_STEP.set(True)
+    try:
+        yield
+    finally:
+        _ONE_STEP.reset(token)
+
+
+@contextlib.contextmanager
+def _holding_budget_warnings(hold: bool) -> Iterator[list[warnings.WarningMessage]]:
+    """While compiling a region that whole-step planning may plan again (planned
+    alone, or before its step was observed): collect its `MemoptBudgetWarning`s
+    instead of emitting them (such a plan may judge a budget infeasible that its step
+    meets); every other warning passes. The caller emits them (`emit`) once the region keeps its plan."""
+    if not hold:
+        yield []
+        return
+    held: list[warnings.WarningMessage] = []
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # type: ignore[assignment]
+            warnings.simplefilter("always", MemoptBudgetWarning)
+            yield held
+    finally:
+        held.extend(w for w in caught if issubclass(w.category, MemoptBudgetWarning))
+        emit([w for w in caught if not issubclass(w.category, MemoptBudgetWarning)])
+
+
+def emit(caught: Sequence[warnings.WarningMessage]) -> None:
+    """Issue ``caught`` (held warnings) again, each where it was first raised."""
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
+def _fake_copies(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[Any, ...] | None:
+    """Fake copies of the example inputs in Dynamo's fake mode, or None (the region is
+    then never compiled again) when a shape is symbolic, an input is not a plain tensor
+    (a symbol, a tensor subclass) or there is no Dynamo tracing context."""
+    if any(meta.is_symbolic(ph) for ph in gm.graph.find_nodes(op="placeholder")):
+        return None
+    if not all(type(x) in (torch.Tensor, torch.nn.Parameter) for x in example_inputs):
+        return None  # symbols, tensor subclasses: not re-traced
+    tracing = torch._guards.TracingContext.try_get()
+    if tracing is None or tracing.fake_mode is None:
+        return None
+    mode = tracing.fake_mode
+    return tuple(mode.from_tensor(x, static_shapes=True) for x in example_inputs)
+
+
+
+def compiled_regions(regions: Iterable[Watched]) -> list[CompiledRegion]:
+    """``regions``, regions of tracking runs (only a `CompiledRegion` tracks)."""
+    compiled = []
+    for region in regions:
+        assert isinstance(region, CompiledRegion)
+        compiled.append(region)
+    return compiled
