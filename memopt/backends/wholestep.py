@@ -70,7 +70,6 @@ import warnings
 
 from memopt.backends.steptracker import Run, StepTracker
 from memopt.backends.watched import (
-    MAX_REPLANS,
     OBSERVED_STEPS,
     CompiledRegion,
     Observed,
@@ -220,7 +219,7 @@ def _decide(runs: list[Run], order: list[Run], regions: list[CompiledRegion]) ->
     elif decided is not None:
         regions[0].warn_at_next_call(
             f"the caller now keeps outputs of the regions {', '.join(r.name for r in regions)} that their "
-            f"memory plan assumed handed on, and they were planned again {MAX_REPLANS} times already: they "
+            f"memory plan assumed handed on, and they were planned again {max(r.replans for r in regions)} times already: they "
             "keep their plan, which may exceed memory_budget. Keep (or drop) a model's outputs the same way "
             "in every training step."
         )
