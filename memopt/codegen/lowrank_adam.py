@@ -234,12 +234,13 @@ def launch_options(block_r: int, block_n: int) -> dict[str, int]:
     default 64-column strip) Triton's defaults stand: 4 warps, and ptxas chooses the
     registers (110-172 at ranks 16-64 for sm_90, no spills). Above it, left to itself,
     ptxas 13.4 (Triton 3.9) gives the kernel 32 registers, the most that lets 64 warps
-    share an SM, and spills 7-13 KiB per thread to local memory; ptxas 12.9 (Triton 3.6)
+    share an SM, and spills 7-24 KiB per thread to local memory; ptxas 12.9 (Triton 3.6)
     does the same for some launches. Those tiles are large enough in shared memory
-    (104-196 KiB for ranks 128-512) that an sm_90 SM runs at most 8 of their warps at
+    (104-208 KiB for ranks 128-512) that an sm_90 SM runs at most 8 of their warps at
     once anyway, so the kernel takes 8 warps and ``maxnreg=255`` (one block of 8 warps
-    is an SM's whole register file): the same 8 warps per SM or more, and the spills
-    gone (tests/codegen/test_kernels_compile_for_gpu.py compiles them and checks)."""
+    is an SM's whole register file): the same 8 warps per SM or more, and at most
+    3.7 KiB of spills (tests/codegen/test_kernels_compile_for_gpu.py compiles them and
+    checks; docs/optimizers.md has the figures per rank)."""
     if block_r * block_n <= _WIDE_TILE:
         return {}
     return {"num_warps": 8, "maxnreg": 255}
