@@ -22,6 +22,7 @@ from memopt._once import frame_compile_started
 from memopt.backends.meta_device import composite_autograd_on_meta
 from memopt.backends.record import active_recorders
 from memopt.backends.region import RegionCompiler, describe_inputs
+from memopt.backends.shapes import watch_shapes
 from memopt.backends.watched import CompiledRegion, WatchedRegion
 from memopt.backends.wholestep import TRACKER
 from memopt.codegen.eager import DECOMPOSITIONS as EAGER_DECOMPOSITIONS
@@ -78,7 +79,7 @@ def memopt_backend(
     region.example_inputs = tuple(example_inputs)
     pristine = clone_graph_module(gm)  # the pre-autograd stage rewrites gm in place
     try:
-        return _compile_with_memopt(region, gm, example_inputs, mode)
+        return watch_shapes(_compile_with_memopt(region, gm, example_inputs, mode), region, pristine)
     except PASSED_THROUGH:
         raise  # strict=True
     except Exception as exc:  # noqa: BLE001 - fail soft, see memopt.failsoft

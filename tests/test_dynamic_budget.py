@@ -1,0 +1,56 @@
+"""A region compiled for dynamic shapes is planned once, at the sizes it was traced
+with. Under a budget in bytes, a later, larger call ran that plan on larger tensors
+and passed the budget with nothing said (GPT-2, 2 layers, width 128, batch 8, budget
+25,000,000 bytes, ``dynamic=True``: traced at sequence 64, measured peak growth 27.0 MB
+at 96 and 38.2 MB at 128). Now the first larger call warns, once per region, naming
+the input, both shapes and the fix (docs/remat.md, "Limits")."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import memopt
+
+DYNAMIC = "was compiled for dynamic shapes and planned once"
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 1))
+
+
+def _steps(budget: int | float | str, batches: tuple[int, ...], dynamic: bool | None) -> list[list[str]]:
+    """memopt's warnings at each training step of ``batches`` (the batch sizes)."""
+    torch._dynamo.reset()
+    model = _model()
+    compiled = torch.compile(
+        model, backend="memopt", options={"codegen": "eager", "memory_budget": budget}, dynamic=dynamic
+    )
+    said = []
+    for batch in batches:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", memopt.MemoptWarning)
+            compiled(torch.randn(batch, 32)).sum().backward()
+        said.append([str(w.message) for w in caught if issubclass(w.category, memopt.MemoptWarning)])
+    return said
+
+
+def test_a_larger_call_of_a_dynamic_region_warns_once_naming_the_shapes() -> None:
+    said = _steps("4MiB", (64, 32, 64, 128, 256), dynamic=True)
+    assert said[:3] == [[], [], []], said  # the traced shape and smaller ones run within the plan
+    (message,) = said[3]
+    assert DYNAMIC in message and "memory_budget 4.00 MiB" in message, message
+    assert "(64, 32)" in message and "(128, 32)" in message, message
+    assert "dynamic=False" in message, message
+    assert said[4] == [], said  # once per region
+
+
+@pytest.mark.parametrize("budget, dynamic", [("4MiB", False), (0.5, True)])
+def test_static_compiles_and_fractional_budgets_say_nothing(budget: int | float | str, dynamic: bool) -> None:
+    """A static compile plans each shape afresh; a fraction is of the peak at every shape."""
+    said = _steps(budget, (64, 128), dynamic=dynamic)
+    assert not any(DYNAMIC in m for step in said for m in step), said
