@@ -144,7 +144,8 @@ class Explanation:
 
     @property
     def baseline_bytes(self) -> int:
-        """Bytes live when the step starts (parameters, buffers, inputs)."""
+        """Bytes live when the step starts (parameters, buffers, inputs, and the
+        ``.grad`` a region planned under gradient accumulation counts as held)."""
         return self.timeline().baseline_bytes
 
     def step_optimizer(self) -> OptimizerMemory | None:

@@ -17,7 +17,10 @@ storage (see `memopt.analysis.aliasing`) gets a live interval on it:
   their last use (on torch 2.11 at the end of backward:
   `memopt._compat.BACKWARD_FREES_INCOMING_GRADIENTS`);
 * backward values die after their last use, except the gradients backward returns,
-  which stay live (they become ``.grad``);
+  which stay live (they become ``.grad``); a parameter whose ``.grad`` exists when the
+  step starts (`StepGraphs.grads_held`: gradient accumulation) has that gradient live
+  throughout (category ``gradients``, in the baseline), and the one backward returns
+  dies when backward ends (autograd adds it into ``.grad``);
 * with the step's optimizer known (`StepGraphs.optimizer`,
   `memopt.analysis.optimizer_memory`): its state is live throughout (category
   ``optimizer_state``, in the baseline); with the update in backward a gradient dies
@@ -65,6 +68,7 @@ __all__ = [
     "MemoryAnalysis",
     "build_timeline",
     "finish_timeline",
+    "held_grad_identity",
 ]
 
 CATEGORIES = (
@@ -226,6 +230,14 @@ class MemoryAnalysis(Analysis[MemoryTimeline]):
 
     def compute(self, step: StepGraphs, manager: AnalysisManager) -> MemoryTimeline:
         return build_timeline(step)
+
+
+def held_grad_identity(identity: int) -> int:
+    """The `LiveInterval.identity` of the ``.grad`` a parameter (``identity``, an
+    ``id()``) holds when the step starts (`StepGraphs.grads_held`): distinct from the
+    parameter's own and its optimizer state's (negative), so regions that share the
+    parameter count it once."""
+    return identity + (1 << 62)
 
 
 def main_device(step: StepGraphs) -> torch.device:
@@ -412,6 +424,12 @@ def build_timeline(step: StepGraphs) -> MemoryTimeline:
         identity = step.inputs[i].identity if i < len(step.inputs) else None
         for storage in fw.aliasing.storages_of(ph):
             add(fw_name, storage, category, BEFORE, None, identity)
+        if category == "parameters" and identity is not None and identity in step.grads_held:
+            value = meta.tensor_value(ph)
+            if value is not None and value.device == device:
+                nbytes = concrete_int(value.numel()) * value.element_size()
+                intervals.append(LiveInterval(fw_name, ph, "gradients", nbytes, BEFORE, None,
+                                              region=step.region, identity=held_grad_identity(identity)))
         if step.optimizer is not None and category == "parameters" and step.optimizer.holds(identity):
             value = meta.tensor_value(ph)
             if value is not None and value.device == device:
@@ -565,24 +583,30 @@ def _add_backward(
     updates: dict[Storage, int] | None = None,
 ) -> None:
     """Backward's storages: tangents, temporaries, and the gradients it returns (live
-    after the step, or until their update: ``updates``, `_update_ends`)."""
+    after the step, or until their update: ``updates``, `_update_ends`; or until
+    backward ends when autograd adds them into an existing ``.grad``)."""
     assert step.backward is not None
-    updates = updates or {}
+    updates = dict(updates or {})
     bw_nodes = _compute_nodes(step.backward)
     grads: set[Storage] = set()
     passed_on: set[Storage] = set()  # gradients of activations from an earlier region
+    accumulated: set[Storage] = set()  # gradients autograd adds into an existing .grad
     for i, out in enumerate(output_values(step.backward)):
         if out is not None:
             storages = bw.aliasing.storages_of(out)
             (passed_on if step.input_kind(i) == "activation" else grads).update(storages)
+            if i < len(step.inputs) and step.inputs[i].identity in step.grads_held:
+                accumulated.update(storages)
     last_bw = n_fw + len(bw_nodes) - 1
+    for storage in accumulated:
+        updates.setdefault(storage, last_bw)
     saved = {ph for _, ph in step.saved_pairs()}
     for ph in step.backward.graph.find_nodes(op="placeholder"):
         if ph in saved or meta.is_symbolic(ph):
             continue
         for storage in bw.aliasing.storages_of(ph):  # tangents and seeds
             if storage in grads:
-                end = None
+                end = last_bw if storage in accumulated else None
             elif BACKWARD_FREES_INCOMING_GRADIENTS:
                 end = bw.last_use.get(storage, n_fw)
             else:  # held by AOTAutograd's backward until it returns (torch 2.11)

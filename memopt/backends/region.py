@@ -53,7 +53,7 @@ from memopt.units import format_bytes
 from memopt.plan.step_context import StepContext, placed
 from memopt.plan.storage import StorageOptions
 
-__all__ = ["RegionCompiler", "describe_inputs"]
+__all__ = ["RegionCompiler", "describe_inputs", "grads_held"]
 
 log = logging.getLogger("memopt")
 
@@ -78,6 +78,20 @@ def describe_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[
             kind = "input"
         infos.append(InputInfo(kind, name, id(value) if isinstance(value, torch.Tensor) else None))
     return tuple(infos)
+
+
+def grads_held(inputs: Sequence[InputInfo], values: Sequence[Any]) -> frozenset[int]:
+    """The identities of the parameters among ``values`` (a region's inputs, described
+    by ``inputs``) whose ``.grad`` is set: a step starting now adds its gradients into
+    them (gradient accumulation) instead of creating them. Only plain tensors count: not
+    fake example inputs, nor `memopt.optim.in_backward.ConsumedGrad` (a marker that holds
+    no memory)."""
+    return frozenset(
+        info.identity
+        for info, value in zip(inputs, values)
+        if info.kind == "parameter" and info.identity is not None and type(value) in (torch.Tensor, torch.nn.Parameter)
+        and type(value.grad) is torch.Tensor
+    )  # fmt: skip
 
 
 _COLLECTIVE_PASSES = ("dedupe_collectives", "bucket_collectives", "overlap_collectives")
@@ -109,6 +123,10 @@ class RegionCompiler:
                 records.append(self.record)
         self._recorders = recorders
         self.example_inputs: tuple[Any, ...] = ()
+        self.grads_held: frozenset[int] = frozenset()
+        """Parameters (identities) whose ``.grad`` the plan counts as existing when the
+        step starts (`StepGraphs.grads_held`): seen set at a call (`watched`), or in
+        the example inputs."""
         self._pre_autograd = RegionRecord(region=region, config=config)  # its passes' records
         self.recompiles = 0
         """How many times the region was compiled again for its step before this
@@ -122,7 +140,7 @@ class RegionCompiler:
         """Whether `memopt.explain`/`memopt.record` was recording when the region compiled."""
         return bool(self._recorders)
 
-    def replanned(self, context: StepContext, example_inputs: tuple[Any, ...]) -> RegionCompiler:
+    def replanned(self, context: StepContext | None, example_inputs: tuple[Any, ...]) -> RegionCompiler:
         """A compiler for the same region planned in ``context``, to compile once more
         the graph `optimize_pre_autograd` returned (that stage is not run again: its
         records are carried over). The new record takes this one's place in the
@@ -135,6 +153,7 @@ class RegionCompiler:
         fresh.record.fallbacks = list(done.fallbacks)
         fresh._pre_autograd = done
         fresh.example_inputs = example_inputs
+        fresh.grads_held = self.grads_held
         fresh.recompiles = self.recompiles + 1
         self._swap_record(self.record, fresh.record)
         return fresh
@@ -406,6 +425,7 @@ class RegionCompiler:
             fused_codegen=self.config.codegen == "inductor",
             num_user_outputs=self.num_user_outputs,
             optimizer=self._optimizer_memory(),
+            grads_held=self.grads_held | grads_held(self.inputs, self.example_inputs),
         )
         check_backward_reaches_inputs(step)
         step = self.optimize(step)

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from memopt.backends.record import RegionRecord
-from memopt.backends.region import RegionCompiler
+from memopt.backends.region import RegionCompiler, grads_held
 from memopt.backends.steptracker import StepTracker, Watched
 from memopt.errors import MemoptBudgetWarning, MemoptRanksError, MemoptWarning
 from memopt.failsoft import fail_soft
@@ -178,10 +178,54 @@ class CompiledRegion(WatchedRegion):
             warnings.warn(message, MemoptWarning, stacklevel=2)
         if self._step is not None:
             self._replan(self._step)
+        if self.tracking_grads:
+            self._count_held_grads(args)
         self.calls += 1
         if self._held and self.calls > self.held_at[1] + OBSERVED_STEPS + 1:
             self.settle()  # no step of it completed since its compile: it keeps its plan
         return super().__call__(*args)
+
+    @property
+    def tracking_grads(self) -> bool:
+        """Whether a call that finds parameters' ``.grad`` set which the plan did not
+        count compiles the region again (`_count_held_grads`)."""
+        return self.compiler.record.kind == "training" and self.can_replan
+
+    def _count_held_grads(self, args: Sequence[Any]) -> None:
+        """Gradient accumulation: a step that starts with parameters' ``.grad`` set
+        (a later micro-batch, or gradients zeroed with ``set_to_none=False``) holds
+        those gradients throughout, beside the ones its backward returns, so its peak
+        is theirs above the plan's. Compile again, planned with them in the baseline,
+        when the call finds such gradients the plan did not count (once: the plan then
+        holds for a step that starts without them too, whose peak is lower).
+
+        In a step of several regions planned as a whole each region counts its own
+        parameters' gradients when it is called, the first before the later ones have:
+        the later ones are planned with the earlier ones' new plans, the earlier ones
+        restate their estimates for the step as now planned and are planned again at
+        their next call (the next micro-batch), as after the step's first re-plan."""
+        held = grads_held(self.compiler.inputs, args)
+        if held <= self.compiler.grads_held:
+            return
+        old = self.compiler
+        context = old.context
+        if self.decided is not None:  # the other regions as they are planned now
+            regions, observed = self.decided
+            step = list(regions)
+            context = _context_of(step, step.index(self), observed)
+        assert self._fakes is not None
+        compiler = old.replanned(context, self._fakes)
+        compiler.grads_held = old.grads_held | held
+        log.info("region %s: compiling again (%d parameters hold .grad: gradient accumulation)", self.name, len(held))
+        if not self._compile_again(old, compiler, hold=self.tracking or self.decided is not None):
+            return
+        if self.decided is not None:
+            for i, other in enumerate(step):
+                if other is self:
+                    continue
+                other.compiler.place_in(_context_of(step, i, observed))
+                if i < step.index(self) and other.can_replan:
+                    other.replan_in(step, observed)
 
     def settle(self) -> None:
         """The region keeps the plan it has: emit the budget warnings its compile held."""
@@ -194,15 +238,26 @@ class CompiledRegion(WatchedRegion):
 
     def _replan(self, planned: tuple[list[CompiledRegion], Observed]) -> None:
         self._step = None
-        self.replans += 1
         step, observed = planned
         context = _context_of(step, step.index(self), observed)
         assert self._fakes is not None
         old = self.compiler
         compiler = old.replanned(context, self._fakes)
         log.info("region %s: compiling again (%s)", self.name, context.describe())
+        if self._compile_again(old, compiler):
+            for i, other in enumerate(step):
+                if other is not self:
+                    other.compiler.place_in(_context_of(step, i, observed))
+
+    def _compile_again(self, old: RegionCompiler, compiler: RegionCompiler, hold: bool = True) -> bool:
+        """Compile the region with ``compiler`` (`RegionCompiler.replanned` from
+        ``old``, its current one); on a failure warn and keep ``old``'s plan. Whether
+        it compiled. ``hold``: keep its budget warnings for the step's decision (else
+        they are emitted now)."""
+        self.replans += 1
+        assert self._fakes is not None
         try:
-            with _holding_budget_warnings(True) as held:  # emitted once for the step (`wholestep._settle_step`)
+            with _holding_budget_warnings(hold) as held:  # emitted once for the step (`wholestep._settle_step`)
                 self.fn = self._compile(compiler, self._gm, self._fakes)
         except MemoptRanksError:
             raise  # the ranks no longer compile together: keeping the old plan would mismatch their collectives
@@ -215,13 +270,11 @@ class CompiledRegion(WatchedRegion):
                     outcome="it keeps the plan made for it alone",
                 )  # fmt: skip
             )
-            return
+            return False
         self.compiler = compiler
         self._held = held  # the step's plan replaces the one the earlier ones were about
         self.held_at = (next(_COMPILES), self.calls)
-        for i, other in enumerate(step):
-            if other is not self:
-                other.compiler.place_in(_context_of(step, i, observed))
+        return True
 
 
 @dataclass(frozen=True)

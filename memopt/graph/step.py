@@ -123,6 +123,13 @@ class StepGraphs:
     """The training step's optimizer memory (`memopt.analysis.optimizer_memory`), when
     an optimizer is given (``optimizer_in_backward`` or ``optimizer``): the timeline
     then counts its state, and where gradients die. None: not counted."""
+    grads_held: frozenset[int] = frozenset()
+    """Identities (`InputInfo.identity`) of the parameters whose ``.grad`` exists when
+    the step starts (gradient accumulation's later micro-batches, or a loop that zeroes
+    gradients with ``set_to_none=False``): the timeline counts each such gradient live
+    throughout the step (in the baseline), and the gradient backward returns for it
+    dying when backward ends (autograd adds it into ``.grad``). Empty: every
+    ``.grad`` is None when the step starts, and backward's gradients become them."""
     single_graph_name: str = "inference"
     """Name of the forward graph when there is no backward: ``"inference"`` for
     AOTAutograd's inference graph, ``"dynamo"`` for the Dynamo-level graph that the
