@@ -59,6 +59,8 @@ from memopt.optim._checks import is_sharded_optimizer
 from memopt.optim._per_param import per_param_update
 from memopt.optim.mezo import MeZO
 from memopt.optim.state_size import state_bytes_of
+from memopt.runtime.disk_store import DiskStore
+from memopt.runtime.host_store import HostStore
 from memopt.runtime.offload_store import DEFAULT_MAX_PENDING, OffloadStore, StoreStats
 from memopt.runtime.store_registry import resolve_offload_dir
 
@@ -411,8 +413,6 @@ def _open_store(target: str | OffloadStore, offload_dir: str | os.PathLike[str] 
             raise ValueError("offload_dir applies to target='disk', not to a given store")
         return target
     if target == "disk":
-        from memopt.runtime.disk_store import DiskStore
-
         root = resolve_offload_dir(offload_dir)
         store: OffloadStore = DiskStore("disk (optimizer state)", root, max_pending=max_pending)
     elif target == "host":
@@ -425,8 +425,6 @@ def _open_store(target: str | OffloadStore, offload_dir: str | os.PathLike[str] 
                 f"memory, but parameters live on {', '.join(off_cuda)}, whose memory is "
                 "already host memory: use target='disk'"
             )
-        from memopt.runtime.host_store import HostStore
-
         store = HostStore("host (optimizer state)", max_pending=max_pending)
     else:
         raise ValueError(f"unknown offload target {target!r}; valid targets: 'disk', 'host', or an OffloadStore")
