@@ -34,6 +34,7 @@ def _steps(budget: int | float | str, batches: tuple[int, ...], dynamic: bool | 
     for batch in batches:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", memopt.MemoptWarning)
+            model.zero_grad(set_to_none=True)  # no accumulation (tests/test_grad_accumulation.py)
             compiled(torch.randn(batch, 32)).sum().backward()
         said.append([str(w.message) for w in caught if issubclass(w.category, memopt.MemoptWarning)])
     return said

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import warnings
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -21,14 +22,16 @@ def _bytes(tensors: list[torch.Tensor]) -> int:
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
-def test_budget_holds_on_every_micro_batch_of_gradient_accumulation() -> None:
+@pytest.mark.parametrize("alone", [False, True], ids=["whole-step", "plan_across_graph_breaks=False"])
+def test_budget_holds_on_every_micro_batch_of_gradient_accumulation(alone: bool) -> None:
     case = zoo_case("gpt")
     model, inputs = case.build(), case.inputs(8)
     params = list(model.parameters())
     unbudgeted = memopt.explain(model, *inputs, options={"codegen": "eager"}).estimated_peak_bytes
     grads = _bytes(params)  # what a later micro-batch holds from its start
     budget = int(0.85 * unbudgeted)
-    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "memory_budget": budget})
+    options = {"codegen": "eager", "memory_budget": budget, "plan_across_graph_breaks": not alone}
+    compiled = torch.compile(model, backend="memopt", options=options)
 
     def step() -> None:
         compiled(*inputs).backward()
@@ -67,3 +70,27 @@ def test_an_infeasible_budget_warns_again_for_the_micro_batches_that_hold_gradie
     floors = [w.message.min_feasible_peak for w in caught if issubclass(w.category, memopt.MemoptBudgetWarning)]
     assert len(floors) == 2, floors
     assert floors[1] - floors[0] == _bytes(list(model.parameters())), floors
+
+
+def test_a_region_that_cannot_be_planned_again_warns_once_that_held_gradients_are_not_counted() -> None:
+    """A region of dynamic shapes is never traced again, so it cannot be planned with
+    the gradients a later micro-batch holds: its first such call warns, once, naming
+    the bytes the peak may exceed the budget by; a step without held gradients does not."""
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+    options = {"codegen": "eager", "memory_budget": 0.9}
+    compiled = torch.compile(model, backend="memopt", options=options, dynamic=True)
+    x = torch.randn(128, 64)
+    grad_bytes = _bytes(list(model.parameters()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # no accumulation: each step starts without .grad
+            model.zero_grad(set_to_none=True)
+            compiled(x).sum().backward()
+        assert not [w for w in caught if ".grad set" in str(w.message)], [str(w.message) for w in caught]
+        for _ in range(3):  # accumulation
+            compiled(x).sum().backward()
+    held = [w for w in caught if issubclass(w.category, memopt.MemoptBudgetWarning) and ".grad set" in str(w.message)]
+    assert len(held) == 1, [str(w.message) for w in caught]
+    message = str(held[0].message)
+    assert "4 parameters' .grad set" in message and memopt.units.format_bytes(grad_bytes) in message, message
+    assert "dynamic=False" in message, message

@@ -514,11 +514,13 @@ def test_under_a_budget_inductor_compiles_without_aotautograds_cache(monkeypatch
 
 
 def _budget_warnings(budget: int, whole: bool = True, steps: int = 4) -> list[str]:
-    """The `MemoptBudgetWarning` messages of ``steps`` steps of `BreakLM`."""
-    _, (ids, targets), compiled = _compiled(budget, whole)
+    """The `MemoptBudgetWarning` messages of ``steps`` steps of `BreakLM`, each from
+    gradients zeroed (no accumulation: tests/test_grad_accumulation.py)."""
+    model, (ids, targets), compiled = _compiled(budget, whole)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(steps):
+            model.zero_grad(set_to_none=True)
             compiled(ids, targets).backward()
     return [str(w.message) for w in caught if issubclass(w.category, memopt.MemoptBudgetWarning)]
 

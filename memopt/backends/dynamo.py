@@ -108,13 +108,14 @@ def _compile_with_memopt(
         )
     compile = functools.partial(_compile_region, mode=mode)
     watched: WatchedRegion
-    if config.memory_budget is None or not config.plan_across_graph_breaks:
+    if config.memory_budget is None:
         fn = compile(region, gm, example_inputs)
         watched = WatchedRegion(region, fn, TRACKER)
         if not watched.recording:
             return fn  # nothing to observe
-    else:
-        watched = CompiledRegion(region, compile, gm, example_inputs, TRACKER)  # plans across graph breaks
+    else:  # planned again across graph breaks, and for gradients held (accumulation)
+        alone = not config.plan_across_graph_breaks
+        watched = CompiledRegion(region, compile, gm, example_inputs, TRACKER, alone=alone)
     # TRACKER (memopt.backends.wholestep, a memopt.backends.steptracker.StepTracker)
     # observes its calls: which outputs the caller keeps, for the recorded step
     # estimate and, under a budget, for the step's plan.
@@ -164,7 +165,7 @@ def _aot_compile_region(
             config=config,
             mode=mode,
             use_caches=not (active_recorders() or config.dump_dir),
-            partition_always=config.memory_budget is not None and config.plan_across_graph_breaks,
+            partition_always=config.memory_budget is not None,
         )
     return aot_autograd(
         fw_compiler=region.compile_forward,

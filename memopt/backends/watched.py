@@ -30,6 +30,7 @@ from memopt.errors import MemoptBudgetWarning, MemoptRanksError, MemoptWarning
 from memopt.failsoft import fail_soft
 from memopt.graph import meta
 from memopt.plan.step_context import RegionInStep, StepContext
+from memopt.units import format_bytes
 
 __all__ = [
     "CompiledRegion", "MAX_REPLANS", "OBSERVED_STEPS", "Observed", "WatchedRegion",
@@ -101,20 +102,26 @@ class CompiledRegion(WatchedRegion):
         gm: fx.GraphModule,
         example_inputs: Sequence[Any],
         tracker: StepTracker,
+        alone: bool = False,
     ) -> None:
-        waiting = compiled_regions(tracker.waiting())
-        earlier = tuple(view for view in (r.in_step() for r in waiting) if view is not None)
-        compiler.context = StepContext(earlier) if earlier else None
+        if not alone:
+            waiting = compiled_regions(tracker.waiting())
+            earlier = tuple(view for view in (r.in_step() for r in waiting) if view is not None)
+            compiler.context = StepContext(earlier) if earlier else None
         self._compile = compile
         self._gm = gm
         self._fakes = _fake_copies(gm, example_inputs)
+        self._unplanned_grads_warned = False
         # It may be planned again (memopt.backends.wholestep, moves 1 and 2):
-        provisional = self._fakes is not None and not _ONE_STEP.get()
+        provisional = self._fakes is not None and not _ONE_STEP.get() and not alone
         with _holding_budget_warnings(provisional) as held:
             fn = compile(compiler, gm, example_inputs)
         super().__init__(compiler, fn, tracker)
         compiler.example_inputs = ()  # real tensors: not kept past the compile
-        self.tracking = compiler.record.kind == "training"
+        self.tracking = compiler.record.kind == "training" and not alone
+        """``alone`` (``plan_across_graph_breaks=False``): planned by itself, never for
+        a step of several regions; it is still planned again for gradients held
+        (`_count_held_grads`)."""
         self._held = held
         self.held_at = (next(_COMPILES), 0)  # (compile order, calls before it)
         """When the compile whose warnings it holds ran: which of a step's regions
@@ -178,18 +185,12 @@ class CompiledRegion(WatchedRegion):
             warnings.warn(message, MemoptWarning, stacklevel=2)
         if self._step is not None:
             self._replan(self._step)
-        if self.tracking_grads:
+        if self.compiler.record.kind == "training":
             self._count_held_grads(args)
         self.calls += 1
         if self._held and self.calls > self.held_at[1] + OBSERVED_STEPS + 1:
             self.settle()  # no step of it completed since its compile: it keeps its plan
         return super().__call__(*args)
-
-    @property
-    def tracking_grads(self) -> bool:
-        """Whether a call that finds parameters' ``.grad`` set which the plan did not
-        count compiles the region again (`_count_held_grads`)."""
-        return self.compiler.record.kind == "training" and self.can_replan
 
     def _count_held_grads(self, args: Sequence[Any]) -> None:
         """Gradient accumulation: a step that starts with parameters' ``.grad`` set
@@ -206,6 +207,9 @@ class CompiledRegion(WatchedRegion):
         their next call (the next micro-batch), as after the step's first re-plan."""
         held = grads_held(self.compiler.inputs, args)
         if held <= self.compiler.grads_held:
+            return
+        if not self.can_replan:
+            self._warn_unplanned_grads(args, held - self.compiler.grads_held)
             return
         old = self.compiler
         context = old.context
@@ -226,6 +230,39 @@ class CompiledRegion(WatchedRegion):
                 other.compiler.place_in(_context_of(step, i, observed))
                 if i < step.index(self) and other.can_replan:
                     other.replan_in(step, observed)
+
+    def _warn_unplanned_grads(self, args: Sequence[Any], unplanned: frozenset[int]) -> None:
+        """Once per region: a call found gradients held that its plan did not count,
+        and it cannot be planned again (`can_replan`): say by how much the step's peak
+        may exceed the budget, why, and what to do."""
+        if self._unplanned_grads_warned:
+            return
+        self._unplanned_grads_warned = True
+        grads = {
+            id(value): value.grad
+            for info, value in zip(self.compiler.inputs, args)
+            if info.identity in unplanned and isinstance(value, torch.Tensor)
+        }
+        nbytes = sum(g.untyped_storage().nbytes() for g in grads.values() if g is not None)
+        if self._fakes is None:
+            why = (
+                "it cannot be traced again: its inputs have dynamic shapes or are not plain tensors "
+                "(compile with dynamic=False to let it be planned again)"
+            )
+        else:
+            why = f"it was planned again {self.replans} times already (MAX_REPLANS)"
+        budget = self.compiler.config.memory_budget
+        shown = format_bytes(budget) if isinstance(budget, int) else repr(budget)
+        warnings.warn(
+            f"region {self.name} was called with {len(unplanned)} parameters' .grad set "
+            f"({format_bytes(nbytes)}: gradient accumulation, or zero_grad(set_to_none=False)). A step that "
+            f"starts with them holds them throughout; the region's plan under memory_budget {shown} did not "
+            f"count them, so this step's peak can exceed the budget by up to {format_bytes(nbytes)}. It is not "
+            f"planned again: {why}. To stay within the budget, lower it by that much, or zero the gradients "
+            f"with set_to_none=True where you do not accumulate. Warned once per region.",
+            MemoptBudgetWarning,
+            stacklevel=3,
+        )
 
     def settle(self) -> None:
         """The region keeps the plan it has: emit the budget warnings its compile held."""

@@ -160,8 +160,8 @@ def compile_with_inductor(
     elif partition_always:
         _say_once(
             logging.INFO,
-            "under a memory budget planned for the whole step, AOTAutograd's cache is off: a hit would skip "
-            "memopt's planner, whose plan depends on the step's other regions, which its key does not see. "
+            "under a memory budget, AOTAutograd's cache is off: a hit would skip memopt's planner, whose plan "
+            "depends on the step's other regions and on the gradients held (accumulation), which its key does not see. "
             "Inductor's FX graph cache still applies (its key is the planned graph).",
         )
     elif config.optimizer_in_backward is not None:
