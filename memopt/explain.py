@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ from tabulate import tabulate
 from memopt.analysis.compose import compose_timelines
 from memopt.analysis.memory import MemoryTimeline
 from memopt.analysis.optimizer_memory import OptimizerMemory
+from memopt.backends.graph_breaks import dynamo_counts
 from memopt.backends.record import RegionRecord, recording
 from memopt.config import MemoptConfig
 from memopt.passes.instruments import op_counts
@@ -52,6 +52,10 @@ class Explanation:
     graph_breaks: list[str] = field(default_factory=list)
     """Why Dynamo broke the graph while this explanation recorded (each reason once,
     with Dynamo's hints): the regions in ``regions`` are the pieces."""
+    skipped_frames: list[str] = field(default_factory=list)
+    """Frames Dynamo skipped whole while this explanation recorded (a graph break
+    inside a loop), each with the graph break that caused it: they ran eagerly, and
+    nothing in them reached memopt (`memopt.backends.graph_breaks`)."""
     sharded_model: Any = None
     """The model `memopt.distributed.shard` sharded, when `explain` was given it (or a
     bound method of it): ``report()`` adds its per-rank section
@@ -133,7 +137,10 @@ class Explanation:
                 parts.append((step, tl))
                 regions.append(r)
         if not parts:
-            raise ValueError("no region was compiled by memopt's pipeline, so there is no timeline")
+            raise ValueError(
+                "no region was compiled by memopt's pipeline, so there is no timeline"
+                + (f"; {self._skipped_text()}" if self.skipped_frames else "")
+            )
         return compose_timelines(parts, [r.kept_outputs for r in regions], _input_sources(regions))
 
     @property
@@ -323,6 +330,19 @@ class Explanation:
         out += [wrap(f"Dynamo's reason: {reason}", indent="    ", first="  ") for reason in self.graph_breaks]
         return out
 
+    def _skipped_text(self) -> str:
+        frames = "; ".join(frame.rstrip(".") for frame in self.skipped_frames)
+        return (
+            f"Dynamo skipped {len(self.skipped_frames)} frame(s) whole and ran them eagerly, without memopt "
+            f"(no plan, no memory_budget): {frames}. A graph break inside a for/while loop skips the "
+            "function that holds the loop: move the print, .item() or data-dependent branch out of the loop "
+            "(docs/remat.md, \"Graph breaks\")"
+        )
+
+    def _skipped_frame_lines(self) -> list[str]:
+        """The frames Dynamo skipped whole (nothing in them compiled, planned or budgeted)."""
+        return [wrap(self._skipped_text() + ".")] if self.skipped_frames else []
+
     def _has_memory(self) -> bool:
         return any(r.timeline_after is not None for r in self.regions)
 
@@ -335,6 +355,7 @@ class Explanation:
             "regions": [_region_dict(r) for r in self.regions],
             "fallbacks": [fb.to_dict() for fb in self.fallbacks],
             "graph_breaks": list(self.graph_breaks),
+            "skipped_frames": list(self.skipped_frames),
         }
         if self._has_memory():
             before, after = self.timeline(optimized=False), self.timeline()
@@ -369,6 +390,7 @@ class Explanation:
             + self._sharded_scope()
         ]
         lines += self._graph_break_lines()
+        lines += self._skipped_frame_lines()
         if self._has_memory():
             before, after = self.timeline(optimized=False), self.timeline()
             lines += [
@@ -526,7 +548,7 @@ def explain(
     config = MemoptConfig.from_options(options)
     backend = functools.partial(memopt_backend, options=config)
     compiled = torch.compile(fn, backend=backend)
-    breaks = _graph_break_counts()
+    counts = dynamo_counts()
     with recording() as records, one_step():
         out = compiled(*args, **kwargs)
         loss = _loss_of(out)
@@ -535,31 +557,9 @@ def explain(
             if leaves:
                 torch.autograd.grad(loss, leaves, allow_unused=True)
     return Explanation(
-        list(records), config, graph_breaks=_new_graph_breaks(breaks), sharded_model=_sharded_model(fn)
+        list(records), config, graph_breaks=counts.new_graph_breaks(),
+        skipped_frames=counts.new_skipped_frames(), sharded_model=_sharded_model(fn),
     )
-
-
-def _graph_break_counts() -> Counter[str]:
-    """Dynamo's graph-break reasons so far in this process, with their counts (torch's
-    private ``torch._dynamo.utils.counters``; empty if it moved)."""
-    try:
-        from torch._dynamo.utils import counters
-
-        return Counter(counters["graph_break"])
-    except Exception:  # noqa: BLE001 - a private API: the report only loses the reasons
-        return Counter()
-
-
-def _new_graph_breaks(before: Counter[str]) -> list[str]:
-    """The reasons of the graph breaks since ``before``: each reason's first line and
-    Dynamo's hints (the rest, a developer context and a link, stays in TORCH_LOGS)."""
-    out = []
-    for reason, count in _graph_break_counts().items():
-        if count > before.get(reason, 0):
-            lines = [line.strip() for line in reason.splitlines() if line.strip()]
-            hints = [line for line in lines[1:] if line.startswith("Hint:")]
-            out.append(" ".join(lines[:1] + hints))
-    return out
 
 
 @contextlib.contextmanager
@@ -591,13 +591,14 @@ def record(optimizer: Any = None) -> Iterator[Explanation]:
     are bypassed so that every region goes through memopt's pipeline. Pass the
     training ``optimizer`` to report its state bytes too.
     """
-    breaks = _graph_break_counts()
+    counts = dynamo_counts()
     with recording() as records:
         explanation = Explanation(records, optimizer=optimizer)
         try:
             yield explanation
         finally:
-            explanation.graph_breaks = _new_graph_breaks(breaks)
+            explanation.graph_breaks = counts.new_graph_breaks()
+            explanation.skipped_frames = counts.new_skipped_frames()
 
 
 def _latest_forward(regions: list[RegionRecord]) -> int | None:

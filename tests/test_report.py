@@ -549,6 +549,43 @@ def test_report_names_the_graph_breaks_and_their_reason():
     assert "graph breaks" not in whole.report() and whole.to_dict()["graph_breaks"] == []
 
 
+def test_report_names_a_frame_dynamo_skipped_whole_after_a_graph_break_in_a_loop():
+    """A graph break inside a loop (a ``print`` in the layer loop) makes Dynamo skip the
+    whole function and run it eagerly: nothing reaches memopt, so the budget does not
+    apply. The report, ``to_dict()`` and the estimate's error say so, naming the function,
+    the break and the fix (they said "0 region(s)", and the estimate "no region was
+    compiled", with no reason)."""
+
+    class Loop(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(2))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.tanh(layer(x))
+                print("a print in a loop skips the frame")
+            return x.sum()
+
+    torch._dynamo.reset()
+    for run in ("explain", "record"):
+        model = Loop()
+        if run == "explain":
+            ex = memopt.explain(model, torch.randn(4, 8), options={**EAGER, "memory_budget": "1MiB"})
+        else:
+            compiled = torch.compile(model, backend="memopt", options={**EAGER, "memory_budget": "1MiB"})
+            with memopt.record() as ex:
+                compiled(torch.randn(4, 8)).backward()
+        [frame] = ex.to_dict()["skipped_frames"]
+        assert frame.startswith("forward (") and "test_report.py line" in frame and "print" in frame, frame
+        head = " ".join(ex.report().split())
+        assert "Dynamo skipped 1 frame(s) whole and ran them eagerly, without memopt" in head, head
+        assert "move the print, .item() or data-dependent branch out of the loop" in head, head
+        with pytest.raises(ValueError, match="Dynamo skipped 1 frame"):
+            ex.estimated_peak_bytes
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("command", [["report"], ["fit", "--budget", "3MiB"]])
 def test_cli_factory_that_raises_is_an_error_without_memopt_frames(tmp_path, capsys, command):
     """A factory that raises is the user's input error: exit status 2, "memopt: error:"
