@@ -333,10 +333,18 @@ CASES: dict[str, Case] = {
     "docs/sharding.md:2": Case(_sharded_accumulation),
     "docs/sharding.md:3": Case(_sharded_checkpoint_in_one_process, after=_loaded_what_was_saved),
     "docs/usage.md:0": Case(_training, substitute={"model = ...": "model = model  # the namespace's"}),
-    "docs/usage.md:1": Case(_training),
-    "docs/usage.md:2": Case(_compiled),
-    "docs/usage.md:3": Case(_pass_testing),
-    "docs/usage.md:4": Case(),
+    "docs/usage.md:1": Case(
+        _hf_trainer,
+        substitute={
+            "trainer = Trainer(model=model, args=TrainingArguments(...), train_dataset=ds)":
+            'trainer = Trainer(model=model, args=TrainingArguments(output_dir="out", use_cpu=True, report_to=[], '
+            'max_steps=2, per_device_train_batch_size=2, save_strategy="no", disable_tqdm=True), train_dataset=ds)',
+        },
+    ),  # fmt: skip
+    "docs/usage.md:2": Case(_training),
+    "docs/usage.md:3": Case(_compiled),
+    "docs/usage.md:4": Case(_pass_testing),
+    "docs/usage.md:5": Case(),
     "docs/whole_step.md:0": Case(
         _hf_lm,
         substitute={

@@ -8,6 +8,10 @@ optimizer to ``Trainer(optimizers=(opt, None))`` with ``max_grad_norm=0``. Train
 computes the gradient norm for its logs (``_get_grad_norm``, which reads every
 ``.grad``), so that is switched off in a subclass: memopt's marker raises on it, as it
 raises for clipping.
+
+Without the optimizer option (docs/usage.md, "Hugging Face Trainer"): Trainer's own
+``torch_compile_backend="memopt"`` is refused by accelerate, and a model compiled in
+place (``model.compile(backend="memopt", options=...)``) trains under a budget.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ pytest.importorskip("accelerate")  # Trainer needs it (transformers[torch])
 
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
+import memopt  # noqa: E402
 from memopt.errors import MemoptOptimizerError  # noqa: E402
 from memopt.testing.hf import build  # noqa: E402
 
@@ -38,8 +43,8 @@ class NoGradNormTrainer(Trainer):
 
 
 class _Tokens(torch.utils.data.Dataset):
-    def __init__(self, vocab: int) -> None:
-        self.ids = torch.randint(0, vocab, (2 * STEPS, 16), generator=torch.Generator().manual_seed(1))
+    def __init__(self, vocab: int, seq: int = 16) -> None:
+        self.ids = torch.randint(0, vocab, (2 * STEPS, seq), generator=torch.Generator().manual_seed(1))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -85,3 +90,46 @@ def test_trainer_gradient_norm_logging_raises_naming_the_fix(tmp_path: Any) -> N
     base, _ = build("llama", batch=2, seq=16)
     with pytest.raises(MemoptOptimizerError, match="max_grad_norm=0"):
         _train(base, True, Trainer, str(tmp_path))
+
+
+def _plain_args(tmp: str, **extra: Any) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=tmp, use_cpu=True, report_to=[], max_steps=3, per_device_train_batch_size=4,
+        logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True, **extra,
+    )  # fmt: skip
+
+
+def test_trainer_torch_compile_backend_memopt_is_refused_by_accelerate(tmp_path: Any) -> None:
+    """``TrainingArguments(torch_compile=True, torch_compile_backend="memopt")`` fails in
+    Trainer's constructor: accelerate's ``TorchDynamoPlugin`` takes only the backends of
+    its ``DynamoBackend`` enum. docs/usage.md says so and gives the way that works (next
+    test); if an accelerate release accepts it, this fails and the docs must change."""
+    torch.manual_seed(0)
+    model, _ = build("llama", batch=2, seq=16)
+    args = _plain_args(str(tmp_path), torch_compile=True, torch_compile_backend="memopt")
+    with pytest.raises(ValueError, match="'MEMOPT' is not a valid DynamoBackend"):
+        Trainer(model=model, args=args, train_dataset=_Tokens(model.config.vocab_size))
+
+
+def test_trainer_trains_a_model_compiled_in_place_under_a_budget(tmp_path: Any) -> None:
+    """The model compiled in place with memopt's options (``model.compile``), handed to a
+    default Trainer (its own AdamW, clipping at 1.0): the logged losses are eager
+    Trainer's (to rounding: compiled kernels), and the step is planned within the budget."""
+    torch.manual_seed(0)
+    base, _ = build("llama", batch=2, seq=16)
+    eager_model = copy.deepcopy(base)
+    data = _Tokens(base.config.vocab_size, seq=64)  # batch 4 x 64: activations, not weights, dominate
+    eager = Trainer(model=eager_model, args=_plain_args(str(tmp_path / "a")), train_dataset=data)
+    eager.train()
+    torch._dynamo.reset()
+    model = copy.deepcopy(base)
+    model.compile(backend="memopt", options={"codegen": "eager", "memory_budget": 0.7})
+    run = Trainer(model=model, args=_plain_args(str(tmp_path / "b")), train_dataset=data)
+    with memopt.record() as explanation:
+        run.train()
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (eager, run)]
+    assert len(losses[1]) == 3
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    [plan] = [r.plan for r in explanation.step_regions()]
+    assert plan is not None and plan.budget_bytes is not None
+    assert explanation.estimated_peak_bytes <= plan.budget_bytes < explanation.timeline(optimized=False).peak_bytes
