@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -177,7 +178,7 @@ class MemoptConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if value is not f.default:
-                object.__setattr__(self, f.name, _VALIDATORS[f.name](f.name, value))
+                object.__setattr__(self, f.name, _validate(f.name, value))
         if self.offload == "host" and self.offload_dir is not None:
             raise ValueError(
                 f"memopt options offload='host' and offload_dir={self.offload_dir!r}: host offload keeps "
@@ -223,7 +224,7 @@ class MemoptConfig:
         values: dict[str, Any] = {"dump_dir": os.environ.get("MEMOPT_DUMP_DIR") or None}
         values["verify"] = os.environ.get("MEMOPT_VERIFY", "") not in ("", "0")
         for key, raw in options.items():
-            values[key] = _VALIDATORS[key](key, raw)
+            values[key] = _validate(key, raw)
         return cls(**values)
 
     def replace(self, **changes: Any) -> MemoptConfig:
@@ -232,7 +233,7 @@ class MemoptConfig:
         for key in changes:
             if key not in merged:
                 raise ValueError(_unknown_key_message(key, list(merged)))
-        merged.update({k: _VALIDATORS[k](k, v) for k, v in changes.items()})
+        merged.update({k: _validate(k, v) for k, v in changes.items()})
         return dataclasses.replace(self, **merged)
 
     def budget_bytes(self, unoptimized_peak: int) -> int | None:
@@ -468,6 +469,19 @@ def _optional_seconds(key: str, value: Any) -> float | None:
             "process group's timeout."
         )
     return float(value)
+
+
+def _validate(key: str, value: Any) -> Any:
+    """Option ``key``'s checked value. A NumPy number (``np.int64(6 * 2**30)``, a size
+    computed with NumPy; ``np.float32(0.5)``) is read as the Python int or float it
+    holds: each check asks for ``int``/``float``, and refused one as "must be bytes (int)"."""
+    return _VALIDATORS[key](key, _plain_number(value))
+
+
+def _plain_number(value: Any) -> Any:
+    if isinstance(value, (bool, int, float)) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {

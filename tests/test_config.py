@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
@@ -151,6 +154,23 @@ def test_unknown_option_raises_through_torch_compile():
 @pytest.mark.parametrize("value, expected", [("50%", 0.5), (" 12.5 %", 0.125), ("100%", 1.0), (0.4, 0.4), ("6GiB", 6 << 30)])
 def test_memory_budget_takes_bytes_fractions_and_percentages(value, expected):
     assert MemoptConfig.from_options({"memory_budget": value}).memory_budget == expected
+
+
+def test_numpy_numbers_are_read_as_the_int_or_float_they_hold():
+    """A budget computed with NumPy (``np.int64``, ``np.float32``) is the int or float it
+    holds, stored as a Python number (the config stays JSON-able); it was refused as
+    "must be bytes (int)" although it is one. The checks still apply to its value."""
+    config = MemoptConfig.from_options({
+        "memory_budget": np.int64(6 << 30), "offload_min_bytes": np.int32(4096),
+        "planner_time_limit": np.float32(2.0), "collective_prefetch": np.int64(2),
+    })  # fmt: skip
+    assert (config.memory_budget, config.offload_min_bytes, config.planner_time_limit) == (6 << 30, 4096, 2.0)
+    assert type(config.memory_budget) is int and type(config.collective_prefetch) is int
+    json.dumps(config.to_dict())
+    assert MemoptConfig.from_options({"memory_budget": np.float32(0.5)}).memory_budget == 0.5
+    assert MemoptConfig(memory_budget=np.int64(2048)).replace(offload_min_bytes=np.uint8(0)).memory_budget == 2048
+    with pytest.raises(ValueError, match="memory_budget=-3 must be positive"):
+        MemoptConfig.from_options({"memory_budget": np.int64(-3)})
 
 
 @pytest.mark.parametrize("value", ["0%", "150%", "-5%", "half%", "%"])
