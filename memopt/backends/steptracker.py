@@ -67,7 +67,7 @@ from torch.utils._pytree import tree_leaves
 
 from memopt.backends.record import RegionRecord
 
-__all__ = ["OutputRefs", "Run", "Source", "StepTracker", "Watched", "kept_outputs"]
+__all__ = ["OutputRefs", "Run", "Source", "StepTracker", "Watched", "backward_node", "kept_outputs"]
 
 log = logging.getLogger("memopt")
 
@@ -219,7 +219,7 @@ class StepTracker:
     def _observe(self, region: Watched, record: RegionRecord | None, args: Sequence[Any], outputs: Any) -> None:
         tensors = [t for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
         fake = any(isinstance(t, FakeTensor) for t in tensors)
-        node = None if fake and record is None else _backward_node(tensors)
+        node = None if fake and record is None else backward_node(tensors)
         if node is None:
             # No backward to watch: no gradient flows back through this call (inference),
             # or it ran on fake tensors in a region that is not recording.
@@ -294,7 +294,7 @@ class StepTracker:
 
 
 
-def _backward_node(tensors: list[torch.Tensor]) -> Any:
+def backward_node(tensors: list[torch.Tensor]) -> Any:
     """The autograd node of the compiled region's backward (AOTAutograd's
     ``CompiledFunctionBackward``), reached from the outputs; None if no output needs
     a gradient."""

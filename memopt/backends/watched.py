@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from memopt.backends.record import RegionRecord
 from memopt.backends.region import RegionCompiler, grads_held
+from memopt.backends.repeats import PendingCalls, repeated_call_message
 from memopt.backends.steptracker import StepTracker, Watched
 from memopt.errors import MemoptBudgetWarning, MemoptRanksError, MemoptWarning
 from memopt.failsoft import fail_soft
@@ -133,6 +134,8 @@ class CompiledRegion(WatchedRegion):
         self.replans = 0
         self._step: tuple[list[CompiledRegion], Observed] | None = None  # set: re-plan at the next call
         self._warning: str | None = None  # set: warn at the next call
+        self._pending = PendingCalls()  # calls whose backward has not started
+        self._warned_repeat = False
         self.decided: tuple[tuple[CompiledRegion, ...], Observed] | None = None
         """The step (its regions in forward order) and the observation this region's
         plan is for, once the tracker has decided about a step of several regions."""
@@ -190,7 +193,27 @@ class CompiledRegion(WatchedRegion):
         self.calls += 1
         if self._held and self.calls > self.held_at[1] + OBSERVED_STEPS + 1:
             self.settle()  # no step of it completed since its compile: it keeps its plan
-        return super().__call__(*args)
+        if self.compiler.record.kind != "training":
+            return super().__call__(*args)
+        self._check_repeated_call()
+        outputs = super().__call__(*args)
+        self._pending.add(outputs)
+        return outputs
+
+    def _check_repeated_call(self) -> None:
+        """Warn (once) when the region runs while earlier calls of it wait for their
+        backward: each holds its saved activations, which its plan counted once
+        (`memopt.backends.repeats`)."""
+        pending = self._pending.count()
+        record = self.compiler.record
+        if not pending or self._warned_repeat or record.timeline_after is None:
+            return
+        self._warned_repeat = True
+        timeline = record.timeline_after
+        saved = sum(iv.nbytes for iv in timeline.saved_activations())
+        budget = record.plan.budget_bytes if record.plan is not None else None
+        message = repeated_call_message(self.name, pending, saved, budget, timeline.peak_bytes)
+        warnings.warn(MemoptBudgetWarning(message), stacklevel=3)
 
     def _count_held_grads(self, args: Sequence[Any]) -> None:
         """Gradient accumulation: a step that starts with parameters' ``.grad`` set

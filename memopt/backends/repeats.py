@@ -1,0 +1,84 @@
+"""Calls of one compiled training region whose backward has not started yet.
+
+A region's plan is for one call per backward: its saved activations live from its
+forward to its backward. A step that calls the region again before that backward
+(a DPO or contrastive loss over two forwards of one model, ``loss = f(model(a),
+model(b))``; a compiled block applied several times by eager code, as with shared
+weights) holds every pending call's saved activations at once, beside the latest call's peak,
+so the step's peak exceeds what the plan, and ``memory_budget``, counted.
+`PendingCalls` counts those calls, so that the region can say so
+(`memopt.backends.watched.CompiledRegion`).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._pytree import tree_leaves
+
+from memopt.backends.steptracker import backward_node
+from memopt.units import format_bytes
+
+__all__ = ["PendingCalls", "repeated_call_message"]
+
+
+@dataclass(eq=False)
+class _Call:
+    node: Callable[[], Any]
+    """Weak reference to the call's backward node."""
+    started: bool = False
+    """Its backward started (the node's pre-hook ran)."""
+
+
+class PendingCalls:
+    """The calls of one region whose autograd graph is alive and whose backward has not
+    started. Weak references only: counting keeps no graph alive."""
+
+    def __init__(self) -> None:
+        self._calls: list[_Call] = []
+
+    def count(self) -> int:
+        """How many calls are pending now."""
+        self._calls = [c for c in self._calls if not c.started and c.node() is not None]
+        return len(self._calls)
+
+    def add(self, outputs: Any) -> None:
+        """Note a call that returned ``outputs`` (nothing to note without a backward, or
+        on fake tensors)."""
+        tensors = [t for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+        if any(isinstance(t, FakeTensor) for t in tensors):
+            return
+        node = backward_node(tensors)
+        if node is None:
+            return
+        try:
+            call = _Call(weakref.ref(node))
+        except TypeError:  # a C++ autograd node: not weakly referable
+            return
+        self._calls.append(call)
+        node.register_prehook(functools.partial(_started, call))
+
+
+def _started(call: _Call, grad_outputs: Any) -> None:
+    call.started = True
+
+
+def repeated_call_message(region: str, pending: int, saved_bytes: int, budget_bytes: int | None, peak_bytes: int) -> str:
+    """The warning for a region called while ``pending`` earlier calls wait for their
+    backward."""
+    budget = "" if budget_bytes is None else f" (memory_budget {format_bytes(budget_bytes)})"
+    return (
+        f"region {region} ran again before the backward of its previous call ({pending} call(s) pending): "
+        f"memopt planned it for one call per backward{budget}, estimated peak {format_bytes(peak_bytes)}, but "
+        f"each pending call keeps its saved activations ({format_bytes(saved_bytes)} a call under this plan) "
+        f"until its backward, so the step's peak is higher by about {format_bytes(pending * saved_bytes)} and "
+        "the budget does not hold. Fix: call the model once on the inputs concatenated along the batch "
+        "(torch.cat: a DPO or contrastive loss's two batches), or backward each call's loss before the next "
+        "call, or lower memory_budget by that much (docs/remat.md, Limits). Warned once per region."
+    )
