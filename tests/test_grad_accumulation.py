@@ -94,3 +94,25 @@ def test_a_region_that_cannot_be_planned_again_warns_once_that_held_gradients_ar
     message = str(held[0].message)
     assert "4 parameters' .grad set" in message and memopt.units.format_bytes(grad_bytes) in message, message
     assert "dynamic=False" in message, message
+
+
+def test_a_budget_warning_made_an_error_by_the_filter_is_raised_not_reported_as_a_memopt_failure() -> None:
+    """With the user's filter turning ``MemoptBudgetWarning`` into an error, the
+    micro-batch whose held gradients make the region compile again raises that
+    warning itself. It was caught as a failed whole-step recompile and reported as
+    "This is a memopt bug" (a `MemoptWarning`), the old plan kept."""
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+    x = torch.randn(512, 64)
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "memory_budget": 1024})
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", memopt.MemoptWarning)
+        warnings.simplefilter("error", memopt.MemoptBudgetWarning)  # the later filter is matched first
+        with pytest.raises(memopt.MemoptBudgetWarning, match="is infeasible"):
+            compiled(x).sum().backward()  # the first backward emits the compile's held warning (and stops)
+        model(x).sum().backward()  # a micro-batch's gradients, held by the next call
+        with warnings.catch_warnings(record=True) as others:
+            warnings.simplefilter("always", memopt.MemoptWarning)
+            warnings.simplefilter("error", memopt.MemoptBudgetWarning)
+            with pytest.raises(memopt.MemoptBudgetWarning, match="is infeasible"):
+                compiled(x).sum().backward()  # .grad held: compiled again, not holding its warning
+        assert not [str(w.message) for w in others if "memopt bug" in str(w.message)]

@@ -196,8 +196,11 @@ class CompiledRegion(WatchedRegion):
         if self.compiler.record.kind != "training":
             return super().__call__(*args)
         self._check_repeated_call()
-        outputs = super().__call__(*args)
+        outputs = self.fn(*args)
+        # Its backward pre-hook goes first: the tracker's may raise (a budget warning
+        # the user's filter makes an error), and the call must not stay pending then.
         self._pending.add(outputs)
+        self.tracker.forward_ran(self, args, outputs)
         return outputs
 
     def _check_repeated_call(self) -> None:
@@ -321,6 +324,8 @@ class CompiledRegion(WatchedRegion):
                 self.fn = self._compile(compiler, self._gm, self._fakes)
         except MemoptRanksError:
             raise  # the ranks no longer compile together: keeping the old plan would mismatch their collectives
+        except MemoptBudgetWarning:
+            raise  # not held, and the user's warning filter made it an error: theirs, not a memopt failure
         except Exception as exc:  # noqa: BLE001 - fail soft, see memopt.failsoft
             self.settle()
             compiler.hand_back_record(old)
