@@ -19,8 +19,8 @@ import torch.utils._pytree as pytree
 from tabulate import tabulate
 
 from memopt.analysis.compose import compose_timelines
-from memopt.analysis.memory import MemoryTimeline
 from memopt.analysis.optimizer_memory import OptimizerMemory
+from memopt.analysis.timeline import MemoryTimeline
 from memopt.backends.graph_breaks import dynamo_counts
 from memopt.backends.record import RegionRecord, recording
 from memopt.config import MemoptConfig

@@ -11,7 +11,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import memopt
 from memopt.analysis.aliasing import analyze_aliasing
 from memopt.analysis.eager_inplace import OUT_VARIANTS, eager_inplace_writes
-from memopt.analysis.memory import last_reads
+from memopt.analysis.liveness import last_reads
 from memopt.codegen.eager import write_in_place
 from memopt.testing.measure import measure_peak
 

@@ -16,7 +16,7 @@ import torch
 from torch.cuda import _memory_viz
 
 import memopt
-from memopt.analysis.memory import CATEGORIES
+from memopt.analysis.timeline import CATEGORIES
 from memopt.cli.main import main as cli_main
 from memopt.testing.zoo import zoo_case
 

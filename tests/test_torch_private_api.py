@@ -25,7 +25,7 @@ def test_partitioner_split_helpers():
     """`memopt/graph/partition.py` splits the joint graph with torch's helper, passing
     the module, the saved tensors and symbols by position and ``num_fwd_outputs`` by
     name, then raises getitems; it reads the donated-buffer switch
-    (`memopt/analysis/memory.py`)."""
+    (`memopt/analysis/liveness.py`)."""
     from torch._functorch import partitioners
 
     params = _parameters(partitioners._extract_fwd_bwd_modules)

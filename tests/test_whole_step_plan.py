@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import memopt
-from memopt.analysis.memory import BEFORE, OPTIMIZER_GRAPH
+from memopt.analysis.timeline import BEFORE, OPTIMIZER_GRAPH
 from memopt.config import MemoptConfig
 from memopt.optim import AdamW8bit
 from memopt.testing.zoo import MLP

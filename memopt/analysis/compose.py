@@ -16,7 +16,7 @@ from collections.abc import Collection, Mapping, Sequence
 import torch.fx as fx
 
 from memopt.analysis.aliasing import analyze_aliasing
-from memopt.analysis.memory import BEFORE, OPTIMIZER_GRAPH, LiveInterval, MemoryTimeline, TimelinePoint, finish_timeline
+from memopt.analysis.timeline import BEFORE, OPTIMIZER_GRAPH, LiveInterval, MemoryTimeline, TimelinePoint, finish_timeline
 from memopt.graph.step import StepGraphs, output_values
 
 __all__ = ["compose_timelines"]

@@ -33,57 +33,33 @@ right after the node that last uses it. The peak of the step is the maximum, ove
 nodes, of the live bytes during the node. Only tensors on the step's main device
 (where most parameter bytes live) are counted. A step that graph breaks cut into
 regions is composed from their timelines by `memopt.analysis.compose`.
+
+The timeline's types are `memopt.analysis.timeline`'s; where each graph's storages are
+last read, `memopt.analysis.liveness`'s.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import operator
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from memopt._compat import BACKWARD_FREES_INCOMING_GRADIENTS
-from memopt.analysis.aliasing import GraphAliasing, Storage, analyze_aliasing, concrete_int
-from memopt.analysis.eager_inplace import eager_inplace_writes
-from memopt.analysis.fusion import channels_last_copies, fused_nodes, inplace_reuses, kernel_runs
+from memopt.analysis.aliasing import Storage, concrete_int
+from memopt.analysis.fusion import channels_last_copies
+from memopt.analysis.liveness import GraphLiveness, compute_nodes, donated_buffers, graph_liveness
 from memopt.analysis.manager import Analysis, AnalysisManager
 from memopt.analysis.optimizer_memory import state_identity
+from memopt.analysis.timeline import BEFORE, OPTIMIZER_GRAPH, LiveInterval, MemoryTimeline, TimelinePoint, finish_timeline
 from memopt.analysis.workspace import retained_bytes, workspace_bytes
 from memopt.analysis.value_ops import allocated_at
 from memopt.graph import meta
-from memopt.graph.collectives import waited_collective
 from memopt.graph.step import StepGraphs, output_values
 
-__all__ = [
-    "last_reads",
-    "CATEGORIES",
-    "OPTIMIZER_GRAPH",
-    "LiveInterval",
-    "TimelinePoint",
-    "MemoryTimeline",
-    "MemoryAnalysis",
-    "build_timeline",
-    "finish_timeline",
-    "held_grad_identity",
-]
+__all__ = ["MemoryAnalysis", "build_timeline", "held_grad_identity", "main_device"]
 
-CATEGORIES = (
-    "parameters",
-    "buffers",
-    "inputs",
-    "gathered_parameters",
-    "saved_activations",
-    "gradients",
-    "optimizer_state",
-    "outputs",
-    "temporaries",
-)
-OPTIMIZER_GRAPH = "optimizer"
-"""`TimelinePoint.graph` of the separate ``opt.step()`` after backward."""
 _KIND_CATEGORY = {
     "parameter": "parameters",
     "buffer": "buffers",
@@ -91,7 +67,6 @@ _KIND_CATEGORY = {
     "activation": "inputs",
     "other": "inputs",
 }
-BEFORE = -1  # interval start for values live before the step
 
 
 def _apply_update_op() -> Any:
@@ -100,127 +75,6 @@ def _apply_update_op() -> Any:
         return torch.ops.memopt.apply_update.default
     except (AttributeError, RuntimeError):
         return None
-
-
-@dataclass
-class LiveInterval:
-    """One storage's lifetime: live at timeline indices ``start..end`` inclusive
-    (``start == BEFORE``: live when the step starts; ``end is None``: live after)."""
-
-    graph: str
-    node: fx.Node
-    category: str
-    nbytes: int
-    start: int
-    end: int | None
-    workspace: bool = False
-    """True for scratch memory inside one op's kernel (see analysis/workspace.py)."""
-    region: str = ""
-    identity: int | None = None
-    """For step inputs: id() of the user's tensor, so inputs shared by several regions
-    (parameters across a graph break) are counted once."""
-    output_index: int = 0
-    """Which of ``node``'s outputs the storage is (ops like ``native_layer_norm`` make
-    several)."""
-    saved: bool = False
-    """Kept from forward for backward where the category does not say so (a gathered
-    parameter the plan keeps); read `saved_for_backward`."""
-
-    @property
-    def saved_for_backward(self) -> bool:
-        """A value forward keeps for backward: a saved activation or a kept gathered
-        parameter (what remat, offload and compression may act on)."""
-        return self.saved or self.category == "saved_activations"
-
-    @property
-    def value_node(self) -> fx.Node:
-        """The node that names this storage's value: ``node`` itself, or for one output
-        of a multi-output op (``native_dropout``, ``native_layer_norm``) the
-        ``getitem`` that takes it out (the name the dumped graphs and a planned
-        region's decisions use), when the graph has one."""
-        if isinstance(meta.fake_value(self.node), (tuple, list)):
-            for user in self.node.users:
-                if user.target is operator.getitem and user.args[1] == self.output_index:
-                    return user
-        return self.node
-
-    @property
-    def name(self) -> str:
-        return f"{self.graph}:{self.value_node.name}"
-
-    def live_at(self, index: int) -> bool:
-        return self.start <= index and (self.end is None or index <= self.end)
-
-    def to_dict(self) -> dict[str, Any]:
-        value = meta.tensor_value(self.value_node)
-        loc = meta.source_location(self.node)
-        return {
-            "name": self.name,
-            "region": self.region,
-            "category": self.category,
-            "bytes": self.nbytes,
-            "start": self.start,
-            "end": self.end,
-            "workspace": self.workspace,
-            "shape": None if value is None else [concrete_int(s) for s in value.shape],
-            "dtype": None if value is None else str(value.dtype).replace("torch.", ""),
-            "source": None if loc is None else loc.to_dict(),
-        }
-
-
-@dataclass(frozen=True)
-class TimelinePoint:
-    """One executed node and the bytes live while it runs."""
-
-    graph: str
-    node: str
-    live_bytes: int
-    region: str = ""
-
-
-@dataclass
-class MemoryTimeline:
-    """Live bytes across the step, the intervals behind them, and the peak."""
-
-    points: list[TimelinePoint]
-    intervals: list[LiveInterval]
-    device: torch.device
-    baseline_bytes: int = 0
-    peak_bytes: int = 0
-    peak_index: int = 0
-    end_bytes: int = 0
-    input_saved_until: dict[fx.Node, int] = field(default_factory=dict)
-    """Forward placeholders saved for backward -> last timeline index using them."""
-    output_saved_until: dict[fx.Node, int] = field(default_factory=dict)
-    """Producers of user outputs the region also saves for its own backward -> last
-    timeline index using them (the interval itself lives past the step)."""
-
-    def live_at(self, index: int) -> list[LiveInterval]:
-        return [iv for iv in self.intervals if iv.live_at(index)]
-
-    def breakdown_at(self, index: int) -> dict[str, int]:
-        """Live bytes by category at timeline index ``index``."""
-        out = dict.fromkeys(CATEGORIES, 0)
-        for iv in self.live_at(index):
-            out[iv.category] += iv.nbytes
-        return out
-
-    @property
-    def peak_breakdown(self) -> dict[str, int]:
-        return self.breakdown_at(self.peak_index)
-
-    @property
-    def peak_growth_bytes(self) -> int:
-        return self.peak_bytes - self.baseline_bytes
-
-    def saved_activations(self) -> list[LiveInterval]:
-        """Saved-for-backward storages (gathered parameters kept for backward too),
-        largest first."""
-        saved = [iv for iv in self.intervals if iv.saved_for_backward]
-        return sorted(saved, key=lambda iv: -iv.nbytes)
-
-    def by_category(self, category: str) -> list[LiveInterval]:
-        return [iv for iv in self.intervals if iv.category == category]
 
 
 class MemoryAnalysis(Analysis[MemoryTimeline]):
@@ -256,144 +110,15 @@ def main_device(step: StepGraphs) -> torch.device:
     return first or torch.device("cpu")
 
 
-def _compute_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-
-
-@dataclass
-class _GraphLiveness:
-    """Per fresh storage of one graph: last use index (timeline-global)."""
-
-    aliasing: GraphAliasing
-    index: dict[fx.Node, int]
-    last_use: dict[Storage, int] = field(default_factory=dict)
-    fused: set[fx.Node] = field(default_factory=set)
-
-
-def _liveness(
-    gm: fx.GraphModule, offset: int, fused_codegen: bool = False, donated: set[fx.Node] | None = None
-) -> _GraphLiveness:
-    """Last uses of ``gm``'s storages, timeline indices from ``offset``. Under a fusing
-    codegen, values fused into their consumers are read where the consumers run, what
-    kernels called as one function (`kernel_runs`) read from before the call is read
-    until the function returns, and a storage a kernel overwrites in place (`inplace_reuses`;
-    ``donated``: placeholders the graph may overwrite) is freed just before that
-    kernel. Under the eager codegen, a storage a kernel writes its result into
-    (`eager_inplace_writes`) is freed just before that kernel."""
-    aliasing = analyze_aliasing(gm.graph)
-    index = {n: offset + i for i, n in enumerate(_compute_nodes(gm))}
-    fused = fused_nodes(gm.graph) if fused_codegen else set()
-    live = _GraphLiveness(aliasing, index, fused=fused)
-    read_at = _effective_positions(gm, index, fused)
-    last_read = last_reads(gm.graph, aliasing, index, read_at)
-    if not fused_codegen:
-        live.last_use = last_read
-        for writer, grad in eager_inplace_writes(gm.graph, aliasing, last_read, index).items():
-            live.last_use[aliasing.storages_of(grad)[0]] = index[writer] - 1
-        return live
-    live.last_use = _run_last_uses(gm, aliasing, index, fused, kernel_runs(gm.graph, fused))
-    for storage, writer in inplace_reuses(gm.graph, fused, aliasing, last_read, index, donated or set()).items():
-        live.last_use[storage] = index[writer] - 1
-    return live
-
-
-def reads_of(node: fx.Node) -> list[fx.Node]:
-    """The values ``node`` keeps alive until it runs: its inputs, and for the wait on a
-    collective also the collective's inputs (the process group reads them until the
-    communication ends, so a collective waited late holds its input until then)."""
-    collective = waited_collective(node)
-    if collective is None:
-        return node.all_input_nodes
-    return [*node.all_input_nodes, *collective.all_input_nodes]
-
-
-def last_reads(
-    graph: fx.Graph, aliasing: GraphAliasing, index: dict[fx.Node, int], at: dict[fx.Node, int] | None = None
-) -> dict[Storage, int]:
-    """Per storage, the last position (``at``, default ``index``) of a node reading it."""
-    at = index if at is None else at
-    last_use: dict[Storage, int] = {}
-    for node in (n for n in graph.nodes if n.op not in ("placeholder", "output")):
-        for inp in reads_of(node):
-            for storage in aliasing.storages_of(inp):
-                last_use[storage] = max(last_use.get(storage, 0), at[node])
-        for storage in aliasing.storages_of(node):  # a value is used by its own producer
-            last_use.setdefault(storage, index[node])
-    return last_use
-
-
-def _donated(step: StepGraphs, fw_aliasing: GraphAliasing) -> set[fx.Node]:
-    """Backward placeholders AOTAutograd donates to the backward graph: saved values
-    that alias no forward input and no user output (``collect_bw_donated_buffer_idxs``).
-    ``fw_aliasing`` is the forward graph's."""
-    if not torch._functorch.config.donated_buffer:
-        return set()
-    kept = {s for ph in step.forward.graph.find_nodes(op="placeholder") for s in fw_aliasing.storages_of(ph)}
-    for out in output_values(step.forward)[: step.num_fwd_outputs]:
-        if out is not None:
-            kept.update(fw_aliasing.storages_of(out))
-    return {
-        bw_ph
-        for fw_node, bw_ph in step.saved_pairs()
-        if not meta.is_symbolic(bw_ph) and not kept.intersection(fw_aliasing.storages_of(fw_node))
-    }
-
-
-def _effective_positions(gm: fx.GraphModule, index: dict[fx.Node, int], fused: set[fx.Node]) -> dict[fx.Node, int]:
-    """Where each node's inputs are read: its own position, or for a value fused into
-    its consumers, the last of their positions."""
-    at: dict[fx.Node, int] = {}
-    for node in reversed(_compute_nodes(gm)):
-        at[node] = index[node]
-        if node in fused:
-            at[node] = max([index[node], *(at[u] for u in node.users if u in at)])
-    return at
-
-
-def _run_last_uses(
-    gm: fx.GraphModule,
-    aliasing: GraphAliasing,
-    index: dict[fx.Node, int],
-    fused: set[fx.Node],
-    runs: dict[fx.Node, fx.Node],
-) -> dict[Storage, int]:
-    """Per storage, its last use when runs of kernels are called as one function
-    (``runs``: generated kernel -> the last kernel of its run): a graph input or a
-    library call's output read in a run is freed after the call, so it is read at the
-    run's last kernel. A generated kernel's output keeps the last read of the kernel
-    reading it: Inductor's scheduler may fuse its writer into its readers' kernel, in
-    the same run or, across a library call, in a later one (Llama's loss gradient, made
-    before the logits' matmul in the graph, is made after it), and a buffer whose
-    writer and readers share one loop is never allocated
-    (``remove_kernel_local_buffers``); the reads kernel by kernel, with the in-place
-    writes, approximate that. Fused values are read where their consumers run."""
-    nodes = _compute_nodes(gm)
-    kernels: dict[fx.Node, set[fx.Node]] = {}  # node -> the kernels its inputs are read in
-    for node in reversed(nodes):
-        users = {k for u in node.users if u in kernels for k in kernels[u]} if node in fused else set()
-        kernels[node] = users | {node}
-    last_use: dict[Storage, int] = {}
-    for node in nodes:
-        for inp in reads_of(node):
-            for storage in aliasing.storages_of(inp):
-                for kernel in kernels[node]:
-                    end = runs.get(kernel)
-                    at = index[kernel] if end is None or storage.producer in runs else index[end]
-                    last_use[storage] = max(last_use.get(storage, 0), at)
-        for storage in aliasing.storages_of(node):  # a value is used by its own producer
-            last_use.setdefault(storage, index[node])
-    return last_use
-
-
 def build_timeline(step: StepGraphs) -> MemoryTimeline:
     """Join the step's graphs into one `MemoryTimeline`."""
     device = main_device(step)
-    fw_nodes = _compute_nodes(step.forward)
-    fw = _liveness(step.forward, 0, step.fused_codegen)
+    fw_nodes = compute_nodes(step.forward)
+    fw = graph_liveness(step.forward, 0, step.fused_codegen)
     n_fw = len(fw_nodes)
     bw = None
     if step.backward is not None:
-        bw = _liveness(step.backward, n_fw, step.fused_codegen, _donated(step, fw.aliasing) if step.fused_codegen else None)
+        bw = graph_liveness(step.backward, n_fw, step.fused_codegen, donated_buffers(step, fw.aliasing) if step.fused_codegen else None)
     intervals: list[LiveInterval] = []
     owner: dict[Storage, LiveInterval] = {}
     virtual = fw.fused | (bw.fused if bw is not None else set())
@@ -480,7 +205,7 @@ def build_timeline(step: StepGraphs) -> MemoryTimeline:
         intervals.extend(_update_temporaries(step, bw, updates, device))
     graphs = [(fw_name, fw_nodes)]
     if step.backward is not None:
-        graphs.append(("backward", _compute_nodes(step.backward)))
+        graphs.append(("backward", compute_nodes(step.backward)))
     index = 0
     for graph, nodes in graphs:
         for node in nodes:
@@ -503,7 +228,7 @@ def build_timeline(step: StepGraphs) -> MemoryTimeline:
 
 
 def _saved_ends(
-    step: StepGraphs, fw: _GraphLiveness, bw: _GraphLiveness, n_fw: int
+    step: StepGraphs, fw: GraphLiveness, bw: GraphLiveness, n_fw: int
 ) -> tuple[dict[Storage, int], dict[fx.Node, int]]:
     """Forward storages saved for backward -> last timeline index they are used at;
     and the same for saved forward inputs (keyed by placeholder)."""
@@ -522,7 +247,7 @@ def _saved_ends(
     return ends, inputs
 
 
-def _update_ends(step: StepGraphs, fw: _GraphLiveness, bw: _GraphLiveness, n_fw: int) -> dict[Storage, int]:
+def _update_ends(step: StepGraphs, fw: GraphLiveness, bw: GraphLiveness, n_fw: int) -> dict[Storage, int]:
     """With the update in backward (`OptimizerMemory.in_backward`) and the
     ``optimizer_in_backward`` pass not yet run: each returned gradient storage of a
     parameter the optimizer holds -> the timeline index of its update, where the pass
@@ -550,7 +275,7 @@ def _update_ends(step: StepGraphs, fw: _GraphLiveness, bw: _GraphLiveness, n_fw:
 
 
 def _update_temporaries(
-    step: StepGraphs, bw: _GraphLiveness, updates: dict[Storage, int], device: torch.device
+    step: StepGraphs, bw: GraphLiveness, updates: dict[Storage, int], device: torch.device
 ) -> list[LiveInterval]:
     """The temporaries of each in-backward update while it runs: at the updates
     `_update_ends` places, and at the ``memopt::apply_update`` nodes the pass put in."""
@@ -576,7 +301,7 @@ def _update_temporaries(
 
 def _add_backward(
     step: StepGraphs,
-    bw: _GraphLiveness,
+    bw: GraphLiveness,
     n_fw: int,
     add: Any,
     points: list[TimelinePoint],
@@ -587,7 +312,7 @@ def _add_backward(
     backward ends when autograd adds them into an existing ``.grad``)."""
     assert step.backward is not None
     updates = dict(updates or {})
-    bw_nodes = _compute_nodes(step.backward)
+    bw_nodes = compute_nodes(step.backward)
     grads: set[Storage] = set()
     passed_on: set[Storage] = set()  # gradients of activations from an earlier region
     accumulated: set[Storage] = set()  # gradients autograd adds into an existing .grad
@@ -622,28 +347,3 @@ def _add_backward(
             else:
                 add("backward", storage, "temporaries", start, bw.last_use[storage])
     points.extend(TimelinePoint("backward", n.name, 0, step.region) for n in bw_nodes)
-
-
-def finish_timeline(points: list[TimelinePoint], intervals: list[LiveInterval], device: torch.device) -> MemoryTimeline:
-    """The timeline of ``intervals`` over ``points``: live bytes at each point, the
-    baseline, the peak and the bytes left at the end."""
-    n = len(points)
-    delta = [0] * (n + 1)
-    baseline = 0
-    for iv in intervals:
-        if iv.start == BEFORE:
-            baseline += iv.nbytes
-            continue
-        start = min(iv.start, n)  # a value made after the last op never overlaps one
-        delta[start] += iv.nbytes
-        if iv.end is not None:
-            delta[min(max(iv.end, start - 1), n - 1) + 1] -= iv.nbytes
-    live = baseline
-    filled = []
-    for i, p in enumerate(points):
-        live += delta[i]
-        filled.append(dataclasses.replace(p, live_bytes=live))
-    peak_index = max(range(n), key=lambda i: filled[i].live_bytes) if n else 0
-    peak = filled[peak_index].live_bytes if n else baseline
-    end = baseline + sum(iv.nbytes for iv in intervals if iv.start != BEFORE and iv.end is None)
-    return MemoryTimeline(filled, intervals, device, baseline, max(peak, baseline), peak_index, end)

@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable
 import torch.fx as fx
 
 from memopt.analysis.aliasing import GraphAliasing, Storage, analyze_aliasing
-from memopt.analysis.memory import MemoryTimeline, build_timeline
+from memopt.analysis.memory import build_timeline
+from memopt.analysis.timeline import MemoryTimeline
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs
 

@@ -52,7 +52,7 @@ from memopt.analysis.compressible import (
     stored_bytes,
 )
 from memopt.analysis.cost import copies_share_compute_cores, device_model, node_cost
-from memopt.analysis.memory import LiveInterval, MemoryTimeline, finish_timeline
+from memopt.analysis.timeline import LiveInterval, MemoryTimeline, finish_timeline
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs
 

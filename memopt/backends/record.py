@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from memopt.analysis.memory import MemoryTimeline
+from memopt.analysis.timeline import MemoryTimeline
 from memopt.config import MemoptConfig
 from memopt.graph.step import StepGraphs
 from memopt.passes.instruments import GraphSnapshot

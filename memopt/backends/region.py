@@ -24,8 +24,10 @@ import torch
 import torch.fx as fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-from memopt.analysis.memory import MemoryTimeline, build_timeline, main_device
+from memopt.analysis.memory import build_timeline, main_device
+
 from memopt.analysis.optimizer_memory import OptimizerMemory, optimizer_memory
+from memopt.analysis.timeline import MemoryTimeline
 from memopt.backends.meta_device import check_backward_reaches_inputs
 from memopt.backends.ranks import RanksCompiledOtherGraphs, agree_across_ranks, rank0_value
 from memopt.backends.record import RegionRecord, active_recorders

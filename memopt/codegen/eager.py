@@ -26,7 +26,7 @@ from torch.fx.graph import _BoxedCodeGen
 
 from memopt.analysis.aliasing import analyze_aliasing
 from memopt.analysis.eager_inplace import OUT_VARIANTS, eager_inplace_writes
-from memopt.analysis.memory import last_reads
+from memopt.analysis.liveness import last_reads
 from memopt.codegen.promoting import run_in_pieces
 from memopt.graph import meta
 

@@ -35,7 +35,7 @@ graph as the ones before it left it.
 
 Only the graph order changes. The memory timeline sees the consequences: a gather's
 buffer is allocated where it now starts, and a collective's input stays live until its
-wait (`memopt.analysis.memory.reads_of`: the process group reads it until then).
+wait (`memopt.analysis.liveness.reads_of`: the process group reads it until then).
 """
 
 from __future__ import annotations

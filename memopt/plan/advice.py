@@ -43,8 +43,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from memopt.analysis.aliasing import concrete_int
-from memopt.analysis.memory import MemoryTimeline
 from memopt.analysis.optimizer_memory import OptimizerMemory
+from memopt.analysis.timeline import MemoryTimeline
 from memopt.config import MemoptConfig
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs, parameter_name

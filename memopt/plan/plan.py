@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memopt.analysis.aliasing import concrete_int
-from memopt.analysis.memory import LiveInterval, MemoryTimeline
+from memopt.analysis.timeline import LiveInterval, MemoryTimeline
 from memopt.graph import meta
 from memopt.plan.decisions import Action, Save, action_from_dict, action_to_dict
 

@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from memopt._once import said_before
 from memopt.analysis.cost import is_view
-from memopt.analysis.memory import MemoryTimeline
+from memopt.analysis.timeline import MemoryTimeline
 from memopt.config import MemoptConfig
 from memopt.errors import MemoptBudgetError, MemoptBudgetWarning
 from memopt.graph import meta

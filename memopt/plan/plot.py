@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from memopt.analysis.memory import CATEGORIES, MemoryTimeline
+from memopt.analysis.timeline import CATEGORIES, MemoryTimeline
 from memopt.units import format_bytes
 
 __all__ = ["plot_timeline", "plot_tradeoff", "region_spans", "pyplot"]

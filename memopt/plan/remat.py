@@ -53,8 +53,9 @@ import torch
 import torch.fx as fx
 
 from memopt.analysis.cost import device_model, node_cost
-from memopt.analysis.memory import BEFORE, MemoryTimeline, build_timeline
+from memopt.analysis.memory import build_timeline
 from memopt.analysis.schedule import scheduled_timeline
+from memopt.analysis.timeline import BEFORE, MemoryTimeline
 from memopt.graph import meta
 from memopt.graph.partition import JointGraph, forward_nodes, joint_values, saved_joint_names, split_joint
 from memopt.graph.step import StepGraphs

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from tabulate import tabulate
 
-from memopt.analysis.memory import CATEGORIES, MemoryTimeline
+from memopt.analysis.timeline import CATEGORIES, MemoryTimeline
 from memopt.plan.advice import OptionSaving, ParameterShare
 from memopt.plan.plan import TensorDecision
 from memopt.units import format_bytes

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from memopt.analysis.memory import BEFORE, LiveInterval, MemoryTimeline
+from memopt.analysis.timeline import BEFORE, LiveInterval, MemoryTimeline
 from memopt.graph import meta
 
 __all__ = ["timeline_to_snapshot"]

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from memopt.analysis.compose import compose_timelines
-from memopt.analysis.memory import MemoryTimeline
+from memopt.analysis.timeline import MemoryTimeline
 from memopt.graph.step import StepGraphs
 
 __all__ = ["RegionInStep", "StepContext", "placed"]

@@ -38,7 +38,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from memopt.analysis.memory import MemoryTimeline
 from memopt.analysis.storage_cost import (
     Bandwidth,
     StorageCandidate,
@@ -47,6 +46,7 @@ from memopt.analysis.storage_cost import (
     storage_key,
     with_stored,
 )
+from memopt.analysis.timeline import MemoryTimeline
 from memopt.graph.step import StepGraphs
 from memopt.plan.decisions import Action, Compress, Offload
 
