@@ -493,7 +493,8 @@ def _mix_cells(step: Any, timeline: Any, budget: int, bw: tuple[float, float], s
     from memopt.config import MemoptConfig
     from memopt.graph.partition import saved_names
     from memopt.plan.planner import plan_region
-    from memopt.plan.remat import evaluate, plan_remat
+    from memopt.plan.remat import plan_remat
+    from memopt.plan.remat_problem import evaluate
     from memopt.plan.storage import StorageOptions, plan_storage
 
     reference = evaluate(step, frozenset(saved_names(step))).seconds  # the min-cut partition's own recompute

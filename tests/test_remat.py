@@ -359,7 +359,8 @@ def test_at_torchs_own_peak_memopt_recomputes_no_more_than_torch(name, batch):
     """torch's min-cut partitions at activation_memory_budget 0.75/0.5/0.3 are in
     memopt's search space, so at the peak of any of them memopt's plan costs at most
     its recompute FLOPs (and its peak fits)."""
-    from memopt.plan.remat import build_problem, evaluate_torch_partition, plan_remat
+    from memopt.plan.remat import plan_remat
+    from memopt.plan.remat_problem import build_problem, evaluate_torch_partition
 
     case = zoo_case(name)
     step = capture_step(case.build(), *case.inputs(batch))
@@ -375,7 +376,7 @@ def test_at_torchs_own_peak_memopt_recomputes_no_more_than_torch(name, batch):
 
 
 def test_torch_partition_that_redraws_dropout_is_not_a_candidate():
-    from memopt.plan.remat import build_problem, evaluate_torch_partition
+    from memopt.plan.remat_problem import build_problem, evaluate_torch_partition
 
     case = zoo_case("transformer_block")
     step = capture_step(case.build(), *case.inputs(8))

@@ -153,7 +153,8 @@ def test_the_region_plan_is_never_dearer_than_one_technique(llama_step, fraction
     no FLOPs (copies only) was taken without trying storage (0.383 against 0.319 ms
     for offload alone at 0.8)."""
     from memopt.graph.partition import saved_names
-    from memopt.plan.remat import evaluate, plan_remat
+    from memopt.plan.remat import plan_remat
+    from memopt.plan.remat_problem import evaluate
 
     step, timeline = llama_step
     budget = int(timeline.baseline_bytes + fraction * (timeline.peak_bytes - timeline.baseline_bytes))

@@ -1,4 +1,4 @@
-"""Solvers for the staged rematerialization problem (see memopt/plan/remat.py).
+"""Solvers for the staged rematerialization problem (see memopt/plan/remat_problem.py).
 
 Inputs are arrays ``S, F, P, C`` of shape ``[K, O]`` (segments x options). A choice
 picks one option per segment. Its modelled peak is::
