@@ -10,7 +10,8 @@ the testing helpers.
 from memopt.backends.dynamo import memopt_backend
 from memopt.config import MemoptConfig
 from memopt.errors import MemoptBudgetError, MemoptBudgetWarning, MemoptFitError, MemoptInternalError, MemoptWarning
-from memopt.explain import Explanation, explain, record
+from memopt.explain import explain, record
+from memopt.explanation import Explanation
 from memopt.fit import FitResult, fit
 from memopt.passes.base import PassFailure
 

@@ -41,7 +41,7 @@ import torch
 
 from memopt.config import MIN_BUDGET_BYTES, MemoptConfig, parse_size, require_unit
 from memopt.errors import MemoptFitError, MemoptWarning
-from memopt.explain import Explanation
+from memopt.explanation import Explanation
 from memopt.fitting.fake import fake_model, with_fake_optimizer
 from memopt.fitting.probe import Probe, Runner, Sizes
 from memopt.fitting.search import find_largest

@@ -17,7 +17,8 @@ import torch
 
 from memopt.config import MemoptConfig
 from memopt.errors import MemoptFitError
-from memopt.explain import Explanation, explain
+from memopt.explain import explain
+from memopt.explanation import Explanation
 from memopt.fitting.fake import planning, reset_optimizer
 from memopt.units import format_bytes
 

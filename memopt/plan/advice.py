@@ -9,7 +9,7 @@ its bytes off that peak: counted against the current peak, a plan that moved the
 elsewhere would read as saving more than the whole peak). `option_savings` gives one
 `OptionSaving` per technique; `dominant_parameters` the parameters whose weight,
 gradient and optimizer state take a large share of the peak (embeddings and LM heads
-in language models), named by their module path. `memopt.explain.Explanation.report`
+in language models), named by their module path. `memopt.explanation.Explanation.report`
 renders both (`memopt.plan.report.savings_table`, `dominant_table`).
 
 Rules (one per technique; "at the peak" means live at the step's peak point):
