@@ -351,6 +351,9 @@ def parse_size(text: str) -> int:
     """``"6GiB"`` -> 6442450944; ``"512MB"`` -> 512000000; ``"1e9"`` -> 10**9."""
     match = _SIZE.match(text)
     unit = match.group(2).lower() if match else ""
+    magnitude = text.strip()[1:]
+    if text.strip().startswith("-") and _SIZE.match(magnitude):
+        raise ValueError(f"memory size {text!r} is negative; a size is positive, e.g. {magnitude.strip()!r}.")
     if match is None or unit not in _UNITS and unit != "":
         raise ValueError(
             f"memory size {text!r} not understood; write a number with an optional unit, "

@@ -190,3 +190,9 @@ def test_constructor_checks_values_as_from_options_does():
     assert MemoptConfig(disable_passes="remat,dce").disable_passes == ("dce", "remat")
     assert MemoptConfig(memory_budget="1KiB").memory_budget == 1024
     assert MemoptConfig(memory_budget="50%").replace(strict=True).memory_budget == 0.5
+
+
+@pytest.mark.parametrize("size", ["-1GiB", " -512MB", "-4096"])
+def test_a_negative_size_is_refused_as_negative_not_as_not_understood(size: str) -> None:
+    with pytest.raises(ValueError, match=rf"memory_budget='{size}': memory size '{size}' is negative; a size is positive, e\.g\. '{size.strip()[1:]}'"):
+        MemoptConfig.from_options({"memory_budget": size})
