@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import inspect
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ __all__ = [
     "reduce_scatter_single",
     "dist_all_gather_single",
     "BACKWARD_FREES_INCOMING_GRADIENTS",
+    "COMPILE_ISOLATES_RECOMPILES",
 ]
 
 TORCH_VERSION: tuple[int, int] = tuple(int(part) for part in torch.__version__.split(".")[:2])  # type: ignore[assignment]
@@ -50,6 +52,17 @@ Measured on a region whose incoming gradient is
 256 KiB (`tests/test_kept_outputs.py`: torch 2.11 peaks 256 KiB higher, at the
 backward's last ops). `memopt.analysis.memory` keeps tangents live to the end of the
 backward where this is False."""
+
+
+COMPILE_ISOLATES_RECOMPILES: bool = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+"""Whether ``torch.compile`` takes ``isolate_recompiles=True`` (torch 2.13 does; torch
+2.11's does not): that call's compiled entries are kept apart from every other
+``torch.compile`` of the same code, and count against no other call's
+``recompile_limit``. `memopt.explain` compiles with it where it exists: each call is a
+new backend, so without it every ``explain`` of a model adds an entry to the cache of
+the model's ``forward``, and after 8 (Dynamo's ``recompile_limit``) both ``explain``
+and the user's own ``torch.compile`` of that model run eagerly, compiling nothing.
+Without it ``explain`` compiles as before (docs/usage.md, Limits)."""
 
 
 def optimization_hint(value: Any) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from memopt._compat import COMPILE_ISOLATES_RECOMPILES
 from memopt.backends.graph_breaks import dynamo_counts
 from memopt.backends.record import recording
 from memopt.config import MemoptConfig
@@ -43,7 +44,9 @@ def explain(
 
     config = MemoptConfig.from_options(options)
     backend = functools.partial(memopt_backend, options=config)
-    compiled = torch.compile(fn, backend=backend)
+    # kept apart from the caller's compiles of fn: otherwise each explain's entry counts against
+    # Dynamo's recompile_limit of fn's code, and the 9th explain or compile runs fn eagerly
+    compiled = torch.compile(fn, backend=backend, **({"isolate_recompiles": True} if COMPILE_ISOLATES_RECOMPILES else {}))
     counts = dynamo_counts()
     with recording() as records, one_step():
         out = compiled(*args, **kwargs)

@@ -153,3 +153,14 @@ def test_backward_frees_incoming_gradients_gate_choice():
     2.11's and 2.12's hold it to the end (the behaviour: tests/test_kept_outputs.py's estimates
     against the allocator, on each torch)."""
     assert _compat.BACKWARD_FREES_INCOMING_GRADIENTS is (_compat.TORCH_VERSION >= (2, 13))
+
+
+def test_compile_isolates_recompiles_gate_choice():
+    """torch 2.13's torch.compile takes isolate_recompiles; 2.11's does not (memopt.explain
+    then compiles without it)."""
+    import inspect
+
+    has = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+    assert _compat.COMPILE_ISOLATES_RECOMPILES is has
+    if _compat.TORCH_VERSION >= (2, 13):
+        assert has

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import warnings
 
+import pytest
 import torch
 
 import memopt
@@ -232,3 +233,22 @@ def test_dumped_graphs_load_and_run_as_python(tmp_path):
     module = runpy.run_path(str(inference))["GraphModule"]()
     (out,) = module.forward(linear.weight.detach(), linear.bias.detach(), x)
     torch.testing.assert_close(out, expected)
+
+
+def test_repeated_explains_keep_compiling_and_leave_the_models_compile_alone():
+    """Each explain is a new backend: its compiled entry used to join the model's
+    forward's cache, so after Dynamo's recompile_limit (8) of them explain recorded no
+    region ("0 region(s)") and the user's own torch.compile of the model ran it eagerly,
+    no budget applied. explain keeps its entries apart (isolate_recompiles)."""
+    if not memopt._compat.COMPILE_ISOLATES_RECOMPILES:
+        pytest.skip("this torch.compile has no isolate_recompiles (docs/usage.md, Limits)")
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x = torch.randn(4, 16)
+    limit = torch._dynamo.config.recompile_limit
+    for _ in range(limit + 1):
+        assert len(memopt.explain(model, x, options={"codegen": "eager"}).regions) == 1
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager"})
+    with memopt.record() as explanation:
+        compiled(x).sum().backward()
+    assert len(explanation.regions) == 1
