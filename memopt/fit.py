@@ -47,7 +47,7 @@ from memopt.fitting.probe import Probe, Runner, Sizes
 from memopt.fitting.search import find_largest
 from memopt.units import format_bytes
 
-__all__ = ["fit", "FitResult", "Probe", "accumulation", "budget_bytes"]
+__all__ = ["fit", "FitResult", "Probe", "accumulation", "budget_and_reserve", "budget_bytes"]
 
 SEARCHES: tuple[str, ...] = ("batch", "seq")
 _DEFAULT_MAX = 1 << 20
@@ -186,6 +186,20 @@ def budget_bytes(budget: int | str, *, name: str = "budget") -> int:
     return value
 
 
+def budget_and_reserve(budget: int | str, reserve: int | str) -> tuple[int, int]:
+    """``(budget, reserve)`` in bytes, parsed by `budget_bytes`; `MemoptFitError` when
+    the reserve leaves under 1 KiB of the budget for the step."""
+    total, reserved = budget_bytes(budget), budget_bytes(reserve, name="reserve")
+    left = total - reserved
+    if left < MIN_BUDGET_BYTES:
+        raise MemoptFitError(
+            f"reserve={format_bytes(reserved)} leaves "
+            f"{'nothing' if left <= 0 else f'only {format_bytes(left)} (under 1 KiB)'} of "
+            f"budget={format_bytes(total)} for the step; lower the reserve or raise the budget."
+        )
+    return total, reserved
+
+
 def fit(
     model: Callable[..., Any],
     make_inputs: Callable[..., Any],
@@ -233,14 +247,7 @@ def fit(
     ``training=True``, and for a malformed budget.
     """
     started = time.perf_counter()
-    total, reserved = budget_bytes(budget), budget_bytes(reserve, name="reserve")
-    left = total - reserved
-    if left < MIN_BUDGET_BYTES:
-        raise MemoptFitError(
-            f"reserve={format_bytes(reserved)} leaves "
-            f"{'nothing' if left <= 0 else f'only {format_bytes(left)} (under 1 KiB)'} of "
-            f"budget={format_bytes(total)} for the step; lower the reserve or raise the budget."
-        )
+    total, reserved = budget_and_reserve(budget, reserve)
     _check_search(search, batch, seq, step, max_size, global_batch)
     stream = sys.stderr if progress is True else None if isinstance(progress, bool) else progress
     if search == "seq" and max_size is None:

@@ -183,6 +183,8 @@ def test_fit_refuses_a_flag_the_search_would_ignore(
         (["--budget", "40MiB", "--reserve", "2GiBB"], "--reserve: reserve='2GiBB': memory size '2GiBB' not understood"),
         (["--budget", "40MiB", "--options", '{"memory_budget": "1GiB"}'],
          "--options sets memory_budget='1GiB', but fit plans every probe under --budget 40MiB"),
+        (["--budget", "10MiB", "--reserve", "20MiB"],
+         "--reserve 20MiB --budget 10MiB: reserve=20.00 MiB leaves nothing of budget=10.00 MiB for the step"),
     ],
 )  # fmt: skip
 def test_fit_refuses_a_bad_budget_or_options_before_the_factory_runs(
@@ -203,6 +205,22 @@ def test_fit_size_flags_must_be_positive(capsys: pytest.CaptureFixture[str], fla
         cli_main(["fit", "examples/fit_model.py:build", "--budget", "40MiB", "--search", "seq", flag, "-3"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and f"argument {flag}" in err and "'-3' is not a size; give a whole number >= 1" in err
+
+
+def test_fit_names_a_make_inputs_that_is_not_a_function(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A factory returning ``(model, inputs)`` (memopt report's) was refused as "got
+    tuple of length 2", the length fit asks for: the message now names what is wrong,
+    make_inputs being a dict, and what fit calls it with."""
+    path = tmp_path / "model.py"
+    path.write_text(
+        "import torch\n\ndef build():\n"
+        "    return torch.nn.Linear(4, 1), {'input': torch.randn(2, 4)}\n"
+    )
+    code, err = _run(["fit", f"{path}:build", "--budget", "1MiB"], capsys)
+    assert code == 2 and err.startswith(
+        f"memopt: error: {path}:build returned a dict as make_inputs; fit calls make_inputs(batch)"
+    ), err
+    assert "(a factory returning (model, inputs) is memopt report's)" in err
 
 
 def test_fit_json_with_plan_is_one_json_document(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

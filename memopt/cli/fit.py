@@ -76,11 +76,18 @@ def run(args: argparse.Namespace) -> int:
     factory = load_factory(args.target)
     with FakeTensorMode(allow_non_fake_inputs=True):
         built = call_factory(factory, args.target)
-    if not isinstance(built, (tuple, list)) or len(built) not in (2, 3) or not callable(built[1]):
+    if not isinstance(built, (tuple, list)) or len(built) not in (2, 3):
         raise CLIError(
             f"{args.target} must return (model, make_inputs) or (model, make_inputs, optimizer) with "
             f"make_inputs(batch) a function; got {type(built).__name__}"
             + (f" of length {len(built)}" if isinstance(built, (tuple, list)) else "")
+        )
+    if not callable(built[1]):
+        raise CLIError(
+            f"{args.target} returned a {type(built[1]).__name__} as make_inputs; fit calls make_inputs(batch) "
+            f"(make_inputs(batch, seq) with --seq or --search seq) for each size it probes, so return a function "
+            f"that builds one call's inputs at that size"
+            + (" (a factory returning (model, inputs) is memopt report's)" if len(built) == 2 else "")
         )
     model, make_inputs, optimizer = (*built, None) if len(built) == 2 else built
     if args.in_backward and optimizer is None:
@@ -113,7 +120,7 @@ def _checked_options(args: argparse.Namespace) -> dict[str, Any]:
     which may take long (a large model on fake tensors still runs its initialisation)."""
     from memopt.cli.main import CLIError, parse_options
     from memopt.errors import MemoptFitError
-    from memopt.fit import budget_bytes
+    from memopt.fit import budget_and_reserve, budget_bytes
 
     _check_flags(args)
     options = parse_options(args.options)
@@ -126,6 +133,10 @@ def _checked_options(args: argparse.Namespace) -> dict[str, Any]:
                 budget_bytes(value, name=name)
         except MemoptFitError as exc:
             raise CLIError(f"{flag}: {exc}") from None
+    try:
+        budget_and_reserve(args.budget, args.reserve or 0)
+    except MemoptFitError as exc:
+        raise CLIError(f"--reserve {args.reserve} --budget {args.budget}: {exc}") from None
     return options
 
 
