@@ -40,6 +40,13 @@ __all__ = ["Explanation"]
 
 SCHEMA_VERSION = 1
 
+_NOTHING_COMPILED = (
+    "nothing reached memopt while this explanation recorded: memopt explains a region when Dynamo compiles it, "
+    "and a function compiled before memopt.record() (its first call outside the `with`, as a warm-up step) runs "
+    "its cached code unseen; enter record() before the first call, or call torch._dynamo.reset() first. A frame "
+    "past Dynamo's recompile_limit (Dynamo warns of it) runs eagerly, without memopt"
+)
+
 
 @dataclass
 class Explanation:
@@ -127,7 +134,7 @@ class Explanation:
         if not parts:
             raise ValueError(
                 "no region was compiled by memopt's pipeline, so there is no timeline"
-                + (f"; {self._skipped_text()}" if self.skipped_frames else "")
+                + (f"; {self._skipped_text()}" if self.skipped_frames else "" if self.regions else f"; {_NOTHING_COMPILED}")
             )
         return compose_timelines(parts, [r.kept_outputs for r in regions], input_sources(regions))
 
@@ -372,6 +379,8 @@ class Explanation:
         the passes run and any fallback."""
         if isinstance(top, bool) or not isinstance(top, int) or top < 0:
             raise ValueError(f"report(top={top!r}): top is how many saved values to list, an int >= 0 (0 lists none).")
+        if not self.regions and not self.skipped_frames:
+            return "memopt explanation: 0 region(s)\n" + wrap(_NOTHING_COMPILED + ".")
         lines = [
             f"memopt explanation: {len(self.regions)} region(s), codegen={self.codegen}"
             + ("" if self.ran_backward else " (forward only)")

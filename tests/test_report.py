@@ -669,3 +669,25 @@ def test_a_step_no_longer_split_is_summed_without_the_earlier_steps_regions():
     with memopt.record() as whole:  # the unsplit step alone
         torch.compile(f, backend="memopt", options=EAGER)(x).backward()
     assert ex.estimated_peak_bytes == whole.estimated_peak_bytes
+
+
+def test_a_recording_that_saw_no_compile_says_why():
+    """A model compiled and warmed up before ``memopt.record()`` runs its cached code
+    inside it: nothing reaches memopt. The report read "0 region(s), codegen=inductor
+    (forward only)" (the codegen a default config's, the backward run) and the estimate
+    "no region was compiled"; both now say why and what to do."""
+    torch._dynamo.reset()
+    model = torch.nn.Linear(4, 1)
+    compiled = torch.compile(model, backend="memopt", options=EAGER)
+    compiled(torch.randn(2, 4)).sum().backward()
+    with memopt.record() as ex:
+        compiled(torch.randn(2, 4)).sum().backward()
+    text = " ".join(ex.report().split())
+    assert "codegen" not in text and "forward only" not in text, text
+    assert "enter record() before the first call, or call torch._dynamo.reset() first" in text, text
+    with pytest.raises(ValueError, match="runs its cached code unseen"):
+        ex.estimated_peak_bytes
+    torch._dynamo.reset()  # the fix the report names: the next call compiles inside record()
+    with memopt.record() as ex:
+        compiled(torch.randn(2, 4)).sum().backward()
+    assert len(ex.regions) == 1 and ex.estimated_peak_bytes > 0
