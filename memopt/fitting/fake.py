@@ -36,7 +36,7 @@ def fake_model(model: Callable[..., Any]) -> tuple[Callable[..., Any], Any, dict
 
     if not isinstance(model, torch.nn.Module):
         return model, FakeTensorMode(allow_non_fake_inputs=True), {}
-    tensors = [*model.parameters(), *model.buffers()]
+    tensors = [_local(t) for t in (*model.parameters(), *model.buffers())]
     fakes = [t for t in tensors if isinstance(t, FakeTensor)]
     if tensors and len(fakes) == len(tensors):
         return model, fakes[0].fake_mode, {}
@@ -54,6 +54,14 @@ def fake_model(model: Callable[..., Any]) -> tuple[Callable[..., Any], Any, dict
         memo[id(t)] = fake
     fakes = dict(memo)  # before deepcopy adds its own entries
     return copy.deepcopy(model, memo), mode, fakes
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor that holds ``tensor``'s storage: a DTensor's (a parameter of a model
+    `memopt.distributed.shard` sharded) local shard, which is the fake tensor when the
+    model was built and sharded under a `FakeTensorMode`; any other tensor itself."""
+    local = getattr(tensor, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else tensor
 
 
 def with_fake_optimizer(config: MemoptConfig, fakes: Mapping[int, torch.Tensor]) -> MemoptConfig:

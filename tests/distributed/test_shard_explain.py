@@ -164,3 +164,48 @@ def test_bucketed_gathers_copied_out_are_gathered_parameters(fake_world):
     gathered = {iv.node.name for iv in timeline.by_category("gathered_parameters") if iv.graph == "forward"}
     assert {"clone", "clone_1", "clone_2", "clone_3"} <= gathered
     assert not any(iv.node.name.startswith("clone") for iv in timeline.saved_activations() if iv.category == "saved_activations")
+
+
+_FIT_FACTORY = '''
+import torch, torch.nn as nn
+import memopt.distributed as md
+
+
+class Scaled(nn.Module):  # a buffer, as a rotary model's inv_freq: a plain (fake) tensor beside the DTensors
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(4)])
+        self.register_buffer("scale", torch.full((64,), 0.5))
+
+    def forward(self, x):
+        return self.layers(x * self.scale)
+
+
+def build():
+    torch.manual_seed(0)
+    return md.shard(Scaled(), stage=3), lambda batch: torch.randn(batch, 64)
+'''
+
+
+def test_cli_fit_of_a_sharded_factory(fake_world, tmp_path, capsys):
+    """``memopt fit FILE.py:build`` of a factory that shards its model: the parameters are
+    DTensors whose local shards are fake (built under the CLI's FakeTensorMode), and fit
+    took them for real tensors beside a fake buffer ("mixes 2 fake and 21 real
+    parameters/buffers" on a sharded Llama) and refused the model. It fits this rank's step, as `memopt.fit` of
+    the model built on real tensors does."""
+    import json
+
+    from memopt.cli.main import main as cli_main
+
+    path = tmp_path / "sharded_fit.py"
+    path.write_text(_FIT_FACTORY)
+    torch._dynamo.reset()
+    assert cli_main(["fit", f"{path}:build", "--budget", "64KiB", "--max-batch", "64", "--json", "--quiet"]) == 0
+    fitted = json.loads(capsys.readouterr().out)
+    namespace: dict[str, object] = {}
+    exec(_FIT_FACTORY, namespace)
+    model, make_inputs = namespace["build"]()  # type: ignore[operator]
+    torch._dynamo.reset()
+    real = memopt.fit(model, make_inputs, "64KiB", max_size=64, options={"codegen": "eager"})
+    assert (fitted["batch"], fitted["estimated_peak_bytes"]) == (real.batch, real.estimated_peak_bytes)
+    assert 1 <= real.batch < 64
