@@ -223,6 +223,32 @@ def test_fit_names_a_make_inputs_that_is_not_a_function(tmp_path: Path, capsys: 
     assert "(a factory returning (model, inputs) is memopt report's)" in err
 
 
+_READS_VALUES = """
+import torch
+
+
+def build():
+    model = torch.nn.Linear(8, 1)
+    with torch.no_grad():
+        if model.weight.abs().max() > 0.5:  # reads a value, as ViT's trunc_normal_ init does
+            model.weight.mul_(0.5)
+    return model, lambda batch: torch.randn(batch, 8)
+"""
+
+
+def test_fit_real_builds_a_factory_that_reads_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A factory whose initialisation reads tensor values (a default Hugging Face ViT)
+    fails on the fake tensors fit builds it on, and fit had no way out (``memopt report``
+    has ``--real``): the error now names ``--real``, which builds the model on real
+    tensors for fit to copy to fake ones."""
+    path = tmp_path / "reads.py"
+    path.write_text(_READS_VALUES)
+    code, err = _run(["fit", f"{path}:build", "--budget", "4KiB", "--max-batch", "4", "--quiet"], capsys)
+    assert code == 2 and "(it ran on fake tensors: one that reads tensor values needs --real)" in err, err
+    assert cli_main(["fit", f"{path}:build", "--budget", "4KiB", "--max-batch", "4", "--quiet", "--json", "--real"]) == 0
+    assert json.loads(capsys.readouterr().out)["batch"] >= 1
+
+
 def test_fit_json_with_plan_is_one_json_document(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``--json --plan`` printed the JSON result and then the text report after it:
     not JSON. The plan is now the document's ``"plan"``: the fitted step's

@@ -8,12 +8,15 @@ positional arguments or a dict of keyword arguments. With an optimizer (over
 ``model.parameters()``) the plan counts its state, and ``--in-backward`` plans each
 update inside backward (``optimizer_in_backward``) instead of a separate ``opt.step()``.
 The factory runs under a FakeTensorMode and so does every probe: nothing of the model
-or the step is allocated, and a model larger than this machine can be fitted. One line per probe goes to stderr; the result to stdout.
+or the step is allocated, and a model larger than this machine can be fitted
+(``--real`` builds the model on real tensors, for an initialisation that reads values;
+fit copies it to fake ones). One line per probe goes to stderr; the result to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Any
@@ -28,7 +31,9 @@ returning (model, make_inputs) or (model, make_inputs, optimizer); make_inputs(b
 (or make_inputs(batch, seq) with --seq or --search seq) returns one training call's
 inputs: a tensor, a tuple of positional arguments or a dict of keyword arguments.
 Everything runs on fake tensors: nothing is allocated, so a model larger than this
-machine can be fitted. One line per probe goes to stderr, the result to stdout.
+machine can be fitted (--real builds the model on real tensors instead, for a model
+whose initialisation reads tensor values; the probes stay fake). One line per probe
+goes to stderr, the result to stdout.
 """
 
 
@@ -51,6 +56,9 @@ def add_parser(sub: Any) -> None:
     fit.add_argument("--plan", action="store_true",
                      help="also print memopt's report of the fitted step (with --json: its Explanation.to_dict() as \"plan\")")
     fit.add_argument("--json", action="store_true", help="print the result as JSON (FitResult.to_dict())")
+    fit.add_argument("--real", action="store_true",
+                     help="build FACTORY's model on real tensors (fit copies it to fake ones): for a model whose "
+                          "initialisation reads tensor values")
     fit.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
@@ -74,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
 
     options = _checked_options(args)
     factory = load_factory(args.target)
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        built = call_factory(factory, args.target)
+    hint = "" if args.real else " (it ran on fake tensors: one that reads tensor values needs --real)"
+    with contextlib.nullcontext() if args.real else FakeTensorMode(allow_non_fake_inputs=True):
+        built = call_factory(factory, args.target, hint)
     if not isinstance(built, (tuple, list)) or len(built) not in (2, 3):
         raise CLIError(
             f"{args.target} must return (model, make_inputs) or (model, make_inputs, optimizer) with "
