@@ -161,7 +161,7 @@ def test_cli_bad_factory_return(tmp_path, capsys):
     bad = tmp_path / "bad.py"
     bad.write_text("def build():\n    return 3\n")
     assert cli_main(["report", f"{bad}:build", "--quiet"]) == 2
-    assert "must return (model, inputs); got int" in capsys.readouterr().err
+    assert "must return (model, inputs) or (model, inputs, optimizer); got int" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [["report"], ["fit", "--budget", "3MiB"]])
@@ -691,3 +691,42 @@ def test_a_recording_that_saw_no_compile_says_why():
     with memopt.record() as ex:
         compiled(torch.randn(2, 4)).sum().backward()
     assert len(ex.regions) == 1 and ex.estimated_peak_bytes > 0
+
+
+_WITH_OPTIMIZER = """
+import torch
+
+
+def build():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    return model, torch.randn(4, 16), torch.optim.AdamW(model.parameters())
+
+
+def not_an_optimizer():
+    model, x, _ = build()
+    return model, x, {"lr": 1e-3}
+"""
+
+
+def test_cli_report_plans_the_optimizer_a_factory_returns(tmp_path, capsys):
+    """The report says what an optimizer would cost or save ("fused update: needs the
+    optimizer: options={'optimizer': opt}"), which no JSON of ``--options`` can hold, and
+    a factory returning ``(model, inputs, optimizer)`` (as ``memopt fit``'s may) was
+    refused. Its optimizer is now planned: the report's peak is ``memopt.explain``'s
+    with ``options={"optimizer": opt}`` on real tensors, state included."""
+    path = tmp_path / "with_optimizer.py"
+    path.write_text(_WITH_OPTIMIZER)
+    torch._dynamo.reset()
+    assert cli_main(["report", f"{path}:build", "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    namespace: dict[str, object] = {}
+    exec(_WITH_OPTIMIZER, namespace)
+    model, x, optimizer = namespace["build"]()  # type: ignore[operator]
+    torch._dynamo.reset()
+    real = memopt.explain(model, x, options={**EAGER, "optimizer": optimizer}).to_dict()
+    assert report["peak_breakdown"]["optimizer_state"] == 2 * (16 * 16 + 16 + 16 + 1) * 4
+    assert report["estimated_peak_bytes"] == real["estimated_peak_bytes"]
+    assert cli_main(["report", f"{path}:not_an_optimizer", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "returned a dict as the optimizer; expected a torch.optim.Optimizer" in err, err

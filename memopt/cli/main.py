@@ -1,7 +1,8 @@
 """``memopt report FILE.py:FACTORY``: a compile-time memory report for a user's model
 (and ``memopt fit``, `memopt.cli.fit`).
 
-The factory is a function of no arguments in FILE.py returning ``(model, inputs)``:
+The factory is a function of no arguments in FILE.py returning ``(model, inputs)``
+(or ``(model, inputs, optimizer)``, planned as ``options={"optimizer": optimizer}``):
 ``model`` is an ``nn.Module`` or any callable, ``inputs`` a tensor, a tuple/list of
 positional arguments or a dict of keyword arguments (a Hugging Face model's
 ``input_ids=..., labels=...``). By default the factory runs under a FakeTensorMode, so
@@ -32,8 +33,10 @@ REPORT_HELP = """\
 memopt report FILE.py:FACTORY: a compile-time memory report for a model.
 
 FACTORY is a function of no arguments in FILE.py (or package.module:FACTORY, an
-importable module) returning (model, inputs): model is an nn.Module or any callable,
-inputs a tensor, a tuple of positional arguments or a dict of keyword arguments. The
+importable module) returning (model, inputs) or (model, inputs, optimizer): model is an
+nn.Module or any callable, inputs a tensor, a tuple of positional arguments or a dict of
+keyword arguments, optimizer one over the model's parameters, whose state and update
+the report then counts (options={"optimizer": opt}). The
 factory runs under a FakeTensorMode by default, so nothing real is allocated and a
 model larger than this machine can be estimated; --real builds it on real tensors
 instead.
@@ -72,28 +75,34 @@ def call_factory(factory: Callable[[], Any], spec: str, hint: str = "") -> Any:
         raise CLIError(f"{spec} raised {type(exc).__name__}: {exc}{hint}\n{user_traceback(exc)}") from None
 
 
-def _unpack(result: Any, spec: str) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
-    """(model, positional inputs, keyword inputs) of a factory's ``(model, inputs)``."""
+def _unpack(result: Any, spec: str) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Any]:
+    """(model, positional inputs, keyword inputs, optimizer or None) of a factory's
+    ``(model, inputs)`` or ``(model, inputs, optimizer)``."""
     import torch
 
-    if not isinstance(result, (tuple, list)) or len(result) != 2:
+    if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
         raise CLIError(
-            f"{spec} must return (model, inputs); got {type(result).__name__}"
+            f"{spec} must return (model, inputs) or (model, inputs, optimizer); got {type(result).__name__}"
             + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else "")
         )
-    model, inputs = result
+    model, inputs, optimizer = (*result, None) if len(result) == 2 else result
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise CLIError(
+            f"{spec} returned a {type(optimizer).__name__} as the optimizer; expected a torch.optim.Optimizer over "
+            f"the model's parameters (or return (model, inputs))"
+        )
     if not callable(model):
         raise CLIError(f"{spec} returned a {type(model).__name__} as the model; expected an nn.Module or callable")
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
     if isinstance(inputs, dict) and all(isinstance(k, str) for k in inputs):
-        return model, (), dict(inputs)
+        return model, (), dict(inputs), optimizer
     if not isinstance(inputs, (tuple, list)):
         raise CLIError(
             f"{spec} returned inputs of type {type(inputs).__name__}; expected a tensor, a tuple of "
             "positional arguments or a dict of keyword arguments"
         )
-    return model, tuple(inputs), {}
+    return model, tuple(inputs), {}, optimizer
 
 
 class _Progress:
@@ -155,7 +164,9 @@ def _run_report(args: argparse.Namespace) -> int:
     with mode, lowering:
         with progress.stage(f"building the model and inputs on {kind} tensors"):
             hint = "" if args.real else " (it ran on fake tensors: one that reads tensor values needs --real)"
-            model, inputs, kwargs = _unpack(call_factory(factory, args.target, hint), args.target)
+            model, inputs, kwargs, optimizer = _unpack(call_factory(factory, args.target, hint), args.target)
+        if optimizer is not None:  # its state (predicted before a step) and update are planned and reported
+            options.setdefault("optimizer", optimizer)
         with progress.stage("compiling forward and backward with memopt"):
             explanation = explain_model(model, inputs, kwargs, options, args.target, fake=not args.real)
     progress.say(f"done: {len(explanation.regions)} region(s)")
@@ -264,7 +275,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     report = sub.add_parser("report", help="compile-time memory report of FILE.py:FACTORY", description=REPORT_HELP,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    report.add_argument("target", help="FILE.py:FACTORY, a function returning (model, inputs)")
+    report.add_argument("target", help="FILE.py:FACTORY, a function returning (model, inputs[, optimizer])")
     report.add_argument("--json", action="store_true", help="print the report as JSON (Explanation.to_dict())")
     report.add_argument("--plot", metavar="OUT.png", help="write the memory timeline plot (png/svg/pdf)")
     report.add_argument("--snapshot", metavar="OUT.pickle", help="write a PyTorch memory snapshot of the estimate")
