@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -42,6 +43,8 @@ def explain(
     from memopt.backends.dynamo import memopt_backend
     from memopt.backends.watched import one_step
 
+    if options is None and hasattr(fn, "_torchdynamo_orig_callable"):
+        _warn_compiled(fn)
     config = MemoptConfig.from_options(options)
     backend = functools.partial(memopt_backend, options=config)
     # kept apart from the caller's compiles of fn: otherwise each explain's entry counts against
@@ -58,6 +61,24 @@ def explain(
     return Explanation(
         list(records), config, graph_breaks=counts.new_graph_breaks(),
         skipped_frames=counts.new_skipped_frames(), sharded_model=_sharded_model(fn),
+    )
+
+
+def _warn_compiled(fn: Any) -> None:
+    """Say that ``fn``, made by ``torch.compile``, is compiled again with explain's own
+    options: those given to that ``torch.compile`` (a ``memory_budget``, ``codegen``)
+    are not read, and the report would show a step without them."""
+    from memopt.errors import MemoptWarning
+
+    name = getattr(fn, "__name__", None)
+    described = type(fn).__name__ + (f" {name}" if isinstance(name, str) else "")
+    warnings.warn(
+        f"memopt.explain was given {described} made by torch.compile and no "
+        f"options: explain compiles it again with its own options (the defaults: codegen='inductor', no "
+        f"memory_budget), not those of that torch.compile, which it cannot read. Pass them: memopt.explain(fn, ..., "
+        f"options={{...}}), or record your training steps with memopt.record() to explain the compile as it runs.",
+        MemoptWarning,
+        stacklevel=3,
     )
 
 

@@ -252,3 +252,23 @@ def test_repeated_explains_keep_compiling_and_leave_the_models_compile_alone():
     with memopt.record() as explanation:
         compiled(x).sum().backward()
     assert len(explanation.regions) == 1
+
+
+def test_explain_of_a_compiled_model_without_options_says_its_options_are_not_read():
+    """``memopt.explain(torch.compile(model, backend="memopt", options={budget}), x)``
+    reported the step with explain's defaults (codegen inductor, no budget: "saved by
+    memopt 0 B"), silently: the compiled model's options cannot be read back. It warns,
+    naming the fix; given ``options`` it does not."""
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "memory_budget": 0.5})
+    x = torch.randn(4, 16)
+    with pytest.warns(memopt.MemoptWarning, match=r"OptimizedModule made by torch.compile and no options.*options=\{"):
+        memopt.explain(compiled, x)
+    compiled_fn = torch.compile(lambda x: model(x).sum(), backend="memopt")
+    with pytest.warns(memopt.MemoptWarning, match="function <lambda> made by torch.compile"):
+        memopt.explain(compiled_fn, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", memopt.MemoptWarning)
+        memopt.explain(compiled, x, options={"codegen": "eager"})
+        memopt.explain(model, x)

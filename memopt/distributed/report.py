@@ -1,7 +1,7 @@
 """The per-rank memory report of a sharded model (issue 16, Build 6).
 
     import memopt.distributed as md
-    explanation = memopt.explain(compiled, *inputs)
+    explanation = memopt.explain(model, *inputs, options={"codegen": "eager"})
     print(md.report(model, explanation, optimizer))
 
 Three tables, each for one rank (every rank runs rank 0's plan, so they agree):
