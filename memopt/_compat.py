@@ -55,14 +55,14 @@ backward where this is False."""
 
 
 COMPILE_ISOLATES_RECOMPILES: bool = "isolate_recompiles" in inspect.signature(torch.compile).parameters
-"""Whether ``torch.compile`` takes ``isolate_recompiles=True`` (torch 2.13 does; torch
-2.11's does not): that call's compiled entries are kept apart from every other
-``torch.compile`` of the same code, and count against no other call's
-``recompile_limit``. `memopt.explain` compiles with it where it exists: each call is a
+"""Whether ``torch.compile`` takes ``isolate_recompiles=True`` (torch 2.13 does; it came
+with pytorch/pytorch#178351, March 2026: not checked here on 2.11 or 2.12): that call's
+compiled entries are kept apart from every other ``torch.compile`` of the same code,
+and count against no other call's ``recompile_limit``. `memopt.explain` compiles with it where it exists: each call is a
 new backend, so without it every ``explain`` of a model adds an entry to the cache of
 the model's ``forward``, and after 8 (Dynamo's ``recompile_limit``) both ``explain``
 and the user's own ``torch.compile`` of that model run eagerly, compiling nothing.
-Without it ``explain`` compiles as before (docs/usage.md, Limits)."""
+Without it ``explain`` compiles as before (docs/usage.md, "What memopt did")."""
 
 
 def optimization_hint(value: Any) -> int:

@@ -156,8 +156,8 @@ def test_backward_frees_incoming_gradients_gate_choice():
 
 
 def test_compile_isolates_recompiles_gate_choice():
-    """torch 2.13's torch.compile takes isolate_recompiles; 2.11's does not (memopt.explain
-    then compiles without it)."""
+    """torch 2.13's torch.compile takes isolate_recompiles; where one does not,
+    memopt.explain compiles without it."""
     import inspect
 
     has = "isolate_recompiles" in inspect.signature(torch.compile).parameters
