@@ -56,7 +56,7 @@ backward where this is False."""
 
 COMPILE_ISOLATES_RECOMPILES: bool = "isolate_recompiles" in inspect.signature(torch.compile).parameters
 """Whether ``torch.compile`` takes ``isolate_recompiles=True`` (torch 2.13 does; it came
-with pytorch/pytorch#178351, March 2026: not checked here on 2.11 or 2.12): that call's
+with pytorch/pytorch#178351, March 2026; 2.11.0 and 2.12.1 do not have it): that call's
 compiled entries are kept apart from every other ``torch.compile`` of the same code,
 and count against no other call's ``recompile_limit``. `memopt.explain` compiles with it where it exists: each call is a
 new backend, so without it every ``explain`` of a model adds an entry to the cache of
