@@ -91,6 +91,25 @@ def _check(input: torch.Tensor, target: torch.Tensor, reduction: int) -> None:
         raise ValueError(f"reduction={reduction}: use 0 (none), 1 (mean) or 2 (sum)")
 
 
+def _check_targets(target: torch.Tensor, classes: int, ignore_index: int) -> None:
+    """Refuse a target outside ``[0, classes)`` that is not ``ignore_index``, as
+    ``nll_loss`` does: the blocks pick with clamped indices, so without this check a bad
+    label would be read as class 0 or ``classes - 1`` and train silently. On CPU an
+    ``IndexError`` (``F.cross_entropy``'s); elsewhere a device-side assert, as ATen's
+    CUDA kernel does, so the loss does not wait for the device."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
+    if target.device.type != "cpu":
+        torch._assert_async(~bad.any(), f"memopt::cross_entropy: a target is outside [0, {classes})")
+        return
+    if bad.any():
+        value = int(target[bad][0])
+        raise IndexError(
+            f"Target {value} is out of bounds: memopt::cross_entropy (F.cross_entropy rewritten by memopt's "
+            f"blocked_cross_entropy pass) has {classes} classes, so a target must be in [0, {classes}) or the "
+            f"ignore_index {ignore_index}; fix the labels (padding should use ignore_index)"
+        )
+
+
 @torch.library.custom_op(
     "memopt::cross_entropy",
     mutates_args=(),
@@ -104,6 +123,7 @@ def cross_entropy(
     returns, a block of rows at a time."""
     _check(input, target, reduction)
     n, c = input.shape
+    _check_targets(target, c, ignore_index)
     dtype = compute_dtype(input.dtype, upcast)
     step = rows_per_block(n, c, dtype.itemsize)
     picked = input.new_empty(n, 1, dtype=dtype)

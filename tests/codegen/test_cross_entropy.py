@@ -44,6 +44,27 @@ def test_loss_and_gradient_equal_f_cross_entropy_bitwise(dtype, reduction):
     assert torch.equal(gx, ref_grad)
 
 
+@pytest.mark.parametrize("bad", [5000, -5])
+def test_a_target_out_of_bounds_raises_as_f_cross_entropy_does(bad):
+    """A label outside [0, C) that is not ``ignore_index`` raises ``IndexError`` naming
+    it, in the op and in a model compiled by memopt, as eager ``F.cross_entropy`` does;
+    the blocks pick with clamped indices and trained on such labels silently before."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 1000)
+    x, t = torch.randn(64, 16), torch.randint(0, 1000, (64,))
+    t[3], t[5] = bad, -100
+    with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
+        F.cross_entropy(head(x), t)
+    with pytest.raises(IndexError, match=rf"Target {bad} is out of bounds.*\[0, 1000\)"):
+        torch.ops.memopt.cross_entropy(head(x), t, REDUCTIONS["mean"], -100)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, t: F.cross_entropy(head(x), t), backend="memopt", options={"codegen": "eager"})
+    with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
+        compiled(x, t)
+    t[3] = 7
+    assert torch.equal(compiled(x, t), F.cross_entropy(head(x), t))  # an ignored -100 is fine
+
+
 def test_block_policy():
     """At most 16 blocks, none under 256 KiB, at least one row."""
     assert rows_per_block(1024, 2048, 4) == 64  # 16 blocks of 512 KiB
