@@ -88,6 +88,37 @@ def test_separate_step_point_holds_gradients_state_and_update_temporaries() -> N
     assert breakdown["temporaries"] == 2 * 4 * largest
 
 
+def test_offloaded_state_is_not_on_the_device_and_its_step_streams_it(tmp_path) -> None:
+    """`OffloadedState(AdamW)` keeps its moments in a file between steps: the timeline
+    counts no optimizer state, before its first step (when AdamW's would be predicted)
+    and after; its step point holds the state it streams (the parameter updated, one
+    read ahead, the pending writes), which bounds the most the wrapper held in its real
+    step. Before, the wrapper's state was predicted as two parameter-sized tensors per
+    parameter and counted on the device throughout, so a budget met by offloading the
+    state was planned (and reported infeasible) as if it were not."""
+    from memopt.optim import OffloadedState
+
+    model = _mlp()
+    opt = OffloadedState(torch.optim.AdamW(model.parameters()), "disk", offload_dir=tmp_path)
+    before = _explain(model, {"optimizer": opt}).timeline()
+    plain = _explain(model, {"optimizer": torch.optim.AdamW(model.parameters())}).timeline()
+    assert plain.baseline_bytes - before.baseline_bytes == 8 * _numel(model)
+    opt.step()  # the gradients of the explained step: the state exists now, in the store
+    assert opt.stats().offloaded_bytes == 8 * _numel(model)
+    held = opt.stats().peak_step_bytes
+    opt.zero_grad()
+    after = _explain(model, {"optimizer": opt}).timeline()
+    opt.close()
+    largest = 4 * max(p.numel() for p in model.parameters())
+    for timeline in (before, after):
+        assert all(timeline.breakdown_at(i)["optimizer_state"] == 0 for i in range(len(timeline.points)))
+        step = timeline.breakdown_at(len(timeline.points) - 1)
+        assert timeline.points[-1].graph == OPTIMIZER_GRAPH
+        # (1 + prefetch) parameters' state, max_pending tensors, one update's two temporaries
+        assert step["temporaries"] == 2 * (2 * largest) + 4 * largest + 2 * largest
+    assert 0 < held <= 2 * (2 * largest) + 4 * largest
+
+
 def test_planner_timeline_lets_gradients_die_at_their_update() -> None:
     """Before the optimizer_in_backward pass runs (the timeline the budget planner
     plans on), no gradient of an optimized parameter lives past the backward; without

@@ -15,6 +15,13 @@ of its state, measured when the state exists and predicted before the first step
 * with a separate ``opt.step()``, one more point after backward: every gradient,
   the state, and the step's temporaries at once.
 
+A `memopt.optim.OffloadedState` keeps its state in an offload store (a file or pinned
+host memory) between steps, so none of it is on the device through forward and
+backward: its parameters' state counts 0, and its step's temporaries are the state it
+streams (the updated parameter's and ``prefetch`` more read ahead, each at most the
+largest parameter's, plus ``max_pending`` tensors waiting to be written, each at most
+the largest state tensor) and the wrapped optimizer's update of one piece.
+
 The temporaries are a model, not a measurement: torch's single-tensor Adam/AdamW
 makes two tensors of the parameter's size (``exp_avg_sq.sqrt() / bias_correction``),
 its foreach path one list of the size of the whole group (the ``sqrt`` of every
@@ -92,8 +99,11 @@ def optimizer_memory(optimizer: torch.optim.Optimizer, in_backward: bool) -> Opt
     take (the registered DTensors, `ShardedOptimizer.parameter_of`), in the bytes of
     this rank's rows, with its inner optimizer's state sizes and temporaries."""
     from memopt.optim._checks import is_sharded_optimizer
+    from memopt.optim.offload import OffloadedState
     from memopt.optim.state_size import state_bytes_of
 
+    if isinstance(optimizer, OffloadedState):
+        return _offloaded_memory(optimizer, in_backward)
     sharded = is_sharded_optimizer(optimizer)
     stepping: torch.optim.Optimizer = optimizer.inner if sharded else optimizer  # type: ignore[attr-defined]
     state: dict[int, int] = {}
@@ -111,6 +121,26 @@ def optimizer_memory(optimizer: torch.optim.Optimizer, in_backward: bool) -> Opt
     factor = max(factors, default=2)  # groups differ only by options: the largest, to be safe
     piece = update_piece_bytes(p for g in optimizer.param_groups for p in g["params"])
     return OptimizerMemory(type(stepping).__name__, state, measured, in_backward, factor, step_temporaries, piece)
+
+
+def _offloaded_memory(optimizer: Any, in_backward: bool) -> OptimizerMemory:
+    """An `OffloadedState`'s memory (module docstring): no state between steps; during
+    its step, the streamed state and one piece's update temporaries."""
+    inner: torch.optim.Optimizer = optimizer.optimizer
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    streamed = [optimizer.streamed_bytes(p) for p in params]
+    largest_state = max(streamed, default=0)
+    # A state tensor is at most its parameter's size for every optimizer memopt predicts
+    # (moments, codes, projectors), and at most the parameter's whole state.
+    largest_tensor = min(largest_state, max((p.numel() * p.element_size() for p in params), default=0))
+    piece = update_piece_bytes(params)
+    update = max((_update_temporaries(inner, g, list(g["params"]))[0] for g in inner.param_groups), default=2)
+    update_bytes = update * min(piece, max((p.numel() * p.element_size() for p in params), default=0))
+    step_temporaries = ((1 + optimizer.prefetch) * largest_state + optimizer.store.max_pending * largest_tensor
+                        + update_bytes)
+    state = {id(p): 0 for p in params}
+    name = f"OffloadedState({type(inner).__name__})"
+    return OptimizerMemory(name, state, True, in_backward, update, step_temporaries, piece)
 
 
 def _update_temporaries(optimizer: torch.optim.Optimizer, group: Mapping[str, Any], params: list[torch.Tensor]) -> tuple[int, int]:

@@ -373,6 +373,16 @@ class OffloadedState(torch.optim.Optimizer):
         state.update({key: merged[key] for key in order if key in merged})
         state.update({key: value for key, value in merged.items() if key not in state})
 
+    def streamed_bytes(self, param: torch.Tensor) -> int:
+        """Bytes of ``param``'s state that live in the store and pass through memory
+        while ``step()`` updates it: the stored tensors' bytes, or, before the state
+        exists, what the wrapped optimizer will make at its first step."""
+        records = self._stash.get(param)
+        if records:
+            return sum(record.nbytes for record in records.values())
+        group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
+        return estimate_state_bytes(self.optimizer, param, group)
+
     def _state_bytes(self, param: torch.Tensor) -> int:
         return sum(_nbytes(v) for v in self.optimizer.state.get(param, {}).values() if _offloaded(v))
 
