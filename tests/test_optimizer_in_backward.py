@@ -335,6 +335,39 @@ def test_parameter_shared_across_regions_raises_at_compile_time() -> None:
     assert isinstance(getattr(info.value, "inner_exception", info.value), MemoptOptimizerError)  # Dynamo wraps it
 
 
+def test_a_replacement_optimizer_on_the_same_model_takes_over_its_parameters() -> None:
+    """Resuming on the same model: train 3 steps, build a new AdamW, load the old one's
+    state_dict, compile again with it (the old optimizer still referenced) and train on.
+    The parameters equal 6 uninterrupted steps with a separate step, bitwise; before,
+    the second compile raised that each parameter "belongs to two optimizers". An old
+    optimizer that has updated a parameter in backward and not stepped still refuses."""
+    batches = _gpt_batches(6)
+    reference, _ = _train(_gpt, batches, lambda ps: torch.optim.AdamW(ps, lr=1e-2), in_backward=False)
+    torch._dynamo.reset()
+    model = _gpt()
+    old = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "optimizer_in_backward": old})
+    for batch in batches[:3]:
+        old.zero_grad()
+        compiled(*batch).backward()
+        old.step()
+    new = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    new.load_state_dict(old.state_dict())
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "optimizer_in_backward": new})
+    for batch in batches[3:]:
+        new.zero_grad()
+        compiled(*batch).backward()
+        new.step()
+    assert all(torch.equal(a, b) for a, b in zip(reference.parameters(), model.parameters()))
+
+    new.zero_grad()
+    compiled(*batches[0]).backward()  # updated in backward, not stepped yet
+    third = torch.optim.AdamW(model.parameters())
+    with pytest.raises(Exception, match="belongs to two optimizers.*step") as info:
+        torch.compile(model, backend="memopt", options={"codegen": "eager", "optimizer_in_backward": third})(*batches[1])
+    assert isinstance(getattr(info.value, "inner_exception", info.value), MemoptOptimizerError)
+
+
 @pytest.mark.parametrize("budget", [None, 0.9], ids=["no budget", "whole-step budget"])
 def test_graph_break_without_shared_weights_is_bitwise_exact(budget: float | None) -> None:
     """A graph break that splits the parameters between regions is fine: each

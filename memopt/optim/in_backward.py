@@ -239,27 +239,39 @@ def attach(optimizer: torch.optim.Optimizer) -> InBackward:
     optimizer."""
     existing = getattr(optimizer, _ATTR, None)
     if isinstance(existing, InBackward):
-        _register(existing)
+        _register(existing, take_over=True)
         return existing
     check_fusable(optimizer)
     state = InBackward(optimizer)
-    _register(state)
+    _register(state, take_over=True)
     _STATES.add(state)
     setattr(optimizer, _ATTR, state)
     _install_step(optimizer)
     return state
 
 
-def _register(state: InBackward) -> None:
+def _register(state: InBackward, take_over: bool) -> None:
+    """Record ``state`` as the owner of its optimizer's parameters. ``take_over`` (a
+    compile with this optimizer as ``optimizer_in_backward``): a parameter another
+    optimizer owned moves to this one, as when a training loop replaces its optimizer
+    (resuming from a checkpoint on the same model) and compiles again; it raises only
+    while the other optimizer holds an update of the parameter not yet stepped (both
+    in use in one step). Otherwise (new param groups found at run time) a parameter
+    keeps its owner."""
     for param in state.params():
         owner = _OWNERS.get(param)
         if owner is not None and owner is not state:
-            raise MemoptOptimizerError(
-                f"optimizer_in_backward: a parameter of shape {tuple(param.shape)} belongs to two optimizers "
-                f"({type(owner.optimizer).__name__} and {type(state.optimizer).__name__}) given as "
-                "optimizer_in_backward; each parameter can be updated in backward by one optimizer. Fix: put "
-                "each parameter in one optimizer."
-            )
+            if not take_over:
+                continue
+            if param in owner._pending:
+                raise MemoptOptimizerError(
+                    f"optimizer_in_backward: a parameter of shape {tuple(param.shape)} belongs to two optimizers "
+                    f"({type(owner.optimizer).__name__} and {type(state.optimizer).__name__}) given as "
+                    "optimizer_in_backward, and the first has updated it in backward since its last step(); "
+                    "each parameter can be updated in backward by one optimizer. Fix: put each parameter in one "
+                    "optimizer, or, replacing the optimizer, call the old one's step() before "
+                    "compiling with the new one."
+                )
         _OWNERS[param] = state
 
 
@@ -268,7 +280,7 @@ def owner_of(param: torch.Tensor) -> InBackward | None:
     owner = _OWNERS.get(param)
     if owner is None:
         for state in _live_states():
-            _register(state)  # groups added since attach
+            _register(state, take_over=False)  # groups added since attach
         owner = _OWNERS.get(param)
     return owner
 
