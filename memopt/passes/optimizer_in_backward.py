@@ -77,9 +77,11 @@ class UpdateInBackward(Pass):
             state.check_claim(t.param, t.name, frame)
         placeholders = _saved_parameters(step, [t.index for t in targets])
         readers = _last_readers(step)
+        direct = _direct_readers(step) if ctx.config.codegen == "inductor" else {}
         freed = 0
         for t in targets:
-            _insert_update(step.backward, t, placeholders[t.index], readers.get(placeholders[t.index]))
+            param = placeholders[t.index]
+            _insert_update(step.backward, t, param, readers.get(param), direct.get(param, []))
             freed += meta.value_bytes(t.grad)
         step.recompile()
         for t in targets:
@@ -179,20 +181,45 @@ def _last_readers(step: StepGraphs) -> dict[fx.Node, fx.Node]:
     return last
 
 
-def _insert_update(backward: fx.GraphModule | None, t: _Target, param: fx.Node, reader: fx.Node | None) -> None:
+def _direct_readers(step: StepGraphs) -> dict[fx.Node, list[fx.Node]]:
+    """Backward placeholder -> the tensor values computed from any storage of it (its
+    views' users included; a tuple-valued reader by its ``getitem`` results). Passed to
+    the update as ``after`` under Inductor (`memopt.codegen.update`), which then
+    computes them before the update instead of inside a later kernel."""
+    assert step.backward is not None
+    graph = step.backward.graph
+    aliasing = analyze_aliasing(graph)
+    placeholders = set(graph.find_nodes(op="placeholder"))
+    found: dict[fx.Node, dict[fx.Node, None]] = {}
+    for node in graph.nodes:
+        for storage in aliasing.storages_of(node):
+            if storage.producer not in placeholders:
+                continue
+            for user in node.users:
+                if user.op == "output":
+                    continue
+                values = [user] if isinstance(meta.fake_value(user), torch.Tensor) else [
+                    u for u in user.users if isinstance(meta.fake_value(u), torch.Tensor)]
+                found.setdefault(storage.producer, {}).update(dict.fromkeys(values))
+    return {p: list(values) for p, values in found.items()}
+
+
+def _insert_update(backward: fx.GraphModule | None, t: _Target, param: fx.Node, reader: fx.Node | None,
+                   after: list[fx.Node]) -> None:
     """``apply_update(grad, param)`` after the gradient's and the parameter's last
-    readers; the gradient's output slot becomes None."""
+    readers (``after``: values it takes only to order them before it); the gradient's
+    output slot becomes None."""
     assert backward is not None
     graph = backward.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
-    anchors = [t.grad, param, *(u for u in t.grad.users if u.op != "output")]
+    anchors = [t.grad, param, *after, *(u for u in t.grad.users if u.op != "output")]
     if reader is not None:
         anchors.append(reader)
     anchor = max(anchors, key=order.__getitem__)
     if anchor.op == "placeholder":
         anchor = graph.find_nodes(op="placeholder")[-1]
     with graph.inserting_after(anchor):
-        node = graph.call_function(torch.ops.memopt.apply_update.default, (t.grad, param, t.name))
+        node = graph.call_function(torch.ops.memopt.apply_update.default, (t.grad, param, t.name, after))
     meta.set_fake_value(node, None)
     meta.copy_provenance(t.grad, node)
     out = graph.find_nodes(op="output")[0]
