@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import memopt
-    from memopt.cli.main import CLIError, call_factory, load_factory
+    from memopt.cli.inputs import CLIError, call_factory, load_factory
 
     options = _checked_options(args)
     factory = load_factory(args.target)
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
 def _checked_options(args: argparse.Namespace) -> dict[str, Any]:
     """``--options`` as a dict, after every flag is checked: before the factory runs,
     which may take long (a large model on fake tensors still runs its initialisation)."""
-    from memopt.cli.main import CLIError, parse_options
+    from memopt.cli.inputs import CLIError, parse_options
     from memopt.errors import MemoptFitError
     from memopt.fit import budget_and_reserve, budget_bytes
 
@@ -151,7 +151,7 @@ def _checked_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _check_flags(args: argparse.Namespace) -> None:
     """Refuse flags that the chosen search ignores or contradicts, naming the flags."""
-    from memopt.cli.main import CLIError
+    from memopt.cli.inputs import CLIError
 
     if args.search == "batch" and args.batch is not None:
         raise CLIError(f"--batch {args.batch} fixes the batch of --search seq, but --search batch searches the batch; "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import os
 import sys
@@ -24,10 +23,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from memopt._factory import FactoryError, user_traceback
-from memopt._factory import load_factory as _load
+from memopt.cli.inputs import CLIError, call_factory, load_factory, parse_options
 
-__all__ = ["main", "load_factory", "call_factory", "CLIError"]
+__all__ = ["main"]
 
 REPORT_HELP = """\
 memopt report FILE.py:FACTORY: a compile-time memory report for a model.
@@ -41,38 +39,6 @@ factory runs under a FakeTensorMode by default, so nothing real is allocated and
 model larger than this machine can be estimated; --real builds it on real tensors
 instead.
 """
-
-
-class CLIError(Exception):
-    """A problem with the command line's input; printed without a traceback."""
-
-
-def load_factory(spec: str) -> Callable[[], Any]:
-    """``"path/to/file.py:factory"`` (or ``"package.module:factory"``) -> the factory
-    function, which must take no arguments."""
-    try:
-        factory = _load(spec)
-    except FactoryError as exc:
-        raise CLIError(str(exc)) from None
-    try:
-        inspect.signature(factory).bind()
-    except TypeError:
-        raise CLIError(
-            f"{spec}{inspect.signature(factory)} takes arguments; FACTORY is called with none: "
-            f"give its parameters defaults or wrap it in a function of no arguments"
-        ) from None
-    except ValueError:  # no signature to read (a builtin): let the call say
-        pass
-    return factory
-
-
-def call_factory(factory: Callable[[], Any], spec: str, hint: str = "") -> Any:
-    """``factory()``; an exception it raises becomes a `CLIError` naming it, with the
-    traceback from the factory's own frame on (none of the CLI's) and ``hint``."""
-    try:
-        return factory()
-    except Exception as exc:  # noqa: BLE001 - the user's code: say what it raised, exit 2
-        raise CLIError(f"{spec} raised {type(exc).__name__}: {exc}{hint}\n{user_traceback(exc)}") from None
 
 
 def _unpack(result: Any, spec: str) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Any]:
@@ -138,7 +104,6 @@ def _run_report(args: argparse.Namespace) -> int:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import memopt
     from memopt.explain import backward_with_forward
 
     progress = _Progress(args.quiet)
@@ -229,25 +194,6 @@ def _outside_torch(exc: BaseException) -> str:
     skip = tuple(os.path.dirname(os.path.abspath(m.__file__ or "")) + os.sep for m in (torch, sys.modules["memopt"]))
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not os.path.abspath(f.filename).startswith(skip)]
     return "".join(traceback.format_list(frames)).rstrip()
-
-
-def parse_options(text: str | None) -> dict[str, Any]:
-    """``--options`` JSON as a dict of memopt options, checked before any work starts."""
-    from memopt.config import MemoptConfig
-
-    if not text:
-        return {}
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CLIError(f"--options is not valid JSON: {exc}") from None
-    if not isinstance(options, dict):
-        raise CLIError(f"--options must be a JSON object of memopt options, e.g. '{{\"codegen\": \"eager\"}}'; got {text!r}")
-    try:
-        MemoptConfig.from_options(options)
-    except (ValueError, TypeError) as exc:
-        raise CLIError(f"--options: {exc}") from None
-    return options
 
 
 def _check_output(path: str | None) -> None:
