@@ -188,12 +188,13 @@ class CompiledRegion(WatchedRegion):
             warnings.warn(message, MemoptWarning, stacklevel=2)
         if self._step is not None:
             self._replan(self._step)
-        if self.compiler.record.kind == "training":
+        training = self.compiler.record.kind == "training"  # a re-plan keeps the kind
+        if training:
             self._count_held_grads(args)
         self.calls += 1
         if self._held and self.calls > self.held_at[1] + OBSERVED_STEPS + 1:
             self.settle()  # no step of it completed since its compile: it keeps its plan
-        if self.compiler.record.kind != "training":
+        if not training:
             return super().__call__(*args)
         self._check_repeated_call()
         outputs = self.fn(*args)
