@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from memopt.analysis.compose import compose_timelines
+from memopt.analysis.compose import compose_repeated_calls, compose_timelines
 from memopt.analysis.optimizer_memory import OptimizerMemory
 from memopt.analysis.timeline import MemoryTimeline
 from memopt.backends.record import RegionRecord
@@ -124,7 +124,9 @@ class Explanation:
         memopt's passes, or before them with ``optimized=False``). The outputs of a
         region the caller was seen keeping through backward (a model's output object:
         logits, key/value caches; `memopt.backends.steptracker`) stay live after the step,
-        as the last region's do; other outputs of earlier regions are handed on."""
+        as the last region's do; other outputs of earlier regions are handed on. A
+        step whose regions ran again before their backward (``RegionRecord.repeats``)
+        is that many calls of them (`memopt.analysis.compose.compose_repeated_calls`)."""
         parts, regions = [], []
         for r in self.step_regions():
             step, tl = (r.step, r.timeline_after) if optimized else (r.step_before, r.timeline_before)
@@ -136,7 +138,8 @@ class Explanation:
                 "no region was compiled by memopt's pipeline, so there is no timeline"
                 + (f"; {self._skipped_text()}" if self.skipped_frames else "" if self.regions else f"; {_NOTHING_COMPILED}")
             )
-        return compose_timelines(parts, [r.kept_outputs for r in regions], input_sources(regions))
+        repeats = max(r.repeats for r in regions)  # several calls before one backward
+        return compose_repeated_calls(parts, repeats, [r.kept_outputs for r in regions], input_sources(regions))
 
     @property
     def estimated_peak_bytes(self) -> int:

@@ -1,8 +1,8 @@
 """A compiled training region called again before its previous call's backward
-(memopt/backends/repeats.py, `CompiledRegion._check_repeated_call`): a DPO or
-contrastive loss over two forwards of one model holds both calls' saved activations,
-which the region's plan counted once, so the budget does not hold. memopt says so,
-once per region, with the figures and the fix; steps that call the region once per
+(memopt/backends/repeats.py, `CompiledRegion._plan_repeated_calls`): a DPO or
+contrastive loss over two forwards of one model holds both calls' saved activations.
+memopt plans the region again for that many calls; where it cannot, it says so, once
+per region, with the figures and the fix; steps that call the region once per
 backward say nothing."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import memopt
+from memopt.errors import MemoptOptimizerError
 from memopt.testing.measure import measure_peak
 
 EAGER = {"codegen": "eager"}
@@ -33,19 +34,78 @@ def _pair_loss(model: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return -F.logsigmoid(model(a).mean() - model(b).mean())  # DPO's shape: two forwards, one backward
 
 
-def test_a_second_call_before_backward_warns_that_the_budget_does_not_hold() -> None:
-    """Two forwards then one backward: the step peaks above the budget planned for one
-    call (measured), and the warning names the region, the pending call, the saved bytes
-    and the fix; it is given once, not at every step."""
-    model, a, b = _model(), torch.randn(1024, 32), torch.randn(1024, 32)
-    compiled = torch.compile(model, backend="memopt", options={**EAGER, "memory_budget": 0.7})
+def _run(compiled: nn.Module, model: nn.Module, a: torch.Tensor, b: torch.Tensor, steps: int = 3) -> list[int]:
+    """Measured peak of each step ``pair_loss(...).backward()``, with the parameters
+    and the batches counted."""
     start = sum(p.nbytes for p in model.parameters()) + a.nbytes + b.nbytes
     peaks = []
-    with pytest.warns(memopt.MemoptBudgetWarning) as caught, memopt.record() as explanation:
-        for _ in range(3):
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        peaks.append(start + measure_peak(lambda: _pair_loss(compiled, a, b).backward()).peak_growth_bytes)
+    return peaks
+
+
+def test_two_forwards_before_one_backward_are_planned_within_the_budget() -> None:
+    """Two forwards then one backward: at the second call the region is compiled again,
+    planned for both calls' saved activations (`StepContext.repeats`); from the next
+    step on the measured peak is within the budget (a plan for one call was 50% over
+    it), the plan's estimate is the measured peak, the gradients are bitwise the
+    unbudgeted run's, and nothing warns."""
+    a, b = torch.randn(1024, 32), torch.randn(1024, 32)
+    torch.manual_seed(0)
+    reference = _model()
+    free = _run(torch.compile(reference, backend="memopt", options=EAGER), reference, a, b, steps=1)[0]
+    budget = int(0.6 * free)
+    torch.manual_seed(0)
+    model = _model()
+    compiled = torch.compile(model, backend="memopt", options={**EAGER, "memory_budget": budget})
+    with warnings.catch_warnings(), memopt.record() as explanation:
+        warnings.simplefilter("error", memopt.MemoptBudgetWarning)
+        peaks = _run(compiled, model, a, b)
+    assert max(peaks[1:]) <= budget * 1.05, (peaks, budget)  # the first step's first call ran the one-call plan
+    [plan] = [r.plan for r in explanation.regions]
+    assert plan is not None and plan.feasible and plan.budget_bytes == budget
+    assert any("planned for 2 calls before one backward" in note for note in plan.notes), plan.notes
+    assert abs(plan.estimated_peak_after - peaks[-1]) <= 0.05 * peaks[-1], (plan.estimated_peak_after, peaks)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None and torch.equal(p.grad, q.grad)
+
+
+def test_three_forwards_before_one_backward_are_planned_again() -> None:
+    """A step of three calls after steps of two: planned again for three, within the
+    budget from the step after."""
+    a, b = torch.randn(1024, 32), torch.randn(1024, 32)
+    model = _model()
+    compiled = torch.compile(model, backend="memopt", options={**EAGER, "memory_budget": "9MB"})
+
+    def three() -> None:
+        loss = -F.logsigmoid(compiled(a).mean() - compiled(b).mean() + compiled(a).mean())
+        loss.backward()
+
+    with warnings.catch_warnings(), memopt.record() as explanation:
+        warnings.simplefilter("error", memopt.MemoptBudgetWarning)
+        _run(compiled, model, a, b, steps=2)
+        start = sum(p.nbytes for p in model.parameters()) + a.nbytes + b.nbytes
+        peaks = []
+        for _ in range(2):
             model.zero_grad(set_to_none=True)
             gc.collect()
-            peaks.append(start + measure_peak(lambda: _pair_loss(compiled, a, b).backward()).peak_growth_bytes)
+            peaks.append(start + measure_peak(three).peak_growth_bytes)
+    assert peaks[1] <= 9e6 * 1.05, peaks
+    [plan] = [r.plan for r in explanation.regions]
+    assert plan is not None and any("planned for 3 calls" in note for note in plan.notes), plan.notes
+
+
+def test_a_region_that_cannot_be_planned_again_warns_that_the_budget_does_not_hold() -> None:
+    """Dynamic shapes: the region cannot be traced again, so it keeps its plan for one
+    call. The step peaks above the budget (measured), and the warning says so once,
+    naming the region, the pending call, the saved bytes, why it is not planned again
+    and the fix."""
+    model, a, b = _model(), torch.randn(1024, 32), torch.randn(1024, 32)
+    compiled = torch.compile(model, backend="memopt", dynamic=True, options={**EAGER, "memory_budget": 0.7})
+    with pytest.warns(memopt.MemoptBudgetWarning) as caught, memopt.record() as explanation:
+        peaks = _run(compiled, model, a, b)
     [plan] = [r.plan for r in explanation.regions]
     assert plan is not None and plan.feasible and plan.budget_bytes is not None
     budget = plan.budget_bytes
@@ -53,6 +113,7 @@ def test_a_second_call_before_backward_warns_that_the_budget_does_not_hold() -> 
     assert len(repeated) == 1, [str(w.message) for w in caught]
     text = str(repeated[0].message)
     assert "(1 call(s) pending)" in text and "memory_budget" in text and "torch.cat" in text, text
+    assert "cannot be traced again" in text, text
     assert min(peaks) > budget, (peaks, budget)  # the warning is true: the plan was for one call
 
 
@@ -72,3 +133,37 @@ def test_one_call_per_backward_does_not_warn() -> None:
                 compiled(a)
             kept = out  # held through the next call, its backward done
         assert kept is not None
+
+
+@pytest.mark.parametrize("budget", [None, 0.7])
+def test_optimizer_in_backward_refuses_a_second_call_before_backward(budget: float | None) -> None:
+    """With the update in backward, the first of two pending calls' backwards would change
+    the weights the other needs (torch then failed inside backward with 'modified by an
+    inplace operation'): the second call raises `MemoptOptimizerError`, naming the cause and
+    the fixes, before anything runs; the parameters are untouched."""
+    model, a, b = _model(), torch.randn(1024, 32), torch.randn(1024, 32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    options = {**EAGER, "optimizer_in_backward": opt} | ({} if budget is None else {"memory_budget": budget})
+    compiled = torch.compile(model, backend="memopt", options=options)
+    before = [p.detach().clone() for p in model.parameters()]
+    first = compiled(a)
+    with pytest.raises(MemoptOptimizerError, match=r"ran again before the backward.*torch\.cat"):
+        compiled(b)
+    del first
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    compiled(b).mean().backward()  # one call per backward still trains
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+def test_the_step_estimate_counts_every_pending_call_without_a_budget() -> None:
+    """No budget: nothing is planned again, but `memopt.record` sees the second call and
+    its step estimate holds both calls' saved activations (it counted one call: the
+    measured peak was 1.5 times the estimate)."""
+    model, a, b = _model(), torch.randn(1024, 32), torch.randn(1024, 32)
+    compiled = torch.compile(model, backend="memopt", options=EAGER)
+    with memopt.record() as explanation:
+        peaks = _run(compiled, model, a, b, steps=2)
+    [record] = explanation.regions
+    assert record.repeats == 1
+    estimate = explanation.estimated_peak_bytes
+    assert abs(estimate - peaks[-1]) <= 0.05 * peaks[-1], (estimate, peaks)

@@ -6,6 +6,10 @@ handed from one region to the next stays live: until the forward ends, until a b
 that saved it last reads it, or through the step when the caller keeps it (observed by
 `memopt.backends.steptracker`). Per-region timelines come from
 `memopt.analysis.memory.build_timeline`.
+
+`compose_repeated_calls` composes one region with earlier calls of itself whose
+backwards have not started (two forwards of one model before one backward: a DPO or
+contrastive loss), each holding its saved activations.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from memopt.analysis.aliasing import analyze_aliasing
 from memopt.analysis.timeline import BEFORE, OPTIMIZER_GRAPH, LiveInterval, MemoryTimeline, TimelinePoint, finish_timeline
 from memopt.graph.step import StepGraphs, output_values
 
-__all__ = ["compose_timelines"]
+__all__ = ["compose_repeated_calls", "compose_timelines"]
 
 
 def compose_timelines(
@@ -150,3 +154,67 @@ def _kept_producers(step: StepGraphs, positions: Collection[int] | None) -> set[
         if 0 <= pos < len(users) and users[pos] is not None
         for s in aliasing.storages_of(users[pos])  # type: ignore[arg-type]
     }
+
+
+def compose_repeated_calls(
+    regions: list[tuple[StepGraphs, MemoryTimeline]],
+    pending: int,
+    kept_outputs: Sequence[Collection[int] | None] | None = None,
+    input_sources: Sequence[Mapping[int, tuple[int, int]]] | None = None,
+) -> MemoryTimeline:
+    """The timeline of a step that runs its regions (``regions``, in forward order, as
+    `compose_timelines` takes them) ``pending + 1`` times before one backward, every
+    call under the plan of its timeline: ``loss = f(model(a), model(b))``. The calls'
+    forwards in order, then their backwards in reverse order (autograd runs the latest
+    call's first), as `compose_timelines` lays out regions.
+
+    Each earlier call (`_earlier_call`) holds its saved activations from its forward to
+    its backward, and its outputs as the latest call does (``kept_outputs``; not
+    observed: the last region's handed on until the forwards end, the caller combining
+    every call's outputs into one loss after the last forward); its batch is its own
+    (counted once a call), its parameters are the same ones (counted once). Its
+    backward adds its gradients into the ``.grad`` the later calls' backwards made: the
+    gradients it returns die when its backward ends. ``pending == 0``:
+    `compose_timelines` of ``regions``.
+
+    Precondition: every region is a training region (forward and backward), each
+    timeline its own region's, not composed."""
+    n = len(regions)
+    kept = list(kept_outputs or [None] * n)
+    sources = list(input_sources or [{}] * n)
+    parts, all_kept, all_sources = [], [], []
+    for call in range(pending + 1):
+        earlier = call < pending
+        parts += [(step, _earlier_call(step, t, pending - call) if earlier else t) for step, t in regions]
+        all_kept += kept
+        all_sources += [{pos: (r + call * n, out) for pos, (r, out) in s.items()} for s in sources]
+    return compose_timelines(parts, all_kept, all_sources)
+
+
+def _earlier_call(step: StepGraphs, timeline: MemoryTimeline, call: int) -> MemoryTimeline:
+    """``timeline`` as the region's ``call``-th earlier call (`compose_repeated_calls`):
+    points and intervals named for the call, its batch counted again, the gradients
+    its backward returns dead when that backward ends, and no separate ``opt.step()``
+    (the step has one, after every backward: the planned call's)."""
+    points = [p for p in timeline.points if p.graph != OPTIMIZER_GRAPH]
+    last = len(points) - 1
+    backward = [j for j, p in enumerate(points) if p.graph == "backward"]
+    end_of_backward = backward[-1] if backward else last
+    name = f"{step.region} (earlier call {call})"
+    intervals = []
+    for iv in timeline.intervals:
+        if iv.start != BEFORE and iv.start > last:
+            continue  # a temporary of the optimizer step
+        changes: dict[str, object] = {"region": name}
+        if iv.start == BEFORE and iv.category == "inputs":
+            changes["identity"] = None  # another batch
+        if iv.category == "gradients" and iv.start != BEFORE and iv.end is None:
+            changes["end"] = end_of_backward  # added into .grad
+        elif iv.end is not None and iv.end > last:
+            changes["end"] = last
+        intervals.append(dataclasses.replace(iv, **changes))  # type: ignore[arg-type]
+    renamed = [dataclasses.replace(p, region=name) for p in points]
+    finished = finish_timeline(renamed, intervals, timeline.device)
+    return dataclasses.replace(
+        finished, input_saved_until=timeline.input_saved_until, output_saved_until=timeline.output_saved_until
+    )

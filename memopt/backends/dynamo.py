@@ -111,8 +111,8 @@ def _compile_with_memopt(
     if config.memory_budget is None:
         fn = compile(region, gm, example_inputs)
         watched = WatchedRegion(region, fn, TRACKER)
-        if not watched.recording:
-            return fn  # nothing to observe
+        if not watched.recording and config.optimizer_in_backward is None:
+            return fn  # nothing to observe (with optimizer_in_backward: calls before a backward)
     else:  # planned again across graph breaks, and for gradients held (accumulation)
         alone = not config.plan_across_graph_breaks
         watched = CompiledRegion(region, compile, gm, example_inputs, TRACKER, alone=alone)

@@ -61,6 +61,11 @@ class RegionRecord:
     events (`memopt.backends.steptracker.StepTracker.serials`); None: not observed."""
     last_backward: int | None = None
     """When the backward of its latest observed call with one started, on that clock."""
+    repeats: int = 0
+    """Earlier calls of the region whose backward had not started when it ran: its step
+    is that many calls and one more before one backward. Under a budget, what its plan
+    counts (`memopt.plan.step_context.StepContext.repeats`); without one, observed (the
+    step estimate counts them)."""
 
     def graph_code(self, graph: str, after: str | None = None) -> str:
         """Readable code of ``graph`` ("forward", "backward" or "inference") after pass

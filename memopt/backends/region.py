@@ -257,6 +257,7 @@ class RegionCompiler:
         self.record.passes = self.record.passes + result.records  # after pre-autograd's
         self.record.step = result.step
         self.record.step_before = unoptimized
+        self.record.repeats = self.context.repeats if self.context is not None else 0
         self.record.timeline_before = before
         self.record.timeline_after = after
         plan = finish_plan(ctx.plan, placed(self.context, result.step, after), result)

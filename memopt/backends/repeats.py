@@ -5,8 +5,9 @@ forward to its backward. A step that calls the region again before that backward
 (a DPO or contrastive loss over two forwards of one model, ``loss = f(model(a),
 model(b))``; a compiled block applied several times by eager code, as with shared
 weights) holds every pending call's saved activations at once, beside the latest call's peak,
-so the step's peak exceeds what the plan, and ``memory_budget``, counted.
-`PendingCalls` counts those calls, so that the region can say so
+so the step's peak exceeds what a plan for one call, and ``memory_budget``, counted.
+`PendingCalls` counts those calls, so that the region is planned again for them
+(`memopt.plan.step_context.StepContext.repeats`), or says why it cannot be
 (`memopt.backends.watched.CompiledRegion`).
 """
 
@@ -69,15 +70,19 @@ def _started(call: _Call, grad_outputs: Any) -> None:
     call.started = True
 
 
-def repeated_call_message(region: str, pending: int, saved_bytes: int, budget_bytes: int | None, peak_bytes: int) -> str:
+def repeated_call_message(
+    region: str, pending: int, planned: int, saved_bytes: int, budget_bytes: int | None, peak_bytes: int, why: str
+) -> str:
     """The warning for a region called while ``pending`` earlier calls wait for their
-    backward."""
+    backward, planned for ``planned + 1`` calls, that cannot be planned again (``why``)."""
     budget = "" if budget_bytes is None else f" (memory_budget {format_bytes(budget_bytes)})"
+    extra = pending - planned
     return (
         f"region {region} ran again before the backward of its previous call ({pending} call(s) pending): "
-        f"memopt planned it for one call per backward{budget}, estimated peak {format_bytes(peak_bytes)}, but "
-        f"each pending call keeps its saved activations ({format_bytes(saved_bytes)} a call under this plan) "
-        f"until its backward, so the step's peak is higher by about {format_bytes(pending * saved_bytes)} and "
+        f"memopt planned it for {planned + 1} call(s) per backward{budget}, estimated peak "
+        f"{format_bytes(peak_bytes)}, and cannot plan it again: {why}. Each pending call keeps its saved "
+        f"activations ({format_bytes(saved_bytes)} a call under this plan) until its backward, so the step's "
+        f"peak is higher by about {format_bytes(extra * saved_bytes)} and "
         "the budget does not hold. Fix: call the model once on the inputs concatenated along the batch "
         "(torch.cat: a DPO or contrastive loss's two batches), or backward each call's loss before the next "
         "call, or lower memory_budget by that much (docs/remat.md, Limits). Warned once per region."

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import itertools
 import logging
 import warnings
@@ -27,7 +28,7 @@ from memopt.backends.record import RegionRecord
 from memopt.backends.region import RegionCompiler, grads_held
 from memopt.backends.repeats import PendingCalls, repeated_call_message
 from memopt.backends.steptracker import StepTracker, Watched
-from memopt.errors import MemoptBudgetWarning, MemoptRanksError, MemoptWarning
+from memopt.errors import MemoptBudgetWarning, MemoptOptimizerError, MemoptRanksError, MemoptWarning
 from memopt.failsoft import fail_soft
 from memopt.graph import meta
 from memopt.plan.step_context import RegionInStep, StepContext
@@ -76,6 +77,7 @@ class WatchedRegion:
         self.fn = fn
         self.tracker = tracker
         self.recording = compiler.recording
+        self._pending = PendingCalls()  # calls whose backward has not started
 
     @property
     def name(self) -> str:
@@ -87,9 +89,32 @@ class WatchedRegion:
         return self.compiler.record if self.recording else None
 
     def __call__(self, *args: Any) -> Any:
+        in_backward = self.compiler.config.optimizer_in_backward is not None
+        watch = in_backward or self.recording
+        if watch and (pending := self._pending.count()):
+            if in_backward:
+                self._refuse_update_before_pending(pending)
+            record = self.record_to()
+            if record is not None:  # the step estimate holds every pending call's saved activations
+                record.repeats = max(record.repeats, pending)
         outputs = self.fn(*args)
+        if watch:
+            self._pending.add(outputs)
         self.tracker.forward_ran(self, args, outputs)
         return outputs
+
+    def _refuse_update_before_pending(self, pending: int) -> None:
+        """Raise: the region runs again while ``pending`` earlier calls wait for their
+        backward, and it updates its parameters in its backward (``optimizer_in_backward``):
+        the first backward to run would change the weights the others need."""
+        raise MemoptOptimizerError(
+            f"optimizer_in_backward: region {self.name} ran again before the backward of its previous call "
+            f"({pending} call(s) pending, e.g. loss = f(model(a), model(b))). The first of their backwards "
+            "updates the parameters in place, and the other calls' backwards need the weights as they were "
+            "(torch would fail with 'modified by an inplace operation'). Fix: call the model once on the "
+            "inputs concatenated along the batch (torch.cat), or drop optimizer_in_backward and call "
+            "opt.step() after backward."
+        )
 
 
 class CompiledRegion(WatchedRegion):
@@ -134,7 +159,6 @@ class CompiledRegion(WatchedRegion):
         self.replans = 0
         self._step: tuple[list[CompiledRegion], Observed] | None = None  # set: re-plan at the next call
         self._warning: str | None = None  # set: warn at the next call
-        self._pending = PendingCalls()  # calls whose backward has not started
         self._warned_repeat = False
         self.decided: tuple[tuple[CompiledRegion, ...], Observed] | None = None
         """The step (its regions in forward order) and the observation this region's
@@ -196,7 +220,11 @@ class CompiledRegion(WatchedRegion):
             self.settle()  # no step of it completed since its compile: it keeps its plan
         if not training:
             return super().__call__(*args)
-        self._check_repeated_call()
+        pending = self._pending.count()
+        if pending and self.compiler.config.optimizer_in_backward is not None:
+            self._refuse_update_before_pending(pending)
+        if pending:
+            self._plan_repeated_calls(pending)
         outputs = self.fn(*args)
         # Its backward pre-hook goes first: the tracker's may raise (a budget warning
         # the user's filter makes an error), and the call must not stay pending then.
@@ -204,20 +232,52 @@ class CompiledRegion(WatchedRegion):
         self.tracker.forward_ran(self, args, outputs)
         return outputs
 
-    def _check_repeated_call(self) -> None:
-        """Warn (once) when the region runs while earlier calls of it wait for their
-        backward: each holds its saved activations, which its plan counted once
-        (`memopt.backends.repeats`)."""
-        pending = self._pending.count()
+    def _plan_repeated_calls(self, pending: int) -> None:
+        """The region runs while ``pending`` earlier calls of it wait for their backward
+        (`memopt.backends.repeats`): each holds its saved activations, so a plan for
+        fewer calls does not hold the budget. Compile again, planned for this many
+        calls under one plan (`StepContext.repeats`): this call and every later one
+        run it (the pending calls ran the earlier plan, so this step's peak may still
+        be above the budget; the next ones are not). Where it cannot be compiled
+        again, warn once, with the bytes and the fixes."""
+        context = self.compiler.context
+        planned = context.repeats if context is not None else 0
+        if pending <= planned:
+            return
+        others = [r for r in self.tracker.waiting() if r is not self]  # other regions of this step, so far
+        alone = not others and (context is None or not (context.earlier or context.later)) and self.decided is None
+        if self.can_replan and alone:
+            assert self._fakes is not None
+            repeated = StepContext(repeats=pending) if context is None else dataclasses.replace(context, repeats=pending)
+            old = self.compiler
+            compiler = old.replanned(repeated, self._fakes)
+            log.info("region %s: compiling again (%d earlier call(s) wait for their backward)", self.name, pending)
+            if self._compile_again(old, compiler, hold=self.tracking):
+                return
+            why = "compiling it again failed (see the warning before this one)"
+        elif self._fakes is None:
+            why = "it cannot be traced again (its inputs have dynamic shapes or are not plain tensors)"
+        elif not alone:
+            why = (
+                "it is one of several regions of its step (a graph break); planning a step of several "
+                "regions for several calls is not implemented"
+            )
+        else:
+            why = f"it was planned again {self.replans} times already (MAX_REPLANS)"
+        self._warn_repeated_call(pending, planned, why)
+
+    def _warn_repeated_call(self, pending: int, planned: int, why: str) -> None:
+        """Warn (once per region) that ``pending`` calls wait for their backward, more
+        than the ``planned`` the plan counts, and why it is not planned again."""
         record = self.compiler.record
-        if not pending or self._warned_repeat or record.timeline_after is None:
+        if self._warned_repeat or record.timeline_after is None:
             return
         self._warned_repeat = True
         timeline = record.timeline_after
-        saved = sum(iv.nbytes for iv in timeline.saved_activations())
+        saved = sum(iv.nbytes for iv in timeline.saved_activations() if iv.region == self.name)  # one call's
         budget = record.plan.budget_bytes if record.plan is not None else None
-        message = repeated_call_message(self.name, pending, saved, budget, timeline.peak_bytes)
-        warnings.warn(MemoptBudgetWarning(message), stacklevel=3)
+        message = repeated_call_message(self.name, pending, planned, saved, budget, timeline.peak_bytes, why)
+        warnings.warn(MemoptBudgetWarning(message), stacklevel=4)
 
     def _count_held_grads(self, args: Sequence[Any]) -> None:
         """Gradient accumulation: a step that starts with parameters' ``.grad`` set

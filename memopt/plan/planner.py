@@ -93,7 +93,10 @@ def plan_region(
     result = _remat_plan(plan, step, solution, budget)
     if not solution.feasible:
         unoptimized = None if context is None else context.unoptimized_peak(step, before)
-        _report_infeasible(result, config, sharded=_sharded(step), step_unoptimized=unoptimized)
+        _report_infeasible(
+            result, config, sharded=_sharded(step), step_unoptimized=unoptimized,
+            scope=None if context is None else context.scope(),
+        )  # fmt: skip
     return result
 
 
@@ -318,15 +321,18 @@ def _report_infeasible(
     *,
     sharded: bool = False,
     step_unoptimized: int | None = None,
+    scope: str | None = None,
 ) -> None:
     """Warn (raise when strict) that ``plan`` misses its budget. ``step_unoptimized``:
-    the region was planned in its step (graph breaks), whose unoptimized peak the
-    message states (the plan's peaks are the step's too)."""
+    the region was planned in its step (graph breaks, or repeated calls: ``scope``,
+    `StepContext.scope`), whose unoptimized peak the message states (the plan's peaks
+    are the step's too)."""
     blockers = sorted(((v, k) for k, v in plan.blockers.items() if v), reverse=True)[:4]
     listed = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for v, k in blockers)
     why = f" ({_INFERENCE})" if _INFERENCE in plan.notes else ""
     unoptimized = plan.estimated_peak_before if step_unoptimized is None else step_unoptimized
-    where = f"region {plan.region}" + ("" if step_unoptimized is None else " (planned in its step: the peaks are the step's)")
+    in_step = f" ({scope or 'planned in its step'}: the peaks are the step's)"
+    where = f"region {plan.region}" + ("" if step_unoptimized is None else in_step)
     statement = (
         f"the smallest peak memopt can reach is {format_bytes(plan.min_feasible_peak)} "
         f"(unoptimized {format_bytes(unoptimized)}){why}. At that peak the largest "

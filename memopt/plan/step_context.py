@@ -18,6 +18,12 @@ and which region inputs were an earlier region's outputs
 (`StepContext.kept_outputs`, ``input_sources``): the composition keeps those outputs
 live after the step and counts each such storage once.
 
+A region called again before the backward of its previous call (``loss =
+f(model(a), model(b))``: a DPO or contrastive loss) is planned with
+``StepContext.repeats``, the calls pending when it runs: the step then holds every
+call's saved activations at once (`memopt.analysis.compose.compose_repeated_calls`),
+and every call runs the plan being chosen.
+
 Pure data: building or placing never mutates a graph or a timeline.
 """
 
@@ -26,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from memopt.analysis.compose import compose_timelines
+from memopt.analysis.compose import compose_repeated_calls, compose_timelines
 from memopt.analysis.timeline import MemoryTimeline
 from memopt.graph.step import StepGraphs
 
@@ -69,8 +75,19 @@ class StepContext:
     input_sources: tuple[Mapping[int, tuple[int, int]], ...] = ()
     """Per region: input position -> (index of the earlier region in the step, its
     output position), for inputs that were an earlier region's outputs (observed)."""
+    repeats: int = 0
+    """Earlier calls of the planned region whose backward has not started when it runs
+    (observed, `memopt.backends.repeats`), each under the same plan. Only for a region
+    that is the whole step (no ``earlier`` or ``later`` region)."""
 
     def __post_init__(self) -> None:
+        if self.repeats < 0:
+            raise ValueError(f"StepContext.repeats is {self.repeats}; it counts earlier calls, 0 or more")
+        if self.repeats and (self.earlier or self.later):
+            raise ValueError(
+                "StepContext.repeats is for a region that is the whole step; this context has "
+                f"{len(self.earlier) + len(self.later)} other region(s)"
+            )
         for name in ("kept_outputs", "input_sources"):
             given = getattr(self, name)
             if given and len(given) != self.num_regions:
@@ -82,7 +99,10 @@ class StepContext:
 
     def place(self, step: StepGraphs, timeline: MemoryTimeline) -> MemoryTimeline:
         """The step's timeline with ``timeline`` (a timeline of ``step``, the planned
-        region) in its place among the other regions, as they are planned now."""
+        region) in its place among the other regions, as they are planned now (or
+        after its earlier calls under the same plan: ``repeats``)."""
+        if self.repeats:
+            return compose_repeated_calls([(step, timeline)], self.repeats)
         return self._compose(
             [*((r.step, r.after) for r in self.earlier), (step, timeline), *((r.step, r.after) for r in self.later)]
         )
@@ -90,6 +110,8 @@ class StepContext:
     def unoptimized_peak(self, step: StepGraphs, before: MemoryTimeline) -> int:
         """The step's estimated peak with no region optimized (``before``: the planned
         region's unoptimized timeline): what a fractional budget is a fraction of."""
+        if self.repeats:
+            return compose_repeated_calls([(step, before)], self.repeats).peak_bytes
         parts = [
             *((r.step_before, r.before) for r in self.earlier),
             (step, before),
@@ -100,8 +122,19 @@ class StepContext:
     def _compose(self, parts: list[tuple[StepGraphs, MemoryTimeline]]) -> MemoryTimeline:
         return compose_timelines(parts, self.kept_outputs or None, self.input_sources or None)
 
+    def scope(self) -> str:
+        """What the region was planned for, in a few words (for messages)."""
+        if self.repeats:
+            return f"planned for {self.repeats + 1} calls before one backward"
+        return "planned in its step"
+
     def describe(self) -> str:
         """One line for the plan's notes."""
+        if self.repeats:
+            return (
+                f"{self.scope()} (the region ran again before its previous call's backward): peaks and the "
+                "budget hold every call's saved activations"
+            )
         names = ", ".join([*(r.name for r in self.earlier), "this region", *(r.name for r in self.later)])
         kept = sum(len(k) for k in self.kept_outputs[:-1] if k)
         held = f"; {kept} output(s) kept by the caller through backward" if kept else ""
