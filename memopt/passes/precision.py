@@ -156,6 +156,13 @@ def _nbytes(value: torch.Tensor) -> int:
     return concrete_int(value.numel()) * value.element_size()
 
 
+def _explicit_dtype(node: fx.Node) -> bool:
+    """The call names the dtype it computes in: ``dtype=`` or a positional
+    ``torch.dtype`` (``x.softmax(-1, torch.float32)``, ``torch.softmax(x, -1,
+    torch.float32)``). Such an op is left as written."""
+    return node.kwargs.get("dtype") is not None or any(isinstance(a, torch.dtype) for a in node.args)
+
+
 def _mutates(node: fx.Node) -> bool:
     """The node may write into one of its inputs (in-place method, ``x[i] = v``,
     ``inplace=True``, a mutable aten overload)."""
@@ -249,7 +256,7 @@ class _Lowering:
         reason = None
         if self.autocasts:
             reason = "inside a torch.autocast block"
-        elif node.kwargs.get("dtype") is not None:
+        elif _explicit_dtype(node):
             reason = "explicit dtype= argument"
         elif any(v.dtype not in (torch.float32, *_HALF) for v in inputs):
             reason = "float64 input"

@@ -23,8 +23,8 @@ mode:
     No casts: the op runs in whatever dtype its inputs have (elementwise ops between
     lowered ops stay low precision; torch's type promotion decides mixed inputs).
 
-Ops with an explicit ``dtype=`` argument, float64 inputs, or inside a user's
-``torch.autocast`` block are left as written.
+Ops with an explicit ``dtype=`` argument (or a positional ``torch.dtype``), float64
+inputs, or inside a user's ``torch.autocast`` block are left as written.
 """
 
 from __future__ import annotations
