@@ -90,7 +90,8 @@ class MemoptRanksError(RuntimeError):
 
 class MemoptFitError(ValueError):
     """`memopt.fit` cannot answer: even the smallest size's planned peak is above the
-    budget (the message names that floor and the options that may lower it), the budget
+    budget (the message names that floor, the options that may lower it and the size of
+    the other dimension that fits, or that none does), the budget
     or a search argument is malformed, ``make_inputs`` does not take the size, or the
     model has nothing to train. The message names the problem, the value and the fix."""
 

@@ -242,7 +242,8 @@ def fit(
     Precondition: fitting is monotone (no size larger than one that does not fit fits).
     Guarantees: the returned size's probe fits; unless ``capped``, the size one ``step``
     larger was probed and does not fit. Raises `MemoptFitError` when even the smallest
-    size does not fit (naming its floor and the options that may lower it), when
+    size does not fit (naming its floor, the options that may lower it and the shorter
+    sequence at batch 1, or smaller batch, that fits: `memopt.fitting.floor`), when
     ``make_inputs`` does not take the size, for a model with nothing to train when
     ``training=True``, and for a malformed budget.
     """

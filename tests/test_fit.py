@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import textwrap
 import warnings
 from pathlib import Path
@@ -242,14 +243,46 @@ def test_accumulation_refuses_zero() -> None:
 
 
 def test_budget_below_the_floor_names_it_and_the_options() -> None:
+    model, make = TokenLM(), lambda batch: _tokens(batch, 512)  # floor at batch 1 1.36 MiB, fixed 210 KiB
     with pytest.raises(memopt.MemoptFitError) as info:
-        memopt.fit(MLP(), _mlp_inputs, "1KiB", options=OPTIONS, progress=None)
+        memopt.fit(model, make, 800_000, options=OPTIONS, progress=None)
     message = str(info.value)
     assert "even batch 1 does not fit" in message and "floor" in message
     assert "precision='bf16'" in message and "compress_activations" in message and "offload" in message
     with pytest.raises(memopt.MemoptFitError) as info:
-        memopt.fit(MLP(), _mlp_inputs, "1KiB", options={**OPTIONS, "precision": "bf16"}, progress=None)
+        memopt.fit(model, make, 800_000, options={**OPTIONS, "precision": "bf16"}, progress=None)
     assert "precision='bf16'" not in str(info.value)  # an option already on is not offered
+
+
+def test_budget_below_the_floor_names_the_other_size_that_fits() -> None:
+    """The rule: when batch 1 at the given sequence is over the budget, the error names
+    a shorter sequence at batch 1 whose plan fits (checked on real tensors); when the
+    first length of a sequence search at batch 4 is over, a smaller batch at that
+    length; and when parameters and gradients alone exceed the budget, that no size
+    fits (no size is suggested)."""
+    torch.manual_seed(0)
+    model = TokenLM()  # 104 KiB of parameters (+ as much gradient); batch 1 x seq 512's floor 1.36 MiB
+    budget = 800_000
+    with pytest.raises(memopt.MemoptFitError) as info:
+        memopt.fit(model, _tokens, budget, seq=512, options=OPTIONS, progress=None)
+    message = str(info.value)
+    assert "even batch 1 does not fit" in message
+    found = re.search(r"a shorter sequence: seq (\d+) at batch 1 fits, planned peak", message)
+    assert found, message
+    seq = int(found.group(1))
+    assert 1 <= seq < 512 and _planned_peak(model, _tokens(1, seq), budget) <= budget
+
+    with pytest.raises(memopt.MemoptFitError) as info:
+        memopt.fit(model, _tokens, 500_000, search="seq", batch=4, step=64, options=OPTIONS, progress=None)
+    found = re.search(r"a smaller batch: batch (\d+) at seq 64 fits", str(info.value))
+    assert found, str(info.value)
+    assert _planned_peak(model, _tokens(int(found.group(1)), 64), 500_000) <= 500_000
+
+    with pytest.raises(memopt.MemoptFitError) as info:
+        memopt.fit(model, _tokens, 200_000, seq=512, options=OPTIONS, progress=None)
+    message = str(info.value)
+    assert "No batch or sequence fits" in message and "gradients 105.25 KiB" in message, message
+    assert "shorter sequence" not in message
 
 
 def test_make_inputs_that_does_not_take_the_batch() -> None:

@@ -15,19 +15,11 @@ from typing import Any
 
 import torch
 
-from memopt.errors import MemoptFitError
 from memopt.fitting.fake import planning
+from memopt.fitting.floor import floor_error
 from memopt.fitting.probe import Runner, as_call
-from memopt.units import format_bytes
 
 __all__ = ["find_largest", "line_crossing"]
-
-LOWERING_OPTIONS: dict[str, str] = {
-    "precision": "precision='bf16' (matmuls in bf16: smaller activations)",
-    "compress_activations": "compress_activations='int8' (saved activations quantized)",
-    "offload": "offload='auto' (saved activations wait on the host or disk)",
-}
-
 
 def find_largest(runner: Runner, max_units: int) -> tuple[int, bool]:
     """``(largest fitting units, capped)``: keep a bracket ``lo`` (largest size seen
@@ -160,23 +152,3 @@ def predict(runner: Runner, lo: int) -> int | None:
         pair = (floors[-2], floors[-1]) if below else (floors[0], floors[1])
     crossing = line_crossing(pair[0], pair[1], budget)
     return crossing if crossing is not None else lo
-
-
-def floor_error(runner: Runner) -> MemoptFitError:
-    explanation = runner.floor
-    assert explanation is not None
-    size = runner.sizes.step
-    timeline = explanation.timeline()
-    parts = sorted(timeline.peak_breakdown.items(), key=lambda kv: -kv[1])
-    shown = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in parts[:4] if v)
-    config = runner.config
-    untried = [text for key, text in LOWERING_OPTIONS.items() if getattr(config, key) is None]
-    if runner.sizes.search == "batch" and runner.sizes.seq is not None:
-        untried.append(f"a shorter sequence than seq={runner.sizes.seq}")
-    advice = "; ".join(untried) if untried else "every memory option is already on"
-    return MemoptFitError(
-        f"even {runner.sizes.name(size)} does not fit: its planned peak, {format_bytes(timeline.peak_bytes)}, "
-        f"is the floor memopt reaches at that size, above the budget of {format_bytes(runner.budget)} "
-        f"(at the peak: {shown}; live at step start: {format_bytes(timeline.baseline_bytes)}). "
-        f"Options that may lower the floor: {advice}. Otherwise raise the budget."
-    )
