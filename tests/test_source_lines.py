@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,42 @@ def test_hugging_face_gpt2_values_name_lines_of_modeling_gpt2() -> None:
     by_module = {d.module: d for d in decisions if d.module}
     c_fc = by_module["transformer.h.0.mlp.c_fc"]
     assert Path(c_fc.source_file or "").name == "modeling_gpt2.py" and "self.c_fc(" in (c_fc.source or ""), c_fc
+
+
+class _DropBlock(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.drop = torch.nn.Linear(64, 64), torch.nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.softmax(self.fc(x) @ x.transpose(-1, -2), -1)
+        return self.drop(a) @ x
+
+
+class _DropNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_DropBlock() for _ in range(2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x.pow(2).mean()
+
+
+@pytest.mark.parametrize("extra", [{}, {"precision": "bf16"}], ids=["budget", "budget+bf16"])
+def test_values_a_pass_makes_name_the_module_of_the_value_they_stand_for(extra: dict[str, str]) -> None:
+    """The rule: a value memopt's passes make in place of the model's (a dropout's saved
+    RNG state and its rescaled output, replayed in backward; precision's casts) names the
+    module of the value it stands for, as every value of the model does: each decision
+    of a two-block model with dropout under a budget has a module, the layer's. They
+    were None (the report's module column blank, the JSON's ``"module": null``)."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", memopt.MemoptWarning)  # 0.5 is below the floor: the smallest-peak plan
+        explanation = memopt.explain(_DropNet(), torch.randn(4, 32, 64), options={**EAGER, "memory_budget": 0.5, **extra})
+    decisions = explanation.to_dict()["decisions"]
+    assert decisions
+    missing = [d["name"] for d in decisions if d["module"] is None]
+    assert not missing, missing
+    assert all(d["module"].startswith(("blocks.0", "blocks.1")) for d in decisions)

@@ -429,8 +429,10 @@ def graph_fake_mode(graph: fx.Graph) -> Iterator[Any]:
 
 
 def copy_provenance(src: fx.Node, dst: fx.Node) -> None:
-    """Give ``dst`` the user source line (and autograd sequence number) of ``src``."""
-    for key in (_STACK_TRACE, "seq_nr"):
+    """Give ``dst`` the user source line, module (`module_path`) and autograd sequence
+    number of ``src``: a value a pass makes is reported where the value it stands for was
+    made, down to the layer."""
+    for key in (_STACK_TRACE, _MODULE_STACK, "seq_nr"):
         if key in src.meta:
             dst.meta[key] = src.meta[key]
 
@@ -444,8 +446,8 @@ def copy_dynamo_provenance(src: fx.Node, dst: fx.Node) -> None:
 
 
 def copy_meta(src: fx.Node, dst: fx.Node) -> None:
-    """Copy the metadata memopt relies on (value, trace, tags) from ``src`` to ``dst``."""
-    for key in (_VAL, _STACK_TRACE, "tensor_meta", "seq_nr", "original_aten"):
+    """Copy the metadata memopt relies on (value, trace, module, tags) from ``src`` to ``dst``."""
+    for key in (_VAL, _STACK_TRACE, _MODULE_STACK, "tensor_meta", "seq_nr", "original_aten"):
         if key in src.meta:
             dst.meta[key] = src.meta[key]
     if _MEMOPT in src.meta:
