@@ -183,6 +183,10 @@ def test_fit_refuses_a_flag_the_search_would_ignore(
         (["--budget", "40MiB", "--reserve", "2GiBB"], "--reserve: reserve='2GiBB': memory size '2GiBB' not understood"),
         (["--budget", "40MiB", "--options", '{"memory_budget": "1GiB"}'],
          "--options sets memory_budget='1GiB', but fit plans every probe under --budget 40MiB"),
+        (["--budget", "40MiB", "--options", '{"memory_budget": 0.5}'],
+         "--options sets memory_budget=0.5, but fit plans every probe under --budget 40MiB"),
+        (["--budget", "40MiB", "--options", '{"memory_budget": 1}'],  # was: give it a unit ('1GiB'): it must go
+         "--options sets memory_budget=1, but fit plans every probe under --budget 40MiB"),
         (["--budget", "10MiB", "--reserve", "20MiB"],
          "--reserve 20MiB --budget 10MiB: reserve=20.00 MiB leaves nothing of budget=10.00 MiB for the step"),
     ],

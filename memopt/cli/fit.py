@@ -132,10 +132,13 @@ def _checked_options(args: argparse.Namespace) -> dict[str, Any]:
     from memopt.fit import budget_and_reserve, budget_bytes
 
     _check_flags(args)
-    options = parse_options(args.options)
-    if "memory_budget" in options:
-        raise CLIError(f"--options sets memory_budget={options['memory_budget']!r}, but fit plans every probe under "
-                       f"--budget {args.budget} (less --reserve); drop memory_budget from --options.")
+
+    def no_budget(options: dict[str, Any]) -> None:  # before its value is checked: it must go, whatever it is
+        if "memory_budget" in options:
+            raise CLIError(f"--options sets memory_budget={options['memory_budget']!r}, but fit plans every probe "
+                           f"under --budget {args.budget} (less --reserve); drop memory_budget from --options.")
+
+    options = parse_options(args.options, no_budget)
     for flag, value, name in (("--budget", args.budget, "budget"), ("--reserve", args.reserve, "reserve")):
         try:
             if value is not None:

@@ -47,8 +47,10 @@ def call_factory(factory: Callable[[], Any], spec: str, hint: str = "") -> Any:
         raise CLIError(f"{spec} raised {type(exc).__name__}: {exc}{hint}\n{user_traceback(exc)}") from None
 
 
-def parse_options(text: str | None) -> dict[str, Any]:
-    """``--options`` JSON as a dict of memopt options, checked before any work starts."""
+def parse_options(text: str | None, check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """``--options`` JSON as a dict of memopt options, checked before any work starts:
+    first by ``check`` (the subcommand's own rules, such as an option it sets itself),
+    then as memopt options."""
     from memopt.config import MemoptConfig
 
     if not text:
@@ -59,6 +61,8 @@ def parse_options(text: str | None) -> dict[str, Any]:
         raise CLIError(f"--options is not valid JSON: {exc}") from None
     if not isinstance(options, dict):
         raise CLIError(f"--options must be a JSON object of memopt options, e.g. '{{\"codegen\": \"eager\"}}'; got {text!r}")
+    if check is not None:
+        check(options)
     try:
         MemoptConfig.from_options(options)
     except (ValueError, TypeError) as exc:
