@@ -379,9 +379,9 @@ def require_unit(text: str, other_reading: str = "") -> None:
     match = _SIZE.match(text)
     if match is not None and match.group(2) == "" and float(match.group(1)) < MIN_BUDGET_BYTES:
         number = text.strip()
+        fix = f"add a unit ('{number}GiB')" if float(match.group(1)) > 0 else "give a positive size with a unit, e.g. '24GiB'"
         raise ValueError(
-            f"{text!r} is a number without a unit, which would mean {number} bytes; "
-            f"{other_reading}for a size add a unit ('{number}GiB')."
+            f"{text!r} is a number without a unit, which would mean {number} bytes; {other_reading}for a size {fix}."
         )
 
 

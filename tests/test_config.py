@@ -196,3 +196,19 @@ def test_constructor_checks_values_as_from_options_does():
 def test_a_negative_size_is_refused_as_negative_not_as_not_understood(size: str) -> None:
     with pytest.raises(ValueError, match=rf"memory_budget='{size}': memory size '{size}' is negative; a size is positive, e\.g\. '{size.strip()[1:]}'"):
         MemoptConfig.from_options({"memory_budget": size})
+
+
+@pytest.mark.parametrize("value", ["0", "0.0", " 0 "])
+def test_a_zero_size_string_is_not_told_to_become_zero_gib(value: str) -> None:
+    """The rule: the fix a refusal names must itself be accepted. ``"0"`` was told
+    "add a unit ('0GiB')", which is refused next (under 1 KiB); it now asks for a
+    positive size, and so does ``memopt fit --budget 0``."""
+    with pytest.raises(ValueError, match=r"give a positive size with a unit, e\.g\. '24GiB'") as info:
+        MemoptConfig.from_options({"memory_budget": value})
+    assert "0GiB" not in str(info.value) and "0.0GiB" not in str(info.value)
+    from memopt.errors import MemoptFitError
+    from memopt.fit import budget_bytes
+
+    with pytest.raises(MemoptFitError, match="give a positive size with a unit") as info:
+        budget_bytes(value)
+    assert "0GiB" not in str(info.value)
