@@ -97,7 +97,8 @@ def optimizer_memory(optimizer: torch.optim.Optimizer, in_backward: bool) -> Opt
     A `memopt.distributed.ShardedOptimizer` steps tensors that are this rank's rows of
     the model's parameters: its state is counted on the parameters the compiled graphs
     take (the registered DTensors, `ShardedOptimizer.parameter_of`), in the bytes of
-    this rank's rows, with its inner optimizer's state sizes and temporaries."""
+    this rank's rows, with its inner optimizer's state sizes and temporaries (an inner
+    `OffloadedState`'s as it alone: no state on the device, its step streams it)."""
     from memopt.optim._checks import is_sharded_optimizer
     from memopt.optim.offload import OffloadedState
     from memopt.optim.state_size import state_bytes_of
@@ -106,6 +107,10 @@ def optimizer_memory(optimizer: torch.optim.Optimizer, in_backward: bool) -> Opt
         return _offloaded_memory(optimizer, in_backward)
     sharded = is_sharded_optimizer(optimizer)
     stepping: torch.optim.Optimizer = optimizer.inner if sharded else optimizer  # type: ignore[attr-defined]
+    if isinstance(stepping, OffloadedState):  # a ShardedOptimizer's rows' state in a store
+        memory = _offloaded_memory(stepping, in_backward)
+        keyed = {id(optimizer.parameter_of(p)): 0 for g in stepping.param_groups for p in g["params"]}  # type: ignore[attr-defined]
+        return dataclasses.replace(memory, state_bytes=keyed)
     state: dict[int, int] = {}
     measured = True
     step_temporaries = 0

@@ -209,3 +209,31 @@ def test_cli_fit_of_a_sharded_factory(fake_world, tmp_path, capsys):
     real = memopt.fit(model, make_inputs, "64KiB", max_size=64, options={"codegen": "eager"})
     assert (fitted["batch"], fitted["estimated_peak_bytes"]) == (real.batch, real.estimated_peak_bytes)
     assert 1 <= real.batch < 64
+
+
+def test_the_plan_counts_no_state_of_an_offloaded_sharded_optimizer(fake_world, tmp_path):
+    """``ShardedOptimizer(lambda ps: OffloadedState(AdamW(ps), "disk"), model)`` keeps
+    this rank's rows' state in a file between steps: the step's timeline counts none of
+    it on the device, before the first step (when AdamW's would be predicted) and after,
+    as for an `OffloadedState` in one process. Before, the sharded path predicted the
+    wrapper's state as two row-sized tensors per parameter (16 KiB here, the estimated
+    peak 137 KiB -> 153 KiB) before the first step, and a budget was planned as if the
+    state were on the device."""
+    from memopt.optim import OffloadedState
+
+    model = md.shard(nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(4)]), stage=3)
+    optimizer = md.ShardedOptimizer(
+        lambda p: OffloadedState(torch.optim.AdamW(p, lr=1e-3), "disk", offload_dir=tmp_path), model)
+    without = _explain(model, torch.randn(2, 64))
+    for stepped in (False, True):
+        if stepped:
+            for p in model.parameters():
+                p.grad = torch.ones_like(p)
+            optimizer.step()
+            optimizer.zero_grad()
+            assert optimizer.inner.stats().offloaded_bytes == 8 * 4 * 64 * 64 // 8
+        counted = _explain(model, torch.randn(2, 64), optimizer=optimizer)
+        timeline = counted.timeline()
+        assert all(timeline.breakdown_at(i)["optimizer_state"] == 0 for i in range(len(timeline.points)))
+        assert counted.estimated_peak_bytes == without.estimated_peak_bytes
+    optimizer.inner.close()
