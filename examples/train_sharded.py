@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 2 examples/train_sharded.py --stage 2 --accumulate 4
     torchrun --nproc_per_node 2 examples/train_sharded.py --hf gpt2        # Hugging Face GPT-2 (small config)
     torchrun --nproc_per_node 2 examples/train_sharded.py --save ckpt      # then --load ckpt to resume
+                                                                           # (--save ckpt --overwrite: save there again)
     torchrun --nproc_per_node 2 examples/train_sharded.py --meta           # built on meta, each rank allocates its shards
 
 gloo on CPU, NCCL on CUDA (one GPU per rank; with fewer GPUs than local ranks, gloo on
@@ -87,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--accumulate", type=int, default=1, help="micro-steps per optimizer step")
     parser.add_argument("--bf16", action="store_true", help="MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)")
-    parser.add_argument("--save", help="save a sharded checkpoint here after training")
+    parser.add_argument("--save", help="save a sharded checkpoint here after training (a new directory, or "
+                                         "--overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="--save replaces a checkpoint already there")
     parser.add_argument("--load", help="load this checkpoint before training")
     parser.add_argument("--meta", action="store_true",
                         help="build the model on the meta device, shard it there, then md.materialize: no rank "
@@ -95,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.meta and args.hf:
         parser.error("--meta builds memopt's GPT; a Hugging Face model's buffers would need its own init")
+    if args.save and not args.overwrite and os.path.exists(os.path.join(args.save, ".metadata")):
+        parser.error(f"--save {args.save} already holds a checkpoint: pass --overwrite to replace it")  # before training
 
     device = init()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
             print(f"  step {step:3d}  loss {total.item() / world:.4f}  ({time.perf_counter() - start:.1f}s)")
     if args.save:
-        checkpoint.save(args.save, model, optimizer)
+        checkpoint.save(args.save, model, optimizer, overwrite=args.overwrite)
     report(held, numel, world, args.stage)
     dist.barrier()  # no rank tears its process group down while another still talks to it
     dist.destroy_process_group()

@@ -23,8 +23,10 @@ in one process with or without a process group: each gets the full values.
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -207,10 +209,82 @@ def set_state_dict(
 
 
 def save(
-    checkpoint_id: str | os.PathLike[str], model: nn.Module, optimizer: ShardedOptimizer | None = None, *, full: bool = False
+    checkpoint_id: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: ShardedOptimizer | None = None,
+    *,
+    full: bool = False,
+    overwrite: bool = False,
 ) -> None:
-    """Save with ``torch.distributed.checkpoint.save`` (every rank calls it)."""
-    dcp.save(get_state_dict(model, optimizer, full=full), checkpoint_id=checkpoint_id)
+    """Save with ``torch.distributed.checkpoint.save`` (every rank calls it).
+
+    A directory that already holds a checkpoint (its ``.metadata``) is refused with a
+    `ShardingError` on every rank, unless ``overwrite=True``: then the new checkpoint is
+    written beside it (``<dir>.memopt-saving``) and moved in only once every rank has
+    written it, its ``.metadata`` last, after the old checkpoint's files are deleted
+    (other files in the directory are kept). A save that fails midway leaves the old
+    checkpoint whole, never the old metadata over new data, which DCP's own overwrite (a
+    warning, then rewriting the files in place) could leave. Rank 0 decides, for every
+    rank. A checkpoint id that is not a local path (an fsspec URL) goes to DCP as it is."""
+    if "://" in os.fspath(checkpoint_id):
+        dcp.save(get_state_dict(model, optimizer, full=full), checkpoint_id=checkpoint_id)
+        return
+    path = Path(checkpoint_id)
+    staging = path.with_name(path.name + ".memopt-saving")
+    replace = _agree_to_replace(path, staging, overwrite)
+    dcp.save(get_state_dict(model, optimizer, full=full), checkpoint_id=staging if replace else path)
+    if replace:
+        if _rank() == 0:
+            _move_checkpoint(staging, path)
+        _barrier()  # no rank reads the directory before the new checkpoint is in place
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _agree_to_replace(path: Path, staging: Path, overwrite: bool) -> bool:
+    """Rank 0's answer, for every rank: whether ``path`` holds a checkpoint that this
+    save replaces (then it writes to ``staging``, cleared first); raises on every rank
+    when it holds one and ``overwrite`` is False."""
+    import torch.distributed as dist
+
+    decision: list[Any] = [None]
+    if _rank() == 0:
+        exists = (path / ".metadata").exists()
+        decision[0] = "refuse" if exists and not overwrite else "replace" if exists else "write"
+        if decision[0] == "replace" and staging.exists():
+            shutil.rmtree(staging)  # left by a save that failed midway
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(decision, src=0)
+    if decision[0] == "refuse":
+        raise ShardingError(
+            f"memopt.distributed.checkpoint.save: {os.fspath(path)!r} already holds a checkpoint; save to a new "
+            "directory (e.g. one per step), or pass overwrite=True to replace it (the new one is written beside "
+            "it and moved in once complete)"
+        )
+    return decision[0] == "replace"
+
+
+def _move_checkpoint(staging: Path, path: Path) -> None:
+    """Replace the checkpoint in ``path`` by the complete one in ``staging``: the old
+    ``.metadata`` goes first (from then on ``path`` holds no checkpoint, never a mixed
+    one), then the old data files, then the new files, the new ``.metadata`` last."""
+    (path / ".metadata").unlink()
+    for old in path.glob("*.distcp"):
+        old.unlink()
+    for new in sorted(staging.iterdir(), key=lambda f: f.name == ".metadata"):
+        os.replace(new, path / new.name)
+    staging.rmdir()
 
 
 def load(

@@ -99,6 +99,21 @@ def test_checkpoint_resumes_bit_for_bit(tmp_path):
     assert resumed[0] == saved[0] and resumed[1] == saved[1]
 
 
+def test_saving_onto_a_checkpoint_is_refused_unless_overwrite(tmp_path):
+    """A second save into a directory that holds a checkpoint raises on both ranks,
+    naming ``overwrite=True``; with it, the new checkpoint replaces the old one (written
+    beside it, then moved in: no staging directory left, the old checkpoint's stale
+    shard file gone, the user's own file kept, no DCP warning) and loads. Before, the
+    save rewrote the files in place under DCP's warning ('Detected an existing
+    checkpoint ... overwriting'), leaving a larger world's shard files behind."""
+    results = ranks("overwrite", "--dir", str(tmp_path))
+    for result in results:
+        assert "already holds a checkpoint" in result["refused"] and "overwrite=True" in result["refused"]
+        assert result["warnings"] == []
+        assert result["files"] == [".metadata", "notes.txt"]
+        assert result["siblings"] == ["ckpt"]
+
+
 @pytest.mark.parametrize("optimizer", ["adamw8bit", "adamw8bit-straddling"])
 def test_checkpoint_with_per_rank_optimizer_state(tmp_path, optimizer):
     """AdamW8bit's codes and scales are per rank: a sharded checkpoint resumes exactly

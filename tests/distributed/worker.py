@@ -271,6 +271,52 @@ def checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def overwrite(args: argparse.Namespace) -> dict[str, Any]:
+    """Save at stage 3 into a new directory, again into it (refused on every rank), then
+    with ``overwrite=True`` after another step: no DCP warning, the directory's other
+    files kept, a stale shard file of the old checkpoint gone, and a new model loads the
+    second save's parameters."""
+    import warnings
+
+    from memopt.distributed import checkpoint as ckpt
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    where = Path(args.dir) / "ckpt"
+    torch.manual_seed(0)
+    model = md.shard(Tiny(), stage=3)
+    opt = md.ShardedOptimizer(adamw, model)
+
+    def train(step: int) -> None:
+        model(*local(batch(step), rank, world)).backward()
+        opt.step(), opt.zero_grad()
+
+    train(0)
+    out: dict[str, Any] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ckpt.save(where, model, opt)
+        if rank == 0:  # the user's own file, and a shard file as a larger world leaves it
+            (where / "notes.txt").write_text("mine")
+            (where / "__7_0.distcp").write_bytes(b"stale")
+        dist.barrier()
+        try:
+            ckpt.save(where, model, opt)
+        except md.ShardingError as error:
+            out["refused"] = str(error)
+        train(1)
+        ckpt.save(where, model, opt, overwrite=True)
+    out["warnings"] = [str(w.message) for w in caught if "checkpoint" in str(w.message).lower()]
+    out["files"] = sorted(f.name for f in where.iterdir() if not f.name.startswith("__") or f.name == "__7_0.distcp")
+    out["siblings"] = sorted(f.name for f in where.parent.iterdir())
+    torch.manual_seed(1)
+    fresh = md.shard(Tiny(), stage=3)
+    fresh_opt = md.ShardedOptimizer(adamw, fresh)
+    ckpt.load(where, fresh, fresh_opt)
+    for (name, saved), loaded in zip(model.named_parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(full(saved), full(loaded)), name
+    return out
+
+
 def mixed(args: argparse.Namespace) -> dict[str, Any]:
     """A bf16 ``param_dtype`` with fp32 ``reduce_dtype``: parameters, gradients and the
     optimizer stay fp32; losses follow the fp32 run within bf16's precision."""
@@ -544,6 +590,7 @@ def _uneven_step(args: argparse.Namespace, step: int, step_fn: Any, opt: Any, re
 SCENARIOS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "numerics": numerics, "accumulate": accumulate, "memory": memory, "checkpoint": checkpoint, "mixed": mixed,
     "collectives": collectives, "gathers": gathers, "materialize": materialize, "uneven": uneven,
+    "overwrite": overwrite,
 }
 
 
