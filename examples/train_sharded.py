@@ -11,8 +11,8 @@
 gloo on CPU, NCCL on CUDA (one GPU per rank; with fewer GPUs than local ranks, gloo on
 CPU). The task is synthetic (no downloads): the
 model learns to continue a repeating token pattern. Each rank trains on its part of the
-global batch; gradients are averaged, so the losses are those of one process on the
-global batch.
+global batch (``--batch`` must be a multiple of the number of ranks: equal parts);
+gradients are averaged, so the losses are those of one process on the global batch.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="memopt's codegen; none: no torch.compile")
     parser.add_argument("--hf", choices=["gpt2", "llama"], help="a Hugging Face model (small config)")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=8, help="global batch (split over the ranks)")
+    parser.add_argument("--batch", type=int, default=8,
+                        help="global batch, split evenly over the ranks (a multiple of their number)")
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
@@ -98,6 +99,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.meta and args.hf:
         parser.error("--meta builds memopt's GPT; a Hugging Face model's buffers would need its own init")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; init() says if it is missing
+    if args.batch % world_size or args.batch < world_size:
+        # each rank's loss is the mean over its rows and the gradients are averaged over the
+        # ranks: equal parts make that the mean over the global batch (unequal parts would
+        # weight samples unequally, and under a memory_budget compile other shapes per rank)
+        message = (f"--batch {args.batch} does not split evenly over {world_size} ranks: give a multiple of "
+                   f"{world_size} (each rank trains on batch / ranks samples)")
+        if os.environ.get("RANK", "0") == "0":
+            parser.error(message)
+        sys.exit(2)
     if args.save and not args.overwrite and os.path.exists(os.path.join(args.save, ".metadata")):
         parser.error(f"--save {args.save} already holds a checkpoint: pass --overwrite to replace it")  # before training
 

@@ -63,3 +63,17 @@ def test_example_run_without_torchrun_says_how_to_run_it():
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode != 0, _failure(out)
     assert "torchrun --nproc_per_node" in out.stderr and "Traceback" not in out.stderr, _failure(out)
+
+
+def test_example_refuses_a_batch_that_does_not_split_over_the_ranks():
+    """``--batch 3`` on 2 ranks: one line saying so before anything is built. Each rank
+    took ``batch // ranks`` rows, so a row of every global batch was never trained on
+    (and ``--batch 1`` trained on empty batches: loss nan)."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(ROOT / "examples" / "train_sharded.py"), "--steps", "1", "--batch", "3",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=120)
+    assert out.returncode != 0, _failure(out)
+    assert "--batch 3 does not split evenly over 2 ranks: give a multiple of 2" in out.stderr, _failure(out)
+    assert "step" not in out.stdout, _failure(out)
