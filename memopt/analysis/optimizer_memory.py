@@ -72,6 +72,8 @@ class OptimizerMemory:
     piece_bytes: int | None = None
     """Bytes of one piece of an in-backward update (`memopt.codegen._chunks`): its
     temporaries are ``update_factor`` of these at most. None: of the whole parameter."""
+    sharded: bool = False
+    """A `memopt.distributed.ShardedOptimizer` (``optimizer_in_backward`` refuses it)."""
 
     def update_temporaries(self, param_bytes: int) -> int:
         """Bytes of temporaries while one in-backward update of a parameter of
@@ -110,7 +112,7 @@ def optimizer_memory(optimizer: torch.optim.Optimizer, in_backward: bool) -> Opt
     if isinstance(stepping, OffloadedState):  # a ShardedOptimizer's rows' state in a store
         memory = _offloaded_memory(stepping, in_backward)
         keyed = {id(optimizer.parameter_of(p)): 0 for g in stepping.param_groups for p in g["params"]}  # type: ignore[attr-defined]
-        return dataclasses.replace(memory, state_bytes=keyed)
+        return dataclasses.replace(memory, state_bytes=keyed, sharded=True)
     state: dict[int, int] = {}
     measured = True
     step_temporaries = 0
@@ -125,7 +127,7 @@ def optimizer_memory(optimizer: torch.optim.Optimizer, in_backward: bool) -> Opt
         step_temporaries = max(step_temporaries, group_temps)
     factor = max(factors, default=2)  # groups differ only by options: the largest, to be safe
     piece = update_piece_bytes(p for g in optimizer.param_groups for p in g["params"])
-    return OptimizerMemory(type(stepping).__name__, state, measured, in_backward, factor, step_temporaries, piece)
+    return OptimizerMemory(type(stepping).__name__, state, measured, in_backward, factor, step_temporaries, piece, sharded)
 
 
 def _offloaded_memory(optimizer: Any, in_backward: bool) -> OptimizerMemory:

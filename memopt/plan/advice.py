@@ -28,7 +28,8 @@ Rules (one per technique; "at the peak" means live at the step's peak point):
   values the step without memopt's passes holds at its peak;
 * fused update (``optimizer_in_backward``): the peak of the step with a separate
   ``opt.step()`` minus the peak with the updates in backward, both modelled on the
-  graphs before memopt's passes (needs the optimizer);
+  graphs before memopt's passes (needs the optimizer; not modelled for a
+  `ShardedOptimizer`, which ``optimizer_in_backward`` refuses);
 * 8-bit state (``AdamW8bit``, default block size and size threshold) and low-rank
   state (``GaLoreAdamW``, default rank, GaLore's side rule, weights of two
   dimensions larger than the rank): the optimizer's state now minus that
@@ -244,6 +245,9 @@ def _fused_row(optimizer: OptimizerMemory | None, fused_peaks: tuple[int, int] |
     option = "optimizer_in_backward=opt"
     if optimizer is None or fused_peaks is None:
         return OptionSaving("fused update", option, False, None, f"needs the optimizer in the compile options: {_GIVE_OPTIMIZER}", now)
+    if optimizer.sharded:
+        return OptionSaving("fused update", option, False, None, "not for a sharded model (memopt.distributed.shard) "
+                            "yet: step the ShardedOptimizer after backward", now)  # fmt: skip
     separate, fused = fused_peaks
     saved = max(separate - fused, 0)
     return OptionSaving("fused update", option, optimizer.in_backward, saved,

@@ -339,7 +339,13 @@ def _report_infeasible(
         f"contributors {by} cannot remove are: {listed}. Raise the budget to at least "
         f"{format_bytes(plan.min_feasible_peak)}, or shrink them: {_shrinking_advice(plan.blockers, config, sharded)}."
     )
-    if plan.blockers.get("gradients") and plan.blockers.get("optimizer_state") and config.optimizer_in_backward is None:
+    if plan.blockers.get("gradients") and plan.blockers.get("optimizer_state") and sharded:
+        statement += (  # optimizer_in_backward and low-rank state at stages 1-3 refuse sharded models
+            " Gradients are live with the optimizer's state at that peak: 8-bit optimizer state (AdamW8bit, "
+            "which steps on shards) shrinks the state (docs/optimizers.md); optimizer_in_backward, which frees "
+            "each gradient at its update, does not support sharded models yet."
+        )
+    elif plan.blockers.get("gradients") and plan.blockers.get("optimizer_state") and config.optimizer_in_backward is None:
         statement += (
             " Gradients are live with the optimizer's state at that peak: optimizer_in_backward=opt frees "
             "each gradient at its update (docs/whole_step.md); 8-bit or low-rank optimizer state shrinks the "

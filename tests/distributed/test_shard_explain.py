@@ -237,3 +237,22 @@ def test_the_plan_counts_no_state_of_an_offloaded_sharded_optimizer(fake_world, 
         assert all(timeline.breakdown_at(i)["optimizer_state"] == 0 for i in range(len(timeline.points)))
         assert counted.estimated_peak_bytes == without.estimated_peak_bytes
     optimizer.inner.close()
+
+
+def test_advice_for_a_sharded_step_offers_no_optimizer_in_backward(fake_world):
+    """An infeasible budget on a sharded step whose gradients and optimizer state block
+    it: the warning and the report's savings table do not offer
+    ``optimizer_in_backward=opt``, which refuses a ShardedOptimizer ('does not support
+    sharded models'); they name AdamW8bit, which steps on shards. Both offered it (the
+    table with a modelled saving of 0 B)."""
+    from memopt.errors import MemoptBudgetWarning
+
+    model = _model()
+    optimizer = md.ShardedOptimizer(lambda p: torch.optim.AdamW(p, lr=1e-3), model)
+    with pytest.warns(MemoptBudgetWarning) as caught:
+        explanation = _explain(model, torch.randn(2, 64), optimizer=optimizer, memory_budget="1KiB", strict=False)
+    message = str(next(w.message for w in caught if isinstance(w.message, MemoptBudgetWarning)))
+    assert "Gradients are live with the optimizer's state" in message
+    assert "optimizer_in_backward=opt frees" not in message and "AdamW8bit, which steps on shards" in message
+    fused = next(row for row in explanation.savings() if row.technique == "fused update")
+    assert fused.saved_bytes is None and "not for a sharded model" in fused.basis
