@@ -149,7 +149,7 @@ def build_timeline(step: StepGraphs) -> MemoryTimeline:
         identity = step.inputs[i].identity if i < len(step.inputs) else None
         for storage in fw.aliasing.storages_of(ph):
             add(fw_name, storage, category, BEFORE, None, identity)
-        if category == "parameters" and identity is not None and identity in step.grads_held:
+        if identity is not None and identity in step.grads_held:  # a parameter, or a leaf input
             value = meta.tensor_value(ph)
             if value is not None and value.device == device:
                 nbytes = concrete_int(value.numel()) * value.element_size()

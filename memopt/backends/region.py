@@ -83,16 +83,27 @@ def describe_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[
 
 
 def grads_held(inputs: Sequence[InputInfo], values: Sequence[Any]) -> frozenset[int]:
-    """The identities of the parameters among ``values`` (a region's inputs, described
-    by ``inputs``) whose ``.grad`` is set: a step starting now adds its gradients into
-    them (gradient accumulation) instead of creating them. Only plain tensors count: not
-    fake example inputs, nor `memopt.optim.in_backward.ConsumedGrad` (a marker that holds
-    no memory)."""
+    """The identities of the leaves among ``values`` (a region's inputs, described by
+    ``inputs``: parameters, or inputs that require a gradient) whose ``.grad`` is set: a
+    step starting now adds its gradients into them (gradient accumulation) instead of
+    creating them. A sharded parameter (a DTensor) counts by its local gradient, and so
+    does the full-size accumulator `memopt.distributed` reads as an input while gradient
+    sync is off. Only real tensors count: not fake example inputs, nor
+    `memopt.optim.in_backward.ConsumedGrad` (a marker that holds no memory)."""
+    from torch.distributed.tensor import DTensor
+
+    def holds(value: Any) -> bool:
+        if not isinstance(value, torch.Tensor) or not value.is_leaf:
+            return False
+        grad = value.grad
+        if type(value) is DTensor:
+            return type(grad) is DTensor and type(grad.to_local()) is torch.Tensor
+        return type(value) in (torch.Tensor, torch.nn.Parameter) and type(grad) is torch.Tensor
+
     return frozenset(
         info.identity
         for info, value in zip(inputs, values)
-        if info.kind == "parameter" and info.identity is not None and type(value) in (torch.Tensor, torch.nn.Parameter)
-        and type(value.grad) is torch.Tensor
+        if info.kind in ("parameter", "input") and info.identity is not None and holds(value)
     )  # fmt: skip
 
 

@@ -296,7 +296,8 @@ class CompiledRegion(WatchedRegion):
         if held <= self.compiler.grads_held:
             return
         if not self.can_replan:
-            self._warn_unplanned_grads(args, held - self.compiler.grads_held)
+            if self.compiler.config.memory_budget is not None:  # without one, no budget to exceed
+                self._warn_unplanned_grads(args, held - self.compiler.grads_held)
             return
         old = self.compiler
         context = old.context
@@ -322,6 +323,8 @@ class CompiledRegion(WatchedRegion):
         """Once per region: a call found gradients held that its plan did not count,
         and it cannot be planned again (`can_replan`): say by how much the step's peak
         may exceed the budget, why, and what to do."""
+        from torch.distributed.tensor import DTensor
+
         if self._unplanned_grads_warned:
             return
         self._unplanned_grads_warned = True
@@ -330,8 +333,14 @@ class CompiledRegion(WatchedRegion):
             for info, value in zip(self.compiler.inputs, args)
             if info.identity in unplanned and isinstance(value, torch.Tensor)
         }
-        nbytes = sum(g.untyped_storage().nbytes() for g in grads.values() if g is not None)
-        if self._fakes is None:
+        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads.values() if g is not None]
+        nbytes = sum({g.untyped_storage()._cdata: g.untyped_storage().nbytes() for g in local}.values())  # views of one bucket
+        if self._fakes is None and any(isinstance(v, DTensor) for v in args):
+            why = (
+                "its inputs are sharded parameters (DTensors, memopt.distributed), which memopt does not trace "
+                "again"
+            )
+        elif self._fakes is None:
             why = (
                 "it cannot be traced again: its inputs have dynamic shapes or are not plain tensors "
                 "(compile with dynamic=False to let it be planned again)"
