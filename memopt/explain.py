@@ -60,7 +60,8 @@ def explain(
                 torch.autograd.grad(loss, leaves, allow_unused=True)
     return Explanation(
         list(records), config, graph_breaks=counts.new_graph_breaks(),
-        skipped_frames=counts.new_skipped_frames(), sharded_model=_sharded_model(fn),
+        skipped_frames=counts.new_skipped_frames(), unsupported=counts.new_unsupported(),
+        sharded_model=_sharded_model(fn),
     )
 
 
@@ -119,6 +120,7 @@ def record(optimizer: Any = None) -> Iterator[Explanation]:
         finally:
             explanation.graph_breaks = counts.new_graph_breaks()
             explanation.skipped_frames = counts.new_skipped_frames()
+            explanation.unsupported = counts.new_unsupported()
 
 
 def _sharded_model(fn: Any) -> Any:

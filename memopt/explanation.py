@@ -64,6 +64,10 @@ class Explanation:
     """Frames Dynamo skipped whole while this explanation recorded (a graph break
     inside a loop), each with the graph break that caused it: they ran eagerly, and
     nothing in them reached memopt (`memopt.backends.graph_breaks`)."""
+    unsupported: list[str] = field(default_factory=list)
+    """Constructs Dynamo did not support while this explanation recorded, beyond the
+    graph breaks and skipped frames (`memopt.backends.graph_breaks`): when no region
+    reached memopt, the likely reason (an ``nn.LSTM``: Dynamo ran its caller eagerly)."""
     sharded_model: Any = None
     """The model `memopt.distributed.shard` sharded, when `explain` was given it (or a
     bound method of it): ``report()`` adds its per-rank section
@@ -136,7 +140,7 @@ class Explanation:
         if not parts:
             raise ValueError(
                 "no region was compiled by memopt's pipeline, so there is no timeline"
-                + (f"; {self._skipped_text()}" if self.skipped_frames else "" if self.regions else f"; {_NOTHING_COMPILED}")
+                + (f"; {self._skipped_text()}" if self.skipped_frames else "" if self.regions else f"; {self._nothing_text()}")
             )
         repeats = max(r.repeats for r in regions)  # several calls before one backward
         return compose_repeated_calls(parts, repeats, [r.kept_outputs for r in regions], input_sources(regions))
@@ -337,6 +341,18 @@ class Explanation:
             "(docs/remat.md, \"Graph breaks\")"
         )
 
+    def _nothing_text(self) -> str:
+        """Why no region reached memopt: the unsupported constructs Dynamo met, if it
+        met any, else the usual causes."""
+        if not self.unsupported:
+            return _NOTHING_COMPILED
+        met = "; ".join(reason.rstrip(".") for reason in self.unsupported)
+        return (
+            "nothing reached memopt while this explanation recorded: Dynamo met code it does not support and "
+            f"ran the frame holding it eagerly, without memopt (no plan, no memory_budget): {met}. Follow "
+            "Dynamo's hint, or compile the supported parts (the modules around it) separately"
+        )
+
     def _skipped_frame_lines(self) -> list[str]:
         """The frames Dynamo skipped whole (nothing in them compiled, planned or budgeted)."""
         return [wrap(self._skipped_text() + ".")] if self.skipped_frames else []
@@ -383,7 +399,7 @@ class Explanation:
         if isinstance(top, bool) or not isinstance(top, int) or top < 0:
             raise ValueError(f"report(top={top!r}): top is how many saved values to list, an int >= 0 (0 lists none).")
         if not self.regions and not self.skipped_frames:
-            return "memopt explanation: 0 region(s)\n" + wrap(_NOTHING_COMPILED + ".")
+            return "memopt explanation: 0 region(s)\n" + wrap(self._nothing_text() + ".")
         lines = [
             f"memopt explanation: {len(self.regions)} region(s), codegen={self.codegen}"
             + ("" if self.ran_backward else " (forward only)")

@@ -586,6 +586,33 @@ def test_report_names_a_frame_dynamo_skipped_whole_after_a_graph_break_in_a_loop
         torch._dynamo.reset()
 
 
+def test_report_names_the_unsupported_construct_when_nothing_reached_memopt():
+    """An ``nn.LSTM`` makes Dynamo run its caller's frame eagerly without naming the frame
+    ("frame skipped" is not in its reason): nothing reaches memopt. The report and the
+    estimate's error name the construct and Dynamo's hint (they blamed a compile before
+    ``record()``); a model with no such construct keeps the usual text."""
+
+    class Tagger(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.rnn = torch.nn.Embedding(50, 8), torch.nn.LSTM(8, 16, batch_first=True)
+
+        def forward(self, x):
+            return self.rnn(self.emb(x))[0].sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(Tagger(), backend="memopt", options={**EAGER, "memory_budget": "1MiB"})
+    with memopt.record() as ex:
+        compiled(torch.randint(0, 50, (2, 6))).backward()
+    assert ex.regions == [] and ex.skipped_frames == []
+    text = " ".join(ex.report().split())
+    assert "Dynamo met code it does not support" in text and "LSTM(8, 16, batch_first=True)" in text, text
+    assert "allow_rnn=True" in text and "compiled before memopt.record()" not in text, text
+    with pytest.raises(ValueError, match="does not support"):
+        ex.estimated_peak_bytes
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("command", [["report"], ["fit", "--budget", "3MiB"]])
 def test_cli_factory_that_raises_is_an_error_without_memopt_frames(tmp_path, capsys, command):
     """A factory that raises is the user's input error: exit status 2, "memopt: error:"

@@ -5,7 +5,9 @@ code into regions, and the frames it skipped whole, which never reach memopt.
 A graph break inside a ``for``/``while`` loop (a ``print`` or ``.item()`` in a layer
 loop) cannot be resumed after: Dynamo skips the whole frame and runs it eagerly
 ("graph break in loop"), so nothing in it is compiled, planned or budgeted, and no
-backend is called to notice. `memopt.explain` and `memopt.record` report such frames.
+backend is called to notice. `memopt.explain` and `memopt.record` report such frames,
+and, when nothing reached memopt at all, the unsupported constructs Dynamo met (an
+``nn.LSTM`` makes it run its caller's frame eagerly without naming the frame).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ __all__ = ["DynamoCounts", "dynamo_counts"]
 
 _SKIPPED = re.compile(r"frame skipped: (.+)")
 _CHAINED = "*** While handling this graph break, another graph break occurred: ***"
+_CONTEXT = "Developer debug context:"
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,25 @@ class DynamoCounts:
             if frame is not None:
                 cause = reason.split(_CHAINED, 1)[0]
                 out.append(f"{frame.group(1).strip()}: {_summary(cause)}")
+        return out
+
+
+    def new_unsupported(self) -> list[str]:
+        """Constructs Dynamo did not support since this snapshot that neither broke a
+        graph nor skipped a named frame (`new_skipped_frames`): an ``nn.LSTM`` makes
+        Dynamo run the frame that calls it eagerly without naming it. A data-dependent
+        branch is counted so too, and splits its frame instead: read these only when
+        nothing reached memopt. Each as its summary and the debug context that names
+        the construct (``LSTM(16, 32, batch_first=True)``)."""
+        new = _new(self.unimplemented, dynamo_counts().unimplemented)
+        chained = [reason for reason in new if _SKIPPED.search(reason)]
+        out = []
+        for reason in new:
+            if _SKIPPED.search(reason) or any(c.startswith(reason) for c in chained):
+                continue
+            context = [line.strip() for line in reason.splitlines() if line.strip().startswith(_CONTEXT)]
+            named = f" ({context[0][len(_CONTEXT):].strip()})" if context else ""
+            out.append(f"{_summary(reason)}{named}")
         return out
 
 
