@@ -61,7 +61,7 @@ def explain(
     return Explanation(
         list(records), config, graph_breaks=counts.new_graph_breaks(),
         skipped_frames=counts.new_skipped_frames(), unsupported=counts.new_unsupported(),
-        sharded_model=_sharded_model(fn),
+        sharded_model=_sharded_model(fn), one_step=True,
     )
 
 

@@ -64,6 +64,9 @@ class Explanation:
     """Frames Dynamo skipped whole while this explanation recorded (a graph break
     inside a loop), each with the graph break that caused it: they ran eagerly, and
     nothing in them reached memopt (`memopt.backends.graph_breaks`)."""
+    one_step: bool = False
+    """Made by `memopt.explain`, which runs one step: a step of several regions was not
+    planned as a whole (a training loop plans it so from its second step)."""
     unsupported: list[str] = field(default_factory=list)
     """Constructs Dynamo did not support while this explanation recorded, beyond the
     graph breaks and skipped frames (`memopt.backends.graph_breaks`): when no region
@@ -286,12 +289,22 @@ class Explanation:
 
     def _budget_note(self) -> list[str]:
         """A line when the step's regions were planned under different budgets (each a
-        fraction of its own peak, planned alone): the step has no one budget to show."""
+        fraction of the peak it saw when it compiled: planned alone, or by `memopt.explain`,
+        which does not plan a step as a whole): the step has no one budget to show."""
         budgets = self._region_budgets()
         if len(set(budgets.values())) < 2:
             return []
         each = ", ".join(f"{region}: {format_bytes(b)}" for region, b in budgets.items())
-        return [wrap(f"regions planned under different budgets ({each}), each alone: no budget for the step as a whole")]
+        text = (
+            f"regions planned under different budgets ({each}), each a fraction of the peak its region saw when "
+            "it compiled: no budget for the step as a whole"
+        )
+        if self.one_step:
+            text += (
+                " (memopt.explain runs one step; a training loop plans a step of several regions as a whole, "
+                "under one budget, from its second step: memopt.record over a few steps shows that plan)"
+            )
+        return [wrap(text)]
 
     def _other_model_lines(self) -> list[str]:
         """A line naming the training regions of another model whose step ran before

@@ -211,6 +211,22 @@ def test_summary_budget_is_the_budget_of_the_step_it_sums():
     assert "memory budget" not in summary
     assert "regions planned under different budgets" in summary and all(r in summary for r in budgets)
     assert explanation.to_dict()["budget_bytes"] is None
+    assert "memopt.explain runs one step" not in summary  # record() of a loop: planned alone, as asked
+
+
+def test_explain_says_a_step_of_several_regions_is_planned_whole_only_in_a_loop():
+    """`memopt.explain` runs one step, so regions split by a graph break keep the
+    budgets they compiled under (a fraction of the peak each saw); the summary says so
+    and that a training loop plans the step under one budget (it said "each alone",
+    while the later region was planned with the earlier one)."""
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", memopt.MemoptBudgetWarning)
+        explanation = memopt.explain(_BreakBeforeLoss(), torch.randn(8, 16), options={**EAGER, "memory_budget": 0.5})
+    summary = " ".join(explanation.report().split("\n\n")[1].split())
+    assert "regions planned under different budgets" in summary, summary
+    assert "memopt.explain runs one step; a training loop plans a step of several regions as a whole" in summary
+    torch._dynamo.reset()
 
 
 def test_dumped_graphs_load_and_run_as_python(tmp_path):
