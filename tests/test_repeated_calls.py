@@ -167,3 +167,47 @@ def test_the_step_estimate_counts_every_pending_call_without_a_budget() -> None:
     assert record.repeats == 1
     estimate = explanation.estimated_peak_bytes
     assert abs(estimate - peaks[-1]) <= 0.05 * peaks[-1], (estimate, peaks)
+
+
+class _Split(nn.Module):
+    """`_model`'s layers with a graph break in the middle: two regions a step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers = list(_model())
+        self.first, self.second = nn.Sequential(*layers[:4]), nn.Sequential(*layers[4:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x)
+        torch._dynamo.graph_break()
+        return self.second(h)
+
+
+def test_a_step_of_several_regions_called_twice_is_planned_for_both_calls() -> None:
+    """A graph break splits the model into two regions, and the step calls it twice
+    before one backward. When the second step completes, both regions are planned for
+    the step's two calls (`Observed.repeats`): from the third step on the measured peak
+    is within the budget (each region kept its plan for one call, and warned that the
+    budget did not hold), the plans say so, and the gradients are bitwise the
+    unbudgeted run's."""
+    a, b = torch.randn(1024, 32), torch.randn(1024, 32)
+    torch.manual_seed(0)
+    reference = _Split()
+    torch._dynamo.reset()
+    free = _run(torch.compile(reference, backend="memopt", options=EAGER), reference, a, b, steps=1)[0]
+    budget = int(0.7 * free)
+    torch.manual_seed(0)
+    model = _Split()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="memopt", options={**EAGER, "memory_budget": budget})
+    with warnings.catch_warnings(), memopt.record() as explanation:
+        warnings.simplefilter("error", memopt.MemoptBudgetWarning)
+        peaks = _run(compiled, model, a, b, steps=4)
+    assert max(peaks[2:]) <= budget * 1.05, (peaks, budget)
+    plans = [r.plan for r in explanation.step_regions()]
+    assert len(plans) == 2 and all(p is not None and p.feasible for p in plans)
+    assert all("2 calls before one backward" in " ".join(p.notes) for p in plans), [p.notes for p in plans]
+    assert abs(explanation.estimated_peak_bytes - peaks[-1]) <= 0.05 * peaks[-1], (explanation.estimated_peak_bytes, peaks)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None and torch.equal(p.grad, q.grad)
+    torch._dynamo.reset()

@@ -67,7 +67,7 @@ from torch.utils._pytree import tree_leaves
 
 from memopt.backends.record import RegionRecord
 
-__all__ = ["OutputRefs", "Run", "Source", "StepTracker", "Watched", "backward_node", "kept_outputs"]
+__all__ = ["OutputRefs", "Run", "Source", "StepTracker", "Watched", "backward_node", "kept_outputs", "round_length"]
 
 log = logging.getLogger("memopt")
 
@@ -237,8 +237,8 @@ class StepTracker:
             self._remember(run)
             if region.tracking and not fake:  # a step on fake tensors is recorded, not planned
                 self._forget_abandoned()
-                if any(r.region is region for r in self.runs):  # again before its backward: not one clean step
-                    self.runs, self.backward_order = [], []
+                if any(r.region is region for r in self.runs) and not _next_round(self.runs, self.backward_order, region):
+                    self.runs, self.backward_order = [], []  # again before its backward: not one clean step
                 self.runs.append(run)
         if record is not None:
             record.input_sources = {pos: (s.region, s.output) for pos, s in run.sources.items()}
@@ -292,6 +292,23 @@ class StepTracker:
         self.step_done(runs, order)
         return None
 
+
+
+def round_length(runs: Sequence[Run]) -> int:
+    """How many regions one call of the step runs: ``runs`` is whole calls of the same
+    regions in the same order (``loss = f(model(a), model(b))`` over a model a graph
+    break splits: A, B, A, B), or one call (A, B: its length)."""
+    first = runs[0].region if runs else None
+    return next((i for i, r in enumerate(runs) if i and r.region is first), len(runs))
+
+
+def _next_round(runs: list[Run], backward_order: list[Run], region: Watched) -> bool:
+    """``region``, called again while its earlier run waits for its backward, continues
+    whole calls of the step's regions (`round_length`): no backward has started, and it
+    is the region the earlier call ran at this position."""
+    if backward_order or not runs:
+        return False
+    return runs[len(runs) - round_length(runs)].region is region
 
 
 def backward_node(tensors: list[torch.Tensor]) -> Any:

@@ -182,9 +182,11 @@ class CompiledRegion(WatchedRegion):
         """Whether its plan assumed handed on an earlier region's outputs that
         ``observed`` shows the caller keeps (it was planned in a context with no
         observations, `memopt.backends.wholestep`, move 1, or with a step that kept
-        fewer)."""
+        fewer), or fewer calls before one backward than ``observed`` ran."""
         context = self.compiler.context
         planned = context.kept_outputs if context is not None else ()
+        if (context.repeats if context is not None else 0) < observed.repeats:
+            return True  # planned for fewer calls before one backward
         return any(
             kept - ((planned[i] or frozenset()) if i < len(planned) else frozenset())
             for i, kept in enumerate(observed.kept_outputs[:-1])
@@ -235,17 +237,22 @@ class CompiledRegion(WatchedRegion):
     def _plan_repeated_calls(self, pending: int) -> None:
         """The region runs while ``pending`` earlier calls of it wait for their backward
         (`memopt.backends.repeats`): each holds its saved activations, so a plan for
-        fewer calls does not hold the budget. Compile again, planned for this many
-        calls under one plan (`StepContext.repeats`): this call and every later one
-        run it (the pending calls ran the earlier plan, so this step's peak may still
-        be above the budget; the next ones are not). Where it cannot be compiled
-        again, warn once, with the bytes and the fixes."""
+        fewer calls does not hold the budget. A region that is its step alone is
+        compiled again now, planned for this many calls under one plan
+        (`StepContext.repeats`): this call and every later one run it (the pending
+        calls ran the earlier plan, so this step's peak may still be above the budget;
+        the next ones are not). A region of a step of several (a graph break) is
+        planned with the others when the step's backward completes, for the next step
+        (`memopt.backends.wholestep`). Where it cannot be compiled again, warn once,
+        with the bytes and the fixes."""
         context = self.compiler.context
         planned = context.repeats if context is not None else 0
         if pending <= planned:
             return
         others = [r for r in self.tracker.waiting() if r is not self]  # other regions of this step, so far
         alone = not others and (context is None or not (context.earlier or context.later)) and self.decided is None
+        if not alone and self.tracking and self.can_replan:
+            return  # when this step's backward completes, its regions are planned for its calls (`wholestep`)
         if self.can_replan and alone:
             assert self._fakes is not None
             repeated = StepContext(repeats=pending) if context is None else dataclasses.replace(context, repeats=pending)
@@ -259,8 +266,9 @@ class CompiledRegion(WatchedRegion):
             why = "it cannot be traced again (its inputs have dynamic shapes or are not plain tensors)"
         elif not alone:
             why = (
-                "it is one of several regions of its step (a graph break); planning a step of several "
-                "regions for several calls is not implemented"
+                "it is one of several regions of its step (a graph break), and its steps did not run in the "
+                "pattern memopt plans (every region's forward, again for each call, then the backwards in "
+                "reverse order)"
             )
         else:
             why = f"it was planned again {self.replans} times already (MAX_REPLANS)"
@@ -418,19 +426,24 @@ class Observed:
 
     kept_outputs: tuple[frozenset[int], ...]
     input_sources: tuple[dict[int, tuple[int, int]], ...]
+    repeats: int = 0
+    """Earlier calls of the step's regions whose backward had not started when the
+    latest call ran (`StepContext.repeats`)."""
 
     def covers(self, other: Observed) -> bool:
         """Whether a plan made for this observation holds for a step run as ``other``
         (the same regions): every output of a non-final region it shows kept is kept
         here too (an output kept here and handed on there only leaves the plan room;
-        the final region's outputs are live after the step either way)."""
+        the final region's outputs are live after the step either way), and it ran
+        no more calls before one backward."""
         pairs = zip(self.kept_outputs[:-1], other.kept_outputs[:-1], strict=True)
-        return all(theirs <= ours for ours, theirs in pairs)
+        return other.repeats <= self.repeats and all(theirs <= ours for ours, theirs in pairs)
 
     def merged(self, other: Observed) -> Observed:
-        """The outputs either kept, with ``other``'s input sources (the same regions)."""
+        """The outputs either kept and the more calls, with ``other``'s input sources
+        (the same regions)."""
         kept = tuple(ours | theirs for ours, theirs in zip(self.kept_outputs, other.kept_outputs, strict=True))
-        return Observed(kept, other.input_sources)
+        return Observed(kept, other.input_sources, max(self.repeats, other.repeats))
 
 
 def _context_of(step: list[CompiledRegion], i: int, observed: Observed) -> StepContext:
@@ -438,7 +451,7 @@ def _context_of(step: list[CompiledRegion], i: int, observed: Observed) -> StepC
     plan: checked when the step completed), as planned now."""
     earlier, later = [r.in_step() for r in step[:i]], [r.in_step() for r in step[i + 1 :]]
     assert None not in earlier and None not in later
-    return StepContext(tuple(earlier), tuple(later), observed.kept_outputs, observed.input_sources)  # type: ignore[arg-type]
+    return StepContext(tuple(earlier), tuple(later), observed.kept_outputs, observed.input_sources, observed.repeats)  # type: ignore[arg-type]
 
 
 _ONE_STEP: contextvars.ContextVar[bool] = contextvars.ContextVar("memopt_one_step", default=False)

@@ -47,8 +47,9 @@ whole, they state the same budget and step peak.
 
 Re-planning happens only under a memory budget, and only for graphs with static shapes
 (it traces the Dynamo graph again on fake copies of the example inputs). A step that
-does not follow the forward-in-order, backward-in-reverse pattern (gradient
-accumulation, a forward with no backward) is not used: before a decision its regions
+does not follow the forward-in-order, backward-in-reverse pattern (a forward with no
+backward) is not used (a step that runs its regions again before one backward, in the
+same order, is that pattern: planned for its calls, `Observed.repeats`): before a decision its regions
 stay planned alone, after one it changes nothing. Nor is a step that mixes regions
 planned for another step with others (a branch after a graph break that runs another
 loss region): the planned regions keep the plan for their step. A step in which the caller keeps
@@ -68,7 +69,7 @@ from __future__ import annotations
 import logging
 import warnings
 
-from memopt.backends.steptracker import Run, StepTracker
+from memopt.backends.steptracker import Run, StepTracker, round_length
 from memopt.backends.watched import (
     OBSERVED_STEPS,
     CompiledRegion,
@@ -89,8 +90,12 @@ def _step_done(runs: list[Run], order: list[Run]) -> None:
     caller kept outputs, it was not the compile step), re-plan the non-final ones (the
     final one too if it assumed kept outputs handed on) and go on watching them (move
     4); else stop watching regions seen in `OBSERVED_STEPS` steps (or in a one-region
-    step). Regions that keep their plan emit the warnings they held."""
-    regions = _regions(runs)
+    step). Regions that keep their plan emit the warnings they held.
+
+    ``runs`` may be several calls of the step's regions before one backward (A, B, A,
+    B: `memopt.backends.steptracker.round_length`): the regions are planned for that
+    many calls (`Observed.repeats`), as observed in the latest."""
+    regions = _regions(runs[: round_length(runs)])
     try:
         _decide(runs, order, regions)
     finally:
@@ -161,12 +166,13 @@ def _decide(runs: list[Run], order: list[Run], regions: list[CompiledRegion]) ->
     step already planned) re-plan again when the caller now keeps outputs the plan
     assumed handed on."""
     decided = _decided(regions)
+    n = round_length(runs)
     for region in regions:
         region.steps_seen += 1
         # A region planned for its step is watched whatever this step was (move 4).
-        region.tracking = region.decided is not None or (len(runs) > 1 and region.steps_seen < OBSERVED_STEPS)
-    if len(runs) < 2:
-        return
+        region.tracking = region.decided is not None or (n > 1 and region.steps_seen < OBSERVED_STEPS)
+    if n < 2:
+        return  # one region: several calls of it are planned at the call that finds them (`watched`)
     if decided is None and any(r.decided is not None for r in regions):
         log.debug("a step mixes regions planned for another step with others; it is not used for planning")
         return
@@ -183,10 +189,13 @@ def _decide(runs: list[Run], order: list[Run], regions: list[CompiledRegion]) ->
             region.tracking = False
         log.info("a region of the step has no memory plan to compose; the step's regions stay planned alone")
         return
+    repeats = len(runs) // n - 1  # earlier calls of the step's regions, each pending through the latest
+    runs = runs[-n:]  # the latest call: what the caller kept, where inputs came from
     index = {r.serial: i for i, r in enumerate(runs)}
     observed = Observed(
         tuple(r.kept or frozenset() for r in runs),
         tuple({pos: (index[s.run], s.output) for pos, s in r.sources.items() if s.run in index} for r in runs),
+        repeats,
     )
     if decided is not None:
         if decided.covers(observed):

@@ -76,18 +76,14 @@ class StepContext:
     """Per region: input position -> (index of the earlier region in the step, its
     output position), for inputs that were an earlier region's outputs (observed)."""
     repeats: int = 0
-    """Earlier calls of the planned region whose backward has not started when it runs
-    (observed, `memopt.backends.repeats`), each under the same plan. Only for a region
-    that is the whole step (no ``earlier`` or ``later`` region)."""
+    """Earlier calls of the step's regions whose backward has not started when the
+    latest call runs (observed: `memopt.backends.repeats`, `memopt.backends.wholestep`),
+    each under the same plans: the step runs its regions ``repeats + 1`` times before
+    one backward."""
 
     def __post_init__(self) -> None:
         if self.repeats < 0:
             raise ValueError(f"StepContext.repeats is {self.repeats}; it counts earlier calls, 0 or more")
-        if self.repeats and (self.earlier or self.later):
-            raise ValueError(
-                "StepContext.repeats is for a region that is the whole step; this context has "
-                f"{len(self.earlier) + len(self.later)} other region(s)"
-            )
         for name in ("kept_outputs", "input_sources"):
             given = getattr(self, name)
             if given and len(given) != self.num_regions:
@@ -101,8 +97,6 @@ class StepContext:
         """The step's timeline with ``timeline`` (a timeline of ``step``, the planned
         region) in its place among the other regions, as they are planned now (or
         after its earlier calls under the same plan: ``repeats``)."""
-        if self.repeats:
-            return compose_repeated_calls([(step, timeline)], self.repeats)
         return self._compose(
             [*((r.step, r.after) for r in self.earlier), (step, timeline), *((r.step, r.after) for r in self.later)]
         )
@@ -110,8 +104,6 @@ class StepContext:
     def unoptimized_peak(self, step: StepGraphs, before: MemoryTimeline) -> int:
         """The step's estimated peak with no region optimized (``before``: the planned
         region's unoptimized timeline): what a fractional budget is a fraction of."""
-        if self.repeats:
-            return compose_repeated_calls([(step, before)], self.repeats).peak_bytes
         parts = [
             *((r.step_before, r.before) for r in self.earlier),
             (step, before),
@@ -120,27 +112,32 @@ class StepContext:
         return self._compose(parts).peak_bytes
 
     def _compose(self, parts: list[tuple[StepGraphs, MemoryTimeline]]) -> MemoryTimeline:
+        if self.repeats:
+            return compose_repeated_calls(parts, self.repeats, self.kept_outputs or None, self.input_sources or None)
         return compose_timelines(parts, self.kept_outputs or None, self.input_sources or None)
 
     def scope(self) -> str:
         """What the region was planned for, in a few words (for messages)."""
-        if self.repeats:
-            return f"planned for {self.repeats + 1} calls before one backward"
-        return "planned in its step"
+        calls = f"{self.repeats + 1} calls before one backward" if self.repeats else ""
+        if self.earlier or self.later:
+            return "planned in its step" + (f" of {calls}" if calls else "")
+        return f"planned for {calls}" if calls else "planned in its step"
 
     def describe(self) -> str:
         """One line for the plan's notes."""
-        if self.repeats:
-            return (
-                f"{self.scope()} (the region ran again before its previous call's backward): peaks and the "
-                "budget hold every call's saved activations"
-            )
+        again = (
+            f"{self.repeats + 1} calls before one backward (the regions ran again before their previous "
+            "call's backward): peaks and the budget hold every call's saved activations"
+        )
+        if self.repeats and not (self.earlier or self.later):
+            return f"planned for {again}"
         names = ", ".join([*(r.name for r in self.earlier), "this region", *(r.name for r in self.later)])
         kept = sum(len(k) for k in self.kept_outputs[:-1] if k)
         held = f"; {kept} output(s) kept by the caller through backward" if kept else ""
+        calls = f"; {again}" if self.repeats else ""
         return (
             f"planned for the whole step: {self.num_regions} regions split by graph breaks ({names}); "
-            f"peaks and the budget are the step's{held}"
+            f"peaks and the budget are the step's{held}{calls}"
         )
 
 
