@@ -5,9 +5,9 @@ keeps every state tensor's dtype.
 ``torch.optim.Optimizer.load_state_dict`` casts every floating-point parameter's state
 tensors to the parameter's dtype. That is right for Adam's moments and wrong here: it would
 turn 8-bit codes into floats (4x the memory, and unusable as indices) and round the fp32
-low-rank moments of a bf16 weight to bf16. memopt's loading casts only the state shaped
-like the parameter (the moments of the parameters that get plain AdamW, which are created
-in the parameter's dtype), so an fp32 checkpoint resumes on bf16 parameters; the rest keeps
+low-rank moments of a bf16 weight to bf16. memopt's loading casts only plain AdamW's
+moments (``exp_avg`` and ``exp_avg_sq`` shaped like the parameter, created in the
+parameter's dtype), so an fp32 checkpoint resumes on bf16 parameters; the rest keeps
 its saved dtype, and every tensor moves to its parameter's device.
 """
 
@@ -87,7 +87,7 @@ class MemoptOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load ``state_dict`` as ``torch.optim.Optimizer`` does, but keep the saved dtype
         of the state that has its own (8-bit codes, fp32 scales, fp32 low-rank moments and
-        projectors); state shaped like the parameter (plain AdamW's moments) takes the
+        projectors); plain AdamW's moments take the
         parameter's dtype, as under torch (`_placed`). Every tensor moves to its
         parameter's device. Like torch, a state tensor already of the right device and
         dtype is used as is, not copied, and the load hooks see the whole dict (pre-hooks,
@@ -116,20 +116,26 @@ class MemoptOptimizer(torch.optim.Optimizer):
                     f"which no saved param group lists (ids {saved_ids})"
                 )
             param = by_id[pid]
-            self.state[param] = {key: _placed(value, param) for key, value in state.items()}
+            self.state[param] = {key: _placed(key, value, param) for key, value in state.items()}
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
 
-def _placed(value: Any, param: torch.Tensor) -> Any:
-    """A loaded state value for ``param``: tensors on its device; a floating-point tensor
-    shaped like the parameter (plain AdamW's moments, which the optimizer creates in the
-    parameter's dtype) also in its dtype, as torch's load casts it, so an fp32 checkpoint
-    resumes on bf16 parameters. Other tensors (8-bit codes, fp32 scales, low-rank moments
-    and projectors: never the parameter's shape) keep their saved dtype."""
+ADAMW_MOMENTS: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
+"""The state keys of the moments that follow the parameter's dtype (plain AdamW's, which
+`memopt.optim._adamw.init_adamw_state` creates like the parameter). Low-rank moments
+share the names but never the parameter's shape (their rank is below ``min(m, n)``)."""
+
+
+def _placed(key: str, value: Any, param: torch.Tensor) -> Any:
+    """A loaded state value ``key`` for ``param``: tensors on its device; plain AdamW's
+    moments (`ADAMW_MOMENTS`, shaped like the parameter) also in its dtype, as torch's load
+    casts them, so an fp32 checkpoint resumes on bf16 parameters. Other tensors (8-bit codes,
+    fp32 scales, low-rank moments and projectors) keep their saved dtype, whatever their
+    shape: the one fp32 scale per moment of a 1-element parameter is shaped like it."""
     if not isinstance(value, torch.Tensor):
         return value
-    if value.is_floating_point() and param.is_floating_point() and value.shape == param.shape:
+    if key in ADAMW_MOMENTS and value.is_floating_point() and param.is_floating_point() and value.shape == param.shape:
         return value.to(device=param.device, dtype=param.dtype)
     return value.to(device=param.device)
 

@@ -76,3 +76,28 @@ def test_load_rejects_mismatched_groups() -> None:
     other = SubspaceAdamW([model[0].weight], rank=4)
     with pytest.raises(ValueError):
         other.load_state_dict(saved(opt.state_dict()))
+
+
+def test_load_keeps_the_fp32_scales_of_a_one_element_bf16_parameter() -> None:
+    """A 1-element parameter quantized in 8 bits (``min_8bit_size=0``) has one fp32 scale
+    per moment, shaped (1,) like the parameter: the load casts only plain AdamW's moments
+    to the parameter's dtype, so the scales stay fp32 (cast to bf16, the first step after
+    the resume raised) and the resumed steps equal the uninterrupted ones."""
+    param = torch.nn.Parameter(torch.tensor([0.5], dtype=torch.bfloat16))
+    opt = AdamW8bit([param], lr=1e-2, block_size=16, min_8bit_size=0)
+
+    def run(p: torch.Tensor, o: AdamW8bit, steps: range) -> None:
+        for i in steps:
+            p.grad = torch.full_like(p, 0.3 + 0.01 * i)
+            o.step()
+
+    run(param, opt, range(3))
+    checkpoint = saved({"param": param.detach().clone(), "opt": opt.state_dict()})
+    run(param, opt, range(3, 6))
+    resumed = torch.nn.Parameter(checkpoint["param"])
+    resumed_opt = AdamW8bit([resumed], lr=1e-2, block_size=16, min_8bit_size=0)
+    resumed_opt.load_state_dict(checkpoint["opt"])
+    assert resumed_opt.state[resumed]["exp_avg_scale"].dtype == torch.float32
+    assert resumed_opt.state[resumed]["exp_avg_sq_scale"].dtype == torch.float32
+    run(resumed, resumed_opt, range(3, 6))
+    assert torch.equal(resumed, param)
