@@ -16,7 +16,7 @@ import torch
 
 from memopt.codegen._chunks import pieces
 
-__all__ = ["adam_coefficients", "init_adamw_state", "adamw_update", "adamw_group_step"]
+__all__ = ["ADAMW_STATE_KEYS", "adam_coefficients", "init_adamw_state", "adamw_update", "adamw_group_step"]
 
 
 def adam_coefficients(group: Mapping[str, Any], step: int, scale: float = 1.0) -> dict[str, float]:
@@ -34,6 +34,10 @@ def adam_coefficients(group: Mapping[str, Any], step: int, scale: float = 1.0) -
         "bias_correction2_sqrt": (1 - beta2**step) ** 0.5,
         "decay": 1 - lr * group["weight_decay"],
     }
+
+
+ADAMW_STATE_KEYS: frozenset[str] = frozenset({"step", "exp_avg", "exp_avg_sq"})
+"""The state of a parameter that gets plain AdamW (`init_adamw_state`)."""
 
 
 def init_adamw_state(param: torch.Tensor) -> dict[str, Any]:

@@ -51,6 +51,26 @@ class MemoptOptimizer(torch.optim.Optimizer):
         """Raise ``ValueError`` naming any invalid option of ``group``."""
         raise NotImplementedError
 
+    def _state_keys(self, param: torch.Tensor, group: Mapping[str, Any]) -> frozenset[str]:
+        """The keys of the state this optimizer makes for ``param`` under ``group``'s
+        options (a loaded state is checked against them: `_check_loaded`)."""
+        raise NotImplementedError
+
+    def _check_loaded_groups(self, groups: list[dict[str, Any]]) -> None:
+        """Raise ``ValueError`` naming any invalid option of the param groups of a state
+        dict being loaded (each with the missing options filled from the defaults)."""
+        for group in groups:
+            self._check_group(group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """As torch's, then fill each group's missing options from the defaults (torch's
+        optimizers do the same in theirs), so a checkpoint saved before an option existed
+        loads with the option's default."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step over every parameter that has a gradient (`_update` each); ``closure``,
@@ -98,6 +118,7 @@ class MemoptOptimizer(torch.optim.Optimizer):
             if hooked is not None:
                 state_dict = hooked
         saved_state = state_dict["state"]
+        self._check_loaded(state_dict)
         # torch's load runs the hooks itself, but it only sees the groups here: the pre-hooks
         # ran above on the whole dict, and the post-hooks run below once the state is in.
         pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
@@ -120,6 +141,41 @@ class MemoptOptimizer(torch.optim.Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
+    def _check_loaded(self, state_dict: Mapping[str, Any]) -> None:
+        """Refuse, before anything is loaded, a state dict whose groups have invalid
+        options (missing ones take the defaults) or whose state for a parameter is not
+        the state this optimizer keeps for it (`_state_keys`): a checkpoint of another
+        optimizer (``torch.optim.AdamW``'s moments for a weight that AdamW8bit quantizes
+        or GaLore projects, GaLore's projector under SubspaceAdamW) would otherwise load
+        and fail at the first step with a ``KeyError``, or keep tensors nothing uses.
+        Groups that do not match this optimizer's are left to torch's load to refuse."""
+        owner = type(self).__name__
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(saved["params"]) != len(group["params"]) for saved, group in zip(saved_groups, self.param_groups)
+        ):
+            return
+        loaded = [{**self.defaults, **{k: v for k, v in saved.items() if k not in ("params", "param_names")}}
+                  for saved in saved_groups]  # fmt: skip
+        self._check_loaded_groups(loaded)
+        where: dict[Any, tuple[int, torch.Tensor, dict[str, Any]]] = {}
+        for index, (saved, group, options) in enumerate(zip(saved_groups, self.param_groups, loaded)):
+            for pid, param in zip(saved["params"], group["params"]):
+                where[pid] = (index, param, options)
+        for pid, state in state_dict["state"].items():
+            if not state or pid not in where:
+                continue  # no state yet; an unknown id is named by the load
+            index, param, options = where[pid]
+            expected = self._state_keys(param, options)
+            if set(state) != expected:
+                raise ValueError(
+                    f"{owner}.load_state_dict: the state of parameter {pid} (shape {tuple(param.shape)}, param "
+                    f"group {index}) holds {sorted(state)}, but {owner} keeps {sorted(expected)} for it under the "
+                    f"checkpoint's options: the checkpoint was saved by another optimizer (or with options that "
+                    f"change this parameter's state). Resume with the optimizer that saved it, or load only the "
+                    f"model's weights and start {owner} fresh (its moments warm up again)"
+                )
+
 
 ADAMW_MOMENTS: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
 """The state keys of the moments that follow the parameter's dtype (plain AdamW's, which
@@ -132,9 +188,12 @@ def _placed(key: str, value: Any, param: torch.Tensor) -> Any:
     moments (`ADAMW_MOMENTS`, shaped like the parameter) also in its dtype, as torch's load
     casts them, so an fp32 checkpoint resumes on bf16 parameters. Other tensors (8-bit codes,
     fp32 scales, low-rank moments and projectors) keep their saved dtype, whatever their
-    shape: the one fp32 scale per moment of a 1-element parameter is shaped like it."""
+    shape: the one fp32 scale per moment of a 1-element parameter is shaped like it. A 0-dim ``step`` (torch's optimizers save the count as a tensor) becomes
+    the Python int memopt's optimizers count in."""
     if not isinstance(value, torch.Tensor):
         return value
+    if key == "step" and value.dim() == 0:
+        return int(value.item())  # torch's optimizers save it as a tensor; memopt's count in ints
     if key in ADAMW_MOMENTS and value.is_floating_point() and param.is_floating_point() and value.shape == param.shape:
         return value.to(device=param.device, dtype=param.dtype)
     return value.to(device=param.device)

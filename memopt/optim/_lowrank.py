@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from memopt.codegen.lowrank_adam import lowrank_adam_step
-from memopt.optim._adamw import adam_coefficients, adamw_group_step
+from memopt.optim._adamw import ADAMW_STATE_KEYS, adam_coefficients, adamw_group_step
 from memopt.optim._base import MemoptOptimizer
 from memopt.optim._checks import check_adamw_group, check_bool, check_choice, check_int, check_number
 from memopt.optim._projection import PROJ_TYPES, left_form, project, projection_side
@@ -34,6 +34,8 @@ class LowRankAdamW(MemoptOptimizer):
     """Base class: subclasses implement `_init_projection` and `_projector`."""
 
     owner: ClassVar[str] = "LowRankAdamW"
+    projection_keys: ClassVar[frozenset[str]] = frozenset()
+    """The state keys `_init_projection` adds to a low-rank weight's state."""
 
     def __init__(
         self,
@@ -77,6 +79,11 @@ class LowRankAdamW(MemoptOptimizer):
     def uses_lowrank(param: torch.Tensor, group: Mapping[str, Any]) -> bool:
         """Whether ``param`` gets the low-rank update under ``group``'s options."""
         return bool(group["lowrank"]) and param.dim() == 2 and group["rank"] < min(param.shape)
+
+    def _state_keys(self, param: torch.Tensor, group: Mapping[str, Any]) -> frozenset[str]:
+        if not self.uses_lowrank(param, group):
+            return ADAMW_STATE_KEYS
+        return frozenset({"step", "seed", "exp_avg", "exp_avg_sq"}) | self.projection_keys
 
     def _update(
         self,

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from memopt.codegen.adam8bit import SIGNED_ZERO_CODE, CodeTables, adam8bit_step, code_tables
-from memopt.optim._adamw import adam_coefficients, adamw_group_step
+from memopt.optim._adamw import ADAMW_STATE_KEYS, adam_coefficients, adamw_group_step
 from memopt.optim._base import MemoptOptimizer
 from memopt.optim._checks import check_adamw_group, check_int
 from memopt.optim._flat_piece import FlatPiece, piece_blocks, piece_step
@@ -90,6 +90,11 @@ class AdamW8bit(MemoptOptimizer):
     def uses_8bit(param: torch.Tensor, group: Mapping[str, Any]) -> bool:
         """Whether ``param``'s moments are quantized under ``group``'s options."""
         return param.numel() >= group["min_8bit_size"]
+
+    def _state_keys(self, param: torch.Tensor, group: Mapping[str, Any]) -> frozenset[str]:
+        if not self.uses_8bit(param, group):
+            return ADAMW_STATE_KEYS
+        return frozenset({"step", "exp_avg_code", "exp_avg_scale", "exp_avg_sq_code", "exp_avg_sq_scale"})
 
     def set_piece(self, param: torch.Tensor, piece: FlatPiece) -> None:
         """Declare ``param`` (one of this optimizer's) the piece ``piece`` of a larger

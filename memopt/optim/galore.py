@@ -49,6 +49,7 @@ class GaLoreAdamW(LowRankAdamW):
     """
 
     owner = "GaLoreAdamW"
+    projection_keys = frozenset({"projector"})
 
     def __init__(
         self,

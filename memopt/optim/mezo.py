@@ -58,15 +58,29 @@ class MeZO(MemoptOptimizer):
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay, seed=seed))
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
+        self._check_shared(group, self.defaults)
+
+    def _check_loaded_groups(self, groups: list[dict[str, Any]]) -> None:
+        """A checkpoint's groups set eps and seed as the optimizer that saved it did (they
+        replace this one's, as torch's load replaces every option): they must agree with
+        each other, not with this optimizer's constructor."""
+        for group in groups:
+            self._check_shared(group, groups[0])
+
+    def _check_shared(self, group: Mapping[str, Any], reference: Mapping[str, Any]) -> None:
+        """``group``'s lr and weight_decay, and its eps and seed equal to ``reference``'s."""
         check_number(self.owner, "lr", group["lr"], low=0.0)
         check_number(self.owner, "weight_decay", group["weight_decay"], low=0.0)
-        if group["eps"] != self.defaults["eps"] or group["seed"] != self.defaults["seed"]:
+        if group["eps"] != reference["eps"] or group["seed"] != reference["seed"]:
             raise ValueError(
                 f"{self.owner}: a param group sets eps={group['eps']!r}, seed={group['seed']!r}; "
-                f"both must equal the optimizer's (eps={self.defaults['eps']!r}, "
-                f"seed={self.defaults['seed']!r}) "
+                f"both must equal the optimizer's (eps={reference['eps']!r}, "
+                f"seed={reference['seed']!r}) "
                 "because one step takes one finite difference over all parameters"
             )
+
+    def _state_keys(self, param: torch.Tensor, group: Mapping[str, Any]) -> frozenset[str]:
+        return frozenset({"step"})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> float:  # type: ignore[override]

@@ -101,3 +101,65 @@ def test_load_keeps_the_fp32_scales_of_a_one_element_bf16_parameter() -> None:
     assert resumed_opt.state[resumed]["exp_avg_sq_scale"].dtype == torch.float32
     run(resumed, resumed_opt, range(3, 6))
     assert torch.equal(resumed, param)
+
+
+OTHER_OPTIMIZERS = {
+    "AdamW->AdamW8bit": (lambda p: torch.optim.AdamW(p, lr=1e-2), lambda p: AdamW8bit(p, block_size=64, min_8bit_size=100)),
+    "AdamW->GaLoreAdamW": (lambda p: torch.optim.AdamW(p, lr=1e-2), lambda p: GaLoreAdamW(p, rank=4)),
+    "GaLoreAdamW->SubspaceAdamW": (lambda p: GaLoreAdamW(p, rank=4), lambda p: SubspaceAdamW(p, rank=4)),
+    "SubspaceAdamW->GaLoreAdamW": (lambda p: SubspaceAdamW(p, rank=4), lambda p: GaLoreAdamW(p, rank=4)),
+}
+
+
+@pytest.mark.parametrize("pair", sorted(OTHER_OPTIMIZERS))
+def test_a_checkpoint_of_another_optimizer_is_refused_when_loaded(pair: str) -> None:
+    """The state of a weight that this optimizer keeps otherwise (AdamW's moments where
+    AdamW8bit keeps codes or GaLore a projector; GaLore's projector under Subspace) is
+    refused by the load, naming the parameter, both layouts and the fix, and nothing is
+    loaded. Before, the load took it and the first step raised ``KeyError: 'lowrank'``
+    (``'min_8bit_size'``, ``'projector'``), or trained with the projector kept unused."""
+    make_saver, make_loader = OTHER_OPTIMIZERS[pair]
+    model = tiny_mlp()
+    saver, opt = make_saver(model.parameters()), make_loader(model.parameters())
+    train(model, saver, range(1))
+    groups = [dict(g) for g in opt.param_groups]
+    with pytest.raises(ValueError, match=r"load_state_dict: the state of parameter 0 \(shape \(24, 16\).*start \w+ fresh"):
+        opt.load_state_dict(saved(saver.state_dict()))
+    assert not opt.state and [dict(g) for g in opt.param_groups] == groups
+
+
+def test_a_torch_adamw_checkpoint_resumes_the_parameters_that_get_plain_adamw() -> None:
+    """Where memopt keeps AdamW's state (parameters below ``min_8bit_size``), a
+    ``torch.optim.AdamW`` checkpoint loads (its tensor step counts become ints) and
+    continues bit for bit as torch's AdamW."""
+    model = tiny_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    train(model, opt, range(3))
+    checkpoint = saved({"model": model.state_dict(), "opt": opt.state_dict()})
+    train(model, opt, range(3, 6))
+    resumed = tiny_mlp(seed=1)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt = AdamW8bit(resumed.parameters(), lr=1e-3, min_8bit_size=10**6)
+    resumed_opt.load_state_dict(checkpoint["opt"])
+    assert resumed_opt.param_groups[0]["lr"] == 1e-2 and resumed_opt.param_groups[0]["block_size"] == 256
+    train(resumed, resumed_opt, range(3, 6))
+    assert params_equal(model, resumed)
+
+
+def test_a_checkpoint_older_than_an_option_loads_with_its_default() -> None:
+    """A param group saved before an option existed (here GaLore's ``svd``) takes the
+    option's default, as torch's optimizers fill theirs; before, the step raised
+    ``KeyError: 'svd'``."""
+    model = tiny_mlp()
+    opt = GaLoreAdamW(model.parameters(), lr=1e-2, rank=4, update_proj_gap=2)
+    train(model, opt, range(2))
+    checkpoint = saved({"model": model.state_dict(), "opt": opt.state_dict()})
+    for group in checkpoint["opt"]["param_groups"]:
+        del group["svd"]
+    train(model, opt, range(2, 5))
+    resumed = tiny_mlp(seed=1)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt = GaLoreAdamW(resumed.parameters(), rank=4)
+    resumed_opt.load_state_dict(checkpoint["opt"])
+    train(resumed, resumed_opt, range(2, 5))
+    assert params_equal(model, resumed)
