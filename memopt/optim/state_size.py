@@ -38,8 +38,11 @@ def predicted_state_bytes(optimizer: torch.optim.Optimizer, param: torch.Tensor,
     from memopt.optim._projection import projection_side
     from memopt.optim.adamw8bit import AdamW8bit
     from memopt.optim.galore import GaLoreAdamW
+    from memopt.optim.mezo import MeZO
 
     nbytes = _nbytes(param)
+    if isinstance(optimizer, MeZO):
+        return 0  # a step count: no tensors
     if isinstance(optimizer, LowRankAdamW) and optimizer.uses_lowrank(param, group):
         left = projection_side(param.shape, group["proj_type"]) == "left"
         return lowrank_state_bytes(tuple(param.shape), group["rank"], left, isinstance(optimizer, GaLoreAdamW))

@@ -16,7 +16,9 @@ import math
 
 import torch
 
+from memopt.analysis.optimizer_memory import optimizer_memory
 from memopt.optim import AdamW8bit, GaLoreAdamW, MeZO, SubspaceAdamW, optimizer_state_bytes
+from memopt.optim.state_size import predicted_state_bytes
 from optim_testing import loss_of, batch, tiny_mlp, train, train_mezo
 
 # tiny_mlp: W1 24x16 (tall), b1 24, W2 8x24 (wide), b2 8.
@@ -122,3 +124,13 @@ def test_mezo_holds_no_tensors() -> None:
     train_mezo(model, opt, range(2))
     assert opt.state_bytes() == 0
     assert loss_of(model, batch(0)).isfinite()
+
+
+def test_mezo_is_predicted_to_hold_nothing() -> None:
+    """Before its first step (what a plan with ``optimizer=opt`` reads) MeZO's state is
+    predicted as its formula, 0, not as AdamW's two moments (8 bytes per fp32 element,
+    the prediction before)."""
+    model = tiny_mlp()
+    opt = MeZO(model.parameters())
+    assert [predicted_state_bytes(opt, p, opt.param_groups[0]) for p in model.parameters()] == [0, 0, 0, 0]
+    assert sum(optimizer_memory(opt, in_backward=False).state_bytes.values()) == 0
