@@ -277,3 +277,21 @@ def test_state_counted_once_and_the_step_after_every_backward_across_a_graph_bre
     first_step = graphs.index(OPTIMIZER_GRAPH)
     assert "backward" not in graphs[first_step:]
     assert timeline.breakdown_at(len(graphs) - 1)["gradients"] == 4 * n
+
+
+def test_frozen_parameters_in_the_optimizer_hold_no_state() -> None:
+    """Fine-tuning with a frozen layer and ``AdamW(model.parameters())``: the frozen
+    weights never get a gradient, so torch's AdamW never makes their state; the timeline
+    counts the trainable parameters' 8 bytes per element only (it counted the frozen
+    ones too, before the first step and after it alike)."""
+    model = _mlp()
+    frozen = list(model.parameters())[:2]
+    for p in frozen:
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters())
+    trainable = 8 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert _explain(model, {"optimizer": opt}).timeline().peak_breakdown["optimizer_state"] == trainable
+    opt.step()  # as a training step would: state for the trainable parameters only
+    opt.zero_grad()
+    assert all(not opt.state[p] for p in frozen)
+    assert _explain(model, {"optimizer": opt}).timeline().peak_breakdown["optimizer_state"] == trainable
