@@ -295,3 +295,16 @@ def test_frozen_parameters_in_the_optimizer_hold_no_state() -> None:
     opt.zero_grad()
     assert all(not opt.state[p] for p in frozen)
     assert _explain(model, {"optimizer": opt}).timeline().peak_breakdown["optimizer_state"] == trainable
+
+
+def test_a_separate_step_makes_no_temporaries_for_frozen_parameters() -> None:
+    """The largest weight (128 x 128) frozen: single-tensor AdamW's two temporaries at
+    the separate step are of the largest trainable one (64 x 128), since the step never
+    updates the frozen weight (they were modelled at 2 x 4 x 16384 bytes)."""
+    model = _mlp()
+    model.layers[1].weight.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters())
+    timeline = _explain(model, {"optimizer": opt}).timeline()
+    breakdown = timeline.breakdown_at(len(timeline.points) - 1)
+    assert timeline.points[-1].graph == OPTIMIZER_GRAPH
+    assert breakdown["temporaries"] == 2 * 4 * model.layers[0].weight.numel()

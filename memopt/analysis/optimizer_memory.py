@@ -7,8 +7,9 @@ of its state, measured when the state exists and predicted before the first step
 (`memopt.optim.state_size`), and a model of the update's temporaries. A frozen
 parameter (``requires_grad=False``) with no state holds none: it never gets a gradient,
 and torch's optimizers and memopt's step only parameters that have one (freezing a base
-model and passing all of ``model.parameters()`` to the optimizer is common); unfreezing
-it recompiles (Dynamo guards on ``requires_grad``), and the plan then predicts its state.
+model and passing all of ``model.parameters()`` to the optimizer is common), nor does
+its update make temporaries; unfreezing it recompiles (Dynamo guards on
+``requires_grad``), and the plan then predicts its state.
 
 `memopt.analysis.memory.build_timeline` uses it so the plan sees the whole step:
 
@@ -123,14 +124,16 @@ def optimizer_memory(optimizer: torch.optim.Optimizer, in_backward: bool) -> Opt
     factors = []
     for group in optimizer.param_groups:
         params = list(group["params"])
+        stepped = []  # what a step updates: frozen parameters never have a gradient
         for p in params:
             registered = optimizer.parameter_of(p) if sharded else p  # type: ignore[attr-defined]
             if registered.requires_grad or stepping.state.get(p):
                 state[id(registered)] = state_bytes_of(stepping, p, group)
                 measured = measured and bool(stepping.state.get(p))
+                stepped.append(p)
             else:
                 state[id(registered)] = 0  # frozen: never a gradient, so never state (module docstring)
-        group_factor, group_temps = _update_temporaries(stepping, group, params)
+        group_factor, group_temps = _update_temporaries(stepping, group, stepped)
         factors.append(group_factor)
         step_temporaries = max(step_temporaries, group_temps)
     factor = max(factors, default=2)  # groups differ only by options: the largest, to be safe
