@@ -71,6 +71,12 @@ class LowRankAdamW(MemoptOptimizer):
         check_int(owner, "rank", group["rank"], low=1)
         check_int(owner, "update_proj_gap", group["update_proj_gap"], low=1)
         check_number(owner, "scale", group["scale"], low=0.0, low_open=True)
+        if group["proj_type"] == "reverse_std":
+            raise ValueError(
+                f"{owner}: proj_type='reverse_std' (GaLore's reference code's name) is not valid; its rule "
+                "(left when m >= n, else right) is proj_type='min_state' here: expected one of "
+                f"{PROJ_TYPES}"
+            )
         check_choice(owner, "proj_type", group["proj_type"], PROJ_TYPES)
         check_bool(owner, "lowrank", group["lowrank"])
         check_int(owner, "seed", group["seed"], low=0, high=2**32 - 1)

@@ -47,6 +47,14 @@ def test_bad_lowrank_options_in_constructor_and_group(cls: type, options: dict, 
     assert len(opt.param_groups) == 1  # the bad group was not added
 
 
+@pytest.mark.parametrize("cls", [GaLoreAdamW, SubspaceAdamW])
+def test_galore_reference_proj_type_name_points_to_min_state(cls: type) -> None:
+    """A setting ported from GaLore's code, ``proj_type="reverse_std"``, is refused with
+    the name memopt gives that rule (it listed the valid names only)."""
+    with pytest.raises(ValueError, match="proj_type='reverse_std'.*proj_type='min_state'"):
+        cls(tiny_mlp().parameters(), rank=4, proj_type="reverse_std")
+
+
 def test_galore_svd_choice_is_checked() -> None:
     with pytest.raises(ValueError, match="svd='qr'.*expected one of"):
         GaLoreAdamW(tiny_mlp().parameters(), svd="qr")
