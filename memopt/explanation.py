@@ -84,12 +84,16 @@ class Explanation:
 
     @property
     def optimizer_state_bytes(self) -> int | None:
-        """Bytes of tensors in the attached optimizer's state (None if none attached)."""
-        if self.optimizer is None:
+        """Bytes of tensors in the step's optimizer's state now: the one attached
+        (`attach_optimizer`, ``record(optimizer=)``), else the one given in the compile
+        options (``optimizer``, ``optimizer_in_backward``); None when neither is known
+        (0 before the optimizer's first step)."""
+        optimizer = self.optimizer if self.optimizer is not None else self._config().step_optimizer
+        if optimizer is None:
             return None
         from memopt.optim import optimizer_state_bytes
 
-        return optimizer_state_bytes(self.optimizer)
+        return optimizer_state_bytes(optimizer)
 
     @property
     def ran_backward(self) -> bool:
@@ -209,8 +213,9 @@ class Explanation:
                                    self._state_outside(after) or 0)  # fmt: skip
 
     def _state_outside(self, timeline: MemoryTimeline) -> int | None:
-        """The attached optimizer's state bytes when the timeline does not count it."""
-        if any(iv.category == "optimizer_state" for iv in timeline.intervals):
+        """The attached optimizer's state bytes when the timeline does not count it (one
+        given in the options is in the timeline as the plan counts it)."""
+        if self.optimizer is None or any(iv.category == "optimizer_state" for iv in timeline.intervals):
             return None
         return self.optimizer_state_bytes
 

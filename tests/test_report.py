@@ -214,6 +214,23 @@ def test_optimizer_state_bytes_in_report():
     assert "optimizer state (outside the step's graphs)" in explanation.report()
 
 
+def test_optimizer_state_bytes_of_an_optimizer_given_in_the_options():
+    """An optimizer given in the compile options (the plan counts its state) is the
+    step's optimizer for ``optimizer_state_bytes`` too (it was null while the breakdown
+    showed the state); the summary adds no "outside" row, since the peak counts it."""
+    case = zoo_case("mlp")
+    model = case.build()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    compiled = torch.compile(model, backend="memopt", options={**EAGER, "optimizer": optimizer})
+    with memopt.record() as explanation:
+        compiled(*case.inputs(8)).backward()
+        optimizer.step()
+    state = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))
+    assert explanation.to_dict()["optimizer_state_bytes"] == state > 0
+    assert explanation.to_dict()["peak_breakdown"].get("optimizer_state", 0) > 0
+    assert "optimizer state (outside the step's graphs)" not in explanation.report()
+
+
 LITERALS = '''
 import torch
 import torch.nn as nn
