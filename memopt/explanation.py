@@ -446,8 +446,10 @@ class Explanation:
                     dominant_table(dominant, after.peak_bytes),
                 ]
             decisions = self.decisions()
-            if decisions:
+            if decisions and top:
                 lines += ["", "values saved for backward (largest first):", decisions_table(decisions, top)]
+            elif decisions:
+                lines += ["", f"values saved for backward: {decisions_table(decisions, top)}"]
             lines_of_code = {(d.source_file, d.source_line) for d in decisions}
             if top and len(lines_of_code) < len(decisions):  # some line made several values (layers)
                 lines += [

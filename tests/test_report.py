@@ -436,6 +436,15 @@ def test_a_negative_top_is_refused(capsys):
     assert "memopt explanation" in explanation.report(top=0)
 
 
+def test_top_zero_lists_no_saved_values_but_says_how_many(gpt_explanation):
+    """``report(top=0)`` printed an empty table's header and "... and N smaller
+    value(s)"; it now says how many values backward needs, and how to list them."""
+    count = len(gpt_explanation.decisions())
+    text = gpt_explanation.report(top=0)
+    assert f"values saved for backward: {count} value(s) backward needs; report(top=N)" in text, text
+    assert "forward value" not in text and "smaller value(s)" not in text
+
+
 def test_cli_help_is_plain_text(capsys):
     for command in ("report", "fit"):
         with pytest.raises(SystemExit):

@@ -64,8 +64,11 @@ def decisions_table(decisions: Sequence[TensorDecision], limit: int = 10) -> str
     """The largest values backward needs, with memopt's decision, its reason (a note
     under the table, numbered: many values share one) and the user line that produced
     it (``file:line``, the module's path and as much of the code as fits in `WIDTH`
-    columns; the whole line is the decision's ``source``)."""
+    columns; the whole line is the decision's ``source``). ``limit`` 0: only how many
+    there are."""
     ranked = sorted(decisions, key=lambda d: -d.bytes)[:limit]
+    if not ranked:
+        return f"{len(decisions)} value(s) backward needs; report(top=N) or --top N lists the N largest"
     reasons = list(dict.fromkeys(d.reason for d in ranked))
     rows = [
         [
