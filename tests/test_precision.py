@@ -326,8 +326,11 @@ def test_ops_that_want_one_dtype_run_under_lowering(build, caplog):
 
 
 def test_disable_passes_skips_lowering_and_unknown_names_raise():
+    """The precision pass disabled: nothing is lowered, and memopt says once that the
+    ``precision`` option is ignored (it said nothing); a misspelt pass name raises."""
     model = nn.Linear(8, 8)
-    explanation = memopt.explain(model, torch.randn(2, 8), options={**BF16, "disable_passes": ["precision"]})
+    with pytest.warns(memopt.MemoptWarning, match=r"memopt ignores precision='bf16': disable_passes names 'precision'"):
+        explanation = memopt.explain(model, torch.randn(2, 8), options={**BF16, "disable_passes": ["precision"]})
     assert _pass(explanation, "precision")["status"] == "skipped"
     torch._dynamo.reset()
     with pytest.raises(Exception, match=r"unknown pass\(es\) \['precison'\]; memopt's passes are: precision"):

@@ -37,6 +37,14 @@ __all__ = ["memopt_backend"]
 
 log = logging.getLogger("memopt")
 
+_APPLIED_BY = {
+    "precision": "precision",
+    "compress_activations": "compress_activations",
+    "offload": "offload",
+    "optimizer_in_backward": "optimizer_in_backward",
+}
+"""Options -> the pass that applies them: with that pass disabled the option does nothing."""
+
 
 def _region_name() -> str:
     compile_id = torch._guards.CompileContext.current_compile_id()
@@ -68,6 +76,14 @@ def memopt_backend(
             MemoptWarning,
             stacklevel=2,
         )
+    for option, pass_name in _APPLIED_BY.items():
+        if getattr(config, option) is not None and pass_name in config.disable_passes:
+            warnings.warn(
+                f"memopt ignores {option}={getattr(config, option)!r}: disable_passes names {pass_name!r}, the "
+                f"pass that applies it. Drop {pass_name!r} from disable_passes, or the option.",
+                MemoptWarning,
+                stacklevel=2,
+            )
     name = _region_name()
     frame_compile_started(name)
     region = RegionCompiler(
