@@ -174,3 +174,28 @@ def test_the_region_plan_is_never_dearer_than_one_technique(llama_step, fraction
         assert all(both <= seconds + 1e-9 for seconds in fits), (both, others)
     else:
         assert not fits, (peak, others)
+
+
+@pytest.mark.parametrize("budget_share", [None, 0.6])
+def test_a_storage_gets_one_action_when_both_techniques_are_on(mlp_step, budget_share):
+    """Compression and offload candidates of one storage come from separate analyses
+    (distinct `Storage` objects): the planner matches them by producer and index.
+    Without a budget, what offload alone takes is offloaded and only the rest
+    compressed; with one, no storage is chosen twice. (Matched by object, every
+    storage was both offloaded and compressed, and the compression's action won: with
+    ``compress_activations="fp8"`` and ``offload="disk"`` a default Llama offloaded
+    nothing, 25 values without compression.)"""
+    from memopt.analysis.storage_cost import storage_key
+
+    step, timeline = mlp_step
+    budget = None
+    if budget_share is not None:
+        budget = int(timeline.baseline_bytes + budget_share * (timeline.peak_bytes - timeline.baseline_bytes))
+    band = Bandwidth(1e12, 1e12)  # every offload hides
+    both = plan_storage(step, timeline, StorageOptions("fp8", "disk", band, min_offload_bytes=0), budget)
+    keys = [storage_key(c.group) for c in both.chosen]
+    assert len(keys) == len(set(keys)), [c.kind for c in both.chosen]
+    if budget is None:
+        alone = plan_storage(step, timeline, StorageOptions(None, "disk", band, min_offload_bytes=0), None)
+        offloaded = {storage_key(c.group) for c in both.chosen if c.kind == "offload"}
+        assert alone.chosen and offloaded == {storage_key(c.group) for c in alone.chosen}

@@ -13,6 +13,13 @@ alone (no rewrite):
   until their bytes cover the excess; the peak is then judged again, since it moves
   as values leave. A value never gets two actions.
 
+A storage is known by `storage_key` (its producer and output index), never by its
+`Storage` object: the compression and offload candidates come from separate analyses
+of the graphs, each with its own objects for the same storage (compared by identity,
+no storage matched: without a budget every offload was also compressed and the
+compression's action overwrote it, so ``compress_activations`` with ``offload``
+offloaded nothing).
+
 The offloads chosen share one link (`memopt.analysis.storage_cost.share_link`): after
 every round they are re-timed together (a write waits for the writes queued before
 it, a read for the reads before it), which can lengthen a window's edges, expose a
@@ -133,23 +140,23 @@ class _Run:
 def _rounds(candidates: list[StorageCandidate], timeline: MemoryTimeline, judge: Place, budget: int) -> _Run:
     """The rounds of the module docstring over ``candidates``."""
     chosen: list[StorageCandidate] = []
-    taken: set[object] = set()  # storages chosen once (a dropped offload is not taken again)
+    taken: set[tuple[object, int]] = set()  # storages chosen once (a dropped offload is not taken again)
     judged = judge(timeline)
     run = best = _Run([], timeline, judged.peak_bytes, 0)
     while run.peak > budget and run.rounds < len(candidates):
         resident = _resident_at_peak(judged)
         fresh = sorted(
-            (c for c in candidates if c.group.storage not in taken and storage_key(c.group) in resident),
+            (c for c in candidates if storage_key(c.group) not in taken and storage_key(c.group) in resident),
             key=lambda c: (c.seconds / max(c.saved_bytes, 1), -c.saved_bytes),
         )
         if not fresh:
             break
         excess = run.peak - budget
         for c in fresh:
-            if c.group.storage in taken:
+            if storage_key(c.group) in taken:
                 continue  # its other candidate was just taken
             chosen.append(c)
-            taken.add(c.group.storage)
+            taken.add(storage_key(c.group))
             excess -= c.saved_bytes
             if excess <= 0:
                 break
@@ -167,14 +174,14 @@ def _swap_exposed(run: _Run, candidates: list[StorageCandidate], timeline: Memor
     """``run`` with chosen offloads swapped for their storages' compressions, the
     dearest first, while a swap lowers the modelled time and keeps the peak within
     ``max(budget, run's peak)``."""
-    compress = {c.group.storage: c for c in candidates if c.kind == "compress"}
+    compress = {storage_key(c.group): c for c in candidates if c.kind == "compress"}
     limit = max(budget, run.peak)
     swapped = True
     while swapped:
         swapped = False
         dear = sorted((c for c in run.chosen if c.kind == "offload"), key=lambda c: -c.seconds)
         for c in dear:
-            alternative = compress.get(c.group.storage)
+            alternative = compress.get(storage_key(c.group))
             if alternative is None or alternative.seconds >= c.seconds:
                 continue
             trial, _ = share_link([alternative if x is c else x for x in run.chosen])
@@ -194,12 +201,12 @@ def _every(candidates: list[StorageCandidate]) -> list[StorageCandidate]:
         exposed = [c for c in chosen if c.kind == "offload" and c.hidden_seconds < c.transfer_seconds]
         if not exposed and not dropped:
             break
-        gone = {c.group.storage for c in dropped}
+        gone = {storage_key(c.group) for c in dropped}
         if exposed:
-            gone.add(max(exposed, key=lambda c: c.transfer_seconds - c.hidden_seconds).group.storage)
-        offloads = [c for c in offloads if c.group.storage not in gone]
-    taken = {c.group.storage for c in chosen}
-    chosen += [c for c in candidates if c.kind == "compress" and c.group.storage not in taken]
+            gone.add(storage_key(max(exposed, key=lambda c: c.transfer_seconds - c.hidden_seconds).group))
+        offloads = [c for c in offloads if storage_key(c.group) not in gone]
+    taken = {storage_key(c.group) for c in chosen}
+    chosen += [c for c in candidates if c.kind == "compress" and storage_key(c.group) not in taken]
     return chosen
 
 
