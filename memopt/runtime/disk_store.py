@@ -4,11 +4,12 @@ The directory. Each store makes its own, ``memopt-offload-<pid>-<random>``, unde
 ``offload_dir`` (default: the system's temporary directory), with ``mkdir`` mode 0700,
 and holds an exclusive ``flock`` on a ``.lock`` file in it while it lives. A directory
 given as ``offload_dir`` is created 0700 if missing, and refused if another user owns
-it or group/others can write it. Clean-up: files are deleted as they are read back, or
-when their handle is discarded; the directory at interpreter exit; and a new store
-removes sibling directories of this user whose owner is gone (their lock is free, or,
-for one still being made, its pid is dead), so a killed process leaves nothing for
-long.
+it or group/others can write it, unless it is sticky and owned by root or this user
+(a shared temporary directory such as /tmp or /dev/shm, like the default). Clean-up:
+files are deleted as they are read back, or when their handle is discarded; the
+directory at interpreter exit; and a new store removes sibling directories of this
+user whose owner is gone (their lock is free, or, for one still being made, its pid is
+dead), so a killed process leaves nothing for long.
 
 The files. ``<handle>.bin`` created with ``O_CREAT | O_EXCL | O_NOFOLLOW``, mode 0600,
 holding the tensor's bytes as they are in memory (written through a ``uint8`` view, so
@@ -131,7 +132,8 @@ def _unlink(path: str) -> bool:
 
 
 def _check_root(root: str) -> None:
-    """Make the user's ``offload_dir`` (0700) if missing; refuse it unless private."""
+    """Make the user's ``offload_dir`` (0700) if missing; refuse it unless private, or
+    a shared temporary directory (`_shared_tmp`: /tmp, /dev/shm, a cluster's scratch)."""
     if os.path.exists(root) and not os.path.isdir(root):
         raise MemoptOffloadError(
             f"offload_dir {root} exists and is not a directory; set offload_dir to a directory "
@@ -147,6 +149,8 @@ def _check_root(root: str) -> None:
         ) from None
     if not stat.S_ISDIR(st.st_mode):
         raise MemoptOffloadError(f"offload_dir {root} is not a directory; set offload_dir to one")
+    if _shared_tmp(st):
+        return
     if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
         raise MemoptOffloadError(
             f"offload_dir {root} is owned by uid {st.st_uid}, not by you (uid {os.geteuid()}): "
@@ -156,9 +160,23 @@ def _check_root(root: str) -> None:
     if st.st_mode & 0o022:
         raise MemoptOffloadError(
             f"offload_dir {root} is writable by group or others (mode "
-            f"{stat.S_IMODE(st.st_mode):04o}): another user could replace the offloaded "
-            f"tensors; run chmod go-w {root}, or set offload_dir to a private directory"
+            f"{stat.S_IMODE(st.st_mode):04o}) without the sticky bit: another user could "
+            f"rename the store's directory and put their own in its place; run chmod go-w "
+            f"{root} (or chmod +t {root}), or set offload_dir to a private directory"
         )
+
+
+def _shared_tmp(st: os.stat_result) -> bool:
+    """Whether ``st`` is a shared temporary directory, safe for the store as the
+    default (the system's temporary directory) is: sticky (only an entry's owner, the
+    directory's owner and root may rename or delete it) and owned by root or by this
+    user. The store's directory in it is made 0700 by this user, so no other user can
+    enter, rename or replace it. (Before, ``offload_dir="/tmp"`` was refused as
+    writable by others, with the advice to run ``chmod go-w /tmp``, while the default
+    ``offload_dir=None`` used that same /tmp.)"""
+    if not hasattr(os, "geteuid") or not st.st_mode & stat.S_ISVTX:
+        return False
+    return st.st_uid in (0, os.geteuid())
 
 
 def _pid_alive(pid: int) -> bool:

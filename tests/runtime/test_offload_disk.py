@@ -446,3 +446,23 @@ def test_synchronous_io_copies_on_the_calling_thread(store_id, leftovers):
     assert torch.equal(back, expected)
     ops.offload(torch.randn(4), store_id, "after").sum()
     assert store._worker.alive()
+
+
+def test_a_sticky_shared_directory_is_accepted_like_the_default(tmp_path):
+    """A sticky directory writable by all and owned by you or root (/tmp, /dev/shm, a
+    cluster's scratch) holds the store as the default temporary directory does: no
+    other user can rename the store's 0700 directory there. It was refused with the
+    advice to run ``chmod go-w /tmp``. Without the sticky bit it is still refused."""
+    shared = tmp_path / "scratch"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    store = get_store(register_store("disk", shared))
+    try:
+        assert os.path.dirname(store.directory) == str(shared)
+        assert stat.S_IMODE(os.stat(store.directory).st_mode) == 0o700
+    finally:
+        store.close()
+    assert os.listdir(shared) == []
+    shared.chmod(0o777)
+    with pytest.raises(MemoptOffloadError, match="without the sticky bit"):
+        register_store("disk", shared)
