@@ -293,6 +293,10 @@ class DiskStore(OffloadStore):
     def location(self) -> str:
         return self.directory
 
+    @property
+    def lost(self) -> bool:
+        return not os.path.isdir(self.directory)
+
     def _describe_root(self) -> str:
         if self.offload_dir is not None:
             return f"offload_dir {self.root}"

@@ -177,6 +177,12 @@ class OffloadStore:
     def location(self) -> str:
         raise NotImplementedError
 
+    @property
+    def lost(self) -> bool:
+        """Whether the store's place is gone from under it (a disk store's directory
+        removed by someone else): nothing can be written there again."""
+        return False
+
     def _check_value(self, value: torch.Tensor) -> None:
         """Raise if this store cannot take ``value`` (main thread)."""
 

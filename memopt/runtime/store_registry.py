@@ -31,6 +31,7 @@ from memopt.runtime.offload_store import (
     _HANDLES,
     DEFAULT_MAX_PENDING,
     OffloadStore,
+    log,
     synchronous_jobs,
 )
 
@@ -80,9 +81,10 @@ def register_store(target: str, offload_dir: str | os.PathLike[str] | None = Non
                    max_pending: int = DEFAULT_MAX_PENDING) -> str:
     """Make (or find) the store for this configuration and return its id, a string the
     offload pass bakes into the graph. The same configuration gives the same id and the
-    same store. Raises `MemoptOffloadError` now, at compile time, if the store cannot
-    work: a ``disk`` directory that cannot be created, is not private or is unwritable;
-    a ``host`` store for a graph on the CPU (whose values already live in host memory).
+    same store (a new one where the old one's directory was removed). Raises
+    `MemoptOffloadError` now, at compile time, if the store cannot work: a ``disk``
+    directory that cannot be created, is not private or is unwritable; a ``host``
+    store for a graph on the CPU (whose values already live in host memory).
 
     ``target``: ``"disk"`` or ``"host"``. ``offload_dir`` (disk only): the directory
     under which the store makes its private one; default the system's temporary
@@ -100,8 +102,20 @@ def register_store(target: str, offload_dir: str | os.PathLike[str] | None = Non
     elif offload_dir is not None:
         options["offload_dir"] = resolve_offload_dir(offload_dir)
     store_id = _store_id(target, options)
-    get_store(store_id)
+    _replace_if_lost(get_store(store_id))
     return store_id
+
+
+def _replace_if_lost(store: OffloadStore) -> None:
+    """Close ``store`` and make a new one for its id if its directory was removed since
+    it was made (``rm -rf`` of ``offload_dir`` between two compiles in one process):
+    the registry handed the old store back, and every later compile with that
+    ``offload_dir`` failed with "offload_dir ... is not writable: No such file or
+    directory", though memopt creates a missing ``offload_dir``."""
+    if store.lost:
+        log.info("offload store %s lost its directory %s; making a new one", store.store_id, store.location)
+        store.close()
+        get_store(store.store_id)
 
 
 def _check_host_device(device: torch.device | str | None) -> None:

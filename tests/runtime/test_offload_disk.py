@@ -466,3 +466,21 @@ def test_a_sticky_shared_directory_is_accepted_like_the_default(tmp_path):
     shared.chmod(0o777)
     with pytest.raises(MemoptOffloadError, match="without the sticky bit"):
         register_store("disk", shared)
+
+
+def test_a_compile_after_offload_dir_was_removed_makes_a_new_store(tmp_path):
+    """``rm -rf`` of ``offload_dir`` between two compiles in one process: the registry
+    gave the next compile the old store, whose directory was gone, and it failed with
+    "offload_dir ... is not writable: No such file or directory" though memopt creates
+    a missing ``offload_dir``. Registering again now replaces the lost store."""
+    root = tmp_path / "off"
+    old = get_store(register_store("disk", root))
+    shutil.rmtree(root)
+    store = get_store(register_store("disk", root))
+    try:
+        assert store is not old and os.path.isdir(store.directory)
+        store.preflight(1)
+        token = store.offload(torch.arange(4.0))
+        assert torch.equal(store.reload_wait(int(token), [4], torch.float32, torch.device("cpu")), torch.arange(4.0))
+    finally:
+        store.close()
