@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from memopt import MemoptConfig
+from memopt import MemoptConfig, MemoptWarning
 
 
 def test_defaults():
@@ -212,3 +212,22 @@ def test_a_zero_size_string_is_not_told_to_become_zero_gib(value: str) -> None:
     with pytest.raises(MemoptFitError, match="give a positive size with a unit") as info:
         budget_bytes(value)
     assert "0GiB" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"offload_dir": "/tmp"}, r"memopt ignores offload_dir='/tmp': offload is None"),
+        ({"compress_activations": "int8", "disable_passes": ["compress_activations"]},
+         r"memopt ignores compress_activations='int8': disable_passes names 'compress_activations'"),
+        ({"offload": "disk", "disable_passes": "offload"}, r"memopt ignores offload='disk': disable_passes names 'offload'"),
+    ],
+)
+def test_an_option_that_can_do_nothing_warns(options: dict, message: str) -> None:
+    """An option the others make inert (offload_dir without offload; an option whose
+    pass is disabled) warns once, naming it and the fix (they were silent)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(torch.nn.Linear(4, 4), backend="memopt", options={"codegen": "eager", **options})
+    with pytest.warns(MemoptWarning, match=message):
+        compiled(torch.randn(2, 4)).sum().backward()
+    torch._dynamo.reset()

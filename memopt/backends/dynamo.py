@@ -76,6 +76,13 @@ def memopt_backend(
             MemoptWarning,
             stacklevel=2,
         )
+    if config.offload_dir is not None and config.offload is None:
+        warnings.warn(
+            f"memopt ignores offload_dir={config.offload_dir!r}: offload is None, so nothing is written there. "
+            "Set offload='disk' or 'auto' for it to apply.",
+            MemoptWarning,
+            stacklevel=2,
+        )
     for option, pass_name in _APPLIED_BY.items():
         if getattr(config, option) is not None and pass_name in config.disable_passes:
             warnings.warn(
