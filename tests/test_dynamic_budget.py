@@ -55,3 +55,26 @@ def test_static_compiles_and_fractional_budgets_say_nothing(budget: int | float 
     """A static compile plans each shape afresh; a fraction is of the peak at every shape."""
     said = _steps(budget, (64, 128), dynamic=dynamic)
     assert not any(DYNAMIC in m for step in said for m in step), said
+
+
+def test_dropout_under_a_budget_keeps_a_dynamic_region_dynamic() -> None:
+    """Under a budget memopt makes dropout recomputable (`memopt.graph.dropout`), which
+    read the mask's size as ints: on a region compiled for dynamic shapes that added a
+    shape guard, so every later size compiled the region anew (default GPT-2, batch
+    2x32 then 4x64, 2x48, 3x40: the forward frame compiled 4 times, against once for
+    ``aot_eager``; with Inductor a compile per size until Dynamo's recompile limit).
+    At symbolic sizes dropout is now left as torch saves it: one compile serves every
+    size."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.Dropout(0.1), nn.GELU(), nn.Linear(64, 1))
+    compiled = torch.compile(
+        model, backend="memopt", options={"codegen": "eager", "memory_budget": 0.5}, dynamic=True
+    )
+    with memopt.record() as explanation, warnings.catch_warnings():
+        warnings.simplefilter("ignore", memopt.MemoptBudgetWarning)  # the budget is not the point
+        for batch in (64, 32, 96):
+            model.zero_grad(set_to_none=True)
+            compiled(torch.randn(batch, 32)).sum().backward()
+    assert [r.region for r in explanation.regions] == ["0/0"], [r.region for r in explanation.regions]
+    assert [fb for r in explanation.regions for fb in r.fallbacks] == []

@@ -13,7 +13,10 @@ never draws twice.
 
 It is applied only where the result is bit-identical to ATen's kernel: float32 on
 the CPU (checked by ``tests/test_remat.py``), for ``0 <= p < 1`` (``p = 0`` is common in
-configs and still draws a mask). Elsewhere the dropout output stays a must-save value.
+configs and still draws a mask), and only at static sizes: the replay takes the mask's
+size and stride as ints, and reading a symbolic size as an int (dynamic shapes) adds a
+shape guard that specializes the compiled region to the traced sizes (every later size
+was compiled anew). Elsewhere the dropout output stays a must-save value.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import operator
 import torch
 import torch.fx as fx
 from torch.fx import _lazy_graph_module as torch_lazy_graph_module
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx._lazy_graph_module import _use_lazy_graph_module
 
 from memopt.graph import meta
@@ -47,6 +51,7 @@ def _eligible(node: fx.Node) -> bool:
         and isinstance(p, (int, float))
         and 0.0 <= p < 1.0
         and bool(train)
+        and all(is_concrete_int(s) for s in (*value.shape, *value.stride()))
     )
 
 
