@@ -223,9 +223,9 @@ class CompiledRegion(WatchedRegion):
         if not training:
             return super().__call__(*args)
         pending = self._pending.count()
-        if pending and self.compiler.config.optimizer_in_backward is not None:
-            self._refuse_update_before_pending(pending)
         if pending:
+            if self.compiler.config.optimizer_in_backward is not None:
+                self._refuse_update_before_pending(pending)
             self._plan_repeated_calls(pending)
         outputs = self.fn(*args)
         # Its backward pre-hook goes first: the tracker's may raise (a budget warning
@@ -264,14 +264,14 @@ class CompiledRegion(WatchedRegion):
             why = "compiling it again failed (see the warning before this one)"
         elif self._fakes is None:
             why = "it cannot be traced again (its inputs have dynamic shapes or are not plain tensors)"
-        elif not alone:
+        elif not self.can_replan:
+            why = f"it was planned again {self.replans} times already (MAX_REPLANS)"
+        else:
             why = (
                 "it is one of several regions of its step (a graph break), and its steps did not run in the "
                 "pattern memopt plans (every region's forward, again for each call, then the backwards in "
                 "reverse order)"
             )
-        else:
-            why = f"it was planned again {self.replans} times already (MAX_REPLANS)"
         self._warn_repeated_call(pending, planned, why)
 
     def _warn_repeated_call(self, pending: int, planned: int, why: str) -> None:
@@ -282,7 +282,7 @@ class CompiledRegion(WatchedRegion):
             return
         self._warned_repeat = True
         timeline = record.timeline_after
-        saved = sum(iv.nbytes for iv in timeline.saved_activations() if iv.region == self.name)  # one call's
+        saved = sum(iv.nbytes for iv in timeline.saved_activations())  # the region's own timeline: one call's
         budget = record.plan.budget_bytes if record.plan is not None else None
         message = repeated_call_message(self.name, pending, planned, saved, budget, timeline.peak_bytes, why)
         warnings.warn(MemoptBudgetWarning(message), stacklevel=4)
@@ -304,8 +304,7 @@ class CompiledRegion(WatchedRegion):
         if held <= self.compiler.grads_held:
             return
         if not self.can_replan:
-            if self.compiler.config.memory_budget is not None:  # without one, no budget to exceed
-                self._warn_unplanned_grads(args, held - self.compiler.grads_held)
+            self._warn_unplanned_grads(args, held - self.compiler.grads_held)
             return
         old = self.compiler
         context = old.context
