@@ -257,7 +257,10 @@ class RegionCompiler:
             }
         unoptimized = dataclasses.replace(step)  # passes may swap the graphs of ``step``
         plan = self._choose_plan(step, before, passes)
-        ctx = self._context(plan=plan)
+        wait = self.config.rank_agreement_timeout
+        ctx = dataclasses.replace(
+            self._context(plan=plan), agree=lambda decision, topic: rank0_value(decision, unoptimized, topic, wait)
+        )
         result = manager.run(step, ctx)
         fused = result.step.optimizer
         if fused is not None and fused.in_backward and not any(

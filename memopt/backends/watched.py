@@ -342,12 +342,7 @@ class CompiledRegion(WatchedRegion):
         }
         local = [g.to_local() if isinstance(g, DTensor) else g for g in grads.values() if g is not None]
         nbytes = sum({g.untyped_storage()._cdata: g.untyped_storage().nbytes() for g in local}.values())  # views of one bucket
-        if self._fakes is None and any(isinstance(v, DTensor) for v in args):
-            why = (
-                "its inputs are sharded parameters (DTensors, memopt.distributed), which memopt does not trace "
-                "again"
-            )
-        elif self._fakes is None:
+        if self._fakes is None:
             why = (
                 "it cannot be traced again: its inputs have dynamic shapes or are not plain tensors "
                 "(compile with dynamic=False to let it be planned again)"
@@ -496,12 +491,21 @@ def emit(caught: Sequence[warnings.WarningMessage]) -> None:
 
 def _fake_copies(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[Any, ...] | None:
     """Fake copies of the example inputs in Dynamo's fake mode, or None (the region is
-    then never compiled again) when a shape is symbolic, an input is not a plain tensor
-    (a symbol, a tensor subclass) or there is no Dynamo tracing context."""
+    then never compiled again) when a shape is symbolic, an input is neither a plain
+    tensor nor a sharded parameter (a symbol, another tensor subclass) or there is no
+    Dynamo tracing context.
+
+    A sharded parameter (a DTensor, `memopt.distributed`) is faked with its mesh and
+    placements, so a sharded region is planned again as any other (gradient
+    accumulation, the whole step across graph breaks). Every rank compiles it again at
+    the same call, since every rank runs the same program and sees the same step, and
+    the ranks agree on the new plan as on the first (`memopt.backends.ranks`)."""
     if any(meta.is_symbolic(ph) for ph in gm.graph.find_nodes(op="placeholder")):
         return None
-    if not all(type(x) in (torch.Tensor, torch.nn.Parameter) for x in example_inputs):
-        return None  # symbols, tensor subclasses: not re-traced
+    from torch.distributed.tensor import DTensor
+
+    if not all(type(x) in (torch.Tensor, torch.nn.Parameter, DTensor) for x in example_inputs):
+        return None  # symbols, other tensor subclasses: not re-traced
     tracing = torch._guards.TracingContext.try_get()
     if tracing is None or tracing.fake_mode is None:
         return None

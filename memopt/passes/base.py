@@ -9,6 +9,7 @@ its purpose, preconditions, what it guarantees afterwards and its ordering const
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -71,6 +72,12 @@ class PassContext:
     """The other regions of the training step (a `memopt.plan.step_context.StepContext`)
     when the region is planned for the whole step; passes that check the budget judge
     the step's peak with it. None: the region is judged alone."""
+    agree: Callable[[bool, str], bool] | None = None
+    """``agree(decision, topic)``: rank 0's decision on every rank of a sharded step
+    (`memopt.backends.ranks.rank0_value`), for a choice a pass makes from this rank's
+    estimates (each rank's shards, so its estimates, differ) that changes the graphs'
+    collectives. Every rank calls it at the same point, in the same order. None: one
+    process, nothing to agree with."""
 
 
 class Pass:

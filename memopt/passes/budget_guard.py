@@ -6,6 +6,9 @@ issued early, a gradient held until a tied twin's is ready. The planner decided 
 step's memory before them, so each checks its own result: the step's estimated peak
 (the region in its step, as the planner judges it) must stay within
 ``max(memory_budget, peak before the rewrite)``. Without a budget the rewrite is kept.
+In a sharded step every rank keeps or undoes a rewrite as rank 0 does
+(`PassContext.agree`): each rank's estimate is of its own shards, and a rewrite kept on
+one rank and undone on another would pair its collectives with other ones.
 """
 
 from __future__ import annotations
@@ -45,7 +48,12 @@ class BudgetGuard:
         analyses.invalidate(PreservedAnalyses.none())
         peak = step_peak(self.step, analyses, ctx)
         limit = self.limit(ctx)
-        return limit is None or peak <= limit, peak
+        if limit is None:
+            return True, peak
+        within = peak <= limit
+        if ctx.agree is not None:  # the ranks' estimates differ; their collectives must not
+            within = ctx.agree(within, "whether a collective rewrite keeps the step within the budget")
+        return within, peak
 
     def restore(self, analyses: AnalysisManager) -> None:
         """Put a fresh copy of the snapshot's graphs into the step (the snapshot stays

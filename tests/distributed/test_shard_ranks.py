@@ -80,6 +80,24 @@ def test_accumulation_reduces_once_per_step(backend):
         assert result[stage] == ([0, 0, 10, 0, 0, 10] if backend == "none" else [0, 2])
 
 
+def test_accumulation_under_a_budget_is_planned_again_on_every_rank():
+    """The same accumulation under ``memory_budget=0.95`` (`Tiny` is small: lower is
+    infeasible, which strict raises), with a graph break before the loss: the step of
+    two regions is planned as a whole once seen, and the micro-steps that start with
+    gradients held compile the regions again with them counted. Every rank compiles
+    again at the same call and keeps or undoes each collective rewrite as rank 0 does;
+    gradients still equal one process's. A sharded region was never compiled again (it
+    only warned that the gradients held were not counted, and the regions were planned
+    each alone); compiled again with each rank deciding its collective rewrites from its
+    own estimates, rank 0 bucketed its all-gathers otherwise than rank 1 and gloo
+    failed ("Received data size doesn't match expected size")."""
+    results = ranks("accumulate", "--stages", "3", "--backend", "memopt", "--budget", "0.95", "--graph-break")
+    assert results[0] == {**results[1], "rank": 0}
+    held, whole = results[0]["3-held"], results[0]["3-whole"]
+    assert held and held[0] > 0, held
+    assert any(whole), whole
+
+
 def test_model_state_bytes_follow_zero():
     """After a step, each rank's parameters, gradients and AdamW state are within 5% of
     ZeRO's formula (fp32 AdamW: 4 + 4 + 8 bytes per element; two Linear(64, 64))."""

@@ -117,12 +117,25 @@ OPTIMIZERS = {
 }
 
 
-def compiled(model: nn.Module, backend: str) -> Callable[..., Any]:
+class TinyBroken(Tiny):
+    """`Tiny` with a graph break before its loss (as Hugging Face GPT-2's): two regions
+    per step, which memopt plans as a whole under a budget once it has seen a step."""
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        h = h + self.down(torch.relu(self.up(self.norm(h)))) * torch.sigmoid(self.gate)
+        torch._dynamo.graph_break()
+        logits = self.head(h) / self.temperature
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def compiled(model: nn.Module, backend: str, budget: float | None = None) -> Callable[..., Any]:
     if backend == "none":
         return model
     if backend.startswith("memopt"):  # memopt (eager codegen) or memopt-inductor
         codegen = "inductor" if backend == "memopt-inductor" else "eager"
-        return torch.compile(model, backend="memopt", options={"codegen": codegen, "strict": True})
+        budgeted = {} if budget is None else {"memory_budget": budget}
+        return torch.compile(model, backend="memopt", options={"codegen": codegen, "strict": True, **budgeted})
     return torch.compile(model, backend=backend)
 
 
@@ -187,7 +200,10 @@ def accumulate(args: argparse.Namespace) -> dict[str, Any]:
     """``set_requires_gradient_sync(False)`` for all micro-steps but the last: the same
     gradients as one process accumulating every micro-batch. Eager, the reducing
     collectives of each micro-step's backward are counted (CommDebugMode); compiled
-    (CommDebugMode would stop Dynamo), those in each compiled backward graph."""
+    (CommDebugMode would stop Dynamo), those in each compiled backward graph.
+    ``--budget``: under that ``memory_budget``, also whether each region's plan counts
+    gradients held (``held``) and was planned for the whole step (``whole``);
+    ``--graph-break``: `TinyBroken`, two regions a step."""
     import memopt
     from torch.distributed.tensor.debug import CommDebugMode
 
@@ -196,10 +212,10 @@ def accumulate(args: argparse.Namespace) -> dict[str, Any]:
     for stage in [int(s) for s in args.stages.split(",")]:
         torch.manual_seed(0)
         torch._dynamo.reset()
-        reference = Tiny()
+        reference = TinyBroken() if args.graph_break else Tiny()
         model = md.shard(copy.deepcopy(reference), stage=stage)
         ref_opt, opt = adamw(reference.parameters()), md.ShardedOptimizer(adamw, model)
-        step_fn = compiled(model, args.backend)
+        step_fn = compiled(model, args.backend, args.budget)
         counts = []
         with memopt.record() as explanation:
             for step in range(2):
@@ -217,6 +233,10 @@ def accumulate(args: argparse.Namespace) -> dict[str, Any]:
                 ref_opt.zero_grad(), opt.zero_grad()
         graphs = [_graph_reductions(r.graph_code("backward")) for r in explanation.regions]
         out[str(stage)] = counts if args.backend == "none" else sorted(graphs)
+        if args.budget is not None:
+            plans = [r for r in explanation.regions if r.plan is not None and r.step is not None]
+            out[f"{stage}-held"] = [len(r.step.grads_held) for r in plans]
+            out[f"{stage}-whole"] = [any("whole step" in n for n in r.plan.notes) for r in plans]
     return out
 
 
@@ -605,7 +625,8 @@ def main() -> None:
     parser.add_argument("--dir", default="")
     parser.add_argument("--phase", default="save", choices=["save", "resume"])
     parser.add_argument("--modes", default="sharded,full", help="checkpoint kinds: sharded, full")
-    parser.add_argument("--budget", type=float, default=None, help="memory_budget (scenario uneven)")
+    parser.add_argument("--budget", type=float, default=None, help="memory_budget (scenarios uneven, accumulate)")
+    parser.add_argument("--graph-break", action="store_true", help="a graph break before the loss (scenario accumulate)")
     parser.add_argument("--rows", type=lambda v: [int(n) for n in v.split(",")], default=[2, 24],
                         help="each rank's batch rows under --budget (scenario uneven)")
     parser.add_argument("--short", action="store_true", help="half the rows at the last step (scenario uneven)")
