@@ -133,8 +133,11 @@ def cross_entropy(
         # An ignored row picks any class; nll_loss_forward skips it below.
         picked[start : start + step] = logp.gather(1, rows.clamp(0, c - 1).unsqueeze(1))
         del logp
-    column = torch.where(target == ignore_index, target, torch.zeros_like(target))
-    loss, total_weight = aten.nll_loss_forward(picked, column, None, reduction, ignore_index)
+    # A kept row picks column 0 of ``picked``; an ignored row is marked 1, no column of
+    # it, which nll_loss_forward skips. (Marking it ``ignore_index`` fails for an
+    # ignore_index of 0: the kept rows' column, so every row was ignored.)
+    column = (target == ignore_index).to(target.dtype)
+    loss, total_weight = aten.nll_loss_forward(picked, column, None, reduction, 1)
     return loss, total_weight
 
 

@@ -44,6 +44,30 @@ def test_loss_and_gradient_equal_f_cross_entropy_bitwise(dtype, reduction):
     assert torch.equal(gx, ref_grad)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_an_ignore_index_of_zero_ignores_only_the_zero_targets(reduction):
+    """``ignore_index=0`` (a pad token id of 0 as the ignored label, as users write it):
+    only the targets equal to 0 are ignored. The op marked every kept row's column with
+    0 too, so every row was ignored and the loss was nan (mean) or 0."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 50)
+    t = torch.randint(0, 50, (64,))
+    t[::5] = 0
+    grad = torch.randn(64) if reduction == "none" else torch.tensor(1.0)
+    ref = x.detach().requires_grad_()
+    ref_loss = F.cross_entropy(ref, t, ignore_index=0, reduction=reduction)
+    (ref_grad,) = torch.autograd.grad(ref_loss, ref, grad)
+    xx = x.detach().requires_grad_()
+    loss, _ = torch.ops.memopt.cross_entropy(xx, t, REDUCTIONS[reduction], 0)
+    (gx,) = torch.autograd.grad(loss, xx, grad)
+    assert torch.equal(loss, ref_loss.detach())
+    assert torch.equal(gx, ref_grad)
+    torch._dynamo.reset()
+    fn = lambda x, t: F.cross_entropy(x, t, ignore_index=0, reduction=reduction)  # noqa: E731
+    compiled = torch.compile(fn, backend="memopt", options={"codegen": "eager"})
+    assert torch.equal(compiled(x, t), fn(x, t))
+
+
 @pytest.mark.parametrize("bad", [5000, -5])
 def test_a_target_out_of_bounds_raises_as_f_cross_entropy_does(bad):
     """A label outside [0, C) that is not ``ignore_index`` raises ``IndexError`` naming
