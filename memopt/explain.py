@@ -43,13 +43,17 @@ def explain(
     from memopt.backends.dynamo import memopt_backend
     from memopt.backends.watched import one_step
 
-    if options is None and hasattr(fn, "_torchdynamo_orig_callable"):
-        _warn_compiled(fn)
+    in_place = _compiled_in_place(fn)
+    if options is None and (in_place or hasattr(fn, "_torchdynamo_orig_callable")):
+        _warn_compiled(fn, in_place)
     config = MemoptConfig.from_options(options)
     backend = functools.partial(memopt_backend, options=config)
+    # A module compiled in place calls its own compiled code, under its compile's options
+    # (or cached, compiling nothing): compile its uncompiled call, as model.compile does.
+    target = fn._call_impl if in_place else fn
     # kept apart from the caller's compiles of fn: otherwise each explain's entry counts against
     # Dynamo's recompile_limit of fn's code, and the 9th explain or compile runs fn eagerly
-    compiled = torch.compile(fn, backend=backend, **({"isolate_recompiles": True} if COMPILE_ISOLATES_RECOMPILES else {}))
+    compiled = torch.compile(target, backend=backend, **({"isolate_recompiles": True} if COMPILE_ISOLATES_RECOMPILES else {}))
     counts = dynamo_counts()
     with recording() as records, one_step():
         out = compiled(*args, **kwargs)
@@ -65,18 +69,26 @@ def explain(
     )
 
 
-def _warn_compiled(fn: Any) -> None:
-    """Say that ``fn``, made by ``torch.compile``, is compiled again with explain's own
-    options: those given to that ``torch.compile`` (a ``memory_budget``, ``codegen``)
-    are not read, and the report would show a step without them."""
+def _compiled_in_place(fn: Any) -> bool:
+    """``fn`` is a module compiled in place (``model.compile(...)``): calling it runs
+    the compiled ``_call_impl`` that ``model.compile`` made, with that compile's options."""
+    return isinstance(fn, torch.nn.Module) and getattr(fn, "_compiled_call_impl", None) is not None
+
+
+def _warn_compiled(fn: Any, in_place: bool = False) -> None:
+    """Say that ``fn``, made by ``torch.compile`` (or a module compiled in place by
+    ``model.compile``), is compiled again with explain's own options: those given to
+    that compile (a ``memory_budget``, ``codegen``) are not read, and the report would
+    show a step without them."""
     from memopt.errors import MemoptWarning
 
     name = getattr(fn, "__name__", None)
     described = type(fn).__name__ + (f" {name}" if isinstance(name, str) else "")
+    made = "compiled in place (model.compile)" if in_place else "made by torch.compile"
     warnings.warn(
-        f"memopt.explain was given {described} made by torch.compile and no "
+        f"memopt.explain was given {described} {made} and no "
         f"options: explain compiles it again with its own options (the defaults: codegen='inductor', no "
-        f"memory_budget), not those of that torch.compile, which it cannot read. Pass them: memopt.explain(fn, ..., "
+        f"memory_budget), not those of that compile, which it cannot read. Pass them: memopt.explain(fn, ..., "
         f"options={{...}}), or record your training steps with memopt.record() to explain the compile as it runs.",
         MemoptWarning,
         stacklevel=3,

@@ -270,6 +270,40 @@ def test_repeated_explains_keep_compiling_and_leave_the_models_compile_alone():
     assert len(explanation.regions) == 1
 
 
+class _TwoLayers(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(64, 256), torch.nn.Linear(256, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x).tanh())
+
+
+def test_explain_of_a_model_compiled_in_place_compiles_it_with_explains_options():
+    """``model.compile(backend="memopt", options=...)`` (how docs/usage.md hands a model
+    to HF Trainer) leaves the model's class but calls its own compiled code: explain ran
+    that, so a fresh model was reported under the in-place compile's options (here no
+    budget, explain's 0.5 ignored) and a model already trained a step reported "0
+    region(s)", nothing reaching memopt. explain compiles the model's uncompiled call
+    with its own options, and without options warns as for a `torch.compile` result."""
+    torch._dynamo.reset()
+    x = torch.randn(8, 64)
+    budget = {"codegen": "eager", "memory_budget": 0.5}
+    for trained in (False, True):
+        torch.manual_seed(0)
+        model = _TwoLayers()  # a user's module (an nn.Sequential's call was compiled anew anyway)
+        model.compile(backend="memopt", options={"codegen": "eager"})
+        if trained:
+            model(x).sum().backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", memopt.MemoptBudgetWarning)
+            explanation = memopt.explain(model, x, options=budget)
+        assert [r.config.memory_budget for r in explanation.regions] == [0.5], trained
+        assert explanation.regions[0].plan.budget_bytes is not None
+    with pytest.warns(memopt.MemoptWarning, match=r"_TwoLayers compiled in place \(model.compile\) and no options"):
+        memopt.explain(model, x)
+
+
 def test_explain_of_a_compiled_model_without_options_says_its_options_are_not_read():
     """``memopt.explain(torch.compile(model, backend="memopt", options={budget}), x)``
     reported the step with explain's defaults (codegen inductor, no budget: "saved by
