@@ -9,6 +9,7 @@ autograd leaves the loss reaches, so that both graphs of each region exist.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -35,7 +36,7 @@ def explain(
     """Compile ``fn(*args, **kwargs)`` with memopt, run it once, and explain.
 
     If the output requires grad, the backward of the loss (the output if it is a
-    scalar, else the sum of every output element) is run too, so both graphs exist.
+    scalar, else the sum of every output element, dataclass fields included) is run too, so both graphs exist.
     Gradients are computed with ``torch.autograd.grad``: ``.grad`` fields are left
     untouched. Side effects of running ``fn`` once (BatchNorm running statistics, RNG
     state) do happen.
@@ -148,13 +149,32 @@ def _sharded_model(fn: Any) -> Any:
     return None
 
 
+def _output_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors in ``out``: pytree's containers (tuples, lists, dicts, Hugging Face's
+    ``ModelOutput``), and the fields of a dataclass instance, which pytree takes for a
+    leaf unless it is registered (a model returning ``Output(loss=..., logits=...)``)."""
+    found: list[torch.Tensor] = []
+    for leaf in pytree.tree_leaves(out):
+        if isinstance(leaf, torch.Tensor):
+            found.append(leaf)
+        elif dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+            found.extend(_output_tensors([getattr(leaf, f.name) for f in dataclasses.fields(leaf)]))
+    return found
+
+
+def _real_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t``'s elements as a real fp32 scalar; a complex tensor's real and
+    imaginary parts both (``.float()`` would drop the imaginary part, with a warning)."""
+    return (torch.view_as_real(t) if t.is_complex() else t).float().sum()
+
+
 def _loss_of(out: Any) -> torch.Tensor | None:
-    tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+    tensors = [t for t in _output_tensors(out) if t.requires_grad]
     if not tensors:
         return None
-    if len(tensors) == 1 and tensors[0].numel() == 1:
+    if len(tensors) == 1 and tensors[0].numel() == 1 and not tensors[0].is_complex():
         return tensors[0].reshape(())
-    return torch.stack([t.float().sum() for t in tensors]).sum()
+    return torch.stack([_real_sum(t) for t in tensors]).sum()
 
 
 def _autograd_leaves(loss: torch.Tensor) -> Iterable[torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -61,6 +62,37 @@ def test_forward_only_under_no_grad():
         explanation = memopt.explain(model, torch.randn(2, 3), options=EAGER)
     assert not explanation.ran_backward
     assert explanation.region(0).kind == "inference"
+
+
+@dataclasses.dataclass
+class _Output:
+    loss: torch.Tensor
+    hidden: torch.Tensor
+    note: str = "plain dataclass, not registered with pytree"
+
+
+class _DataclassOutputModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> _Output:
+        hidden = self.linear(x)
+        return _Output(loss=hidden.square().mean(), hidden=hidden)
+
+
+def test_explain_runs_the_backward_of_a_dataclass_output_and_of_a_complex_one():
+    # a dataclass that pytree does not know was taken for a leaf: no tensor found, no
+    # backward, and memopt.fit said the model's outputs did not require grad
+    explanation = memopt.explain(_DataclassOutputModel(), torch.randn(2, 4, 8), options=EAGER)
+    assert explanation.ran_backward
+    # a complex output was summed through .float(), which dropped its imaginary part
+    # with a UserWarning from inside memopt
+    linear = torch.nn.Linear(8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        explanation = memopt.explain(lambda x: torch.fft.fft(linear(x)), torch.randn(2, 8), options=EAGER)
+    assert explanation.ran_backward
 
 
 def test_memopt_logs_env_switches_on_logging():
