@@ -659,3 +659,40 @@ def test_a_lower_infeasible_budget_never_gives_a_higher_peak():
         assert region.plan.min_feasible_peak == explanation.estimated_peak_bytes
         peaks[budget] = explanation.estimated_peak_bytes
     assert peaks[0.3] <= peaks[0.6]
+
+
+class _ConvGroupNorm(torch.nn.Module):
+    """A convolution read first by a multi-output op (``native_group_norm``), which
+    the ``selective`` option saves as a matmul/convolution's consumer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.norm1 = torch.nn.InstanceNorm2d(16, affine=True, track_running_stats=True)
+        self.conv2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.norm2 = torch.nn.GroupNorm(4, 16)
+        self.norm3 = torch.nn.BatchNorm1d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.silu(self.norm1(self.conv1(x)))
+        x = self.norm2(self.conv2(x))
+        return self.norm3(x.mean((2, 3))).square().mean()
+
+
+def test_option_sets_save_a_multi_output_op_as_its_outputs():
+    """The ``selective`` option saved ``native_group_norm`` itself (a tuple) as the
+    consumer of a convolution; a plan choosing it handed the tuple to AOTAutograd, and
+    the region's first call raised "expected all tensors_saved_with_vc_check to be
+    Tensors" (met in the loss region of a CNN whose BatchNorm(momentum=None) breaks
+    the graph, under memory_budget=0.7)."""
+    from memopt.plan.remat_problem import build_problem, evaluate
+
+    torch.manual_seed(0)
+    model = _ConvGroupNorm()
+    x = torch.randn(16, 16, 16, 16)
+    step = capture_step(model, x)
+    problem = build_problem(step)
+    selective = problem.saved_for(["selective"] * len(problem.segments))
+    forward = evaluate(step, selective).step.forward
+    saved = forward.graph.find_nodes(op="output")[0].args[0][step.num_fwd_outputs :]
+    assert [n.name for n in saved if not isinstance(meta.fake_value(n), torch.Tensor)] == []

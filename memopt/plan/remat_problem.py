@@ -38,7 +38,8 @@ FLOPs (matmuls, convolutions, attention: what costs compute), with the modelled 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -205,15 +206,30 @@ def _saved_by(graphs: tuple[fx.GraphModule, fx.GraphModule] | None, joint: Joint
     return set(joint_values(joint, outputs))
 
 
+def _values(nodes: Iterable[fx.Node]) -> set[str]:
+    """The names of ``nodes`` as values a backward can be handed: a multi-output op's
+    node (a tuple, such as ``native_group_norm`` after a convolution) stands for its
+    ``getitem`` outputs. Saved as it is, the tuple reached AOTAutograd's runtime, which
+    raised at the region's first call ("expected all tensors_saved_with_vc_check to be
+    Tensors")."""
+    names: set[str] = set()
+    for node in nodes:
+        if isinstance(meta.fake_value(node), (tuple, list)):
+            names.update(u.name for u in node.users if u.target is operator.getitem)
+        else:
+            names.add(node.name)
+    return names
+
+
 def _option_sets(segment: Segment, mincut: set[str], torch_saved: dict[float, set[str]]) -> dict[str, frozenset[str]]:
-    forced = {n.name for n in segment.nodes if must_save(n)}
-    keep = {n.name for n in segment.crossers} | forced
-    expensive = {
-        n.name
+    forced = _values(n for n in segment.nodes if must_save(n))
+    keep = _values(segment.crossers) | forced
+    expensive = _values(
+        n
         for n in segment.nodes
         if n.target in _EXPENSIVE
         or (n.args and isinstance(n.args[0], fx.Node) and n.args[0].target in _EXPENSIVE and n.op == "call_function")
-    }
+    )
     return {
         "save": frozenset(keep | {n.name for n in segment.nodes if n.name in mincut}),
         "selective": frozenset(keep | expensive),
