@@ -234,13 +234,33 @@ class Explanation:
         return plot_timeline(self.timeline(), path, title=title, budget_bytes=self._budget())
 
     def plot_tradeoff(self, path: str, *, region: int = 0) -> str:
-        """Write the planner's peak/recompute trade-off curve for a region."""
+        """Write the planner's peak/recompute trade-off curve for a region (index into
+        `regions`). A region the planner did not run for has none: the error says why
+        and names the regions that have one."""
         from memopt.plan.plot import plot_tradeoff
 
-        plan = self.region(region).plan
+        record = self.region(region)
+        plan = record.plan
         if plan is None or not plan.tradeoff:
-            raise ValueError(f"region {region} has no trade-off curve: set options={{'memory_budget': ...}}")
+            raise ValueError(f"region {region} ({record.region}) has no trade-off curve: {self._no_tradeoff(record)}")
         return plot_tradeoff(plan.tradeoff, path, chosen_peak=plan.estimated_peak_after, budget_bytes=plan.budget_bytes)
+
+    def _no_tradeoff(self, record: RegionRecord) -> str:
+        """Why ``record`` has no trade-off curve, and the fix: a budget when it had
+        none, else the regions the planner drew one for."""
+        plan = record.plan
+        if plan is None or plan.budget_bytes is None:
+            why = "it was compiled without a memory_budget, and the budget planner draws the curve"
+            if record.kind == "inference":
+                why += " (a fractional budget does not apply to an inference region: give one in bytes)"
+            why += "; set options={'memory_budget': ...}"
+        else:
+            why = (
+                f"the budget planner did not run for it under memory_budget {format_bytes(plan.budget_bytes)}"
+                + (f" ({'; '.join(plan.notes)})" if plan.notes else "")
+            )
+        others = [f"region={i} ({r.region})" for i, r in enumerate(self.regions) if r.plan is not None and r.plan.tradeoff]
+        return why + (f". Regions with a curve: {', '.join(others)}." if others else ".")
 
     def memory_snapshot(self) -> dict[str, Any]:
         """The estimated timeline in PyTorch's memory-snapshot format (open it with

@@ -292,6 +292,22 @@ def test_a_planned_regions_tradeoff_flags_its_chosen_plan_at_most_once():
     assert all(set(p) >= {"predicted_peak_bytes", "chosen"} for p in plan.tradeoff)
 
 
+def test_a_region_without_a_tradeoff_curve_says_why_and_where_one_is(tmp_path):
+    """Under a budget the passes alone meet, the planner does not run and draws no
+    curve; plot_tradeoff said "set options={'memory_budget': ...}" although one was set."""
+    torch._dynamo.reset()
+    case = zoo_case("mlp")
+    model, inputs = case.build(), case.inputs(8)
+    explanation = memopt.explain(model, *inputs, options={**EAGER, "memory_budget": 1.0})
+    with pytest.raises(ValueError, match=r"region 0 \(0/0\) has no trade-off curve: the budget planner did not run") as raised:
+        explanation.plot_tradeoff(str(tmp_path / "t.png"))
+    assert "set options" not in str(raised.value) and "fits the budget" in str(raised.value)
+    torch._dynamo.reset()
+    explanation = memopt.explain(model, *inputs, options=EAGER)
+    with pytest.raises(ValueError, match=r"without a memory_budget.*set options=\{'memory_budget': \.\.\.\}"):
+        explanation.plot_tradeoff(str(tmp_path / "t.png"))
+
+
 def test_savings_rows_name_the_options_in_use_and_read_an_attached_optimizer():
     """The rows showed fixed options (offload='auto' with offload='disk' in use), a
     bf16 figure for precision in use that was what lowering left, not what it took,
