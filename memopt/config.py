@@ -351,9 +351,14 @@ def parse_size(text: str) -> int:
     """``"6GiB"`` -> 6442450944; ``"512MB"`` -> 512000000; ``"1e9"`` -> 10**9."""
     match = _SIZE.match(text)
     unit = match.group(2).lower() if match else ""
-    magnitude = text.strip()[1:]
-    if text.strip().startswith("-") and _SIZE.match(magnitude):
-        raise ValueError(f"memory size {text!r} is negative; a size is positive, e.g. {magnitude.strip()!r}.")
+    magnitude = _SIZE.match(text.strip()[1:]) if text.strip().startswith("-") else None
+    if magnitude is not None:
+        # the example must itself be accepted: a bare number under 1 KiB is refused as a
+        # budget (`require_unit`), so '-1' is told '1GiB', not '1'
+        example = magnitude.group(0).strip()
+        if not magnitude.group(2) and float(magnitude.group(1)) < MIN_BUDGET_BYTES:
+            example = f"{magnitude.group(1)}GiB"
+        raise ValueError(f"memory size {text!r} is negative; a size is positive, e.g. {example!r}.")
     if match is None or unit not in _UNITS and unit != "":
         raise ValueError(
             f"memory size {text!r} not understood; write a number with an optional unit, "

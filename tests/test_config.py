@@ -198,6 +198,20 @@ def test_a_negative_size_is_refused_as_negative_not_as_not_understood(size: str)
         MemoptConfig.from_options({"memory_budget": size})
 
 
+@pytest.mark.parametrize(("size", "example"), [("-1", "1GiB"), ("-0.5", "0.5GiB"), (" -24 ", "24GiB")])
+def test_a_negative_size_names_a_fix_that_is_accepted(size: str, example: str) -> None:
+    """``"-1"`` was told "e.g. '1'", which memory_budget then refuses (a number
+    without a unit under 1 KiB); the example now carries a unit."""
+    with pytest.raises(ValueError, match=rf"is negative; a size is positive, e\.g\. '{example}'"):
+        MemoptConfig.from_options({"memory_budget": size})
+    assert MemoptConfig.from_options({"memory_budget": example}).memory_budget > 0
+    from memopt.errors import MemoptFitError
+    from memopt.fit import budget_bytes
+
+    with pytest.raises(MemoptFitError, match=rf"e\.g\. '{example}'"):
+        budget_bytes(size)
+
+
 @pytest.mark.parametrize("value", ["0", "0.0", " 0 "])
 def test_a_zero_size_string_is_not_told_to_become_zero_gib(value: str) -> None:
     """The rule: the fix a refusal names must itself be accepted. ``"0"`` was told
