@@ -292,21 +292,36 @@ class _Writes(nn.Module):
         return (added + scattered + put).pow(2).mean()
 
 
+class _Spectral(nn.Module):
+    """A Linear feeding a spectral filter (FFT, a complex weight, inverse FFT)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.filter = nn.Parameter(torch.randn(9, dtype=torch.complex64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fft.irfft(torch.fft.rfft(self.lin(x), dim=-1) * self.filter, n=16, dim=-1).pow(2).mean()
+
+
 @pytest.mark.parametrize(
     "build",
     [
         lambda: (_Cells(), (torch.randn(3, 4, 8),), {"gru_cell", "lstm_cell"}, set()),
         lambda: (_EncoderLayer(), (torch.randn(4, 5, 8),), {"multi_head_attention_forward"}, set()),
         lambda: (_Writes(), (torch.randn(8, 8), torch.arange(8) % 4), set(), {"index_add", "scatter_add"}),
+        lambda: (_Spectral(), (torch.randn(4, 16),), {"linear"}, set()),
     ],
-    ids=["recurrent-cells", "multi-head-attention", "index-writes"],
+    ids=["recurrent-cells", "multi-head-attention", "index-writes", "fft"],
 )
 def test_ops_that_want_one_dtype_run_under_lowering(build, caplog):
     """A bf16 activation reaching a recurrent cell, torch's multi-head attention or an
     indexed write with fp32 operands compiled (the fake kernels accept the mix) and
     then failed in the step ("mat1 and mat2 must have the same dtype"). The cells and
     attention now run in bf16, as autocast runs them; the writes are promoted, without
-    a failed fake run that torch logs at ERROR level."""
+    a failed fake run that torch logs at ERROR level. A bf16 activation reaching
+    ``torch.fft`` failed the pass ("Unsupported dtype BFloat16") and ran the region
+    unlowered with a warning; the transforms now run in fp32, as autocast runs them."""
     torch.manual_seed(0)
     model, inputs, low_ops, promoted = build()
     reference = run_training_step(copy.deepcopy(model), list(inputs))
@@ -322,7 +337,7 @@ def test_ops_that_want_one_dtype_run_under_lowering(build, caplog):
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text[:2000]
     assert abs(result.loss.item() - reference.loss.item()) <= 0.05 * abs(reference.loss.item()) + 1e-3
     for name, p in model.named_parameters():
-        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        assert p.grad is not None and p.grad.dtype == p.dtype, name  # fp32 masters (a complex one stays complex)
 
 
 def test_disable_passes_skips_lowering_and_unknown_names_raise():

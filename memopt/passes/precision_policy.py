@@ -88,18 +88,31 @@ _REDUCTIONS = (
     "logsumexp", "norm", "var", "std", "var_mean", "std_mean", "cdist", "dist",
 )  # fmt: skip
 
+_SPECTRAL = (
+    "fft_fft", "fft_ifft", "fft_fft2", "fft_ifft2", "fft_fftn", "fft_ifftn", "fft_rfft", "fft_irfft",
+    "fft_rfft2", "fft_irfft2", "fft_rfftn", "fft_irfftn", "fft_hfft", "fft_ihfft", "fft_hfft2",
+    "fft_ihfft2", "fft_hfftn", "fft_ihfftn", "stft", "istft",
+)  # fmt: skip
+"""``torch.fft`` (named as its functions are, ``fft_rfft`` for ``torch.fft.rfft``) and
+the short-time transforms: no bf16 kernel on CPU ("Unsupported dtype BFloat16"), and
+cuFFT takes fp16 at power-of-two sizes only; autocast runs them in fp32 too."""
+
 DEFAULT_POLICY: Mapping[str, str] = MappingProxyType(
     {
         **dict.fromkeys(_MATMUL_LIKE, LOW),
         **dict.fromkeys(_NORMS_AND_SOFTMAX, FP32_LOW_OUT),
         **dict.fromkeys(_LOSSES, FP32),
         **dict.fromkeys(_REDUCTIONS, FP32),
+        **dict.fromkeys(_SPECTRAL, FP32),
     }
 )
 """The default table. ``log_softmax`` is fp32 (not ``fp32_low_out``) because its
 result feeds a loss, where rounding log-probabilities would cost accuracy."""
 
-_TORCH_MODULES = ("torch", "torch.nn.functional", "torch._C._nn", "torch.functional", "torch._C._VariableFunctions")
+_TORCH_MODULES = (
+    "torch", "torch.nn.functional", "torch._C._nn", "torch.functional", "torch._C._VariableFunctions",
+    "torch._C._fft",
+)  # fmt: skip
 
 
 class PolicyOverrides(dict[str, str]):
