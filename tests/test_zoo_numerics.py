@@ -4,8 +4,12 @@ GPT with tied embeddings, graph break, in-place input mutation, dynamic batch)."
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+
+import memopt
 
 from memopt.backends.record import recording
 from memopt.testing.numerics import assert_step_matches_eager, run_training_step
@@ -41,6 +45,34 @@ def test_batchnorm_running_stats_updated_like_eager():
     before = model.features[1].running_mean.clone()
     results = assert_step_matches_eager(model, case.inputs(4), options=EAGER, steps=1)
     assert not torch.equal(results[0].buffers["features.1.running_mean"], before)
+
+
+class _StepCounter(torch.nn.Module):
+    """A step counter buffer incremented in forward and read after the increment (a
+    warm-up schedule), and an input written in place before it is read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+        self.register_buffer("step", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        self.step += 1
+        state.add_(1.0)
+        return torch.tanh(self.linear(x) * torch.sigmoid(self.step) * state).sum()
+
+
+@pytest.mark.parametrize("budget", [None, "1KiB"])
+def test_reads_of_a_buffer_the_forward_increments_are_not_recomputed_after_it(budget):
+    """torch's min-cut partition (kept without a budget) and the budget planner
+    recomputed ``step + 1`` in backward from the counter the forward had already
+    incremented: every gradient silently wrong (0.6 off here; torch's own
+    ``aot_eager`` and Inductor too, pytorch/pytorch#197039). Such reads are saved now."""
+    torch.manual_seed(0)
+    options = EAGER if budget is None else {**EAGER, "strict": False, "memory_budget": budget}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", memopt.MemoptBudgetWarning)  # 1 KiB is below any plan
+        assert_step_matches_eager(_StepCounter(), [torch.randn(4, 8), torch.full((8,), 0.5)], options=options, exact=True)
 
 
 def test_inference_matches_eager_under_no_grad():

@@ -36,7 +36,7 @@ from memopt.config import MemoptConfig
 from memopt.errors import PASSED_THROUGH, MemoptWarning
 from memopt.failsoft import Fallback, fail_soft, is_torch_signal
 from memopt.graph import meta
-from memopt.graph.partition import JointGraph
+from memopt.graph.partition import JointGraph, pin_reads_of_mutated_inputs
 from memopt.graph.step import InputInfo, StepGraphs, output_values, placeholder_inputs
 from memopt.passes.base import Pass, PassContext
 from memopt.passes.instruments import (
@@ -421,6 +421,7 @@ class RegionCompiler:
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
         """AOTAutograd ``partition_fn``: min-cut split, then memopt's pipeline."""
         self.stage = "planning"
+        pin_reads_of_mutated_inputs(joint_module)  # before any partition: torch's and the planner's
         forward, backward = min_cut_rematerialization_partition(
             joint_module,
             joint_inputs,

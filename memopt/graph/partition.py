@@ -27,7 +27,10 @@ from memopt.graph import meta
 from memopt.graph.dropout import drawn_masks_in_forward
 from memopt.graph.step import StepGraphs, clone_graph_module
 
-__all__ = ["JointGraph", "split_joint", "forward_nodes", "saved_names", "saved_joint_names", "joint_values"]
+__all__ = [
+    "JointGraph", "split_joint", "forward_nodes", "saved_names", "saved_joint_names", "joint_values",
+    "pin_reads_of_mutated_inputs",
+]
 
 log = logging.getLogger("memopt.plan")
 
@@ -332,3 +335,55 @@ def _make_graph_module(template: fx.GraphModule, graph: fx.Graph) -> fx.GraphMod
     if graph is template.graph:
         return template
     return torch_lazy_graph_module._make_graph_module(template, graph)
+
+
+def _reads_only_to_update(node: fx.Node) -> bool:
+    """``node`` reads the mutated inputs it is given only for the values written back
+    to them: a batch norm in training mode normalizes with the batch's statistics and
+    reads its running statistics only to update them."""
+    return node.target is torch.ops.aten._native_batch_norm_legit_functional.default and bool(
+        node.args[5] if len(node.args) > 5 else node.kwargs.get("training")
+    )
+
+
+def pin_reads_of_mutated_inputs(joint_module: fx.GraphModule) -> list[str]:
+    """Tag must-save (``node.meta["recompute"]``, as selective checkpointing does) every
+    forward value that reads an input the forward then writes (``copy_`` into it: a
+    step counter ``self.step += 1``, a buffer updated in place). Recomputed in backward,
+    such a read runs after the write and sees the new contents: torch's min-cut
+    partition recomputed ``step + 1`` from the counter already incremented, and the
+    gradients were silently wrong (pytorch/pytorch#197039 fixes the same in torch).
+    Views of the input are followed to the op that reads them. Returns the names tagged.
+
+    The ``copy_`` itself and a batch norm's reads of its running statistics
+    (`_reads_only_to_update`) are left alone; any other read is saved, even one that
+    only feeds the write (a counter's increment: as small as the buffer)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from memopt.analysis.cost import is_view
+
+    graph = joint_module.graph
+    copies = [
+        n for n in graph.nodes
+        if n.op == "call_function" and n.target is torch.ops.aten.copy_.default
+        and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder"
+    ]  # fmt: skip
+    tangent_dependent: set[fx.Node] = set()
+    for node in graph.nodes:
+        if meta.is_tangent(node) or any(i in tangent_dependent for i in node.all_input_nodes):
+            tangent_dependent.add(node)
+    pinned: list[str] = []
+    for target in dict.fromkeys(c.args[0] for c in copies):
+        stack = [u for u in target.users if u.target is not torch.ops.aten.copy_.default]
+        seen: set[fx.Node] = set()
+        while stack:
+            node = stack.pop()
+            if node in seen or node in tangent_dependent or node.op != "call_function":
+                continue
+            seen.add(node)
+            if is_view(node):
+                stack.extend(node.users)
+            elif not _reads_only_to_update(node) and not meta.must_save_tag(node):
+                node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+                pinned.append(node.name)
+    return pinned
