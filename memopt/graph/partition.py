@@ -352,7 +352,7 @@ def pin_reads_of_mutated_inputs(joint_module: fx.GraphModule) -> list[str]:
     step counter ``self.step += 1``, a buffer updated in place). Recomputed in backward,
     such a read runs after the write and sees the new contents: torch's min-cut
     partition recomputed ``step + 1`` from the counter already incremented, and the
-    gradients were silently wrong (pytorch/pytorch#197039 fixes the same in torch).
+    gradients were silently wrong (the open pull request pytorch/pytorch#197039 fixes the same in torch).
     Views of the input are followed to the op that reads them. Returns the names tagged.
 
     The ``copy_`` itself and a batch norm's reads of its running statistics
