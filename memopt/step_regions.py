@@ -27,9 +27,13 @@ def regions_of_step(regions: list[RegionRecord]) -> list[RegionRecord]:
     runs in the step and is counted. A region whose latest call ran before a
     backward that started before the latest step's last forward is not of that step
     (train, eval, train again: the first step's regions of frames the later
-    compile no longer breaks into)."""
+    compile no longer breaks into). An inference compile of a model that has a
+    training compile before it (validation under ``torch.no_grad()`` between training
+    steps) is not of the training step and does not replace that compile."""
     kept: list[RegionRecord] = []
     for r in regions:
+        if r.kind == "inference" and any(k.kind == "training" and same_model(k, r) for k in kept):
+            continue
         kept = [k for k in kept if not same_model(k, r)]
         kept.append(r)
     latest = _latest_forward(kept)

@@ -163,6 +163,26 @@ def test_recompiled_frame_counts_once_in_the_step_timeline():
     assert explanation.timeline().peak_bytes == explanation.regions[1].timeline_after.peak_bytes
 
 
+def test_validation_between_training_steps_does_not_replace_the_training_step():
+    """A loop that validates under ``torch.no_grad()`` after each training step compiles
+    the model's frame again for inference (``0/1``). The summary took that latest
+    compile as the step: the eval forward's peak, "saved by memopt 0 B" and a budget
+    "set, but the plan recomputes no value"; the step is the training compile."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 16))
+    compiled = torch.compile(model, backend="memopt", options=EAGER)
+    with memopt.record() as explanation:
+        for _ in range(2):
+            compiled(torch.randn(8, 16)).sum().backward()
+            model.eval()
+            with torch.no_grad():
+                compiled(torch.randn(8, 16))
+            model.train()
+    assert [(r.region, r.kind) for r in explanation.regions] == [("0/0", "training"), ("0/1", "inference")]
+    assert [r.region for r in explanation.step_regions()] == ["0/0"]
+    assert explanation.timeline().peak_bytes == explanation.regions[0].timeline_after.peak_bytes
+
 def test_two_models_of_one_class_both_count_in_the_step():
     """A GAN's generator and discriminator are both ``nn.Sequential``: their forwards
     are one code object, so Dynamo compiles the second as a recompile of the first's
