@@ -116,3 +116,41 @@ def test_a_budget_warning_made_an_error_by_the_filter_is_raised_not_reported_as_
             with pytest.raises(memopt.MemoptBudgetWarning, match="is infeasible"):
                 compiled(x).sum().backward()  # .grad held: compiled again, not holding its warning
         assert not [str(w.message) for w in others if "memopt bug" in str(w.message)]
+
+
+class _LossAfterBreak(nn.Module):
+    """A graph break before the loss: the second region holds no parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(32, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 32))
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        torch._dynamo.graph_break()
+        return torch.nn.functional.mse_loss(h, target)
+
+
+def test_a_later_region_without_parameters_is_planned_again_with_the_held_gradients() -> None:
+    """zero_grad(set_to_none=False) under a fractional budget, the step split by a graph
+    break before the loss (as Hugging Face GPT-2's is): the first region counts its held
+    gradients and is planned again, its budget the fraction of the higher step peak. The
+    loss region finds no gradient of its own to count and kept the budget of the step
+    without them: the plans stated two budgets, the step's warning said "different
+    budgets or peaks" and the report "no budget for the step as a whole". It is now
+    planned again in the step, and both state one budget."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _LossAfterBreak()
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "memory_budget": 0.7})
+    x, target = torch.randn(64, 32), torch.randn(64, 32)
+    with memopt.record() as explanation, warnings.catch_warnings():
+        warnings.simplefilter("ignore", memopt.MemoptBudgetWarning)
+        for _ in range(4):
+            compiled(x, target).backward()
+            model.zero_grad(set_to_none=False)
+    step = explanation.step_regions()
+    assert len(step) == 2 and all(r.plan is not None for r in step)
+    budgets = {r.region: r.plan.budget_bytes for r in step}  # type: ignore[union-attr]
+    assert len(set(budgets.values())) == 1, budgets
+    assert explanation.to_dict()["budget_bytes"] == next(iter(budgets.values()))

@@ -192,6 +192,20 @@ class CompiledRegion(WatchedRegion):
             for i, kept in enumerate(observed.kept_outputs[:-1])
         )
 
+    def planned_before_grads(self, step: list[CompiledRegion]) -> bool:
+        """Whether the regions before it in ``step`` (forward order) now count
+        parameters' held ``.grad`` (gradient accumulation, `_count_held_grads`) that
+        they did not when its plan took them in place: the step's peak, and a
+        fractional budget of it, rose since. A region with no parameter's gradient of
+        its own to find (a loss region after a graph break) is never planned again for
+        them by its own call."""
+        context = self.compiler.context
+        if context is None or not context.earlier or self not in step:
+            return False
+        planned = frozenset().union(*(r.step_before.grads_held for r in context.earlier))
+        held = frozenset().union(*(r.compiler.grads_held for r in step[: step.index(self)]))
+        return bool(held - planned)
+
     def replan_in(self, step: list[CompiledRegion], observed: Observed) -> None:
         """Compile again, planned for ``step`` (the regions in forward order, run as
         ``observed``), at the next call."""
@@ -213,7 +227,7 @@ class CompiledRegion(WatchedRegion):
             message, self._warning = self._warning, None
             warnings.warn(message, MemoptWarning, stacklevel=2)
         if self._step is not None:
-            self._replan(self._step)
+            self._replan(self._step, args)
         training = self.compiler.record.kind == "training"  # a re-plan keeps the kind
         if training:
             self._count_held_grads(args)
@@ -322,9 +336,10 @@ class CompiledRegion(WatchedRegion):
             for i, other in enumerate(step):
                 if other is self:
                     continue
+                stale = i > step.index(self) and other.can_replan and other.planned_before_grads(step)
                 other.compiler.place_in(_context_of(step, i, observed))
-                if i < step.index(self) and other.can_replan:
-                    other.replan_in(step, observed)
+                if other.can_replan and (i < step.index(self) or stale):
+                    other.replan_in(step, observed)  # a later one at its call in this micro-batch
 
     def _warn_unplanned_grads(self, args: Sequence[Any], unplanned: frozenset[int]) -> None:
         """Once per region: a call found gradients held that its plan did not count,
@@ -371,18 +386,27 @@ class CompiledRegion(WatchedRegion):
         held, self._held = self._held, []
         return held
 
-    def _replan(self, planned: tuple[list[CompiledRegion], Observed]) -> None:
+    def _replan(self, planned: tuple[list[CompiledRegion], Observed], args: Sequence[Any]) -> None:
+        """Compile again for ``planned`` (`replan_in`), at a call with ``args``: counting
+        the parameters' ``.grad`` they hold, so that `_count_held_grads` need not
+        compile it once more. A later region of the step whose plan did not count the
+        gradients the earlier ones now hold is planned again at its call
+        (`planned_before_grads`)."""
         self._step = None
         step, observed = planned
         context = _context_of(step, step.index(self), observed)
         assert self._fakes is not None
         old = self.compiler
         compiler = old.replanned(context, self._fakes)
+        compiler.grads_held = old.grads_held | grads_held(old.inputs, args)
         log.info("region %s: compiling again (%s)", self.name, context.describe())
         if self._compile_again(old, compiler):
             for i, other in enumerate(step):
                 if other is not self:
+                    stale = i > step.index(self) and other.can_replan and other.planned_before_grads(step)
                     other.compiler.place_in(_context_of(step, i, observed))
+                    if stale:
+                        other.replan_in(step, observed)  # at its call in this micro-batch
 
     def _compile_again(self, old: RegionCompiler, compiler: RegionCompiler, hold: bool = True) -> bool:
         """Compile the region with ``compiler`` (`RegionCompiler.replanned` from

@@ -202,7 +202,7 @@ def _decide(runs: list[Run], order: list[Run], regions: list[CompiledRegion]) ->
             return  # the plan holds for this step
         observed = decided.merged(observed)
     targets = [r for r in regions[:-1] if r.can_replan]
-    if regions[-1].can_replan and regions[-1].planned_without(observed):
+    if regions[-1].can_replan and (regions[-1].planned_without(observed) or regions[-1].planned_before_grads(regions)):
         targets.append(regions[-1])  # compiled after the others: it sees their new plans
     step = (tuple(regions), observed)
     for region in regions:
