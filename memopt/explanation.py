@@ -44,7 +44,9 @@ _NOTHING_COMPILED = (
     "nothing reached memopt while this explanation recorded: memopt explains a region when Dynamo compiles it, "
     "and a function compiled before memopt.record() (its first call outside the `with`, as a warm-up step) runs "
     "its cached code unseen; enter record() before the first call, or call torch._dynamo.reset() first. A frame "
-    "past Dynamo's recompile_limit (Dynamo warns of it) runs eagerly, without memopt"
+    "past Dynamo's recompile_limit (Dynamo warns of it) runs eagerly, without memopt. A torch.nn container "
+    "compiled in place (nn.Sequential(...).compile(...)) is not compiled at all: torch skips its frames; use "
+    "compiled = torch.compile(model, ...) for it, or call model.compile() on a module class of your own"
 )
 
 

@@ -762,6 +762,21 @@ def test_a_recording_that_saw_no_compile_says_why():
     assert len(ex.regions) == 1 and ex.estimated_peak_bytes > 0
 
 
+def test_a_torch_nn_container_compiled_in_place_is_named_when_nothing_reached_memopt():
+    """torch's ``model.compile`` of an ``nn.Sequential`` compiles nothing (Dynamo skips
+    torch.nn's frames, silently: no counter, no warning), so a step runs eagerly with no
+    plan and no budget. The report blamed only a compile before record(); it now names
+    the in-place compile of a torch.nn container and the two ways that do compile."""
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    model.compile(backend="memopt", options=EAGER)
+    with memopt.record() as ex:
+        model(torch.randn(2, 4)).sum().backward()
+    assert ex.regions == []  # torch's behaviour: if this starts compiling, the sentence goes
+    text = " ".join(ex.report().split())
+    assert "torch.nn container compiled in place" in text and "torch.compile(model, ...)" in text, text
+
+
 _WITH_OPTIMIZER = """
 import torch
 
