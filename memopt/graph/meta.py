@@ -42,6 +42,7 @@ __all__ = [
     "is_random",
     "has_side_effects",
     "must_save_tag",
+    "set_must_save_tag",
     "set_memopt_tag",
     "memopt_tag",
     "copy_meta",
@@ -383,6 +384,14 @@ def must_save_tag(node: fx.Node) -> bool:
     from torch.utils.checkpoint import CheckpointPolicy
 
     return node.meta.get("recompute") == CheckpointPolicy.MUST_SAVE
+
+
+def set_must_save_tag(node: fx.Node) -> None:
+    """Mark ``node``'s value must-save, as selective activation checkpointing does:
+    torch's partitioner and memopt's planner (`must_save_tag`) then never recompute it."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
 
 
 def memopt_tag(node: fx.Node, name: str, default: Any = None) -> Any:

@@ -358,8 +358,6 @@ def pin_reads_of_mutated_inputs(joint_module: fx.GraphModule) -> list[str]:
     The ``copy_`` itself and a batch norm's reads of its running statistics
     (`_reads_only_to_update`) are left alone; any other read is saved, even one that
     only feeds the write (a counter's increment: as small as the buffer)."""
-    from torch.utils.checkpoint import CheckpointPolicy
-
     from memopt.analysis.cost import is_view
 
     graph = joint_module.graph
@@ -384,6 +382,6 @@ def pin_reads_of_mutated_inputs(joint_module: fx.GraphModule) -> list[str]:
             if is_view(node):
                 stack.extend(node.users)
             elif not _reads_only_to_update(node) and not meta.must_save_tag(node):
-                node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+                meta.set_must_save_tag(node)
                 pinned.append(node.name)
     return pinned
