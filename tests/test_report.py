@@ -328,6 +328,10 @@ def test_savings_rows_name_the_options_in_use_and_read_an_attached_optimizer():
     precision = rows["precision"]
     assert (precision.option, precision.in_use, precision.saved_bytes) == ("precision='fp16'", True, None)
     assert rows["8-bit state"].saved_bytes > 0  # AdamW's state now minus AdamW8bit's
+    torch._dynamo.reset()
+    in_bytes = memopt.explain(model, *case.inputs(4), options={**EAGER, "memory_budget": "2MiB"})
+    option = {s.technique: s.option for s in in_bytes.savings()}["rematerialization"]
+    assert option == "memory_budget='2.00 MiB'", option  # was memory_budget=2097152
     assert "options={'optimizer': opt}" in rows["fused update"].basis
     assert any(s.state_bytes > 0 for s in explanation.dominant_parameters(share=0.0))
 

@@ -51,6 +51,7 @@ from memopt.graph import meta
 from memopt.graph.step import StepGraphs, parameter_name
 from memopt.plan.decisions import Recompute
 from memopt.plan.plan import TensorDecision
+from memopt.units import format_bytes
 
 __all__ = ["OptionSaving", "ParameterShare", "StepParameter", "option_savings", "dominant_parameters", "step_parameters"]
 
@@ -177,7 +178,7 @@ def option_savings(
     taken = _decided_at_peak(before, decisions)
     fp32 = sum(b for b, size in saved if size == 4)
     one_byte = sum(b - b // size for b, size in saved)
-    budget = "..." if config.memory_budget is None else repr(config.memory_budget)
+    budget = _shown_budget(config.memory_budget)
     compress = config.compress_activations or "int8"
     rows = [
         _row("rematerialization", f"memory_budget={budget}", in_use["recompute"], taken["recompute"],
@@ -201,6 +202,14 @@ def _counted_at(in_use: bool, saved: int | None, now: int) -> int:
     the saving when the option is in use (the peak it came off)."""
     return now + saved if in_use and saved is not None else now
 
+
+
+def _shown_budget(budget: int | float | None) -> str:
+    """``memory_budget`` as the savings table names it: a fraction as given, bytes as a
+    size string (``'300.00 KiB'``, not the 307200 the option was parsed to)."""
+    if budget is None:
+        return "..."
+    return repr(format_bytes(budget)) if isinstance(budget, int) else repr(budget)
 
 def _row(
     technique: str,
