@@ -818,3 +818,17 @@ def test_cli_report_plans_the_optimizer_a_factory_returns(tmp_path, capsys):
     assert cli_main(["report", f"{path}:not_an_optimizer", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "returned a dict as the optimizer; expected a torch.optim.Optimizer" in err, err
+
+
+def test_buffer_writes_are_not_listed_as_saved_values():
+    """A batch norm in training mode writes its running statistics back into its
+    buffers (``copy_`` into a forward input): kept in forward as a side effect, never
+    handed to backward, no bytes of their own. The table of values saved for backward
+    listed each as "save [random op or side effect]"."""
+    torch._dynamo.reset()
+    case = zoo_case("cnn_bn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", memopt.MemoptBudgetWarning)
+        explanation = memopt.explain(case.build(), *case.inputs(8), options={**EAGER, "memory_budget": 0.6})
+    names = [d.name for d in explanation.decisions()]
+    assert names and not [n for n in names if n.startswith("forward:copy_")], names
