@@ -26,6 +26,7 @@ from memopt.backends.record import RegionRecord
 from memopt.config import MemoptConfig
 from memopt.passes.instruments import op_counts
 from memopt.failsoft import Fallback
+from memopt.graph import meta
 from memopt.plan.plan import TensorDecision
 from memopt.plan.advice import OptionSaving, ParameterShare, dominant_parameters, option_savings, step_parameters
 from memopt.plan.report import (
@@ -326,7 +327,14 @@ class Explanation:
             f"regions planned under different budgets ({each}), each a fraction of the peak its region saw when "
             "it compiled: no budget for the step as a whole"
         )
-        if self.one_step:
+        dynamic = [r.region for r in self.step_regions() if r.region in budgets and _dynamic_shapes(r)]
+        if dynamic:
+            text += (
+                f" ({', '.join(dynamic)} compiled for dynamic shapes, after an input changed shape or with "
+                "dynamic=True: memopt does not plan such a region again for its step; compile with dynamic=False, "
+                "or pad the inputs to one size, for one budget)"
+            )
+        elif self.one_step:
             text += (
                 " (memopt.explain runs one step; a training loop plans a step of several regions as a whole, "
                 "under one budget, from its second step: memopt.record over a few steps shows that plan)"
@@ -555,3 +563,9 @@ def _region_dict(r: RegionRecord) -> dict[str, Any]:
         if r.step is None
         else {name: dict(op_counts(gm)) for name, gm in r.step.graphs()},
     }
+
+
+def _dynamic_shapes(record: RegionRecord) -> bool:
+    """The region was compiled for dynamic shapes: its forward takes a size symbol."""
+    step = record.step
+    return step is not None and any(meta.is_symbolic(ph) for ph in step.forward.graph.find_nodes(op="placeholder"))
