@@ -336,7 +336,13 @@ def _optional_path(key: str, value: Any) -> str | None:
         return None
     if not isinstance(value, (str, os.PathLike)):
         raise ValueError(f"memopt option {key}={value!r} must be a directory path or None.")
-    return os.fspath(value)
+    path = os.fspath(value)
+    if not str(path).strip():  # Path("") is the working directory: never what an empty setting meant
+        raise ValueError(
+            f"memopt option {key}={value!r} is empty. Fix: give a directory path, or leave {key} unset "
+            "(None) for the default."
+        )
+    return path
 
 
 _UNITS = {

@@ -134,6 +134,16 @@ def test_host_offload_with_an_offload_dir_is_refused_when_the_options_are_read(t
     assert MemoptConfig.from_options({"offload": "auto", "offload_dir": str(tmp_path)}).offload_dir == str(tmp_path)
 
 
+@pytest.mark.parametrize("key", ["offload_dir", "dump_dir"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_directory_option_is_refused(key, value):
+    """``offload_dir=""`` became the working directory (``Path("")`` is "."): offload
+    files and the stale-directory sweep went there, where nobody asked for them."""
+    options = {key: value, **({"offload": "disk"} if key == "offload_dir" else {})}
+    with pytest.raises(ValueError, match=rf"{key}='\s*' is empty. Fix: give a directory path, or leave {key} unset"):
+        MemoptConfig.from_options(options)
+
+
 def test_env_switches_debug_aids(monkeypatch, tmp_path):
     monkeypatch.setenv("MEMOPT_DUMP_DIR", str(tmp_path))
     monkeypatch.setenv("MEMOPT_VERIFY", "1")
