@@ -394,6 +394,84 @@ def test_channels_last_convolution_scratch_matches_a_measurement():
     assert abs(modelled - scratch) <= 0.25 * scratch + 8 * 1024, (modelled, scratch)
 
 
+_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+@pytest.mark.skipif(not (_AVX512 and torch.backends.mkldnn.is_available()), reason="calibrated on oneDNN with AVX-512")
+@pytest.mark.parametrize(
+    "cin, cout, kernel, stride, transposed",
+    [
+        (3, 8, 3, 1, False),  # a first layer: plain input, the output padded to 16 channels
+        (8, 8, 3, 1, False),  # 8 channels: every blocked copy padded to 16
+        (8, 16, 3, 1, False),
+        (16, 8, 3, 1, False),
+        (24, 8, 3, 1, False),  # 24 -> 32 channels
+        (32, 32, 3, 1, False),
+        (8, 1, 1, 1, False),  # a 1x1 head: the input blocked too
+        (16, 32, 1, 2, False),  # strided 1x1: the gathered input positions
+        (16, 32, 3, 2, False),  # strided: channels-last copies in backward
+        (16, 8, 2, 2, True),  # a UNet's upsampling
+    ],
+)
+def test_nchw_convolution_scratch_matches_a_measurement(cin, cout, kernel, stride, transposed):
+    """oneDNN's scratch for an NCHW fp32 convolution (the eager codegen's), forward and
+    backward with and without the input's gradient, modelled in workspace.py (its
+    blocked copies, channels padded to whole blocks of 16) against the op measured
+    alone. What is left is oneDNN's own scratchpad (the weight gradient's per-thread
+    reduction buffers), tens of KiB. The rule before (output + weight; twice the
+    gradient) missed the padding below 16 channels by up to half the op's peak."""
+    from memopt.analysis.workspace import workspace_bytes
+    from memopt.testing.measure import measure_peak
+
+    aten = torch.ops.aten
+    torch.manual_seed(0)
+    x = torch.randn(8, cin, 32, 32)
+    w = torch.randn(*((cin, cout) if transposed else (cout, cin)), kernel, kernel)
+    b = torch.randn(cout)
+    pad = kernel // 2 if kernel > 2 else 0
+    geometry = ([stride] * 2, [pad] * 2, [1, 1], transposed, [0, 0], 1)
+    forward = lambda x, w, b: aten.convolution.default(x, w, b, *geometry)  # noqa: E731
+    g = torch.randn_like(forward(x, w, b))
+    calls = [(forward, (x, w, b), aten.convolution.default)]
+
+    def backward(mask):
+        return lambda g, x, w: aten.convolution_backward.default(g, x, w, [cout], *geometry, mask)
+
+    for grad_input in (True, False):
+        calls.append((backward([grad_input, True, True]), (g, x, w), aten.convolution_backward.default))
+    tolerance = 24 * 1024 * torch.get_num_threads()
+    for fn, args, target in calls:
+        result = fn(*args)
+        outputs = sum(t.numel() * t.element_size() for t in (result if isinstance(result, tuple) else (result,)) if t is not None)
+        peak = min(measure_peak(lambda: fn(*args)).peak_growth_bytes for _ in range(2))
+        gm = make_fx(fn, tracing_mode="fake")(*args)
+        node = next(n for n in gm.graph.nodes if n.target is target)
+        modelled = outputs + workspace_bytes(node, torch.device("cpu"))
+        assert abs(modelled - peak) <= 0.03 * peak + tolerance, (target, modelled, peak)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="ATen's choice between oneDNN and its own kernel")
+def test_one_small_image_convolution_scratch_is_its_im2col_columns():
+    """ATen runs a convolution of one small image (at most 20480 input elements) on its
+    own kernel, not oneDNN: it holds the im2col columns (Cin x 3x3 x output positions),
+    forward and backward, which workspace.py models (before: the oneDNN rule, 7x low)."""
+    from memopt.analysis.workspace import workspace_bytes
+    from memopt.testing.measure import measure_peak
+
+    aten = torch.ops.aten
+    x, w, b = torch.randn(1, 8, 16, 16), torch.randn(8, 8, 3, 3), torch.randn(8)
+    geometry = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    forward = lambda x, w, b: aten.convolution.default(x, w, b, *geometry)  # noqa: E731
+    backward = lambda g, x, w: aten.convolution_backward.default(g, x, w, [8], *geometry, [True, True, True])  # noqa: E731
+    columns = 8 * 9 * 16 * 16 * 4
+    for fn, args, target in [(forward, (x, w, b), aten.convolution.default), (backward, (torch.randn(1, 8, 16, 16), x, w), aten.convolution_backward.default)]:
+        result = fn(*args)
+        outputs = sum(t.numel() * t.element_size() for t in (result if isinstance(result, tuple) else (result,)))
+        assert measure_peak(lambda: fn(*args)).peak_growth_bytes - outputs == columns
+        node = next(n for n in make_fx(fn, tracing_mode="fake")(*args).graph.nodes if n.target is target)
+        assert workspace_bytes(node, torch.device("cpu")) == columns
+
+
 def test_dropout_mask_replay_workspace_matches_a_measurement():
     """The replay draws its bool mask through a float noise tensor
     (memopt.graph.rng): workspace.py models that tensor, and the measured peak of the

@@ -9,6 +9,20 @@ dropout/batch-norm/loss kernels) by measuring each op alone with
 them to a measurement). CUDA kernels (cuDNN workspaces) are not modelled: the table is
 empty there and estimates on CUDA see outputs only.
 
+Convolutions (NCHW fp32, the eager kernels) are modelled from what oneDNN does rather
+than as a multiple of a tensor (`_Conv`): it computes in layouts blocked over
+channels (16 fp32 channels per block with AVX-512), padded to whole blocks, so it
+holds blocked copies of the input, the weight and the output (and in backward, of the
+gradient and the result) beside the dense tensors, and an 8-channel activation's copy
+is twice its size. Which tensors it copies follows its kernels: fewer input channels
+than a block (with a window larger than 1x1) are read in place, strided backward-data
+passes work on unpadded channels-last copies, the weight gradient of 4 to 15 input
+channels runs an AVX2 kernel of 8-channel blocks. Where ATen does not call oneDNN
+(one small image, `use_mkldnn` in ATen/native/Convolution.cpp) its own kernel holds
+the im2col columns. Measured op by op against `measure_peak` (docs/memory.md, item 3):
+what is left is oneDNN's own scratchpad (the weight gradient's per-thread reduction
+buffers, the strided kernels' per-thread buffers: tens of KiB).
+
 The main table describes ATen's eager kernels. Under ``codegen="inductor"`` (``fused``)
 Inductor decomposes dropout, batch norm and the losses into its own kernels, and calls
 oneDNN's convolutions on channels-last tensors, whose scratch is small: about the
@@ -18,6 +32,8 @@ with channels-last inputs, strides 1 and 2).
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -53,24 +69,180 @@ def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
-def _strided(node: fx.Node, index: int) -> bool:
-    stride = _arg(node, index, "stride", [1])
+def _strided(node: fx.Node, index: int, name: str = "stride") -> bool:
+    stride = _arg(node, index, name, [1])
     return any(s != 1 for s in stride) if isinstance(stride, (list, tuple)) else stride != 1
 
 
-def _conv(node: fx.Node) -> int:
-    # oneDNN computes into a blocked-layout buffer (the output, or for strided
-    # convolutions the reordered input) and reorders the weight.
+def _conv_coarse(node: fx.Node) -> int:
+    # where the blocked model (_Conv) does not apply (dtypes other than fp32, grouped
+    # convolutions other than depthwise): the output (or for strided convolutions the
+    # input) in blocks and the weight, as at 16 channels and more
     x, w = _arg(node, 0, "input"), _arg(node, 1, "weight")
     return (_bytes(x) if _strided(node, 3) else _bytes(node)) + _bytes(w)
 
 
-def _conv_backward(node: fx.Node) -> int:
+def _conv_backward_coarse(node: fx.Node) -> int:
     grad_out, x = _arg(node, 0, "grad_output"), _arg(node, 1, "input")
     mask = _arg(node, 10, "output_mask", [True, True, True])
     if not mask[0]:
         return _bytes(grad_out)
     return 2 * (_bytes(x) if _strided(node, 4) else _bytes(grad_out))
+
+
+@functools.cache
+def _channel_block() -> int:
+    """fp32 channels per block of oneDNN's blocked layouts: one vector register's worth
+    (16 with AVX-512, 8 with AVX2)."""
+    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+
+
+def _up(c: int, block: int) -> int:
+    return -(-c // block) * block
+
+
+class _Conv:
+    """One oneDNN convolution problem, as oneDNN sees it: ``ic`` channels in over
+    ``sx`` spatial positions, ``oc`` out over ``sy``; ``k`` kernel taps; ``size`` bytes
+    per element. A transposed convolution's forward is this problem's backward-data
+    pass with ``ic`` and ``oc`` swapped (and its backward, this problem's forward and
+    backward-weights)."""
+
+    def __init__(self, n: int, ic: int, oc: int, sx: int, sy: int, k: int, size: int, strided: bool, depthwise: bool):
+        self.n, self.ic, self.oc, self.sx, self.sy, self.k, self.size = n, ic, oc, sx, sy, k, size
+        self.strided, self.depthwise = strided, depthwise
+        self.block = _channel_block()
+
+    def act(self, channels: int, spatial: int) -> int:
+        return self.n * channels * spatial * self.size
+
+    def pad(self, c: int, block: int | None = None) -> int:
+        return _up(c, block or self.block)
+
+    def weight(self, oc: int, ic: int) -> int:
+        return oc * (1 if self.depthwise else ic) * self.k * self.size
+
+    def forward(self, out: int) -> int:
+        """Peak bytes while the forward runs: [the input reordered into blocks] + the
+        weight reordered + the output computed in blocks, then the blocked output and
+        the dense result while it is copied back. Fewer input channels than a block
+        (but a real window) run oneDNN's first-layer kernel on the plain input."""
+        plain = self.ic < self.block and self.k > 1 and not self.depthwise
+        src = 0 if plain else self.act(self.pad(self.ic), self.sx)
+        wei = self.weight(self.pad(self.oc), self.ic if plain else self.pad(self.ic))
+        dst = self.act(self.pad(self.oc), self.sy)
+        return max(src + wei + dst + self.gathered(), dst + out)
+
+    def gathered(self) -> int:
+        """A strided 1x1 kernel first gathers the input positions it reads: one
+        image's blocked input channels at the output's positions, per thread."""
+        if self.k != 1 or not self.strided or self.depthwise:
+            return 0
+        return torch.get_num_threads() * self.pad(self.ic) * self.sy * self.size
+
+    def backward_data(self, out: int, extra_dst: int = 0) -> int:
+        """Peak bytes while the input gradient (size ``out``) is computed. Strided (not
+        depthwise): oneDNN's strided kernel works on channels-last copies, unpadded:
+        the gradient, the weight, the result, then two dense copies of it. Otherwise
+        all three are blocked and padded, and the padded result is copied out."""
+        if self.strided and not self.depthwise:
+            grad = self.act(self.oc, self.sy) if self.oc > 1 else 0
+            res = self.act(self.ic, self.sx)
+            return max(grad + self.weight(self.oc, self.pad(self.ic)) + res, res + (2 * out if self.ic > 1 else out))
+        grad = self.act(self.pad(self.oc), self.sy)
+        res = self.act(self.pad(self.ic), self.sx)
+        return max(extra_dst + grad + self.weight(self.pad(self.oc), self.pad(self.ic)) + res, res + out)
+
+    def backward_weights(self) -> int:
+        """Bytes the weight-gradient pass holds: the gradient and the input reordered
+        into blocks and the blocked weight gradient. 1-3 input channels (with a real
+        window) read the plain input; 4-15 run oneDNN's AVX2 kernel, 8-channel blocks."""
+        block = self.block
+        if not self.depthwise and self.k > 1 and self.ic < self.block:
+            if self.ic <= 3:
+                grad = self.act(self.pad(self.oc), self.sy)
+                return grad + self.weight(self.pad(self.oc), self.ic)
+            block = min(block, 8)
+        pad = lambda c: self.pad(c, block)  # noqa: E731
+        grad, src = self.act(pad(self.oc), self.sy), self.act(pad(self.ic), self.sx)
+        return grad + src + self.weight(pad(self.oc), pad(self.ic)) + self.gathered()
+
+
+def _conv_problem(x: Any, w: Any, y: Any, node: fx.Node, stride_index: int, transposed: bool, groups: int) -> _Conv | int | None:
+    """The oneDNN problem of a convolution with input ``x`` and output ``y`` (fake
+    tensors); None where the blocked model does not apply (not fp32, or grouped other
+    than depthwise); an int where ATen does not call oneDNN: the bytes of the im2col
+    columns its own kernel (``slow_conv2d``) builds instead."""
+    if not all(isinstance(t, torch.Tensor) for t in (x, w, y)) or x.dim() < 3:
+        return None
+    depthwise = groups != 1 and groups == concrete_int(x.shape[1]) and concrete_int(w.shape[1]) == 1 and not transposed
+    if x.dtype != torch.float32 or (groups != 1 and not depthwise):
+        return None
+    n = concrete_int(x.shape[0])
+    ci, co = concrete_int(x.shape[1]), concrete_int(y.shape[1])
+    sx = math.prod(concrete_int(s) for s in x.shape[2:])
+    sy = math.prod(concrete_int(s) for s in y.shape[2:])
+    window = [concrete_int(s) for s in w.shape[2:]]
+    k = math.prod(window)
+    strided = _strided(node, stride_index)
+    if not transposed and not _onednn(n, ci * sx, window, groups, strided or _strided(node, stride_index + 2, "dilation")):
+        unpadded_1x1 = k == 1 and not strided and sx == sy
+        return 0 if unpadded_1x1 else n * ci * k * sy * x.element_size()
+    if transposed:  # oneDNN's problem runs from the output to the input
+        return _Conv(n, co, ci, sy, sx, k, x.element_size(), strided, False)
+    return _Conv(n, ci, co, sx, sy, k, x.element_size(), strided, depthwise)
+
+
+def _onednn(n: int, per_sample: int, window: list[int], groups: int, strided_or_dilated: bool) -> bool:
+    """Whether ATen runs an fp32 CPU convolution on oneDNN (``use_mkldnn`` in
+    ATen/native/Convolution.cpp): not for one small image (batch 1, at most 20480
+    input elements, a window up to 3x3, no groups), nor for an unstrided 1x1 window
+    under 16 images on one thread."""
+    one = all(s == 1 for s in window[-2:])
+    if not (strided_or_dilated or n >= 16 or not one or torch.get_num_threads() > 1):
+        return False
+    big_window = len(window) >= 2 and window[-1] > 3 and window[-2] > 3
+    return groups > 1 or big_window or n > 1 or n * per_sample > 20480
+
+
+def _conv(node: fx.Node) -> int:
+    # oneDNN (NCHW fp32 on CPU) computes in layouts blocked over channels, padded to
+    # whole blocks (_Conv): its scratch is those copies beyond the output.
+    x, w, bias = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+    transposed, groups = _arg(node, 6, "transposed", False), _arg(node, 8, "groups", 1)
+    fx_, fw, fy = (meta.fake_value(v) if isinstance(v, fx.Node) else None for v in (x, w, node))
+    problem = _conv_problem(fx_, fw, fy, node, 3, transposed, groups)
+    if problem is None:
+        return _conv_coarse(node)
+    if isinstance(problem, int):
+        return problem
+    out = _bytes(node)
+    if transposed:  # the backward-data pass; with a bias, the stride-1 kernel also holds a padded result
+        extra = problem.act(problem.pad(problem.ic), problem.sx) if bias is not None and not problem.strided else 0
+        return problem.backward_data(out, extra) - out
+    return problem.forward(out) - out
+
+
+def _conv_backward(node: fx.Node) -> int:
+    grad_out, x, w = _arg(node, 0, "grad_output"), _arg(node, 1, "input"), _arg(node, 2, "weight")
+    transposed, groups = _arg(node, 7, "transposed", False), _arg(node, 9, "groups", 1)
+    mask = _arg(node, 10, "output_mask", [True, True, True])
+    fg, fx_, fw = (meta.fake_value(v) if isinstance(v, fx.Node) else None for v in (grad_out, x, w))
+    problem = _conv_problem(fx_, fw, fg, node, 4, transposed, groups)
+    if problem is None or (isinstance(problem, _Conv) and problem.depthwise and problem.k == 1 and problem.strided):
+        # (a strided 1x1 depthwise backward holds no blocked copies: measured, the
+        # coarse rule's bound)
+        return _conv_backward_coarse(node)
+    if isinstance(problem, int):  # one columns buffer for both gradients
+        return problem
+    outputs = _bytes(node)
+    grad_input = _bytes(x) if mask[0] else 0
+    peak = 0
+    if mask[0]:  # a transposed convolution's input gradient is its problem's forward
+        peak = problem.forward(grad_input) if transposed else problem.backward_data(grad_input)
+    if mask[1] or mask[2]:
+        peak = max(peak, grad_input + problem.backward_weights())
+    return peak - outputs
 
 
 def _first_arg(node: fx.Node) -> int:
