@@ -255,3 +255,34 @@ def test_a_failed_pass_leaves_the_callers_step_as_it_came_in(strict):
     assert step.forward is module and step.forward.code == code
     verify_graph(step.forward)
     assert _calls(step, torch.ops.aten.sin.default) == 1
+
+
+class SwapSavedValues(Pass):
+    """Test pass: swaps the first two saved values of a training step (of different
+    shapes), so the backward receives each in the other's slot."""
+
+    name = "swap_saved"
+
+    def run(self, step, analyses, ctx):
+        output = step.forward.graph.find_nodes(op="output")[0]
+        values = list(output.args[0])
+        k = step.num_fwd_outputs
+        values[k], values[k + 1] = values[k + 1], values[k]
+        output.args = (tuple(values),)
+        return PassResult(True)
+
+
+def test_a_pass_that_saves_values_in_the_wrong_slots_is_caught_without_verify():
+    """Each graph of the step stays consistent on its own when a pass reorders the
+    saved values, so neither FX lint nor the fake-tensor re-run sees it: the pairing
+    check compares each saved value with the backward input that receives it. Before,
+    the step passed verification and backward failed at run time ("mat1 and mat2
+    shapes cannot be multiplied"), outside memopt's fail-soft."""
+    from memopt.testing.capture import capture_step
+
+    w = torch.randn(8, 3, requires_grad=True)
+    step = capture_step(lambda x, w: torch.tanh(x @ w).sum(), torch.randn(4, 8), w)
+    shapes = [tuple(fw.meta["val"].shape) for fw, _ in step.saved_pairs()]
+    assert shapes[0] != shapes[1], shapes
+    with pytest.raises(PassFailure, match=r"swap_saved.*forward saves .* for backward input .*shape"):
+        PassManager([SwapSavedValues()]).run(step, _ctx(strict=True))

@@ -8,7 +8,9 @@ Three layers, cheapest first:
    device must equal what its metadata claims. A pass that rewires a node to the
    wrong value, or forgets to update metadata, fails here.
 3. Step invariants: properties of a forward/backward pair that no single graph can
-   check (saved values line up; later passes add their own, e.g. every offload has
+   check (saved values line up: as many on each side, each forward value of the
+   dtype, device and shape of the backward input that receives it; later passes add
+   their own, e.g. every offload has
    its reload before first use) via `register_step_invariant`.
 """
 
@@ -65,11 +67,40 @@ def verify_step(step: StepGraphs, *, check_meta: bool = True) -> None:
         verify_graph(gm, name=f"region {step.region} {name}", check_meta=check_meta)
     if step.backward is not None:
         try:
-            step.saved_pairs()
+            pairs = step.saved_pairs()
         except ValueError as exc:
             raise GraphVerificationError(str(exc)) from exc
+        for fw, bw in pairs:
+            _check_saved_pair(step.region, fw, bw)
     for check in _STEP_INVARIANTS:
         check(step)
+
+
+def _check_saved_pair(region: str, fw: fx.Node, bw: fx.Node) -> None:
+    """The forward value saved in a slot and the backward placeholder that receives it
+    agree on dtype, device and shape. Each graph's own metadata can be consistent while
+    the pairing is not (a pass that saved its values in the wrong order, or saved a
+    different value than the backward expects): backward would then fail at run time on
+    the wrong tensor, far from the pass."""
+    saved, received = meta.tensor_value(fw), meta.tensor_value(bw)
+    if saved is None or received is None:
+        return  # a SymInt, or a hand-built graph without metadata
+    problem = None
+    if saved.dtype != received.dtype:
+        problem = f"dtype {saved.dtype} != {received.dtype}"
+    elif saved.device != received.device:
+        problem = f"device {saved.device} != {received.device}"
+    elif len(saved.shape) != len(received.shape) or not all(
+        _same_size(a, b) for a, b in zip(saved.shape, received.shape)
+    ):
+        problem = f"shape {tuple(saved.shape)} != {tuple(received.shape)}"
+    if problem is not None:
+        raise GraphVerificationError(
+            f"region {region}: forward saves {fw.name!r} for backward input {bw.name!r}, but they "
+            f"differ ({problem}, forward's first). A pass saved the wrong value or reordered the "
+            f"saved outputs; keep the forward's saved outputs and the backward's first "
+            f"placeholders in the same order (memopt.passes.saved_rewrite does)."
+        )
 
 
 class _MetadataChecker(fx.Interpreter):
