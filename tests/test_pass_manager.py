@@ -286,3 +286,31 @@ def test_a_pass_that_saves_values_in_the_wrong_slots_is_caught_without_verify():
     assert shapes[0] != shapes[1], shapes
     with pytest.raises(PassFailure, match=r"swap_saved.*forward saves .* for backward input .*shape"):
         PassManager([SwapSavedValues()]).run(step, _ctx(strict=True))
+
+
+class ReturnSavedAsLoss(Pass):
+    """Test pass: returns a saved value (4x3) where the forward returned the loss (a
+    scalar). Every node still computes what its metadata says."""
+
+    name = "return_saved"
+
+    def run(self, step, analyses, ctx):
+        output = step.forward.graph.find_nodes(op="output")[0]
+        values = list(output.args[0])
+        values[0] = values[step.num_fwd_outputs]
+        output.args = (tuple(values),)
+        return PassResult(True)
+
+
+def test_verify_catches_a_pass_that_changes_what_the_caller_receives():
+    """The fake-tensor re-run checks each node against its own metadata, not which node
+    the output returns: a pass that returned another value in place of a user output
+    (or a gradient) passed ``verify=True``, and the compiled step failed at run time
+    ("output with shape [] doesn't match the broadcast shape"). VerifyInstrument now
+    compares the step's user outputs and gradients with the pipeline's input."""
+    from memopt.testing.capture import capture_step
+
+    step = capture_step(lambda x, w: torch.tanh(x @ w).sum(), torch.randn(4, 8), torch.randn(8, 3, requires_grad=True))
+    with pytest.raises(PassFailure, match=r"return_saved.*forward: user output 0 is .*shape \(4, \d\).*returned .*shape \(\)"):
+        PassManager([ReturnSavedAsLoss()], [VerifyInstrument()]).run(step, _ctx(strict=True))
+

@@ -24,13 +24,15 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from memopt.graph import meta
-from memopt.graph.step import StepGraphs
+from memopt.graph.step import StepGraphs, output_values
 
 __all__ = [
     "GraphVerificationError",
     "verify_graph",
     "verify_step",
     "register_step_invariant",
+    "step_interface",
+    "check_interface",
 ]
 
 
@@ -103,6 +105,71 @@ def _check_saved_pair(region: str, fw: fx.Node, bw: fx.Node) -> None:
         )
 
 
+StepInterface = dict[str, list[Any]]
+"""What a step's caller reads: (dtype, device, shape) or None for each output it
+receives, per graph (`step_interface`)."""
+
+
+def step_interface(step: StepGraphs) -> StepInterface:
+    """The values a region hands back to the code around it, as their metadata records
+    them: the forward's user outputs (the first ``num_fwd_outputs``; every output of a
+    single graph) and the backward's gradients. No pass may change them: AOTAutograd
+    returns them to the caller as the traced graphs promised."""
+    forward = output_values(step.forward)
+    interface = {step.single_graph_name if step.backward is None else "forward": [
+        _described(n) for n in (forward if step.backward is None else forward[: step.num_fwd_outputs])
+    ]}
+    if step.backward is not None:
+        interface["backward"] = [_described(n) for n in output_values(step.backward)]
+    return interface
+
+
+def check_interface(step: StepGraphs, expected: StepInterface) -> None:
+    """Raise `GraphVerificationError` when ``step`` returns to its caller other values
+    than ``expected`` (`step_interface` of the pipeline's input): a user
+    output or a gradient of another dtype, device or shape, or another count of them.
+    A gradient may become None (the optimizer update inside backward consumes it)."""
+    for graph, now in step_interface(step).items():
+        before = expected.get(graph, [])
+        if len(now) != len(before):
+            raise GraphVerificationError(
+                f"region {step.region} {graph}: returns {len(now)} values, the pipeline's input "
+                f"returned {len(before)}; a pass must keep the values the caller receives."
+            )
+        for i, (was, new) in enumerate(zip(before, now)):
+            if was is None or (new is None and graph == "backward") or _same_value(was, new):
+                continue
+            what = "user output" if graph != "backward" else "gradient"
+            raise GraphVerificationError(
+                f"region {step.region} {graph}: {what} {i} is {_format(new)}, the pipeline's input "
+                f"returned {_format(was)}. A pass replaced or rewired a value the caller receives; "
+                f"it must return the same values (rewrite what computes them, not the output node)."
+            )
+
+
+def _described(node: fx.Node | None) -> Any:
+    value = None if node is None else meta.tensor_value(node)
+    if value is None:
+        return None
+    return (value.dtype, value.device, tuple(value.shape))
+
+
+def _same_value(was: Any, new: Any) -> bool:
+    return (
+        new is not None
+        and was[:2] == new[:2]
+        and len(was[2]) == len(new[2])
+        and all(_same_size(a, b) for a, b in zip(was[2], new[2]))
+    )
+
+
+def _format(described: Any) -> str:
+    if described is None:
+        return "None"
+    dtype, device, shape = described
+    return f"{dtype} on {device} of shape {tuple(shape)}"
+
+
 class _MetadataChecker(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, name: str) -> None:
         super().__init__(gm, garbage_collect_values=True)
@@ -123,6 +190,7 @@ def _check_fake_metadata(gm: fx.GraphModule, name: str) -> None:
     with meta.graph_fake_mode(gm.graph) as fake_mode:
         if fake_mode is not None:
             _MetadataChecker(gm, name).run(*inputs)
+
 
 
 def _compare(graph: str, node: fx.Node, recorded: Any, actual: Any) -> None:

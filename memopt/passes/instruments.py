@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from memopt.graph.step import StepGraphs
-from memopt.graph.verify import GraphVerificationError, verify_step
+from memopt.graph.verify import GraphVerificationError, StepInterface, check_interface, step_interface, verify_step
 from memopt.passes.base import Pass, PassContext, PassResult
 from memopt.passes.manager import Instrument, PassRecord, PipelineResult
 
@@ -66,13 +66,20 @@ class VerifyInstrument(Instrument):
     If the *input* graphs already fail the fake-tensor metadata check (a graph torch
     produced that memopt's checker cannot re-run), metadata checks are switched off for
     this pipeline with a debug log, and lint plus step invariants still run.
+
+    After each pass the values the step returns to its caller (user outputs and
+    gradients, `memopt.graph.verify.step_interface`) must also be those of the input:
+    the fake re-run checks each node against its own metadata, not which node the
+    output returns.
     """
 
     def __init__(self) -> None:
         self.check_meta = True
+        self.interface: StepInterface = {}
 
     def before_pipeline(self, step: StepGraphs, ctx: PassContext) -> None:
         self.check_meta = True
+        self.interface = step_interface(step)
         try:
             verify_step(step, check_meta=True)
         except GraphVerificationError as exc:
@@ -92,6 +99,7 @@ class VerifyInstrument(Instrument):
         if result.modified:
             try:
                 verify_step(step, check_meta=self.check_meta)
+                check_interface(step, self.interface)
             except GraphVerificationError as exc:
                 raise GraphVerificationError(f"after pass {p.name!r}: {exc}") from exc
 
