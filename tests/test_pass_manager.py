@@ -314,3 +314,25 @@ def test_verify_catches_a_pass_that_changes_what_the_caller_receives():
     with pytest.raises(PassFailure, match=r"return_saved.*forward: user output 0 is .*shape \(4, \d\).*returned .*shape \(\)"):
         PassManager([ReturnSavedAsLoss()], [VerifyInstrument()]).run(step, _ctx(strict=True))
 
+
+class SwapMatmulOperands(Pass):
+    """Test pass: swaps the operands of the forward's matmul (4x8 @ 8x3 becomes
+    8x3 @ 4x8), which the op itself refuses."""
+
+    name = "swap_mm"
+
+    def run(self, step, analyses, ctx):
+        mm = next(n for n in step.forward.graph.nodes if n.target is torch.ops.aten.mm.default)
+        mm.args = (mm.args[1], mm.args[0])
+        return PassResult(True)
+
+
+def test_verify_names_the_node_an_op_refuses_and_keeps_stderr_quiet(capfd):
+    """A rewired op that raises on the fake re-run is a verification failure naming the
+    graph and the node, like a stale shape. Before, torch's own error came out bare
+    (no graph named, not said to be verification) and torch's fake-tensor logger
+    printed its traceback (dozens of ERROR lines) for every such pass."""
+    step = _step()
+    with pytest.raises(PassFailure, match=r"swap_mm.*GraphVerificationError.*inference: node 'mm' .*fails on fake tensors"):
+        PassManager([SwapMatmulOperands()], [VerifyInstrument()]).run(step, _ctx(strict=True))
+    assert "failed while attempting to run meta" not in capfd.readouterr().err

@@ -16,7 +16,9 @@ Three layers, cheapest first:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -176,7 +178,11 @@ class _MetadataChecker(fx.Interpreter):
         self.graph_name = name
 
     def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
+        try:
+            result = super().run_node(n)
+        except Exception as exc:  # the op refuses its rewired inputs: name the node
+            first_line = (str(exc).splitlines() or [""])[0].rstrip(".")
+            _fail(self.graph_name, n, f"fails on fake tensors of its inputs ({type(exc).__name__}: {first_line})")
         if n.op not in ("placeholder", "output"):
             _compare(self.graph_name, n, meta.fake_value(n), result)
         return result
@@ -187,10 +193,23 @@ def _check_fake_metadata(gm: fx.GraphModule, name: str) -> None:
     inputs = [meta.fake_value(p) for p in placeholders]
     if not placeholders or any(v is None for v in inputs):
         return  # hand-built graph without metadata: lint only
-    with meta.graph_fake_mode(gm.graph) as fake_mode:
+    with meta.graph_fake_mode(gm.graph) as fake_mode, _quiet_fake_tensor_log():
         if fake_mode is not None:
             _MetadataChecker(gm, name).run(*inputs)
 
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_log() -> Iterator[None]:
+    """Keep torch's fake-tensor logger from printing its own traceback (dozens of
+    ERROR lines on stderr) for an op the re-run refuses: the verifier raises a
+    `GraphVerificationError` naming the node instead, which the pass manager reports."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    previous = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = previous
 
 
 def _compare(graph: str, node: fx.Node, recorded: Any, actual: Any) -> None:
