@@ -111,6 +111,17 @@ def test_actions_round_trip_through_json():
         assert action_from_dict(json.loads(json.dumps(action_to_dict(action)))) == action
 
 
+def test_a_hand_written_decision_with_a_slip_names_what_to_write():
+    """A misspelt action field failed with ``Compress.__init__() got an unexpected
+    keyword argument 'fmt'`` and a decision without ``reason`` with a bare
+    ``KeyError: 'reason'``; each now names the slip and what a decision holds."""
+    with pytest.raises(ValueError, match=r"'compress' action has no field 'fmt'; its fields are 'format', 'block_size'"):
+        action_from_dict({"kind": "compress", "fmt": "bf16"})
+    decision = {"name": "forward:tanh", "region": "0/0", "action": {"kind": "compress", "format": "bf16"}}
+    with pytest.raises(ValueError, match=r"decision 'forward:tanh' lacks 'reason', 'bytes': a decision needs"):
+        _plan(decisions=[decision])
+
+
 def test_a_budgeted_plan_is_json_without_graphs():
     """The plan a real budgeted compile makes (torch's own partition among the
     candidates) serializes to JSON and back to an equal plan."""

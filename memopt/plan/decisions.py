@@ -16,6 +16,7 @@ be written out, edited by hand and fed back to the passes (tests do that).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Union
 
@@ -82,10 +83,19 @@ def action_to_dict(action: Action) -> dict[str, Any]:
 
 
 def action_from_dict(data: dict[str, Any]) -> Action:
-    """The action ``data`` describes (the inverse of `action_to_dict`)."""
+    """The action ``data`` describes (the inverse of `action_to_dict`). Raises
+    ``ValueError`` for an unknown kind, or a field its kind does not have (naming the
+    fields it has)."""
     fields = dict(data)
     kind = fields.pop("kind", None)
     cls = _BY_KIND.get(kind)  # type: ignore[arg-type]
     if cls is None:
         raise ValueError(f"unknown decision kind {kind!r}; choose one of {ACTION_KINDS}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ValueError(
+            f"a {kind!r} action has no field {', '.join(map(repr, unknown))}; its fields are "
+            f"{', '.join(map(repr, known)) or '(none)'} (memopt.plan.decisions.{cls.__name__})"
+        )
     return cls(**fields)  # type: ignore[no-any-return]

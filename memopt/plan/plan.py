@@ -73,7 +73,15 @@ class TensorDecision:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TensorDecision:
-        """The decision ``data`` describes (the inverse of `to_dict`)."""
+        """The decision ``data`` describes (the inverse of `to_dict`). Raises
+        ``ValueError`` naming the keys it lacks (a hand-written plan's slip)."""
+        missing = [key for key in _REQUIRED_DECISION_KEYS if key not in data]
+        if missing:
+            raise ValueError(
+                f"plan decision {data.get('name', data)!r} lacks {', '.join(map(repr, missing))}: a decision needs "
+                f"{', '.join(map(repr, _REQUIRED_DECISION_KEYS))}, e.g. {{'name': 'forward:tanh', 'region': '0/0', "
+                f"'action': {{'kind': 'compress', 'format': 'bf16'}}, 'reason': 'by hand', 'bytes': 0}}"
+            )
         return cls(
             name=data["name"],
             region=data["region"],
@@ -88,6 +96,10 @@ class TensorDecision:
             details=dict(data.get("details", {})),
             module=data.get("module"),
         )
+
+
+_REQUIRED_DECISION_KEYS = ("name", "region", "action", "reason", "bytes")
+"""The keys `TensorDecision.from_dict` cannot do without (the fields without a default)."""
 
 
 def decision_for(interval: LiveInterval, action: Action, reason: str, **details: Any) -> TensorDecision:
