@@ -336,3 +336,26 @@ def test_verify_names_the_node_an_op_refuses_and_keeps_stderr_quiet(capfd):
     with pytest.raises(PassFailure, match=r"swap_mm.*GraphVerificationError.*inference: node 'mm' .*fails on fake tensors"):
         PassManager([SwapMatmulOperands()], [VerifyInstrument()]).run(step, _ctx(strict=True))
     assert "failed while attempting to run meta" not in capfd.readouterr().err
+
+
+class AddNodeWithoutValue(Pass):
+    """Test pass: doubles relu's output through a new node that records no value."""
+
+    name = "no_value"
+
+    def run(self, step, analyses, ctx):
+        graph = step.forward.graph
+        relu = next(n for n in graph.nodes if n.target is torch.ops.aten.relu.default)
+        with graph.inserting_after(relu):
+            double = graph.call_function(torch.ops.aten.mul.Tensor, (relu, 2.0))
+        relu.replace_all_uses_with(double, delete_user_cb=lambda user: user is not double)
+        return PassResult(True)
+
+
+def test_verify_rejects_a_new_node_without_its_value():
+    """A node a pass adds without ``meta["val"]`` passed verification (a missing value
+    was skipped as "nothing to compare"), and the memory analyses counted it as 0
+    bytes: a silently wrong estimate and plan. Every call computing a tensor must
+    record it."""
+    with pytest.raises(PassFailure, match=r"no_value.*node 'mul_tensor' .*computes a tensor but records no value"):
+        PassManager([AddNodeWithoutValue()], [VerifyInstrument()]).run(_step(), _ctx(strict=True))

@@ -6,7 +6,8 @@ Three layers, cheapest first:
 2. Fake-tensor metadata re-check: the graph is re-executed on fake tensors built from
    its placeholders' recorded values, and every node's recomputed shape, dtype and
    device must equal what its metadata claims. A pass that rewires a node to the
-   wrong value, or forgets to update metadata, fails here.
+   wrong value, forgets to update metadata, or adds a node computing a tensor without
+   recording its value, fails here.
 3. Step invariants: properties of a forward/backward pair that no single graph can
    check (saved values line up: as many on each side, each forward value of the
    dtype, device and shape of the backward input that receives it; later passes add
@@ -184,7 +185,11 @@ class _MetadataChecker(fx.Interpreter):
             first_line = (str(exc).splitlines() or [""])[0].rstrip(".")
             _fail(self.graph_name, n, f"fails on fake tensors of its inputs ({type(exc).__name__}: {first_line})")
         if n.op not in ("placeholder", "output"):
-            _compare(self.graph_name, n, meta.fake_value(n), result)
+            recorded = meta.fake_value(n)
+            if recorded is None and n.op == "call_function" and isinstance(result, torch.Tensor):
+                _fail(self.graph_name, n, "computes a tensor but records no value (node.meta['val']), which the "
+                      "memory analyses then count as 0 bytes; set it (memopt.graph.meta.set_fake_value or copy_meta)")  # fmt: skip
+            _compare(self.graph_name, n, recorded, result)
         return result
 
 
