@@ -359,3 +359,27 @@ def test_verify_rejects_a_new_node_without_its_value():
     record it."""
     with pytest.raises(PassFailure, match=r"no_value.*node 'mul_tensor' .*computes a tensor but records no value"):
         PassManager([AddNodeWithoutValue()], [VerifyInstrument()]).run(_step(), _ctx(strict=True))
+
+
+class BoomOnLines(Pass):
+    """Test pass: raises an error of several lines, as torch's errors are."""
+
+    name = "boom_lines"
+
+    def run(self, step, analyses, ctx):
+        raise RuntimeError("kaboom\n\nWhile executing %relu\nOriginal traceback:\n  File x.py, line 1")
+
+
+def test_the_fallback_dump_of_a_multi_line_failure_is_runnable_python(tmp_path):
+    """The header of ``999_fallback.py`` quotes the failure's reason; a reason of several
+    lines (any error torch raises while executing a graph) left its later lines
+    uncommented, and the dump was a SyntaxError instead of a module that runs on its
+    own (docs/usage.md, "Dumps")."""
+    import runpy
+
+    manager = PassManager([DeadCodeElimination(), BoomOnLines()], [DumpInstrument(str(tmp_path))])
+    with pytest.warns(memopt.MemoptWarning, match="boom_lines"):
+        manager.run(_step(), _ctx())
+    path = tmp_path / "test" / "inference" / "999_fallback.py"
+    assert "# While executing %relu" in path.read_text()
+    runpy.run_path(str(path))["_f"]()  # make_fx names the module after the function

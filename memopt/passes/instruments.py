@@ -1,6 +1,7 @@
 """The standard instruments: verification, dumps, op-count diffs and recording.
 
-Each is independent and optional; `instruments_for` picks them from the config.
+Each is independent and optional; `memopt.backends.region.RegionCompiler` picks them
+from the config.
 """
 
 from __future__ import annotations
@@ -149,10 +150,16 @@ class DumpInstrument(Instrument):
             folder = os.path.join(self.dump_dir, _safe(step.region) + self.suffix, graph_name)
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, f"{index:03d}_{_safe(name)}.py")
-            header = f"# memopt dump: region {step.region}, {graph_name} graph, {what}.\n" + _DUMP_IMPORTS
+            header = _comment(f"memopt dump: region {step.region}, {graph_name} graph, {what}.") + _DUMP_IMPORTS
             with open(path, "w", encoding="utf-8") as f:
                 f.write(header + readable_code(gm))
         log.debug("region %s: dumped %s to %s", step.region, name, self.dump_dir)
+
+
+def _comment(text: str) -> str:
+    """``text`` as Python comment lines: a failure's reason spans several lines (torch's
+    "While executing ..." and its traceback), and a dump must stay runnable Python."""
+    return "".join(f"# {line}".rstrip() + "\n" for line in text.splitlines())
 
 
 _DUMP_IMPORTS = (
