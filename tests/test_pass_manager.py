@@ -383,3 +383,17 @@ def test_the_fallback_dump_of_a_multi_line_failure_is_runnable_python(tmp_path):
     path = tmp_path / "test" / "inference" / "999_fallback.py"
     assert "# While executing %relu" in path.read_text()
     runpy.run_path(str(path))["_f"]()  # make_fx names the module after the function
+
+
+def test_a_rejected_pass_leaves_a_dump_of_what_it_produced(tmp_path):
+    """Verification rejected a pass before the dump instrument saw it, so the dumps held
+    the graphs before it and the fallback, never the broken graph itself, the one a
+    pass author needs to read. It is now ``NNN_<pass>_failed.py``, named as not used."""
+    manager = PassManager([DeadCodeElimination(), RewireRelu()], [VerifyInstrument(), DumpInstrument(str(tmp_path))])
+    with pytest.warns(memopt.MemoptWarning, match="rewire_relu"):
+        manager.run(_step(), _ctx())
+    folder = tmp_path / "test" / "inference"
+    assert sorted(os.listdir(folder)) == ["000_input.py", "001_dce.py", "002_rewire_relu_failed.py", "999_fallback.py"]
+    failed = (folder / "002_rewire_relu_failed.py").read_text()
+    assert "as pass 'rewire_relu' (#2) left it before it failed, NOT used" in failed
+    assert "aten.relu.default(x_1)" in failed  # the rewired input, as the pass left it

@@ -108,7 +108,9 @@ class VerifyInstrument(Instrument):
 class DumpInstrument(Instrument):
     """Write each graph as readable Python before the pipeline (``000_input.py``) and
     after every pass (``NNN_<pass>.py``) under ``<dump_dir>/<region>/<graph>/``, with a
-    header naming the pass that produced it. The ``recompile``-th compile of a region
+    header naming the pass that produced it; a pass that fails (raises, or its graphs
+    fail verification) leaves ``NNN_<pass>_failed.py``, what it produced, beside the
+    ``999_fallback.py`` the region uses instead. The ``recompile``-th compile of a region
     compiled again for its step (whole-step planning) writes under
     ``<region>.recompile<N>/`` instead, beside the first compile's files. In a process
     group of several ranks each rank writes under ``<dump_dir>/rank<R>/``: the ranks
@@ -134,6 +136,10 @@ class DumpInstrument(Instrument):
     ) -> None:
         change = "modified the graph" if result.modified else "left the graph unchanged"
         self._dump(step, index, p.name, f"after pass {p.name!r} (#{index}), which {change}")
+
+    def pass_failed(self, index: int, p: Pass, step: StepGraphs, exc: BaseException, ctx: PassContext) -> None:
+        what = f"as pass {p.name!r} (#{index}) left it before it failed, NOT used: {type(exc).__name__}: {exc}"
+        self._dump(step, index, f"{p.name}_failed", what)
 
     def after_pipeline(self, result: PipelineResult, ctx: PassContext) -> None:
         if result.fallback is not None:

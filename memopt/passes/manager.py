@@ -96,6 +96,12 @@ class Instrument:
     ) -> None:
         pass
 
+    def pass_failed(self, index: int, p: Pass, step: StepGraphs, exc: BaseException, ctx: PassContext) -> None:
+        """Pass ``p`` raised, or verification rejected its graphs (``exc``); ``step`` is
+        as the pass left it, before the manager puts it back. Must not raise (what it
+        raises is logged at debug and ignored)."""
+        pass
+
     def after_pipeline(self, result: PipelineResult, ctx: PassContext) -> None:
         pass
 
@@ -155,6 +161,7 @@ class PassManager:
                 raise  # the user's setting (offload target, disk space) must change: not a memopt bug
             except Exception as exc:  # noqa: BLE001 - any pass error falls back
                 record.status = "failed"
+                self._tell_failure(index, p, step, exc, ctx)
                 _restore(step, originals, snapshot)
                 if ctx.config.strict:
                     raise PassFailure(p.name, ctx.region, f"{type(exc).__name__}: {exc}") from exc
@@ -173,6 +180,15 @@ class PassManager:
         for inst in self.instruments:
             inst.after_pipeline(result, ctx)
         return result
+
+    def _tell_failure(self, index: int, p: Pass, step: StepGraphs, exc: BaseException, ctx: PassContext) -> None:
+        """`Instrument.pass_failed` on every instrument; none of them may turn the
+        failure into another one."""
+        for inst in self.instruments:
+            try:
+                inst.pass_failed(index, p, step, exc, ctx)
+            except Exception as hook_exc:  # noqa: BLE001 - the pass's failure is what counts
+                log.debug("region %s: %s.pass_failed raised (%s)", ctx.region, type(inst).__name__, hook_exc)
 
     def _passes_before(self, failed: Pass, snapshot: StepGraphs, ctx: PassContext) -> tuple[StepGraphs, list[str]]:
         """The step as the enabled passes before ``failed`` left it, replayed on a copy
