@@ -397,3 +397,21 @@ def test_a_rejected_pass_leaves_a_dump_of_what_it_produced(tmp_path):
     failed = (folder / "002_rewire_relu_failed.py").read_text()
     assert "as pass 'rewire_relu' (#2) left it before it failed, NOT used" in failed
     assert "aten.relu.default(x_1)" in failed  # the rewired input, as the pass left it
+
+
+class SilentRewire(RewireRelu):
+    """Test pass: rewires relu as `RewireRelu` does, but reports no change."""
+
+    name = "silent_rewire"
+
+    def run(self, step, analyses, ctx):
+        super().run(step, analyses, ctx)
+        return PassResult.unchanged()
+
+
+def test_verify_catches_a_pass_that_rewrites_but_reports_no_change():
+    """A pass returning ``modified=False`` after a rewrite was neither recompiled nor
+    verified (the dump even said "left the graph unchanged"), and the compiled step
+    failed at run time; under verification that is now the pass's failure."""
+    with pytest.raises(PassFailure, match=r"silent_rewire.*changed the graphs but returned PassResult\(modified=False\)"):
+        PassManager([DeadCodeElimination(), SilentRewire()], [VerifyInstrument()]).run(_step(), _ctx(strict=True))

@@ -12,6 +12,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch.fx as fx
 
@@ -71,12 +72,17 @@ class VerifyInstrument(Instrument):
     After each pass the values the step returns to its caller (user outputs and
     gradients, `memopt.graph.verify.step_interface`) must also be those of the input:
     the fake re-run checks each node against its own metadata, not which node the
-    output returns.
+    output returns. A pass that reports no change must leave every graph's nodes as
+    they were (the manager recompiles and verifies only what a pass says it changed).
     """
 
     def __init__(self) -> None:
         self.check_meta = True
         self.interface: StepInterface = {}
+        self._before: list[tuple[Any, ...]] = []
+
+    def before_pass(self, index: int, p: Pass, step: StepGraphs, ctx: PassContext) -> None:
+        self._before = _structure(step)
 
     def before_pipeline(self, step: StepGraphs, ctx: PassContext) -> None:
         self.check_meta = True
@@ -97,12 +103,29 @@ class VerifyInstrument(Instrument):
         record: PassRecord,
         ctx: PassContext,
     ) -> None:
-        if result.modified:
-            try:
-                verify_step(step, check_meta=self.check_meta)
-                check_interface(step, self.interface)
-            except GraphVerificationError as exc:
-                raise GraphVerificationError(f"after pass {p.name!r}: {exc}") from exc
+        if not result.modified:
+            if _structure(step) != self._before:
+                raise GraphVerificationError(
+                    f"pass {p.name!r} changed the graphs but returned PassResult(modified=False): the "
+                    f"manager neither recompiled nor verified them, and analyses kept stale results. "
+                    f"Return PassResult(True, ...) when the pass rewrites anything."
+                )
+            return
+        try:
+            verify_step(step, check_meta=self.check_meta)
+            check_interface(step, self.interface)
+        except GraphVerificationError as exc:
+            raise GraphVerificationError(f"after pass {p.name!r}: {exc}") from exc
+
+
+def _structure(step: StepGraphs) -> list[tuple[Any, ...]]:
+    """Each graph's nodes (op, name, target, arguments), in order: what a pass that
+    reports no change must leave as it was (it may put back an equal copy, as a pass
+    undoing its own rewrite does)."""
+    return [
+        (name, tuple((n.op, n.name, str(n.target), str(n.args), str(n.kwargs)) for n in gm.graph.nodes))
+        for name, gm in step.graphs()
+    ]
 
 
 class DumpInstrument(Instrument):
