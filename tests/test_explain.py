@@ -130,7 +130,8 @@ def test_explain_logs_nothing_at_default_level(caplog):
 def test_info_logs_name_only_the_passes_the_user_disabled(caplog):
     """Under a budget the planner's trial of its plan runs the pipeline without the
     collective passes; MEMOPT_LOGS=info printed "pass dedupe_collectives disabled" (three
-    passes, twice per region) though the user disabled nothing."""
+    passes, twice per region) though the user disabled nothing; and it said the pass the
+    user did disable three times per region (the trials' runs and the real one), now once."""
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 32), torch.nn.Tanh())
     x = torch.randn(8, 32)
     options = {"codegen": "eager", "memory_budget": 0.9, "disable_passes": ["schedule"]}
@@ -139,6 +140,7 @@ def test_info_logs_name_only_the_passes_the_user_disabled(caplog):
         memopt.explain(model, x, options=options)
     skipped = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and " disabled" in r.getMessage()]
     assert skipped and all("pass schedule disabled (disable_passes)" in m for m in skipped), skipped
+    assert len(skipped) == len({r.region for r in memopt.explain(model, x, options=options).regions}), skipped
 
 
 def test_recompiled_frame_counts_once_in_the_step_timeline():

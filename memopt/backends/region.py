@@ -328,7 +328,7 @@ class RegionCompiler:
         passes = default_pipeline(self.config)
         instruments: list[Instrument] = [VerifyInstrument()] if self.config.verify else []
         disabled = (*disabled_in(passes, self.config), *_COLLECTIVE_PASSES)
-        manager = PassManager(passes, instruments, disabled=disabled)
+        manager = PassManager(passes, instruments, disabled=disabled, trial=True)
         ctx = PassContext(self.config, self.region, plan=plan, example_inputs=self.example_inputs, step_context=self.context)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", MemoptWarning)

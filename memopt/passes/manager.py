@@ -114,7 +114,11 @@ class PassManager:
         passes: Sequence[Pass],
         instruments: Sequence[Instrument] = (),
         disabled: Iterable[str] = (),
+        trial: bool = False,
     ) -> None:
+        """``trial``: a run whose result is only measured (the region's choice between
+        plans runs the pipeline on a copy), which logs what it skips at debug level: the
+        real run says it once per region."""
         names = [p.name for p in passes]
         if any(not n for n in names):
             raise ValueError(f"every pass needs a non-empty name; got {passes!r}")
@@ -131,6 +135,7 @@ class PassManager:
         self.passes = list(passes)
         self.instruments = list(instruments)
         self.disabled = frozenset(disabled)
+        self.trial = trial
 
     def run(self, step: StepGraphs, ctx: PassContext) -> PipelineResult:
         """Run the pipeline on ``step`` (mutated in place when it succeeds; when a pass
@@ -149,7 +154,7 @@ class PassManager:
                 # info only for the user's disable_passes: memopt's own runs (the planner's
                 # trial of a plan skips the collective passes) must not claim them disabled
                 user_disabled = p.name in ctx.config.disable_passes
-                log.log(logging.INFO if user_disabled else logging.DEBUG,
+                log.log(logging.INFO if user_disabled and not self.trial else logging.DEBUG,
                         "region %s: pass %s %s", ctx.region, p.name,
                         "disabled (disable_passes)" if user_disabled else "not run in this pipeline")
                 continue
