@@ -192,8 +192,7 @@ def test_small_channel_convnets_estimate_within_2_percent(name, budget):
                 compiled(*inputs).backward()
     model.zero_grad(set_to_none=True)
     measured = measure_peak(lambda: compiled(*inputs).backward()).peak_growth_bytes
-    timeline = compose_timelines([(r.step, build_timeline(r.step)) for r in explanation.regions])
-    estimated = timeline.peak_growth_bytes
+    estimated = explanation.timeline().peak_growth_bytes
     assert abs(estimated - measured) <= 0.02 * measured, (estimated, measured)
     if budget == "2MiB":  # 2.43 MiB of growth is the least memopt reaches: infeasible, and said
         assert any(isinstance(w.message, MemoptBudgetWarning) for w in caught)

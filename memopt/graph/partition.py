@@ -29,7 +29,7 @@ from memopt.graph.step import StepGraphs, clone_graph_module
 
 __all__ = [
     "JointGraph", "split_joint", "forward_nodes", "saved_names", "saved_joint_names", "joint_values",
-    "pin_reads_of_mutated_inputs",
+    "pin_reads_of_mutated_inputs", "writes_back_input",
 ]
 
 log = logging.getLogger("memopt.plan")
@@ -337,6 +337,18 @@ def _make_graph_module(template: fx.GraphModule, graph: fx.Graph) -> fx.GraphMod
     return torch_lazy_graph_module._make_graph_module(template, graph)
 
 
+def writes_back_input(node: fx.Node) -> bool:
+    """``node`` copies into a graph input in place (``copy_`` into a placeholder: a
+    batch norm's running statistics, a step counter): the write-back of an input the
+    graph mutates. Its result is the input's storage, and backward never reads it."""
+    return (
+        node.op == "call_function"
+        and node.target is torch.ops.aten.copy_.default
+        and isinstance(node.args[0], fx.Node)
+        and node.args[0].op == "placeholder"
+    )
+
+
 def _reads_only_to_update(node: fx.Node) -> bool:
     """``node`` reads the mutated inputs it is given only for the values written back
     to them: a batch norm in training mode normalizes with the batch's statistics and
@@ -361,11 +373,9 @@ def pin_reads_of_mutated_inputs(joint_module: fx.GraphModule) -> list[str]:
     from memopt.analysis.cost import is_view
 
     graph = joint_module.graph
-    copies = [
-        n for n in graph.nodes
-        if n.op == "call_function" and n.target is torch.ops.aten.copy_.default
-        and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder"
-    ]  # fmt: skip
+    copies = [n for n in graph.nodes if writes_back_input(n)]
+    if not copies:  # most graphs: nothing to pin, no need to walk the backward
+        return []
     tangent_dependent: set[fx.Node] = set()
     for node in graph.nodes:
         if meta.is_tangent(node) or any(i in tangent_dependent for i in node.all_input_nodes):

@@ -87,22 +87,13 @@ def _check_saved_pair(region: str, fw: fx.Node, bw: fx.Node) -> None:
     the pairing is not (a pass that saved its values in the wrong order, or saved a
     different value than the backward expects): backward would then fail at run time on
     the wrong tensor, far from the pass."""
-    saved, received = meta.tensor_value(fw), meta.tensor_value(bw)
+    saved, received = _described(fw), _described(bw)
     if saved is None or received is None:
         return  # a SymInt, or a hand-built graph without metadata
-    problem = None
-    if saved.dtype != received.dtype:
-        problem = f"dtype {saved.dtype} != {received.dtype}"
-    elif saved.device != received.device:
-        problem = f"device {saved.device} != {received.device}"
-    elif len(saved.shape) != len(received.shape) or not all(
-        _same_size(a, b) for a, b in zip(saved.shape, received.shape)
-    ):
-        problem = f"shape {tuple(saved.shape)} != {tuple(received.shape)}"
-    if problem is not None:
+    if not _same_value(saved, received):
         raise GraphVerificationError(
             f"region {region}: forward saves {fw.name!r} for backward input {bw.name!r}, but they "
-            f"differ ({problem}, forward's first). A pass saved the wrong value or reordered the "
+            f"differ ({_format(saved)} != {_format(received)}, forward's first). A pass saved the wrong value or reordered the "
             f"saved outputs; keep the forward's saved outputs and the backward's first "
             f"placeholders in the same order (memopt.passes.saved_rewrite does)."
         )

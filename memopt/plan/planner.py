@@ -23,7 +23,6 @@ import logging
 import warnings
 from typing import Any
 
-import torch
 import torch.fx as fx
 
 from memopt._once import said_before
@@ -33,7 +32,7 @@ from memopt.config import MemoptConfig
 from memopt.errors import MemoptBudgetError, MemoptBudgetWarning
 from memopt.graph import meta
 from memopt.graph.collectives import is_collective
-from memopt.graph.partition import JointGraph, saved_joint_names
+from memopt.graph.partition import JointGraph, saved_joint_names, writes_back_input
 from memopt.graph.step import StepGraphs
 from memopt.plan.decisions import Action, Compress, Offload, Recompute, Save
 from memopt.plan.plan import MemoryPlan, TensorDecision, decision_for_node
@@ -409,7 +408,8 @@ def _decisions(step: StepGraphs, joint: JointGraph, solution: RematSolution) -> 
     out: list[TensorDecision] = []
     for name in sorted(mincut | saved):
         node = by_name.get(name)
-        if node is None or node.op == "placeholder" or meta.value_bytes(node) == 0 or _writes_back(node):
+        if node is None or node.op == "placeholder" or meta.value_bytes(node) == 0 or writes_back_input(node):
+            # (a write-back is kept in forward as a side effect, never handed to backward)
             continue
         segment = owner.get(name)
         option = solution.choice[segment.index] if segment is not None else "save"
@@ -417,17 +417,6 @@ def _decisions(step: StepGraphs, joint: JointGraph, solution: RematSolution) -> 
         out.append(decision_for_node(node, f"forward:{name}", step.region, meta.value_bytes(node), action, reason,
                                      segment=None if segment is None else segment.index, option=option))
     return sorted(out, key=lambda d: -d.bytes)
-
-
-def _writes_back(node: fx.Node) -> bool:
-    """``node`` writes a forward input in place (a batch norm's running statistics, a
-    step counter): kept in forward as a side effect, never handed to backward, and its
-    result is the input's storage, no bytes of its own. Not a saved value to report."""
-    return (
-        node.target is torch.ops.aten.copy_.default
-        and isinstance(node.args[0], fx.Node)
-        and node.args[0].op == "placeholder"
-    )
 
 
 def _base_name(name: str, by_name: dict[str, fx.Node]) -> str:
