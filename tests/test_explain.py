@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -376,3 +377,28 @@ def test_explain_of_a_compiled_model_without_options_says_its_options_are_not_re
         warnings.simplefilter("error", memopt.MemoptWarning)
         memopt.explain(compiled, x, options={"codegen": "eager"})
         memopt.explain(model, x)
+
+
+def test_graph_code_after_a_pass_that_changed_nothing_is_the_graph_it_left():
+    """``graph_code(after="dce")`` raised KeyError when the pass changed nothing (only
+    changing passes keep a snapshot); it is now the graph as that pass left it, and a
+    name that is no pass says which names there are."""
+
+    def f(x, w):
+        h = x
+        for _ in range(4):
+            h = torch.tanh(h @ w)
+        return h.sum()
+
+    x, w = torch.randn(64, 64), torch.randn(64, 64, requires_grad=True)
+    with pytest.warns(memopt.MemoptBudgetWarning):
+        explanation = memopt.explain(f, x, w, options={**EAGER, "memory_budget": 0.8})
+    modified = {p.name: p.modified for p in explanation.region(0).passes}
+    assert modified["remat"] and not modified["precision"] and not modified["dce"] and not modified["schedule"]
+    for graph in ("forward", "backward"):
+        code = functools.partial(explanation.graph_code, graph)
+        assert code(after="remat") != code(after="input")
+        assert code(after="precision") == code(after="input")  # ran before remat, changed nothing
+        assert code(after="dce") == code(after="schedule") == code(after="remat") == code()
+    with pytest.raises(KeyError, match=r"after='shedule' names no pass .*'schedule'"):
+        explanation.graph_code("forward", after="shedule")

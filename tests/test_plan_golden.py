@@ -22,6 +22,7 @@ from memopt.passes.base import PassContext, PassFailure
 from memopt.passes.compress import CompressSavedActivations
 from memopt.passes.instruments import VerifyInstrument
 from memopt.passes.manager import PassManager
+from memopt.passes.offload import OffloadSavedActivations
 from memopt.passes.remat import Rematerialize
 from memopt.plan.decisions import Compress, Offload, Recompute, Save, action_from_dict, action_to_dict
 from memopt.plan.plan import MemoryPlan, finish_plan
@@ -183,3 +184,18 @@ def test_a_hand_written_plan_naming_a_missing_value_names_the_close_ones():
     plan")."""
     with pytest.raises(PassFailure, match=r"joint graph has no node 'tahn'; did you mean 'tanh'"):
         _run(Rematerialize(), _step(), _plan(saved_values=["tahn"]))
+
+
+@pytest.mark.parametrize(
+    "pass_, action",
+    [(CompressSavedActivations(), {"kind": "compress", "format": "bf16"}), (OffloadSavedActivations(), {"kind": "offload", "target": "cpu"})],
+)
+def test_a_compress_or_offload_decision_naming_no_value_is_refused(pass_, action):
+    """A typo in a hand-written `Compress`/`Offload` decision was carried out as
+    nothing, silently (the pass listed the name as "not saved" and changed nothing);
+    it now fails the pass, naming the value and the close saved ones. A real value the
+    step does not save stays a quiet "not saved"."""
+    with pytest.raises(PassFailure, match=r"the plan names value\(s\) \['tahn'\] .*did you mean 'tanh' for 'tahn'\?"):
+        _run(pass_, _step(), _plan(decisions=[_decision("tahn", action)]))
+    result = _run(pass_, _step(), _plan(decisions=[_decision("sum_1", action)]))
+    assert not result.records[0].modified and result.records[0].details["not_saved"] == ["sum_1"]

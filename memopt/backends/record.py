@@ -68,15 +68,37 @@ class RegionRecord:
     step estimate counts them)."""
 
     def graph_code(self, graph: str, after: str | None = None) -> str:
-        """Readable code of ``graph`` ("forward", "backward" or "inference") after pass
-        ``after`` (default: the last snapshot of that graph)."""
-        matches = [s for s in self.snapshots if s.graph == graph]
-        if after is not None:
-            matches = [s for s in matches if s.after == after]
-        if not matches:
-            known = sorted({(s.graph, s.after) for s in self.snapshots})
-            raise KeyError(f"no snapshot of graph {graph!r} after {after!r}; have {known}")
-        return matches[-1].code
+        """Readable code of ``graph`` ("forward", "backward", "inference" or "dynamo")
+        after pass ``after``: "input" (before the passes), the name of a pass of the
+        pipeline (the graph as that pass left it, also when it changed nothing), or
+        "fallback"; default: the graph as the region runs it.
+
+        Raises KeyError naming the graphs and pass names there are when ``graph`` was not
+        kept or ``after`` names no pass of this region's pipeline."""
+        ofgraph = [s for s in self.snapshots if s.graph == graph]
+        if not ofgraph:
+            graphs = sorted({s.graph for s in self.snapshots})
+            raise KeyError(f"graph {graph!r} was not kept for this region; it has {graphs}")
+        if after is None:
+            return ofgraph[-1].code
+        latest = _last_pipeline(ofgraph)
+        exact = [s for s in latest if s.after == after]
+        if exact:
+            return exact[-1].code
+        order = [p.name for p in self.passes]
+        if after in order:
+            # A pass that changed nothing left the graph as the last one that did.
+            ran_before = set(order[: order.index(after) + 1]) | {"input"}
+            return [s for s in latest if s.after in ran_before][-1].code
+        names = ["input", *order, *(["fallback"] if any(s.after == "fallback" for s in latest) else [])]
+        raise KeyError(f"after={after!r} names no pass of this region's pipeline; pass one of {names}")
+
+
+def _last_pipeline(snapshots: list[GraphSnapshot]) -> list[GraphSnapshot]:
+    """The snapshots of one graph taken by the region's latest pipeline run (a region
+    compiled again keeps every run's, each starting with its "input")."""
+    starts = [i for i, s in enumerate(snapshots) if s.after == "input"]
+    return snapshots[starts[-1]:] if starts else snapshots
 
 
 _local = threading.local()

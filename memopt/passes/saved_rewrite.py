@@ -19,6 +19,7 @@ Saved SymInts (first among the backward inputs) are never touched.
 
 from __future__ import annotations
 
+import difflib
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -326,7 +327,32 @@ def planned_storages(
             if action is not None:
                 found.update(n for n in names if n in planned)
                 out.append((group, action))
-    return out, sorted(set(planned) - found)
+    missing = sorted(set(planned) - found)
+    _refuse_unknown_names(step, missing)
+    return out, missing
+
+
+def _refuse_unknown_names(step: StepGraphs, names: Sequence[str]) -> None:
+    """Raise ``ValueError`` for planned names that no graph of ``step`` has (a
+    hand-written plan's slip, which would otherwise be carried out as nothing). A name
+    the joint graph has is a real value some pass stopped saving: not an error."""
+    known = {n.name for n in step.forward.graph.nodes}
+    if step.joint is not None:
+        known |= {n.name for n in step.joint.module.graph.nodes}
+        known |= {n.name for n in step.joint.recomputable().module.graph.nodes}
+    unknown = [name for name in names if name not in known]
+    if not unknown:
+        return
+    saved = sorted(
+        {n.name for g in saved_storages(step, "raw", min_elements=0) for n in (*g.values, g.base) if n is not None}
+    )
+    hints = {name: difflib.get_close_matches(name, saved, n=2) for name in unknown}
+    hinted = "; ".join(f"did you mean {' or '.join(map(repr, h))} for {name!r}?" for name, h in hints.items() if h)
+    raise ValueError(
+        f"the plan names value(s) {unknown} that region {step.region}'s graphs do not have. A decision names a "
+        f"value as TensorDecision.node_name does ('tanh' for 'forward:tanh'); the values this step saves for "
+        f"backward are {saved}" + (f"; {hinted}" if hinted else ".")
+    )
 
 
 def planned_decision(decisions: Sequence[Any], group: SavedStorage) -> Any:
