@@ -632,6 +632,46 @@ def test_report_names_a_frame_dynamo_skipped_whole_after_a_graph_break_in_a_loop
         torch._dynamo.reset()
 
 
+def test_report_advises_dropping_checkpointing_dynamo_could_not_trace():
+    """Activation checkpointing Dynamo cannot trace (here: the checkpointed code writes
+    Python state; Hugging Face's ``gradient_checkpointing_enable`` on torch 2.13, "HOP:
+    Unsafe side effect") makes Dynamo skip the frame: its layers run without memopt.
+    The report said only Dynamo's "graph break is fundamental"; it now names
+    checkpointing and the fix (turn it off, let memory_budget choose)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.calls = torch.nn.Linear(8, 8), 0
+
+        def _inner(self, x):
+            self.calls += 1
+            return torch.tanh(self.lin(x))
+
+        def forward(self, x):
+            return checkpoint(self._inner, x, use_reentrant=False)
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(Block() for _ in range(2))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x.sum()
+
+    compiled = torch.compile(Net(), backend="memopt", options={**EAGER, "memory_budget": 0.5})
+    with memopt.record() as ex:
+        compiled(torch.randn(4, 8)).backward()
+    [frame] = ex.skipped_frames
+    assert ": HOP: " in frame, frame
+    text = " ".join(ex.report().split())
+    assert "most often activation checkpointing" in text and "gradient_checkpointing_disable()" in text, text
+    assert "let memory_budget choose what to recompute" in text, text
+
+
 def test_report_names_the_unsupported_construct_when_nothing_reached_memopt():
     """An ``nn.LSTM`` makes Dynamo run its caller's frame eagerly without naming the frame
     ("frame skipped" is not in its reason): nothing reaches memopt. The report and the
