@@ -340,6 +340,59 @@ def test_ops_that_want_one_dtype_run_under_lowering(build, caplog):
         assert p.grad is not None and p.grad.dtype == p.dtype, name  # fp32 masters (a complex one stays complex)
 
 
+class _Sine(torch.autograd.Function):
+    """``sin(x @ w)`` with a hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        return torch.sin(x @ w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        grad = grad * torch.cos(x @ w)
+        return grad @ w.t(), x.t() @ grad
+
+
+class _Bodies(nn.Module):
+    """A Linear's (lowered) result handed to a checkpointed function and to a custom
+    ``autograd.Function``, each multiplying it by an fp32 parameter inside its body."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.mid, self.out = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.w = nn.Parameter(torch.randn(16, 16) / 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.utils.checkpoint.checkpoint(lambda v: F.gelu(self.mid(v)), self.inp(x), use_reentrant=False)
+        return self.out(_Sine.apply(self.inp(x) + h, self.w)).pow(2).mean()
+
+
+def test_checkpoint_and_autograd_function_bodies_run_as_traced():
+    """A bf16 value passed to ``torch.utils.checkpoint`` or to a custom
+    ``autograd.Function`` reached the body's matmul beside its fp32 parameter: the
+    fake kernels accept the mix, so the step compiled and then failed ("mat1 and mat2
+    must have the same dtype, but got BFloat16 and Float"). The bodies are not lowered:
+    their operands are cast back to the dtypes they were traced with, and the report
+    says so."""
+    torch.manual_seed(0)
+    model, x = _Bodies(), torch.randn(4, 8)
+    reference = run_training_step(copy.deepcopy(model), [x])
+    torch._dynamo.reset()
+    result = run_training_step(model, [x], runner=torch.compile(model, backend="memopt", options=BF16))
+    torch.testing.assert_close(result.loss, reference.loss, rtol=0.05, atol=1e-3)
+    for name, grad in result.grads.items():
+        torch.testing.assert_close(grad, reference.grads[name], rtol=0.1, atol=0.02, msg=name)
+    torch._dynamo.reset()
+    details = _pass(memopt.explain(model, x, options=BF16), "precision")["details"]
+    assert details["skipped"] == {
+        "inside the body of tag_activation_checkpoint": 1,
+        "inside the body of autograd_function_apply": 1,
+    }
+    assert details["ops"]["low"] == {"linear": 3}
+
+
 def test_disable_passes_skips_lowering_and_unknown_names_raise():
     """The precision pass disabled: nothing is lowered, and memopt says once that the
     ``precision`` option is ignored (it said nothing); a misspelt pass name raises."""

@@ -195,12 +195,14 @@ class _Lowering:
         self.casts: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
         self.autocasts: list[Any] = []  # autocast contexts the graph entered, innermost last
         self.output_dtypes: list[torch.dtype | None] = []  # of the outputs before rewriting
+        self.before: dict[fx.Node, Any] = {}  # each node's fake value before rewriting
         self.report = LoweringReport(str(low).replace("torch.", ""))
 
     def run(self, fake_mode: Any) -> LoweringReport:
         """Visit every node once, in order, under the graph's fake mode."""
         nodes = list(self.graph.nodes)
         before = {n: meta.fake_value(n) for n in nodes}
+        self.before = before
         output = nodes[-1]
         self.output_dtypes = [getattr(before.get(a), "dtype", None) for a in _flat_nodes(output.args)]
         try:
@@ -227,6 +229,9 @@ class _Lowering:
                 f"node {node.name!r} calls submodule {node.target!r}; precision lowering "
                 f"needs Dynamo to inline modules (torch._dynamo.config.inline_inbuilt_nn_modules=True)."
             )
+        if self._subgraphs(node):
+            self._run_body_as_traced(node)
+            return
         mode = self._mode(node)
         if mode == LOW and op_name(node) == "scaled_dot_product_attention":
             reason = math_attention_reason(node, self.env)
@@ -246,6 +251,50 @@ class _Lowering:
             self._round_result(node)
         if _mutates(node):
             self.casts.clear()  # a cast made before the write would be stale
+
+    def _subgraphs(self, node: fx.Node) -> list[fx.GraphModule]:
+        """The graph bodies a higher-order op runs (``torch.utils.checkpoint``'s
+        ``tag_activation_checkpoint``, an ``autograd.Function``'s
+        ``autograd_function_apply``, ``wrap``), passed to it as ``get_attr`` nodes."""
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+            return []
+        bodies = []
+        for arg in _flat_nodes((node.args, node.kwargs)):
+            if arg.op == "get_attr":
+                body = self._owner_attr(str(arg.target))
+                if isinstance(body, fx.GraphModule):
+                    bodies.append(body)
+        return bodies
+
+    def _run_body_as_traced(self, node: fx.Node) -> None:
+        """Run a higher-order op's body as written: its graph was traced for the
+        operands' dtypes before lowering, and its ops (a matmul of the operand with a
+        parameter passed in fp32) reject a lowered operand at run time, while their
+        fake kernels let it through. Each floating operand the rewrite lowered is cast
+        back to the dtype it was traced with; the body's ops are not lowered, which
+        the report counts under ``skipped``."""
+
+        def restore(arg: fx.Node) -> fx.Node:
+            value = self.env.get(arg)
+            traced = self._traced_dtype(arg)
+            if not _floating(value) or traced is None or value.dtype == traced:
+                return arg
+            return self._cast(arg, traced, node)
+
+        node.args = map_arg(node.args, restore)
+        node.kwargs = map_arg(node.kwargs, restore)
+        self._execute(node)
+        self.report.skipped[f"inside the body of {getattr(node.target, '__name__', node.target)}"] += 1
+
+    def _traced_dtype(self, node: fx.Node) -> torch.dtype | None:
+        """The dtype ``node``'s value had before the rewrite; for a cast the rewrite
+        inserted (not in the graph it was given), that of the value it casts."""
+        while node not in self.before and node.op == "call_method" and node.target == "to":
+            source = node.args[0]
+            if not isinstance(source, fx.Node):
+                return None
+            node = source
+        return getattr(self.before.get(node), "dtype", None)
 
     def _mode(self, node: fx.Node) -> str:
         name = op_name(node)
