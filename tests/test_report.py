@@ -874,6 +874,38 @@ def test_buffer_writes_are_not_listed_as_saved_values():
     assert names and not [n for n in names if n.startswith("forward:copy_")], names
 
 
+class _TwoCheckpointedBlocks(torch.nn.Module):
+    """Dropout, then two ``torch.utils.checkpoint`` blocks in a row: torch tags the
+    first block's output must-save (the boundary between the blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.dropout(self.blocks[0](x), 0.1)
+        for block in self.blocks[1:]:
+            h = torch.utils.checkpoint.checkpoint(lambda v, b=block: torch.tanh(b(v)), h, use_reentrant=False)
+        return h.pow(2).mean()
+
+
+def test_must_save_values_say_why():
+    """A value saved because torch's checkpoint tagged it must-save was reported as
+    "random op or side effect: recomputing would change results", which a checkpoint
+    boundary (a tanh) is not; the reason now names the tag, and a random op says it
+    draws random numbers."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", memopt.MemoptBudgetWarning)
+        explanation = memopt.explain(_TwoCheckpointedBlocks(), torch.randn(256, 64), options={**EAGER, "memory_budget": 0.5})
+    reasons = {d.name: d.reason for d in explanation.decisions() if d.policy == "save"}
+    assert reasons["forward:tanh"].startswith("tagged must-save, never recomputed: by torch.utils.checkpoint"), reasons
+    random = [r for name, r in reasons.items() if "random" in r]
+    assert random and all(r == "random op: recomputing would draw new random numbers" for r in random), reasons
+    assert not [r for r in reasons.values() if "side effect" in r], reasons
+
+
 class _BrokenBeforeLoss(torch.nn.Module):
     """Two tanh layers, a graph break, then the loss: a step of two regions."""
 

@@ -39,7 +39,7 @@ from memopt.plan.plan import MemoryPlan, TensorDecision, decision_for_node
 from memopt.plan.remat import RematSolution, plan_remat
 from memopt.plan.storage import StorageOptions, StoragePlan, plan_storage
 from memopt.units import format_bytes
-from memopt.plan.segments import Segment, must_save
+from memopt.plan.segments import Segment, must_save_reason
 from memopt.plan.step_context import StepContext, placed
 
 __all__ = ["base_plan", "plan_region", "check_final_budget"]
@@ -441,8 +441,9 @@ def _reason(node: fx.Node, segment: Segment | None, option: str, saved: bool) ->
     if not saved:
         how = "recomputed with the whole segment" if option == "recompute" else "recomputed from saved matmul outputs"
         return Recompute(index, option), f"{how} in backward ({where}, option {option}) to meet the budget"
-    if must_save(node):
-        return Save(), "random op or side effect: recomputing would change results"
+    forced = must_save_reason(node)
+    if forced is not None:
+        return Save(), forced
     if segment is not None and node in segment.crossers:
         return Save(), f"checkpoint: {where}'s output, input of later recomputation"
     if option == "selective":

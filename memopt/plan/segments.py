@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from memopt.graph import meta
 
-__all__ = ["Segment", "find_segments", "must_save"]
+__all__ = ["Segment", "find_segments", "must_save", "must_save_reason"]
 
 aten = torch.ops.aten
 
@@ -39,6 +39,24 @@ def must_save(node: fx.Node) -> bool:
     if meta.is_regatherable(source):
         return False  # AOTAutograd tags every collective must-save (force_save_collectives); not these
     return meta.is_random(source) or meta.has_side_effects(source) or meta.must_save_tag(source)
+
+
+def must_save_reason(node: fx.Node) -> str | None:
+    """Why `must_save` holds for ``node`` (None where it does not), as the plan's
+    decision states it."""
+    if not must_save(node):
+        return None
+    source = node.args[0] if node.target is operator.getitem and node.args else node
+    assert isinstance(source, fx.Node)  # must_save holds
+    if meta.is_random(source):
+        return "random op: recomputing would draw new random numbers"
+    if meta.has_side_effects(source):
+        return "side effect: recomputing would run it twice"
+    return (
+        "tagged must-save, never recomputed: by torch.utils.checkpoint (the boundary between "
+        "two checkpointed blocks, or a selective checkpointing policy), or as a read of an "
+        "input the step writes in place"
+    )
 
 
 @dataclass
