@@ -393,6 +393,43 @@ def test_checkpoint_and_autograd_function_bodies_run_as_traced():
     assert details["ops"]["low"] == {"linear": 3}
 
 
+class _Recurrent(nn.Module):
+    """An embedding feeding a bidirectional ``nn.LSTM``, a Linear feeding an ``nn.GRU``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8, padding_idx=0)
+        self.lstm = nn.LSTM(8, 8, batch_first=True, bidirectional=True)
+        self.proj = nn.Linear(16, 8)
+        self.gru = nn.GRU(8, 8, batch_first=True)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lstm(self.emb(ids))
+        out, _ = self.gru(self.proj(h))
+        return out.pow(2).mean()
+
+
+def test_whole_recurrent_layers_run_in_bf16_under_allow_rnn():
+    """Under ``torch._dynamo.config.allow_rnn`` Dynamo traces ``nn.LSTM``/``nn.GRU`` as
+    ``torch.lstm``/``torch.gru``, which the policy did not list: a bf16 activation
+    reached them beside their fp32 weights, the fake kernels accepted it, and the step
+    failed ("expected m1 and m2 to have the same dtype, but got: c10::BFloat16 !=
+    float"). They now run in bf16 like the cells (and like CPU autocast's LSTM)."""
+    torch.manual_seed(0)
+    model, ids = _Recurrent(), torch.randint(0, 20, (3, 6))
+    reference = run_training_step(copy.deepcopy(model), [ids])
+    with torch._dynamo.config.patch(allow_rnn=True):
+        torch._dynamo.reset()
+        result = run_training_step(model, [ids], runner=torch.compile(model, backend="memopt", options=BF16))
+        torch._dynamo.reset()
+        details = _pass(memopt.explain(model, ids, options=BF16), "precision")["details"]
+    assert {"lstm", "gru"} <= set(details["ops"]["low"]), details["ops"]
+    torch.testing.assert_close(result.loss, reference.loss, rtol=0.05, atol=1e-3)
+    for name, grad in result.grads.items():
+        assert grad is not None and grad.dtype == torch.float32, name
+        torch.testing.assert_close(grad, reference.grads[name], rtol=0.1, atol=0.01, msg=name)
+
+
 def test_disable_passes_skips_lowering_and_unknown_names_raise():
     """The precision pass disabled: nothing is lowered, and memopt says once that the
     ``precision`` option is ignored (it said nothing); a misspelt pass name raises."""

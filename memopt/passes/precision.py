@@ -68,7 +68,7 @@ _SAME_DTYPE_OPS = frozenset(
         # matrix products (and composites of them), when a policy override sets them to follow
         "linear", "matmul", "mm", "bmm", "baddbmm", "addmm", "addbmm", "addmv", "mv", "einsum",
         "bilinear", "conv_tbc", "multi_head_attention_forward", "gru_cell", "lstm_cell",
-        "rnn_tanh_cell", "rnn_relu_cell", "dot", "vdot", "tensordot", "addr",
+        "rnn_tanh_cell", "rnn_relu_cell", "lstm", "gru", "rnn_tanh", "rnn_relu", "dot", "vdot", "tensordot", "addr",
         # writes of one tensor into another, and ops taking two tensors of one dtype
         "index_add", "index_add_", "index_copy", "index_copy_", "index_put", "index_put_", "put",
         "put_", "scatter", "scatter_", "scatter_add", "scatter_add_", "scatter_reduce",

@@ -69,10 +69,13 @@ _MATMUL_LIKE = (
     "einsum", "bilinear", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
     "conv_transpose2d", "conv_transpose3d", "conv_tbc", "scaled_dot_product_attention",
     "multi_head_attention_forward", "gru_cell", "lstm_cell", "rnn_tanh_cell", "rnn_relu_cell",
+    "lstm", "gru", "rnn_tanh", "rnn_relu",
 )  # fmt: skip
 """Compute-bound ops, and composites of matrix products with weights (attention
-modules, recurrent cells: autocast lowers the cells too), whose eager kernels refuse
-a low-precision input with fp32 weights: they run in the low dtype."""
+modules, recurrent cells, and whole ``nn.LSTM``/``nn.GRU``/``nn.RNN`` layers, which
+Dynamo traces as ``torch.lstm``... under ``torch._dynamo.config.allow_rnn``: autocast
+lowers the cells too), whose eager kernels refuse a low-precision input with fp32
+weights: they run in the low dtype."""
 _NORMS_AND_SOFTMAX = (
     "layer_norm", "group_norm", "rms_norm", "batch_norm", "instance_norm", "softmax",
     "embedding",
