@@ -152,6 +152,26 @@ def _memopt_optimizer(ctx: Ctx) -> dict[str, Any]:
     return ns
 
 
+def _critic(ctx: Ctx) -> dict[str, Any]:
+    """A WGAN critic, a batch of ``real`` and ``fake`` samples and the interpolates
+    ``x_hat`` its gradient penalty reads."""
+    critic = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    real, fake, eps = torch.randn(4, 8), torch.randn(4, 8), torch.rand(4, 1)
+    x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
+    return {"torch": torch, "critic": critic, "real": real, "fake": fake, "x_hat": x_hat}
+
+
+def _critic_grads_match_eager(ns: dict[str, Any], compiled: list[Callable[..., Any]]) -> None:
+    critic = ns["critic"]
+    got = [p.grad.clone() for p in critic.parameters()]
+    critic.zero_grad(set_to_none=True)
+    (grad,) = torch.autograd.grad(critic(ns["x_hat"]).sum(), ns["x_hat"], create_graph=True)
+    penalty = ((grad.norm(2, dim=1) - 1) ** 2).mean()
+    (critic(ns["fake"]).mean() - critic(ns["real"]).mean() + 10 * penalty).backward()
+    for g, p in zip(got, critic.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
 def _pass_testing(ctx: Ctx) -> dict[str, Any]:
     """``capture_step(fn, *args)``, and ``MyPass`` as docs/architecture.md's block defines it."""
     architecture: dict[str, Any] = {}
@@ -343,8 +363,9 @@ CASES: dict[str, Case] = {
     ),  # fmt: skip
     "docs/usage.md:2": Case(_training),
     "docs/usage.md:3": Case(_compiled),
-    "docs/usage.md:4": Case(_pass_testing),
-    "docs/usage.md:5": Case(),
+    "docs/usage.md:4": Case(_critic, after=_critic_grads_match_eager),
+    "docs/usage.md:5": Case(_pass_testing),
+    "docs/usage.md:6": Case(),
     "docs/whole_step.md:0": Case(
         _hf_lm,
         substitute={
