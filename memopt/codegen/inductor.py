@@ -209,6 +209,7 @@ def frees_at_last_use(config: MemoptConfig) -> bool:
         or config.compress_activations is not None
     )
 
+
 FUSION_WINDOW = 4
 """Under a memory budget, Inductor may fuse two kernels that share an input ("horizontal"
 fusion) only if together they span at most this many of its scheduler nodes (in graph
