@@ -537,12 +537,39 @@ def test_cli_fake_and_real_agree_when_the_model_returns_more_than_the_loss(tmp_p
     them alive through backward as the caller holds the output, also when a graph break
     hands them to the loss's region: the fake-tensor report must count that as the real
     one does (it assumed them freed after the loss, under-estimating the peak), under a
-    budget too (its regions track the step, which fake tensors do not join)."""
+    budget too (its regions track the step, on fake tensors too)."""
     factory = tmp_path / "lm.py"
     factory.write_text(_HELD_OUTPUT_FACTORY)
     fake, real = _fake_and_real(f"{factory}:build", capsys, options)
     assert fake["estimated_peak_bytes"] == real["estimated_peak_bytes"]
     assert fake["peak_breakdown"] == real["peak_breakdown"]
+
+
+_GRAPH_BREAK_FACTORY = '''
+import torch
+from memopt.testing.zoo import GraphBreakMLP
+
+
+def build():
+    return GraphBreakMLP(), (torch.randn(190, 64), torch.randn(190, 8))
+'''
+
+
+def test_cli_fake_and_real_agree_on_a_region_after_a_graph_break_under_a_budget(tmp_path, capsys):
+    """Under a budget, the region after a graph break is planned with the earlier
+    region's saved values in place (docs/remat.md, "Graph breaks", move 1) on fake
+    tensors as on real ones. A run on fake tensors did not join the step, so the region
+    was planned alone: GraphBreakMLP at batch 190 under 2 MiB planned nothing and
+    reported 2,099,652 B, over the budget, where the real step remats to 1,973,700 B;
+    `memopt.fit` returned batch 189 for a budget the real step meets at 217."""
+    factory = tmp_path / "graph_break.py"
+    factory.write_text(_GRAPH_BREAK_FACTORY)
+    fake, real = _fake_and_real(f"{factory}:build", capsys, ("--options", '{"memory_budget": "2MiB"}'))
+    assert real["estimated_peak_bytes"] < real["estimated_peak_bytes_unoptimized"]  # the budget makes it plan
+    assert fake["estimated_peak_bytes"] == real["estimated_peak_bytes"] <= 2 * 2**20
+    assert [r["plan"]["estimated_peak_after"] for r in fake["regions"]] == [
+        r["plan"]["estimated_peak_after"] for r in real["regions"]
+    ]
 
 
 class _LongLines(torch.nn.Module):

@@ -12,9 +12,10 @@ records of recording regions and feeds that decision.
 Observing a call. The tracker observes a call of a `WatchedRegion` that is
 ``tracking`` (a `CompiledRegion` until its step is decided, and while its step is
 watched, `memopt.backends.wholestep`, move 4) or ``recording`` (below). A call with a
-backward (not a run on fake tensors) is observed in full; a call without one
-(inference, fake tensors) only for its inputs' sources and its outputs' storages (the
-second item), which is all a recorded estimate needs of it:
+backward is observed in full (on fake tensors only while recording: `memopt report`,
+`memopt.fit`); a call without one (inference, fake tensors not recorded) only for its
+inputs' sources and its outputs' storages (the second item), which is all a recorded
+estimate needs of it:
 
 * its outputs, by weak reference: the tensor, and its storages that are not the
   call's inputs. When the region's backward starts (an autograd pre-hook on its
@@ -203,7 +204,9 @@ class StepTracker:
         a backward, its kept outputs when that backward starts (on fake tensors too:
         `memopt report` and `memopt.fit` then count outputs the caller holds, such as a
         Hugging Face model's logits, as a real run does); a tracking region's run with a
-        backward (not on fake tensors) joins the current step. For a region
+        backward joins the current step, on fake tensors too, so that a later region of
+        the step is planned with it in place as on real tensors (`memopt.fit`'s probes
+        planned such a region alone, over the budget the real step meets). For a region
         that is only recording, an error is logged and dropped: its observation never
         breaks a step."""
         record = region.record_to()
@@ -235,7 +238,7 @@ class StepTracker:
         with self.lock:
             run = Run(region, next(self.serials), _output_refs(args, outputs), self._sources(args), _weak(node))
             self._remember(run)
-            if region.tracking and not fake:  # a step on fake tensors is recorded, not planned
+            if region.tracking:
                 self._forget_abandoned()
                 if any(r.region is region for r in self.runs) and not _next_round(self.runs, self.backward_order, region):
                     self.runs, self.backward_order = [], []  # again before its backward: not one clean step
