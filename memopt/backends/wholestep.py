@@ -111,12 +111,16 @@ def _settle_step(regions: list[CompiledRegion]) -> None:
     as now planned, `RegionCompiler.place_in`); that is said once, with what holds the
     peak and the advice of the region compiled last (it saw the others' plans as they
     are). Regions whose figures differ are named with theirs, in one warning; each
-    region once, with its latest warning."""
+    region once, with its latest warning. A region whose plan, as its step is planned
+    now, meets its budget drops its held budget warning (logged instead)."""
     held = [(r, w) for r in regions for w in r.take_held()]
     stated = [(r, w) for r, w in held if isinstance(w.message, MemoptBudgetWarning) and w.message.statement]
     emit([w for r, w in held if all(w is not v for _, v in stated)])
     latest = {r.name: (r, w) for r, w in stated}  # a region that held two (a re-plan's too) is named once
-    budget = list(latest.values())
+    budget = [(r, w) for r, w in latest.values() if not _meets_budget(r, w.message)]  # type: ignore[arg-type]
+    for r, _ in latest.values():
+        if all(r is not kept for kept, _ in budget):
+            log.info("region %s: its budget warning is dropped: the step, planned as a whole, meets the budget", r.name)
     if len(budget) < 2:
         emit([w for _, w in budget])
         return
@@ -124,6 +128,15 @@ def _settle_step(regions: list[CompiledRegion]) -> None:
     figures = [(r.name, *_planned_figures(r, w.message)) for r, w in budget]  # type: ignore[arg-type]
     warning = _step_budget_warning(figures, last.message)  # type: ignore[arg-type]
     warnings.warn_explicit(warning, MemoptBudgetWarning, last.filename, last.lineno, source=last.source)
+
+
+def _meets_budget(region: CompiledRegion, held: MemoptBudgetWarning) -> bool:
+    """Whether the region's plan, as its step is planned now, is within its budget: a
+    warning it held from a compile before another region of its step was planned again
+    (the loss region after a graph break, planned on the first region's plan alone) is
+    then stale, its figures no longer the step's."""
+    budget, peak = _planned_figures(region, held)
+    return region.compiler.record.plan is not None and budget is not None and peak is not None and peak <= budget
 
 
 def _planned_figures(region: CompiledRegion, held: MemoptBudgetWarning) -> tuple[int | None, int | None]:
