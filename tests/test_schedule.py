@@ -14,6 +14,7 @@ from memopt.graph.step import StepGraphs
 from memopt.passes import PassContext, PassManager
 from memopt.passes.instruments import VerifyInstrument
 from memopt.passes.schedule import MemoryAwareSchedule, memory_aware_order
+from memopt.testing.capture import capture_step
 from memopt.testing.numerics import run_training_step
 from memopt.testing.zoo import ZOO, zoo_case
 
@@ -123,3 +124,48 @@ def test_schedule_never_raises_peak_and_keeps_numbers_bit_identical(name):
     assert torch.equal(with_schedule.loss, without.loss)
     for n, g in without.grads.items():
         assert (g is None and with_schedule.grads[n] is None) or torch.equal(g, with_schedule.grads[n]), n
+
+
+def _order_scoring_every_ready_node(graph, freeable_inputs=()):
+    """The schedule's rule stated directly: at every step score every ready node
+    (outputs minus the storages it frees as their last remaining user) and run the
+    smallest, ties in graph order. `memory_aware_order` scores only the nodes a step
+    can change (quadratic in the ready set before: 16.8 s of a 16-layer GPT-2's compile)."""
+    from memopt.analysis.aliasing import analyze_aliasing
+    from memopt.analysis.schedule import _ordering_deps, output_values_of
+
+    aliasing = analyze_aliasing(graph)
+    nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+    pinned = {s for out in output_values_of(graph) for s in aliasing.storages_of(out)}
+    reads = {n: {s for i in n.all_input_nodes for s in aliasing.storages_of(i)} for n in nodes}
+    pinned |= {s for n in nodes for s in reads[n] if s.producer.op == "placeholder" and s.producer not in freeable_inputs}
+    users = {}
+    for n in nodes:
+        for s in reads[n]:
+            users.setdefault(s, set()).add(n)
+    extra = _ordering_deps(nodes, aliasing)
+    preds = {n: {p for p in n.all_input_nodes if p in reads} | extra.get(n, set()) for n in nodes}
+    done, order = set(), []
+    while len(order) < len(nodes):
+        ready = [n for n in nodes if n not in done and preds[n] <= done]
+
+        def score(n):
+            freed = sum(s.nbytes for s in reads[n] if s not in pinned and users[s] == {n})
+            return sum(s.nbytes for s in aliasing.fresh.get(n, [])) - freed
+
+        n = min(ready, key=lambda m: (score(m), nodes.index(m)))
+        order.append(n)
+        done.add(n)
+        for s in reads[n]:
+            users[s].discard(n)
+    return order
+
+
+@pytest.mark.parametrize("name", ["gpt", "transformer_block", "cnn_bn"])
+def test_the_order_is_the_one_scoring_every_ready_node_gives(name):
+    case = zoo_case(name)
+    step = capture_step(case.build(), *case.inputs(2))
+    for graph_name, gm in step.graphs():
+        freeable = gm.graph.find_nodes(op="placeholder") if graph_name == "backward" else []
+        got = memory_aware_order(gm.graph, freeable_inputs=freeable)
+        assert got == _order_scoring_every_ready_node(gm.graph, freeable), graph_name

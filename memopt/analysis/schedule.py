@@ -100,31 +100,46 @@ def memory_aware_order(
             succs[p].add(n)
     remaining_users = {s: set(users) for s, users in storage_users.items()}
     waiting = {n: len(ps) for n, ps in preds.items()}
+    reads = {n: {s for inp in n.all_input_nodes for s in aliasing.storages_of(inp)} for n in nodes}
 
     def score(n: fx.Node) -> int:
         alloc = sum(s.nbytes for s in aliasing.fresh.get(n, []))
-        freed = sum(
-            s.nbytes
-            for s in {s for inp in n.all_input_nodes for s in aliasing.storages_of(inp)}
-            if not pinned(s) and remaining_users.get(s) == {n}
-        )
+        freed = sum(s.nbytes for s in reads[n] if not pinned(s) and remaining_users.get(s) == {n})
         return alloc - freed
 
-    ready = [(score(n), position[n], n) for n in nodes if waiting[n] == 0]
-    heapq.heapify(ready)
+    # A ready node's score changes only when a storage it reads is left with it as its
+    # one remaining user: then that node alone is scored again. The heap keeps stale
+    # entries, skipped when popped (their score is no longer the node's).
+    current: dict[fx.Node, int] = {}
+    ready: list[tuple[int, int, fx.Node]] = []
+
+    def push(n: fx.Node) -> None:
+        value = score(n)
+        if current.get(n) != value:  # an unchanged score keeps its entry (no duplicate to compare nodes by)
+            current[n] = value
+            heapq.heappush(ready, (value, position[n], n))
+
+    for n in nodes:
+        if waiting[n] == 0:
+            push(n)
     order: list[fx.Node] = []
     while ready:
-        _, _, n = heapq.heappop(ready)
+        value, _, n = heapq.heappop(ready)
+        if current.get(n) != value:
+            continue  # stale: scored again since, or already ordered
+        del current[n]
         order.append(n)
-        for s in {s for inp in n.all_input_nodes for s in aliasing.storages_of(inp)}:
-            remaining_users.get(s, set()).discard(n)
+        for s in reads[n]:
+            users = remaining_users.get(s)
+            if users is None:
+                continue
+            users.discard(n)
+            if len(users) == 1 and (last := next(iter(users))) in current:
+                push(last)
         for m in succs[n]:
             waiting[m] -= 1
             if waiting[m] == 0:
-                heapq.heappush(ready, (score(m), position[m], m))
-        # scores of ready nodes change as storages lose users: re-score lazily
-        ready = [(score(x), position[x], x) for _, _, x in ready]
-        heapq.heapify(ready)
+                push(m)
     if len(order) != len(nodes):
         raise RuntimeError(f"scheduling found a cycle: ordered {len(order)} of {len(nodes)} nodes")
     return order
