@@ -14,6 +14,7 @@ graphs built by hand, on fake/meta inputs, and on nodes memopt's passes insert.
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,24 +127,32 @@ def _schema_alias_args(node: fx.Node) -> list[fx.Node | list[Any] | None]:
         return []
     if str(target) in _RETURNS_ITS_INPUT:
         return [node.args[0]]
-    schema = target._schema
-    by_set: dict[str, Any] = {}
-    for i, arg in enumerate(schema.arguments):
+    return [
+        None if at is None else node.args[at[0]] if at[0] < len(node.args) else node.kwargs.get(at[1])
+        for at in _alias_spec(target)
+    ]
+
+
+@functools.cache
+def _alias_spec(target: torch._ops.OpOverload) -> tuple[tuple[int, str] | None, ...]:
+    """For each return of ``target``'s schema, the (position, name) of the argument it
+    aliases, or None; read once per op (a graph walk asks for every node)."""
+    by_set: dict[str, tuple[int, str]] = {}
+    for i, arg in enumerate(target._schema.arguments):
         if arg.alias_info is None:
             continue
-        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
         for name in arg.alias_info.before_set:
-            by_set[name] = value
+            by_set[name] = (i, arg.name)
         if "*" in arg.alias_info.after_set:  # ``Tensor(a -> *) self``: a list of its views
-            by_set.setdefault("*", value)
-    result: list[Any] = []
-    for ret in schema.returns:
+            by_set.setdefault("*", (i, arg.name))
+    result: list[tuple[int, str] | None] = []
+    for ret in target._schema.returns:
         info = ret.alias_info
         if info is not None and not info.before_set:  # ``Tensor(a)[]``: the set is on the elements
             result.append(by_set.get("*"))
             continue
         result.append(None if info is None else next((by_set.get(s) for s in info.before_set), None))
-    return result
+    return tuple(result)
 
 
 def analyze_aliasing(graph: fx.Graph) -> GraphAliasing:
