@@ -25,11 +25,12 @@ import torch
 import torch.fx as fx
 
 from memopt.backends.record import RegionRecord
+from memopt.backends.ranks import RanksCompiledOtherGraphs
 from memopt.backends.region import RegionCompiler, grads_held
 from memopt.backends.repeats import PendingCalls, repeated_call_message
 from memopt.backends.steptracker import StepTracker, Watched
 from memopt.errors import MemoptBudgetWarning, MemoptOptimizerError, MemoptRanksError, MemoptWarning
-from memopt.failsoft import fail_soft
+from memopt.failsoft import Fallback, fail_soft
 from memopt.graph import meta
 from memopt.plan.step_context import RegionInStep, StepContext
 from memopt.units import format_bytes
@@ -422,6 +423,13 @@ class CompiledRegion(WatchedRegion):
             raise  # the ranks no longer compile together: keeping the old plan would mismatch their collectives
         except MemoptBudgetWarning:
             raise  # not held, and the user's warning filter made it an error: theirs, not a memopt failure
+        except RanksCompiledOtherGraphs as exc:  # the ranks' inputs, not a memopt failure
+            if old.config.strict:
+                raise
+            self.settle()
+            compiler.hand_back_record(old)
+            _keep_plan_of_ranks_apart(old.record, self.name, exc)
+            return False
         except Exception as exc:  # noqa: BLE001 - fail soft, see memopt.failsoft
             self.settle()
             compiler.hand_back_record(old)
@@ -436,6 +444,19 @@ class CompiledRegion(WatchedRegion):
         self._held = held  # the step's plan replaces the one the earlier ones were about
         self.held_at = (next(_COMPILES), self.calls)
         return True
+
+
+def _keep_plan_of_ranks_apart(record: RegionRecord, region: str, exc: RanksCompiledOtherGraphs) -> None:
+    """The whole-step compile of ``region`` found the ranks' graphs (or their requests)
+    apart: every rank raised, so every rank keeps the plan it runs (the same collectives
+    on every rank). The cause is the ranks' inputs, which the region's first compile
+    already warned of when it fell back for the same reason: warn only of a new one."""
+    reason = str(exc)
+    if any(fallback.reason == reason for fallback in record.fallbacks):
+        return
+    outcome = "it keeps the plan made for it alone, the same on every rank"
+    warnings.warn(f"memopt: region {region}, compiled again for the whole step: {reason}; {outcome}", MemoptWarning, stacklevel=4)
+    record.fallbacks.append(Fallback(region, "whole-step recompile", reason, "whole-step recompile", outcome))
 
 
 @dataclass(frozen=True)

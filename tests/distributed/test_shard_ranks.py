@@ -232,6 +232,20 @@ def test_ranks_with_other_shapes_under_a_budget_run_unoptimized():
         assert any("compiled another graph than rank 0" in reason for reason in result["3/fallbacks"]), result
 
 
+def test_ranks_apart_in_a_step_with_a_graph_break_warn_once_and_name_no_memopt_bug():
+    """As above, with a graph break after the model: once a step has run, memopt compiles
+    the region again for the whole step, and the ranks' graphs are still apart. That
+    recompile was reported as a memopt failure ("whole-step recompile failed ... This is
+    a memopt bug: please report it"), a second warning and fallback for the cause the
+    first compile had already named. The region keeps its plan (unoptimized, the same
+    on every rank) with the one warning; the parameters follow one process."""
+    for result in ranks("uneven", "--stages", "3", "--budget", "0.6", "--graph-break", timeout=120):
+        assert len(result["3"]) == 3
+        assert len(result["3/fallbacks"]) == 1 and "compiled another graph than rank 0" in result["3/fallbacks"][0]
+        apart = [w for w in result["3/warnings"] if "compiled another graph than rank 0" in w]
+        assert len(apart) == 1 and not any("memopt bug" in w for w in result["3/warnings"]), result["3/warnings"]
+
+
 def test_ranks_with_the_same_batches_under_a_budget_share_one_plan():
     """The ranks' graphs are compared by their inputs' shapes, but not their parameters'
     rows: at stage 3 a 13-row weight is 7 rows on rank 0 and 6 on rank 1 for the same

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -554,7 +555,8 @@ def uneven(args: argparse.Namespace) -> dict[str, Any]:
     both: every rank warns and runs the region unoptimized, and the parameters follow
     one process all the same. ``--alone R``: rank R's batch alone loses a row at step 2,
     so rank R alone compiles again under the budget (it raises `MemoptRanksError`);
-    ``--late S``: rank 1 comes S seconds late to step 2."""
+    ``--late S``: rank 1 comes S seconds late to step 2. ``--graph-break``: a graph break
+    after the model (`_broken`), so that the step's regions are planned again as a whole."""
     import memopt
 
     assert dist.get_world_size() == 2
@@ -571,16 +573,30 @@ def uneven(args: argparse.Namespace) -> dict[str, Any]:
         model = md.shard(copy.deepcopy(reference), stage=stage)
         opt = md.ShardedOptimizer(lambda ps: torch.optim.SGD(ps, lr=0.1), model)
         ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
-        step_fn = torch.compile(model, backend="memopt", options=options)
+        step_fn = torch.compile(_broken(model) if args.graph_break else model, backend="memopt", options=options)
         losses = []
-        with memopt.record() as explanation:
+        with memopt.record() as explanation, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", memopt.errors.MemoptWarning)
             for step in range(3):
                 _uneven_step(args, step, step_fn, opt, reference, ref_opt, losses)
         for (name, got), want in zip(model.named_parameters(), reference.parameters()):
             torch.testing.assert_close(full(got.detach()), want.detach(), rtol=1e-5, atol=1e-6, msg=name)
         out[str(stage)] = losses
         out[f"{stage}/fallbacks"] = [f.reason for f in explanation.fallbacks]
+        out[f"{stage}/warnings"] = [str(w.message) for w in caught if issubclass(w.category, memopt.errors.MemoptWarning)]
     return out
+
+
+def _broken(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model`` followed by a graph break (as Hugging Face GPT-2's before its loss): two
+    regions per step, which memopt plans as a whole under a budget once it has seen a step."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = model(x)
+        torch._dynamo.graph_break()
+        return torch.tanh(y)
+
+    return forward
 
 
 def _uneven_step(args: argparse.Namespace, step: int, step_fn: Any, opt: Any, reference: nn.Module,
@@ -602,7 +618,8 @@ def _uneven_step(args: argparse.Namespace, step: int, step_fn: Any, opt: Any, re
     loss = step_fn(mine).square().mean()
     loss.backward()
     opt.step(), opt.zero_grad()
-    (sum(reference(x).square().mean() for x in inputs) / world).backward()
+    head = torch.tanh if args.graph_break else (lambda y: y)  # `_broken`'s
+    (sum(head(reference(x)).square().mean() for x in inputs) / world).backward()
     ref_opt.step(), ref_opt.zero_grad()
     losses.append(global_loss(loss))
 
@@ -626,7 +643,7 @@ def main() -> None:
     parser.add_argument("--phase", default="save", choices=["save", "resume"])
     parser.add_argument("--modes", default="sharded,full", help="checkpoint kinds: sharded, full")
     parser.add_argument("--budget", type=float, default=None, help="memory_budget (scenarios uneven, accumulate)")
-    parser.add_argument("--graph-break", action="store_true", help="a graph break before the loss (scenario accumulate)")
+    parser.add_argument("--graph-break", action="store_true", help="a graph break before the loss (scenarios accumulate, uneven)")
     parser.add_argument("--rows", type=lambda v: [int(n) for n in v.split(",")], default=[2, 24],
                         help="each rank's batch rows under --budget (scenario uneven)")
     parser.add_argument("--short", action="store_true", help="half the rows at the last step (scenario uneven)")
