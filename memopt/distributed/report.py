@@ -232,8 +232,30 @@ def _state_bytes_per_element(optimizer: torch.optim.Optimizer | None) -> float:
     return sum(predicted_state_bytes(optimizer, p, g) for p, g in held) / elements if elements else 0.0
 
 
+def _check_arguments(explanation: Any, optimizer: Any) -> None:
+    """``explanation`` is an `Explanation` or None, ``optimizer`` an optimizer or None."""
+    from memopt.explanation import Explanation
+
+    if explanation is not None and not isinstance(explanation, Explanation):
+        swapped = " (an optimizer: pass it as optimizer=...)" if isinstance(explanation, torch.optim.Optimizer) else ""
+        raise TypeError(
+            f"md.report(model, explanation=None, optimizer=None): explanation is a {type(explanation).__name__}"
+            f"{swapped}, expected memopt.explain's or memopt.record's Explanation, or None. Call "
+            "md.report(model, optimizer=optimizer) for the model state alone, or md.report(model, explanation, "
+            "optimizer)"
+        )
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"md.report(model, explanation=None, optimizer=None): optimizer is a {type(optimizer).__name__}, "
+            "expected the torch.optim.Optimizer stepping the model (a ShardedOptimizer), or None"
+        )
+
+
 def report(model: nn.Module, explanation: Any = None, optimizer: torch.optim.Optimizer | None = None) -> str:
-    """The per-rank report of a sharded ``model`` (module docstring)."""
+    """The per-rank report of a sharded ``model`` (module docstring). Raises
+    `TypeError` when ``explanation`` is not an `Explanation` (an optimizer passed second,
+    as `model_state_bytes` takes it) or ``optimizer`` not an optimizer."""
+    _check_arguments(explanation, optimizer)
     rows, title = _state_rows(model, optimizer)
     lines = [title, tabulate(rows, headers=["", "full (1 rank)", "this rank", "ZeRO formula"])]
     if explanation is None:

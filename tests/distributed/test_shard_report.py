@@ -3,6 +3,7 @@ world of 8 ranks: model state in ZeRO terms, gathered parameters, collectives.""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -63,6 +64,19 @@ def test_the_formula_follows_the_optimizer(fake_world):
     text = report(model, None, torch.optim.SGD(model.parameters(), lr=0.1))
     state = next(line for line in text.splitlines() if line.startswith("optimizer state"))
     assert state.split()[-2:] == ["0", "B"]
+
+
+def test_an_optimizer_passed_as_the_explanation_is_named(fake_world):
+    """``md.report(model, optimizer)`` (the order `md.model_state_bytes` takes) read the
+    optimizer as the explanation: "AttributeError: 'ShardedOptimizer' object has no
+    attribute 'regions'". The error now names the argument, its type and the call."""
+    model = _model()
+    optimizer = md.ShardedOptimizer(lambda params: torch.optim.SGD(params, lr=0.1), model)
+    with pytest.raises(TypeError, match=r"explanation is a ShardedOptimizer \(an optimizer: pass it as optimizer="):
+        md.report(model, optimizer)
+    with pytest.raises(TypeError, match="optimizer is a str"):
+        md.report(model, None, "adamw")
+    assert "optimizer state" in md.report(model, optimizer=optimizer)
 
 
 def test_gathered_rows_name_their_parameters(fake_world):
