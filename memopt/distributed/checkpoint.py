@@ -18,6 +18,10 @@ another) and cannot be saved ``full``.
 
 ``load`` also takes a plain (unsharded) model and a plain optimizer over its parameters,
 in one process with or without a process group: each gets the full values.
+
+A parameter the saved optimizer held no state for (saved before the first step, or a
+parameter that never had a gradient) has none after a load either, as in the run that
+saved it: its first step initialises it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,8 @@ from memopt.distributed.param import ShardedParam, _contiguous_stride, gather_re
 __all__ = ["get_state_dict", "set_state_dict", "save", "load"]
 
 _RANK_TAG = "@rank"
+_STATE_PREFIX = "optim.state."
+"""How DCP flattens a key of the optimizer's state: ``optim.state.<fqn>.<key>``."""
 
 
 def _full(value: Any) -> Any:
@@ -125,21 +131,28 @@ def _resident_optimizer_state(optimizer: ShardedOptimizer, full: bool) -> dict[s
     return {"state": state, "param_groups": groups}
 
 
-def _init_state(optimizer: ShardedOptimizer) -> None:
-    """Create the optimizer's state (the template a load fills)."""
-    _zero_step(optimizer.inner, [local for handle, local in optimizer.local_tensors() if handle.param.requires_grad])
+def _init_state(optimizer: ShardedOptimizer, saved: Callable[[str], bool]) -> None:
+    """Create the optimizer's state (the template a load fills) for the parameters whose
+    name ``saved`` accepts (those the checkpoint holds state for)."""
+    _zero_step(
+        optimizer.inner,
+        [local for handle, local in optimizer.local_tensors() if handle.param.requires_grad and saved(handle.fqn)],
+    )
 
 
 @torch.no_grad()
 def _zero_step(inner: torch.optim.Optimizer, tensors: list[torch.Tensor]) -> None:
-    """One step of ``inner`` with zero gradients for ``tensors`` and learning rate 0, as
-    torch.distributed.checkpoint.state_dict does to create the state a load fills. The
-    tensors' own gradients (a load between backward and step) are put back after."""
+    """One step of ``inner`` with zero gradients for ``tensors`` (and none for its other
+    parameters) and learning rate 0, as torch.distributed.checkpoint.state_dict does to
+    create the state a load fills: state for ``tensors`` only. Every parameter's own
+    gradient (a load between backward and step) is put back after."""
     if inner.state:
         return
-    grads = [local.grad for local in tensors]
-    for local in tensors:
-        local.grad = torch.zeros_like(local)
+    params = [p for group in inner.param_groups for p in group["params"]]
+    grads = [p.grad for p in params]
+    chosen = {id(t) for t in tensors}
+    for p in params:
+        p.grad = torch.zeros_like(p) if id(p) in chosen else None
     rates = [group.get("lr") for group in inner.param_groups]
     for group in inner.param_groups:
         if "lr" in group:
@@ -150,8 +163,8 @@ def _zero_step(inner: torch.optim.Optimizer, tensors: list[torch.Tensor]) -> Non
         for group, rate in zip(inner.param_groups, rates):
             if rate is not None:
                 group["lr"] = rate
-        for local, grad in zip(tensors, grads, strict=True):
-            local.grad = grad
+        for p, grad in zip(params, grads, strict=True):
+            p.grad = grad
 
 
 @torch.no_grad()
@@ -165,7 +178,10 @@ def _load_optimizer(optimizer: ShardedOptimizer, loaded: dict[str, Any]) -> None
 def _load_resident_optimizer(optimizer: ShardedOptimizer, loaded: dict[str, Any]) -> None:
     rank = optimizer._shard.rank
     for handle, local, entry in _entries(optimizer):
-        saved = loaded["state"][handle.fqn]
+        saved = loaded["state"].get(handle.fqn)
+        if saved is None:  # the saved optimizer held none for it: its first step initialises it
+            optimizer.inner.state.pop(local, None)
+            continue
         for key in list(entry):
             value = saved.get(key, saved.get(f"{key}{_RANK_TAG}{rank}"))
             current = entry[key]
@@ -299,19 +315,45 @@ def load(
     if getattr(model, "_memopt_shard_state", None) is None:
         _load_unsharded(checkpoint_id, model, optimizer)
         return
+    keys = _saved_keys(checkpoint_id)
     if optimizer is not None:
-        _init_state(optimizer)
-        _check_world(checkpoint_id, optimizer._shard.world)
+        saved = _has_state(checkpoint_id, keys)
+        _init_state(optimizer, saved)
+        _check_world(checkpoint_id, optimizer._shard.world, keys)
     state = get_state_dict(model, optimizer, full=full)
+    if optimizer is not None:
+        state["optim"]["state"] = {fqn: entry for fqn, entry in state["optim"]["state"].items() if saved(fqn)}
     dcp.load(state, checkpoint_id=checkpoint_id)
     set_state_dict(model, optimizer, state, full=full)
 
 
-def _check_world(checkpoint_id: str | os.PathLike[str], world: int) -> None:
-    """Refuse a sharded checkpoint with per-rank state written by another world size."""
+def _saved_keys(checkpoint_id: str | os.PathLike[str]) -> set[str] | None:
+    """The flattened keys a file-system checkpoint holds; None for another storage (DCP
+    reports any mismatch itself)."""
     try:
-        keys = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
-    except Exception:  # not a file-system checkpoint: DCP reports any mismatch itself
+        return set(dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata)
+    except Exception:  # not a file-system checkpoint
+        return None
+
+
+def _has_state(checkpoint_id: str | os.PathLike[str], keys: set[str] | None) -> Callable[[str], bool]:
+    """Whether the checkpoint holds optimizer state for a parameter (by name): a
+    parameter without any had none when it was saved (before the first step, or never
+    a gradient). Raises `ShardingError` when it holds no optimizer at all."""
+    if keys is None:
+        return lambda fqn: True
+    if not any(key.startswith("optim.") for key in keys):
+        raise ShardingError(
+            f"memopt.distributed.checkpoint.load: {os.fspath(checkpoint_id)!r} holds no optimizer (it was saved "
+            "without one); load the model alone, load(path, model), and step a new optimizer"
+        )
+    names = {key[len(_STATE_PREFIX) :] for key in keys if key.startswith(_STATE_PREFIX)}
+    return lambda fqn: any(name.startswith(fqn + ".") for name in names)
+
+
+def _check_world(checkpoint_id: str | os.PathLike[str], world: int, keys: set[str] | None) -> None:
+    """Refuse a sharded checkpoint with per-rank state written by another world size."""
+    if keys is None:
         return
     ranks = {key.rsplit(_RANK_TAG, 1)[1] for key in keys if _RANK_TAG in key}
     if ranks and len(ranks) != world:
@@ -346,15 +388,19 @@ def _load_unsharded(
                 f"memopt.distributed.checkpoint.load: the optimizer holds tensors of shapes {unknown} that are "
                 "not parameters of the model; build it on model.parameters()"
             )
-        _zero_step(optimizer, [p for p in params if p.requires_grad])
+        keys = _saved_keys(checkpoint_id)
+        saved = _has_state(checkpoint_id, keys)
+        _zero_step(optimizer, [p for p in params if p.requires_grad and saved(names[id(p)])])
         state["optim"] = {
-            "state": {names[id(p)]: dict(optimizer.state[p]) for p in params if optimizer.state.get(p)},
+            "state": {
+                names[id(p)]: dict(optimizer.state[p]) for p in params if optimizer.state.get(p) and saved(names[id(p)])
+            },
             "param_groups": [
                 {**{k: v for k, v in group.items() if k != "params"}, "params": [names[id(p)] for p in group["params"]]}
                 for group in optimizer.param_groups
             ],
         }
-        _check_world(checkpoint_id, 1)
+        _check_world(checkpoint_id, 1, keys)
     no_dist = not (dist.is_available() and dist.is_initialized())
     with warnings.catch_warnings():  # DCP warns that it loads in one process: asked for here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
@@ -363,6 +409,8 @@ def _load_unsharded(
     if optimizer is not None:
         loaded = state["optim"]
         for p in params:
+            if not saved(names[id(p)]):  # the saved optimizer held none for it
+                optimizer.state.pop(p, None)
             for key, value in loaded["state"].get(names[id(p)], {}).items():
                 if not isinstance(optimizer.state[p].get(key), torch.Tensor):  # tensors were loaded in place
                     optimizer.state[p][key] = value

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+import memopt.distributed as md
 from memopt.distributed.testing import RanksFailed, run_ranks
 
 pytestmark = pytest.mark.distributed
@@ -115,6 +116,58 @@ def test_checkpoint_resumes_bit_for_bit(tmp_path):
     saved = ranks("checkpoint", "--dir", str(tmp_path), "--stages", "2,3")
     resumed = ranks("checkpoint", "--dir", str(tmp_path), "--stages", "2,3", "--phase", "resume")
     assert resumed[0] == saved[0] and resumed[1] == saved[1]
+
+
+def test_checkpoint_saved_before_the_first_step_resumes_bit_for_bit(tmp_path):
+    """Saved before the optimizer's first step (a checkpoint of the initial weights; the
+    optimizer has no state yet), at stages 1 and 3, sharded and full: loading made the
+    state a load fills for every parameter and asked the checkpoint for it ('Missing key
+    in checkpoint state_dict: optim.state.embed.weight.exp_avg'). The parameters without
+    saved state now start without state, as in the run that saved them: the same 3
+    losses in new processes, and in one unsharded process."""
+    import torch
+
+    from memopt.distributed import checkpoint
+
+    args = ["checkpoint", "--dir", str(tmp_path), "--stages", "1,3", "--save-at", "0"]
+    saved = ranks(*args)
+    assert ranks(*args, "--phase", "resume") == saved
+    worker = _worker_module()
+    torch.manual_seed(1)
+    model = worker.Tiny()
+    opt = worker.adamw(model.parameters())
+    checkpoint.load(tmp_path / "stage3-sharded", model, opt)
+    losses = []
+    for step in range(3):
+        loss = model(*worker.batch(step))
+        loss.backward()
+        opt.step(), opt.zero_grad()
+        losses.append(loss.item())
+    assert losses == pytest.approx(saved[0]["3-sharded"], rel=1e-5)
+
+
+def test_loading_an_optimizer_from_a_checkpoint_without_one_names_the_fix(tmp_path):
+    """A checkpoint of the model alone, loaded with an optimizer: DCP's own error named
+    the first missing state key; the error says the checkpoint holds no optimizer."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from memopt.distributed import checkpoint
+
+    worker = _worker_module()
+    model = worker.Tiny()
+    dcp.save({"model": model.state_dict()}, checkpoint_id=tmp_path, no_dist=True)
+    with pytest.raises(md.ShardingError, match=r"holds no optimizer .*load\(path, model\)"):
+        checkpoint.load(tmp_path, model, torch.optim.AdamW(model.parameters()))
+
+
+def _worker_module() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("shard_worker", WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    return worker
 
 
 def test_saving_onto_a_checkpoint_is_refused_unless_overwrite(tmp_path):

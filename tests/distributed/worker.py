@@ -265,9 +265,10 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def checkpoint(args: argparse.Namespace) -> dict[str, Any]:
-    """``--phase save``: train 3 steps, save (sharded and full), train 3 more; ``--phase
-    resume`` (new processes): a model initialised differently loads each checkpoint and
-    trains the same 3 steps. Returns the losses of the last 3 steps per stage."""
+    """``--phase save``: train 3 steps (``--save-at``), save (sharded and full), train 3
+    more; ``--phase resume`` (new processes): a model initialised differently loads each
+    checkpoint and trains the same 3 steps. Returns the losses of the last 3 steps per
+    stage."""
     from memopt.distributed import checkpoint as ckpt
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -281,10 +282,10 @@ def checkpoint(args: argparse.Namespace) -> dict[str, Any]:
             if args.phase == "resume":
                 ckpt.load(where, model, opt, full=full)
             losses = []
-            for step in range(3 if args.phase == "resume" else 6):
-                if args.phase == "save" and step == 3:
+            for step in range(3 if args.phase == "resume" else args.save_at + 3):
+                if args.phase == "save" and step == args.save_at:
                     ckpt.save(where, model, opt, full=full)
-                loss = model(*local(batch(step if args.phase == "save" else step + 3), rank, world))
+                loss = model(*local(batch(step if args.phase == "save" else step + args.save_at), rank, world))
                 loss.backward()
                 opt.step(), opt.zero_grad()
                 losses.append(global_loss(loss))
@@ -641,6 +642,7 @@ def main() -> None:
     parser.add_argument("--same-grads", action="store_true", help="step on one process's gradients (scenario numerics)")
     parser.add_argument("--dir", default="")
     parser.add_argument("--phase", default="save", choices=["save", "resume"])
+    parser.add_argument("--save-at", type=int, default=3, help="the step before which to save (scenario checkpoint)")
     parser.add_argument("--modes", default="sharded,full", help="checkpoint kinds: sharded, full")
     parser.add_argument("--budget", type=float, default=None, help="memory_budget (scenarios uneven, accumulate)")
     parser.add_argument("--graph-break", action="store_true", help="a graph break before the loss (scenarios accumulate, uneven)")
