@@ -79,6 +79,9 @@ class OptimizerMemory:
     temporaries are ``update_factor`` of these at most. None: of the whole parameter."""
     sharded: bool = False
     """A `memopt.distributed.ShardedOptimizer` (``optimizer_in_backward`` refuses it)."""
+    rows_split: bool = False
+    """A `ShardedOptimizer` at stages 1-3, each rank stepping its own rows of each
+    parameter (low-rank optimizers, which project whole matrices, refuse it)."""
 
     def update_temporaries(self, param_bytes: int) -> int:
         """Bytes of temporaries while one in-backward update of a parameter of
@@ -138,7 +141,10 @@ def optimizer_memory(optimizer: torch.optim.Optimizer, in_backward: bool) -> Opt
         step_temporaries = max(step_temporaries, group_temps)
     factor = max(factors, default=2)  # groups differ only by options: the largest, to be safe
     piece = update_piece_bytes(p for g in optimizer.param_groups for p in g["params"])
-    return OptimizerMemory(type(stepping).__name__, state, measured, in_backward, factor, step_temporaries, piece, sharded)
+    rows_split = sharded and optimizer._shard.stage > 0  # type: ignore[attr-defined]
+    return OptimizerMemory(
+        type(stepping).__name__, state, measured, in_backward, factor, step_temporaries, piece, sharded, rows_split
+    )
 
 
 def _offloaded_memory(optimizer: Any, in_backward: bool) -> OptimizerMemory:

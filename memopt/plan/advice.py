@@ -286,10 +286,15 @@ def _state_rows(optimizer: OptimizerMemory | None, params: Sequence[StepParamete
             lowrank += max(state - lowrank_state_bytes(p.shape, rank, left, True), 0)
     eight_in_use = optimizer.name == "AdamW8bit"
     lowrank_in_use = optimizer.name in ("GaLoreAdamW", "SubspaceAdamW")
+    eight_row = OptionSaving("8-bit state", f"AdamW8bit (block {block})", eight_in_use, eight,
+                             f"state now minus AdamW8bit's for weights of at least {threshold} elements",
+                             _counted_at(eight_in_use, eight, now))  # fmt: skip
+    if optimizer.rows_split:
+        return [eight_row, OptionSaving("low-rank state", "GaLoreAdamW", False, None,
+                                        "not at sharding stages 1-3 (each rank steps its own rows; GaLore projects "
+                                        "whole matrices): stage=0, or AdamW8bit", now)]  # fmt: skip
     return [
-        OptionSaving("8-bit state", f"AdamW8bit (block {block})", eight_in_use, eight,
-                     f"state now minus AdamW8bit's for weights of at least {threshold} elements",
-                     _counted_at(eight_in_use, eight, now)),
+        eight_row,
         OptionSaving("low-rank state", f"GaLoreAdamW (rank {rank})", lowrank_in_use, lowrank,
                      f"state now minus GaLore's for 2-D weights wider than rank {rank}",
                      _counted_at(lowrank_in_use, lowrank, now)),

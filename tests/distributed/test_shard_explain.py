@@ -244,7 +244,8 @@ def test_advice_for_a_sharded_step_offers_no_optimizer_in_backward(fake_world):
     it: the warning and the report's savings table do not offer
     ``optimizer_in_backward=opt``, which refuses a ShardedOptimizer ('does not support
     sharded models'); they name AdamW8bit, which steps on shards. Both offered it (the
-    table with a modelled saving of 0 B)."""
+    table with a modelled saving of 0 B), and the table offered GaLore, which refuses
+    stages 1-3."""
     from memopt.errors import MemoptBudgetWarning
 
     model = _model()
@@ -256,3 +257,7 @@ def test_advice_for_a_sharded_step_offers_no_optimizer_in_backward(fake_world):
     assert "optimizer_in_backward=opt frees" not in message and "AdamW8bit, which steps on shards" in message
     fused = next(row for row in explanation.savings() if row.technique == "fused update")
     assert fused.saved_bytes is None and "not for a sharded model" in fused.basis
+    # GaLore refuses stages 1-3 (ShardedOptimizer: "stage 3 splits over the ranks"): the
+    # table offered it with a modelled 0 B
+    lowrank = next(row for row in explanation.savings() if row.technique == "low-rank state")
+    assert lowrank.saved_bytes is None and "not at sharding stages 1-3" in lowrank.basis, lowrank
