@@ -79,7 +79,7 @@ def plan_region(
             return _storage_applied(plan, stored, step.region, None, placed(context, step, stored.timeline))
         return plan
     if not step.is_training or step.joint is None:
-        return _infeasible_inference(plan, in_step, budget, config, sharded=_sharded(step))
+        return _infeasible_inference(plan, in_step, budget, config, sharded=_sharded(step, context))
     limit = config.planner_time_limit
     solution = plan_remat(step, budget, time_limit=limit, context=context)
     option_sets = _option_sets(storage, exact=solution) if use_storage else []  # type: ignore[arg-type]
@@ -94,16 +94,19 @@ def plan_region(
     if not solution.feasible:
         unoptimized = None if context is None else context.unoptimized_peak(step, before)
         _report_infeasible(
-            result, config, sharded=_sharded(step), step_unoptimized=unoptimized,
+            result, config, sharded=_sharded(step, context), step_unoptimized=unoptimized,
             scope=None if context is None else context.scope(),
         )  # fmt: skip
     return result
 
 
-def _sharded(step: StepGraphs) -> bool:
-    """Whether the region's parameters are sharded already (its graphs run collectives):
-    the advice for an infeasible budget is then more ranks or a higher stage."""
-    return any(is_collective(n) for _, gm in step.graphs() for n in gm.graph.nodes)
+def _sharded(step: StepGraphs, context: StepContext | None = None) -> bool:
+    """Whether the step's parameters are sharded already (the region's graphs, or those
+    of another region of its step, run collectives: the region after a graph break may
+    hold none): the advice for an infeasible budget is then more ranks or a higher
+    stage, not sharding."""
+    others = () if context is None else (r.step for r in (*context.earlier, *context.later))
+    return any(is_collective(n) for s in (step, *others) for _, gm in s.graphs() for n in gm.graph.nodes)
 
 
 def base_plan(

@@ -261,3 +261,34 @@ def test_advice_for_a_sharded_step_offers_no_optimizer_in_backward(fake_world):
     # table offered it with a modelled 0 B
     lowrank = next(row for row in explanation.savings() if row.technique == "low-rank state")
     assert lowrank.saved_bytes is None and "not at sharding stages 1-3" in lowrank.basis, lowrank
+
+
+def test_a_region_without_collectives_in_a_sharded_step_does_not_advise_sharding(fake_world):
+    """The region after a graph break of a sharded model holds no collectives; planned
+    with the step, its infeasible-budget warning advised "sharding the parameters and
+    gradients over devices (memopt.distributed.shard)" for a model sharded already. The
+    step's other regions now count: it advises more ranks or a higher stage."""
+    from memopt.errors import MemoptBudgetWarning
+
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(4)])
+
+        def forward(self, x):
+            h = self.body(x)
+            torch._dynamo.graph_break()
+            return (torch.tanh(h) ** 2).mean()
+
+    torch.manual_seed(0)
+    model = md.shard(Broken(), stage=3)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "memory_budget": "1KiB"})
+    with pytest.warns(MemoptBudgetWarning) as caught:
+        for _ in range(3):
+            compiled(torch.randn(8, 64)).backward()
+    stepwide = [str(w.message) for w in caught if "planned as a whole" in str(w.message)]
+    assert stepwide, [str(w.message) for w in caught]
+    for message in stepwide:
+        assert "more ranks, or a higher stage of memopt.distributed.shard" in message, message
+        assert "over devices (memopt.distributed.shard)" not in message, message
