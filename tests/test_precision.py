@@ -430,6 +430,54 @@ def test_whole_recurrent_layers_run_in_bf16_under_allow_rnn():
         torch.testing.assert_close(grad, reference.grads[name], rtol=0.1, atol=0.01, msg=name)
 
 
+class _MaskedScores(nn.Module):
+    """Attention scores masked with the minimum of the dtype the code sees, as Hugging
+    Face's DeBERTa-v2 masks them (``masked_fill``) and others do with ``where``."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.q, self.k, self.how = nn.Linear(8, 8), nn.Linear(8, 8), how
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = self.q(x) @ self.k(x).transpose(-1, -2)
+        lowest = torch.finfo(scores.dtype).min
+        if self.how == "masked_fill":
+            scores = scores.masked_fill(~mask, lowest)
+        else:
+            scores = torch.where(mask, scores, lowest)
+        return (scores.softmax(-1) @ x).pow(2).sum()
+
+
+@pytest.mark.parametrize("how", ["masked_fill", "where"])
+def test_a_mask_value_beyond_the_low_dtypes_range_is_saturated(how):
+    """Dynamo traces ``torch.finfo(scores.dtype).min`` as fp32's -3.40e38, beyond
+    bf16's range, and the pass makes ``scores`` bf16: ``masked_fill`` failed in the step
+    ("value cannot be converted to type c10::BFloat16 without overflow": default
+    DeBERTa-v2 with precision='bf16'), and ``where`` turned the value into -inf, so a
+    fully masked row's softmax was NaN where eager's is uniform. The value is now bf16's
+    own minimum, as the code would have read on bf16 scores; the step matches eager."""
+    torch.manual_seed(0)
+    model = _MaskedScores(how)
+    x = torch.randn(2, 4, 8)
+    mask = torch.rand(2, 4, 4) > 0.3
+    mask[0, 1] = False  # a fully masked row
+    reference = copy.deepcopy(model)
+    want = reference(x, mask)
+    want.backward()
+    torch._dynamo.reset()
+    got = torch.compile(model, backend="memopt", options=BF16)(x, mask)
+    got.backward()
+    assert torch.isfinite(got), got
+    torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)
+    scale = max(q.grad.abs().max().item() for q in reference.parameters())  # k's bias: zero up to rounding
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.isfinite(p.grad).all(), name
+        torch.testing.assert_close(p.grad, q.grad, rtol=0.05, atol=0.05 * scale, msg=lambda m, name=name: f"{name}: {m}")
+    torch._dynamo.reset()
+    details = _pass(memopt.explain(model, x, mask, options=BF16), "precision")["details"]
+    assert details["saturated_scalars"] == {how: 1}
+
+
 def test_disable_passes_skips_lowering_and_unknown_names_raise():
     """The precision pass disabled: nothing is lowered, and memopt says once that the
     ``precision`` option is ignored (it said nothing); a misspelt pass name raises."""

@@ -26,6 +26,7 @@ What makes it use less memory than ``torch.autocast``:
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from collections import Counter
 from collections.abc import Mapping
@@ -83,6 +84,20 @@ reaching one of them with an fp32 operand compiled and then failed in the step; 
 that do check failed their fake run, which torch logs at ERROR level. So under
 ``follow`` a mix of dtypes reaching one of them, or an indexed assignment
 (``x[idx] = y``), is promoted without running it first."""
+_STORES_SCALARS = frozenset(
+    {
+        "masked_fill", "masked_fill_", "fill", "fill_", "full_like", "new_full", "index_fill",
+        "index_fill_", "clamp", "clamp_", "clamp_min", "clamp_min_", "clamp_max", "clamp_max_",
+        "clip", "clip_", "where", "scatter", "scatter_", "nan_to_num", "nan_to_num_",
+    }
+)  # fmt: skip
+"""Ops that write their Python float arguments into their result as elements (a fill
+value) or bounds, in the result's dtype. Their eager kernels refuse a finite value
+outside that dtype's range ("value cannot be converted to type c10::BFloat16 without
+overflow"; ``where`` rounds it to infinity instead), while their fake kernels accept it.
+Code that computes such a value from the dtype it saw when Dynamo traced it
+(Hugging Face's ``scores.masked_fill(mask, torch.finfo(scores.dtype).min)``, fp32's
+-3.40e38) hands a lowered tensor a value its dtype cannot hold."""
 _ENTER_AUTOCAST = torch.amp.autocast_mode._enter_autocast
 _EXIT_AUTOCAST = torch.amp.autocast_mode._exit_autocast
 _INPLACE_OPERATORS = {
@@ -109,6 +124,9 @@ class LoweringReport:
     parameter_casts: dict[str, int] = field(default_factory=dict)
     """parameter placeholder -> bytes of its low-precision copy (one cast each)."""
     activation_casts: int = 0
+    saturated_scalars: Counter[str] = field(default_factory=Counter)
+    """op -> how many finite float arguments outside the low dtype's range were set to
+    its largest finite value of the same sign (`_STORES_SCALARS`)."""
     rounded_results: int = 0
     output_casts: int = 0
     values_lowered: int = 0
@@ -124,7 +142,7 @@ class LoweringReport:
         nothing."""
         return bool(
             self.parameter_casts or self.activation_casts or self.rounded_results or self.output_casts
-            or self.promoted or self.expanded
+            or self.promoted or self.expanded or self.saturated_scalars
         )  # fmt: skip
 
     def to_details(self) -> dict[str, Any]:
@@ -134,6 +152,7 @@ class LoweringReport:
             "ops": {mode: dict(sorted(c.items())) for mode, c in sorted(self.ops.items())},
             "skipped": dict(self.skipped),
             "promoted": dict(self.promoted),
+            "saturated_scalars": dict(self.saturated_scalars),
             "expanded_attention": dict(self.expanded),
             "parameter_casts": len(self.parameter_casts),
             "parameter_cast_bytes": sum(self.parameter_casts.values()),
@@ -247,6 +266,7 @@ class _Lowering:
             self._execute_or_promote(node)
         else:
             self._execute(node)
+        self._saturate_scalars(node)
         if mode == FP32_LOW_OUT:
             self._round_result(node)
         if _mutates(node):
@@ -353,6 +373,29 @@ class _Lowering:
         node.kwargs = map_arg(node.kwargs, promote)
         self._execute(node)
         self.report.promoted[str(op_name(node) or node.target)] += 1
+
+    def _saturate_scalars(self, node: fx.Node) -> None:
+        """Give an op of `_STORES_SCALARS` whose result lowering made half precision its
+        finite float arguments within the half dtype's range: one beyond it becomes the
+        largest finite value of that sign, as ``torch.finfo(dtype).min``/``max`` read on
+        the lowered dtype would have given. Infinities and NaN stay (every dtype holds
+        them); values within the range, and ops whose result stayed fp32, are unchanged.
+        The op computes the same fake value, so nothing is re-run."""
+        if op_name(node) not in _STORES_SCALARS:
+            return
+        value = self.env.get(node)
+        if not isinstance(value, torch.Tensor) or value.dtype not in _HALF:
+            return
+        bound = torch.finfo(value.dtype).max
+
+        def saturate(arg: Any) -> Any:
+            if isinstance(arg, float) and math.isfinite(arg) and abs(arg) > bound:
+                self.report.saturated_scalars[str(op_name(node))] += 1
+                return math.copysign(bound, arg)
+            return arg
+
+        node.args = tuple(saturate(a) for a in node.args)
+        node.kwargs = {k: saturate(v) for k, v in node.kwargs.items()}
 
     def _cast_inputs(self, node: fx.Node, mode: str) -> None:
         target = self.low if mode == LOW else torch.float32
