@@ -478,6 +478,27 @@ def test_a_mask_value_beyond_the_low_dtypes_range_is_saturated(how):
     assert details["saturated_scalars"] == {how: 1}
 
 
+def test_a_region_that_takes_no_tensor_is_lowered():
+    """A region whose tensors are all made inside it (Hugging Face Wav2Vec2's
+    SpecAugment mask, from numpy after a graph break) has no fake value on its inputs:
+    the pass failed ("the graph's inputs carry no fake example values") and the region
+    ran unlowered with a warning calling it a memopt bug. It now runs in the fake mode
+    of the first tensor it makes."""
+
+    def made_inside() -> torch.Tensor:
+        return torch.ones(4, 8) @ torch.arange(32.0).reshape(8, 4) + 1
+
+    torch._dynamo.reset()
+    explanation = memopt.explain(made_inside, options=BF16)  # strict: a failed pass raises
+    assert explanation.fallbacks == []
+    details = _pass(explanation, "precision")["details"]
+    assert details["ops"] == {"low": {"matmul": 1}}, details["ops"]
+    torch._dynamo.reset()
+    got = torch.compile(made_inside, backend="memopt", options=BF16)()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, made_inside())
+
+
 def test_disable_passes_skips_lowering_and_unknown_names_raise():
     """The precision pass disabled: nothing is lowered, and memopt says once that the
     ``precision`` option is ignored (it said nothing); a misspelt pass name raises."""

@@ -523,20 +523,25 @@ def lower_precision(step: StepGraphs, precision: str, overrides: Mapping[str, st
     """Rewrite the Dynamo-level graph ``step.forward`` in place to compute in
     ``precision`` (``"bf16"``/``"fp16"``) per the policy (defaults + ``overrides``).
 
-    Raises ``ValueError`` if the graph carries no fake example values (not a Dynamo
-    graph) and ``NotImplementedError`` for ``call_module`` nodes.
+    Raises ``ValueError`` if the graph's inputs carry no fake example values (not a
+    Dynamo graph) and ``NotImplementedError`` for ``call_module`` nodes. A graph that
+    takes no tensor (its tensors made inside it: ``torch.ones``, ``torch.arange``) runs
+    in the fake mode of the first tensor it makes; one with no tensor at all is left
+    unchanged.
     """
     gm = step.forward
     placeholders = gm.graph.find_nodes(op="placeholder")
-    values = [meta.fake_value(p) for p in placeholders]
-    fake_mode = meta.fake_mode_of(placeholders)
-    if fake_mode is None or any(v is None for v in values):
+    if any(meta.fake_value(p) is None for p in placeholders):
         raise ValueError(
             f"region {step.region}: the graph's inputs carry no fake example values, so "
             f"dtypes cannot be propagated; precision lowering needs the Dynamo graph "
             f"(run it through the pre-autograd pipeline)."
         )
-    lowering = _Lowering(gm, LOW_DTYPES[precision], resolve_policy(overrides or {}), _parameters(step))
+    low = LOW_DTYPES[precision]
+    fake_mode = meta.fake_mode_of(list(gm.graph.nodes))  # the placeholders' first
+    if fake_mode is None:
+        return LoweringReport(str(low).replace("torch.", ""))
+    lowering = _Lowering(gm, low, resolve_policy(overrides or {}), _parameters(step))
     return lowering.run(fake_mode)
 
 
