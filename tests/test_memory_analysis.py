@@ -450,6 +450,48 @@ def test_nchw_convolution_scratch_matches_a_measurement(cin, cout, kernel, strid
         assert abs(modelled - peak) <= 0.03 * peak + tolerance, (target, modelled, peak)
 
 
+@pytest.mark.skipif(not (_AVX512 and torch.backends.mkldnn.is_available()), reason="calibrated on oneDNN with AVX-512")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "cin, cout, size, kernel, stride, pad",
+    [
+        (8, 16, 16, 3, 2, 1),  # zoo.ConvNet(8)'s downsampling: 36 KiB above the flat rule
+        (3, 16, 32, 7, 2, 3),  # a ResNet stem: the window overhangs the gradient on both sides
+        (16, 32, 8, 1, 2, 0),  # a 1x1 shortcut
+        (16, 64, 32, 3, 2, 1),  # a padded gradient copy of five 4096-element units
+        (16, 16, 17, 3, 2, 1),  # an input that is not a multiple of the stride
+    ],
+)
+def test_channels_last_strided_backward_data_scratch_is_exact(threads, cin, cout, size, kernel, stride, pad):
+    """A strided convolution's input gradient on channels-last fp32 tensors (what
+    Inductor calls on CPU) runs oneDNN's strided kernel: it holds the weight with its
+    input channels padded to a block and a scratchpad whose per-thread padded copy of
+    the gradient dominates (workspace._channels_last_strided_data_scratch). The measured
+    peak of the op alone (grad_input only, so that the pass is isolated) equals the
+    model to the byte. The flat rule (twice the weight + 20 KiB) read 36 KiB low for
+    zoo.ConvNet(8)'s strided convolution, 11% of its step's peak under Inductor."""
+    from memopt.analysis.workspace import workspace_bytes
+    from memopt.testing.measure import measure_peak
+
+    aten, cl = torch.ops.aten, torch.channels_last
+    torch.manual_seed(0)
+    x = torch.randn(8, cin, size, size).to(memory_format=cl)
+    w = torch.randn(cout, cin, kernel, kernel).to(memory_format=cl)
+    geometry = ([stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1)
+    g = torch.randn_like(aten.convolution.default(x, w, None, *geometry))
+    backward = lambda g, x, w: aten.convolution_backward.default(g, x, w, [cout], *geometry, [True, False, False])  # noqa: E731
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        backward(g, x, w)
+        peak = min(measure_peak(lambda: backward(g, x, w)).peak_growth_bytes for _ in range(2))
+        node = next(n for n in make_fx(backward, tracing_mode="fake")(g, x, w).graph.nodes if n.target is aten.convolution_backward.default)
+        modelled = x.numel() * x.element_size() + workspace_bytes(node, torch.device("cpu"), fused=True)
+    finally:
+        torch.set_num_threads(before)
+    assert modelled == peak, (modelled, peak)
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="ATen's choice between oneDNN and its own kernel")
 def test_one_small_image_convolution_scratch_is_its_im2col_columns():
     """ATen runs a convolution of one small image (at most 20480 input elements) on its

@@ -25,9 +25,12 @@ buffers, the strided kernels' per-thread buffers: tens of KiB).
 
 The main table describes ATen's eager kernels. Under ``codegen="inductor"`` (``fused``)
 Inductor decomposes dropout, batch norm and the losses into its own kernels, and calls
-oneDNN's convolutions on channels-last tensors, whose scratch is small: about the
-weight plus 12 KiB forward, twice the weight plus 20 KiB backward (measured on CPU
-with channels-last inputs, strides 1 and 2).
+oneDNN's convolutions on channels-last tensors (``extern_kernels.convolution`` forward,
+``aten.convolution_backward`` backward, in the generated code). Their scratch is small
+(about the weight plus 12 KiB forward, twice the weight plus 20 KiB for the weight
+gradient) except a strided input gradient: oneDNN's strided kernel
+(``brgconv_strided``) copies the gradient into a padded buffer per thread
+(`_channels_last_strided_data_scratch`, exact against the op measured alone).
 """
 
 from __future__ import annotations
@@ -361,9 +364,77 @@ _CPU: dict[Any, Callable[[fx.Node], int]] = {
 _TABLES: dict[str, dict[Any, Callable[[fx.Node], int]]] = {"cpu": _CPU, "meta": _CPU}
 
 _KIB = 1024
+_PAGE = 4 * _KIB
+# oneDNN's brgemm batch element (an address pair and two offsets), as booked per thread
+_BATCH_ELEMENT = 40
+
+
+def _channels_last_strided_data_scratch(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, node: fx.Node) -> int:
+    """Bytes oneDNN holds beside the input gradient while its strided backward-data
+    kernel (``brgconv_strided``, AVX-512, fp32, channels-last: what Inductor calls on
+    CPU) runs: the weight reordered with its input channels padded to a block, and the
+    kernel's scratchpad. Per thread the scratchpad books the gradient copied into a
+    buffer padded by the window's overhang (``ohp x owp x P(Cout)`` elements rounded up
+    to 4096), one page of brgemm batch entries and one page of masks; each booking adds
+    a page for alignment. An input whose size is not a multiple of the stride adds a
+    16 KiB buffer per thread (and its page). Measured with the profiler's memory events
+    against the op alone: exact on the shapes of `tests/test_memory_analysis.py`."""
+    block, size = _channel_block(), x.element_size()
+    ic, oc = concrete_int(x.shape[1]), concrete_int(g.shape[1])
+    window = [concrete_int(s) for s in w.shape[2:]]
+    spatial_in = [concrete_int(s) for s in x.shape[2:]]
+    spatial_out = [concrete_int(s) for s in g.shape[2:]]
+    dims = len(window)
+    stride, padding, dilation = (_per_dim(_arg(node, i, name, d), dims) for i, name, d in ((4, "stride", 1), (5, "padding", 0), (6, "dilation", 1)))
+    padded = 1
+    for i, o, k, s, p, d in zip(spatial_in, spatial_out, window, stride, padding, dilation):
+        extent = (k - 1) * d + 1
+        overhang_end = (o - 1) * s + extent - i - p
+        padded *= o + max(0, extent - 1 - p) // s + max(0, extent - 1 - overhang_end) // s
+    threads = torch.get_num_threads()
+    taps = math.prod(window)
+    batch = -(-_up(taps * _BATCH_ELEMENT, _PAGE) // _BATCH_ELEMENT) * _BATCH_ELEMENT
+    gradient_copy = _up(padded * _up(oc, block), _PAGE) * size
+    scratchpad = threads * (batch + gradient_copy + _PAGE) + 3 * _PAGE
+    if any(i % s for i, s in zip(spatial_in, stride)):
+        scratchpad += threads * 16 * _KIB + _PAGE
+    return oc * _up(ic, block) * taps * size + scratchpad
+
+
+def _per_dim(value: Any, dims: int) -> list[int]:
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    return [int(v) for v in (values * dims if len(values) == 1 else values)]
+
+
+def _conv_backward_fused(node: fx.Node) -> int:
+    """A convolution backward as Inductor calls it on CPU (channels-last operands).
+    The weight-gradient pass holds about twice the weight plus tens of KiB (and so does
+    an unstrided input-gradient pass: a bound, up to 20 KiB high where oneDNN's
+    weight-gradient kernel needs no reduction buffers); a strided input gradient (fp32, not grouped or
+    transposed, AVX-512) runs oneDNN's strided kernel, whose scratchpad holds a padded
+    copy of the gradient per thread (`_channels_last_strided_data_scratch`): the
+    flat rule read 36 KiB low for an 8-to-16-channel 3x3 stride-2 convolution."""
+    weight_pass = 2 * _bytes(_arg(node, 2, "weight")) + 20 * _KIB
+    mask = _arg(node, 10, "output_mask", [True, True, True])
+    fx_, fw, fg = (meta.fake_value(v) if isinstance(v, fx.Node) else None for v in (_arg(node, 1, "input"), _arg(node, 2, "weight"), _arg(node, 0, "grad_output")))
+    data_pass = (
+        mask[0]
+        and all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in (fx_, fw, fg))
+        and fx_.dim() >= 3
+        and _strided(node, 4)
+        and not _arg(node, 7, "transposed", False)
+        and _arg(node, 9, "groups", 1) == 1
+        and _channel_block() == 16
+    )
+    if not data_pass:
+        return weight_pass
+    data = _bytes(fx_) + _channels_last_strided_data_scratch(fx_, fw, fg, node) - _bytes(node)
+    return max(weight_pass, data) if mask[1] or mask[2] else data
+
+
 _CPU_FUSED: dict[Any, Callable[[fx.Node], int]] = {
     aten.convolution.default: lambda n: _bytes(_arg(n, 1, "weight")) + 12 * _KIB,
-    aten.convolution_backward.default: lambda n: 2 * _bytes(_arg(n, 2, "weight")) + 20 * _KIB,
+    aten.convolution_backward.default: _conv_backward_fused,
     _REPLAY: _replay_noise,  # an extern kernel under Inductor: the same workspace
     _DROPOUT_WITH_STATE: _first_arg,  # likewise
     _QUANTIZE: _quantize_scratch,  # likewise
