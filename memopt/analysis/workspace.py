@@ -385,7 +385,10 @@ def _channels_last_strided_data_scratch(x: torch.Tensor, w: torch.Tensor, g: tor
     spatial_in = [concrete_int(s) for s in x.shape[2:]]
     spatial_out = [concrete_int(s) for s in g.shape[2:]]
     dims = len(window)
-    stride, padding, dilation = (_per_dim(_arg(node, i, name, d), dims) for i, name, d in ((4, "stride", 1), (5, "padding", 0), (6, "dilation", 1)))
+    stride, padding, dilation = (
+        _per_dim(_arg(node, i, name, default), dims)
+        for i, name, default in ((4, "stride", 1), (5, "padding", 0), (6, "dilation", 1))
+    )
     padded = 1
     for i, o, k, s, p, d in zip(spatial_in, spatial_out, window, stride, padding, dilation):
         extent = (k - 1) * d + 1
@@ -416,11 +419,14 @@ def _conv_backward_fused(node: fx.Node) -> int:
     flat rule read 36 KiB low for an 8-to-16-channel 3x3 stride-2 convolution."""
     weight_pass = 2 * _bytes(_arg(node, 2, "weight")) + 20 * _KIB
     mask = _arg(node, 10, "output_mask", [True, True, True])
-    fx_, fw, fg = (meta.fake_value(v) if isinstance(v, fx.Node) else None for v in (_arg(node, 1, "input"), _arg(node, 2, "weight"), _arg(node, 0, "grad_output")))
+    x, w, g = (
+        meta.fake_value(v) if isinstance(v, fx.Node) else None
+        for v in (_arg(node, 1, "input"), _arg(node, 2, "weight"), _arg(node, 0, "grad_output"))
+    )
     data_pass = (
         mask[0]
-        and all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in (fx_, fw, fg))
-        and fx_.dim() >= 3
+        and all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in (x, w, g))
+        and x.dim() >= 3
         and _strided(node, 4)
         and not _arg(node, 7, "transposed", False)
         and _arg(node, 9, "groups", 1) == 1
@@ -428,7 +434,7 @@ def _conv_backward_fused(node: fx.Node) -> int:
     )
     if not data_pass:
         return weight_pass
-    data = _bytes(fx_) + _channels_last_strided_data_scratch(fx_, fw, fg, node) - _bytes(node)
+    data = _bytes(x) + _channels_last_strided_data_scratch(x, w, g, node) - _bytes(node)
     return max(weight_pass, data) if mask[1] or mask[2] else data
 
 
