@@ -125,3 +125,52 @@ def test_running_fake_keeps_sizes_symbolic_as_dynamo_does():
         q = x.view(2, x.shape[1], 2, 8).transpose(1, 2)
         out = torch.nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
     assert isinstance(out.shape[2], torch.SymInt) and not shape_env.replacements
+
+
+class _CheckpointedBlocks(torch.nn.Module):
+    """Two checkpointed blocks in a row; the first reads a step counter the forward
+    increments after both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.register_buffer("step", torch.zeros(()))
+
+    def _one(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.first(x) * torch.sigmoid(self.step))
+
+    def _two(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.second(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        h = checkpoint(self._two, checkpoint(self._one, x, use_reentrant=False), use_reentrant=False)
+        self.step += 1
+        return h.sum()
+
+
+def test_checkpoint_tags_are_hints_and_memopts_own_tags_bind():
+    """Who tagged a value must-save decides whether the planner may recompute it: the
+    boundary torch tags between two checkpointed blocks (and every other policy tag of
+    the user's checkpoint) is a hint; memopt's tag on a read of a buffer the step
+    writes (`pin_reads_of_mutated_inputs`) binds, though the read lies inside a
+    checkpoint. `drop_checkpoint_hints` strips the hints from a copy only."""
+    from memopt.graph.step import clone_graph_module
+    from memopt.plan.segments import must_save
+
+    step = capture_step(_CheckpointedBlocks(), torch.randn(4, 8))
+    nodes = {n.name: n for n in step.joint.module.graph.nodes}
+    boundary, = [n for n in nodes.values() if n.target is torch.ops.aten.tanh.default and meta.must_save_tag(n)]
+    pinned, = [n for n in nodes.values() if n.target is torch.ops.aten.sigmoid.default]
+    assert meta.checkpoint_must_save(boundary) and meta.checkpoint_hint(boundary) and not must_save(boundary)
+    assert meta.must_save_tag(pinned) and not meta.checkpoint_must_save(pinned) and not meta.checkpoint_hint(pinned)
+    assert must_save(pinned)
+    hinted = [n.name for n in nodes.values() if meta.checkpoint_hint(n)]
+    assert len(hinted) > 1 and step.joint.has_checkpoint_hints(), hinted
+    copy = clone_graph_module(step.joint.module)
+    assert meta.drop_checkpoint_hints(copy.graph) == len(hinted)
+    copied = {n.name: n for n in copy.graph.nodes}
+    assert not any(meta.checkpoint_hint(n) for n in copy.graph.nodes)
+    assert meta.must_save_tag(copied[pinned.name]) and not meta.must_save_tag(copied[boundary.name])
+    assert [n.name for n in nodes.values() if meta.checkpoint_hint(n)] == hinted  # the original keeps its tags

@@ -919,17 +919,22 @@ class _TwoCheckpointedBlocks(torch.nn.Module):
 def test_must_save_values_say_why():
     """A value saved because torch's checkpoint tagged it must-save was reported as
     "random op or side effect: recomputing would change results", which a checkpoint
-    boundary (a tanh) is not; the reason now names the tag, and a random op says it
-    draws random numbers."""
+    boundary (a tanh) is not. Under a budget the tag is a preference the plan weighs
+    (docs/remat.md), and the value's decision, saved or recomputed, says the checkpoint
+    tagged it; a random op says it draws random numbers."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", memopt.MemoptBudgetWarning)
         explanation = memopt.explain(_TwoCheckpointedBlocks(), torch.randn(256, 64), options={**EAGER, "memory_budget": 0.5})
-    reasons = {d.name: d.reason for d in explanation.decisions() if d.policy == "save"}
-    assert reasons["forward:tanh"].startswith("tagged must-save, never recomputed: by torch.utils.checkpoint"), reasons
-    random = [r for name, r in reasons.items() if "random" in r]
-    assert random and all(r == "random op: recomputing would draw new random numbers" for r in random), reasons
+    reasons = {d.name: d.reason for d in explanation.decisions()}
+    assert reasons["forward:tanh"].endswith(
+        "(the model's torch.utils.checkpoint tagged it must-save, a preference the budget's plan weighs)"
+    ), reasons
+    assert not reasons["forward:tanh"].startswith("tagged must-save, never recomputed"), reasons
+    saved = {d.name: d.reason for d in explanation.decisions() if d.policy == "save"}
+    random = [r for name, r in saved.items() if "random" in r]
+    assert random and all(r == "random op: recomputing would draw new random numbers" for r in random), saved
     assert not [r for r in reasons.values() if "side effect" in r], reasons
 
 

@@ -43,6 +43,9 @@ __all__ = [
     "has_side_effects",
     "must_save_tag",
     "set_must_save_tag",
+    "checkpoint_must_save",
+    "checkpoint_hint",
+    "drop_checkpoint_hints",
     "set_memopt_tag",
     "memopt_tag",
     "copy_meta",
@@ -58,6 +61,10 @@ _EXAMPLE_VALUE = "example_value"  # Dynamo-level graphs record values under this
 _STACK_TRACE = "stack_trace"
 _MODULE_STACK = "nn_module_stack"
 _MEMOPT = "memopt"  # memopt's own tags live under one key: meta["memopt"][name]
+_RECOMPUTE = "recompute"  # torch's CheckpointPolicy of a joint-graph node
+_AC_GRAPH_ID = "ac_graph_id"  # which torch.utils.checkpoint region traced the node
+_HAS_BACKWARD_HOOK = "has_backward_hook"
+_PINNED = "pinned"  # memopt tag: memopt itself tagged the node must-save (set_must_save_tag)
 
 
 def fake_value(node: fx.Node) -> Any:
@@ -379,19 +386,82 @@ def _cast_or_view(node: fx.Node) -> bool:
 
 
 def must_save_tag(node: fx.Node) -> bool:
-    """AOTAutograd (or the user, through selective activation checkpointing) marked
-    the value must-save: it must not be recomputed."""
+    """The node is tagged must-save (``CheckpointPolicy.MUST_SAVE``), by whoever: torch's
+    checkpoint or partitioner, the user's selective checkpointing policy, or memopt
+    (`set_must_save_tag`). Torch's partitioner never recomputes such a value;
+    `checkpoint_must_save` says which of these tags are only a checkpoint's preference."""
     from torch.utils.checkpoint import CheckpointPolicy
 
-    return node.meta.get("recompute") == CheckpointPolicy.MUST_SAVE
+    return node.meta.get(_RECOMPUTE) == CheckpointPolicy.MUST_SAVE
 
 
 def set_must_save_tag(node: fx.Node) -> None:
-    """Mark ``node``'s value must-save, as selective activation checkpointing does:
-    torch's partitioner and memopt's planner (`must_save_tag`) then never recompute it."""
+    """Mark ``node``'s value must-save, as selective activation checkpointing does, and
+    remember that memopt set it (for correctness: `checkpoint_must_save` is then False,
+    whatever tagged the node before). Torch's partitioner and memopt's planner then
+    never recompute it."""
     from torch.utils.checkpoint import CheckpointPolicy
 
-    node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+    node.meta[_RECOMPUTE] = CheckpointPolicy.MUST_SAVE
+    set_memopt_tag(node, _PINNED, True)
+
+
+def checkpoint_must_save(node: fx.Node) -> bool:
+    """The node's must-save tag is the user's activation checkpointing asking for the
+    value to be kept, not a correctness constraint: the node was traced inside a
+    ``torch.utils.checkpoint`` region (torch records its ``ac_graph_id``) and is tagged
+    must-save by the checkpoint's policy (selective checkpointing's ``MUST_SAVE``) or by
+    torch's partitioner at the boundary between two consecutive checkpointed regions
+    (``cleanup_recompute_tags``). Recomputing such a value gives the same numbers as
+    saving it; a planner working to a budget may do either.
+
+    False (the tag stays binding) when memopt tagged the node itself
+    (`set_must_save_tag`: a read of an input the step writes), when the node carries a
+    backward hook (torch saves a checkpoint output with a backward hook to break a
+    cycle between the hook and the recomputation), and when the value is written into a
+    graph input (torch's ``force_save_bw_mutation_src``: recomputing the source of a
+    mutation would apply it twice). Random ops and ops with side effects are the
+    planner's own constraints, whatever their tag (`memopt.plan.segments.must_save`)."""
+    if not must_save_tag(node) or _AC_GRAPH_ID not in node.meta:
+        return False
+    if memopt_tag(node, _PINNED, False) or node.meta.get(_HAS_BACKWARD_HOOK, False):
+        return False
+    return not any(
+        u.op == "call_function"
+        and u.target is torch.ops.aten.copy_.default
+        and len(u.args) > 1
+        and u.args[1] is node
+        and isinstance(u.args[0], fx.Node)
+        and u.args[0].op == "placeholder"
+        for u in node.users
+    )
+
+
+def checkpoint_hint(node: fx.Node) -> bool:
+    """The node carries a policy tag of the user's activation checkpointing that only
+    says whether the user would rather save or recompute the value: a checkpointed
+    node's ``PREFER_RECOMPUTE`` or ``MUST_RECOMPUTE``, or a must-save tag
+    `checkpoint_must_save` calls a preference. Saving and recomputing such a value give
+    the same numbers."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if _AC_GRAPH_ID not in node.meta:
+        return False
+    tag = node.meta.get(_RECOMPUTE)
+    if tag in (CheckpointPolicy.PREFER_RECOMPUTE, CheckpointPolicy.MUST_RECOMPUTE):
+        return True
+    return checkpoint_must_save(node)
+
+
+def drop_checkpoint_hints(graph: fx.Graph) -> int:
+    """Remove every `checkpoint_hint` tag from ``graph``'s nodes (binding tags stay), so
+    that torch's partitioner sees the graph as if the user had not checkpointed it.
+    Mutates the nodes' metadata: call it on a copy (`memopt.graph.step.clone_graph_module`
+    copies each node's metadata dict). Returns how many tags were removed."""
+    hinted = [n for n in graph.nodes if checkpoint_hint(n)]
+    for node in hinted:
+        del node.meta[_RECOMPUTE]
+    return len(hinted)
 
 
 def memopt_tag(node: fx.Node, name: str, default: Any = None) -> Any:

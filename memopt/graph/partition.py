@@ -71,13 +71,26 @@ class JointGraph:
 
     def torch_partition(self, budget: float) -> tuple[fx.GraphModule, fx.GraphModule] | None:
         """Torch's min-cut partition of this graph at ``activation_memory_budget=budget``
-        (None if torch's partitioner fails). Computed once per budget and cached, so
-        the planner that weighs it and the remat pass that installs it see the same
-        graphs."""
+        (None if torch's partitioner fails), with the user's activation checkpointing
+        taken as the hint it is under a budget: torch partitions the graph without the
+        checkpoint's policy tags (`meta.checkpoint_hint`; binding must-save tags stay),
+        as it would the same model not checkpointed. Computed once per budget and
+        cached, so the planner that weighs it and the remat pass that installs it see
+        the same graphs."""
         cache: dict[float, Any] = self.__dict__.setdefault("_torch_partitions", {})
         if budget not in cache:
             cache[budget] = _torch_partition(self, budget)
         return cache[budget]  # type: ignore[no-any-return]
+
+    def has_checkpoint_hints(self) -> bool:
+        """Some node carries a policy tag of the user's activation checkpointing
+        (`meta.checkpoint_hint`): torch's partition of the step (`saved_joint_names`)
+        honours the checkpoint, `torch_partition` does not."""
+        cached = getattr(self, "_hinted", None)
+        if cached is None:
+            cached = any(meta.checkpoint_hint(n) for n in self.module.graph.nodes)
+            self._hinted = cached
+        return cached
 
     def _by_name(self) -> dict[str, fx.Node]:
         cache = getattr(self, "_names", None)
@@ -94,6 +107,7 @@ def _torch_partition(joint: JointGraph, budget: float) -> tuple[fx.GraphModule, 
     # node.meta, which fails for graphs whose values alias real storage (a default
     # Hugging Face config's key/value cache: issue 14).
     module = clone_graph_module(joint.module)
+    meta.drop_checkpoint_hints(module.graph)  # the clone's own metadata dicts: the joint keeps its tags
     try:
         with torch._functorch.config.patch(activation_memory_budget=budget), meta.graph_fake_mode(module.graph):
             return min_cut_rematerialization_partition(  # type: ignore[no-any-return]
@@ -393,7 +407,9 @@ def pin_reads_of_mutated_inputs(joint_module: fx.GraphModule) -> list[str]:
 
     The ``copy_`` itself and a batch norm's reads of its running statistics
     (`_reads_only_to_update`) are left alone; any other read is saved, even one that
-    only feeds the write (a counter's increment: as small as the buffer)."""
+    only feeds the write (a counter's increment: as small as the buffer). These tags
+    bind the planner too, even on a value a user's checkpoint already tagged must-save
+    (`meta.checkpoint_must_save`, a preference the planner may override, is then False)."""
     from memopt.analysis.cost import is_view
 
     graph = joint_module.graph
@@ -415,7 +431,7 @@ def pin_reads_of_mutated_inputs(joint_module: fx.GraphModule) -> list[str]:
             seen.add(node)
             if is_view(node):
                 stack.extend(node.users)
-            elif not _reads_only_to_update(node) and not meta.must_save_tag(node):
-                meta.set_must_save_tag(node)
+            elif not _reads_only_to_update(node) and (not meta.must_save_tag(node) or meta.checkpoint_must_save(node)):
+                meta.set_must_save_tag(node)  # binding even where a checkpoint tagged it must-save first
                 pinned.append(node.name)
     return pinned

@@ -431,7 +431,19 @@ def _base_name(name: str, by_name: dict[str, fx.Node]) -> str:
     return name if node is None else node.name
 
 
+_CHECKPOINT_HINT = "the model's torch.utils.checkpoint tagged it must-save, a preference the budget's plan weighs"
+
+
 def _reason(node: fx.Node, segment: Segment | None, option: str, saved: bool) -> tuple[Action, str]:
+    """What becomes of a forward value backward reads, and why; a value the user's
+    checkpoint tagged must-save (`meta.checkpoint_must_save`) says so either way."""
+    action, reason = _plain_reason(node, segment, option, saved)
+    if meta.checkpoint_must_save(node) and must_save_reason(node) is None:
+        reason = f"{reason} ({_CHECKPOINT_HINT})"
+    return action, reason
+
+
+def _plain_reason(node: fx.Node, segment: Segment | None, option: str, saved: bool) -> tuple[Action, str]:
     where = "" if segment is None else f"segment {segment.index}"
     index = None if segment is None else segment.index
     if not saved and meta.is_regatherable(node):

@@ -31,14 +31,21 @@ def must_save(node: fx.Node) -> bool:
     """Values that are never recomputed: random ops (recomputing would draw new
     random numbers), ops with side effects or collectives (but an all-gather of a
     parameter shard may be gathered again, whatever its tag: `meta.is_regatherable`),
-    and values AOTAutograd tagged must-save; for a ``getitem``, its multi-output
-    producer decides."""
+    and values tagged must-save for correctness (memopt's pins of reads of inputs the
+    step writes, torch's forced saves); for a ``getitem``, its multi-output producer
+    decides. A must-save tag a user's ``torch.utils.checkpoint`` put on a value
+    (`meta.checkpoint_must_save`: a block boundary, a selective policy's choice) is a
+    preference, not a constraint: the planner may recompute that value to meet a budget,
+    as it may save a value the checkpoint would recompute (recomputing a deterministic
+    op gives the same numbers)."""
     source = node.args[0] if node.target is operator.getitem and node.args else node
     if not isinstance(source, fx.Node):
         return False
     if meta.is_regatherable(source):
         return False  # AOTAutograd tags every collective must-save (force_save_collectives); not these
-    return meta.is_random(source) or meta.has_side_effects(source) or meta.must_save_tag(source)
+    if meta.is_random(source) or meta.has_side_effects(source):
+        return True
+    return meta.must_save_tag(source) and not meta.checkpoint_must_save(source)
 
 
 def must_save_reason(node: fx.Node) -> str | None:
@@ -53,9 +60,8 @@ def must_save_reason(node: fx.Node) -> str | None:
     if meta.has_side_effects(source):
         return "side effect: recomputing would run it twice"
     return (
-        "tagged must-save, never recomputed: by torch.utils.checkpoint (the boundary between "
-        "two checkpointed blocks, or a selective checkpointing policy), or as a read of an "
-        "input the step writes in place"
+        "tagged must-save, never recomputed: a read of an input the step writes in place (recomputed, "
+        "it would read the new contents), or saved by torch's partitioner for correctness"
     )
 
 
