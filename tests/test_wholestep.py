@@ -675,3 +675,47 @@ def test_a_region_that_held_two_budget_warnings_is_named_once() -> None:
     assert len(messages) == 1, messages
     assert "for the step of regions 0/0 and 1/0 " in messages[0], messages[0]
     assert "memory_budget 1000 B is infeasible" in messages[0]  # the latest figures agree: stated once
+
+
+def _graph_break_steps(batch: int, *, fake: bool, steps: int = 3) -> Any:
+    """``steps`` recorded training steps of the zoo's GraphBreakMLP at ``batch`` under
+    2 MiB, on real tensors or, as `memopt.fit` and `memopt report` run them, on fake
+    ones (the model copied to fake parameters, every step inside the fake mode)."""
+    from memopt.explain import backward_with_forward
+    from memopt.fitting.fake import fake_model
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = zoo_case("graph_break").build()
+    mode: Any = contextlib.nullcontext()
+    if fake:
+        model, mode, _ = fake_model(model)
+    options = {"codegen": "eager", "memory_budget": 2 * 2**20}
+    with mode, backward_with_forward(), memopt.record() as explanation, warnings.catch_warnings():
+        warnings.simplefilter("ignore", memopt.MemoptWarning)
+        compiled = torch.compile(model, backend="memopt", options=options)
+        x, y = torch.randn(batch, 64), torch.randn(batch, 8)
+        for _ in range(steps):
+            compiled(x, y).backward()
+            model.zero_grad(set_to_none=True)
+    return explanation
+
+
+def test_a_step_on_fake_tensors_is_planned_as_a_whole_as_on_real_ones(caplog: pytest.LogCaptureFixture) -> None:
+    """A training loop on fake tensors (what `memopt.fit` probes and `memopt report`
+    run) plans a step split by a graph break as a whole, as on real tensors: the
+    region before the break is compiled again for the step and the step's estimate is
+    the real loop's. Its example inputs were fake tensors, which the region refused to
+    copy for a second compile, so it kept the plan made alone: GraphBreakMLP at batch
+    330 under 2 MiB estimated 2,404,548 B on fake tensors against 2,066,628 B planned
+    on real ones."""
+    real = _graph_break_steps(330, fake=False)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="memopt"):
+        fake = _graph_break_steps(330, fake=True)
+    assert "region 0/0: compiling again" in caplog.text
+    assert "whole-step recompile failed" not in caplog.text
+    assert fake.estimated_peak_bytes == real.estimated_peak_bytes <= 2 * 2**20
+    assert [r.plan.estimated_peak_after for r in fake.step_regions()] == [
+        r.plan.estimated_peak_after for r in real.step_regions()
+    ]

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 from memopt.backends.record import RegionRecord
 from memopt.backends.ranks import RanksCompiledOtherGraphs
@@ -417,7 +418,9 @@ class CompiledRegion(WatchedRegion):
         self.replans += 1
         assert self._fakes is not None
         try:
-            with _holding_budget_warnings(hold) as held:  # emitted once for the step (`wholestep._settle_step`)
+            # Outside the caller's fake mode, if it runs under one (`memopt.fit`, `memopt report`): the
+            # copies are in Dynamo's, as at the first compile, where Dynamo's tracing context named it.
+            with _holding_budget_warnings(hold) as held, unset_fake_temporarily():
                 self.fn = self._compile(compiler, self._gm, self._fakes)
         except MemoptRanksError:
             raise  # the ranks no longer compile together: keeping the old plan would mismatch their collectives
@@ -537,8 +540,15 @@ def emit(caught: Sequence[warnings.WarningMessage]) -> None:
 def _fake_copies(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[Any, ...] | None:
     """Fake copies of the example inputs in Dynamo's fake mode, or None (the region is
     then never compiled again) when a shape is symbolic, an input is neither a plain
-    tensor nor a sharded parameter (a symbol, another tensor subclass) or there is no
-    Dynamo tracing context.
+    tensor, a fake one nor a sharded parameter (a symbol, another tensor subclass) or
+    there is no Dynamo tracing context.
+
+    A step run on fake tensors (a `memopt.fit` probe, ``memopt report``, a loop under
+    a `FakeTensorMode`) hands Dynamo fake example inputs: they are copied as real ones
+    are, into Dynamo's fake mode, and the region is compiled again outside the
+    caller's fake mode (`CompiledRegion._compile_again`), so that its step is planned
+    as a whole as on real tensors (such inputs were refused, and the step's first
+    region kept its plan made alone: `memopt.fit` under-reported what fits).
 
     A sharded parameter (a DTensor, `memopt.distributed`) is faked with its mesh and
     placements, so a sharded region is planned again as any other (gradient
@@ -549,7 +559,7 @@ def _fake_copies(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[Any
         return None
     from torch.distributed.tensor import DTensor
 
-    if not all(type(x) in (torch.Tensor, torch.nn.Parameter, DTensor) for x in example_inputs):
+    if not all(type(x) in (torch.Tensor, torch.nn.Parameter, DTensor, FakeTensor) for x in example_inputs):
         return None  # symbols, other tensor subclasses: not re-traced
     tracing = torch._guards.TracingContext.try_get()
     if tracing is None or tracing.fake_mode is None:
