@@ -24,7 +24,7 @@ from memopt.backends.record import recording
 from memopt.config import MemoptConfig
 from memopt.explanation import Explanation
 
-__all__ = ["explain", "record", "backward_with_forward", "Explanation"]
+__all__ = ["explain", "explain_settled", "record", "backward_with_forward", "Explanation"]
 
 
 def explain(
@@ -41,8 +41,62 @@ def explain(
     untouched. Side effects of running ``fn`` once (BatchNorm running statistics, RNG
     state) do happen.
     """
-    from memopt.backends.dynamo import memopt_backend
     from memopt.backends.watched import one_step
+
+    compiled, config, counts = _compile_for_explain(fn, options)
+    with recording() as records, one_step():
+        _run_step(compiled, args, kwargs)
+    return Explanation(
+        list(records), config, graph_breaks=counts.new_graph_breaks(),
+        skipped_frames=counts.new_skipped_frames(), unsupported=counts.new_unsupported(),
+        sharded_model=_sharded_model(fn), one_step=True,
+    )
+
+
+MAX_SETTLING_STEPS = 6
+"""Steps `explain_settled` runs at most (whole-step planning settles within three: the
+compile step, a step observed, a step run with the regions planned again)."""
+
+
+def explain_settled(
+    fn: Callable[..., Any],
+    *args: Any,
+    options: Mapping[str, Any] | MemoptConfig | None = None,
+    **kwargs: Any,
+) -> Explanation:
+    """As `explain`, for the plan a training loop settles on: ``fn(*args, **kwargs)``
+    and its backward run again until memopt's whole-step planning is done with the
+    step's regions (`memopt.backends.watched.planned_for_their_step`; at most
+    `MAX_SETTLING_STEPS` steps). Under a ``memory_budget`` a step that graph breaks
+    split into regions is planned as a whole once a step of them has been observed
+    (`memopt.backends.wholestep`): from the second step, or the third when the caller
+    keeps a region's outputs (the compile step's observation of those is not used).
+    The explanation is that of the latest step: each region as last compiled. A step
+    of one region, or none under a budget, runs once, as under `explain`. What
+    `memopt.fit`'s probes and ``memopt report`` plan (on fake tensors, where a step
+    allocates nothing and each step after the first costs little more than the
+    re-plan it carries out). Side effects of ``fn`` happen once per step run."""
+    from memopt.backends.watched import planned_for_their_step, regions_compiled
+
+    compiled, config, counts = _compile_for_explain(fn, options)
+    with recording() as records, regions_compiled() as regions:
+        for _ in range(MAX_SETTLING_STEPS):
+            _run_step(compiled, args, kwargs)
+            if planned_for_their_step(regions):
+                break
+    return Explanation(
+        list(records), config, graph_breaks=counts.new_graph_breaks(),
+        skipped_frames=counts.new_skipped_frames(), unsupported=counts.new_unsupported(),
+        sharded_model=_sharded_model(fn),
+    )
+
+
+def _compile_for_explain(
+    fn: Callable[..., Any], options: Mapping[str, Any] | MemoptConfig | None
+) -> tuple[Callable[..., Any], MemoptConfig, Any]:
+    """``fn`` compiled with memopt under ``options`` (warning when ``fn`` is compiled
+    already and no options say how), its config, and Dynamo's counters from now on."""
+    from memopt.backends.dynamo import memopt_backend
 
     in_place = _compiled_in_place(fn)
     if options is None and (in_place or hasattr(fn, "_torchdynamo_orig_callable")):
@@ -55,19 +109,21 @@ def explain(
     # kept apart from the caller's compiles of fn: otherwise each explain's entry counts against
     # Dynamo's recompile_limit of fn's code, and the 9th explain or compile runs fn eagerly
     compiled = torch.compile(target, backend=backend, **({"isolate_recompiles": True} if COMPILE_ISOLATES_RECOMPILES else {}))
-    counts = dynamo_counts()
-    with recording() as records, one_step():
-        out = compiled(*args, **kwargs)
-        loss = _loss_of(out)
-        if loss is not None:
-            leaves = list(_autograd_leaves(loss))
-            if leaves:
-                torch.autograd.grad(loss, leaves, allow_unused=True)
-    return Explanation(
-        list(records), config, graph_breaks=counts.new_graph_breaks(),
-        skipped_frames=counts.new_skipped_frames(), unsupported=counts.new_unsupported(),
-        sharded_model=_sharded_model(fn), one_step=True,
-    )
+    return compiled, config, dynamo_counts()
+
+
+def _run_step(compiled: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """One call of ``compiled`` and, when its output requires grad, the backward of its
+    loss (`_loss_of`) over the autograd leaves it reaches (``.grad`` left untouched).
+    The output stays alive through the backward, as ``out = model(x);
+    out.loss.backward()`` keeps it."""
+    out = compiled(*args, **kwargs)
+    loss = _loss_of(out)
+    if loss is not None:
+        leaves = list(_autograd_leaves(loss))
+        if leaves:
+            torch.autograd.grad(loss, leaves, allow_unused=True)
+    del out
 
 
 def _compiled_in_place(fn: Any) -> bool:

@@ -3,15 +3,16 @@
     result = memopt.fit(model, lambda b: make_batch(b), "24GiB", global_batch=256)
     result.batch, result.accumulation_steps, print(result)
 
-Every probe is one `memopt.explain` of a training step (forward and backward) with
-``memory_budget`` set to the budget, run on fake tensors: the model's parameters and the
+Every probe is a `memopt.explain.explain_settled` of a training step (forward and backward) with
+``memory_budget`` set to the budget, run on fake tensors: the step as a training loop
+plans it (a step that graph breaks split into regions is run again until it is planned
+as a whole, as a loop does from its second or third step); the model's parameters and the
 probe's inputs are `FakeTensor` s, so nothing of the step is allocated and a model larger
 than this machine can be fitted. A size fits when the step's **planned peak**
 (`Explanation.estimated_peak_bytes`: parameters, buffers, inputs, activations, gradients
 and temporaries live at the step's highest point, after memopt's plan; a region's outputs
-across a graph break count as kept by the caller,
-`memopt.fitting.probe.assume_outputs_kept`) is at most the
-budget. The optimizer's state counts when ``options`` names the optimizer (``optimizer``
+across a graph break count as kept by the caller when observed so, as on real tensors) is
+at most the budget. The optimizer's state counts when ``options`` names the optimizer (``optimizer``
 or ``optimizer_in_backward``: each probe gets a copy over the fake parameters,
 `memopt.fitting.fake.with_fake_optimizer`); otherwise pass ``reserve=`` for it (docs/fit.md).
 
@@ -226,7 +227,9 @@ def fit(
     fake tensors. ``model`` is an ``nn.Module`` (real parameters are copied to fake ones;
     the model itself is not touched) or a callable of fake tensors.
 
-    Each probe plans one step with `memopt.explain` and ``memory_budget = budget - reserve``
+    Each probe plans the step as a training loop does, with `memopt.explain.explain_settled`
+    (a step that graph breaks split is run two or three times, until its regions are
+    planned as a whole) and ``memory_budget = budget - reserve``
     (``options`` pass through: ``precision``, ``compress_activations``, ``offload``...;
     ``codegen`` defaults to ``"eager"``; an ``optimizer`` or ``optimizer_in_backward``
     over ``model``'s parameters is planned through a copy over the fake ones, with its

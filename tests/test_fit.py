@@ -18,6 +18,7 @@ import torch.nn as nn
 import memopt
 from memopt.cli.main import main as cli_main
 from memopt.fit import FitResult, accumulation, budget_bytes
+from memopt.testing.measure import measure_peak
 
 OPTIONS = {"codegen": "eager"}
 
@@ -209,6 +210,41 @@ def test_fit_on_fake_tensors_counts_a_region_input_once(training: bool) -> None:
     held = sum(p.numel() * p.element_size() for p in model.parameters()) + 2 * 16 * 8
     assert real.timeline().baseline_bytes == held
     assert probe.planned_peak_bytes == real.estimated_peak_bytes
+
+
+def _graph_break_inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(batch, 64), torch.randn(batch, 8)
+
+
+def test_fit_across_a_graph_break_reaches_the_plan_a_training_loop_settles_on() -> None:
+    """A step split by a graph break is planned as a whole by a training loop (from its
+    second step, docs/whole_step.md); each probe runs the step until that plan is made,
+    so fit's answer is the largest batch that loop plans within the budget, and its
+    measured peak there is within it. GraphBreakMLP under 2 MiB: the real 3-step loop
+    plans 336 within (2,093,124 B) and 337 over; fit, which planned one step, answered
+    217 (and run under max_size=337, 217)."""
+    from memopt.testing.zoo import GraphBreakMLP
+
+    budget = 2 * 2**20
+    result = memopt.fit(GraphBreakMLP(), _graph_break_inputs, budget, max_size=337, options=OPTIONS, progress=None)
+    assert (result.batch, result.capped) == (336, False)
+    assert not {p.size: p for p in result.probes}[337].fits
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GraphBreakMLP()
+    inputs = _graph_break_inputs(result.batch)
+    compiled = torch.compile(model, backend="memopt", options={**OPTIONS, "memory_budget": budget})
+
+    def step() -> None:
+        compiled(*inputs).backward()
+        model.zero_grad(set_to_none=True)
+
+    with memopt.record() as loop, warnings.catch_warnings():
+        warnings.simplefilter("ignore", memopt.MemoptWarning)
+        for _ in range(3):
+            step()
+    assert result.estimated_peak_bytes == loop.estimated_peak_bytes <= budget
+    assert loop.baseline_bytes + measure_peak(step).peak_growth_bytes <= budget
 
 
 def test_fit_stops_at_max_size_and_says_so() -> None:

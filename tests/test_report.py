@@ -572,6 +572,28 @@ def test_cli_fake_and_real_agree_on_a_region_after_a_graph_break_under_a_budget(
     ]
 
 
+def test_cli_report_under_a_budget_is_the_plan_a_training_loop_settles_on(tmp_path, capsys):
+    """Under a budget a training loop plans a step split by a graph break as a whole
+    (from its second step, docs/whole_step.md); the report runs the step until that plan
+    is made, on fake tensors as on real ones, and reports what the loop runs.
+    GraphBreakMLP at batch 330 under 2 MiB: the loop plans 2,066,628 B; the report,
+    which ran one step, said 2,404,548 B, over the budget."""
+    factory = tmp_path / "graph_break.py"
+    factory.write_text(_GRAPH_BREAK_FACTORY.replace("190", "330"))
+    fake, real = _fake_and_real(f"{factory}:build", capsys, ("--options", '{"memory_budget": "2MiB"}'))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = zoo_case("graph_break").build()
+    x, y = torch.randn(330, 64), torch.randn(330, 8)
+    compiled = torch.compile(model, backend="memopt", options={**EAGER, "memory_budget": "2MiB"})
+    with memopt.record() as loop, warnings.catch_warnings():
+        warnings.simplefilter("ignore", memopt.MemoptWarning)
+        for _ in range(3):
+            compiled(x, y).backward()
+            model.zero_grad(set_to_none=True)
+    assert fake["estimated_peak_bytes"] == real["estimated_peak_bytes"] == loop.estimated_peak_bytes <= 2 * 2**20
+
+
 class _LongLines(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

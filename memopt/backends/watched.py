@@ -38,7 +38,7 @@ from memopt.units import format_bytes
 
 __all__ = [
     "CompiledRegion", "MAX_REPLANS", "OBSERVED_STEPS", "Observed", "WatchedRegion",
-    "compiled_regions", "emit", "one_step",
+    "compiled_regions", "emit", "one_step", "planned_for_their_step", "regions_compiled",
 ]  # fmt: skip
 
 log = logging.getLogger("memopt")
@@ -165,6 +165,8 @@ class CompiledRegion(WatchedRegion):
         self.decided: tuple[tuple[CompiledRegion, ...], Observed] | None = None
         """The step (its regions in forward order) and the observation this region's
         plan is for, once the tracker has decided about a step of several regions."""
+        if (compiled := _COMPILED.get()) is not None:
+            compiled.append(self)
 
     @property
     def can_replan(self) -> bool:
@@ -509,6 +511,32 @@ def one_step() -> Iterator[None]:
         yield
     finally:
         _ONE_STEP.reset(token)
+
+
+_COMPILED: contextvars.ContextVar[list[CompiledRegion] | None] = contextvars.ContextVar("memopt_compiled", default=None)
+
+
+@contextlib.contextmanager
+def regions_compiled() -> Iterator[list[CompiledRegion]]:
+    """The `CompiledRegion` s compiled inside the context (regions under a memory
+    budget), in compile order, for `planned_for_their_step`."""
+    compiled: list[CompiledRegion] = []
+    token = _COMPILED.set(compiled)
+    try:
+        yield compiled
+    finally:
+        _COMPILED.reset(token)
+
+
+def planned_for_their_step(regions: Iterable[CompiledRegion]) -> bool:
+    """Whether whole-step planning (`memopt.backends.wholestep`) is done with
+    ``regions`` for a step run as the latest one: none is to be compiled again at its
+    next call, and each is either no longer watched (a step of one region, its
+    `OBSERVED_STEPS` seen, a region with no plan to compose) or planned for its step
+    (move 4: another step keeping more outputs would plan it again, the same step
+    does not). False while a step is still to be observed (the compile step kept an
+    output: the decision waits for the next one)."""
+    return all(not r.replan_pending and (not r.tracking or r.decided is not None) for r in regions)
 
 
 @contextlib.contextmanager

@@ -153,7 +153,9 @@ def explain_model(
     model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], options: dict[str, Any], spec: str,
     *, fake: bool = False,
 ) -> Any:
-    """``memopt.explain(model, *args, options=options, **kwargs)``. An exception the
+    """``memopt.explain.explain_settled(model, *args, options=options, **kwargs)``: the step as
+    a training loop plans it, a step split by graph breaks planned as a whole under a
+    ``memory_budget`` (the step runs until that plan is made: two or three times). An exception the
     model's own code raises there (a shape mismatch, a missing config attribute, a value
     read on ``fake`` tensors, which names ``--real``) becomes a `CLIError` naming it,
     with the frames of the code outside torch and memopt; a budget memopt cannot meet
@@ -162,11 +164,11 @@ def explain_model(
     for a bug report."""
     import torch._dynamo.exc as dynamo_exc
 
-    import memopt
     from memopt.errors import MemoptBudgetError, MemoptInternalError
+    from memopt.explain import explain_settled
 
     try:
-        return memopt.explain(model, *args, options=options, **kwargs)
+        return explain_settled(model, *args, options=options, **kwargs)
     except (MemoptInternalError, dynamo_exc.InternalTorchDynamoError):
         raise
     except dynamo_exc.BackendCompilerFailed as exc:

@@ -1,5 +1,11 @@
 """One `memopt.fit` probe: plan the step at one size on fake tensors and record its peak.
 
+A probe plans the step as a training loop settles on it
+(`memopt.explain.explain_settled`): a step that graph breaks split into regions is run
+again, on the same fake inputs, until its regions are planned as a whole
+(`memopt.backends.wholestep`), two steps for the zoo's `GraphBreakMLP`, three for a
+Hugging Face model whose output object the caller keeps.
+
 `Runner` is called with a size (in units of the search's ``step``) and says whether the
 step's planned peak fits the budget; it keeps every `Probe`, the peaks, the floors the
 planner found (`floor_estimate`, for `memopt.fitting.search`'s predictions) and the plan
@@ -17,7 +23,7 @@ import torch
 
 from memopt.config import MemoptConfig
 from memopt.errors import MemoptFitError
-from memopt.explain import explain
+from memopt.explain import explain_settled
 from memopt.explanation import Explanation
 from memopt.fitting.fake import planning, reset_optimizer
 from memopt.units import format_bytes
@@ -65,14 +71,15 @@ class Sizes:
 
 
 def assume_outputs_kept(explanation: Explanation) -> Explanation:
-    """Count every user output of every region as kept by the caller through the step's
-    backward. On real tensors memopt observes which outputs of a region before a graph
-    break the caller still holds when the region's backward starts
-    (`memopt.backends.steptracker`: a Hugging Face output object holds the logits and the
-    caches); on fake tensors it cannot (no storages to watch) and would take them all as
-    handed on, under-counting such steps. Keeping them all is an upper bound: exact for a
-    model whose only graph break is before its loss, high by the hidden states handed
-    across a break inside the model."""
+    """Count every user output of a region whose kept outputs were not observed as
+    kept by the caller through the step. The step tracker observes them on fake tensors
+    as on real ones (`memopt.backends.steptracker`: at each region's backward, which
+    outputs the caller still holds, such as a Hugging Face output object's logits and
+    caches), so a training probe's regions all have theirs and this changes nothing
+    (GraphBreakMLP's first region: none kept; GPT-2's: the logits and the key/value
+    caches, as on real tensors). It is a fallback for a region with no backward
+    observed (a ``training=False`` probe, where an output counted kept lives to the
+    end of the step, as the end of its forward already is): an upper bound."""
     for r in explanation.regions:
         if r.kept_outputs is None and r.step is not None:
             n = r.step.num_user_outputs if r.step.num_user_outputs is not None else r.step.num_fwd_outputs
@@ -156,7 +163,7 @@ class Runner:
                 inputs = self.make_inputs(*self.sizes.call_args(size))
                 args, kwargs = as_call(inputs)
                 try:
-                    explanation = assume_outputs_kept(explain(self.model, *args, options=self.config, **kwargs))
+                    explanation = assume_outputs_kept(explain_settled(self.model, *args, options=self.config, **kwargs))
                 finally:
                     reset_optimizer(self.config)
                 explanation.timeline()  # raises if memopt compiled nothing
