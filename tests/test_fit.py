@@ -404,10 +404,27 @@ def not_a_pair():
     return MLP()
 
 
+def interrupted():
+    def make_inputs(batch):
+        raise KeyboardInterrupt  # Ctrl-C while a probe builds its inputs
+    return MLP(), make_inputs
+
+
 def with_adamw():
     model = MLP()
     return model, lambda batch: torch.randn(batch, 32), torch.optim.AdamW(model.parameters())
 """
+
+
+def test_cli_fit_interrupted_says_so_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C during ``memopt fit`` ends it with one line on stderr and exit status 130
+    (128 + SIGINT), not a Python traceback."""
+    path = tmp_path / "model.py"
+    path.write_text(textwrap.dedent(FACTORY))
+    status = cli_main(["fit", f"{path}:interrupted", "--budget", "1GiB", "--quiet"])
+    out, err = capsys.readouterr()
+    assert status == 130 and out == ""
+    assert err == "memopt fit: interrupted (Ctrl-C); stopped before a result\n"
 
 
 def test_cli_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

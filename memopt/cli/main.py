@@ -238,7 +238,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status."""
+    """Run the CLI; returns the exit status: 0, 2 for an error it names (`CLIError`),
+    130 when interrupted (Ctrl-C: one line on stderr, no traceback; a ``memopt fit``
+    stopped midway prints no result, its probes so far are the progress lines above)."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "report":
@@ -250,6 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as exc:
         print(f"memopt: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"memopt {args.command}: interrupted (Ctrl-C); stopped before a result", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a command Ctrl-C stopped
     except BrokenPipeError:  # stdout closed early (`memopt report ... | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
