@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch.fx as fx
+from torch.fx import _lazy_graph_module as torch_lazy_graph_module
+from torch.fx._lazy_graph_module import _use_lazy_graph_module
 
 from memopt.graph import meta
 
@@ -75,10 +77,17 @@ def placeholder_inputs(inputs: tuple[InputInfo, ...], gm: fx.GraphModule) -> tup
     return tuple(out)
 
 
-def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+def clone_graph_module(gm: fx.GraphModule, lazy: bool = False) -> fx.GraphModule:
     """An independent copy of ``gm``: new nodes, shallow-copied node metadata (fake
-    values are shared, they are immutable), same submodules and attributes."""
-    new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    values are shared, they are immutable), same submodules and attributes. ``lazy``:
+    a lazy graph module (torch's ``_LazyGraphModule``), whose Python code is generated
+    when first needed (run, ``.code``) instead of now: for a copy that is rewritten
+    before it runs, or never runs (a candidate a search may drop)."""
+    if lazy:
+        with _use_lazy_graph_module(True):
+            new = torch_lazy_graph_module._make_graph_module(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    else:
+        new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
     new.meta = dict(getattr(gm, "meta", {}))
     return new
 

@@ -283,6 +283,18 @@ def _ladder(cap: int) -> list[int]:
     return caps
 
 
+def _cache_key(name: str, gm: fx.GraphModule, caps: dict[str, int]) -> tuple[str, int, int, int]:
+    """The `_Built` key of graph ``name`` (``gm``, unbucketed) under ``caps``: a cap of
+    a kind the graph does not hold changes nothing, so it counts as 0."""
+    gather_cap, scatter_cap, reduce_cap = _graph_caps(name, caps)
+    return (
+        name,
+        gather_cap if any(map(is_all_gather, gm.graph.nodes)) else 0,
+        scatter_cap if any(map(is_reduce_scatter, gm.graph.nodes)) else 0,
+        reduce_cap if any(map(is_all_reduce, gm.graph.nodes)) else 0,
+    )
+
+
 class BucketCollectives(Pass):
     """Merge runs of small all-gathers, reduce-scatters and all-reduces (module docstring).
 
@@ -347,27 +359,25 @@ class BucketCollectives(Pass):
     ) -> dict[str, tuple[int, int, int]]:
         """The snapshot's graphs, bucketed under ``caps``, put into ``step``; the
         collectives removed per graph. ``cache`` keeps each graph bucketed under each
-        of its caps (a try that changes one graph's caps rebuckets only that one)."""
+        of its caps (a try that changes one graph's caps rebuckets only that one).
+
+        The step holds the cache's graph modules themselves, not copies: between tries
+        nothing rewrites them (the guard only reads them), and the cache lives only as
+        long as the pass. Each is a lazy module, its code generated only for the graphs
+        the step runs (a rejected try's never)."""
         cache = {} if cache is None else cache
         removed, built = {}, {}
         for name, gm in guard.snapshot.graphs():
-            gather_cap, scatter_cap, reduce_cap = _graph_caps(name, caps)
-            key = (  # a cap of a kind the graph does not hold changes nothing
-                name,
-                gather_cap if any(map(is_all_gather, gm.graph.nodes)) else 0,
-                scatter_cap if any(map(is_reduce_scatter, gm.graph.nodes)) else 0,
-                reduce_cap if any(map(is_all_reduce, gm.graph.nodes)) else 0,
-            )
+            key = _cache_key(name, gm, caps)
             if key not in cache:
-                fresh = clone_graph_module(gm)
+                fresh = clone_graph_module(gm, lazy=True)
                 cache[key] = (fresh, bucket_graph(fresh, *key[1:]))
-            gm, removed[name] = cache[key]
-            built[name] = clone_graph_module(gm)
+                fresh.recompile()  # lazy: the code of the bucketed graph, when first needed
+            built[name], removed[name] = cache[key]
         if step.backward is None:
             step.forward = built[step.single_graph_name]
         else:
             step.forward, step.backward = built["forward"], built["backward"]
-        step.recompile()
         analyses.invalidate(PreservedAnalyses.none())
         return removed
 
