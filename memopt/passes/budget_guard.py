@@ -62,20 +62,28 @@ class BudgetGuard:
         self.step.forward, self.step.backward = fresh.forward, fresh.backward
         analyses.invalidate(PreservedAnalyses.none())
 
-    def keep(self, analyses: AnalysisManager, ctx: PassContext) -> tuple[bool, int]:
+    def keep(
+        self, analyses: AnalysisManager, ctx: PassContext, measured: tuple[bool, int] | None = None,
+    ) -> tuple[bool, int]:
         """After the rewrite: (kept, peak after). A rewrite over `limit` is undone: the
-        graphs of the snapshot are put back into the step."""
-        kept, peak = self.fits(analyses, ctx)
+        graphs of the snapshot are put back into the step. ``measured``: what `fits`
+        answered on the step's graphs as they are now, the very graph modules, not
+        rewritten since (not asked again: the same timeline, and every rank skips the
+        same agreement)."""
+        kept, peak = self.fits(analyses, ctx) if measured is None else measured
         if not kept:
             self.step.forward, self.step.backward = self.snapshot.forward, self.snapshot.backward
             analyses.invalidate(PreservedAnalyses.none())
         return kept, peak
 
-    def result(self, analyses: AnalysisManager, ctx: PassContext, details: dict[str, Any], summary: str) -> PassResult:
+    def result(
+        self, analyses: AnalysisManager, ctx: PassContext, details: dict[str, Any], summary: str,
+        measured: tuple[bool, int] | None = None,
+    ) -> PassResult:
         """The pass's result once its rewrite is done: the graphs recompiled and the
-        rewrite kept (``summary`` reported) or undone (`keep`)."""
+        rewrite kept (``summary`` reported) or undone (`keep`, with ``measured``)."""
         self.step.recompile()
-        kept, peak = self.keep(analyses, ctx)
+        kept, peak = self.keep(analyses, ctx, measured)
         details = {**details, "peak_after": peak}
         if not kept:
             details["reverted"] = f"estimated peak {peak} B over the limit {self.limit(ctx)} B"

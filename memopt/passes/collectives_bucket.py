@@ -69,7 +69,9 @@ as long as the longest-lived gradient of the bucket.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -216,13 +218,63 @@ def _cap_fn(cap_bytes: int) -> Callable[[int], float]:
     return lambda _: cap_bytes / 2**20
 
 
+Traces = dict[tuple[Any, ...], tuple[Any, fx.GraphModule]]
+"""A merge function and its trace arguments (`_trace_key`) -> (the arguments, kept so
+that the ids in the key stay theirs; the merge traced on them)."""
+
+
+def _trace_key(value: Any) -> Any:
+    """``value`` (a merge's trace arguments) as a key: tensors (fake values) by
+    identity, lists and tuples item by item, anything else as itself."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *map(_trace_key, value))
+    return value
+
+
+@contextlib.contextmanager
+def _reused_traces(traces: Traces) -> Iterator[None]:
+    """Within the block, torch's bucket merges trace each merge function once per set
+    of trace arguments (the same fake values, by identity) across the graphs bucketed
+    with ``traces``, instead of once per merge: a search bucketing one graph under
+    several caps merges the same bucket again and again. Tracing is deterministic
+    (`make_fx` on fake values), and its graph is only read (copied into the graph being
+    bucketed), so a reused trace inserts the same nodes. Never twice into one graph in
+    one block: two buckets of one graph must not share fake values (memory analyses
+    tell storages apart by their fake values' storages)."""
+    from torch._inductor.fx_passes import bucketing
+
+    trace = bucketing._trace
+    inserted: set[Any] = set()
+
+    def reused(fn: Callable[..., Any], inputs: Any) -> fx.GraphModule:
+        try:
+            key = (fn, _trace_key(inputs))
+            hash(key)
+        except TypeError:  # an argument that is no key: trace it
+            return trace(fn, inputs)
+        if key not in traces or key in inserted:
+            traces[key] = (inputs, trace(fn, inputs))
+        inserted.add(key)
+        return traces[key][1]
+
+    bucketing._trace = reused
+    try:
+        yield
+    finally:
+        bucketing._trace = trace
+
+
 def bucket_graph(
     gm: fx.GraphModule, cap_bytes: int, scatter_cap_bytes: int | None = None, reduce_cap_bytes: int | None = None,
+    traces: Traces | None = None,
 ) -> tuple[int, int, int]:
     """Bucket ``gm``'s parameter all-gathers under ``cap_bytes``, its gradient
     reduce-scatters under ``scatter_cap_bytes`` and its gradient all-reduces under
     ``reduce_cap_bytes`` (each defaults to ``cap_bytes``; 0 leaves that kind alone);
-    (all-gathers, reduce-scatters, all-reduces) removed."""
+    (all-gathers, reduce-scatters, all-reduces) removed. ``traces``: merges traced
+    while bucketing copies of this graph before, reused (`_reused_traces`)."""
     from torch._inductor.pattern_matcher import stable_topological_sort
 
     caps = (
@@ -231,14 +283,15 @@ def bucket_graph(
         cap_bytes if reduce_cap_bytes is None else reduce_cap_bytes,
     )
     counts = []
-    for (find, merge, is_kind, keep), cap in zip(_finders(), caps):
-        before = sum(is_kind(n) for n in gm.graph.nodes)
-        buckets = find(gm, _cap_fn(cap), filter_wait_node=keep, mode="default") if cap else []
-        for bucket in buckets:
-            merge(gm.graph, bucket)
-        if buckets:
-            stable_topological_sort(gm.graph)
-        counts.append(before - sum(is_kind(n) for n in gm.graph.nodes))
+    with _reused_traces(traces) if traces is not None else contextlib.nullcontext():
+        for (find, merge, is_kind, keep), cap in zip(_finders(), caps):
+            before = sum(is_kind(n) for n in gm.graph.nodes)
+            buckets = find(gm, _cap_fn(cap), filter_wait_node=keep, mode="default") if cap else []
+            for bucket in buckets:
+                merge(gm.graph, bucket)
+            if buckets:
+                stable_topological_sort(gm.graph)
+            counts.append(before - sum(is_kind(n) for n in gm.graph.nodes))
     return counts[0], counts[1], counts[2]
 
 
@@ -270,6 +323,17 @@ def buckets_of(step: StepGraphs, kind: str, cap_bytes: int) -> tuple[tuple[str, 
 _Built = dict[tuple[str, int, int, int], tuple[fx.GraphModule, tuple[int, int, int]]]
 """(graph name, all-gather cap, reduce-scatter cap, all-reduce cap) -> the graph
 bucketed so, and the all-gathers, reduce-scatters and all-reduces it lost."""
+
+
+
+@dataclass
+class _Cache:
+    """What the tries of one `BucketCollectives` run share: each graph bucketed under
+    each of its caps, and per graph the merges traced on its values."""
+
+    built: _Built = field(default_factory=dict)
+    traces: dict[str, Traces] = field(default_factory=dict)
+
 
 MIN_CAP_BYTES = 1 << 10
 """Caps are halved no further than this (a bucket of a few biases)."""
@@ -331,7 +395,7 @@ class BucketCollectives(Pass):
         if cap == 0 or not any(_bucketable(n) for _, gm in step.graphs() for n in gm.graph.nodes):
             return PassResult.unchanged()
         guard = BudgetGuard.before(step, analyses, ctx)
-        caps, cache = dict.fromkeys(KINDS, cap), {}
+        caps, cache = dict.fromkeys(KINDS, cap), _Cache()
         removed = self._apply(step, guard, analyses, caps, cache)
         if not any(sum(r) for r in removed.values()):
             guard.restore(analyses)
@@ -351,29 +415,33 @@ class BucketCollectives(Pass):
             f"bucketed collectives: {gathers} fewer all-gather(s), {scatters} fewer reduce-scatter(s), "
             f"{reductions} fewer all-reduce(s){capped}"
         )
-        return guard.result(analyses, ctx, {**details, "removed": removed}, summary)
+        # the step holds the graphs of a try that fit (`_apply` put back the very modules)
+        kept = next(t["peak"] for t in reversed(tried) if t["caps"] == caps and t["fits"])
+        return guard.result(analyses, ctx, {**details, "removed": removed}, summary, measured=(True, kept))
 
     @staticmethod
     def _apply(
-        step: StepGraphs, guard: BudgetGuard, analyses: AnalysisManager, caps: dict[str, int], cache: _Built | None = None,
+        step: StepGraphs, guard: BudgetGuard, analyses: AnalysisManager, caps: dict[str, int], cache: _Cache | None = None,
     ) -> dict[str, tuple[int, int, int]]:
         """The snapshot's graphs, bucketed under ``caps``, put into ``step``; the
         collectives removed per graph. ``cache`` keeps each graph bucketed under each
-        of its caps (a try that changes one graph's caps rebuckets only that one).
+        of its caps (a try that changes one graph's caps rebuckets only that one), and
+        the merges traced on each graph's values (a bucket merged again in a later try
+        is not traced again, `_reused_traces`).
 
         The step holds the cache's graph modules themselves, not copies: between tries
         nothing rewrites them (the guard only reads them), and the cache lives only as
         long as the pass. Each is a lazy module, its code generated only for the graphs
         the step runs (a rejected try's never)."""
-        cache = {} if cache is None else cache
+        cache = _Cache() if cache is None else cache
         removed, built = {}, {}
         for name, gm in guard.snapshot.graphs():
             key = _cache_key(name, gm, caps)
-            if key not in cache:
+            if key not in cache.built:
                 fresh = clone_graph_module(gm, lazy=True)
-                cache[key] = (fresh, bucket_graph(fresh, *key[1:]))
+                cache.built[key] = (fresh, bucket_graph(fresh, *key[1:], traces=cache.traces.setdefault(name, {})))
                 fresh.recompile()  # lazy: the code of the bucketed graph, when first needed
-            built[name], removed[name] = cache[key]
+            built[name], removed[name] = cache.built[key]
         if step.backward is None:
             step.forward = built[step.single_graph_name]
         else:
@@ -383,7 +451,7 @@ class BucketCollectives(Pass):
 
     def _search(
         self, step: StepGraphs, guard: BudgetGuard, analyses: AnalysisManager, ctx: PassContext,
-        cap: int, tried: list[dict[str, Any]], cache: _Built,
+        cap: int, tried: list[dict[str, Any]], cache: _Cache,
     ) -> tuple[dict[str, int], dict[str, tuple[int, int, int]]]:
         """The caps of the kinds in turn (class docstring); ``step`` left bucketed under
         them, and the collectives removed."""

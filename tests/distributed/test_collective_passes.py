@@ -297,6 +297,53 @@ def test_all_reduce_buckets_held_once_until_their_wait(fake_world, graphs_of, mo
     assert in_place["one"] == functional["one"]
 
 
+def _traced_reduce_scatters(n: int = 4) -> torch.fx.GraphModule:
+    """``n`` gradients (64 elements each, fake), each reduce-scattered over the fake
+    world, its shard returned: what ``bucket_collectives`` buckets in backward."""
+    import torch.distributed as dist
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    group, size = dist.group.WORLD.group_name, dist.get_world_size()  # type: ignore[union-attr]
+    functional = torch.ops._c10d_functional
+
+    def grads(*gs: torch.Tensor) -> list[torch.Tensor]:
+        return [functional.wait_tensor(functional.reduce_scatter_tensor(g * 2, "sum", size, group)) for g in gs]
+
+    return make_fx(grads, tracing_mode="fake")(*[torch.randn(64) for _ in range(n)])
+
+
+def test_a_bucket_merged_again_reuses_its_trace(fake_world, monkeypatch):
+    """``bucket_graph`` with ``traces`` (a search's tries, each bucketing a copy of one
+    graph): a bucket merged again is not traced again, and the graph is the same as
+    bucketed without reuse. Within one graph a trace is never inserted twice (two
+    buckets would share fake values, which memory analyses tell storages apart by)."""
+    from torch._inductor.fx_passes import bucketing
+
+    from memopt.graph.step import clone_graph_module
+    from memopt.passes.collectives_bucket import bucket_graph
+    from memopt.passes.instruments import readable_code
+
+    gm = _traced_reduce_scatters()
+    traced: list[object] = []
+    trace = bucketing._trace
+    monkeypatch.setattr(bucketing, "_trace", lambda fn, inputs: traced.append(fn) or trace(fn, inputs))
+    alone = clone_graph_module(gm)
+    assert bucket_graph(alone, 0, 128 * 4) == (0, 2, 0)  # two buckets of two gradients
+    assert len(traced) == 2
+    traces: dict = {}
+    first, again = clone_graph_module(gm), clone_graph_module(gm)
+    assert bucket_graph(first, 0, 128 * 4, traces=traces) == (0, 2, 0)
+    assert len(traced) == 4
+    assert bucket_graph(again, 0, 128 * 4, traces=traces) == (0, 2, 0)
+    assert len(traced) == 4  # both buckets' traces reused
+    for bucketed in (first, again):
+        bucketed.recompile()
+        assert readable_code(bucketed) == readable_code(alone)
+    values = [id(n.meta["val"]) for n in again.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    assert len(values) == len(set(values))
+    assert bucketing._trace is not trace and bucketing._trace.__name__ == "<lambda>"  # the spy, put back
+
+
 def test_only_a_private_concatenation_is_reduced_in_place():
     """An all-reduce of anything but a ``cat`` only it reads (a graph input, a gradient
     another node reads) stays functional: `reduce_in_place` refuses, naming the node."""
@@ -436,6 +483,7 @@ def test_torch_private_bucketing_api_is_as_used():
         bucketing.bucket_all_reduce_by_mb: ["gm", "bucket_cap_mb_by_bucket_idx", "filter_wait_node"],
         bucketing.merge_all_reduce_bucket: ["g", "ar_nodes"],
         bucketing.all_reduce_merge_fn_to_trace: ["ar_ins", "group_name", "reduce_op", "reduce_dtype", "device"],
+        bucketing._trace: ["fn", "inps"],  # reused across a search's tries (`_reused_traces`)
         stable_topological_sort: ["graph"],
     }
     for fn, params in expected.items():
