@@ -325,7 +325,6 @@ _Built = dict[tuple[str, int, int, int], tuple[fx.GraphModule, tuple[int, int, i
 bucketed so, and the all-gathers, reduce-scatters and all-reduces it lost."""
 
 
-
 @dataclass
 class _Cache:
     """What the tries of one `BucketCollectives` run share: each graph bucketed under
