@@ -245,7 +245,10 @@ def _reused_traces(traces: Traces) -> Iterator[None]:
     tell storages apart by their fake values' storages)."""
     from torch._inductor.fx_passes import bucketing
 
-    trace = bucketing._trace
+    trace = getattr(bucketing, "_trace", None)
+    if trace is None:  # a torch without this private hook: every merge traced, as torch does
+        yield
+        return
     inserted: set[Any] = set()
 
     def reused(fn: Callable[..., Any], inputs: Any) -> fx.GraphModule:
