@@ -143,15 +143,17 @@ class _Conv:
             return 0
         return torch.get_num_threads() * self.pad(self.ic) * self.sy * self.size
 
-    def backward_data(self, out: int, extra_dst: int = 0) -> int:
+    def backward_data(self, out: int, extra_dst: int = 0, scratchpad: int = 0) -> int:
         """Peak bytes while the input gradient (size ``out``) is computed. Strided (not
         depthwise): oneDNN's strided kernel works on channels-last copies, unpadded:
-        the gradient, the weight, the result, then two dense copies of it. Otherwise
+        the gradient, the weight, the result and its ``scratchpad``
+        (`_strided_data_scratchpad`), then two dense copies of the result. Otherwise
         all three are blocked and padded, and the padded result is copied out."""
         if self.strided and not self.depthwise:
             grad = self.act(self.oc, self.sy) if self.oc > 1 else 0
             res = self.act(self.ic, self.sx)
-            return max(grad + self.weight(self.oc, self.pad(self.ic)) + res, res + (2 * out if self.ic > 1 else out))
+            copies = grad + self.weight(self.oc, self.pad(self.ic)) + res + scratchpad
+            return max(copies, res + (2 * out if self.ic > 1 else out))
         grad = self.act(self.pad(self.oc), self.sy)
         res = self.act(self.pad(self.ic), self.sx)
         return max(extra_dst + grad + self.weight(self.pad(self.oc), self.pad(self.ic)) + res, res + out)
@@ -241,8 +243,12 @@ def _conv_backward(node: fx.Node) -> int:
     outputs = _bytes(node)
     grad_input = _bytes(x) if mask[0] else 0
     peak = 0
-    if mask[0]:  # a transposed convolution's input gradient is its problem's forward
-        peak = problem.forward(grad_input) if transposed else problem.backward_data(grad_input)
+    if mask[0] and transposed:  # a transposed convolution's input gradient is its problem's forward
+        peak = problem.forward(grad_input)
+    elif mask[0]:
+        strided_kernel = problem.strided and not problem.depthwise and _channel_block() == 16
+        scratchpad = _strided_data_scratchpad(fx_, fw, fg, node) if strided_kernel else 0
+        peak = problem.backward_data(grad_input, scratchpad=scratchpad)
     if mask[1] or mask[2]:
         peak = max(peak, grad_input + problem.backward_weights())
     return peak - outputs
@@ -373,14 +379,26 @@ def _channels_last_strided_data_scratch(x: torch.Tensor, w: torch.Tensor, g: tor
     """Bytes oneDNN holds beside the input gradient while its strided backward-data
     kernel (``brgconv_strided``, AVX-512, fp32, channels-last: what Inductor calls on
     CPU) runs: the weight reordered with its input channels padded to a block, and the
-    kernel's scratchpad. Per thread the scratchpad books the gradient copied into a
-    buffer padded by the window's overhang (``ohp x owp x P(Cout)`` elements rounded up
-    to 4096), one page of brgemm batch entries and one page of masks; each booking adds
-    a page for alignment. An input whose size is not a multiple of the stride adds a
-    16 KiB buffer per thread (and its page). Measured with the profiler's memory events
-    against the op alone: exact on the shapes of `tests/test_memory_analysis.py`."""
-    block, size = _channel_block(), x.element_size()
+    kernel's scratchpad (`_strided_data_scratchpad`). Measured with the profiler's
+    memory events against the op alone: exact on the shapes of
+    `tests/test_memory_analysis.py`."""
     ic, oc = concrete_int(x.shape[1]), concrete_int(g.shape[1])
+    taps = math.prod(concrete_int(s) for s in w.shape[2:])
+    return oc * _up(ic, _channel_block()) * taps * x.element_size() + _strided_data_scratchpad(x, w, g, node)
+
+
+def _strided_data_scratchpad(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, node: fx.Node) -> int:
+    """The scratchpad of oneDNN's strided backward-data kernel (``brgconv_strided``,
+    AVX-512, fp32), which runs a strided convolution's input gradient both on the
+    channels-last tensors Inductor passes and on the eager codegen's NCHW tensors
+    (reordered to channels-last copies first, `_Conv.backward_data`). Per thread it
+    books the gradient copied into a buffer padded by the window's overhang
+    (``ohp x owp x P(Cout)`` elements rounded up to 4096), one page of brgemm batch
+    entries and one page of masks; each booking adds a page for alignment. An input
+    whose size is not a multiple of the stride adds a 16 KiB buffer per thread (and
+    its page)."""
+    block, size = _channel_block(), x.element_size()
+    oc = concrete_int(g.shape[1])
     window = [concrete_int(s) for s in w.shape[2:]]
     spatial_in = [concrete_int(s) for s in x.shape[2:]]
     spatial_out = [concrete_int(s) for s in g.shape[2:]]
@@ -401,7 +419,7 @@ def _channels_last_strided_data_scratch(x: torch.Tensor, w: torch.Tensor, g: tor
     scratchpad = threads * (batch + gradient_copy + _PAGE) + 3 * _PAGE
     if any(i % s for i, s in zip(spatial_in, stride)):
         scratchpad += threads * 16 * _KIB + _PAGE
-    return oc * _up(ic, block) * taps * size + scratchpad
+    return scratchpad
 
 
 def _per_dim(value: Any, dims: int) -> list[int]:
