@@ -46,11 +46,7 @@ def explain(
     compiled, config, counts = _compile_for_explain(fn, options)
     with recording() as records, one_step():
         _run_step(compiled, args, kwargs)
-    return Explanation(
-        list(records), config, graph_breaks=counts.new_graph_breaks(),
-        skipped_frames=counts.new_skipped_frames(), unsupported=counts.new_unsupported(),
-        sharded_model=_sharded_model(fn), one_step=True,
-    )
+    return _explanation(fn, records, config, counts, one_step=True)
 
 
 MAX_SETTLING_STEPS = 6
@@ -84,10 +80,16 @@ def explain_settled(
             _run_step(compiled, args, kwargs)
             if planned_for_their_step(regions):
                 break
+    return _explanation(fn, records, config, counts, one_step=False)
+
+
+def _explanation(fn: Any, records: Any, config: MemoptConfig, counts: Any, *, one_step: bool) -> Explanation:
+    """The explanation of the regions ``records`` holds, with what Dynamo did since
+    ``counts`` (graph breaks, skipped frames, unsupported constructs)."""
     return Explanation(
         list(records), config, graph_breaks=counts.new_graph_breaks(),
         skipped_frames=counts.new_skipped_frames(), unsupported=counts.new_unsupported(),
-        sharded_model=_sharded_model(fn),
+        sharded_model=_sharded_model(fn), one_step=one_step,
     )
 
 

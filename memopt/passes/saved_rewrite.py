@@ -336,6 +336,8 @@ def _refuse_unknown_names(step: StepGraphs, names: Sequence[str]) -> None:
     """Raise ``ValueError`` for planned names that no graph of ``step`` has (a
     hand-written plan's slip, which would otherwise be carried out as nothing). A name
     the joint graph has is a real value some pass stopped saving: not an error."""
+    if not names:
+        return  # the usual case (a planner's plan): no graph walked
     known = {n.name for n in step.forward.graph.nodes}
     if step.joint is not None:
         known |= {n.name for n in step.joint.module.graph.nodes}
