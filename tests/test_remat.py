@@ -817,3 +817,53 @@ def test_a_users_checkpoint_is_a_hint_under_a_budget(checkpointing):
         saved = {d.node_name for d in unbudgeted.decisions if d.policy == "save"}
         assert unbudgeted.saved_values is None and "gelu_2" in saved, saved  # the boundary the checkpoint keeps
         assert not saved & {"addmm_2", "addmm_3", "gelu_3"}, saved
+
+
+class _CheckpointedBatchNorm(torch.nn.Module):
+    """Four conv + BatchNorm + relu blocks, the middle two in non-reentrant
+    ``torch.utils.checkpoint``: train-mode BatchNorm writes its running statistics (graph
+    inputs) inside the checkpointed blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(8, 8, 3, padding=1) for _ in range(4))
+        self.norms = torch.nn.ModuleList(torch.nn.BatchNorm2d(8) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            def block(v: torch.Tensor, conv: torch.nn.Module = conv, norm: torch.nn.Module = norm) -> torch.Tensor:
+                return torch.relu(norm(conv(v)))
+
+            x = checkpoint(block, x, use_reentrant=False) if i in (1, 2) else block(x)
+        return x.square().mean()
+
+
+@pytest.mark.parametrize("budget", [None, 0.2])
+def test_batch_norm_inside_a_users_checkpoint_updates_its_statistics_once(budget):
+    """A checkpointed block's BatchNorm writes its running statistics once per step under
+    memopt, with or without a budget whose plan recomputes inside the block (the write is
+    never part of a recomputation): loss, gradients and buffers bit-identical to torch's
+    own compiled step (``aot_eager``). Eager PyTorch differs on the buffers only: its
+    checkpoint runs the block again in backward and writes the statistics a second time
+    (docs/remat.md, "Activation checkpointing in the model")."""
+    import copy
+
+    from memopt.testing.numerics import assert_same_step, run_training_step
+
+    torch.manual_seed(0)
+    model, x = _CheckpointedBatchNorm(), torch.randn(8, 8, 16, 16)
+    runs = {}
+    for backend in ("aot_eager", "memopt", None):
+        torch._dynamo.reset()
+        copied = copy.deepcopy(model)
+        options = {"options": {"codegen": "eager"} | ({} if budget is None else {"memory_budget": budget})}
+        runner = None if backend is None else torch.compile(copied, backend=backend, **(options if backend == "memopt" else {}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", memopt.MemoptBudgetWarning)
+            runs[backend] = [run_training_step(copied, [x], runner=runner, seed=s) for s in range(2)]
+    for step in range(2):
+        assert_same_step(f"step {step}", runs["aot_eager"][step], runs["memopt"][step], exact=True)
+    assert not torch.equal(runs[None][0].buffers["norms.1.running_mean"], runs["memopt"][0].buffers["norms.1.running_mean"])
+    torch.testing.assert_close(runs[None][0].loss, runs["memopt"][0].loss)

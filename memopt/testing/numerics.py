@@ -74,14 +74,17 @@ def assert_step_matches_eager(
     for step in range(steps):
         want = run_training_step(eager_model, inputs, seed=step)
         got = run_training_step(compiled_model, inputs, runner=compiled, seed=step)
-        _assert_same(f"step {step}", want, got, exact, rtol, atol)
+        assert_same_step(f"step {step}", want, got, exact=exact, rtol=rtol, atol=atol)
         results.append(got)
     return results
 
 
-def _assert_same(
-    where: str, want: StepResult, got: StepResult, exact: bool, rtol: float | None, atol: float | None
+def assert_same_step(
+    where: str, want: StepResult, got: StepResult, *, exact: bool = False, rtol: float | None = None,
+    atol: float | None = None,
 ) -> None:
+    """Assert two steps' loss, gradients, buffers and inputs match (``torch.equal`` with
+    ``exact``, else ``torch.testing.assert_close``); failures name ``where`` and the tensor."""
     def check(name: str, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         if a is None or b is None:
             assert a is None and b is None, f"{where}: {name} is None in one run only"
