@@ -19,7 +19,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from memopt._compat import COMPILE_ISOLATES_RECOMPILES
-from memopt.backends.graph_breaks import dynamo_counts
+from memopt.backends.graph_breaks import dynamo_counts, warn_skipped_frames
 from memopt.backends.record import recording
 from memopt.config import MemoptConfig
 from memopt.explanation import Explanation
@@ -86,6 +86,7 @@ def explain_settled(
 def _explanation(fn: Any, records: Any, config: MemoptConfig, counts: Any, *, one_step: bool) -> Explanation:
     """The explanation of the regions ``records`` holds, with what Dynamo did since
     ``counts`` (graph breaks, skipped frames, unsupported constructs)."""
+    warn_skipped_frames(recording=True)  # the explanation names them: no warning later
     return Explanation(
         list(records), config, graph_breaks=counts.new_graph_breaks(),
         skipped_frames=counts.new_skipped_frames(), unsupported=counts.new_unsupported(),
@@ -192,6 +193,7 @@ def record(optimizer: Any = None) -> Iterator[Explanation]:
             explanation.graph_breaks = counts.new_graph_breaks()
             explanation.skipped_frames = counts.new_skipped_frames()
             explanation.unsupported = counts.new_unsupported()
+            warn_skipped_frames(recording=True)  # the explanation names them: no warning later
 
 
 def _sharded_model(fn: Any) -> Any:

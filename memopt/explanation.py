@@ -12,7 +12,7 @@ memory-snapshot format.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from tabulate import tabulate
 from memopt.analysis.compose import compose_repeated_calls, compose_timelines
 from memopt.analysis.optimizer_memory import OptimizerMemory
 from memopt.analysis.timeline import MemoryTimeline
+from memopt.backends.graph_breaks import skipped_frames_text
 from memopt.backends.record import RegionRecord
 from memopt.config import MemoptConfig
 from memopt.passes.instruments import op_counts
@@ -381,13 +382,7 @@ class Explanation:
         return out
 
     def _skipped_text(self) -> str:
-        frames = "; ".join(frame.rstrip(".") for frame in self.skipped_frames)
-        return (
-            f"Dynamo skipped {len(self.skipped_frames)} frame(s) whole and ran them eagerly, without memopt "
-            f"(no plan, no memory_budget): {frames}. A graph break inside a for/while loop skips the "
-            "function that holds the loop: move the print, .item() or data-dependent branch out of the loop "
-            "(docs/remat.md, \"Graph breaks\")" + _checkpointing_advice(self.skipped_frames)
-        )
+        return skipped_frames_text(self.skipped_frames)
 
     def _nothing_text(self) -> str:
         """Why no region reached memopt: the unsupported constructs Dynamo met, if it
@@ -569,21 +564,3 @@ def _dynamic_shapes(record: RegionRecord) -> bool:
     """The region was compiled for dynamic shapes: its forward takes a size symbol."""
     step = record.step
     return step is not None and any(meta.is_symbolic(ph) for ph in step.forward.graph.find_nodes(op="placeholder"))
-
-
-def _checkpointing_advice(skipped_frames: Sequence[str]) -> str:
-    """The fix for frames Dynamo skipped because of a higher-order op it could not trace
-    (their reasons start "HOP:"), which in training code is activation checkpointing:
-    torch 2.13 skips each layer Hugging Face's ``gradient_checkpointing_enable``
-    checkpoints ("HOP: Unsafe side effect"), and the function that loops over layers
-    whose checkpointed code writes Python state ("HOP: Non-nullified side effect").
-    Else nothing."""
-    if not any(": HOP: " in frame for frame in skipped_frames):
-        return ""
-    return (
-        ". A \"HOP:\" reason is a higher-order op Dynamo could not trace, most often activation checkpointing "
-        "(torch.utils.checkpoint; Hugging Face's gradient_checkpointing_enable): the code it wraps runs eagerly, "
-        "with no plan, budget or precision lowering. Checkpointing and memory_budget do the same job: turn "
-        "checkpointing off (model.gradient_checkpointing_disable() on a Hugging Face model) and let memory_budget "
-        "choose what to recompute"
-    )

@@ -644,6 +644,22 @@ def test_report_names_the_graph_breaks_and_their_reason():
     assert "graph breaks" not in whole.report() and whole.to_dict()["graph_breaks"] == []
 
 
+class _PrintInLoop(torch.nn.Module):
+    """Two ``Linear(8, 8)`` + tanh layers with a ``print`` in the layer loop: Dynamo skips
+    this ``forward`` whole ("graph break in loop"). ``reduce``: return the sum."""
+
+    def __init__(self, reduce: bool) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(2))
+        self.reduce = reduce
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+            print("a print in a loop skips the frame")
+        return x.sum() if self.reduce else x
+
+
 def test_report_names_a_frame_dynamo_skipped_whole_after_a_graph_break_in_a_loop():
     """A graph break inside a loop (a ``print`` in the layer loop) makes Dynamo skip the
     whole function and run it eagerly: nothing reaches memopt, so the budget does not
@@ -651,20 +667,9 @@ def test_report_names_a_frame_dynamo_skipped_whole_after_a_graph_break_in_a_loop
     the break and the fix (they said "0 region(s)", and the estimate "no region was
     compiled", with no reason)."""
 
-    class Loop(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(2))
-
-        def forward(self, x):
-            for layer in self.layers:
-                x = torch.tanh(layer(x))
-                print("a print in a loop skips the frame")
-            return x.sum()
-
     torch._dynamo.reset()
     for run in ("explain", "record"):
-        model = Loop()
+        model = _PrintInLoop(reduce=True)
         if run == "explain":
             ex = memopt.explain(model, torch.randn(4, 8), options={**EAGER, "memory_budget": "1MiB"})
         else:
@@ -712,13 +717,41 @@ def test_report_advises_dropping_checkpointing_dynamo_could_not_trace():
             return x.sum()
 
     compiled = torch.compile(Net(), backend="memopt", options={**EAGER, "memory_budget": 0.5})
-    with memopt.record() as ex:
+    with memopt.record() as ex, warnings.catch_warnings():
+        warnings.simplefilter("error", memopt.MemoptWarning)  # the report names the frame: no warning
         compiled(torch.randn(4, 8)).backward()
     [frame] = ex.skipped_frames
     assert ": HOP: " in frame, frame
     text = " ".join(ex.report().split())
     assert "most often activation checkpointing" in text and "gradient_checkpointing_disable()" in text, text
     assert "let memory_budget choose what to recompute" in text, text
+
+
+def test_a_frame_dynamo_skipped_is_warned_once_at_compile_time():
+    """Without `memopt.explain` / `memopt.record`, a frame Dynamo skips whole (here a
+    submodule whose layer loop prints) ran without memopt and nothing said so: the user
+    saw a peak above the budget and no reason. The next region memopt compiles warns,
+    once, naming the frame, the cause and the fix; later steps say nothing again."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre, self.body, self.post = torch.nn.Linear(8, 8), _PrintInLoop(reduce=False), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.post(self.body(self.pre(x))).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(Net(), backend="memopt", options=EAGER)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            compiled(torch.randn(4, 8)).backward()
+    said = [w for w in caught if "Dynamo skipped" in str(w.message)]
+    assert len(said) == 1 and issubclass(said[0].category, memopt.MemoptWarning), [str(w.message)[:300] for w in said]
+    text = " ".join(str(said[0].message).split())
+    assert "Dynamo skipped 1 frame(s) whole and ran them eagerly, without memopt" in text, text
+    assert "forward (" in text and "test_report.py line" in text and "move the print" in text, text
 
 
 def test_report_names_the_unsupported_construct_when_nothing_reached_memopt():

@@ -19,6 +19,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from memopt._logging import configure_from_env
 from memopt._once import frame_compile_started
+from memopt.backends.graph_breaks import warn_skipped_frames
 from memopt.backends.meta_device import composite_autograd_on_meta
 from memopt.backends.record import active_recorders
 from memopt.backends.region import RegionCompiler, describe_inputs
@@ -91,6 +92,7 @@ def memopt_backend(
                 MemoptWarning,
                 stacklevel=2,
             )
+    warn_skipped_frames(recording=bool(active_recorders()), stacklevel=2)
     name = _region_name()
     frame_compile_started(name)
     region = RegionCompiler(
