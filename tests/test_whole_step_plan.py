@@ -229,6 +229,29 @@ def test_dominant_parameters_name_the_embedding_by_module_path() -> None:
     assert "embed.weight" in explanation.report()
 
 
+def test_dominant_parameters_credit_no_gradient_to_frozen_ones() -> None:
+    """Four equal 256 x 256 layers, the first two frozen (fine-tuning the top): with a
+    separate ``opt.step()`` the peak is that step, where the two trainable layers'
+    gradients are live. Gradients are matched to parameters by shape, so they must go
+    to the two that train; the frozen ones have weight only (they were credited the
+    gradients before, being first of that shape)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(256, 256, bias=False) for _ in range(4)])
+    model[:2].requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    torch._dynamo.reset()
+    with memopt.record() as explanation:
+        torch.compile(model, backend="memopt", options={"codegen": "eager", "optimizer": opt})(
+            torch.randn(8, 256)
+        ).sum().backward()
+    weight = 256 * 256 * 4
+    shares = {d.name: d for d in explanation.dominant_parameters(share=0.0)}
+    assert {name: d.gradient_bytes for name, d in shares.items()} == {
+        "0.weight": 0, "1.weight": 0, "2.weight": weight, "3.weight": weight,
+    }  # fmt: skip
+    assert shares["2.weight"].state_bytes == 2 * weight and shares["0.weight"].state_bytes == 0
+
+
 def test_optimizer_option_is_checked() -> None:
     model = _mlp()
     a, b = torch.optim.AdamW(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.1)

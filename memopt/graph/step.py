@@ -152,6 +152,23 @@ class StepGraphs:
     def is_training(self) -> bool:
         return self.backward is not None
 
+    def inputs_with_gradient(self) -> frozenset[int]:
+        """Indices of the forward placeholders that get a gradient in this step (a
+        parameter that requires grad, an input that does); empty for inference.
+
+        Read from AOTAutograd's joint graph when the step has it (``joint``: after its
+        forward outputs it returns one gradient, or None, per forward input, and no pass
+        rewrites it), else from the backward's outputs, one per forward input in order:
+        the ``optimizer_in_backward`` pass replaces an updated parameter's gradient there
+        by None, although the gradient exists until its update."""
+        if self.backward is None:
+            return frozenset()
+        if self.joint is not None:
+            grads = output_values(self.joint.module)[self.joint.num_fwd_outputs :]
+        else:
+            grads = output_values(self.backward)
+        return frozenset(i for i, grad in enumerate(grads) if grad is not None)
+
     def graphs(self) -> Iterator[tuple[str, fx.GraphModule]]:
         """(name, graph) for each graph: ``forward``/``backward``, or the single graph's
         name (``inference``, or ``dynamo`` before AOTAutograd)."""

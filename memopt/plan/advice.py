@@ -39,6 +39,7 @@ Rules (one per technique; "at the peak" means live at the step's peak point):
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -97,32 +98,41 @@ class ParameterShare:
 @dataclass(frozen=True)
 class StepParameter:
     """A parameter of the step: its identity (id() of the real tensor), module path,
-    shape, elements and bytes."""
+    shape, elements and bytes; ``trains``: it gets a gradient in the step (False for a
+    frozen parameter, ``requires_grad=False``)."""
 
     identity: int | None
     name: str
     shape: tuple[int, ...]
     numel: int
     nbytes: int
+    trains: bool = True
 
 
 def step_parameters(steps: Sequence[StepGraphs]) -> list[StepParameter]:
     """The parameters of the step's regions, each once (by identity), named by
-    module path."""
-    seen: set[int] = set()
-    out = []
+    module path; one trains if any region gives it a gradient."""
+    seen: dict[int, int] = {}  # identity -> index in out
+    out: list[StepParameter] = []
     for step in steps:
+        with_gradient = step.inputs_with_gradient()
         for i, ph in enumerate(step.forward.graph.find_nodes(op="placeholder")):
             if step.input_kind(i) != "parameter":
                 continue
             info, value = step.inputs[i], meta.tensor_value(ph)
-            if value is None or info.identity in seen:
+            if value is None:
+                continue
+            if info.identity in seen:
+                if i in with_gradient:  # a parameter shared across regions, trained in this one
+                    index = seen[info.identity]
+                    out[index] = dataclasses.replace(out[index], trains=True)
                 continue
             if info.identity is not None:
-                seen.add(info.identity)
+                seen[info.identity] = len(out)
             shape = tuple(concrete_int(s) for s in value.shape)
             numel = concrete_int(value.numel())
-            out.append(StepParameter(info.identity, parameter_name(info.name), shape, numel, numel * value.element_size()))
+            out.append(StepParameter(info.identity, parameter_name(info.name), shape, numel, numel * value.element_size(),
+                                     i in with_gradient))  # fmt: skip
     return out
 
 
@@ -319,7 +329,7 @@ def dominant_parameters(
     live_grads = _live_gradient_shapes(after)
     out = []
     for p in params:
-        grad = p.nbytes if live_grads.get(p.shape, 0) > 0 else 0
+        grad = p.nbytes if p.trains and live_grads.get(p.shape, 0) > 0 else 0  # a frozen one has none
         if grad:
             live_grads[p.shape] -= 1  # each live gradient is one parameter's
         state = optimizer.state_bytes.get(p.identity, 0) if optimizer is not None and p.identity is not None else 0
@@ -331,7 +341,8 @@ def dominant_parameters(
 
 def _live_gradient_shapes(timeline: MemoryTimeline) -> dict[tuple[int, ...], int]:
     """Shape -> how many gradients of that shape are live at the peak (gradients are
-    matched to parameters by shape: the timeline does not name their parameter)."""
+    matched by shape to the parameters that train: the timeline does not name their
+    parameter)."""
     counts: dict[tuple[int, ...], int] = {}
     for iv in timeline.live_at(timeline.peak_index):
         if iv.category == "gradients":
