@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -254,4 +255,43 @@ def test_an_option_that_can_do_nothing_warns(options: dict, message: str) -> Non
     compiled = torch.compile(torch.nn.Linear(4, 4), backend="memopt", options={"codegen": "eager", **options})
     with pytest.warns(MemoptWarning, match=message):
         compiled(torch.randn(2, 4)).sum().backward()
+    torch._dynamo.reset()
+
+
+class _TwoRegions(torch.nn.Module):
+    """Two layers with a graph break between them: two compiled regions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x).relu()
+        torch._dynamo.graph_break()
+        return self.b(h)
+
+
+def test_an_inert_option_warns_once_across_regions_and_recompiles() -> None:
+    """Fine-tuning that unfreezes a layer between steps recompiles (Dynamo guards on
+    ``requires_grad``), and a graph break compiles two regions: the inert option was
+    warned for each of those compiles, 4 times here for one ``torch.compile``. It is
+    said once, and again after ``torch._dynamo.reset()`` (a fresh start)."""
+    torch._dynamo.reset()
+    model = _TwoRegions()
+    model.a.requires_grad_(False)
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "offload_dir": "/tmp"})
+
+    def inert_warnings(steps: int) -> int:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(steps):
+                if step == 1:
+                    model.a.requires_grad_(True)  # unfreeze: region 0 compiles again
+                compiled(torch.randn(2, 4)).sum().backward()
+        return sum("memopt ignores offload_dir='/tmp'" in str(w.message) for w in caught)
+
+    assert inert_warnings(3) == 1
+    torch._dynamo.reset()
+    model.a.requires_grad_(False)
+    assert inert_warnings(2) == 1
     torch._dynamo.reset()

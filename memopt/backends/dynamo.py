@@ -18,7 +18,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from memopt._logging import configure_from_env
-from memopt._once import frame_compile_started
+from memopt._once import frame_compile_started, said_since_reset
 from memopt.backends.graph_breaks import warn_skipped_frames
 from memopt.backends.meta_device import composite_autograd_on_meta
 from memopt.backends.record import active_recorders
@@ -52,6 +52,39 @@ def _region_name() -> str:
     return str(compile_id) if compile_id is not None else "0"
 
 
+def _warn_inert_options(config: MemoptConfig, kwargs: Mapping[str, Any]) -> None:
+    """Warn of each setting that can do nothing (backend arguments memopt ignores, an
+    option another one makes inert), naming it and the fix: once since the last
+    ``torch._dynamo.reset()``, not for every region and recompile compiled with the
+    same options (`memopt._once.said_since_reset`)."""
+    messages = []
+    if kwargs:
+        messages.append(
+            f"memopt ignores backend arguments {sorted(kwargs)}; pass memopt settings "
+            f"as options={{...}} (valid keys: see memopt.MemoptConfig)."
+        )
+    if config.precision_policy and config.precision is None:
+        messages.append(
+            f"memopt ignores precision_policy={dict(config.precision_policy)}: precision is None, so "
+            f"no op is lowered and the overrides have nothing to change. Set precision='bf16' or "
+            f"'fp16' for them to apply."
+        )
+    if config.offload_dir is not None and config.offload is None:
+        messages.append(
+            f"memopt ignores offload_dir={config.offload_dir!r}: offload is None, so nothing is written there. "
+            "Set offload='disk' or 'auto' for it to apply."
+        )
+    for option, pass_name in _APPLIED_BY.items():
+        if getattr(config, option) is not None and pass_name in config.disable_passes:
+            messages.append(
+                f"memopt ignores {option}={getattr(config, option)!r}: disable_passes names {pass_name!r}, the "
+                f"pass that applies it. Drop {pass_name!r} from disable_passes, or the option."
+            )
+    for message in messages:
+        if not said_since_reset(message):
+            warnings.warn(message, MemoptWarning, stacklevel=3)
+
+
 def memopt_backend(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -62,39 +95,10 @@ def memopt_backend(
     """Compile one Dynamo graph with memopt (see `memopt.MemoptConfig` for options)."""
     configure_from_env()
     config = MemoptConfig.from_options(options)
-    if kwargs:
-        warnings.warn(
-            f"memopt ignores backend arguments {sorted(kwargs)}; pass memopt settings "
-            f"as options={{...}} (valid keys: see memopt.MemoptConfig).",
-            MemoptWarning,
-            stacklevel=2,
-        )
-    if config.precision_policy and config.precision is None:
-        warnings.warn(
-            f"memopt ignores precision_policy={dict(config.precision_policy)}: precision is None, so "
-            f"no op is lowered and the overrides have nothing to change. Set precision='bf16' or "
-            f"'fp16' for them to apply.",
-            MemoptWarning,
-            stacklevel=2,
-        )
-    if config.offload_dir is not None and config.offload is None:
-        warnings.warn(
-            f"memopt ignores offload_dir={config.offload_dir!r}: offload is None, so nothing is written there. "
-            "Set offload='disk' or 'auto' for it to apply.",
-            MemoptWarning,
-            stacklevel=2,
-        )
-    for option, pass_name in _APPLIED_BY.items():
-        if getattr(config, option) is not None and pass_name in config.disable_passes:
-            warnings.warn(
-                f"memopt ignores {option}={getattr(config, option)!r}: disable_passes names {pass_name!r}, the "
-                f"pass that applies it. Drop {pass_name!r} from disable_passes, or the option.",
-                MemoptWarning,
-                stacklevel=2,
-            )
     warn_skipped_frames(recording=bool(active_recorders()), stacklevel=2)
     name = _region_name()
     frame_compile_started(name)
+    _warn_inert_options(config, kwargs)
     region = RegionCompiler(
         config,
         name,
@@ -126,11 +130,9 @@ def _compile_with_memopt(
     gm = region.optimize_pre_autograd(gm)  # precision lowering, before AOTAutograd
     log.info("region %s: compiling %d-node graph (codegen=%s)", region.region, len(gm.graph.nodes), config.codegen)
     if config.codegen != "inductor" and mode not in (None, "default"):
-        warnings.warn(
-            f"memopt ignores mode={mode!r} with codegen='eager' (modes tune Inductor).",
-            MemoptWarning,
-            stacklevel=3,
-        )
+        message = f"memopt ignores mode={mode!r} with codegen='eager' (modes tune Inductor)."
+        if not said_since_reset(message):  # once, not per region (`_warn_inert_options`)
+            warnings.warn(message, MemoptWarning, stacklevel=3)
     compile = functools.partial(_compile_region, mode=mode)
     watched: WatchedRegion
     if config.memory_budget is None:
