@@ -331,3 +331,22 @@ def test_a_separate_step_makes_no_temporaries_for_frozen_parameters() -> None:
     breakdown = timeline.breakdown_at(len(timeline.points) - 1)
     assert timeline.points[-1].graph == OPTIMIZER_GRAPH
     assert breakdown["temporaries"] == 2 * 4 * model.layers[0].weight.numel()
+
+
+def test_a_layer_frozen_after_training_keeps_its_state_but_makes_no_temporaries() -> None:
+    """Train everything, then freeze the largest weight (128 x 128) and go on with the
+    same optimizer: its AdamW state stays on the device (counted), but the separate
+    step no longer updates it, so the step's two temporaries are of the largest
+    trainable weight (64 x 128). They were of the frozen one: 2 x 4 x 16384 bytes,
+    over 20 times the measured growth of such a step."""
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 64), torch.randn(4, 8)).backward()
+    opt.step()
+    opt.zero_grad()
+    model.layers[1].weight.requires_grad_(False)
+    timeline = _explain(model, {"optimizer": opt}).timeline()
+    breakdown = timeline.breakdown_at(len(timeline.points) - 1)
+    assert timeline.points[-1].graph == OPTIMIZER_GRAPH
+    assert breakdown["optimizer_state"] == 8 * _numel(model)  # the frozen weight's state included
+    assert breakdown["temporaries"] == 2 * 4 * model.layers[0].weight.numel()

@@ -9,7 +9,8 @@ parameter (``requires_grad=False``) with no state holds none: it never gets a gr
 and torch's optimizers and memopt's step only parameters that have one (freezing a base
 model and passing all of ``model.parameters()`` to the optimizer is common), nor does
 its update make temporaries; unfreezing it recompiles (Dynamo guards on
-``requires_grad``), and the plan then predicts its state.
+``requires_grad``), and the plan then predicts its state. One frozen after it trained
+keeps its state (counted) but is not updated: no temporaries for it.
 
 `memopt.analysis.memory.build_timeline` uses it so the plan sees the whole step:
 
@@ -133,9 +134,10 @@ def optimizer_memory(optimizer: torch.optim.Optimizer, in_backward: bool) -> Opt
             if registered.requires_grad or stepping.state.get(p):
                 state[id(registered)] = state_bytes_of(stepping, p, group)
                 measured = measured and bool(stepping.state.get(p))
-                stepped.append(p)
             else:
                 state[id(registered)] = 0  # frozen: never a gradient, so never state (module docstring)
+            if registered.requires_grad:  # frozen after training: its state stays, its update does not run
+                stepped.append(p)
         group_factor, group_temps = _update_temporaries(stepping, group, stepped)
         factors.append(group_factor)
         step_temporaries = max(step_temporaries, group_temps)
