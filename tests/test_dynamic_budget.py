@@ -78,3 +78,29 @@ def test_dropout_under_a_budget_keeps_a_dynamic_region_dynamic() -> None:
             compiled(torch.randn(batch, 32)).sum().backward()
     assert [r.region for r in explanation.regions] == ["0/0"], [r.region for r in explanation.regions]
     assert [fb for r in explanation.regions for fb in r.fallbacks] == []
+
+
+def test_an_inference_region_warns_without_the_training_fixes() -> None:
+    """An inference region (``torch.no_grad()``: evaluation, each decoding step of
+    ``generate``, whose key/value cache grows a position per call) keeps nothing for
+    backward, so no plan lowers its peak. Its larger call used to be told to compile
+    with ``dynamic=False`` for a plan per shape (for ``generate``: a compile per decoding
+    step, until Dynamo's recompile limit) or to give a fraction (not applied to
+    inference regions): now the warning says the budget was only checked at the traced
+    sizes and names the fixes that apply."""
+    torch._dynamo.reset()
+    model = _model()
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "memory_budget": "4MiB"}, dynamic=True)
+    said = []
+    for batch in (64, 32, 128, 256):
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", memopt.MemoptWarning)
+            compiled(torch.randn(batch, 32))
+        said.append([str(w.message) for w in caught if issubclass(w.category, memopt.MemoptWarning)])
+    assert said[:2] == [[], []], said
+    (message,) = said[2]
+    assert message.startswith("inference region 0/0 was compiled for dynamic shapes"), message
+    assert "(64, 32)" in message and "(128, 32)" in message and "memory_budget 4.00 MiB" in message, message
+    assert "no plan lowers its peak" in message, message
+    assert "Compile with torch.compile(..., dynamic=False)" not in message, message
+    assert said[3] == [], said  # once per region

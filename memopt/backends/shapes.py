@@ -10,6 +10,14 @@ given in bytes with nothing said. `watch_shapes` wraps such a region so that the
 call larger than the traced shapes warns, once per region, naming the input, both
 sizes and the fix. A fractional budget is a fraction of the peak at whatever shape
 runs and is not watched.
+
+An inference region (no gradient: ``torch.no_grad()``, evaluation, each decoding step
+of ``model.generate``, whose key/value cache grows by one position a call) keeps
+nothing for backward, so no plan lowers its peak: the budget was only checked at the
+traced sizes. Its warning says so, and names the fixes that apply to it: neither a
+plan per shape (``dynamic=False`` compiles every decoding step's cache length anew,
+until Dynamo's recompile limit runs the rest eagerly) nor a fractional budget (not
+applied to inference regions) would keep its peak within the budget.
 """
 
 from __future__ import annotations
@@ -56,8 +64,11 @@ def _bounds(region: RegionCompiler, gm: fx.GraphModule) -> list[_Bound]:
 class _ShapeWatch:
     """``fn`` with a check of its inputs' sizes against ``bounds`` until one passes."""
 
-    def __init__(self, fn: Callable[..., Any], region: RegionCompiler, bounds: list[_Bound], budget: int) -> None:
+    def __init__(
+        self, fn: Callable[..., Any], region: RegionCompiler, bounds: list[_Bound], budget: int, *, inference: bool
+    ) -> None:
         self.fn, self.region, self.bounds, self.budget = fn, region, bounds, budget
+        self.inference = inference
         self.warned = False
 
     def __call__(self, *args: Any) -> Any:
@@ -71,17 +82,30 @@ class _ShapeWatch:
             if not isinstance(value, torch.Tensor) or value.numel() <= bound.limit:
                 continue
             self.warned = True
-            warnings.warn(
-                f"region {self.region.region} was compiled for dynamic shapes and planned once, for "
-                f"memory_budget {format_bytes(self.budget)} at the sizes it was traced with: "
-                f"{bound.name} of shape {bound.traced}. This call passes shape {tuple(value.shape)}, larger than the plan is "
-                f"made for, so the step's peak can exceed the budget. Compile with torch.compile(..., "
-                f"dynamic=False) for a plan per shape, or pad the inputs to one size (the largest), or give "
-                f"memory_budget as a fraction of the peak. Warned once per region.",
-                MemoptBudgetWarning,
-                stacklevel=2,
-            )
+            warnings.warn(self._message(bound, tuple(value.shape)), MemoptBudgetWarning, stacklevel=2)
             return
+
+    def _message(self, bound: _Bound, shape: tuple[int, ...]) -> str:
+        """The warning for a call passing ``shape`` where ``bound`` was traced."""
+        traced = f"{bound.name} of shape {bound.traced}. This call passes shape {shape}, larger than"
+        if self.inference:
+            return (
+                f"inference region {self.region.region} was compiled for dynamic shapes, and memory_budget "
+                f"{format_bytes(self.budget)} was checked once, at the sizes it was traced with: {traced} those, so "
+                f"its peak can exceed the budget. An inference region keeps nothing for backward: no plan lowers its "
+                f"peak, at any shape (dynamic=False would compile each shape anew, e.g. every decoding step of "
+                f"generate, and a fractional budget is not applied to inference regions). Keep the inputs within "
+                f"the sizes that fit (batch, sequence; for generate, the prompt plus max_new_tokens), or raise "
+                f"memory_budget to the peak at the largest size (memopt.explain at that size reports it). Warned "
+                f"once per region."
+            )
+        return (
+            f"region {self.region.region} was compiled for dynamic shapes and planned once, for "
+            f"memory_budget {format_bytes(self.budget)} at the sizes it was traced with: {traced} the plan is "
+            f"made for, so the step's peak can exceed the budget. Compile with torch.compile(..., "
+            f"dynamic=False) for a plan per shape, or pad the inputs to one size (the largest), or give "
+            f"memory_budget as a fraction of the peak. Warned once per region."
+        )
 
 
 def watch_shapes(fn: Callable[..., Any], region: RegionCompiler, gm: fx.GraphModule) -> Callable[..., Any]:
@@ -96,4 +120,5 @@ def watch_shapes(fn: Callable[..., Any], region: RegionCompiler, gm: fx.GraphMod
     bounds = _bounds(region, gm)
     if not bounds:
         return fn
-    return torch._dynamo.disable(_ShapeWatch(fn, region, bounds, budget), reason="memopt's compiled region")
+    watch = _ShapeWatch(fn, region, bounds, budget, inference=region.record.kind == "inference")
+    return torch._dynamo.disable(watch, reason="memopt's compiled region")
