@@ -228,11 +228,58 @@ def _conv(node: fx.Node) -> int:
     return problem.forward(out) - out
 
 
+def _channels_last(t: torch.Tensor) -> bool:
+    """ATen's ``suggest_memory_format`` of ``t`` is channels-last (2-d or 3-d)."""
+    try:
+        fmt = torch._prims_common.suggest_memory_format(t)
+    except Exception:  # symbolic strides it cannot compare
+        return False
+    return fmt in (torch.channels_last, torch.channels_last_3d)
+
+
+def _wide_grouped_weight_grad(x: Any, w: Any, g: Any, groups: int, transposed: bool, channels_last: bool = False) -> int | None:
+    """Bytes beyond the op's outputs held by oneDNN's weight-gradient pass for a grouped
+    (depthwise included) fp32 convolution on channels-last tensors whose window is
+    wider than 3 (ConvNeXt's 7x7 depthwise convolution, whose input is a permuted
+    channels-last tensor), AVX-512; None where that kernel does not run. Its kernel
+    computes the gradient in a layout blocked per group, both channel counts of each
+    group padded to a whole block: ``groups * P(oc/groups) * P(ic/groups) * taps``
+    elements, 256 per tap of a depthwise convolution, with the gradient then reordered
+    out (one copy of the weight, two where a group has more than one input channel).
+    ``channels_last``: the operands are channels-last whatever their strides say (Inductor
+    calls convolutions so); else ATen picks the layout from the input's strides.
+    Where the input is not channels-last, or the window is at most
+    3 wide, oneDNN's depthwise kernel runs instead and holds a few weights' worth
+    (`_Conv.backward_weights`). Measured with the profiler's memory events against
+    the op alone (`tests/test_memory_analysis.py`): within a few hundred
+    bytes on 2-d and 3-d windows from 1x7 to 7x7 and 5x5x5, 2 to 16 groups; the
+    blocked model read the depthwise 7x7 gradient 257 weights low (ConvNeXt's step
+    measured 5.9 times its estimate)."""
+    if groups == 1 or transposed or _channel_block() != 16:
+        return None
+    if not all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in (x, w, g)) or w.dim() < 3:
+        return None
+    if concrete_int(w.shape[-1]) <= 3 or not (channels_last or _channels_last(x)):
+        return None
+    oc, ic_per_group = concrete_int(w.shape[0]), concrete_int(w.shape[1])
+    taps = math.prod(concrete_int(s) for s in w.shape[2:])
+    blocked = groups * _up(oc // groups, 16) * _up(ic_per_group, 16) * taps * w.element_size()
+    return blocked + (1 if ic_per_group == 1 else 2) * _bytes(w)
+
+
 def _conv_backward(node: fx.Node) -> int:
     grad_out, x, w = _arg(node, 0, "grad_output"), _arg(node, 1, "input"), _arg(node, 2, "weight")
     transposed, groups = _arg(node, 7, "transposed", False), _arg(node, 9, "groups", 1)
     mask = _arg(node, 10, "output_mask", [True, True, True])
     fg, fx_, fw = (meta.fake_value(v) if isinstance(v, fx.Node) else None for v in (grad_out, x, w))
+    wide = _wide_grouped_weight_grad(fx_, fw, fg, groups, transposed) if mask[1] else None
+    return max(_conv_backward_blocked(node, fx_, fw, fg), wide or 0)
+
+
+def _conv_backward_blocked(node: fx.Node, fx_: Any, fw: Any, fg: Any) -> int:
+    transposed, groups = _arg(node, 7, "transposed", False), _arg(node, 9, "groups", 1)
+    mask = _arg(node, 10, "output_mask", [True, True, True])
+    x = _arg(node, 1, "input")
     problem = _conv_problem(fx_, fw, fg, node, 4, transposed, groups)
     if problem is None or (isinstance(problem, _Conv) and problem.depthwise and problem.k == 1 and problem.strided):
         # (a strided 1x1 depthwise backward holds no blocked copies: measured, the
@@ -450,6 +497,10 @@ def _conv_backward_fused(node: fx.Node) -> int:
         and _arg(node, 9, "groups", 1) == 1
         and _channel_block() == 16
     )
+    if mask[1]:
+        transposed = _arg(node, 7, "transposed", False)
+        wide = _wide_grouped_weight_grad(x, w, g, _arg(node, 9, "groups", 1), transposed, channels_last=True)
+        weight_pass = max(weight_pass, wide or 0)
     if not data_pass:
         return weight_pass
     data = _bytes(x) + _channels_last_strided_data_scratch(x, w, g, node) - _bytes(node)
