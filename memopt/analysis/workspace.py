@@ -159,18 +159,24 @@ class _Conv:
         return max(extra_dst + grad + self.weight(self.pad(self.oc), self.pad(self.ic)) + res, res + out)
 
     def backward_weights(self) -> int:
-        """Bytes the weight-gradient pass holds: the gradient and the input reordered
-        into blocks and the blocked weight gradient. 1-3 input channels (with a real
-        window) read the plain input; 4-15 run oneDNN's AVX2 kernel, 8-channel blocks."""
+        """Peak bytes of the weight-gradient pass: the gradient and the input reordered
+        into blocks and the blocked weight gradient, then the blocked weight gradient
+        and the dense one while it is copied out (the peak where the weight outweighs
+        the activations: a 1x1 convolution on a 1x1 feature map, a late stage of a
+        small image). 1-3 input channels (with a real window) read the plain input;
+        4-15 run oneDNN's AVX2 kernel, 8-channel blocks."""
         block = self.block
+        dense = self.weight(self.oc, self.ic)
         if not self.depthwise and self.k > 1 and self.ic < self.block:
             if self.ic <= 3:
                 grad = self.act(self.pad(self.oc), self.sy)
-                return grad + self.weight(self.pad(self.oc), self.ic)
+                blocked = self.weight(self.pad(self.oc), self.ic)
+                return max(grad + blocked, blocked + dense)
             block = min(block, 8)
         pad = lambda c: self.pad(c, block)  # noqa: E731
         grad, src = self.act(pad(self.oc), self.sy), self.act(pad(self.ic), self.sx)
-        return grad + src + self.weight(pad(self.oc), pad(self.ic)) + self.gathered()
+        blocked = self.weight(pad(self.oc), pad(self.ic))
+        return max(grad + src + blocked + self.gathered(), blocked + dense)
 
 
 def _conv_problem(x: Any, w: Any, y: Any, node: fx.Node, stride_index: int, transposed: bool, groups: int) -> _Conv | int | None:
