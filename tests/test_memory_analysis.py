@@ -501,6 +501,8 @@ def test_channels_last_strided_backward_data_scratch_is_exact(threads, cin, cout
         (2, 16, 16, 8, 2, 2, 0),  # SegFormer's spatial-reduction convolution
         (8, 3, 16, 32, 7, 2, 3),  # a ResNet stem
         (8, 16, 32, 8, 1, 2, 0),  # a 1x1 shortcut: the scratchpad only at 2 threads
+        (2, 2, 4, 32, 3, 2, 1),  # LeViT's stem (2 -> 4): the gradient copy is not padded to 16 channels
+        (2, 2, 24, 64, 3, 2, 1),  # nor to a multiple of 16 (32 KiB high at 2 threads)
     ],
 )
 def test_nchw_strided_backward_data_holds_the_strided_kernels_scratchpad(threads, batch, cin, cout, size, kernel, stride, pad):
