@@ -169,3 +169,35 @@ def test_the_order_is_the_one_scoring_every_ready_node_gives(name):
         freeable = gm.graph.find_nodes(op="placeholder") if graph_name == "backward" else []
         got = memory_aware_order(gm.graph, freeable_inputs=freeable)
         assert got == _order_scoring_every_ready_node(gm.graph, freeable), graph_name
+
+
+def test_a_region_with_no_ops_compiles():
+    """A frame whose only op traces to nothing (Hugging Face Reformer's
+    ``self.attention_seed = int(torch.seed() % sys.maxsize)`` in a method of its own,
+    compiled as its own region after a graph break) reaches memopt as an inference
+    graph of no inputs and no nodes. The schedule pass raised IndexError on it
+    ("This is a memopt bug", the region falling back), twice per Reformer step."""
+    import sys
+
+    class Seeded(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def _init_seed(self) -> None:
+            self.seed = int(torch.seed() % sys.maxsize)
+            torch.manual_seed(self.seed)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self._init_seed()
+            return self.lin(x).sum()
+
+    torch._dynamo.reset()
+    model = Seeded()
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "strict": True, "verify": True})
+    with memopt.record() as explanation:
+        compiled(torch.randn(2, 4)).backward()
+    assert explanation.fallbacks == []
+    empty = [r for r in explanation.regions if r.kind == "inference"]
+    assert empty and all(p.status == "ran" for r in empty for p in r.passes)
+    assert model.lin.weight.grad is not None

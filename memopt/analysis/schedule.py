@@ -152,6 +152,11 @@ def output_values_of(graph: fx.Graph) -> list[fx.Node]:
 
 
 def apply_order(graph: fx.Graph, order: list[fx.Node]) -> None:
+    """Move the compute nodes ``order`` lists into that order, after the placeholders.
+    An empty ``order`` (a graph of nothing but its output: a Dynamo region whose only
+    op, such as Reformer's ``torch.seed()``, traced to nothing) leaves ``graph`` as it is."""
+    if not order:
+        return
     anchor = graph.find_nodes(op="placeholder")[-1] if graph.find_nodes(op="placeholder") else None
     if anchor is None:
         first = next(iter(graph.nodes))
