@@ -400,6 +400,20 @@ class Explanation:
         """The frames Dynamo skipped whole (nothing in them compiled, planned or budgeted)."""
         return [wrap(self._skipped_text() + ".")] if self.skipped_frames else []
 
+    def _savings_lines(self) -> list[str]:
+        """The savings table, or for a step of inference regions only (nothing saved for
+        backward, no gradients, no update: every row would read 0 B) why there is none."""
+        if all(r.kind == "inference" for r in self.regions):
+            return [wrap(
+                "what each option saves: nothing, in a step of inference regions only. They save no activations "
+                "for backward (rematerialization, compression and offload act on those) and have no gradients or "
+                "optimizer update; their peak is parameters, outputs and temporaries (above)."
+            )]  # fmt: skip
+        return [
+            wrap("what each option saves or would save at the estimated peak (modelled, docs/whole_step.md):"),
+            savings_table(self.savings()),
+        ]
+
     def _has_memory(self) -> bool:
         return any(r.timeline_after is not None for r in self.regions)
 
@@ -460,8 +474,7 @@ class Explanation:
                 "",
                 breakdown_table(after),
                 "",
-                wrap("what each option saves or would save at the estimated peak (modelled, docs/whole_step.md):"),
-                savings_table(self.savings()),
+                *self._savings_lines(),
             ]
             dominant = self.dominant_parameters()
             if dominant:

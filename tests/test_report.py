@@ -336,6 +336,23 @@ def test_savings_rows_name_the_options_in_use_and_read_an_attached_optimizer():
     assert any(s.state_bytes > 0 for s in explanation.dominant_parameters(share=0.0))
 
 
+def test_an_inference_step_has_no_savings_table_but_says_why():
+    """A step of inference regions saves nothing for backward and updates nothing: the
+    savings table read 0 B in every row (precision and offload included), as though
+    no option could help because of the model. It is one line saying why; a training
+    step keeps the table."""
+    torch._dynamo.reset()
+    case = zoo_case("gpt")
+    model = case.build().eval()
+    with torch.no_grad():
+        text = " ".join(memopt.explain(model, *case.inputs(4), options=EAGER).report().split())
+    assert "what each option saves: nothing, in a step of inference regions only" in text, text
+    assert "what each option saves or would save" not in text and "offload='auto'" not in text, text
+    torch._dynamo.reset()
+    training = " ".join(memopt.explain(case.build(), *case.inputs(4), options=EAGER).report().split())
+    assert "what each option saves or would save" in training and "in a step of inference regions" not in training
+
+
 def test_state_savings_of_an_optimizer_outside_the_step_are_shares_of_the_peak_plus_its_state():
     """With the optimizer given to `memopt.record` (the demo's loop), its state is outside
     the step's estimated peak: the 8-bit row said 19.9% "of the peak" of ./dev.sh demo,
