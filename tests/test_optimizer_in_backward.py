@@ -304,11 +304,38 @@ def test_gradient_accumulation_raises_on_the_second_backward() -> None:
         compiled(*second).backward()
 
 
-def test_step_with_closure_raises() -> None:
+def test_step_with_closure_after_a_backward_raises() -> None:
+    """A backward before ``opt.step(closure)`` already updated the parameters; the
+    closure's backward would update them a second time."""
     model, compiled, opt = _fused_mlp()
     compiled(*_mlp_batches(1)[0]).backward()
     with pytest.raises(MemoptOptimizerError, match="closure"):
         opt.step(lambda: 0.0)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "GaLoreAdamW"])
+def test_step_with_a_closure_that_runs_backward_trains_as_without(name: str) -> None:
+    """``opt.step(closure)`` with the backward inside the closure (PyTorch Lightning's
+    automatic optimization): the closure's backward updates the compiled parameters, the
+    step skips them, and the closure's loss comes back, bitwise as the same loop with a
+    separate step. The first closure's forward compiles the model inside the optimizer's
+    own step, which then updates every parameter from ``.grad``: that backward hands its
+    gradients over instead of applying them. Before, the step read the consumed
+    gradients and raised an error that blamed clipping or GradScaler."""
+    batches = _mlp_batches(4)
+    reference, _ = _train(_mlp, batches, OPTIMIZERS[name], in_backward=False)
+    model, compiled, opt = _fused_mlp(OPTIMIZERS[name])
+    for batch in batches:
+        def closure(batch: tuple[torch.Tensor, ...] = batch) -> torch.Tensor:
+            opt.zero_grad()
+            loss = compiled(*batch)
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure)
+        assert isinstance(loss, torch.Tensor) and loss.requires_grad
+    _assert_bitwise(reference, model)
+    assert opt._memopt_in_backward.updates == (len(batches) - 1) * len(list(model.parameters()))
 
 
 class _TiedAcrossBreak(nn.Module):

@@ -21,7 +21,9 @@ The ``optimizer_in_backward`` pass (`memopt.passes.optimizer_in_backward`) calls
 `attach` wraps the optimizer's ``step`` (an instance attribute, so LR schedulers'
 wrappers compose with it in either order): a step skips the parameters updated in
 backward since the previous step (it clears their markers and runs the optimizer on the
-others: parameters outside the compiled regions still update there). ``zero_grad``
+others: parameters outside the compiled regions still update there); ``step(closure)``
+runs the closure (whose backward updates the compiled parameters) and then that step.
+``zero_grad``
 needs no change (it drops the markers). A parameter updated twice before a step
 (backward run twice: gradient accumulation, or a region called twice per step) raises.
 
@@ -31,6 +33,7 @@ backward graph (the pass places it so), and at most once per ``opt.step()``.
 
 from __future__ import annotations
 
+import sys
 import types
 import weakref
 from collections.abc import Callable
@@ -131,6 +134,25 @@ class InBackward:
         self.previous_step: Callable[..., Any] = optimizer.step
         self.updates = 0
         """In-backward updates run so far (all parameters)."""
+        self.deferred = False
+        """True while the ``opt.step(closure)`` during whose closure the optimizer was
+        attached still runs (`defer_to_running_step`): gradients are handed to that step."""
+
+    def defer_to_running_step(self) -> None:
+        """The optimizer is being attached inside its own ``step(closure)``: the closure's
+        forward made the first call of the compiled model (PyTorch Lightning's loop). That
+        step was entered before `_install_step`, so it is the optimizer's own and will
+        update every parameter from ``.grad`` once the closure returns: until it ends,
+        `update` accumulates each gradient into ``.grad`` as autograd would, instead of
+        applying it. A step post-hook (torch runs them after the step, hooks added during
+        it included) ends the deferral."""
+        self.deferred = True
+
+        def resume(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self.deferred = False
+            handle.remove()
+
+        handle = self.optimizer.register_step_post_hook(resume)
 
     def params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -191,6 +213,12 @@ class InBackward:
                 ".grad was never cleared. Fix: call opt.zero_grad() before training with optimizer_in_backward, "
                 "and compile the whole model in one region (fullgraph=True shows graph breaks)."
             )
+        if self.deferred:
+            if current is None:
+                param.grad = grad
+            else:
+                current.add_(grad)
+            return
         group, position = self._locate(param)
         param.grad = grad
         try:
@@ -203,15 +231,30 @@ class InBackward:
 
     def step(self, *args: Any, **kwargs: Any) -> Any:
         """``opt.step()``: the optimizer's step over the parameters not updated in
-        backward since the last step."""
+        backward since the last step.
+
+        ``opt.step(closure)`` (PyTorch Lightning's automatic optimization, loops written
+        for LBFGS-style optimizers) with no update pending: the closure runs first, with
+        gradients enabled (its backward updates the compiled parameters), then the step
+        over the others, and the closure's loss is returned; every optimizer
+        `check_fusable` accepts evaluates a closure once, before its update, so this is
+        its ``step(closure)``. With updates pending (backward ran before the call) it
+        raises: the closure's backward would update those parameters a second time."""
+        closure = args[0] if args else kwargs.get("closure")
+        if closure is not None:
+            if len(self._pending):
+                raise MemoptOptimizerError(
+                    "opt.step(closure) with optimizer_in_backward after a backward: the closure would recompute "
+                    "the loss and gradients, but the parameters updated in backward already took this step's "
+                    "update. Fix: run the backward inside the closure only, or call opt.step() without a "
+                    "closure, or drop optimizer_in_backward."
+                )
+            with torch.enable_grad():
+                loss = closure()
+            self.step(*args[1:], **{key: value for key, value in kwargs.items() if key != "closure"})
+            return loss
         if not len(self._pending):
             return self.previous_step(*args, **kwargs)
-        if args and args[0] is not None or kwargs.get("closure") is not None:
-            raise MemoptOptimizerError(
-                "opt.step(closure) with optimizer_in_backward: the closure would recompute the loss and "
-                "gradients, but the parameters updated in backward already took this step's update. Fix: "
-                "call opt.step() without a closure, or drop optimizer_in_backward."
-            )
         for param in list(self._pending.keys()):
             if isinstance(param.grad, ConsumedGrad):
                 param.grad = None
@@ -247,7 +290,21 @@ def attach(optimizer: torch.optim.Optimizer) -> InBackward:
     _STATES.add(state)
     setattr(optimizer, _ATTR, state)
     _install_step(optimizer)
+    if _inside_step(optimizer):
+        state.defer_to_running_step()
     return state
+
+
+def _inside_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether this thread is inside ``optimizer``'s own ``step`` (a frame named ``step``
+    whose ``self`` is it): the model is being compiled by the first forward of a closure
+    passed to ``opt.step(closure)``. Read once, when the optimizer is attached."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "step" and frame.f_locals.get("self") is optimizer:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _register(state: InBackward, take_over: bool) -> None:
