@@ -32,7 +32,9 @@ The temporaries are a model, not a measurement: torch's single-tensor Adam/AdamW
 makes two tensors of the parameter's size (``exp_avg_sq.sqrt() / bias_correction``),
 its foreach path one list of the size of the whole group (the ``sqrt`` of every
 second moment), fused none; SGD one parameter-sized tensor with weight decay, else
-none; any other optimizer (memopt's included) is taken as the single-tensor Adam.
+none; any other optimizer is taken as the single-tensor Adam, and so are memopt's, but
+for `AdamW8bit`'s PyTorch reference step, which holds 32 bytes per element of a
+quantized parameter (`ADAM8BIT_REFERENCE_BYTES_PER_ELEMENT`).
 Updates memopt runs itself go over pieces of the parameter (`memopt.codegen._chunks`):
 every in-backward update but a fused one, and memopt's optimizers' own ``step``; their
 temporaries are of one piece (``piece_bytes``), not of the parameter.
@@ -177,7 +179,8 @@ def _update_temporaries(optimizer: torch.optim.Optimizer, group: Mapping[str, An
     sizes = [p.numel() * p.element_size() for p in params]
     largest = max(sizes, default=0)
     if uses_memopt_step(optimizer):  # memopt's own step: each parameter in pieces
-        return 2, 2 * min(largest, update_piece_bytes(params))
+        factor = _memopt_update_factor(optimizer, group, params)
+        return factor, factor * min(largest, update_piece_bytes(params))
     if isinstance(optimizer, torch.optim.SGD):
         factor = 1 if group.get("weight_decay", 0) else 0
         return factor, factor * largest
@@ -190,3 +193,30 @@ def _update_temporaries(optimizer: torch.optim.Optimizer, group: Mapping[str, An
         if foreach:
             return 2, sum(sizes)
     return 2, 2 * largest
+
+
+ADAM8BIT_REFERENCE_BYTES_PER_ELEMENT: int = 32
+"""Temporaries of `memopt.codegen.adam8bit`'s PyTorch reference step (CPU, or
+``kernel="torch"``) per element of the piece it updates, whatever the parameter's dtype:
+fp32 copies of the gradient, both moments and the parameter, the update's intermediates
+and the int64 code indices of the requantization (measured: 32.0 bytes per element for
+fp32, bf16 and fp16 parameters). The Triton kernel holds one block at a time."""
+
+
+def _memopt_update_factor(optimizer: torch.optim.Optimizer, group: Mapping[str, Any], params: list[torch.Tensor]) -> int:
+    """Temporaries of one update by memopt's own step, in units of the parameter's size
+    (of one piece of it). Plain AdamW in pieces makes two (its ``sqrt`` and ``div``); the
+    low-rank step's projected gradient and moments' update are smaller than the weight
+    (measured under 0.4 of it), so two bounds them too. `AdamW8bit`'s reference step on a
+    quantized parameter holds `ADAM8BIT_REFERENCE_BYTES_PER_ELEMENT` per element: 8 for
+    fp32 parameters, 16 for bf16 (taken as 2, they left the step's measured peak up to
+    20% above the estimate and a ``memory_budget`` unmet)."""
+    from memopt.codegen._triton import use_triton
+    from memopt.optim.adamw8bit import AdamW8bit
+
+    factor = 2
+    if isinstance(optimizer, AdamW8bit):
+        for p in params:
+            if AdamW8bit.uses_8bit(p, group) and not use_triton(group["kernel"], p):
+                factor = max(factor, ADAM8BIT_REFERENCE_BYTES_PER_ELEMENT // p.element_size())
+    return factor
