@@ -385,3 +385,31 @@ def test_a_layer_frozen_after_training_keeps_its_state_but_makes_no_temporaries(
     assert timeline.points[-1].graph == OPTIMIZER_GRAPH
     assert breakdown["optimizer_state"] == 8 * _numel(model)  # the frozen weight's state included
     assert breakdown["temporaries"] == 2 * 4 * model.layers[0].weight.numel()
+
+
+def test_a_parameter_group_added_after_the_first_call_is_warned_once() -> None:
+    """``opt.add_param_group`` after the model's first call under a budget: the plan read
+    the optimizer at its compile and nothing compiles it again, so the new parameters'
+    state and update were outside the estimate and the budget with nothing said. The
+    next call warns once, naming both sizes and the fix."""
+    import warnings
+
+    torch._dynamo.reset()
+    model = _mlp()
+    head = nn.Linear(8, 8)
+    opt = torch.optim.AdamW(model.parameters())
+    compiled = torch.compile(model, backend="memopt", options={"codegen": "eager", "optimizer": opt, "memory_budget": 0.9})
+    x, y = torch.randn(4, 64), torch.randn(4, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(4):
+            if step == 2:
+                opt.add_param_group({"params": list(head.parameters())})
+            compiled(x, y).backward()
+            opt.step()
+            opt.zero_grad()
+    said = [str(w.message) for w in caught if "add_param_group" in str(w.message)]
+    assert len(said) == 1, said
+    planned = len(list(model.parameters()))
+    assert f"holds {planned + 2} parameters, {planned} when the region was planned" in said[0], said[0]
+    assert "torch._dynamo.reset()" in said[0]

@@ -140,6 +140,8 @@ class CompiledRegion(WatchedRegion):
         self._gm = gm
         self._fakes = _fake_copies(gm, example_inputs)
         self._unplanned_grads_warned = False
+        self._optimizer_size = _optimizer_size(compiler.config.step_optimizer)
+        """Parameters the step's optimizer held when the plan read it (None: no optimizer)."""
         # It may be planned again (memopt.backends.wholestep, moves 1 and 2):
         provisional = self._fakes is not None and not _ONE_STEP.get() and not alone
         with _holding_budget_warnings(provisional) as held:
@@ -235,6 +237,7 @@ class CompiledRegion(WatchedRegion):
         training = self.compiler.record.kind == "training"  # a re-plan keeps the kind
         if training:
             self._count_held_grads(args)
+            self._check_optimizer()
         self.calls += 1
         if self._held and self.calls > self.held_at[1] + OBSERVED_STEPS + 1:
             self.settle()  # no step of it completed since its compile: it keeps its plan
@@ -344,6 +347,31 @@ class CompiledRegion(WatchedRegion):
                 other.compiler.place_in(_context_of(step, i, observed))
                 if other.can_replan and (i < step.index(self) or stale):
                     other.replan_in(step, observed)  # a later one at its call in this micro-batch
+
+    def _check_optimizer(self) -> None:
+        """Once per region: the step's optimizer (``options={"optimizer": opt}`` or
+        ``optimizer_in_backward``) holds another number of parameters than when the plan
+        read it (``add_param_group`` after the first call): the plan counts neither the new
+        parameters' state nor their update, and nothing recompiles the region for them.
+        Say so, and how to have the step planned again."""
+        if self._optimizer_size is None:
+            return
+        now = _optimizer_size(self.compiler.config.step_optimizer)
+        if now == self._optimizer_size:
+            return
+        planned, self._optimizer_size = self._optimizer_size, None  # warned: not checked again
+        budget = self.compiler.config.memory_budget
+        shown = format_bytes(budget) if isinstance(budget, int) else repr(budget)
+        warnings.warn(
+            f"the optimizer the plan of region {self.name} counts holds {now} parameters, {planned} when the "
+            f"region was planned (add_param_group after the model's first call): its plan under memory_budget "
+            f"{shown} counts neither the new parameters' optimizer state nor their update, so the step's peak "
+            f"can exceed the budget. Add every parameter group before the model's first call, or call "
+            f"torch._dynamo.reset() after add_param_group to have the step compiled and planned again. Warned "
+            f"once per region.",
+            MemoptBudgetWarning,
+            stacklevel=3,
+        )
 
     def _warn_unplanned_grads(self, args: Sequence[Any], unplanned: frozenset[int]) -> None:
         """Once per region: a call found gradients held that its plan did not count,
@@ -563,6 +591,13 @@ def emit(caught: Sequence[warnings.WarningMessage]) -> None:
     """Issue ``caught`` (held warnings) again, each where it was first raised."""
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
+def _optimizer_size(optimizer: Any) -> int | None:
+    """How many parameters ``optimizer``'s groups hold (None without an optimizer)."""
+    if optimizer is None:
+        return None
+    return sum(len(group["params"]) for group in optimizer.param_groups)
 
 
 def _fake_copies(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[Any, ...] | None:
