@@ -348,6 +348,11 @@ class CompiledRegion(WatchedRegion):
                 if other.can_replan and (i < step.index(self) or stale):
                     other.replan_in(step, observed)  # a later one at its call in this micro-batch
 
+    def _shown_budget(self) -> str:
+        """The region's ``memory_budget`` as a warning names it (bytes as a size)."""
+        budget = self.compiler.config.memory_budget
+        return format_bytes(budget) if isinstance(budget, int) else repr(budget)
+
     def _check_optimizer(self) -> None:
         """Once per region: the step's optimizer (``options={"optimizer": opt}`` or
         ``optimizer_in_backward``) holds another number of parameters than when the plan
@@ -360,8 +365,7 @@ class CompiledRegion(WatchedRegion):
         if now == self._optimizer_size:
             return
         planned, self._optimizer_size = self._optimizer_size, None  # warned: not checked again
-        budget = self.compiler.config.memory_budget
-        shown = format_bytes(budget) if isinstance(budget, int) else repr(budget)
+        shown = self._shown_budget()
         warnings.warn(
             f"the optimizer the plan of region {self.name} counts holds {now} parameters, {planned} when the "
             f"region was planned (add_param_group after the model's first call): its plan under memory_budget "
@@ -396,8 +400,7 @@ class CompiledRegion(WatchedRegion):
             )
         else:
             why = f"it was planned again {self.replans} times already (MAX_REPLANS)"
-        budget = self.compiler.config.memory_budget
-        shown = format_bytes(budget) if isinstance(budget, int) else repr(budget)
+        shown = self._shown_budget()
         warnings.warn(
             f"region {self.name} was called with {len(unplanned)} parameters' .grad set "
             f"({format_bytes(nbytes)}: gradient accumulation, or zero_grad(set_to_none=False)). A step that "
