@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,9 +38,11 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_arg
 
+from memopt._once import said_since_reset
 from memopt.analysis.aliasing import concrete_int
 from memopt.analysis.error_probe import compare_with_reference, concrete_inputs
 from memopt.analysis.manager import AnalysisManager, PreservedAnalyses
+from memopt.errors import MemoptWarning
 from memopt.graph import meta
 from memopt.graph.step import StepGraphs, clone_graph_module, parameter_name
 from memopt.passes.base import Pass, PassContext, PassResult
@@ -57,6 +60,10 @@ from memopt.units import format_bytes
 __all__ = ["PrecisionLowering", "lower_precision", "LoweringReport"]
 
 _HALF = (torch.bfloat16, torch.float16)
+HALF_AS_WRITTEN_PREFIX = "inputs already"
+"""How the ``skipped`` reason of an op whose floating inputs were all bf16/fp16 before
+the rewrite starts (``"inputs already bfloat16 as written"``,
+`_Lowering._half_as_written`): the pass leaves such an op as written."""
 _NATIVE_FP32_MATH = frozenset({"softmax", "log_softmax"})
 """Ops whose torch kernels (CPU, CUDA, and Inductor's decompositions) already compute
 in fp32 for half inputs and round the result once. Under ``fp32_low_out`` they run on
@@ -331,6 +338,8 @@ class _Lowering:
             reason = "float64 input"
         elif not inputs:
             return FOLLOW
+        elif (half := self._half_as_written(node)) is not None:
+            reason = f"{HALF_AS_WRITTEN_PREFIX} {half} as written"
         if reason is not None:
             self.report.skipped[reason] += 1
             return FOLLOW
@@ -340,6 +349,22 @@ class _Lowering:
             {"node": node.name, "op": name, "mode": mode, "source": None if loc is None else str(loc)}
         )
         return mode
+
+    def _half_as_written(self, node: fx.Node) -> str | None:
+        """Every floating input of ``node`` was bf16/fp16 before the rewrite: the model
+        computes this op in half precision as written (a model converted with
+        ``model.to(torch.bfloat16)``). Lowering is for fp32 computation: widening such
+        an op's inputs for an ``fp32`` mode made fp32 copies the model never had (a
+        LayerNorm's saved fp32 input, a loss's fp32 logits: more memory than the model
+        without the option, and other numbers), and ``low`` mode's casts to the other
+        half dtype (``precision="fp16"`` on a bf16 model) made fp16 copies of every
+        weight. A value whose dtype before the rewrite is unknown (a node the pass
+        made) counts as not half. Returns the half dtypes' names (``"bfloat16"``), or
+        None when some input was not half."""
+        traced = [self._traced_dtype(a) for a in node.all_input_nodes if _floating(self.env.get(a))]
+        if not traced or any(dtype not in _HALF for dtype in traced):
+            return None
+        return " and ".join(sorted({str(dtype).replace("torch.", "") for dtype in traced}))
 
     def _execute_or_promote(self, node: fx.Node) -> None:
         """Run an op the policy leaves alone. If it rejects the mix of dtypes lowering
@@ -587,12 +612,33 @@ class PrecisionLowering(Pass):
         reference = clone_graph_module(step.forward) if ctx.measure_error else None
         report = lower_precision(step, precision, ctx.config.precision_policy)
         if not report.modified:
+            _warn_nothing_to_lower(precision, report)
             return PassResult.unchanged(**report.to_details())
         details = report.to_details()
         if reference is not None:
             step.forward.recompile()
             details["error"] = _measure(reference, step, ctx)
         return PassResult(True, PreservedAnalyses.none(), details, summary=tuple(_summary(details)))
+
+
+def _warn_nothing_to_lower(precision: str, report: LoweringReport) -> None:
+    """One `MemoptWarning` (since the last ``torch._dynamo.reset()``) when the option
+    changed nothing because the ops it would lower already compute in half precision
+    as the model is written (a model converted to bf16/fp16): the option is inert
+    there, and says so rather than leaving the user to wonder."""
+    kept = {reason: n for reason, n in report.skipped.items() if reason.startswith(HALF_AS_WRITTEN_PREFIX)}
+    if not kept:
+        return
+    dtypes = sorted({r.removeprefix(HALF_AS_WRITTEN_PREFIX).removesuffix(" as written").strip() for r in kept})
+    message = (
+        f"memopt: precision={precision!r} changes nothing here: the {sum(kept.values())} op(s) its policy lists "
+        f"already compute in {' and '.join(dtypes)} as the model is written, and the option lowers fp32 "
+        f"computation only (it never widens or re-casts a model's half-precision values). Drop the option for "
+        f"a model converted to half precision, or keep the parameters fp32 (fp32 masters with fp32 gradients) "
+        f"for precision={precision!r} to apply."
+    )
+    if not said_since_reset(message):
+        warnings.warn(message, MemoptWarning, stacklevel=2)
 
 
 def _sci(value: float | None) -> str:
