@@ -233,8 +233,10 @@ def _reference_step(
     """The PyTorch reference (any device; used on CPU), over pieces of whole blocks
     (`memopt.codegen._chunks.spans`; a parameter of more than one piece recurses into
     flat views of its pieces): each piece holds fp32 copies of its parameter elements
-    and both moments while it runs (about 12 bytes per element of one piece, not of the
-    parameter); the Triton kernel holds one block at a time. Blocks are independent, so
+    and both moments while it runs, with the int64 gather indices and bucketize codes
+    (32 bytes per element of one piece, not of the parameter:
+    `memopt.analysis.optimizer_memory.ADAM8BIT_REFERENCE_BYTES_PER_ELEMENT`); the
+    Triton kernel holds one block at a time. Blocks are independent, so
     the pieces give the bits one pass over the parameter gives."""
     numel = param.numel()
     pieces = list(spans(numel, block_size))
