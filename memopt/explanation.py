@@ -109,9 +109,11 @@ class Explanation:
         return self._config().codegen
 
     def _config(self) -> MemoptConfig:
+        """The options the report reads: `explain`'s own; for `record`, the options of
+        the step's regions (`_step_config`)."""
         if self.config is not None:
             return self.config
-        return self.regions[0].config if self.regions else MemoptConfig()
+        return _step_config([r.config for r in self.step_regions()] or [r.config for r in self.regions])
 
     @property
     def fallbacks(self) -> list[Fallback]:
@@ -577,3 +579,34 @@ def _dynamic_shapes(record: RegionRecord) -> bool:
     """The region was compiled for dynamic shapes: its forward takes a size symbol."""
     step = record.step
     return step is not None and any(meta.is_symbolic(ph) for ph in step.forward.graph.find_nodes(op="placeholder"))
+
+
+_STEP_OPTIONS: tuple[tuple[str, ...], ...] = (
+    ("memory_budget",),
+    ("precision",),
+    ("compress_activations",),
+    ("offload", "offload_dir"),
+    ("optimizer_in_backward", "optimizer"),
+)
+"""The memory options a recorded step's report reads (`Explanation.savings`, the
+optimizer's state), each group taken together from one region (they are checked
+together: ``offload='host'`` refuses an ``offload_dir``)."""
+
+
+def _step_config(configs: list[MemoptConfig]) -> MemoptConfig:
+    """One config for a step whose regions may have been compiled with different
+    options (two models in one step: a student under a ``memory_budget``, a teacher
+    in ``precision='bf16'``): the first region's, with each memory option
+    (`_STEP_OPTIONS`) taken from the first region that sets it, so that the report says
+    an option is in use when a region of the step uses it. Precondition: ``configs``
+    in the step's forward order; empty gives the defaults."""
+    if not configs:
+        return MemoptConfig()
+    merged = configs[0]
+    for group in _STEP_OPTIONS:
+        if any(getattr(merged, name) is not None for name in group):
+            continue
+        source = next((c for c in configs if any(getattr(c, name) is not None for name in group)), None)
+        if source is not None:
+            merged = dataclasses.replace(merged, **{name: getattr(source, name) for name in group})
+    return merged

@@ -353,6 +353,32 @@ def test_an_inference_step_has_no_savings_table_but_says_why():
     assert "what each option saves or would save" in training and "in a step of inference regions" not in training
 
 
+def test_savings_of_a_recorded_step_of_two_models_read_each_models_options():
+    """Two models compiled with different options in one recorded step (a bf16 encoder,
+    then a head under a budget with its optimizer): the savings rows read the first
+    region's options alone, so the budget's row said "memory_budget=..." (option off)
+    and the head's optimizer state was not reported. Each option is now read from the
+    region of the step that sets it, and no region's options leak into another's graphs."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+    head = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    opt = torch.optim.AdamW(head.parameters())
+    first = torch.compile(encoder, backend="memopt", options={**EAGER, "precision": "bf16"})
+    second = torch.compile(head, backend="memopt", options={**EAGER, "memory_budget": 0.9, "optimizer": opt})
+    with memopt.record() as explanation, warnings.catch_warnings():
+        warnings.simplefilter("ignore", memopt.MemoptBudgetWarning)
+        second(first(torch.randn(8, 16))).sum().backward()
+        opt.step()
+    assert [(r.config.precision, r.config.memory_budget) for r in explanation.step_regions()] == [("bf16", None), (None, 0.9)]
+    rows = {s.technique: s for s in explanation.savings()}
+    assert rows["rematerialization"].option == "memory_budget=0.9", rows["rematerialization"].option
+    assert (rows["precision"].option, rows["precision"].in_use) == ("precision='bf16'", True)
+    from memopt.optim import optimizer_state_bytes
+
+    assert explanation.optimizer_state_bytes == optimizer_state_bytes(opt) > 0
+
+
 def test_state_savings_of_an_optimizer_outside_the_step_are_shares_of_the_peak_plus_its_state():
     """With the optimizer given to `memopt.record` (the demo's loop), its state is outside
     the step's estimated peak: the 8-bit row said 19.9% "of the peak" of ./dev.sh demo,
