@@ -321,10 +321,20 @@ class Explanation:
     def _budget_note(self) -> list[str]:
         """A line when the step's regions were planned under different budgets (each a
         fraction of the peak it saw when it compiled: planned alone, or by `memopt.explain`,
-        which does not plan a step as a whole): the step has no one budget to show."""
+        which does not plan a step as a whole; or models compiled with different
+        ``memory_budget`` options, each planned under its own): the step has no one
+        budget to show."""
         budgets = self._region_budgets()
         if len(set(budgets.values())) < 2:
             return []
+        options = {r.region: r.config.memory_budget for r in self.step_regions() if r.region in budgets}
+        if len(set(options.values())) > 1:  # models compiled with their own budgets (a student's, a teacher's)
+            shown = {region: "" if isinstance(o, int) else f" (memory_budget={o!r})" for region, o in options.items()}
+            each = ", ".join(f"{region}: {format_bytes(b)}{shown[region]}" for region, b in budgets.items())
+            return [wrap(
+                f"regions compiled with different memory_budget options ({each}): each is planned under its own, "
+                "no budget for the step as a whole"
+            )]  # fmt: skip
         each = ", ".join(f"{region}: {format_bytes(b)}" for region, b in budgets.items())
         text = (
             f"regions planned under different budgets ({each}), each a fraction of the peak its region saw when "

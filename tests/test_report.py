@@ -1063,3 +1063,27 @@ def test_different_budgets_of_dynamic_regions_name_the_dynamic_shapes():
     text = " ".join(explanation.report().split())
     assert "regions planned under different budgets" in text, text
     assert "compiled for dynamic shapes" in text and "dynamic=False" in text, text
+
+
+def test_models_compiled_with_their_own_budgets_are_not_called_fractions_of_one_step():
+    """A model trained under a fractional budget and an EMA copy evaluated under one in
+    bytes, in one recorded step: the note said both budgets were "each a fraction of the
+    peak its region saw when it compiled", blaming planning alone, where each model was
+    compiled with its own memory_budget. It now says so and shows each option."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+    ema = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)).requires_grad_(False)
+    trained = torch.compile(model, backend="memopt", options={**EAGER, "memory_budget": 0.9})
+    evaluated = torch.compile(ema, backend="memopt", options={**EAGER, "memory_budget": "2KiB"})
+    with memopt.record() as explanation, warnings.catch_warnings():
+        warnings.simplefilter("ignore", memopt.MemoptBudgetWarning)
+        x = torch.randn(8, 16)
+        trained(x).sum().backward()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 0.1)
+            evaluated(x)
+    text = " ".join(explanation.report().split())
+    assert "regions compiled with different memory_budget options" in text, text
+    assert "(memory_budget=0.9)" in text and "2.00 KiB" in text, text
+    assert "each a fraction of the peak" not in text, text
