@@ -289,8 +289,8 @@ class CompiledRegion(WatchedRegion):
             why = f"it was planned again {self.replans} times already (MAX_REPLANS)"
         else:
             why = (
-                "it is one of several regions of its step (a graph break), and its steps did not run in the "
-                "pattern memopt plans (every region's forward, again for each call, then the backwards in "
+                f"it is one of several regions of its step ({_step_of_several(others)}), and its steps did not run "
+                "in the pattern memopt plans (every region's forward, again for each call, then the backwards in "
                 "reverse order)"
             )
         self._warn_repeated_call(pending, planned, why)
@@ -642,3 +642,17 @@ def compiled_regions(regions: Iterable[Watched]) -> list[CompiledRegion]:
         assert isinstance(region, CompiledRegion)
         compiled.append(region)
     return compiled
+
+
+def _step_of_several(others: Sequence[Watched]) -> str:
+    """Why a region's step has other regions, for `CompiledRegion._plan_repeated_calls`'s
+    warning: ``others``, the regions whose forward waits for its backward beside it (a
+    graph break's other pieces, or another compiled model: a GAN's generator, whose
+    output the discriminator's calls read), named; none waiting, a graph break."""
+    if not others:
+        return "a graph break"
+    names = ", ".join(dict.fromkeys(r.name for r in others))
+    return (
+        f"region(s) {names} ran their forward before it and wait for their backward: a graph break in the model, "
+        "or another compiled model"
+    )
