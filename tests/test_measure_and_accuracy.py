@@ -222,3 +222,42 @@ def test_small_channel_convnets_estimate_within_2_percent(name, budget):
     assert abs(estimated - measured) <= 0.02 * measured, (estimated, measured)
     if budget == "2MiB":  # 2.43 MiB of growth is the least memopt reaches: infeasible, and said
         assert any(isinstance(w.message, MemoptBudgetWarning) for w in caught)
+
+
+class _BrokenMLP(torch.nn.Module):
+    """Six Linear + ReLU layers with a graph break after each but the last: six regions,
+    each saving the input it reads (for its weight's gradient), which is the ReLU output
+    the region before it returned and saves too (for the ReLU's backward)."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        relu, (l0, l1, l2, l3, l4, _) = torch.relu, self.layers  # unrolled: a break in a loop skips the frame
+        x = relu(l0(x))
+        torch._dynamo.graph_break()
+        x = relu(l1(x))
+        torch._dynamo.graph_break()
+        x = relu(l2(x))
+        torch._dynamo.graph_break()
+        x = relu(l3(x))
+        torch._dynamo.graph_break()
+        x = relu(l4(x))
+        torch._dynamo.graph_break()
+        return self.layers[-1](x).square().mean()
+
+
+@pytest.mark.parametrize("budget", [None, 0.8])
+def test_output_saved_by_its_region_and_the_next_counts_once(budget):
+    """A value one region hands on and saves, and the next region saves too, is one
+    storage: composed as two (the producer's output, live until its backward, and the
+    reader's saved input), the step of six regions read 65% above the measured peak
+    (786,440 against 475,400 B of growth)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    options = {"codegen": "eager"} | ({"memory_budget": budget} if budget is not None else {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        estimated, measured = _settled_estimate_and_measure(_BrokenMLP(), (torch.randn(256, 64),), options)
+    assert abs(estimated - measured) <= 0.02 * measured, (estimated, measured)

@@ -55,7 +55,10 @@ def compose_timelines(
     that needs no gradient (an inference step's logits handed to its loss region, a
     mask made before a break) is the earlier region's output, counted there, not a
     step input live from the start: like an activation input, it is live from the
-    end of the forward only while region ``j`` saves it for backward.
+    end of the forward only while region ``j`` saves it for backward. An earlier
+    output that several regions save is one storage, counted once: by its producer's
+    output when the producer saves it too (live until the producer's backward, after
+    every reader's), else by one interval to the last reader's backward.
     """
     if len(regions) == 1:
         return regions[0][1]
@@ -75,6 +78,16 @@ def compose_timelines(
         for pos, ph in enumerate(step.forward.graph.find_nodes(op="placeholder"))
         if _kept_source(sources[j].get(pos), kept_positions, j)
     }
+    saved_by_producer = _saved_by_producer(regions, sources)
+    shared_saves: dict[tuple[int, int], list[tuple[int, fx.Node]]] = {}  # source -> (region, input) saving it
+    for j, (step, t) in enumerate(regions):
+        for pos, ph in enumerate(step.forward.graph.find_nodes(op="placeholder")):
+            source = sources[j].get(pos)
+            if ph in t.input_saved_until and (j, ph) not in saved_by_producer and _earlier_output(source, j):
+                shared_saves.setdefault(source, []).append((j, ph))  # type: ignore[arg-type]
+    # Of the readers that save one earlier output, the first to run its backward (the
+    # last in forward order) holds the storage until the last reader's backward is done.
+    counted_by_other = {reader for readers in shared_saves.values() for reader in readers[:-1]}
     opt_len = [sum(1 for p in t.points if p.graph == OPTIMIZER_GRAPH) for t in parts]
     fw_len = [sum(1 for p in t.points if p.graph not in ("backward", OPTIMIZER_GRAPH)) for t in parts]
     bw_len = [len(t.points) - f - o for t, f, o in zip(parts, fw_len, opt_len)]
@@ -90,6 +103,11 @@ def compose_timelines(
             return bw_off[i] + local - fw_len[i]
         return opt_off[i] + local - fw_len[i] - bw_len[i]  # the separate opt.step(): after every backward
 
+    last_save = {
+        readers[-1]: max(remap(k, parts[k].input_saved_until[ph]) for k, ph in readers)
+        for readers in shared_saves.values()
+    }
+
     points: list[TimelinePoint] = [p for i, t in enumerate(parts) for p in t.points[: fw_len[i]]]
     for i in reversed(range(len(parts))):
         points.extend(parts[i].points[fw_len[i] : fw_len[i] + bw_len[i]])
@@ -104,11 +122,12 @@ def compose_timelines(
             if iv.start == BEFORE:
                 if iv.node in earlier_outputs:
                     until = t.input_saved_until.get(iv.node)
-                    if until is not None and iv.node not in already_live:
+                    reader = (i, iv.node)
+                    counted = iv.node in already_live or reader in saved_by_producer or reader in counted_by_other
+                    if until is not None and not counted:
+                        end = last_save.get(reader, remap(i, until))
                         intervals.append(
-                            dataclasses.replace(
-                                iv, category="saved_activations", start=end_of_forward + 1, end=remap(i, until)
-                            )
+                            dataclasses.replace(iv, category="saved_activations", start=end_of_forward + 1, end=end)
                         )
                     continue
                 if iv.identity is not None:
@@ -218,3 +237,23 @@ def _earlier_call(step: StepGraphs, timeline: MemoryTimeline, call: int) -> Memo
     return dataclasses.replace(
         finished, input_saved_until=timeline.input_saved_until, output_saved_until=timeline.output_saved_until
     )
+
+
+def _saved_by_producer(
+    regions: list[tuple[StepGraphs, MemoryTimeline]], sources: Sequence[Mapping[int, tuple[int, int]]]
+) -> set[tuple[int, fx.Node]]:
+    """Inputs of a region (its index, the placeholder) that are, as observed (``sources``, as
+    `compose_timelines` takes them), an output of an earlier region that the earlier
+    region saves for its own backward: one storage, which the producer's output
+    interval holds until the producer's backward, after the reader's (backwards run in
+    reverse), so the reader's saving it adds nothing."""
+    found: set[tuple[int, fx.Node]] = set()
+    for j, (step, _) in enumerate(regions):
+        for pos, ph in enumerate(step.forward.graph.find_nodes(op="placeholder")):
+            source = sources[j].get(pos)
+            if not _earlier_output(source, j):
+                continue
+            producer_step, producer_timeline = regions[source[0]]  # type: ignore[index]
+            if _kept_producers(producer_step, (source[1],)) & producer_timeline.output_saved_until.keys():  # type: ignore[index]
+                found.add((j, ph))
+    return found
