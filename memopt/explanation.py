@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from memopt.analysis.compose import compose_repeated_calls, compose_timelines
+from memopt.analysis.compose import compose_calls, compose_repeated_calls, compose_timelines
 from memopt.analysis.optimizer_memory import OptimizerMemory
 from memopt.analysis.timeline import MemoryTimeline
 from memopt.backends.graph_breaks import skipped_frames_text
@@ -35,7 +35,7 @@ from memopt.plan.report import (
     tradeoff_table, wrap,
 )
 from memopt.precision_report import precision_lines
-from memopt.step_regions import input_sources, parameter_ids, regions_of_step, same_model
+from memopt.step_regions import calls_in_order, input_sources, parameter_ids, regions_of_step, same_model
 from memopt.units import format_bytes
 
 __all__ = ["Explanation"]
@@ -143,7 +143,10 @@ class Explanation:
         logits, key/value caches; `memopt.backends.steptracker`) stay live after the step,
         as the last region's do; other outputs of earlier regions are handed on. A
         step whose regions ran again before their backward (``RegionRecord.repeats``)
-        is that many calls of them (`memopt.analysis.compose.compose_repeated_calls`)."""
+        is those calls, each where it ran (``RegionRecord.earlier_calls``:
+        `memopt.analysis.compose.compose_calls`; a layer's frame called once per
+        layer is that many calls of it alone), or, where that was not observed, that
+        many calls of every region (`memopt.analysis.compose.compose_repeated_calls`)."""
         parts, regions = [], []
         for r in self.step_regions():
             step, tl = (r.step, r.timeline_after) if optimized else (r.step_before, r.timeline_before)
@@ -156,7 +159,11 @@ class Explanation:
                 + (f"; {self._skipped_text()}" if self.skipped_frames else "" if self.regions else f"; {self._nothing_text()}")
             )
         repeats = max(r.repeats for r in regions)  # several calls before one backward
-        return compose_repeated_calls(parts, repeats, [r.kept_outputs for r in regions], input_sources(regions))
+        kept, sources = [r.kept_outputs for r in regions], input_sources(regions)
+        calls = calls_in_order(regions) if repeats else None
+        if calls is not None:  # each region's calls where they ran (a layer's frame called per layer)
+            return compose_calls(parts, calls, kept, sources)
+        return compose_repeated_calls(parts, repeats, kept, sources)
 
     @property
     def estimated_peak_bytes(self) -> int:

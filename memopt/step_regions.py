@@ -10,9 +10,10 @@ their inputs an earlier one of them returned, so that composing their timelines
 
 from __future__ import annotations
 
+from memopt.analysis.compose import StepCall
 from memopt.backends.record import RegionRecord
 
-__all__ = ["input_sources", "parameter_ids", "regions_of_step", "same_model"]
+__all__ = ["calls_in_order", "input_sources", "parameter_ids", "regions_of_step", "same_model"]
 
 
 def regions_of_step(regions: list[RegionRecord]) -> list[RegionRecord]:
@@ -82,3 +83,25 @@ def input_sources(regions: list[RegionRecord]) -> list[dict[int, tuple[int, int]
         {pos: (index[name], out) for pos, (name, out) in r.input_sources.items() if name in index}
         for r in regions
     ]
+
+
+def calls_in_order(regions: list[RegionRecord]) -> list[StepCall] | None:
+    """The calls of ``regions`` (one step's) in the order they ran, as
+    `memopt.analysis.compose.compose_calls` takes them: each region's latest call, and
+    the earlier calls pending then (`RegionRecord.earlier_calls`), with where their
+    inputs came from. None when that was not observed: a region's calls unrecorded, or
+    ``repeats`` counting calls the record does not list (under a budget, the calls its
+    plan counts)."""
+    index = {r.region: i for i, r in enumerate(regions)}
+    timed: list[tuple[int, StepCall]] = []
+    for i, r in enumerate(regions):
+        if r.last_forward is None or len(r.earlier_calls) != r.repeats:
+            return None
+        for call in r.earlier_calls:
+            if call.forward is None:
+                return None
+            sources = {pos: (index[name], out) for pos, (name, out) in call.input_sources.items() if name in index}
+            timed.append((call.forward, StepCall(i, call.same_parameters, sources)))
+        timed.append((r.last_forward, StepCall(i)))
+    timed.sort(key=lambda c: c[0])
+    return [call for _, call in timed]

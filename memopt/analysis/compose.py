@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection, Mapping, Sequence
+from typing import NamedTuple
 
 import torch.fx as fx
 
@@ -23,7 +24,7 @@ from memopt.analysis.aliasing import analyze_aliasing
 from memopt.analysis.timeline import BEFORE, OPTIMIZER_GRAPH, LiveInterval, MemoryTimeline, TimelinePoint, finish_timeline
 from memopt.graph.step import StepGraphs, output_values
 
-__all__ = ["compose_repeated_calls", "compose_timelines"]
+__all__ = ["StepCall", "compose_calls", "compose_repeated_calls", "compose_timelines"]
 
 
 def compose_timelines(
@@ -210,11 +211,70 @@ def compose_repeated_calls(
     return compose_timelines(parts, all_kept, all_sources)
 
 
-def _earlier_call(step: StepGraphs, timeline: MemoryTimeline, call: int) -> MemoryTimeline:
+class StepCall(NamedTuple):
+    """One call of a region in a step (`compose_calls`)."""
+
+    region: int
+    """Its region's index in the step's regions."""
+    same_parameters: bool | None = None
+    """None: the region's latest call. Else an earlier call whose backward had not
+    started when the latest ran, and whether it ran on the latest call's parameters."""
+    sources: Mapping[int, tuple[int, int]] | None = None
+    """Its inputs that were an earlier region's outputs (input position -> (region
+    index, output position)), observed at this call; None: the region's."""
+
+
+def compose_calls(
+    regions: list[tuple[StepGraphs, MemoryTimeline]],
+    calls: Sequence[StepCall],
+    kept_outputs: Sequence[Collection[int] | None] | None = None,
+    input_sources: Sequence[Mapping[int, tuple[int, int]]] | None = None,
+) -> MemoryTimeline:
+    """The timeline of a step that ran ``calls``, in forward order, before one backward:
+    each region's latest call (`StepCall`; each region has one) and the calls before
+    it whose backward had not started then. A region called once per
+    layer (its frame called by an eager loop a graph break made Dynamo skip) runs
+    ``A, L, L, B`` with other parameters each time: each earlier call holds its saved
+    activations and makes its own gradients; a model called again on the same
+    parameters (``A, B, A, B``: `compose_repeated_calls`, which this equals then) adds
+    its gradients into the later call's. The backwards run in reverse.
+
+    ``kept_outputs`` and ``input_sources`` are per region, as `compose_timelines` takes
+    them (observed at the latest calls; a call's own sources, `StepCall.sources`, where
+    given); an input's source is the producing region's call that ran last before the
+    reader. Precondition: every region's timeline is its
+    own, not composed; an earlier call's region is a training region."""
+    n = len(regions)
+    kept = list(kept_outputs or [None] * n)
+    sources = list(input_sources or [{}] * n)
+    later = [0] * n  # calls of each region still to come, as the sequence is walked
+    for call in calls:
+        later[call.region] += 1
+    parts, all_kept, all_sources = [], [], []
+    ran_at: dict[int, int] = {}  # region -> position of its latest call so far
+    for pos, (r, same, own) in enumerate(calls):
+        step, timeline = regions[r]
+        later[r] -= 1
+        if same is not None:
+            timeline = _earlier_call(step, timeline, later[r], same_parameters=same)
+        parts.append((step, timeline))
+        all_kept.append(kept[r])
+        read = sources[r] if own is None else own
+        all_sources.append({p: (ran_at[src], out) for p, (src, out) in read.items() if src in ran_at})
+        ran_at[r] = pos
+    return compose_timelines(parts, all_kept, all_sources)
+
+
+def _earlier_call(
+    step: StepGraphs, timeline: MemoryTimeline, call: int, same_parameters: bool = True
+) -> MemoryTimeline:
     """``timeline`` as the region's ``call``-th earlier call (`compose_repeated_calls`):
     points and intervals named for the call, its batch counted again, the gradients
     its backward returns dead when that backward ends, and no separate ``opt.step()``
-    (the step has one, after every backward: the planned call's)."""
+    (the step has one, after every backward: the planned call's). A call on other
+    parameters (``same_parameters`` False: another layer) counts everything live at its
+    start again (its parameters, buffers, held gradients) and keeps the gradients its
+    backward returns, as the latest call does."""
     points = [p for p in timeline.points if p.graph != OPTIMIZER_GRAPH]
     last = len(points) - 1
     backward = [j for j, p in enumerate(points) if p.graph == "backward"]
@@ -225,9 +285,9 @@ def _earlier_call(step: StepGraphs, timeline: MemoryTimeline, call: int) -> Memo
         if iv.start != BEFORE and iv.start > last:
             continue  # a temporary of the optimizer step
         changes: dict[str, object] = {"region": name}
-        if iv.start == BEFORE and iv.category == "inputs":
-            changes["identity"] = None  # another batch
-        if iv.category == "gradients" and iv.start != BEFORE and iv.end is None:
+        if iv.start == BEFORE and (iv.category == "inputs" or not same_parameters):
+            changes["identity"] = None  # another batch, another layer's parameters
+        if same_parameters and iv.category == "gradients" and iv.start != BEFORE and iv.end is None:
             changes["end"] = end_of_backward  # added into .grad
         elif iv.end is not None and iv.end > last:
             changes["end"] = last

@@ -21,7 +21,24 @@ from memopt.failsoft import Fallback
 from memopt.passes.manager import PassRecord
 from memopt.plan.plan import MemoryPlan
 
-__all__ = ["RegionRecord", "recording", "active_recorders"]
+__all__ = ["EarlierCall", "RegionRecord", "recording", "active_recorders"]
+
+
+@dataclass(frozen=True)
+class EarlierCall:
+    """A call of a region whose backward had not started when the region ran again
+    (`RegionRecord.earlier_calls`)."""
+
+    forward: int | None
+    """When it ran, on the clock of `RegionRecord.last_forward`; None: not observed."""
+    same_parameters: bool
+    """Whether it ran on the parameters of the later call (the model called again
+    before one backward: a DPO or contrastive loss), or on others (a layer's frame
+    that an eager loop calls once per layer: a graph break in the layer loop)."""
+    input_sources: dict[int, tuple[str, int]] = field(default_factory=dict)
+    """Its inputs that were an earlier region's outputs, as `RegionRecord.input_sources`
+    (the first layer's input is the region before the loop's output, a later layer's
+    the layer before it's)."""
 
 
 @dataclass
@@ -66,6 +83,11 @@ class RegionRecord:
     is that many calls and one more before one backward. Under a budget, what its plan
     counts (`memopt.plan.step_context.StepContext.repeats`); without one, observed (the
     step estimate counts them)."""
+    earlier_calls: tuple[EarlierCall, ...] = ()
+    """The earlier calls pending when its latest call with a backward ran, in the order
+    they ran (observed while recording, without a budget): where the step estimate
+    places them among the other regions' calls, and whether each ran on the same
+    parameters."""
 
     def graph_code(self, graph: str, after: str | None = None) -> str:
         """Readable code of ``graph`` ("forward", "backward", "inference" or "dynamo")

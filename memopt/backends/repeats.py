@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +35,13 @@ class _Call:
     """Weak reference to the call's backward node."""
     started: bool = False
     """Its backward started (the node's pre-hook ran)."""
+    parameters: frozenset[int] = frozenset()
+    """The ``id()`` of the parameters it ran on."""
+    forward: int | None = None
+    """When it ran, on the step tracker's clock (`RegionRecord.last_forward`), when
+    recorded."""
+    sources: dict[int, tuple[str, int]] = field(default_factory=dict)
+    """Where its inputs came from (`RegionRecord.input_sources`), when recorded."""
 
 
 class PendingCalls:
@@ -46,24 +53,29 @@ class PendingCalls:
 
     def count(self) -> int:
         """How many calls are pending now."""
-        self._calls = [c for c in self._calls if not c.started and c.node() is not None]
-        return len(self._calls)
+        return len(self.pending())
 
-    def add(self, outputs: Any) -> None:
-        """Note a call that returned ``outputs`` (nothing to note without a backward, or
-        on fake tensors)."""
+    def pending(self) -> list[_Call]:
+        """The calls pending now, in the order they ran."""
+        self._calls = [c for c in self._calls if not c.started and c.node() is not None]
+        return list(self._calls)
+
+    def add(self, outputs: Any, parameters: frozenset[int] = frozenset()) -> _Call | None:
+        """Note a call on ``parameters`` (their ``id()``) that returned ``outputs``, and
+        return it (None: nothing to note without a backward, or on fake tensors)."""
         tensors = [t for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
         if any(isinstance(t, FakeTensor) for t in tensors):
-            return
+            return None
         node = backward_node(tensors)
         if node is None:
-            return
+            return None
         try:
-            call = _Call(weakref.ref(node))
+            call = _Call(weakref.ref(node), parameters=parameters)
         except TypeError:  # a C++ autograd node: not weakly referable
-            return
+            return None
         self._calls.append(call)
         node.register_prehook(functools.partial(_started, call))
+        return call
 
 
 def _started(call: _Call, grad_outputs: Any) -> None:

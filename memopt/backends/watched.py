@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
-from memopt.backends.record import RegionRecord
+from memopt.backends.record import EarlierCall, RegionRecord
 from memopt.backends.ranks import RanksCompiledOtherGraphs
 from memopt.backends.region import RegionCompiler, grads_held
 from memopt.backends.repeats import PendingCalls, repeated_call_message
@@ -93,17 +93,27 @@ class WatchedRegion:
     def __call__(self, *args: Any) -> Any:
         in_backward = self.compiler.config.optimizer_in_backward is not None
         watch = in_backward or self.recording
-        if watch and (pending := self._pending.count()):
+        parameters = self._parameter_ids(args) if watch else frozenset()
+        earlier: list[EarlierCall] = []
+        if watch and (pending := self._pending.pending()):
             if in_backward:
-                self._refuse_update_before_pending(pending)
+                self._refuse_update_before_pending(len(pending))
             record = self.record_to()
             if record is not None:  # the step estimate holds every pending call's saved activations
-                record.repeats = max(record.repeats, pending)
+                record.repeats = max(record.repeats, len(pending))
+                earlier = [EarlierCall(c.forward, c.parameters == parameters, c.sources) for c in pending]
         outputs = self.fn(*args)
-        if watch:
-            self._pending.add(outputs)
+        call = self._pending.add(outputs, parameters) if watch else None
         self.tracker.forward_ran(self, args, outputs)
+        record = self.record_to()
+        if call is not None and record is not None:  # a call with a backward: the latest step's observation
+            call.forward, call.sources = record.last_forward, dict(record.input_sources)
+            record.earlier_calls = tuple(earlier)
         return outputs
+
+    def _parameter_ids(self, args: Sequence[Any]) -> frozenset[int]:
+        """The ``id()`` of the parameters among a call's ``args``."""
+        return frozenset(id(a) for info, a in zip(self.compiler.inputs, args) if info.kind == "parameter")
 
     def _refuse_update_before_pending(self, pending: int) -> None:
         """Raise: the region runs again while ``pending`` earlier calls wait for their
