@@ -195,9 +195,9 @@ def adam8bit_step(
     beta1: float,
     beta2: float,
     eps: float,
-    step_size: float,
-    bias_correction2_sqrt: float,
-    decay: float = 1.0,
+    step_size: float | torch.Tensor,
+    bias_correction2_sqrt: float | torch.Tensor,
+    decay: float | torch.Tensor = 1.0,
     kernel: str = "auto",
 ) -> None:
     """One 8-bit AdamW step, in place on ``param`` and the four state tensors::
@@ -228,7 +228,7 @@ def _reference_step(
     state: State8bit,
     tables: CodeTables,
     block_size: int,
-    c: Mapping[str, float],
+    c: Mapping[str, float | torch.Tensor],
 ) -> None:
     """The PyTorch reference (any device; used on CPU), over pieces of whole blocks
     (`memopt.codegen._chunks.spans`; a parameter of more than one piece recurses into
@@ -256,7 +256,7 @@ def block_moments(
     state: State8bit,
     tables: CodeTables,
     block_size: int,
-    c: Mapping[str, float],
+    c: Mapping[str, float | torch.Tensor],
     lead: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first half of the reference step: dequantize both moments, update them with

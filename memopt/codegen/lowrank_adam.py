@@ -86,9 +86,9 @@ def lowrank_adam_step(
     beta1: float,
     beta2: float,
     eps: float,
-    step_size: float,
-    bias_correction2_sqrt: float,
-    decay: float = 1.0,
+    step_size: float | torch.Tensor,
+    bias_correction2_sqrt: float | torch.Tensor,
+    decay: float | torch.Tensor = 1.0,
     kernel: str = "auto",
     tile: tuple[int, int] = (64, 64),
 ) -> None:
@@ -131,14 +131,17 @@ def _reference_step(
     projector: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
-    c: Mapping[str, float],
+    c: Mapping[str, float | torch.Tensor],
 ) -> None:
-    """The PyTorch reference (any device; used on CPU)."""
+    """The PyTorch reference (any device; used on CPU). ``c``'s ``step_size`` and ``decay``
+    may be 0-dim tensors (a compiled step: `memopt.optim._adamw.adam_coefficients`)."""
     grad = lowrank_grad.float()
     exp_avg.mul_(c["beta1"]).add_(grad, alpha=1.0 - c["beta1"])
     exp_avg_sq.mul_(c["beta2"]).addcmul_(grad, grad, value=1.0 - c["beta2"])
     normalized = exp_avg / (exp_avg_sq.sqrt() / c["bias_correction2_sqrt"] + c["eps"])
-    if weight.dtype == torch.float32:
+    if isinstance(c["step_size"], torch.Tensor):  # addmm's alpha and beta must be numbers
+        weight.copy_(weight.float() * c["decay"] - (projector @ normalized) * c["step_size"])
+    elif weight.dtype == torch.float32:
         weight.addmm_(projector, normalized, beta=c["decay"], alpha=-c["step_size"])
     else:
         updated = torch.addmm(weight.float(), projector, normalized, beta=c["decay"], alpha=-c["step_size"])

@@ -15,25 +15,53 @@ from typing import Any
 import torch
 
 from memopt.codegen._chunks import pieces
+from memopt.codegen._triton import use_triton
 
-__all__ = ["ADAMW_STATE_KEYS", "adam_coefficients", "init_adamw_state", "adamw_update", "adamw_group_step"]
+__all__ = ["ADAMW_STATE_KEYS", "adam_coefficients", "torch_update_device", "init_adamw_state", "adamw_update", "adamw_group_step"]
 
 
-def adam_coefficients(group: Mapping[str, Any], step: int, scale: float = 1.0) -> dict[str, float]:
+def adam_coefficients(
+    group: Mapping[str, Any], step: int, scale: float = 1.0, *, device: torch.device | None = None
+) -> dict[str, Any]:
     """The scalars of AdamW step ``step`` (1-based) under ``group``'s options: ``beta1``,
     ``beta2``, ``eps``, ``step_size = lr * scale / (1 - beta1**step)``,
     ``bias_correction2_sqrt = (1 - beta2**step) ** 0.5`` and ``decay = 1 - lr * weight_decay``
-    (decoupled weight decay), computed as torch's AdamW computes them."""
+    (decoupled weight decay), computed as torch's AdamW computes them: Python floats.
+
+    Under ``torch.compile`` with ``device`` given (the caller's update is PyTorch ops, not
+    a Triton kernel, which takes floats), ``step`` enters the formulas as a 0-dim float64
+    tensor on ``device``, so ``step_size`` and ``bias_correction2_sqrt`` are 0-dim tensors
+    that the compiled graph computes at run time (torch's own optimizers keep their step
+    count in a tensor). As Python numbers, the symbolic ``step`` Dynamo makes of the
+    count and the dynamic ``lr`` meet in ``lr / (1 - beta1**step)``, and torch 2.13's
+    Inductor then either bakes the trace-time ``lr`` into the graph with no guard on it
+    (an LR schedule keeps stepping with that value) or specializes the graph on ``lr``
+    (a recompile per value); docs/optimizers.md, `torch.compile`. ``lr`` stays a Python
+    float: Dynamo keeps a float dynamic where it meets tensors only, whereas turning it
+    into a tensor (``torch.full``, ``torch.tensor``) specializes on it. Eager steps (not
+    compiling) always get floats: their arithmetic is torch's AdamW's, bit for bit."""
     beta1, beta2 = group["betas"]
     lr = group["lr"]
+    count: int | torch.Tensor = step
+    if device is not None and torch.compiler.is_compiling():
+        # torch.full, not torch.as_tensor: Dynamo specializes as_tensor's argument (a
+        # recompile per step), not full's fill value.
+        count = torch.full((), step, dtype=torch.float64, device=device)
     return {
         "beta1": beta1,
         "beta2": beta2,
         "eps": group["eps"],
-        "step_size": lr * scale / (1 - beta1**step),
-        "bias_correction2_sqrt": (1 - beta2**step) ** 0.5,
+        "step_size": lr * scale / (1 - beta1**count),
+        "bias_correction2_sqrt": (1 - beta2**count) ** 0.5,
         "decay": 1 - lr * group["weight_decay"],
     }
+
+
+def torch_update_device(kernel: str, param: torch.Tensor) -> torch.device | None:
+    """``param``'s device where its update runs as PyTorch ops under ``kernel`` (the
+    ``device`` to give `adam_coefficients`), None where a Triton kernel runs it: those
+    take Python floats."""
+    return None if use_triton(kernel, param) else param.device
 
 
 ADAMW_STATE_KEYS: frozenset[str] = frozenset({"step", "exp_avg", "exp_avg_sq"})
@@ -54,9 +82,10 @@ def adamw_update(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
-    c: Mapping[str, float],
+    c: Mapping[str, Any],
 ) -> None:
-    """One AdamW step in place with coefficients ``c`` (`adam_coefficients`), bit-identical
+    """One AdamW step in place with coefficients ``c`` (`adam_coefficients`: floats, or
+    0-dim tensors in a compiled step), bit-identical
     to torch's single-tensor AdamW; over pieces of the elements (`memopt.codegen._chunks`),
     so its temporaries are at most one piece, not the parameter's size."""
     for p, g, m, v in pieces(param, grad, exp_avg, exp_avg_sq):
@@ -75,4 +104,5 @@ def adamw_group_step(
     if not state:
         state.update(init_adamw_state(param))
     state["step"] += 1
-    adamw_update(param, grad, state["exp_avg"], state["exp_avg_sq"], adam_coefficients(group, state["step"]))
+    coefficients = adam_coefficients(group, state["step"], device=param.device)
+    adamw_update(param, grad, state["exp_avg"], state["exp_avg_sq"], coefficients)

@@ -63,7 +63,7 @@ def piece_step(
     tables: CodeTables,
     block_size: int,
     kernel: str,
-    coefficients: Mapping[str, float],
+    coefficients: Mapping[str, float | torch.Tensor],
 ) -> None:
     """One 8-bit AdamW step of ``param`` (contiguous), the piece ``piece`` of a whole
     tensor, in the whole's blocks: the blocks it holds alone through `adam8bit_step`

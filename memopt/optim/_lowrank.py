@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from memopt.codegen.lowrank_adam import lowrank_adam_step
-from memopt.optim._adamw import ADAMW_STATE_KEYS, adam_coefficients, adamw_group_step
+from memopt.optim._adamw import ADAMW_STATE_KEYS, adam_coefficients, adamw_group_step, torch_update_device
 from memopt.optim._base import MemoptOptimizer
 from memopt.optim._checks import check_adamw_group, check_bool, check_choice, check_int, check_number
 from memopt.optim._projection import PROJ_TYPES, left_form, project, projection_side
@@ -121,7 +121,7 @@ class LowRankAdamW(MemoptOptimizer):
         )
         lowrank_adam_step(
             weight, lowrank_grad, projector, exp_avg, exp_avg_sq, kernel=group["kernel"],
-            **adam_coefficients(group, bias_step, scale=group["scale"]),
+            **adam_coefficients(group, bias_step, scale=group["scale"], device=torch_update_device(group["kernel"], weight)),
         )
 
     def _check_new_groups(self) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from memopt.codegen.adam8bit import SIGNED_ZERO_CODE, CodeTables, adam8bit_step, code_tables
-from memopt.optim._adamw import ADAMW_STATE_KEYS, adam_coefficients, adamw_group_step
+from memopt.optim._adamw import ADAMW_STATE_KEYS, adam_coefficients, adamw_group_step, torch_update_device
 from memopt.optim._base import MemoptOptimizer
 from memopt.optim._checks import check_adamw_group, check_int
 from memopt.optim._flat_piece import FlatPiece, piece_blocks, piece_step
@@ -135,7 +135,8 @@ class AdamW8bit(MemoptOptimizer):
         # gradient and codes, and written back.
         target = param if param.is_contiguous() else param.contiguous()
         codes = (state["exp_avg_code"], state["exp_avg_scale"], state["exp_avg_sq_code"], state["exp_avg_sq_scale"])
-        tables, block_size, coefficients = self._tables_for(param.device), group["block_size"], adam_coefficients(group, state["step"])
+        tables, block_size = self._tables_for(param.device), group["block_size"]
+        coefficients = adam_coefficients(group, state["step"], device=torch_update_device(group["kernel"], param))
         piece = self._pieces.get(param) if self._pieces else None
         if piece is not None and piece.shared_blocks(block_size):
             piece_step(target, grad, codes, piece, tables=tables, block_size=block_size, kernel=group["kernel"],
