@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import memopt
 from memopt.analysis.compose import compose_timelines
 from memopt.analysis.memory import build_timeline
-from memopt.testing.measure import measure_peak
+from memopt.testing.measure import measure_peak, settled_estimate_and_measure
 from memopt.testing.zoo import ZOO, zoo_case
 
 
@@ -49,16 +49,8 @@ def _estimate_and_measure(name: str, batch: int) -> tuple[int, int]:
 
 
 def _settled_estimate_and_measure(model, inputs, options) -> tuple[int, int]:
-    """``model`` compiled with memopt under ``options``: the estimated step growth
-    recorded over two training steps (the plan as a loop settles on it) and the growth
-    measured on a third."""
-    compiled = torch.compile(model, backend="memopt", options=options)
-    with memopt.record() as explanation:
-        for _ in range(2):
-            model.zero_grad(set_to_none=True)
-            compiled(*inputs).backward()
-    model.zero_grad(set_to_none=True)
-    measured = measure_peak(lambda: compiled(*inputs).backward()).peak_growth_bytes
+    """The estimated step growth a loop settles on and the growth measured on a third step."""
+    explanation, measured = settled_estimate_and_measure(model, lambda compiled: compiled(*inputs), options)
     return explanation.timeline().peak_growth_bytes, measured
 
 

@@ -19,7 +19,7 @@ from memopt.graph import meta
 from memopt.graph.partition import saved_names, split_joint
 from memopt.plan.milp import modelled_peak, solve_greedy, solve_milp, solve_min_peak
 from memopt.testing.capture import capture_step
-from memopt.testing.measure import measure_peak
+from memopt.testing.measure import measure_peak, settled_estimate_and_measure
 from memopt.testing.numerics import run_training_step
 from memopt.testing.zoo import zoo_case
 
@@ -521,13 +521,9 @@ def test_inductor_estimate_holds_under_a_budget_with_attention_dropout():
     torch.manual_seed(0)
     model = GPT(config)
     inputs = _gpt_inputs(8, config, seq=128)
-    compiled = torch.compile(model, backend="memopt", options={"codegen": "inductor", "memory_budget": 0.7})
-    with memopt.record() as explanation:
-        for _ in range(2):
-            model.zero_grad(set_to_none=True)
-            compiled(*inputs).backward()
-    model.zero_grad(set_to_none=True)
-    measured = measure_peak(lambda: compiled(*inputs).backward()).peak_growth_bytes
+    explanation, measured = settled_estimate_and_measure(
+        model, lambda compiled: compiled(*inputs), {"codegen": "inductor", "memory_budget": 0.7}
+    )
     estimated = explanation.timeline().peak_growth_bytes
     assert explanation.regions[0].plan.feasible
     assert abs(estimated - measured) <= 0.03 * measured, (estimated, measured)

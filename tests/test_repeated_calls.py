@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import memopt
 from memopt.errors import MemoptOptimizerError
-from memopt.testing.measure import measure_peak
+from memopt.testing.measure import measure_peak, settled_estimate_and_measure
 
 EAGER = {"codegen": "eager"}
 
@@ -294,15 +294,9 @@ def _settled(model: nn.Module, x: torch.Tensor, call: object) -> tuple[memopt.Ex
     """The estimate recorded over two steps of ``call(compiled, x).backward()`` and the
     growth measured on a third."""
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="memopt", options=EAGER)
-    with warnings.catch_warnings(), memopt.record() as explanation:
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for _ in range(2):
-            model.zero_grad(set_to_none=True)
-            call(compiled, x).backward()  # type: ignore[operator]
-    model.zero_grad(set_to_none=True)
-    measured = measure_peak(lambda: call(compiled, x).backward()).peak_growth_bytes  # type: ignore[operator]
-    return explanation, measured
+        return settled_estimate_and_measure(model, lambda compiled: call(compiled, x), EAGER)  # type: ignore[operator]
 
 
 def test_a_layer_region_called_once_per_layer_counts_its_calls_alone() -> None:

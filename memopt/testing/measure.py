@@ -152,3 +152,22 @@ def _end_os_view(start: OsSample | str) -> tuple[int | None, int | None, str]:
     except OSError as e:
         return None, None, f"cannot read the resident set after the step: {e}"
     return end.hwm - start.rss, end.rss - start.rss, malloc_env_note()
+
+
+def settled_estimate_and_measure(
+    model: Any, loss: Callable[[Any], Any], options: dict[str, Any]
+) -> tuple[Any, int]:
+    """``model`` compiled with memopt under ``options``: the `memopt.Explanation` recorded
+    over two training steps ``loss(compiled).backward()`` (the plan a loop settles on)
+    and the peak growth measured on a third, gradients set to None before each."""
+    import torch
+
+    import memopt
+
+    compiled = torch.compile(model, backend="memopt", options=options)
+    with memopt.record() as explanation:
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            loss(compiled).backward()
+    model.zero_grad(set_to_none=True)
+    return explanation, measure_peak(lambda: loss(compiled).backward()).peak_growth_bytes
